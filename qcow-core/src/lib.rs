@@ -1,0 +1,22 @@
+//! qcow2 images over an abstract sector-I/O trait.
+//!
+//! `qcow-core` is `#![no_std]`. With default features off the read path
+//! needs no allocator: the caller provides the L2 cache and bounce buffers.
+//! The `alloc` feature adds the writer, check and repair; `std` adds the
+//! `std::fs::File` adapter (re-exported from `luks-core`).
+//!
+//! The core never opens files: it reports a backing file's or external data
+//! file's name, and the caller hands it the device.
+//!
+//! Architecture Invariant: untrusted bytes never panic. Every size and
+//! offset read from disk is checked before it is used, and every error
+//! names the structure and byte offset at fault.
+
+#![no_std]
+
+pub mod error;
+
+pub use error::{Error, Structure};
+/// The sector-I/O trait and its adapters, shared with `luks-core`.
+pub use luks_core::io;
+pub use luks_core::io::BlockIo;

@@ -1,0 +1,172 @@
+//! Shared helpers for the integration and interop tests: finding external
+//! tools (a missing tool fails the test when `CI=true`, and skips it with a
+//! message otherwise), the shared test data, the built `qimg` binary, and
+//! hashing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use sha2::{Digest, Sha256};
+
+/// Whether we run under CI, where a missing tool is a failure.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The project's `shared/` folder: `$QIMG_SHARED`, or `../shared` beside the
+/// workspace.
+pub fn shared_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("QIMG_SHARED") {
+        return PathBuf::from(p);
+    }
+    workspace_root().join("..").join("shared")
+}
+
+/// A file under `shared/testdata/`, or `None` (a failure under CI) when the
+/// shared folder is missing.
+pub fn testdata(rel: &str) -> Option<PathBuf> {
+    let p = shared_dir().join("testdata").join(rel);
+    if p.exists() {
+        return Some(p);
+    }
+    missing(&format!("test data {}", p.display()))
+}
+
+/// Reports something missing: panics under CI, prints a skip otherwise.
+fn missing<T>(what: &str) -> Option<T> {
+    if in_ci() {
+        panic!("{what} is missing, and CI=true makes that a failure (.ci/run installs it)");
+    }
+    eprintln!("SKIPPED: {what} is missing (set CI=true to make this a failure)");
+    None
+}
+
+/// Finds `name` on `PATH`. Returns `None` and prints a skip when absent;
+/// panics under CI.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    find_on_path(name).or_else(|| missing(&format!("tool `{name}`")))
+}
+
+/// Finds `name` on `PATH` without any skip or failure.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A file that must exist (firmware images and the like); `None` and a skip
+/// when it does not, a panic under CI.
+pub fn required_file(path: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(path);
+    if p.is_file() {
+        Some(p)
+    } else {
+        missing(&format!("file {path}"))
+    }
+}
+
+/// Runs `cmd`, panicking with its output when it fails; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert_ok(cmd, &out);
+    out.stdout
+}
+
+/// Panics with the command's output unless it exited 0.
+pub fn assert_ok(cmd: &Command, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `qimg` binary of this workspace, built on first use.
+pub fn qimg_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let root = workspace_root();
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&root)
+            .args(["build", "--quiet", "-p", "qimg-cli", "--bin", "qimg"]);
+        run_ok(&mut cmd);
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let bin = target.join("debug").join("qimg");
+        assert!(bin.is_file(), "built qimg not found at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A `Command` for the built `qimg`.
+pub fn qimg() -> Command {
+    Command::new(qimg_bin())
+}
+
+/// Lower-case hex SHA-256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+/// Lower-case hex SHA-256 of a file's content, streamed.
+pub fn sha256_file(path: &Path) -> String {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex(&h.finalize())
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Decompresses an `.xz` test file into `dir`, returning the new path.
+pub fn unxz(src: &Path, dir: &Path) -> PathBuf {
+    let name = src
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".xz")
+        .to_string();
+    let dst = dir.join(name);
+    let data = run_ok(Command::new("xz").arg("-dc").arg(src));
+    std::fs::write(&dst, data).unwrap();
+    dst
+}
+
+/// Unpacks a `.tar.xz` test archive into `dir`.
+pub fn untar_xz(src: &Path, dir: &Path) {
+    run_ok(Command::new("tar").arg("-xJf").arg(src).arg("-C").arg(dir));
+}

@@ -1,0 +1,212 @@
+//! `cargo xtask`: qimg's task runner (the cargo-xtask pattern).
+//!
+//! `cargo xtask ci` is the README's test command and what `.ci/run` calls.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// The one module allowed to contain `unsafe` (runtime-dispatched SIMD).
+const VETTED_UNSAFE: &str = "luks-core/src/simd";
+
+/// Folders the `unsafe` audit reads.
+const AUDITED: &[&str] = &["luks-core", "qcow-core", "qimg-cli", "qimg-bench", "tests"];
+
+/// Bare-metal target the cores must build for.
+const BARE_METAL: &str = "x86_64-unknown-none";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("fmt") => fmt_check(),
+        Some("clippy") => clippy(),
+        Some("test") => test(),
+        Some("doc") => doc(),
+        Some("nostd") => nostd(),
+        Some("unsafe-audit") => unsafe_audit(),
+        Some("help") | Some("--help") | Some("-h") | None => {
+            print_help();
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown task `{other}`; run `cargo xtask help`")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_help() {
+    println!(
+        "cargo xtask TASK\n\n\
+         Tasks:\n  \
+         ci            everything CI runs: fmt, clippy, unsafe audit, bare-metal builds, tests, docs\n  \
+         fmt           rustfmt check\n  \
+         clippy        clippy -D warnings on all targets\n  \
+         test          all tests (interop tests need qemu-img and cryptsetup)\n  \
+         doc           rustdoc with -D warnings\n  \
+         nostd         build both cores for {BARE_METAL} without and with alloc\n  \
+         unsafe-audit  fail if `unsafe` appears outside {VETTED_UNSAFE}"
+    );
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result<(), String> {
+    eprintln!("xtask: == {what}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{what}: cannot start {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} failed ({status})"))
+    }
+}
+
+fn ci() -> Result<(), String> {
+    fmt_check()?;
+    unsafe_audit()?;
+    clippy()?;
+    nostd()?;
+    test()?;
+    doc()?;
+    eprintln!("xtask: ci passed");
+    Ok(())
+}
+
+fn fmt_check() -> Result<(), String> {
+    run(
+        "rustfmt check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )
+}
+
+fn clippy() -> Result<(), String> {
+    run(
+        "clippy",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )
+}
+
+fn test() -> Result<(), String> {
+    run("tests", cargo().args(["test", "--workspace"]))
+}
+
+fn doc() -> Result<(), String> {
+    run(
+        "docs",
+        cargo()
+            .env("RUSTDOCFLAGS", "-D warnings")
+            .args(["doc", "--workspace", "--no-deps"]),
+    )
+}
+
+fn nostd() -> Result<(), String> {
+    let base = [
+        "build",
+        "-p",
+        "luks-core",
+        "-p",
+        "qcow-core",
+        "--target",
+        BARE_METAL,
+        "--no-default-features",
+    ];
+    run("bare-metal build, no alloc", cargo().args(base))?;
+    run(
+        "bare-metal build, alloc",
+        cargo()
+            .args(base)
+            .args(["--features", "luks-core/alloc,qcow-core/alloc"]),
+    )
+}
+
+fn unsafe_audit() -> Result<(), String> {
+    eprintln!("xtask: == unsafe audit");
+    let root = root();
+    let mut offenders = Vec::new();
+    for dir in AUDITED {
+        audit_dir(&root, &root.join(dir), &mut offenders)?;
+    }
+    if offenders.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`unsafe` outside {VETTED_UNSAFE}:\n  {}",
+            offenders.join("\n  ")
+        ))
+    }
+}
+
+fn audit_dir(root: &Path, dir: &Path, offenders: &mut Vec<String>) -> Result<(), String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for entry in entries {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        let rel = path
+            .strip_prefix(root)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .replace('\\', "/");
+        if rel.starts_with(VETTED_UNSAFE) || rel.ends_with("/target") || rel.contains("/target/") {
+            continue;
+        }
+        if path.is_dir() {
+            audit_dir(root, &path, offenders)?;
+        } else if rel.ends_with(".rs") {
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{rel}: {e}"))?;
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                if has_unsafe_token(code) {
+                    offenders.push(format!("{rel}:{}: {}", n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `code` holds the keyword `unsafe` as a whole word (so `unsafe_code`
+/// in a lint attribute does not count).
+fn has_unsafe_token(code: &str) -> bool {
+    code.match_indices("unsafe").any(|(i, _)| {
+        let before = code[..i].chars().next_back();
+        let after = code[i + "unsafe".len()..].chars().next();
+        let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+        !word(before) && !word(after)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_unsafe_token;
+
+    #[test]
+    fn unsafe_token_is_a_whole_word() {
+        assert!(has_unsafe_token("unsafe { x }"));
+        assert!(has_unsafe_token("pub unsafe fn f()"));
+        assert!(!has_unsafe_token("#![deny(unsafe_code)]"));
+        assert!(!has_unsafe_token("let not_unsafe = 1;"));
+    }
+}
