@@ -170,3 +170,44 @@ pub fn unxz(src: &Path, dir: &Path) -> PathBuf {
 pub fn untar_xz(src: &Path, dir: &Path) {
     run_ok(Command::new("tar").arg("-xJf").arg(src).arg("-C").arg(dir));
 }
+
+/// Asserts that every key present in both JSON values has equal values,
+/// recursively (arrays element by element, lengths equal). Returns how many
+/// leaf values were compared, so a caller can insist that something was.
+pub fn assert_json_agrees(
+    ours: &serde_json::Value,
+    theirs: &serde_json::Value,
+    path: &str,
+) -> usize {
+    use serde_json::Value;
+    match (ours, theirs) {
+        (Value::Object(a), Value::Object(b)) => a
+            .iter()
+            .filter_map(|(k, v)| b.get(k).map(|w| (k, v, w)))
+            .map(|(k, v, w)| assert_json_agrees(v, w, &format!("{path}.{k}")))
+            .sum(),
+        (Value::Array(a), Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "array length differs at {path}");
+            a.iter()
+                .zip(b)
+                .enumerate()
+                .map(|(i, (v, w))| assert_json_agrees(v, w, &format!("{path}[{i}]")))
+                .sum()
+        }
+        (a, b) => {
+            assert_eq!(a, b, "value differs at {path}");
+            1
+        }
+    }
+}
+
+/// Runs a command and parses its standard output as JSON.
+pub fn json_of(cmd: &mut Command) -> serde_json::Value {
+    let out = run_ok(cmd);
+    serde_json::from_slice(&out).unwrap_or_else(|e| {
+        panic!(
+            "{cmd:?} printed no JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out)
+        )
+    })
+}

@@ -28,6 +28,8 @@ mod mem;
 pub use mem::{MemDevice, MemError};
 
 #[cfg(feature = "alloc")]
+mod boxed;
+#[cfg(feature = "alloc")]
 mod vec;
 #[cfg(feature = "alloc")]
 pub use vec::VecDevice;

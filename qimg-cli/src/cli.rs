@@ -1,0 +1,296 @@
+//! The command line: clap definitions and one handler per verb.
+
+use std::path::Path;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::convert::{self, CopyOptions};
+use crate::dev::{erased, AnyDev};
+use crate::image::{self, Format, OpenOptions};
+use crate::opts::{parse_size, OptionMap};
+use crate::secret::Secrets;
+use crate::CliError;
+
+/// qimg: read, write, check and convert qcow2 and LUKS disk images,
+/// compatible with qemu-img and cryptsetup.
+#[derive(Debug, Parser)]
+#[command(name = "qimg", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// `--output human|json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    /// Text for people, laid out like qemu-img's.
+    #[default]
+    Human,
+    /// JSON with qemu-img's keys, for scripts.
+    Json,
+}
+
+/// Image formats on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// qcow2 (v2 compat=0.10 or v3 compat=1.1).
+    Qcow2,
+    /// A plain disk image.
+    Raw,
+    /// A LUKS volume (LUKS1).
+    Luks,
+}
+
+impl From<FormatArg> for Format {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Qcow2 => Format::Qcow2,
+            FormatArg::Raw => Format::Raw,
+            FormatArg::Luks => Format::Luks,
+        }
+    }
+}
+
+/// How secrets reach qimg.
+#[derive(Debug, Args, Default, Clone)]
+pub struct SecretArgs {
+    /// Define a secret: `secret,id=ID,data=STRING|file=PATH[,format=base64]`
+    /// (refer to it with `key-secret=ID` or `encrypt.key-secret=ID`).
+    #[arg(long = "object", value_name = "OBJECT")]
+    pub object: Vec<String>,
+    /// Read the passphrase from PATH, byte for byte as cryptsetup does
+    /// (`-` for standard input).
+    #[arg(long = "key-file", value_name = "PATH")]
+    pub key_file: Option<String>,
+    /// A detached LUKS header for a LUKS source.
+    #[arg(long = "header", value_name = "PATH")]
+    pub header: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show information about an image (qemu-img info).
+    Info {
+        /// Image format; detected from the file when absent.
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<FormatArg>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        /// Show every image of the backing chain.
+        #[arg(long = "backing-chain")]
+        backing_chain: bool,
+        /// Open without the write lock (accepted for compatibility; qimg
+        /// never locks for reading).
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        #[command(flatten)]
+        secrets: SecretArgs,
+        /// The image file.
+        filename: String,
+    },
+    /// Show how guest data maps to the image file (qemu-img map).
+    Map {
+        /// Image format; detected from the file when absent.
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<FormatArg>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        #[command(flatten)]
+        secrets: SecretArgs,
+        /// The image file.
+        filename: String,
+    },
+    /// Copy an image into a new one, changing format (qemu-img convert).
+    Convert {
+        /// Source format; detected from the file when absent.
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<FormatArg>,
+        /// Destination format.
+        #[arg(short = 'O', value_enum, default_value = "raw")]
+        output_format: FormatArg,
+        /// Destination options (`-o key=value,...`).
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Read the source as of an internal snapshot
+        /// (`NAME`, `snapshot.name=NAME` or `snapshot.id=ID`).
+        #[arg(short = 'l', value_name = "SNAPSHOT")]
+        snapshot: Option<String>,
+        /// Minimum run of zero bytes left as a hole in the destination
+        /// (default 4k; 0 writes everything).
+        #[arg(short = 'S', value_name = "SIZE", default_value = "4k")]
+        sparse_size: String,
+        /// Skip creating the destination; it must exist and be large enough.
+        #[arg(short = 'n')]
+        no_create: bool,
+        /// The existing destination already reads as zero (with -n).
+        #[arg(long = "target-is-zero")]
+        target_is_zero: bool,
+        /// Quiet (accepted for compatibility).
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[command(flatten)]
+        secrets: SecretArgs,
+        /// Source image.
+        source: String,
+        /// Destination image.
+        destination: String,
+    },
+    /// Create a new image (qemu-img create).
+    Create {
+        /// Image format.
+        #[arg(short = 'f', long = "format", value_enum, default_value = "raw")]
+        format: FormatArg,
+        /// Format options (`-o key=value,...`).
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Quiet: print nothing on success.
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[command(flatten)]
+        secrets: SecretArgs,
+        /// The new image file.
+        filename: String,
+        /// Virtual size, with an optional k, M, G, T suffix.
+        size: Option<String>,
+    },
+}
+
+/// Runs one command; returns the exit code.
+pub fn run(cli: Cli) -> Result<u8, CliError> {
+    match cli.command {
+        Command::Info {
+            format,
+            output,
+            backing_chain,
+            force_share: _,
+            secrets,
+            filename,
+        } => crate::info::run(
+            &filename,
+            format.map(Into::into),
+            output,
+            backing_chain,
+            &secrets,
+        ),
+        Command::Map {
+            format,
+            output,
+            secrets,
+            filename,
+        } => crate::map::run(&filename, format.map(Into::into), output, &secrets),
+        Command::Convert {
+            format,
+            output_format,
+            options,
+            snapshot,
+            sparse_size,
+            no_create,
+            target_is_zero,
+            quiet: _,
+            secrets,
+            source,
+            destination,
+        } => convert_cmd(ConvertArgs {
+            format: format.map(Into::into),
+            output_format: output_format.into(),
+            options,
+            snapshot,
+            sparse_size: parse_size(&sparse_size)
+                .map_err(|e| CliError::usage(format!("-S: {e}")))?,
+            no_create,
+            target_is_zero,
+            secrets,
+            source,
+            destination,
+        }),
+        Command::Create {
+            format,
+            options,
+            quiet,
+            secrets,
+            filename,
+            size,
+        } => crate::create::run(
+            format.into(),
+            &options,
+            quiet,
+            &secrets,
+            &filename,
+            size.as_deref(),
+        ),
+    }
+}
+
+struct ConvertArgs {
+    format: Option<Format>,
+    output_format: Format,
+    options: Vec<String>,
+    snapshot: Option<String>,
+    sparse_size: u64,
+    no_create: bool,
+    target_is_zero: bool,
+    secrets: SecretArgs,
+    source: String,
+    destination: String,
+}
+
+fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
+    let secrets = Secrets::parse(&a.secrets.object)?;
+    let mut src = image::open(
+        &a.source,
+        &OpenOptions {
+            format: a.format,
+            snapshot: a.snapshot.clone(),
+            ..OpenOptions::from_args(&a.secrets)
+        },
+        &secrets,
+    )?;
+    let len = src.virtual_size;
+    let opts = OptionMap::parse(&a.options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
+    let mut dst: AnyDev = match a.output_format {
+        Format::Raw => {
+            opts.reject_unused("raw")
+                .map_err(|e| CliError::usage(e.to_string()))?;
+            let path = Path::new(&a.destination);
+            let file = if a.no_create {
+                luks_core::io::FileDevice::open_rw(path)
+            } else {
+                luks_core::io::FileDevice::create(path)
+            }
+            .map_err(|e| CliError::io(&a.destination, format!("cannot open for writing: {e}")))?;
+            erased(file)
+        }
+        other => {
+            return Err(CliError::usage(format!(
+                "converting to {other} is not available in this version of qimg; use -O raw"
+            )))
+        }
+    };
+    let copy_opts = CopyOptions {
+        sparse_size: a.sparse_size,
+        target_is_zero: !a.no_create || a.target_is_zero,
+    };
+    let src_name = a.source.clone();
+    convert::copy(src.dev.as_mut(), &mut dst, len, copy_opts, &mut |_| {})
+        .map_err(|e| CliError::io(&src_name, e.to_string()))?;
+    if !a.no_create {
+        dst.set_size(len)
+            .map_err(|e| CliError::io(&a.destination, e.to_string()))?;
+    }
+    dst.flush()
+        .map_err(|e| CliError::io(&a.destination, e.to_string()))?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,191 @@
+//! The copy engine behind `qimg convert`: streams a source device into a
+//! destination in bounded chunks, skipping ranges the source reports as
+//! zero and chunks that read as zero, so the destination stays sparse.
+
+use luks_core::io::BlockIo as _;
+
+use crate::dev::{AnyDev, DevError, Source};
+
+/// How much is read and written at once.
+pub const CHUNK: usize = 2 << 20;
+
+/// Options of the copy.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyOptions {
+    /// Minimum run of zero bytes (`-S`) that is skipped instead of written;
+    /// 0 writes every byte.
+    pub sparse_size: u64,
+    /// The destination already reads as zero (new file, `--target-is-zero`),
+    /// so skipped ranges need no explicit zeroing.
+    pub target_is_zero: bool,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        Self {
+            sparse_size: 4096,
+            target_is_zero: true,
+        }
+    }
+}
+
+/// Copies `len` bytes of `src` to `dst`, returning the bytes written as data.
+/// `progress` is told the bytes done after every chunk.
+pub fn copy(
+    src: &mut dyn Source,
+    dst: &mut AnyDev,
+    len: u64,
+    opts: CopyOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, DevError> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut off = 0u64;
+    let mut written = 0u64;
+    while off < len {
+        let max = (len - off).min(CHUNK as u64);
+        let st = src.block_status(off, max)?;
+        let n = st.len.clamp(1, max);
+        let n_usize = usize::try_from(n).unwrap_or(CHUNK);
+        match st.data {
+            false => {
+                if !opts.target_is_zero {
+                    dst.write_zeroes(off, n)?;
+                }
+            }
+            true => {
+                let chunk = &mut buf[..n_usize];
+                src.read_at(off, chunk)?;
+                written += write_sparse(dst, off, chunk, opts)?;
+            }
+        }
+        off += n;
+        progress(off);
+    }
+    Ok(written)
+}
+
+/// Writes `data` at `off`, leaving out aligned runs of zeroes of at least
+/// `sparse_size` bytes. Returns the bytes written.
+fn write_sparse(
+    dst: &mut AnyDev,
+    off: u64,
+    data: &[u8],
+    opts: CopyOptions,
+) -> Result<u64, DevError> {
+    if opts.sparse_size == 0 {
+        dst.write_at(off, data)?;
+        return Ok(data.len() as u64);
+    }
+    let gran = usize::try_from(opts.sparse_size)
+        .unwrap_or(data.len())
+        .max(1);
+    let mut written = 0u64;
+    let mut run_start: Option<usize> = None;
+    let mut pos = 0usize;
+    while pos < data.len() {
+        let end = (pos + gran).min(data.len());
+        let zero = data[pos..end].iter().all(|&b| b == 0);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(pos),
+            (true, Some(s)) => {
+                dst.write_at(off + s as u64, &data[s..pos])?;
+                written += (pos - s) as u64;
+                run_start = None;
+            }
+            _ => {}
+        }
+        if zero && !opts.target_is_zero {
+            dst.write_zeroes(off + pos as u64, (end - pos) as u64)?;
+        }
+        pos = end;
+    }
+    if let Some(s) = run_start {
+        dst.write_at(off + s as u64, &data[s..])?;
+        written += (data.len() - s) as u64;
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::{erased, BlockStatus, Flat};
+    use luks_core::io::{BlockIo, VecDevice};
+
+    /// A source whose first `zero_until` bytes claim to read as zero.
+    struct HalfZero(Flat<AnyDev>, u64);
+
+    impl BlockIo for HalfZero {
+        type Error = DevError;
+        fn sector_size(&self) -> u32 {
+            1
+        }
+        fn size(&mut self) -> Result<u64, DevError> {
+            self.0.size()
+        }
+        fn read_at(&mut self, o: u64, b: &mut [u8]) -> Result<(), DevError> {
+            self.0.read_at(o, b)
+        }
+        fn write_at(&mut self, o: u64, b: &[u8]) -> Result<(), DevError> {
+            self.0.write_at(o, b)
+        }
+        fn flush(&mut self) -> Result<(), DevError> {
+            Ok(())
+        }
+    }
+
+    impl Source for HalfZero {
+        fn block_status(&mut self, o: u64, m: u64) -> Result<BlockStatus, DevError> {
+            let mut st = self.0.block_status(o, m)?;
+            if o < self.1 {
+                st.len = (self.1 - o).min(m);
+                st.data = false;
+                st.zero = true;
+            }
+            Ok(st)
+        }
+    }
+
+    #[test]
+    fn copies_exactly_and_skips_zero_runs() {
+        let mut data = vec![0u8; 3 * CHUNK + 12345];
+        for (i, b) in data.iter_mut().enumerate() {
+            if (i / 4096) % 3 == 1 {
+                *b = (i % 251) as u8 | 1;
+            }
+        }
+        let len = data.len() as u64;
+        let mut src = Flat(erased(VecDevice::from_vec(data.clone())));
+        let mut dst = erased(VecDevice::new());
+        let mut last = 0;
+        let written = copy(&mut src, &mut dst, len, CopyOptions::default(), &mut |d| {
+            last = d
+        })
+        .unwrap();
+        assert_eq!(last, len);
+        // Roughly a third of the 4 KiB blocks hold data.
+        assert!(written < len / 2, "{written}");
+        dst.set_size(len).unwrap();
+        let mut back = vec![0u8; data.len()];
+        dst.read_at(0, &mut back).unwrap();
+        assert!(back == data);
+    }
+
+    #[test]
+    fn zero_status_ranges_are_not_read() {
+        let mut src = HalfZero(Flat(erased(VecDevice::from_vec(vec![7u8; 8192]))), 4096);
+        let mut dst = erased(VecDevice::new());
+        copy(
+            &mut src,
+            &mut dst,
+            8192,
+            CopyOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+        let mut back = vec![1u8; 8192];
+        dst.read_at(0, &mut back).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0));
+        assert!(back[4096..].iter().all(|&b| b == 7));
+    }
+}
