@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use luks_core::io::{BlockIo, FileDevice};
 
 use crate::cli::SecretArgs;
-use crate::dev::{erased, Flat, Source};
+use crate::dev::Source;
+use crate::rawfile::RawFile;
 use crate::secret::Secrets;
 use crate::CliError;
 
@@ -114,15 +115,16 @@ pub fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<Opened,
     }
     match format {
         Format::Raw => {
-            let mut file = FileDevice::open(Path::new(path))
+            let file = std::fs::File::open(path)
                 .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
-            let virtual_size = file.size().map_err(|e| CliError::io(path, e.to_string()))?;
+            let mut raw = RawFile::new(file);
+            let virtual_size = raw.size().map_err(|e| CliError::io(path, e.to_string()))?;
             Ok(Opened {
                 chain: vec![path.to_string()],
                 path: path.to_string(),
                 format,
                 virtual_size,
-                dev: Box::new(Flat(erased(file))),
+                dev: Box::new(raw),
             })
         }
         Format::Qcow2 | Format::Luks => Err(CliError::usage(format!(

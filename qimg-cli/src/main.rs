@@ -10,6 +10,7 @@ mod image;
 mod info;
 mod map;
 mod opts;
+mod rawfile;
 mod secret;
 
 use std::fmt;

@@ -32,6 +32,21 @@ fn create_info_convert_raw_agree_with_qemu_img() {
     assert_eq!(ours["format"], "raw");
     assert_eq!(ours["virtual-size"], 3 << 20);
 
+    // qemu-img prints map JSON one entry a line; compare parsed.
+    let ours = json_of(qimg().args(["map", "--output", "json"]).arg(&a));
+    let theirs = json_of(
+        Command::new(&qemu_img)
+            .args(["map", "--output=json"])
+            .arg(&a),
+    );
+    assert_eq!(ours, theirs);
+    let ours = run_ok(qimg().arg("map").arg(&a));
+    let theirs = run_ok(Command::new(&qemu_img).arg("map").arg(&a));
+    assert_eq!(
+        String::from_utf8_lossy(&ours),
+        String::from_utf8_lossy(&theirs)
+    );
+
     let b = dir.path().join("b.raw");
     run_ok(qimg().arg("convert").arg("-O").arg("raw").arg(&a).arg(&b));
     assert_eq!(std::fs::read(&b).unwrap(), data);
