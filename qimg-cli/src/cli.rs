@@ -69,6 +69,14 @@ pub struct SecretArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the qimg(1) man page in roff (`cargo xtask man` writes it).
+    #[command(hide = true)]
+    Man,
     /// Show information about an image (qemu-img info).
     Info {
         /// Image format; detected from the file when absent.
@@ -160,6 +168,21 @@ enum Command {
 /// Runs one command; returns the exit code.
 pub fn run(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "qimg", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .map_err(|e| CliError::usage(format!("cannot render the man page: {e}")))?;
+            std::io::Write::write_all(&mut std::io::stdout(), &out)
+                .map_err(|e| CliError::usage(format!("cannot write the man page: {e}")))?;
+            Ok(0)
+        }
         Command::Info {
             format,
             output,

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         Some("doc") => doc(),
         Some("nostd") => nostd(),
         Some("unsafe-audit") => unsafe_audit(),
+        Some("man") => man(),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())
@@ -49,7 +50,8 @@ fn print_help() {
          test          all tests (interop tests need qemu-img and cryptsetup)\n  \
          doc           rustdoc with -D warnings\n  \
          nostd         build both cores for {BARE_METAL} without and with alloc\n  \
-         unsafe-audit  fail if `unsafe` appears outside {VETTED_UNSAFE}"
+         unsafe-audit  fail if `unsafe` appears outside {VETTED_UNSAFE}\n  \
+         man           write the qimg(1) man page to target/man/qimg.1"
     );
 }
 
@@ -141,6 +143,28 @@ fn nostd() -> Result<(), String> {
             .args(base)
             .args(["--features", "luks-core/alloc,qcow-core/alloc"]),
     )
+}
+
+fn man() -> Result<(), String> {
+    eprintln!("xtask: == man page");
+    let out = cargo()
+        .args([
+            "run", "--quiet", "-p", "qimg-cli", "--bin", "qimg", "--", "man",
+        ])
+        .output()
+        .map_err(|e| format!("cannot run qimg: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "qimg man failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let dir = root().join("target").join("man");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join("qimg.1");
+    std::fs::write(&path, &out.stdout).map_err(|e| format!("{}: {e}", path.display()))?;
+    println!("{}", path.display());
+    Ok(())
 }
 
 fn unsafe_audit() -> Result<(), String> {
