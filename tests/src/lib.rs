@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod qemu;
+
 use sha2::{Digest, Sha256};
 
 /// Whether we run under CI, where a missing tool is a failure.

@@ -1,0 +1,122 @@
+//! Building test images with the real qemu-img and qemu-io.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{json_of, run_ok, tool};
+
+/// The installed qemu-img and qemu-io.
+pub struct Qemu {
+    /// Path of qemu-img.
+    pub img: PathBuf,
+    /// Path of qemu-io.
+    pub io: PathBuf,
+}
+
+impl Qemu {
+    /// Finds both tools; `None` (a failure under CI) when either is missing.
+    pub fn find() -> Option<Self> {
+        Some(Self {
+            img: tool("qemu-img")?,
+            io: tool("qemu-io")?,
+        })
+    }
+
+    /// `qemu-img ARGS`, checked; returns stdout.
+    pub fn img(&self, args: &[&str]) -> Vec<u8> {
+        run_ok(Command::new(&self.img).args(args))
+    }
+
+    /// `qemu-img create -f FMT [-o OPTS] PATH SIZE`.
+    pub fn create(&self, path: &Path, fmt: &str, opts: &str, size: &str) {
+        let mut cmd = Command::new(&self.img);
+        cmd.args(["create", "-q", "-f", fmt]);
+        if !opts.is_empty() {
+            cmd.args(["-o", opts]);
+        }
+        run_ok(cmd.arg(path).arg(size));
+    }
+
+    /// Runs qemu-io commands (`write -P 0xab 0 64k`, ...) on an image,
+    /// with `-f FMT`.
+    pub fn io(&self, path: &Path, fmt: &str, cmds: &[&str]) {
+        let mut cmd = Command::new(&self.io);
+        cmd.args(["-f", fmt]);
+        for c in cmds {
+            cmd.args(["-c", c]);
+        }
+        run_ok(cmd.arg(path));
+    }
+
+    /// Writes the file `src` into the image at `offset` with qemu-io.
+    pub fn write_file(&self, path: &Path, fmt: &str, offset: u64, src: &Path) {
+        let len = std::fs::metadata(src).unwrap().len();
+        let c = format!("write -s {} {offset} {len}", src.display());
+        self.io(path, fmt, &[&c]);
+    }
+
+    /// `qemu-img convert -O raw [extra] SRC DST`.
+    pub fn to_raw(&self, src: &Path, dst: &Path, extra: &[&str]) {
+        let mut cmd = Command::new(&self.img);
+        cmd.args(["convert", "-O", "raw"]).args(extra);
+        run_ok(cmd.arg(src).arg(dst));
+    }
+
+    /// `qemu-img info --output=json`.
+    pub fn info(&self, path: &Path) -> serde_json::Value {
+        json_of(
+            Command::new(&self.img)
+                .args(["info", "--output=json"])
+                .arg(path),
+        )
+    }
+
+    /// `qemu-img map --output=json`.
+    pub fn map(&self, path: &Path) -> serde_json::Value {
+        json_of(
+            Command::new(&self.img)
+                .args(["map", "--output=json"])
+                .arg(path),
+        )
+    }
+
+    /// `qemu-img check --output=json`, with its exit code.
+    pub fn check(&self, path: &Path) -> (i32, serde_json::Value) {
+        let out = Command::new(&self.img)
+            .args(["check", "--output=json"])
+            .arg(path)
+            .output()
+            .unwrap();
+        let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (out.status.code().unwrap_or(-1), v)
+    }
+}
+
+/// Deterministic bytes (xorshift64*) where every `zero_every`-th 4 KiB
+/// block is zero (0 = none), so images get both data and zero runs.
+pub fn pattern(len: usize, seed: u64, zero_every: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    if zero_every > 0 {
+        for (i, block) in out.chunks_mut(4096).enumerate() {
+            if i % zero_every == 0 {
+                block.fill(0);
+            }
+        }
+    }
+    out
+}
+
+/// Writes `data` to a new file and returns its path.
+pub fn write_tmp(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
