@@ -122,7 +122,7 @@ fn backing_chain_three_deep_over_a_short_raw_base() {
     let dir = tmp();
     let d = dir.path();
     // The raw base is shorter than the overlays: reads past it are zero.
-    let base = write_tmp(d, "base.raw", &pattern(3 << 20, 21, 4));
+    write_tmp(d, "base.raw", &pattern(3 << 20, 21, 4));
     let mid = d.join("mid.qcow2");
     let top = d.join("top.qcow2");
     run_ok(
