@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod uefi;
+
 /// The one module allowed to contain `unsafe` (runtime-dispatched SIMD).
 const VETTED_UNSAFE: &str = "luks-core/src/simd";
 
@@ -25,6 +27,8 @@ fn main() -> ExitCode {
         Some("nostd") => nostd(),
         Some("unsafe-audit") => unsafe_audit(),
         Some("man") => man(),
+        Some("uefi") => uefi::build().map(|p| println!("{}", p.display())),
+        Some("uefi-test") => uefi::test(),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())
@@ -51,7 +55,9 @@ fn print_help() {
          doc           rustdoc with -D warnings\n  \
          nostd         build both cores for {BARE_METAL} without and with alloc\n  \
          unsafe-audit  fail if `unsafe` appears outside {VETTED_UNSAFE}\n  \
-         man           write the qimg(1) man page to target/man/qimg.1"
+         man           write the qimg(1) man page to target/man/qimg.1\n  \
+         uefi          build the UEFI reader (tests/uefi-reader)\n  \
+         uefi-test     boot OVMF with test images and check what the reader reads"
     );
 }
 
