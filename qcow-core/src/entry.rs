@@ -40,8 +40,11 @@ pub enum L2Entry {
 
 impl L2Entry {
     /// Decodes a standard L2 entry. With `extended`, the zero flag is
-    /// reserved (the bitmap decides instead).
-    pub fn decode(entry: u64, cluster_bits: u32, extended: bool) -> Self {
+    /// reserved (the bitmap decides instead). With `data_file` (external
+    /// data file), host offset 0 is a real cluster when COPIED is set:
+    /// clusters in a data file always have refcount 1, so qemu-img uses
+    /// COPIED to tell offset 0 from "unallocated".
+    pub fn decode(entry: u64, cluster_bits: u32, extended: bool, data_file: bool) -> Self {
         if entry & COMPRESSED != 0 {
             return Self::Compressed(CompressedDescriptor::decode(entry, cluster_bits));
         }
@@ -51,7 +54,7 @@ impl L2Entry {
         if !extended && entry & ZERO != 0 {
             return Self::Zero { host };
         }
-        if host == 0 {
+        if host == 0 && !(data_file && entry & COPIED != 0) {
             Self::Unallocated
         } else {
             Self::Normal { host }
@@ -127,15 +130,15 @@ pub enum Subcluster {
     Invalid,
 }
 
-/// Decodes subcluster `i` of an extended L2 bitmap word for a cluster whose
-/// host offset is `host` (0: none).
-pub fn subcluster(bitmap: u64, i: u32, host: u64) -> Subcluster {
+/// Decodes subcluster `i` of an extended L2 bitmap word for a cluster that
+/// has a host cluster (`allocated`) or not.
+pub fn subcluster(bitmap: u64, i: u32, allocated: bool) -> Subcluster {
     let i = i % SUBCLUSTERS;
     let alloc = bitmap >> i & 1 != 0;
     let zero = bitmap >> (i.wrapping_add(SUBCLUSTERS)) & 1 != 0;
     match (alloc, zero) {
         (true, true) => Subcluster::Invalid,
-        (true, false) if host == 0 => Subcluster::Invalid,
+        (true, false) if !allocated => Subcluster::Invalid,
         (true, false) => Subcluster::Allocated,
         (false, true) => Subcluster::Zero,
         (false, false) => Subcluster::Unallocated,
@@ -230,7 +233,10 @@ mod tests {
                 let e = d.encode(bits);
                 assert_ne!(e & COMPRESSED, 0);
                 assert_eq!(CompressedDescriptor::decode(e, bits), d, "bits {bits}");
-                assert_eq!(L2Entry::decode(e, bits, false), L2Entry::Compressed(d));
+                assert_eq!(
+                    L2Entry::decode(e, bits, false, false),
+                    L2Entry::Compressed(d)
+                );
             }
         }
         // 64 KiB clusters: x = 54, known layout.
@@ -248,36 +254,49 @@ mod tests {
 
     #[test]
     fn l2_entries_decode() {
-        assert_eq!(L2Entry::decode(0, 16, false), L2Entry::Unallocated);
+        assert_eq!(L2Entry::decode(0, 16, false, false), L2Entry::Unallocated);
         assert_eq!(
-            L2Entry::decode(COPIED | 0x3_0000, 16, false),
+            L2Entry::decode(COPIED | 0x3_0000, 16, false, false),
             L2Entry::Normal { host: 0x3_0000 }
         );
-        assert_eq!(L2Entry::decode(1, 16, false), L2Entry::Zero { host: 0 });
         assert_eq!(
-            L2Entry::decode(0x3_0001, 16, false),
+            L2Entry::decode(1, 16, false, false),
+            L2Entry::Zero { host: 0 }
+        );
+        assert_eq!(
+            L2Entry::decode(0x3_0001, 16, false, false),
             L2Entry::Zero { host: 0x3_0000 }
         );
         // With extended L2 the zero flag is reserved.
-        assert_eq!(L2Entry::decode(1, 16, true), L2Entry::Unallocated);
+        assert_eq!(L2Entry::decode(1, 16, true, false), L2Entry::Unallocated);
         for e in [
             L2Entry::Unallocated,
             L2Entry::Zero { host: 0x20000 },
             L2Entry::Normal { host: 0x40000 },
         ] {
-            assert_eq!(L2Entry::decode(e.encode(16, true), 16, false), e);
+            assert_eq!(L2Entry::decode(e.encode(16, true), 16, false, false), e);
         }
         assert_eq!(l1_l2_offset(COPIED | 0x5_0000), 0x5_0000);
+        // External data file: offset 0 with COPIED is allocated.
+        assert_eq!(
+            L2Entry::decode(COPIED, 16, false, true),
+            L2Entry::Normal { host: 0 }
+        );
+        assert_eq!(
+            L2Entry::decode(COPIED, 16, false, false),
+            L2Entry::Unallocated
+        );
+        assert_eq!(L2Entry::decode(0, 16, false, true), L2Entry::Unallocated);
     }
 
     #[test]
     fn subclusters_decode() {
         let bitmap = 0b01 | (0b10u64 << 32) | (1 << 5) | (1 << 37);
-        assert_eq!(subcluster(bitmap, 0, 0x10000), Subcluster::Allocated);
-        assert_eq!(subcluster(bitmap, 1, 0x10000), Subcluster::Zero);
-        assert_eq!(subcluster(bitmap, 2, 0x10000), Subcluster::Unallocated);
-        assert_eq!(subcluster(bitmap, 5, 0x10000), Subcluster::Invalid);
-        assert_eq!(subcluster(bitmap, 0, 0), Subcluster::Invalid);
+        assert_eq!(subcluster(bitmap, 0, true), Subcluster::Allocated);
+        assert_eq!(subcluster(bitmap, 1, true), Subcluster::Zero);
+        assert_eq!(subcluster(bitmap, 2, true), Subcluster::Unallocated);
+        assert_eq!(subcluster(bitmap, 5, true), Subcluster::Invalid);
+        assert_eq!(subcluster(bitmap, 0, false), Subcluster::Invalid);
     }
 
     #[test]

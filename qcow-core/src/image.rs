@@ -944,7 +944,7 @@ where
         let bitmap = u64::from_be_bytes([e[8], e[9], e[10], e[11], e[12], e[13], e[14], e[15]]);
         let intra = guest & cmask;
         let cluster_end = (guest & !cmask).saturating_add(cs);
-        let decoded = L2Entry::decode(std, cb, ext);
+        let decoded = L2Entry::decode(std, cb, ext, hdr.has_data_file());
         if let L2Entry::Compressed(d) = decoded {
             if hdr.has_data_file() {
                 return Err(Error::corrupt(
@@ -988,7 +988,8 @@ where
         let sc = 1u64 << sc_bits;
         let i = u32::try_from(intra >> sc_bits).unwrap_or(0);
         let sc_end = (guest & !(sc.wrapping_sub(1))).saturating_add(sc);
-        let kind = match entry::subcluster(bitmap, i, host) {
+        let allocated = matches!(decoded, L2Entry::Normal { .. });
+        let kind = match entry::subcluster(bitmap, i, allocated) {
             Subcluster::Invalid => {
                 return Err(Error::corrupt(
                     Structure::L2Table,
