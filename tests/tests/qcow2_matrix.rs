@@ -705,3 +705,42 @@ fn corrupted_images_fail_cleanly() {
         }
     }
 }
+
+#[test]
+fn encrypted_images_are_reported_and_data_reads_refused() {
+    let Some(env) = Env::new() else { return };
+    env.source("src.raw", MIB, 8);
+    env.img(&[
+        "convert",
+        "--object",
+        "secret,id=sec0,data=hunter2",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        "src.raw",
+        "enc.qcow2",
+    ]);
+    let j = env.info("enc.qcow2");
+    let mut q = Qcow2::open(FileDevice::open(&env.p("enc.qcow2")).unwrap(), leak(4096)).unwrap();
+    let i = q.info().clone();
+    assert_eq!(i.header.crypt_method, 2);
+    assert_eq!(i.encryption_format(), Some("luks"));
+    assert_eq!(
+        j["format-specific"]["data"]["encrypt"]["format"].as_str(),
+        Some("luks")
+    );
+    let fde = i.crypto.expect("full disk encryption extension");
+    assert!(fde.offset > 0 && fde.length > 0 && fde.offset % i.cluster_size() == 0);
+    let mut buf = vec![0u8; 4096];
+    let e = q.read_at(0, &mut buf).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            qcow_core::Error::Unsupported(qcow_core::error::Unsupported::Encrypted { method: 2 })
+        ),
+        "{e}"
+    );
+}
