@@ -11,6 +11,8 @@ pub enum Structure {
     Header,
     /// A header extension.
     HeaderExtension,
+    /// The backing file name stored in cluster 0.
+    BackingFileName,
     /// The active L1 table.
     L1Table,
     /// An L2 table.
@@ -25,6 +27,10 @@ pub enum Structure {
     DataCluster,
     /// A compressed cluster.
     CompressedCluster,
+    /// The backing device.
+    Backing,
+    /// The external data file.
+    DataFile,
 }
 
 impl fmt::Display for Structure {
@@ -32,6 +38,7 @@ impl fmt::Display for Structure {
         f.write_str(match self {
             Self::Header => "qcow2 header",
             Self::HeaderExtension => "qcow2 header extension",
+            Self::BackingFileName => "backing file name",
             Self::L1Table => "L1 table",
             Self::L2Table => "L2 table",
             Self::RefcountTable => "refcount table",
@@ -39,6 +46,220 @@ impl fmt::Display for Structure {
             Self::SnapshotTable => "snapshot table",
             Self::DataCluster => "data cluster",
             Self::CompressedCluster => "compressed cluster",
+            Self::Backing => "backing device",
+            Self::DataFile => "external data file",
+        })
+    }
+}
+
+/// What is wrong with a structure that failed validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Problem {
+    /// The bytes are shorter than the structure.
+    Truncated {
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// The magic number is not `QFI\xfb`.
+    BadMagic(u32),
+    /// `cluster_bits` outside `9..=21`.
+    ClusterBits(u32),
+    /// `header_length` is below 104, not a multiple of 8, or past cluster 0.
+    HeaderLength(u32),
+    /// `refcount_order` above 6.
+    RefcountOrder(u32),
+    /// `crypt_method` other than 0, 1, 2.
+    CryptMethod(u32),
+    /// An offset that must be cluster aligned is not.
+    Unaligned(u64),
+    /// A field points outside the region it must lie in.
+    OutOfRange(u64),
+    /// An offset or size computation overflowed.
+    Overflow,
+    /// The L1 table has fewer entries than the virtual size needs.
+    L1TooSmall {
+        /// Entries in the table.
+        l1_size: u32,
+        /// Entries needed.
+        needed: u64,
+    },
+    /// A header extension runs past the end of its area.
+    ExtensionOverrun {
+        /// The extension type.
+        ext_type: u32,
+        /// Its declared length.
+        len: u32,
+    },
+    /// A header extension's length is wrong for its type.
+    ExtensionLength {
+        /// The extension type.
+        ext_type: u32,
+        /// Its declared length.
+        len: u32,
+    },
+    /// A header extension type appears twice.
+    DuplicateExtension(u32),
+    /// `compression_type` is not zlib but incompatible bit 3 is clear.
+    CompressionTypeWithoutFeature(u8),
+    /// Extended L2 entries need clusters of at least 16 KiB.
+    ExtendedL2SmallCluster(u32),
+    /// An external data file is flagged raw but the image has no data file.
+    DataFileRawWithoutDataFile,
+    /// A subcluster is flagged both allocated and reads-as-zero, or
+    /// allocated in an unallocated cluster.
+    InvalidSubcluster {
+        /// The L2 bitmap word.
+        bitmap: u64,
+    },
+    /// A compressed cluster flag in a table or mode where it is not allowed.
+    CompressedNotAllowed,
+    /// A compressed cluster did not decompress to a full cluster.
+    Decompress,
+    /// A snapshot entry's extra data is shorter than the version requires.
+    SnapshotExtraTooSmall(u32),
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Truncated { needed, available } => {
+                write!(f, "truncated: {needed} bytes needed, {available} available")
+            }
+            Self::BadMagic(m) => write!(f, "bad magic {m:#010x} (expected 0x514649fb)"),
+            Self::ClusterBits(b) => write!(f, "cluster_bits {b} outside 9..=21"),
+            Self::HeaderLength(l) => write!(f, "invalid header_length {l}"),
+            Self::RefcountOrder(o) => write!(f, "refcount_order {o} above 6"),
+            Self::CryptMethod(m) => write!(f, "unknown crypt_method {m}"),
+            Self::Unaligned(v) => write!(f, "offset {v:#x} is not cluster aligned"),
+            Self::OutOfRange(v) => write!(f, "value {v:#x} out of range"),
+            Self::Overflow => f.write_str("offset or size overflows"),
+            Self::L1TooSmall { l1_size, needed } => write!(
+                f,
+                "L1 table has {l1_size} entries, the virtual size needs {needed}"
+            ),
+            Self::ExtensionOverrun { ext_type, len } => write!(
+                f,
+                "extension {ext_type:#010x} of {len} bytes runs past the end of the extension area"
+            ),
+            Self::ExtensionLength { ext_type, len } => {
+                write!(f, "extension {ext_type:#010x} has invalid length {len}")
+            }
+            Self::DuplicateExtension(t) => write!(f, "extension {t:#010x} appears twice"),
+            Self::CompressionTypeWithoutFeature(t) => write!(
+                f,
+                "compression_type {t} set but incompatible feature bit 3 is clear"
+            ),
+            Self::ExtendedL2SmallCluster(b) => write!(
+                f,
+                "extended L2 entries need clusters of at least 16 KiB (cluster_bits {b})"
+            ),
+            Self::DataFileRawWithoutDataFile => {
+                f.write_str("data_file_raw is set but there is no external data file")
+            }
+            Self::InvalidSubcluster { bitmap } => {
+                write!(f, "invalid subcluster bitmap {bitmap:#018x}")
+            }
+            Self::CompressedNotAllowed => f.write_str("compressed flag where it is not allowed"),
+            Self::Decompress => {
+                f.write_str("compressed data does not decompress to a full cluster")
+            }
+            Self::SnapshotExtraTooSmall(n) => {
+                write!(
+                    f,
+                    "snapshot extra data of {n} bytes is below the 16 v3 needs"
+                )
+            }
+        }
+    }
+}
+
+/// Maximum bytes of a feature name in the feature name table.
+pub const FEATURE_NAME_LEN: usize = 46;
+
+/// A feature the image needs and this code does not provide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unsupported {
+    /// qcow2 version other than 2 or 3.
+    Version(u32),
+    /// An unknown incompatible feature bit, with its name from the feature
+    /// name table when the image has one.
+    IncompatibleFeature {
+        /// Bit number.
+        bit: u8,
+        /// Name from the feature name table (empty when unknown).
+        name: heapless::String<FEATURE_NAME_LEN>,
+    },
+    /// A compression type other than zlib (0) and zstd (1).
+    CompressionType(u8),
+    /// zstd clusters need the `alloc` feature (no allocation-free pure-Rust
+    /// zstd decoder exists).
+    ZstdWithoutAlloc,
+    /// Reading data from an encrypted image needs a decryptor.
+    Encrypted {
+        /// The crypt method: 1 legacy AES, 2 LUKS.
+        method: u32,
+    },
+    /// Opening read-write is not implemented yet.
+    Writing,
+}
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Version(v) => write!(f, "unsupported qcow2 version {v}"),
+            Self::IncompatibleFeature { bit, name } if name.is_empty() => {
+                write!(f, "unsupported incompatible feature bit {bit}")
+            }
+            Self::IncompatibleFeature { bit, name } => {
+                write!(f, "unsupported incompatible feature bit {bit} ({name})")
+            }
+            Self::CompressionType(t) => write!(f, "unsupported compression type {t}"),
+            Self::ZstdWithoutAlloc => f.write_str(
+                "zstd-compressed clusters need qcow-core's `alloc` feature (no allocation-free zstd decoder)",
+            ),
+            Self::Encrypted { method } => write!(
+                f,
+                "reading data of an encrypted image (crypt_method {method}) needs a decryptor"
+            ),
+            Self::Writing => f.write_str("opening qcow2 images read-write is not implemented yet"),
+        }
+    }
+}
+
+/// Which named limit a value exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Limit {
+    /// [`crate::limits::MAX_L1_ENTRIES`].
+    L1Entries,
+    /// [`crate::limits::MAX_REFCOUNT_TABLE_BYTES`].
+    RefcountTableBytes,
+    /// [`crate::limits::MAX_SNAPSHOTS`].
+    Snapshots,
+    /// [`crate::limits::MAX_SNAPSHOT_EXTRA`].
+    SnapshotExtra,
+    /// [`crate::limits::MAX_NAME_LEN`].
+    NameLength,
+    /// [`crate::limits::MAX_SNAPSHOT_ID_LEN`].
+    SnapshotIdLength,
+    /// [`crate::limits::MAX_SNAPSHOT_NAME_LEN`].
+    SnapshotNameLength,
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::L1Entries => "L1 entries",
+            Self::RefcountTableBytes => "refcount table bytes",
+            Self::Snapshots => "snapshots",
+            Self::SnapshotExtra => "snapshot extra data bytes",
+            Self::NameLength => "name bytes",
+            Self::SnapshotIdLength => "snapshot id bytes",
+            Self::SnapshotNameLength => "snapshot name bytes",
         })
     }
 }
@@ -59,6 +280,99 @@ pub enum Error<E> {
     },
     /// An error from the LUKS layer of an encrypted image.
     Luks(luks_core::Error<E>),
+    /// The image is damaged: `structure` at byte `offset` has `problem`.
+    Corrupt {
+        /// The structure at fault.
+        structure: Structure,
+        /// Byte offset of the structure or field in the image file.
+        offset: u64,
+        /// What is wrong.
+        problem: Problem,
+    },
+    /// The image uses a feature this code does not provide.
+    Unsupported(Unsupported),
+    /// A field exceeds a named safety limit.
+    Limit {
+        /// The structure holding the value.
+        structure: Structure,
+        /// Byte offset of the structure or field.
+        offset: u64,
+        /// Which limit.
+        limit: Limit,
+        /// The value found.
+        value: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A write to an image opened read-only.
+    ReadOnly,
+    /// The image's corrupt bit is set: it may only be opened read-only.
+    MarkedCorrupt,
+    /// A caller-provided buffer is too small.
+    BufferTooSmall {
+        /// What the buffer is for.
+        what: Buffer,
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes given.
+        given: usize,
+    },
+    /// A guest request outside the virtual disk or not 512-byte aligned.
+    BadRequest {
+        /// Start of the request.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The virtual size.
+        size: u64,
+    },
+    /// The image names a backing file but no backing device was attached
+    /// (attach one, or call `ignore_backing`).
+    BackingMissing,
+    /// The image keeps its data in an external file, which was not attached.
+    DataFileMissing,
+    /// No snapshot has the requested index, id or name.
+    NoSuchSnapshot,
+    /// The decryptor failed on the cluster at `host_offset`.
+    Decrypt {
+        /// Host offset of the data.
+        host_offset: u64,
+    },
+}
+
+/// Which caller-provided buffer was too small.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Buffer {
+    /// The L2 slice cache.
+    Cache,
+    /// The compressed-input buffer.
+    CompressedInput,
+    /// The decompressed-output buffer.
+    CompressedOutput,
+    /// A scratch sector for the device.
+    Bounce,
+}
+
+impl fmt::Display for Buffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Cache => "L2 cache",
+            Self::CompressedInput => "compressed-input buffer",
+            Self::CompressedOutput => "decompressed-output buffer",
+            Self::Bounce => "bounce sector",
+        })
+    }
+}
+
+impl<E> Error<E> {
+    pub(crate) fn corrupt(structure: Structure, offset: u64, problem: Problem) -> Self {
+        Self::Corrupt {
+            structure,
+            offset,
+            problem,
+        }
+    }
 }
 
 impl<E: fmt::Display> fmt::Display for Error<E> {
@@ -73,8 +387,74 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                 "I/O error on the {structure} at offset {offset}: {source}"
             ),
             Self::Luks(e) => e.fmt(f),
+            Self::Corrupt {
+                structure,
+                offset,
+                problem,
+            } => write!(f, "corrupt {structure} at offset {offset:#x}: {problem}"),
+            Self::Unsupported(u) => u.fmt(f),
+            Self::Limit {
+                structure,
+                offset,
+                limit,
+                value,
+                max,
+            } => write!(
+                f,
+                "{structure} at offset {offset:#x}: {value} {limit} exceeds the limit of {max}"
+            ),
+            Self::ReadOnly => f.write_str("the qcow2 image is open read-only"),
+            Self::MarkedCorrupt => f.write_str(
+                "the image is marked corrupt; open it read-only or repair it with check -r",
+            ),
+            Self::BufferTooSmall {
+                what,
+                needed,
+                given,
+            } => write!(f, "the {what} holds {given} bytes, {needed} are needed"),
+            Self::BadRequest { offset, len, size } => write!(
+                f,
+                "request of {len} bytes at {offset} is unaligned or outside the {size}-byte disk"
+            ),
+            Self::BackingMissing => {
+                f.write_str("the image has a backing file but no backing device was attached")
+            }
+            Self::DataFileMissing => f.write_str(
+                "the image keeps its data in an external data file that was not attached",
+            ),
+            Self::NoSuchSnapshot => f.write_str("no such snapshot"),
+            Self::Decrypt { host_offset } => {
+                write!(
+                    f,
+                    "decrypting the cluster at host offset {host_offset:#x} failed"
+                )
+            }
         }
     }
 }
 
 impl<E: fmt::Debug + fmt::Display> core::error::Error for Error<E> {}
+
+/// Converts a layered device's error into this image's error: a plain
+/// device error is wrapped as [`Error::Io`]; a stacked qcow2 image's
+/// [`Error`] passes through unchanged.
+pub trait LayerError<E> {
+    /// Wraps or passes through `self`.
+    fn into_layer(self, structure: Structure, offset: u64) -> Error<E>;
+}
+
+impl<E> LayerError<E> for E {
+    fn into_layer(self, structure: Structure, offset: u64) -> Error<E> {
+        Error::Io {
+            source: self,
+            structure,
+            offset,
+        }
+    }
+}
+
+impl<E> LayerError<E> for Error<E> {
+    fn into_layer(self, _structure: Structure, _offset: u64) -> Error<E> {
+        self
+    }
+}

@@ -14,9 +14,16 @@
 
 #![no_std]
 
+pub mod decompress;
+pub mod entry;
 pub mod error;
+pub mod header;
+pub mod image;
+pub mod limits;
+pub mod snapshot;
 
 pub use error::{Error, Structure};
+pub use image::{Decryptor, ImageInfo, MapKind, Mapping, NoDevice, Qcow2};
 /// The sector-I/O trait and its adapters, shared with `luks-core`.
 pub use luks_core::io;
 pub use luks_core::io::BlockIo;

@@ -1,0 +1,227 @@
+//! Snapshot table entries: a fixed 40-byte part, extra data, id and name,
+//! padded to 8 bytes.
+
+#![warn(clippy::arithmetic_side_effects)]
+
+use crate::error::{Error, Limit, Problem, Structure};
+use crate::header::{be32, be64};
+use crate::limits::{MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_ID_LEN, MAX_SNAPSHOT_NAME_LEN};
+
+/// Byte ranges of the fixed part of a snapshot table entry.
+pub mod field {
+    use core::ops::Range;
+    /// Offset of the snapshot's L1 table.
+    pub const L1_OFFSET: Range<usize> = 0..8;
+    /// Entries of that L1 table.
+    pub const L1_SIZE: Range<usize> = 8..12;
+    /// Bytes of the id.
+    pub const ID_LEN: Range<usize> = 12..14;
+    /// Bytes of the name.
+    pub const NAME_LEN: Range<usize> = 14..16;
+    /// Seconds of the creation date.
+    pub const DATE_SEC: Range<usize> = 16..20;
+    /// Nanoseconds of the creation date.
+    pub const DATE_NSEC: Range<usize> = 20..24;
+    /// Guest clock.
+    pub const VM_CLOCK_NSEC: Range<usize> = 24..32;
+    /// VM state size (32-bit).
+    pub const VM_STATE_SIZE: Range<usize> = 32..36;
+    /// Bytes of extra data.
+    pub const EXTRA_SIZE: Range<usize> = 36..40;
+    /// Length of the fixed part.
+    pub const FIXED_LEN: usize = 40;
+}
+
+/// The fixed part and extra data of a snapshot entry, before id and name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SnapshotFixed {
+    /// Offset of the snapshot's L1 table.
+    pub l1_offset: u64,
+    /// Entries in it.
+    pub l1_size: u32,
+    /// Bytes of the id.
+    pub id_len: u16,
+    /// Bytes of the name.
+    pub name_len: u16,
+    /// Creation time, seconds.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds.
+    pub date_nsec: u32,
+    /// Guest clock at creation, ns.
+    pub vm_clock_nsec: u64,
+    /// VM state size (the 64-bit extra field when present).
+    pub vm_state_size: u64,
+    /// Bytes of extra data.
+    pub extra_size: u32,
+    /// Virtual disk size at creation (extra data), if recorded.
+    pub disk_size: Option<u64>,
+    /// Instruction count (extra data), if recorded and not -1.
+    pub icount: Option<u64>,
+}
+
+impl SnapshotFixed {
+    /// Parses the 40-byte fixed part at image offset `at`.
+    pub fn parse<E>(b: &[u8], at: u64) -> Result<Self, Error<E>> {
+        if b.len() < field::FIXED_LEN {
+            return Err(Error::corrupt(
+                Structure::SnapshotTable,
+                at,
+                Problem::Truncated {
+                    needed: field::FIXED_LEN as u64,
+                    available: b.len() as u64,
+                },
+            ));
+        }
+        let extra_size = be32(b, field::EXTRA_SIZE);
+        if extra_size > MAX_SNAPSHOT_EXTRA {
+            return Err(Error::Limit {
+                structure: Structure::SnapshotTable,
+                offset: at,
+                limit: Limit::SnapshotExtra,
+                value: u64::from(extra_size),
+                max: u64::from(MAX_SNAPSHOT_EXTRA),
+            });
+        }
+        let id_len = u16::from_be_bytes([b[12], b[13]]);
+        let name_len = u16::from_be_bytes([b[14], b[15]]);
+        if usize::from(id_len) > MAX_SNAPSHOT_ID_LEN {
+            return Err(Error::Limit {
+                structure: Structure::SnapshotTable,
+                offset: at,
+                limit: Limit::SnapshotIdLength,
+                value: u64::from(id_len),
+                max: MAX_SNAPSHOT_ID_LEN as u64,
+            });
+        }
+        if usize::from(name_len) > MAX_SNAPSHOT_NAME_LEN {
+            return Err(Error::Limit {
+                structure: Structure::SnapshotTable,
+                offset: at,
+                limit: Limit::SnapshotNameLength,
+                value: u64::from(name_len),
+                max: MAX_SNAPSHOT_NAME_LEN as u64,
+            });
+        }
+        Ok(Self {
+            l1_offset: be64(b, field::L1_OFFSET),
+            l1_size: be32(b, field::L1_SIZE),
+            id_len,
+            name_len,
+            date_sec: be32(b, field::DATE_SEC),
+            date_nsec: be32(b, field::DATE_NSEC),
+            vm_clock_nsec: be64(b, field::VM_CLOCK_NSEC),
+            vm_state_size: u64::from(be32(b, field::VM_STATE_SIZE)),
+            extra_size,
+            disk_size: None,
+            icount: None,
+        })
+    }
+
+    /// Applies the known extra data fields (`extra` is the start of the
+    /// extra data, at most `extra_size` bytes).
+    pub fn apply_extra(&mut self, extra: &[u8]) {
+        if extra.len() >= 8 {
+            self.vm_state_size = be64(extra, 0..8);
+        }
+        if extra.len() >= 16 {
+            self.disk_size = Some(be64(extra, 8..16));
+        }
+        if extra.len() >= 24 {
+            let ic = be64(extra, 16..24);
+            self.icount = (ic != u64::MAX).then_some(ic);
+        }
+    }
+
+    /// Bytes of the whole entry, padded to 8.
+    pub fn entry_len(&self) -> u64 {
+        (field::FIXED_LEN as u64)
+            .saturating_add(u64::from(self.extra_size))
+            .saturating_add(u64::from(self.id_len))
+            .saturating_add(u64::from(self.name_len))
+            .next_multiple_of(8)
+    }
+
+    /// Writes the fixed part (40 bytes) and the 24 bytes of extra data QEMU
+    /// 10 writes when `extra_size >= 24` into `b`.
+    pub fn emit(&self, b: &mut [u8]) {
+        let mut put = |r: core::ops::Range<usize>, v: &[u8]| {
+            if let Some(s) = b.get_mut(r) {
+                if s.len() == v.len() {
+                    s.copy_from_slice(v);
+                }
+            }
+        };
+        put(field::L1_OFFSET, &self.l1_offset.to_be_bytes());
+        put(field::L1_SIZE, &self.l1_size.to_be_bytes());
+        put(field::ID_LEN, &self.id_len.to_be_bytes());
+        put(field::NAME_LEN, &self.name_len.to_be_bytes());
+        put(field::DATE_SEC, &self.date_sec.to_be_bytes());
+        put(field::DATE_NSEC, &self.date_nsec.to_be_bytes());
+        put(field::VM_CLOCK_NSEC, &self.vm_clock_nsec.to_be_bytes());
+        let small = u32::try_from(self.vm_state_size).unwrap_or(0);
+        put(field::VM_STATE_SIZE, &small.to_be_bytes());
+        put(field::EXTRA_SIZE, &self.extra_size.to_be_bytes());
+        if self.extra_size >= 24 {
+            put(40..48, &self.vm_state_size.to_be_bytes());
+            put(48..56, &self.disk_size.unwrap_or(0).to_be_bytes());
+            put(56..64, &self.icount.unwrap_or(u64::MAX).to_be_bytes());
+        }
+    }
+}
+
+/// A snapshot as listed by `qemu-img info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Index in the snapshot table.
+    pub index: u32,
+    /// Offset of the entry in the image.
+    pub entry_offset: u64,
+    /// Fixed fields and extra data.
+    pub fixed: SnapshotFixed,
+    /// Id (QEMU writes decimal numbers).
+    pub id: heapless::Vec<u8, MAX_SNAPSHOT_ID_LEN>,
+    /// Name.
+    pub name: heapless::Vec<u8, MAX_SNAPSHOT_NAME_LEN>,
+}
+
+impl SnapshotInfo {
+    /// The id as text (`None` if not UTF-8).
+    pub fn id_str(&self) -> Option<&str> {
+        core::str::from_utf8(&self.id).ok()
+    }
+    /// The name as text (`None` if not UTF-8).
+    pub fn name_str(&self) -> Option<&str> {
+        core::str::from_utf8(&self.name).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_round_trips_and_rejects_garbage() {
+        let f = SnapshotFixed {
+            l1_offset: 0x30000,
+            l1_size: 8,
+            id_len: 1,
+            name_len: 2,
+            date_sec: 5,
+            date_nsec: 6,
+            vm_clock_nsec: 7,
+            vm_state_size: 0,
+            extra_size: 24,
+            disk_size: Some(1 << 30),
+            icount: None,
+        };
+        let mut b = [0u8; 64];
+        f.emit(&mut b);
+        let mut g = SnapshotFixed::parse::<()>(&b, 0).unwrap();
+        g.apply_extra(&b[40..64]);
+        assert_eq!(f, g);
+        assert_eq!(f.entry_len(), 72);
+        assert!(SnapshotFixed::parse::<()>(&b[..39], 0).is_err());
+        b[36..40].copy_from_slice(&2000u32.to_be_bytes());
+        assert!(SnapshotFixed::parse::<()>(&b, 0).is_err());
+    }
+}
