@@ -107,6 +107,13 @@ pub enum MapKind {
     },
     /// Part of a compressed cluster.
     Compressed(CompressedDescriptor),
+    /// An unallocated subcluster of an allocated cluster (extended L2):
+    /// reads through to the backing file like [`MapKind::Unallocated`],
+    /// but has a host range reserved at `host`.
+    UnallocatedAlloc {
+        /// Host offset of the reserved range.
+        host: u64,
+    },
 }
 
 /// A run of guest bytes with one kind, contiguous on the host.
@@ -1000,7 +1007,15 @@ where
             Subcluster::Allocated => MapKind::Data {
                 host: host.saturating_add(intra),
             },
+            // A zero subcluster of an allocated cluster keeps its host
+            // range; qemu-img map reports it.
+            Subcluster::Zero if allocated => MapKind::Zero {
+                host: Some(host.saturating_add(intra)),
+            },
             Subcluster::Zero => MapKind::Zero { host: None },
+            Subcluster::Unallocated if allocated => MapKind::UnallocatedAlloc {
+                host: host.saturating_add(intra),
+            },
             Subcluster::Unallocated => MapKind::Unallocated,
         };
         Ok((kind, sc_end))
@@ -1027,6 +1042,10 @@ where
                 let delta = run_end.saturating_sub(guest_offset);
                 let same = match (kind, next) {
                     (MapKind::Unallocated, MapKind::Unallocated) => true,
+                    (
+                        MapKind::UnallocatedAlloc { host: a },
+                        MapKind::UnallocatedAlloc { host: b },
+                    ) => a.checked_add(delta) == Some(b),
                     (MapKind::Zero { host: None }, MapKind::Zero { host: None }) => true,
                     (MapKind::Zero { host: Some(a) }, MapKind::Zero { host: Some(b) })
                     | (MapKind::Data { host: a }, MapKind::Data { host: b }) => {
@@ -1075,7 +1094,9 @@ where
             let (chunk, tail) = core::mem::take(&mut rest).split_at_mut(n);
             match m.kind {
                 MapKind::Zero { .. } => chunk.fill(0),
-                MapKind::Unallocated => self.read_backing(g, chunk)?,
+                MapKind::Unallocated | MapKind::UnallocatedAlloc { .. } => {
+                    self.read_backing(g, chunk)?
+                }
                 MapKind::Data { host } => self.read_data(host, g, chunk)?,
                 MapKind::Compressed(d) => self.read_compressed(d, g, chunk)?,
             }

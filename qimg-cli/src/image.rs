@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use luks_core::io::{BlockIo, FileDevice};
 
 use crate::cli::SecretArgs;
+use crate::dev::erased;
 use crate::dev::Source;
 use crate::rawfile::RawFile;
 use crate::secret::Secrets;
@@ -127,10 +128,152 @@ pub fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<Opened,
                 dev: Box::new(raw),
             })
         }
-        Format::Qcow2 | Format::Luks => Err(CliError::usage(format!(
+        Format::Qcow2 => {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut chain = Vec::new();
+            let mut src = open_qcow2(path, opts.snapshot.as_deref(), &mut seen, &mut chain)?;
+            let virtual_size = src.size().map_err(|e| CliError::usage(e.to_string()))?;
+            Ok(Opened {
+                chain,
+                path: path.to_string(),
+                format,
+                virtual_size,
+                dev: src,
+            })
+        }
+        Format::Luks => Err(CliError::usage(format!(
             "{path}: reading {format} images is not available in this build"
         ))),
     }
+}
+
+/// Opens a backing file named by an image, in `format` (detected when the
+/// image does not say).
+fn open_backing(
+    path: &str,
+    format: Option<&str>,
+    seen: &mut std::collections::BTreeSet<PathBuf>,
+    chain: &mut Vec<String>,
+) -> Result<Box<dyn Source>, CliError> {
+    let fmt = match format {
+        Some("qcow2") => Format::Qcow2,
+        Some("raw") | Some("file") => Format::Raw,
+        Some(other) => {
+            return Err(CliError::io(
+                path,
+                format!("backing file format '{other}' is not supported (qcow2 or raw)"),
+            ))
+        }
+        None => detect(path)?,
+    };
+    match fmt {
+        Format::Qcow2 => open_qcow2(path, None, seen, chain),
+        Format::Raw => {
+            guard_chain(path, seen, chain)?;
+            let file = std::fs::File::open(path)
+                .map_err(|e| CliError::io(path, format!("cannot open the backing file: {e}")))?;
+            Ok(Box::new(RawFile::new(file)))
+        }
+        Format::Luks => Err(CliError::io(
+            path,
+            "LUKS backing files are not supported".into(),
+        )),
+    }
+}
+
+/// Refuses chains that loop or grow too deep, and records `path`.
+fn guard_chain(
+    path: &str,
+    seen: &mut std::collections::BTreeSet<PathBuf>,
+    chain: &mut Vec<String>,
+) -> Result<(), CliError> {
+    let canon =
+        std::fs::canonicalize(path).map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    if !seen.insert(canon) {
+        return Err(CliError::io(
+            path,
+            "the backing chain loops back to this file; fix it with `qimg rebase -u`".into(),
+        ));
+    }
+    if chain.len() >= MAX_CHAIN_DEPTH {
+        return Err(CliError::io(
+            path,
+            format!("the backing chain is deeper than {MAX_CHAIN_DEPTH} images"),
+        ));
+    }
+    chain.push(path.to_string());
+    Ok(())
+}
+
+/// Opens a qcow2 image and, recursively, its backing chain.
+fn open_qcow2(
+    path: &str,
+    snapshot: Option<&str>,
+    seen: &mut std::collections::BTreeSet<PathBuf>,
+    chain: &mut Vec<String>,
+) -> Result<Box<dyn Source>, CliError> {
+    guard_chain(path, seen, chain)?;
+    let mut opening = crate::qcow2::Opening::open(path)?;
+    let info = opening.img.info();
+    if info.header.crypt_method != 0 {
+        return Err(CliError::io(
+            path,
+            "reading encrypted qcow2 images is not available in this build".into(),
+        ));
+    }
+    let backing_name = info.backing_file().map(str::to_string);
+    let backing_fmt = info.backing_format().map(str::to_string);
+    let data_name = info.data_file().map(str::to_string);
+    if let Some(spec) = snapshot {
+        let err = |e: qcow_core::Error<crate::dev::DevError>| CliError::io(path, e.to_string());
+        let snap = if let Some(name) = spec.strip_prefix("snapshot.name=") {
+            opening
+                .img
+                .for_each_snapshot(|s| s.name_str() == Some(name))
+                .map_err(err)?
+        } else if let Some(id) = spec.strip_prefix("snapshot.id=") {
+            opening
+                .img
+                .for_each_snapshot(|s| s.id_str() == Some(id))
+                .map_err(err)?
+        } else {
+            opening.img.find_snapshot(spec).ok()
+        };
+        let snap = snap.ok_or_else(|| {
+            CliError::io(
+                path,
+                format!("no snapshot '{spec}'; list them with `qimg snapshot -l`"),
+            )
+        })?;
+        opening.img.select_snapshot(&snap).map_err(err)?;
+    }
+    let backing = match backing_name {
+        Some(b) => {
+            let full = resolve_backing(path, &b);
+            let full = full.to_string_lossy().into_owned();
+            Some(open_backing(&full, backing_fmt.as_deref(), seen, chain)?)
+        }
+        None => None,
+    };
+    let data = match data_name {
+        Some(d) => {
+            let full = resolve_backing(path, &d);
+            let file = std::fs::File::open(&full).map_err(|e| {
+                CliError::io(
+                    path,
+                    format!("cannot open the data file {}: {e}", full.display()),
+                )
+            })?;
+            let holes = file
+                .try_clone()
+                .map_err(|e| CliError::io(path, e.to_string()))?;
+            Some((erased(FileDevice::new(file)), holes))
+        }
+        None => None,
+    };
+    Ok(Box::new(crate::qcow2::Qcow2Source::new(
+        path, opening, backing, data,
+    )?))
 }
 
 /// Bytes a file occupies on disk (qemu-img's "disk size"/"actual-size").
@@ -180,7 +323,24 @@ pub fn info(
     };
     match format {
         Format::Raw => crate::info::ImageInfo::basic(path, format, file_length(path)?),
-        Format::Qcow2 | Format::Luks => {
+        Format::Qcow2 => {
+            let mut opening = crate::qcow2::Opening::open(path)?;
+            let info = opening.img.info().clone();
+            let mut out = crate::info::ImageInfo::basic(path, format, info.virtual_size())?;
+            out.cluster_size = Some(info.cluster_size());
+            out.dirty = info.dirty();
+            out.encrypted = info.header.crypt_method != 0;
+            if let Some(b) = info.backing_file() {
+                out.backing_filename = Some(b.to_string());
+                out.full_backing_filename =
+                    Some(resolve_backing(path, b).to_string_lossy().into_owned());
+            }
+            out.backing_format = info.backing_format().map(str::to_string);
+            out.snapshots = crate::qcow2::snapshots(&mut opening.img, path)?;
+            out.format_specific = Some(("qcow2".into(), crate::qcow2::format_specific(&info)));
+            Ok(out)
+        }
+        Format::Luks => {
             let _ = args;
             Err(CliError::usage(format!(
                 "{path}: reading {format} images is not available in this build"

@@ -10,6 +10,7 @@ mod image;
 mod info;
 mod map;
 mod opts;
+mod qcow2;
 mod rawfile;
 mod secret;
 

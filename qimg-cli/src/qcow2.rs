@@ -1,0 +1,302 @@
+//! qcow2 images in the CLI: opening with a backing chain and external data
+//! file, block status in qemu-img's terms, and `info` fields.
+
+use qcow_core::image::MapKind;
+use qcow_core::Qcow2;
+use serde_json::{json, Map, Value};
+
+use luks_core::io::BlockIo;
+
+use crate::dev::{AnyDev, BlockStatus, DevError, Source};
+use crate::info::SnapshotInfo;
+use crate::rawfile::RawFile;
+use crate::CliError;
+
+/// Metadata cache handed to each image: 64 slices of 4 KiB.
+const CACHE_BYTES: usize = 64 * 4096;
+
+/// Leaks a zeroed buffer for the life of the process. Images opened by the
+/// CLI live until it exits, and the reader borrows its cache and buffers
+/// for `'static`; the OS takes the memory back at exit.
+fn leaked(len: usize) -> &'static mut [u8] {
+    Box::leak(vec![0u8; len].into_boxed_slice())
+}
+
+type Image = Qcow2<'static, AnyDev, Box<dyn Source>, AnyDev>;
+
+/// A qcow2 image opened for reading, as a [`Source`].
+pub struct Qcow2Source {
+    path: String,
+    img: Image,
+    /// The image file (or the external data file, when there is one) for
+    /// asking which host ranges are holes.
+    holes: RawFile,
+    has_data_file: bool,
+    has_backing: bool,
+    /// Whether the image looks metadata-preallocated (decided on first
+    /// use), in which case qemu-img asks the file which data clusters are
+    /// holes and reports them as zero.
+    metadata_prealloc: Option<bool>,
+}
+
+/// What the CLI needs to know to finish opening an image.
+pub struct Opening {
+    /// The reader, without backing or data file yet.
+    pub img: Qcow2<'static, AnyDev>,
+}
+
+impl Opening {
+    /// Opens the image file read-only.
+    pub fn open(path: &str) -> Result<Self, CliError> {
+        let file = luks_core::io::FileDevice::open(std::path::Path::new(path))
+            .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+        let dev: AnyDev = crate::dev::erased(file);
+        let img =
+            Qcow2::open(dev, leaked(CACHE_BYTES)).map_err(|e| CliError::io(path, e.to_string()))?;
+        let cs = usize::try_from(img.info().cluster_size()).unwrap_or(usize::MAX);
+        let img = img.with_compression_buffers(leaked(cs + 512), leaked(cs));
+        Ok(Self { img })
+    }
+}
+
+impl Qcow2Source {
+    /// Finishes opening: attaches the backing device and the data file.
+    pub fn new(
+        path: &str,
+        opening: Opening,
+        backing: Option<Box<dyn Source>>,
+        data_file: Option<(AnyDev, std::fs::File)>,
+    ) -> Result<Self, CliError> {
+        let has_backing = backing.is_some();
+        let has_data_file = data_file.is_some();
+        let img = opening.img;
+        let img = match backing {
+            Some(b) => img
+                .with_backing(b)
+                .map_err(|e| CliError::io(path, e.to_string()))?,
+            None => img
+                .ignore_backing()
+                .with_backing(Box::new(crate::dev::Flat(crate::dev::erased(
+                    luks_core::io::VecDevice::new(),
+                ))) as Box<dyn Source>)
+                .map_err(|e| CliError::io(path, e.to_string()))?,
+        };
+        let (img, hole_file) = match data_file {
+            Some((dev, file)) => (img.with_data_file(dev), file),
+            None => {
+                let f = std::fs::File::open(path)
+                    .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+                (
+                    img.with_data_file(crate::dev::erased(luks_core::io::VecDevice::new())),
+                    f,
+                )
+            }
+        };
+        Ok(Self {
+            path: path.to_string(),
+            img,
+            holes: RawFile::new(hole_file),
+            has_data_file,
+            has_backing,
+            metadata_prealloc: None,
+        })
+    }
+
+    /// The underlying reader.
+    pub fn image(&mut self) -> &mut Image {
+        &mut self.img
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> DevError {
+        DevError(format!("{}: {e}", self.path))
+    }
+
+    /// Whether `len` bytes of the host file at `host` read as zero without
+    /// being stored (a hole, or past the end of the file), and for how long
+    /// that holds.
+    fn host_zero(&mut self, host: u64, len: u64) -> Result<(bool, u64), DevError> {
+        let file_len = self.holes.size()?;
+        if host >= file_len {
+            return Ok((true, len));
+        }
+        let st = self.holes.block_status(host, len.min(file_len - host))?;
+        Ok((st.zero, st.len.min(len)))
+    }
+
+    /// qemu's test for metadata preallocation: far more clusters carry a
+    /// refcount than the filesystem has allocated for the file. Only then
+    /// does qemu-img map consult the file for zeroes in data clusters.
+    fn is_metadata_prealloc(&mut self) -> Result<bool, DevError> {
+        if let Some(v) = self.metadata_prealloc {
+            return Ok(v);
+        }
+        let v = if self.has_data_file {
+            false
+        } else {
+            let cs = self.img.info().cluster_size();
+            let file_len = self.holes.size()?;
+            let real = crate::image::allocated_bytes(&self.path)
+                .map_err(|e| DevError(e.to_string()))?
+                / cs;
+            let threshold = (real * 10 / 9).max(real + 2);
+            let clusters = file_len.div_ceil(cs);
+            let mut counted = 0u64;
+            let mut found = false;
+            for c in 0..clusters {
+                if self.img.refcount(c).map_err(|e| self.err(e))? > 0 {
+                    counted += 1;
+                    if counted > threshold {
+                        found = true;
+                        break;
+                    }
+                }
+            }
+            found
+        };
+        self.metadata_prealloc = Some(v);
+        Ok(v)
+    }
+}
+
+impl BlockIo for Qcow2Source {
+    type Error = DevError;
+    fn sector_size(&self) -> u32 {
+        512
+    }
+    fn size(&mut self) -> Result<u64, DevError> {
+        Ok(self.img.virtual_size())
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        let r = self.img.read(offset, buf);
+        r.map_err(|e| self.err(e))
+    }
+    fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> Result<(), DevError> {
+        Err(self.err("the image is open read-only"))
+    }
+    fn flush(&mut self) -> Result<(), DevError> {
+        Ok(())
+    }
+}
+
+impl Qcow2Source {
+    /// Status of a range this image does not allocate: the backing file's,
+    /// one level deeper, or zero at this layer past the backing file's end
+    /// (or with none). `reserved` is a host range kept for it (an
+    /// unallocated subcluster of an allocated cluster).
+    fn fall_through(
+        &mut self,
+        offset: u64,
+        len: u64,
+        reserved: Option<u64>,
+    ) -> Result<BlockStatus, DevError> {
+        if self.has_backing {
+            if let Some(b) = self.img.backing() {
+                let bsize = b.size()?;
+                if offset < bsize {
+                    let mut st = b.block_status(offset, len.min(bsize - offset))?;
+                    st.depth += 1;
+                    return Ok(st);
+                }
+            }
+        }
+        Ok(BlockStatus {
+            len,
+            depth: 0,
+            present: false,
+            zero: true,
+            data: false,
+            compressed: false,
+            offset: reserved,
+        })
+    }
+}
+
+impl Source for Qcow2Source {
+    fn block_status(&mut self, offset: u64, max: u64) -> Result<BlockStatus, DevError> {
+        let size = self.img.virtual_size();
+        let max = max.min(size.saturating_sub(offset)).max(1);
+        let m = self.img.map(offset, max).map_err(|e| self.err(e))?;
+        let len = m.len.max(1);
+        Ok(match m.kind {
+            MapKind::Data { host } => {
+                let (zero, zlen) = if self.is_metadata_prealloc()? {
+                    self.host_zero(host, len)?
+                } else {
+                    (false, len)
+                };
+                BlockStatus {
+                    len: zlen.max(1),
+                    depth: 0,
+                    present: true,
+                    zero,
+                    data: true,
+                    compressed: false,
+                    offset: Some(host),
+                }
+            }
+            MapKind::Compressed(_) => BlockStatus {
+                len,
+                depth: 0,
+                present: true,
+                zero: false,
+                data: true,
+                compressed: true,
+                offset: None,
+            },
+            MapKind::Zero { host } => BlockStatus {
+                len,
+                depth: 0,
+                present: true,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: host,
+            },
+            MapKind::Unallocated => self.fall_through(offset, len, None)?,
+            MapKind::UnallocatedAlloc { host } => self.fall_through(offset, len, Some(host))?,
+        })
+    }
+}
+
+/// The `format-specific` data qemu-img shows for a qcow2 image.
+pub fn format_specific(info: &qcow_core::ImageInfo) -> Value {
+    let mut m = Map::new();
+    m.insert("compat".into(), json!(info.compat()));
+    m.insert("compression-type".into(), json!(info.compression_type()));
+    let v3 = info.header.version >= 3;
+    if v3 {
+        m.insert("lazy-refcounts".into(), json!(info.lazy_refcounts()));
+    }
+    m.insert("refcount-bits".into(), json!(info.refcount_bits()));
+    if let Some(df) = info.data_file() {
+        m.insert("data-file".into(), json!(df));
+        m.insert("data-file-raw".into(), json!(info.data_file_raw()));
+    }
+    if v3 {
+        m.insert("corrupt".into(), json!(info.corrupt()));
+        m.insert("extended-l2".into(), json!(info.extended_l2()));
+    }
+    Value::Object(m)
+}
+
+/// The snapshot list as `qemu-img info` shows it.
+pub fn snapshots(
+    img: &mut Qcow2<'static, AnyDev>,
+    path: &str,
+) -> Result<Vec<SnapshotInfo>, CliError> {
+    let mut out = Vec::new();
+    img.for_each_snapshot(|s| {
+        out.push(SnapshotInfo {
+            id: s.id_str().unwrap_or("?").to_string(),
+            name: s.name_str().unwrap_or("?").to_string(),
+            vm_state_size: s.fixed.vm_state_size,
+            date_sec: u64::from(s.fixed.date_sec),
+            date_nsec: u64::from(s.fixed.date_nsec),
+            vm_clock_nsec: s.fixed.vm_clock_nsec,
+            icount: s.fixed.icount.unwrap_or(0),
+        });
+        false
+    })
+    .map_err(|e| CliError::io(path, e.to_string()))?;
+    Ok(out)
+}
