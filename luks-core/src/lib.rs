@@ -17,8 +17,21 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod cipher;
 pub mod error;
+pub mod hash;
 pub mod io;
+pub mod luks1;
+mod volume;
 
+pub use cipher::{LegacyQcowAes, SectorCipher, MAX_KEY_BYTES};
 pub use error::{Error, Structure};
+pub use hash::HashAlg;
 pub use io::BlockIo;
+pub use luks1::VolumeKey;
+pub use volume::LuksVolume;
+
+/// The longest passphrase accepted anywhere (cryptsetup's key file limit
+/// is 8 MiB; the KDF itself takes any length, this only bounds buffers a
+/// caller may size from it).
+pub const MAX_PASSPHRASE_LEN: usize = 8 * 1024 * 1024;
