@@ -2,7 +2,12 @@
 //! read by luks-core, and volumes luks-core makes (or changes) pass
 //! cryptsetup's passphrase test and read back identically in qemu-img.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::cast_possible_truncation
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
