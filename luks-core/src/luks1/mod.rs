@@ -12,7 +12,7 @@ use core::fmt;
 
 use rand_core::TryCryptoRng;
 use subtle::ConstantTimeEq;
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 pub use header::{Header, HeaderRepr, KeySlotRepr, HEADER_LEN, KEY_SLOTS, STRIPES};
 
@@ -194,18 +194,19 @@ fn try_slot<D: BlockIo + ?Sized>(
         ))))?;
     let hash = hash_of(hdr)?;
     let kb = hdr.key_bytes as usize;
-    let mut slot_key = [0u8; MAX_KEY_BYTES];
+    let mut slot_key = Zeroizing::new([0u8; MAX_KEY_BYTES]);
     let sk = slot_key.get_mut(..kb).ok_or(Error::Unsupported(
         crate::error::Unsupported::KeyTooLarge(hdr.key_bytes),
     ))?;
     hash.pbkdf2(passphrase, &ks.salt, ks.iterations, sk);
     let cipher = SectorCipher::new(&hdr.cipher_name, &hdr.cipher_mode, sk, 512);
-    slot_key.zeroize();
+    drop(slot_key);
     let cipher = cipher.map_err(PureError::widen)?;
     let mut af = AfState::new(hash, kb, ks.stripes);
     let total = af.material_len().div_ceil(512).saturating_mul(512);
     let base = u64::from(ks.key_material_offset).saturating_mul(512);
-    let mut buf = [0u8; CHUNK];
+    // Decrypted key material: wiped on every exit path.
+    let mut buf = Zeroizing::new([0u8; CHUNK]);
     let mut done = 0u64;
     let st = Structure::KeyMaterial(slot_u8(slot));
     while done < total {
@@ -219,7 +220,6 @@ fn try_slot<D: BlockIo + ?Sized>(
         af.feed(chunk);
         done = done.saturating_add(n as u64);
     }
-    buf.zeroize();
     let Some(candidate) = af.merged() else {
         return Ok(None);
     };
@@ -346,20 +346,21 @@ fn write_slot<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         .ok_or(Error::BadParameter(BadParameter::KeySlotIndex(slot_u8(
             slot,
         ))))?;
-    let mut slot_key = [0u8; MAX_KEY_BYTES];
+    let mut slot_key = Zeroizing::new([0u8; MAX_KEY_BYTES]);
     let sk = slot_key.get_mut(..kb).ok_or(Error::Unsupported(
         crate::error::Unsupported::KeyTooLarge(hdr.key_bytes),
     ))?;
     hash.pbkdf2(passphrase, &salt, iterations, sk);
     let cipher = SectorCipher::new(&hdr.cipher_name, &hdr.cipher_mode, sk, 512);
-    slot_key.zeroize();
+    drop(slot_key);
     let cipher = cipher.map_err(PureError::widen)?;
     let mut af = AfState::new(hash, kb, ks.stripes);
     let total = af.material_len().div_ceil(512).saturating_mul(512);
     let base = u64::from(ks.key_material_offset).saturating_mul(512);
     let st = Structure::KeyMaterial(slot_u8(slot));
-    let mut buf = [0u8; CHUNK];
-    let mut stripe = [0u8; MAX_KEY_BYTES];
+    // Decrypted key material: wiped on every exit path.
+    let mut buf = Zeroizing::new([0u8; CHUNK]);
+    let mut stripe = Zeroizing::new([0u8; MAX_KEY_BYTES]);
     let mut produced = 0u32;
     let mut fill = 0usize;
     let mut pending = 0usize; // bytes of `stripe` not yet copied into buf
@@ -390,8 +391,6 @@ fn write_slot<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
             pending = pending.saturating_sub(take);
         }
         if !rng_ok {
-            buf.zeroize();
-            stripe.zeroize();
             return Err(Error::Rng);
         }
         cipher
@@ -401,8 +400,6 @@ fn write_slot<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         done = done.saturating_add(n as u64);
         fill = 0;
     }
-    buf.zeroize();
-    stripe.zeroize();
     ks.active = true;
     ks.iterations = iterations;
     ks.salt = salt;
@@ -698,8 +695,14 @@ pub fn calibrate_iterations(
     target_ms: u32,
     mut elapsed_ms: impl FnMut() -> u64,
 ) -> u32 {
+    /// cryptsetup's floor for PBKDF2 iterations.
     const MIN: u32 = 1000;
-    let mut iters: u32 = 1000;
+    /// A measurement shorter than this is too coarse to scale from.
+    const MIN_SAMPLE_MS: u64 = 50;
+    /// Stop growing the sample here even if the clock says it took no time
+    /// (a broken clock must not make calibration run for hours).
+    const MAX_SAMPLE_ITERS: u32 = 1 << 22;
+    let mut iters: u32 = MIN;
     let mut out = [0u8; 32];
     loop {
         let t0 = elapsed_ms();
@@ -710,7 +713,7 @@ pub fn calibrate_iterations(
             &mut out,
         );
         let dt = elapsed_ms().saturating_sub(t0);
-        if dt >= 50 || iters >= u32::MAX / 4 {
+        if dt >= MIN_SAMPLE_MS || iters >= MAX_SAMPLE_ITERS {
             let per_ms = u64::from(iters).checked_div(dt).unwrap_or(u64::from(iters));
             let want = per_ms.saturating_mul(u64::from(target_ms));
             return u32::try_from(want).unwrap_or(u32::MAX).max(MIN);

@@ -347,3 +347,32 @@ fn af_merge_known_answer_from_compatimage() {
     assert_eq!(af.merged().unwrap(), want);
     assert!(verify_volume_key(&hdr, &want));
 }
+
+#[test]
+fn calibrate_uses_the_callers_clock() {
+    // Clock readings in call order: 1000 iterations "take" 30 ms (too short
+    // a sample), 4000 take 120 ms: 33 per ms, times 2000 ms.
+    let times = [0u64, 30, 100, 220];
+    let mut i = 0;
+    let n = calibrate_iterations(HashAlg::Sha256, 2000, || {
+        let t = times[i.min(3)];
+        i += 1;
+        t
+    });
+    assert_eq!(n, 33 * 2000);
+    // A slow machine never goes under cryptsetup's minimum of 1000.
+    let mut t = 0u64;
+    let n = calibrate_iterations(HashAlg::Sha1, 1, || {
+        t += 100_000;
+        t
+    });
+    assert_eq!(n, 1000);
+}
+
+#[test]
+fn probe_recognises_luks1_only() {
+    let (dev, _, _) = formatted(&small());
+    assert!(probe(dev.as_slice()));
+    assert!(!probe(b"LUKS\xba\xbe\x00\x02"));
+    assert!(!probe(b"QFI\xfb"));
+}
