@@ -502,3 +502,63 @@ impl HeaderRepr {
         name_from(self.cipher_name.as_bytes())
     }
 }
+
+/// A `cryptsetup luksDump`-style text rendering of a header (see
+/// [`HeaderRepr::dump`]). Prints no secrets: the header holds none.
+#[derive(Debug, Clone, Copy)]
+pub struct Dump<'a>(&'a HeaderRepr);
+
+impl HeaderRepr {
+    /// Renders the header the way `cryptsetup luksDump` lays it out.
+    pub fn dump(&self) -> Dump<'_> {
+        Dump(self)
+    }
+}
+
+fn hex_line(f: &mut core::fmt::Formatter<'_>, b: &[u8]) -> core::fmt::Result {
+    for (i, x) in b.iter().enumerate() {
+        if i > 0 {
+            f.write_str(if i % 16 == 0 { "\n\t\t" } else { " " })?;
+        }
+        write!(f, "{x:02x}")?;
+    }
+    f.write_str("\n")
+}
+
+impl core::fmt::Display for Dump<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let h = self.0;
+        writeln!(f, "LUKS header information")?;
+        writeln!(f)?;
+        writeln!(f, "Version:       \t1")?;
+        writeln!(f, "Cipher name:   \t{}", h.cipher_name)?;
+        writeln!(f, "Cipher mode:   \t{}", h.cipher_mode)?;
+        writeln!(f, "Hash spec:     \t{}", h.hash_spec)?;
+        writeln!(f, "Payload offset:\t{}", h.payload_offset)?;
+        writeln!(
+            f,
+            "MK bits:       \t{}",
+            u64::from(h.key_bytes).saturating_mul(8)
+        )?;
+        f.write_str("MK digest:     \t")?;
+        hex_line(f, &h.mk_digest)?;
+        f.write_str("MK salt:       \t")?;
+        hex_line(f, &h.mk_digest_salt)?;
+        writeln!(f, "MK iterations: \t{}", h.mk_digest_iter)?;
+        writeln!(f, "UUID:          \t{}", h.uuid)?;
+        writeln!(f)?;
+        for (i, ks) in h.key_slots.iter().enumerate() {
+            if ks.active {
+                writeln!(f, "Key Slot {i}: ENABLED")?;
+                writeln!(f, "\tIterations:         \t{}", ks.iterations)?;
+                f.write_str("\tSalt:               \t")?;
+                hex_line(f, &ks.salt)?;
+                writeln!(f, "\tKey material offset:\t{}", ks.key_material_offset)?;
+                writeln!(f, "\tAF stripes:         \t{}", ks.stripes)?;
+            } else {
+                writeln!(f, "Key Slot {i}: DISABLED")?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -14,7 +14,7 @@ use rand_core::TryCryptoRng;
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
-pub use header::{Header, HeaderRepr, KeySlotRepr, HEADER_LEN, KEY_SLOTS, STRIPES};
+pub use header::{Dump, Header, HeaderRepr, KeySlotRepr, HEADER_LEN, KEY_SLOTS, STRIPES};
 
 use crate::cipher::{CipherSpec, SectorCipher, MAX_KEY_BYTES};
 use crate::error::{slot_u8, BadParameter, Error, Name, PureError, Structure};

@@ -376,3 +376,15 @@ fn probe_recognises_luks1_only() {
     assert!(!probe(b"LUKS\xba\xbe\x00\x02"));
     assert!(!probe(b"QFI\xfb"));
 }
+
+#[test]
+fn dump_lists_header_and_slots() {
+    let (_, hdr, _) = formatted(&small());
+    let text = std::format!("{}", hdr.dump());
+    assert!(text.contains("Cipher name:   \taes"), "{text}");
+    assert!(text.contains("Cipher mode:   \txts-plain64"), "{text}");
+    assert!(text.contains("MK bits:       \t512"), "{text}");
+    assert!(text.contains("Key Slot 0: ENABLED"), "{text}");
+    assert!(text.contains("Key Slot 7: DISABLED"), "{text}");
+    assert!(text.contains(hdr.uuid.as_str()), "{text}");
+}
