@@ -388,3 +388,48 @@ fn dump_lists_header_and_slots() {
     assert!(text.contains("Key Slot 7: DISABLED"), "{text}");
     assert!(text.contains(hdr.uuid.as_str()), "{text}");
 }
+
+#[test]
+fn unknown_cipher_hash_and_key_size_are_refused_on_open() {
+    use crate::error::Unsupported;
+    let (dev, _, _) = formatted(&small());
+    let img = dev.as_slice().to_vec();
+    let open = |patch: &dyn Fn(&mut Vec<u8>)| {
+        let mut m = img.clone();
+        patch(&mut m);
+        read_header(&mut VecDevice::from_vec(m)).unwrap_err()
+    };
+    let e = open(&|m| m[8..11].copy_from_slice(b"des"));
+    assert!(
+        matches!(e, Error::Unsupported(Unsupported::Cipher(ref n)) if n == "des"),
+        "{e}"
+    );
+    let e = open(&|m| m[40..52].copy_from_slice(b"ctr-plain64\0"));
+    assert!(
+        matches!(e, Error::Unsupported(Unsupported::CipherMode(_))),
+        "{e}"
+    );
+    let e = open(&|m| m[72..79].copy_from_slice(b"md5\0\0\0\0"));
+    assert!(matches!(e, Error::Unsupported(Unsupported::Hash(_))), "{e}");
+    // 40-byte XTS key: two 20-byte AES keys do not exist.
+    let e = open(&|m| m[108..112].copy_from_slice(&40u32.to_be_bytes()));
+    assert!(
+        matches!(
+            e,
+            Error::Unsupported(Unsupported::KeySize { bytes: 20, .. })
+        ),
+        "{e}"
+    );
+    // A key larger than any cipher takes is corruption.
+    let e = open(&|m| m[108..112].copy_from_slice(&4096u32.to_be_bytes()));
+    assert!(
+        matches!(
+            e,
+            Error::Corrupt {
+                problem: Problem::BadKeyBytes(4096),
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
