@@ -3,6 +3,23 @@
 
 use core::fmt;
 
+/// A short name read from a header (cipher, mode or hash), kept without
+/// allocation. Names longer than the LUKS1 field (32 bytes) are cut.
+pub type Name = heapless::String<32>;
+
+/// Makes a [`Name`] from bytes, replacing what is not UTF-8 and cutting at
+/// 32 bytes.
+pub(crate) fn name_from(s: &[u8]) -> Name {
+    let mut n = Name::new();
+    for &b in s.iter().take(32) {
+        let c = if b.is_ascii_graphic() { b as char } else { '?' };
+        if n.push(c).is_err() {
+            break;
+        }
+    }
+    n
+}
+
 /// The on-disk structure an error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -19,6 +36,8 @@ pub enum Structure {
     Luks2Json,
     /// The encrypted payload (data sectors).
     Payload,
+    /// The whole device (its size).
+    Device,
 }
 
 impl fmt::Display for Structure {
@@ -30,6 +49,154 @@ impl fmt::Display for Structure {
             Self::Luks2Header => f.write_str("LUKS2 binary header"),
             Self::Luks2Json => f.write_str("LUKS2 JSON metadata"),
             Self::Payload => f.write_str("encrypted payload"),
+            Self::Device => f.write_str("device"),
+        }
+    }
+}
+
+/// What is wrong with a corrupt structure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Problem {
+    /// The magic bytes are not `LUKS\xba\xbe`.
+    BadMagic,
+    /// The version field is not the one this parser reads.
+    BadVersion(u16),
+    /// A text field (cipher, mode, hash, uuid) is not NUL-terminated ASCII.
+    BadString,
+    /// The key size is zero or larger than any supported cipher uses.
+    BadKeyBytes(u32),
+    /// A PBKDF2 iteration count of zero.
+    ZeroIterations,
+    /// A key slot's active flag is neither enabled nor disabled.
+    BadActiveFlag(u32),
+    /// The stripe count is not the 4000 every LUKS1 implementation writes.
+    BadStripes(u32),
+    /// This key slot's key material overlaps that of key slot `other`.
+    KeySlotsOverlap {
+        /// The other key slot.
+        other: u8,
+    },
+    /// The key material overlaps the first sector (the `phdr` itself).
+    KeySlotOverlapsHeader,
+    /// The key material runs into the encrypted payload.
+    KeySlotOverlapsPayload,
+    /// The key material lies (partly) past the end of the device.
+    KeySlotPastEnd,
+    /// A size or offset computed from the header overflows.
+    Overflow,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadMagic => f.write_str("bad magic (not a LUKS header)"),
+            Self::BadVersion(v) => write!(f, "version {v} where 1 was expected"),
+            Self::BadString => f.write_str("text field is not NUL-terminated ASCII"),
+            Self::BadKeyBytes(n) => write!(f, "key size of {n} bytes is invalid"),
+            Self::ZeroIterations => f.write_str("PBKDF2 iteration count is 0"),
+            Self::BadActiveFlag(v) => write!(f, "active flag {v:#010x} is invalid"),
+            Self::BadStripes(n) => write!(f, "corrupted: stripes {n} != 4000"),
+            Self::KeySlotsOverlap { other } => {
+                write!(f, "overlaps the key material of key slot {other}")
+            }
+            Self::KeySlotOverlapsHeader => f.write_str("key material overlaps the header"),
+            Self::KeySlotOverlapsPayload => f.write_str("overlaps the encrypted payload"),
+            Self::KeySlotPastEnd => f.write_str("key material lies past the end of the device"),
+            Self::Overflow => f.write_str("offset or size overflows"),
+        }
+    }
+}
+
+/// Something valid that this implementation does not support.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unsupported {
+    /// Unknown block cipher name.
+    Cipher(Name),
+    /// Unknown cipher mode or IV generator.
+    CipherMode(Name),
+    /// Unknown hash name.
+    Hash(Name),
+    /// The cipher and mode do not take a key of this size.
+    KeySize {
+        /// The cipher spec (`aes`, `serpent`, ...).
+        cipher: Name,
+        /// The key size in bytes.
+        bytes: u32,
+    },
+    /// A data sector size outside 512..=4096 or not a power of two.
+    SectorSize(u32),
+    /// A key larger than [`crate::MAX_KEY_BYTES`].
+    KeyTooLarge(u32),
+}
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cipher(n) => write!(f, "cipher `{n}` is not supported"),
+            Self::CipherMode(n) => write!(f, "cipher mode `{n}` is not supported"),
+            Self::Hash(n) => write!(f, "hash `{n}` is not supported"),
+            Self::KeySize { cipher, bytes } => {
+                write!(f, "cipher `{cipher}` does not take a {bytes}-byte key")
+            }
+            Self::SectorSize(s) => write!(f, "sector size {s} is not supported"),
+            Self::KeyTooLarge(n) => write!(f, "key of {n} bytes is larger than supported"),
+        }
+    }
+}
+
+/// A caller-supplied parameter that cannot work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BadParameter {
+    /// PBKDF2 iterations of zero.
+    ZeroIterations,
+    /// A payload offset that would overlap the key material.
+    PayloadOffsetTooSmall {
+        /// The smallest payload offset (512-byte sectors) that works.
+        minimum: u64,
+    },
+    /// A key slot number outside 0..8.
+    KeySlotIndex(u8),
+    /// A passphrase longer than [`crate::MAX_PASSPHRASE_LEN`].
+    PassphraseTooLong,
+    /// An I/O request not aligned to the 512-byte sector.
+    Unaligned {
+        /// Byte offset of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+    },
+    /// An I/O request past the end of the volume.
+    OutOfRange {
+        /// Byte offset of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// The volume size.
+        size: u64,
+    },
+}
+
+impl fmt::Display for BadParameter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ZeroIterations => f.write_str("PBKDF2 iterations must be at least 1"),
+            Self::PayloadOffsetTooSmall { minimum } => write!(
+                f,
+                "payload offset overlaps the key material; use at least {minimum} sectors"
+            ),
+            Self::KeySlotIndex(n) => write!(f, "key slot {n} does not exist (use 0..7)"),
+            Self::PassphraseTooLong => f.write_str("passphrase is too long"),
+            Self::Unaligned { offset, len } => write!(
+                f,
+                "request of {len} bytes at offset {offset} is not aligned to 512-byte sectors"
+            ),
+            Self::OutOfRange { offset, len, size } => write!(
+                f,
+                "request of {len} bytes at offset {offset} runs past the end of the {size}-byte volume"
+            ),
         }
     }
 }
@@ -57,6 +224,111 @@ pub enum Error<E> {
         /// Bytes given.
         given: usize,
     },
+    /// An on-disk structure is damaged or was written by a broken tool.
+    Corrupt {
+        /// The structure at fault.
+        structure: Structure,
+        /// Byte offset of the offending field on the device.
+        offset: u64,
+        /// What is wrong.
+        problem: Problem,
+    },
+    /// The volume uses something this implementation does not support.
+    Unsupported(Unsupported),
+    /// No key slot opened with the passphrase given.
+    WrongPassphrase,
+    /// The header has no active key slot, so nothing can unlock it.
+    NoActiveKeySlot,
+    /// The key slot asked for is not active.
+    KeySlotNotActive(u8),
+    /// Every key slot is in use.
+    NoFreeKeySlot,
+    /// Removing this key slot would leave no way to unlock the volume.
+    LastKeySlot(u8),
+    /// The device is smaller than the header says it must be.
+    TooSmall {
+        /// What needs the space.
+        structure: Structure,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes present.
+        size: u64,
+    },
+    /// The random number generator failed.
+    Rng,
+    /// A parameter given by the caller cannot work.
+    BadParameter(BadParameter),
+}
+
+impl<E> Error<E> {
+    pub(crate) fn corrupt(structure: Structure, offset: u64, problem: Problem) -> Self {
+        Self::Corrupt {
+            structure,
+            offset,
+            problem,
+        }
+    }
+
+    /// Maps the device error type.
+    pub fn map_io<F>(self, f: impl FnOnce(E) -> F) -> Error<F> {
+        match self {
+            Self::Io {
+                source,
+                structure,
+                offset,
+            } => Error::Io {
+                source: f(source),
+                structure,
+                offset,
+            },
+            Self::BufferTooSmall {
+                structure,
+                needed,
+                given,
+            } => Error::BufferTooSmall {
+                structure,
+                needed,
+                given,
+            },
+            Self::Corrupt {
+                structure,
+                offset,
+                problem,
+            } => Error::Corrupt {
+                structure,
+                offset,
+                problem,
+            },
+            Self::Unsupported(u) => Error::Unsupported(u),
+            Self::WrongPassphrase => Error::WrongPassphrase,
+            Self::NoActiveKeySlot => Error::NoActiveKeySlot,
+            Self::KeySlotNotActive(n) => Error::KeySlotNotActive(n),
+            Self::NoFreeKeySlot => Error::NoFreeKeySlot,
+            Self::LastKeySlot(n) => Error::LastKeySlot(n),
+            Self::TooSmall {
+                structure,
+                needed,
+                size,
+            } => Error::TooSmall {
+                structure,
+                needed,
+                size,
+            },
+            Self::Rng => Error::Rng,
+            Self::BadParameter(p) => Error::BadParameter(p),
+        }
+    }
+}
+
+/// Errors that involve no device at all (parsing a buffer, building a
+/// cipher).
+pub type PureError = Error<core::convert::Infallible>;
+
+impl PureError {
+    /// Turns an error with no device into one for any device type.
+    pub fn widen<E>(self) -> Error<E> {
+        self.map_io(|never| match never {})
+    }
 }
 
 impl<E: fmt::Display> fmt::Display for Error<E> {
@@ -78,8 +350,60 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                 f,
                 "buffer for the {structure} holds {given} bytes, {needed} are needed"
             ),
+            Self::Corrupt {
+                structure,
+                offset,
+                problem,
+            } => match (structure, problem) {
+                (Structure::Luks1KeySlot(a), Problem::KeySlotsOverlap { other }) => write!(
+                    f,
+                    "key slots {a} and {other} overlap (header byte {offset}); the header is damaged, restore a header backup"
+                ),
+                (Structure::Luks1KeySlot(a), Problem::BadStripes(_)) => write!(
+                    f,
+                    "key slot {a} is {problem} (header byte {offset}); the header is damaged, restore a header backup"
+                ),
+                (Structure::Luks1KeySlot(a), Problem::KeySlotOverlapsPayload) => write!(
+                    f,
+                    "key slot {a} overlaps the encrypted payload (header byte {offset}); the header is damaged, restore a header backup"
+                ),
+                _ => write!(
+                    f,
+                    "{structure} is corrupt at byte {offset}: {problem}; restore a header backup or check this is the right device"
+                ),
+            },
+            Self::Unsupported(u) => write!(f, "{u}; this volume cannot be opened by qimg"),
+            Self::WrongPassphrase => f.write_str(
+                "no key slot opened with this passphrase; check the passphrase or key file",
+            ),
+            Self::NoActiveKeySlot => f.write_str(
+                "the header has no active key slot, so no passphrase can unlock it; restore a header backup",
+            ),
+            Self::KeySlotNotActive(n) => {
+                write!(f, "key slot {n} is not active; choose an active key slot")
+            }
+            Self::NoFreeKeySlot => f.write_str("all 8 key slots are in use; remove one first"),
+            Self::LastKeySlot(n) => write!(
+                f,
+                "key slot {n} is the last usable key slot; removing it would lock the data away (force it to proceed)"
+            ),
+            Self::TooSmall {
+                structure,
+                needed,
+                size,
+            } => write!(
+                f,
+                "device too small: the {structure} needs at least {needed} bytes, the device has {size}"
+            ),
+            Self::Rng => f.write_str("the random number generator failed; try again"),
+            Self::BadParameter(p) => write!(f, "invalid parameter: {p}"),
         }
     }
 }
 
 impl<E: fmt::Debug + fmt::Display> core::error::Error for Error<E> {}
+
+/// A key slot index as `u8` (indices are below 8; larger values saturate).
+pub(crate) fn slot_u8(i: usize) -> u8 {
+    u8::try_from(i).unwrap_or(u8::MAX)
+}

@@ -7,6 +7,25 @@
 //!
 //! All I/O goes through [`io::BlockIo`], which `qcow-core` re-exports.
 //!
+//! Code map:
+//! - [`luks1`]: the LUKS1 header ([`luks1::Header`] view,
+//!   [`luks1::HeaderRepr`] representation), [`luks1::read_header`],
+//!   [`luks1::unlock`], [`luks1::format`], key slot management
+//!   ([`luks1::add_key`], [`luks1::remove_key`], [`luks1::change_key`]) and
+//!   the streaming anti-forensic splitter.
+//! - [`cipher`]: [`SectorCipher`] (AES, serpent, twofish; XTS, CBC, ECB,
+//!   LRW; plain, plain64, plain64be, null and ESSIV IVs) and the insecure
+//!   [`LegacyQcowAes`]. XTS lives in one private module behind the
+//!   multi-sector API, ready for a SIMD engine.
+//! - [`hash`]: hashes by name and PBKDF2-HMAC.
+//! - [`LuksVolume`]: an unlocked payload as a [`BlockIo`]; [`io::Window`]: a
+//!   sub-range of a device as a device.
+//!
+//! IV bases differ by container and are always the caller's choice: a raw
+//! LUKS volume counts from the start of the payload, LUKS inside qcow2 uses
+//! the host offset / 512 (call [`SectorCipher::decrypt_sectors`] with it),
+//! legacy qcow AES the guest sector.
+//!
 //! Architecture Invariant: untrusted bytes never panic. Every size and
 //! offset read from disk is checked before it is used, and every parser
 //! returns an [`Error`] that names the structure and byte offset at fault.
@@ -17,8 +36,21 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod cipher;
 pub mod error;
+pub mod hash;
 pub mod io;
+pub mod luks1;
+mod volume;
 
+pub use cipher::{LegacyQcowAes, SectorCipher, MAX_KEY_BYTES};
 pub use error::{Error, Structure};
+pub use hash::HashAlg;
 pub use io::BlockIo;
+pub use luks1::VolumeKey;
+pub use volume::LuksVolume;
+
+/// The longest passphrase accepted anywhere (cryptsetup's key file limit
+/// is 8 MiB; the KDF itself takes any length, this only bounds buffers a
+/// caller may size from it).
+pub const MAX_PASSPHRASE_LEN: usize = 8 * 1024 * 1024;

@@ -213,3 +213,39 @@ pub fn json_of(cmd: &mut Command) -> serde_json::Value {
         )
     })
 }
+
+/// A cryptographic RNG over `/dev/urandom`, for tests that format volumes.
+pub struct OsRng(std::fs::File);
+
+impl OsRng {
+    /// Opens `/dev/urandom`.
+    pub fn new() -> Self {
+        Self(std::fs::File::open("/dev/urandom").expect("/dev/urandom"))
+    }
+}
+
+impl Default for OsRng {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl rand_core::TryRng for OsRng {
+    type Error = std::io::Error;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        let mut b = [0u8; 4];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut b = [0u8; 8];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        use std::io::Read;
+        self.0.read_exact(dst)
+    }
+}
+
+impl rand_core::TryCryptoRng for OsRng {}

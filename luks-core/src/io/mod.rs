@@ -27,6 +27,9 @@ use core::fmt;
 mod mem;
 pub use mem::{MemDevice, MemError};
 
+mod window;
+pub use window::{Window, WindowError};
+
 #[cfg(feature = "alloc")]
 mod boxed;
 #[cfg(feature = "alloc")]

@@ -1,0 +1,737 @@
+//! LUKS1: header, key slots, unlock, format and key slot management.
+//!
+//! Nothing here allocates: key material streams through a fixed 4 KiB
+//! buffer, keys live in fixed arrays that are wiped on drop.
+
+#![warn(clippy::arithmetic_side_effects)]
+
+mod af;
+pub mod header;
+
+use core::fmt;
+
+use rand_core::TryCryptoRng;
+use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, Zeroizing};
+
+pub use header::{Dump, Header, HeaderRepr, KeySlotRepr, HEADER_LEN, KEY_SLOTS, STRIPES};
+
+use crate::cipher::{CipherSpec, SectorCipher, MAX_KEY_BYTES};
+use crate::error::{slot_u8, BadParameter, Error, Name, PureError, Structure};
+use crate::hash::HashAlg;
+use crate::io::{self, BlockIo, BytesError};
+use af::AfState;
+
+/// Bytes of key material processed per device request.
+const CHUNK: usize = 4096;
+/// Bounce buffer for byte-granular header I/O; devices with sectors larger
+/// than this are refused.
+const BOUNCE: usize = 4096;
+/// Sectors reserved at the start of the header area before the first key
+/// slot (4 KiB, cryptsetup and QEMU both put key slot 0 at sector 8).
+pub const FIRST_KEY_SLOT_SECTOR: u32 = 8;
+/// Key slots start on 4 KiB boundaries (8 sectors).
+pub const KEY_SLOT_ALIGN_SECTORS: u32 = 8;
+/// cryptsetup's default data alignment: 1 MiB... in LUKS1 it rounds the
+/// payload up to 4096 sectors (2 MiB) for a 512-bit key.
+pub const PAYLOAD_ALIGN_SECTORS: u32 = 4096;
+
+/// A volume key: at most [`MAX_KEY_BYTES`], wiped on drop, never `Clone`,
+/// and `Debug` prints `VolumeKey { .. }`.
+pub struct VolumeKey {
+    bytes: [u8; MAX_KEY_BYTES],
+    len: usize,
+}
+
+impl VolumeKey {
+    /// Copies a key; `None` if longer than [`MAX_KEY_BYTES`].
+    pub fn from_bytes(key: &[u8]) -> Option<Self> {
+        let mut bytes = [0u8; MAX_KEY_BYTES];
+        bytes.get_mut(..key.len())?.copy_from_slice(key);
+        Some(Self {
+            bytes,
+            len: key.len(),
+        })
+    }
+
+    /// The key bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl Drop for VolumeKey {
+    fn drop(&mut self) {
+        self.bytes.zeroize();
+    }
+}
+
+impl zeroize::ZeroizeOnDrop for VolumeKey {}
+
+impl fmt::Debug for VolumeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("VolumeKey { .. }")
+    }
+}
+
+fn bytes_err<E>(e: BytesError<E>, structure: Structure, offset: u64) -> Error<E> {
+    match e {
+        BytesError::Device(source) => Error::Io {
+            source,
+            structure,
+            offset,
+        },
+        BytesError::BounceTooSmall { sector_size, .. } | BytesError::BadSectorSize(sector_size) => {
+            Error::Unsupported(crate::error::Unsupported::SectorSize(sector_size))
+        }
+        BytesError::RangeOverflow { .. } => {
+            Error::corrupt(structure, offset, crate::error::Problem::Overflow)
+        }
+    }
+}
+
+fn read<D: BlockIo + ?Sized>(
+    dev: &mut D,
+    structure: Structure,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), Error<D::Error>> {
+    let mut bounce = [0u8; BOUNCE];
+    io::read_bytes(dev, offset, buf, &mut bounce).map_err(|e| bytes_err(e, structure, offset))
+}
+
+fn write<D: BlockIo + ?Sized>(
+    dev: &mut D,
+    structure: Structure,
+    offset: u64,
+    buf: &[u8],
+) -> Result<(), Error<D::Error>> {
+    let mut bounce = [0u8; BOUNCE];
+    let r =
+        io::write_bytes(dev, offset, buf, &mut bounce).map_err(|e| bytes_err(e, structure, offset));
+    bounce.zeroize();
+    r
+}
+
+fn dev_size<D: BlockIo + ?Sized>(dev: &mut D) -> Result<u64, Error<D::Error>> {
+    dev.size().map_err(|source| Error::Io {
+        source,
+        structure: Structure::Device,
+        offset: 0,
+    })
+}
+
+/// Whether the first bytes of a device look like a LUKS1 header (magic
+/// and version 1), without validating anything else.
+pub fn probe(first_bytes: &[u8]) -> bool {
+    first_bytes.get(..6) == Some(&header::MAGIC[..]) && first_bytes.get(6..8) == Some(&[0, 1][..])
+}
+
+/// Reads and validates the LUKS1 header of `dev`, including the checks
+/// against the device size and that the cipher spec is supported.
+pub fn read_header<D: BlockIo + ?Sized>(dev: &mut D) -> Result<HeaderRepr, Error<D::Error>> {
+    let mut buf = [0u8; HEADER_LEN];
+    read(dev, Structure::Luks1Header, 0, &mut buf)?;
+    let hdr = HeaderRepr::parse(&Header::new_unchecked(&buf[..])).map_err(PureError::widen)?;
+    let size = dev_size(dev)?;
+    hdr.check_device_size(size).map_err(PureError::widen)?;
+    let spec = CipherSpec::parse(&hdr.cipher_name, &hdr.cipher_mode).map_err(PureError::widen)?;
+    spec.check_key_len(hdr.key_bytes as usize)
+        .map_err(PureError::widen)?;
+    HashAlg::from_name(&hdr.hash_spec).map_err(PureError::widen)?;
+    Ok(hdr)
+}
+
+/// Writes `hdr` into the first 592 bytes of `dev`, leaving the rest of the
+/// first sectors as they are.
+pub fn write_header<D: BlockIo + ?Sized>(
+    dev: &mut D,
+    hdr: &HeaderRepr,
+) -> Result<(), Error<D::Error>> {
+    let mut buf = [0u8; HEADER_LEN];
+    hdr.emit(&mut Header::new_unchecked(&mut buf[..]))
+        .map_err(PureError::widen)?;
+    write(dev, Structure::Luks1Header, 0, &buf)
+}
+
+fn hash_of<E>(hdr: &HeaderRepr) -> Result<HashAlg, Error<E>> {
+    HashAlg::from_name(&hdr.hash_spec).map_err(PureError::widen)
+}
+
+/// Builds the volume's data cipher for `key` with 512-byte sectors.
+pub fn data_cipher<E>(hdr: &HeaderRepr, key: &VolumeKey) -> Result<SectorCipher, Error<E>> {
+    SectorCipher::new(&hdr.cipher_name, &hdr.cipher_mode, key.as_bytes(), 512)
+        .map_err(PureError::widen)
+}
+
+/// Whether `key` is this volume's key (PBKDF2 digest compared in constant
+/// time).
+pub fn verify_volume_key(hdr: &HeaderRepr, key: &[u8]) -> bool {
+    let Ok(hash) = HashAlg::from_name(&hdr.hash_spec) else {
+        return false;
+    };
+    if key.len() != hdr.key_bytes as usize {
+        return false;
+    }
+    let mut d = [0u8; header::DIGEST_LEN];
+    hash.pbkdf2(key, &hdr.mk_digest_salt, hdr.mk_digest_iter, &mut d);
+    bool::from(d.ct_eq(&hdr.mk_digest))
+}
+
+/// Unlocks key slot `slot` with `passphrase`: `Ok(None)` when the
+/// passphrase does not open it.
+fn try_slot<D: BlockIo + ?Sized>(
+    dev: &mut D,
+    hdr: &HeaderRepr,
+    slot: usize,
+    passphrase: &[u8],
+) -> Result<Option<VolumeKey>, Error<D::Error>> {
+    let ks = hdr
+        .key_slots
+        .get(slot)
+        .ok_or(Error::BadParameter(BadParameter::KeySlotIndex(slot_u8(
+            slot,
+        ))))?;
+    let hash = hash_of(hdr)?;
+    let kb = hdr.key_bytes as usize;
+    let mut slot_key = Zeroizing::new([0u8; MAX_KEY_BYTES]);
+    let sk = slot_key.get_mut(..kb).ok_or(Error::Unsupported(
+        crate::error::Unsupported::KeyTooLarge(hdr.key_bytes),
+    ))?;
+    hash.pbkdf2(passphrase, &ks.salt, ks.iterations, sk);
+    let cipher = SectorCipher::new(&hdr.cipher_name, &hdr.cipher_mode, sk, 512);
+    drop(slot_key);
+    let cipher = cipher.map_err(PureError::widen)?;
+    let mut af = AfState::new(hash, kb, ks.stripes);
+    let total = af.material_len().div_ceil(512).saturating_mul(512);
+    let base = u64::from(ks.key_material_offset).saturating_mul(512);
+    // Decrypted key material: wiped on every exit path.
+    let mut buf = Zeroizing::new([0u8; CHUNK]);
+    let mut done = 0u64;
+    let st = Structure::KeyMaterial(slot_u8(slot));
+    while done < total {
+        let n = io::chunk_len(total.saturating_sub(done), CHUNK);
+        let chunk = &mut buf[..n];
+        let at = base.saturating_add(done);
+        read(dev, st, at, chunk)?;
+        cipher
+            .decrypt_sectors(done / 512, chunk)
+            .map_err(PureError::widen)?;
+        af.feed(chunk);
+        done = done.saturating_add(n as u64);
+    }
+    let Some(candidate) = af.merged() else {
+        return Ok(None);
+    };
+    if verify_volume_key(hdr, candidate) {
+        Ok(VolumeKey::from_bytes(candidate))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Unlocks the volume with `passphrase` (a key file is just its bytes).
+///
+/// Tries `slot` only, or every active slot in order. Returns the volume
+/// key and the slot that opened.
+pub fn unlock<D: BlockIo + ?Sized>(
+    dev: &mut D,
+    hdr: &HeaderRepr,
+    passphrase: &[u8],
+    slot: Option<u8>,
+) -> Result<(VolumeKey, u8), Error<D::Error>> {
+    if let Some(s) = slot {
+        let ks = hdr
+            .key_slots
+            .get(usize::from(s))
+            .ok_or(Error::BadParameter(BadParameter::KeySlotIndex(s)))?;
+        if !ks.active {
+            return Err(Error::KeySlotNotActive(s));
+        }
+        return match try_slot(dev, hdr, usize::from(s), passphrase)? {
+            Some(k) => Ok((k, s)),
+            None => Err(Error::WrongPassphrase),
+        };
+    }
+    if !hdr.key_slots.iter().any(|k| k.active) {
+        return Err(Error::NoActiveKeySlot);
+    }
+    for i in 0..KEY_SLOTS {
+        if hdr.key_slots[i].active {
+            if let Some(k) = try_slot(dev, hdr, i, passphrase)? {
+                return Ok((k, slot_u8(i)));
+            }
+        }
+    }
+    Err(Error::WrongPassphrase)
+}
+
+/// What [`format`] creates.
+#[derive(Debug, Clone)]
+pub struct FormatParams<'a> {
+    /// Cipher name (`aes`).
+    pub cipher_name: &'a str,
+    /// Cipher mode (`xts-plain64`).
+    pub cipher_mode: &'a str,
+    /// Volume key length in bytes (64 for AES-256-XTS).
+    pub key_bytes: u32,
+    /// Hash for PBKDF2 and the AF diffuse function.
+    pub hash: HashAlg,
+    /// PBKDF2 iterations of the first key slot.
+    pub iterations: u32,
+    /// PBKDF2 iterations of the volume key digest (cryptsetup uses at
+    /// least 1000).
+    pub digest_iterations: u32,
+    /// Payload offset in sectors: `None` rounds the end of the key
+    /// material up to [`PAYLOAD_ALIGN_SECTORS`]; `Some(0)` makes a detached
+    /// header.
+    pub payload_offset: Option<u32>,
+}
+
+impl Default for FormatParams<'_> {
+    fn default() -> Self {
+        Self {
+            cipher_name: "aes",
+            cipher_mode: "xts-plain64",
+            key_bytes: 64,
+            hash: HashAlg::Sha256,
+            iterations: 1000,
+            digest_iterations: 1000,
+            payload_offset: None,
+        }
+    }
+}
+
+/// Key slot layout: the key material offset of each slot, and the end of
+/// the key material (sectors).
+pub fn key_slot_layout(key_bytes: u32) -> Option<([u32; KEY_SLOTS], u32)> {
+    let km = header::key_material_sectors(key_bytes, STRIPES)?;
+    let step = km.checked_next_multiple_of(KEY_SLOT_ALIGN_SECTORS)?;
+    let mut offs = [0u32; KEY_SLOTS];
+    let mut at = FIRST_KEY_SLOT_SECTOR;
+    for o in offs.iter_mut() {
+        *o = at;
+        at = at.checked_add(step)?;
+    }
+    let end = offs[KEY_SLOTS - 1].checked_add(km)?;
+    Some((offs, end))
+}
+
+fn rng_fill<R: TryCryptoRng + ?Sized, E>(rng: &mut R, buf: &mut [u8]) -> Result<(), Error<E>> {
+    rng.try_fill_bytes(buf).map_err(|_| Error::Rng)
+}
+
+/// Writes key slot `slot`: derives the slot key from `passphrase`, splits
+/// `vk` and writes the encrypted key material, then marks the slot active
+/// in `hdr` (the caller writes the header).
+fn write_slot<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
+    dev: &mut D,
+    hdr: &mut HeaderRepr,
+    slot: usize,
+    vk: &VolumeKey,
+    passphrase: &[u8],
+    iterations: u32,
+    rng: &mut R,
+) -> Result<(), Error<D::Error>> {
+    if iterations == 0 {
+        return Err(Error::BadParameter(BadParameter::ZeroIterations));
+    }
+    let hash = hash_of(hdr)?;
+    let kb = hdr.key_bytes as usize;
+    let mut salt = [0u8; header::SALT_LEN];
+    rng_fill(rng, &mut salt)?;
+    let ks = hdr
+        .key_slots
+        .get_mut(slot)
+        .ok_or(Error::BadParameter(BadParameter::KeySlotIndex(slot_u8(
+            slot,
+        ))))?;
+    let mut slot_key = Zeroizing::new([0u8; MAX_KEY_BYTES]);
+    let sk = slot_key.get_mut(..kb).ok_or(Error::Unsupported(
+        crate::error::Unsupported::KeyTooLarge(hdr.key_bytes),
+    ))?;
+    hash.pbkdf2(passphrase, &salt, iterations, sk);
+    let cipher = SectorCipher::new(&hdr.cipher_name, &hdr.cipher_mode, sk, 512);
+    drop(slot_key);
+    let cipher = cipher.map_err(PureError::widen)?;
+    let mut af = AfState::new(hash, kb, ks.stripes);
+    let total = af.material_len().div_ceil(512).saturating_mul(512);
+    let base = u64::from(ks.key_material_offset).saturating_mul(512);
+    let st = Structure::KeyMaterial(slot_u8(slot));
+    // Decrypted key material: wiped on every exit path.
+    let mut buf = Zeroizing::new([0u8; CHUNK]);
+    let mut stripe = Zeroizing::new([0u8; MAX_KEY_BYTES]);
+    let mut produced = 0u32;
+    let mut fill = 0usize;
+    let mut pending = 0usize; // bytes of `stripe` not yet copied into buf
+    let mut done = 0u64;
+    let mut rng_ok = true;
+    while done < total {
+        let n = io::chunk_len(total.saturating_sub(done), CHUNK);
+        // Fill buf[..n] with stripes (zero padding after the last one).
+        while fill < n {
+            if pending == 0 {
+                if produced < ks.stripes {
+                    let ok = af.next_stripe(vk.as_bytes(), &mut stripe[..kb], |b| {
+                        rng.try_fill_bytes(b).is_ok()
+                    });
+                    rng_ok &= ok;
+                    produced = produced.saturating_add(1);
+                    pending = kb;
+                } else {
+                    buf[fill..n].fill(0);
+                    break;
+                }
+            }
+            let from = kb.saturating_sub(pending);
+            let take = pending.min(n.saturating_sub(fill));
+            buf[fill..fill.saturating_add(take)]
+                .copy_from_slice(&stripe[from..from.saturating_add(take)]);
+            fill = fill.saturating_add(take);
+            pending = pending.saturating_sub(take);
+        }
+        if !rng_ok {
+            return Err(Error::Rng);
+        }
+        cipher
+            .encrypt_sectors(done / 512, &mut buf[..n])
+            .map_err(PureError::widen)?;
+        write(dev, st, base.saturating_add(done), &buf[..n])?;
+        done = done.saturating_add(n as u64);
+        fill = 0;
+    }
+    ks.active = true;
+    ks.iterations = iterations;
+    ks.salt = salt;
+    Ok(())
+}
+
+/// Formats `dev` as a LUKS1 volume with a random volume key (or `volume_key`
+/// when given) and `passphrase` in key slot 0.
+///
+/// Zero-fills the whole header area (up to the payload, or up to the end
+/// of the key material for a detached header) before writing. Returns the
+/// header and the volume key.
+pub fn format<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
+    dev: &mut D,
+    params: &FormatParams<'_>,
+    volume_key: Option<&[u8]>,
+    passphrase: &[u8],
+    rng: &mut R,
+) -> Result<(HeaderRepr, VolumeKey), Error<D::Error>> {
+    if params.iterations == 0 || params.digest_iterations == 0 {
+        return Err(Error::BadParameter(BadParameter::ZeroIterations));
+    }
+    let spec =
+        CipherSpec::parse(params.cipher_name, params.cipher_mode).map_err(PureError::widen)?;
+    spec.check_key_len(params.key_bytes as usize)
+        .map_err(PureError::widen)?;
+    let (offs, end) = key_slot_layout(params.key_bytes).ok_or(Error::Unsupported(
+        crate::error::Unsupported::KeyTooLarge(params.key_bytes),
+    ))?;
+    let payload_offset = match params.payload_offset {
+        None => end
+            .checked_next_multiple_of(PAYLOAD_ALIGN_SECTORS)
+            .ok_or(Error::BadParameter(BadParameter::PayloadOffsetTooSmall {
+                minimum: u64::from(end),
+            }))?,
+        Some(0) => 0,
+        Some(p) if p >= end => p,
+        Some(_) => {
+            return Err(Error::BadParameter(BadParameter::PayloadOffsetTooSmall {
+                minimum: u64::from(end),
+            }))
+        }
+    };
+    let vk = match volume_key {
+        Some(k) => {
+            if k.len() != params.key_bytes as usize {
+                return Err(Error::Unsupported(crate::error::Unsupported::KeySize {
+                    cipher: crate::error::name_from(params.cipher_name.as_bytes()),
+                    bytes: u32::try_from(k.len()).unwrap_or(u32::MAX),
+                }));
+            }
+            VolumeKey::from_bytes(k).ok_or(Error::Unsupported(
+                crate::error::Unsupported::KeyTooLarge(params.key_bytes),
+            ))?
+        }
+        None => {
+            let mut b = [0u8; MAX_KEY_BYTES];
+            let n = params.key_bytes as usize;
+            let r = rng_fill(rng, &mut b[..n.min(MAX_KEY_BYTES)]);
+            let k = VolumeKey::from_bytes(&b[..n.min(MAX_KEY_BYTES)]);
+            b.zeroize();
+            r?;
+            k.ok_or(Error::Rng)?
+        }
+    };
+    let mut mk_digest_salt = [0u8; header::SALT_LEN];
+    rng_fill(rng, &mut mk_digest_salt)?;
+    let mut mk_digest = [0u8; header::DIGEST_LEN];
+    params.hash.pbkdf2(
+        vk.as_bytes(),
+        &mk_digest_salt,
+        params.digest_iterations,
+        &mut mk_digest,
+    );
+    let mut u = [0u8; 16];
+    rng_fill(rng, &mut u)?;
+    let uuid = uuid_v4(u);
+    let slot = |o: u32| KeySlotRepr {
+        active: false,
+        iterations: 0,
+        salt: [0; header::SALT_LEN],
+        key_material_offset: o,
+        stripes: STRIPES,
+    };
+    let mut hdr = HeaderRepr {
+        cipher_name: name(params.cipher_name),
+        cipher_mode: name(params.cipher_mode),
+        hash_spec: name(params.hash.name()),
+        payload_offset,
+        key_bytes: params.key_bytes,
+        mk_digest,
+        mk_digest_salt,
+        mk_digest_iter: params.digest_iterations,
+        uuid,
+        key_slots: offs.map(slot),
+    };
+    // Zero the header area.
+    let area_end = if payload_offset == 0 {
+        end
+    } else {
+        payload_offset
+    };
+    let area = u64::from(area_end).saturating_mul(512);
+    let size = dev_size(dev)?;
+    if size < area {
+        // A growable device (a file) grows; others fail here.
+        if !dev.set_size(area).map_err(|source| Error::Io {
+            source,
+            structure: Structure::Device,
+            offset: 0,
+        })? && dev_size(dev)? < area
+        {
+            return Err(Error::TooSmall {
+                structure: Structure::Luks1Header,
+                needed: area,
+                size,
+            });
+        }
+    }
+    dev.write_zeroes(0, area).map_err(|source| Error::Io {
+        source,
+        structure: Structure::Luks1Header,
+        offset: 0,
+    })?;
+    write_slot(dev, &mut hdr, 0, &vk, passphrase, params.iterations, rng)?;
+    write_header(dev, &hdr)?;
+    dev.flush().map_err(|source| Error::Io {
+        source,
+        structure: Structure::Device,
+        offset: 0,
+    })?;
+    Ok((hdr, vk))
+}
+
+fn name(s: &str) -> Name {
+    crate::error::name_from(s.as_bytes())
+}
+
+fn uuid_v4(mut u: [u8; 16]) -> heapless::String<40> {
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    let mut s = heapless::String::new();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in u.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            let _ = s.push('-');
+        }
+        let _ = s.push(HEX[usize::from(b >> 4)] as char);
+        let _ = s.push(HEX[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+/// Adds `new_passphrase` in a free key slot (the lowest, or `slot`),
+/// given the volume key. Writes key material and header; returns the slot.
+pub fn add_key<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
+    dev: &mut D,
+    hdr: &mut HeaderRepr,
+    vk: &VolumeKey,
+    new_passphrase: &[u8],
+    iterations: u32,
+    slot: Option<u8>,
+    rng: &mut R,
+) -> Result<u8, Error<D::Error>> {
+    if !verify_volume_key(hdr, vk.as_bytes()) {
+        return Err(Error::WrongPassphrase);
+    }
+    let s = match slot {
+        Some(s) => {
+            let ks = hdr
+                .key_slots
+                .get(usize::from(s))
+                .ok_or(Error::BadParameter(BadParameter::KeySlotIndex(s)))?;
+            if ks.active {
+                return Err(Error::NoFreeKeySlot);
+            }
+            s
+        }
+        None => hdr
+            .key_slots
+            .iter()
+            .position(|k| !k.active)
+            .map(slot_u8)
+            .ok_or(Error::NoFreeKeySlot)?,
+    };
+    let mut new = hdr.clone();
+    write_slot(
+        dev,
+        &mut new,
+        usize::from(s),
+        vk,
+        new_passphrase,
+        iterations,
+        rng,
+    )?;
+    write_header(dev, &new)?;
+    dev.flush().map_err(|source| Error::Io {
+        source,
+        structure: Structure::Device,
+        offset: 0,
+    })?;
+    *hdr = new;
+    Ok(s)
+}
+
+/// Disables key slot `slot` and overwrites its key material with zeroes.
+/// Refuses to remove the last active slot unless `force`.
+pub fn remove_key<D: BlockIo + ?Sized>(
+    dev: &mut D,
+    hdr: &mut HeaderRepr,
+    slot: u8,
+    force: bool,
+) -> Result<(), Error<D::Error>> {
+    let i = usize::from(slot);
+    let ks = hdr
+        .key_slots
+        .get(i)
+        .ok_or(Error::BadParameter(BadParameter::KeySlotIndex(slot)))?;
+    if !ks.active {
+        return Err(Error::KeySlotNotActive(slot));
+    }
+    let active = hdr.key_slots.iter().filter(|k| k.active).count();
+    if active <= 1 && !force {
+        return Err(Error::LastKeySlot(slot));
+    }
+    let (start, end) = hdr.key_material_range(i).ok_or(Error::corrupt(
+        Structure::Luks1KeySlot(slot),
+        0,
+        crate::error::Problem::Overflow,
+    ))?;
+    let mut new = hdr.clone();
+    new.key_slots[i].active = false;
+    new.key_slots[i].iterations = 0;
+    new.key_slots[i].salt = [0; header::SALT_LEN];
+    write_header(dev, &new)?;
+    // Overwrite with explicit zero writes (write_zeroes could only punch a
+    // hole that leaves the old bytes on the medium).
+    let zero = [0u8; CHUNK];
+    let mut at = u64::from(start).saturating_mul(512);
+    let stop = u64::from(end).saturating_mul(512);
+    while at < stop {
+        let n = io::chunk_len(stop.saturating_sub(at), CHUNK);
+        write(dev, Structure::KeyMaterial(slot), at, &zero[..n])?;
+        at = at.saturating_add(n as u64);
+    }
+    dev.flush().map_err(|source| Error::Io {
+        source,
+        structure: Structure::Device,
+        offset: 0,
+    })?;
+    *hdr = new;
+    Ok(())
+}
+
+/// Changes a passphrase: the slot `old_passphrase` opens gets
+/// `new_passphrase` (written to a free slot first when there is one, then
+/// the old slot is removed). Returns the new slot.
+pub fn change_key<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
+    dev: &mut D,
+    hdr: &mut HeaderRepr,
+    old_passphrase: &[u8],
+    new_passphrase: &[u8],
+    iterations: u32,
+    rng: &mut R,
+) -> Result<u8, Error<D::Error>> {
+    let (vk, old) = unlock(dev, hdr, old_passphrase, None)?;
+    if hdr.key_slots.iter().any(|k| !k.active) {
+        let new = add_key(dev, hdr, &vk, new_passphrase, iterations, None, rng)?;
+        remove_key(dev, hdr, old, true)?;
+        Ok(new)
+    } else {
+        let mut new = hdr.clone();
+        write_slot(
+            dev,
+            &mut new,
+            usize::from(old),
+            &vk,
+            new_passphrase,
+            iterations,
+            rng,
+        )?;
+        write_header(dev, &new)?;
+        *hdr = new;
+        Ok(old)
+    }
+}
+
+/// Finds PBKDF2 iterations that take about `target_ms` with `hash`:
+/// `elapsed_ms` is a clock the caller provides (milliseconds since any
+/// fixed point). Returns at least 1000, like cryptsetup.
+pub fn calibrate_iterations(
+    hash: HashAlg,
+    target_ms: u32,
+    mut elapsed_ms: impl FnMut() -> u64,
+) -> u32 {
+    /// cryptsetup's floor for PBKDF2 iterations.
+    const MIN: u32 = 1000;
+    /// A measurement shorter than this is too coarse to scale from.
+    const MIN_SAMPLE_MS: u64 = 50;
+    /// Stop growing the sample here even if the clock says it took no time
+    /// (a broken clock must not make calibration run for hours).
+    const MAX_SAMPLE_ITERS: u32 = 1 << 22;
+    let mut iters: u32 = MIN;
+    let mut out = [0u8; 32];
+    loop {
+        let t0 = elapsed_ms();
+        hash.pbkdf2(
+            b"calibration",
+            b"salt-for-calibration-only-000000",
+            iters,
+            &mut out,
+        );
+        let dt = elapsed_ms().saturating_sub(t0);
+        if dt >= MIN_SAMPLE_MS || iters >= MAX_SAMPLE_ITERS {
+            let per_ms = u64::from(iters).checked_div(dt).unwrap_or(u64::from(iters));
+            let want = per_ms.saturating_mul(u64::from(target_ms));
+            return u32::try_from(want).unwrap_or(u32::MAX).max(MIN);
+        }
+        iters = iters.saturating_mul(4);
+    }
+}
+
+impl HeaderRepr {
+    /// The key slots that are active.
+    pub fn active_slots(&self) -> impl Iterator<Item = u8> + '_ {
+        self.key_slots
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.active)
+            .map(|(i, _)| slot_u8(i))
+    }
+}
+
+#[cfg(test)]
+mod tests;

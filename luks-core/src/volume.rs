@@ -1,0 +1,190 @@
+//! An unlocked LUKS volume over a device: itself a [`BlockIo`] of 512-byte
+//! sectors, the size of the payload, encrypting and decrypting on the way
+//! through.
+
+#![warn(clippy::arithmetic_side_effects)]
+
+use core::fmt;
+
+use crate::cipher::SectorCipher;
+use crate::error::{BadParameter, Error, PureError, Structure};
+use crate::io::{chunk_len, BlockIo};
+
+/// Scratch for encryption on write (no allocation).
+const SCRATCH: usize = 4096;
+
+/// An unlocked volume: payload at `payload_offset` bytes of `dev` up to
+/// its end, IV of volume sector `n` = `iv_offset + n`.
+pub struct LuksVolume<D: BlockIo> {
+    dev: D,
+    cipher: SectorCipher,
+    payload_offset: u64,
+    size: u64,
+    iv_offset: u64,
+}
+
+impl<D: BlockIo> fmt::Debug for LuksVolume<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LuksVolume")
+            .field("payload_offset", &self.payload_offset)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: BlockIo> LuksVolume<D> {
+    /// Opens the payload of `dev` starting at `payload_offset` bytes (a
+    /// multiple of 512) to the end of the device.
+    ///
+    /// `iv_offset` is added to every sector number (in 512-byte units) to
+    /// form the IV: 0 for a raw LUKS volume (IVs count from the start of the
+    /// payload), `payload_offset / 512` for containers whose IVs count from
+    /// the start of the device.
+    pub fn new(
+        mut dev: D,
+        cipher: SectorCipher,
+        payload_offset: u64,
+        iv_offset: u64,
+    ) -> Result<Self, Error<D::Error>> {
+        let dev_size = dev.size().map_err(|source| Error::Io {
+            source,
+            structure: Structure::Device,
+            offset: 0,
+        })?;
+        if payload_offset % 512 != 0 {
+            return Err(Error::BadParameter(BadParameter::Unaligned {
+                offset: payload_offset,
+                len: 0,
+            }));
+        }
+        let size = dev_size
+            .checked_sub(payload_offset)
+            .ok_or(Error::TooSmall {
+                structure: Structure::Payload,
+                needed: payload_offset,
+                size: dev_size,
+            })?;
+        // A trailing partial sector is not part of the volume.
+        let size = size.saturating_sub(size.checked_rem(512).unwrap_or(0));
+        Ok(Self {
+            dev,
+            cipher,
+            payload_offset,
+            size,
+            iv_offset,
+        })
+    }
+
+    /// Opens a raw LUKS1 volume: payload at the header's payload offset,
+    /// IVs from the start of the payload. For a detached header, pass the
+    /// data device and the header parsed from the header device.
+    pub fn open_luks1(
+        dev: D,
+        hdr: &crate::luks1::HeaderRepr,
+        key: &crate::luks1::VolumeKey,
+    ) -> Result<Self, Error<D::Error>> {
+        let cipher = crate::luks1::data_cipher(hdr, key)?;
+        Self::new(
+            dev,
+            cipher,
+            u64::from(hdr.payload_offset).saturating_mul(512),
+            0,
+        )
+    }
+
+    /// The device underneath.
+    pub fn into_inner(self) -> D {
+        self.dev
+    }
+
+    /// The device underneath.
+    pub fn inner_mut(&mut self) -> &mut D {
+        &mut self.dev
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<u64, Error<D::Error>> {
+        let len64 = len as u64;
+        if offset % 512 != 0 || len64 % 512 != 0 {
+            return Err(Error::BadParameter(BadParameter::Unaligned {
+                offset,
+                len: len64,
+            }));
+        }
+        match offset.checked_add(len64) {
+            Some(end) if end <= self.size => {}
+            _ => {
+                return Err(Error::BadParameter(BadParameter::OutOfRange {
+                    offset,
+                    len: len64,
+                    size: self.size,
+                }))
+            }
+        }
+        self.payload_offset
+            .checked_add(offset)
+            .ok_or(Error::BadParameter(BadParameter::OutOfRange {
+                offset,
+                len: len64,
+                size: self.size,
+            }))
+    }
+
+    fn iv(&self, offset: u64) -> u64 {
+        self.iv_offset.wrapping_add(offset / 512)
+    }
+}
+
+impl<D: BlockIo> BlockIo for LuksVolume<D> {
+    type Error = Error<D::Error>;
+
+    fn sector_size(&self) -> u32 {
+        512
+    }
+
+    fn size(&mut self) -> Result<u64, Self::Error> {
+        Ok(self.size)
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        let at = self.check(offset, buf.len())?;
+        self.dev.read_at(at, buf).map_err(|source| Error::Io {
+            source,
+            structure: Structure::Payload,
+            offset: at,
+        })?;
+        self.cipher
+            .decrypt_sectors(self.iv(offset), buf)
+            .map_err(PureError::widen)
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Self::Error> {
+        self.check(offset, buf.len())?;
+        let mut scratch = [0u8; SCRATCH];
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = chunk_len((buf.len().saturating_sub(done)) as u64, SCRATCH);
+            let off = offset.saturating_add(done as u64);
+            let chunk = &mut scratch[..n];
+            chunk.copy_from_slice(&buf[done..done.saturating_add(n)]);
+            self.cipher
+                .encrypt_sectors(self.iv(off), chunk)
+                .map_err(PureError::widen)?;
+            let at = self.payload_offset.saturating_add(off);
+            self.dev.write_at(at, chunk).map_err(|source| Error::Io {
+                source,
+                structure: Structure::Payload,
+                offset: at,
+            })?;
+            done = done.saturating_add(n);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        self.dev.flush().map_err(|source| Error::Io {
+            source,
+            structure: Structure::Device,
+            offset: 0,
+        })
+    }
+}
