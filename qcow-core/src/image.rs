@@ -428,11 +428,18 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
     pub fn open(mut dev: D, cache: &'c mut [u8]) -> Result<Self, Error<D::Error>> {
         let mut bounce = [0u8; 512];
         let file_size = dev.size().map_err(io(Structure::Header, 0))?;
+        if cache.len() < 512 {
+            return Err(Error::BufferTooSmall {
+                what: Buffer::Cache,
+                needed: 512,
+                given: cache.len(),
+            });
+        }
         read_unaligned(
             &mut dev,
             &mut bounce,
             0,
-            &mut cache_head(cache)?[..512],
+            &mut cache[..512],
             Structure::Header,
         )?;
         let mut first = [0u8; 512];
@@ -591,24 +598,6 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
             return Err(Error::MarkedCorrupt);
         }
         Err(Error::Unsupported(Unsupported::Writing))
-    }
-}
-
-fn cache_head(cache: &mut [u8]) -> Result<&mut [u8], Buffer> {
-    if cache.len() < 512 {
-        Err(Buffer::Cache)
-    } else {
-        Ok(cache)
-    }
-}
-
-impl<E> From<Buffer> for Error<E> {
-    fn from(what: Buffer) -> Self {
-        Error::BufferTooSmall {
-            what,
-            needed: 512,
-            given: 0,
-        }
     }
 }
 
