@@ -1561,3 +1561,6 @@ where
         Err(Error::ReadOnly)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -3,6 +3,7 @@
 //! `qemu-img convert -O raw` of the same image.
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test helpers: failing loudly is right
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
