@@ -248,6 +248,8 @@ pub enum Limit {
     SnapshotIdLength,
     /// [`crate::limits::MAX_SNAPSHOT_NAME_LEN`].
     SnapshotNameLength,
+    /// [`crate::image::MAX_BITMAP_DIRECTORY_BYTES`].
+    BitmapDirectoryBytes,
 }
 
 impl fmt::Display for Limit {
@@ -260,6 +262,7 @@ impl fmt::Display for Limit {
             Self::NameLength => "name bytes",
             Self::SnapshotIdLength => "snapshot id bytes",
             Self::SnapshotNameLength => "snapshot name bytes",
+            Self::BitmapDirectoryBytes => "bitmap directory bytes",
         })
     }
 }

@@ -599,6 +599,21 @@ impl CryptoExt {
     }
 }
 
+/// Writes one header extension (type, length, payload, zero padding to 8)
+/// at the start of `buf`; returns the bytes used, or `None` if `buf` is too
+/// short or the payload longer than `u32::MAX`.
+pub fn emit_extension(buf: &mut [u8], ext_type: u32, payload: &[u8]) -> Option<usize> {
+    let len = u32::try_from(payload.len()).ok()?;
+    let span = usize::try_from(extension_span(len)).ok()?;
+    let out = buf.get_mut(..span)?;
+    out.fill(0);
+    out.get_mut(0..4)?.copy_from_slice(&ext_type.to_be_bytes());
+    out.get_mut(4..8)?.copy_from_slice(&len.to_be_bytes());
+    out.get_mut(8..8usize.checked_add(payload.len())?)?
+        .copy_from_slice(payload);
+    Some(span)
+}
+
 /// Parses an extension's 8-byte header: `(type, length)`.
 pub fn extension_header(b: &[u8; 8]) -> (u32, u32) {
     (be32(b, 0..4), be32(b, 4..8))

@@ -127,6 +127,60 @@ pub struct Mapping {
     pub kind: MapKind,
 }
 
+/// Most bytes of the bitmap directory read: QEMU's `BME_MAX_DIRECTORY_SIZE`
+/// (64 MiB).
+pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 64 * 1024 * 1024;
+
+/// One persistent dirty bitmap (kept opaque beyond what `qemu-img info`
+/// shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// Offset of the bitmap table.
+    pub table_offset: u64,
+    /// Entries in the bitmap table.
+    pub table_size: u32,
+    /// Flags: bit 0 in-use, bit 1 auto, bit 2 extra-data-compatible.
+    pub flags: u32,
+    /// Bitmap type (1: dirty tracking).
+    pub bitmap_type: u8,
+    /// log2 of the granularity in bytes.
+    pub granularity_bits: u8,
+    /// Name.
+    pub name: Name,
+}
+
+impl BitmapInfo {
+    /// Bytes of the fixed part of a directory entry.
+    pub const FIXED_LEN: usize = 24;
+    fn parse_fixed(f: &[u8; Self::FIXED_LEN]) -> Self {
+        Self {
+            table_offset: header::be64(f, 0..8),
+            table_size: header::be32(f, 8..12),
+            flags: header::be32(f, 12..16),
+            bitmap_type: f[16],
+            granularity_bits: f[17],
+            name: Name::new(),
+        }
+    }
+    /// Granularity in bytes (0 if the field is out of range).
+    pub fn granularity(&self) -> u64 {
+        1u64.checked_shl(u32::from(self.granularity_bits))
+            .unwrap_or(0)
+    }
+    /// The `in-use` flag.
+    pub fn in_use(&self) -> bool {
+        self.flags & 1 != 0
+    }
+    /// The `auto` flag.
+    pub fn auto(&self) -> bool {
+        self.flags & 2 != 0
+    }
+    /// The name as text.
+    pub fn name_str(&self) -> Option<&str> {
+        core::str::from_utf8(&self.name).ok()
+    }
+}
+
 /// Where an unknown header extension lies (kept so a writer can preserve it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExtensionLocation {
@@ -381,11 +435,18 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
     pub fn open(mut dev: D, cache: &'c mut [u8]) -> Result<Self, Error<D::Error>> {
         let mut bounce = [0u8; 512];
         let file_size = dev.size().map_err(io(Structure::Header, 0))?;
+        if cache.len() < 512 {
+            return Err(Error::BufferTooSmall {
+                what: Buffer::Cache,
+                needed: 512,
+                given: cache.len(),
+            });
+        }
         read_unaligned(
             &mut dev,
             &mut bounce,
             0,
-            &mut cache_head(cache)?[..512],
+            &mut cache[..512],
             Structure::Header,
         )?;
         let mut first = [0u8; 512];
@@ -544,24 +605,6 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
             return Err(Error::MarkedCorrupt);
         }
         Err(Error::Unsupported(Unsupported::Writing))
-    }
-}
-
-fn cache_head(cache: &mut [u8]) -> Result<&mut [u8], Buffer> {
-    if cache.len() < 512 {
-        Err(Buffer::Cache)
-    } else {
-        Ok(cache)
-    }
-}
-
-impl<E> From<Buffer> for Error<E> {
-    fn from(what: Buffer) -> Self {
-        Error::BufferTooSmall {
-            what,
-            needed: 512,
-            given: 0,
-        }
     }
 }
 
@@ -1293,6 +1336,83 @@ where
         ))
     }
 
+    /// Calls `each` with every entry of the persistent bitmap directory
+    /// (what `qemu-img info` lists under `bitmaps`), without allocating.
+    /// Stops early when `each` returns `true`.
+    pub fn for_each_bitmap(
+        &mut self,
+        mut each: impl FnMut(&BitmapInfo) -> bool,
+    ) -> Result<(), Error<D::Error>> {
+        let Some(bm) = self.st.info.bitmaps else {
+            return Ok(());
+        };
+        if bm.directory_size > MAX_BITMAP_DIRECTORY_BYTES {
+            return Err(Error::Limit {
+                structure: Structure::HeaderExtension,
+                offset: bm.directory_offset,
+                limit: Limit::BitmapDirectoryBytes,
+                value: bm.directory_size,
+                max: MAX_BITMAP_DIRECTORY_BYTES,
+            });
+        }
+        let end = bm
+            .directory_offset
+            .checked_add(bm.directory_size)
+            .ok_or(Error::corrupt(
+                Structure::HeaderExtension,
+                bm.directory_offset,
+                Problem::Overflow,
+            ))?;
+        let mut off = bm.directory_offset;
+        for _ in 0..bm.nb_bitmaps {
+            let mut f = [0u8; BitmapInfo::FIXED_LEN];
+            let fixed_end = off.saturating_add(BitmapInfo::FIXED_LEN as u64);
+            if fixed_end > end {
+                return Err(Error::corrupt(
+                    Structure::HeaderExtension,
+                    off,
+                    Problem::OutOfRange(off),
+                ));
+            }
+            read_unaligned(
+                &mut self.dev,
+                &mut self.st.bounce,
+                off,
+                &mut f,
+                Structure::HeaderExtension,
+            )?;
+            let mut b = BitmapInfo::parse_fixed(&f);
+            // Layout: table offset u64, table size u32, flags u32, type u8,
+            // granularity bits u8, name size u16, extra data size u32.
+            let name_len = u16::from_be_bytes([f[18], f[19]]);
+            let extra = u32::from_be_bytes([f[20], f[21], f[22], f[23]]);
+            let name_at = fixed_end.saturating_add(u64::from(extra));
+            let entry_end = name_at.saturating_add(u64::from(name_len));
+            if entry_end > end || usize::from(name_len) > MAX_NAME_LEN {
+                return Err(Error::corrupt(
+                    Structure::HeaderExtension,
+                    off,
+                    Problem::OutOfRange(entry_end),
+                ));
+            }
+            b.name
+                .resize(usize::from(name_len), 0)
+                .map_err(|_| Error::corrupt(Structure::HeaderExtension, off, Problem::Overflow))?;
+            read_unaligned(
+                &mut self.dev,
+                &mut self.st.bounce,
+                name_at,
+                &mut b.name,
+                Structure::HeaderExtension,
+            )?;
+            if each(&b) {
+                return Ok(());
+            }
+            off = entry_end.checked_next_multiple_of(8).unwrap_or(u64::MAX);
+        }
+        Ok(())
+    }
+
     /// Number of internal snapshots.
     pub fn snapshot_count(&self) -> u32 {
         self.st.info.header.nb_snapshots
@@ -1462,3 +1582,6 @@ where
         Err(Error::ReadOnly)
     }
 }
+
+#[cfg(test)]
+mod tests;

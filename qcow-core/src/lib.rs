@@ -23,7 +23,7 @@ pub mod limits;
 pub mod snapshot;
 
 pub use error::{Error, Structure};
-pub use image::{Decryptor, ImageInfo, MapKind, Mapping, NoDevice, Qcow2};
+pub use image::{BitmapInfo, Decryptor, ImageInfo, MapKind, Mapping, NoDevice, Qcow2};
 /// The sector-I/O trait and its adapters, shared with `luks-core`.
 pub use luks_core::io;
 pub use luks_core::io::BlockIo;

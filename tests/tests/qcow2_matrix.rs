@@ -3,6 +3,7 @@
 //! `qemu-img convert -O raw` of the same image.
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test helpers: failing loudly is right
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -240,6 +241,23 @@ impl Env {
                 "{img}"
             );
         }
+        let want_bitmaps = fs["bitmaps"].as_array().cloned().unwrap_or_default();
+        let mut bitmaps = Vec::new();
+        q.for_each_bitmap(|b| {
+            let mut flags = Vec::new();
+            if b.in_use() {
+                flags.push("in-use");
+            }
+            if b.auto() {
+                flags.push("auto");
+            }
+            bitmaps.push(serde_json::json!({
+                "flags": flags, "name": b.name_str().unwrap(), "granularity": b.granularity(),
+            }));
+            false
+        })
+        .unwrap();
+        assert_eq!(bitmaps, want_bitmaps, "{img}");
         let snaps = j["snapshots"].as_array().cloned().unwrap_or_default();
         assert_eq!(snaps.len() as u32, q.snapshot_count(), "{img}");
         for (k, s) in snaps.iter().enumerate() {
@@ -747,4 +765,37 @@ fn encrypted_images_are_reported_and_data_reads_refused() {
         ),
         "{e}"
     );
+}
+
+#[test]
+fn bitmaps_and_dirty_flag_are_reported() {
+    let Some(env) = Env::new() else { return };
+    env.source("src.raw", MIB, 9);
+    env.img(&["convert", "-f", "raw", "-O", "qcow2", "src.raw", "bm.qcow2"]);
+    env.img(&["bitmap", "--add", "bm.qcow2", "b0"]);
+    env.img(&[
+        "bitmap",
+        "--add",
+        "-g",
+        "128k",
+        "--disable",
+        "bm.qcow2",
+        "second",
+    ]);
+    env.check("bm.qcow2");
+    let mut q = Qcow2::open(FileDevice::open(&env.p("bm.qcow2")).unwrap(), leak(4096)).unwrap();
+    let mut n = 0;
+    q.for_each_bitmap(|_| {
+        n += 1;
+        false
+    })
+    .unwrap();
+    assert_eq!(n, 2);
+    // Dirty bit (lazy refcounts left unflushed): readable, reported.
+    let mut b = std::fs::read(env.p("bm.qcow2")).unwrap();
+    b[79] |= 1;
+    std::fs::write(env.p("dirty.qcow2"), &b).unwrap();
+    env.check_info("dirty.qcow2");
+    let q = Qcow2::open(FileDevice::open(&env.p("dirty.qcow2")).unwrap(), leak(4096)).unwrap();
+    assert!(q.info().dirty());
 }

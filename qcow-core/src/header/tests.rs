@@ -171,3 +171,19 @@ fn extension_payloads_round_trip() {
     assert_eq!(extension_span(5), 16);
     assert_eq!(extension_span(0), 8);
 }
+
+#[test]
+fn extensions_emit_and_parse_back() {
+    let mut buf = [0xffu8; 32];
+    let n = emit_extension(&mut buf, ext::BACKING_FORMAT, b"qcow2").unwrap();
+    assert_eq!(n, 16);
+    let mut h = [0u8; 8];
+    h.copy_from_slice(&buf[..8]);
+    assert_eq!(extension_header(&h), (ext::BACKING_FORMAT, 5));
+    assert_eq!(&buf[8..13], b"qcow2");
+    assert!(buf[13..16].iter().all(|&b| b == 0));
+    assert_eq!(
+        emit_extension(&mut buf[..15], ext::BACKING_FORMAT, b"qcow2"),
+        None
+    );
+}

@@ -1,0 +1,159 @@
+//! The reader over an in-memory sector device (no file, no allocation),
+//! on a hand-built image, plus a byte-flip loop that must never panic.
+
+#![allow(clippy::arithmetic_side_effects, clippy::cast_possible_truncation)] // test fixtures
+
+use super::*;
+use crate::entry::{COPIED, ZERO};
+use crate::io::MemDevice;
+
+const SIZE: u64 = 32 * 1024;
+
+/// v3, 512-byte clusters: header, L1 @0x200, L2 @0x400, data @0x600,
+/// @0x800 and @0xa00, refcount table @0xc00, refcount block @0xe00.
+fn image() -> [u8; 0x1000] {
+    let mut b = [0u8; 0x1000];
+    let r = HeaderRepr {
+        version: 3,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits: 9,
+        size: SIZE,
+        crypt_method: 0,
+        l1_size: 1,
+        l1_table_offset: 0x200,
+        refcount_table_offset: 0xc00,
+        refcount_table_clusters: 1,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: 0,
+        compatible_features: 0,
+        autoclear_features: 0,
+        refcount_order: 4,
+        header_length: 112,
+        compression_type: 0,
+    };
+    r.emit(&mut Header::new_unchecked(&mut b[..112]));
+    b[0x200..0x208].copy_from_slice(&(COPIED | 0x400).to_be_bytes());
+    let l2 = [COPIED | 0x600, ZERO, COPIED | 0x800, COPIED | 0xa00];
+    for (i, e) in l2.iter().enumerate() {
+        b[0x400 + 8 * i..0x408 + 8 * i].copy_from_slice(&e.to_be_bytes());
+    }
+    b[0x600..0x800].fill(0x11);
+    b[0x800..0xa00].fill(0x22);
+    b[0xa00..0xc00].fill(0x33);
+    b[0xc00..0xc08].copy_from_slice(&0xe00u64.to_be_bytes());
+    for c in 0..8 {
+        b[0xe00 + 2 * c + 1] = 1;
+    }
+    b
+}
+
+#[test]
+fn reads_maps_and_counts_over_a_memory_device() {
+    let img = image();
+    let dev = MemDevice::read_only(&img);
+    let mut cache = [0u8; 512];
+    let mut q = Qcow2::open(dev, &mut cache).unwrap();
+    assert_eq!(q.virtual_size(), SIZE);
+    let mut buf = [0u8; SIZE as usize];
+    q.read(0, &mut buf).unwrap();
+    assert!(buf[..512].iter().all(|&x| x == 0x11));
+    assert!(buf[512..1024].iter().all(|&x| x == 0));
+    assert!(buf[1024..1536].iter().all(|&x| x == 0x22));
+    assert!(buf[1536..2048].iter().all(|&x| x == 0x33));
+    assert!(buf[2048..].iter().all(|&x| x == 0));
+    let runs = [
+        (0, 512, MapKind::Data { host: 0x600 }),
+        (512, 512, MapKind::Zero { host: None }),
+        (1024, 1024, MapKind::Data { host: 0x800 }),
+        (2048, SIZE - 2048, MapKind::Unallocated),
+    ];
+    for (start, len, kind) in runs {
+        let m = q.map(start, SIZE - start).unwrap();
+        assert_eq!((m.guest_offset, m.len, m.kind), (start, len, kind));
+    }
+    // Host-contiguous runs stop at the requested length.
+    assert_eq!(q.map(1024, 512).unwrap().len, 512);
+    assert_eq!(q.refcount(3).unwrap(), 1);
+    assert_eq!(q.refcount(9).unwrap(), 0);
+    assert!(matches!(
+        q.read(100, &mut buf[..512]),
+        Err(Error::BadRequest { .. })
+    ));
+    assert!(matches!(
+        q.read(SIZE, &mut buf[..512]),
+        Err(Error::BadRequest { .. })
+    ));
+    assert!(matches!(q.write_at(0, &buf[..512]), Err(Error::ReadOnly)));
+}
+
+#[test]
+fn cache_smaller_than_a_sector_is_refused() {
+    let img = image();
+    let mut cache = [0u8; 100];
+    assert!(matches!(
+        Qcow2::open(MemDevice::read_only(&img), &mut cache),
+        Err(Error::BufferTooSmall {
+            what: Buffer::Cache,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn l2_table_past_the_device_end_is_reported_with_its_location() {
+    let mut img = image();
+    img[0x200..0x208].copy_from_slice(&(COPIED | 0x10000).to_be_bytes());
+    let mut cache = [0u8; 512];
+    let mut q = Qcow2::open(MemDevice::read_only(&img), &mut cache).unwrap();
+    let mut buf = [0u8; 512];
+    let e = q.read(0, &mut buf).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Io {
+                structure: Structure::L2Table,
+                offset: 0x10000,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn byte_flips_never_panic() {
+    let good = image();
+    let mut x: u64 = 0x0123_4567_89ab_cdef;
+    for _ in 0..20_000 {
+        let mut img = good;
+        for _ in 0..3 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let i = usize::try_from(x % 0x1000).unwrap();
+            img[i] ^= x.to_le_bytes()[5] | 1;
+        }
+        let mut cache = [0u8; 1024];
+        let mut cin = [0u8; 1024];
+        let mut cout = [0u8; 512];
+        let Ok(q) = Qcow2::open(MemDevice::read_only(&img), &mut cache) else {
+            continue;
+        };
+        let mut q = q
+            .ignore_backing()
+            .with_compression_buffers(&mut cin, &mut cout);
+        let size = q.virtual_size().min(64 * 1024);
+        let mut buf = [0u8; 4096];
+        let mut g = 0;
+        while g + 4096 <= size {
+            let _ = q.read(g, &mut buf);
+            let _ = q.map(g, 4096);
+            g += 4096;
+        }
+        let _ = q.refcount(x % 64);
+        let _ = q.for_each_snapshot(|_| false);
+        let _ = q.for_each_bitmap(|_| false);
+    }
+}
