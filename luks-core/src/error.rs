@@ -388,6 +388,14 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                 "key slot {n} is the last usable key slot; removing it would lock the data away (force it to proceed)"
             ),
             Self::TooSmall {
+                structure: Structure::Device,
+                needed,
+                size,
+            } => write!(
+                f,
+                "device too small: its header requires at least {needed} bytes, the device has {size}; the device was truncated or this is the wrong device"
+            ),
+            Self::TooSmall {
                 structure,
                 needed,
                 size,

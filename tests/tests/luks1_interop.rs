@@ -201,19 +201,67 @@ fn qemu_img_volumes_read_identically() {
     let Some(q) = tool("qemu-img") else { return };
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("in.raw");
-    let data = pattern(3 << 20, 7);
+    let data = pattern(1 << 20, 7);
     std::fs::write(&raw, &data).unwrap();
-    let luks = dir.path().join("out.luks");
-    run_ok(
-        Command::new(&q)
-            .args(["convert", "-f", "raw", "-O", "luks", "--object"])
-            .arg(format!("secret,id=s0,data={PW}"))
-            .args(["-o", "key-secret=s0,iter-time=10"])
-            .arg(&raw)
-            .arg(&luks),
-    );
-    let got = read_payload(&luks, &luks, PW.as_bytes(), data.len());
-    assert_eq!(sha256_hex(&got), sha256_hex(&data));
+    // qemu-img is the second implementation for serpent and twofish, which
+    // cryptsetup cannot use on this machine.
+    let variants = [
+        "",
+        ",cipher-alg=serpent-256,cipher-mode=xts",
+        ",cipher-alg=twofish-256,cipher-mode=xts",
+        ",cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256",
+        ",cipher-alg=twofish-128,cipher-mode=cbc,ivgen-alg=plain64,hash-alg=sha512",
+        ",cipher-alg=aes-256,cipher-mode=cbc,ivgen-alg=plain,hash-alg=sha1",
+        // (serpent-192 with essiv makes qemu-img 10.0.2 abort on an
+        // assertion in crypto/block.c, so it is not listed.)
+    ];
+    for (i, opts) in variants.iter().enumerate() {
+        let luks = dir.path().join(format!("out{i}.luks"));
+        run_ok(
+            Command::new(&q)
+                .args(["convert", "-f", "raw", "-O", "luks", "--object"])
+                .arg(format!("secret,id=s0,data={PW}"))
+                .arg("-o")
+                .arg(format!("key-secret=s0,iter-time=10{opts}"))
+                .arg(&raw)
+                .arg(&luks),
+        );
+        let got = read_payload(&luks, &luks, PW.as_bytes(), data.len());
+        assert_eq!(sha256_hex(&got), sha256_hex(&data), "{opts}");
+    }
+}
+
+#[test]
+fn luks_core_serpent_and_twofish_read_by_qemu() {
+    let Some(q) = tool("qemu-img") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let variants = [
+        FormatParams {
+            cipher_name: "serpent",
+            ..FormatParams::default()
+        },
+        FormatParams {
+            cipher_name: "twofish",
+            cipher_mode: "cbc-essiv:sha256",
+            key_bytes: 32,
+            hash: HashAlg::Sha512,
+            ..FormatParams::default()
+        },
+        FormatParams {
+            cipher_name: "twofish",
+            key_bytes: 32,
+            hash: HashAlg::Sha1,
+            ..FormatParams::default()
+        },
+    ];
+    for (i, params) in variants.iter().enumerate() {
+        let f = dir.path().join(format!("v{i}"));
+        format_file(&f, params, 1 << 20);
+        let data = pattern(1 << 20, 200 + i as u32);
+        write_payload(&f, &f, PW.as_bytes(), &data);
+        let out = qemu_read(&q, &f, None, PW, &dir.path().join(format!("v{i}.raw")));
+        assert_eq!(sha256_hex(&out), sha256_hex(&data), "{params:?}");
+    }
 }
 
 fn format_file(path: &Path, params: &FormatParams<'_>, size: u64) {
