@@ -15,14 +15,14 @@ use crate::CliError;
 /// compatible with qemu-img and cryptsetup.
 #[derive(Debug, Parser)]
 #[command(name = "qimg", version, propagate_version = true)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 /// `--output human|json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
-pub enum Output {
+pub(crate) enum Output {
     /// Text for people, laid out like qemu-img's.
     #[default]
     Human,
@@ -32,7 +32,7 @@ pub enum Output {
 
 /// Image formats on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum FormatArg {
+pub(crate) enum FormatArg {
     /// qcow2 (v2 compat=0.10 or v3 compat=1.1).
     Qcow2,
     /// A plain disk image.
@@ -53,18 +53,22 @@ impl From<FormatArg> for Format {
 
 /// How secrets reach qimg.
 #[derive(Debug, Args, Default, Clone)]
-pub struct SecretArgs {
+pub(crate) struct SecretArgs {
     /// Define a secret: `secret,id=ID,data=STRING|file=PATH[,format=base64]`
     /// (refer to it with `key-secret=ID` or `encrypt.key-secret=ID`).
     #[arg(long = "object", value_name = "OBJECT")]
-    pub object: Vec<String>,
+    pub(crate) object: Vec<String>,
     /// Read the passphrase from PATH, byte for byte as cryptsetup does
     /// (`-` for standard input).
     #[arg(long = "key-file", value_name = "PATH")]
-    pub key_file: Option<String>,
+    pub(crate) key_file: Option<String>,
+    /// Which `--object` secret unlocks the source (qemu-img's
+    /// `key-secret`); with a single secret object it is used by default.
+    #[arg(long = "key-secret", value_name = "ID")]
+    pub(crate) key_secret: Option<String>,
     /// A detached LUKS header for a LUKS source.
     #[arg(long = "header", value_name = "PATH")]
-    pub header: Option<String>,
+    pub(crate) header: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,6 +149,9 @@ enum Command {
         /// Destination image.
         destination: String,
     },
+    /// LUKS volume tools with cryptsetup's meaning.
+    #[command(subcommand)]
+    Luks(LuksCommand),
     /// Create a new image (qemu-img create).
     Create {
         /// Image format.
@@ -165,8 +172,21 @@ enum Command {
     },
 }
 
+/// `qimg luks ...`.
+#[derive(Debug, Subcommand)]
+enum LuksCommand {
+    /// Print the LUKS header and key slots (cryptsetup luksDump).
+    Dump {
+        /// JSON instead of cryptsetup's layout.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        /// The volume, or a detached header file.
+        filename: String,
+    },
+}
+
 /// Runs one command; returns the exit code.
-pub fn run(cli: Cli) -> Result<u8, CliError> {
+pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -228,6 +248,9 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
             source,
             destination,
         }),
+        Command::Luks(LuksCommand::Dump { output, filename }) => {
+            crate::luks::dump(&filename, output == Output::Json)
+        }
         Command::Create {
             format,
             options,
@@ -236,7 +259,7 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
             filename,
             size,
         } => crate::create::run(
-            format.into(),
+            format,
             &options,
             quiet,
             &secrets,
@@ -270,7 +293,13 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         },
         &secrets,
     )?;
-    let len = src.virtual_size;
+    // LUKS payloads are whole sectors: a raw source of odd length is padded
+    // with zeroes (reads past the end of a file are zero).
+    let len = if a.output_format == Format::Luks {
+        src.virtual_size.next_multiple_of(512)
+    } else {
+        src.virtual_size
+    };
     let opts = OptionMap::parse(&a.options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
     let mut dst: AnyDev = match a.output_format {
         Format::Raw => {
@@ -285,19 +314,32 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
             .map_err(|e| CliError::io(&a.destination, format!("cannot open for writing: {e}")))?;
             erased(file)
         }
+        Format::Luks => {
+            if a.no_create {
+                return Err(CliError::usage(
+                    "-n with -O luks is not supported: qimg creates the LUKS volume".into(),
+                ));
+            }
+            crate::luks::create_for_convert(&a.destination, &opts, &secrets, len)?
+        }
         other => {
             return Err(CliError::usage(format!(
-                "converting to {other} is not available in this version of qimg; use -O raw"
-            )))
+            "converting to {other} is not available in this version of qimg; use -O raw or -O luks"
+        )))
         }
     };
+    // A new LUKS payload reads as noise, not zeroes: write every sector.
+    let dst_zeroed = a.output_format != Format::Luks;
     let copy_opts = CopyOptions {
         sparse_size: a.sparse_size,
-        target_is_zero: !a.no_create || a.target_is_zero,
+        target_is_zero: (dst_zeroed && !a.no_create) || a.target_is_zero,
     };
-    let src_name = a.source.clone();
-    convert::copy(src.dev.as_mut(), &mut dst, len, copy_opts, &mut |_| {})
-        .map_err(|e| CliError::io(&src_name, e.to_string()))?;
+    convert::copy(src.dev.as_mut(), &mut dst, len, copy_opts, &mut |_| {}).map_err(
+        |e| match e {
+            convert::CopyError::Read(e) => CliError::io(&a.source, e.to_string()),
+            convert::CopyError::Write(e) => CliError::io(&a.destination, e.to_string()),
+        },
+    )?;
     if !a.no_create {
         dst.set_size(len)
             .map_err(|e| CliError::io(&a.destination, e.to_string()))?;

@@ -7,17 +7,17 @@ use luks_core::io::BlockIo as _;
 use crate::dev::{AnyDev, DevError, Source};
 
 /// How much is read and written at once.
-pub const CHUNK: usize = 2 << 20;
+pub(crate) const CHUNK: usize = 2 << 20;
 
 /// Options of the copy.
 #[derive(Debug, Clone, Copy)]
-pub struct CopyOptions {
+pub(crate) struct CopyOptions {
     /// Minimum run of zero bytes (`-S`) that is skipped instead of written;
     /// 0 writes every byte.
-    pub sparse_size: u64,
+    pub(crate) sparse_size: u64,
     /// The destination already reads as zero (new file, `--target-is-zero`),
     /// so skipped ranges need no explicit zeroing.
-    pub target_is_zero: bool,
+    pub(crate) target_is_zero: bool,
 }
 
 impl Default for CopyOptions {
@@ -29,33 +29,51 @@ impl Default for CopyOptions {
     }
 }
 
+/// A copy failed while reading the source or writing the destination.
+#[derive(Debug)]
+pub(crate) enum CopyError {
+    /// Reading the source failed.
+    Read(DevError),
+    /// Writing the destination failed.
+    Write(DevError),
+}
+
 /// Copies `len` bytes of `src` to `dst`, returning the bytes written as data.
 /// `progress` is told the bytes done after every chunk.
-pub fn copy(
+pub(crate) fn copy(
     src: &mut dyn Source,
     dst: &mut AnyDev,
     len: u64,
     opts: CopyOptions,
     progress: &mut dyn FnMut(u64),
-) -> Result<u64, DevError> {
+) -> Result<u64, CopyError> {
     let mut buf = vec![0u8; CHUNK];
+    let align = u64::from(dst.sector_size().max(src.sector_size())).max(1);
     let mut off = 0u64;
     let mut written = 0u64;
     while off < len {
         let max = (len - off).min(CHUNK as u64);
-        let st = src.block_status(off, max)?;
+        let st = src.block_status(off, max).map_err(CopyError::Read)?;
+        // Keep every request whole sectors of the destination (a raw
+        // source's status can end at an odd file length); only the very
+        // end of an odd-sized copy may be partial.
         let n = st.len.clamp(1, max);
+        let n = if n >= align {
+            n - n % align
+        } else {
+            align.min(len - off)
+        };
         let n_usize = usize::try_from(n).unwrap_or(CHUNK);
         match st.data {
             false => {
                 if !opts.target_is_zero {
-                    dst.write_zeroes(off, n)?;
+                    dst.write_zeroes(off, n).map_err(CopyError::Write)?;
                 }
             }
             true => {
                 let chunk = &mut buf[..n_usize];
-                src.read_at(off, chunk)?;
-                written += write_sparse(dst, off, chunk, opts)?;
+                src.read_at(off, chunk).map_err(CopyError::Read)?;
+                written += write_sparse(dst, off, chunk, opts).map_err(CopyError::Write)?;
             }
         }
         off += n;
@@ -151,7 +169,7 @@ mod tests {
         let mut data = vec![0u8; 3 * CHUNK + 12345];
         for (i, b) in data.iter_mut().enumerate() {
             if (i / 4096) % 3 == 1 {
-                *b = (i % 251) as u8 | 1;
+                *b = u8::try_from(i % 251).unwrap_or(0) | 1;
             }
         }
         let len = data.len() as u64;

@@ -9,7 +9,7 @@ use crate::opts::{parse_size, OptionMap};
 use crate::CliError;
 
 /// Runs `qimg create`.
-pub fn run(
+pub(crate) fn run(
     format: FormatArg,
     options: &[String],
     quiet: bool,
@@ -29,11 +29,15 @@ pub fn run(
     };
     match format {
         FormatArg::Raw => create_raw(&opts, filename, size)?,
-        other => {
-            let _ = secrets;
-            return Err(CliError::usage(format!(
-                "creating {other:?} images is not available in this build"
-            )));
+        FormatArg::Luks => {
+            let s = crate::secret::Secrets::parse(&secrets.object)?;
+            crate::luks::create(filename, &opts, &s, secrets.key_file.as_deref(), size)?
+        }
+        FormatArg::Qcow2 => {
+            return Err(CliError::usage(
+                "creating qcow2 images is not available in this build yet; use qemu-img create"
+                    .into(),
+            ));
         }
     }
     if !quiet {
@@ -66,10 +70,11 @@ fn create_raw(opts: &OptionMap, filename: &str, size: u64) -> Result<(), CliErro
         }
         // Both allocate every block; qimg writes zeroes for `falloc` too.
         "full" | "falloc" => {
-            let chunk = vec![0u8; 1 << 20];
+            let chunk = vec![0u8; crate::convert::CHUNK];
             let mut off = 0u64;
             while off < size {
-                let n = (size - off).min(chunk.len() as u64) as usize;
+                let n =
+                    crate::convert::CHUNK.min(usize::try_from(size - off).unwrap_or(usize::MAX));
                 dev.write_at(off, &chunk[..n]).map_err(io)?;
                 off += n as u64;
             }

@@ -7,7 +7,7 @@ use luks_core::io::BlockIo;
 
 /// A device error from any layer, already rendered for a user.
 #[derive(Debug)]
-pub struct DevError(pub String);
+pub(crate) struct DevError(pub String);
 
 impl fmt::Display for DevError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -18,10 +18,10 @@ impl fmt::Display for DevError {
 impl std::error::Error for DevError {}
 
 /// Any device, with its errors rendered as [`DevError`].
-pub type AnyDev = Box<dyn BlockIo<Error = DevError>>;
+pub(crate) type AnyDev = Box<dyn BlockIo<Error = DevError>>;
 
 /// Wraps a device so its errors become [`DevError`]s.
-pub struct Erased<D>(pub D);
+pub(crate) struct Erased<D>(pub D);
 
 impl<D: BlockIo> BlockIo for Erased<D> {
     type Error = DevError;
@@ -56,39 +56,39 @@ fn erase<E: fmt::Display>(e: E) -> DevError {
 }
 
 /// Boxes `dev` as an [`AnyDev`].
-pub fn erased<D: BlockIo + 'static>(dev: D) -> AnyDev {
+pub(crate) fn erased<D: BlockIo + 'static>(dev: D) -> AnyDev {
     Box::new(Erased(dev))
 }
 
 /// What an image says about a guest range without reading its data: the
 /// fields of one `qemu-img map --output json` entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlockStatus {
+pub(crate) struct BlockStatus {
     /// Bytes from the asked offset that share this status (at least 1).
-    pub len: u64,
+    pub(crate) len: u64,
     /// Depth in the backing chain where the data lives (0 = this image).
-    pub depth: u32,
+    pub(crate) depth: u32,
     /// Allocated somewhere in the chain.
-    pub present: bool,
+    pub(crate) present: bool,
     /// Reads as zero.
-    pub zero: bool,
+    pub(crate) zero: bool,
     /// Holds data to be read.
-    pub data: bool,
+    pub(crate) data: bool,
     /// Stored compressed.
-    pub compressed: bool,
+    pub(crate) compressed: bool,
     /// Host offset in the file at `depth`, when the data has one.
-    pub offset: Option<u64>,
+    pub(crate) offset: Option<u64>,
 }
 
 /// An opened image: a device of its virtual size, plus block status.
-pub trait Source: BlockIo<Error = DevError> {
+pub(crate) trait Source: BlockIo<Error = DevError> {
     /// Status of the bytes from `offset`, for at most `max` bytes.
     fn block_status(&mut self, offset: u64, max: u64) -> Result<BlockStatus, DevError>;
 }
 
 /// A device whose every byte is data at its own offset (raw files, LUKS
 /// payloads).
-pub struct Flat<D>(pub D);
+pub(crate) struct Flat<D>(pub D);
 
 impl<D: BlockIo<Error = DevError>> BlockIo for Flat<D> {
     type Error = DevError;

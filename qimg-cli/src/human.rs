@@ -3,7 +3,7 @@
 /// A size as qemu-img's `size_to_str` prints it: three significant digits
 /// and a binary unit chosen so the figure stays below 1000
 /// ("64 MiB", "204 KiB", "1.5 GiB", "0 B").
-pub fn size(bytes: u64) -> String {
+pub(crate) fn size(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     let mut unit = 0usize;
     // Largest unit in which the figure is still below 1000.
@@ -19,12 +19,15 @@ fn g3(v: f64) -> String {
     if v == 0.0 {
         return "0".into();
     }
+    // |v| < 1e4 here, so the exponent is a small integer.
+    #[allow(clippy::cast_possible_truncation)]
     let exp = v.abs().log10().floor() as i32;
     // Round to three significant digits first; rounding may carry (999.7).
     let decimals = (2 - exp).max(0) as usize;
     let s = format!("{v:.decimals$}");
     let rounded: f64 = s.parse().unwrap_or(v);
     if rounded >= 1000.0 {
+        #[allow(clippy::cast_possible_truncation)]
         let e = rounded.log10().floor() as i32;
         let mant = rounded / 10f64.powi(e);
         return format!("{}e+{e:02}", trim(&format!("{mant:.2}")));

@@ -14,7 +14,7 @@ use crate::CliError;
 
 /// Formats qimg reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     /// qcow2.
     Qcow2,
     /// Raw disk image.
@@ -25,7 +25,7 @@ pub enum Format {
 
 impl Format {
     /// The name qemu-img uses.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Qcow2 => "qcow2",
             Self::Raw => "raw",
@@ -46,7 +46,7 @@ const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 const LUKS_MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 
 /// Guesses the format from the first bytes of a file.
-pub fn detect(path: &str) -> Result<Format, CliError> {
+pub(crate) fn detect(path: &str) -> Result<Format, CliError> {
     let mut dev = FileDevice::open(Path::new(path))
         .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
     let mut head = [0u8; 8];
@@ -63,51 +63,51 @@ pub fn detect(path: &str) -> Result<Format, CliError> {
 
 /// How to open an image.
 #[derive(Debug, Clone, Default)]
-pub struct OpenOptions {
+pub(crate) struct OpenOptions {
     /// `-f`; detected when `None`.
-    pub format: Option<Format>,
+    pub(crate) format: Option<Format>,
     /// `-l`: read as of this internal snapshot.
-    pub snapshot: Option<String>,
+    pub(crate) snapshot: Option<String>,
     /// `--key-file`.
-    pub key_file: Option<String>,
+    pub(crate) key_file: Option<String>,
     /// `--header` for a detached LUKS header.
-    pub header: Option<String>,
+    pub(crate) header: Option<String>,
+    /// `--key-secret`.
+    pub(crate) key_secret: Option<String>,
 }
 
 impl OpenOptions {
     /// The secret-related options from the command line.
-    pub fn from_args(a: &SecretArgs) -> Self {
+    pub(crate) fn from_args(a: &SecretArgs) -> Self {
         Self {
             key_file: a.key_file.clone(),
             header: a.header.clone(),
+            key_secret: a.key_secret.clone(),
             ..Self::default()
         }
     }
 }
 
 /// The deepest backing chain qimg follows.
-pub const MAX_CHAIN_DEPTH: usize = 32;
+pub(crate) const MAX_CHAIN_DEPTH: usize = 32;
 
 /// An opened image.
-pub struct Opened {
+pub(crate) struct Opened {
     /// File names of the chain, top first (index = map depth).
-    pub chain: Vec<String>,
-    /// The file name as given.
-    pub path: String,
-    /// Its format.
-    pub format: Format,
+    pub(crate) chain: Vec<String>,
     /// Guest-visible size in bytes.
-    pub virtual_size: u64,
+    pub(crate) virtual_size: u64,
     /// The guest view.
-    pub dev: Box<dyn Source>,
+    pub(crate) dev: Box<dyn Source>,
 }
 
 /// Opens `path` read-only.
-pub fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<Opened, CliError> {
-    let _ = secrets;
-    let format = match opts.format {
-        Some(f) => f,
-        None => detect(path)?,
+pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<Opened, CliError> {
+    let format = match (opts.format, &opts.header) {
+        (Some(f), _) => f,
+        // A detached header: the data file has no magic of its own.
+        (None, Some(_)) => Format::Luks,
+        (None, None) => detect(path)?,
     };
     if opts.snapshot.is_some() && format != Format::Qcow2 {
         return Err(CliError::usage(format!(
@@ -122,8 +122,6 @@ pub fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<Opened,
             let virtual_size = raw.size().map_err(|e| CliError::io(path, e.to_string()))?;
             Ok(Opened {
                 chain: vec![path.to_string()],
-                path: path.to_string(),
-                format,
                 virtual_size,
                 dev: Box::new(raw),
             })
@@ -135,15 +133,23 @@ pub fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<Opened,
             let virtual_size = src.size().map_err(|e| CliError::usage(e.to_string()))?;
             Ok(Opened {
                 chain,
-                path: path.to_string(),
-                format,
                 virtual_size,
                 dev: src,
             })
         }
-        Format::Luks => Err(CliError::usage(format!(
-            "{path}: reading {format} images is not available in this build"
-        ))),
+        Format::Luks => {
+            let keys = crate::luks::KeySource {
+                key_file: opts.key_file.clone(),
+                key_secret: opts.key_secret.clone(),
+            };
+            let mut src = crate::luks::open(path, opts.header.as_deref(), &keys, secrets, false)?;
+            let virtual_size = src.size().map_err(|e| CliError::usage(e.to_string()))?;
+            Ok(Opened {
+                chain: vec![path.to_string()],
+                virtual_size,
+                dev: src,
+            })
+        }
     }
 }
 
@@ -277,7 +283,7 @@ fn open_qcow2(
 }
 
 /// Bytes a file occupies on disk (qemu-img's "disk size"/"actual-size").
-pub fn allocated_bytes(path: &str) -> Result<u64, CliError> {
+pub(crate) fn allocated_bytes(path: &str) -> Result<u64, CliError> {
     let meta =
         std::fs::metadata(path).map_err(|e| CliError::io(path, format!("cannot stat: {e}")))?;
     #[cfg(unix)]
@@ -292,7 +298,7 @@ pub fn allocated_bytes(path: &str) -> Result<u64, CliError> {
 }
 
 /// The length of a file in bytes.
-pub fn file_length(path: &str) -> Result<u64, CliError> {
+pub(crate) fn file_length(path: &str) -> Result<u64, CliError> {
     std::fs::metadata(path)
         .map(|m| m.len())
         .map_err(|e| CliError::io(path, format!("cannot stat: {e}")))
@@ -300,7 +306,7 @@ pub fn file_length(path: &str) -> Result<u64, CliError> {
 
 /// Resolves a backing file name relative to the image that names it, as
 /// QEMU does.
-pub fn resolve_backing(image: &str, backing: &str) -> PathBuf {
+pub(crate) fn resolve_backing(image: &str, backing: &str) -> PathBuf {
     let b = Path::new(backing);
     if b.is_absolute() {
         return b.to_path_buf();
@@ -312,7 +318,7 @@ pub fn resolve_backing(image: &str, backing: &str) -> PathBuf {
 }
 
 /// What `qimg info` shows about one image (not its backing files).
-pub fn info(
+pub(crate) fn info(
     path: &str,
     format: Option<Format>,
     args: &SecretArgs,
@@ -340,11 +346,6 @@ pub fn info(
             out.format_specific = Some(("qcow2".into(), crate::qcow2::format_specific(&info)));
             Ok(out)
         }
-        Format::Luks => {
-            let _ = args;
-            Err(CliError::usage(format!(
-                "{path}: reading {format} images is not available in this build"
-            )))
-        }
+        Format::Luks => crate::luks::info(path, args.header.as_deref()),
     }
 }

@@ -8,57 +8,61 @@ use crate::{human, CliError};
 
 /// One internal snapshot, as `qemu-img info` lists it.
 #[derive(Debug, Clone, Default)]
-pub struct SnapshotInfo {
+pub(crate) struct SnapshotInfo {
     /// Numeric id as a string.
-    pub id: String,
+    pub(crate) id: String,
     /// Tag.
-    pub name: String,
+    pub(crate) name: String,
     /// VM state size in bytes.
-    pub vm_state_size: u64,
+    pub(crate) vm_state_size: u64,
     /// Creation time, seconds.
-    pub date_sec: u64,
+    pub(crate) date_sec: u64,
     /// Creation time, nanoseconds.
-    pub date_nsec: u64,
+    pub(crate) date_nsec: u64,
     /// Guest clock, nanoseconds.
-    pub vm_clock_nsec: u64,
+    pub(crate) vm_clock_nsec: u64,
     /// Instruction count (0 when not recorded).
-    pub icount: u64,
+    pub(crate) icount: u64,
 }
 
 /// Everything `qimg info` prints about one image.
 #[derive(Debug, Clone)]
-pub struct ImageInfo {
+pub(crate) struct ImageInfo {
     /// File name as given.
-    pub filename: String,
+    pub(crate) filename: String,
     /// Format.
-    pub format: Format,
+    pub(crate) format: Format,
     /// Guest-visible size.
-    pub virtual_size: u64,
+    pub(crate) virtual_size: u64,
     /// Bytes allocated on disk.
-    pub actual_size: u64,
+    pub(crate) actual_size: u64,
     /// File length.
-    pub file_length: u64,
+    pub(crate) file_length: u64,
     /// Dirty bit (qcow2 v3 with lazy refcounts).
-    pub dirty: bool,
+    pub(crate) dirty: bool,
     /// Cluster size (qcow2).
-    pub cluster_size: Option<u64>,
+    pub(crate) cluster_size: Option<u64>,
     /// Whether data is encrypted.
-    pub encrypted: bool,
+    pub(crate) encrypted: bool,
     /// Backing file name as stored.
-    pub backing_filename: Option<String>,
+    pub(crate) backing_filename: Option<String>,
     /// Backing file name resolved against the image's directory.
-    pub full_backing_filename: Option<String>,
+    pub(crate) full_backing_filename: Option<String>,
     /// Backing file format as stored.
-    pub backing_format: Option<String>,
+    pub(crate) backing_format: Option<String>,
     /// Internal snapshots.
-    pub snapshots: Vec<SnapshotInfo>,
+    pub(crate) snapshots: Vec<SnapshotInfo>,
     /// `format-specific` block: type and data.
-    pub format_specific: Option<(String, Value)>,
+    pub(crate) format_specific: Option<(String, Value)>,
 }
 
 impl ImageInfo {
     /// The basics every format has.
-    pub fn basic(filename: &str, format: Format, virtual_size: u64) -> Result<Self, CliError> {
+    pub(crate) fn basic(
+        filename: &str,
+        format: Format,
+        virtual_size: u64,
+    ) -> Result<Self, CliError> {
         Ok(Self {
             filename: filename.to_string(),
             format,
@@ -77,7 +81,7 @@ impl ImageInfo {
     }
 
     /// qemu-img's JSON object.
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert(
             "children".into(),
@@ -140,7 +144,7 @@ impl ImageInfo {
     }
 
     /// qemu-img's human layout.
-    pub fn to_human(&self) -> String {
+    pub(crate) fn to_human(&self) -> String {
         let mut s = String::new();
         let mut line = |l: String| {
             s.push_str(&l);
@@ -197,7 +201,7 @@ impl ImageInfo {
 }
 
 /// One row of qemu-img's snapshot table.
-pub fn snapshot_row(sn: &SnapshotInfo) -> String {
+pub(crate) fn snapshot_row(sn: &SnapshotInfo) -> String {
     let secs = sn.vm_clock_nsec / 1_000_000_000;
     let clock = format!(
         "{:04}:{:02}:{:02}.{:03}",
@@ -275,7 +279,7 @@ fn scalar(v: &Value) -> String {
 }
 
 /// Runs `qimg info`.
-pub fn run(
+pub(crate) fn run(
     filename: &str,
     format: Option<Format>,
     output: Output,

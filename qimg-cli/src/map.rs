@@ -8,11 +8,11 @@ use crate::CliError;
 
 /// One merged map entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Guest offset.
-    pub start: u64,
+    pub(crate) start: u64,
     /// Status of `status.len` bytes from `start`.
-    pub status: BlockStatus,
+    pub(crate) status: BlockStatus,
 }
 
 /// Whether `b` continues `a` with the same status (host offsets contiguous).
@@ -31,7 +31,7 @@ fn continues(a: &Entry, b: &BlockStatus) -> bool {
 }
 
 /// Walks the whole image, merging runs, as qemu-img map does.
-pub fn entries(src: &mut dyn crate::dev::Source, size: u64) -> Result<Vec<Entry>, CliError> {
+pub(crate) fn entries(src: &mut dyn crate::dev::Source, size: u64) -> Result<Vec<Entry>, CliError> {
     let mut out: Vec<Entry> = Vec::new();
     let mut off = 0u64;
     while off < size {
@@ -55,7 +55,7 @@ pub fn entries(src: &mut dyn crate::dev::Source, size: u64) -> Result<Vec<Entry>
 }
 
 /// One line of `--output json`, in qemu-img's spelling.
-pub fn json_line(e: &Entry) -> String {
+pub(crate) fn json_line(e: &Entry) -> String {
     let s = &e.status;
     let mut line = format!(
         "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
@@ -78,7 +78,7 @@ fn alt_hex(v: u64) -> String {
 }
 
 /// Runs `qimg map`.
-pub fn run(
+pub(crate) fn run(
     filename: &str,
     format: Option<Format>,
     output: Output,

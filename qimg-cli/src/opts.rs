@@ -7,7 +7,7 @@ use std::fmt;
 
 /// A parse error in an option string, with the offending text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OptError(pub String);
+pub(crate) struct OptError(pub String);
 
 impl fmt::Display for OptError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -23,7 +23,7 @@ impl std::error::Error for OptError {}
 /// as `word=on` (qemu's boolean shorthand), except as the first element of
 /// an `--object` string where it names the object type (see
 /// [`parse_object`]).
-pub fn split_list(s: &str) -> Result<Vec<(String, String)>, OptError> {
+pub(crate) fn split_list(s: &str) -> Result<Vec<(String, String)>, OptError> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars().peekable();
@@ -65,14 +65,14 @@ pub fn split_list(s: &str) -> Result<Vec<(String, String)>, OptError> {
 
 /// Options given with one or more `-o`; later values win, as in qemu-img.
 #[derive(Debug, Default, Clone)]
-pub struct OptionMap {
+pub(crate) struct OptionMap {
     map: BTreeMap<String, String>,
     used: std::cell::RefCell<std::collections::BTreeSet<String>>,
 }
 
 impl OptionMap {
     /// Parses and merges every `-o` argument.
-    pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Self, OptError> {
+    pub(crate) fn parse<S: AsRef<str>>(args: &[S]) -> Result<Self, OptError> {
         let mut map = BTreeMap::new();
         for a in args {
             for (k, v) in split_list(a.as_ref())? {
@@ -91,7 +91,7 @@ impl OptionMap {
     }
 
     /// The raw value of `key`, marking it used.
-    pub fn get(&self, key: &str) -> Option<&str> {
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
         let v = self.map.get(key).map(String::as_str);
         if v.is_some() {
             self.used.borrow_mut().insert(key.to_string());
@@ -99,18 +99,13 @@ impl OptionMap {
         v
     }
 
-    /// A boolean option (`on/off`, `true/false`, `yes/no`).
-    pub fn get_bool(&self, key: &str) -> Result<Option<bool>, OptError> {
-        self.get(key).map(|v| parse_bool(key, v)).transpose()
-    }
-
     /// A size option.
-    pub fn get_size(&self, key: &str) -> Result<Option<u64>, OptError> {
+    pub(crate) fn get_size(&self, key: &str) -> Result<Option<u64>, OptError> {
         self.get(key).map(parse_size).transpose()
     }
 
     /// An integer option.
-    pub fn get_u64(&self, key: &str) -> Result<Option<u64>, OptError> {
+    pub(crate) fn get_u64(&self, key: &str) -> Result<Option<u64>, OptError> {
         self.get(key)
             .map(|v| {
                 v.parse::<u64>()
@@ -121,7 +116,7 @@ impl OptionMap {
 
     /// Errors on the first option nobody asked for, as qemu-img does
     /// ("Invalid parameter 'x'").
-    pub fn reject_unused(&self, format: &str) -> Result<(), OptError> {
+    pub(crate) fn reject_unused(&self, format: &str) -> Result<(), OptError> {
         let used = self.used.borrow();
         match self.map.keys().find(|k| !used.contains(*k)) {
             Some(k) => Err(OptError(format!(
@@ -130,28 +125,12 @@ impl OptionMap {
             None => Ok(()),
         }
     }
-
-    /// Whether no option was given.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-}
-
-/// Parses `on/off`, `true/false`, `yes/no`.
-pub fn parse_bool(key: &str, v: &str) -> Result<bool, OptError> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(OptError(format!(
-            "parameter '{key}' expects 'on' or 'off', got '{v}'"
-        ))),
-    }
 }
 
 /// Parses a size: a number (possibly with a decimal fraction) and an
 /// optional binary suffix `b`, `k`/`K`, `M`, `G`, `T`, `P`, `E` as qemu-img
 /// accepts them. Bare numbers are bytes.
-pub fn parse_size(s: &str) -> Result<u64, OptError> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, OptError> {
     let bad = || {
         OptError(format!(
             "invalid size '{s}': expected a number with an optional k, M, G, T, P or E suffix"
@@ -185,7 +164,7 @@ pub fn parse_size(s: &str) -> Result<u64, OptError> {
         } else {
             int.parse().map_err(|_| bad())?
         };
-        let digits = frac.len() as u32;
+        let digits = u32::try_from(frac.len()).map_err(|_| bad())?;
         let frac_v: u128 = if frac.is_empty() {
             0
         } else {
@@ -205,7 +184,7 @@ pub fn parse_size(s: &str) -> Result<u64, OptError> {
 
 /// How a secret object carries its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SecretSource {
+pub(crate) enum SecretSource {
     /// `data=...` on the command line.
     Data(String),
     /// `file=PATH`.
@@ -214,17 +193,17 @@ pub enum SecretSource {
 
 /// A parsed `--object secret,...`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SecretObject {
+pub(crate) struct SecretObject {
     /// `id=`.
-    pub id: String,
+    pub(crate) id: String,
     /// Where the bytes come from.
-    pub source: SecretSource,
+    pub(crate) source: SecretSource,
     /// `format=base64` (the default is `raw`).
-    pub base64: bool,
+    pub(crate) base64: bool,
 }
 
 /// Parses an `--object` argument. Only `secret` objects exist in qimg.
-pub fn parse_object(s: &str) -> Result<SecretObject, OptError> {
+pub(crate) fn parse_object(s: &str) -> Result<SecretObject, OptError> {
     let mut items = split_list(s)?.into_iter();
     let (kind, on) = items
         .next()
@@ -283,7 +262,7 @@ pub fn parse_object(s: &str) -> Result<SecretObject, OptError> {
 }
 
 /// An option string with any `data=` value replaced, for error messages.
-pub fn redact(s: &str) -> String {
+pub(crate) fn redact(s: &str) -> String {
     s.split(',')
         .map(|p| {
             if p.starts_with("data=") {
@@ -324,7 +303,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(m.get_size("cluster_size").unwrap(), Some(65536));
-        assert_eq!(m.get_bool("lazy_refcounts").unwrap(), Some(true));
+        assert_eq!(m.get("lazy_refcounts"), Some("on"));
         let e = m.reject_unused("qcow2").unwrap_err();
         assert!(e.0.contains("'bogus'"), "{e}");
         assert!(m.get_u64("bogus").unwrap().is_some());

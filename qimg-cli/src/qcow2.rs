@@ -25,7 +25,7 @@ fn leaked(len: usize) -> &'static mut [u8] {
 type Image = Qcow2<'static, AnyDev, Box<dyn Source>, AnyDev>;
 
 /// A qcow2 image opened for reading, as a [`Source`].
-pub struct Qcow2Source {
+pub(crate) struct Qcow2Source {
     path: String,
     img: Image,
     /// The image file (or the external data file, when there is one) for
@@ -40,14 +40,14 @@ pub struct Qcow2Source {
 }
 
 /// What the CLI needs to know to finish opening an image.
-pub struct Opening {
+pub(crate) struct Opening {
     /// The reader, without backing or data file yet.
-    pub img: Qcow2<'static, AnyDev>,
+    pub(crate) img: Qcow2<'static, AnyDev>,
 }
 
 impl Opening {
     /// Opens the image file read-only.
-    pub fn open(path: &str) -> Result<Self, CliError> {
+    pub(crate) fn open(path: &str) -> Result<Self, CliError> {
         let file = luks_core::io::FileDevice::open(std::path::Path::new(path))
             .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
         let dev: AnyDev = crate::dev::erased(file);
@@ -61,7 +61,7 @@ impl Opening {
 
 impl Qcow2Source {
     /// Finishes opening: attaches the backing device and the data file.
-    pub fn new(
+    pub(crate) fn new(
         path: &str,
         opening: Opening,
         backing: Option<Box<dyn Source>>,
@@ -100,11 +100,6 @@ impl Qcow2Source {
             has_backing,
             metadata_prealloc: None,
         })
-    }
-
-    /// The underlying reader.
-    pub fn image(&mut self) -> &mut Image {
-        &mut self.img
     }
 
     fn err(&self, e: impl std::fmt::Display) -> DevError {
@@ -259,7 +254,7 @@ impl Source for Qcow2Source {
 }
 
 /// The `format-specific` data qemu-img shows for a qcow2 image.
-pub fn format_specific(info: &qcow_core::ImageInfo) -> Value {
+pub(crate) fn format_specific(info: &qcow_core::ImageInfo) -> Value {
     let mut m = Map::new();
     m.insert("compat".into(), json!(info.compat()));
     m.insert("compression-type".into(), json!(info.compression_type()));
@@ -280,7 +275,7 @@ pub fn format_specific(info: &qcow_core::ImageInfo) -> Value {
 }
 
 /// The snapshot list as `qemu-img info` shows it.
-pub fn snapshots(
+pub(crate) fn snapshots(
     img: &mut Qcow2<'static, AnyDev>,
     path: &str,
 ) -> Result<Vec<SnapshotInfo>, CliError> {

@@ -9,7 +9,7 @@ use luks_core::io::{BlockIo, FileDevice};
 use crate::dev::{BlockStatus, DevError, Source};
 
 /// A raw image file.
-pub struct RawFile {
+pub(crate) struct RawFile {
     dev: FileDevice,
     /// Whether the filesystem answers SEEK_DATA/SEEK_HOLE.
     seek_holes: bool,
@@ -17,7 +17,7 @@ pub struct RawFile {
 
 impl RawFile {
     /// Wraps an open file.
-    pub fn new(file: File) -> Self {
+    pub(crate) fn new(file: File) -> Self {
         Self {
             dev: FileDevice::new(file),
             seek_holes: true,

@@ -10,18 +10,18 @@ use crate::opts::{parse_object, SecretObject, SecretSource};
 use crate::CliError;
 
 /// A passphrase or key file's bytes, wiped on drop.
-pub type Secret = Zeroizing<Vec<u8>>;
+pub(crate) type Secret = Zeroizing<Vec<u8>>;
 
 /// The secrets defined with `--object`, by id.
 #[derive(Default)]
-pub struct Secrets {
+pub(crate) struct Secrets {
     objects: Vec<SecretObject>,
 }
 
 impl Secrets {
     /// Parses every `--object` argument, warning once about `data=` on the
     /// command line.
-    pub fn parse(objects: &[String]) -> Result<Self, CliError> {
+    pub(crate) fn parse(objects: &[String]) -> Result<Self, CliError> {
         let mut parsed = Vec::new();
         for o in objects {
             let obj = parse_object(o).map_err(|e| CliError::usage(format!("--object: {e}")))?;
@@ -37,8 +37,16 @@ impl Secrets {
         Ok(Self { objects: parsed })
     }
 
+    /// The id of the only secret given, if exactly one was.
+    pub(crate) fn only_id(&self) -> Option<String> {
+        match self.objects.as_slice() {
+            [one] => Some(one.id.clone()),
+            _ => None,
+        }
+    }
+
     /// The bytes of the secret with `id`.
-    pub fn get(&self, id: &str) -> Result<Secret, CliError> {
+    pub(crate) fn get(&self, id: &str) -> Result<Secret, CliError> {
         let obj = self
             .objects
             .iter()
@@ -85,7 +93,7 @@ fn decode_base64(text: &[u8]) -> Option<Secret> {
 
 /// Reads a cryptsetup-style key file: the whole file, byte for byte, or all
 /// of standard input for `-`.
-pub fn read_key_file(path: &str) -> Result<Secret, CliError> {
+pub(crate) fn read_key_file(path: &str) -> Result<Secret, CliError> {
     let mut buf = Zeroizing::new(Vec::new());
     if path == "-" {
         std::io::stdin()
@@ -101,7 +109,7 @@ pub fn read_key_file(path: &str) -> Result<Secret, CliError> {
 
 /// Asks for a passphrase on the terminal without echo; `confirm` asks twice
 /// and insists the two agree. Fails when standard input is not a terminal.
-pub fn prompt(what: &str, confirm: bool) -> Result<Secret, CliError> {
+pub(crate) fn prompt(what: &str, confirm: bool) -> Result<Secret, CliError> {
     if !std::io::stdin().is_terminal() {
         return Err(CliError::usage(format!(
             "{what} needs a passphrase: give --key-file PATH, or --object secret,id=ID,file=PATH \

@@ -2,6 +2,8 @@
 //! the installed qemu-img builds at test time, each compared with qemu-img
 //! on the same file.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers fail loudly
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

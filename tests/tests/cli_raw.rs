@@ -1,5 +1,6 @@
 //! The `qimg` binary on raw images, beside qemu-img.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers fail loudly
 #![allow(clippy::cast_possible_truncation)] // test patterns
 
 use std::process::Command;

@@ -1,6 +1,8 @@
 //! The real qcow2 images from the QEMU tree read back, through qcow-core
 //! over a `FileDevice`, to the sha256 recorded in EXPECTED.md.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers fail loudly
+
 use qcow_core::io::FileDevice;
 use qcow_core::{BlockIo, MapKind, Qcow2};
 use qimg_tests::{sha256_hex, testdata};

@@ -1,6 +1,8 @@
 //! The machine has every external tool the interop tests use. Under
 //! `CI=true` a missing one fails here, proving `.ci/run` installs it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers fail loudly
+
 use qimg_tests::{required_file, tool};
 use std::process::Command;
 

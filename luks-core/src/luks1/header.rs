@@ -515,12 +515,19 @@ impl HeaderRepr {
     }
 }
 
-fn hex_line(f: &mut core::fmt::Formatter<'_>, b: &[u8]) -> core::fmt::Result {
+/// Hex bytes as cryptsetup prints them: `xx ` each, `per_line` to a line,
+/// continuation lines starting with `indent`.
+fn hex_line(
+    f: &mut core::fmt::Formatter<'_>,
+    b: &[u8],
+    per_line: usize,
+    indent: &str,
+) -> core::fmt::Result {
     for (i, x) in b.iter().enumerate() {
-        if i > 0 {
-            f.write_str(if i % 16 == 0 { "\n\t\t" } else { " " })?;
+        if i > 0 && i.checked_rem(per_line) == Some(0) {
+            write!(f, "\n{indent}")?;
         }
-        write!(f, "{x:02x}")?;
+        write!(f, "{x:02x} ")?;
     }
     f.write_str("\n")
 }
@@ -541,9 +548,9 @@ impl core::fmt::Display for Dump<'_> {
             u64::from(h.key_bytes).saturating_mul(8)
         )?;
         f.write_str("MK digest:     \t")?;
-        hex_line(f, &h.mk_digest)?;
+        hex_line(f, &h.mk_digest, DIGEST_LEN, "               \t")?;
         f.write_str("MK salt:       \t")?;
-        hex_line(f, &h.mk_digest_salt)?;
+        hex_line(f, &h.mk_digest_salt, 16, "               \t")?;
         writeln!(f, "MK iterations: \t{}", h.mk_digest_iter)?;
         writeln!(f, "UUID:          \t{}", h.uuid)?;
         writeln!(f)?;
@@ -552,9 +559,9 @@ impl core::fmt::Display for Dump<'_> {
                 writeln!(f, "Key Slot {i}: ENABLED")?;
                 writeln!(f, "\tIterations:         \t{}", ks.iterations)?;
                 f.write_str("\tSalt:               \t")?;
-                hex_line(f, &ks.salt)?;
+                hex_line(f, &ks.salt, 16, "\t                      \t")?;
                 writeln!(f, "\tKey material offset:\t{}", ks.key_material_offset)?;
-                writeln!(f, "\tAF stripes:         \t{}", ks.stripes)?;
+                writeln!(f, "\tAF stripes:            \t{}", ks.stripes)?;
             } else {
                 writeln!(f, "Key Slot {i}: DISABLED")?;
             }

@@ -1,0 +1,401 @@
+//! LUKS volumes in the CLI: unlocking raw volumes (with an optional
+//! detached header), `info` and `luks dump` fields, and formatting.
+
+use std::path::Path;
+
+use luks_core::io::{BlockIo, FileDevice};
+use luks_core::luks1::{self, HeaderRepr};
+use luks_core::LuksVolume;
+use serde_json::{json, Map, Value};
+
+use crate::dev::{erased, AnyDev, BlockStatus, DevError, Source};
+use crate::opts::OptionMap;
+use crate::secret::{Secret, Secrets};
+use crate::CliError;
+
+/// Where the passphrase for an image comes from.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct KeySource {
+    /// `--key-file`.
+    pub(crate) key_file: Option<String>,
+    /// `key-secret=ID` / `--key-secret ID`.
+    pub(crate) key_secret: Option<String>,
+}
+
+impl KeySource {
+    /// The passphrase: key file, named secret, the only secret given, or a
+    /// prompt on the terminal.
+    pub(crate) fn resolve(
+        &self,
+        what: &str,
+        secrets: &Secrets,
+        confirm: bool,
+    ) -> Result<Secret, CliError> {
+        if let Some(f) = &self.key_file {
+            return crate::secret::read_key_file(f);
+        }
+        if let Some(id) = &self.key_secret {
+            return secrets.get(id);
+        }
+        if let Some(id) = secrets.only_id() {
+            return secrets.get(&id);
+        }
+        crate::secret::prompt(what, confirm)
+    }
+}
+
+/// Reads and validates the LUKS1 header of `path`.
+pub(crate) fn read_header(path: &str) -> Result<HeaderRepr, CliError> {
+    let mut dev = FileDevice::open(Path::new(path))
+        .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    luks1::read_header(&mut dev).map_err(|e| CliError::io(path, e.to_string()))
+}
+
+/// A decrypted payload: data everywhere, with no host offset to show.
+struct Payload(AnyDev);
+
+impl BlockIo for Payload {
+    type Error = DevError;
+    fn sector_size(&self) -> u32 {
+        self.0.sector_size()
+    }
+    fn size(&mut self) -> Result<u64, DevError> {
+        self.0.size()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        self.0.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
+        self.0.write_at(offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), DevError> {
+        self.0.flush()
+    }
+    fn set_size(&mut self, size: u64) -> Result<bool, DevError> {
+        self.0.set_size(size)
+    }
+}
+
+impl Source for Payload {
+    fn block_status(&mut self, _offset: u64, max: u64) -> Result<BlockStatus, DevError> {
+        Ok(BlockStatus {
+            len: max.max(1),
+            depth: 0,
+            present: true,
+            zero: false,
+            data: true,
+            compressed: false,
+            offset: None,
+        })
+    }
+}
+
+/// Unlocks a raw LUKS volume (`header` names a detached header) and
+/// returns its payload. `writable` opens the data file for writing.
+pub(crate) fn open(
+    path: &str,
+    header: Option<&str>,
+    keys: &KeySource,
+    secrets: &Secrets,
+    writable: bool,
+) -> Result<Box<dyn Source>, CliError> {
+    let hdr_path = header.unwrap_or(path);
+    let mut hdr_dev = FileDevice::open(Path::new(hdr_path))
+        .map_err(|e| CliError::io(hdr_path, format!("cannot open: {e}")))?;
+    let hdr =
+        luks1::read_header(&mut hdr_dev).map_err(|e| CliError::io(hdr_path, e.to_string()))?;
+    let pass = keys.resolve(path, secrets, false)?;
+    let (key, _slot) = luks1::unlock(&mut hdr_dev, &hdr, &pass, None)
+        .map_err(|e| CliError::io(hdr_path, format!("{e}")))?;
+    let data = if writable {
+        FileDevice::open_rw(Path::new(path))
+    } else {
+        FileDevice::open(Path::new(path))
+    }
+    .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    let vol =
+        LuksVolume::open_luks1(data, &hdr, &key).map_err(|e| CliError::io(path, e.to_string()))?;
+    Ok(Box::new(Payload(erased(vol))))
+}
+
+/// Splits a LUKS1 cipher mode (`xts-plain64`, `cbc-essiv:sha256`) into
+/// qemu's mode, ivgen and ivgen hash.
+fn split_mode(mode: &str) -> (&str, &str, Option<&str>) {
+    let (m, iv) = mode.split_once('-').unwrap_or((mode, ""));
+    match iv.split_once(':') {
+        Some((alg, hash)) => (m, alg, Some(hash)),
+        None => (m, iv, None),
+    }
+}
+
+/// qemu's cipher-alg name: algorithm and AES/serpent/twofish key size.
+fn cipher_alg(hdr: &HeaderRepr) -> String {
+    let (mode, _, _) = split_mode(&hdr.cipher_mode);
+    let bits = if mode == "xts" {
+        hdr.key_bytes * 4
+    } else {
+        hdr.key_bytes * 8
+    };
+    format!("{}-{bits}", hdr.cipher_name)
+}
+
+/// The `format-specific` data `qemu-img info` shows for a LUKS volume.
+pub(crate) fn format_specific(hdr: &HeaderRepr, detached: bool) -> Value {
+    let (mode, ivgen, ivhash) = split_mode(&hdr.cipher_mode);
+    let mut m = Map::new();
+    m.insert("ivgen-alg".into(), json!(ivgen));
+    m.insert("detached-header".into(), json!(detached));
+    m.insert("hash-alg".into(), json!(hdr.hash_spec.as_str()));
+    m.insert("cipher-alg".into(), json!(cipher_alg(hdr)));
+    m.insert("uuid".into(), json!(hdr.uuid.as_str()));
+    if let Some(h) = ivhash {
+        m.insert("ivgen-hash-alg".into(), json!(h));
+    }
+    m.insert("cipher-mode".into(), json!(mode));
+    let slots: Vec<Value> = hdr
+        .key_slots
+        .iter()
+        .map(|k| {
+            let off = u64::from(k.key_material_offset) * 512;
+            if k.active {
+                json!({"active": true, "iters": k.iterations, "key-offset": off, "stripes": k.stripes})
+            } else {
+                json!({"active": false, "key-offset": off})
+            }
+        })
+        .collect();
+    m.insert("slots".into(), Value::Array(slots));
+    m.insert(
+        "payload-offset".into(),
+        json!(u64::from(hdr.payload_offset) * 512),
+    );
+    m.insert("master-key-iters".into(), json!(hdr.mk_digest_iter));
+    Value::Object(m)
+}
+
+/// `qimg info` for a raw LUKS volume (no passphrase needed).
+pub(crate) fn info(path: &str, header: Option<&str>) -> Result<crate::info::ImageInfo, CliError> {
+    let hdr = read_header(header.unwrap_or(path))?;
+    let file_len = crate::image::file_length(path)?;
+    let payload = u64::from(hdr.payload_offset) * 512;
+    let size = file_len.saturating_sub(payload);
+    let mut out =
+        crate::info::ImageInfo::basic(path, crate::image::Format::Luks, size - size % 512)?;
+    out.encrypted = true;
+    out.format_specific = Some(("luks".into(), format_specific(&hdr, header.is_some())));
+    Ok(out)
+}
+
+/// `qimg luks dump`, laid out like `cryptsetup luksDump`.
+pub(crate) fn dump(path: &str, json_out: bool) -> Result<u8, CliError> {
+    let hdr = read_header(path)?;
+    if json_out {
+        let mut v = format_specific(&hdr, false);
+        if let Value::Object(m) = &mut v {
+            m.insert("version".into(), json!(1));
+            m.insert("cipher-name".into(), json!(hdr.cipher_name.as_str()));
+            m.insert("cipher-mode-spec".into(), json!(hdr.cipher_mode.as_str()));
+            m.insert("key-bytes".into(), json!(hdr.key_bytes));
+        }
+        println!("{}", crate::pretty_json(&v));
+        return Ok(0);
+    }
+    // cryptsetup names the file in its first line; the core's dump does not
+    // know it.
+    let text = hdr.dump().to_string();
+    let text = text.replacen(
+        "LUKS header information",
+        &format!("LUKS header information for {path}"),
+        1,
+    );
+    print!("{text}");
+    Ok(0)
+}
+
+/// The operating system's random source, for volume keys and salts.
+pub(crate) struct OsRng;
+
+impl rand_core::TryRng for OsRng {
+    type Error = getrandom::Error;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        let mut b = [0u8; 4];
+        getrandom::fill(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        getrandom::fill(dst)
+    }
+}
+
+impl rand_core::TryCryptoRng for OsRng {}
+
+/// LUKS creation options, with qemu-img's names and defaults.
+pub(crate) struct CreateOptions {
+    /// `cipher-alg` split: cipher name and key bits (`aes`, 256).
+    pub(crate) cipher: String,
+    /// Key bits of one cipher key.
+    pub(crate) bits: u32,
+    /// `cipher-mode`.
+    pub(crate) mode: String,
+    /// `ivgen-alg`.
+    pub(crate) ivgen: String,
+    /// `ivgen-hash-alg`.
+    pub(crate) ivgen_hash: String,
+    /// `hash-alg`.
+    pub(crate) hash: String,
+    /// `iter-time`, milliseconds.
+    pub(crate) iter_time_ms: u32,
+    /// `key-secret`.
+    pub(crate) key_secret: Option<String>,
+}
+
+impl CreateOptions {
+    /// Reads the options (with `prefix`, e.g. `encrypt.` inside qcow2).
+    pub(crate) fn parse(opts: &OptionMap, prefix: &str) -> Result<Self, CliError> {
+        let get = |k: &str| opts.get(&format!("{prefix}{k}")).map(str::to_string);
+        let alg = get("cipher-alg").unwrap_or_else(|| "aes-256".into());
+        let (cipher, bits) = alg
+            .rsplit_once('-')
+            .and_then(|(c, b)| b.parse::<u32>().ok().map(|b| (c.to_string(), b)))
+            .ok_or_else(|| {
+                CliError::usage(format!(
+                    "cipher-alg '{alg}' is not of the form NAME-BITS (aes-256, serpent-128, ...)"
+                ))
+            })?;
+        let iter_time_ms = opts
+            .get_u64(&format!("{prefix}iter-time"))
+            .map_err(|e| CliError::usage(e.to_string()))?
+            .map_or(Ok(2000), u32::try_from)
+            .map_err(|_| CliError::usage("iter-time is too large".into()))?;
+        Ok(Self {
+            cipher,
+            bits,
+            mode: get("cipher-mode").unwrap_or_else(|| "xts".into()),
+            ivgen: get("ivgen-alg").unwrap_or_else(|| "plain64".into()),
+            ivgen_hash: get("ivgen-hash-alg").unwrap_or_else(|| "sha256".into()),
+            hash: get("hash-alg").unwrap_or_else(|| "sha256".into()),
+            iter_time_ms,
+            key_secret: get("key-secret"),
+        })
+    }
+
+    /// The LUKS1 cipher mode string (`xts-plain64`, `cbc-essiv:sha256`).
+    pub(crate) fn mode_spec(&self) -> String {
+        if self.ivgen == "essiv" {
+            format!("{}-essiv:{}", self.mode, self.ivgen_hash)
+        } else {
+            format!("{}-{}", self.mode, self.ivgen)
+        }
+    }
+
+    /// Volume key bytes: XTS takes two keys.
+    pub(crate) fn key_bytes(&self) -> u32 {
+        let one = self.bits / 8;
+        if self.mode == "xts" {
+            one * 2
+        } else {
+            one
+        }
+    }
+}
+
+/// Formats `dev` (a file or a qcow2 LUKS region) as LUKS1 with qemu-img's
+/// layout: the payload right after the key material (or `payload_sectors`).
+pub(crate) fn format_volume<D: BlockIo + ?Sized>(
+    dev: &mut D,
+    o: &CreateOptions,
+    passphrase: &[u8],
+    payload_sectors: Option<u32>,
+    what: &str,
+) -> Result<HeaderRepr, CliError> {
+    let hash = luks_core::hash::HashAlg::from_name(&o.hash)
+        .map_err(|e| CliError::usage(format!("hash-alg '{}': {e}", o.hash)))?;
+    let key_bytes = o.key_bytes();
+    let (_, end) = luks1::key_slot_layout(key_bytes)
+        .ok_or_else(|| CliError::usage(format!("a {key_bytes}-byte key is too large for LUKS1")))?;
+    let start = std::time::Instant::now();
+    let elapsed = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let iterations = luks1::calibrate_iterations(hash, o.iter_time_ms, elapsed);
+    // The volume key digest gets an eighth of the time, as qemu does.
+    let start = std::time::Instant::now();
+    let elapsed = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let digest_iterations = luks1::calibrate_iterations(hash, (o.iter_time_ms / 8).max(1), elapsed);
+    let mode = o.mode_spec();
+    let params = luks1::FormatParams {
+        cipher_name: &o.cipher,
+        cipher_mode: &mode,
+        key_bytes,
+        hash,
+        iterations,
+        digest_iterations,
+        // qemu sizes each slot's area in whole 4 KiB units and refuses a
+        // payload that starts inside the last one: round up to 8 sectors.
+        payload_offset: Some(payload_sectors.unwrap_or(end.next_multiple_of(8))),
+    };
+    let (hdr, _key) = luks1::format(dev, &params, None, passphrase, &mut OsRng)
+        .map_err(|e| CliError::io(what, e.to_string()))?;
+    Ok(hdr)
+}
+
+/// `qimg create -f luks`: a new volume with a `size`-byte payload.
+pub(crate) fn create(
+    path: &str,
+    opts: &OptionMap,
+    secrets: &Secrets,
+    key_file: Option<&str>,
+    size: u64,
+) -> Result<(), CliError> {
+    let o = CreateOptions::parse(opts, "")?;
+    opts.reject_unused("luks")
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    let keys = KeySource {
+        key_file: key_file.map(str::to_string),
+        key_secret: o.key_secret.clone(),
+    };
+    let pass = keys.resolve(path, secrets, true)?;
+    let mut dev = FileDevice::create(Path::new(path))
+        .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
+    let hdr = format_volume(&mut dev, &o, &pass, None, path)?;
+    let total = u64::from(hdr.payload_offset) * 512 + size;
+    dev.set_size(total)
+        .map_err(|e| CliError::io(path, e.to_string()))?;
+    dev.flush().map_err(|e| CliError::io(path, e.to_string()))?;
+    Ok(())
+}
+
+/// Creates a LUKS volume for `convert -O luks` and opens it for writing.
+pub(crate) fn create_for_convert(
+    path: &str,
+    opts: &OptionMap,
+    secrets: &Secrets,
+    size: u64,
+) -> Result<AnyDev, CliError> {
+    create(path, opts, secrets, None, size)?;
+    let o = CreateOptions::parse(opts, "")?;
+    let keys = KeySource {
+        key_file: None,
+        key_secret: o.key_secret,
+    };
+    let vol = open(path, None, &keys, secrets, true)?;
+    Ok(Box::new(vol) as AnyDev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_split_like_qemu() {
+        assert_eq!(split_mode("xts-plain64"), ("xts", "plain64", None));
+        assert_eq!(
+            split_mode("cbc-essiv:sha256"),
+            ("cbc", "essiv", Some("sha256"))
+        );
+        assert_eq!(split_mode("ecb"), ("ecb", "", None));
+    }
+}
