@@ -120,11 +120,17 @@ pub enum Problem {
     Decompress,
     /// A snapshot entry's extra data is shorter than the version requires.
     SnapshotExtraTooSmall(u32),
+    /// crypt_method 2 (LUKS) without the full disk encryption header
+    /// extension that locates the LUKS header.
+    MissingCryptoExtension,
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
+            Self::MissingCryptoExtension => {
+                f.write_str("LUKS encryption without the encryption header extension (0x0537be77)")
+            }
             Self::Truncated { needed, available } => {
                 write!(f, "truncated: {needed} bytes needed, {available} available")
             }
@@ -281,8 +287,9 @@ pub enum Error<E> {
         /// Byte offset on the device.
         offset: u64,
     },
-    /// An error from the LUKS layer of an encrypted image.
-    Luks(luks_core::Error<E>),
+    /// An error from the LUKS header inside an encrypted image (read
+    /// through a window over the header region).
+    Luks(luks_core::Error<luks_core::io::WindowError<E>>),
     /// The image is damaged: `structure` at byte `offset` has `problem`.
     Corrupt {
         /// The structure at fault.

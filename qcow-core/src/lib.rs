@@ -14,6 +14,7 @@
 
 #![no_std]
 
+pub mod crypto;
 pub mod decompress;
 pub mod entry;
 pub mod error;

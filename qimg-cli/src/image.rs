@@ -129,7 +129,14 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
         Format::Qcow2 => {
             let mut seen = std::collections::BTreeSet::new();
             let mut chain = Vec::new();
-            let mut src = open_qcow2(path, opts.snapshot.as_deref(), &mut seen, &mut chain)?;
+            let ctx = Ctx {
+                keys: crate::luks::KeySource {
+                    key_file: opts.key_file.clone(),
+                    key_secret: opts.key_secret.clone(),
+                },
+                secrets,
+            };
+            let mut src = open_qcow2(path, opts.snapshot.as_deref(), &ctx, &mut seen, &mut chain)?;
             let virtual_size = src.size().map_err(|e| CliError::usage(e.to_string()))?;
             Ok(Opened {
                 chain,
@@ -153,11 +160,18 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
     }
 }
 
+/// What opening an encrypted layer of a chain needs.
+struct Ctx<'a> {
+    keys: crate::luks::KeySource,
+    secrets: &'a Secrets,
+}
+
 /// Opens a backing file named by an image, in `format` (detected when the
 /// image does not say).
 fn open_backing(
     path: &str,
     format: Option<&str>,
+    ctx: &Ctx<'_>,
     seen: &mut std::collections::BTreeSet<PathBuf>,
     chain: &mut Vec<String>,
 ) -> Result<Box<dyn Source>, CliError> {
@@ -173,7 +187,7 @@ fn open_backing(
         None => detect(path)?,
     };
     match fmt {
-        Format::Qcow2 => open_qcow2(path, None, seen, chain),
+        Format::Qcow2 => open_qcow2(path, None, ctx, seen, chain),
         Format::Raw => {
             guard_chain(path, seen, chain)?;
             let file = std::fs::File::open(path)
@@ -215,18 +229,14 @@ fn guard_chain(
 fn open_qcow2(
     path: &str,
     snapshot: Option<&str>,
+    ctx: &Ctx<'_>,
     seen: &mut std::collections::BTreeSet<PathBuf>,
     chain: &mut Vec<String>,
 ) -> Result<Box<dyn Source>, CliError> {
     guard_chain(path, seen, chain)?;
-    let mut opening = crate::qcow2::Opening::open(path)?;
+    let opening = crate::qcow2::Opening::open(path)?;
+    let mut opening = crate::qcow2::unlock(path, opening, &ctx.keys, ctx.secrets)?;
     let info = opening.img.info();
-    if info.header.crypt_method != 0 {
-        return Err(CliError::io(
-            path,
-            "reading encrypted qcow2 images is not available in this build".into(),
-        ));
-    }
     let backing_name = info.backing_file().map(str::to_string);
     let backing_fmt = info.backing_format().map(str::to_string);
     let data_name = info.data_file().map(str::to_string);
@@ -257,7 +267,13 @@ fn open_qcow2(
         Some(b) => {
             let full = resolve_backing(path, &b);
             let full = full.to_string_lossy().into_owned();
-            Some(open_backing(&full, backing_fmt.as_deref(), seen, chain)?)
+            Some(open_backing(
+                &full,
+                backing_fmt.as_deref(),
+                ctx,
+                seen,
+                chain,
+            )?)
         }
         None => None,
     };
@@ -323,9 +339,11 @@ pub(crate) fn info(
     format: Option<Format>,
     args: &SecretArgs,
 ) -> Result<crate::info::ImageInfo, CliError> {
-    let format = match format {
-        Some(f) => f,
-        None => detect(path)?,
+    let format = match (format, &args.header) {
+        (Some(f), _) => f,
+        // A detached header: the data file has no magic of its own.
+        (None, Some(_)) => Format::Luks,
+        (None, None) => detect(path)?,
     };
     match format {
         Format::Raw => crate::info::ImageInfo::basic(path, format, file_length(path)?),
@@ -343,7 +361,11 @@ pub(crate) fn info(
             }
             out.backing_format = info.backing_format().map(str::to_string);
             out.snapshots = crate::qcow2::snapshots(&mut opening.img, path)?;
-            out.format_specific = Some(("qcow2".into(), crate::qcow2::format_specific(&info)));
+            let luks = crate::qcow2::luks_header(path, &info)?;
+            out.format_specific = Some((
+                "qcow2".into(),
+                crate::qcow2::format_specific(&info, luks.as_ref()),
+            ));
             Ok(out)
         }
         Format::Luks => crate::luks::info(path, args.header.as_deref()),

@@ -33,6 +33,8 @@ pub(crate) struct Qcow2Source {
     holes: RawFile,
     has_data_file: bool,
     has_backing: bool,
+    /// qemu-img hides host offsets of encrypted images.
+    encrypted: bool,
     /// Whether the image looks metadata-preallocated (decided on first
     /// use), in which case qemu-img asks the file which data clusters are
     /// holes and reports them as zero.
@@ -70,6 +72,7 @@ impl Qcow2Source {
         let has_backing = backing.is_some();
         let has_data_file = data_file.is_some();
         let img = opening.img;
+        let encrypted = img.info().header.crypt_method != 0;
         let img = match backing {
             Some(b) => img
                 .with_backing(b)
@@ -98,6 +101,7 @@ impl Qcow2Source {
             holes: RawFile::new(hole_file),
             has_data_file,
             has_backing,
+            encrypted,
             metadata_prealloc: None,
         })
     }
@@ -212,7 +216,23 @@ impl Source for Qcow2Source {
         let max = max.min(size.saturating_sub(offset)).max(1);
         let m = self.img.map(offset, max).map_err(|e| self.err(e))?;
         let len = m.len.max(1);
-        Ok(match m.kind {
+        let mut st = self.status_of(m.kind, offset, len)?;
+        // Only this layer's offsets are hidden; a backing file's stay.
+        let fell_through = matches!(
+            m.kind,
+            MapKind::Unallocated | MapKind::UnallocatedAlloc { .. }
+        ) && st.depth > 0;
+        if self.encrypted && !fell_through {
+            st.offset = None;
+        }
+        Ok(st)
+    }
+}
+
+impl Qcow2Source {
+    /// The qemu-img status of one mapping run.
+    fn status_of(&mut self, kind: MapKind, offset: u64, len: u64) -> Result<BlockStatus, DevError> {
+        Ok(match kind {
             MapKind::Data { host } => {
                 let (zero, zlen) = if self.is_metadata_prealloc()? {
                     self.host_zero(host, len)?
@@ -253,8 +273,52 @@ impl Source for Qcow2Source {
     }
 }
 
+/// Reads the LUKS header stored inside an encrypted (crypt_method 2) image.
+pub(crate) fn luks_header(
+    path: &str,
+    info: &qcow_core::ImageInfo,
+) -> Result<Option<luks_core::luks1::HeaderRepr>, CliError> {
+    let Some(c) = info.crypto.filter(|_| info.header.crypt_method == 2) else {
+        return Ok(None);
+    };
+    let file = luks_core::io::FileDevice::open(std::path::Path::new(path))
+        .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    let mut region = luks_core::io::Window::new(file, c.offset, c.length);
+    luks_core::luks1::read_header(&mut region)
+        .map(Some)
+        .map_err(|e| CliError::io(path, format!("LUKS header in the image: {e}")))
+}
+
+/// Unlocks an encrypted image and gives back the reader with its
+/// decryptor attached; unencrypted images pass through.
+pub(crate) fn unlock(
+    path: &str,
+    opening: Opening,
+    keys: &crate::luks::KeySource,
+    secrets: &crate::secret::Secrets,
+) -> Result<Opening, CliError> {
+    if opening.img.info().header.crypt_method == 0 {
+        return Ok(opening);
+    }
+    let pass = keys.resolve(path, secrets, false)?;
+    let file = luks_core::io::FileDevice::open(std::path::Path::new(path))
+        .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    let mut dev = crate::dev::erased(file);
+    let key = qcow_core::crypto::ImageKey::unlock(&mut dev, opening.img.info(), &pass)
+        .map_err(|e| CliError::io(path, e.to_string()))?
+        .ok_or_else(|| CliError::io(path, "the image is not encrypted".into()))?;
+    // Lives as long as the process, like the reader's other buffers.
+    let key: &'static mut qcow_core::crypto::ImageKey = Box::leak(Box::new(key));
+    Ok(Opening {
+        img: opening.img.with_decryptor(key),
+    })
+}
+
 /// The `format-specific` data qemu-img shows for a qcow2 image.
-pub(crate) fn format_specific(info: &qcow_core::ImageInfo) -> Value {
+pub(crate) fn format_specific(
+    info: &qcow_core::ImageInfo,
+    luks: Option<&luks_core::luks1::HeaderRepr>,
+) -> Value {
     let mut m = Map::new();
     m.insert("compat".into(), json!(info.compat()));
     m.insert("compression-type".into(), json!(info.compression_type()));
@@ -263,6 +327,25 @@ pub(crate) fn format_specific(info: &qcow_core::ImageInfo) -> Value {
         m.insert("lazy-refcounts".into(), json!(info.lazy_refcounts()));
     }
     m.insert("refcount-bits".into(), json!(info.refcount_bits()));
+    match (info.header.crypt_method, luks) {
+        (2, Some(hdr)) => {
+            let mut e = Map::new();
+            if let Value::Object(l) = crate::luks::format_specific(hdr, false) {
+                for (k, v) in l {
+                    let after_uuid = k == "uuid";
+                    e.insert(k, v);
+                    if after_uuid {
+                        e.insert("format".into(), json!("luks"));
+                    }
+                }
+            }
+            m.insert("encrypt".into(), Value::Object(e));
+        }
+        (1, _) => {
+            m.insert("encrypt".into(), json!({"format": "aes"}));
+        }
+        _ => {}
+    }
     if let Some(df) = info.data_file() {
         m.insert("data-file".into(), json!(df));
         m.insert("data-file-raw".into(), json!(info.data_file_raw()));
