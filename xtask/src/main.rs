@@ -48,7 +48,7 @@ fn print_help() {
     println!(
         "cargo xtask TASK\n\n\
          Tasks:\n  \
-         ci            everything CI runs: fmt, clippy, unsafe audit, bare-metal builds, tests, docs\n  \
+         ci            everything CI runs: fmt, unsafe audit, clippy, bare-metal builds, tests, docs, firmware test\n  \
          fmt           rustfmt check\n  \
          clippy        clippy -D warnings on all targets\n  \
          test          all tests (interop tests need qemu-img and cryptsetup)\n  \
@@ -93,6 +93,7 @@ fn ci() -> Result<(), String> {
     nostd()?;
     test()?;
     doc()?;
+    uefi::test()?;
     eprintln!("xtask: ci passed");
     Ok(())
 }

@@ -39,38 +39,103 @@ pub(crate) fn build() -> Result<PathBuf, String> {
     }
 }
 
+/// Which tool makes a test image.
+#[derive(Clone, Copy)]
+enum Maker {
+    /// The qimg binary of this workspace.
+    Qimg,
+    /// qemu-img, for formats qimg cannot write yet (qcow2).
+    QemuImg,
+}
+
 /// One image the firmware must read.
 struct TestImage {
     /// File name inside the work folder.
     name: &'static str,
-    /// `qimg` arguments that create it (run in the work folder).
+    /// Who creates it.
+    maker: Maker,
+    /// Arguments that create it (run in the work folder).
     create: Vec<String>,
     /// Extra arguments `qimg convert` needs to read it (secrets).
     read_args: Vec<String>,
+    /// Seed of its source content (every image holds different data, so
+    /// each hash the firmware prints matches exactly one image).
+    seed: u64,
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_string()).collect()
 }
 
 fn images() -> Vec<TestImage> {
     let secret = format!("secret,id=s0,data={PASSPHRASE}");
     vec![
         TestImage {
-            name: "plain.raw",
-            create: vec![],
+            name: "plain.qcow2",
+            maker: Maker::QemuImg,
+            create: args(&[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "source.raw",
+                "plain.qcow2",
+            ]),
             read_args: vec![],
+            seed: 1,
         },
         TestImage {
-            name: "luks.img",
-            create: vec![
-                "convert".into(),
-                "-O".into(),
-                "luks".into(),
-                "--object".into(),
-                secret.clone(),
-                "-o".into(),
-                "key-secret=s0,iter-time=10".into(),
-                "plain.raw".into(),
-                "luks.img".into(),
-            ],
-            read_args: vec!["--object".into(), secret],
+            name: "compressed.qcow2",
+            maker: Maker::QemuImg,
+            create: args(&[
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "source.raw",
+                "compressed.qcow2",
+            ]),
+            read_args: vec![],
+            seed: 2,
+        },
+        TestImage {
+            name: "encrypted.qcow2",
+            maker: Maker::QemuImg,
+            create: args(&[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "--object",
+                &secret,
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                "source.raw",
+                "encrypted.qcow2",
+            ]),
+            read_args: args(&["--object", &secret]),
+            seed: 3,
+        },
+        TestImage {
+            name: "volume.luks",
+            maker: Maker::Qimg,
+            create: args(&[
+                "convert",
+                "-O",
+                "luks",
+                "--object",
+                &secret,
+                "-o",
+                "key-secret=s0,iter-time=10",
+                "source.raw",
+                "volume.luks",
+            ]),
+            read_args: args(&["--object", &secret]),
+            seed: 4,
         },
     ]
 }
@@ -105,27 +170,17 @@ pub(crate) fn test() -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     std::fs::copy(OVMF_VARS, work.join("vars.fd")).map_err(|e| e.to_string())?;
 
-    // A 4 MiB source disk with a recognisable, non-trivial pattern.
-    let mut data = vec![0u8; 4 << 20];
-    let mut x = 0x1234_5678_9abc_def1u64;
-    for (i, chunk) in data.chunks_mut(8).enumerate() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        if (i / 512) % 3 != 0 {
-            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-        }
-    }
-    std::fs::write(work.join("plain.raw"), &data).map_err(|e| e.to_string())?;
-
     let mut expected = Vec::new();
     for img in images() {
-        if !img.create.is_empty() {
-            run(
-                &format!("create {}", img.name),
-                Command::new(&qimg).current_dir(&work).args(&img.create),
-            )?;
-        }
+        write_source(&work.join("source.raw"), img.seed)?;
+        let maker = match img.maker {
+            Maker::Qimg => qimg.clone(),
+            Maker::QemuImg => PathBuf::from("qemu-img"),
+        };
+        run(
+            &format!("create {}", img.name),
+            Command::new(maker).current_dir(&work).args(&img.create),
+        )?;
         let raw = work.join(format!("{}.expected.raw", img.name));
         run(
             &format!("qimg convert {} -O raw", img.name),
@@ -172,6 +227,9 @@ pub(crate) fn test() -> Result<(), String> {
             failures.push(format!("{name}: no QIMG-RESULT with layer=virtual {want}"));
         }
     }
+    if let Some(e) = results.iter().find(|l| l.starts_with("QIMG-ERROR")) {
+        failures.push(format!("the reader reported: {e}"));
+    }
     if !failures.is_empty() {
         return Err(format!("uefi-test failed:\n  {}", failures.join("\n  ")));
     }
@@ -180,6 +238,22 @@ pub(crate) fn test() -> Result<(), String> {
         expected.len()
     );
     Ok(())
+}
+
+/// A 4 MiB source disk with a non-trivial pattern (a third of it zero, so
+/// sparse and compressed paths are exercised) that depends on `seed`.
+fn write_source(path: &Path, seed: u64) -> Result<(), String> {
+    let mut data = vec![0u8; 4 << 20];
+    let mut x = 0x1234_5678_9abc_def1u64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for (i, chunk) in data.chunks_mut(8).enumerate() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if (i / 512) % 3 != 0 {
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+    }
+    std::fs::write(path, &data).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Boots OVMF with the ESP folder and the disks; returns the serial output.

@@ -28,28 +28,53 @@ use uefi::{println, CStr16, Identify};
 
 use disk::Disk;
 use luks_core::io::BlockIo;
+use luks_core::{luks1, LuksVolume};
+use qcow_core::crypto::ImageKey;
+use qcow_core::Qcow2;
 
 /// Bytes read per step while hashing the virtual disk.
-const CHUNK: usize = 256 * 1024;
+const CHUNK: usize = 64 * 1024;
+/// qcow2 metadata cache (16 slices of 4 KiB L2 tables).
+const CACHE: usize = 64 * 1024;
+/// Largest cluster a compressed image may use here (QEMU's default).
+const MAX_COMPRESSED_CLUSTER: usize = 64 * 1024;
+/// Compressed input: a cluster plus the sector it may spill into.
+const COMPRESSED_IN: usize = MAX_COMPRESSED_CLUSTER + 512;
 
-/// The fixed memory budget, allocated once: one read chunk.
-const BUDGET: usize = CHUNK;
+/// The whole memory budget of the reader, allocated once at start.
+const BUDGET: usize = CHUNK + CACHE + COMPRESSED_IN + MAX_COMPRESSED_CLUSTER;
+
+/// The fixed buffers, carved once from the firmware's pool.
+struct Buffers {
+    chunk: Vec<u8>,
+    cache: Vec<u8>,
+    cin: Vec<u8>,
+    cout: Vec<u8>,
+}
 
 #[entry]
 fn main() -> Status {
     println!("QIMG-START uefi-reader");
     let config = read_esp_file(cstr16!("\\qimg\\config.txt"));
-    let wanted: Vec<&str> = match &config {
-        Some(c) => core::str::from_utf8(c)
-            .unwrap_or("")
-            .lines()
-            .filter_map(|l| l.strip_prefix("read="))
-            .collect(),
-        None => Vec::new(),
+    let config = config.as_deref().and_then(|c| core::str::from_utf8(c).ok()).unwrap_or("");
+    let wanted: Vec<&str> = config
+        .lines()
+        .filter_map(|l| l.strip_prefix("read="))
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let pass = read_esp_file(cstr16!("\\qimg\\passphrase")).unwrap_or_default();
+    println!("QIMG-CONFIG read={:?} passphrase-bytes={}", wanted, pass.len());
+    println!(
+        "QIMG-BUDGET bytes={} (read chunk {}, L2 cache {}, compressed in {}, compressed out {})",
+        BUDGET, CHUNK, CACHE, COMPRESSED_IN, MAX_COMPRESSED_CLUSTER
+    );
+    let mut bufs = Buffers {
+        chunk: vec![0u8; CHUNK],
+        cache: vec![0u8; CACHE],
+        cin: vec![0u8; COMPRESSED_IN],
+        cout: vec![0u8; MAX_COMPRESSED_CLUSTER],
     };
-    println!("QIMG-CONFIG read={:?}", wanted);
-    println!("QIMG-BUDGET bytes={}", BUDGET);
-    let mut chunk = vec![0u8; CHUNK];
 
     let handles = match boot::locate_handle_buffer(SearchType::ByProtocol(&BlockIO::GUID)) {
         Ok(h) => h,
@@ -69,7 +94,7 @@ fn main() -> Status {
         }
         let mut disk = Disk::new(proto);
         let mut head = [0u8; 512];
-        if luks_core::io::read_bytes(&mut disk, 0, &mut head, &mut chunk).is_err() {
+        if luks_core::io::read_bytes(&mut disk, 0, &mut head, &mut bufs.chunk).is_err() {
             continue;
         }
         let kind = if head.starts_with(b"QFI\xfb") {
@@ -79,24 +104,78 @@ fn main() -> Status {
         } else {
             continue;
         };
+        if !wanted.iter().any(|w| *w == "all" || *w == kind) {
+            continue;
+        }
         index += 1;
-        match hash_raw(&mut disk, &mut chunk) {
-            Ok((size, hex)) => println!(
-                "QIMG-RESULT disk={} kind={} layer=raw size={} sha256={}",
+        let result = match kind {
+            "qcow2" => read_qcow2(&mut disk, &pass, &mut bufs),
+            _ => read_luks(&mut disk, &pass, &mut bufs.chunk),
+        };
+        match result {
+            Ok((what, size, hex)) => println!(
+                "QIMG-RESULT disk={} kind={} layer=virtual size={} sha256={}",
                 index,
-                kind,
+                what,
                 size,
                 hex.as_str()
             ),
-            Err(e) => println!("QIMG-ERROR disk={} {}", index, e),
+            Err(e) => println!("QIMG-ERROR disk={} {}", index, e.as_str()),
         }
     }
     println!("QIMG-DONE disks={}", index);
     shutdown();
 }
 
+/// A short error text without allocation beyond one line.
+struct Msg(heapless::String<256>);
+
+impl Msg {
+    fn of(e: impl core::fmt::Display) -> Self {
+        use core::fmt::Write;
+        let mut s = heapless::String::new();
+        let _ = write!(s, "{e}");
+        Self(s)
+    }
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Opens a qcow2 image (unlocking it if encrypted) and hashes its disk.
+fn read_qcow2(disk: &mut Disk, pass: &[u8], bufs: &mut Buffers) -> Result<(&'static str, u64, Hex), Msg> {
+    let info = Qcow2::open(&mut *disk, &mut bufs.cache).map_err(Msg::of)?.info().clone();
+    if info.backing_file().is_some() {
+        return Err(Msg::of("images with a backing file are not read by the firmware reader"));
+    }
+    let mut key = ImageKey::unlock(&mut *disk, &info, pass).map_err(Msg::of)?;
+    let what = match (info.header.crypt_method, info.header.cluster_size()) {
+        (2, _) => "qcow2-luks",
+        (1, _) => "qcow2-aes",
+        _ => "qcow2",
+    };
+    let mut img = Qcow2::open(&mut *disk, &mut bufs.cache)
+        .map_err(Msg::of)?
+        .with_compression_buffers(&mut bufs.cin, &mut bufs.cout);
+    if let Some(k) = key.as_mut() {
+        img = img.with_decryptor(k);
+    }
+    let (size, hex) = hash_device(&mut img, &mut bufs.chunk).map_err(Msg::of)?;
+    Ok((what, size, hex))
+}
+
+/// Unlocks a raw LUKS volume and hashes its payload.
+fn read_luks(disk: &mut Disk, pass: &[u8], chunk: &mut [u8]) -> Result<(&'static str, u64, Hex), Msg> {
+    let hdr = luks1::read_header(&mut *disk).map_err(Msg::of)?;
+    let (key, slot) = luks1::unlock(&mut *disk, &hdr, pass, None).map_err(Msg::of)?;
+    println!("QIMG-UNLOCK luks key slot {}", slot);
+    let mut vol = LuksVolume::open_luks1(&mut *disk, &hdr, &key).map_err(Msg::of)?;
+    let (size, hex) = hash_device(&mut vol, chunk).map_err(Msg::of)?;
+    Ok(("luks", size, hex))
+}
+
 /// SHA-256 of every byte of a device, in `chunk`-sized reads.
-fn hash_raw<D: BlockIo>(dev: &mut D, chunk: &mut [u8]) -> Result<(u64, Hex), D::Error> {
+fn hash_device<D: BlockIo>(dev: &mut D, chunk: &mut [u8]) -> Result<(u64, Hex), D::Error> {
     let size = dev.size()?;
     let mut h = Sha256::new();
     let mut off = 0u64;
