@@ -251,3 +251,48 @@ fn preallocation_and_a_huge_sparse_image() {
     let ours = json_of(qimg().args(["map", "--output", "json"]).arg(&img));
     assert_eq!(ours, q.map(&img));
 }
+
+#[test]
+fn backing_loops_are_refused_not_followed() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tmp();
+    let d = dir.path();
+    let a = d.join("a.qcow2");
+    let b = d.join("b.qcow2");
+    q.create(&a, "qcow2", "", "1M");
+    run_ok(
+        Command::new(&q.img)
+            .args([
+                "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2",
+            ])
+            .arg(&b),
+    );
+    // Point a back at b: a loop qemu-img's unsafe rebase allows.
+    q.img(&[
+        "rebase",
+        "-u",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        a.to_str().unwrap(),
+    ]);
+    for args in [
+        vec!["convert", "-O", "raw"],
+        vec!["info", "--backing-chain"],
+        vec!["map"],
+    ] {
+        let mut cmd = qimg();
+        cmd.args(&args).arg(&b);
+        if args[0] == "convert" {
+            cmd.arg(d.join("out.raw"));
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("loops back"), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    // Without following the chain, info still works.
+    run_ok(qimg().arg("info").arg(&b));
+}
