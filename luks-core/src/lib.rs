@@ -19,6 +19,8 @@ extern crate std;
 
 pub mod error;
 pub mod io;
+pub mod simd;
 
 pub use error::{Error, Structure};
 pub use io::BlockIo;
+pub use simd::{Backend, XtsEngine, XtsError};
