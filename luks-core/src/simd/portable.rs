@@ -101,7 +101,9 @@ fn run_with<C>(
         }
         iv = iv.wrapping_add(step);
     }
-    tweaks.zeroize();
+    // Only the slots written hold tweaks; keep the wipe proportional.
+    let used = (sector_size / 16).min(CHUNK);
+    tweaks[..used].zeroize();
 }
 
 #[inline(always)]

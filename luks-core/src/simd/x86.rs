@@ -188,6 +188,23 @@ fn store_key(k: __m128i, b: &mut [u8; 16]) {
     unsafe { _mm_storeu_si128(b.as_mut_ptr().cast(), k) }
 }
 
+/// Loads a little-endian 128-bit integer (x86 is little-endian, so the
+/// register holds the XTS tweak bytes in order).
+#[inline]
+#[target_feature(enable = "sse2")]
+fn load_u128(v: &u128) -> __m128i {
+    // SAFETY: `v` is 16 readable bytes; loadu needs no alignment.
+    unsafe { _mm_loadu_si128((v as *const u128).cast()) }
+}
+
+/// Stores a register as a little-endian 128-bit integer.
+#[inline]
+#[target_feature(enable = "sse2")]
+fn store_u128(x: __m128i, v: &mut u128) {
+    // SAFETY: `v` is 16 writable bytes; storeu needs no alignment.
+    unsafe { _mm_storeu_si128((v as *mut u128).cast(), x) }
+}
+
 /// `w ^ (w << 32) ^ (w << 64) ^ (w << 96)`: the running XOR of the four
 /// words of a previous round key.
 #[inline]
@@ -350,10 +367,12 @@ fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
     let ss = a.sector_size;
     let nb = ss / 16;
     let mut ivs = [0u64; BATCH];
-    let mut t0s = [[0u8; 16]; BATCH];
+    let mut t0s = [0u128; BATCH];
+    let mut used = 0;
     let mut iv = a.iv;
     for batch in data.chunks_mut(ss * BATCH) {
         let n = batch.len() / ss;
+        used = used.max(n.next_multiple_of(4).min(BATCH));
         fill_ivs(&mut ivs, n, iv, a.step);
         iv = advance(iv, n, a.step);
         // Phase 1: T0 = AES_k2(le128(iv)) for each sector of the batch.
@@ -362,15 +381,15 @@ fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             for k in &rk2[1..NR] {
                 x = _mm_aesenc_si128(x, *k);
             }
-            store_key(_mm_aesenclast_si128(x, rk2[NR]), t);
+            store_u128(_mm_aesenclast_si128(x, rk2[NR]), t);
         }
         // Phase 2: the sectors.
         for (sector, t0) in batch.chunks_exact_mut(ss).zip(t0s.iter()) {
             let p = sector.as_mut_ptr();
             let mut tw = [_mm_setzero_si128(); 8];
-            let mut t = u128::from_le_bytes(*t0);
+            let mut t = *t0;
             for v in tw.iter_mut() {
-                *v = load_key(&t.to_le_bytes());
+                *v = load_u128(&t);
                 t = mul_x(t);
             }
             let mut j = 0;
@@ -412,7 +431,9 @@ fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             }
         }
     }
-    t0s.zeroize();
+    // Only the entries written hold key-dependent values; word-sized
+    // volatile writes keep this cheap for single-sector calls.
+    t0s[..used].zeroize();
 }
 
 // ---------------------------------------------------------------------
@@ -480,10 +501,12 @@ fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
     let ss = a.sector_size;
     let nb = ss / 16;
     let mut ivs = [0u64; BATCH];
-    let mut t0s = [[0u8; 16]; BATCH];
+    let mut t0s = [0u128; BATCH];
+    let mut used = 0;
     let mut iv = a.iv;
     for batch in data.chunks_mut(ss * BATCH) {
         let n = batch.len() / ss;
+        used = used.max(n.next_multiple_of(4).min(BATCH));
         fill_ivs(&mut ivs, n, iv, a.step);
         iv = advance(iv, n, a.step);
         // Phase 1: T0s, two sectors per register.
@@ -503,7 +526,7 @@ fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
         // Phase 2: the sectors.
         for (sector, t0) in batch.chunks_exact_mut(ss).zip(t0s.iter()) {
             let p = sector.as_mut_ptr();
-            let b = _mm256_broadcastsi128_si256(load_key(t0));
+            let b = _mm256_broadcastsi128_si256(load_u128(t0));
             let v0 = mul_var_ymm(b, _mm256_set_epi64x(1, 1, 0, 0));
             let v1 = mul_var_ymm(b, _mm256_set_epi64x(3, 3, 2, 2));
             let v2 = mul_var_ymm(b, _mm256_set_epi64x(5, 5, 4, 4));
@@ -565,7 +588,9 @@ fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             }
         }
     }
-    t0s.zeroize();
+    // Only the entries written hold key-dependent values; word-sized
+    // volatile writes keep this cheap for single-sector calls.
+    t0s[..used].zeroize();
 }
 
 // ---------------------------------------------------------------------
@@ -639,10 +664,12 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
     let ss = a.sector_size;
     let nb = ss / 16;
     let mut ivs = [0u64; BATCH];
-    let mut t0s = [[0u8; 16]; BATCH];
+    let mut t0s = [0u128; BATCH];
+    let mut used = 0;
     let mut iv = a.iv;
     for batch in data.chunks_mut(ss * BATCH) {
         let n = batch.len() / ss;
+        used = used.max(n.next_multiple_of(4).min(BATCH));
         fill_ivs(&mut ivs, n, iv, a.step);
         iv = advance(iv, n, a.step);
         // Phase 1: T0s, four sectors per register.
@@ -671,7 +698,7 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
         // Phase 2: the sectors.
         for (sector, t0) in batch.chunks_exact_mut(ss).zip(t0s.iter()) {
             let p = sector.as_mut_ptr();
-            let b = _mm512_broadcast_i32x4(load_key(t0));
+            let b = _mm512_broadcast_i32x4(load_u128(t0));
             let v0 = mul_var_zmm(b, _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0));
             let v1 = mul_var_zmm(b, _mm512_set_epi64(7, 7, 6, 6, 5, 5, 4, 4));
             let mut tw = [
@@ -731,5 +758,7 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             }
         }
     }
-    t0s.zeroize();
+    // Only the entries written hold key-dependent values; word-sized
+    // volatile writes keep this cheap for single-sector calls.
+    t0s[..used].zeroize();
 }
