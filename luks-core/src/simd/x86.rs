@@ -559,9 +559,13 @@ fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
                     let y = last_ymm::<ENC>(x[r], _mm256_xor_si256(rk[NR], tw[r]));
                     // SAFETY: same bytes as the load above.
                     unsafe { _mm256_storeu_si256(p.add((j + 2 * r) * 16).cast(), y) };
-                    tw[r] = mul_bytes_ymm::<2>(tw[r]);
                 }
                 j += 16;
+                if j < nb {
+                    for v in tw.iter_mut() {
+                        *v = mul_bytes_ymm::<2>(*v);
+                    }
+                }
             }
             // Tail: whole registers, then a last single block (masked).
             let mut r = 0;
@@ -729,9 +733,13 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
                     let y = last_zmm::<ENC>(x[r], _mm512_xor_si512(rk[NR], tw[r]));
                     // SAFETY: same bytes as the load above.
                     unsafe { _mm512_storeu_si512(p.add((j + 4 * r) * 16).cast(), y) };
-                    tw[r] = mul_bytes_zmm::<4>(tw[r]);
                 }
                 j += 32;
+                if j < nb {
+                    for v in tw.iter_mut() {
+                        *v = mul_bytes_zmm::<4>(*v);
+                    }
+                }
             }
             // Tail: up to 4 blocks per register, masked by 64-bit element.
             let mut r = 0;
