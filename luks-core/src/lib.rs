@@ -23,4 +23,3 @@ pub mod simd;
 
 pub use error::{Error, Structure};
 pub use io::BlockIo;
-pub use simd::{Backend, XtsEngine, XtsError};

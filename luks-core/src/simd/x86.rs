@@ -410,9 +410,13 @@ fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
                     let y = last_xmm::<ENC>(x[r], _mm_xor_si128(rk[NR], tw[r]));
                     // SAFETY: same block as the load above.
                     unsafe { _mm_storeu_si128(p.add((j + r) * 16).cast(), y) };
-                    tw[r] = mul_x8_xmm(tw[r]);
                 }
                 j += 8;
+                if j < nb {
+                    for v in tw.iter_mut() {
+                        *v = mul_x8_xmm(*v);
+                    }
+                }
             }
             // Tail: fewer than 8 blocks, tweaks tw[0], tw[1], ... in order.
             let mut r = 0;
