@@ -41,6 +41,7 @@ pub mod error;
 pub mod hash;
 pub mod io;
 pub mod luks1;
+pub mod simd;
 mod volume;
 
 pub use cipher::{LegacyQcowAes, SectorCipher, MAX_KEY_BYTES};

@@ -58,10 +58,20 @@ impl IvGen {
 
 #[allow(clippy::large_enum_variant)]
 enum Mode {
+    /// AES-XTS with plain64 IVs: the runtime-dispatched SIMD engine.
+    XtsAes(crate::simd::XtsEngine),
     Xts(Xts, IvGen),
     Cbc(BlockAlg, IvGen),
     Ecb(BlockAlg),
     Lrw(BlockAlg, TweakKey, IvGen),
+}
+
+/// The error for a buffer that is not whole sectors.
+fn unaligned(first_iv_sector: u64, len: usize) -> PureError {
+    PureError::BadParameter(BadParameter::Unaligned {
+        offset: first_iv_sector.saturating_mul(512),
+        len: len as u64,
+    })
 }
 
 /// The LRW multiplier key, wiped on drop.
@@ -210,13 +220,21 @@ impl SectorCipher {
                     return Err(key_size_error(spec.kind, key.len()));
                 }
                 let (a, b) = key.split_at(half);
-                Mode::Xts(
-                    Xts {
-                        k1: BlockAlg::new(spec.kind, a)?,
-                        k2: BlockAlg::new(spec.kind, b)?,
-                    },
-                    iv,
-                )
+                let engine = match (spec.kind, &iv) {
+                    (BlockKind::Aes, IvGen::Plain64) => crate::simd::XtsEngine::new(key).ok(),
+                    _ => None,
+                };
+                if let Some(e) = engine {
+                    Mode::XtsAes(e)
+                } else {
+                    Mode::Xts(
+                        Xts {
+                            k1: BlockAlg::new(spec.kind, a)?,
+                            k2: BlockAlg::new(spec.kind, b)?,
+                        },
+                        iv,
+                    )
+                }
             }
             Chain::Cbc => Mode::Cbc(BlockAlg::new(spec.kind, key)?, iv),
             Chain::Ecb => Mode::Ecb(BlockAlg::new(spec.kind, key)?),
@@ -268,6 +286,9 @@ impl SectorCipher {
         let (ss, step) = self.check(first_iv_sector, data)?;
         let iv_no = |k: usize| first_iv_sector.wrapping_add((k as u64).wrapping_mul(step));
         match &self.mode {
+            Mode::XtsAes(e) => e
+                .encrypt_sectors_with_step(data, ss, first_iv_sector, step)
+                .map_err(|_| unaligned(first_iv_sector, data.len()))?,
             Mode::Xts(x, iv) => x.encrypt_sectors(ss, data, |k| iv.iv(iv_no(k))),
             Mode::Cbc(c, iv) => {
                 for (k, sector) in data.chunks_exact_mut(ss).enumerate() {
@@ -310,6 +331,9 @@ impl SectorCipher {
         let (ss, step) = self.check(first_iv_sector, data)?;
         let iv_no = |k: usize| first_iv_sector.wrapping_add((k as u64).wrapping_mul(step));
         match &self.mode {
+            Mode::XtsAes(e) => e
+                .decrypt_sectors_with_step(data, ss, first_iv_sector, step)
+                .map_err(|_| unaligned(first_iv_sector, data.len()))?,
             Mode::Xts(x, iv) => x.decrypt_sectors(ss, data, |k| iv.iv(iv_no(k))),
             Mode::Cbc(c, iv) => {
                 for (k, sector) in data.chunks_exact_mut(ss).enumerate() {

@@ -1,10 +1,11 @@
 //! XTS (IEEE 1619) over 512..4096-byte sectors, whole blocks only (sector
 //! sizes are multiples of 16, so no ciphertext stealing is needed).
 //!
-//! Architecture Invariant: this is the only XTS implementation in the crate.
-//! A later SIMD engine (`crate::simd`) replaces the inside of
-//! [`Xts::encrypt_sectors`]/[`Xts::decrypt_sectors`]; callers only ever see
-//! the multi-sector API.
+//! This portable path serves serpent, twofish, and IV generators other than
+//! plain64 (plain, essiv, ...). AES-XTS with plain64 IVs, what LUKS and
+//! qcow2 use by default, goes through the SIMD engine in `crate::simd`
+//! instead (with its own portable fallback); callers only ever see
+//! `SectorCipher`'s multi-sector API.
 
 use super::block::{as_blk, xor_into, Blk, BlockAlg};
 

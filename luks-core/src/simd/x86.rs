@@ -1,0 +1,776 @@
+//! x86-64 backends: AES-NI (`xmm`, 1 block per register), VAES-256
+//! (`ymm`, 2 blocks) and VAES-512 (`zmm`, 4 blocks).
+//!
+//! Written from the instruction definitions (Intel's AES-NI white paper and
+//! the SDM): key expansion with `aeskeygenassist`, decryption round keys
+//! with `aesimc` (the equivalent inverse cipher), XTS tweaks kept in vector
+//! registers.
+//!
+//! Tweak arithmetic. A tweak is a 128-bit little-endian integer; block `j`
+//! of a sector uses `T0 * x^j` in GF(2^128) mod `x^128 + x^7 + x^2 + x + 1`.
+//! Multiplying by `x^(8m)` is a left byte shift of each 128-bit lane by `m`
+//! plus the carry-less product of the `m` bytes shifted out with `0x87`.
+//! Multiplying by `x^k` with a per-lane `k < 64` is the same with 64-bit
+//! variable shifts. Each kernel keeps `R` tweak vectors for `R` registers
+//! of data in flight and steps them all by `x^(blocks in flight)`.
+
+// The workspace denies `unsafe_code`; this file is part of the one vetted
+// module (`luks-core/src/simd`) because `core::arch` intrinsics behind
+// `#[target_feature]` and raw SIMD loads/stores need `unsafe`.
+#![allow(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+// The AVX-512/VAES intrinsics were stabilised in Rust 1.89; the workspace
+// MSRV field predates them. This module needs 1.89+.
+#![allow(clippy::incompatible_msrv)]
+
+use core::arch::x86_64::*;
+
+use zeroize::Zeroize;
+
+use super::portable::mul_x;
+use super::{Backend, KeySize};
+
+cpufeatures::new!(cpu_aesni, "aes", "pclmulqdq", "sse2");
+cpufeatures::new!(
+    cpu_vaes256,
+    "aes",
+    "pclmulqdq",
+    "avx2",
+    "vaes",
+    "vpclmulqdq"
+);
+cpufeatures::new!(
+    cpu_vaes512,
+    "aes",
+    "pclmulqdq",
+    "avx512f",
+    "avx512bw",
+    "vaes",
+    "vpclmulqdq"
+);
+
+/// Whether the CPU has every feature the hardware `backend` uses.
+pub(super) fn available(backend: Backend) -> bool {
+    match backend {
+        Backend::Portable => true,
+        Backend::AesNi => cpu_aesni::get(),
+        Backend::Vaes256 => cpu_vaes256::get(),
+        Backend::Vaes512 => cpu_vaes512::get(),
+    }
+}
+
+/// Sectors whose first tweaks are computed together.
+const BATCH: usize = 32;
+
+/// Expanded keys for the hardware backends. Invariant: a value exists only
+/// if `available(backend)` was true when it was built, and `backend` is
+/// never `Portable`; the kernels rely on this.
+pub(super) struct HwXts {
+    /// Key1 encryption round keys `0..=nr`.
+    enc1: [[u8; 16]; 15],
+    /// Key1 decryption round keys (equivalent inverse cipher order).
+    dec1: [[u8; 16]; 15],
+    /// Key2 (tweak) encryption round keys.
+    enc2: [[u8; 16]; 15],
+    size: KeySize,
+    backend: Backend,
+}
+
+impl Drop for HwXts {
+    fn drop(&mut self) {
+        self.enc1.zeroize();
+        self.dec1.zeroize();
+        self.enc2.zeroize();
+    }
+}
+
+impl HwXts {
+    pub(super) fn new(k1: &[u8], k2: &[u8], size: KeySize, backend: Backend) -> Option<Self> {
+        if backend == Backend::Portable || !available(backend) {
+            return None;
+        }
+        let want = match size {
+            KeySize::Aes128 => 16,
+            KeySize::Aes256 => 32,
+        };
+        if k1.len() != want || k2.len() != want {
+            return None;
+        }
+        let mut s = Self {
+            enc1: [[0; 16]; 15],
+            dec1: [[0; 16]; 15],
+            enc2: [[0; 16]; 15],
+            size,
+            backend,
+        };
+        // SAFETY: every hardware backend requires "aes" and "sse2", and
+        // `available(backend)` was checked just above. The key slices have
+        // the length the expansion reads (checked above).
+        unsafe {
+            expand_key(k1, size, &mut s.enc1);
+            expand_key(k2, size, &mut s.enc2);
+            inverse_keys(&s.enc1, size, &mut s.dec1);
+        }
+        Some(s)
+    }
+
+    pub(super) fn run(
+        &self,
+        encrypt: bool,
+        data: &mut [u8],
+        sector_size: usize,
+        iv: u64,
+        step: u64,
+    ) {
+        // `sector_size` is a non-zero multiple of 16 and `data.len()` a
+        // multiple of it (checked by the caller); the kernels rely on both.
+        if data.is_empty() {
+            return;
+        }
+        let rk = if encrypt { &self.enc1 } else { &self.dec1 };
+        let a = Args {
+            rk,
+            rk2: &self.enc2,
+            sector_size,
+            iv,
+            step,
+        };
+        macro_rules! go {
+            ($f:ident) => {
+                match (self.size, encrypt) {
+                    (KeySize::Aes128, true) => $f::<10, true>(&a, data),
+                    (KeySize::Aes128, false) => $f::<10, false>(&a, data),
+                    (KeySize::Aes256, true) => $f::<14, true>(&a, data),
+                    (KeySize::Aes256, false) => $f::<14, false>(&a, data),
+                }
+            };
+        }
+        // SAFETY: `self` exists only if the CPU has every feature of
+        // `self.backend` (invariant of `HwXts::new`), and each kernel's
+        // `#[target_feature]` set is a subset of its backend's features.
+        // The data and sector-size preconditions are stated above.
+        unsafe {
+            match self.backend {
+                Backend::Vaes512 => go!(kernel_zmm),
+                Backend::Vaes256 => go!(kernel_ymm),
+                Backend::AesNi | Backend::Portable => go!(kernel_xmm),
+            }
+        }
+    }
+}
+
+/// What every kernel gets besides the data.
+struct Args<'a> {
+    /// Key1 round keys for this direction.
+    rk: &'a [[u8; 16]; 15],
+    /// Key2 encryption round keys.
+    rk2: &'a [[u8; 16]; 15],
+    sector_size: usize,
+    iv: u64,
+    step: u64,
+}
+
+// ---------------------------------------------------------------------
+// Key schedule (AES-NI).
+
+#[inline]
+#[target_feature(enable = "sse2")]
+fn load_key(b: &[u8; 16]) -> __m128i {
+    // SAFETY: `b` is 16 readable bytes; `loadu` has no alignment need and
+    // SSE2 is part of the x86-64 baseline.
+    unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "sse2")]
+fn store_key(k: __m128i, b: &mut [u8; 16]) {
+    // SAFETY: `b` is 16 writable bytes; `storeu` has no alignment need.
+    unsafe { _mm_storeu_si128(b.as_mut_ptr().cast(), k) }
+}
+
+/// Loads a little-endian 128-bit integer (x86 is little-endian, so the
+/// register holds the XTS tweak bytes in order).
+#[inline]
+#[target_feature(enable = "sse2")]
+fn load_u128(v: &u128) -> __m128i {
+    // SAFETY: `v` is 16 readable bytes; loadu needs no alignment.
+    unsafe { _mm_loadu_si128((v as *const u128).cast()) }
+}
+
+/// Stores a register as a little-endian 128-bit integer.
+#[inline]
+#[target_feature(enable = "sse2")]
+fn store_u128(x: __m128i, v: &mut u128) {
+    // SAFETY: `v` is 16 writable bytes; storeu needs no alignment.
+    unsafe { _mm_storeu_si128((v as *mut u128).cast(), x) }
+}
+
+/// `w ^ (w << 32) ^ (w << 64) ^ (w << 96)`: the running XOR of the four
+/// words of a previous round key.
+#[inline]
+#[target_feature(enable = "sse2")]
+fn prefix_xor(mut w: __m128i) -> __m128i {
+    w = _mm_xor_si128(w, _mm_slli_si128::<4>(w));
+    w = _mm_xor_si128(w, _mm_slli_si128::<4>(w));
+    _mm_xor_si128(w, _mm_slli_si128::<4>(w))
+}
+
+/// # Safety
+/// The CPU supports AES-NI. `key` is 16 or 32 bytes matching `size`.
+#[target_feature(enable = "aes,sse2")]
+unsafe fn expand_key(key: &[u8], size: KeySize, out: &mut [[u8; 16]; 15]) {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&key[..16]);
+    let k0 = load_key(&a);
+    store_key(k0, &mut out[0]);
+    match size {
+        KeySize::Aes128 => {
+            let mut k = k0;
+            macro_rules! step {
+                ($i:expr, $rcon:expr) => {
+                    let t = _mm_shuffle_epi32::<0xff>(_mm_aeskeygenassist_si128::<$rcon>(k));
+                    k = _mm_xor_si128(prefix_xor(k), t);
+                    store_key(k, &mut out[$i]);
+                };
+            }
+            step!(1, 0x01);
+            step!(2, 0x02);
+            step!(3, 0x04);
+            step!(4, 0x08);
+            step!(5, 0x10);
+            step!(6, 0x20);
+            step!(7, 0x40);
+            step!(8, 0x80);
+            step!(9, 0x1b);
+            step!(10, 0x36);
+        }
+        KeySize::Aes256 => {
+            a.copy_from_slice(&key[16..32]);
+            let mut even = k0;
+            let mut odd = load_key(&a);
+            store_key(odd, &mut out[1]);
+            macro_rules! even {
+                ($i:expr, $rcon:expr) => {
+                    let t = _mm_shuffle_epi32::<0xff>(_mm_aeskeygenassist_si128::<$rcon>(odd));
+                    even = _mm_xor_si128(prefix_xor(even), t);
+                    store_key(even, &mut out[$i]);
+                };
+            }
+            macro_rules! odd {
+                ($i:expr) => {
+                    let t = _mm_shuffle_epi32::<0xaa>(_mm_aeskeygenassist_si128::<0>(even));
+                    odd = _mm_xor_si128(prefix_xor(odd), t);
+                    store_key(odd, &mut out[$i]);
+                };
+            }
+            even!(2, 0x01);
+            odd!(3);
+            even!(4, 0x02);
+            odd!(5);
+            even!(6, 0x04);
+            odd!(7);
+            even!(8, 0x08);
+            odd!(9);
+            even!(10, 0x10);
+            odd!(11);
+            even!(12, 0x20);
+            odd!(13);
+            even!(14, 0x40);
+        }
+    }
+    a.zeroize();
+}
+
+/// Decryption round keys for `aesdec`: reversed order, `aesimc` applied to
+/// all but the first and last.
+///
+/// # Safety
+/// The CPU supports AES-NI.
+#[target_feature(enable = "aes,sse2")]
+unsafe fn inverse_keys(enc: &[[u8; 16]; 15], size: KeySize, dec: &mut [[u8; 16]; 15]) {
+    let nr = match size {
+        KeySize::Aes128 => 10,
+        KeySize::Aes256 => 14,
+    };
+    dec[0] = enc[nr];
+    for i in 1..nr {
+        store_key(_mm_aesimc_si128(load_key(&enc[nr - i])), &mut dec[i]);
+    }
+    dec[nr] = enc[0];
+}
+
+// ---------------------------------------------------------------------
+// Shared helpers.
+
+/// Fills `ivs[..n]` with `iv + j * step` (wrapping).
+#[inline(always)]
+fn fill_ivs(ivs: &mut [u64; BATCH], n: usize, iv: u64, step: u64) {
+    let mut v = iv;
+    for slot in ivs.iter_mut().take(n) {
+        *slot = v;
+        v = v.wrapping_add(step);
+    }
+}
+
+/// `iv + n * step`, wrapping.
+#[inline(always)]
+fn advance(iv: u64, n: usize, step: u64) -> u64 {
+    iv.wrapping_add(step.wrapping_mul(n as u64))
+}
+
+// ---------------------------------------------------------------------
+// AES-NI kernel: 8 blocks in flight, tweaks stepped by x^8.
+
+#[inline]
+#[target_feature(enable = "aes,sse2")]
+fn round_xmm<const ENC: bool>(x: __m128i, k: __m128i) -> __m128i {
+    if ENC {
+        _mm_aesenc_si128(x, k)
+    } else {
+        _mm_aesdec_si128(x, k)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "aes,sse2")]
+fn last_xmm<const ENC: bool>(x: __m128i, k: __m128i) -> __m128i {
+    if ENC {
+        _mm_aesenclast_si128(x, k)
+    } else {
+        _mm_aesdeclast_si128(x, k)
+    }
+}
+
+/// Multiplies the tweak by `x^8`.
+#[inline]
+#[target_feature(enable = "pclmulqdq,sse2")]
+fn mul_x8_xmm(v: __m128i) -> __m128i {
+    let poly = _mm_set_epi64x(0, 0x87);
+    let out = _mm_srli_si128::<15>(v);
+    _mm_xor_si128(
+        _mm_slli_si128::<1>(v),
+        _mm_clmulepi64_si128::<0x00>(out, poly),
+    )
+}
+
+/// AES-128/256 (`NR` rounds) XTS over whole sectors on `xmm` registers.
+/// Preconditions (checked by the public API): `a.sector_size` is a
+/// non-zero multiple of 16 and `data.len()` a multiple of it.
+#[target_feature(enable = "aes,pclmulqdq,sse2")]
+fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
+    let mut rk = [_mm_setzero_si128(); 15];
+    let mut rk2 = [_mm_setzero_si128(); 15];
+    for i in 0..=NR {
+        rk[i] = load_key(&a.rk[i]);
+        rk2[i] = load_key(&a.rk2[i]);
+    }
+    let ss = a.sector_size;
+    let nb = ss / 16;
+    let mut ivs = [0u64; BATCH];
+    let mut t0s = [0u128; BATCH];
+    let mut used = 0;
+    let mut iv = a.iv;
+    for batch in data.chunks_mut(ss * BATCH) {
+        let n = batch.len() / ss;
+        used = used.max(n.next_multiple_of(4).min(BATCH));
+        fill_ivs(&mut ivs, n, iv, a.step);
+        iv = advance(iv, n, a.step);
+        // Phase 1: T0 = AES_k2(le128(iv)) for each sector of the batch.
+        for (t, &v) in t0s.iter_mut().zip(ivs.iter()).take(n) {
+            let mut x = _mm_xor_si128(_mm_set_epi64x(0, v as i64), rk2[0]);
+            for k in &rk2[1..NR] {
+                x = _mm_aesenc_si128(x, *k);
+            }
+            store_u128(_mm_aesenclast_si128(x, rk2[NR]), t);
+        }
+        // Phase 2: the sectors.
+        for (sector, t0) in batch.chunks_exact_mut(ss).zip(t0s.iter()) {
+            let p = sector.as_mut_ptr();
+            let mut tw = [_mm_setzero_si128(); 8];
+            let mut t = *t0;
+            for v in tw.iter_mut() {
+                *v = load_u128(&t);
+                t = mul_x(t);
+            }
+            let mut j = 0;
+            while j + 8 <= nb {
+                let mut x = [_mm_setzero_si128(); 8];
+                for r in 0..8 {
+                    // SAFETY: j + r < nb and nb * 16 == sector.len(), so
+                    // the 16 bytes lie inside `sector`; loadu is unaligned.
+                    let d = unsafe { _mm_loadu_si128(p.add((j + r) * 16).cast()) };
+                    x[r] = _mm_xor_si128(_mm_xor_si128(d, tw[r]), rk[0]);
+                }
+                for k in &rk[1..NR] {
+                    for v in x.iter_mut() {
+                        *v = round_xmm::<ENC>(*v, *k);
+                    }
+                }
+                for r in 0..8 {
+                    let y = last_xmm::<ENC>(x[r], _mm_xor_si128(rk[NR], tw[r]));
+                    // SAFETY: same block as the load above.
+                    unsafe { _mm_storeu_si128(p.add((j + r) * 16).cast(), y) };
+                }
+                j += 8;
+                if j < nb {
+                    for v in tw.iter_mut() {
+                        *v = mul_x8_xmm(*v);
+                    }
+                }
+            }
+            // Tail: fewer than 8 blocks, tweaks tw[0], tw[1], ... in order.
+            let mut r = 0;
+            while j < nb {
+                // SAFETY: j < nb, so the block lies inside `sector`.
+                let d = unsafe { _mm_loadu_si128(p.add(j * 16).cast()) };
+                let mut x = _mm_xor_si128(_mm_xor_si128(d, tw[r]), rk[0]);
+                for k in &rk[1..NR] {
+                    x = round_xmm::<ENC>(x, *k);
+                }
+                let y = last_xmm::<ENC>(x, _mm_xor_si128(rk[NR], tw[r]));
+                // SAFETY: same block as the load above.
+                unsafe { _mm_storeu_si128(p.add(j * 16).cast(), y) };
+                j += 1;
+                r += 1;
+            }
+        }
+    }
+    // Only the entries written hold key-dependent values; word-sized
+    // volatile writes keep this cheap for single-sector calls.
+    t0s[..used].zeroize();
+}
+
+// ---------------------------------------------------------------------
+// VAES-256 kernel: 8 ymm = 16 blocks in flight, tweaks stepped by x^16.
+
+#[inline]
+#[target_feature(enable = "avx2,vaes")]
+fn round_ymm<const ENC: bool>(x: __m256i, k: __m256i) -> __m256i {
+    if ENC {
+        _mm256_aesenc_epi128(x, k)
+    } else {
+        _mm256_aesdec_epi128(x, k)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,vaes")]
+fn last_ymm<const ENC: bool>(x: __m256i, k: __m256i) -> __m256i {
+    if ENC {
+        _mm256_aesenclast_epi128(x, k)
+    } else {
+        _mm256_aesdeclast_epi128(x, k)
+    }
+}
+
+/// Multiplies each lane by `x^(8M)`, M in 1..=2.
+#[inline]
+#[target_feature(enable = "avx2,vpclmulqdq")]
+fn mul_bytes_ymm<const M: i32>(v: __m256i) -> __m256i {
+    let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
+    let (lo, out) = if M == 1 {
+        (_mm256_bslli_epi128::<1>(v), _mm256_bsrli_epi128::<15>(v))
+    } else {
+        (_mm256_bslli_epi128::<2>(v), _mm256_bsrli_epi128::<14>(v))
+    };
+    _mm256_xor_si256(lo, _mm256_clmulepi64_epi128::<0x00>(out, poly))
+}
+
+/// Multiplies each lane by `x^k`, `k` (< 64) given per 64-bit element and
+/// equal within a lane.
+#[inline]
+#[target_feature(enable = "avx2,vpclmulqdq")]
+fn mul_var_ymm(v: __m256i, k: __m256i) -> __m256i {
+    let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
+    let kc = _mm256_sub_epi64(_mm256_set1_epi64x(64), k);
+    let shifted = _mm256_sllv_epi64(v, k);
+    let carry = _mm256_srlv_epi64(v, kc);
+    let inner = _mm256_bslli_epi128::<8>(carry);
+    let out = _mm256_bsrli_epi128::<8>(carry);
+    _mm256_xor_si256(
+        _mm256_xor_si256(shifted, inner),
+        _mm256_clmulepi64_epi128::<0x00>(out, poly),
+    )
+}
+
+/// As [`kernel_xmm`], on `ymm` registers (2 blocks each).
+#[target_feature(enable = "avx2,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
+fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
+    let mut rk = [_mm256_setzero_si256(); 15];
+    let mut rk2 = [_mm256_setzero_si256(); 15];
+    for i in 0..=NR {
+        rk[i] = _mm256_broadcastsi128_si256(load_key(&a.rk[i]));
+        rk2[i] = _mm256_broadcastsi128_si256(load_key(&a.rk2[i]));
+    }
+    let ss = a.sector_size;
+    let nb = ss / 16;
+    let mut ivs = [0u64; BATCH];
+    let mut t0s = [0u128; BATCH];
+    let mut used = 0;
+    let mut iv = a.iv;
+    for batch in data.chunks_mut(ss * BATCH) {
+        let n = batch.len() / ss;
+        used = used.max(n.next_multiple_of(4).min(BATCH));
+        fill_ivs(&mut ivs, n, iv, a.step);
+        iv = advance(iv, n, a.step);
+        // Phase 1: T0s, two sectors per register.
+        let mut g = 0;
+        while g < n {
+            let mut x = _mm256_set_epi64x(0, ivs[g + 1] as i64, 0, ivs[g] as i64);
+            x = _mm256_xor_si256(x, rk2[0]);
+            for k in &rk2[1..NR] {
+                x = _mm256_aesenc_epi128(x, *k);
+            }
+            x = _mm256_aesenclast_epi128(x, rk2[NR]);
+            // SAFETY: g + 2 <= BATCH (BATCH is even, g < n <= BATCH), so
+            // the 32 bytes written lie inside `t0s`.
+            unsafe { _mm256_storeu_si256(t0s.as_mut_ptr().add(g).cast(), x) };
+            g += 2;
+        }
+        // Phase 2: the sectors.
+        for (sector, t0) in batch.chunks_exact_mut(ss).zip(t0s.iter()) {
+            let p = sector.as_mut_ptr();
+            let b = _mm256_broadcastsi128_si256(load_u128(t0));
+            let v0 = mul_var_ymm(b, _mm256_set_epi64x(1, 1, 0, 0));
+            let v1 = mul_var_ymm(b, _mm256_set_epi64x(3, 3, 2, 2));
+            let v2 = mul_var_ymm(b, _mm256_set_epi64x(5, 5, 4, 4));
+            let v3 = mul_var_ymm(b, _mm256_set_epi64x(7, 7, 6, 6));
+            let mut tw = [
+                v0,
+                v1,
+                v2,
+                v3,
+                mul_bytes_ymm::<1>(v0),
+                mul_bytes_ymm::<1>(v1),
+                mul_bytes_ymm::<1>(v2),
+                mul_bytes_ymm::<1>(v3),
+            ];
+            let mut j = 0;
+            while j + 16 <= nb {
+                let mut x = [_mm256_setzero_si256(); 8];
+                for r in 0..8 {
+                    // SAFETY: blocks j+2r, j+2r+1 < nb lie inside `sector`
+                    // (nb * 16 == sector.len()); loadu is unaligned.
+                    let d = unsafe { _mm256_loadu_si256(p.add((j + 2 * r) * 16).cast()) };
+                    x[r] = _mm256_xor_si256(_mm256_xor_si256(d, tw[r]), rk[0]);
+                }
+                for k in &rk[1..NR] {
+                    for v in x.iter_mut() {
+                        *v = round_ymm::<ENC>(*v, *k);
+                    }
+                }
+                for r in 0..8 {
+                    let y = last_ymm::<ENC>(x[r], _mm256_xor_si256(rk[NR], tw[r]));
+                    // SAFETY: same bytes as the load above.
+                    unsafe { _mm256_storeu_si256(p.add((j + 2 * r) * 16).cast(), y) };
+                }
+                j += 16;
+                if j < nb {
+                    for v in tw.iter_mut() {
+                        *v = mul_bytes_ymm::<2>(*v);
+                    }
+                }
+            }
+            // Tail: whole registers, then a last single block (masked).
+            let mut r = 0;
+            while j < nb {
+                let two = j + 2 <= nb;
+                let mask = if two {
+                    _mm256_set1_epi64x(-1)
+                } else {
+                    _mm256_set_epi64x(0, 0, -1, -1)
+                };
+                // SAFETY: the mask selects blocks j (and j+1 if `two`),
+                // all < nb, so only bytes inside `sector` are read; masked
+                // out elements are not accessed.
+                let d = unsafe { _mm256_maskload_epi64(p.add(j * 16).cast(), mask) };
+                let mut x = _mm256_xor_si256(_mm256_xor_si256(d, tw[r]), rk[0]);
+                for k in &rk[1..NR] {
+                    x = round_ymm::<ENC>(x, *k);
+                }
+                let y = last_ymm::<ENC>(x, _mm256_xor_si256(rk[NR], tw[r]));
+                // SAFETY: same bytes and mask as the load above.
+                unsafe { _mm256_maskstore_epi64(p.add(j * 16).cast(), mask, y) };
+                j += if two { 2 } else { 1 };
+                r += 1;
+            }
+        }
+    }
+    // Only the entries written hold key-dependent values; word-sized
+    // volatile writes keep this cheap for single-sector calls.
+    t0s[..used].zeroize();
+}
+
+// ---------------------------------------------------------------------
+// VAES-512 kernel: 8 zmm = 32 blocks in flight, tweaks stepped by x^32.
+
+#[inline]
+#[target_feature(enable = "avx512f,vaes")]
+fn round_zmm<const ENC: bool>(x: __m512i, k: __m512i) -> __m512i {
+    if ENC {
+        _mm512_aesenc_epi128(x, k)
+    } else {
+        _mm512_aesdec_epi128(x, k)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,vaes")]
+fn last_zmm<const ENC: bool>(x: __m512i, k: __m512i) -> __m512i {
+    if ENC {
+        _mm512_aesenclast_epi128(x, k)
+    } else {
+        _mm512_aesdeclast_epi128(x, k)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn poly_zmm() -> __m512i {
+    _mm512_set_epi64(0, 0x87, 0, 0x87, 0, 0x87, 0, 0x87)
+}
+
+/// Multiplies each lane by `x^(8M)`, M in 1..=4.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+fn mul_bytes_zmm<const M: i32>(v: __m512i) -> __m512i {
+    let (lo, out) = match M {
+        1 => (_mm512_bslli_epi128::<1>(v), _mm512_bsrli_epi128::<15>(v)),
+        2 => (_mm512_bslli_epi128::<2>(v), _mm512_bsrli_epi128::<14>(v)),
+        3 => (_mm512_bslli_epi128::<3>(v), _mm512_bsrli_epi128::<13>(v)),
+        _ => (_mm512_bslli_epi128::<4>(v), _mm512_bsrli_epi128::<12>(v)),
+    };
+    _mm512_xor_si512(lo, _mm512_clmulepi64_epi128::<0x00>(out, poly_zmm()))
+}
+
+/// Multiplies each lane by `x^k`, `k` (< 64) per 64-bit element, equal
+/// within a lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+fn mul_var_zmm(v: __m512i, k: __m512i) -> __m512i {
+    let kc = _mm512_sub_epi64(_mm512_set1_epi64(64), k);
+    let shifted = _mm512_sllv_epi64(v, k);
+    let carry = _mm512_srlv_epi64(v, kc);
+    let inner = _mm512_bslli_epi128::<8>(carry);
+    let out = _mm512_bsrli_epi128::<8>(carry);
+    _mm512_ternarylogic_epi64::<0x96>(
+        shifted,
+        inner,
+        _mm512_clmulepi64_epi128::<0x00>(out, poly_zmm()),
+    )
+}
+
+/// As [`kernel_xmm`], on `zmm` registers (4 blocks each).
+#[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
+fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
+    let mut rk = [_mm512_setzero_si512(); 15];
+    let mut rk2 = [_mm512_setzero_si512(); 15];
+    for i in 0..=NR {
+        rk[i] = _mm512_broadcast_i32x4(load_key(&a.rk[i]));
+        rk2[i] = _mm512_broadcast_i32x4(load_key(&a.rk2[i]));
+    }
+    let ss = a.sector_size;
+    let nb = ss / 16;
+    let mut ivs = [0u64; BATCH];
+    let mut t0s = [0u128; BATCH];
+    let mut used = 0;
+    let mut iv = a.iv;
+    for batch in data.chunks_mut(ss * BATCH) {
+        let n = batch.len() / ss;
+        used = used.max(n.next_multiple_of(4).min(BATCH));
+        fill_ivs(&mut ivs, n, iv, a.step);
+        iv = advance(iv, n, a.step);
+        // Phase 1: T0s, four sectors per register.
+        let mut g = 0;
+        while g < n {
+            let mut x = _mm512_set_epi64(
+                0,
+                ivs[g + 3] as i64,
+                0,
+                ivs[g + 2] as i64,
+                0,
+                ivs[g + 1] as i64,
+                0,
+                ivs[g] as i64,
+            );
+            x = _mm512_xor_si512(x, rk2[0]);
+            for k in &rk2[1..NR] {
+                x = _mm512_aesenc_epi128(x, *k);
+            }
+            x = _mm512_aesenclast_epi128(x, rk2[NR]);
+            // SAFETY: g + 4 <= BATCH (BATCH is a multiple of 4 and
+            // g < n <= BATCH), so the 64 bytes lie inside `t0s`.
+            unsafe { _mm512_storeu_si512(t0s.as_mut_ptr().add(g).cast(), x) };
+            g += 4;
+        }
+        // Phase 2: the sectors.
+        for (sector, t0) in batch.chunks_exact_mut(ss).zip(t0s.iter()) {
+            let p = sector.as_mut_ptr();
+            let b = _mm512_broadcast_i32x4(load_u128(t0));
+            let v0 = mul_var_zmm(b, _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0));
+            let v1 = mul_var_zmm(b, _mm512_set_epi64(7, 7, 6, 6, 5, 5, 4, 4));
+            let mut tw = [
+                v0,
+                v1,
+                mul_bytes_zmm::<1>(v0),
+                mul_bytes_zmm::<1>(v1),
+                mul_bytes_zmm::<2>(v0),
+                mul_bytes_zmm::<2>(v1),
+                mul_bytes_zmm::<3>(v0),
+                mul_bytes_zmm::<3>(v1),
+            ];
+            let mut j = 0;
+            while j + 32 <= nb {
+                let mut x = [_mm512_setzero_si512(); 8];
+                for r in 0..8 {
+                    // SAFETY: blocks j+4r .. j+4r+4 <= nb lie inside
+                    // `sector` (nb * 16 == sector.len()); loadu is unaligned.
+                    let d = unsafe { _mm512_loadu_si512(p.add((j + 4 * r) * 16).cast()) };
+                    x[r] = _mm512_ternarylogic_epi64::<0x96>(d, tw[r], rk[0]);
+                }
+                for k in &rk[1..NR] {
+                    for v in x.iter_mut() {
+                        *v = round_zmm::<ENC>(*v, *k);
+                    }
+                }
+                for r in 0..8 {
+                    let y = last_zmm::<ENC>(x[r], _mm512_xor_si512(rk[NR], tw[r]));
+                    // SAFETY: same bytes as the load above.
+                    unsafe { _mm512_storeu_si512(p.add((j + 4 * r) * 16).cast(), y) };
+                }
+                j += 32;
+                if j < nb {
+                    for v in tw.iter_mut() {
+                        *v = mul_bytes_zmm::<4>(*v);
+                    }
+                }
+            }
+            // Tail: up to 4 blocks per register, masked by 64-bit element.
+            let mut r = 0;
+            while j < nb {
+                let blocks = (nb - j).min(4);
+                let mask: __mmask8 = if blocks == 4 {
+                    0xff
+                } else {
+                    (1u8 << (2 * blocks)) - 1
+                };
+                // SAFETY: the mask selects blocks j .. j+blocks <= nb, all
+                // inside `sector`; masked-out elements are not accessed
+                // (fault suppression).
+                let d = unsafe { _mm512_maskz_loadu_epi64(mask, p.add(j * 16).cast()) };
+                let mut x = _mm512_ternarylogic_epi64::<0x96>(d, tw[r], rk[0]);
+                for k in &rk[1..NR] {
+                    x = round_zmm::<ENC>(x, *k);
+                }
+                let y = last_zmm::<ENC>(x, _mm512_xor_si512(rk[NR], tw[r]));
+                // SAFETY: same bytes and mask as the load above.
+                unsafe { _mm512_mask_storeu_epi64(p.add(j * 16).cast(), mask, y) };
+                j += blocks;
+                r += 1;
+            }
+        }
+    }
+    // Only the entries written hold key-dependent values; word-sized
+    // volatile writes keep this cheap for single-sector calls.
+    t0s[..used].zeroize();
+}
