@@ -21,7 +21,6 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 // The AVX-512/VAES intrinsics were stabilised in Rust 1.89; the workspace
 // MSRV field predates them. This module needs 1.89+.
-#![allow(clippy::incompatible_msrv)]
 
 use core::arch::x86_64::*;
 
