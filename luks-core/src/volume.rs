@@ -51,7 +51,7 @@ impl<D: BlockIo> LuksVolume<D> {
             structure: Structure::Device,
             offset: 0,
         })?;
-        if payload_offset % 512 != 0 {
+        if !payload_offset.is_multiple_of(512) {
             return Err(Error::BadParameter(BadParameter::Unaligned {
                 offset: payload_offset,
                 len: 0,
@@ -104,7 +104,7 @@ impl<D: BlockIo> LuksVolume<D> {
 
     fn check(&self, offset: u64, len: usize) -> Result<u64, Error<D::Error>> {
         let len64 = len as u64;
-        if offset % 512 != 0 || len64 % 512 != 0 {
+        if !offset.is_multiple_of(512) || !len64.is_multiple_of(512) {
             return Err(Error::BadParameter(BadParameter::Unaligned {
                 offset,
                 len: len64,

@@ -330,7 +330,8 @@ impl HeaderRepr {
         let cluster_size = 1u64 << cluster_bits;
         let (inc, com, auto, order, hlen, ctype) = if version == 3 {
             let hlen = h.header_length();
-            if hlen < MIN_V3_HEADER_LEN || hlen % 8 != 0 || u64::from(hlen) > cluster_size {
+            if hlen < MIN_V3_HEADER_LEN || !hlen.is_multiple_of(8) || u64::from(hlen) > cluster_size
+            {
                 return Err(bad(field::HEADER_LENGTH.start, Problem::HeaderLength(hlen)));
             }
             let order = h.refcount_order();

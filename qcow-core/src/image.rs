@@ -1114,8 +1114,8 @@ where
     pub fn read(&mut self, guest_offset: u64, buf: &mut [u8]) -> Result<(), Error<D::Error>> {
         let len = buf.len() as u64;
         let size = self.st.size;
-        if guest_offset % SECTOR != 0
-            || len % SECTOR != 0
+        if !guest_offset.is_multiple_of(SECTOR)
+            || !len.is_multiple_of(SECTOR)
             || guest_offset.checked_add(len).is_none_or(|e| e > size)
         {
             return Err(Error::BadRequest {

@@ -755,7 +755,7 @@ fn encrypted_images_are_reported_and_data_reads_refused() {
         Some("luks")
     );
     let fde = i.crypto.expect("full disk encryption extension");
-    assert!(fde.offset > 0 && fde.length > 0 && fde.offset % i.cluster_size() == 0);
+    assert!(fde.offset > 0 && fde.length > 0 && fde.offset.is_multiple_of(i.cluster_size()));
     let mut buf = vec![0u8; 4096];
     let e = q.read_at(0, &mut buf).unwrap_err();
     assert!(

@@ -216,7 +216,7 @@ impl SectorCipher {
         let half = key.len() / 2;
         let mode = match spec.chain {
             Chain::Xts => {
-                if key.len() % 2 != 0 {
+                if !key.len().is_multiple_of(2) {
                     return Err(key_size_error(spec.kind, key.len()));
                 }
                 let (a, b) = key.split_at(half);

@@ -348,7 +348,7 @@ pub(crate) fn check_request(
 ) -> Result<(), RequestError> {
     let ss = u64::from(sector_size);
     let len64 = len as u64;
-    if offset % ss != 0 || len64 % ss != 0 {
+    if !offset.is_multiple_of(ss) || !len64.is_multiple_of(ss) {
         return Err(RequestError::Unaligned);
     }
     match offset.checked_add(len64) {

@@ -289,10 +289,10 @@ impl XtsEngine {
 }
 
 fn check(len: usize, sector_size: usize) -> Result<(), XtsError> {
-    if sector_size == 0 || sector_size % 16 != 0 {
+    if sector_size == 0 || !sector_size.is_multiple_of(16) {
         return Err(XtsError::SectorSize(sector_size));
     }
-    if len % sector_size != 0 {
+    if !len.is_multiple_of(sector_size) {
         return Err(XtsError::DataLength { len, sector_size });
     }
     Ok(())

@@ -19,8 +19,8 @@
 // `#[target_feature]` and raw SIMD loads/stores need `unsafe`.
 #![allow(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
-// The AVX-512/VAES intrinsics were stabilised in Rust 1.89; the workspace
-// MSRV field predates them. This module needs 1.89+.
+// The AVX-512/VAES intrinsics were stabilised in Rust 1.89, the workspace's
+// `rust-version`.
 
 use core::arch::x86_64::*;
 

@@ -123,7 +123,7 @@ fn parse_never_panics_on_truncated_or_garbled_input() {
             let i = ((x >> (8 * k)) as usize) % b.len();
             b[i] ^= (x >> (32 + k)) as u8 | 1;
         }
-        let len = if x % 7 == 0 {
+        let len = if x.is_multiple_of(7) {
             (x >> 40) as usize % 113
         } else {
             112
