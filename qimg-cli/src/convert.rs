@@ -173,7 +173,7 @@ mod tests {
             }
         }
         let len = data.len() as u64;
-        let mut src = Flat(erased(VecDevice::from_vec(data.clone())));
+        let mut src = Flat::at_offsets(erased(VecDevice::from_vec(data.clone())));
         let mut dst = erased(VecDevice::new());
         let mut last = 0;
         let written = copy(&mut src, &mut dst, len, CopyOptions::default(), &mut |d| {
@@ -191,7 +191,10 @@ mod tests {
 
     #[test]
     fn zero_status_ranges_are_not_read() {
-        let mut src = HalfZero(Flat(erased(VecDevice::from_vec(vec![7u8; 8192]))), 4096);
+        let mut src = HalfZero(
+            Flat::at_offsets(erased(VecDevice::from_vec(vec![7u8; 8192]))),
+            4096,
+        );
         let mut dst = erased(VecDevice::new());
         copy(
             &mut src,

@@ -86,35 +86,54 @@ pub(crate) trait Source: BlockIo<Error = DevError> {
     fn block_status(&mut self, offset: u64, max: u64) -> Result<BlockStatus, DevError>;
 }
 
-/// A device whose every byte is data at its own offset (raw files, LUKS
-/// payloads).
-pub(crate) struct Flat<D>(pub D);
+/// A device whose every byte is data: at its own offset (`Flat::at_offsets`)
+/// or with no host offset to show, as for a decrypted LUKS payload
+/// (`Flat::hidden`).
+pub(crate) struct Flat<D> {
+    dev: D,
+    offsets: bool,
+}
+
+impl<D> Flat<D> {
+    /// Data at the same offset in the device.
+    pub(crate) fn at_offsets(dev: D) -> Self {
+        Self { dev, offsets: true }
+    }
+
+    /// Data whose host location qemu-img does not report.
+    pub(crate) fn hidden(dev: D) -> Self {
+        Self {
+            dev,
+            offsets: false,
+        }
+    }
+}
 
 impl<D: BlockIo<Error = DevError>> BlockIo for Flat<D> {
     type Error = DevError;
     fn sector_size(&self) -> u32 {
-        self.0.sector_size()
+        self.dev.sector_size()
     }
     fn size(&mut self) -> Result<u64, DevError> {
-        self.0.size()
+        self.dev.size()
     }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
-        self.0.read_at(offset, buf)
+        self.dev.read_at(offset, buf)
     }
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
-        self.0.write_at(offset, buf)
+        self.dev.write_at(offset, buf)
     }
     fn flush(&mut self) -> Result<(), DevError> {
-        self.0.flush()
+        self.dev.flush()
     }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), DevError> {
-        self.0.write_zeroes(offset, len)
+        self.dev.write_zeroes(offset, len)
     }
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), DevError> {
-        self.0.discard(offset, len)
+        self.dev.discard(offset, len)
     }
     fn set_size(&mut self, size: u64) -> Result<bool, DevError> {
-        self.0.set_size(size)
+        self.dev.set_size(size)
     }
 }
 
@@ -127,7 +146,7 @@ impl<D: BlockIo<Error = DevError>> Source for Flat<D> {
             zero: false,
             data: true,
             compressed: false,
-            offset: Some(offset),
+            offset: self.offsets.then_some(offset),
         })
     }
 }

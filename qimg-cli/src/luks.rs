@@ -8,7 +8,7 @@ use luks_core::luks1::{self, HeaderRepr};
 use luks_core::LuksVolume;
 use serde_json::{json, Map, Value};
 
-use crate::dev::{erased, AnyDev, BlockStatus, DevError, Source};
+use crate::dev::{erased, AnyDev, Flat, Source};
 use crate::opts::OptionMap;
 use crate::secret::{Secret, Secrets};
 use crate::CliError;
@@ -51,45 +51,6 @@ pub(crate) fn read_header(path: &str) -> Result<HeaderRepr, CliError> {
     luks1::read_header(&mut dev).map_err(|e| CliError::io(path, e.to_string()))
 }
 
-/// A decrypted payload: data everywhere, with no host offset to show.
-struct Payload(AnyDev);
-
-impl BlockIo for Payload {
-    type Error = DevError;
-    fn sector_size(&self) -> u32 {
-        self.0.sector_size()
-    }
-    fn size(&mut self) -> Result<u64, DevError> {
-        self.0.size()
-    }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
-        self.0.read_at(offset, buf)
-    }
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
-        self.0.write_at(offset, buf)
-    }
-    fn flush(&mut self) -> Result<(), DevError> {
-        self.0.flush()
-    }
-    fn set_size(&mut self, size: u64) -> Result<bool, DevError> {
-        self.0.set_size(size)
-    }
-}
-
-impl Source for Payload {
-    fn block_status(&mut self, _offset: u64, max: u64) -> Result<BlockStatus, DevError> {
-        Ok(BlockStatus {
-            len: max.max(1),
-            depth: 0,
-            present: true,
-            zero: false,
-            data: true,
-            compressed: false,
-            offset: None,
-        })
-    }
-}
-
 /// Unlocks a raw LUKS volume (`header` names a detached header) and
 /// returns its payload. `writable` opens the data file for writing.
 pub(crate) fn open(
@@ -115,7 +76,7 @@ pub(crate) fn open(
     .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
     let vol =
         LuksVolume::open_luks1(data, &hdr, &key).map_err(|e| CliError::io(path, e.to_string()))?;
-    Ok(Box::new(Payload(erased(vol))))
+    Ok(Box::new(Flat::hidden(erased(vol))))
 }
 
 /// Splits a LUKS1 cipher mode (`xts-plain64`, `cbc-essiv:sha256`) into

@@ -79,7 +79,7 @@ impl Qcow2Source {
                 .map_err(|e| CliError::io(path, e.to_string()))?,
             None => img
                 .ignore_backing()
-                .with_backing(Box::new(crate::dev::Flat(crate::dev::erased(
+                .with_backing(Box::new(crate::dev::Flat::at_offsets(crate::dev::erased(
                     luks_core::io::VecDevice::new(),
                 ))) as Box<dyn Source>)
                 .map_err(|e| CliError::io(path, e.to_string()))?,
