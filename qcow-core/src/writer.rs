@@ -1032,7 +1032,14 @@ where
                 len: data.len() as u64,
                 size: self.hdr.size,
             })?;
-        if data.len() as u64 != cs || self.extended() {
+        if data.len() as u64 != cs {
+            return Err(Error::BadRequest {
+                offset: g,
+                len: data.len() as u64,
+                size: self.hdr.size,
+            });
+        }
+        if self.hdr.has_data_file() {
             return Err(Error::Unsupported(Unsupported::Writing));
         }
         let packed = crate::compress::compress(self.hdr.compression_type, data);

@@ -187,6 +187,48 @@ fn matrix_of_cluster_sizes_refcount_widths_and_compat_passes_qemu_img_check() {
 }
 
 #[test]
+fn extended_l2_zstd_and_lazy_refcount_images_pass_qemu_img_check() {
+    let Some(q) = Qemu::find() else { return };
+    for (cs, ext, ztype, lazy) in [
+        (65536u64, true, 1u8, false),
+        (16384, true, 0, true),
+        (4096, false, 1, true),
+    ] {
+        let dir = tmpdir();
+        let path = dir.path().join("x.qcow2");
+        let size = 8u64 << 20;
+        let opts = CreateOptions {
+            size,
+            cluster_size: cs,
+            extended_l2: ext,
+            compression_type: ztype,
+            lazy_refcounts: lazy,
+            ..CreateOptions::default()
+        };
+        let what = format!("cluster {cs} extended_l2 {ext} compression {ztype} lazy {lazy}");
+        let mut w = create(FileDevice::create(&path).unwrap(), &opts).unwrap();
+        let mut model = vec![0u8; size as usize];
+        workload(&mut w, &mut model, cs, true, cs ^ 0x55, 4 << 20);
+        drop(w.close().unwrap());
+        assert_clean(&q, &path, &what);
+        assert_content(&q, &path, dir.path(), &model, &what);
+        // And back: qemu-io writes into the image, qcow-core writes more.
+        q.io(
+            &path,
+            "qcow2",
+            &["write -P 0x5a 1000 70000", "write -z 3M 200k"],
+        );
+        model[1000..71000].fill(0x5a);
+        model[3 << 20..(3 << 20) + (200 << 10)].fill(0);
+        let mut w = Qcow2Writer::open(FileDevice::open_rw(&path).unwrap()).unwrap();
+        workload(&mut w, &mut model, cs, true, cs ^ 0x66, 1 << 20);
+        drop(w.close().unwrap());
+        assert_clean(&q, &path, &what);
+        assert_content(&q, &path, dir.path(), &model, &what);
+    }
+}
+
+#[test]
 fn create_matches_qemu_img_layout_and_options() {
     let Some(q) = Qemu::find() else { return };
     let dir = tmpdir();
