@@ -61,6 +61,8 @@ pub struct Qcow2Writer<D: BlockIo, B = NoDevice<<D as BlockIo>::Error>> {
     free_hint: u64,
     /// Bytes the device holds (tracked, so reads past the end read zero).
     file_len: u64,
+    /// Flush between dependent steps (the crash-consistency ordering).
+    barriers: bool,
 }
 
 impl<D: BlockIo, B> core::fmt::Debug for Qcow2Writer<D, B> {
@@ -130,6 +132,7 @@ impl<D: BlockIo> Qcow2Writer<D> {
             rb_cache: BTreeMap::new(),
             free_hint: 0,
             file_len,
+            barriers: true,
         };
         w.l1 = w.read_u64s(
             hdr.l1_table_offset,
@@ -181,7 +184,17 @@ where
             rb_cache: self.rb_cache,
             free_hint: self.free_hint,
             file_len: self.file_len,
+            barriers: self.barriers,
         })
+    }
+
+    /// Turns the flushes between dependent metadata steps on (the default)
+    /// or off. Off is for writing a new image that is thrown away on
+    /// failure anyway (`convert`): much faster on real disks, but a crash
+    /// may then leave the image corrupt. [`flush`](Self::flush) and
+    /// [`close`](Self::close) always flush.
+    pub fn set_write_barriers(&mut self, on: bool) {
+        self.barriers = on;
     }
 
     /// The current header.
@@ -201,7 +214,7 @@ where
 
     /// Flushes and gives back the device.
     pub fn close(mut self) -> Result<D, Error<D::Error>> {
-        self.flush_dev()?;
+        self.barrier()?;
         Ok(self.dev)
     }
 
@@ -263,6 +276,15 @@ where
         let end = off.saturating_add(buf.len() as u64);
         self.file_len = self.file_len.max(end);
         Ok(())
+    }
+
+    /// A flush between dependent steps; skipped when barriers are off.
+    fn barrier(&mut self) -> Result<(), Error<D::Error>> {
+        if self.barriers {
+            self.flush_dev()
+        } else {
+            Ok(())
+        }
     }
 
     fn flush_dev(&mut self) -> Result<(), Error<D::Error>> {
@@ -425,7 +447,7 @@ where
             let bt = b >> rb_bits;
             if self.has_block(b) {
                 self.set_refcount_existing(b, 1)?;
-                self.flush_dev()?;
+                self.barrier()?;
                 self.install_block(ti, b, None)?;
             } else {
                 if usize::try_from(bt).map_or(true, |t| t >= self.reftable.len()) {
@@ -455,7 +477,7 @@ where
         }
         self.write_dev(off, &blk, Structure::RefcountBlock)?;
         self.rb_cache.insert(off, blk);
-        self.flush_dev()?;
+        self.barrier()?;
         let i = usize::try_from(ti).map_err(|_| overflow(Structure::RefcountTable, 0))?;
         if let Some(e) = self.reftable.get_mut(i) {
             *e = off;
@@ -470,7 +492,7 @@ where
         );
         self.reftable = rt;
         r?;
-        self.flush_dev()
+        self.barrier()
     }
 
     /// Grows the refcount table so index `need` exists: new blocks and the
@@ -546,7 +568,7 @@ where
             n.saturating_sub(1),
             Structure::RefcountTable,
         )?;
-        self.flush_dev()?;
+        self.barrier()?;
         // 3. Switch the header (offset and cluster count, one 12-byte write).
         let mut h = [0u8; 12];
         h[..8].copy_from_slice(&table_off.to_be_bytes());
@@ -560,7 +582,7 @@ where
             &h,
             Structure::Header,
         )?;
-        self.flush_dev()?;
+        self.barrier()?;
         let old_off = self.hdr.refcount_table_offset;
         self.hdr.refcount_table_offset = table_off;
         self.hdr.refcount_table_clusters = u32::try_from(table_clusters).unwrap_or(u32::MAX);
@@ -571,7 +593,7 @@ where
             let v = self.refcount(c)?;
             self.set_refcount_existing(c, v.saturating_sub(1))?;
         }
-        self.flush_dev()
+        self.barrier()
     }
 
     /// Allocates `n` contiguous clusters with refcount 1 (durable on
@@ -595,7 +617,7 @@ where
             for i in 0..n {
                 self.set_refcount_existing(c.saturating_add(i), 1)?;
             }
-            self.flush_dev()?;
+            self.barrier()?;
             return Ok(c << self.cb());
         }
     }
@@ -693,7 +715,7 @@ where
         let t = vec![0u64; n];
         self.write_words(off, &t, 0, n.saturating_sub(1), Structure::L2Table)?;
         self.l2_cache.insert(off, t);
-        self.flush_dev()?;
+        self.barrier()?;
         if let Some(e) = self.l1.get_mut(l1i) {
             *e = off | COPIED;
         }
@@ -701,7 +723,7 @@ where
         let r = self.write_words(self.hdr.l1_table_offset, &l1, l1i, l1i, Structure::L1Table);
         self.l1 = l1;
         r?;
-        self.flush_dev()?;
+        self.barrier()?;
         Ok(off)
     }
 
@@ -879,7 +901,11 @@ where
             }
         }
         // Otherwise: the whole cluster as it reads now, merged with `data`.
-        let mut cluster = self.read_cluster(base)?;
+        let mut cluster = if data.len() as u64 == cs {
+            data.to_vec()
+        } else {
+            self.read_cluster(base)?
+        };
         let ou = usize::try_from(o).unwrap_or(0);
         cluster[ou..ou.saturating_add(data.len())].copy_from_slice(data);
         let reuse = match dec {
@@ -896,14 +922,14 @@ where
         };
         // Data before the L2 entry that points at it.
         self.write_dev(target, &cluster, Structure::DataCluster)?;
-        self.flush_dev()?;
+        self.barrier()?;
         let bm_new = if ext { ALL_ALLOCATED } else { 0 };
         self.set_entry(base, target | COPIED, bm_new)?;
-        self.flush_dev()?;
+        self.barrier()?;
         // The old references go only after the new entry is durable.
         if reuse.is_none() {
             self.release(dec, e)?;
-            self.flush_dev()?;
+            self.barrier()?;
         }
         Ok(())
     }
@@ -976,10 +1002,10 @@ where
         } else {
             self.set_entry(base, ZERO, 0)?;
         }
-        self.flush_dev()?;
+        self.barrier()?;
         if !owned {
             self.release(dec, e)?;
-            self.flush_dev()?;
+            self.barrier()?;
         }
         Ok(())
     }
@@ -1004,9 +1030,9 @@ where
                 };
                 if ne != e || nbm != bm {
                     self.set_entry(at, ne, nbm)?;
-                    self.flush_dev()?;
+                    self.barrier()?;
                     self.release(dec, e)?;
-                    self.flush_dev()?;
+                    self.barrier()?;
                 }
             }
             at = at.saturating_add(cs);
@@ -1051,15 +1077,15 @@ where
         let dec = L2Entry::decode(e, self.cb(), false, false);
         let host = self.alloc_clusters(1)?;
         self.write_dev(host, &packed, Structure::CompressedCluster)?;
-        self.flush_dev()?;
+        self.barrier()?;
         let d = CompressedDescriptor {
             host,
             sectors: (packed.len() as u64).div_ceil(SECTOR).max(1),
         };
         self.set_entry(g, d.encode(self.cb()), 0)?;
-        self.flush_dev()?;
+        self.barrier()?;
         self.release(dec, e)?;
-        self.flush_dev()
+        self.barrier()
     }
 
     /// Changes the virtual size. Growing enlarges the L1 table when needed
@@ -1107,18 +1133,18 @@ where
                 raw[s..s.saturating_add(8)].copy_from_slice(&w.to_be_bytes());
             }
             self.write_dev(off, &raw, Structure::L1Table)?;
-            self.flush_dev()?;
+            self.barrier()?;
             let mut h = [0u8; 12];
             h[..4].copy_from_slice(&u32::try_from(need).unwrap_or(u32::MAX).to_be_bytes());
             h[4..].copy_from_slice(&off.to_be_bytes());
             self.write_dev(field::L1_SIZE.start as u64, &h, Structure::Header)?;
-            self.flush_dev()?;
+            self.barrier()?;
             self.l1 = l1;
             self.hdr.l1_table_offset = off;
             self.hdr.l1_size = u32::try_from(need).unwrap_or(u32::MAX);
             if old_bytes > 0 {
                 self.free_range(old_off, old_bytes.div_ceil(cs).saturating_mul(cs))?;
-                self.flush_dev()?;
+                self.barrier()?;
             }
         }
         self.write_dev(
@@ -1126,7 +1152,7 @@ where
             &new_size.to_be_bytes(),
             Structure::Header,
         )?;
-        self.flush_dev()?;
+        self.barrier()?;
         self.hdr.size = new_size;
         Ok(())
     }
@@ -1172,12 +1198,19 @@ where
     }
 
     fn highest_used(&mut self) -> Result<u64, Error<D::Error>> {
-        let mut c = self.reftable.len() as u64;
-        c <<= self.rb_bits();
-        while c > 0 {
-            c = c.saturating_sub(1);
-            if self.has_block(c) && self.refcount(c)? != 0 {
-                return Ok(c);
+        let rb_bits = self.rb_bits();
+        let mut ti = self.reftable.len();
+        while ti > 0 {
+            ti = ti.saturating_sub(1);
+            if self.reftable.get(ti).is_some_and(|&e| e != 0) {
+                let first = (ti as u64) << rb_bits;
+                let mut c = first.saturating_add(1u64 << rb_bits);
+                while c > first {
+                    c = c.saturating_sub(1);
+                    if self.refcount(c)? != 0 {
+                        return Ok(c);
+                    }
+                }
             }
         }
         Ok(0)
@@ -1207,6 +1240,7 @@ where
             rb_cache: BTreeMap::new(),
             free_hint: 0,
             file_len,
+            barriers: true,
         }
     }
 

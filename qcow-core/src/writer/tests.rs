@@ -112,3 +112,20 @@ fn overwrite_zero_discard_keep_refcounts_exact() {
         assert_eq!(b, [3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4]);
     }
 }
+
+#[test]
+fn without_barriers_content_and_refcounts_are_the_same() {
+    let mut w = create(VecDevice::new(), &opts(512, 16, 2 << 20)).unwrap();
+    w.set_write_barriers(false);
+    let before = w.device().flush_count();
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 13) as u8).collect();
+    for i in 0..300u64 {
+        w.write(i * 4099 % ((2 << 20) - 3000), &data).unwrap();
+    }
+    assert_eq!(w.device().flush_count(), before, "no flushes between steps");
+    check_refcounts(&mut w);
+    let mut back = vec![0u8; 3000];
+    let last: u64 = 299 * 4099; // the last write, below 2 MiB - 3000
+    w.read(last, &mut back).unwrap();
+    assert_eq!(back, data);
+}
