@@ -209,7 +209,9 @@ pub enum Unsupported {
         /// The crypt method: 1 legacy AES, 2 LUKS.
         method: u32,
     },
-    /// Opening read-write is not implemented yet.
+    /// Writing is not available for this image (the allocation-free
+    /// reader, or an image with internal snapshots, encryption, an external
+    /// data file, or the dirty bit, which the writer does not handle).
     Writing,
 }
 
@@ -231,7 +233,9 @@ impl fmt::Display for Unsupported {
                 f,
                 "reading data of an encrypted image (crypt_method {method}) needs a decryptor"
             ),
-            Self::Writing => f.write_str("opening qcow2 images read-write is not implemented yet"),
+            Self::Writing => f.write_str(
+                "writing is not supported for this qcow2 image (read-only reader, or snapshots, encryption, external data file or dirty bit)",
+            ),
         }
     }
 }

@@ -596,9 +596,10 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
         })
     }
 
-    /// Opening read-write is a later task: refuses images marked corrupt
-    /// with [`Error::MarkedCorrupt`], and everything else with
-    /// [`Unsupported::Writing`].
+    /// This allocation-free reader stays read-only: refuses images marked
+    /// corrupt with [`Error::MarkedCorrupt`], and everything else with
+    /// [`Unsupported::Writing`]. Writing goes through `writer::Qcow2Writer`
+    /// (the `alloc` feature), which has its own caches.
     pub fn open_rw(dev: D, cache: &'c mut [u8]) -> Result<Self, Error<D::Error>> {
         let img = Self::open(dev, cache)?;
         if img.info().corrupt() {

@@ -14,6 +14,10 @@
 
 #![no_std]
 
+#[cfg(feature = "alloc")]
+pub mod compress;
+#[cfg(feature = "alloc")]
+pub mod create;
 pub mod crypto;
 pub mod decompress;
 pub mod entry;
@@ -22,9 +26,15 @@ pub mod header;
 pub mod image;
 pub mod limits;
 pub mod snapshot;
+#[cfg(feature = "alloc")]
+pub mod writer;
 
+#[cfg(feature = "alloc")]
+pub use create::{create, CreateOptions, Preallocation};
 pub use error::{Error, Structure};
 pub use image::{BitmapInfo, Decryptor, ImageInfo, MapKind, Mapping, NoDevice, Qcow2};
 /// The sector-I/O trait and its adapters, shared with `luks-core`.
 pub use luks_core::io;
 pub use luks_core::io::BlockIo;
+#[cfg(feature = "alloc")]
+pub use writer::{Qcow2Writer, ResizeError};

@@ -1,0 +1,400 @@
+//! Creating qcow2 images (needs `alloc`), with qemu-img's options, checks
+//! and messages, and the layout qemu-img 10 writes: header and extensions
+//! in cluster 0, the refcount table in cluster 1, the first refcount block
+//! in cluster 2, the L1 table from cluster 3.
+
+#![warn(clippy::arithmetic_side_effects)]
+
+extern crate alloc;
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::entry;
+use crate::error::Error;
+use crate::header::{
+    autoclear, compat, emit_extension, ext, incompat, FeatureName, Header, HeaderRepr,
+    COMPRESSION_ZLIB, COMPRESSION_ZSTD,
+};
+use crate::limits::{MAX_CLUSTER_BITS, MAX_L1_ENTRIES, MAX_NAME_LEN, MIN_CLUSTER_BITS};
+use crate::writer::Qcow2Writer;
+use luks_core::io::BlockIo;
+
+/// qemu-img's `preallocation` option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Nothing beyond the metadata qemu-img always writes.
+    #[default]
+    Off,
+    /// Every L2 table and data cluster allocated (the file stays sparse).
+    Metadata,
+    /// As `Metadata`, and every data cluster written with zeroes.
+    Full,
+}
+
+/// qemu-img's `-o` options for `create -f qcow2`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions<'a> {
+    /// Virtual size in bytes (rounded up to 512, as qemu-img does).
+    pub size: u64,
+    /// `compat=1.1` (true, version 3) or `compat=0.10` (false, version 2).
+    pub v3: bool,
+    /// Cluster size in bytes: a power of two from 512 to 2 MiB.
+    pub cluster_size: u64,
+    /// Refcount width in bits: a power of two up to 64; 16 on v2.
+    pub refcount_bits: u32,
+    /// Lazy refcounts (v3 only). This writer still updates refcounts
+    /// eagerly, which the feature allows.
+    pub lazy_refcounts: bool,
+    /// Preallocation mode.
+    pub preallocation: Preallocation,
+    /// 0 zlib, 1 zstd (v3 only; sets incompatible bit 3).
+    pub compression_type: u8,
+    /// Extended L2 entries (v3, clusters of at least 16 KiB).
+    pub extended_l2: bool,
+    /// External data file name (v3); the caller creates the file.
+    pub data_file: Option<&'a str>,
+    /// The external data file is a valid raw image.
+    pub data_file_raw: bool,
+    /// Backing file name.
+    pub backing_file: Option<&'a str>,
+    /// Backing file format name.
+    pub backing_fmt: Option<&'a str>,
+}
+
+impl Default for CreateOptions<'_> {
+    /// qemu-img's defaults (with size 0).
+    fn default() -> Self {
+        Self {
+            size: 0,
+            v3: true,
+            cluster_size: 65536,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            preallocation: Preallocation::Off,
+            compression_type: COMPRESSION_ZLIB,
+            extended_l2: false,
+            data_file: None,
+            data_file_raw: false,
+            backing_file: None,
+            backing_fmt: None,
+        }
+    }
+}
+
+/// Why `create` refused or failed. The messages are qemu-img's.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum CreateError<E> {
+    /// The device failed.
+    Qcow2(Error<E>),
+    /// Cluster size not a power of two in 512..=2 MiB.
+    ClusterSize(u64),
+    /// Refcount width not a power of two up to 64.
+    RefcountWidth(u32),
+    /// A refcount width other than 16 on v2.
+    RefcountWidthNeedsV3,
+    /// Lazy refcounts on v2.
+    LazyRefcountsNeedV3,
+    /// zstd on v2.
+    CompressionNeedsV3,
+    /// Unknown compression type.
+    CompressionType(u8),
+    /// Extended L2 on v2.
+    ExtendedL2NeedsV3,
+    /// Extended L2 with clusters below 16 KiB.
+    ExtendedL2ClusterSize,
+    /// External data file on v2.
+    DataFileNeedsV3,
+    /// `data_file_raw` without `data_file`.
+    DataFileRawNeedsDataFile,
+    /// Preallocation with an external data file (the data device belongs
+    /// to the caller).
+    DataFilePreallocation,
+    /// `backing_fmt` without `backing_file`.
+    BackingFmtWithoutFile,
+    /// A name longer than 1023 bytes.
+    NameTooLong,
+    /// The header, extensions and backing file name do not fit cluster 0.
+    HeaderTooLarge,
+    /// The virtual size needs more L1 entries than QEMU allows.
+    TooLarge(u64),
+}
+
+impl<E> From<Error<E>> for CreateError<E> {
+    fn from(e: Error<E>) -> Self {
+        Self::Qcow2(e)
+    }
+}
+
+const V3_HINT: &str = "(use version=v3 or greater)";
+
+impl<E: fmt::Display> fmt::Display for CreateError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Qcow2(e) => e.fmt(f),
+            Self::ClusterSize(_) => {
+                f.write_str("Cluster size must be a power of two between 512 and 2048k")
+            }
+            Self::RefcountWidth(_) => {
+                f.write_str("Refcount width must be a power of two and may not exceed 64 bits")
+            }
+            Self::RefcountWidthNeedsV3 => write!(
+                f,
+                "Different refcount widths than 16 bits require compatibility level 1.1 or above {V3_HINT}"
+            ),
+            Self::LazyRefcountsNeedV3 => write!(
+                f,
+                "Lazy refcounts only supported with compatibility level 1.1 and above {V3_HINT}"
+            ),
+            Self::CompressionNeedsV3 => write!(
+                f,
+                "Non-zlib compression type is only supported with compatibility level 1.1 and above {V3_HINT}"
+            ),
+            Self::CompressionType(t) => write!(f, "Unknown compression type {t}"),
+            Self::ExtendedL2NeedsV3 => write!(
+                f,
+                "Extended L2 entries are only supported with compatibility level 1.1 and above {V3_HINT}"
+            ),
+            Self::ExtendedL2ClusterSize => f.write_str(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            ),
+            Self::DataFileNeedsV3 => write!(
+                f,
+                "External data files are only supported with compatibility level 1.1 and above {V3_HINT}"
+            ),
+            Self::DataFileRawNeedsDataFile => f.write_str("data-file-raw requires data-file"),
+            Self::DataFilePreallocation => f.write_str(
+                "Preallocation with an external data file is not supported by qcow-core",
+            ),
+            Self::BackingFmtWithoutFile => {
+                f.write_str("Backing format cannot be used without backing file")
+            }
+            Self::NameTooLong => f.write_str("File name too long (at most 1023 bytes)"),
+            Self::HeaderTooLarge => {
+                f.write_str("The header extensions and backing file name do not fit in cluster 0")
+            }
+            Self::TooLarge(s) => write!(f, "Image size {s} is too large for this cluster size"),
+        }
+    }
+}
+
+impl<E: fmt::Debug + fmt::Display> core::error::Error for CreateError<E> {}
+
+/// The feature name table QEMU 10 writes: (type, bit, name).
+const FEATURES: [(u8, u8, &str); 8] = [
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+];
+
+/// Header length QEMU 10 writes for v3: 104 + compression type, padded.
+const V3_HEADER_LEN: u32 = 112;
+
+fn validate<E>(o: &CreateOptions<'_>) -> Result<(u32, u32), CreateError<E>> {
+    let cs = o.cluster_size;
+    if !cs.is_power_of_two() || !(1u64 << MIN_CLUSTER_BITS..=1u64 << MAX_CLUSTER_BITS).contains(&cs)
+    {
+        return Err(CreateError::ClusterSize(cs));
+    }
+    let rb = o.refcount_bits;
+    if !rb.is_power_of_two() || rb > 64 {
+        return Err(CreateError::RefcountWidth(rb));
+    }
+    if !o.v3 {
+        if rb != 16 {
+            return Err(CreateError::RefcountWidthNeedsV3);
+        }
+        if o.lazy_refcounts {
+            return Err(CreateError::LazyRefcountsNeedV3);
+        }
+        if o.compression_type != COMPRESSION_ZLIB {
+            return Err(CreateError::CompressionNeedsV3);
+        }
+        if o.extended_l2 {
+            return Err(CreateError::ExtendedL2NeedsV3);
+        }
+        if o.data_file.is_some() {
+            return Err(CreateError::DataFileNeedsV3);
+        }
+    }
+    if o.compression_type != COMPRESSION_ZLIB && o.compression_type != COMPRESSION_ZSTD {
+        return Err(CreateError::CompressionType(o.compression_type));
+    }
+    if o.extended_l2 && cs < 16384 {
+        return Err(CreateError::ExtendedL2ClusterSize);
+    }
+    if o.data_file_raw && o.data_file.is_none() {
+        return Err(CreateError::DataFileRawNeedsDataFile);
+    }
+    if o.data_file.is_some() && o.preallocation != Preallocation::Off {
+        return Err(CreateError::DataFilePreallocation);
+    }
+    if o.backing_fmt.is_some() && o.backing_file.is_none() {
+        return Err(CreateError::BackingFmtWithoutFile);
+    }
+    for n in [o.data_file, o.backing_file, o.backing_fmt]
+        .into_iter()
+        .flatten()
+    {
+        if n.len() > MAX_NAME_LEN {
+            return Err(CreateError::NameTooLong);
+        }
+    }
+    Ok((cs.trailing_zeros(), rb.trailing_zeros()))
+}
+
+/// Cluster 0: header, extensions, end marker, backing file name.
+fn cluster0<E>(hdr: &mut HeaderRepr, o: &CreateOptions<'_>) -> Result<Vec<u8>, CreateError<E>> {
+    let mut buf = vec![0u8; usize::try_from(hdr.cluster_size()).unwrap_or(0)];
+    let too_big = || CreateError::HeaderTooLarge;
+    let mut at = hdr.buffer_len();
+    if let Some(f) = o.backing_fmt {
+        let n = emit_extension(
+            buf.get_mut(at..).ok_or_else(too_big)?,
+            ext::BACKING_FORMAT,
+            f.as_bytes(),
+        )
+        .ok_or_else(too_big)?;
+        at = at.saturating_add(n);
+    }
+    if let Some(f) = o.data_file {
+        let n = emit_extension(
+            buf.get_mut(at..).ok_or_else(too_big)?,
+            ext::DATA_FILE,
+            f.as_bytes(),
+        )
+        .ok_or_else(too_big)?;
+        at = at.saturating_add(n);
+    }
+    if hdr.version >= 3 {
+        let mut table = vec![0u8; FEATURES.len().saturating_mul(FeatureName::LEN)];
+        for (i, (kind, bit, name)) in FEATURES.iter().enumerate() {
+            let mut s = heapless::String::new();
+            let _ = s.push_str(name);
+            let fname = FeatureName {
+                kind: *kind,
+                bit: *bit,
+                name: s,
+            };
+            let off = i.saturating_mul(FeatureName::LEN);
+            fname.emit(&mut table[off..]);
+        }
+        let n = emit_extension(
+            buf.get_mut(at..).ok_or_else(too_big)?,
+            ext::FEATURE_TABLE,
+            &table,
+        )
+        .ok_or_else(too_big)?;
+        at = at.saturating_add(n);
+    }
+    let n = emit_extension(buf.get_mut(at..).ok_or_else(too_big)?, ext::END, &[])
+        .ok_or_else(too_big)?;
+    at = at.saturating_add(n);
+    if let Some(b) = o.backing_file {
+        buf.get_mut(at..at.saturating_add(b.len()))
+            .ok_or_else(too_big)?
+            .copy_from_slice(b.as_bytes());
+        hdr.backing_file_offset = at as u64;
+        hdr.backing_file_size = u32::try_from(b.len()).map_err(|_| CreateError::NameTooLong)?;
+    }
+    let len = hdr.buffer_len();
+    hdr.emit(&mut Header::new_unchecked(&mut buf[..len]));
+    Ok(buf)
+}
+
+/// Writes a new, empty qcow2 image onto `dev` (which should be empty) and
+/// returns it open for writing. The data device of an external data file
+/// is the caller's business; with `data_file` set, write guest data there,
+/// not through the returned writer.
+pub fn create<D: BlockIo>(
+    dev: D,
+    o: &CreateOptions<'_>,
+) -> Result<Qcow2Writer<D>, CreateError<D::Error>> {
+    let (cb, order) = validate(o)?;
+    let cs = o.cluster_size;
+    let size = o
+        .size
+        .checked_next_multiple_of(512)
+        .ok_or(CreateError::TooLarge(o.size))?;
+    let l2_bits = cb.saturating_sub(if o.extended_l2 { 4 } else { 3 });
+    let l1_size = size.div_ceil(1u64 << cb.saturating_add(l2_bits));
+    if l1_size > u64::from(MAX_L1_ENTRIES) {
+        return Err(CreateError::TooLarge(size));
+    }
+    let mut inc = 0u64;
+    if o.compression_type != COMPRESSION_ZLIB {
+        inc |= incompat::COMPRESSION;
+    }
+    if o.extended_l2 {
+        inc |= incompat::EXTENDED_L2;
+    }
+    if o.data_file.is_some() {
+        inc |= incompat::DATA_FILE;
+    }
+    let mut hdr = HeaderRepr {
+        version: if o.v3 { 3 } else { 2 },
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits: cb,
+        size,
+        crypt_method: 0,
+        l1_size: 0,
+        l1_table_offset: 0,
+        refcount_table_offset: cs,
+        refcount_table_clusters: 1,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: inc,
+        compatible_features: if o.lazy_refcounts {
+            compat::LAZY_REFCOUNTS
+        } else {
+            0
+        },
+        autoclear_features: if o.data_file_raw {
+            autoclear::DATA_FILE_RAW
+        } else {
+            0
+        },
+        refcount_order: order,
+        header_length: if o.v3 { V3_HEADER_LEN } else { 72 },
+        compression_type: o.compression_type,
+    };
+    let c0 = cluster0(&mut hdr.clone(), o)?;
+    let csu = usize::try_from(cs).unwrap_or(0);
+    let mut rt = vec![0u8; csu];
+    rt[..8].copy_from_slice(&cs.saturating_mul(2).to_be_bytes());
+    let mut rb = vec![0u8; csu];
+    for c in 0..3 {
+        entry::refcount_set(&mut rb, c, order, 1);
+    }
+    let mut reftable = vec![0u64; usize::try_from(cs >> 3).unwrap_or(0)];
+    reftable[0] = cs.saturating_mul(2);
+    let mut w = Qcow2Writer::<D>::from_parts(dev, hdr, Vec::new(), reftable, 0);
+    w.raw_write(0, &c0)?;
+    w.raw_write(cs, &rt)?;
+    w.raw_write(cs.saturating_mul(2), &rb)?;
+    // The L1 table through the allocator, which adds refcount blocks (and
+    // grows the refcount table) should the table be large.
+    let l1_clusters = l1_size.saturating_mul(8).div_ceil(cs).max(1);
+    let l1_off = w.alloc(l1_clusters)?;
+    let l1_bytes = l1_size.saturating_mul(8).next_multiple_of(512).max(512);
+    w.raw_write(l1_off, &vec![0u8; usize::try_from(l1_bytes).unwrap_or(0)])?;
+    w.set_l1(l1_off, vec![0u64; usize::try_from(l1_size).unwrap_or(0)]);
+    hdr = *w.header();
+    let c0 = cluster0(&mut hdr, o)?;
+    w.raw_write(0, &c0)?;
+    w.flush()?;
+    match o.preallocation {
+        Preallocation::Off => {}
+        Preallocation::Metadata => w.preallocate(false)?,
+        Preallocation::Full => w.preallocate(true)?,
+    }
+    Ok(w)
+}

@@ -1,0 +1,1330 @@
+//! The qcow2 writer (needs `alloc`): guest writes, zero writes, discards,
+//! compressed cluster writes and growth, with refcounts kept exact.
+//!
+//! Metadata caches are write-through: every change to an L2 table, a
+//! refcount block, the refcount table or the L1 table reaches the device
+//! at once, and the device is flushed between dependent steps, so the image
+//! on disk is consistent after every device write (a crash may leak
+//! clusters, never corrupt). See "qcow2 write ordering" in ARCHITECTURE.md.
+//!
+//! The device must accept byte-granular requests (files, `VecDevice`):
+//! table entries are written as whole 512-byte sectors, guest data at its
+//! own offset and length.
+
+#![warn(clippy::arithmetic_side_effects)]
+
+extern crate alloc;
+
+use alloc::collections::BTreeMap;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::entry::{self, CompressedDescriptor, L2Entry, COPIED, OFFSET_MASK, ZERO};
+use crate::error::{Error, LayerError, Limit, Problem, Structure, Unsupported};
+use crate::header::{autoclear, field, incompat, HeaderRepr};
+use crate::image::NoDevice;
+use crate::limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES};
+use luks_core::io::BlockIo;
+
+/// Sector granularity for metadata writes and compressed descriptors.
+const SECTOR: u64 = 512;
+/// [`SECTOR`] as a `usize`.
+const SECTOR_BYTES: usize = 512;
+/// L2 tables kept in memory before the cache is dropped (write-through, so
+/// dropping is free).
+const MAX_CACHED_TABLES: usize = 512;
+/// All 32 subclusters allocated (extended L2 bitmap, low half).
+const ALL_ALLOCATED: u64 = 0xffff_ffff;
+/// All 32 subclusters read as zero (extended L2 bitmap, high half).
+const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
+
+fn overflow<E>(structure: Structure, offset: u64) -> Error<E> {
+    Error::corrupt(structure, offset, Problem::Overflow)
+}
+
+/// A qcow2 image open for writing, over device `D` with an optional
+/// backing device `B` (read for copy-on-write of partial clusters).
+///
+/// Images with internal snapshots, encryption or an external data file are
+/// refused ([`Unsupported::Writing`]); so are dirty or corrupt images
+/// (repair them first).
+pub struct Qcow2Writer<D: BlockIo, B = NoDevice<<D as BlockIo>::Error>> {
+    dev: D,
+    backing: Option<B>,
+    backing_size: u64,
+    hdr: HeaderRepr,
+    l1: Vec<u64>,
+    reftable: Vec<u64>,
+    l2_cache: BTreeMap<u64, Vec<u64>>,
+    rb_cache: BTreeMap<u64, Vec<u8>>,
+    /// No cluster below this index is free.
+    free_hint: u64,
+    /// Bytes the device holds (tracked, so reads past the end read zero).
+    file_len: u64,
+    /// Flush between dependent steps (the crash-consistency ordering).
+    barriers: bool,
+}
+
+impl<D: BlockIo, B> core::fmt::Debug for Qcow2Writer<D, B> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Qcow2Writer")
+            .field("header", &self.hdr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: BlockIo> Qcow2Writer<D> {
+    /// Opens an existing image for writing. Clears the autoclear bits
+    /// other than "raw external data" (this writer does not keep bitmaps
+    /// up to date), as QEMU does on a read-write open.
+    pub fn open(mut dev: D) -> Result<Self, Error<D::Error>> {
+        let file_len = dev.size().map_err(|e| e.into_layer(Structure::Header, 0))?;
+        let mut first = vec![0u8; 4096];
+        dev.read_at(0, &mut first)
+            .map_err(|e| e.into_layer(Structure::Header, 0))?;
+        let hdr = HeaderRepr::parse_bytes::<D::Error>(&first)?;
+        if hdr.unknown_incompatible() != 0 {
+            let bit = hdr.unknown_incompatible().trailing_zeros();
+            return Err(Error::Unsupported(Unsupported::IncompatibleFeature {
+                bit: u8::try_from(bit).unwrap_or(u8::MAX),
+                name: heapless::String::new(),
+            }));
+        }
+        if hdr.incompatible_features & incompat::CORRUPT != 0 {
+            return Err(Error::MarkedCorrupt);
+        }
+        if hdr.incompatible_features & incompat::DIRTY != 0
+            || hdr.crypt_method != 0
+            || hdr.nb_snapshots != 0
+            || hdr.has_data_file()
+        {
+            return Err(Error::Unsupported(Unsupported::Writing));
+        }
+        if u64::from(hdr.l1_size) > u64::from(MAX_L1_ENTRIES) {
+            return Err(Error::Limit {
+                structure: Structure::L1Table,
+                offset: hdr.l1_table_offset,
+                limit: Limit::L1Entries,
+                value: u64::from(hdr.l1_size),
+                max: u64::from(MAX_L1_ENTRIES),
+            });
+        }
+        let rt_bytes = u64::from(hdr.refcount_table_clusters)
+            .checked_mul(hdr.cluster_size())
+            .ok_or_else(|| overflow(Structure::RefcountTable, hdr.refcount_table_offset))?;
+        if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(Error::Limit {
+                structure: Structure::RefcountTable,
+                offset: hdr.refcount_table_offset,
+                limit: Limit::RefcountTableBytes,
+                value: rt_bytes,
+                max: MAX_REFCOUNT_TABLE_BYTES,
+            });
+        }
+        let mut w = Self {
+            dev,
+            backing: None,
+            backing_size: 0,
+            hdr,
+            l1: Vec::new(),
+            reftable: Vec::new(),
+            l2_cache: BTreeMap::new(),
+            rb_cache: BTreeMap::new(),
+            free_hint: 0,
+            file_len,
+            barriers: true,
+        };
+        w.l1 = w.read_u64s(
+            hdr.l1_table_offset,
+            hdr.l1_size as usize,
+            Structure::L1Table,
+        )?;
+        let rt_entries = usize::try_from(rt_bytes >> 3).unwrap_or(0);
+        w.reftable = w.read_u64s(
+            hdr.refcount_table_offset,
+            rt_entries,
+            Structure::RefcountTable,
+        )?;
+        let keep = hdr.autoclear_features & autoclear::DATA_FILE_RAW;
+        if hdr.version >= 3 && hdr.autoclear_features != keep {
+            w.hdr.autoclear_features = keep;
+            w.write_dev(
+                field::AUTOCLEAR_FEATURES.start as u64,
+                &keep.to_be_bytes(),
+                Structure::Header,
+            )?;
+            w.flush_dev()?;
+        }
+        Ok(w)
+    }
+}
+
+impl<D: BlockIo, B: BlockIo> Qcow2Writer<D, B>
+where
+    B::Error: LayerError<D::Error>,
+{
+    /// Attaches the backing device, read when a partial write allocates a
+    /// cluster that falls through to the backing file.
+    pub fn with_backing<B2>(self, mut backing: B2) -> Result<Qcow2Writer<D, B2>, Error<D::Error>>
+    where
+        B2: BlockIo,
+        B2::Error: LayerError<D::Error>,
+    {
+        let backing_size = backing
+            .size()
+            .map_err(|e| e.into_layer(Structure::Backing, 0))?;
+        Ok(Qcow2Writer {
+            dev: self.dev,
+            backing: Some(backing),
+            backing_size,
+            hdr: self.hdr,
+            l1: self.l1,
+            reftable: self.reftable,
+            l2_cache: self.l2_cache,
+            rb_cache: self.rb_cache,
+            free_hint: self.free_hint,
+            file_len: self.file_len,
+            barriers: self.barriers,
+        })
+    }
+
+    /// Turns the flushes between dependent metadata steps on (the default)
+    /// or off. Off is for writing a new image that is thrown away on
+    /// failure anyway (`convert`): much faster on real disks, but a crash
+    /// may then leave the image corrupt. [`flush`](Self::flush) and
+    /// [`close`](Self::close) always flush.
+    pub fn set_write_barriers(&mut self, on: bool) {
+        self.barriers = on;
+    }
+
+    /// The current header.
+    pub fn header(&self) -> &HeaderRepr {
+        &self.hdr
+    }
+
+    /// Virtual size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.hdr.size
+    }
+
+    /// The device.
+    pub fn device(&mut self) -> &mut D {
+        &mut self.dev
+    }
+
+    /// Flushes and gives back the device.
+    pub fn close(mut self) -> Result<D, Error<D::Error>> {
+        self.barrier()?;
+        Ok(self.dev)
+    }
+
+    /// Gives back the device without flushing (what a crash leaves).
+    pub fn into_device(self) -> D {
+        self.dev
+    }
+
+    // ---- geometry -------------------------------------------------------
+
+    fn cb(&self) -> u32 {
+        self.hdr.cluster_bits
+    }
+    fn cs(&self) -> u64 {
+        self.hdr.cluster_size()
+    }
+    fn extended(&self) -> bool {
+        self.hdr.extended_l2()
+    }
+    /// log2 of the L2 entries per table.
+    fn l2_bits(&self) -> u32 {
+        self.cb()
+            .saturating_sub(if self.extended() { 4 } else { 3 })
+    }
+    /// u64 words per L2 entry.
+    fn l2_words(&self) -> usize {
+        if self.extended() {
+            2
+        } else {
+            1
+        }
+    }
+    /// log2 of the refcounts per block.
+    fn rb_bits(&self) -> u32 {
+        self.cb()
+            .saturating_add(3)
+            .saturating_sub(self.hdr.refcount_order)
+    }
+
+    // ---- device helpers -------------------------------------------------
+
+    fn read_dev(&mut self, off: u64, buf: &mut [u8], st: Structure) -> Result<(), Error<D::Error>> {
+        let avail = self.file_len.saturating_sub(off);
+        let n = usize::try_from(avail).unwrap_or(usize::MAX).min(buf.len());
+        let (head, tail) = buf.split_at_mut(n);
+        if !head.is_empty() {
+            self.dev
+                .read_at(off, head)
+                .map_err(|e| e.into_layer(st, off))?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+
+    fn write_dev(&mut self, off: u64, buf: &[u8], st: Structure) -> Result<(), Error<D::Error>> {
+        self.dev
+            .write_at(off, buf)
+            .map_err(|e| e.into_layer(st, off))?;
+        let end = off.saturating_add(buf.len() as u64);
+        self.file_len = self.file_len.max(end);
+        Ok(())
+    }
+
+    /// A flush between dependent steps; skipped when barriers are off.
+    fn barrier(&mut self) -> Result<(), Error<D::Error>> {
+        if self.barriers {
+            self.flush_dev()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn flush_dev(&mut self) -> Result<(), Error<D::Error>> {
+        self.dev
+            .flush()
+            .map_err(|e| e.into_layer(Structure::Header, 0))
+    }
+
+    fn read_u64s(
+        &mut self,
+        off: u64,
+        n: usize,
+        st: Structure,
+    ) -> Result<Vec<u64>, Error<D::Error>> {
+        let mut raw = vec![0u8; n.saturating_mul(8)];
+        self.read_dev(off, &mut raw, st)?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                u64::from_be_bytes(a)
+            })
+            .collect())
+    }
+
+    /// Writes the 512-byte sector(s) of table `words` holding words
+    /// `first..=last`, the table living at `base`.
+    fn write_words(
+        &mut self,
+        base: u64,
+        words: &[u64],
+        first: usize,
+        last: usize,
+        st: Structure,
+    ) -> Result<(), Error<D::Error>> {
+        let per = SECTOR_BYTES >> 3;
+        let s = first.checked_div(per).unwrap_or(0).saturating_mul(per);
+        let e = last
+            .checked_div(per)
+            .unwrap_or(0)
+            .saturating_add(1)
+            .saturating_mul(per)
+            .min(words.len());
+        let mut raw = Vec::with_capacity(e.saturating_sub(s).saturating_mul(8));
+        for w in words.get(s..e).unwrap_or(&[]) {
+            raw.extend_from_slice(&w.to_be_bytes());
+        }
+        // Pad to a whole sector (tables shorter than a sector: L1, reftable).
+        while raw.len().checked_rem(SECTOR_BYTES).unwrap_or(0) != 0 {
+            raw.push(0);
+        }
+        let off = base.saturating_add((s as u64).saturating_mul(8));
+        self.write_dev(off, &raw, st)
+    }
+
+    // ---- refcounts ------------------------------------------------------
+
+    fn refblock(&mut self, off: u64) -> Result<&mut Vec<u8>, Error<D::Error>> {
+        if !self.rb_cache.contains_key(&off) {
+            if self.rb_cache.len() >= MAX_CACHED_TABLES {
+                self.rb_cache.clear();
+            }
+            let mut b = vec![0u8; usize::try_from(self.cs()).unwrap_or(0)];
+            self.read_dev(off, &mut b, Structure::RefcountBlock)?;
+            self.rb_cache.insert(off, b);
+        }
+        self.rb_cache
+            .get_mut(&off)
+            .ok_or_else(|| overflow(Structure::RefcountBlock, off))
+    }
+
+    /// The refcount of cluster `c` (0 when no block covers it).
+    pub fn refcount(&mut self, c: u64) -> Result<u64, Error<D::Error>> {
+        let ti = usize::try_from(c >> self.rb_bits()).unwrap_or(usize::MAX);
+        let Some(&rte) = self.reftable.get(ti) else {
+            return Ok(0);
+        };
+        let off = entry::reftable_block_offset(rte);
+        if off == 0 {
+            return Ok(0);
+        }
+        let idx = c & ((1u64 << self.rb_bits()).wrapping_sub(1));
+        let order = self.hdr.refcount_order;
+        let b = self.refblock(off)?;
+        entry::refcount_get(b, idx, order).ok_or_else(|| overflow(Structure::RefcountBlock, off))
+    }
+
+    /// Sets the refcount of `c`, whose block must exist. Writes the sector
+    /// of the block holding it (not flushed).
+    fn set_refcount_existing(&mut self, c: u64, v: u64) -> Result<(), Error<D::Error>> {
+        let rb_bits = self.rb_bits();
+        let ti = usize::try_from(c >> rb_bits).unwrap_or(usize::MAX);
+        let off = self
+            .reftable
+            .get(ti)
+            .map(|&e| entry::reftable_block_offset(e))
+            .filter(|&o| o != 0)
+            .ok_or_else(|| overflow(Structure::RefcountTable, self.hdr.refcount_table_offset))?;
+        let idx = c & ((1u64 << rb_bits).wrapping_sub(1));
+        let order = self.hdr.refcount_order;
+        let b = self.refblock(off)?;
+        if !entry::refcount_set(b, idx, order, v) {
+            return Err(overflow(Structure::RefcountBlock, off));
+        }
+        // Byte of the entry, then its sector.
+        let byte = (idx << order) >> 3;
+        let sec = byte & !(SECTOR - 1);
+        let s = usize::try_from(sec).unwrap_or(0);
+        let e = s.saturating_add(SECTOR_BYTES).min(b.len());
+        let chunk: Vec<u8> = b.get(s..e).unwrap_or(&[]).to_vec();
+        self.write_dev(off.saturating_add(sec), &chunk, Structure::RefcountBlock)?;
+        if v == 0 && c < self.free_hint {
+            self.free_hint = c;
+        }
+        Ok(())
+    }
+
+    fn has_block(&self, c: u64) -> bool {
+        let ti = usize::try_from(c >> self.rb_bits()).unwrap_or(usize::MAX);
+        self.reftable
+            .get(ti)
+            .is_some_and(|&e| entry::reftable_block_offset(e) != 0)
+    }
+
+    /// First run of `n` free clusters at or after the hint.
+    fn find_free(&mut self, n: u64) -> Result<u64, Error<D::Error>> {
+        let mut start = self.free_hint;
+        let mut c = start;
+        loop {
+            if c.saturating_sub(start) >= n {
+                return Ok(start);
+            }
+            if self.refcount(c)? != 0 {
+                if start == self.free_hint && n == 1 {
+                    self.free_hint = c.saturating_add(1);
+                }
+                c = c.saturating_add(1);
+                start = c;
+            } else {
+                c = c.saturating_add(1);
+            }
+        }
+    }
+
+    /// Makes sure a refcount block covers cluster `c`, allocating blocks
+    /// (and growing the table) as needed. Every new block counts itself.
+    fn ensure_block(&mut self, c: u64) -> Result<(), Error<D::Error>> {
+        let rb_bits = self.rb_bits();
+        while !self.has_block(c) {
+            let ti = c >> rb_bits;
+            if usize::try_from(ti).map_or(true, |t| t >= self.reftable.len()) {
+                self.grow_reftable(ti)?;
+                continue;
+            }
+            // The lowest free cluster either has a block (the new block is
+            // counted there) or is the first cluster of an uncovered range
+            // (the new block for that range goes there and counts itself).
+            let b = self.find_free(1)?;
+            let bt = b >> rb_bits;
+            if self.has_block(b) {
+                self.set_refcount_existing(b, 1)?;
+                self.barrier()?;
+                self.install_block(ti, b, None)?;
+            } else {
+                if usize::try_from(bt).map_or(true, |t| t >= self.reftable.len()) {
+                    self.grow_reftable(bt)?;
+                    continue;
+                }
+                self.install_block(bt, b, Some(b))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a new refcount block for table index `ti` at `at` (counting
+    /// `self_count` in it when given), flushes, then points the table at it.
+    fn install_block(
+        &mut self,
+        ti: u64,
+        at: u64,
+        self_count: Option<u64>,
+    ) -> Result<(), Error<D::Error>> {
+        let cs = self.cs();
+        let off = at << self.cb();
+        let mut blk = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+        if let Some(c) = self_count {
+            let idx = c & ((1u64 << self.rb_bits()).wrapping_sub(1));
+            entry::refcount_set(&mut blk, idx, self.hdr.refcount_order, 1);
+        }
+        self.write_dev(off, &blk, Structure::RefcountBlock)?;
+        self.rb_cache.insert(off, blk);
+        self.barrier()?;
+        let i = usize::try_from(ti).map_err(|_| overflow(Structure::RefcountTable, 0))?;
+        if let Some(e) = self.reftable.get_mut(i) {
+            *e = off;
+        }
+        let rt = core::mem::take(&mut self.reftable);
+        let r = self.write_words(
+            self.hdr.refcount_table_offset,
+            &rt,
+            i,
+            i,
+            Structure::RefcountTable,
+        );
+        self.reftable = rt;
+        r?;
+        self.barrier()
+    }
+
+    /// Grows the refcount table so index `need` exists: new blocks and the
+    /// new table go past the range the old table covers, each new block
+    /// counting the new structures in its range; then the header switches
+    /// to the new table and the old table's clusters are freed.
+    fn grow_reftable(&mut self, need: u64) -> Result<(), Error<D::Error>> {
+        let cb = self.cb();
+        let rb_bits = self.rb_bits();
+        let per_cluster = self.cs() >> 3;
+        let old_len = self.reftable.len() as u64;
+        let old_clusters = u64::from(self.hdr.refcount_table_clusters);
+        let rpb = 1u64 << rb_bits;
+        let start = old_len << rb_bits; // first cluster outside the coverage
+        let mut entries = need
+            .max(old_len)
+            .saturating_add(1)
+            .max(old_len.saturating_add(old_len >> 1));
+        let (table_clusters, blocks) = loop {
+            let t = entries.div_ceil(per_cluster).max(1);
+            // Blocks k cover [start, start + k + t): k = ceil((k + t) / rpb).
+            let mut k = 1u64;
+            while k.saturating_mul(rpb) < k.saturating_add(t) {
+                k = k.saturating_add(1);
+            }
+            if old_len.saturating_add(k) <= t.saturating_mul(per_cluster)
+                && need < t.saturating_mul(per_cluster)
+            {
+                break (t, k);
+            }
+            entries = entries.saturating_add(per_cluster);
+        };
+        let bytes = table_clusters << cb;
+        if bytes > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(Error::Limit {
+                structure: Structure::RefcountTable,
+                offset: self.hdr.refcount_table_offset,
+                limit: Limit::RefcountTableBytes,
+                value: bytes,
+                max: MAX_REFCOUNT_TABLE_BYTES,
+            });
+        }
+        let used = blocks.saturating_add(table_clusters);
+        // 1. The new blocks, each counting the new clusters in its range.
+        let order = self.hdr.refcount_order;
+        let mut new_table = self.reftable.clone();
+        new_table.resize(
+            usize::try_from(table_clusters.saturating_mul(per_cluster)).unwrap_or(0),
+            0,
+        );
+        for k in 0..blocks {
+            let mut blk = vec![0u8; usize::try_from(self.cs()).unwrap_or(0)];
+            let first = start.saturating_add(k.saturating_mul(rpb));
+            for c in first..first.saturating_add(rpb).min(start.saturating_add(used)) {
+                entry::refcount_set(&mut blk, c.wrapping_sub(first), order, 1);
+            }
+            let off = start.saturating_add(k) << cb;
+            self.write_dev(off, &blk, Structure::RefcountBlock)?;
+            self.rb_cache.insert(off, blk);
+            if let Some(e) =
+                new_table.get_mut(usize::try_from(old_len.saturating_add(k)).unwrap_or(usize::MAX))
+            {
+                *e = off;
+            }
+        }
+        // 2. The new table.
+        let table_off = start.saturating_add(blocks) << cb;
+        let n = new_table.len();
+        self.write_words(
+            table_off,
+            &new_table,
+            0,
+            n.saturating_sub(1),
+            Structure::RefcountTable,
+        )?;
+        self.barrier()?;
+        // 3. Switch the header (offset and cluster count, one 12-byte write).
+        let mut h = [0u8; 12];
+        h[..8].copy_from_slice(&table_off.to_be_bytes());
+        h[8..].copy_from_slice(
+            &u32::try_from(table_clusters)
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        self.write_dev(
+            field::REFCOUNT_TABLE_OFFSET.start as u64,
+            &h,
+            Structure::Header,
+        )?;
+        self.barrier()?;
+        let old_off = self.hdr.refcount_table_offset;
+        self.hdr.refcount_table_offset = table_off;
+        self.hdr.refcount_table_clusters = u32::try_from(table_clusters).unwrap_or(u32::MAX);
+        self.reftable = new_table;
+        // 4. Free the old table.
+        for i in 0..old_clusters {
+            let c = (old_off >> cb).saturating_add(i);
+            let v = self.refcount(c)?;
+            self.set_refcount_existing(c, v.saturating_sub(1))?;
+        }
+        self.barrier()
+    }
+
+    /// Allocates `n` contiguous clusters with refcount 1 (durable on
+    /// return); returns the host offset of the first.
+    fn alloc_clusters(&mut self, n: u64) -> Result<u64, Error<D::Error>> {
+        'retry: loop {
+            let c = self.find_free(n)?;
+            for i in 0..n {
+                let ci = c.saturating_add(i);
+                if !self.has_block(ci) {
+                    self.ensure_block(ci)?;
+                    continue 'retry;
+                }
+            }
+            for i in 0..n {
+                // A new block may have landed on the run: look again.
+                if self.refcount(c.saturating_add(i))? != 0 {
+                    continue 'retry;
+                }
+            }
+            for i in 0..n {
+                self.set_refcount_existing(c.saturating_add(i), 1)?;
+            }
+            self.barrier()?;
+            return Ok(c << self.cb());
+        }
+    }
+
+    /// Drops one reference to each cluster of `[off, off + len)`.
+    fn free_range(&mut self, off: u64, len: u64) -> Result<(), Error<D::Error>> {
+        if len == 0 {
+            return Ok(());
+        }
+        let cb = self.cb();
+        let first = off >> cb;
+        let last = off.saturating_add(len).saturating_sub(1) >> cb;
+        for c in first..=last {
+            let v = self.refcount(c)?;
+            if v == 0 {
+                return Err(Error::corrupt(
+                    Structure::RefcountBlock,
+                    c << cb,
+                    Problem::OutOfRange(0),
+                ));
+            }
+            self.set_refcount_existing(c, v.saturating_sub(1))?;
+        }
+        Ok(())
+    }
+
+    /// Host bytes a compressed descriptor holds references on.
+    fn compressed_range(d: &CompressedDescriptor) -> (u64, u64) {
+        (d.host & !(SECTOR - 1), d.sectors.saturating_mul(SECTOR))
+    }
+
+    // ---- L1 / L2 ------------------------------------------------------
+
+    fn l2_table(&mut self, off: u64) -> Result<&mut Vec<u64>, Error<D::Error>> {
+        if !self.l2_cache.contains_key(&off) {
+            if self.l2_cache.len() >= MAX_CACHED_TABLES {
+                self.l2_cache.clear();
+            }
+            let n = usize::try_from(self.cs() >> 3).unwrap_or(0);
+            let t = self.read_u64s(off, n, Structure::L2Table)?;
+            self.l2_cache.insert(off, t);
+        }
+        self.l2_cache
+            .get_mut(&off)
+            .ok_or_else(|| overflow(Structure::L2Table, off))
+    }
+
+    fn split(&self, g: u64) -> (usize, usize) {
+        let cluster = g >> self.cb();
+        let l1i = cluster >> self.l2_bits();
+        let l2i = cluster & ((1u64 << self.l2_bits()).wrapping_sub(1));
+        (
+            usize::try_from(l1i).unwrap_or(usize::MAX),
+            usize::try_from(l2i).unwrap_or(0),
+        )
+    }
+
+    /// The L2 entry (and bitmap) for guest offset `g`; `None` for the L2
+    /// table when the L1 entry is empty.
+    fn get_entry(&mut self, g: u64) -> Result<(Option<u64>, u64, u64), Error<D::Error>> {
+        let (l1i, l2i) = self.split(g);
+        let l1e = *self
+            .l1
+            .get(l1i)
+            .ok_or_else(|| overflow(Structure::L1Table, self.hdr.l1_table_offset))?;
+        let l2off = entry::l1_l2_offset(l1e);
+        if l2off == 0 {
+            return Ok((None, 0, 0));
+        }
+        let w = self.l2_words();
+        let t = self.l2_table(l2off)?;
+        let i = l2i.saturating_mul(w);
+        let e = t.get(i).copied().unwrap_or(0);
+        let bm = if w == 2 {
+            t.get(i.saturating_add(1)).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        Ok((Some(l2off), e, bm))
+    }
+
+    /// The L2 table for `g`, allocating it (zeroed, then the L1 entry) if
+    /// the L1 entry is empty.
+    fn ensure_l2(&mut self, g: u64) -> Result<u64, Error<D::Error>> {
+        let (l1i, _) = self.split(g);
+        let l1e = *self
+            .l1
+            .get(l1i)
+            .ok_or_else(|| overflow(Structure::L1Table, self.hdr.l1_table_offset))?;
+        if entry::l1_l2_offset(l1e) != 0 {
+            return Ok(entry::l1_l2_offset(l1e));
+        }
+        let off = self.alloc_clusters(1)?;
+        let n = usize::try_from(self.cs() >> 3).unwrap_or(0);
+        let t = vec![0u64; n];
+        self.write_words(off, &t, 0, n.saturating_sub(1), Structure::L2Table)?;
+        self.l2_cache.insert(off, t);
+        self.barrier()?;
+        if let Some(e) = self.l1.get_mut(l1i) {
+            *e = off | COPIED;
+        }
+        let l1 = core::mem::take(&mut self.l1);
+        let r = self.write_words(self.hdr.l1_table_offset, &l1, l1i, l1i, Structure::L1Table);
+        self.l1 = l1;
+        r?;
+        self.barrier()?;
+        Ok(off)
+    }
+
+    /// Writes the L2 entry for `g` (the table must exist). Not flushed.
+    fn set_entry(&mut self, g: u64, e: u64, bm: u64) -> Result<(), Error<D::Error>> {
+        let l2off = self.ensure_l2(g)?;
+        let (_, l2i) = self.split(g);
+        let w = self.l2_words();
+        let i = l2i.saturating_mul(w);
+        let t = self.l2_table(l2off)?;
+        if let Some(x) = t.get_mut(i) {
+            *x = e;
+        }
+        if w == 2 {
+            if let Some(x) = t.get_mut(i.saturating_add(1)) {
+                *x = bm;
+            }
+        }
+        let t = self.l2_cache.remove(&l2off).unwrap_or_default();
+        let r = self.write_words(
+            l2off,
+            &t,
+            i,
+            i.saturating_add(w).saturating_sub(1),
+            Structure::L2Table,
+        );
+        self.l2_cache.insert(l2off, t);
+        r
+    }
+
+    // ---- guest content --------------------------------------------------
+
+    fn read_backing(&mut self, g: u64, buf: &mut [u8]) -> Result<(), Error<D::Error>> {
+        buf.fill(0);
+        let Some(b) = self.backing.as_mut() else {
+            return Ok(());
+        };
+        if g >= self.backing_size {
+            return Ok(());
+        }
+        let n = usize::try_from(self.backing_size.saturating_sub(g))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        b.read_at(g, &mut buf[..n])
+            .map_err(|e| e.into_layer(Structure::Backing, g))
+    }
+
+    fn read_compressed(
+        &mut self,
+        d: &CompressedDescriptor,
+        out: &mut [u8],
+    ) -> Result<(), Error<D::Error>> {
+        let mut input = vec![0u8; usize::try_from(d.len()).unwrap_or(0)];
+        self.read_dev(d.host, &mut input, Structure::CompressedCluster)?;
+        crate::decompress::decompress(self.hdr.compression_type, &input, out)
+            .map_err(|_| Error::corrupt(Structure::CompressedCluster, d.host, Problem::Decompress))
+    }
+
+    /// The whole guest cluster holding `g` as it reads now.
+    fn read_cluster(&mut self, g: u64) -> Result<Vec<u8>, Error<D::Error>> {
+        let cs = self.cs();
+        let base = g & !(cs.wrapping_sub(1));
+        let mut out = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+        let (_, e, bm) = self.get_entry(base)?;
+        let ext = self.extended();
+        let dec = L2Entry::decode(e, self.cb(), ext, false);
+        match dec {
+            L2Entry::Compressed(d) => self.read_compressed(&d, &mut out)?,
+            L2Entry::Zero { .. } => {}
+            L2Entry::Unallocated if !ext => self.read_backing(base, &mut out)?,
+            L2Entry::Normal { host } if !ext => {
+                self.read_dev(host, &mut out, Structure::DataCluster)?;
+            }
+            L2Entry::Unallocated | L2Entry::Normal { .. } => {
+                let host = e & OFFSET_MASK;
+                let sc = usize::try_from(cs >> 5).unwrap_or(0);
+                for (i, chunk) in out.chunks_mut(sc).enumerate() {
+                    let i32_ = u32::try_from(i).unwrap_or(0);
+                    let off = (i as u64).saturating_mul(cs >> 5);
+                    match entry::subcluster(bm, i32_, host != 0) {
+                        entry::Subcluster::Allocated => {
+                            self.read_dev(host.saturating_add(off), chunk, Structure::DataCluster)?
+                        }
+                        entry::Subcluster::Zero => {}
+                        entry::Subcluster::Unallocated => {
+                            self.read_backing(base.saturating_add(off), chunk)?;
+                        }
+                        entry::Subcluster::Invalid => {
+                            return Err(Error::corrupt(
+                                Structure::L2Table,
+                                0,
+                                Problem::InvalidSubcluster { bitmap: bm },
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads guest bytes (any offset and length inside the disk).
+    pub fn read(&mut self, g: u64, buf: &mut [u8]) -> Result<(), Error<D::Error>> {
+        self.check_range(g, buf.len() as u64)?;
+        let cs = self.cs();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = g.saturating_add(done as u64);
+            let o = usize::try_from(at & cs.wrapping_sub(1)).unwrap_or(0);
+            let n = usize::try_from(cs)
+                .unwrap_or(0)
+                .saturating_sub(o)
+                .min(buf.len().saturating_sub(done));
+            let c = self.read_cluster(at)?;
+            buf[done..done.saturating_add(n)].copy_from_slice(&c[o..o.saturating_add(n)]);
+            done = done.saturating_add(n);
+        }
+        Ok(())
+    }
+
+    /// Guest data goes to an external data file, which this writer does not
+    /// drive.
+    fn check_writable(&self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
+        if self.hdr.has_data_file() {
+            return Err(Error::Unsupported(Unsupported::Writing));
+        }
+        self.check_range(g, len)
+    }
+
+    fn check_range(&self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
+        match g.checked_add(len) {
+            Some(end) if end <= self.hdr.size => Ok(()),
+            _ => Err(Error::BadRequest {
+                offset: g,
+                len,
+                size: self.hdr.size,
+            }),
+        }
+    }
+
+    // ---- writes ---------------------------------------------------------
+
+    /// Writes `data` at guest offset `g` (any offset and length inside the
+    /// disk).
+    pub fn write(&mut self, g: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
+        self.check_writable(g, data.len() as u64)?;
+        let cs = self.cs();
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = g.saturating_add(done as u64);
+            let o = at & cs.wrapping_sub(1);
+            let n = usize::try_from(cs.saturating_sub(o))
+                .unwrap_or(usize::MAX)
+                .min(data.len().saturating_sub(done));
+            self.write_in_cluster(at, &data[done..done.saturating_add(n)])?;
+            done = done.saturating_add(n);
+        }
+        Ok(())
+    }
+
+    /// Writes inside one cluster.
+    fn write_in_cluster(&mut self, g: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
+        let cs = self.cs();
+        let base = g & !(cs.wrapping_sub(1));
+        let o = g.saturating_sub(base);
+        let (_, e, bm) = self.get_entry(base)?;
+        let ext = self.extended();
+        let dec = L2Entry::decode(e, self.cb(), ext, false);
+        let host = e & OFFSET_MASK;
+        // In place: a normal cluster we own alone, fully readable from host.
+        if let L2Entry::Normal { host } = dec {
+            let full = !ext || bm & ALL_ALLOCATED == ALL_ALLOCATED;
+            if full && e & COPIED != 0 {
+                return self.write_sectors(host, o, data);
+            }
+        }
+        // Otherwise: the whole cluster as it reads now, merged with `data`.
+        let mut cluster = if data.len() as u64 == cs {
+            data.to_vec()
+        } else {
+            self.read_cluster(base)?
+        };
+        let ou = usize::try_from(o).unwrap_or(0);
+        cluster[ou..ou.saturating_add(data.len())].copy_from_slice(data);
+        let reuse = match dec {
+            // Preallocated zero cluster or partly allocated extended
+            // cluster that we own alone: fill it in place.
+            L2Entry::Zero { host } if host != 0 && e & COPIED != 0 => Some(host),
+            L2Entry::Normal { host } if e & COPIED != 0 => Some(host),
+            L2Entry::Unallocated if ext && host != 0 && e & COPIED != 0 => Some(host),
+            _ => None,
+        };
+        let target = match reuse {
+            Some(h) => h,
+            None => self.alloc_clusters(1)?,
+        };
+        // Data before the L2 entry that points at it.
+        self.write_dev(target, &cluster, Structure::DataCluster)?;
+        self.barrier()?;
+        let bm_new = if ext { ALL_ALLOCATED } else { 0 };
+        self.set_entry(base, target | COPIED, bm_new)?;
+        self.barrier()?;
+        // The old references go only after the new entry is durable.
+        if reuse.is_none() {
+            self.release(dec, e)?;
+            self.barrier()?;
+        }
+        Ok(())
+    }
+
+    /// Drops the references an old L2 entry held (after it was replaced).
+    fn release(&mut self, dec: L2Entry, raw: u64) -> Result<(), Error<D::Error>> {
+        match dec {
+            L2Entry::Compressed(d) => {
+                let (off, len) = Self::compressed_range(&d);
+                self.free_range(off, len)
+            }
+            L2Entry::Normal { host } | L2Entry::Zero { host } if host != 0 => {
+                self.free_range(host, self.cs())
+            }
+            _ if self.extended() && raw & OFFSET_MASK != 0 => {
+                self.free_range(raw & OFFSET_MASK, self.cs())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes `data` at `host + o`, read-modify-writing partial sectors.
+    fn write_sectors(&mut self, host: u64, o: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
+        let s = o & !(SECTOR - 1);
+        let end = o.saturating_add(data.len() as u64);
+        let e = end.div_ceil(SECTOR).saturating_mul(SECTOR);
+        if s == o && e == end {
+            return self.write_dev(host.saturating_add(o), data, Structure::DataCluster);
+        }
+        let mut buf = vec![0u8; usize::try_from(e.saturating_sub(s)).unwrap_or(0)];
+        self.read_dev(host.saturating_add(s), &mut buf, Structure::DataCluster)?;
+        let i = usize::try_from(o.saturating_sub(s)).unwrap_or(0);
+        buf[i..i.saturating_add(data.len())].copy_from_slice(data);
+        self.write_dev(host.saturating_add(s), &buf, Structure::DataCluster)
+    }
+
+    /// Makes `[g, g + len)` read as zero: whole clusters through the zero
+    /// flag (v3; the host cluster stays allocated, as QEMU does without
+    /// unmap), partial clusters by writing zeroes.
+    pub fn write_zeroes(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
+        self.check_writable(g, len)?;
+        let cs = self.cs();
+        let mut at = g;
+        let end = g.saturating_add(len);
+        while at < end {
+            let base = at & !(cs.wrapping_sub(1));
+            let n = base.saturating_add(cs).min(end).saturating_sub(at);
+            if n == cs && self.hdr.version >= 3 {
+                self.zero_cluster(base)?;
+            } else {
+                let z = vec![0u8; usize::try_from(n).unwrap_or(0)];
+                self.write(at, &z)?;
+            }
+            at = at.saturating_add(n);
+        }
+        Ok(())
+    }
+
+    fn zero_cluster(&mut self, base: u64) -> Result<(), Error<D::Error>> {
+        let (_, e, _) = self.get_entry(base)?;
+        let ext = self.extended();
+        let dec = L2Entry::decode(e, self.cb(), ext, false);
+        let host = e & OFFSET_MASK;
+        let owned = e & COPIED != 0 && host != 0 && !matches!(dec, L2Entry::Compressed(_));
+        if ext {
+            let keep = if owned { host | COPIED } else { 0 };
+            self.set_entry(base, keep, ALL_ZERO)?;
+        } else if owned {
+            self.set_entry(base, host | COPIED | ZERO, 0)?;
+        } else {
+            self.set_entry(base, ZERO, 0)?;
+        }
+        self.barrier()?;
+        if !owned {
+            self.release(dec, e)?;
+            self.barrier()?;
+        }
+        Ok(())
+    }
+
+    /// Discards whole clusters in `[g, g + len)` (partial clusters are left
+    /// alone): their host clusters are freed; on v3 they then read as zero
+    /// (zero flag), on v2 they fall through to the backing file or zero.
+    pub fn discard(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
+        self.check_writable(g, len)?;
+        let cs = self.cs();
+        let mut at = g.div_ceil(cs).saturating_mul(cs);
+        let end = g.saturating_add(len) & !(cs.wrapping_sub(1));
+        while at < end {
+            let (l2, e, bm) = self.get_entry(at)?;
+            if l2.is_some() {
+                let ext = self.extended();
+                let dec = L2Entry::decode(e, self.cb(), ext, false);
+                let (ne, nbm) = match (self.hdr.version >= 3, ext) {
+                    (true, true) => (0, ALL_ZERO),
+                    (true, false) => (ZERO, 0),
+                    (false, _) => (0, 0),
+                };
+                if ne != e || nbm != bm {
+                    self.set_entry(at, ne, nbm)?;
+                    self.barrier()?;
+                    self.release(dec, e)?;
+                    self.barrier()?;
+                }
+            }
+            at = at.saturating_add(cs);
+        }
+        Ok(())
+    }
+
+    /// Writes one whole guest cluster compressed (raw deflate for zlib
+    /// images, a zstd frame for zstd images). When compression does not
+    /// save space, the cluster is written uncompressed, as qemu-img does.
+    /// `data` must be exactly one cluster.
+    pub fn write_compressed(
+        &mut self,
+        cluster_index: u64,
+        data: &[u8],
+    ) -> Result<(), Error<D::Error>> {
+        let cs = self.cs();
+        let g = cluster_index
+            .checked_shl(self.cb())
+            .filter(|g| g.saturating_add(cs) <= self.hdr.size.div_ceil(cs).saturating_mul(cs))
+            .ok_or(Error::BadRequest {
+                offset: cluster_index,
+                len: data.len() as u64,
+                size: self.hdr.size,
+            })?;
+        if data.len() as u64 != cs {
+            return Err(Error::BadRequest {
+                offset: g,
+                len: data.len() as u64,
+                size: self.hdr.size,
+            });
+        }
+        if self.hdr.has_data_file() {
+            return Err(Error::Unsupported(Unsupported::Writing));
+        }
+        let packed = crate::compress::compress(self.hdr.compression_type, data);
+        let Some(packed) = packed.filter(|p| (p.len() as u64) < cs) else {
+            let n = usize::try_from(self.hdr.size.saturating_sub(g).min(cs)).unwrap_or(0);
+            return self.write(g, &data[..n]);
+        };
+        let (_, e, _) = self.get_entry(g)?;
+        let dec = L2Entry::decode(e, self.cb(), false, false);
+        let host = self.alloc_clusters(1)?;
+        self.write_dev(host, &packed, Structure::CompressedCluster)?;
+        self.barrier()?;
+        let d = CompressedDescriptor {
+            host,
+            sectors: (packed.len() as u64).div_ceil(SECTOR).max(1),
+        };
+        self.set_entry(g, d.encode(self.cb()), 0)?;
+        self.barrier()?;
+        self.release(dec, e)?;
+        self.barrier()
+    }
+
+    /// Changes the virtual size. Growing enlarges the L1 table when needed
+    /// (new table written, header switched, old table freed). Shrinking is
+    /// refused while any cluster past the new end is allocated.
+    pub fn resize(&mut self, new_size: u64) -> Result<(), ResizeError<D::Error>> {
+        let cs = self.cs();
+        if new_size % 512 != 0 {
+            return Err(ResizeError::Unaligned(new_size));
+        }
+        if new_size < self.hdr.size {
+            let mut at = new_size.div_ceil(cs).saturating_mul(cs);
+            while at < self.hdr.size {
+                let (_, e, bm) = self.get_entry(at)?;
+                // Zero-flag clusters hold nothing; host clusters, compressed
+                // data and allocated subclusters do.
+                if e & (OFFSET_MASK | entry::COMPRESSED) != 0 || bm & ALL_ALLOCATED != 0 {
+                    return Err(ResizeError::ShrinkAllocated { offset: at });
+                }
+                at = at.saturating_add(cs);
+            }
+        }
+        let span = 1u64 << self.cb().saturating_add(self.l2_bits());
+        let need = new_size.div_ceil(span);
+        if need > u64::from(MAX_L1_ENTRIES) {
+            return Err(ResizeError::Qcow2(Error::Limit {
+                structure: Structure::L1Table,
+                offset: self.hdr.l1_table_offset,
+                limit: Limit::L1Entries,
+                value: need,
+                max: u64::from(MAX_L1_ENTRIES),
+            }));
+        }
+        if need > self.l1.len() as u64 {
+            let old_off = self.hdr.l1_table_offset;
+            let old_bytes = (self.l1.len() as u64).saturating_mul(8);
+            let bytes = need.saturating_mul(8);
+            let clusters = bytes.div_ceil(cs).max(1);
+            let off = self.alloc_clusters(clusters)?;
+            let mut l1 = self.l1.clone();
+            l1.resize(usize::try_from(need).unwrap_or(0), 0);
+            let mut raw = vec![0u8; usize::try_from(clusters << self.cb()).unwrap_or(0)];
+            for (i, w) in l1.iter().enumerate() {
+                let s = i.saturating_mul(8);
+                raw[s..s.saturating_add(8)].copy_from_slice(&w.to_be_bytes());
+            }
+            self.write_dev(off, &raw, Structure::L1Table)?;
+            self.barrier()?;
+            let mut h = [0u8; 12];
+            h[..4].copy_from_slice(&u32::try_from(need).unwrap_or(u32::MAX).to_be_bytes());
+            h[4..].copy_from_slice(&off.to_be_bytes());
+            self.write_dev(field::L1_SIZE.start as u64, &h, Structure::Header)?;
+            self.barrier()?;
+            self.l1 = l1;
+            self.hdr.l1_table_offset = off;
+            self.hdr.l1_size = u32::try_from(need).unwrap_or(u32::MAX);
+            if old_bytes > 0 {
+                self.free_range(old_off, old_bytes.div_ceil(cs).saturating_mul(cs))?;
+                self.barrier()?;
+            }
+        }
+        self.write_dev(
+            field::SIZE.start as u64,
+            &new_size.to_be_bytes(),
+            Structure::Header,
+        )?;
+        self.barrier()?;
+        self.hdr.size = new_size;
+        Ok(())
+    }
+
+    /// Allocates every cluster of the disk (`preallocation=metadata`), and
+    /// with `full` writes zeroes into them (`preallocation=full`).
+    pub(crate) fn preallocate(&mut self, full: bool) -> Result<(), Error<D::Error>> {
+        let cs = self.cs();
+        let mut at = 0u64;
+        while at < self.hdr.size {
+            let (_, e, _) = self.get_entry(at)?;
+            if e & OFFSET_MASK == 0 {
+                let h = self.alloc_clusters(1)?;
+                let bm = if self.extended() { ALL_ALLOCATED } else { 0 };
+                self.set_entry(at, h | COPIED, bm)?;
+            }
+            at = at.saturating_add(cs);
+        }
+        // The file covers every cluster (sparse unless `full`).
+        let end = self.highest_used()?.saturating_add(1) << self.cb();
+        if full {
+            let z = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+            let mut at = 0u64;
+            while at < self.hdr.size {
+                let (_, e, _) = self.get_entry(at)?;
+                let h = e & OFFSET_MASK;
+                self.write_dev(h, &z, Structure::DataCluster)?;
+                at = at.saturating_add(cs);
+            }
+        } else if end > self.file_len {
+            let ok = self
+                .dev
+                .set_size(end)
+                .map_err(|e| e.into_layer(Structure::DataCluster, end))?;
+            if ok {
+                self.file_len = end;
+            } else {
+                let z = vec![0u8; SECTOR_BYTES];
+                self.write_dev(end.saturating_sub(SECTOR), &z, Structure::DataCluster)?;
+            }
+        }
+        self.flush_dev()
+    }
+
+    fn highest_used(&mut self) -> Result<u64, Error<D::Error>> {
+        let rb_bits = self.rb_bits();
+        let mut ti = self.reftable.len();
+        while ti > 0 {
+            ti = ti.saturating_sub(1);
+            if self.reftable.get(ti).is_some_and(|&e| e != 0) {
+                let first = (ti as u64) << rb_bits;
+                let mut c = first.saturating_add(1u64 << rb_bits);
+                while c > first {
+                    c = c.saturating_sub(1);
+                    if self.refcount(c)? != 0 {
+                        return Ok(c);
+                    }
+                }
+            }
+        }
+        Ok(0)
+    }
+
+    /// Flushes the device.
+    pub fn flush(&mut self) -> Result<(), Error<D::Error>> {
+        self.flush_dev()
+    }
+
+    /// Builds a writer over a freshly created image (used by `create`).
+    pub(crate) fn from_parts(
+        dev: D,
+        hdr: HeaderRepr,
+        l1: Vec<u64>,
+        reftable: Vec<u64>,
+        file_len: u64,
+    ) -> Qcow2Writer<D> {
+        Qcow2Writer {
+            dev,
+            backing: None,
+            backing_size: 0,
+            hdr,
+            l1,
+            reftable,
+            l2_cache: BTreeMap::new(),
+            rb_cache: BTreeMap::new(),
+            free_hint: 0,
+            file_len,
+            barriers: true,
+        }
+    }
+
+    /// Sets the header's L1 fields after `create` allocated the table.
+    pub(crate) fn set_l1(&mut self, off: u64, l1: Vec<u64>) {
+        self.hdr.l1_table_offset = off;
+        self.hdr.l1_size = u32::try_from(l1.len()).unwrap_or(u32::MAX);
+        self.l1 = l1;
+    }
+
+    /// Allocates `n` clusters (for `create`).
+    pub(crate) fn alloc(&mut self, n: u64) -> Result<u64, Error<D::Error>> {
+        self.alloc_clusters(n)
+    }
+
+    /// Writes raw bytes (for `create`).
+    pub(crate) fn raw_write(&mut self, off: u64, b: &[u8]) -> Result<(), Error<D::Error>> {
+        self.write_dev(off, b, Structure::Header)
+    }
+}
+
+/// Why `resize` failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ResizeError<E> {
+    /// The image failed.
+    Qcow2(Error<E>),
+    /// The new size is not a multiple of 512.
+    Unaligned(u64),
+    /// Shrinking would drop the allocated cluster at this guest offset.
+    ShrinkAllocated {
+        /// Guest offset of the first allocated cluster past the new end.
+        offset: u64,
+    },
+}
+
+impl<E> From<Error<E>> for ResizeError<E> {
+    fn from(e: Error<E>) -> Self {
+        Self::Qcow2(e)
+    }
+}
+
+impl<E: core::fmt::Display> core::fmt::Display for ResizeError<E> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Qcow2(e) => e.fmt(f),
+            Self::Unaligned(s) => write!(f, "new size {s} is not a multiple of 512"),
+            Self::ShrinkAllocated { offset } => write!(
+                f,
+                "cannot shrink: the cluster at guest offset {offset:#x} past the new end is allocated (discard it first)"
+            ),
+        }
+    }
+}
+
+impl<E: core::fmt::Debug + core::fmt::Display> core::error::Error for ResizeError<E> {}
+
+impl<D: BlockIo, B: BlockIo> BlockIo for Qcow2Writer<D, B>
+where
+    B::Error: LayerError<D::Error>,
+{
+    type Error = Error<D::Error>;
+    fn sector_size(&self) -> u32 {
+        512
+    }
+    fn size(&mut self) -> Result<u64, Self::Error> {
+        Ok(self.hdr.size)
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        self.read(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Self::Error> {
+        self.write(offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        self.flush_dev()
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Self::Error> {
+        Qcow2Writer::write_zeroes(self, offset, len)
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), Self::Error> {
+        Qcow2Writer::discard(self, offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests;

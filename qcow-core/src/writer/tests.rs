@@ -1,0 +1,131 @@
+#![allow(
+    clippy::arithmetic_side_effects,
+    clippy::cast_possible_truncation,
+    clippy::unwrap_used
+)] // test code
+
+use super::*;
+use crate::create::{create, CreateOptions};
+use luks_core::io::VecDevice;
+
+fn opts(cs: u64, rb: u32, size: u64) -> CreateOptions<'static> {
+    CreateOptions {
+        size,
+        cluster_size: cs,
+        refcount_bits: rb,
+        ..CreateOptions::default()
+    }
+}
+
+/// Every cluster referenced by metadata, counted, must equal its refcount.
+fn check_refcounts(w: &mut Qcow2Writer<VecDevice>) {
+    let cb = w.cb();
+    let mut refs: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut add = |off: u64, n: u64| {
+        for i in 0..n {
+            *refs.entry((off >> cb) + i).or_default() += 1;
+        }
+    };
+    add(0, 1);
+    add(
+        w.hdr.refcount_table_offset,
+        u64::from(w.hdr.refcount_table_clusters),
+    );
+    for &e in &w.reftable.clone() {
+        if e != 0 {
+            add(e, 1);
+        }
+    }
+    let l1n = (u64::from(w.hdr.l1_size) * 8).div_ceil(w.cs()).max(1);
+    add(w.hdr.l1_table_offset, l1n);
+    for e in w.l1.clone() {
+        let l2 = entry::l1_l2_offset(e);
+        if l2 == 0 {
+            continue;
+        }
+        add(l2, 1);
+        let t = w.l2_table(l2).unwrap().clone();
+        for (i, x) in t.iter().enumerate() {
+            if w.extended() && i % 2 == 1 {
+                continue;
+            }
+            if x & entry::COMPRESSED != 0 {
+                let d = CompressedDescriptor::decode(*x, cb);
+                let (o, l) = Qcow2Writer::<VecDevice>::compressed_range(&d);
+                let first = o >> cb;
+                let last = (o + l - 1) >> cb;
+                add(first << cb, last - first + 1);
+            } else if x & OFFSET_MASK != 0 {
+                add(x & OFFSET_MASK, 1);
+            }
+        }
+    }
+    let file_clusters = w.file_len.div_ceil(w.cs());
+    for c in 0..file_clusters + 64 {
+        let want = refs.get(&c).copied().unwrap_or(0);
+        assert_eq!(w.refcount(c).unwrap(), want, "cluster {c}");
+    }
+    let max = refs.keys().max().copied().unwrap_or(0);
+    assert!(max < file_clusters + 1, "file must cover cluster {max}");
+}
+
+#[test]
+fn refcount_blocks_count_themselves_and_table_grows() {
+    // 512-byte clusters, 64-bit refcounts: a block covers 64 clusters and
+    // the one-cluster table 64 blocks (4096 clusters = 2 MiB).
+    let mut w = create(VecDevice::new(), &opts(512, 64, 8 << 20)).unwrap();
+    let rt0 = w.hdr.refcount_table_offset;
+    let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    for i in 0..1200u64 {
+        w.write(i * 4096 % (8 << 20), &data).unwrap();
+    }
+    assert_ne!(w.hdr.refcount_table_offset, rt0, "refcount table grew");
+    check_refcounts(&mut w);
+    // Every refcount block has a refcount of 1 (it counts itself).
+    for e in w.reftable.clone() {
+        if e != 0 {
+            assert_eq!(w.refcount(e >> 9).unwrap(), 1);
+        }
+    }
+    let mut back = vec![0u8; 4096];
+    w.read(4096 * 7, &mut back).unwrap();
+    assert_eq!(back, data);
+    // The header on disk names the new table.
+    let dev = w.close().unwrap();
+    let hdr = HeaderRepr::parse_bytes::<core::convert::Infallible>(dev.as_slice()).unwrap();
+    assert_ne!(hdr.refcount_table_offset, rt0);
+}
+
+#[test]
+fn overwrite_zero_discard_keep_refcounts_exact() {
+    for rb in [1u32, 16] {
+        let mut w = create(VecDevice::new(), &opts(4096, rb, 1 << 20)).unwrap();
+        w.write(100, &[7u8; 9000]).unwrap();
+        w.write(0, &[1u8; 4096]).unwrap();
+        w.write_zeroes(4096, 8192).unwrap();
+        w.discard(0, 4096).unwrap();
+        w.write_compressed(10, &[3u8; 4096]).unwrap();
+        w.write(10 * 4096 + 5, &[4u8; 10]).unwrap();
+        check_refcounts(&mut w);
+        let mut b = vec![0u8; 12];
+        w.read(10 * 4096, &mut b).unwrap();
+        assert_eq!(b, [3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4]);
+    }
+}
+
+#[test]
+fn without_barriers_content_and_refcounts_are_the_same() {
+    let mut w = create(VecDevice::new(), &opts(512, 16, 2 << 20)).unwrap();
+    w.set_write_barriers(false);
+    let before = w.device().flush_count();
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 13) as u8).collect();
+    for i in 0..300u64 {
+        w.write(i * 4099 % ((2 << 20) - 3000), &data).unwrap();
+    }
+    assert_eq!(w.device().flush_count(), before, "no flushes between steps");
+    check_refcounts(&mut w);
+    let mut back = vec![0u8; 3000];
+    let last: u64 = 299 * 4099; // the last write, below 2 MiB - 3000
+    w.read(last, &mut back).unwrap();
+    assert_eq!(back, data);
+}
