@@ -1093,7 +1093,7 @@ where
     /// refused while any cluster past the new end is allocated.
     pub fn resize(&mut self, new_size: u64) -> Result<(), ResizeError<D::Error>> {
         let cs = self.cs();
-        if new_size % 512 != 0 {
+        if !new_size.is_multiple_of(512) {
             return Err(ResizeError::Unaligned(new_size));
         }
         if new_size < self.hdr.size {

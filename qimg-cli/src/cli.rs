@@ -136,6 +136,13 @@ enum Command {
         /// Skip creating the destination; it must exist and be large enough.
         #[arg(short = 'n')]
         no_create: bool,
+        /// Compress the destination (qcow2): every cluster that shrinks is
+        /// stored compressed.
+        #[arg(short = 'c')]
+        compress: bool,
+        /// Backing file of the new qcow2 destination.
+        #[arg(short = 'B', value_name = "BACKING")]
+        backing: Option<String>,
         /// The existing destination already reads as zero (with -n).
         #[arg(long = "target-is-zero")]
         target_is_zero: bool,
@@ -152,6 +159,23 @@ enum Command {
     /// LUKS volume tools with cryptsetup's meaning.
     #[command(subcommand)]
     Luks(LuksCommand),
+    /// Change the virtual size of an image (qemu-img resize).
+    Resize {
+        /// Image format; detected from the file when absent.
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<FormatArg>,
+        /// Allow making the image smaller (data past the new end is lost).
+        #[arg(long)]
+        shrink: bool,
+        /// Quiet.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The image.
+        filename: String,
+        /// New size, or `+SIZE` / `-SIZE` relative to the current one.
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
     /// Create a new image (qemu-img create).
     Create {
         /// Image format.
@@ -163,6 +187,12 @@ enum Command {
         /// Quiet: print nothing on success.
         #[arg(short = 'q')]
         quiet: bool,
+        /// Backing file (qcow2 only); the size defaults to its size.
+        #[arg(short = 'b', value_name = "BACKING")]
+        backing: Option<String>,
+        /// Format of the backing file.
+        #[arg(short = 'F', value_name = "FMT")]
+        backing_fmt: Option<String>,
         #[command(flatten)]
         secrets: SecretArgs,
         /// The new image file.
@@ -230,12 +260,16 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             snapshot,
             sparse_size,
             no_create,
+            compress,
+            backing,
             target_is_zero,
             quiet: _,
             secrets,
             source,
             destination,
         } => convert_cmd(ConvertArgs {
+            compress,
+            backing,
             format: format.map(Into::into),
             output_format: output_format.into(),
             options,
@@ -248,6 +282,13 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             source,
             destination,
         }),
+        Command::Resize {
+            format,
+            shrink,
+            quiet,
+            filename,
+            size,
+        } => crate::resize::run(&filename, format.map(Into::into), shrink, quiet, &size),
         Command::Luks(LuksCommand::Dump { output, filename }) => {
             crate::luks::dump(&filename, output == Output::Json)
         }
@@ -255,6 +296,8 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             format,
             options,
             quiet,
+            backing,
+            backing_fmt,
             secrets,
             filename,
             size,
@@ -265,11 +308,15 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             &secrets,
             &filename,
             size.as_deref(),
+            backing.as_deref(),
+            backing_fmt.as_deref(),
         ),
     }
 }
 
 struct ConvertArgs {
+    compress: bool,
+    backing: Option<String>,
     format: Option<Format>,
     output_format: Format,
     options: Vec<String>,
@@ -314,6 +361,9 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
             .map_err(|e| CliError::io(&a.destination, format!("cannot open for writing: {e}")))?;
             erased(file)
         }
+        Format::Qcow2 => {
+            return convert_to_qcow2(&a, src.dev.as_mut(), len, &opts);
+        }
         Format::Luks => {
             if a.no_create {
                 return Err(CliError::usage(
@@ -322,11 +372,6 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
             }
             crate::luks::create_for_convert(&a.destination, &opts, &secrets, len)?
         }
-        other => {
-            return Err(CliError::usage(format!(
-            "converting to {other} is not available in this version of qimg; use -O raw or -O luks"
-        )))
-        }
     };
     // A new LUKS payload reads as noise, not zeroes: write every sector.
     let dst_zeroed = a.output_format != Format::Luks;
@@ -334,12 +379,8 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         sparse_size: a.sparse_size,
         target_is_zero: (dst_zeroed && !a.no_create) || a.target_is_zero,
     };
-    convert::copy(src.dev.as_mut(), &mut dst, len, copy_opts, &mut |_| {}).map_err(
-        |e| match e {
-            convert::CopyError::Read(e) => CliError::io(&a.source, e.to_string()),
-            convert::CopyError::Write(e) => CliError::io(&a.destination, e.to_string()),
-        },
-    )?;
+    convert::copy(src.dev.as_mut(), &mut dst, len, copy_opts, &mut |_| {})
+        .map_err(|e| copy_err(&a, e))?;
     if !a.no_create {
         dst.set_size(len)
             .map_err(|e| CliError::io(&a.destination, e.to_string()))?;
@@ -347,6 +388,57 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
     dst.flush()
         .map_err(|e| CliError::io(&a.destination, e.to_string()))?;
     Ok(0)
+}
+
+/// `convert -O qcow2 [-c]`: a new (or, with `-n`, existing) qcow2 image
+/// written without barriers and flushed once at the end.
+fn convert_to_qcow2(
+    a: &ConvertArgs,
+    src: &mut dyn crate::dev::Source,
+    len: u64,
+    opts: &OptionMap,
+) -> Result<u8, CliError> {
+    let dst = &a.destination;
+    let mut w = if a.no_create {
+        opts.reject_unused("qcow2")
+            .map_err(|e| CliError::usage(e.to_string()))?;
+        let dev = luks_core::io::FileDevice::open_rw(Path::new(dst))
+            .map_err(|e| CliError::io(dst, format!("cannot open for writing: {e}")))?;
+        qcow_core::Qcow2Writer::open(dev).map_err(|e| CliError::io(dst, e.to_string()))?
+    } else {
+        let c = crate::create::Qcow2Create::parse(opts, a.backing.as_deref(), None)?;
+        c.create(dst, len)?
+    };
+    w.set_write_barriers(false);
+    let cluster = w.header().cluster_size();
+    let io_dst = |e: qcow_core::Error<luks_core::io::FileError>| CliError::io(dst, e.to_string());
+    if a.compress {
+        convert::copy_clusters(src, len, cluster, &mut |idx, data| {
+            w.write_compressed(idx, data).map_err(|e| dev_err(dst, e))
+        })
+        .map_err(|e| copy_err(a, e))?;
+        w.close().map_err(io_dst)?;
+    } else {
+        let mut dev: AnyDev = erased(w);
+        let copy_opts = CopyOptions {
+            sparse_size: a.sparse_size,
+            target_is_zero: !a.no_create || a.target_is_zero,
+        };
+        convert::copy(src, &mut dev, len, copy_opts, &mut |_| {}).map_err(|e| copy_err(a, e))?;
+        dev.flush().map_err(|e| CliError::io(dst, e.to_string()))?;
+    }
+    Ok(0)
+}
+
+fn dev_err(file: &str, e: impl std::fmt::Display) -> crate::dev::DevError {
+    crate::dev::DevError(format!("{file}: {e}"))
+}
+
+fn copy_err(a: &ConvertArgs, e: convert::CopyError) -> CliError {
+    match e {
+        convert::CopyError::Read(e) => CliError::io(&a.source, e.to_string()),
+        convert::CopyError::Write(e) => CliError::io(&a.destination, e.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -82,6 +82,40 @@ pub(crate) fn copy(
     Ok(written)
 }
 
+/// Copies `len` bytes of `src` cluster by cluster to `write(index, data)`,
+/// skipping clusters that read as zero (the last one is zero-padded): the
+/// shape a compressing writer needs.
+pub(crate) fn copy_clusters(
+    src: &mut dyn Source,
+    len: u64,
+    cluster: u64,
+    write: &mut dyn FnMut(u64, &[u8]) -> Result<(), DevError>,
+) -> Result<(), CopyError> {
+    let cs = usize::try_from(cluster).unwrap_or(CHUNK);
+    let mut buf = vec![0u8; cs];
+    let mut idx = 0u64;
+    while idx.saturating_mul(cluster) < len {
+        let off = idx * cluster;
+        let n = (len - off).min(cluster);
+        let st = src.block_status(off, n).map_err(CopyError::Read)?;
+        let has_data = st.data || st.len < n;
+        if has_data {
+            let n_usize = usize::try_from(n).unwrap_or(cs);
+            buf.fill(0);
+            // Whole sectors of the source; a short tail reads as zero.
+            let want = n_usize.next_multiple_of(512).min(cs);
+            src.read_at(off, &mut buf[..want])
+                .map_err(CopyError::Read)?;
+            buf[n_usize..].fill(0);
+            if buf.iter().any(|&b| b != 0) {
+                write(idx, &buf).map_err(CopyError::Write)?;
+            }
+        }
+        idx += 1;
+    }
+    Ok(())
+}
+
 /// Writes `data` at `off`, leaving out aligned runs of zeroes of at least
 /// `sparse_size` bytes. Returns the bytes written.
 fn write_sparse(

@@ -16,30 +16,46 @@ pub(crate) fn run(
     secrets: &SecretArgs,
     filename: &str,
     size: Option<&str>,
+    backing: Option<&str>,
+    backing_fmt: Option<&str>,
 ) -> Result<u8, CliError> {
     let opts = OptionMap::parse(options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
-    let size = match size {
-        Some(s) => parse_size(s).map_err(|e| CliError::usage(e.to_string()))?,
-        None => opts
-            .get_size("size")
-            .map_err(|e| CliError::usage(e.to_string()))?
-            .ok_or_else(|| {
-                CliError::usage(format!("{filename}: image creation needs a size parameter"))
-            })?,
+    let size = size
+        .map(|s| parse_size(s).map_err(|e| CliError::usage(e.to_string())))
+        .transpose()?;
+    let need_size = |size: Option<u64>| -> Result<u64, CliError> {
+        match size {
+            Some(s) => Ok(s),
+            None => opts
+                .get_size("size")
+                .map_err(|e| CliError::usage(e.to_string()))?
+                .ok_or_else(|| {
+                    CliError::usage(format!("{filename}: image creation needs a size parameter"))
+                }),
+        }
     };
-    match format {
-        FormatArg::Raw => create_raw(&opts, filename, size)?,
-        FormatArg::Luks => {
-            let s = crate::secret::Secrets::parse(&secrets.object)?;
-            crate::luks::create(filename, &opts, &s, secrets.key_file.as_deref(), size)?
-        }
-        FormatArg::Qcow2 => {
-            return Err(CliError::usage(
-                "creating qcow2 images is not available in this build yet; use qemu-img create"
-                    .into(),
-            ));
-        }
+    if backing.is_some() && format != FormatArg::Qcow2 {
+        return Err(CliError::usage(format!(
+            "{filename}: -b needs -f qcow2 (raw and LUKS images have no backing file)"
+        )));
     }
+    let size = match format {
+        FormatArg::Qcow2 => {
+            create_qcow2(&opts, filename, size, backing, backing_fmt, quiet)?;
+            return Ok(0);
+        }
+        FormatArg::Raw => {
+            let size = need_size(size)?;
+            create_raw(&opts, filename, size)?;
+            size
+        }
+        FormatArg::Luks => {
+            let size = need_size(size)?;
+            let s = crate::secret::Secrets::parse(&secrets.object)?;
+            crate::luks::create(filename, &opts, &s, secrets.key_file.as_deref(), size)?;
+            size
+        }
+    };
     if !quiet {
         println!(
             "Formatting '{filename}', fmt={} size={size}",
@@ -87,4 +103,205 @@ fn create_raw(opts: &OptionMap, filename: &str, size: u64) -> Result<(), CliErro
         }
     }
     Ok(())
+}
+
+/// qcow2 creation options from `-o` (and `-b`/`-F`), with qemu-img's names.
+pub(crate) struct Qcow2Create {
+    /// Virtual size, when known.
+    pub(crate) size: Option<u64>,
+    v3: bool,
+    cluster_size: u64,
+    refcount_bits: u32,
+    lazy_refcounts: bool,
+    preallocation: qcow_core::Preallocation,
+    compression_type: u8,
+    extended_l2: bool,
+    data_file: Option<String>,
+    data_file_raw: bool,
+    /// `backing_file` / `-b`.
+    pub(crate) backing_file: Option<String>,
+    /// `backing_fmt` / `-F`.
+    pub(crate) backing_fmt: Option<String>,
+}
+
+fn on_off(opts: &OptionMap, key: &str) -> Result<bool, CliError> {
+    match opts.get(key) {
+        None | Some("off") | Some("false") => Ok(false),
+        Some("on") | Some("true") => Ok(true),
+        Some(v) => Err(CliError::usage(format!(
+            "parameter '{key}' expects 'on' or 'off', got '{v}'"
+        ))),
+    }
+}
+
+impl Qcow2Create {
+    /// Reads qcow2 options; refuses unknown ones as qemu-img does.
+    pub(crate) fn parse(
+        opts: &OptionMap,
+        backing: Option<&str>,
+        backing_fmt: Option<&str>,
+    ) -> Result<Self, CliError> {
+        let bad = |e: crate::opts::OptError| CliError::usage(e.to_string());
+        if opts.get("encrypt.format").is_some() || opts.get("encryption").is_some() {
+            return Err(CliError::usage(
+                "creating encrypted qcow2 images is not available in this build yet; \
+                 qemu-img create -o encrypt.format=luks makes them, and qimg reads them"
+                    .into(),
+            ));
+        }
+        let v3 = match opts.get("compat") {
+            None | Some("1.1") | Some("v3") => true,
+            Some("0.10") | Some("0.1") | Some("v2") => false,
+            Some(v) => {
+                return Err(CliError::usage(format!(
+                    "Invalid compatibility level: '{v}' (use 0.10 or 1.1)"
+                )))
+            }
+        };
+        let preallocation = match opts.get("preallocation") {
+            None | Some("off") => qcow_core::Preallocation::Off,
+            Some("metadata") => qcow_core::Preallocation::Metadata,
+            Some("full") | Some("falloc") => qcow_core::Preallocation::Full,
+            Some(v) => {
+                return Err(CliError::usage(format!(
+                    "Invalid preallocation mode: '{v}' (off, metadata, falloc or full)"
+                )))
+            }
+        };
+        let compression_type = match opts.get("compression_type") {
+            None | Some("zlib") => 0,
+            Some("zstd") => 1,
+            Some(v) => {
+                return Err(CliError::usage(format!(
+                    "Invalid compression type '{v}' (zlib or zstd)"
+                )))
+            }
+        };
+        let refcount_bits = match opts.get_u64("refcount_bits").map_err(bad)? {
+            Some(b) => u32::try_from(b)
+                .map_err(|_| CliError::usage(format!("refcount_bits {b} is too large")))?,
+            None => 16,
+        };
+        let out = Self {
+            size: opts.get_size("size").map_err(bad)?,
+            v3,
+            cluster_size: opts.get_size("cluster_size").map_err(bad)?.unwrap_or(65536),
+            refcount_bits,
+            lazy_refcounts: on_off(opts, "lazy_refcounts")?,
+            preallocation,
+            compression_type,
+            extended_l2: on_off(opts, "extended_l2")?,
+            data_file: opts.get("data_file").map(str::to_string),
+            data_file_raw: on_off(opts, "data_file_raw")?,
+            backing_file: backing
+                .map(str::to_string)
+                .or_else(|| opts.get("backing_file").map(str::to_string)),
+            backing_fmt: backing_fmt
+                .map(str::to_string)
+                .or_else(|| opts.get("backing_fmt").map(str::to_string)),
+        };
+        opts.reject_unused("qcow2")
+            .map_err(|e| CliError::usage(e.to_string()))?;
+        Ok(out)
+    }
+
+    /// Creates the image at `path` of `size` bytes and returns its writer.
+    pub(crate) fn create(
+        &self,
+        path: &str,
+        size: u64,
+    ) -> Result<qcow_core::Qcow2Writer<FileDevice>, CliError> {
+        if let Some(df) = &self.data_file {
+            let full = crate::image::resolve_backing(path, df);
+            let f = std::fs::File::create(&full).map_err(|e| {
+                CliError::io(
+                    path,
+                    format!("cannot create the data file {}: {e}", full.display()),
+                )
+            })?;
+            if self.data_file_raw {
+                f.set_len(size)
+                    .map_err(|e| CliError::io(path, format!("cannot size the data file: {e}")))?;
+            }
+        }
+        let dev = FileDevice::create(Path::new(path))
+            .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
+        let o = qcow_core::CreateOptions {
+            size,
+            v3: self.v3,
+            cluster_size: self.cluster_size,
+            refcount_bits: self.refcount_bits,
+            lazy_refcounts: self.lazy_refcounts,
+            preallocation: self.preallocation,
+            compression_type: self.compression_type,
+            extended_l2: self.extended_l2,
+            data_file: self.data_file.as_deref(),
+            data_file_raw: self.data_file_raw,
+            backing_file: self.backing_file.as_deref(),
+            backing_fmt: self.backing_fmt.as_deref(),
+        };
+        qcow_core::create(dev, &o).map_err(|e| CliError::io(path, e.to_string()))
+    }
+
+    /// qemu-img's "Formatting ..." line.
+    pub(crate) fn describe(&self, path: &str, size: u64) -> String {
+        let mut s = format!(
+            "Formatting '{path}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={size}",
+            self.cluster_size,
+            if self.extended_l2 { "on" } else { "off" },
+            if self.compression_type == 1 { "zstd" } else { "zlib" },
+        );
+        if let Some(b) = &self.backing_file {
+            s.push_str(&format!(" backing_file={b}"));
+        }
+        if let Some(f) = &self.backing_fmt {
+            s.push_str(&format!(" backing_fmt={f}"));
+        }
+        s.push_str(&format!(
+            " lazy_refcounts={} refcount_bits={}",
+            if self.lazy_refcounts { "on" } else { "off" },
+            self.refcount_bits
+        ));
+        s
+    }
+}
+
+/// `qimg create -f qcow2`: the size comes from the argument, `-o size=`, or
+/// the backing file.
+pub(crate) fn create_qcow2(
+    opts: &OptionMap,
+    filename: &str,
+    size: Option<u64>,
+    backing: Option<&str>,
+    backing_fmt: Option<&str>,
+    quiet: bool,
+) -> Result<(), CliError> {
+    let c = Qcow2Create::parse(opts, backing, backing_fmt)?;
+    let size = match size.or(c.size) {
+        Some(s) => s,
+        None => match &c.backing_file {
+            Some(b) => {
+                let full = crate::image::resolve_backing(filename, b);
+                let full = full.to_string_lossy().into_owned();
+                let fmt = c.backing_fmt.as_deref().map(|f| match f {
+                    "raw" => crate::image::Format::Raw,
+                    "luks" => crate::image::Format::Luks,
+                    _ => crate::image::Format::Qcow2,
+                });
+                crate::image::info(&full, fmt, &crate::cli::SecretArgs::default())?.virtual_size
+            }
+            None => {
+                return Err(CliError::usage(format!(
+                    "{filename}: image creation needs a size parameter"
+                )))
+            }
+        },
+    };
+    if !quiet {
+        println!("{}", c.describe(filename, size));
+    }
+    let w = c.create(filename, size)?;
+    w.close()
+        .map(|_| ())
+        .map_err(|e| CliError::io(filename, e.to_string()))
 }

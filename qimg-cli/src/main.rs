@@ -13,6 +13,7 @@ mod map;
 mod opts;
 mod qcow2;
 mod rawfile;
+mod resize;
 mod secret;
 
 use std::fmt;

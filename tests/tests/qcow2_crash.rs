@@ -274,7 +274,7 @@ fn power_cut_at_any_mutation_leaves_a_consistent_image() {
                     validate(&img, ops, done, &what);
                     if let Some(q) = q {
                         let near = hdr_writes.iter().any(|&h| k + 12 >= h && k < h + 12);
-                        if near || i % QEMU_STRIDE == 0 {
+                        if near || i.is_multiple_of(QEMU_STRIDE) {
                             qemu_check(q, dir.path(), &img, &what);
                             checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }

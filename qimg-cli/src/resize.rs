@@ -1,0 +1,72 @@
+//! `qimg resize`.
+
+use std::path::Path;
+
+use luks_core::io::{BlockIo, FileDevice};
+
+use crate::image::{self, Format};
+use crate::opts::parse_size;
+use crate::CliError;
+
+/// Runs `qimg resize FILE [+|-]SIZE`.
+pub(crate) fn run(
+    path: &str,
+    format: Option<Format>,
+    shrink: bool,
+    quiet: bool,
+    size: &str,
+) -> Result<u8, CliError> {
+    let format = match format {
+        Some(f) => f,
+        None => image::detect(path)?,
+    };
+    let current = match format {
+        Format::Raw => image::file_length(path)?,
+        Format::Qcow2 => crate::qcow2::Opening::open(path)?.img.info().virtual_size(),
+        Format::Luks => {
+            return Err(CliError::usage(format!(
+                "{path}: resizing LUKS volumes is not supported; resize the device underneath"
+            )))
+        }
+    };
+    let bad = |e: crate::opts::OptError| CliError::usage(e.to_string());
+    let new = if let Some(d) = size.strip_prefix('+') {
+        current
+            .checked_add(parse_size(d).map_err(bad)?)
+            .ok_or_else(|| CliError::usage(format!("{path}: the new size overflows")))?
+    } else if let Some(d) = size.strip_prefix('-') {
+        current
+            .checked_sub(parse_size(d).map_err(bad)?)
+            .ok_or_else(|| CliError::usage(format!("{path}: cannot shrink below zero bytes")))?
+    } else {
+        parse_size(size).map_err(bad)?
+    };
+    if new < current && !shrink {
+        return Err(CliError::usage(format!(
+            "{path}: use the --shrink option to perform a shrink operation (data past the new end is lost)"
+        )));
+    }
+    let open_rw = || {
+        FileDevice::open_rw(Path::new(path))
+            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))
+    };
+    match format {
+        Format::Raw => {
+            let mut dev = open_rw()?;
+            dev.set_size(new)
+                .map_err(|e| CliError::io(path, e.to_string()))?;
+        }
+        Format::Qcow2 => {
+            let mut w = qcow_core::Qcow2Writer::open(open_rw()?)
+                .map_err(|e| CliError::io(path, e.to_string()))?;
+            w.resize(new)
+                .map_err(|e| CliError::io(path, e.to_string()))?;
+            w.close().map_err(|e| CliError::io(path, e.to_string()))?;
+        }
+        Format::Luks => {}
+    }
+    if !quiet {
+        println!("Image resized.");
+    }
+    Ok(0)
+}
