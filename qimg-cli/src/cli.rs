@@ -301,16 +301,16 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             secrets,
             filename,
             size,
-        } => crate::create::run(
+        } => crate::create::run(crate::create::CreateArgs {
             format,
-            &options,
+            options: &options,
             quiet,
-            &secrets,
-            &filename,
-            size.as_deref(),
-            backing.as_deref(),
-            backing_fmt.as_deref(),
-        ),
+            secrets: &secrets,
+            filename: &filename,
+            size: size.as_deref(),
+            backing: backing.as_deref(),
+            backing_fmt: backing_fmt.as_deref(),
+        }),
     }
 }
 

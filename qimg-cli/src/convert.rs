@@ -82,6 +82,9 @@ pub(crate) fn copy(
     Ok(written)
 }
 
+/// Receives one cluster: its index and its (zero-padded) bytes.
+pub(crate) type ClusterWriter<'a> = dyn FnMut(u64, &[u8]) -> Result<(), DevError> + 'a;
+
 /// Copies `len` bytes of `src` cluster by cluster to `write(index, data)`,
 /// skipping clusters that read as zero (the last one is zero-padded): the
 /// shape a compressing writer needs.
@@ -89,7 +92,7 @@ pub(crate) fn copy_clusters(
     src: &mut dyn Source,
     len: u64,
     cluster: u64,
-    write: &mut dyn FnMut(u64, &[u8]) -> Result<(), DevError>,
+    write: &mut ClusterWriter<'_>,
 ) -> Result<(), CopyError> {
     let cs = usize::try_from(cluster).unwrap_or(CHUNK);
     let mut buf = vec![0u8; cs];

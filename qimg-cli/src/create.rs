@@ -8,17 +8,30 @@ use crate::cli::{FormatArg, SecretArgs};
 use crate::opts::{parse_size, OptionMap};
 use crate::CliError;
 
+/// What `qimg create` was asked for.
+pub(crate) struct CreateArgs<'a> {
+    pub(crate) format: FormatArg,
+    pub(crate) options: &'a [String],
+    pub(crate) quiet: bool,
+    pub(crate) secrets: &'a SecretArgs,
+    pub(crate) filename: &'a str,
+    pub(crate) size: Option<&'a str>,
+    pub(crate) backing: Option<&'a str>,
+    pub(crate) backing_fmt: Option<&'a str>,
+}
+
 /// Runs `qimg create`.
-pub(crate) fn run(
-    format: FormatArg,
-    options: &[String],
-    quiet: bool,
-    secrets: &SecretArgs,
-    filename: &str,
-    size: Option<&str>,
-    backing: Option<&str>,
-    backing_fmt: Option<&str>,
-) -> Result<u8, CliError> {
+pub(crate) fn run(a: CreateArgs<'_>) -> Result<u8, CliError> {
+    let CreateArgs {
+        format,
+        options,
+        quiet,
+        secrets,
+        filename,
+        size,
+        backing,
+        backing_fmt,
+    } = a;
     let opts = OptionMap::parse(options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
     let size = size
         .map(|s| parse_size(s).map_err(|e| CliError::usage(e.to_string())))
