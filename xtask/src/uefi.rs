@@ -44,7 +44,7 @@ pub(crate) fn build() -> Result<PathBuf, String> {
 enum Maker {
     /// The qimg binary of this workspace.
     Qimg,
-    /// qemu-img, for formats qimg cannot write yet (qcow2).
+    /// qemu-img, for what qimg cannot write yet (encrypted qcow2).
     QemuImg,
 }
 
@@ -87,7 +87,7 @@ fn images() -> Vec<TestImage> {
         },
         TestImage {
             name: "compressed.qcow2",
-            maker: Maker::QemuImg,
+            maker: Maker::Qimg,
             create: args(&[
                 "convert",
                 "-c",
