@@ -72,7 +72,7 @@ fn images() -> Vec<TestImage> {
     vec![
         TestImage {
             name: "plain.qcow2",
-            maker: Maker::QemuImg,
+            maker: Maker::Qimg,
             create: args(&[
                 "convert",
                 "-f",
