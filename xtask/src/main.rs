@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod bench;
 mod uefi;
 
 /// The one module allowed to contain `unsafe` (runtime-dispatched SIMD).
@@ -29,6 +30,15 @@ fn main() -> ExitCode {
         Some("man") => man(),
         Some("uefi") => uefi::build().map(|p| println!("{}", p.display())),
         Some("uefi-test") => uefi::test(),
+        Some("bench-compare") => {
+            let mib = args
+                .iter()
+                .position(|a| a == "--mib")
+                .and_then(|i| args.get(i + 1))
+                .map_or(Ok(1024), |v| v.parse::<u64>())
+                .map_err(|e| format!("--mib: {e}"));
+            mib.and_then(bench::compare)
+        }
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())
@@ -57,7 +67,8 @@ fn print_help() {
          unsafe-audit  fail if `unsafe` appears outside {VETTED_UNSAFE}\n  \
          man           write the qimg(1) man page to target/man/qimg.1\n  \
          uefi          build the UEFI reader (tests/uefi-reader)\n  \
-         uefi-test     boot OVMF with test images and check what the reader reads"
+         uefi-test     boot OVMF with test images and check what the reader reads\n  \
+         bench-compare [--mib N]  XTS vs OpenSSL, PBKDF2 vs OpenSSL, qimg convert vs qemu-img (ratios)"
     );
 }
 

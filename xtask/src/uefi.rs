@@ -310,7 +310,7 @@ fn boot(work: &Path, esp: &Path, disks: &[PathBuf]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&bytes).replace('\r', ""))
 }
 
-fn sha256sum(path: &Path) -> Result<String, String> {
+pub(crate) fn sha256sum(path: &Path) -> Result<String, String> {
     let out = Command::new("sha256sum")
         .arg(path)
         .output()

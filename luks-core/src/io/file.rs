@@ -220,9 +220,17 @@ impl BlockIo for FileDevice {
     }
 
     fn flush(&mut self) -> Result<(), FileError> {
-        self.file
-            .sync_data()
-            .map_err(|e| Self::err(FileOp::Flush, 0, 0, e))
+        match self.file.sync_data() {
+            // Character devices such as /dev/null cannot be synced; there
+            // is nothing to make durable.
+            Err(e)
+                if e.kind() == io::ErrorKind::InvalidInput
+                    && self.file.metadata().is_ok_and(|m| !m.is_file()) =>
+            {
+                Ok(())
+            }
+            r => r.map_err(|e| Self::err(FileOp::Flush, 0, 0, e)),
+        }
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), FileError> {

@@ -1,0 +1,266 @@
+//! `cargo xtask bench-compare`: qimg beside OpenSSL and qemu-img in one
+//! run, printed as a table of ratios.
+//!
+//! - The XTS engine (every backend) against `openssl speed -evp
+//!   aes-256-xts` at 4 KiB, and against the raw `aes` bulk rate.
+//! - PBKDF2-SHA256 iterations per second against `openssl kdf`.
+//! - `qimg convert -n -O raw` against `qemu-img convert -n -O raw` of the
+//!   same LUKS-encrypted qcow2 image and raw LUKS volume, into an existing
+//!   file in memory (/dev/shm) that each run overwrites, so neither disk
+//!   speed nor file allocation dominates.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use crate::{cargo, root, run};
+
+const PASSPHRASE: &str = "bench-compare";
+
+fn stdout_of(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `key=value` from a whitespace-separated line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// OpenSSL's aes-256-xts rate at 4 KiB, in GB/s.
+fn openssl_xts() -> Result<f64, String> {
+    let out = stdout_of(Command::new("openssl").args([
+        "speed",
+        "-evp",
+        "aes-256-xts",
+        "-bytes",
+        "4096",
+        "-seconds",
+        "3",
+    ]))?;
+    // Last line: "AES-256-XTS   4412345.67k" (thousands of bytes per second).
+    let last = out
+        .lines()
+        .rev()
+        .find(|l| l.to_ascii_lowercase().contains("xts"))
+        .ok_or("openssl speed printed no XTS line")?;
+    let k = last
+        .split_whitespace()
+        .last()
+        .and_then(|v| v.strip_suffix('k'))
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| format!("cannot read openssl speed's line: {last}"))?;
+    Ok(k * 1000.0 / 1e9)
+}
+
+/// OpenSSL's PBKDF2-HMAC-SHA256 iterations per second.
+fn openssl_pbkdf2() -> Result<f64, String> {
+    let iters = 2_000_000u32;
+    let start = Instant::now();
+    stdout_of(Command::new("openssl").args([
+        "kdf",
+        "-keylen",
+        "32",
+        "-kdfopt",
+        "digest:SHA256",
+        "-kdfopt",
+        "pass:passphrase",
+        "-kdfopt",
+        "salt:salt-salt-salt-salt",
+        "-kdfopt",
+        &format!("iter:{iters}"),
+        "PBKDF2",
+    ]))?;
+    Ok(f64::from(iters) / start.elapsed().as_secs_f64())
+}
+
+/// Seconds a command takes, best of `n` runs.
+fn best_secs(n: usize, mut make: impl FnMut() -> Command) -> Result<f64, String> {
+    let mut best = f64::MAX;
+    for _ in 0..n {
+        let mut cmd = make();
+        let start = Instant::now();
+        stdout_of(&mut cmd)?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// Runs the comparison over images of `mib` MiB.
+pub(crate) fn compare(mib: u64) -> Result<(), String> {
+    run(
+        "build qimg and xts-rate (release)",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "qimg-cli",
+            "--bin",
+            "qimg",
+            "-p",
+            "qimg-bench",
+            "--bin",
+            "xts-rate",
+        ]),
+    )?;
+    let bin = root().join("target").join("release");
+    let rates = stdout_of(&mut Command::new(bin.join("xts-rate")))?;
+    let bulk = rates
+        .lines()
+        .find_map(|l| l.strip_prefix("aes-bulk ").and_then(|l| field(l, "gbps")))
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or("xts-rate printed no aes-bulk line")?;
+    let ossl = openssl_xts()?;
+    let ours_pbkdf2 = rates
+        .lines()
+        .filter(|l| l.starts_with("pbkdf2 ") && field(l, "hash") == Some("sha256"))
+        .find_map(|l| field(l, "iters_per_s"))
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or("xts-rate printed no pbkdf2 line")?;
+    let ossl_pbkdf2 = openssl_pbkdf2()?;
+
+    println!("\nAES-256-XTS, 64 KiB batches (same run)");
+    println!(
+        "{:<10} {:>6} {:>9} {:>10} {:>10}",
+        "backend", "sector", "GB/s", "x aes bulk", "x openssl"
+    );
+    println!(
+        "{:<10} {:>6} {:>9.2} {:>10} {:>10}",
+        "aes bulk", "-", bulk, "1.00", "-"
+    );
+    println!(
+        "{:<10} {:>6} {:>9.2} {:>10} {:>10}",
+        "openssl", "4096", ossl, "-", "1.00"
+    );
+    for l in rates
+        .lines()
+        .filter(|l| l.starts_with("xts ") && !l.contains("unavailable"))
+    {
+        let (Some(b), Some(s), Some(g)) =
+            (field(l, "backend"), field(l, "sector"), field(l, "gbps"))
+        else {
+            continue;
+        };
+        let g: f64 = g.parse().map_err(|_| format!("bad line: {l}"))?;
+        println!(
+            "{b:<10} {s:>6} {g:>9.2} {:>10.2} {:>10.2}",
+            g / bulk,
+            g / ossl
+        );
+    }
+    println!(
+        "\nPBKDF2-SHA256: qimg {:.0} it/s, openssl {:.0} it/s: {:.2}x",
+        ours_pbkdf2,
+        ossl_pbkdf2,
+        ours_pbkdf2 / ossl_pbkdf2
+    );
+
+    let work = root().join("target").join("bench-compare");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let raw = work.join("source.raw");
+    let bytes = mib * (1 << 20);
+    run(
+        "random source",
+        Command::new("head")
+            .args(["-c", &bytes.to_string(), "/dev/urandom"])
+            .stdout(std::fs::File::create(&raw).map_err(|e| e.to_string())?),
+    )?;
+    let secret = format!("secret,id=s0,data={PASSPHRASE}");
+    let qcow = work.join("enc.qcow2");
+    let luks = work.join("vol.luks");
+    run(
+        "encrypted qcow2 (qemu-img)",
+        Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2", "--object", &secret, "-o"])
+            .arg("encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10")
+            .arg(&raw)
+            .arg(&qcow),
+    )?;
+    run(
+        "raw LUKS volume (qemu-img)",
+        Command::new("qemu-img")
+            .args([
+                "convert",
+                "-O",
+                "luks",
+                "--object",
+                &secret,
+                "-o",
+                "key-secret=s0,iter-time=10",
+            ])
+            .arg(&raw)
+            .arg(&luks),
+    )?;
+    let want = crate::uefi::sha256sum(&raw)?;
+    let _ = std::fs::remove_file(&raw);
+    let shm = Path::new("/dev/shm");
+    let target = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        work.clone()
+    }
+    .join("qimg-bench-compare.raw");
+    std::fs::File::create(&target)
+        .and_then(|f| f.set_len(bytes))
+        .map_err(|e| format!("{}: {e}", target.display()))?;
+    println!(
+        "\nconvert -n -O raw of {mib} MiB into {} (best of 3)",
+        target.display()
+    );
+    for (name, img, driver, key) in [
+        ("LUKS qcow2", &qcow, "qcow2", "encrypt.key-secret"),
+        ("raw LUKS", &luks, "luks", "key-secret"),
+    ] {
+        let theirs = best_secs(3, || {
+            let mut c = Command::new("qemu-img");
+            c.args([
+                "convert",
+                "-n",
+                "-O",
+                "raw",
+                "--object",
+                &secret,
+                "--image-opts",
+            ])
+            .arg(format!(
+                "driver={driver},{key}=s0,file.filename={}",
+                img.display()
+            ))
+            .arg(&target);
+            c
+        })?;
+        let ours = best_secs(3, || {
+            let mut c = Command::new(bin.join("qimg"));
+            c.args(["convert", "-n", "-O", "raw", "--object", &secret])
+                .arg(img)
+                .arg(&target);
+            c
+        })?;
+        // The timing only counts if qimg wrote the right bytes.
+        if crate::uefi::sha256sum(&target)? != want {
+            return Err(format!("qimg convert of {name} produced different content"));
+        }
+        let mbps = |s: f64| bytes as f64 / s / (1 << 20) as f64;
+        println!(
+            "{name:<11} qemu-img {:>7.2}s ({:>7.0} MiB/s)   qimg {:>7.2}s ({:>7.0} MiB/s)   qimg is {:.2}x faster",
+            theirs,
+            mbps(theirs),
+            ours,
+            mbps(ours),
+            theirs / ours
+        );
+    }
+    let _ = std::fs::remove_file(&target);
+    let _ = std::fs::remove_dir_all(Path::new(&work));
+    Ok(())
+}
