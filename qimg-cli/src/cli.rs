@@ -400,6 +400,11 @@ fn convert_to_qcow2(
     secrets: &Secrets,
 ) -> Result<u8, CliError> {
     let dst = &a.destination;
+    if a.compress && opts.get("encrypt.format").is_some() {
+        return Err(CliError::usage(
+            "Compression can't be used with encryption".into(),
+        ));
+    }
     let mut w = if a.no_create {
         opts.reject_unused("qcow2")
             .map_err(|e| CliError::usage(e.to_string()))?;
