@@ -61,6 +61,14 @@ pub struct CreateOptions<'a> {
     pub backing_file: Option<&'a str>,
     /// Backing file format name.
     pub backing_fmt: Option<&'a str>,
+    /// LUKS encryption (crypt_method 2): the length in bytes of the LUKS
+    /// header region (header and key material). `create` reserves it
+    /// (whole clusters, right after the L1 table, zero-filled), writes the
+    /// full disk encryption header extension and returns a writer that
+    /// refuses guest I/O until given a key: format LUKS1 into
+    /// `Window(dev, offset, length)` (see [`Qcow2Writer::crypto_region`])
+    /// and attach the key with [`Qcow2Writer::with_key`].
+    pub luks_region_len: Option<u64>,
 }
 
 impl Default for CreateOptions<'_> {
@@ -79,6 +87,7 @@ impl Default for CreateOptions<'_> {
             data_file_raw: false,
             backing_file: None,
             backing_fmt: None,
+            luks_region_len: None,
         }
     }
 }
@@ -120,6 +129,9 @@ pub enum CreateError<E> {
     HeaderTooLarge,
     /// The virtual size needs more L1 entries than QEMU allows.
     TooLarge(u64),
+    /// Encryption on v2, with an external data file, with full
+    /// preallocation, or an empty LUKS region.
+    Encryption(&'static str),
 }
 
 impl<E> From<Error<E>> for CreateError<E> {
@@ -176,6 +188,7 @@ impl<E: fmt::Display> fmt::Display for CreateError<E> {
                 f.write_str("The header extensions and backing file name do not fit in cluster 0")
             }
             Self::TooLarge(s) => write!(f, "Image size {s} is too large for this cluster size"),
+            Self::Encryption(why) => write!(f, "Encryption: {why}"),
         }
     }
 }
@@ -196,6 +209,10 @@ const FEATURES: [(u8, u8, &str); 8] = [
 
 /// Header length QEMU 10 writes for v3: 104 + compression type, padded.
 const V3_HEADER_LEN: u32 = 112;
+
+/// Largest LUKS header region accepted (LUKS1 with a 512-byte key needs
+/// about 16 MiB).
+const MAX_LUKS_REGION: u64 = 64 << 20;
 
 fn validate<E>(o: &CreateOptions<'_>) -> Result<(u32, u32), CreateError<E>> {
     let cs = o.cluster_size;
@@ -236,6 +253,26 @@ fn validate<E>(o: &CreateOptions<'_>) -> Result<(u32, u32), CreateError<E>> {
     if o.data_file.is_some() && o.preallocation != Preallocation::Off {
         return Err(CreateError::DataFilePreallocation);
     }
+    if let Some(len) = o.luks_region_len {
+        if !o.v3 {
+            return Err(CreateError::Encryption(
+                "LUKS encryption needs compatibility level 1.1 (version=v3)",
+            ));
+        }
+        if o.data_file.is_some() {
+            return Err(CreateError::Encryption(
+                "an external data file cannot be encrypted by qcow-core",
+            ));
+        }
+        if o.preallocation == Preallocation::Full {
+            return Err(CreateError::Encryption(
+                "full preallocation of an encrypted image is not supported by qcow-core",
+            ));
+        }
+        if len == 0 || len > MAX_LUKS_REGION {
+            return Err(CreateError::Encryption("invalid LUKS header region length"));
+        }
+    }
     if o.backing_fmt.is_some() && o.backing_file.is_none() {
         return Err(CreateError::BackingFmtWithoutFile);
     }
@@ -251,7 +288,11 @@ fn validate<E>(o: &CreateOptions<'_>) -> Result<(u32, u32), CreateError<E>> {
 }
 
 /// Cluster 0: header, extensions, end marker, backing file name.
-fn cluster0<E>(hdr: &mut HeaderRepr, o: &CreateOptions<'_>) -> Result<Vec<u8>, CreateError<E>> {
+fn cluster0<E>(
+    hdr: &mut HeaderRepr,
+    o: &CreateOptions<'_>,
+    crypto: Option<(u64, u64)>,
+) -> Result<Vec<u8>, CreateError<E>> {
     let mut buf = vec![0u8; usize::try_from(hdr.cluster_size()).unwrap_or(0)];
     let too_big = || CreateError::HeaderTooLarge;
     let mut at = hdr.buffer_len();
@@ -273,6 +314,18 @@ fn cluster0<E>(hdr: &mut HeaderRepr, o: &CreateOptions<'_>) -> Result<Vec<u8>, C
         .ok_or_else(too_big)?;
         at = at.saturating_add(n);
     }
+    if let Some((off, len)) = crypto {
+        let mut payload = [0u8; 16];
+        payload[..8].copy_from_slice(&off.to_be_bytes());
+        payload[8..].copy_from_slice(&len.to_be_bytes());
+        let n = emit_extension(
+            buf.get_mut(at..).ok_or_else(too_big)?,
+            ext::CRYPTO,
+            &payload,
+        )
+        .ok_or_else(too_big)?;
+        at = at.saturating_add(n);
+    }
     if hdr.version >= 3 {
         let mut table = vec![0u8; FEATURES.len().saturating_mul(FeatureName::LEN)];
         for (i, (kind, bit, name)) in FEATURES.iter().enumerate() {
@@ -286,13 +339,22 @@ fn cluster0<E>(hdr: &mut HeaderRepr, o: &CreateOptions<'_>) -> Result<Vec<u8>, C
             let off = i.saturating_mul(FeatureName::LEN);
             fname.emit(&mut table[off..]);
         }
-        let n = emit_extension(
-            buf.get_mut(at..).ok_or_else(too_big)?,
-            ext::FEATURE_TABLE,
-            &table,
-        )
-        .ok_or_else(too_big)?;
-        at = at.saturating_add(n);
+        // Optional: left out when it does not fit (small clusters with
+        // an encryption extension), as QEMU does.
+        let need = at
+            .saturating_add(8)
+            .saturating_add(table.len().next_multiple_of(8))
+            .saturating_add(8)
+            .saturating_add(o.backing_file.map_or(0, str::len));
+        if need <= buf.len() {
+            let n = emit_extension(
+                buf.get_mut(at..).ok_or_else(too_big)?,
+                ext::FEATURE_TABLE,
+                &table,
+            )
+            .ok_or_else(too_big)?;
+            at = at.saturating_add(n);
+        }
     }
     let n = emit_extension(buf.get_mut(at..).ok_or_else(too_big)?, ext::END, &[])
         .ok_or_else(too_big)?;
@@ -344,7 +406,7 @@ pub fn create<D: BlockIo>(
         backing_file_size: 0,
         cluster_bits: cb,
         size,
-        crypt_method: 0,
+        crypt_method: if o.luks_region_len.is_some() { 2 } else { 0 },
         l1_size: 0,
         l1_table_offset: 0,
         refcount_table_offset: cs,
@@ -366,7 +428,8 @@ pub fn create<D: BlockIo>(
         header_length: if o.v3 { V3_HEADER_LEN } else { 72 },
         compression_type: o.compression_type,
     };
-    let c0 = cluster0(&mut hdr.clone(), o)?;
+    let placeholder = o.luks_region_len.map(|l| (0, l));
+    let c0 = cluster0(&mut hdr.clone(), o, placeholder)?;
     let csu = usize::try_from(cs).unwrap_or(0);
     let mut rt = vec![0u8; csu];
     rt[..8].copy_from_slice(&cs.saturating_mul(2).to_be_bytes());
@@ -387,8 +450,21 @@ pub fn create<D: BlockIo>(
     let l1_bytes = l1_size.saturating_mul(8).next_multiple_of(512).max(512);
     w.raw_write(l1_off, &vec![0u8; usize::try_from(l1_bytes).unwrap_or(0)])?;
     w.set_l1(l1_off, vec![0u64; usize::try_from(l1_size).unwrap_or(0)]);
+    // The LUKS region right after the L1 table, as QEMU places it, zeroed
+    // to whole clusters so that no reference points past the end of file.
+    let mut crypto = None;
+    if let Some(len) = o.luks_region_len {
+        let clusters = len.div_ceil(cs);
+        let off = w.alloc(clusters)?;
+        let zero = vec![0u8; csu];
+        for i in 0..clusters {
+            w.raw_write(off.saturating_add(i.saturating_mul(cs)), &zero)?;
+        }
+        w.set_crypto_region(off, len);
+        crypto = Some((off, len));
+    }
     hdr = *w.header();
-    let c0 = cluster0(&mut hdr, o)?;
+    let c0 = cluster0(&mut hdr, o, crypto)?;
     w.raw_write(0, &c0)?;
     w.flush()?;
     match o.preallocation {

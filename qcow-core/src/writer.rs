@@ -19,12 +19,22 @@ use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
 
+use crate::crypto::ImageKey;
 use crate::entry::{self, CompressedDescriptor, L2Entry, COPIED, OFFSET_MASK, ZERO};
 use crate::error::{Error, LayerError, Limit, Problem, Structure, Unsupported};
 use crate::header::{autoclear, field, incompat, HeaderRepr};
 use crate::image::NoDevice;
 use crate::limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES};
 use luks_core::io::BlockIo;
+
+/// Whether an image with `crypt_method` can be written with `key`: no key
+/// for plain images, a LUKS key for crypt_method 2.
+fn key_fits(crypt_method: u32, key: Option<&ImageKey>) -> bool {
+    matches!(
+        (crypt_method, key),
+        (0, None) | (2, Some(ImageKey::Luks(_)))
+    )
+}
 
 /// Sector granularity for metadata writes and compressed descriptors.
 const SECTOR: u64 = 512;
@@ -63,6 +73,10 @@ pub struct Qcow2Writer<D: BlockIo, B = NoDevice<<D as BlockIo>::Error>> {
     file_len: u64,
     /// Flush between dependent steps (the crash-consistency ordering).
     barriers: bool,
+    /// The data key of a LUKS-encrypted image (crypt_method 2).
+    key: Option<ImageKey>,
+    /// Offset and length of the LUKS header region, when known.
+    crypto_region: Option<(u64, u64)>,
 }
 
 impl<D: BlockIo, B> core::fmt::Debug for Qcow2Writer<D, B> {
@@ -77,7 +91,21 @@ impl<D: BlockIo> Qcow2Writer<D> {
     /// Opens an existing image for writing. Clears the autoclear bits
     /// other than "raw external data" (this writer does not keep bitmaps
     /// up to date), as QEMU does on a read-write open.
-    pub fn open(mut dev: D) -> Result<Self, Error<D::Error>> {
+    /// Encrypted images are refused: see [`open_with_key`](Self::open_with_key).
+    pub fn open(dev: D) -> Result<Self, Error<D::Error>> {
+        Self::open_inner(dev, None)
+    }
+
+    /// Opens a LUKS-encrypted image (crypt_method 2) for writing with its
+    /// data key (from [`ImageKey::unlock`]): every data write, including
+    /// the copy-on-write fill of a partial cluster, is encrypted with IV
+    /// `plain64(host offset / 512)`. Unencrypted and legacy AES images
+    /// are refused.
+    pub fn open_with_key(dev: D, key: ImageKey) -> Result<Self, Error<D::Error>> {
+        Self::open_inner(dev, Some(key))
+    }
+
+    fn open_inner(mut dev: D, key: Option<ImageKey>) -> Result<Self, Error<D::Error>> {
         let file_len = dev.size().map_err(|e| e.into_layer(Structure::Header, 0))?;
         let mut first = vec![0u8; 4096];
         dev.read_at(0, &mut first)
@@ -94,7 +122,7 @@ impl<D: BlockIo> Qcow2Writer<D> {
             return Err(Error::MarkedCorrupt);
         }
         if hdr.incompatible_features & incompat::DIRTY != 0
-            || hdr.crypt_method != 0
+            || !key_fits(hdr.crypt_method, key.as_ref())
             || hdr.nb_snapshots != 0
             || hdr.has_data_file()
         {
@@ -133,6 +161,8 @@ impl<D: BlockIo> Qcow2Writer<D> {
             free_hint: 0,
             file_len,
             barriers: true,
+            key,
+            crypto_region: None,
         };
         w.l1 = w.read_u64s(
             hdr.l1_table_offset,
@@ -185,6 +215,8 @@ where
             free_hint: self.free_hint,
             file_len: self.file_len,
             barriers: self.barriers,
+            key: self.key,
+            crypto_region: self.crypto_region,
         })
     }
 
@@ -195,6 +227,23 @@ where
     /// [`close`](Self::close) always flush.
     pub fn set_write_barriers(&mut self, on: bool) {
         self.barriers = on;
+    }
+
+    /// Attaches the data key of a LUKS-encrypted image (after `create`
+    /// made it and the caller formatted the LUKS header region). Refused
+    /// for unencrypted images and keys other than LUKS.
+    pub fn with_key(mut self, key: ImageKey) -> Result<Self, Error<D::Error>> {
+        if !key_fits(self.hdr.crypt_method, Some(&key)) {
+            return Err(Error::Unsupported(Unsupported::Writing));
+        }
+        self.key = Some(key);
+        Ok(self)
+    }
+
+    /// Offset and length of the LUKS header region of an image `create`
+    /// made with [`CreateOptions::luks_region_len`](crate::CreateOptions).
+    pub fn crypto_region(&self) -> Option<(u64, u64)> {
+        self.crypto_region
     }
 
     /// The current header.
@@ -795,7 +844,7 @@ where
             L2Entry::Zero { .. } => {}
             L2Entry::Unallocated if !ext => self.read_backing(base, &mut out)?,
             L2Entry::Normal { host } if !ext => {
-                self.read_dev(host, &mut out, Structure::DataCluster)?;
+                self.read_data(host, base, &mut out)?;
             }
             L2Entry::Unallocated | L2Entry::Normal { .. } => {
                 let host = e & OFFSET_MASK;
@@ -804,9 +853,11 @@ where
                     let i32_ = u32::try_from(i).unwrap_or(0);
                     let off = (i as u64).saturating_mul(cs >> 5);
                     match entry::subcluster(bm, i32_, host != 0) {
-                        entry::Subcluster::Allocated => {
-                            self.read_dev(host.saturating_add(off), chunk, Structure::DataCluster)?
-                        }
+                        entry::Subcluster::Allocated => self.read_data(
+                            host.saturating_add(off),
+                            base.saturating_add(off),
+                            chunk,
+                        )?,
                         entry::Subcluster::Zero => {}
                         entry::Subcluster::Unallocated => {
                             self.read_backing(base.saturating_add(off), chunk)?;
@@ -828,6 +879,9 @@ where
     /// Reads guest bytes (any offset and length inside the disk).
     pub fn read(&mut self, g: u64, buf: &mut [u8]) -> Result<(), Error<D::Error>> {
         self.check_range(g, buf.len() as u64)?;
+        if !key_fits(self.hdr.crypt_method, self.key.as_ref()) {
+            return Err(Error::Unsupported(Unsupported::Writing));
+        }
         let cs = self.cs();
         let mut done = 0usize;
         while done < buf.len() {
@@ -847,7 +901,7 @@ where
     /// Guest data goes to an external data file, which this writer does not
     /// drive.
     fn check_writable(&self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
-        if self.hdr.has_data_file() {
+        if self.hdr.has_data_file() || !key_fits(self.hdr.crypt_method, self.key.as_ref()) {
             return Err(Error::Unsupported(Unsupported::Writing));
         }
         self.check_range(g, len)
@@ -897,7 +951,7 @@ where
         if let L2Entry::Normal { host } = dec {
             let full = !ext || bm & ALL_ALLOCATED == ALL_ALLOCATED;
             if full && e & COPIED != 0 {
-                return self.write_sectors(host, o, data);
+                return self.write_sectors(host, base, o, data);
             }
         }
         // Otherwise: the whole cluster as it reads now, merged with `data`.
@@ -921,7 +975,7 @@ where
             None => self.alloc_clusters(1)?,
         };
         // Data before the L2 entry that points at it.
-        self.write_dev(target, &cluster, Structure::DataCluster)?;
+        self.write_data(target, base, &cluster)?;
         self.barrier()?;
         let bm_new = if ext { ALL_ALLOCATED } else { 0 };
         self.set_entry(base, target | COPIED, bm_new)?;
@@ -951,19 +1005,53 @@ where
         }
     }
 
-    /// Writes `data` at `host + o`, read-modify-writing partial sectors.
-    fn write_sectors(&mut self, host: u64, o: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
+    /// Reads guest data from host offset `host` (guest offset `g`),
+    /// decrypting it on encrypted images.
+    fn read_data(&mut self, host: u64, g: u64, buf: &mut [u8]) -> Result<(), Error<D::Error>> {
+        self.read_dev(host, buf, Structure::DataCluster)?;
+        if let Some(k) = self.key.as_mut() {
+            if !crate::image::Decryptor::decrypt(k, host, g, buf) {
+                return Err(Error::Decrypt { host_offset: host });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes guest data (whole sectors on encrypted images) at host
+    /// offset `host` (guest offset `g`), encrypting it on encrypted images.
+    fn write_data(&mut self, host: u64, g: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
+        match self.key.as_ref() {
+            None => self.write_dev(host, data, Structure::DataCluster),
+            Some(k) => {
+                let mut buf = data.to_vec();
+                if !k.encrypt(host, g, &mut buf) {
+                    return Err(Error::Decrypt { host_offset: host });
+                }
+                self.write_dev(host, &buf, Structure::DataCluster)
+            }
+        }
+    }
+
+    /// Writes `data` at `host + o` (guest cluster `base`),
+    /// read-modify-writing partial sectors.
+    fn write_sectors(
+        &mut self,
+        host: u64,
+        base: u64,
+        o: u64,
+        data: &[u8],
+    ) -> Result<(), Error<D::Error>> {
         let s = o & !(SECTOR - 1);
         let end = o.saturating_add(data.len() as u64);
         let e = end.div_ceil(SECTOR).saturating_mul(SECTOR);
         if s == o && e == end {
-            return self.write_dev(host.saturating_add(o), data, Structure::DataCluster);
+            return self.write_data(host.saturating_add(o), base.saturating_add(o), data);
         }
         let mut buf = vec![0u8; usize::try_from(e.saturating_sub(s)).unwrap_or(0)];
-        self.read_dev(host.saturating_add(s), &mut buf, Structure::DataCluster)?;
+        self.read_data(host.saturating_add(s), base.saturating_add(s), &mut buf)?;
         let i = usize::try_from(o.saturating_sub(s)).unwrap_or(0);
         buf[i..i.saturating_add(data.len())].copy_from_slice(data);
-        self.write_dev(host.saturating_add(s), &buf, Structure::DataCluster)
+        self.write_data(host.saturating_add(s), base.saturating_add(s), &buf)
     }
 
     /// Makes `[g, g + len)` read as zero: whole clusters through the zero
@@ -1065,7 +1153,8 @@ where
                 size: self.hdr.size,
             });
         }
-        if self.hdr.has_data_file() {
+        // Compressed clusters are never encrypted (QEMU refuses both).
+        if self.hdr.has_data_file() || self.hdr.crypt_method != 0 {
             return Err(Error::Unsupported(Unsupported::Writing));
         }
         let packed = crate::compress::compress(self.hdr.compression_type, data);
@@ -1241,7 +1330,14 @@ where
             free_hint: 0,
             file_len,
             barriers: true,
+            key: None,
+            crypto_region: None,
         }
+    }
+
+    /// Records the LUKS header region (for `create`).
+    pub(crate) fn set_crypto_region(&mut self, off: u64, len: u64) {
+        self.crypto_region = Some((off, len));
     }
 
     /// Sets the header's L1 fields after `create` allocated the table.

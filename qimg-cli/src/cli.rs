@@ -362,7 +362,7 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
             erased(file)
         }
         Format::Qcow2 => {
-            return convert_to_qcow2(&a, src.dev.as_mut(), len, &opts);
+            return convert_to_qcow2(&a, src.dev.as_mut(), len, &opts, &secrets);
         }
         Format::Luks => {
             if a.no_create {
@@ -397,8 +397,14 @@ fn convert_to_qcow2(
     src: &mut dyn crate::dev::Source,
     len: u64,
     opts: &OptionMap,
+    secrets: &Secrets,
 ) -> Result<u8, CliError> {
     let dst = &a.destination;
+    if a.compress && opts.get("encrypt.format").is_some() {
+        return Err(CliError::usage(
+            "Compression can't be used with encryption".into(),
+        ));
+    }
     let mut w = if a.no_create {
         opts.reject_unused("qcow2")
             .map_err(|e| CliError::usage(e.to_string()))?;
@@ -407,9 +413,14 @@ fn convert_to_qcow2(
         qcow_core::Qcow2Writer::open(dev).map_err(|e| CliError::io(dst, e.to_string()))?
     } else {
         let c = crate::create::Qcow2Create::parse(opts, a.backing.as_deref(), None)?;
-        c.create(dst, len)?
+        c.create(dst, len, secrets)?
     };
     w.set_write_barriers(false);
+    if a.compress && w.header().crypt_method != 0 {
+        return Err(CliError::usage(
+            "Compression can't be used with encryption".into(),
+        ));
+    }
     let cluster = w.header().cluster_size();
     let io_dst = |e: qcow_core::Error<luks_core::io::FileError>| CliError::io(dst, e.to_string());
     if a.compress {

@@ -273,7 +273,7 @@ pub(crate) fn format_volume<D: BlockIo + ?Sized>(
     passphrase: &[u8],
     payload_sectors: Option<u32>,
     what: &str,
-) -> Result<HeaderRepr, CliError> {
+) -> Result<(HeaderRepr, luks1::VolumeKey), CliError> {
     let hash = luks_core::hash::HashAlg::from_name(&o.hash)
         .map_err(|e| CliError::usage(format!("hash-alg '{}': {e}", o.hash)))?;
     let key_bytes = o.key_bytes();
@@ -298,9 +298,8 @@ pub(crate) fn format_volume<D: BlockIo + ?Sized>(
         // payload that starts inside the last one: round up to 8 sectors.
         payload_offset: Some(payload_sectors.unwrap_or(end.next_multiple_of(8))),
     };
-    let (hdr, _key) = luks1::format(dev, &params, None, passphrase, &mut OsRng)
-        .map_err(|e| CliError::io(what, e.to_string()))?;
-    Ok(hdr)
+    luks1::format(dev, &params, None, passphrase, &mut OsRng)
+        .map_err(|e| CliError::io(what, e.to_string()))
 }
 
 /// `qimg create -f luks`: a new volume with a `size`-byte payload.
@@ -321,7 +320,7 @@ pub(crate) fn create(
     let pass = keys.resolve(path, secrets, true)?;
     let mut dev = FileDevice::create(Path::new(path))
         .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
-    let hdr = format_volume(&mut dev, &o, &pass, None, path)?;
+    let (hdr, _key) = format_volume(&mut dev, &o, &pass, None, path)?;
     let total = u64::from(hdr.payload_offset) * 512 + size;
     dev.set_size(total)
         .map_err(|e| CliError::io(path, e.to_string()))?;

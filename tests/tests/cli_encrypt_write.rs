@@ -1,0 +1,314 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers fail loudly
+//! `qimg create -f qcow2 -o encrypt.format=luks` and `convert -O qcow2 -o
+//! encrypt...`: images qemu-img checks clean and reads back, and data
+//! encrypted with host-offset IVs.
+
+use std::path::Path;
+use std::process::Command;
+
+use luks_core::io::{BlockIo, FileDevice};
+use qcow_core::crypto::ImageKey;
+use qcow_core::{Decryptor, MapKind, Qcow2, Qcow2Writer};
+use qimg_tests::qemu::{pattern, write_tmp, Qemu};
+use qimg_tests::{qimg, run_ok, sha256_file};
+
+const PW: &str = "correct horse battery staple";
+
+fn secret() -> String {
+    format!("secret,id=s0,data={PW}")
+}
+
+fn image_opts(img: &Path) -> String {
+    format!(
+        "driver=qcow2,encrypt.key-secret=s0,file.filename={}",
+        img.display()
+    )
+}
+
+fn check_clean(q: &Qemu, img: &Path) {
+    let out = Command::new(&q.img)
+        .args([
+            "check",
+            "--output=json",
+            "--object",
+            &secret(),
+            "--image-opts",
+        ])
+        .arg(image_opts(img))
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}: qemu-img check: {v} {}",
+        img.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // qemu-img leaves zero counts out of its JSON.
+    for key in ["corruptions", "leaks", "check-errors"] {
+        assert_eq!(
+            v.get(key).map_or(0, |n| n.as_u64().unwrap()),
+            0,
+            "{key}: {v}"
+        );
+    }
+    let info = Command::new(&q.img)
+        .args([
+            "info",
+            "--output=json",
+            "--object",
+            &secret(),
+            "--image-opts",
+        ])
+        .arg(image_opts(img))
+        .output()
+        .unwrap();
+    assert!(info.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["encrypted"], true, "{v}");
+    assert_eq!(v["format-specific"]["data"]["encrypt"]["format"], "luks");
+}
+
+/// qemu-img's view of the guest content, as raw.
+fn qemu_raw(q: &Qemu, img: &Path, out: &Path) {
+    run_ok(
+        Command::new(&q.img)
+            .args([
+                "convert",
+                "-O",
+                "raw",
+                "--object",
+                &secret(),
+                "--image-opts",
+            ])
+            .arg(image_opts(img))
+            .arg(out),
+    );
+}
+
+/// qimg's view of the guest content, as raw.
+fn qimg_raw(img: &Path, out: &Path) {
+    run_ok(
+        qimg()
+            .args(["convert", "-O", "raw", "--object", &secret()])
+            .arg(img)
+            .arg(out),
+    );
+}
+
+fn enc_opts(extra: &str) -> String {
+    let mut s = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10".to_string();
+    if !extra.is_empty() {
+        s.push(',');
+        s.push_str(extra);
+    }
+    s
+}
+
+const CASES: [&str; 4] = [
+    "",
+    "cluster_size=512",
+    "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv",
+    "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,\
+     encrypt.hash-alg=sha1,cluster_size=512",
+];
+
+#[test]
+fn create_then_qemu_checks_and_reads_zeros() {
+    let Some(q) = Qemu::find() else { return };
+    for extra in CASES {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("e.qcow2");
+        run_ok(
+            qimg()
+                .args(["create", "-q", "-f", "qcow2", "--object", &secret(), "-o"])
+                .arg(enc_opts(extra))
+                .arg(&img)
+                .arg("3M"),
+        );
+        check_clean(&q, &img);
+        let raw = dir.path().join("out.raw");
+        qemu_raw(&q, &img, &raw);
+        assert_eq!(std::fs::read(&raw).unwrap(), vec![0u8; 3 << 20], "{extra}");
+        // No key: the writer refuses the image.
+        assert!(Qcow2Writer::open(FileDevice::open_rw(&img).unwrap()).is_err());
+    }
+}
+
+#[test]
+fn convert_random_data_round_trips_through_qemu() {
+    let Some(q) = Qemu::find() else { return };
+    for (i, extra) in CASES.iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(3 * 1024 * 1024 + 4096, i as u64 + 7, 5);
+        let src = write_tmp(dir.path(), "src.raw", &data);
+        let img = dir.path().join("e.qcow2");
+        run_ok(
+            qimg()
+                .args([
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    "--object",
+                    &secret(),
+                    "-o",
+                ])
+                .arg(enc_opts(extra))
+                .arg(&src)
+                .arg(&img),
+        );
+        check_clean(&q, &img);
+        let theirs = dir.path().join("theirs.raw");
+        qemu_raw(&q, &img, &theirs);
+        assert_eq!(sha256_file(&theirs), sha256_file(&src), "{extra}");
+        let ours = dir.path().join("ours.raw");
+        qimg_raw(&img, &ours);
+        assert_eq!(sha256_file(&ours), sha256_file(&src), "{extra}");
+        // The ciphertext is not the plaintext.
+        let file = std::fs::read(&img).unwrap();
+        assert!(!file
+            .windows(4096)
+            .any(|w| w == &data[..4096] && w != [0u8; 4096]));
+    }
+}
+
+fn unlock(img: &Path) -> ImageKey {
+    let mut cache = vec![0u8; 1 << 20];
+    let info = Qcow2::open(FileDevice::open(img).unwrap(), &mut cache)
+        .unwrap()
+        .info()
+        .clone();
+    let mut dev = FileDevice::open(img).unwrap();
+    ImageKey::unlock(&mut dev, &info, PW.as_bytes())
+        .unwrap()
+        .unwrap()
+}
+
+#[test]
+fn writer_with_key_encrypts_partial_writes() {
+    let Some(q) = Qemu::find() else { return };
+    for extra in ["", "cluster_size=512"] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("e.qcow2");
+        run_ok(
+            qimg()
+                .args(["create", "-q", "-f", "qcow2", "--object", &secret(), "-o"])
+                .arg(enc_opts(extra))
+                .arg(&img)
+                .arg("1M"),
+        );
+        let key = unlock(&img);
+        let mut w = Qcow2Writer::open_with_key(FileDevice::open_rw(&img).unwrap(), key).unwrap();
+        let a = pattern(3000, 1, 0);
+        let b = pattern(70_000, 2, 0);
+        w.write(100, &a).unwrap();
+        w.write(200_001, &b).unwrap();
+        w.write(200_100, &a[..10]).unwrap();
+        w.close().unwrap();
+        let mut expect = vec![0u8; 1 << 20];
+        expect[100..3100].copy_from_slice(&a);
+        expect[200_001..270_001].copy_from_slice(&b);
+        expect[200_100..200_110].copy_from_slice(&a[..10]);
+        check_clean(&q, &img);
+        let theirs = dir.path().join("theirs.raw");
+        qemu_raw(&q, &img, &theirs);
+        assert!(std::fs::read(&theirs).unwrap() == expect, "{extra}");
+    }
+}
+
+#[test]
+fn snapshot_copies_use_different_ivs() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("e.qcow2");
+    run_ok(
+        qimg()
+            .args(["create", "-q", "-f", "qcow2", "--object", &secret(), "-o"])
+            .arg(enc_opts(""))
+            .arg(&img)
+            .arg("1M"),
+    );
+    let qemu_io = |cmd: &str| {
+        run_ok(
+            Command::new(&q.io)
+                .args(["--object", &secret(), "--image-opts"])
+                .arg(image_opts(&img))
+                .args(["-c", cmd]),
+        );
+    };
+    qemu_io("write -P 0x55 0 64k");
+    run_ok(
+        Command::new(&q.img)
+            .args([
+                "snapshot",
+                "--object",
+                &secret(),
+                "--image-opts",
+                "-c",
+                "s1",
+            ])
+            .arg(image_opts(&img)),
+    );
+    qemu_io("write -P 0x55 0 64k");
+    check_clean(&q, &img);
+
+    // qimg map shows the current cluster as data (like qemu-img, without
+    // a host offset for an encrypted image).
+    let out = run_ok(
+        qimg()
+            .args(["map", "--output", "json", "--object", &secret()])
+            .arg(&img),
+    );
+    let map: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let first = map.as_array().unwrap().first().unwrap().clone();
+    assert_eq!(first["start"], 0, "{map}");
+    assert_eq!(first["data"], true, "{map}");
+
+    // The current and the snapshot's cluster, from their L1/L2 tables.
+    let mut cache = vec![0u8; 1 << 20];
+    let mut r = Qcow2::open(FileDevice::open(&img).unwrap(), &mut cache).unwrap();
+    let m = r.map(0, 65536).unwrap();
+    let MapKind::Data { host: current } = m.kind else {
+        panic!("current cluster not data: {m:?}")
+    };
+    let s = r.find_snapshot("s1").unwrap();
+    r.select_snapshot(&s).unwrap();
+    let m = r.map(0, 65536).unwrap();
+    let MapKind::Data { host: old } = m.kind else {
+        panic!("snapshot cluster not data: {m:?}")
+    };
+    assert_ne!(old, current);
+
+    let mut dev = FileDevice::open(&img).unwrap();
+    let mut c_old = vec![0u8; 65536];
+    let mut c_new = vec![0u8; 65536];
+    dev.read_at(old, &mut c_old).unwrap();
+    dev.read_at(current, &mut c_new).unwrap();
+    assert_ne!(c_old, c_new, "same ciphertext: an IV was reused");
+    let mut key = unlock(&img);
+    assert!(key.decrypt(old, 0, &mut c_old));
+    assert!(key.decrypt(current, 0, &mut c_new));
+    assert_eq!(c_old, vec![0x55u8; 65536]);
+    assert_eq!(c_new, vec![0x55u8; 65536]);
+}
+
+#[test]
+fn legacy_aes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("e.qcow2");
+    for o in ["encrypt.format=aes,encrypt.key-secret=s0", "encryption=on"] {
+        let out = qimg()
+            .args(["create", "-f", "qcow2", "--object", &secret(), "-o", o])
+            .arg(&img)
+            .arg("1M")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("insecure"), "{err}");
+        assert!(!img.exists());
+    }
+}
