@@ -39,22 +39,11 @@ pub(crate) fn build() -> Result<PathBuf, String> {
     }
 }
 
-/// Which tool makes a test image.
-#[derive(Clone, Copy)]
-enum Maker {
-    /// The qimg binary of this workspace.
-    Qimg,
-    /// qemu-img, for what qimg cannot write yet (encrypted qcow2).
-    QemuImg,
-}
-
 /// One image the firmware must read.
 struct TestImage {
     /// File name inside the work folder.
     name: &'static str,
-    /// Who creates it.
-    maker: Maker,
-    /// Arguments that create it (run in the work folder).
+    /// `qimg` arguments that create it (run in the work folder).
     create: Vec<String>,
     /// Extra arguments `qimg convert` needs to read it (secrets).
     read_args: Vec<String>,
@@ -72,7 +61,6 @@ fn images() -> Vec<TestImage> {
     vec![
         TestImage {
             name: "plain.qcow2",
-            maker: Maker::Qimg,
             create: args(&[
                 "convert",
                 "-f",
@@ -87,7 +75,6 @@ fn images() -> Vec<TestImage> {
         },
         TestImage {
             name: "compressed.qcow2",
-            maker: Maker::Qimg,
             create: args(&[
                 "convert",
                 "-c",
@@ -103,7 +90,6 @@ fn images() -> Vec<TestImage> {
         },
         TestImage {
             name: "encrypted.qcow2",
-            maker: Maker::QemuImg,
             create: args(&[
                 "convert",
                 "-f",
@@ -122,7 +108,6 @@ fn images() -> Vec<TestImage> {
         },
         TestImage {
             name: "volume.luks",
-            maker: Maker::Qimg,
             create: args(&[
                 "convert",
                 "-O",
@@ -173,13 +158,9 @@ pub(crate) fn test() -> Result<(), String> {
     let mut expected = Vec::new();
     for img in images() {
         write_source(&work.join("source.raw"), img.seed)?;
-        let maker = match img.maker {
-            Maker::Qimg => qimg.clone(),
-            Maker::QemuImg => PathBuf::from("qemu-img"),
-        };
         run(
             &format!("create {}", img.name),
-            Command::new(maker).current_dir(&work).args(&img.create),
+            Command::new(&qimg).current_dir(&work).args(&img.create),
         )?;
         let raw = work.join(format!("{}.expected.raw", img.name));
         run(
