@@ -62,6 +62,24 @@ impl Qemu {
         run_ok(cmd.arg(src).arg(dst));
     }
 
+    /// qemu-img's view of an encrypted image's guest content, written raw
+    /// to `out`: `driver` is `luks` or `qcow2`, `secret` an `--object`
+    /// string defining the secret with id `s0`, and `extra` qemu-img's
+    /// `--image-opts` additions (such as `header.filename=...`).
+    pub fn decrypt_to_raw(&self, secret: &str, driver: &str, img: &Path, extra: &str, out: &Path) {
+        let mut opts = encrypted_image_opts(driver, img);
+        if !extra.is_empty() {
+            opts.push(',');
+            opts.push_str(extra);
+        }
+        run_ok(
+            Command::new(&self.img)
+                .args(["convert", "-O", "raw", "--object", secret, "--image-opts"])
+                .arg(opts)
+                .arg(out),
+        );
+    }
+
     /// `qemu-img info --output=json`.
     pub fn info(&self, path: &Path) -> serde_json::Value {
         json_of(
@@ -90,6 +108,17 @@ impl Qemu {
         let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
         (out.status.code().unwrap_or(-1), v)
     }
+}
+
+/// qemu-img's `--image-opts` for an encrypted image (`driver` is `luks` or
+/// `qcow2`) unlocked by the secret with id `s0`.
+pub fn encrypted_image_opts(driver: &str, img: &Path) -> String {
+    let key = if driver == "luks" {
+        "key-secret"
+    } else {
+        "encrypt.key-secret"
+    };
+    format!("driver={driver},{key}=s0,file.filename={}", img.display())
 }
 
 /// Deterministic bytes (xorshift64*) where every `zero_every`-th 4 KiB

@@ -72,19 +72,7 @@ fn check_clean(q: &Qemu, img: &Path) {
 
 /// qemu-img's view of the guest content, as raw.
 fn qemu_raw(q: &Qemu, img: &Path, out: &Path) {
-    run_ok(
-        Command::new(&q.img)
-            .args([
-                "convert",
-                "-O",
-                "raw",
-                "--object",
-                &secret(),
-                "--image-opts",
-            ])
-            .arg(image_opts(img))
-            .arg(out),
-    );
+    q.decrypt_to_raw(&secret(), "qcow2", img, "", out);
 }
 
 /// qimg's view of the guest content, as raw.

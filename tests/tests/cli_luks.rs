@@ -6,23 +6,13 @@
 use std::path::Path;
 use std::process::Command;
 
-use qimg_tests::qemu::{pattern, write_tmp, Qemu};
+use qimg_tests::qemu::{encrypted_image_opts, pattern, write_tmp, Qemu};
 use qimg_tests::{assert_json_agrees, json_of, qimg, run_ok, sha256_file, tool};
 
 const PW: &str = "correct horse battery";
 
 fn secret() -> String {
     format!("secret,id=s0,data={PW}")
-}
-
-/// qemu-img's `--image-opts` spelling for an encrypted image.
-fn image_opts(driver: &str, path: &Path) -> String {
-    let key = if driver == "luks" {
-        "key-secret"
-    } else {
-        "encrypt.key-secret"
-    };
-    format!("driver={driver},{key}=s0,file.filename={}", path.display())
 }
 
 /// qimg and qemu-img agree on info (all shared keys), map and content.
@@ -47,7 +37,7 @@ fn agree_encrypted(q: &Qemu, img: &Path, driver: &str, dir: &Path) {
                 &secret(),
                 "--image-opts",
             ])
-            .arg(image_opts(driver, img)),
+            .arg(encrypted_image_opts(driver, img)),
     );
     assert_eq!(ours, theirs, "{name}: map");
 
@@ -59,19 +49,7 @@ fn agree_encrypted(q: &Qemu, img: &Path, driver: &str, dir: &Path) {
             .arg(img)
             .arg(&a),
     );
-    run_ok(
-        Command::new(&q.img)
-            .args([
-                "convert",
-                "-O",
-                "raw",
-                "--object",
-                &secret(),
-                "--image-opts",
-            ])
-            .arg(image_opts(driver, img))
-            .arg(&b),
-    );
+    q.decrypt_to_raw(&secret(), driver, img, "", &b);
     assert_eq!(sha256_file(&a), sha256_file(&b), "{name}: content");
 }
 
@@ -160,19 +138,7 @@ fn luks_volumes_qimg_makes_work_in_cryptsetup_and_qemu_img() {
                 .arg(&conv),
         );
         let back = d.join("back.raw");
-        run_ok(
-            Command::new(&q.img)
-                .args([
-                    "convert",
-                    "-O",
-                    "raw",
-                    "--object",
-                    &secret(),
-                    "--image-opts",
-                ])
-                .arg(image_opts("luks", &conv))
-                .arg(&back),
-        );
+        q.decrypt_to_raw(&secret(), "luks", &conv, "", &back);
         assert!(std::fs::read(&back).unwrap() == data, "{opts}");
         agree_encrypted(&q, &conv, "luks", d);
     }
@@ -217,22 +183,12 @@ fn cryptsetup_volumes_with_detached_headers_open() {
             .arg(&ours),
     );
     let theirs = d.join("theirs.raw");
-    run_ok(
-        Command::new(&q.img)
-            .args([
-                "convert",
-                "-O",
-                "raw",
-                "--object",
-                &secret(),
-                "--image-opts",
-            ])
-            .arg(format!(
-                "driver=luks,key-secret=s0,file.filename={},header.filename={}",
-                data.display(),
-                hdr.display()
-            ))
-            .arg(&theirs),
+    q.decrypt_to_raw(
+        &secret(),
+        "luks",
+        &data,
+        &format!("header.filename={}", hdr.display()),
+        &theirs,
     );
     assert_eq!(sha256_file(&ours), sha256_file(&theirs));
     let info = json_of(
@@ -282,7 +238,7 @@ fn encrypted_qcow2_from_qemu_img_reads_identically() {
         run_ok(
             Command::new(&q.io)
                 .args(["--object", &secret(), "--image-opts"])
-                .arg(image_opts("qcow2", &img))
+                .arg(encrypted_image_opts("qcow2", &img))
                 .args([
                     "-c",
                     &format!("write -s {} 100k {}", data.display(), 700 << 10),
@@ -325,7 +281,7 @@ fn encrypted_overlay_over_a_plain_backing_file() {
     run_ok(
         Command::new(&q.io)
             .args(["--object", &secret(), "--image-opts"])
-            .arg(image_opts("qcow2", &top))
+            .arg(encrypted_image_opts("qcow2", &top))
             .args(["-c", "write -P 0x22 1m 100k"]),
     );
     agree_encrypted(&q, &top, "qcow2", d);
