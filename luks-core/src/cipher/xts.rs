@@ -25,13 +25,14 @@ fn mul_alpha(t: &mut Blk) {
 }
 
 impl Xts {
-    /// Encrypts `data` (whole sectors of `sector_size` bytes) in place; the
-    /// tweak input of sector `k` is `iv(k)`.
-    pub(crate) fn encrypt_sectors(
+    /// Runs XTS over whole sectors in place, `block` being `k1`'s encrypt or
+    /// decrypt; the tweak is always encrypted with `k2`.
+    fn sectors(
         &self,
         sector_size: usize,
         data: &mut [u8],
         mut iv: impl FnMut(usize) -> Blk,
+        block: impl Fn(&BlockAlg, &mut Blk),
     ) {
         for (k, sector) in data.chunks_exact_mut(sector_size).enumerate() {
             let mut t = iv(k);
@@ -39,7 +40,7 @@ impl Xts {
             for chunk in sector.chunks_exact_mut(16) {
                 let mut b = as_blk(chunk);
                 xor_into(&mut b, &t);
-                self.k1.encrypt(&mut b);
+                block(&self.k1, &mut b);
                 xor_into(&mut b, &t);
                 chunk.copy_from_slice(&b);
                 mul_alpha(&mut t);
@@ -47,24 +48,24 @@ impl Xts {
         }
     }
 
+    /// Encrypts `data` (whole sectors of `sector_size` bytes) in place; the
+    /// tweak input of sector `k` is `iv(k)`.
+    pub(crate) fn encrypt_sectors(
+        &self,
+        sector_size: usize,
+        data: &mut [u8],
+        iv: impl FnMut(usize) -> Blk,
+    ) {
+        self.sectors(sector_size, data, iv, |k, b| k.encrypt(b));
+    }
+
     /// Decrypts `data` in place; see [`Xts::encrypt_sectors`].
     pub(crate) fn decrypt_sectors(
         &self,
         sector_size: usize,
         data: &mut [u8],
-        mut iv: impl FnMut(usize) -> Blk,
+        iv: impl FnMut(usize) -> Blk,
     ) {
-        for (k, sector) in data.chunks_exact_mut(sector_size).enumerate() {
-            let mut t = iv(k);
-            self.k2.encrypt(&mut t);
-            for chunk in sector.chunks_exact_mut(16) {
-                let mut b = as_blk(chunk);
-                xor_into(&mut b, &t);
-                self.k1.decrypt(&mut b);
-                xor_into(&mut b, &t);
-                chunk.copy_from_slice(&b);
-                mul_alpha(&mut t);
-            }
-        }
+        self.sectors(sector_size, data, iv, |k, b| k.decrypt(b));
     }
 }
