@@ -389,6 +389,35 @@ impl<E> Error<E> {
     }
 }
 
+/// The name of the qcow2 header field at `offset`, for messages about the
+/// header itself.
+fn header_field_name(structure: Structure, offset: u64) -> Option<&'static str> {
+    use crate::header::field;
+    if structure != Structure::Header {
+        return None;
+    }
+    let at = usize::try_from(offset).ok()?;
+    let names = [
+        (field::VERSION.start, "version"),
+        (field::BACKING_FILE_OFFSET.start, "backing_file_offset"),
+        (field::BACKING_FILE_SIZE.start, "backing_file_size"),
+        (field::CLUSTER_BITS.start, "cluster_bits"),
+        (field::SIZE.start, "size"),
+        (field::CRYPT_METHOD.start, "crypt_method"),
+        (field::L1_SIZE.start, "l1_size"),
+        (field::L1_TABLE_OFFSET.start, "l1_table_offset"),
+        (field::REFCOUNT_TABLE_OFFSET.start, "refcount_table_offset"),
+        (
+            field::REFCOUNT_TABLE_CLUSTERS.start,
+            "refcount_table_clusters",
+        ),
+        (field::NB_SNAPSHOTS.start, "nb_snapshots"),
+        (field::SNAPSHOTS_OFFSET.start, "snapshots_offset"),
+        (field::INCOMPATIBLE_FEATURES.start, "incompatible_features"),
+    ];
+    names.iter().find(|(o, _)| *o == at).map(|(_, n)| *n)
+}
+
 impl<E: fmt::Display> fmt::Display for Error<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -405,7 +434,13 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                 structure,
                 offset,
                 problem,
-            } => write!(f, "corrupt {structure} at offset {offset:#x}: {problem}"),
+            } => match header_field_name(*structure, *offset) {
+                Some(name) => write!(
+                    f,
+                    "corrupt {structure} at offset {offset:#x} ({name}): {problem}"
+                ),
+                None => write!(f, "corrupt {structure} at offset {offset:#x}: {problem}"),
+            },
             Self::Unsupported(u) => u.fmt(f),
             Self::Limit {
                 structure,

@@ -535,6 +535,20 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
                 max: MAX_REFCOUNT_TABLE_BYTES,
             });
         }
+        if !table_end_ok(hdr.refcount_table_offset, rt_bytes) {
+            return Err(Error::corrupt(
+                Structure::Header,
+                header::field::REFCOUNT_TABLE_OFFSET.start as u64,
+                Problem::Overflow,
+            ));
+        }
+        if hdr.crypt_method == 2 && info.crypto.is_none() {
+            return Err(Error::corrupt(
+                Structure::Header,
+                header::field::CRYPT_METHOD.start as u64,
+                Problem::MissingCryptoExtension,
+            ));
+        }
         if hdr.nb_snapshots > MAX_SNAPSHOTS {
             return Err(Error::Limit {
                 structure: Structure::Header,
@@ -565,7 +579,7 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
                 given: cache.len(),
             });
         }
-        Ok(Self {
+        let mut img = Self {
             dev,
             backing: None,
             backing_size: 0,
@@ -593,7 +607,11 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
                 ignore_backing: false,
                 bounce,
             },
-        })
+        };
+        // As QEMU, a snapshot table that does not parse refuses the open
+        // (each entry is read once, without allocating).
+        img.for_each_snapshot(|_| false)?;
+        Ok(img)
     }
 
     /// This allocation-free reader stays read-only: refuses images marked
@@ -641,13 +659,18 @@ fn check_l1<E>(
     if l1_size > 0 && (l1_offset == 0 || l1_offset & (hdr.cluster_size().wrapping_sub(1)) != 0) {
         return Err(Error::corrupt(structure, at, Problem::Unaligned(l1_offset)));
     }
-    if l1_offset
-        .checked_add(u64::from(l1_size).saturating_mul(8))
-        .is_none()
-    {
+    // As QEMU: a table must end below 2^63 (file offsets are signed there).
+    if !table_end_ok(l1_offset, u64::from(l1_size).saturating_mul(8)) {
         return Err(Error::corrupt(structure, at, Problem::Overflow));
     }
     Ok(())
+}
+
+/// Whether a table of `bytes` at `offset` ends at or below `i64::MAX`.
+fn table_end_ok(offset: u64, bytes: u64) -> bool {
+    offset
+        .checked_add(bytes)
+        .is_some_and(|end| end <= i64::MAX as u64)
 }
 
 fn parse_extensions<D: BlockIo>(

@@ -139,6 +139,16 @@ pub(crate) fn info(path: &str, header: Option<&str>) -> Result<crate::info::Imag
     let hdr = read_header(header.unwrap_or(path))?;
     let file_len = crate::image::file_length(path)?;
     let payload = u64::from(hdr.payload_offset) * 512;
+    if header.is_none() && payload > file_len {
+        return Err(CliError::io(
+            path,
+            format!(
+                "LUKS header: the payload offset {payload} lies past the end of the \
+                 {file_len}-byte file (truncated copy or damaged header; \
+                 `qimg luks dump` shows the header)"
+            ),
+        ));
+    }
     let size = file_len.saturating_sub(payload);
     let mut out =
         crate::info::ImageInfo::basic(path, crate::image::Format::Luks, size - size % 512)?;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod fuzzing;
 pub mod qemu;
 
 use sha2::{Digest, Sha256};

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod bench;
+mod fuzz;
 mod uefi;
 
 /// The one module allowed to contain `unsafe` (runtime-dispatched SIMD).
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
                 .map_err(|e| format!("--mib: {e}"));
             mib.and_then(bench::compare)
         }
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())
@@ -68,7 +70,8 @@ fn print_help() {
          man           write the qimg(1) man page to target/man/qimg.1\n  \
          uefi          build the UEFI reader (tests/uefi-reader)\n  \
          uefi-test     boot OVMF with test images and check what the reader reads\n  \
-         bench-compare [--mib N]  XTS vs OpenSSL, PBKDF2 vs OpenSSL, qimg convert vs qemu-img (ratios)"
+         bench-compare [--mib N]  XTS vs OpenSSL, PBKDF2 vs OpenSSL, qimg convert vs qemu-img (ratios)\n  \
+         fuzz [--time S] [--target NAME]  run every cargo-fuzz target (nightly) S seconds, seeding corpora from real images"
     );
 }
 
