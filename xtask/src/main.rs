@@ -13,7 +13,14 @@ mod uefi;
 const VETTED_UNSAFE: &str = "luks-core/src/simd";
 
 /// Folders the `unsafe` audit reads.
-const AUDITED: &[&str] = &["luks-core", "qcow-core", "qimg-cli", "qimg-bench", "tests"];
+const AUDITED: &[&str] = &[
+    "luks-core",
+    "qcow-core",
+    "qimg-cli",
+    "qimg-bench",
+    "tests",
+    "fuzz",
+];
 
 /// Bare-metal target the cores must build for.
 const BARE_METAL: &str = "x86_64-unknown-none";
@@ -214,7 +221,12 @@ fn audit_dir(root: &Path, dir: &Path, offenders: &mut Vec<String>) -> Result<(),
             .unwrap_or(&path)
             .to_string_lossy()
             .replace('\\', "/");
-        if rel.starts_with(VETTED_UNSAFE) || rel.ends_with("/target") || rel.contains("/target/") {
+        if rel.starts_with(VETTED_UNSAFE)
+            || rel.ends_with("/target")
+            || rel.contains("/target/")
+            || rel.starts_with("fuzz/corpus")
+            || rel.starts_with("fuzz/artifacts")
+        {
             continue;
         }
         if path.is_dir() {
