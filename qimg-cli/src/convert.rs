@@ -87,12 +87,13 @@ pub(crate) type ClusterWriter<'a> = dyn FnMut(u64, &[u8]) -> Result<(), DevError
 
 /// Copies `len` bytes of `src` cluster by cluster to `write(index, data)`,
 /// skipping clusters that read as zero (the last one is zero-padded): the
-/// shape a compressing writer needs.
+/// shape a compressing writer needs. `progress` is told the bytes done.
 pub(crate) fn copy_clusters(
     src: &mut dyn Source,
     len: u64,
     cluster: u64,
     write: &mut ClusterWriter<'_>,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<(), CopyError> {
     let cs = usize::try_from(cluster).unwrap_or(CHUNK);
     let mut buf = vec![0u8; cs];
@@ -115,6 +116,7 @@ pub(crate) fn copy_clusters(
             }
         }
         idx += 1;
+        progress((off + n).min(len));
     }
     Ok(())
 }

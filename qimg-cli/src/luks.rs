@@ -68,15 +68,26 @@ pub(crate) fn open(
     let pass = keys.resolve(path, secrets, false)?;
     let (key, _slot) = luks1::unlock(&mut hdr_dev, &hdr, &pass, None)
         .map_err(|e| CliError::io(hdr_path, format!("{e}")))?;
-    let data = if writable {
-        FileDevice::open_rw(Path::new(path))
-    } else {
-        FileDevice::open(Path::new(path))
+    // One volume (own file handle, own cipher) per `-m` worker.
+    let mut vols = Vec::new();
+    for _ in 0..crate::parallel::workers() {
+        let data = if writable {
+            FileDevice::open_rw(Path::new(path))
+        } else {
+            FileDevice::open(Path::new(path))
+        }
+        .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+        vols.push(
+            LuksVolume::open_luks1(data, &hdr, &key)
+                .map_err(|e| CliError::io(path, e.to_string()))?,
+        );
     }
-    .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
-    let vol =
-        LuksVolume::open_luks1(data, &hdr, &key).map_err(|e| CliError::io(path, e.to_string()))?;
-    Ok(Box::new(Flat::hidden(erased(vol))))
+    let dev = if vols.len() == 1 {
+        erased(vols.remove(0))
+    } else {
+        erased(crate::parallel::Striped::new(vols))
+    };
+    Ok(Box::new(Flat::hidden(dev)))
 }
 
 /// Splits a LUKS1 cipher mode (`xts-plain64`, `cbc-essiv:sha256`) into

@@ -11,6 +11,8 @@ mod info;
 mod luks;
 mod map;
 mod opts;
+mod parallel;
+mod progress;
 mod qcow2;
 mod rawfile;
 mod resize;

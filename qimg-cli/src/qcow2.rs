@@ -307,8 +307,11 @@ pub(crate) fn unlock(
     let key = qcow_core::crypto::ImageKey::unlock(&mut dev, opening.img.info(), &pass)
         .map_err(|e| CliError::io(path, e.to_string()))?
         .ok_or_else(|| CliError::io(path, "the image is not encrypted".into()))?;
-    // Lives as long as the process, like the reader's other buffers.
-    let key: &'static mut qcow_core::crypto::ImageKey = Box::leak(Box::new(key));
+    // Lives as long as the process, like the reader's other buffers; large
+    // runs are decrypted by the `-m` workers.
+    let key: &'static mut crate::parallel::ParallelKey = Box::leak(Box::new(
+        crate::parallel::ParallelKey::new(key, crate::parallel::workers()),
+    ));
     Ok(Opening {
         img: opening.img.with_decryptor(key),
     })

@@ -1,0 +1,287 @@
+//! `convert -m N`: the sector cipher work of one large request spread over
+//! N threads. Output never depends on N: each thread handles a disjoint,
+//! sector-aligned piece of the same request with the same key and the same
+//! IVs the single-threaded path would use, and requests still reach the
+//! destination in order.
+//!
+//! Two shapes:
+//! - [`Striped`]: N independent devices over the same file (raw LUKS
+//!   volumes, each with its own file handle and cipher); a large read or
+//!   write is cut into N pieces done concurrently by positional I/O.
+//! - [`ParallelKey`]: the qcow2 reader's decryptor for encrypted images;
+//!   one key, shared by reference (its sector functions take `&self`).
+//!
+//! The worker count is process-wide, set once from `-m` before images are
+//! opened (the openers read it), so the openers' signatures stay the same
+//! for every verb.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use luks_core::io::BlockIo;
+use qcow_core::crypto::ImageKey;
+use qcow_core::Decryptor;
+
+/// Requests shorter than this stay on one thread: below it, starting a
+/// thread costs more than the cipher work it would take over.
+pub(crate) const MIN_SPLIT: usize = 256 << 10;
+
+/// Pieces are whole multiples of this (a LUKS sector of any size).
+const UNIT: usize = 4096;
+
+static WORKERS: AtomicUsize = AtomicUsize::new(1);
+
+/// Sets the worker count (`-m`), at least 1.
+pub(crate) fn set_workers(n: usize) {
+    WORKERS.store(n.max(1), Ordering::Relaxed);
+}
+
+/// The worker count openers should use.
+pub(crate) fn workers() -> usize {
+    WORKERS.load(Ordering::Relaxed).max(1)
+}
+
+/// The default for `-m`: every core the process may use.
+pub(crate) fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Cuts `len` bytes into at most `n` consecutive pieces, each a multiple of
+/// [`UNIT`] except possibly the last; returns the piece lengths.
+fn piece_lengths(len: usize, n: usize) -> Vec<usize> {
+    let n = n.max(1);
+    let per = len.div_ceil(n).next_multiple_of(UNIT);
+    let mut out = Vec::with_capacity(n);
+    let mut left = len;
+    while left > 0 {
+        let take = per.min(left);
+        out.push(take);
+        left -= take;
+    }
+    out
+}
+
+/// Splits `buf` into the pieces of [`piece_lengths`], with each piece's
+/// offset in `buf`.
+fn split_mut(buf: &mut [u8], n: usize) -> Vec<(usize, &mut [u8])> {
+    let mut out = Vec::new();
+    let mut rest = buf;
+    let mut at = 0;
+    for len in piece_lengths(rest.len(), n) {
+        let (head, tail) = rest.split_at_mut(len);
+        out.push((at, head));
+        at += len;
+        rest = tail;
+    }
+    out
+}
+
+/// N devices showing the same content (each over its own handle to the
+/// same file); large requests run on all of them at once.
+pub(crate) struct Striped<D> {
+    devs: Vec<D>,
+}
+
+impl<D: BlockIo + Send> Striped<D> {
+    /// Stripes over `devs` (at least one).
+    pub(crate) fn new(devs: Vec<D>) -> Self {
+        assert!(!devs.is_empty(), "Striped needs at least one device");
+        Self { devs }
+    }
+
+    fn first(&mut self) -> &mut D {
+        &mut self.devs[0]
+    }
+}
+
+impl<D> BlockIo for Striped<D>
+where
+    D: BlockIo + Send,
+    D::Error: Send,
+{
+    type Error = D::Error;
+
+    fn sector_size(&self) -> u32 {
+        self.devs[0].sector_size()
+    }
+
+    fn size(&mut self) -> Result<u64, Self::Error> {
+        self.first().size()
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        if buf.len() < MIN_SPLIT || self.devs.len() == 1 {
+            return self.first().read_at(offset, buf);
+        }
+        let pieces = split_mut(buf, self.devs.len());
+        std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .devs
+                .iter_mut()
+                .zip(pieces)
+                .map(|(dev, (at, piece))| s.spawn(move || dev.read_at(offset + at as u64, piece)))
+                .collect();
+            join_all(handles)
+        })
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Self::Error> {
+        if buf.len() < MIN_SPLIT || self.devs.len() == 1 {
+            return self.first().write_at(offset, buf);
+        }
+        let lens = piece_lengths(buf.len(), self.devs.len());
+        std::thread::scope(|s| {
+            let mut at = 0usize;
+            let mut handles = Vec::new();
+            for (dev, len) in self.devs.iter_mut().zip(lens) {
+                let piece = &buf[at..at + len];
+                let off = offset + at as u64;
+                handles.push(s.spawn(move || dev.write_at(off, piece)));
+                at += len;
+            }
+            join_all(handles)
+        })
+    }
+
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        for d in &mut self.devs {
+            d.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Self::Error> {
+        self.first().write_zeroes(offset, len)
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), Self::Error> {
+        self.first().discard(offset, len)
+    }
+
+    fn set_size(&mut self, size: u64) -> Result<bool, Self::Error> {
+        self.first().set_size(size)
+    }
+}
+
+/// Waits for every worker; the first error wins. A worker that panicked
+/// re-raises its panic here (a bug, never bad input).
+fn join_all<E>(handles: Vec<std::thread::ScopedJoinHandle<'_, Result<(), E>>>) -> Result<(), E> {
+    let mut first = Ok(());
+    for h in handles {
+        let r = match h.join() {
+            Ok(r) => r,
+            Err(p) => std::panic::resume_unwind(p),
+        };
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
+}
+
+/// An encrypted qcow2 image's key, decrypting large runs on several
+/// threads.
+pub(crate) struct ParallelKey {
+    key: ImageKey,
+    workers: usize,
+}
+
+impl ParallelKey {
+    /// Wraps `key` for `workers` threads.
+    pub(crate) fn new(key: ImageKey, workers: usize) -> Self {
+        Self {
+            key,
+            workers: workers.max(1),
+        }
+    }
+}
+
+/// Decrypts one piece with a shared key.
+fn decrypt_piece(key: &ImageKey, host: u64, guest: u64, buf: &mut [u8]) -> bool {
+    match key {
+        ImageKey::Luks(c) => c.decrypt_sectors(host / 512, buf).is_ok(),
+        ImageKey::LegacyAes(k) => k.decrypt_sectors(guest / 512, buf).is_ok(),
+    }
+}
+
+impl Decryptor for ParallelKey {
+    fn decrypt(&mut self, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool {
+        if buf.len() < MIN_SPLIT || self.workers == 1 {
+            return decrypt_piece(&self.key, host_offset, guest_offset, buf);
+        }
+        let key = &self.key;
+        let pieces = split_mut(buf, self.workers);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = pieces
+                .into_iter()
+                .map(|(at, piece)| {
+                    let (h, g) = (host_offset + at as u64, guest_offset + at as u64);
+                    s.spawn(move || decrypt_piece(key, h, g, piece))
+                })
+                .collect();
+            handles.into_iter().all(|h| match h.join() {
+                Ok(ok) => ok,
+                Err(p) => std::panic::resume_unwind(p),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use luks_core::io::VecDevice;
+
+    #[test]
+    fn pieces_cover_the_request_in_order_and_aligned() {
+        for len in [0usize, 512, 4096, 5000, 1 << 20, (1 << 20) + 512, 3 << 20] {
+            for n in 1..=5 {
+                let p = piece_lengths(len, n);
+                assert_eq!(p.iter().sum::<usize>(), len, "len {len} n {n}");
+                assert!(p.len() <= n);
+                assert!(p.iter().rev().skip(1).all(|l| l % UNIT == 0));
+            }
+        }
+    }
+
+    #[test]
+    fn striped_reads_and_writes_equal_one_device() {
+        // Stripe over three copies of one disk: reads give the disk's bytes,
+        // and each written piece lands, at its own offset, on the device
+        // that took it.
+        let data: Vec<u8> = (0..(1u32 << 20))
+            .map(|i| u8::try_from((i * 7 + i / 4096) % 256).unwrap())
+            .collect();
+        let devs: Vec<VecDevice> = (0..3).map(|_| VecDevice::from_vec(data.clone())).collect();
+        let mut s = Striped::new(devs);
+        let mut buf = vec![0u8; 600 << 10];
+        s.read_at(8192, &mut buf).unwrap();
+        assert_eq!(&buf[..], &data[8192..8192 + buf.len()]);
+        let new: Vec<u8> = buf.iter().map(|b| b ^ 0x5a).collect();
+        s.write_at(4096, &new).unwrap();
+        // Piece i landed on device i at its own offset.
+        let lens = piece_lengths(new.len(), 3);
+        let mut at = 0;
+        for (i, len) in lens.into_iter().enumerate() {
+            let mut got = vec![0u8; len];
+            s.devs[i].read_at(4096 + at as u64, &mut got).unwrap();
+            assert_eq!(got, new[at..at + len], "piece {i}");
+            at += len;
+        }
+    }
+
+    #[test]
+    fn parallel_decryption_equals_one_thread() {
+        let key: Vec<u8> = (0..64u8).collect();
+        let cipher =
+            || luks_core::cipher::SectorCipher::new("aes", "xts-plain64", &key, 512).unwrap();
+        let plain: Vec<u8> = (0..(2u32 << 20)).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        let mut ct = plain.clone();
+        cipher().encrypt_sectors(0x1234, &mut ct).unwrap();
+        for workers in [1, 2, 3, 8] {
+            let mut k = ParallelKey::new(ImageKey::Luks(cipher()), workers);
+            let mut buf = ct.clone();
+            assert!(k.decrypt(0x1234 * 512, 0, &mut buf));
+            assert!(buf == plain, "{workers} workers");
+        }
+    }
+}

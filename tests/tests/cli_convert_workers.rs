@@ -1,0 +1,122 @@
+//! `qimg convert -m N` (worker threads) and `-p` (progress bar): the output
+//! never depends on the worker count, and the bar appears only on a
+//! terminal.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+
+use qimg_tests::qemu::{pattern, write_tmp, Qemu};
+use qimg_tests::{qimg, run_ok, sha256_file, tool};
+
+const SECRET: &str = "secret,id=s0,data=workers";
+
+#[test]
+fn worker_count_never_changes_the_output() {
+    let Some(q) = Qemu::find() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // Big enough that every request is split (4 MiB, with zero runs).
+    let src = write_tmp(t, "src.raw", &pattern(6 << 20, 42, 7));
+    let want = sha256_file(&src);
+    // Encrypted qcow2 and raw LUKS, each written by qimg with -m 3.
+    let qc = t.join("enc.qcow2");
+    let lk = t.join("vol.luks");
+    for (dst, fmt, opts) in [
+        (
+            &qc,
+            "qcow2",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        ),
+        (&lk, "luks", "key-secret=s0,iter-time=10"),
+    ] {
+        run_ok(
+            qimg()
+                .args([
+                    "convert", "-q", "-m", "3", "--object", SECRET, "-O", fmt, "-o", opts,
+                ])
+                .arg(&src)
+                .arg(dst),
+        );
+        // qemu-img decrypts what the three workers encrypted.
+        let back = t.join(format!("{fmt}-qemu.raw"));
+        q.decrypt_to_raw(SECRET, fmt, dst, "", &back);
+        let mut back_len = std::fs::read(&back).unwrap();
+        back_len.truncate(6 << 20);
+        assert_eq!(
+            qimg_tests::sha256_hex(&back_len),
+            want,
+            "{fmt} written with -m 3"
+        );
+        // Every worker count reads it back to the same bytes.
+        for m in ["1", "2", "4"] {
+            let out = t.join(format!("{fmt}-m{m}.raw"));
+            run_ok(
+                qimg()
+                    .args(["convert", "-m", m, "--object", SECRET, "-O", "raw"])
+                    .arg(dst)
+                    .arg(&out),
+            );
+            assert_eq!(sha256_file(&out), want, "{fmt} read with -m {m}");
+        }
+    }
+    // Plain qcow2 output is byte-identical for any -m.
+    let a = t.join("m1.qcow2");
+    let b = t.join("m4.qcow2");
+    run_ok(
+        qimg()
+            .args(["convert", "-m", "1", "-O", "qcow2"])
+            .arg(&src)
+            .arg(&a),
+    );
+    run_ok(
+        qimg()
+            .args(["convert", "-m", "4", "-W", "-O", "qcow2"])
+            .arg(&src)
+            .arg(&b),
+    );
+    assert_eq!(sha256_file(&a), sha256_file(&b));
+}
+
+#[test]
+fn progress_bar_only_on_a_terminal() {
+    let Some(script) = tool("script") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let src = write_tmp(t, "src.raw", &pattern(8 << 20, 1, 0));
+    // Under a pseudo-terminal (util-linux `script`), the bar is drawn and
+    // ends at 100%.
+    let cmd = format!(
+        "{} convert -p -O qcow2 {} {}",
+        qimg_tests::qimg_bin().display(),
+        src.display(),
+        t.join("tty.qcow2").display()
+    );
+    let out = Command::new(script)
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("100%"),
+        "no progress bar on a terminal: {shown:?}"
+    );
+    // With standard error a pipe, nothing is drawn.
+    let out = qimg()
+        .args(["convert", "-p", "-O", "qcow2"])
+        .arg(&src)
+        .arg(t.join("pipe.qcow2"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        out.stderr.is_empty(),
+        "bar drawn into a pipe: {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
