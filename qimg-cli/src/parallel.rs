@@ -274,7 +274,9 @@ mod tests {
         let key: Vec<u8> = (0..64u8).collect();
         let cipher =
             || luks_core::cipher::SectorCipher::new("aes", "xts-plain64", &key, 512).unwrap();
-        let plain: Vec<u8> = (0..(2u32 << 20)).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        let plain: Vec<u8> = (0..(2u32 << 20))
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
         let mut ct = plain.clone();
         cipher().encrypt_sectors(0x1234, &mut ct).unwrap();
         for workers in [1, 2, 3, 8] {
