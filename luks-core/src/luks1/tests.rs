@@ -433,3 +433,72 @@ fn unknown_cipher_hash_and_key_size_are_refused_on_open() {
         "{e}"
     );
 }
+
+#[test]
+fn replace_key_overwrites_an_active_slot() {
+    let (mut dev, mut hdr, vk) = formatted(&small());
+    let mut rng = TestRng(5);
+    replace_key(&mut dev, &mut hdr, &vk, b"new", 10, 0, &mut rng).unwrap();
+    assert!(matches!(
+        unlock(&mut dev, &hdr, b"pass", None),
+        Err(Error::WrongPassphrase)
+    ));
+    assert_eq!(unlock(&mut dev, &hdr, b"new", None).unwrap().1, 0);
+    assert_eq!(read_header(&mut dev).unwrap(), hdr);
+    let wrong = VolumeKey::from_bytes(&[0u8; 64]).unwrap();
+    assert!(matches!(
+        replace_key(&mut dev, &mut hdr, &wrong, b"x", 10, 0, &mut rng),
+        Err(Error::WrongPassphrase)
+    ));
+    assert!(matches!(
+        replace_key(&mut dev, &mut hdr, &vk, b"x", 10, 8, &mut rng),
+        Err(Error::BadParameter(BadParameter::KeySlotIndex(8)))
+    ));
+}
+
+/// Key material reaches the medium (flushed) before the header names it;
+/// erasing wipes the material (flushed) before the header drops the slot.
+#[test]
+fn key_slot_writes_put_material_and_header_in_order() {
+    use crate::io::{FaultyDevice, WriteKind};
+    let (dev, mut hdr, vk) = formatted(&small());
+    let mut dev = FaultyDevice::new(dev);
+    add_key(&mut dev, &mut hdr, &vk, b"two", 10, None, &mut TestRng(3)).unwrap();
+    let header_at = |log: &[crate::io::WriteRecord]| {
+        log.iter()
+            .position(|r| r.kind == WriteKind::Data && r.offset < HEADER_LEN as u64)
+            .unwrap()
+    };
+    let log = dev.log().to_vec();
+    let h = header_at(&log);
+    let (start, end) = hdr.key_material_range(1).unwrap();
+    let (start, end) = (u64::from(start) * 512, u64::from(end) * 512);
+    let material: Vec<_> = log
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.kind == WriteKind::Data && r.offset >= start && r.offset < end)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(!material.is_empty());
+    assert!(material.iter().all(|&i| i < h));
+    assert!(log[*material.last().unwrap()..h]
+        .iter()
+        .any(|r| r.kind == WriteKind::Flush));
+
+    let mut dev = FaultyDevice::new(dev.into_inner());
+    remove_key(&mut dev, &mut hdr, 1, false).unwrap();
+    let log = dev.log().to_vec();
+    let h = header_at(&log);
+    let wiped: u64 = log[..h]
+        .iter()
+        .filter(|r| r.kind == WriteKind::Data && r.offset >= start && r.offset < end)
+        .map(|r| r.len)
+        .sum();
+    assert!(
+        wiped >= end - start - 511,
+        "material wiped before the header"
+    );
+    assert!(log[..h].iter().any(|r| r.kind == WriteKind::Flush));
+    let bytes = dev.inner().as_slice();
+    assert!(bytes[start as usize..end as usize].iter().all(|&b| b == 0));
+}
