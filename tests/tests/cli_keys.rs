@@ -697,3 +697,122 @@ fn serpent_and_twofish_qcow2_interchange() {
     qimg_reads(&twofish, 2, &src);
     info_agrees(&q, &twofish);
 }
+
+/// On a terminal, a new key is asked twice (and must match); a secret
+/// given with `data=` on the command line draws a warning.
+#[test]
+fn new_keys_are_asked_twice_on_a_terminal() {
+    let Some(script) = tool("script") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vol = d.join("t.luks");
+    let k0 = key_file(d, 0);
+    run_ok(
+        qimg()
+            .args(["create", "-q", "-f", "luks", "--key-file"])
+            .arg(&k0)
+            .args(["-o", "iter-time=10"])
+            .arg(&vol)
+            .arg("1M"),
+    );
+    // `script` runs qimg on a pseudo-terminal fed from our standard input.
+    let under_pty = |input: &str| {
+        let cmd = format!(
+            "{} luks add-key -i 10 --key-file {} {}",
+            qimg_tests::qimg_bin().display(),
+            k0.display(),
+            vol.display()
+        );
+        let mut child = Command::new(&script)
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = under_pty("typed one\ntyped two\n");
+    assert!(!ok && out.contains("do not match"), "{out}");
+    let (ok, out) = under_pty("typed key\ntyped key\n");
+    assert!(ok && out.contains("Verify passphrase"), "{out}");
+    let typed = write_tmp(d, "typed", b"typed key");
+    run_ok(
+        qimg()
+            .args(["convert", "-O", "raw", "--key-file"])
+            .arg(&typed)
+            .arg(&vol)
+            .arg(d.join("out.raw")),
+    );
+    let dump = json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(&vol));
+    assert_eq!(dump["slots"][1]["active"], true);
+    assert_eq!(dump["slots"][2]["active"], false);
+
+    // Off a terminal with no key given, qimg says how to give one.
+    let e = fails(
+        qimg()
+            .args(["luks", "add-key", "-i", "10", "--key-file"])
+            .arg(&k0)
+            .arg(&vol)
+            .stdin(std::process::Stdio::null()),
+    );
+    assert!(e.contains("not a terminal"), "{e}");
+
+    let out = qimg()
+        .arg("amend")
+        .args(["--object", &format!("secret,id=s0,data={}", PASS[0])])
+        .args(["--object", &format!("secret,id=s1,data={}", PASS[1])])
+        .args([
+            "-o",
+            "key-secret=s0,state=active,new-secret=s1,iter-time=10",
+        ])
+        .arg(&vol)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("warning") && err.contains("data="), "{err}");
+    assert!(!err.contains(PASS[0]) && !err.contains(PASS[1]), "{err}");
+}
+
+/// The cryptsetup-style verbs also reach the LUKS header inside an
+/// encrypted qcow2 image; qemu-img sees the result.
+#[test]
+fn luks_key_verbs_on_encrypted_qcow2() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = write_tmp(d, "src.raw", &pattern(128 << 10, 15, 0));
+    let img = encrypted_qcow2(&q, d, &src, "k.qcow2", "", true);
+    let k: Vec<PathBuf> = (0..3).map(|i| key_file(d, i)).collect();
+    run_ok(
+        qimg()
+            .args(["luks", "add-key", "-i", "10", "--key-file"])
+            .arg(&k[0])
+            .arg(&img)
+            .arg(&k[1]),
+    );
+    run_ok(
+        qimg()
+            .args(["luks", "change-key", "-i", "10", "--key-file"])
+            .arg(&k[0])
+            .arg(&img)
+            .arg(&k[2]),
+    );
+    assert_eq!(active_slots(&q, &img)[..3], [false, true, true]);
+    qemu_reads(&q, "qcow2", &img, 2, &src);
+    run_ok(qimg().args(["luks", "remove-key"]).arg(&img).arg(&k[2]));
+    qemu_reads(&q, "qcow2", &img, 1, &src);
+    qemu_check_clean_with(&q, &img, 1);
+    assert_eq!(active_slots(&q, &img)[..3], [false, true, false]);
+}
