@@ -228,11 +228,16 @@ enum State {
 /// `qimg amend`: adds or erases key slots as qemu-img amend does.
 pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
     let secrets = Secrets::parse(&a.secrets.object)?;
-    let (path, format, mut key_secret) = if a.image_opts {
+    let (mut path, mut format, mut key_secret) = if a.image_opts {
         image_opts(a.filename)?
     } else {
         (a.filename.to_string(), a.format, None)
     };
+    // A raw LUKS volume with a detached header: the key slots are there.
+    if let Some(h) = &a.secrets.header {
+        path.clone_from(h);
+        format = Some(Format::Luks);
+    }
     if a.options.is_empty() {
         return Err(CliError::usage(
             "Must specify options (-o); see `qimg amend --help`".into(),
@@ -429,6 +434,7 @@ pub(crate) struct KeyVerbArgs {
     /// A file holding the new key (add-key, change-key) or the key to
     /// remove (remove-key), byte for byte; asked on the terminal when
     /// absent.
+    #[arg(value_name = "KEY_FILE")]
     new_key_file: Option<String>,
     /// Image format; detected from the file when absent.
     #[arg(short = 'f', long = "format", value_enum)]
