@@ -42,26 +42,12 @@ struct Target {
 impl Target {
     /// Opens the LUKS header of `path` (format from `format` or the magic)
     /// for writing.
-    fn open(path: &str, format: Option<Format>) -> Result<Self, CliError> {
+    fn open(path: &str, format: Option<Format>, writable: bool) -> Result<Self, CliError> {
         let format = match format {
             Some(f) => f,
             None => crate::image::detect(path)?,
         };
-        let file = FileDevice::open_rw(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
-        let (qcow2, (offset, len)) = match format {
-            Format::Luks => (false, (0, crate::image::file_length(path)?)),
-            Format::Qcow2 => (true, qcow2_region(path)?),
-            Format::Raw => {
-                return Err(CliError::io(
-                    path,
-                    "not encrypted: key slots exist only in LUKS volumes and LUKS-encrypted \
-                     qcow2 images"
-                        .into(),
-                ))
-            }
-        };
-        let mut dev = Window::new(file, offset, len);
+        let (mut dev, qcow2) = open_window(path, format, writable)?;
         let hdr = luks1::read_header(&mut dev).map_err(|e| {
             CliError::io(
                 path,
@@ -178,6 +164,31 @@ impl Target {
     }
 }
 
+/// The device holding the LUKS header of `path`: the whole file of a raw
+/// volume, or the crypto region of a qcow2 image (then `true`).
+fn open_window(path: &str, format: Format, writable: bool) -> Result<(HeaderDev, bool), CliError> {
+    let (qcow2, (offset, len)) = match format {
+        Format::Luks => (false, (0, crate::image::file_length(path)?)),
+        Format::Qcow2 => (true, qcow2_region(path)?),
+        Format::Raw => {
+            return Err(CliError::io(
+                path,
+                "not encrypted: key slots exist only in LUKS volumes and LUKS-encrypted qcow2 \
+                 images"
+                    .into(),
+            ))
+        }
+    };
+    let file = if writable {
+        FileDevice::open_rw(Path::new(path))
+            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?
+    } else {
+        FileDevice::open(Path::new(path))
+            .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?
+    };
+    Ok((Window::new(file, offset, len), qcow2))
+}
+
 /// Offset and length of the LUKS region of an encrypted qcow2 image.
 fn qcow2_region(path: &str) -> Result<(u64, u64), CliError> {
     let opening = crate::qcow2::Opening::open(path)?;
@@ -244,7 +255,7 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
         ));
     }
     let opts = OptionMap::parse(a.options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
-    let mut t = Target::open(&path, format)?;
+    let mut t = Target::open(&path, format, true)?;
     let p = if t.qcow2 { "encrypt." } else { "" };
     let get = |k: &str| opts.get(&format!("{p}{k}")).map(str::to_string);
     if opts.get(&format!("{p}format")).is_some() {
@@ -534,7 +545,7 @@ struct LuksKeyArgs<'a> {
 impl LuksKeyArgs<'_> {
     fn target(&self) -> Result<Target, CliError> {
         let path = self.secrets.header.as_deref().unwrap_or(self.volume);
-        Target::open(path, self.format)
+        Target::open(path, self.format, true)
     }
 
     /// The existing passphrase: `--key-file`, a secret, or a prompt.
@@ -648,7 +659,9 @@ fn parse_raw_header(bytes: &[u8]) -> Option<HeaderRepr> {
     HeaderRepr::parse(&h).ok()
 }
 
-/// `qimg luks header-backup` (cryptsetup luksHeaderBackup).
+/// `qimg luks header-backup` (cryptsetup luksHeaderBackup): the header
+/// and key material area of a raw volume (or of the LUKS region inside an
+/// encrypted qcow2 image) into a new file, readable by its owner only.
 fn header_backup(volume: &str, backup: &str) -> Result<u8, CliError> {
     if Path::new(backup).exists() {
         return Err(CliError::io(
@@ -656,13 +669,16 @@ fn header_backup(volume: &str, backup: &str) -> Result<u8, CliError> {
             "Requested header backup file already exists; remove it or choose another name".into(),
         ));
     }
-    let hdr = crate::luks::read_header(volume)?;
-    let len = header_area_len(&hdr);
+    let mut t = Target::open(volume, None, false)?;
+    let len = header_area_len(&t.hdr);
     let mut buf = zeroize::Zeroizing::new(vec![0u8; usize_of(len, volume)?]);
-    let mut dev = FileDevice::open(Path::new(volume))
-        .map_err(|e| CliError::io(volume, format!("cannot open: {e}")))?;
-    dev.read_at(0, &mut buf)
-        .map_err(|e| CliError::io(volume, e.to_string()))?;
+    // A detached header file may end right after the key material; the
+    // rest of the last 4 KiB reads as zeroes.
+    let have = t.dev.size().map_err(|e| t.err(e.to_string()))?.min(len);
+    let have = usize_of(have, volume)?;
+    t.dev
+        .read_at(0, &mut buf[..have])
+        .map_err(|e| t.err(e.to_string()))?;
     let mut f = {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
@@ -683,7 +699,8 @@ fn usize_of(len: u64, what: &str) -> Result<usize, CliError> {
 }
 
 /// `qimg luks header-restore` (cryptsetup luksHeaderRestore): writes a
-/// backup's header and key material area over the volume's.
+/// backup's header and key material area over the volume's (or over the
+/// LUKS region inside an encrypted qcow2 image).
 fn header_restore(volume: &str, backup: &str, batch: bool) -> Result<u8, CliError> {
     let bytes = zeroize::Zeroizing::new(
         std::fs::read(backup).map_err(|e| CliError::io(backup, format!("cannot read: {e}")))?,
@@ -697,12 +714,15 @@ fn header_restore(volume: &str, backup: &str, batch: bool) -> Result<u8, CliErro
     let new = parse_raw_header(&bytes).ok_or_else(bad)?;
     let len = header_area_len(&new);
     let area = bytes.get(..usize_of(len, backup)?).ok_or_else(bad)?;
-    let mut dev = FileDevice::open_rw(Path::new(volume))
-        .map_err(|e| CliError::io(volume, format!("cannot open for writing: {e}")))?;
-    let mut head = [0u8; luks1::HEADER_LEN];
+    let format = match crate::image::detect(volume)? {
+        Format::Qcow2 => Format::Qcow2,
+        _ => Format::Luks,
+    };
+    let (mut dev, _) = open_window(volume, format, true)?;
     let size = dev
         .size()
         .map_err(|e| CliError::io(volume, e.to_string()))?;
+    let mut head = [0u8; luks1::HEADER_LEN];
     if size >= head.len() as u64 {
         dev.read_at(0, &mut head)
             .map_err(|e| CliError::io(volume, e.to_string()))?;
@@ -729,12 +749,11 @@ fn header_restore(volume: &str, backup: &str, batch: bool) -> Result<u8, CliErro
             ),
         )?,
     }
-    if new.payload_offset != 0 && u64::from(new.payload_offset) * 512 > size {
+    if size < len {
         return Err(CliError::io(
             volume,
             format!(
-                "the device ({size} bytes) is smaller than the backup's payload offset ({} bytes)",
-                u64::from(new.payload_offset) * 512
+                "the device ({size} bytes) is smaller than the backup's header area ({len} bytes)"
             ),
         ));
     }

@@ -815,4 +815,30 @@ fn luks_key_verbs_on_encrypted_qcow2() {
     qemu_reads(&q, "qcow2", &img, 1, &src);
     qemu_check_clean_with(&q, &img, 1);
     assert_eq!(active_slots(&q, &img)[..3], [false, true, false]);
+
+    // Header backup and restore of the LUKS region inside the image.
+    let bak = d.join("k.hdr");
+    run_ok(
+        qimg()
+            .args(["luks", "header-backup", "--header-backup-file"])
+            .arg(&bak)
+            .arg(&img),
+    );
+    let dump = json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(&bak));
+    assert_eq!(dump["slots"][1]["active"], true);
+    run_ok(
+        qimg()
+            .args(["luks", "remove-key", "-q"])
+            .arg(&img)
+            .arg(&k[1]),
+    );
+    assert!(active_slots(&q, &img).iter().all(|a| !a));
+    run_ok(
+        qimg()
+            .args(["luks", "header-restore", "-q", "--header-backup-file"])
+            .arg(&bak)
+            .arg(&img),
+    );
+    qemu_reads(&q, "qcow2", &img, 1, &src);
+    qemu_check_clean_with(&q, &img, 1);
 }
