@@ -716,13 +716,8 @@ fn new_keys_are_asked_twice_on_a_terminal() {
             .arg("1M"),
     );
     // `script` runs qimg on a pseudo-terminal fed from our standard input.
-    let under_pty = |input: &str| {
-        let cmd = format!(
-            "{} luks add-key -i 10 --key-file {} {}",
-            qimg_tests::qimg_bin().display(),
-            k0.display(),
-            vol.display()
-        );
+    let under_pty_cmd = |args: &str, input: &str| {
+        let cmd = format!("{} {args}", qimg_tests::qimg_bin().display());
         let mut child = Command::new(&script)
             .args(["-qec", &cmd, "/dev/null"])
             .stdin(std::process::Stdio::piped())
@@ -742,6 +737,12 @@ fn new_keys_are_asked_twice_on_a_terminal() {
             String::from_utf8_lossy(&out.stdout).into_owned(),
         )
     };
+    let add = format!(
+        "luks add-key -i 10 --key-file {} {}",
+        k0.display(),
+        vol.display()
+    );
+    let under_pty = |input: &str| under_pty_cmd(&add, input);
     let (ok, out) = under_pty("typed one\ntyped two\n");
     assert!(!ok && out.contains("do not match"), "{out}");
     let (ok, out) = under_pty("typed key\ntyped key\n");
@@ -767,6 +768,29 @@ fn new_keys_are_asked_twice_on_a_terminal() {
             .stdin(std::process::Stdio::null()),
     );
     assert!(e.contains("not a terminal"), "{e}");
+
+    // Erasing the last key slot asks for YES on a terminal.
+    let last = d.join("last.luks");
+    run_ok(
+        qimg()
+            .args(["create", "-q", "-f", "luks", "--key-file"])
+            .arg(&k0)
+            .args(["-o", "iter-time=10"])
+            .arg(&last)
+            .arg("1M"),
+    );
+    let remove = format!("luks remove-key {} {}", last.display(), k0.display());
+    let (ok, out) = under_pty_cmd(&remove, "no\n");
+    assert!(
+        !ok && out.contains("last key slot") && out.contains("aborted"),
+        "{out}"
+    );
+    let dump = json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(&last));
+    assert_eq!(dump["slots"][0]["active"], true);
+    let (ok, out) = under_pty_cmd(&remove, "YES\n");
+    assert!(ok, "{out}");
+    let dump = json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(&last));
+    assert_eq!(dump["slots"][0]["active"], false);
 
     let out = qimg()
         .arg("amend")
