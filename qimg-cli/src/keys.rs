@@ -204,13 +204,71 @@ fn qcow2_region(path: &str) -> Result<(u64, u64), CliError> {
              encrypt.format=luks first"
                 .into(),
         )),
-        _ => info.crypto.map(|c| (c.offset, c.length)).ok_or_else(|| {
-            CliError::io(
-                path,
-                "the full disk encryption header extension is missing".into(),
+        _ => {
+            let c = info.crypto.ok_or_else(|| {
+                CliError::io(
+                    path,
+                    "the full disk encryption header extension is missing".into(),
+                )
+            })?;
+            check_region(
+                &info.header,
+                c.offset,
+                c.length,
+                crate::image::file_length(path)?,
             )
-        }),
+            .map_err(|what| {
+                CliError::io(
+                    path,
+                    format!(
+                        "the LUKS region ({} bytes at {}) named by the full disk encryption \
+                             header extension {what}; refusing to write key slots there \
+                             (qemu-img check the image)",
+                        c.length, c.offset
+                    ),
+                )
+            })?;
+            Ok((c.offset, c.length))
+        }
     }
+}
+
+/// Before key slots are written into a qcow2 image's LUKS region: it must
+/// be cluster-aligned, inside the file, and clear of the header cluster,
+/// the L1 table, the refcount table and the snapshot table (the region is
+/// untrusted input; a bad one must not let a key slot overwrite metadata).
+fn check_region(
+    h: &qcow_core::header::HeaderRepr,
+    offset: u64,
+    len: u64,
+    file_len: u64,
+) -> Result<(), &'static str> {
+    let cluster = h.cluster_size();
+    let end = offset.checked_add(len).ok_or("overflows")?;
+    if len == 0 || !offset.is_multiple_of(cluster) {
+        return Err("is empty or not cluster-aligned");
+    }
+    if end > file_len {
+        return Err("runs past the end of the file");
+    }
+    let tables = [
+        (0, cluster),
+        (h.l1_table_offset, u64::from(h.l1_size).saturating_mul(8)),
+        (
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters).saturating_mul(cluster),
+        ),
+        (
+            h.snapshots_offset,
+            if h.nb_snapshots == 0 { 0 } else { cluster },
+        ),
+    ];
+    for (at, n) in tables {
+        if n != 0 && offset < at.saturating_add(n) && at < end {
+            return Err("overlaps the image's metadata");
+        }
+    }
+    Ok(())
 }
 
 /// What `qimg amend` was given.
@@ -819,6 +877,32 @@ mod tests {
         assert!(image_opts("driver=raw,file.filename=v").is_err());
         assert!(image_opts("driver=qcow2").is_err());
         assert!(image_opts("driver=qcow2,file.filename=v,cache=none").is_err());
+    }
+
+    /// A LUKS region must not let key slot writes reach qcow2 metadata.
+    #[test]
+    fn qcow2_luks_regions_are_checked_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("i.qcow2");
+        let o = qcow_core::CreateOptions {
+            size: 1 << 20,
+            luks_region_len: Some(2 << 20),
+            ..qcow_core::CreateOptions::default()
+        };
+        let dev = FileDevice::create(&f).unwrap();
+        let w = qcow_core::create(dev, &o).unwrap();
+        let (off, len) = w.crypto_region().unwrap();
+        let h = *w.header();
+        let file_len = std::fs::metadata(&f).unwrap().len();
+        assert_eq!(check_region(&h, off, len, file_len), Ok(()));
+        let c = h.cluster_size();
+        assert!(check_region(&h, 0, len, file_len).is_err());
+        assert!(check_region(&h, off + 512, len, file_len).is_err());
+        assert!(check_region(&h, off, len + c, file_len).is_err());
+        assert!(check_region(&h, off, 0, file_len).is_err());
+        assert!(check_region(&h, h.l1_table_offset, c, u64::MAX).is_err());
+        assert!(check_region(&h, h.refcount_table_offset, c, u64::MAX).is_err());
+        assert!(check_region(&h, u64::MAX - c + 1, c, u64::MAX).is_err());
     }
 
     /// cryptsetup's luksHeaderBackup sizes, measured: 2068480 bytes for a
