@@ -200,8 +200,8 @@ fn qcow2_region(path: &str) -> Result<(u64, u64), CliError> {
         )),
         1 => Err(CliError::io(
             path,
-            "legacy AES encryption (crypt_method 1) has no key slots; convert the image to \
-             encrypt.format=luks first"
+            "Only LUKS encryption options can be amended: legacy AES encryption (crypt_method \
+             1) has no key slots; convert the image to encrypt.format=luks"
                 .into(),
         )),
         _ => {

@@ -379,6 +379,31 @@ fn amend_refuses_what_qemu_img_refuses_with_its_messages() {
         false,
     ));
     assert!(e.contains("encryption not present"), "{e}");
+    // Legacy AES has no key slots.
+    let aes = d.join("aes.qcow2");
+    q.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        &as_s0(0),
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=s0",
+        aes.to_str().unwrap(),
+        "1M",
+    ]);
+    let opts = "encrypt.state=active,encrypt.new-secret=s1";
+    let theirs = fails(&mut qemu_amend(&q, d, &aes, 0, opts, false));
+    let ours = fails(&mut qimg_amend(d, &aes, 0, opts, false));
+    assert!(
+        theirs.contains("Only LUKS encryption options can be amended"),
+        "{theirs}"
+    );
+    assert!(
+        ours.contains("Only LUKS encryption options can be amended"),
+        "{ours}"
+    );
 }
 
 /// qimg amend with --force overwrites an active slot, and raw LUKS takes
