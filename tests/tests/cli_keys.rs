@@ -477,6 +477,27 @@ fn amend_raw_luks_and_forced_overwrite() {
             .arg(&out),
     );
     assert!(err.contains("Invalid password"), "{err}");
+
+    // qemu-img's layout (payload right after the key material): the header
+    // backup still matches cryptsetup's byte for byte.
+    let Some(cs) = tool("cryptsetup") else { return };
+    let (ours, theirs) = (d.join("v.qimg.hdr"), d.join("v.cs.hdr"));
+    run_ok(
+        qimg()
+            .args(["luks", "header-backup", "--header-backup-file"])
+            .arg(&ours)
+            .arg(&vol),
+    );
+    run_ok(
+        Command::new(&cs)
+            .args(["luksHeaderBackup", "--header-backup-file"])
+            .arg(&theirs)
+            .arg(&vol),
+    );
+    assert_eq!(
+        std::fs::read(&ours).unwrap(),
+        std::fs::read(&theirs).unwrap()
+    );
 }
 
 #[test]
