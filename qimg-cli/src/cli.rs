@@ -170,6 +170,31 @@ enum Command {
         /// Destination image.
         destination: String,
     },
+    /// Change key slots of an encrypted image (qemu-img amend):
+    /// `-o encrypt.state=active|inactive,encrypt.keyslot=N,encrypt.new-secret=ID,encrypt.old-secret=ID,encrypt.iter-time=MS`
+    /// for qcow2, the same names without `encrypt.` for raw LUKS.
+    Amend {
+        /// Image format; detected from the file when absent.
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<FormatArg>,
+        /// Key slot options (`-o key=value,...`).
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Overwrite an active key slot, or erase the last active one.
+        #[arg(long)]
+        force: bool,
+        /// FILENAME is qemu-img's option list
+        /// (`driver=qcow2,file.filename=PATH,encrypt.key-secret=ID`).
+        #[arg(long = "image-opts")]
+        image_opts: bool,
+        /// Quiet (accepted for compatibility).
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[command(flatten)]
+        secrets: SecretArgs,
+        /// The image.
+        filename: String,
+    },
     /// LUKS volume tools with cryptsetup's meaning.
     #[command(subcommand)]
     Luks(LuksCommand),
@@ -227,6 +252,18 @@ enum LuksCommand {
         /// The volume, or a detached header file.
         filename: String,
     },
+    /// Add a key to a free key slot (cryptsetup luksAddKey).
+    AddKey(crate::keys::KeyVerbArgs),
+    /// Erase the key slot a key opens (cryptsetup luksRemoveKey).
+    RemoveKey(crate::keys::KeyVerbArgs),
+    /// Replace a key with a new one (cryptsetup luksChangeKey).
+    ChangeKey(crate::keys::KeyVerbArgs),
+    /// Save the header and key material area to a file (cryptsetup
+    /// luksHeaderBackup).
+    HeaderBackup(crate::keys::HeaderFileArgs),
+    /// Write a header backup over the volume's header (cryptsetup
+    /// luksHeaderRestore).
+    HeaderRestore(crate::keys::HeaderFileArgs),
 }
 
 /// Runs one command; returns the exit code.
@@ -311,6 +348,33 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Luks(LuksCommand::Dump { output, filename }) => {
             crate::luks::dump(&filename, output == Output::Json)
         }
+        Command::Amend {
+            format,
+            options,
+            force,
+            image_opts,
+            quiet: _,
+            secrets,
+            filename,
+        } => crate::keys::amend(&crate::keys::AmendArgs {
+            format: format.map(Into::into),
+            options: &options,
+            force,
+            image_opts,
+            secrets: &secrets,
+            filename: &filename,
+        }),
+        Command::Luks(LuksCommand::AddKey(a)) => {
+            crate::keys::run_key_verb(crate::keys::KeyVerb::Add, &a)
+        }
+        Command::Luks(LuksCommand::RemoveKey(a)) => {
+            crate::keys::run_key_verb(crate::keys::KeyVerb::Remove, &a)
+        }
+        Command::Luks(LuksCommand::ChangeKey(a)) => {
+            crate::keys::run_key_verb(crate::keys::KeyVerb::Change, &a)
+        }
+        Command::Luks(LuksCommand::HeaderBackup(a)) => crate::keys::run_header_verb(false, &a),
+        Command::Luks(LuksCommand::HeaderRestore(a)) => crate::keys::run_header_verb(true, &a),
         Command::Create {
             format,
             options,

@@ -8,6 +8,7 @@ mod dev;
 mod human;
 mod image;
 mod info;
+mod keys;
 mod luks;
 mod map;
 mod opts;

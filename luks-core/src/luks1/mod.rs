@@ -555,6 +555,9 @@ fn uuid_v4(mut u: [u8; 16]) -> heapless::String<40> {
 
 /// Adds `new_passphrase` in a free key slot (the lowest, or `slot`),
 /// given the volume key. Writes key material and header; returns the slot.
+///
+/// Write order: the key material, a flush, then the header (a crash
+/// before the header write leaves the slot inactive, never half-written).
 pub fn add_key<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
     dev: &mut D,
     hdr: &mut HeaderRepr,
@@ -585,24 +588,66 @@ pub fn add_key<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
             .map(slot_u8)
             .ok_or(Error::NoFreeKeySlot)?,
     };
+    put_key(dev, hdr, vk, new_passphrase, iterations, s, rng)?;
+    Ok(s)
+}
+
+/// Writes `new_passphrase` into key slot `slot` whether or not it is
+/// active (qemu-img's `amend --force` onto an active slot): the slot's old
+/// key material is overwritten in place by the new one, then the header
+/// is written. A crash between the two leaves the slot unusable (old
+/// header, new material), so callers should prefer [`add_key`].
+pub fn replace_key<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
+    dev: &mut D,
+    hdr: &mut HeaderRepr,
+    vk: &VolumeKey,
+    new_passphrase: &[u8],
+    iterations: u32,
+    slot: u8,
+    rng: &mut R,
+) -> Result<(), Error<D::Error>> {
+    if !verify_volume_key(hdr, vk.as_bytes()) {
+        return Err(Error::WrongPassphrase);
+    }
+    if hdr.key_slots.get(usize::from(slot)).is_none() {
+        return Err(Error::BadParameter(BadParameter::KeySlotIndex(slot)));
+    }
+    put_key(dev, hdr, vk, new_passphrase, iterations, slot, rng)
+}
+
+fn flush_dev<D: BlockIo + ?Sized>(dev: &mut D) -> Result<(), Error<D::Error>> {
+    dev.flush().map_err(|source| Error::Io {
+        source,
+        structure: Structure::Device,
+        offset: 0,
+    })
+}
+
+/// Key material, flush, header, flush.
+fn put_key<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
+    dev: &mut D,
+    hdr: &mut HeaderRepr,
+    vk: &VolumeKey,
+    new_passphrase: &[u8],
+    iterations: u32,
+    slot: u8,
+    rng: &mut R,
+) -> Result<(), Error<D::Error>> {
     let mut new = hdr.clone();
     write_slot(
         dev,
         &mut new,
-        usize::from(s),
+        usize::from(slot),
         vk,
         new_passphrase,
         iterations,
         rng,
     )?;
+    flush_dev(dev)?;
     write_header(dev, &new)?;
-    dev.flush().map_err(|source| Error::Io {
-        source,
-        structure: Structure::Device,
-        offset: 0,
-    })?;
+    flush_dev(dev)?;
     *hdr = new;
-    Ok(s)
+    Ok(())
 }
 
 /// Disables key slot `slot` and overwrites its key material with zeroes.
@@ -634,9 +679,10 @@ pub fn remove_key<D: BlockIo + ?Sized>(
     new.key_slots[i].active = false;
     new.key_slots[i].iterations = 0;
     new.key_slots[i].salt = [0; header::SALT_LEN];
-    write_header(dev, &new)?;
-    // Overwrite with explicit zero writes (write_zeroes could only punch a
-    // hole that leaves the old bytes on the medium).
+    // The material goes first (with explicit zero writes: write_zeroes
+    // could only punch a hole that leaves the old bytes on the medium), so
+    // a crash never leaves a disabled slot whose material still opens the
+    // volume key.
     let zero = [0u8; CHUNK];
     let mut at = u64::from(start).saturating_mul(512);
     let stop = u64::from(end).saturating_mul(512);
@@ -645,11 +691,9 @@ pub fn remove_key<D: BlockIo + ?Sized>(
         write(dev, Structure::KeyMaterial(slot), at, &zero[..n])?;
         at = at.saturating_add(n as u64);
     }
-    dev.flush().map_err(|source| Error::Io {
-        source,
-        structure: Structure::Device,
-        offset: 0,
-    })?;
+    flush_dev(dev)?;
+    write_header(dev, &new)?;
+    flush_dev(dev)?;
     *hdr = new;
     Ok(())
 }
@@ -671,18 +715,7 @@ pub fn change_key<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         remove_key(dev, hdr, old, true)?;
         Ok(new)
     } else {
-        let mut new = hdr.clone();
-        write_slot(
-            dev,
-            &mut new,
-            usize::from(old),
-            &vk,
-            new_passphrase,
-            iterations,
-            rng,
-        )?;
-        write_header(dev, &new)?;
-        *hdr = new;
+        put_key(dev, hdr, &vk, new_passphrase, iterations, old, rng)?;
         Ok(old)
     }
 }
