@@ -65,7 +65,31 @@ pub fn pretty_json(v: &serde_json::Value) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
+/// What the user sees if qimg panics: one line, no backtrace. A closed
+/// standard output (`qimg info x | head -1`) ends qimg quietly, as SIGPIPE
+/// ends qemu-img; anything else is a bug in qimg and says so.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        if msg.contains("Broken pipe") || msg.contains("BrokenPipe") {
+            std::process::exit(141);
+        }
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("qimg: internal error{at}: {msg}; please report it");
+        std::process::exit(70);
+    }));
+}
+
 fn main() -> ExitCode {
+    install_panic_hook();
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(code) => ExitCode::from(code),
