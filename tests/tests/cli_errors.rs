@@ -6,13 +6,31 @@
 use std::io::Read;
 use std::process::Stdio;
 
+use luks_core::io::{BlockIo, FileDevice};
+use qcow_core::{create, CreateOptions};
 use qimg_tests::qimg;
 
 #[test]
 fn a_closed_stdout_ends_qimg_quietly() {
-    // `qimg completions bash | head -c 3`: the reader goes away early.
+    // An image whose map is far longer than a pipe's buffer: every other
+    // 512-byte cluster written, so every cluster is its own extent.
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("striped.qcow2");
+    let opts = CreateOptions {
+        size: 4 << 20,
+        cluster_size: 512,
+        ..CreateOptions::default()
+    };
+    let mut w = create(FileDevice::create(&img).unwrap(), &opts).unwrap();
+    w.set_write_barriers(false);
+    for c in (0..(4u64 << 20) / 512).step_by(2) {
+        w.write_at(c * 512, &[0x5a; 512]).unwrap();
+    }
+    w.close().unwrap();
+    // `qimg map --output json IMAGE | head -c 3`: the reader goes away early.
     let mut child = qimg()
-        .args(["completions", "bash"])
+        .args(["map", "--output", "json"])
+        .arg(&img)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
