@@ -25,7 +25,7 @@ struct FixedRng(u64);
 impl rand_core::TryRng for FixedRng {
     type Error = core::convert::Infallible;
     fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
-        Ok(self.try_next_u64()? as u32)
+        Ok((self.try_next_u64()? >> 32) as u32)
     }
     fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
         self.0 ^= self.0 << 13;
