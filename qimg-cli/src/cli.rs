@@ -439,6 +439,9 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
             opts.reject_unused("raw")
                 .map_err(|e| CliError::usage(e.to_string()))?;
             let path = Path::new(&a.destination);
+            if a.no_create {
+                image::warn_if_raw_looks_formatted(&a.destination);
+            }
             let file = if a.no_create {
                 luks_core::io::FileDevice::open_rw(path)
             } else {

@@ -45,6 +45,22 @@ const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 /// LUKS magic (both versions).
 const LUKS_MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 
+/// Before writing to `path` as raw bytes: a file whose first bytes say it
+/// is a qcow2 image or a LUKS volume is never treated as raw silently (a
+/// guest could have planted such a header, or `-f raw` could be a slip).
+/// Only an explicit raw format reaches here (detection never answers raw
+/// for such a file), so qimg warns and goes on, as the user asked.
+pub(crate) fn warn_if_raw_looks_formatted(path: &str) {
+    if let Ok(found) = detect(path) {
+        if found != Format::Raw {
+            eprintln!(
+                "qimg: warning: {path} starts with a {} header but is written as raw bytes because of the format given; its header can be overwritten",
+                found.name()
+            );
+        }
+    }
+}
+
 /// Guesses the format from the first bytes of a file.
 pub(crate) fn detect(path: &str) -> Result<Format, CliError> {
     let mut dev = FileDevice::open(Path::new(path))

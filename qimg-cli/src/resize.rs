@@ -52,6 +52,7 @@ pub(crate) fn run(
     };
     match format {
         Format::Raw => {
+            image::warn_if_raw_looks_formatted(path);
             let mut dev = open_rw()?;
             dev.set_size(new)
                 .map_err(|e| CliError::io(path, e.to_string()))?;

@@ -54,3 +54,43 @@ fn a_closed_stdout_ends_qimg_quietly() {
         "128 + SIGPIPE, as a shell reports a killed qemu-img"
     );
 }
+
+#[test]
+fn a_formatted_file_written_as_raw_gets_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("looks.qcow2");
+    let opts = CreateOptions {
+        size: 1 << 20,
+        ..CreateOptions::default()
+    };
+    create(FileDevice::create(&img).unwrap(), &opts)
+        .unwrap()
+        .close()
+        .unwrap();
+    // Detected, it is qcow2: no warning.
+    let out = qimg()
+        .args(["resize"])
+        .arg(&img)
+        .arg("2M")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Forced to raw, the write goes ahead (the user asked) with a warning.
+    let out = qimg()
+        .args(["resize", "-f", "raw"])
+        .arg(&img)
+        .arg("4M")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("qcow2 header") && err.contains("looks.qcow2"),
+        "{err}"
+    );
+}
