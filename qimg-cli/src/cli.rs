@@ -176,6 +176,9 @@ enum Command {
         #[arg(allow_hyphen_values = true)]
         size: String,
     },
+    /// Compare the guest content of two images (qemu-img compare); exit 0
+    /// identical, 1 different, 2 error.
+    Compare(crate::compare::CompareCmd),
     /// Create a new image (qemu-img create).
     Create {
         /// Image format.
@@ -292,6 +295,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Luks(LuksCommand::Dump { output, filename }) => {
             crate::luks::dump(&filename, output == Output::Json)
         }
+        Command::Compare(c) => c.run(),
         Command::Create {
             format,
             options,
