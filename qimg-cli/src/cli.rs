@@ -179,6 +179,9 @@ enum Command {
     /// Compare the guest content of two images (qemu-img compare); exit 0
     /// identical, 1 different, 2 error.
     Compare(crate::compare::CompareCmd),
+    /// Measure the size a new image (or a copy of FILE) would take
+    /// (qemu-img measure).
+    Measure(crate::measure::MeasureCmd),
     /// Create a new image (qemu-img create).
     Create {
         /// Image format.
@@ -296,6 +299,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             crate::luks::dump(&filename, output == Output::Json)
         }
         Command::Compare(c) => c.run(),
+        Command::Measure(c) => c.run(),
         Command::Create {
             format,
             options,

@@ -11,6 +11,7 @@ mod image;
 mod info;
 mod luks;
 mod map;
+mod measure;
 mod opts;
 mod qcow2;
 mod rawfile;
