@@ -182,6 +182,8 @@ enum Command {
     /// Measure the size a new image (or a copy of FILE) would take
     /// (qemu-img measure).
     Measure(crate::measure::MeasureCmd),
+    /// Copy part of an image into a new one, dd-style (qemu-img dd).
+    Dd(crate::dd::DdCmd),
     /// Create a new image (qemu-img create).
     Create {
         /// Image format.
@@ -300,6 +302,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Compare(c) => c.run(),
         Command::Measure(c) => c.run(),
+        Command::Dd(c) => c.run(),
         Command::Create {
             format,
             options,

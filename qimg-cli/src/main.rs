@@ -5,6 +5,7 @@ mod cli;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod dev;
 mod human;
 mod image;
