@@ -184,6 +184,8 @@ enum Command {
     Measure(crate::measure::MeasureCmd),
     /// Copy part of an image into a new one, dd-style (qemu-img dd).
     Dd(crate::dd::DdCmd),
+    /// List, create, apply or delete internal snapshots (qemu-img snapshot).
+    Snapshot(crate::snapshot::SnapshotCmd),
     /// Create a new image (qemu-img create).
     Create {
         /// Image format.
@@ -303,6 +305,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Compare(c) => c.run(),
         Command::Measure(c) => c.run(),
         Command::Dd(c) => c.run(),
+        Command::Snapshot(c) => c.run(),
         Command::Create {
             format,
             options,

@@ -18,6 +18,7 @@ mod qcow2;
 mod rawfile;
 mod resize;
 mod secret;
+mod snapshot;
 
 use std::fmt;
 use std::process::ExitCode;
