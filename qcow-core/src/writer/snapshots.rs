@@ -32,6 +32,7 @@
 
 extern crate alloc;
 
+use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -199,9 +200,10 @@ where
         debug_assert!(id.len() <= MAX_SNAPSHOT_ID_LEN);
 
         // 1. COPIED off everywhere in the active tree, 2. refcounts up.
+        let l1 = self.l1.clone();
+        self.check_room(&l1)?;
         self.set_active_copied(false)?;
         self.barrier()?;
-        let l1 = self.l1.clone();
         self.adjust_tree(&l1, true)?;
         self.barrier()?;
         // 3. The snapshot's copy of the L1 table.
@@ -259,6 +261,7 @@ where
         }
         let mut new_l1 = self.read_snapshot_l1(&sn)?;
         new_l1.resize(self.l1.len(), 0);
+        self.check_room(&new_l1)?;
         // The snapshot's tree gains the active reference first.
         self.adjust_tree(&new_l1, true)?;
         self.barrier()?;
@@ -331,25 +334,81 @@ where
     /// and every host cluster those tables name (compressed clusters: each
     /// cluster their sectors touch). Not flushed.
     fn adjust_tree(&mut self, l1: &[u64], up: bool) -> Result<(), Error<D::Error>> {
+        let mut ranges = Vec::new();
+        self.walk_tree(l1, &mut |off, len| ranges.push((off, len)))?;
+        for (off, len) in ranges {
+            self.adjust_range(off, len, up)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses (before anything changes) a tree whose clusters cannot
+    /// take one more reference each within the refcount width: with 2-bit
+    /// refcounts a host cluster packed with three compressed clusters is
+    /// already at the limit.
+    fn check_room(&mut self, l1: &[u64]) -> Result<(), Error<D::Error>> {
+        let mut adds: BTreeMap<u64, u64> = BTreeMap::new();
+        let cb = self.cb();
+        self.walk_tree(l1, &mut |off, len| {
+            let last = off.saturating_add(len).saturating_sub(1) >> cb;
+            for c in (off >> cb)..=last {
+                let n = adds.entry(c).or_insert(0);
+                *n = n.saturating_add(1);
+            }
+        })?;
+        let max = self.max_refcount();
+        for (c, n) in adds {
+            let v = self.refcount(c)?;
+            if v.saturating_add(n) > max {
+                return Err(Error::Limit {
+                    structure: Structure::RefcountBlock,
+                    offset: c << cb,
+                    limit: Limit::RefcountValue,
+                    value: v.saturating_add(n),
+                    max,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The largest refcount the image's width holds.
+    fn max_refcount(&self) -> u64 {
+        match self.hdr.refcount_order {
+            o if o >= 6 => u64::MAX,
+            o => (1u64 << (1u32 << o)).saturating_sub(1),
+        }
+    }
+
+    /// Calls `each(offset, length)` for every L2 table `l1` names and
+    /// every host range those tables name.
+    fn walk_tree(
+        &mut self,
+        l1: &[u64],
+        each: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), Error<D::Error>> {
         let cb = self.cb();
         let ext = self.extended();
         let w = self.l2_words();
+        let cs = self.cs();
         for &l1e in l1 {
             let l2 = entry::l1_l2_offset(l1e);
             if l2 == 0 {
                 continue;
             }
-            let t = self.l2_table(l2)?.clone();
+            let t = self.l2_table(l2)?;
             for i in (0..t.len()).step_by(w) {
                 let e = t[i];
-                let (off, len) = match L2Entry::decode(e, cb, ext, false) {
-                    L2Entry::Compressed(d) => Self::compressed_range(&d),
-                    _ if e & OFFSET_MASK != 0 => (e & OFFSET_MASK, self.cs()),
-                    _ => continue,
-                };
-                self.adjust_range(off, len, up)?;
+                match L2Entry::decode(e, cb, ext, false) {
+                    L2Entry::Compressed(d) => {
+                        let (off, len) = Self::compressed_range(&d);
+                        each(off, len);
+                    }
+                    _ if e & OFFSET_MASK != 0 => each(e & OFFSET_MASK, cs),
+                    _ => {}
+                }
             }
-            self.adjust_range(l2, self.cs(), up)?;
+            each(l2, cs);
         }
         Ok(())
     }
@@ -362,11 +421,7 @@ where
         let cb = self.cb();
         let first = off >> cb;
         let last = off.saturating_add(len).saturating_sub(1) >> cb;
-        let max = if self.hdr.refcount_order >= 6 {
-            u64::MAX
-        } else {
-            (1u64 << (1u32 << self.hdr.refcount_order)).saturating_sub(1)
-        };
+        let max = self.max_refcount();
         for c in first..=last {
             let v = self.refcount(c)?;
             if v == 0 || v >= max {
