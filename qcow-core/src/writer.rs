@@ -110,10 +110,10 @@ impl<D: BlockIo> Qcow2Writer<D> {
     }
 
     /// Opens an image, encrypted or not, for metadata-only changes: the
-    /// snapshot operations (which never read or write guest data, so an
-    /// encrypted image needs no key). Guest reads and writes are refused
-    /// on an encrypted image opened this way.
-    pub fn open_for_snapshots(dev: D) -> Result<Self, Error<D::Error>> {
+    /// snapshot operations and changing the backing file name (which never
+    /// read or write guest data, so an encrypted image needs no key). Guest
+    /// reads and writes are refused on an encrypted image opened this way.
+    pub fn open_metadata_only(dev: D) -> Result<Self, Error<D::Error>> {
         Self::open_inner(dev, None, true)
     }
 
@@ -1503,6 +1503,7 @@ where
     }
 }
 
+mod backing;
 pub mod snapshots;
 
 #[cfg(test)]

@@ -186,6 +186,8 @@ enum Command {
     Dd(crate::dd::DdCmd),
     /// List, create, apply or delete internal snapshots (qemu-img snapshot).
     Snapshot(crate::snapshot::SnapshotCmd),
+    /// Change the backing file of a qcow2 image (qemu-img rebase).
+    Rebase(crate::rebase::RebaseCmd),
     /// Create a new image (qemu-img create).
     Create {
         /// Image format.
@@ -306,6 +308,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Measure(c) => c.run(),
         Command::Dd(c) => c.run(),
         Command::Snapshot(c) => c.run(),
+        Command::Rebase(c) => c.run(),
         Command::Create {
             format,
             options,

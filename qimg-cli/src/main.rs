@@ -16,6 +16,7 @@ mod measure;
 mod opts;
 mod qcow2;
 mod rawfile;
+mod rebase;
 mod resize;
 mod secret;
 mod snapshot;

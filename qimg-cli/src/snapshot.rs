@@ -63,7 +63,7 @@ impl SnapshotCmd {
         let dev = FileDevice::open_rw(Path::new(path))
             .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
         let mut w =
-            Qcow2Writer::open_for_snapshots(dev).map_err(|e| CliError::io(path, e.to_string()))?;
+            Qcow2Writer::open_metadata_only(dev).map_err(|e| CliError::io(path, e.to_string()))?;
         if let Some(name) = &self.create {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
