@@ -1209,6 +1209,29 @@ where
         Ok(())
     }
 
+    /// Takes whole clusters in `[g, g + len)` out of this image, so that
+    /// they read from the backing file again (partial clusters are left
+    /// alone): the L2 entry is cleared and flushed, then the host cluster
+    /// released. This is `qemu-img commit` emptying the committed image.
+    pub fn unmap(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
+        self.check_range(g, len)?;
+        let cs = self.cs();
+        let mut at = g.div_ceil(cs).saturating_mul(cs);
+        let end = g.saturating_add(len) & !(cs.wrapping_sub(1));
+        while at < end {
+            let (l2, e, bm) = self.get_entry(at)?;
+            if l2.is_some() && (e != 0 || bm != 0) {
+                let dec = L2Entry::decode(e, self.cb(), self.extended(), false);
+                self.set_entry(at, 0, 0)?;
+                self.barrier()?;
+                self.release(dec, e)?;
+                self.barrier()?;
+            }
+            at = at.saturating_add(cs);
+        }
+        Ok(())
+    }
+
     /// Writes one whole guest cluster compressed (raw deflate for zlib
     /// images, a zstd frame for zstd images). When compression does not
     /// save space, the cluster is written uncompressed, as qemu-img does.

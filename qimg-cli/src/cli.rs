@@ -188,6 +188,8 @@ enum Command {
     Snapshot(crate::snapshot::SnapshotCmd),
     /// Change the backing file of a qcow2 image (qemu-img rebase).
     Rebase(crate::rebase::RebaseCmd),
+    /// Write a qcow2 image's data into its backing file (qemu-img commit).
+    Commit(crate::commit::CommitCmd),
     /// Create a new image (qemu-img create).
     Create {
         /// Image format.
@@ -309,6 +311,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Dd(c) => c.run(),
         Command::Snapshot(c) => c.run(),
         Command::Rebase(c) => c.run(),
+        Command::Commit(c) => c.run(),
         Command::Create {
             format,
             options,

@@ -2,6 +2,7 @@
 //! qemu-img's verbs, options, JSON keys and exit codes.
 
 mod cli;
+mod commit;
 mod compare;
 mod convert;
 mod create;
