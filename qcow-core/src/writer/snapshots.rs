@@ -204,6 +204,8 @@ where
         self.check_room(&l1)?;
         self.set_active_copied(false)?;
         self.barrier()?;
+        // The copy carries no COPIED flags: everything in it is shared.
+        let l1 = self.l1.clone();
         self.adjust_tree(&l1, true)?;
         self.barrier()?;
         // 3. The snapshot's copy of the L1 table.
