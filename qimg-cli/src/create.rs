@@ -363,7 +363,7 @@ impl Qcow2Create {
 
 /// Sectors of the LUKS header region qemu-img reserves inside a qcow2
 /// image: the key material's end, rounded up to 4 KiB.
-fn luks_region_sectors(e: &crate::luks::CreateOptions) -> Result<u32, CliError> {
+pub(crate) fn luks_region_sectors(e: &crate::luks::CreateOptions) -> Result<u32, CliError> {
     let key_bytes = e.key_bytes();
     let (_, end) = luks_core::luks1::key_slot_layout(key_bytes)
         .ok_or_else(|| CliError::usage(format!("a {key_bytes}-byte key is too large for LUKS1")))?;

@@ -10,7 +10,9 @@
 //! `preallocation=full|falloc`. The metadata in "required" is still the
 //! fully allocated one, an overestimate qemu-img makes too. "bitmaps size"
 //! (a qcow2 source into a qcow2 target) is what the source's persistent
-//! bitmaps would take at the target's cluster size.
+//! bitmaps would take at the target's cluster size. A LUKS target is its
+//! header and key material (as `create -f luks` lays them out) plus the
+//! payload.
 
 use serde_json::json;
 
@@ -59,6 +61,9 @@ pub(crate) struct MeasureCmd {
 struct SourceFacts {
     /// Virtual size, whole sectors.
     size: u64,
+    /// `--size` as given (qemu-img's LUKS measure does not round it), or
+    /// the source's size in whole sectors.
+    given_size: u64,
     /// Data ranges (start, length) in guest order.
     data: Vec<(u64, u64)>,
     /// Persistent bitmaps of a qcow2 source: (granularity, name length).
@@ -79,13 +84,15 @@ impl MeasureCmd {
                     "Either --size N or one filename must be specified".into(),
                 ))
             }
-            (Some(s), None) => SourceFacts {
-                size: parse_size(s)
-                    .map_err(|e| CliError::usage(format!("--size: {e}")))?
-                    .next_multiple_of(SECTOR),
-                data: Vec::new(),
-                bitmaps: None,
-            },
+            (Some(s), None) => {
+                let given = parse_size(s).map_err(|e| CliError::usage(format!("--size: {e}")))?;
+                SourceFacts {
+                    size: given.next_multiple_of(SECTOR),
+                    given_size: given,
+                    data: Vec::new(),
+                    bitmaps: None,
+                }
+            }
             (None, Some(f)) => self.scan(f)?,
         };
         let opts =
@@ -117,9 +124,14 @@ impl MeasureCmd {
                 )
             }
             FormatArg::Luks => {
-                return Err(CliError::usage(
-                    "measuring for -O luks is not supported (qcow2 or raw)".into(),
-                ))
+                // The header and key material, then the payload. No
+                // passphrase is needed to know the layout.
+                let o = crate::luks::CreateOptions::parse(&opts, "")?;
+                opts.reject_unused("luks")
+                    .map_err(|e| CliError::usage(e.to_string()))?;
+                let header = u64::from(crate::create::luks_region_sectors(&o)?) * SECTOR;
+                let total = header.saturating_add(source.given_size);
+                (total, total, None)
             }
         };
         match self.output {
@@ -188,6 +200,7 @@ impl MeasureCmd {
         };
         Ok(SourceFacts {
             size,
+            given_size: size,
             data,
             bitmaps,
         })

@@ -60,25 +60,23 @@ fn measure_size_matches_qemu_img() {
     // The options really change the numbers.
     assert!(required.len() > 20, "{required:?}");
     agree(&q, &["-O", "raw", "--size", "5G"]);
-    // LUKS: the header region is added in whole clusters.
-    for alg in ["aes-256", "aes-128"] {
-        let o = format!(
-            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,encrypt.cipher-alg={alg}"
-        );
-        agree(
-            &q,
-            &[
-                "--object",
-                "secret,id=s0,file=/dev/null",
-                "-O",
-                "qcow2",
-                "-o",
-                &o,
-                "--size",
-                "1G",
-            ],
-        );
-    }
+    // LUKS: the header region (its length depends on the key size) is
+    // added in whole clusters. qemu-img runs PBKDF2 even to measure, so
+    // one case each keeps this quick.
+    let secret = "secret,id=s0,file=/dev/null";
+    let o = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10";
+    agree(
+        &q,
+        &["--object", secret, "-O", "qcow2", "-o", o, "--size", "1G"],
+    );
+    // A LUKS target: header and key material, then the payload, whose
+    // size qemu-img does not round here (qemu-img wants the secret; qimg
+    // does not need it).
+    let o = "key-secret=s0,iter-time=10,cipher-alg=aes-128";
+    agree(
+        &q,
+        &["--object", secret, "-O", "luks", "-o", o, "--size", "1000"],
+    );
 }
 
 #[test]
