@@ -250,3 +250,38 @@ fn snapshots_of_encrypted_images() {
     let out = run_ok(qimg().args(["snapshot", "-l"]).arg(&img));
     assert!(out.is_empty());
 }
+
+#[test]
+fn apply_restores_the_snapshot_size() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("s.qcow2");
+    // 512-byte clusters: an L2 table covers 32 KiB, so growing to 1 MiB
+    // grows the L1 table too.
+    q.create(&img, "qcow2", "cluster_size=512", "64k");
+    q.io(&img, "qcow2", &["write -P 1 0 8k"]);
+    let small = content(&q, &img, None, d);
+    qemu_snap(&q, &["-c", "small"], &img);
+    run_ok(
+        Command::new(&q.img)
+            .args(["resize", "-q"])
+            .arg(&img)
+            .arg("1M"),
+    );
+    q.io(&img, "qcow2", &["write -P 2 900k 8k"]);
+    let big = content(&q, &img, None, d);
+    qimg_snap(&["-c", "big"], &img);
+    let size = |img: &Path| q.info(img)["virtual-size"].as_u64().unwrap();
+    for (name, want, len) in [("small", &small, 64 << 10), ("big", &big, 1 << 20)] {
+        qimg_snap(&["-a", name], &img);
+        check_clean(&q, &[], img.to_str().unwrap(), name);
+        assert_eq!(size(&img), len, "{name}");
+        assert!(content(&q, &img, None, d) == *want, "{name}");
+    }
+    // From the small state, qemu-img reverts to qimg's big snapshot.
+    qimg_snap(&["-a", "small"], &img);
+    qemu_snap(&q, &["-a", "big"], &img);
+    check_clean(&q, &[], img.to_str().unwrap(), "qemu -a big");
+    assert!(content(&q, &img, None, d) == big);
+}

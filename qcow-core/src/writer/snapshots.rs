@@ -246,8 +246,9 @@ where
         Ok(entry)
     }
 
-    /// Reverts the active image to snapshot `key` (id, else name). The
-    /// snapshot stays; what only the old active state referenced is freed.
+    /// Reverts the active image to snapshot `key` (id, else name), at the
+    /// virtual size the snapshot was taken at. The snapshot stays; what
+    /// only the old active state referenced is freed.
     pub fn apply_snapshot(&mut self, key: &str) -> Result<(), Error<D::Error>> {
         let list = self.snapshots()?;
         let sn = list
@@ -255,15 +256,27 @@ where
             .ok_or(Error::NoSuchSnapshot)?
             .clone();
         let size = sn.fixed.disk_size.unwrap_or(self.hdr.size);
-        if size != self.hdr.size || sn.fixed.l1_size as usize > self.l1.len() {
+        let current = self.hdr.size;
+        let mut new_l1 = self.read_snapshot_l1(&sn)?;
+        self.check_room(&new_l1)?;
+        // A snapshot taken at a larger size: grow first (the L1 table
+        // with it), as QEMU does.
+        if size > current {
+            self.resize(size).map_err(|e| match e {
+                super::ResizeError::Qcow2(e) => e,
+                _ => Error::Unsupported(Unsupported::SnapshotSize {
+                    snapshot: size,
+                    current,
+                }),
+            })?;
+        }
+        if new_l1.len() > self.l1.len() {
             return Err(Error::Unsupported(Unsupported::SnapshotSize {
                 snapshot: size,
-                current: self.hdr.size,
+                current,
             }));
         }
-        let mut new_l1 = self.read_snapshot_l1(&sn)?;
         new_l1.resize(self.l1.len(), 0);
-        self.check_room(&new_l1)?;
         // The snapshot's tree gains the active reference first.
         self.adjust_tree(&new_l1, true)?;
         self.barrier()?;
@@ -287,7 +300,19 @@ where
         self.adjust_tree(&old_l1, false)?;
         self.barrier()?;
         self.set_active_copied(true)?;
-        self.barrier()
+        self.barrier()?;
+        // A snapshot taken at a smaller size: the disk is that size again
+        // (nothing past it is mapped any more).
+        if size < self.hdr.size {
+            self.write_dev(
+                field::SIZE.start as u64,
+                &size.to_be_bytes(),
+                Structure::Header,
+            )?;
+            self.barrier()?;
+            self.hdr.size = size;
+        }
+        Ok(())
     }
 
     /// Deletes snapshot `key` (id, else name), releasing what only it
