@@ -200,12 +200,13 @@ where
         debug_assert!(id.len() <= MAX_SNAPSHOT_ID_LEN);
 
         // 1. COPIED off everywhere in the active tree, 2. refcounts up.
+        // The copy is the active L1 as it stood, COPIED flags included,
+        // byte for byte what QEMU writes (flags in a snapshot's tables
+        // mean nothing; `apply` clears them).
         let l1 = self.l1.clone();
         self.check_room(&l1)?;
         self.set_active_copied(false)?;
         self.barrier()?;
-        // The copy carries no COPIED flags: everything in it is shared.
-        let l1 = self.l1.clone();
         self.adjust_tree(&l1, true)?;
         self.barrier()?;
         // 3. The snapshot's copy of the L1 table.
