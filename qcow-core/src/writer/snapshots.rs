@@ -23,10 +23,13 @@
 //!
 //! A power cut at any point leaves references covered by refcounts (leaks
 //! at worst). It can leave COPIED flags missing on clusters whose refcount
-//! already dropped to 1 (delete, before the last step): `qemu-img check`
-//! reports those, and `-r all` repairs them; no data is at risk since a
-//! missing COPIED only makes the writer copy before writing. QEMU has the
-//! same window.
+//! is 1: in create, between clearing the flags and raising the refcounts;
+//! in delete, between dropping the refcounts and restoring the flags.
+//! `qemu-img check` reports those, and `-r all` repairs them; no data is
+//! at risk since a missing COPIED only makes the writer copy before
+//! writing (the reverse, COPIED on a shared cluster, never happens). QEMU
+//! has the same windows. Apply has none: the tree it installs is shared
+//! with the snapshot, so its refcounts stay at 2 or more.
 
 #![warn(clippy::arithmetic_side_effects)]
 
