@@ -86,3 +86,43 @@ fn dd_agrees_with_qemu_img() {
     // The cases produced outputs of many different sizes.
     assert!(sizes.len() >= 6, "{sizes:?}");
 }
+
+#[test]
+fn dd_reads_luks_volumes_like_qemu_img() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = write_tmp(d, "d.raw", &pattern(300 << 10, 9, 0));
+    let vol = d.join("v.luks");
+    let secret = "secret,id=s0,data=hunter2";
+    qimg_tests::run_ok(
+        qimg()
+            .args(["convert", "-O", "luks", "--object", secret])
+            .args(["-o", "key-secret=s0,iter-time=10"])
+            .arg(&src)
+            .arg(&vol),
+    );
+    let (ours, theirs) = (d.join("ours.raw"), d.join("theirs.raw"));
+    let ops = ["bs=4k", "count=10", "skip=2"];
+    qimg_tests::run_ok(
+        qimg()
+            .args(["dd", "--object", secret])
+            .args(ops)
+            .arg(format!("if={}", vol.display()))
+            .arg(format!("of={}", ours.display())),
+    );
+    let opts = qimg_tests::qemu::encrypted_image_opts("luks", &vol);
+    qimg_tests::run_ok(
+        Command::new(&q.img)
+            .args(["dd", "--object", secret, "--image-opts"])
+            .args(ops)
+            .arg(format!("if={opts}"))
+            .arg(format!("of={}", theirs.display())),
+    );
+    let (a, b) = (
+        std::fs::read(&ours).unwrap(),
+        std::fs::read(&theirs).unwrap(),
+    );
+    assert_eq!(a.len(), 8 * 4096);
+    assert!(a == b);
+}
