@@ -6,7 +6,8 @@
 //! zeroes, and only ranges both allocate are read and compared. A
 //! difference is reported at the 512-byte sector where it starts. With
 //! `-s` (strict) a size difference or any difference in block status
-//! (allocated, zero, data, compressed, host offset known) is a mismatch.
+//! (allocated, zero, data, compressed, host offset known, and the extent
+//! that ends an odd-sized raw file) is a mismatch.
 
 use crate::cli::{FormatArg, SecretArgs};
 use crate::convert::CHUNK;
@@ -64,6 +65,8 @@ struct Side {
     name: String,
     src: Box<dyn Source>,
     size: u64,
+    /// The real length of a raw file whose length is not whole sectors.
+    odd_end: Option<u64>,
 }
 
 impl Side {
@@ -87,7 +90,17 @@ impl Side {
             // qemu-img compares whole sectors: an odd-sized raw file
             // counts as its size rounded up, reading zero past its end.
             size: o.virtual_size.next_multiple_of(SECTOR),
+            odd_end: (!o.virtual_size.is_multiple_of(SECTOR)).then_some(o.virtual_size),
         })
+    }
+
+    /// Whether the extent `st` at `off` runs into the unaligned end of an
+    /// odd-sized raw file: qemu-img's block status marks that extent, so
+    /// strict mode tells it apart from the same bytes in a whole-sector
+    /// image.
+    fn at_odd_end(&self, off: u64, st: &BlockStatus) -> bool {
+        self.odd_end
+            .is_some_and(|end| off < end && off.saturating_add(st.len) == end)
     }
 
     fn err(&self, e: &DevError) -> CliError {
@@ -118,15 +131,17 @@ impl Side {
     }
 }
 
-/// What qemu-img's strict mode compares of a block status.
-fn status_word(st: &BlockStatus) -> (bool, bool, bool, bool, bool) {
-    (
+/// What qemu-img's strict mode compares of a block status (`odd_end`:
+/// see [`Side::at_odd_end`]).
+fn status_word(st: &BlockStatus, odd_end: bool) -> [bool; 6] {
+    [
         st.present,
         st.zero,
         st.data,
         st.compressed,
         st.offset.is_some(),
-    )
+        odd_end,
+    ]
 }
 
 /// Where the first 512-byte sector of a chunk starting at `off` holding a
@@ -156,11 +171,14 @@ fn compare(a: &CompareCmd) -> Result<u8, CliError> {
     let mut b2 = vec![0u8; CHUNK];
     let mut off = 0u64;
     while off < common {
-        let max = (common - off).min(CHUNK as u64);
-        let s1 = one.status(off, max)?;
-        let s2 = two.status(off, s1.len)?;
-        let n = s1.len.min(s2.len);
-        if a.strict && status_word(&s1) != status_word(&s2) {
+        // Each side's status over all of its own remaining bytes, as
+        // qemu-img asks; the chunk is where both hold, at most CHUNK.
+        let s1 = one.status(off, one.size - off)?;
+        let s2 = two.status(off, two.size - off)?;
+        let n = s1.len.min(s2.len).min(common - off).min(CHUNK as u64);
+        let w1 = status_word(&s1, one.at_odd_end(off, &s1));
+        let w2 = status_word(&s2, two.at_odd_end(off, &s2));
+        if a.strict && w1 != w2 {
             say(&format!("Strict mode: Offset {off} block status mismatch!"));
             return Ok(1);
         }

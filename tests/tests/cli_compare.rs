@@ -77,6 +77,16 @@ fn compare_agrees_with_qemu_img() {
     let mut odd2 = odd.clone();
     odd2.extend_from_slice(b"x\n");
     write_tmp(d, "odd2.raw", &odd2);
+    // The same bytes padded to whole sectors, and as qcow2.
+    let mut pad = odd.clone();
+    pad.resize(1024, 0);
+    write_tmp(d, "oddpad.raw", &pad);
+    run_q(&[
+        "-O",
+        "qcow2",
+        d.join("odd.raw").to_str().unwrap(),
+        p("odd.qcow2").to_str().unwrap(),
+    ]);
 
     let cases: &[&[&str]] = &[
         &["a.qcow2", "b.qcow2"],
@@ -97,6 +107,10 @@ fn compare_agrees_with_qemu_img() {
         &["-f", "raw", "-F", "raw", "a.qcow2", "b.qcow2"],
         &["odd.raw", "odd2.raw"],
         &["-s", "odd.raw", "odd2.raw"],
+        &["odd.raw", "odd.qcow2"],
+        &["-s", "odd.raw", "odd.qcow2"],
+        &["-s", "odd.raw", "oddpad.raw"],
+        &["-s", "odd.raw", "odd.raw"],
         &["a.qcow2", "missing.qcow2"],
     ];
     let mut seen = [0usize; 3];
