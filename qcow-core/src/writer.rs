@@ -797,8 +797,8 @@ where
     }
 
     /// Makes the L2 table at `old` (L1 index `l1i`, no COPIED flag) the
-    /// active image's own. With refcount 1 only the flag was missing: it
-    /// is set. Otherwise a snapshot shares the table: it is copied to a new
+    /// active image's own. With refcount 1 only the flags were missing:
+    /// they are set (the entries' too). Otherwise a snapshot shares the table: it is copied to a new
     /// cluster (entries keep their clusters, whose refcounts already count
     /// both paths; COPIED set where a cluster's refcount is 1), flushed,
     /// the L1 entry switched to it (flushed), and only then the old table
@@ -815,6 +815,16 @@ where
             self.barrier()?;
             new
         } else {
+            // Ours alone, only the flags were stale (another writer, or a
+            // crash inside a snapshot deletion): fix the entries' flags too,
+            // so owned clusters are written in place again.
+            let mut t = self.l2_table(old)?.clone();
+            if self.recompute_copied(&mut t)? {
+                let n = t.len();
+                self.write_words(old, &t, 0, n.saturating_sub(1), Structure::L2Table)?;
+                self.l2_cache.insert(old, t);
+                self.barrier()?;
+            }
             old
         };
         if let Some(e) = self.l1.get_mut(l1i) {
