@@ -127,6 +127,21 @@ fn measure_images_matches_qemu_img() {
     agree(&q, &[s]);
     agree(&q, &["-O", "qcow2", r]);
     agree(&q, &["-O", "raw", r]);
+    // As of an internal snapshot (-l), by name and qemu-img's key form,
+    // with an explicit source format.
+    let snap = dir.path().join("snap.qcow2");
+    q.create(&snap, "qcow2", "", "10M");
+    q.io(&snap, "qcow2", &["write -P 1 0 1M"]);
+    q.img(&["snapshot", "-c", "then", snap.to_str().unwrap()]);
+    q.io(&snap, "qcow2", &["write -P 2 4M 3M"]);
+    let sp = snap.to_str().unwrap();
+    let now = agree(&q, &["-O", "qcow2", sp]);
+    let then = agree(&q, &["-O", "qcow2", "-l", "then", sp]);
+    assert!(then["required"].as_u64() < now["required"].as_u64());
+    agree(
+        &q,
+        &["-O", "qcow2", "-f", "qcow2", "-l", "snapshot.name=then", sp],
+    );
     // Human output, line for line.
     let theirs = qimg_tests::run_ok(Command::new(&q.img).args(["measure", "-O", "qcow2", s]));
     let ours = qimg_tests::run_ok(qimg().args(["measure", "-O", "qcow2", s]));
