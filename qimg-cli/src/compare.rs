@@ -67,6 +67,10 @@ struct Side {
     size: u64,
     /// The real length of a raw file whose length is not whole sectors.
     odd_end: Option<u64>,
+    /// The last extent asked about (start, status): the other image may
+    /// change status many times inside one long extent of this one, which
+    /// is then not asked for again.
+    last: Option<(u64, BlockStatus)>,
 }
 
 impl Side {
@@ -91,6 +95,7 @@ impl Side {
             // counts as its size rounded up, reading zero past its end.
             size: o.virtual_size.next_multiple_of(SECTOR),
             odd_end: (!o.virtual_size.is_multiple_of(SECTOR)).then_some(o.virtual_size),
+            last: None,
         })
     }
 
@@ -108,8 +113,18 @@ impl Side {
     }
 
     fn status(&mut self, off: u64, max: u64) -> Result<BlockStatus, CliError> {
+        if let Some((start, st)) = self.last {
+            let end = start.saturating_add(st.len);
+            if start <= off && off < end {
+                let mut rest = st;
+                rest.len = (end - off).min(max);
+                rest.offset = st.offset.map(|o| o.saturating_add(off - start));
+                return Ok(rest);
+            }
+        }
         let mut st = self.src.block_status(off, max).map_err(|e| self.err(&e))?;
         st.len = st.len.clamp(1, max);
+        self.last = Some((off, st));
         Ok(st)
     }
 
