@@ -67,6 +67,16 @@ impl CommitCmd {
             Some(_) => Format::Qcow2,
             None => image::detect(&base)?,
         };
+        // Never write into a qcow2 or LUKS file as if it were raw.
+        let looks = image::detect(&base)?;
+        if base_fmt == Format::Raw && looks != Format::Raw {
+            return Err(CliError::io(
+                &base,
+                format!(
+                    "the image names this backing file as raw, but it looks like {looks};                      refusing to write into it as raw (fix the name with `qimg rebase -u -F {looks}`)"
+                ),
+            ));
+        }
         let secrets = Secrets::parse(&self.secrets.object)?;
         let mut top = image::open(
             path,

@@ -88,6 +88,19 @@ fn commit_writes_the_backing_file() {
         let own = own_extents(&q, &top);
         assert_eq!(own == 0, !keep, "{what}: {own} extents left in the image");
     }
+    // A qcow2 file named as a raw backing file is not written as raw.
+    let dir2 = tempfile::tempdir().unwrap();
+    let real = dir2.path().join("real.qcow2");
+    q.create(&real, "qcow2", "", "1M");
+    let over = dir2.path().join("over.qcow2");
+    let o = format!("backing_file={},backing_fmt=raw", real.display());
+    q.create(&over, "qcow2", &o, "1M");
+    q.io(&over, "qcow2", &["write -P 4 0 4k"]);
+    let before = std::fs::read(&real).unwrap();
+    let out = qimg().arg("commit").arg(&over).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("looks like qcow2"));
+    assert!(std::fs::read(&real).unwrap() == before);
     // No backing file: nothing to commit into.
     let dir = tempfile::tempdir().unwrap();
     let lone = dir.path().join("lone.qcow2");
