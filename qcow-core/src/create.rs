@@ -474,3 +474,145 @@ pub fn create<D: BlockIo>(
     }
     Ok(w)
 }
+
+/// What an image created with some options would take on disk, split the
+/// way `qemu-img measure` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measure {
+    /// Bytes of metadata once every guest cluster is allocated: cluster 0,
+    /// the L1 table, every L2 table, the refcount table and blocks that
+    /// count all of it, and the LUKS header region (whole clusters).
+    pub metadata: u64,
+    /// The cluster size, the granularity of data allocation.
+    pub cluster_size: u64,
+    /// Guest bytes of data clusters when all are allocated (the virtual
+    /// size rounded up to whole clusters).
+    pub data: u64,
+}
+
+impl Measure {
+    /// `qemu-img measure`'s "fully allocated size".
+    pub fn fully_allocated(&self) -> u64 {
+        self.metadata.saturating_add(self.data)
+    }
+}
+
+/// Refcount blocks and refcount table clusters (in clusters) needed to
+/// count `clusters` clusters plus themselves: the smallest fixed point of
+/// blocks = ⌈(clusters + blocks + table) / refcounts per block⌉,
+/// table = ⌈blocks × 8 / cluster size⌉, reached by iterating from zero
+/// (each step can only grow both, and they are bounded by `clusters`).
+fn refcount_clusters(clusters: u64, cluster_bits: u32, refcount_order: u32) -> u64 {
+    // A block holds cluster_size × 8 / refcount_bits entries; a table
+    // cluster holds cluster_size / 8 block offsets. `validate` bounds
+    // cluster_bits to 9..=21 and refcount_order to 0..=6.
+    let shift = |bits: Option<u32>| bits.and_then(|b| 1u64.checked_shl(b)).unwrap_or(1);
+    let per_block = shift(cluster_bits.saturating_add(3).checked_sub(refcount_order));
+    let per_table = shift(cluster_bits.checked_sub(3));
+    let (mut blocks, mut table) = (0u64, 0u64);
+    loop {
+        let covered = clusters.saturating_add(blocks).saturating_add(table);
+        let nb = covered.div_ceil(per_block);
+        let nt = nb.div_ceil(per_table);
+        if (nb, nt) == (blocks, table) {
+            return blocks.saturating_add(table);
+        }
+        (blocks, table) = (nb, nt);
+    }
+}
+
+/// Sizes an image created with `o` would reach, as qemu-img measures them
+/// (the options are validated as [`create`] does; `preallocation` does not
+/// change the result, the caller decides what is required). Pure
+/// arithmetic over the format: no device is touched.
+pub fn measure<E>(o: &CreateOptions<'_>) -> Result<Measure, CreateError<E>> {
+    // Measuring does not preallocate: check the rest of the options only.
+    let check = CreateOptions {
+        preallocation: Preallocation::Off,
+        ..o.clone()
+    };
+    let (cluster_bits, refcount_order) = validate::<E>(&check)?;
+    let cs = o.cluster_size;
+    let too_large = || CreateError::TooLarge(o.size);
+    let aligned = o.size.checked_next_multiple_of(cs).ok_or_else(too_large)?;
+    let data_clusters = aligned >> cluster_bits;
+    // An L2 entry is 8 bytes, or 16 with extended L2.
+    let l2_entry_bits = if o.extended_l2 { 4 } else { 3 };
+    let per_l2 = cluster_bits
+        .checked_sub(l2_entry_bits)
+        .and_then(|b| 1u64.checked_shl(b))
+        .ok_or_else(too_large)?;
+    let l2_tables = data_clusters.div_ceil(per_l2);
+    if l2_tables > u64::from(MAX_L1_ENTRIES) {
+        return Err(too_large());
+    }
+    // At most MAX_L1_ENTRIES (4 Mi) tables: none of the sums below can
+    // overflow before the refcounts, which saturate.
+    let l1_clusters = l2_tables.saturating_mul(8).div_ceil(cs);
+    // Cluster 0 (header), L1, L2 tables, then refcounts covering those and
+    // every data cluster.
+    let tables = l1_clusters.saturating_add(l2_tables).saturating_add(1);
+    let counted = tables.saturating_add(data_clusters);
+    let meta_clusters =
+        tables.saturating_add(refcount_clusters(counted, cluster_bits, refcount_order));
+    let luks = match o.luks_region_len {
+        Some(len) => len.checked_next_multiple_of(cs).ok_or_else(too_large)?,
+        None => 0,
+    };
+    let metadata = meta_clusters
+        .checked_mul(cs)
+        .and_then(|m| m.checked_add(luks))
+        .ok_or_else(too_large)?;
+    Ok(Measure {
+        metadata,
+        cluster_size: cs,
+        data: aligned,
+    })
+}
+
+#[cfg(test)]
+mod measure_tests {
+    use super::*;
+
+    fn meta(size: u64, cs: u64, rb: u32, ext: bool) -> u64 {
+        let o = CreateOptions {
+            size,
+            cluster_size: cs,
+            refcount_bits: rb,
+            extended_l2: ext,
+            ..CreateOptions::default()
+        };
+        measure::<()>(&o).unwrap().metadata
+    }
+
+    #[test]
+    fn ten_gib_by_hand() {
+        // 163840 data clusters: 20 L2 tables, 1 L1 cluster, the header;
+        // 163862 clusters need 6 refcount blocks (32768 each) and 1 table.
+        assert_eq!(meta(10 << 30, 65536, 16, false), 29 * 65536);
+        // Extended L2: 40 tables.
+        assert_eq!(meta(10 << 30, 65536, 16, true), 49 * 65536);
+        // 1-bit refcounts: one block covers 524288 clusters.
+        assert_eq!(meta(10 << 30, 65536, 1, false), 24 * 65536);
+    }
+
+    #[test]
+    fn refcounts_count_themselves() {
+        // 512 B clusters, 16-bit refcounts: 256 entries a block. 254
+        // clusters, the block and the table fit one block; 255 need two.
+        assert_eq!(refcount_clusters(254, 9, 4), 2);
+        assert_eq!(refcount_clusters(255, 9, 4), 3);
+    }
+
+    #[test]
+    fn bad_options_are_refused() {
+        let o = CreateOptions {
+            cluster_size: 1000,
+            ..CreateOptions::default()
+        };
+        assert!(matches!(
+            measure::<()>(&o),
+            Err(CreateError::ClusterSize(1000))
+        ));
+    }
+}

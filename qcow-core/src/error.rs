@@ -23,6 +23,8 @@ pub enum Structure {
     RefcountBlock,
     /// The snapshot table.
     SnapshotTable,
+    /// A snapshot's copy of the L1 table.
+    SnapshotL1Table,
     /// A guest data cluster.
     DataCluster,
     /// A compressed cluster.
@@ -44,6 +46,7 @@ impl fmt::Display for Structure {
             Self::RefcountTable => "refcount table",
             Self::RefcountBlock => "refcount block",
             Self::SnapshotTable => "snapshot table",
+            Self::SnapshotL1Table => "snapshot L1 table",
             Self::DataCluster => "data cluster",
             Self::CompressedCluster => "compressed cluster",
             Self::Backing => "backing device",
@@ -210,9 +213,20 @@ pub enum Unsupported {
         method: u32,
     },
     /// Writing is not available for this image (the allocation-free
-    /// reader, or an image with internal snapshots, encryption, an external
-    /// data file, or the dirty bit, which the writer does not handle).
+    /// reader, or an image with encryption but no key, an external data
+    /// file, or the dirty bit, which the writer does not handle).
     Writing,
+    /// Internal snapshots share clusters, which 1-bit refcounts cannot
+    /// count (use a wider `refcount_bits`).
+    SnapshotRefcountWidth,
+    /// Reverting to a snapshot taken at another virtual size (resize the
+    /// image to the snapshot's size first).
+    SnapshotSize {
+        /// The snapshot's virtual size.
+        snapshot: u64,
+        /// The image's current virtual size.
+        current: u64,
+    },
 }
 
 impl fmt::Display for Unsupported {
@@ -234,7 +248,14 @@ impl fmt::Display for Unsupported {
                 "reading data of an encrypted image (crypt_method {method}) needs a decryptor"
             ),
             Self::Writing => f.write_str(
-                "writing is not supported for this qcow2 image (read-only reader, or snapshots, encryption, external data file or dirty bit)",
+                "writing is not supported for this qcow2 image (read-only reader, or encryption without a key, external data file or dirty bit)",
+            ),
+            Self::SnapshotRefcountWidth => f.write_str(
+                "internal snapshots need refcounts of at least 2 bits (this image has refcount_bits=1)",
+            ),
+            Self::SnapshotSize { snapshot, current } => write!(
+                f,
+                "the snapshot was taken at virtual size {snapshot}, the image is now {current} bytes; resize it back first"
             ),
         }
     }
@@ -260,6 +281,9 @@ pub enum Limit {
     SnapshotNameLength,
     /// [`crate::image::MAX_BITMAP_DIRECTORY_BYTES`].
     BitmapDirectoryBytes,
+    /// A refcount at the most its width can hold (a cluster shared by too
+    /// many snapshots).
+    RefcountValue,
 }
 
 impl fmt::Display for Limit {
@@ -273,6 +297,7 @@ impl fmt::Display for Limit {
             Self::SnapshotIdLength => "snapshot id bytes",
             Self::SnapshotNameLength => "snapshot name bytes",
             Self::BitmapDirectoryBytes => "bitmap directory bytes",
+            Self::RefcountValue => "refcount",
         })
     }
 }

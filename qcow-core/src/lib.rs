@@ -30,7 +30,7 @@ pub mod snapshot;
 pub mod writer;
 
 #[cfg(feature = "alloc")]
-pub use create::{create, CreateOptions, Preallocation};
+pub use create::{create, measure, CreateOptions, Measure, Preallocation};
 pub use error::{Error, Structure};
 pub use image::{BitmapInfo, Decryptor, ImageInfo, MapKind, Mapping, NoDevice, Qcow2};
 /// The sector-I/O trait and its adapters, shared with `luks-core`.

@@ -55,9 +55,13 @@ fn overflow<E>(structure: Structure, offset: u64) -> Error<E> {
 /// A qcow2 image open for writing, over device `D` with an optional
 /// backing device `B` (read for copy-on-write of partial clusters).
 ///
-/// Images with internal snapshots, encryption or an external data file are
-/// refused ([`Unsupported::Writing`]); so are dirty or corrupt images
-/// (repair them first).
+/// Images with an external data file, or encrypted images without their
+/// key, are refused ([`Unsupported::Writing`]); so are dirty or corrupt
+/// images (repair them first). Images with internal snapshots are written
+/// copy-on-write: a data cluster or L2 table whose refcount is above 1
+/// (no COPIED flag) is copied to a new cluster before it changes, and the
+/// shared original loses one reference (see [`snapshots`] for creating,
+/// reverting to and deleting snapshots).
 pub struct Qcow2Writer<D: BlockIo, B = NoDevice<<D as BlockIo>::Error>> {
     dev: D,
     backing: Option<B>,
@@ -93,7 +97,7 @@ impl<D: BlockIo> Qcow2Writer<D> {
     /// up to date), as QEMU does on a read-write open.
     /// Encrypted images are refused: see [`open_with_key`](Self::open_with_key).
     pub fn open(dev: D) -> Result<Self, Error<D::Error>> {
-        Self::open_inner(dev, None)
+        Self::open_inner(dev, None, false)
     }
 
     /// Opens a LUKS-encrypted image (crypt_method 2) for writing with its
@@ -102,10 +106,22 @@ impl<D: BlockIo> Qcow2Writer<D> {
     /// `plain64(host offset / 512)`. Unencrypted and legacy AES images
     /// are refused.
     pub fn open_with_key(dev: D, key: ImageKey) -> Result<Self, Error<D::Error>> {
-        Self::open_inner(dev, Some(key))
+        Self::open_inner(dev, Some(key), false)
     }
 
-    fn open_inner(mut dev: D, key: Option<ImageKey>) -> Result<Self, Error<D::Error>> {
+    /// Opens an image, encrypted or not, for metadata-only changes: the
+    /// snapshot operations and changing the backing file name (which never
+    /// read or write guest data, so an encrypted image needs no key). Guest
+    /// reads and writes are refused on an encrypted image opened this way.
+    pub fn open_metadata_only(dev: D) -> Result<Self, Error<D::Error>> {
+        Self::open_inner(dev, None, true)
+    }
+
+    fn open_inner(
+        mut dev: D,
+        key: Option<ImageKey>,
+        metadata_only: bool,
+    ) -> Result<Self, Error<D::Error>> {
         let file_len = dev.size().map_err(|e| e.into_layer(Structure::Header, 0))?;
         let mut first = vec![0u8; 4096];
         dev.read_at(0, &mut first)
@@ -122,8 +138,7 @@ impl<D: BlockIo> Qcow2Writer<D> {
             return Err(Error::MarkedCorrupt);
         }
         if hdr.incompatible_features & incompat::DIRTY != 0
-            || !key_fits(hdr.crypt_method, key.as_ref())
-            || hdr.nb_snapshots != 0
+            || !(metadata_only || key_fits(hdr.crypt_method, key.as_ref()))
             || hdr.has_data_file()
         {
             return Err(Error::Unsupported(Unsupported::Writing));
@@ -748,16 +763,21 @@ where
         Ok((Some(l2off), e, bm))
     }
 
-    /// The L2 table for `g`, allocating it (zeroed, then the L1 entry) if
-    /// the L1 entry is empty.
+    /// The L2 table for `g`, ready to be changed: allocated (zeroed, then
+    /// the L1 entry) if the L1 entry is empty, copied first if a snapshot
+    /// shares it.
     fn ensure_l2(&mut self, g: u64) -> Result<u64, Error<D::Error>> {
         let (l1i, _) = self.split(g);
         let l1e = *self
             .l1
             .get(l1i)
             .ok_or_else(|| overflow(Structure::L1Table, self.hdr.l1_table_offset))?;
-        if entry::l1_l2_offset(l1e) != 0 {
-            return Ok(entry::l1_l2_offset(l1e));
+        let cur = entry::l1_l2_offset(l1e);
+        if cur != 0 {
+            if l1e & COPIED != 0 {
+                return Ok(cur);
+            }
+            return self.unshare_l2(l1i, cur);
         }
         let off = self.alloc_clusters(1)?;
         let n = usize::try_from(self.cs() >> 3).unwrap_or(0);
@@ -774,6 +794,77 @@ where
         r?;
         self.barrier()?;
         Ok(off)
+    }
+
+    /// Makes the L2 table at `old` (L1 index `l1i`, no COPIED flag) the
+    /// active image's own. With refcount 1 only the flags were missing:
+    /// they are set (the entries' too). Otherwise a snapshot shares the table: it is copied to a new
+    /// cluster (entries keep their clusters, whose refcounts already count
+    /// both paths; COPIED set where a cluster's refcount is 1), flushed,
+    /// the L1 entry switched to it (flushed), and only then the old table
+    /// loses the active image's reference.
+    fn unshare_l2(&mut self, l1i: usize, old: u64) -> Result<u64, Error<D::Error>> {
+        let shared = self.refcount(old >> self.cb())? > 1;
+        let target = if shared {
+            let mut t = self.l2_table(old)?.clone();
+            self.recompute_copied(&mut t)?;
+            let new = self.alloc_clusters(1)?;
+            let n = t.len();
+            self.write_words(new, &t, 0, n.saturating_sub(1), Structure::L2Table)?;
+            self.l2_cache.insert(new, t);
+            self.barrier()?;
+            new
+        } else {
+            // Ours alone, only the flags were stale (another writer, or a
+            // crash inside a snapshot deletion): fix the entries' flags too,
+            // so owned clusters are written in place again.
+            let mut t = self.l2_table(old)?.clone();
+            if self.recompute_copied(&mut t)? {
+                let n = t.len();
+                self.write_words(old, &t, 0, n.saturating_sub(1), Structure::L2Table)?;
+                self.l2_cache.insert(old, t);
+                self.barrier()?;
+            }
+            old
+        };
+        if let Some(e) = self.l1.get_mut(l1i) {
+            *e = target | COPIED;
+        }
+        let l1 = core::mem::take(&mut self.l1);
+        let r = self.write_words(self.hdr.l1_table_offset, &l1, l1i, l1i, Structure::L1Table);
+        self.l1 = l1;
+        r?;
+        self.barrier()?;
+        if shared {
+            self.free_range(old, self.cs())?;
+            self.barrier()?;
+        }
+        Ok(target)
+    }
+
+    /// Sets COPIED on exactly the entries of L2 table `t` whose host
+    /// cluster has refcount 1 (compressed entries never carry it).
+    pub(crate) fn recompute_copied(&mut self, t: &mut [u64]) -> Result<bool, Error<D::Error>> {
+        let w = self.l2_words();
+        let cb = self.cb();
+        let mut changed = false;
+        for i in (0..t.len()).step_by(w) {
+            let e = t[i];
+            let host = e & OFFSET_MASK;
+            if e & entry::COMPRESSED != 0 || host == 0 {
+                continue;
+            }
+            let want = if self.refcount(host >> cb)? == 1 {
+                e | COPIED
+            } else {
+                e & !COPIED
+            };
+            if want != e {
+                t[i] = want;
+                changed = true;
+            }
+        }
+        Ok(changed)
     }
 
     /// Writes the L2 entry for `g` (the table must exist). Not flushed.
@@ -1128,6 +1219,29 @@ where
         Ok(())
     }
 
+    /// Takes whole clusters in `[g, g + len)` out of this image, so that
+    /// they read from the backing file again (partial clusters are left
+    /// alone): the L2 entry is cleared and flushed, then the host cluster
+    /// released. This is `qemu-img commit` emptying the committed image.
+    pub fn unmap(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
+        self.check_range(g, len)?;
+        let cs = self.cs();
+        let mut at = g.div_ceil(cs).saturating_mul(cs);
+        let end = g.saturating_add(len) & !(cs.wrapping_sub(1));
+        while at < end {
+            let (l2, e, bm) = self.get_entry(at)?;
+            if l2.is_some() && (e != 0 || bm != 0) {
+                let dec = L2Entry::decode(e, self.cb(), self.extended(), false);
+                self.set_entry(at, 0, 0)?;
+                self.barrier()?;
+                self.release(dec, e)?;
+                self.barrier()?;
+            }
+            at = at.saturating_add(cs);
+        }
+        Ok(())
+    }
+
     /// Writes one whole guest cluster compressed (raw deflate for zlib
     /// images, a zstd frame for zstd images). When compression does not
     /// save space, the cluster is written uncompressed, as qemu-img does.
@@ -1421,6 +1535,9 @@ where
         Qcow2Writer::discard(self, offset, len)
     }
 }
+
+mod backing;
+pub mod snapshots;
 
 #[cfg(test)]
 mod tests;

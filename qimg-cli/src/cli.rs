@@ -215,6 +215,20 @@ enum Command {
         #[arg(allow_hyphen_values = true)]
         size: String,
     },
+    /// Compare the guest content of two images (qemu-img compare); exit 0
+    /// identical, 1 different, 2 error.
+    Compare(crate::compare::CompareCmd),
+    /// Measure the size a new image (or a copy of FILE) would take
+    /// (qemu-img measure).
+    Measure(crate::measure::MeasureCmd),
+    /// Copy part of an image into a new one, dd-style (qemu-img dd).
+    Dd(crate::dd::DdCmd),
+    /// List, create, apply or delete internal snapshots (qemu-img snapshot).
+    Snapshot(crate::snapshot::SnapshotCmd),
+    /// Change the backing file of a qcow2 image (qemu-img rebase).
+    Rebase(crate::rebase::RebaseCmd),
+    /// Write a qcow2 image's data into its backing file (qemu-img commit).
+    Commit(crate::commit::CommitCmd),
     /// Create a new image (qemu-img create).
     Create {
         /// Image format.
@@ -375,6 +389,12 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Luks(LuksCommand::HeaderBackup(a)) => crate::keys::run_header_verb(false, &a),
         Command::Luks(LuksCommand::HeaderRestore(a)) => crate::keys::run_header_verb(true, &a),
+        Command::Compare(c) => c.run(),
+        Command::Measure(c) => c.run(),
+        Command::Dd(c) => c.run(),
+        Command::Snapshot(c) => c.run(),
+        Command::Rebase(c) => c.run(),
+        Command::Commit(c) => c.run(),
         Command::Create {
             format,
             options,

@@ -247,11 +247,7 @@ impl Qcow2Create {
                     key_secret: e.key_secret.clone(),
                 };
                 let pass = keys.resolve(path, secrets, true)?;
-                let key_bytes = e.key_bytes();
-                let (_, end) = luks_core::luks1::key_slot_layout(key_bytes).ok_or_else(|| {
-                    CliError::usage(format!("a {key_bytes}-byte key is too large for LUKS1"))
-                })?;
-                Some((e, pass, end.next_multiple_of(8)))
+                Some((e, pass, luks_region_sectors(e)?))
             }
             None => None,
         };
@@ -303,6 +299,35 @@ impl Qcow2Create {
             .map_err(|e| CliError::io(path, e.to_string()))
     }
 
+    /// What the image would take on disk (`qimg measure`), for a virtual
+    /// size of `size` bytes.
+    pub(crate) fn measure(&self, size: u64) -> Result<qcow_core::Measure, CliError> {
+        let luks = self.encrypt.as_ref().map(luks_region_sectors).transpose()?;
+        let o = qcow_core::CreateOptions {
+            size,
+            v3: self.v3,
+            cluster_size: self.cluster_size,
+            refcount_bits: self.refcount_bits,
+            lazy_refcounts: self.lazy_refcounts,
+            preallocation: self.preallocation,
+            compression_type: self.compression_type,
+            extended_l2: self.extended_l2,
+            data_file: self.data_file.as_deref(),
+            data_file_raw: self.data_file_raw,
+            backing_file: self.backing_file.as_deref(),
+            backing_fmt: self.backing_fmt.as_deref(),
+            luks_region_len: luks.map(|s| u64::from(s) * 512),
+        };
+        qcow_core::measure::<std::convert::Infallible>(&o)
+            .map_err(|e| CliError::usage(e.to_string()))
+    }
+
+    /// Whether every data cluster is written at creation
+    /// (`preallocation=full` or `falloc`).
+    pub(crate) fn preallocates_data(&self) -> bool {
+        self.preallocation == qcow_core::Preallocation::Full
+    }
+
     /// qemu-img's "Formatting ..." line.
     pub(crate) fn describe(&self, path: &str, size: u64) -> String {
         let mut s = format!(
@@ -334,6 +359,15 @@ impl Qcow2Create {
         ));
         s
     }
+}
+
+/// Sectors of the LUKS header region qemu-img reserves inside a qcow2
+/// image: the key material's end, rounded up to 4 KiB.
+pub(crate) fn luks_region_sectors(e: &crate::luks::CreateOptions) -> Result<u32, CliError> {
+    let key_bytes = e.key_bytes();
+    let (_, end) = luks_core::luks1::key_slot_layout(key_bytes)
+        .ok_or_else(|| CliError::usage(format!("a {key_bytes}-byte key is too large for LUKS1")))?;
+    Ok(end.next_multiple_of(8))
 }
 
 /// `qimg create -f qcow2`: the size comes from the argument, `-o size=`, or

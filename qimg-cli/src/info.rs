@@ -102,22 +102,7 @@ impl ImageInfo {
             m.insert("backing-filename-format".into(), json!(f));
         }
         if !self.snapshots.is_empty() {
-            let snaps: Vec<Value> = self
-                .snapshots
-                .iter()
-                .map(|s| {
-                    json!({
-                        "icount": s.icount,
-                        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
-                        "name": s.name,
-                        "date-sec": s.date_sec,
-                        "date-nsec": s.date_nsec,
-                        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
-                        "id": s.id,
-                        "vm-state-size": s.vm_state_size
-                    })
-                })
-                .collect();
+            let snaps: Vec<Value> = self.snapshots.iter().map(snapshot_json).collect();
             m.insert("snapshots".into(), Value::Array(snaps));
         }
         m.insert("virtual-size".into(), json!(self.virtual_size));
@@ -175,10 +160,7 @@ impl ImageInfo {
         }
         if !self.snapshots.is_empty() {
             line("Snapshot list:".into());
-            line(format!(
-                "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}",
-                "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-            ));
+            line(snapshot_header());
             for sn in &self.snapshots {
                 line(snapshot_row(sn));
             }
@@ -198,6 +180,28 @@ impl ImageInfo {
         line(format!("    disk size: {}", human::size(self.actual_size)));
         s
     }
+}
+
+/// One snapshot as `qemu-img info --output=json` lists it.
+pub(crate) fn snapshot_json(s: &SnapshotInfo) -> Value {
+    json!({
+        "icount": s.icount,
+        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+        "name": s.name,
+        "date-sec": s.date_sec,
+        "date-nsec": s.date_nsec,
+        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+        "id": s.id,
+        "vm-state-size": s.vm_state_size
+    })
+}
+
+/// The heading row of qemu-img's snapshot table.
+pub(crate) fn snapshot_header() -> String {
+    format!(
+        "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    )
 }
 
 /// One row of qemu-img's snapshot table.

@@ -2,8 +2,11 @@
 //! qemu-img's verbs, options, JSON keys and exit codes.
 
 mod cli;
+mod commit;
+mod compare;
 mod convert;
 mod create;
+mod dd;
 mod dev;
 mod human;
 mod image;
@@ -11,13 +14,16 @@ mod info;
 mod keys;
 mod luks;
 mod map;
+mod measure;
 mod opts;
 mod parallel;
 mod progress;
 mod qcow2;
 mod rawfile;
+mod rebase;
 mod resize;
 mod secret;
+mod snapshot;
 
 use std::fmt;
 use std::process::ExitCode;

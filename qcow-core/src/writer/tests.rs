@@ -129,3 +129,47 @@ fn without_barriers_content_and_refcounts_are_the_same() {
     w.read(last, &mut back).unwrap();
     assert_eq!(back, data);
 }
+
+#[test]
+fn snapshot_round_trip_leaves_exact_refcounts_and_flags() {
+    let mut w = create(VecDevice::new(), &opts(4096, 16, 1 << 20)).unwrap();
+    w.write(0, &[1u8; 20000]).unwrap();
+    w.write_compressed(10, &[3u8; 4096]).unwrap();
+    let s = snapshots::NewSnapshot {
+        name: "s",
+        date_sec: 0,
+        date_nsec: 0,
+        vm_clock_nsec: 0,
+        icount: 0,
+    };
+    let e = w.create_snapshot(&s).unwrap();
+    assert_eq!(e.id, b"1");
+    // Everything is shared now: no COPIED in the active tree.
+    assert!(w.l1.iter().all(|e| e & COPIED == 0));
+    let l2 = entry::l1_l2_offset(w.l1[0]);
+    assert_eq!(w.refcount(l2 >> 12).unwrap(), 2);
+    // A write copies the L2 table and the data cluster.
+    w.write(4096, &[2u8; 4096]).unwrap();
+    assert!(w.l1[0] & COPIED != 0);
+    assert_ne!(entry::l1_l2_offset(w.l1[0]), l2);
+    assert_eq!(w.refcount(l2 >> 12).unwrap(), 1);
+    let mut b = [0u8; 4];
+    w.read(4096, &mut b).unwrap();
+    assert_eq!(b, [2; 4]);
+    w.apply_snapshot("s").unwrap();
+    w.read(4096, &mut b).unwrap();
+    assert_eq!(b, [1; 4]);
+    w.delete_snapshot("1").unwrap();
+    assert!(w.snapshots().unwrap().is_empty());
+    check_refcounts(&mut w);
+    // COPIED is back exactly where the refcount is 1.
+    assert!(w.l1[0] & COPIED != 0);
+    let l2 = entry::l1_l2_offset(w.l1[0]);
+    for x in w.l2_table(l2).unwrap().clone() {
+        if x & OFFSET_MASK != 0 && x & entry::COMPRESSED == 0 {
+            assert!(x & COPIED != 0, "{x:#x}");
+        }
+    }
+    w.read(10 * 4096, &mut b).unwrap();
+    assert_eq!(b, [3; 4]);
+}

@@ -1,0 +1,197 @@
+//! `qimg commit`: write what a qcow2 image holds into its backing file,
+//! then empty the image (qemu-img commit).
+//!
+//! Every cluster of the backing file that the image allocates any part
+//! of is rewritten whole with the guest content seen through the image
+//! (which, where the image allocates nothing, is the backing file's own
+//! content), so a qcow2 backing file never has to copy a partial cluster
+//! from its own backing chain. All-zero clusters become zero writes.
+//! Unless `-d`, the image's clusters are then unmapped, so it reads
+//! through to the updated backing file.
+
+use std::path::Path;
+
+use luks_core::io::{BlockIo, FileDevice};
+use qcow_core::Qcow2Writer;
+
+use crate::cli::{FormatArg, SecretArgs};
+use crate::dev::{erased, AnyDev, Source};
+use crate::image::{self, Format, OpenOptions};
+use crate::secret::Secrets;
+use crate::CliError;
+
+/// The command line of `qimg commit`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CommitCmd {
+    /// Image format (qcow2).
+    #[arg(short = 'f', value_enum)]
+    format: Option<FormatArg>,
+    /// Keep the image's content after committing (do not empty it).
+    #[arg(short = 'd')]
+    keep: bool,
+    /// Show progress (accepted for compatibility).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet: no "Image committed." line.
+    #[arg(short = 'q')]
+    quiet: bool,
+    #[command(flatten)]
+    secrets: SecretArgs,
+    /// The image to commit into its backing file.
+    filename: String,
+}
+
+impl CommitCmd {
+    /// Runs `qimg commit`.
+    pub(crate) fn run(&self) -> Result<u8, CliError> {
+        let path = self.filename.as_str();
+        let format = match self.format {
+            Some(f) => f.into(),
+            None => image::detect(path)?,
+        };
+        if format != Format::Qcow2 {
+            return Err(CliError::io(
+                path,
+                format!("{format} images have no backing file (qcow2 only)"),
+            ));
+        }
+        let info = image::info(path, Some(Format::Qcow2), &self.secrets)?;
+        let Some(base) = info.full_backing_filename.clone() else {
+            return Err(CliError::io(
+                path,
+                "Image does not have a backing file".into(),
+            ));
+        };
+        let base_fmt = match info.backing_format.as_deref() {
+            Some("raw") => Format::Raw,
+            Some(_) => Format::Qcow2,
+            None => image::detect(&base)?,
+        };
+        // Never write into a qcow2 or LUKS file as if it were raw.
+        let looks = image::detect(&base)?;
+        if base_fmt == Format::Raw && looks != Format::Raw {
+            return Err(CliError::io(
+                &base,
+                format!(
+                    "the image names this backing file as raw, but it looks like {looks};                      refusing to write into it as raw (fix the name with `qimg rebase -u -F {looks}`)"
+                ),
+            ));
+        }
+        let secrets = Secrets::parse(&self.secrets.object)?;
+        let mut top = image::open(
+            path,
+            &OpenOptions {
+                format: Some(Format::Qcow2),
+                ..OpenOptions::from_args(&self.secrets)
+            },
+            &secrets,
+        )?;
+        let size = top.virtual_size;
+        let (mut dst, cluster) = open_base(&base, base_fmt, size)?;
+        let ranges = copy_allocated(top.dev.as_mut(), &mut dst, size, cluster, path, &base)?;
+        dst.flush()
+            .map_err(|e| CliError::io(&base, e.to_string()))?;
+        drop(dst);
+        if !self.keep && !ranges.is_empty() {
+            let dev = FileDevice::open_rw(Path::new(path))
+                .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
+            let mut w = Qcow2Writer::open_metadata_only(dev)
+                .map_err(|e| CliError::io(path, e.to_string()))?;
+            for (off, len) in ranges {
+                w.unmap(off, len)
+                    .map_err(|e| CliError::io(path, e.to_string()))?;
+            }
+            w.close().map_err(|e| CliError::io(path, e.to_string()))?;
+        }
+        if !self.quiet {
+            println!("Image committed.");
+        }
+        Ok(0)
+    }
+}
+
+/// Opens the backing file for writing, grown to `size` if smaller, and
+/// returns it with its write granularity (its cluster size; 512 for raw).
+fn open_base(base: &str, fmt: Format, size: u64) -> Result<(AnyDev, u64), CliError> {
+    let io = |e: &dyn std::fmt::Display| CliError::io(base, e.to_string());
+    let mut file = FileDevice::open_rw(Path::new(base))
+        .map_err(|e| CliError::io(base, format!("cannot open for writing: {e}")))?;
+    match fmt {
+        Format::Raw => {
+            if file.size().map_err(|e| io(&e))? < size {
+                file.set_size(size).map_err(|e| io(&e))?;
+            }
+            Ok((erased(file), 512))
+        }
+        Format::Qcow2 => {
+            let mut w = Qcow2Writer::open(file).map_err(|e| io(&e))?;
+            if w.virtual_size() < size {
+                w.resize(size).map_err(|e| io(&e))?;
+            }
+            let cs = w.header().cluster_size();
+            Ok((erased(w), cs))
+        }
+        Format::Luks => Err(CliError::io(
+            base,
+            "LUKS backing files are not supported".into(),
+        )),
+    }
+}
+
+/// Writes every `cluster`-sized piece of `dst` that overlaps a range the
+/// top image allocates itself, with the content `top` shows there;
+/// returns the top's allocated ranges.
+fn copy_allocated(
+    top: &mut dyn Source,
+    dst: &mut AnyDev,
+    size: u64,
+    cluster: u64,
+    path: &str,
+    base: &str,
+) -> Result<Vec<(u64, u64)>, CliError> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0u64;
+    while off < size {
+        let st = top
+            .block_status(off, size - off)
+            .map_err(|e| CliError::io(path, e.to_string()))?;
+        let len = st.len.clamp(1, size - off);
+        if st.depth == 0 && st.present {
+            match ranges.last_mut() {
+                Some((s, l)) if *s + *l == off => *l += len,
+                _ => ranges.push((off, len)),
+            }
+        }
+        off += len;
+    }
+    let mut buf = vec![0u8; usize::try_from(cluster).unwrap_or(0)];
+    let mut done_to = 0u64;
+    for &(s, l) in &ranges {
+        let mut c = (s / cluster * cluster).max(done_to);
+        let end = (s + l)
+            .next_multiple_of(cluster)
+            .min(size.next_multiple_of(cluster));
+        while c < end {
+            // `c` is cluster-aligned and below `size` rounded up: in range.
+            let n = cluster.min(size.saturating_sub(c));
+            if n == 0 {
+                break;
+            }
+            let nu = usize::try_from(n).unwrap_or(0);
+            let want = usize::try_from(n.next_multiple_of(512))
+                .unwrap_or(nu)
+                .min(buf.len());
+            top.read_at(c, &mut buf[..want])
+                .map_err(|e| CliError::io(path, e.to_string()))?;
+            let r = if buf[..nu].iter().all(|&b| b == 0) {
+                dst.write_zeroes(c, n)
+            } else {
+                dst.write_at(c, &buf[..nu])
+            };
+            r.map_err(|e| CliError::io(base, e.to_string()))?;
+            c += cluster;
+        }
+        done_to = done_to.max(end);
+    }
+    Ok(ranges)
+}

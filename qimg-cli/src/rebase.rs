@@ -1,0 +1,179 @@
+//! `qimg rebase`: point a qcow2 image at another backing file (qemu-img
+//! rebase).
+//!
+//! `-u` (unsafe) only rewrites the backing file name and format. The safe
+//! mode first keeps the guest content unchanged: every cluster the image
+//! does not fully allocate itself is read through the old backing chain
+//! and through the new backing file; where they differ, the old content
+//! is written into the image. Then the name changes.
+
+use std::path::Path;
+
+use luks_core::io::FileDevice;
+use qcow_core::Qcow2Writer;
+
+use crate::cli::{FormatArg, SecretArgs};
+use crate::dev::Source;
+use crate::image::{self, Format, OpenOptions};
+use crate::secret::Secrets;
+use crate::CliError;
+
+/// The command line of `qimg rebase`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RebaseCmd {
+    /// Image format (qcow2).
+    #[arg(short = 'f', value_enum)]
+    format: Option<FormatArg>,
+    /// Unsafe: change the backing file name only, without keeping the
+    /// guest content (for a backing file that was moved or renamed).
+    #[arg(short = 'u')]
+    unsafe_: bool,
+    /// The new backing file (`""` removes it, making the image standalone
+    /// in safe mode). A relative name is relative to the image's folder.
+    #[arg(short = 'b', value_name = "BACKING", required = true)]
+    backing: String,
+    /// Format of the new backing file (required with a backing file).
+    #[arg(short = 'F', value_name = "FMT")]
+    backing_fmt: Option<String>,
+    /// Show progress (accepted for compatibility).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    #[command(flatten)]
+    secrets: SecretArgs,
+    /// The image.
+    filename: String,
+}
+
+impl RebaseCmd {
+    /// Runs `qimg rebase`.
+    pub(crate) fn run(&self) -> Result<u8, CliError> {
+        let path = self.filename.as_str();
+        let format = match self.format {
+            Some(f) => f.into(),
+            None => image::detect(path)?,
+        };
+        if format != Format::Qcow2 {
+            return Err(CliError::io(
+                path,
+                format!("{format} images have no backing file (qcow2 only)"),
+            ));
+        }
+        let new = (!self.backing.is_empty()).then_some(self.backing.as_str());
+        let fail = |why: String| {
+            CliError::usage(format!(
+                "Could not change the backing file to '{}': {why}",
+                self.backing
+            ))
+        };
+        let new_fmt = match (new, self.backing_fmt.as_deref()) {
+            (None, _) => None,
+            (Some(_), None) => return Err(fail("backing format must be specified".into())),
+            (Some(_), Some(f @ ("qcow2" | "raw"))) => Some(f),
+            (Some(_), Some(f)) => {
+                return Err(fail(format!(
+                    "backing format '{f}' is not supported (qcow2 or raw)"
+                )))
+            }
+        };
+        if !self.unsafe_ {
+            self.keep_content(path, new, new_fmt)?;
+        }
+        let dev = FileDevice::open_rw(Path::new(path))
+            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
+        let mut w =
+            Qcow2Writer::open_metadata_only(dev).map_err(|e| CliError::io(path, e.to_string()))?;
+        w.set_backing(new, new_fmt)
+            .map_err(|e| fail(e.to_string()))?;
+        w.close().map_err(|e| CliError::io(path, e.to_string()))?;
+        Ok(0)
+    }
+
+    /// Safe mode: writes into the image every cluster it does not allocate
+    /// whose content differs between the old chain and the new backing.
+    fn keep_content(
+        &self,
+        path: &str,
+        new: Option<&str>,
+        fmt: Option<&str>,
+    ) -> Result<(), CliError> {
+        let secrets = Secrets::parse(&self.secrets.object)?;
+        let mut old = image::open(
+            path,
+            &OpenOptions {
+                format: Some(Format::Qcow2),
+                ..OpenOptions::from_args(&self.secrets)
+            },
+            &secrets,
+        )?;
+        let mut new_view: Option<(String, Box<dyn Source>, u64)> = match new {
+            Some(b) => {
+                let full = image::resolve_backing(path, b)
+                    .to_string_lossy()
+                    .into_owned();
+                let f = match fmt {
+                    Some("raw") => Format::Raw,
+                    _ => Format::Qcow2,
+                };
+                let o = image::open(
+                    &full,
+                    &OpenOptions {
+                        format: Some(f),
+                        ..OpenOptions::default()
+                    },
+                    &secrets,
+                )?;
+                Some((full, o.dev, o.virtual_size))
+            }
+            None => None,
+        };
+        let dev = FileDevice::open_rw(Path::new(path))
+            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
+        let mut w = Qcow2Writer::open(dev).map_err(|e| {
+            CliError::io(path, format!("{e}; `qimg rebase -u` changes only the name"))
+        })?;
+        let size = old.virtual_size;
+        let cs = w.header().cluster_size();
+        let cs_usize = usize::try_from(cs).unwrap_or(0);
+        let (mut a, mut b) = (vec![0u8; cs_usize], vec![0u8; cs_usize]);
+        let mut off = 0u64;
+        while off < size {
+            let n = cs.min(size - off);
+            let nu = usize::try_from(n).unwrap_or(0);
+            let st = old
+                .dev
+                .block_status(off, n)
+                .map_err(|e| CliError::io(path, e.to_string()))?;
+            let own = st.depth == 0 && st.present && st.len >= n;
+            if !own {
+                old.dev
+                    .read_at(off, &mut a[..nu])
+                    .map_err(|e| CliError::io(path, e.to_string()))?;
+                b[..nu].fill(0);
+                if let Some((name, dev, bsize)) = new_view.as_mut() {
+                    if off < *bsize {
+                        // Whole sectors; past the new backing's end is zero.
+                        let m = usize::try_from((*bsize - off).min(n).next_multiple_of(512))
+                            .unwrap_or(nu)
+                            .min(nu);
+                        dev.read_at(off, &mut b[..m])
+                            .map_err(|e| CliError::io(name, e.to_string()))?;
+                        if (*bsize - off) < n {
+                            let keep = usize::try_from(*bsize - off).unwrap_or(nu);
+                            b[keep..nu].fill(0);
+                        }
+                    }
+                }
+                if a[..nu] != b[..nu] {
+                    w.write(off, &a[..nu])
+                        .map_err(|e| CliError::io(path, e.to_string()))?;
+                }
+            }
+            off += n;
+        }
+        w.close().map_err(|e| CliError::io(path, e.to_string()))?;
+        Ok(())
+    }
+}
