@@ -41,6 +41,7 @@ pub mod error;
 pub mod hash;
 pub mod io;
 pub mod luks1;
+pub mod luks2;
 pub mod simd;
 mod volume;
 

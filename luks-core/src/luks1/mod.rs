@@ -5,7 +5,7 @@
 
 #![warn(clippy::arithmetic_side_effects)]
 
-mod af;
+pub(crate) mod af;
 pub mod header;
 
 use core::fmt;
@@ -90,7 +90,7 @@ fn bytes_err<E>(e: BytesError<E>, structure: Structure, offset: u64) -> Error<E>
     }
 }
 
-fn read<D: BlockIo + ?Sized>(
+pub(crate) fn read<D: BlockIo + ?Sized>(
     dev: &mut D,
     structure: Structure,
     offset: u64,
@@ -113,7 +113,7 @@ fn write<D: BlockIo + ?Sized>(
     r
 }
 
-fn dev_size<D: BlockIo + ?Sized>(dev: &mut D) -> Result<u64, Error<D::Error>> {
+pub(crate) fn dev_size<D: BlockIo + ?Sized>(dev: &mut D) -> Result<u64, Error<D::Error>> {
     dev.size().map_err(|source| Error::Io {
         source,
         structure: Structure::Device,
