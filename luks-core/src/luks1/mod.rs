@@ -100,7 +100,7 @@ pub(crate) fn read<D: BlockIo + ?Sized>(
     io::read_bytes(dev, offset, buf, &mut bounce).map_err(|e| bytes_err(e, structure, offset))
 }
 
-fn write<D: BlockIo + ?Sized>(
+pub(crate) fn write<D: BlockIo + ?Sized>(
     dev: &mut D,
     structure: Structure,
     offset: u64,
@@ -317,7 +317,10 @@ pub fn key_slot_layout(key_bytes: u32) -> Option<([u32; KEY_SLOTS], u32)> {
     Some((offs, end))
 }
 
-fn rng_fill<R: TryCryptoRng + ?Sized, E>(rng: &mut R, buf: &mut [u8]) -> Result<(), Error<E>> {
+pub(crate) fn rng_fill<R: TryCryptoRng + ?Sized, E>(
+    rng: &mut R,
+    buf: &mut [u8],
+) -> Result<(), Error<E>> {
     rng.try_fill_bytes(buf).map_err(|_| Error::Rng)
 }
 
@@ -538,7 +541,7 @@ fn name(s: &str) -> Name {
     crate::error::name_from(s.as_bytes())
 }
 
-fn uuid_v4(mut u: [u8; 16]) -> heapless::String<40> {
+pub(crate) fn uuid_v4(mut u: [u8; 16]) -> heapless::String<40> {
     u[6] = (u[6] & 0x0f) | 0x40;
     u[8] = (u[8] & 0x3f) | 0x80;
     let mut s = heapless::String::new();

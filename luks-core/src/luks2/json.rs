@@ -416,8 +416,7 @@ pub(crate) fn base64(s: &str, out: &mut [u8]) -> Option<usize> {
 
 /// Encodes `data` as standard base64 with padding into `out`; returns the
 /// length, or `None` if `out` is too short.
-// Used by the writer (LUKS2 creation) and the tests.
-#[allow(dead_code)]
+#[cfg(any(test, feature = "alloc"))]
 pub(crate) fn base64_encode(data: &[u8], out: &mut [u8]) -> Option<usize> {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut n = 0usize;

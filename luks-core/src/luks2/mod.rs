@@ -18,6 +18,8 @@
 pub mod header;
 pub(crate) mod json;
 pub mod meta;
+#[cfg(feature = "alloc")]
+pub mod write;
 
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};

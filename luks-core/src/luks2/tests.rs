@@ -1,3 +1,207 @@
-//! LUKS2 unit tests: binary header round trips and selection over memory.
+//! LUKS2 unit tests: format, read back, unlock, key slot management and
+//! header selection over memory.
+
+#![allow(clippy::cast_possible_truncation)]
 
 extern crate std;
+
+use std::vec;
+
+use super::write::{self, FormatParams, KdfParams};
+use super::*;
+use crate::io::VecDevice;
+
+/// A deterministic "RNG" for tests (not random: tests only).
+struct TestRng(u64);
+
+impl rand_core::TryRng for TestRng {
+    type Error = core::convert::Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(self.try_next_u64()? as u32)
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        Ok(self.0)
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        for b in dst {
+            *b = self.try_next_u64()? as u8;
+        }
+        Ok(())
+    }
+}
+impl rand_core::TryCryptoRng for TestRng {}
+
+const ARGON: KdfParams = KdfParams::Argon2 {
+    id: true,
+    time: 1,
+    memory_kib: 64,
+    cpus: 1,
+};
+
+fn small(kdf: KdfParams, sector_size: u32) -> FormatParams<'static> {
+    FormatParams {
+        kdf,
+        sector_size,
+        data_offset: Some(1 << 20),
+        ..FormatParams::default()
+    }
+}
+
+#[test]
+fn format_unlock_add_remove() {
+    let mut dev = VecDevice::new();
+    let mut rng = TestRng(7);
+    let (mut h, text, vk) =
+        write::format(&mut dev, &small(ARGON, 4096), None, b"pw0", &mut rng).unwrap();
+    let mut json = vec![0u8; 1 << 16];
+    let r = read_header(&mut dev, &mut json).unwrap();
+    assert_eq!(&json[..r.json_len], text.as_bytes());
+    assert_eq!(r.meta, h.meta);
+    assert_eq!(r.hdr.seqid, 1);
+    assert_eq!(r.meta.data_segment().unwrap().sector_size, 4096);
+    let mut mem = vec![Argon2Block::new(); 64];
+    let (k, s) = unlock(&mut dev, &r, b"pw0", None, &mut mem).unwrap();
+    assert_eq!((k.as_bytes(), s), (vk.as_bytes(), 0));
+    assert!(matches!(
+        unlock(&mut dev, &r, b"pw1", None, &mut mem),
+        Err(Error::WrongPassphrase)
+    ));
+    // Too little memory: a clear error naming both sizes.
+    let e = unlock(&mut dev, &r, b"pw0", Some(0), &mut mem[..16]).unwrap_err();
+    assert!(matches!(
+        e,
+        Error::KdfMemory {
+            slot: 0,
+            needed_kib: 64,
+            given_kib: 16
+        }
+    ));
+
+    let pb = KdfParams::Pbkdf2 {
+        hash: HashAlg::Sha256,
+        iterations: 1000,
+    };
+    let (text, id) = write::add_key(
+        &mut dev,
+        &mut h,
+        text.as_bytes(),
+        &vk,
+        b"pw1",
+        pb,
+        None,
+        &mut rng,
+    )
+    .unwrap();
+    assert_eq!(id, 1);
+    let r = read_header(&mut dev, &mut json).unwrap();
+    assert_eq!(r.hdr.seqid, 2);
+    assert_eq!(r.meta.keyslots.len(), 2);
+    assert_eq!(unlock(&mut dev, &r, b"pw1", None, &mut mem).unwrap().1, 1);
+    // A wrong volume key is refused.
+    let bad = VolumeKey::from_bytes(&[1u8; 64]).unwrap();
+    assert!(matches!(
+        write::add_key(
+            &mut dev,
+            &mut h,
+            text.as_bytes(),
+            &bad,
+            b"x",
+            pb,
+            None,
+            &mut rng
+        ),
+        Err(Error::WrongPassphrase)
+    ));
+    let text = write::remove_key(&mut dev, &mut h, text.as_bytes(), 0, false, &mut rng).unwrap();
+    let r = read_header(&mut dev, &mut json).unwrap();
+    assert_eq!(r.hdr.seqid, 3);
+    assert!(matches!(
+        unlock(&mut dev, &r, b"pw0", None, &mut mem),
+        Err(Error::WrongPassphrase)
+    ));
+    assert!(matches!(
+        write::remove_key(&mut dev, &mut h, text.as_bytes(), 1, false, &mut rng),
+        Err(Error::LastKeySlot(1))
+    ));
+    // Data written through the volume reads back; sectors are 4 KiB.
+    dev.set_size((1 << 20) + 65536).unwrap();
+    let mut vol = crate::LuksVolume::open_luks2(&mut dev, &r, &vk).unwrap();
+    assert_eq!(vol.sector_size(), 4096);
+    let data: std::vec::Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+    vol.write_at(4096, &data).unwrap();
+    let mut back = vec![0u8; 8192];
+    vol.read_at(4096, &mut back).unwrap();
+    assert_eq!(back, data);
+    assert!(vol.read_at(512, &mut back[..512]).is_err());
+}
+
+#[test]
+fn newer_copy_wins_and_damaged_copy_is_skipped() {
+    let mut dev = VecDevice::new();
+    let mut rng = TestRng(9);
+    let pb = KdfParams::Pbkdf2 {
+        hash: HashAlg::Sha256,
+        iterations: 1000,
+    };
+    let (mut h, text, vk) = write::format(&mut dev, &small(pb, 512), None, b"a", &mut rng).unwrap();
+    let old = dev.as_slice()[..0x4000].to_vec();
+    write::add_key(
+        &mut dev,
+        &mut h,
+        text.as_bytes(),
+        &vk,
+        b"b",
+        pb,
+        None,
+        &mut rng,
+    )
+    .unwrap();
+    // An interrupted update: old primary, new secondary; the newer wins.
+    dev.write_at(0, &old).unwrap();
+    let mut json = vec![0u8; 1 << 16];
+    let r = read_header(&mut dev, &mut json).unwrap();
+    assert_eq!((r.hdr.seqid, r.hdr.secondary), (2, true));
+    assert_eq!(r.meta.keyslots.len(), 2);
+    // A flipped byte in the secondary's JSON: the (older) primary is used.
+    let mut b = [0u8; 512];
+    dev.read_at(0x4000 + 4096, &mut b).unwrap();
+    b[3] ^= 1;
+    dev.write_at(0x4000 + 4096, &b).unwrap();
+    let r = read_header(&mut dev, &mut json).unwrap();
+    assert_eq!(
+        (r.hdr.seqid, r.hdr.secondary, r.primary_ok),
+        (1, false, true)
+    );
+    assert_eq!(r.secondary, None);
+}
+
+#[test]
+fn parse_never_panics_on_mutations() {
+    let mut dev = VecDevice::new();
+    let mut rng = TestRng(11);
+    let pb = KdfParams::Pbkdf2 {
+        hash: HashAlg::Sha256,
+        iterations: 1000,
+    };
+    let (_, text, _) = write::format(&mut dev, &small(pb, 512), None, b"a", &mut rng).unwrap();
+    let t = text.as_bytes();
+    let mut x = 12345u32;
+    for i in 0..2000usize {
+        let mut m = t.to_vec();
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let at = x as usize % m.len();
+        m[at] = b"{}[]\",:0a\\-9 "[i % 13];
+        if i % 3 == 0 {
+            m.truncate(at);
+        }
+        let _ = Metadata::parse(&m, 0x4000, 0);
+    }
+    assert!(Metadata::parse(t, 0x4000, 0).is_ok());
+    // json_size must match the header size.
+    assert!(Metadata::parse(t, 0x8000, 0).is_err());
+}
