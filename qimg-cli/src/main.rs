@@ -9,6 +9,7 @@ mod human;
 mod image;
 mod info;
 mod luks;
+mod luks2;
 mod map;
 mod opts;
 mod qcow2;

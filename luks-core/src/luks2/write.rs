@@ -804,3 +804,55 @@ pub fn remove_key<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
     })?;
     Ok(text)
 }
+
+/// Argon2 passes that take about `target_ms` with `memory_kib` and `cpus`
+/// (at least 4, cryptsetup's minimum): times one pass with `elapsed_ms`,
+/// a clock the caller provides (milliseconds since any fixed point).
+pub fn calibrate_argon2<E>(
+    id: bool,
+    memory_kib: u32,
+    cpus: u32,
+    target_ms: u32,
+    mut elapsed_ms: impl FnMut() -> u64,
+) -> Result<u32, Error<E>> {
+    /// cryptsetup's minimum Argon2 time cost.
+    const MIN: u32 = 4;
+    let mut out = [0u8; 32];
+    let t0 = elapsed_ms();
+    derive_new::<E, _>(
+        KdfParams::Argon2 {
+            id,
+            time: 1,
+            memory_kib,
+            cpus,
+        },
+        b"calibration",
+        &mut out,
+        &mut FixedRng,
+    )?;
+    let per_pass = elapsed_ms().saturating_sub(t0).max(1);
+    Ok(
+        u32::try_from(u64::from(target_ms).checked_div(per_pass).unwrap_or(0))
+            .unwrap_or(u32::MAX)
+            .max(MIN),
+    )
+}
+
+/// A constant salt source for calibration only (the result is discarded).
+struct FixedRng;
+
+impl rand_core::TryRng for FixedRng {
+    type Error = core::convert::Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(0x5a5a_5a5a)
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        Ok(0x5a5a_5a5a_5a5a_5a5a)
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        dst.fill(0x5a);
+        Ok(())
+    }
+}
+
+impl TryCryptoRng for FixedRng {}
