@@ -471,7 +471,9 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             Self::KeySlotNotActive(n) => {
                 write!(f, "key slot {n} is not active; choose an active key slot")
             }
-            Self::NoFreeKeySlot => f.write_str("all 8 key slots are in use; remove one first"),
+            Self::NoFreeKeySlot => f.write_str(
+                "all key slots (or the key slots area) are in use; remove one first",
+            ),
             Self::LastKeySlot(n) => write!(
                 f,
                 "key slot {n} is the last usable key slot; removing it would lock the data away (force it to proceed)"

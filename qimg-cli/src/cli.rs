@@ -187,7 +187,9 @@ enum Command {
         /// pbkdf=argon2id|argon2i|pbkdf2, pbkdf-memory=KiB,
         /// pbkdf-parallel=N, pbkdf-iterations=N (fixed PBKDF2 iterations
         /// or Argon2 passes instead of timing iter-time),
-        /// sector-size=512..4096, metadata-size=16k..4M, label=TEXT.
+        /// sector-size=512..4096, metadata-size=16k..4M, label=TEXT,
+        /// detached-header=on (the file holds only the header; the size is
+        /// ignored and the payload is any file read with --header).
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
         /// Quiet: print nothing on success.

@@ -349,6 +349,12 @@ pub(crate) fn create_for_convert(
     secrets: &Secrets,
     size: u64,
 ) -> Result<AnyDev, CliError> {
+    if opts.get("detached-header").is_some() {
+        return Err(CliError::usage(
+            "detached-header is for `qimg create` only: convert writes the payload into the volume"
+                .into(),
+        ));
+    }
     create(path, opts, secrets, None, size)?;
     let o = CreateOptions::parse(opts, "")?;
     let keys = KeySource {

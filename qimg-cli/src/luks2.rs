@@ -318,6 +318,9 @@ struct Luks2Options {
     hdr_size: u64,
     /// `label`.
     label: String,
+    /// `detached-header`: the file holds only the header (qemu-img's
+    /// option name); the payload is another file, opened with `--header`.
+    detached: bool,
 }
 
 fn u32_opt(opts: &OptionMap, key: &str, default: u32) -> Result<u32, CliError> {
@@ -358,6 +361,15 @@ impl Luks2Options {
             sector_size: u32_opt(opts, "sector-size", 512)?,
             hdr_size,
             label: opts.get("label").unwrap_or("").to_string(),
+            detached: match opts.get("detached-header").unwrap_or("off") {
+                "on" | "true" | "yes" => true,
+                "off" | "false" | "no" => false,
+                v => {
+                    return Err(CliError::usage(format!(
+                        "detached-header '{v}' is not on or off"
+                    )))
+                }
+            },
         })
     }
 }
@@ -431,7 +443,7 @@ pub(crate) fn create(
         hash,
         digest_iterations,
         hdr_size: l.hdr_size,
-        data_offset: None,
+        data_offset: l.detached.then_some(0),
         keyslots_size: None,
         label: &l.label,
     };
@@ -439,10 +451,12 @@ pub(crate) fn create(
         .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
     let (h, _, _key) = write::format(&mut dev, &params, None, &pass, &mut OsRng)
         .map_err(|e| CliError::io(path, e.to_string()))?;
-    let offset = h.meta.data_segment().map_or(0, |s| s.offset);
-    let ss = u64::from(l.sector_size);
-    dev.set_size(offset + size.div_ceil(ss) * ss)
-        .map_err(|e| CliError::io(path, e.to_string()))?;
+    if !l.detached {
+        let offset = h.meta.data_segment().map_or(0, |s| s.offset);
+        let ss = u64::from(l.sector_size);
+        dev.set_size(offset + size.div_ceil(ss) * ss)
+            .map_err(|e| CliError::io(path, e.to_string()))?;
+    }
     dev.flush().map_err(|e| CliError::io(path, e.to_string()))?;
     Ok(())
 }

@@ -65,6 +65,55 @@ fn qimg_created_luks2_passes_cryptsetup() {
 }
 
 #[test]
+fn qimg_detached_header_opens_in_cryptsetup() {
+    let Some(cs) = tool("cryptsetup") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", PW);
+    let hdr = dir.path().join("h.img");
+    run_ok(
+        qimg()
+            .args(["create", "-q", "-f", "luks", "--object", &secret(), "-o"])
+            .arg(format!("{FAST_ARGON},detached-header=on"))
+            .arg(&hdr)
+            .arg("1M"),
+    );
+    let data = dir.path().join("d.img");
+    std::fs::File::create(&data)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut c = Command::new(&cs);
+    c.args(["open", "--test-passphrase", "--key-file"])
+        .arg(&key)
+        .arg("--header")
+        .arg(&hdr)
+        .arg(&data);
+    run_ok(&mut c);
+    let theirs = String::from_utf8(run_ok(Command::new(&cs).arg("luksDump").arg(&hdr))).unwrap();
+    let ours = String::from_utf8(run_ok(qimg().args(["luks", "dump"]).arg(&hdr))).unwrap();
+    assert_eq!(ours, theirs);
+    assert!(ours.contains("offset: 0 [bytes]"), "{ours}");
+    let info = json_of(
+        qimg()
+            .args(["info", "--output", "json", "--header"])
+            .arg(&hdr)
+            .arg(&data),
+    );
+    assert_eq!(info["virtual-size"], 1 << 20);
+    // convert cannot make a detached header (it writes the payload).
+    let o = qimg()
+        .args(["convert", "-O", "luks", "--object", &secret(), "-o"])
+        .arg(format!("{FAST_ARGON},detached-header=on"))
+        .arg(&data)
+        .arg(dir.path().join("x.luks"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+}
+
+#[test]
 fn convert_through_luks2_and_cryptsetup_added_key() {
     let Some(cs) = tool("cryptsetup") else {
         return;

@@ -253,3 +253,73 @@ fn luks_core_formats_pass_cryptsetup() {
         assert_eq!(k2.as_bytes(), vk.as_bytes());
     }
 }
+
+/// IVs count 512-byte units even with 4096-byte sectors: a sector qimg
+/// writes into a cryptsetup volume (aes-cbc-plain64, 4096-byte sectors)
+/// decrypts with openssl's own AES-CBC under IV = 8 * sector number.
+#[test]
+fn large_sector_ivs_are_in_512_byte_units() {
+    let Some(cs) = tool("cryptsetup") else {
+        return;
+    };
+    let Some(openssl) = tool("openssl") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, PW).unwrap();
+    let file = dir.path().join("cbc4k");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(17 << 20)
+        .unwrap();
+    run_ok(
+        Command::new(&cs)
+            .args([
+                "luksFormat",
+                "-q",
+                "--type",
+                "luks2",
+                "--cipher",
+                "aes-cbc-plain64",
+                "--key-size",
+                "256",
+                "--sector-size",
+                "4096",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+            ])
+            .arg(&file)
+            .arg("--key-file")
+            .arg(&key),
+    );
+    let vk_hex = cryptsetup_volume_key(&cs, &file, None, &key);
+    let mut dev = FileDevice::open_rw(&file).unwrap();
+    let h = header(&mut dev);
+    let (vk, _) = luks2::unlock(&mut dev, &h, PW.as_bytes(), None, &mut []).unwrap();
+    assert_eq!(hex(vk.as_bytes()), vk_hex);
+    let plain: Vec<u8> = (0..4096u32)
+        .map(|i| u8::try_from(i % 253).unwrap())
+        .collect();
+    let mut vol = LuksVolume::open_luks2(dev, &h, &vk).unwrap();
+    // Volume sector 3 (bytes 12288..16384): IV 24 in 512-byte units.
+    vol.write_at(3 * 4096, &plain).unwrap();
+    drop(vol);
+    let raw = std::fs::read(&file).unwrap();
+    let at = usize::try_from(h.meta.data_segment().unwrap().offset).unwrap() + 3 * 4096;
+    let ct = dir.path().join("ct");
+    std::fs::write(&ct, &raw[at..at + 4096]).unwrap();
+    let pt = dir.path().join("pt");
+    run_ok(
+        Command::new(&openssl)
+            .args(["enc", "-d", "-aes-256-cbc", "-nopad", "-K", &vk_hex, "-iv"])
+            .arg(format!("{:032x}", 24u128.swap_bytes()))
+            .arg("-in")
+            .arg(&ct)
+            .arg("-out")
+            .arg(&pt),
+    );
+    assert_eq!(std::fs::read(&pt).unwrap(), plain);
+}

@@ -540,7 +540,8 @@ pub fn unlock<D: BlockIo + ?Sized>(
     let mut skipped = None;
     for bound in [true, false] {
         for prio in [2u8, 1] {
-            for ks in h.meta.keyslots.iter().filter(usable) {
+            // In id order, whatever the order of the JSON members.
+            for ks in (0..32u8).filter_map(|id| h.meta.keyslot(id)).filter(usable) {
                 if ks.priority != prio || is_bound(&h.meta, ks.id) != bound {
                     continue;
                 }
