@@ -175,13 +175,19 @@ fn hex_lines(out: &mut String, bytes: &[u8], indent: &str) {
     }
 }
 
+/// Standard base64 to bytes (salts in the JSON metadata).
+fn decode_b64(s: &str) -> Option<Vec<u8>> {
+    use base64ct::{Base64, Encoding};
+    Base64::decode_vec(s).ok()
+}
+
 /// `qimg luks dump` for LUKS2: cryptsetup's luksDump layout, or with
 /// `json_out` the JSON metadata itself.
 pub(crate) fn dump(path: &str, json_out: bool) -> Result<u8, CliError> {
     let (h, text) = read_header(path)?;
+    let v: Value = serde_json::from_slice(&text)
+        .map_err(|e| CliError::io(path, format!("JSON metadata: {e}")))?;
     if json_out {
-        let v: Value = serde_json::from_slice(&text)
-            .map_err(|e| CliError::io(path, format!("JSON metadata: {e}")))?;
         println!("{}", crate::pretty_json(&v));
         return Ok(0);
     }
@@ -231,7 +237,12 @@ pub(crate) fn dump(path: &str, json_out: bool) -> Result<u8, CliError> {
     let mut slots: Vec<_> = m.keyslots.iter().collect();
     slots.sort_by_key(|k| k.id);
     for k in slots {
-        let _ = writeln!(o, "  {}: {}", k.id, k.kind);
+        let unbound = if k.kind == "luks2" && !luks2::is_bound(m, k.id) {
+            " (unbound)"
+        } else {
+            ""
+        };
+        let _ = writeln!(o, "  {}: {}{unbound}", k.id, k.kind);
         let _ = writeln!(o, "\tKey:        {} bits", k.key_size * 8);
         let prio = match k.priority {
             0 => "ignored",
@@ -272,7 +283,22 @@ pub(crate) fn dump(path: &str, json_out: bool) -> Result<u8, CliError> {
                 hex_lines(&mut o, salt.as_bytes(), "\t            ");
             }
             Some(Kdf::Other(n)) => {
+                // A KDF the core cannot run: show what the JSON says.
                 let _ = writeln!(o, "\tPBKDF:      {n}");
+                let kdf = &v["keyslots"][k.id.to_string()]["kdf"];
+                for (key, label) in [
+                    ("time", "Time cost:  "),
+                    ("memory", "Memory:     "),
+                    ("cpus", "Threads:    "),
+                ] {
+                    if let Some(n) = kdf[key].as_u64() {
+                        let _ = writeln!(o, "\t{label}{n}");
+                    }
+                }
+                if let Some(salt) = kdf["salt"].as_str().and_then(decode_b64) {
+                    o.push_str("\tSalt:       ");
+                    hex_lines(&mut o, &salt, "\t            ");
+                }
             }
             None => {}
         }
@@ -287,6 +313,22 @@ pub(crate) fn dump(path: &str, json_out: bool) -> Result<u8, CliError> {
         }
     }
     let _ = writeln!(o, "Tokens:");
+    if let Some(tokens) = v["tokens"].as_object() {
+        let mut ids: Vec<(u64, &Value)> = tokens
+            .iter()
+            .filter_map(|(k, t)| k.parse::<u64>().ok().map(|n| (n, t)))
+            .collect();
+        ids.sort_by_key(|(n, _)| *n);
+        for (id, t) in ids {
+            let _ = writeln!(o, "  {id}: {}", t["type"].as_str().unwrap_or("?"));
+            if let Some(d) = t["key_description"].as_str() {
+                let _ = writeln!(o, "\tKey description: {d}");
+            }
+            for ks in t["keyslots"].as_array().into_iter().flatten() {
+                let _ = writeln!(o, "\tKeyslot:    {}", ks.as_str().unwrap_or("?"));
+            }
+        }
+    }
     let _ = writeln!(o, "Digests:");
     for d in &m.digests {
         let _ = writeln!(o, "  {}: pbkdf2", d.id);

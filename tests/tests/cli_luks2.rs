@@ -248,3 +248,35 @@ fn cryptsetup_luks2_volumes_convert() {
     );
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 1 << 20);
 }
+
+/// `qimg luks dump` prints what `cryptsetup luksDump` prints, tokens,
+/// unbound key slots, unknown KDFs and requirements included.
+#[test]
+fn dump_matches_cryptsetup_on_testdata() {
+    let Some(cs) = tool("cryptsetup") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut images = Vec::new();
+    for name in [
+        "compatimage2.img.xz",
+        "luks2_keyslot_unassigned.img.xz",
+        "luks2_valid_hdr.img.xz",
+    ] {
+        let Some(src) = testdata(&format!("cryptsetup/{name}")) else {
+            return;
+        };
+        images.push(unxz(&src, dir.path()));
+    }
+    let Some(src) = testdata("cryptsetup/luks2_header_requirements.tar.xz") else {
+        return;
+    };
+    qimg_tests::untar_xz(&src, dir.path());
+    images.push(dir.path().join("luks2_header_requirements"));
+    images.push(dir.path().join("luks2_header_requirements_free"));
+    for img in &images {
+        let theirs = String::from_utf8(run_ok(Command::new(&cs).arg("luksDump").arg(img))).unwrap();
+        let ours = String::from_utf8(run_ok(qimg().args(["luks", "dump"]).arg(img))).unwrap();
+        assert_eq!(ours, theirs, "{}", img.display());
+    }
+}
