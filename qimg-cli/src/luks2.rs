@@ -44,16 +44,31 @@ pub(crate) fn read_header(path: &str) -> Result<(Luks2Header, Vec<u8>), CliError
     Ok((h, json))
 }
 
-/// Argon2 memory for the most demanding key slot.
-fn memory(h: &Luks2Header) -> Vec<Argon2Block> {
+/// The most Argon2 memory qimg hands a key slot: cryptsetup's own maximum
+/// (4 GiB), so a forged header cannot make qimg allocate without bound.
+const MAX_ARGON2_KIB: usize = 4 << 20;
+
+/// Argon2 memory for the most demanding key slot that asks for at most
+/// [`MAX_ARGON2_KIB`] (a slot asking for more fails with the core's clear
+/// "needs N KiB" error); an allocation the system refuses is an error too.
+fn memory(path: &str, h: &Luks2Header) -> Result<Vec<Argon2Block>, CliError> {
     let n = h
         .meta
         .keyslots
         .iter()
         .filter_map(luks2::argon2_blocks)
+        .filter(|&n| n <= MAX_ARGON2_KIB)
         .max()
         .unwrap_or(0);
-    vec![Argon2Block::new(); n]
+    let mut mem = Vec::new();
+    mem.try_reserve_exact(n).map_err(|_| {
+        CliError::io(
+            path,
+            format!("cannot allocate the {n} KiB of Argon2 memory a key slot needs"),
+        )
+    })?;
+    mem.resize(n, Argon2Block::new());
+    Ok(mem)
 }
 
 /// Unlocks a raw LUKS2 volume and returns its payload.
@@ -71,7 +86,7 @@ pub(crate) fn open(
     let mut hdr_dev = FileDevice::open(Path::new(hdr_path))
         .map_err(|e| CliError::io(hdr_path, format!("cannot open: {e}")))?;
     let pass = keys.resolve(path, secrets, false)?;
-    let mut mem = memory(&h);
+    let mut mem = memory(hdr_path, &h)?;
     let (key, _slot) = luks2::unlock(&mut hdr_dev, &h, &pass, None, &mut mem)
         .map_err(|e| CliError::io(hdr_path, e.to_string()))?;
     drop(mem);
@@ -213,7 +228,17 @@ pub(crate) fn dump(path: &str, json_out: bool) -> Result<u8, CliError> {
         "Subsystem:     \t{}",
         or(&h.hdr.subsystem, "(no subsystem)")
     );
-    let _ = writeln!(o, "Flags:       \t(no flags)");
+    let flags: Vec<&str> = v["config"]["flags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if flags.is_empty() {
+        let _ = writeln!(o, "Flags:       \t(no flags)");
+    } else {
+        let _ = writeln!(o, "Flags:       \t{} ", flags.join(" "));
+    }
     if !m.requirements.is_empty() {
         let reqs: Vec<&str> = m.requirements.iter().map(|r| r.as_str()).collect();
         let _ = writeln!(o, "Requirements:\t{} ", reqs.join(" "));

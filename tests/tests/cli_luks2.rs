@@ -280,3 +280,60 @@ fn dump_matches_cryptsetup_on_testdata() {
         assert_eq!(ours, theirs, "{}", img.display());
     }
 }
+
+/// Rewrites the JSON text of both header copies of `path` with `f` and
+/// recomputes their SHA-256 checksums (a forged but well-formed header).
+fn forge_json(path: &Path, f: impl Fn(&str) -> String) {
+    use sha2::{Digest, Sha256};
+    let mut b = std::fs::read(path).unwrap();
+    let hdr_size = usize::try_from(u64::from_be_bytes(b[8..16].try_into().unwrap())).unwrap();
+    for at in [0, hdr_size] {
+        let area = &mut b[at + 4096..at + hdr_size];
+        let end = area.iter().position(|&c| c == 0).unwrap();
+        let text = f(std::str::from_utf8(&area[..end]).unwrap());
+        area.fill(0);
+        area[..text.len()].copy_from_slice(text.as_bytes());
+        b[at + 448..at + 512].fill(0);
+        let sum = Sha256::digest(&b[at..at + hdr_size]);
+        b[at + 448..at + 448 + 32].copy_from_slice(&sum);
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+/// A forged key slot asking for 4 TiB of Argon2 memory gets a clear error
+/// (no allocation of that size, no abort).
+#[test]
+fn forged_argon2_memory_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("f.luks");
+    run_ok(
+        qimg()
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "luks",
+                "--object",
+                &secret(),
+                "-o",
+                FAST_ARGON,
+            ])
+            .arg(&img)
+            .arg("1M"),
+    );
+    forge_json(&img, |t| {
+        t.replace("\"memory\":8192", "\"memory\":4294967295")
+    });
+    let o = qimg()
+        .args(["convert", "-O", "raw", "--object", &secret()])
+        .arg(&img)
+        .arg(dir.path().join("o.raw"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("needs 4294967292 KiB of Argon2 memory"),
+        "{err}"
+    );
+}
