@@ -205,3 +205,88 @@ fn parse_never_panics_on_mutations() {
     // json_size must match the header size.
     assert!(Metadata::parse(t, 0x8000, 0).is_err());
 }
+
+/// A power cut at every mutation of `add_key` and `remove_key` (unflushed
+/// writes lost or kept) leaves a header that reads, the old passphrase
+/// opening, and the new one opening exactly when the header has its slot.
+#[test]
+fn power_cut_during_key_slot_updates() {
+    use crate::io::FaultyDevice;
+    let pb = KdfParams::Pbkdf2 {
+        hash: HashAlg::Sha256,
+        iterations: 1000,
+    };
+    let mut rng = TestRng(21);
+    let mut dev = VecDevice::new();
+    let (h0, text0, vk) = write::format(&mut dev, &small(pb, 512), None, b"a", &mut rng).unwrap();
+    let base = dev.into_vec();
+    let mut json = vec![0u8; 1 << 16];
+    let opens =
+        |dev: &mut VecDevice, r: &Luks2Header, pw: &[u8]| unlock(dev, r, pw, None, &mut []).is_ok();
+    // Mutations of a clean add_key.
+    let mut probe = FaultyDevice::new(VecDevice::from_vec(base.clone()));
+    let mut h = h0.clone();
+    write::add_key(
+        &mut probe,
+        &mut h,
+        text0.as_bytes(),
+        &vk,
+        b"b",
+        pb,
+        None,
+        &mut rng,
+    )
+    .unwrap();
+    let n = probe.mutations();
+    assert!(n > 3);
+    let added = probe.into_inner().into_vec();
+    for cut in 0..n {
+        for drop in [false, true] {
+            let mut f = FaultyDevice::new(VecDevice::from_vec(base.clone()))
+                .cut_power_at(cut)
+                .drop_unflushed(drop);
+            let mut h = h0.clone();
+            assert!(write::add_key(
+                &mut f,
+                &mut h,
+                text0.as_bytes(),
+                &vk,
+                b"b",
+                pb,
+                None,
+                &mut rng
+            )
+            .is_err());
+            let mut d = f.into_inner();
+            let r = read_header(&mut d, &mut json).unwrap();
+            assert!(opens(&mut d, &r, b"a"), "cut {cut}");
+            assert_eq!(
+                opens(&mut d, &r, b"b"),
+                r.meta.keyslots.len() == 2,
+                "cut {cut}"
+            );
+        }
+    }
+    // Removing key slot 0 from the volume with both.
+    let mut d = VecDevice::from_vec(added.clone());
+    let h1 = read_header(&mut d, &mut json).unwrap();
+    let text1 = std::string::String::from_utf8(json[..h1.json_len].to_vec()).unwrap();
+    let mut probe = FaultyDevice::new(VecDevice::from_vec(added.clone()));
+    let mut h = h1.clone();
+    write::remove_key(&mut probe, &mut h, text1.as_bytes(), 0, false, &mut rng).unwrap();
+    for cut in 0..probe.mutations() {
+        let mut f = FaultyDevice::new(VecDevice::from_vec(added.clone()))
+            .cut_power_at(cut)
+            .drop_unflushed(true);
+        let mut h = h1.clone();
+        assert!(write::remove_key(&mut f, &mut h, text1.as_bytes(), 0, false, &mut rng).is_err());
+        let mut d = f.into_inner();
+        let r = read_header(&mut d, &mut json).unwrap();
+        assert!(opens(&mut d, &r, b"b"), "cut {cut}");
+        assert_eq!(
+            opens(&mut d, &r, b"a"),
+            r.meta.keyslot(0).is_some(),
+            "cut {cut}"
+        );
+    }
+}

@@ -3,7 +3,10 @@
 //!
 //! Every update writes both header copies with the `seqid` one higher, key
 //! material before the header that refers to it, and wipes a removed key
-//! slot's area only after the header without it is written. Tokens and
+//! slot's area only after the header without it is written; a flush
+//! separates each step (material, primary copy, secondary copy, wipe), so
+//! after a power cut at any point one valid copy describes key material
+//! that is all on the medium. Tokens and
 //! config flags of an existing header are kept as they were (their JSON is
 //! copied verbatim).
 
@@ -114,6 +117,14 @@ impl Default for FormatParams<'_> {
             label: "",
         }
     }
+}
+
+fn flush<D: BlockIo + ?Sized>(dev: &mut D) -> Result<(), Error<D::Error>> {
+    dev.flush().map_err(|source| Error::Io {
+        source,
+        structure: Structure::Device,
+        offset: 0,
+    })
 }
 
 fn corrupt<E>(p: Luks2Problem) -> Error<E> {
@@ -307,15 +318,13 @@ fn write_headers<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         r.csum[..sum.len()].copy_from_slice(&sum);
         header::Header::new_unchecked(&mut buf[..BINARY_LEN]).set_csum(&r.csum);
         write(dev, Structure::Luks2Header, r.hdr_offset, &buf)?;
+        // One copy at a time: a power cut leaves at least one valid copy
+        // (the old one, or the new one with the higher seqid).
+        flush(dev)?;
         if !secondary {
             primary = Some(r);
         }
     }
-    dev.flush().map_err(|source| Error::Io {
-        source,
-        structure: Structure::Device,
-        offset: 0,
-    })?;
     primary.ok_or(corrupt(Luks2Problem::NoValidCopy))
 }
 
@@ -476,6 +485,8 @@ fn write_slot<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         done = done.saturating_add(n as u64);
         fill = 0;
     }
+    // The key material is on the medium before a header names it.
+    flush(dev)?;
     let ks = Keyslot {
         id,
         kind: name_from(b"luks2"),
