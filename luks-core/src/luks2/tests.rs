@@ -1,7 +1,7 @@
 //! LUKS2 unit tests: format, read back, unlock, key slot management and
 //! header selection over memory.
 
-#![allow(clippy::cast_possible_truncation)]
+#![allow(clippy::cast_possible_truncation, clippy::arithmetic_side_effects)]
 
 extern crate std;
 
@@ -288,5 +288,91 @@ fn power_cut_during_key_slot_updates() {
             r.meta.keyslot(0).is_some(),
             "cut {cut}"
         );
+    }
+}
+
+/// Rewrites the JSON text of both copies (checksums recomputed).
+fn forge(dev: &mut VecDevice, f: impl Fn(&str) -> std::string::String) {
+    use digest::Digest as _;
+    let mut b = dev.as_slice().to_vec();
+    let hs = 0x4000usize;
+    for at in [0, hs] {
+        let area = &mut b[at + 4096..at + hs];
+        let end = area.iter().position(|&c| c == 0).unwrap();
+        let text = f(core::str::from_utf8(&area[..end]).unwrap());
+        area.fill(0);
+        let n = text.len().min(area.len() - 1);
+        area[..n].copy_from_slice(&text.as_bytes()[..n]);
+        b[at + 448..at + 512].fill(0);
+        let sum = sha2::Sha256::digest(&b[at..at + hs]);
+        b[at + 448..at + 480].copy_from_slice(&sum);
+    }
+    *dev = VecDevice::from_vec(b);
+}
+
+/// Checksum-valid but hostile metadata: refused or failing cleanly, never
+/// a panic, at parse or at unlock.
+#[test]
+fn hostile_metadata_fails_cleanly() {
+    let pb = KdfParams::Pbkdf2 {
+        hash: HashAlg::Sha256,
+        iterations: 1000,
+    };
+    let mut rng = TestRng(33);
+    let mut dev = VecDevice::new();
+    write::format(&mut dev, &small(ARGON, 512), None, b"a", &mut rng).unwrap();
+    let argon = dev.into_vec();
+    let mut dev = VecDevice::new();
+    write::format(&mut dev, &small(pb, 512), None, b"a", &mut rng).unwrap();
+    let pbkdf = dev.into_vec();
+    let cases: &[(&[u8], &str, &str)] = &[
+        (&pbkdf, "\"stripes\":4000", "\"stripes\":4294967295"),
+        (&pbkdf, "\"stripes\":4000", "\"stripes\":0"),
+        (&pbkdf, "\"key_size\":64,\"af\"", "\"key_size\":65,\"af\""),
+        (&pbkdf, "\"key_size\":64,\"af\"", "\"key_size\":0,\"af\""),
+        (
+            &pbkdf,
+            "\"offset\":\"32768\"",
+            "\"offset\":\"18446744073709551615\"",
+        ),
+        (
+            &pbkdf,
+            "\"offset\":\"32768\"",
+            "\"offset\":\"99999999999999999999\"",
+        ),
+        (
+            &pbkdf,
+            "\"iterations\":1000,\"salt\"",
+            "\"iterations\":0,\"salt\"",
+        ),
+        (&pbkdf, "\"sector_size\":512", "\"sector_size\":3000"),
+        (&pbkdf, "\"keyslots\":[\"0\"]", "\"keyslots\":[\"7\"]"),
+        (&pbkdf, "\"segments\":[\"0\"]", "\"segments\":[]"),
+        (
+            &pbkdf,
+            "\"encryption\":\"aes-xts-plain64\",\"key_size\"",
+            "\"encryption\":\"aes\",\"key_size\"",
+        ),
+        (&pbkdf, "\"hash\":\"sha256\"", "\"hash\":\"md5\""),
+        (&pbkdf, "{\"keyslots\"", "[{\"keyslots\""),
+        (&argon, "\"time\":1", "\"time\":0"),
+        (&argon, "\"cpus\":1", "\"cpus\":0"),
+        (&argon, "\"memory\":64", "\"memory\":1"),
+        (&argon, "\"type\":\"argon2id\"", "\"type\":\"scrypt\""),
+    ];
+    let mut json = vec![0u8; 1 << 16];
+    let mut mem = vec![Argon2Block::new(); 64];
+    for (base, from, to) in cases {
+        let mut dev = VecDevice::from_vec(base.to_vec());
+        forge(&mut dev, |t| {
+            assert!(t.contains(from), "{from}");
+            t.replacen(from, to, 1)
+        });
+        if let Ok(h) = read_header(&mut dev, &mut json) {
+            let r = unlock(&mut dev, &h, b"a", None, &mut mem);
+            // Every forgery errs (a digest bound to no segment gives
+            // KeySlotUnbound).
+            assert!(r.is_err(), "{to}: opened");
+        }
     }
 }
