@@ -514,10 +514,19 @@ impl Metadata {
     }
 
     /// Key slot areas lie in the key slots area (after both header
-    /// copies, `keyslots_size` bytes) and do not overlap.
+    /// copies, `keyslots_size` bytes), end before the first data segment
+    /// that does not start at 0 (a detached header's data starts at 0 of
+    /// another device), and do not overlap.
     fn check_areas(&self, c: &Ctx<'_>, hdr_size: u64, at: usize) -> Result<(), PureError> {
         let lo = hdr_size.saturating_mul(2);
-        let hi = lo.saturating_add(self.keyslots_size);
+        let data = self
+            .segments
+            .iter()
+            .map(|s| s.offset)
+            .filter(|&o| o > 0)
+            .min()
+            .unwrap_or(u64::MAX);
+        let hi = lo.saturating_add(self.keyslots_size).min(data);
         for (i, a) in self.keyslots.iter().enumerate() {
             let end = a.area_offset.checked_add(a.area_size);
             if a.area_offset < lo

@@ -346,6 +346,8 @@ fn hostile_metadata_fails_cleanly() {
             "\"iterations\":0,\"salt\"",
         ),
         (&pbkdf, "\"sector_size\":512", "\"sector_size\":3000"),
+        // The data segment would start inside key slot 0's area.
+        (&pbkdf, "\"offset\":\"1048576\"", "\"offset\":\"65536\""),
         (&pbkdf, "\"keyslots\":[\"0\"]", "\"keyslots\":[\"7\"]"),
         (&pbkdf, "\"segments\":[\"0\"]", "\"segments\":[]"),
         (
