@@ -257,6 +257,9 @@ pub(crate) fn dump(path: &str, json_out: bool) -> Result<u8, CliError> {
         }
         let _ = writeln!(o, "\tcipher: {}", s.encryption);
         let _ = writeln!(o, "\tsector: {} [bytes]", s.sector_size);
+        if let Some(t) = v["segments"][s.id.to_string()]["integrity"]["type"].as_str() {
+            let _ = writeln!(o, "\tintegrity: {t}");
+        }
     }
     let _ = writeln!(o, "\nKeyslots:");
     let mut slots: Vec<_> = m.keyslots.iter().collect();

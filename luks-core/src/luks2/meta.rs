@@ -132,6 +132,10 @@ pub struct Segment {
     pub encryption: Spec,
     /// Data sector size, 512..=4096.
     pub sector_size: u32,
+    /// Whether the segment has an `integrity` member (authenticated
+    /// encryption over dm-integrity, which this implementation cannot
+    /// read).
+    pub integrity: bool,
 }
 
 /// A `pbkdf2` digest of a volume key.
@@ -359,6 +363,7 @@ fn parse_segment(c: &Ctx<'_>, id: u8, v: Val) -> Result<Segment, PureError> {
         iv_tweak: 0,
         encryption: Spec::new(),
         sector_size: 512,
+        integrity: json::get(c.t, v, "integrity").is_some(),
     };
     if !offset.is_multiple_of(512) {
         return Err(c.bad(v.start, Luks2Problem::BadValue("offset")));

@@ -569,6 +569,11 @@ pub fn data_cipher<E>(meta: &Metadata, key: &VolumeKey) -> Result<SectorCipher, 
         0,
         Problem::Luks2(Luks2Problem::Missing("segments")),
     ))?;
+    if seg.integrity {
+        return Err(Error::Unsupported(Unsupported::Luks2Type(name_from(
+            b"integrity",
+        ))));
+    }
     let (cn, cm) = split_spec(&seg.encryption);
     if cm.is_empty() {
         return Err(Error::Unsupported(Unsupported::CipherMode(name_from(

@@ -364,6 +364,22 @@ fn hostile_metadata_fails_cleanly() {
     ];
     let mut json = vec![0u8; 1 << 16];
     let mut mem = vec![Argon2Block::new(); 64];
+    // Authenticated encryption (dm-integrity): the key opens, the data
+    // segment is refused rather than read wrongly.
+    let mut dev = VecDevice::from_vec(pbkdf.clone());
+    forge(&mut dev, |t| {
+        t.replacen(
+            "\"sector_size\":512",
+            "\"sector_size\":512,\"integrity\":{\"type\":\"hmac(sha256)\",\"journal_encryption\":\"none\",\"journal_integrity\":\"none\"}",
+            1,
+        )
+    });
+    let h = read_header(&mut dev, &mut json).unwrap();
+    let (vk, _) = unlock(&mut dev, &h, b"a", None, &mut mem).unwrap();
+    assert!(matches!(
+        crate::LuksVolume::open_luks2(&mut dev, &h, &vk),
+        Err(Error::Unsupported(_))
+    ));
     for (base, from, to) in cases {
         let mut dev = VecDevice::from_vec(base.to_vec());
         forge(&mut dev, |t| {

@@ -596,6 +596,7 @@ pub fn format<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         iv_tweak: 0,
         encryption: spec.clone(),
         sector_size: p.sector_size,
+        integrity: false,
     };
     let _ = meta.segments.push(seg);
     let dg = Digest {
@@ -682,7 +683,7 @@ fn check_modifiable<E>(h: &Luks2Header) -> Result<(), Error<E>> {
         }
     }
     for s in &h.meta.segments {
-        if s.kind != "crypt" {
+        if s.kind != "crypt" || s.integrity {
             return Err(Error::Unsupported(Unsupported::Luks2Type(s.kind.clone())));
         }
     }
