@@ -107,6 +107,33 @@ impl<D: BlockIo> LuksVolume<D> {
         })
     }
 
+    /// Unlocks the LUKS volume on `dev` (header and data on the same
+    /// device), LUKS1 or LUKS2 as its header says, and opens its payload.
+    /// `json` receives LUKS2 JSON text (see
+    /// [`crate::luks2::MAX_JSON_LEN`]), `mem` is the Argon2 memory for
+    /// LUKS2 key slots that use it; LUKS1 uses neither.
+    pub fn unlock(
+        mut dev: D,
+        passphrase: &[u8],
+        json: &mut [u8],
+        mem: &mut [crate::luks2::Argon2Block],
+    ) -> Result<Self, Error<D::Error>> {
+        let mut head = [0u8; 8];
+        crate::luks1::read(&mut dev, Structure::Luks1Header, 0, &mut head)?;
+        match crate::luks2::version(&head) {
+            Some(2) => {
+                let h = crate::luks2::read_header(&mut dev, json)?;
+                let (key, _) = crate::luks2::unlock(&mut dev, &h, passphrase, None, mem)?;
+                Self::open_luks2(dev, &h, &key)
+            }
+            _ => {
+                let hdr = crate::luks1::read_header(&mut dev)?;
+                let (key, _) = crate::luks1::unlock(&mut dev, &hdr, passphrase, None)?;
+                Self::open_luks1(dev, &hdr, &key)
+            }
+        }
+    }
+
     /// Opens a raw LUKS1 volume: payload at the header's payload offset,
     /// IVs from the start of the payload. For a detached header, pass the
     /// data device and the header parsed from the header device.

@@ -17,9 +17,6 @@ use crate::opts::OptionMap;
 use crate::secret::Secrets;
 use crate::CliError;
 
-/// The JSON area of the largest header copy (4 MiB).
-const MAX_JSON: usize = 4 << 20;
-
 /// The LUKS version of `path` (1 or 2), or `None` if it is not LUKS.
 pub(crate) fn version(path: &str) -> Result<Option<u16>, CliError> {
     let mut dev = FileDevice::open(Path::new(path))
@@ -37,7 +34,7 @@ pub(crate) fn version(path: &str) -> Result<Option<u16>, CliError> {
 pub(crate) fn read_header(path: &str) -> Result<(Luks2Header, Vec<u8>), CliError> {
     let mut dev = FileDevice::open(Path::new(path))
         .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
-    let mut json = vec![0u8; MAX_JSON];
+    let mut json = vec![0u8; luks2::MAX_JSON_LEN];
     let h =
         luks2::read_header(&mut dev, &mut json).map_err(|e| CliError::io(path, e.to_string()))?;
     json.truncate(h.json_len);

@@ -41,6 +41,11 @@ pub use argon2::Block as Argon2Block;
 
 /// Bytes read per device request while hashing and reading key material.
 const CHUNK: usize = 4096;
+/// The longest JSON text any header holds: the JSON area of the largest
+/// header copy (4 MiB) less the binary header. A `json` buffer this long
+/// reads every valid header; smaller ones read the headers whose text
+/// fits (cryptsetup's default 16 KiB copy needs at most 12 KiB).
+pub const MAX_JSON_LEN: usize = 0x40_0000 - BINARY_LEN;
 
 /// A parsed, checksum-verified LUKS2 header: the copy in use, its metadata,
 /// and whether each copy was valid.

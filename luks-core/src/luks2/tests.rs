@@ -394,3 +394,36 @@ fn hostile_metadata_fails_cleanly() {
         }
     }
 }
+
+/// `LuksVolume::unlock` detects the version: the same call opens LUKS1
+/// and LUKS2 volumes.
+#[test]
+fn volume_unlock_detects_the_version() {
+    let mut rng = TestRng(44);
+    let pb = KdfParams::Pbkdf2 {
+        hash: HashAlg::Sha256,
+        iterations: 1000,
+    };
+    let mut v2 = VecDevice::new();
+    write::format(&mut v2, &small(pb, 4096), None, b"two", &mut rng).unwrap();
+    v2.set_size((1 << 20) + 8192).unwrap();
+    let mut v1 = VecDevice::new();
+    crate::luks1::format(
+        &mut v1,
+        &crate::luks1::FormatParams::default(),
+        None,
+        b"one",
+        &mut rng,
+    )
+    .unwrap();
+    v1.set_size(4 << 20).unwrap();
+    let mut json = vec![0u8; 1 << 14];
+    let vol = crate::LuksVolume::unlock(&mut v2, b"two", &mut json, &mut []).unwrap();
+    assert_eq!(vol.sector_size(), 4096);
+    let vol = crate::LuksVolume::unlock(&mut v1, b"one", &mut json, &mut []).unwrap();
+    assert_eq!(vol.sector_size(), 512);
+    assert!(matches!(
+        crate::LuksVolume::unlock(&mut v1, b"two", &mut json, &mut []),
+        Err(Error::WrongPassphrase)
+    ));
+}
