@@ -113,6 +113,9 @@ pub struct Keyslot {
     pub area_key_size: u32,
     /// Key derivation (`None` for non-`luks2` key slots).
     pub kdf: Option<Kdf>,
+    /// Device offset of this key slot's JSON object (for errors found
+    /// when it is used); 0 for key slots not yet written.
+    pub json_offset: u64,
 }
 
 /// A segment.
@@ -136,6 +139,9 @@ pub struct Segment {
     /// encryption over dm-integrity, which this implementation cannot
     /// read).
     pub integrity: bool,
+    /// Device offset of this segment's JSON object (for errors found when
+    /// it is used); 0 for segments not yet written.
+    pub json_offset: u64,
 }
 
 /// A `pbkdf2` digest of a volume key.
@@ -286,6 +292,7 @@ fn parse_keyslot(c: &Ctx<'_>, id: u8, v: Val) -> Result<Keyslot, PureError> {
         area_encryption: Spec::new(),
         area_key_size: 0,
         kdf: None,
+        json_offset: c.base.saturating_add(v.start as u64),
     };
     if kind != "luks2" {
         return Ok(ks);
@@ -364,6 +371,7 @@ fn parse_segment(c: &Ctx<'_>, id: u8, v: Val) -> Result<Segment, PureError> {
         encryption: Spec::new(),
         sector_size: 512,
         integrity: json::get(c.t, v, "integrity").is_some(),
+        json_offset: c.base.saturating_add(v.start as u64),
     };
     if !offset.is_multiple_of(512) {
         return Err(c.bad(v.start, Luks2Problem::BadValue("offset")));

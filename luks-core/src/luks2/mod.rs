@@ -367,7 +367,7 @@ fn derive<E>(
     let bad = |m: &'static str| {
         Error::corrupt(
             Structure::Luks2Json,
-            0,
+            ks.json_offset,
             Problem::Luks2(Luks2Problem::BadValue(m)),
         )
     };
@@ -452,7 +452,7 @@ pub fn open_keyslot<D: BlockIo + ?Sized>(
         // A key slot no digest covers cannot be verified.
         return Err(Error::corrupt(
             Structure::Luks2Json,
-            0,
+            ks.json_offset,
             Problem::Luks2(Luks2Problem::DanglingReference("keyslots")),
         ));
     };

@@ -499,6 +499,7 @@ fn write_slot<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         area_encryption: encryption.clone(),
         area_key_size: key_size,
         kdf: Some(kdf_rec),
+        json_offset: 0,
     };
     meta.keyslots.push(ks).map_err(|_| Error::NoFreeKeySlot)?;
     if let Some(d) = meta.digests.get_mut(digest_idx) {
@@ -597,6 +598,7 @@ pub fn format<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         encryption: spec.clone(),
         sector_size: p.sector_size,
         integrity: false,
+        json_offset: 0,
     };
     let _ = meta.segments.push(seg);
     let dg = Digest {
@@ -659,6 +661,7 @@ pub fn format<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
             config_extra: String::new(),
         },
     );
+    let meta = reparse(&text, p.hdr_size)?;
     let hdr = write_headers(dev, &template, 1, &text, rng)?;
     let json_len = text.len();
     Ok((
@@ -672,6 +675,13 @@ pub fn format<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         text,
         vk,
     ))
+}
+
+/// The metadata as a reader will see it: the emitted text parsed and
+/// checked like any header's (a writer bug is an error before anything is
+/// written, and offsets in later errors point into the new text).
+fn reparse<E>(text: &str, hdr_size: u64) -> Result<Metadata, Error<E>> {
+    Metadata::parse(text.as_bytes(), hdr_size, BINARY_LEN as u64).map_err(PureError::widen)
 }
 
 /// Refuses to rewrite metadata this writer would not reproduce exactly.
@@ -758,6 +768,7 @@ pub fn add_key<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
     )?;
     let text = emit_json(&meta, &kept(json));
     let seqid = h.hdr.seqid.saturating_add(1);
+    let meta = reparse(&text, h.hdr.hdr_size)?;
     let hdr = write_headers(dev, &h.hdr, seqid, &text, rng)?;
     updated(h, hdr, meta, &text);
     Ok((text, id))
@@ -798,6 +809,7 @@ pub fn remove_key<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
     }
     let text = emit_json(&meta, &kept(json));
     let seqid = h.hdr.seqid.saturating_add(1);
+    let meta = reparse(&text, h.hdr.hdr_size)?;
     let hdr = write_headers(dev, &h.hdr, seqid, &text, rng)?;
     updated(h, hdr, meta, &text);
     // Explicit zero writes: a hole could leave the old bytes on the medium.
