@@ -427,3 +427,45 @@ fn volume_unlock_detects_the_version() {
         Err(Error::WrongPassphrase)
     ));
 }
+
+/// Random damage to the binary headers and the first JSON bytes of both
+/// copies never panics: the header reads (from the surviving copy) or
+/// fails with an error.
+#[test]
+fn damaged_binary_headers_never_panic() {
+    let pb = KdfParams::Pbkdf2 {
+        hash: HashAlg::Sha256,
+        iterations: 1000,
+    };
+    let mut rng = TestRng(55);
+    let mut dev = VecDevice::new();
+    write::format(&mut dev, &small(pb, 512), None, b"a", &mut rng).unwrap();
+    let base = dev.into_vec();
+    let mut json = vec![0u8; 1 << 16];
+    let mut x = 0x9e37_79b9u32;
+    let mut one_copy = 0;
+    for i in 0..400usize {
+        let mut b = base.clone();
+        let mut hit = [false; 2];
+        for _ in 0..1 + i % 4 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let c = (x >> 20) as usize & 1;
+            hit[c] = true;
+            let at = c * 0x4000 + (x as usize) % 4200;
+            b[at] ^= (x >> 8) as u8 | 1;
+        }
+        let mut d = VecDevice::from_vec(b);
+        let r = read_header(&mut d, &mut json);
+        if let Ok(h) = &r {
+            assert!(unlock(&mut d, h, b"a", None, &mut []).is_ok(), "case {i}");
+        }
+        // Damage to one copy leaves the other.
+        if !(hit[0] && hit[1]) {
+            one_copy += 1;
+            assert!(r.is_ok(), "case {i}");
+        }
+    }
+    assert!(one_copy > 100, "{one_copy}");
+}
