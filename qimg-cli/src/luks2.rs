@@ -124,7 +124,9 @@ pub(crate) fn format_specific(h: &Luks2Header, detached: bool) -> Value {
     let mut m = Map::new();
     m.insert("version".into(), json!(2));
     m.insert("uuid".into(), json!(h.hdr.uuid.as_str()));
-    m.insert("label".into(), json!(h.hdr.label.as_str()));
+    if !h.hdr.label.is_empty() {
+        m.insert("label".into(), json!(h.hdr.label.as_str()));
+    }
     m.insert("detached-header".into(), json!(detached));
     m.insert("metadata-size".into(), json!(h.hdr.hdr_size));
     m.insert("keyslots-size".into(), json!(h.meta.keyslots_size));
