@@ -323,3 +323,36 @@ fn large_sector_ivs_are_in_512_byte_units() {
     );
     assert_eq!(std::fs::read(&pt).unwrap(), plain);
 }
+
+/// Every metadata size luks-core writes (16 KiB .. 4 MiB) is one cryptsetup
+/// reads and opens.
+#[test]
+fn every_metadata_size_passes_cryptsetup() {
+    let Some(cs) = tool("cryptsetup") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, PW).unwrap();
+    for hdr_size in luks2::HDR_SIZES {
+        let file = dir.path().join(format!("m{hdr_size}"));
+        let params = FormatParams {
+            hdr_size,
+            key_bytes: 32,
+            ..FormatParams::default()
+        };
+        let mut dev = FileDevice::create(&file).unwrap();
+        write::format(&mut dev, &params, None, PW.as_bytes(), &mut OsRng::new()).unwrap();
+        drop(dev);
+        let mut c = Command::new(&cs);
+        c.args(["open", "--test-passphrase", "--key-file"])
+            .arg(&key)
+            .arg(&file);
+        run_ok(&mut c);
+        let dump = String::from_utf8(run_ok(Command::new(&cs).arg("luksDump").arg(&file))).unwrap();
+        assert!(
+            dump.contains(&format!("Metadata area: \t{hdr_size} [bytes]")),
+            "{dump}"
+        );
+    }
+}
