@@ -356,3 +356,96 @@ fn every_metadata_size_passes_cryptsetup() {
         );
     }
 }
+
+/// luks-core adds and removes key slots on volumes cryptsetup made (one
+/// with tokens): cryptsetup still validates the header, keeps seeing the
+/// tokens, and opens with exactly the passphrases that should open.
+#[test]
+fn luks_core_key_slots_on_cryptsetup_volumes() {
+    let Some(cs) = tool("cryptsetup") else {
+        return;
+    };
+    let Some(src) = qimg_tests::testdata("cryptsetup/luks2_header_requirements.tar.xz") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    qimg_tests::untar_xz(&src, dir.path());
+    let img = dir.path().join("luks2_header_requirements_free");
+    let old = dir.path().join("old");
+    std::fs::write(&old, "blablabl").unwrap();
+    let new = dir.path().join("new");
+    std::fs::write(&new, "a new passphrase").unwrap();
+    let opens = |k: &Path| {
+        Command::new(&cs)
+            .args(["open", "--test-passphrase", "--key-file"])
+            .arg(k)
+            .arg(&img)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let tokens_before: Vec<String> =
+        String::from_utf8(run_ok(Command::new(&cs).arg("luksDump").arg(&img)))
+            .unwrap()
+            .lines()
+            .skip_while(|l| *l != "Tokens:")
+            .take_while(|l| *l != "Digests:")
+            .map(str::to_string)
+            .collect();
+    assert!(tokens_before.len() > 2, "{tokens_before:?}");
+
+    let mut dev = FileDevice::open_rw(&img).unwrap();
+    let mut json = vec![0u8; luks2::MAX_JSON_LEN];
+    let mut h = luks2::read_header(&mut dev, &mut json).unwrap();
+    let text = json[..h.json_len].to_vec();
+    let seqid = h.hdr.seqid;
+    let mut mem = memory(&h);
+    let (vk, old_slot) = luks2::unlock(&mut dev, &h, b"blablabl", None, &mut mem).unwrap();
+    let pb = KdfParams::Pbkdf2 {
+        hash: HashAlg::Sha256,
+        iterations: 1000,
+    };
+    let (text, new_slot) = write::add_key(
+        &mut dev,
+        &mut h,
+        &text,
+        &vk,
+        b"a new passphrase",
+        pb,
+        None,
+        &mut OsRng::new(),
+    )
+    .unwrap();
+    assert_eq!(h.hdr.seqid, seqid + 1);
+    assert!(opens(&old) && opens(&new));
+    write::remove_key(
+        &mut dev,
+        &mut h,
+        text.as_bytes(),
+        old_slot,
+        false,
+        &mut OsRng::new(),
+    )
+    .unwrap();
+    drop(dev);
+    assert!(!opens(&old) && opens(&new));
+    let dump = String::from_utf8(run_ok(Command::new(&cs).arg("luksDump").arg(&img))).unwrap();
+    assert!(
+        dump.contains(&format!("Epoch:         \t{}", seqid + 2)),
+        "{dump}"
+    );
+    assert!(dump.contains(&format!("  {new_slot}: luks2")), "{dump}");
+    // The tokens cryptsetup wrote survive (minus references to the
+    // removed key slot, which cryptsetup would drop too).
+    let tokens_after: Vec<&str> = dump
+        .lines()
+        .skip_while(|l| *l != "Tokens:")
+        .take_while(|l| *l != "Digests:")
+        .collect();
+    assert_eq!(tokens_after.first(), Some(&"Tokens:"));
+    assert!(
+        tokens_after.iter().any(|l| l.contains("luks2-keyring")),
+        "{dump}"
+    );
+}

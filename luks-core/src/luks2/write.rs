@@ -162,7 +162,9 @@ struct Kept {
     config_extra: String,
 }
 
-fn kept(text: &[u8]) -> Kept {
+/// What to keep from `text`; `removed` is a key slot being removed, whose
+/// id is taken out of every token's `keyslots` (as cryptsetup does).
+fn kept(text: &[u8], removed: Option<u8>) -> Kept {
     let mut k = Kept {
         tokens: String::from("{}"),
         config_extra: String::new(),
@@ -176,7 +178,38 @@ fn kept(text: &[u8]) -> Kept {
             .unwrap_or("")
     };
     if let Some(t) = json::get(text, root, "tokens") {
-        k.tokens = String::from(raw(t));
+        k.tokens = match removed {
+            None => String::from(raw(t)),
+            Some(slot) => {
+                // Each token as it was, but its key slot list without `slot`.
+                let mut out = String::from("{");
+                for (i, (id, tok)) in json::Members::new(text, t).enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    let id = core::str::from_utf8(id).unwrap_or("");
+                    let _ = write!(out, "\"{id}\":{{");
+                    for (j, (name, v)) in json::Members::new(text, tok).enumerate() {
+                        if j > 0 {
+                            out.push(',');
+                        }
+                        let name_s = core::str::from_utf8(name).unwrap_or("");
+                        if name == b"keyslots" {
+                            let mask = json::Elements::new(text, v)
+                                .filter_map(|e| json::u64_str_of(text, e))
+                                .filter(|&n| n < 32 && n != u64::from(slot))
+                                .fold(0u32, |m, n| m | (1u32 << n));
+                            let _ = write!(out, "\"keyslots\":{}", ids(mask));
+                        } else {
+                            let _ = write!(out, "\"{name_s}\":{}", raw(v));
+                        }
+                    }
+                    out.push('}');
+                }
+                out.push('}');
+                out
+            }
+        };
     }
     if let Some(c) = json::get(text, root, "config") {
         for (name, v) in json::Members::new(text, c) {
@@ -766,7 +799,7 @@ pub fn add_key<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         &encryption,
         rng,
     )?;
-    let text = emit_json(&meta, &kept(json));
+    let text = emit_json(&meta, &kept(json, None));
     let seqid = h.hdr.seqid.saturating_add(1);
     let meta = reparse(&text, h.hdr.hdr_size)?;
     let hdr = write_headers(dev, &h.hdr, seqid, &text, rng)?;
@@ -807,7 +840,7 @@ pub fn remove_key<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
     for d in meta.digests.iter_mut() {
         d.keyslots &= !(1u32 << (slot & 31));
     }
-    let text = emit_json(&meta, &kept(json));
+    let text = emit_json(&meta, &kept(json, Some(slot)));
     let seqid = h.hdr.seqid.saturating_add(1);
     let meta = reparse(&text, h.hdr.hdr_size)?;
     let hdr = write_headers(dev, &h.hdr, seqid, &text, rng)?;
