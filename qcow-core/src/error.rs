@@ -210,9 +210,12 @@ pub enum Unsupported {
         method: u32,
     },
     /// Writing is not available for this image (the allocation-free
-    /// reader, or an image with internal snapshots, encryption, an external
-    /// data file, or the dirty bit, which the writer does not handle).
+    /// reader, an image with internal snapshots, or an encrypted image
+    /// without its key).
     Writing,
+    /// Writing an image whose dirty bit is set (lazy refcounts, not closed
+    /// cleanly): its refcounts may be stale and must be rebuilt first.
+    Dirty,
 }
 
 impl fmt::Display for Unsupported {
@@ -234,7 +237,10 @@ impl fmt::Display for Unsupported {
                 "reading data of an encrypted image (crypt_method {method}) needs a decryptor"
             ),
             Self::Writing => f.write_str(
-                "writing is not supported for this qcow2 image (read-only reader, or snapshots, encryption, external data file or dirty bit)",
+                "writing is not supported for this qcow2 image (read-only reader, or snapshots, or encryption without a key)",
+            ),
+            Self::Dirty => f.write_str(
+                "the image was not closed cleanly (dirty bit set, lazy refcounts): its refcounts may be stale; repair it with `qimg check -r all` before writing",
             ),
         }
     }

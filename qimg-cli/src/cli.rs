@@ -498,9 +498,7 @@ fn convert_to_qcow2(
     let mut w = if a.no_create {
         opts.reject_unused("qcow2")
             .map_err(|e| CliError::usage(e.to_string()))?;
-        let dev = luks_core::io::FileDevice::open_rw(Path::new(dst))
-            .map_err(|e| CliError::io(dst, format!("cannot open for writing: {e}")))?;
-        qcow_core::Qcow2Writer::open(dev).map_err(|e| CliError::io(dst, e.to_string()))?
+        crate::create::open_qcow2_writer(dst)?
     } else {
         let c = crate::create::Qcow2Create::parse(opts, a.backing.as_deref(), None)?;
         c.create(dst, len, secrets)?
