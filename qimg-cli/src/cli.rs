@@ -495,6 +495,11 @@ fn convert_to_qcow2(
             "Compression can't be used with encryption".into(),
         ));
     }
+    if a.compress && opts.get("data_file").is_some() {
+        return Err(CliError::usage(
+            "Compression can't be used with an external data file".into(),
+        ));
+    }
     let mut w = if a.no_create {
         opts.reject_unused("qcow2")
             .map_err(|e| CliError::usage(e.to_string()))?;
@@ -507,6 +512,11 @@ fn convert_to_qcow2(
     if a.compress && w.header().crypt_method != 0 {
         return Err(CliError::usage(
             "Compression can't be used with encryption".into(),
+        ));
+    }
+    if a.compress && w.header().has_data_file() {
+        return Err(CliError::usage(
+            "Compression can't be used with an external data file".into(),
         ));
     }
     let cluster = w.header().cluster_size();

@@ -285,6 +285,20 @@ fn qimg_create_convert_and_resize_with_a_data_file() {
     model.resize(3 << 20, 0);
     assert_content(&q, &d.join("a.qcow2"), d, &model, "resize");
 
+    // Compressed clusters cannot live in a data file (qemu-img fails too).
+    for args in [
+        vec![
+            "convert", "-c", "-O", "qcow2", "-o", &a_opt, "src.raw", "z.qcow2",
+        ],
+        vec!["convert", "-c", "-n", "-O", "qcow2", "src.raw", "a.qcow2"],
+    ] {
+        let out = qimg().current_dir(d).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let msg = String::from_utf8_lossy(&out.stderr);
+        assert!(msg.contains("external data file"), "{args:?}: {msg}");
+    }
+    assert!(!d.join("z.qcow2").exists());
+
     // qemu-img's own image with a data file, then qimg convert -n into it.
     let c_opt = format!("data_file={}", d.join("c.data").display());
     q.create(&d.join("c.qcow2"), "qcow2", &c_opt, "2M");
