@@ -340,13 +340,14 @@ fn cluster0<E>(
             fname.emit(&mut table[off..]);
         }
         // Optional: left out when it does not fit (small clusters with
-        // an encryption extension), as QEMU does.
+        // an encryption extension), as QEMU does; qemu-img 10 also leaves
+        // it out of images with clusters of 4 KiB and less.
         let need = at
             .saturating_add(8)
             .saturating_add(table.len().next_multiple_of(8))
             .saturating_add(8)
             .saturating_add(o.backing_file.map_or(0, str::len));
-        if need <= buf.len() {
+        if need <= buf.len() && buf.len() > 4096 {
             let n = emit_extension(
                 buf.get_mut(at..).ok_or_else(too_big)?,
                 ext::FEATURE_TABLE,

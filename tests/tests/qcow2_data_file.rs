@@ -316,3 +316,41 @@ fn qimg_create_convert_and_resize_with_a_data_file() {
         "qemu-img made, qimg convert -n",
     );
 }
+
+#[test]
+fn data_file_images_are_byte_identical_to_qemu_img_create() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tmpdir();
+    for (i, opts) in [
+        "data_file=x.data,data_file_raw=on,cluster_size=4k",
+        "data_file=x.data,data_file_raw=on",
+        "data_file=x.data,cluster_size=8k,preallocation=metadata",
+    ]
+    .iter()
+    .enumerate()
+    {
+        // Relative names resolve against the working directory in both.
+        let ours = dir.path().join(format!("o{i}"));
+        let theirs = dir.path().join(format!("q{i}"));
+        std::fs::create_dir(&ours).unwrap();
+        std::fs::create_dir(&theirs).unwrap();
+        run_ok(
+            qimg()
+                .current_dir(&ours)
+                .args(["create", "-q", "-f", "qcow2", "-o", opts, "x.qcow2", "1M"]),
+        );
+        run_ok(
+            std::process::Command::new(&q.img)
+                .current_dir(&theirs)
+                .args(["create", "-q", "-f", "qcow2", "-o", opts, "x.qcow2", "1M"]),
+        );
+        let a = std::fs::read(theirs.join("x.qcow2")).unwrap();
+        let b = std::fs::read(ours.join("x.qcow2")).unwrap();
+        assert!(a == b, "{opts}: qcow2 files differ");
+        for f in ["x.qcow2", "x.data"] {
+            let la = std::fs::metadata(theirs.join(f)).unwrap().len();
+            let lb = std::fs::metadata(ours.join(f)).unwrap().len();
+            assert_eq!(la, lb, "{opts}: {f} length");
+        }
+    }
+}
