@@ -390,3 +390,61 @@ fn write_block(w: &mut BitWriter, tokens: &[Token], last: bool) {
     }
     w.bits(u32::from(lc[256]), ll[256]);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs() -> Vec<Vec<u8>> {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        };
+        let random: Vec<u8> = (0..65536).map(|_| rnd()).collect();
+        // Repeats exactly every 5000 bytes: just out of the window.
+        let far: Vec<u8> = (0..65536).map(|i| random[i % 5000]).collect();
+        // Repeats every 4096 bytes: just inside it.
+        let near: Vec<u8> = (0..65536).map(|i| random[i % 4096]).collect();
+        let text: Vec<u8> = (0..(2 << 20))
+            .map(|i: usize| b"the quick brown fox jumps over the lazy dog "[(i * 7 / 5) % 44])
+            .collect();
+        vec![Vec::new(), vec![7], vec![0; 65536], random, far, near, text]
+    }
+
+    #[test]
+    fn tokens_rebuild_the_input_within_the_window() {
+        for data in inputs() {
+            let mut out: Vec<u8> = Vec::new();
+            for t in lz77(&data) {
+                if t.dist == 0 {
+                    out.push(t.len as u8);
+                } else {
+                    let d = usize::from(t.dist);
+                    assert!(d <= WINDOW, "distance {d}");
+                    assert!((3..=258).contains(&usize::from(t.len)));
+                    for _ in 0..t.len {
+                        out.push(out[out.len() - d]);
+                    }
+                }
+            }
+            assert!(out == data);
+        }
+    }
+
+    #[test]
+    fn streams_inflate_back() {
+        for data in inputs() {
+            let c = deflate(&data);
+            let mut out = vec![0u8; data.len()];
+            crate::decompress::inflate_raw(&c, &mut out).unwrap();
+            assert!(out == data, "{} bytes", data.len());
+        }
+        // Repeats within the window compress; repeats beyond it cannot.
+        let ins = inputs();
+        assert!(deflate(&ins[5]).len() < 6000);
+        assert!(deflate(&ins[4]).len() > 60000);
+    }
+}
