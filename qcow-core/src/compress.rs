@@ -5,7 +5,8 @@
 //! `miniz_oxide` always uses a 32 KiB window (feeding it 4 KiB pieces with
 //! a full flush after each keeps the distances short but makes the output
 //! about 10% larger than qemu-img's), so zlib clusters go through our own
-//! encoder, [`deflate`], which searches a 4 KiB window only.
+//! encoder (the private `deflate` module), which searches a 4 KiB window
+//! only.
 
 #![warn(clippy::arithmetic_side_effects)]
 
