@@ -284,6 +284,17 @@ fn qimg_create_convert_and_resize_with_a_data_file() {
     );
     model.resize(3 << 20, 0);
     assert_content(&q, &d.join("a.qcow2"), d, &model, "resize");
+    // `map` names the data file, as qemu-img's does.
+    for img in ["a.qcow2", "b.qcow2"] {
+        let p = d.join(img);
+        let ours = run_ok(qimg().arg("map").arg(&p));
+        let theirs = q.img(&["map", p.to_str().unwrap()]);
+        assert_eq!(
+            String::from_utf8_lossy(&ours),
+            String::from_utf8_lossy(&theirs),
+            "{img}: map"
+        );
+    }
 
     // Compressed clusters cannot live in a data file (qemu-img fails too).
     for args in [
