@@ -274,3 +274,37 @@ fn dirty_lazy_refcount_image_is_refused_with_a_repair_hint() {
     }
     assert!(std::fs::read(&path).unwrap() == before, "refusal wrote");
 }
+
+#[test]
+fn a_freed_packing_cluster_is_never_packed_into_again() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tmpdir();
+    let path = dir.path().join("f.qcow2");
+    let cs = 4096u64;
+    let o = CreateOptions {
+        size: 16 * cs,
+        cluster_size: cs,
+        ..CreateOptions::default()
+    };
+    let mut w = create(FileDevice::create(&path).unwrap(), &o).unwrap();
+    let mut model = vec![0u8; 16 * cs as usize];
+    // One small compressed cluster: its host cluster is the packing tail.
+    let a = vec![0x41u8; cs as usize];
+    w.write_compressed(0, &a).unwrap();
+    // Overwriting it frees that host cluster; a plain write takes it.
+    let b: Vec<u8> = (0..cs as usize).map(|i| (i * 7 % 251) as u8).collect();
+    w.write(0, &b).unwrap();
+    model[..cs as usize].copy_from_slice(&b);
+    let c = vec![0x43u8; cs as usize];
+    w.write(cs, &c).unwrap();
+    model[cs as usize..2 * cs as usize].copy_from_slice(&c);
+    // The next compressed cluster must not land in the plain data.
+    for ci in 2..6u64 {
+        let d = vec![ci as u8; cs as usize];
+        w.write_compressed(ci, &d).unwrap();
+        model[(ci * cs) as usize..((ci + 1) * cs) as usize].copy_from_slice(&d);
+    }
+    drop(w.close().unwrap());
+    assert_clean(&q, &path, "freed tail");
+    assert_content(&q, &path, dir.path(), &model, "freed tail");
+}
