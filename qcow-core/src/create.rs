@@ -469,6 +469,7 @@ pub fn create<D: BlockIo>(
     hdr = *w.header();
     let c0 = cluster0(&mut hdr, o, crypto)?;
     w.raw_write(0, &c0)?;
+    w.set_header(hdr);
     w.flush()?;
     match o.preallocation {
         // QEMU maps every cluster of a raw data file 1:1 at creation, so

@@ -1631,6 +1631,12 @@ where
         }
     }
 
+    /// Replaces the cached header with the one `create` wrote to cluster 0
+    /// (with its backing file name, extensions and header length).
+    pub(crate) fn set_header(&mut self, hdr: HeaderRepr) {
+        self.hdr = hdr;
+    }
+
     /// Records the LUKS header region (for `create`).
     pub(crate) fn set_crypto_region(&mut self, off: u64, len: u64) {
         self.crypto_region = Some((off, len));

@@ -519,8 +519,14 @@ fn convert_to_qcow2(
             "Compression can't be used with an external data file".into(),
         ));
     }
-    let cluster = w.header().cluster_size();
     let io_dst = |e: qcow_core::Error<luks_core::io::FileError>| CliError::io(dst, e.to_string());
+    // What the copy leaves out would read from the backing file: zero the
+    // range first, so the image reads as the source.
+    let backed = w.header().backing_file_offset != 0 && !a.target_is_zero;
+    if backed {
+        w.write_zeroes(0, len).map_err(io_dst)?;
+    }
+    let cluster = w.header().cluster_size();
     let bar = crate::progress::Bar::new(a.progress, len);
     if a.compress {
         convert::copy_clusters(
@@ -536,7 +542,7 @@ fn convert_to_qcow2(
         let mut dev: AnyDev = erased(w);
         let copy_opts = CopyOptions {
             sparse_size: a.sparse_size,
-            target_is_zero: !a.no_create || a.target_is_zero,
+            target_is_zero: !a.no_create || a.target_is_zero || backed,
         };
         convert::copy(src, &mut dev, len, copy_opts, &mut |done| bar.set(done))
             .map_err(|e| copy_err(a, e))?;

@@ -308,3 +308,63 @@ fn a_freed_packing_cluster_is_never_packed_into_again() {
     assert_clean(&q, &path, "freed tail");
     assert_content(&q, &path, dir.path(), &model, "freed tail");
 }
+
+#[test]
+fn convert_onto_a_backing_file_keeps_the_source_zeroes() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tmpdir();
+    let d = dir.path();
+    let base = write_tmp(d, "base.raw", &vec![0xbb; 1 << 20]);
+    let mut data = vec![0u8; 1 << 20];
+    data[..5000].fill(0x11);
+    data[300_000..400_000].fill(0x22);
+    let src = write_tmp(d, "src.raw", &data);
+    let base_s = base.to_str().unwrap();
+    for (i, extra) in [vec![], vec!["-c"], vec!["-o", "compat=0.10"]]
+        .into_iter()
+        .enumerate()
+    {
+        // A new image with -B, then an existing overlay with -n.
+        let out = d.join(format!("b{i}.qcow2"));
+        run_ok(
+            qimg()
+                .args([
+                    "convert",
+                    "-O",
+                    "qcow2",
+                    "-B",
+                    base_s,
+                    "-o",
+                    "backing_fmt=raw",
+                ])
+                .args(&extra)
+                .arg(&src)
+                .arg(&out),
+        );
+        let ovl = d.join(format!("n{i}.qcow2"));
+        q.img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base_s,
+            "-F",
+            "raw",
+            ovl.to_str().unwrap(),
+        ]);
+        let n_extra: Vec<&str> = extra.iter().filter(|a| **a == "-c").copied().collect();
+        run_ok(
+            qimg()
+                .args(["convert", "-n", "-O", "qcow2"])
+                .args(&n_extra)
+                .arg(&src)
+                .arg(&ovl),
+        );
+        for img in [&out, &ovl] {
+            let what = format!("{extra:?} {}", img.display());
+            assert_clean(&q, img, &what);
+            assert_content(&q, img, d, &data, &what);
+        }
+    }
+}
