@@ -1,0 +1,179 @@
+#![allow(
+    clippy::arithmetic_side_effects,
+    clippy::cast_possible_truncation,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)] // test code
+
+extern crate alloc;
+
+use super::*;
+use crate::create::{create, CreateOptions};
+use alloc::format;
+use alloc::string::ToString;
+use luks_core::io::VecDevice;
+
+/// A 4 MiB image with 512-byte clusters and three written clusters.
+fn image() -> Vec<u8> {
+    let o = CreateOptions {
+        size: 4 << 20,
+        cluster_size: 512,
+        ..CreateOptions::default()
+    };
+    let mut w = create(VecDevice::new(), &o).unwrap();
+    w.write(0, &[0x11; 1024]).unwrap();
+    w.write(1 << 20, &[0x22; 512]).unwrap();
+    w.close().unwrap().into_vec()
+}
+
+fn run(v: &mut Vec<u8>, r: Repair) -> CheckOutcome {
+    let mut d = VecDevice::from_vec(core::mem::take(v));
+    let o = check(&mut d, r).unwrap();
+    *v = d.into_vec();
+    o
+}
+
+fn hdr(d: &[u8]) -> HeaderRepr {
+    HeaderRepr::parse_bytes::<()>(&d[..512]).unwrap()
+}
+
+fn u64_at(d: &[u8], off: u64) -> u64 {
+    be(&d[off as usize..off as usize + 8])
+}
+
+fn first_refblock(d: &[u8]) -> u64 {
+    u64_at(d, hdr(d).refcount_table_offset)
+}
+
+fn set_refcount(d: &mut [u8], cluster: u64, v: u16) {
+    let rb = first_refblock(d);
+    let at = (rb + cluster * 2) as usize;
+    d[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+fn first_data(d: &[u8]) -> u64 {
+    let h = hdr(d);
+    let l2 = u64_at(d, h.l1_table_offset) & OFFSET_MASK;
+    u64_at(d, l2) & OFFSET_MASK
+}
+
+#[test]
+fn clean_image_is_clean() {
+    let mut d = image();
+    let o = run(&mut d, Repair::None);
+    let r = o.result();
+    assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0));
+    assert!(r.findings.is_empty(), "{:?}", r.findings);
+    assert_eq!(r.frag.allocated_clusters, 3);
+    assert_eq!(r.frag.total_clusters, 8192);
+    assert_eq!(r.image_end_offset, d.len() as u64);
+}
+
+#[test]
+fn leak_is_found_and_freed_by_repair_leaks() {
+    let mut d = image();
+    let nb = d.len() as u64 / 512;
+    d.resize((nb as usize + 2) * 512, 0);
+    set_refcount(&mut d, nb, 1);
+    let o = run(&mut d, Repair::None);
+    assert_eq!((o.first.leaks, o.first.corruptions), (1, 0));
+    assert_eq!(
+        o.first.findings[0].to_string(),
+        format!("Leaked cluster {nb} refcount=1 reference=0")
+    );
+    let o = run(&mut d, Repair::Leaks);
+    assert_eq!(o.leaks_fixed, 1);
+    let r = o.result();
+    assert_eq!((r.leaks, r.corruptions), (0, 0), "{:?}", r.findings);
+}
+
+#[test]
+fn zero_refcount_in_use_is_rebuilt_by_repair_all() {
+    let mut d = image();
+    let data = first_data(&d);
+    set_refcount(&mut d, data / 512, 0);
+    let before = d[data as usize..data as usize + 512].to_vec();
+    let o = run(&mut d, Repair::None);
+    assert_eq!(o.first.corruptions, 2, "{:?}", o.first.findings);
+    // -r leaks does not touch corruptions.
+    let o = run(&mut d, Repair::Leaks);
+    assert_eq!(o.result().corruptions, 2);
+    let o = run(&mut d, Repair::All);
+    let r = o.result();
+    assert_eq!(
+        (r.leaks, r.corruptions, r.check_errors),
+        (0, 0, 0),
+        "{:?}",
+        r.findings
+    );
+    assert!(o.corruptions_fixed >= 1);
+    assert_eq!(&d[data as usize..data as usize + 512], &before[..]);
+}
+
+#[test]
+fn copied_flag_is_reported_and_fixed() {
+    let mut d = image();
+    let h = hdr(&d);
+    let l2 = u64_at(&d, h.l1_table_offset) & OFFSET_MASK;
+    let e = u64_at(&d, l2) & !COPIED;
+    d[l2 as usize..l2 as usize + 8].copy_from_slice(&e.to_be_bytes());
+    let o = run(&mut d, Repair::None);
+    assert_eq!(o.first.corruptions, 1);
+    assert_eq!(
+        o.first.findings[0].to_string(),
+        format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount=1")
+    );
+    let o = run(&mut d, Repair::All);
+    assert_eq!(o.result().corruptions, 0, "{:?}", o.result().findings);
+}
+
+#[test]
+fn refblock_past_end_is_rebuilt() {
+    let mut d = image();
+    let rt = hdr(&d).refcount_table_offset as usize;
+    d[rt..rt + 8].copy_from_slice(&(1u64 << 32).to_be_bytes());
+    let o = run(&mut d, Repair::None);
+    assert!(o.first.corruptions > 1);
+    assert_eq!(
+        o.first.findings[0].to_string(),
+        "ERROR refcount block 0 is outside image"
+    );
+    let o = run(&mut d, Repair::All);
+    let r = o.result();
+    assert_eq!((r.leaks, r.corruptions), (0, 0), "{:?}", r.findings);
+}
+
+#[test]
+fn reference_past_end_of_file() {
+    let mut d = image();
+    let h = hdr(&d);
+    let l2 = u64_at(&d, h.l1_table_offset) & OFFSET_MASK;
+    let e = COPIED | (1 << 30);
+    d[l2 as usize..l2 as usize + 8].copy_from_slice(&e.to_be_bytes());
+    let o = run(&mut d, Repair::None);
+    assert!(o.first.findings.contains(&Finding::PastEnd {
+        offset: 1 << 30,
+        size: 512
+    }));
+}
+
+#[test]
+fn garbage_never_panics() {
+    let base = image();
+    let len = base.len();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..200 {
+        let mut d = base.clone();
+        for _ in 0..8 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let at = 104 + (x as usize % (len - 104));
+            d[at] = (x >> 32) as u8;
+        }
+        let mut dev = VecDevice::from_vec(d);
+        let _ = check(&mut dev, Repair::None);
+        let _ = check(&mut dev, Repair::All);
+    }
+}
