@@ -772,10 +772,12 @@ fn walk_l1<D: BlockIo>(
                 r.findings.push(Finding::L1Reserved { entry: e });
                 r.corruptions += 1;
             }
-            let l2_off = entry::l1_l2_offset(e);
-            if l2_off == 0 {
+            // Like qemu-img, any non-zero entry names an L2 table, even one
+            // whose offset field is 0 (the header cluster).
+            if e == 0 {
                 continue;
             }
+            let l2_off = entry::l1_l2_offset(e);
             c.inc(r, l2_off, cs);
             if l2_off & (cs - 1) != 0 {
                 r.findings.push(Finding::L2Unaligned { offset: l2_off });
