@@ -573,7 +573,33 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
             corruptions_fixed: 0,
         });
     }
-    let (leaks_fixed, corruptions_fixed) = fix(&mut img, &mut first, repair, dirty)?;
+    let mut extended = 0u64;
+    let (leaks_fixed, corruptions_fixed) = if let Some(end) = crypto_past_end(&img, &first) {
+        // The LUKS header region ends past the end of the file (images
+        // from QEMU < 5.0). Freeing its clusters as leaks, as qemu-img
+        // does, would let new data overwrite the key slots: extend the file
+        // to cover the region instead, then count it like any other.
+        if repair == Repair::All {
+            let at = end.saturating_sub(img.cs);
+            let zero = vec![0u8; usize::try_from(img.cs).unwrap_or(0)];
+            img.dev
+                .write_at(at, &zero)
+                .map_err(|x| io(x, Structure::HeaderExtension, at))?;
+            img.dev
+                .flush()
+                .map_err(|x| io(x, Structure::HeaderExtension, at))?;
+            extended = 1;
+            drop(img);
+            img = Img::open(dev)?;
+            let mut again = pass(&mut img, repair)?;
+            fix(&mut img, &mut again, repair, dirty)?
+        } else {
+            fix(&mut img, &mut first, repair, dirty)?
+        }
+    } else {
+        fix(&mut img, &mut first, repair, dirty)?
+    };
+    let corruptions_fixed = corruptions_fixed + extended;
     drop(img);
     let mut img = Img::open(dev)?;
     let second = pass(&mut img, Repair::None)?;
@@ -586,6 +612,22 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
         leaks_fixed,
         corruptions_fixed,
     })
+}
+
+/// The cluster-aligned end of the LUKS header region when a pass found it
+/// past the end of the file.
+fn crypto_past_end<D: BlockIo>(img: &Img<'_, D>, p: &Pass) -> Option<u64> {
+    let cr = img.crypto.filter(|_| img.hdr.crypt_method == 2)?;
+    let hit = p.report.findings.iter().any(|f| {
+        matches!(f, Finding::PastEnd { offset, size } if *offset == cr.offset && *size == cr.length)
+    });
+    let end = cr
+        .offset
+        .checked_add(cr.length)?
+        .checked_next_multiple_of(img.cs)?;
+    // Only a modest extension: the region is the LUKS header and key
+    // material, a few MiB at most.
+    (hit && end - img.file_len <= 64 << 20).then_some(end)
 }
 
 /// One pass: count references, compare with the stored refcounts, check
@@ -784,6 +826,10 @@ fn walk_l1<D: BlockIo>(
                 r.corruptions += 1;
             }
             img.read(l2_off, &mut l2, Structure::L2Table)?;
+            // qemu-img measures fragmentation within each L2 table.
+            if let Some(f) = frag.as_deref_mut() {
+                *f = 0;
+            }
             for ent in l2.chunks_exact(entry_len) {
                 let e2 = be(&ent[..8]);
                 walk_l2_entry(img, c, r, e2, frag.as_deref_mut());
@@ -1113,6 +1159,17 @@ fn fix<D: BlockIo>(
         let order = img.hdr.refcount_order;
         known = p.counts.clone();
         let mut changes: Vec<(u64, u64)> = Vec::new();
+        // Ranges referenced past the end of the file were not counted; the
+        // part inside the file is still in use, so never free it.
+        let past_end: Vec<(u64, u64)> = p
+            .report
+            .findings
+            .iter()
+            .filter_map(|f| match *f {
+                Finding::PastEnd { offset, size } => Some((offset, size)),
+                _ => None,
+            })
+            .collect();
         for f in &mut p.report.findings {
             if let Finding::Refcount {
                 cluster,
@@ -1122,7 +1179,7 @@ fn fix<D: BlockIo>(
             } = f
             {
                 let allowed = if *refcount > *reference {
-                    mode != Repair::None
+                    mode != Repair::None && !in_past_end(&past_end, *cluster, cs)
                 } else {
                     mode == Repair::All
                 };
@@ -1176,6 +1233,31 @@ fn fix<D: BlockIo>(
         check_copied(img, &mut CheckReport::default(), Some(&known))?;
     } else {
         set_missing_copied(img, &known)?;
+        let bits = img.bits;
+        let is_one = |off: u64| {
+            usize::try_from((off & OFFSET_MASK) >> bits)
+                .ok()
+                .and_then(|i| known.get(i))
+                .is_some_and(|&v| v == 1)
+        };
+        for f in &mut p.report.findings {
+            match f {
+                Finding::CopiedL2 {
+                    l1_entry: e,
+                    repaired,
+                    ..
+                }
+                | Finding::CopiedData {
+                    l2_entry: e,
+                    repaired,
+                    ..
+                } if *e & COPIED == 0 && is_one(*e) => {
+                    *repaired = true;
+                    corruptions_fixed += 1;
+                }
+                _ => {}
+            }
+        }
     }
     for f in &mut p.report.findings {
         match f {
@@ -1261,6 +1343,14 @@ fn set_missing_copied<D: BlockIo>(
     }
     img.dev.flush().map_err(|x| io(x, Structure::L2Table, 0))?;
     Ok(fixed)
+}
+
+/// Whether cluster `c` lies in one of the `ranges` (offset, size).
+fn in_past_end(ranges: &[(u64, u64)], c: u64, cs: u64) -> bool {
+    let start = c.saturating_mul(cs);
+    ranges
+        .iter()
+        .any(|&(o, n)| start < o.saturating_add(n) && o < start.saturating_add(cs))
 }
 
 /// Writes a new refcount table and blocks holding `base` (references
