@@ -27,6 +27,7 @@
 
 extern crate alloc;
 
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
@@ -82,7 +83,7 @@ pub struct FragInfo {
 }
 
 /// One inconsistency, worded as qemu-img words it (see `Display`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Finding {
     /// Stored refcount differs from the references found.
@@ -188,15 +189,15 @@ pub enum Finding {
     },
     /// A snapshot's L1 table offset is not cluster aligned.
     SnapshotL1Unaligned {
-        /// Index in the snapshot table.
-        index: u32,
+        /// The snapshot's id and name.
+        snapshot: SnapshotName,
         /// The offset.
         offset: u64,
     },
     /// A snapshot's L1 table is larger than any image may have.
     SnapshotL1TooLarge {
-        /// Index in the snapshot table.
-        index: u32,
+        /// The snapshot's id and name.
+        snapshot: SnapshotName,
         /// Its entries.
         size: u32,
     },
@@ -292,18 +293,36 @@ impl fmt::Display for Finding {
                 "{} OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}",
                 fix(repaired)
             ),
-            Self::SnapshotL1Unaligned { index, offset } => write!(
+            Self::SnapshotL1Unaligned {
+                ref snapshot,
+                offset,
+            } => write!(
                 f,
-                "ERROR snapshot {index} l1_offset={offset:#x}: L1 table is not cluster aligned; snapshot table entry corrupted"
+                "ERROR snapshot {snapshot} l1_offset={offset:#x}: L1 table is not cluster aligned; snapshot table entry corrupted"
             ),
-            Self::SnapshotL1TooLarge { index, size } => write!(
+            Self::SnapshotL1TooLarge { ref snapshot, size } => write!(
                 f,
-                "ERROR snapshot {index} l1_size={size:#x}: L1 table is too large; snapshot table entry corrupted"
+                "ERROR snapshot {snapshot} l1_size={size:#x}: L1 table is too large; snapshot table entry corrupted"
             ),
             Self::ReadFailed { structure, offset } => {
                 write!(f, "ERROR reading the {structure} at offset {offset:#x}")
             }
         }
+    }
+}
+
+/// A snapshot's id and name, shown as qemu-img shows them: `ID (NAME)`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SnapshotName {
+    /// The id string.
+    pub id: String,
+    /// The name.
+    pub name: String,
+}
+
+impl fmt::Display for SnapshotName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.id, self.name)
     }
 }
 
@@ -655,12 +674,11 @@ fn pass<D: BlockIo>(img: &mut Img<'_, D>, _repair: Repair) -> Result<Pass, Error
     // Snapshots.
     let snaps = read_snapshots(img, &mut r)?;
     let mut table_len = 0u64;
-    for (i, (sn, len)) in snaps.iter().enumerate() {
-        table_len = table_len.saturating_add(*len);
-        let index = u32::try_from(i).unwrap_or(u32::MAX);
+    for (sn, len, snapshot) in snaps {
+        table_len = table_len.saturating_add(len);
         if sn.l1_offset & (cs - 1) != 0 {
             r.findings.push(Finding::SnapshotL1Unaligned {
-                index,
+                snapshot,
                 offset: sn.l1_offset,
             });
             r.corruptions += 1;
@@ -668,7 +686,7 @@ fn pass<D: BlockIo>(img: &mut Img<'_, D>, _repair: Repair) -> Result<Pass, Error
         }
         if sn.l1_size > MAX_L1_ENTRIES {
             r.findings.push(Finding::SnapshotL1TooLarge {
-                index,
+                snapshot,
                 size: sn.l1_size,
             });
             r.corruptions += 1;
@@ -875,7 +893,9 @@ fn walk_l2_entry<D: BlockIo>(
     }
     let host = e & OFFSET_MASK;
     let zero = !extended && e & ZERO != 0;
-    if host == 0 {
+    // With an external data file, offset 0 is a real cluster when COPIED
+    // is set (qemu-img's rule; see `L2Entry::decode`).
+    if host == 0 && !(img.hdr.has_data_file() && e & COPIED != 0) {
         return;
     }
     if let Some(next) = frag {
@@ -901,11 +921,15 @@ fn be(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
-/// Reads the snapshot table: each snapshot's fixed part and entry length.
+/// A snapshot table entry: fixed part, entry length, id and name.
+type SnapshotEntry = (SnapshotFixed, u64, SnapshotName);
+
+/// Reads the snapshot table: each snapshot's fixed part, entry length, id
+/// and name.
 fn read_snapshots<D: BlockIo>(
     img: &mut Img<'_, D>,
     _r: &mut CheckReport,
-) -> Result<Vec<(SnapshotFixed, u64)>, Error<D::Error>> {
+) -> Result<Vec<SnapshotEntry>, Error<D::Error>> {
     let n = img.hdr.nb_snapshots;
     if n > MAX_SNAPSHOTS {
         return Err(Error::Limit {
@@ -923,7 +947,19 @@ fn read_snapshots<D: BlockIo>(
         img.read(at, &mut fixed, Structure::SnapshotTable)?;
         let sn = SnapshotFixed::parse::<D::Error>(&fixed, at)?;
         let len = sn.entry_len();
-        out.push((sn, len));
+        // Id and name follow the extra data; both lengths are bounded by
+        // `SnapshotFixed::parse`.
+        let mut text = vec![0u8; usize::from(sn.id_len) + usize::from(sn.name_len)];
+        let text_at = at
+            .saturating_add(snapshot::field::FIXED_LEN as u64)
+            .saturating_add(u64::from(sn.extra_size));
+        img.read(text_at, &mut text, Structure::SnapshotTable)?;
+        let (id, name) = text.split_at(usize::from(sn.id_len));
+        let name = SnapshotName {
+            id: String::from_utf8_lossy(id).into_owned(),
+            name: String::from_utf8_lossy(name).into_owned(),
+        };
+        out.push((sn, len, name));
         at = at.saturating_add(len);
     }
     Ok(out)

@@ -592,6 +592,36 @@ fn corpus() -> Vec<Case> {
                 set_refcount(d, at, 1);
             },
         },
+        // 080: snapshot table entries qemu-img check reports (it opens the
+        // image and cannot delete the entry, so its -r all leaves them).
+        Case {
+            name: "080-snapshot-l1-unaligned",
+            base: Snap,
+            recover: QemuCannot,
+            poke: |d| {
+                let at = hdr(d).snapshots_offset;
+                let l1 = get64(d, at);
+                put64(d, at, l1 + 512);
+            },
+        },
+        Case {
+            name: "080-snapshot-l1-too-large",
+            base: Snap,
+            recover: QemuCannot,
+            poke: |d| {
+                let at = usize::try_from(hdr(d).snapshots_offset).unwrap() + 8;
+                d[at..at + 4].copy_from_slice(&0x1000_0000u32.to_be_bytes());
+            },
+        },
+        Case {
+            name: "080-snapshot-l1-past-eof",
+            base: Snap,
+            recover: QemuCannot,
+            poke: |d| {
+                let at = hdr(d).snapshots_offset;
+                put64(d, at, 1 << 32);
+            },
+        },
         // 080: the dirty bit with leaked clusters (lazy refcounts left
         // behind by a crash).
         Case {
