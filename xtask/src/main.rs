@@ -39,6 +39,7 @@ fn main() -> ExitCode {
                 .map_err(|e| format!("--mib: {e}"));
             mib.and_then(bench::compare)
         }
+        Some("check-mem") => bench::check_mem(),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())
@@ -68,7 +69,8 @@ fn print_help() {
          man           write the qimg(1) man page to target/man/qimg.1\n  \
          uefi          build the UEFI reader (tests/uefi-reader)\n  \
          uefi-test     boot OVMF with test images and check what the reader reads\n  \
-         bench-compare [--mib N]  XTS vs OpenSSL, PBKDF2 vs OpenSSL, qimg convert vs qemu-img (ratios)"
+         bench-compare [--mib N]  XTS vs OpenSSL, PBKDF2 vs OpenSSL, qimg convert vs qemu-img (ratios)\n  \
+         check-mem     peak RSS of the qcow2 check on a 4 TiB sparse and a 1 GiB fully written image"
     );
 }
 
