@@ -635,6 +635,19 @@ fn corpus() -> Vec<Case> {
                 put_header_u64(d, qcow_core::header::field::INCOMPATIBLE_FEATURES, inc);
             },
         },
+        // 060: the corrupt bit, left by a prevented overlapping write,
+        // with leaked clusters; repair clears it.
+        Case {
+            name: "060-corrupt-bit-with-leaks",
+            base: Plain,
+            recover: Full,
+            poke: |d| {
+                let first = grow(d, 2);
+                set_refcount(d, first + 1, 1);
+                let inc = hdr(d).incompatible_features | 2;
+                put_header_u64(d, qcow_core::header::field::INCOMPATIBLE_FEATURES, inc);
+            },
+        },
         // Real bug (QEMU < 5.0): the LUKS header region of an encrypted
         // image ends past the end of the file. The key slot in use stays
         // inside, so the image still opens.
