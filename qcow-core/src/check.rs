@@ -138,6 +138,15 @@ pub enum Finding {
         /// Whether the entry is a preallocated zero cluster.
         zero: bool,
     },
+    /// An allocated cluster whose extended L2 bitmap marks a subcluster
+    /// both allocated and reading as zero.
+    SubclusterBitmap {
+        /// The host offset.
+        offset: u64,
+    },
+    /// An unallocated cluster whose extended L2 bitmap marks subclusters
+    /// allocated.
+    SubclusterUnallocated,
     /// A compressed cluster descriptor with COPIED set.
     CompressedCopied {
         /// Host offset of the compressed data.
@@ -256,6 +265,13 @@ impl fmt::Display for Finding {
                 "ERROR offset={offset:x}: {} cluster is not properly aligned; L2 entry corrupted.",
                 if zero { "Preallocated" } else { "Data" }
             ),
+            Self::SubclusterBitmap { offset } => write!(
+                f,
+                "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+            ),
+            Self::SubclusterUnallocated => {
+                f.write_str("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+            }
             Self::CompressedCopied { offset } => write!(
                 f,
                 "ERROR: coffset={offset:#x}: copied flag must never be set for compressed clusters"
@@ -850,7 +866,8 @@ fn walk_l1<D: BlockIo>(
             }
             for ent in l2.chunks_exact(entry_len) {
                 let e2 = be(&ent[..8]);
-                walk_l2_entry(img, c, r, e2, frag.as_deref_mut());
+                let bitmap = ent.get(8..16).map(be);
+                walk_l2_entry(img, c, r, e2, bitmap, frag.as_deref_mut());
             }
         }
         start += n;
@@ -863,6 +880,7 @@ fn walk_l2_entry<D: BlockIo>(
     c: &mut Counter,
     r: &mut CheckReport,
     e: u64,
+    bitmap: Option<u64>,
     frag: Option<&mut u64>,
 ) {
     let cs = img.cs;
@@ -882,12 +900,7 @@ fn walk_l2_entry<D: BlockIo>(
         return;
     }
     let extended = img.hdr.extended_l2();
-    let reserved = if extended {
-        L2_RESERVED | ZERO
-    } else {
-        L2_RESERVED
-    };
-    if e & reserved != 0 {
+    if e & L2_RESERVED != 0 {
         r.findings.push(Finding::L2Reserved { entry: e });
         r.corruptions += 1;
     }
@@ -896,7 +909,17 @@ fn walk_l2_entry<D: BlockIo>(
     // With an external data file, offset 0 is a real cluster when COPIED
     // is set (qemu-img's rule; see `L2Entry::decode`).
     if host == 0 && !(img.hdr.has_data_file() && e & COPIED != 0) {
+        if bitmap.is_some_and(|b| b & 0xffff_ffff != 0) {
+            r.findings.push(Finding::SubclusterUnallocated);
+            r.corruptions += 1;
+        }
         return;
+    }
+    if let Some(b) = bitmap {
+        if b & (b >> 32) != 0 {
+            r.findings.push(Finding::SubclusterBitmap { offset: host });
+            r.corruptions += 1;
+        }
     }
     if let Some(next) = frag {
         r.frag.allocated_clusters += 1;

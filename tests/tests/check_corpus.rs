@@ -45,6 +45,8 @@ enum Base {
     BigTable,
     /// LUKS-encrypted qcow2.
     Encrypted,
+    /// Extended L2 entries (subclusters), 64 KiB clusters.
+    Extended,
 }
 
 /// Whether qemu-img itself can get the guest data back.
@@ -105,6 +107,14 @@ fn l2_pos(d: &[u8], g: u64) -> u64 {
     let t = l2_table(d, g / per);
     assert_ne!(t, 0, "guest cluster {g} has no L2 table");
     t + (g % per) * 8
+}
+
+/// Byte offset of the extended (16-byte) L2 entry of guest cluster `g`.
+fn l2_pos_ext(d: &[u8], g: u64) -> u64 {
+    let per = cs(d) / 16;
+    let t = l2_table(d, g / per);
+    assert_ne!(t, 0, "guest cluster {g} has no L2 table");
+    t + (g % per) * 16
 }
 
 /// Every allocated (non-compressed) guest cluster of the active layer: (L2
@@ -592,6 +602,38 @@ fn corpus() -> Vec<Case> {
                 set_refcount(d, at, 1);
             },
         },
+        // Extended L2: a subcluster both allocated and zero, and allocation
+        // bits on an unallocated cluster (qemu-img reports, cannot fix).
+        Case {
+            name: "extended-l2-alloc-and-zero",
+            base: Extended,
+            recover: QemuCannot,
+            poke: |d| {
+                let p = l2_pos_ext(d, 0) + 8;
+                let b = get64(d, p);
+                put64(d, p, b | 1 << 32);
+            },
+        },
+        Case {
+            name: "extended-l2-unallocated-alloc-bits",
+            base: Extended,
+            recover: QemuCannot,
+            poke: |d| {
+                let p = l2_pos_ext(d, 5) + 8;
+                assert_eq!(get64(d, p - 8), 0, "guest cluster 5 should be unallocated");
+                put64(d, p, 1);
+            },
+        },
+        Case {
+            name: "extended-l2-zero-refcount",
+            base: Extended,
+            recover: Full,
+            poke: |d| {
+                let host = get64(d, l2_pos_ext(d, 1)) & OFFSET_MASK;
+                let at = cluster_of(d, host);
+                set_refcount(d, at, 0);
+            },
+        },
         // 080: snapshot table entries qemu-img check reports (it opens the
         // image and cannot delete the entry, so its -r all leaves them).
         Case {
@@ -735,6 +777,10 @@ fn make_base(q: &Qemu, dir: &Path, base: Base) -> PathBuf {
                     .arg(&raw)
                     .arg(&p),
             );
+        }
+        Base::Extended => {
+            q.create(&p, "qcow2", "extended_l2=on", "4M");
+            io(&["write -P 0x21 0 100k", "write -P 0x31 1M 8k"]);
         }
         Base::BigTable => {
             q.create(&p, "qcow2", "cluster_size=512,refcount_bits=64", "4M");
