@@ -47,6 +47,8 @@ enum Base {
     Encrypted,
     /// Extended L2 entries (subclusters), 64 KiB clusters.
     Extended,
+    /// A persistent dirty bitmap with a bitmap table and a data cluster.
+    Bitmap,
 }
 
 /// Whether qemu-img itself can get the guest data back.
@@ -634,6 +636,40 @@ fn corpus() -> Vec<Case> {
                 set_refcount(d, at, 0);
             },
         },
+        // Persistent bitmaps: the directory, a bitmap table and a bitmap
+        // data cluster are counted like any other cluster.
+        Case {
+            name: "bitmap-directory-refcount-zero",
+            base: Bitmap,
+            recover: Full,
+            poke: |d| {
+                let (dir, _) = bitmap_table(d);
+                let at = cluster_of(d, dir);
+                set_refcount(d, at, 0);
+            },
+        },
+        Case {
+            name: "bitmap-table-refcount-high",
+            base: Bitmap,
+            recover: Full,
+            poke: |d| {
+                let (_, table) = bitmap_table(d);
+                let at = cluster_of(d, table);
+                set_refcount(d, at, 2);
+            },
+        },
+        Case {
+            name: "bitmap-data-refcount-zero",
+            base: Bitmap,
+            recover: Full,
+            poke: |d| {
+                let (_, table) = bitmap_table(d);
+                let data = get64(d, table) & OFFSET_MASK;
+                assert_ne!(data, 0, "the bitmap should have a data cluster");
+                let at = cluster_of(d, data);
+                set_refcount(d, at, 0);
+            },
+        },
         // 080: snapshot table entries qemu-img check reports (it opens the
         // image and cannot delete the entry, so its -r all leaves them).
         Case {
@@ -722,16 +758,28 @@ fn corpus() -> Vec<Case> {
     ]
 }
 
+/// The bitmap directory's offset and the first bitmap's table offset.
+fn bitmap_table(d: &[u8]) -> (u64, u64) {
+    let p = extension_payload(d, qcow_core::header::ext::BITMAPS);
+    let dir = get64(d, p + 16);
+    (dir, get64(d, dir))
+}
+
 /// The LUKS header region (offset, length) from the crypto extension.
 fn crypto_region(d: &[u8]) -> (u64, u64) {
-    let h = hdr(d);
-    let mut o = usize::try_from(h.extensions_start()).unwrap();
+    let p = extension_payload(d, qcow_core::header::ext::CRYPTO);
+    (get64(d, p), get64(d, p + 8))
+}
+
+/// Where header extension `ty`'s payload starts.
+fn extension_payload(d: &[u8], ty: u32) -> u64 {
+    let mut o = usize::try_from(hdr(d).extensions_start()).unwrap();
     loop {
         let t = u32::from_be_bytes(d[o..o + 4].try_into().unwrap());
         let l = u32::from_be_bytes(d[o + 4..o + 8].try_into().unwrap()) as usize;
-        assert_ne!(t, 0, "no crypto extension");
-        if t == qcow_core::header::ext::CRYPTO {
-            return (get64(d, o as u64 + 8), get64(d, o as u64 + 16));
+        assert_ne!(t, 0, "no header extension {ty:#x}");
+        if t == ty {
+            return o as u64 + 8;
         }
         o += 8 + l.next_multiple_of(8);
     }
@@ -777,6 +825,16 @@ fn make_base(q: &Qemu, dir: &Path, base: Base) -> PathBuf {
                     .arg(&raw)
                     .arg(&p),
             );
+        }
+        Base::Bitmap => {
+            q.create(&p, "qcow2", "", "4M");
+            run_ok(
+                Command::new(&q.img)
+                    .args(["bitmap", "--add"])
+                    .arg(&p)
+                    .arg("b0"),
+            );
+            io(&["write -P 0x41 0 1M"]);
         }
         Base::Extended => {
             q.create(&p, "qcow2", "extended_l2=on", "4M");
