@@ -188,8 +188,46 @@ fn check_luks(a: &CheckArgs<'_>) -> Result<u8, CliError> {
     let mut dev = FileDevice::open(Path::new(path))
         .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
     let len = dev.size().map_err(|e| CliError::io(path, e.to_string()))?;
-    let hdr = luks1::read_header(&mut dev).map_err(|e| CliError::io(path, e.to_string()))?;
     let mut problems = Vec::new();
+    let hdr = match luks1::read_header(&mut dev) {
+        Ok(h) => Some(h),
+        // A header that fails validation is the corruption check reports
+        // (overlapping key slots, a key slot inside the header, ...).
+        Err(e @ luks_core::Error::Corrupt { .. }) => {
+            problems.push(format!("ERROR {e}"));
+            None
+        }
+        Err(e) => return Err(CliError::io(path, e.to_string())),
+    };
+    if let Some(hdr) = hdr {
+        slot_problems(&hdr, len, &mut problems);
+    }
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    let corruptions = problems.len() as u64;
+    if a.json {
+        let mut m = Map::new();
+        if corruptions != 0 {
+            m.insert("corruptions".into(), json!(corruptions));
+        }
+        m.insert("check-errors".into(), json!(0));
+        m.insert("filename".into(), json!(path));
+        m.insert("format".into(), json!("luks"));
+        println!("{}", crate::pretty_json(&Value::Object(m)));
+    } else if !a.quiet {
+        let r = CheckReport {
+            corruptions,
+            ..CheckReport::default()
+        };
+        print!("{}", human(&r));
+    }
+    Ok(if corruptions > 0 { 2 } else { 0 })
+}
+
+/// Key material of each slot against the header, the other slots, the
+/// payload and the end of the file; the payload against the end of the file.
+fn slot_problems(hdr: &luks1::HeaderRepr, len: u64, problems: &mut Vec<String>) {
     let payload = u64::from(hdr.payload_offset) * 512;
     // The phdr is 592 bytes; key material starts past it.
     let mut ranges: Vec<(usize, u64, u64)> = Vec::new();
@@ -226,27 +264,6 @@ fn check_luks(a: &CheckArgs<'_>) -> Result<u8, CliError> {
             "ERROR payload offset {payload} is past the end of the file ({len} bytes)"
         ));
     }
-    for p in &problems {
-        eprintln!("{p}");
-    }
-    let corruptions = problems.len() as u64;
-    if a.json {
-        let mut m = Map::new();
-        if corruptions != 0 {
-            m.insert("corruptions".into(), json!(corruptions));
-        }
-        m.insert("check-errors".into(), json!(0));
-        m.insert("filename".into(), json!(path));
-        m.insert("format".into(), json!("luks"));
-        println!("{}", crate::pretty_json(&Value::Object(m)));
-    } else if !a.quiet {
-        let r = CheckReport {
-            corruptions,
-            ..CheckReport::default()
-        };
-        print!("{}", human(&r));
-    }
-    Ok(if corruptions > 0 { 2 } else { 0 })
 }
 
 #[cfg(test)]

@@ -1104,3 +1104,45 @@ fn raw_has_no_checks() {
         .unwrap();
     assert_eq!(out.status.code(), Some(63));
 }
+
+#[test]
+fn luks_volume_header_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = write_tmp(dir.path(), "key", b"check-corpus");
+    let vol = dir.path().join("v.luks");
+    run_ok(
+        qimg()
+            .args(["create", "-q", "-f", "luks", "--key-file"])
+            .arg(&key)
+            .args(["-o", "iter-time=10"])
+            .arg(&vol)
+            .arg("1M"),
+    );
+    let out = qimg().arg("check").arg(&vol).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "No errors were found on the image.\n"
+    );
+    let (code, v) = qimg_check(&vol, None);
+    assert_eq!((code, v["format"].as_str()), (0, Some("luks")));
+    let good = std::fs::read(&vol).unwrap();
+    let payload = u64::from(u32::from_be_bytes(good[104..108].try_into().unwrap())) * 512;
+
+    // Cut short before the payload: the payload offset is past the end.
+    std::fs::write(&vol, &good[..usize::try_from(payload - 512).unwrap()]).unwrap();
+    let out = qimg().arg("check").arg(&vol).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("payload offset"));
+
+    // Key slot 1's key material moved onto key slot 0's.
+    let mut bad = good.clone();
+    let s0 = 208 + 40;
+    let s1 = 208 + 48 + 40;
+    let kmo0: [u8; 4] = bad[s0..s0 + 4].try_into().unwrap();
+    bad[s1..s1 + 4].copy_from_slice(&kmo0);
+    std::fs::write(&vol, &bad).unwrap();
+    let (code, v) = qimg_check(&vol, None);
+    assert_eq!(code, 2, "{v}");
+    assert!(count(&v, "corruptions") >= 1, "{v}");
+}
