@@ -33,7 +33,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::entry::{self, CompressedDescriptor, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
-use crate::error::{Error, LayerError, Limit, Structure};
+use crate::error::{Error, LayerError, Limit, Problem, Structure};
 use crate::header::{
     autoclear, ext, extension_header, extension_span, field, incompat, BitmapsExt, CryptoExt,
     HeaderRepr,
@@ -386,13 +386,6 @@ impl CheckOutcome {
     }
 }
 
-/// A refcount-table entry and the cluster it names, as found.
-#[derive(Debug, Clone, Copy)]
-struct Refblock {
-    index: u64,
-    cluster: u64,
-}
-
 /// Everything a pass learns that repair needs.
 struct Pass {
     report: CheckReport,
@@ -433,6 +426,20 @@ impl<'d, D: BlockIo> Img<'d, D> {
             .map_err(|e| io(e, Structure::Header, 0))?;
         let hdr = HeaderRepr::parse_bytes::<D::Error>(&first)?;
         let cs = hdr.cluster_size();
+        // The L1 table must cover the virtual size; qemu-img refuses to
+        // open (and so to check) an image whose table is too small.
+        let l2_entries = cs / if hdr.extended_l2() { 16 } else { 8 };
+        let needed = hdr.size.div_ceil(cs).div_ceil(l2_entries);
+        if u64::from(hdr.l1_size) < needed {
+            return Err(Error::corrupt(
+                Structure::Header,
+                field::L1_SIZE.start as u64,
+                Problem::L1TooSmall {
+                    l1_size: hdr.l1_size,
+                    needed,
+                },
+            ));
+        }
         let mut img = Self {
             dev,
             hdr,
@@ -724,7 +731,6 @@ fn pass<D: BlockIo>(img: &mut Img<'_, D>, _repair: Repair) -> Result<Pass, Error
     let rt_bytes = (img.reftable.len() as u64).saturating_mul(8);
     c.inc(&mut r, img.hdr.refcount_table_offset, rt_bytes);
     let mut rebuild = false;
-    let mut blocks = Vec::new();
     for (i, &e) in img.reftable.iter().enumerate() {
         let index = i as u64;
         if e & REFT_RESERVED != 0 {
@@ -754,17 +760,16 @@ fn pass<D: BlockIo>(img: &mut Img<'_, D>, _repair: Repair) -> Result<Pass, Error
             continue;
         }
         c.inc(&mut r, off, cs);
-        blocks.push(Refblock { index, cluster });
-    }
-    for b in &blocks {
+        // Judged as soon as counted, as qemu-img does: a later entry naming
+        // the same cluster is reported at its own index.
         let n = c
             .counts
-            .get(usize::try_from(b.cluster).unwrap_or(usize::MAX))
+            .get(usize::try_from(cluster).unwrap_or(usize::MAX))
             .copied()
             .unwrap_or(0);
         if n != 1 {
             r.findings.push(Finding::RefblockShared {
-                index: b.index,
+                index,
                 refcount: u64::from(n),
             });
             r.corruptions += 1;

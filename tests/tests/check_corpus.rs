@@ -670,6 +670,47 @@ fn corpus() -> Vec<Case> {
                 set_refcount(d, at, 0);
             },
         },
+        // 080: header fields qemu-img opens and check reports: the refcount
+        // table past the end of the file, of zero clusters, one cluster too
+        // long (running over the refcount block), and the L1 table past
+        // the end of the file.
+        Case {
+            name: "080-reftable-past-eof",
+            base: Plain,
+            recover: Full,
+            poke: |d| {
+                let far = (d.len() as u64 / cs(d) + 1000) * cs(d);
+                put_header_u64(d, qcow_core::header::field::REFCOUNT_TABLE_OFFSET, far);
+            },
+        },
+        Case {
+            name: "080-reftable-zero-clusters",
+            base: Plain,
+            recover: Full,
+            poke: |d| {
+                d[qcow_core::header::field::REFCOUNT_TABLE_CLUSTERS]
+                    .copy_from_slice(&0u32.to_be_bytes());
+            },
+        },
+        Case {
+            name: "080-reftable-too-long",
+            base: Plain,
+            recover: Full,
+            poke: |d| {
+                let n = hdr(d).refcount_table_clusters + 1;
+                d[qcow_core::header::field::REFCOUNT_TABLE_CLUSTERS]
+                    .copy_from_slice(&n.to_be_bytes());
+            },
+        },
+        Case {
+            name: "080-l1-past-eof",
+            base: Plain,
+            recover: QemuCannot,
+            poke: |d| {
+                let far = (d.len() as u64 / cs(d) + 1000) * cs(d);
+                put_header_u64(d, qcow_core::header::field::L1_TABLE_OFFSET, far);
+            },
+        },
         // 080: snapshot table entries qemu-img check reports (it opens the
         // image and cannot delete the entry, so its -r all leaves them).
         Case {
