@@ -53,6 +53,8 @@ const REFT_RESERVED: u64 = 0x1ff;
 const BME_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Most bitmaps a directory may list (QEMU's limit).
 const MAX_BITMAPS: u32 = 65535;
+/// The largest byte offset a file can have (`i64::MAX`).
+const MAX_FILE_OFFSET: u64 = i64::MAX as u64;
 /// L1 entries read per device request.
 const L1_CHUNK: usize = 4096;
 
@@ -536,7 +538,9 @@ impl<'d, D: BlockIo> Img<'d, D> {
         if off == 0 {
             return Ok(Some(0));
         }
-        if off & (self.cs - 1) != 0 {
+        // Unaligned, or beyond the largest offset a file can have: qemu-img
+        // cannot read the block either.
+        if off & (self.cs - 1) != 0 || off > MAX_FILE_OFFSET.saturating_sub(self.cs) {
             return Ok(None);
         }
         if self.rb_cache.as_ref().map(|c| c.0) != Some(idx) {

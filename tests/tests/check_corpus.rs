@@ -217,6 +217,28 @@ fn corpus() -> Vec<Case> {
                 put64(d, at, rt);
             },
         },
+        // 060: the active L1 table overlapping the refcount table (the L1
+        // table offset moved onto it: the real L1 is lost).
+        Case {
+            name: "060-active-l1-at-reftable",
+            base: Plain,
+            recover: QemuCannot,
+            poke: |d| {
+                let rt = hdr(d).refcount_table_offset;
+                put_header_u64(d, qcow_core::header::field::L1_TABLE_OFFSET, rt);
+            },
+        },
+        // 060: the refcount table overlapping the active L1 table (its
+        // entries then name refcount blocks nobody can read).
+        Case {
+            name: "060-reftable-at-active-l1",
+            base: Plain,
+            recover: Full,
+            poke: |d| {
+                let l1 = hdr(d).l1_table_offset;
+                put_header_u64(d, qcow_core::header::field::REFCOUNT_TABLE_OFFSET, l1);
+            },
+        },
         // 060: an L2 table at the refcount block's cluster.
         Case {
             name: "060-l2-overlaps-refblock",
