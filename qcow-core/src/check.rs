@@ -1104,9 +1104,9 @@ fn check_copied<D: BlockIo>(
                     refcount: rc,
                     repaired,
                 });
-                if repaired {
+                let off = at.saturating_add(k as u64 * 8);
+                if repaired && sole_user(known, off, img.bits) {
                     let ne = if rc == 1 { e | COPIED } else { e & !COPIED };
-                    let off = at.saturating_add(k as u64 * 8);
                     img.dev
                         .write_at(off, &ne.to_be_bytes())
                         .map_err(|x| io(x, Structure::L1Table, off))?;
@@ -1155,7 +1155,7 @@ fn check_copied<D: BlockIo>(
                     }
                 }
             }
-            if dirty {
+            if dirty && sole_user(known, l2_off, img.bits) {
                 img.dev
                     .write_at(l2_off, &l2)
                     .map_err(|x| io(x, Structure::L2Table, l2_off))?;
@@ -1246,11 +1246,16 @@ fn fix<D: BlockIo>(
                 repaired,
             } = f
             {
-                let allowed = if *refcount > *reference {
-                    mode != Repair::None && !in_past_end(&past_end, *cluster, cs)
-                } else {
-                    mode == Repair::All
-                };
+                // Never write into a refcount structure that is itself
+                // damaged (a block shared with data, unreadable entries):
+                // only a rebuild (-r all) may replace it.
+                let usable = !(p.rebuild || p.unreadable);
+                let allowed = usable
+                    && if *refcount > *reference {
+                        mode != Repair::None && !in_past_end(&past_end, *cluster, cs)
+                    } else {
+                        mode == Repair::All
+                    };
                 if allowed {
                     changes.push((*cluster, *reference));
                     *repaired = true;
@@ -1382,7 +1387,7 @@ fn set_missing_copied<D: BlockIo>(
         if l2_off == 0 || l2_off & (cs - 1) != 0 || l2_off >= img.file_len {
             continue;
         }
-        if one(l2_off) && e & COPIED == 0 {
+        if one(l2_off) && e & COPIED == 0 && sole_user(Some(known), at, bits) {
             img.dev
                 .write_at(at, &(e | COPIED).to_be_bytes())
                 .map_err(|x| io(x, Structure::L1Table, at))?;
@@ -1403,7 +1408,7 @@ fn set_missing_copied<D: BlockIo>(
                 fixed += 1;
             }
         }
-        if dirty {
+        if dirty && sole_user(Some(known), l2_off, bits) {
             img.dev
                 .write_at(l2_off, &l2)
                 .map_err(|x| io(x, Structure::L2Table, l2_off))?;
@@ -1411,6 +1416,18 @@ fn set_missing_copied<D: BlockIo>(
     }
     img.dev.flush().map_err(|x| io(x, Structure::L2Table, 0))?;
     Ok(fixed)
+}
+
+/// Whether the table holding byte `off` is the only user of its cluster
+/// (per the repaired refcounts `known`), so fixing a COPIED flag in it
+/// cannot write into other metadata (an L2 table "at" the header, say).
+fn sole_user(known: Known<'_>, off: u64, bits: u32) -> bool {
+    known.is_some_and(|k| {
+        usize::try_from(off >> bits)
+            .ok()
+            .and_then(|i| k.get(i))
+            .is_some_and(|&v| v == 1)
+    })
 }
 
 /// Whether cluster `c` lies in one of the `ranges` (offset, size).

@@ -245,3 +245,34 @@ fn repair_survives_a_power_cut_anywhere() {
         }
     }
 }
+
+#[test]
+fn repair_never_writes_into_other_metadata_through_a_bogus_l2_table() {
+    let mut d = image();
+    let h = hdr(&d);
+    let at = h.l1_table_offset as usize;
+    // L1 entry 1 names the L1 table's own cluster as an L2 table: fixing
+    // "COPIED flags" in it would rewrite L1 entries.
+    let bogus = COPIED | h.l1_table_offset;
+    d[at + 8..at + 16].copy_from_slice(&bogus.to_be_bytes());
+    let l1_before = d[at..at + 512].to_vec();
+    run(&mut d, Repair::All);
+    assert_eq!(&d[at..at + 512], &l1_before[..]);
+    assert_eq!(hdr(&d).l1_table_offset, h.l1_table_offset);
+}
+
+#[test]
+fn repair_leaks_leaves_a_damaged_refcount_structure_alone() {
+    let mut d = image();
+    let nb = d.len() as u64 / 512;
+    d.resize((nb as usize + 2) * 512, 0);
+    set_refcount(&mut d, nb + 1, 1);
+    // The refcount table's second entry names a data cluster.
+    let data = first_data(&d);
+    let rt = hdr(&d).refcount_table_offset as usize;
+    d[rt + 8..rt + 16].copy_from_slice(&data.to_be_bytes());
+    let before = d[data as usize..data as usize + 512].to_vec();
+    let o = run(&mut d, Repair::Leaks);
+    assert_eq!(o.leaks_fixed, 0);
+    assert_eq!(&d[data as usize..data as usize + 512], &before[..]);
+}
