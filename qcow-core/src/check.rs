@@ -610,7 +610,7 @@ impl Counter {
 pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Error<D::Error>> {
     let mut img = Img::open(dev)?;
     let dirty = img.hdr.incompatible_features & incompat::DIRTY != 0;
-    let mut first = pass(&mut img, repair)?;
+    let mut first = pass(&mut img, repair != Repair::None)?;
     if repair == Repair::None {
         return Ok(CheckOutcome {
             first: first.report,
@@ -637,7 +637,7 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
             extended = 1;
             drop(img);
             img = Img::open(dev)?;
-            let mut again = pass(&mut img, repair)?;
+            let mut again = pass(&mut img, repair != Repair::None)?;
             fix(&mut img, &mut again, repair, dirty)?
         } else {
             fix(&mut img, &mut first, repair, dirty)?
@@ -648,7 +648,7 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
     let corruptions_fixed = corruptions_fixed + extended;
     drop(img);
     let mut img = Img::open(dev)?;
-    let second = pass(&mut img, Repair::None)?;
+    let second = pass(&mut img, false)?;
     let mut after = second.report;
     after.leaks_fixed = leaks_fixed;
     after.corruptions_fixed = corruptions_fixed;
@@ -678,7 +678,7 @@ fn crypto_past_end<D: BlockIo>(img: &Img<'_, D>, p: &Pass) -> Option<u64> {
 
 /// One pass: count references, compare with the stored refcounts, check
 /// COPIED flags. Changes nothing.
-fn pass<D: BlockIo>(img: &mut Img<'_, D>, _repair: Repair) -> Result<Pass, Error<D::Error>> {
+fn pass<D: BlockIo>(img: &mut Img<'_, D>, keep_base: bool) -> Result<Pass, Error<D::Error>> {
     let mut r = CheckReport {
         frag: FragInfo {
             total_clusters: img.hdr.size.div_ceil(img.cs),
@@ -699,7 +699,7 @@ fn pass<D: BlockIo>(img: &mut Img<'_, D>, _repair: Repair) -> Result<Pass, Error
     let (l1_off, l1_size) = (img.hdr.l1_table_offset, img.hdr.l1_size);
     walk_l1(img, &mut c, &mut r, l1_off, l1_size, Some(&mut next_contig))?;
     // Snapshots.
-    let snaps = read_snapshots(img, &mut r)?;
+    let snaps = read_snapshots(img)?;
     let mut table_len = 0u64;
     for (sn, len, snapshot) in snaps {
         table_len = table_len.saturating_add(len);
@@ -730,7 +730,12 @@ fn pass<D: BlockIo>(img: &mut Img<'_, D>, _repair: Repair) -> Result<Pass, Error
     }
     // Bitmaps.
     walk_bitmaps(img, &mut c, &mut r)?;
-    let base = c.counts.clone();
+    // The counts without the refcount structure, for a rebuild.
+    let base = if keep_base {
+        c.counts.clone()
+    } else {
+        Vec::new()
+    };
     // Refcount table and blocks.
     let rt_bytes = (img.reftable.len() as u64).saturating_mul(8);
     c.inc(&mut r, img.hdr.refcount_table_offset, rt_bytes);
@@ -958,10 +963,7 @@ type SnapshotEntry = (SnapshotFixed, u64, SnapshotName);
 
 /// Reads the snapshot table: each snapshot's fixed part, entry length, id
 /// and name.
-fn read_snapshots<D: BlockIo>(
-    img: &mut Img<'_, D>,
-    _r: &mut CheckReport,
-) -> Result<Vec<SnapshotEntry>, Error<D::Error>> {
+fn read_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<Vec<SnapshotEntry>, Error<D::Error>> {
     let n = img.hdr.nb_snapshots;
     if n > MAX_SNAPSHOTS {
         return Err(Error::Limit {
