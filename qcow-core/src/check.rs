@@ -251,7 +251,10 @@ impl fmt::Display for Finding {
                 f,
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {size:#x}"
             ),
-            Self::Overflow { offset } => write!(f, "ERROR: overflow cluster offset={offset:#x}"),
+            Self::Overflow { offset } => write!(
+                f,
+                "ERROR: overflow cluster offset={offset:#x}\nMore references than the refcount width holds: widen refcount_bits, or convert to a clean copy"
+            ),
             Self::L1Reserved { entry } => {
                 write!(f, "ERROR found L1 entry with reserved bits set: {entry:x}")
             }
@@ -563,6 +566,9 @@ impl<'d, D: BlockIo> Img<'d, D> {
 /// Reference counting for one pass.
 struct Counter {
     counts: Vec<u16>,
+    /// Most references one cluster may have: the image's refcount maximum
+    /// (as qemu-img counts), capped by the `u16` cells.
+    max: u16,
     file_len: u64,
     bits: u32,
     cs: u64,
@@ -591,7 +597,7 @@ impl Counter {
             if i >= self.counts.len() {
                 self.counts.resize(i + 1, 0);
             }
-            if self.counts[i] == u16::MAX {
+            if self.counts[i] >= self.max {
                 r.findings.push(Finding::Overflow {
                     offset: c << self.bits,
                 });
@@ -687,8 +693,14 @@ fn pass<D: BlockIo>(img: &mut Img<'_, D>, keep_base: bool) -> Result<Pass, Error
         ..CheckReport::default()
     };
     let nb = img.nb_clusters();
+    let bits = img.hdr.refcount_bits();
     let mut c = Counter {
         counts: vec![0u16; usize::try_from(nb).unwrap_or(0)],
+        max: if bits >= 16 {
+            u16::MAX
+        } else {
+            u16::try_from((1u32 << bits) - 1).unwrap_or(u16::MAX)
+        },
         file_len: img.file_len,
         bits: img.bits,
         cs: img.cs,
