@@ -212,6 +212,9 @@ pub enum Finding {
         /// Its entries.
         size: u32,
     },
+    /// Repair is replacing the refcount table and blocks (the findings
+    /// before this one are what it fixes).
+    Rebuilding,
     /// A structure could not be read from the device.
     ReadFailed {
         /// What was read.
@@ -325,6 +328,7 @@ impl fmt::Display for Finding {
                 f,
                 "ERROR snapshot {snapshot} l1_size={size:#x}: L1 table is too large; snapshot table entry corrupted"
             ),
+            Self::Rebuilding => f.write_str("Rebuilding refcount structure"),
             Self::ReadFailed { structure, offset } => {
                 write!(f, "ERROR reading the {structure} at offset {offset:#x}")
             }
@@ -827,7 +831,7 @@ fn pass<D: BlockIo>(img: &mut Img<'_, D>, keep_base: bool) -> Result<Pass, Error
         }
     }
     if !unreadable {
-        check_copied(img, &mut r, None)?;
+        check_copied(img, &mut r, CopiedFix::None)?;
     }
     r.image_end_offset = highest.saturating_add(1).saturating_mul(cs);
     Ok(Pass {
@@ -1065,18 +1069,46 @@ fn walk_bitmaps<D: BlockIo>(
     Ok(())
 }
 
-/// Refcounts as repair left them, for the COPIED check.
-type Known<'a> = Option<&'a [u16]>;
+/// How the COPIED check may change flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopiedFix<'a> {
+    /// Report against the stored refcounts; change nothing.
+    None,
+    /// Against the repaired refcounts: fix every flag (`-r all`).
+    All(&'a [u16]),
+    /// Against the repaired refcounts: only set a missing flag on a
+    /// cluster whose refcount is now 1 (`-r leaks`, as qemu-img does).
+    Missing(&'a [u16]),
+}
+
+impl<'a> CopiedFix<'a> {
+    fn known(self) -> Option<&'a [u16]> {
+        match self {
+            Self::None => None,
+            Self::All(k) | Self::Missing(k) => Some(k),
+        }
+    }
+    /// Whether a flag that disagrees with refcount `rc` is fixed.
+    fn fixes(self, rc: u64, copied: bool) -> bool {
+        match self {
+            Self::None => false,
+            Self::All(_) => true,
+            Self::Missing(_) => rc == 1 && !copied,
+        }
+    }
+}
 
 /// Checks COPIED flags of the active L1 and L2 tables against the
-/// refcounts (stored ones, or `known` after a repair); with `known`, fixes
-/// them on the device and marks the findings repaired.
+/// refcounts, reporting each disagreement; fixes them on the device as
+/// `fix` allows, marking those findings repaired. Returns how many it
+/// fixed.
 fn check_copied<D: BlockIo>(
     img: &mut Img<'_, D>,
     r: &mut CheckReport,
-    known: Known<'_>,
+    fix: CopiedFix<'_>,
 ) -> Result<u64, Error<D::Error>> {
     let cs = img.cs;
+    let known = fix.known();
     let mut fixed = 0u64;
     let l1_off = img.hdr.l1_table_offset;
     let l1_len = usize::try_from(img.hdr.l1_size.min(MAX_L1_ENTRIES)).unwrap_or(0);
@@ -1110,16 +1142,17 @@ fn check_copied<D: BlockIo>(
                 r.check_errors += 1;
                 return Ok(fixed);
             };
-            if (rc == 1) != (e & COPIED != 0) {
-                let repaired = known.is_some();
+            let copied = e & COPIED != 0;
+            if (rc == 1) != copied {
+                let off = at.saturating_add(k as u64 * 8);
+                let repaired = fix.fixes(rc, copied) && sole_user(known, off, img.bits);
                 r.findings.push(Finding::CopiedL2 {
                     l1_index: (start + k) as u64,
                     l1_entry: e,
                     refcount: rc,
                     repaired,
                 });
-                let off = at.saturating_add(k as u64 * 8);
-                if repaired && sole_user(known, off, img.bits) {
+                if repaired {
                     let ne = if rc == 1 { e | COPIED } else { e & !COPIED };
                     img.dev
                         .write_at(off, &ne.to_be_bytes())
@@ -1133,12 +1166,14 @@ fn check_copied<D: BlockIo>(
                 continue;
             }
             img.read(l2_off, &mut l2, Structure::L2Table)?;
+            let writable = sole_user(known, l2_off, img.bits);
             let mut dirty = false;
             for j in 0..l2.len() / entry_len {
                 let p = j * entry_len;
                 let e2 = be(&l2[p..p + 8]);
                 if e2 & COMPRESSED != 0 {
-                    if e2 & COPIED != 0 && known.is_some() {
+                    // Reported by the reference walk; cleared by -r all.
+                    if e2 & COPIED != 0 && matches!(fix, CopiedFix::All(_)) && writable {
                         l2[p..p + 8].copy_from_slice(&(e2 & !COPIED).to_be_bytes());
                         dirty = true;
                     }
@@ -1152,8 +1187,9 @@ fn check_copied<D: BlockIo>(
                     r.check_errors += 1;
                     return Ok(fixed);
                 };
-                if (rc == 1) != (e2 & COPIED != 0) {
-                    let repaired = known.is_some();
+                let copied = e2 & COPIED != 0;
+                if (rc == 1) != copied {
+                    let repaired = fix.fixes(rc, copied) && writable;
                     r.findings.push(Finding::CopiedData {
                         l2_entry: e2,
                         refcount: rc,
@@ -1169,7 +1205,7 @@ fn check_copied<D: BlockIo>(
                     }
                 }
             }
-            if dirty && sole_user(known, l2_off, img.bits) {
+            if dirty {
                 img.dev
                     .write_at(l2_off, &l2)
                     .map_err(|x| io(x, Structure::L2Table, l2_off))?;
@@ -1181,6 +1217,18 @@ fn check_copied<D: BlockIo>(
         img.dev.flush().map_err(|x| io(x, Structure::L2Table, 0))?;
     }
     Ok(fixed)
+}
+
+/// Whether the table holding byte `off` is the only user of its cluster
+/// (per the repaired refcounts `known`), so fixing a COPIED flag in it
+/// cannot write into other metadata (an L2 table "at" the header, say).
+fn sole_user(known: Option<&[u16]>, off: u64, bits: u32) -> bool {
+    known.is_some_and(|k| {
+        usize::try_from(off >> bits)
+            .ok()
+            .and_then(|i| k.get(i))
+            .is_some_and(|&v| v == 1)
+    })
 }
 
 /// Repairs what `mode` allows; returns (leaks fixed, corruptions fixed).
@@ -1208,21 +1256,19 @@ fn fix<D: BlockIo>(
         known = rebuild_refcounts(img, &p.base, max_rc)?;
         for f in &mut p.report.findings {
             match f {
+                // Worded as found (qemu-img prints them before rebuilding).
                 Finding::Refcount {
                     refcount,
                     reference,
-                    repaired,
                     ..
                 } => {
-                    *repaired = true;
                     if *refcount < *reference {
                         corruptions_fixed += 1;
                     } else {
                         leaks_fixed += 1;
                     }
                 }
-                Finding::RefblockOutside { repaired, .. } => {
-                    *repaired = true;
+                Finding::RefblockOutside { .. } => {
                     corruptions_fixed += 1;
                 }
                 Finding::RefblockUnaligned { .. }
@@ -1233,6 +1279,7 @@ fn fix<D: BlockIo>(
                 _ => {}
             }
         }
+        p.report.findings.push(Finding::Rebuilding);
     } else {
         // In place: each change is to a cluster in an existing, readable
         // refcount block. Raising is safe at any time; lowering is only
@@ -1252,12 +1299,15 @@ fn fix<D: BlockIo>(
                 _ => None,
             })
             .collect();
-        for f in &mut p.report.findings {
+        // qemu-img reports each mismatch as found, then again as it
+        // repairs it; the repaired copies follow the first pass's findings.
+        let mut repairs = Vec::new();
+        for f in &p.report.findings {
             if let Finding::Refcount {
                 cluster,
                 refcount,
                 reference,
-                repaired,
+                ..
             } = f
             {
                 // Never write into a refcount structure that is itself
@@ -1272,7 +1322,12 @@ fn fix<D: BlockIo>(
                     };
                 if allowed {
                     changes.push((*cluster, *reference));
-                    *repaired = true;
+                    repairs.push(Finding::Refcount {
+                        cluster: *cluster,
+                        refcount: *refcount,
+                        reference: *reference,
+                        repaired: true,
+                    });
                     if *refcount > *reference {
                         leaks_fixed += 1;
                     } else {
@@ -1286,6 +1341,7 @@ fn fix<D: BlockIo>(
                 }
             }
         }
+        p.report.findings.extend(repairs);
         let mut i = 0;
         while i < changes.len() {
             let idx = changes[i].0 / per;
@@ -1313,50 +1369,19 @@ fn fix<D: BlockIo>(
             .flush()
             .map_err(|x| io(x, Structure::RefcountBlock, 0))?;
     }
-    // COPIED flags: with -r all, every one; with -r leaks, only those a
-    // leak fix made right again (refcount now 1, flag missing), as
-    // qemu-img does.
-    if mode == Repair::All || rebuild {
-        check_copied(img, &mut CheckReport::default(), Some(&known))?;
+    // COPIED flags, judged again against the refcounts as repaired (the
+    // first pass judged them against the stored ones): with -r all every
+    // one is fixed; with -r leaks only a missing flag on a cluster whose
+    // refcount is now 1, as qemu-img does.
+    p.report
+        .findings
+        .retain(|f| !matches!(f, Finding::CopiedL2 { .. } | Finding::CopiedData { .. }));
+    let policy = if mode == Repair::All || rebuild {
+        CopiedFix::All(&known)
     } else {
-        set_missing_copied(img, &known)?;
-        let bits = img.bits;
-        let is_one = |off: u64| {
-            usize::try_from((off & OFFSET_MASK) >> bits)
-                .ok()
-                .and_then(|i| known.get(i))
-                .is_some_and(|&v| v == 1)
-        };
-        for f in &mut p.report.findings {
-            match f {
-                Finding::CopiedL2 {
-                    l1_entry: e,
-                    repaired,
-                    ..
-                }
-                | Finding::CopiedData {
-                    l2_entry: e,
-                    repaired,
-                    ..
-                } if *e & COPIED == 0 && is_one(*e) => {
-                    *repaired = true;
-                    corruptions_fixed += 1;
-                }
-                _ => {}
-            }
-        }
-    }
-    for f in &mut p.report.findings {
-        match f {
-            Finding::CopiedL2 { repaired, .. } | Finding::CopiedData { repaired, .. }
-                if mode == Repair::All || rebuild =>
-            {
-                *repaired = true;
-                corruptions_fixed += 1;
-            }
-            _ => {}
-        }
-    }
+        CopiedFix::Missing(&known)
+    };
+    corruptions_fixed += check_copied(img, &mut p.report, policy)?;
     // Clear the dirty and corrupt bits.
     if img.hdr.version >= 3
         && img.hdr.incompatible_features & (incompat::DIRTY | incompat::CORRUPT) != 0
@@ -1372,76 +1397,6 @@ fn fix<D: BlockIo>(
         img.dev.flush().map_err(|x| io(x, Structure::Header, 0))?;
     }
     Ok((leaks_fixed, corruptions_fixed))
-}
-
-/// Sets COPIED on active L2 entries whose cluster's refcount (`known`) is 1.
-fn set_missing_copied<D: BlockIo>(
-    img: &mut Img<'_, D>,
-    known: &[u16],
-) -> Result<u64, Error<D::Error>> {
-    let cs = img.cs;
-    let l1_off = img.hdr.l1_table_offset;
-    let l1_len = usize::try_from(img.hdr.l1_size.min(MAX_L1_ENTRIES)).unwrap_or(0);
-    let entry_len: usize = if img.hdr.extended_l2() { 16 } else { 8 };
-    let mut l2 = vec![0u8; usize::try_from(cs).unwrap_or(0)];
-    let mut l1e = [0u8; 8];
-    let mut fixed = 0u64;
-    let bits = img.bits;
-    let one = |off: u64| -> bool {
-        usize::try_from(off >> bits)
-            .ok()
-            .and_then(|i| known.get(i))
-            .is_some_and(|&v| v == 1)
-    };
-    for k in 0..l1_len {
-        let at = l1_off.saturating_add(k as u64 * 8);
-        img.read(at, &mut l1e, Structure::L1Table)?;
-        let e = u64::from_be_bytes(l1e);
-        let l2_off = entry::l1_l2_offset(e);
-        if l2_off == 0 || l2_off & (cs - 1) != 0 || l2_off >= img.file_len {
-            continue;
-        }
-        if one(l2_off) && e & COPIED == 0 && sole_user(Some(known), at, bits) {
-            img.dev
-                .write_at(at, &(e | COPIED).to_be_bytes())
-                .map_err(|x| io(x, Structure::L1Table, at))?;
-            fixed += 1;
-        }
-        img.read(l2_off, &mut l2, Structure::L2Table)?;
-        let mut dirty = false;
-        for j in 0..l2.len() / entry_len {
-            let p = j * entry_len;
-            let e2 = be(&l2[p..p + 8]);
-            let host = e2 & OFFSET_MASK;
-            if e2 & COMPRESSED != 0 || host == 0 || img.hdr.has_data_file() {
-                continue;
-            }
-            if one(host) && e2 & COPIED == 0 {
-                l2[p..p + 8].copy_from_slice(&(e2 | COPIED).to_be_bytes());
-                dirty = true;
-                fixed += 1;
-            }
-        }
-        if dirty && sole_user(Some(known), l2_off, bits) {
-            img.dev
-                .write_at(l2_off, &l2)
-                .map_err(|x| io(x, Structure::L2Table, l2_off))?;
-        }
-    }
-    img.dev.flush().map_err(|x| io(x, Structure::L2Table, 0))?;
-    Ok(fixed)
-}
-
-/// Whether the table holding byte `off` is the only user of its cluster
-/// (per the repaired refcounts `known`), so fixing a COPIED flag in it
-/// cannot write into other metadata (an L2 table "at" the header, say).
-fn sole_user(known: Known<'_>, off: u64, bits: u32) -> bool {
-    known.is_some_and(|k| {
-        usize::try_from(off >> bits)
-            .ok()
-            .and_then(|i| k.get(i))
-            .is_some_and(|&v| v == 1)
-    })
 }
 
 /// Whether cluster `c` lies in one of the `ranges` (offset, size).
