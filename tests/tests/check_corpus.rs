@@ -1237,3 +1237,58 @@ fn luks_volume_header_is_checked() {
     assert_eq!(code, 2, "{v}");
     assert!(count(&v, "corruptions") >= 1, "{v}");
 }
+
+#[test]
+fn repair_report_matches_qemu_img() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(make_base(&q, dir.path(), Base::Plain)).unwrap();
+    let pokes: [(&str, fn(&mut Vec<u8>)); 3] = [
+        ("leak", |d| {
+            let first = grow(d, 2);
+            set_refcount(d, first, 1);
+        }),
+        ("refcount-too-high", |d| {
+            let (_, host) = data_entries(d)[0];
+            let at = cluster_of(d, host);
+            set_refcount(d, at, 2);
+        }),
+        ("copied-missing", |d| {
+            let (p, _) = data_entries(d)[1];
+            let e = get64(d, p);
+            put64(d, p, e & !COPIED);
+        }),
+    ];
+    for (name, poke) in pokes {
+        let mut img = good.clone();
+        poke(&mut img);
+        for mode in ["leaks", "all"] {
+            let theirs = dir.path().join(format!("{name}-{mode}-q.qcow2"));
+            let ours = dir.path().join(format!("{name}-{mode}-m.qcow2"));
+            std::fs::write(&theirs, &img).unwrap();
+            std::fs::write(&ours, &img).unwrap();
+            let t = Command::new(&q.img)
+                .args(["check", "-r", mode])
+                .arg(&theirs)
+                .output()
+                .unwrap();
+            let o = qimg()
+                .args(["check", "-r", mode])
+                .arg(&ours)
+                .output()
+                .unwrap();
+            assert_eq!(o.status.code(), t.status.code(), "{name} -r {mode}");
+            assert_eq!(
+                (
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                (
+                    String::from_utf8_lossy(&t.stdout),
+                    String::from_utf8_lossy(&t.stderr)
+                ),
+                "{name} -r {mode}"
+            );
+        }
+    }
+}
