@@ -33,7 +33,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::entry::{self, CompressedDescriptor, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
-use crate::error::{Error, LayerError, Limit, Problem, Structure};
+use crate::error::{Error, LayerError, Limit, Problem, Structure, Unsupported};
 use crate::header::{
     autoclear, ext, extension_header, extension_span, field, incompat, BitmapsExt, CryptoExt,
     HeaderRepr,
@@ -434,6 +434,15 @@ impl<'d, D: BlockIo> Img<'d, D> {
         dev.read_at(0, &mut first[..n])
             .map_err(|e| io(e, Structure::Header, 0))?;
         let hdr = HeaderRepr::parse_bytes::<D::Error>(&first)?;
+        // Unknown incompatible features: the image cannot be interpreted
+        // (qemu-img refuses to open it too).
+        if hdr.unknown_incompatible() != 0 {
+            let bit = hdr.unknown_incompatible().trailing_zeros();
+            return Err(Error::Unsupported(Unsupported::IncompatibleFeature {
+                bit: u8::try_from(bit).unwrap_or(u8::MAX),
+                name: heapless::String::new(),
+            }));
+        }
         let cs = hdr.cluster_size();
         // The L1 table must cover the virtual size; qemu-img refuses to
         // open (and so to check) an image whose table is too small.

@@ -276,3 +276,14 @@ fn repair_leaks_leaves_a_damaged_refcount_structure_alone() {
     assert_eq!(o.leaks_fixed, 0);
     assert_eq!(&d[data as usize..data as usize + 512], &before[..]);
 }
+
+#[test]
+fn unknown_incompatible_feature_is_refused() {
+    let mut d = image();
+    d[72..80].copy_from_slice(&(1u64 << 20).to_be_bytes());
+    let mut dev = VecDevice::from_vec(d);
+    assert!(matches!(
+        check(&mut dev, Repair::All),
+        Err(Error::Unsupported(Unsupported::IncompatibleFeature { bit: 20, .. }))
+    ));
+}
