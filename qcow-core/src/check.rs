@@ -139,6 +139,9 @@ pub enum Finding {
         offset: u64,
         /// Whether the entry is a preallocated zero cluster.
         zero: bool,
+        /// Whether repair made it a plain zero cluster (preallocated zero
+        /// clusters only: they hold no data).
+        repaired: bool,
     },
     /// An allocated cluster whose extended L2 bitmap marks a subcluster
     /// both allocated and reading as zero.
@@ -268,9 +271,14 @@ impl fmt::Display for Finding {
             Self::L2Reserved { entry } => {
                 write!(f, "ERROR found l2 entry with reserved bits set: {entry:x}")
             }
-            Self::DataUnaligned { offset, zero } => write!(
+            Self::DataUnaligned {
+                offset,
+                zero,
+                repaired,
+            } => write!(
                 f,
-                "ERROR offset={offset:x}: {} cluster is not properly aligned; L2 entry corrupted.",
+                "{} offset={offset:x}: {} cluster is not properly aligned; L2 entry corrupted.",
+                fix(repaired),
                 if zero { "Preallocated" } else { "Data" }
             ),
             Self::SubclusterBitmap { offset } => write!(
@@ -638,13 +646,16 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
             corruptions_fixed: 0,
         });
     }
-    let mut extended = 0u64;
-    let (leaks_fixed, corruptions_fixed) = if let Some(end) = crypto_past_end(&img, &first) {
-        // The LUKS header region ends past the end of the file (images
-        // from QEMU < 5.0). Freeing its clusters as leaks, as qemu-img
-        // does, would let new data overwrite the key slots: extend the file
-        // to cover the region instead, then count it like any other.
-        if repair == Repair::All {
+    // Fixes that change what is referenced come first (-r all); the
+    // references are then counted again before refcounts are repaired.
+    let mut pre_fixed = 0u64;
+    if repair == Repair::All {
+        if let Some(end) = crypto_past_end(&img, &first) {
+            // The LUKS header region ends past the end of the file (images
+            // from QEMU < 5.0). Freeing its clusters as leaks, as qemu-img
+            // does, would let new data overwrite the key slots: extend the
+            // file to cover the region instead, then count it like any
+            // other.
             let at = end.saturating_sub(img.cs);
             let zero = vec![0u8; usize::try_from(img.cs).unwrap_or(0)];
             img.dev
@@ -653,18 +664,44 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
             img.dev
                 .flush()
                 .map_err(|x| io(x, Structure::HeaderExtension, at))?;
-            extended = 1;
-            drop(img);
-            img = Img::open(dev)?;
-            let mut again = pass(&mut img, repair != Repair::None)?;
-            fix(&mut img, &mut again, repair, dirty)?
-        } else {
-            fix(&mut img, &mut first, repair, dirty)?
+            pre_fixed += 1;
         }
+        let has_bad_zero = first
+            .report
+            .findings
+            .iter()
+            .any(|f| matches!(f, Finding::DataUnaligned { zero: true, .. }));
+        if has_bad_zero {
+            let n = fix_unaligned_zero(&mut img)?;
+            for f in &mut first.report.findings {
+                if let Finding::DataUnaligned {
+                    zero: true,
+                    repaired,
+                    ..
+                } = f
+                {
+                    *repaired = true;
+                }
+            }
+            pre_fixed += n;
+        }
+    }
+    let (leaks_fixed, corruptions_fixed) = if pre_fixed > 0 {
+        drop(img);
+        img = Img::open(dev)?;
+        let mut again = pass(&mut img, true)?;
+        let fixed = fix(&mut img, &mut again, repair, dirty)?;
+        // What the recount found and repaired, after the first report.
+        for f in again.report.findings {
+            if !first.report.findings.contains(&f) {
+                first.report.findings.push(f);
+            }
+        }
+        fixed
     } else {
         fix(&mut img, &mut first, repair, dirty)?
     };
-    let corruptions_fixed = corruptions_fixed + extended;
+    let corruptions_fixed = corruptions_fixed + pre_fixed;
     drop(img);
     let mut img = Img::open(dev)?;
     let second = pass(&mut img, false)?;
@@ -968,8 +1005,11 @@ fn walk_l2_entry<D: BlockIo>(
         *next = host.saturating_add(cs);
     }
     if host & (cs - 1) != 0 {
-        r.findings
-            .push(Finding::DataUnaligned { offset: host, zero });
+        r.findings.push(Finding::DataUnaligned {
+            offset: host,
+            zero,
+            repaired: false,
+        });
         r.corruptions += 1;
     }
     if !img.hdr.has_data_file() {
@@ -1238,6 +1278,59 @@ fn sole_user(known: Option<&[u16]>, off: u64, bits: u32) -> bool {
             .and_then(|i| k.get(i))
             .is_some_and(|&v| v == 1)
     })
+}
+
+/// Turns every preallocated zero cluster whose host offset is not cluster
+/// aligned into a plain zero cluster (it reads as zero either way, so no
+/// data is lost), in the active L2 tables and the snapshots'. The entry
+/// loses its reference before any refcount is lowered. Returns how many
+/// entries changed.
+fn fix_unaligned_zero<D: BlockIo>(img: &mut Img<'_, D>) -> Result<u64, Error<D::Error>> {
+    let cs = img.cs;
+    if img.hdr.extended_l2() {
+        return Ok(0);
+    }
+    let mut tables = vec![(img.hdr.l1_table_offset, img.hdr.l1_size)];
+    for (sn, _, _) in read_snapshots(img)? {
+        if sn.l1_offset & (cs - 1) == 0 && sn.l1_size <= MAX_L1_ENTRIES {
+            tables.push((sn.l1_offset, sn.l1_size));
+        }
+    }
+    let mut seen = alloc::collections::BTreeSet::new();
+    let mut l2 = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+    let mut l1e = [0u8; 8];
+    let mut fixed = 0u64;
+    for (l1_off, l1_size) in tables {
+        for k in 0..u64::from(l1_size.min(MAX_L1_ENTRIES)) {
+            img.read(l1_off.saturating_add(k * 8), &mut l1e, Structure::L1Table)?;
+            let l2_off = entry::l1_l2_offset(u64::from_be_bytes(l1e));
+            if l2_off == 0
+                || l2_off & (cs - 1) != 0
+                || l2_off >= img.file_len
+                || !seen.insert(l2_off)
+            {
+                continue;
+            }
+            img.read(l2_off, &mut l2, Structure::L2Table)?;
+            let mut dirty = false;
+            for ent in l2.chunks_exact_mut(8) {
+                let e = be(ent);
+                let host = e & OFFSET_MASK;
+                if e & COMPRESSED == 0 && e & ZERO != 0 && host != 0 && host & (cs - 1) != 0 {
+                    ent.copy_from_slice(&ZERO.to_be_bytes());
+                    dirty = true;
+                    fixed += 1;
+                }
+            }
+            if dirty {
+                img.dev
+                    .write_at(l2_off, &l2)
+                    .map_err(|x| io(x, Structure::L2Table, l2_off))?;
+            }
+        }
+    }
+    img.dev.flush().map_err(|x| io(x, Structure::L2Table, 0))?;
+    Ok(fixed)
 }
 
 /// Repairs what `mode` allows; returns (leaks fixed, corruptions fixed).

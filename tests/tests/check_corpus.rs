@@ -51,6 +51,8 @@ enum Base {
     Bitmap,
     /// 1-bit refcounts: a second reference overflows.
     Narrow,
+    /// A preallocated zero cluster (zero flag with a host cluster).
+    ZeroAlloc,
 }
 
 /// Whether qemu-img itself can get the guest data back.
@@ -64,10 +66,13 @@ enum Recover {
     QemuCannot,
 }
 
+/// Damage done to an image's bytes.
+type Poke = fn(&mut Vec<u8>);
+
 struct Case {
     name: &'static str,
     base: Base,
-    poke: fn(&mut Vec<u8>),
+    poke: Poke,
     recover: Recover,
 }
 
@@ -735,6 +740,21 @@ fn corpus() -> Vec<Case> {
                 put_header_u64(d, qcow_core::header::field::L1_TABLE_OFFSET, far);
             },
         },
+        // A preallocated zero cluster at an unaligned offset: it holds no
+        // data, so repair makes it a plain zero cluster (as qemu-img does).
+        Case {
+            name: "zero-alloc-unaligned",
+            base: ZeroAlloc,
+            recover: Full,
+            poke: |d| {
+                let (p, _) = data_entries(d)
+                    .into_iter()
+                    .find(|&(p, _)| get64(d, p) & 1 != 0)
+                    .expect("a preallocated zero cluster");
+                let e = get64(d, p);
+                put64(d, p, e + 512);
+            },
+        },
         // Refcount overflow: with 1-bit refcounts, two L2 entries naming
         // one cluster are one reference too many (qemu-img cannot fix it).
         Case {
@@ -912,6 +932,10 @@ fn make_base(q: &Qemu, dir: &Path, base: Base) -> PathBuf {
                     .arg("b0"),
             );
             io(&["write -P 0x41 0 1M"]);
+        }
+        Base::ZeroAlloc => {
+            q.create(&p, "qcow2", "", "4M");
+            io(&["write -P 0x61 0 128k", "write -z 0 64k"]);
         }
         Base::Narrow => {
             q.create(&p, "qcow2", "refcount_bits=1", "4M");
@@ -1243,7 +1267,7 @@ fn repair_report_matches_qemu_img() {
     let Some(q) = Qemu::find() else { return };
     let dir = tempfile::tempdir().unwrap();
     let good = std::fs::read(make_base(&q, dir.path(), Base::Plain)).unwrap();
-    let pokes: [(&str, fn(&mut Vec<u8>)); 3] = [
+    let pokes: [(&str, Poke); 3] = [
         ("leak", |d| {
             let first = grow(d, 2);
             set_refcount(d, first, 1);

@@ -284,6 +284,9 @@ fn unknown_incompatible_feature_is_refused() {
     let mut dev = VecDevice::from_vec(d);
     assert!(matches!(
         check(&mut dev, Repair::All),
-        Err(Error::Unsupported(Unsupported::IncompatibleFeature { bit: 20, .. }))
+        Err(Error::Unsupported(Unsupported::IncompatibleFeature {
+            bit: 20,
+            ..
+        }))
     ));
 }
