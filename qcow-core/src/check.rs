@@ -437,8 +437,10 @@ fn io<E>(e: E, structure: Structure, offset: u64) -> Error<E> {
 impl<'d, D: BlockIo> Img<'d, D> {
     fn open(dev: &'d mut D) -> Result<Self, Error<D::Error>> {
         let file_len = dev.size().map_err(|e| io(e, Structure::Header, 0))?;
-        let mut first = vec![0u8; 512];
-        let n = usize::try_from(file_len.min(512)).unwrap_or(512);
+        // The header with room for a long `header_length` (at most a
+        // cluster; 64 KiB covers every header qemu-img writes).
+        let mut first = vec![0u8; 64 * 1024];
+        let n = usize::try_from(file_len.min(64 * 1024)).unwrap_or(0);
         dev.read_at(0, &mut first[..n])
             .map_err(|e| io(e, Structure::Header, 0))?;
         let hdr = HeaderRepr::parse_bytes::<D::Error>(&first)?;
