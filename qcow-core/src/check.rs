@@ -1046,10 +1046,9 @@ fn read_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<Vec<SnapshotEntry>
     for _ in 0..n {
         let mut fixed = [0u8; snapshot::field::FIXED_LEN];
         img.read(at, &mut fixed, Structure::SnapshotTable)?;
-        let sn = SnapshotFixed::parse::<D::Error>(&fixed, at)?;
+        let sn = snapshot_fixed::<D::Error>(&fixed, at)?;
         let len = sn.entry_len();
-        // Id and name follow the extra data; both lengths are bounded by
-        // `SnapshotFixed::parse`.
+        // Id and name follow the extra data (each at most 64 KiB).
         let mut text = vec![0u8; usize::from(sn.id_len) + usize::from(sn.name_len)];
         let text_at = at
             .saturating_add(snapshot::field::FIXED_LEN as u64)
@@ -1064,6 +1063,36 @@ fn read_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<Vec<SnapshotEntry>
         at = at.saturating_add(len);
     }
     Ok(out)
+}
+
+/// The fixed part of a snapshot entry for the check: unlike
+/// `SnapshotFixed::parse` (which bounds id and name for display), any id
+/// and name length is accepted, as qemu-img accepts it; only the extra
+/// data keeps its limit (qemu-img refuses more, too).
+fn snapshot_fixed<E>(
+    b: &[u8; snapshot::field::FIXED_LEN],
+    at: u64,
+) -> Result<SnapshotFixed, Error<E>> {
+    use snapshot::field as f;
+    let extra_size = crate::header::be32(b, f::EXTRA_SIZE);
+    if extra_size > crate::limits::MAX_SNAPSHOT_EXTRA {
+        return Err(Error::Limit {
+            structure: Structure::SnapshotTable,
+            offset: at,
+            limit: Limit::SnapshotExtra,
+            value: u64::from(extra_size),
+            max: u64::from(crate::limits::MAX_SNAPSHOT_EXTRA),
+        });
+    }
+    let u16_at = |r: core::ops::Range<usize>| u16::from_be_bytes([b[r.start], b[r.start + 1]]);
+    Ok(SnapshotFixed {
+        l1_offset: crate::header::be64(b, f::L1_OFFSET),
+        l1_size: crate::header::be32(b, f::L1_SIZE),
+        id_len: u16_at(f::ID_LEN),
+        name_len: u16_at(f::NAME_LEN),
+        extra_size,
+        ..SnapshotFixed::default()
+    })
 }
 
 /// Counts the bitmap directory and every bitmap table and data cluster.
@@ -1213,11 +1242,13 @@ fn check_copied<D: BlockIo>(
                     r.corruptions += 1;
                 }
             }
-            if l2_off & (cs - 1) != 0 || l2_off >= img.file_len {
+            // qemu-img reads an unaligned table where it points; repair
+            // only writes back aligned ones.
+            if l2_off >= img.file_len {
                 continue;
             }
             img.read(l2_off, &mut l2, Structure::L2Table)?;
-            let writable = sole_user(known, l2_off, img.bits);
+            let writable = l2_off & (cs - 1) == 0 && sole_user(known, l2_off, img.bits);
             let mut dirty = false;
             for j in 0..l2.len() / entry_len {
                 let p = j * entry_len;
