@@ -208,6 +208,12 @@ pub enum Finding {
         /// The offset.
         offset: u64,
     },
+    /// A snapshot table entry (version 3) without the extra data version 3
+    /// requires.
+    SnapshotIncomplete {
+        /// Index in the snapshot table.
+        index: u32,
+    },
     /// A snapshot's L1 table is larger than any image may have.
     SnapshotL1TooLarge {
         /// The snapshot's id and name.
@@ -336,6 +342,9 @@ impl fmt::Display for Finding {
                 f,
                 "ERROR snapshot {snapshot} l1_size={size:#x}: L1 table is too large; snapshot table entry corrupted"
             ),
+            Self::SnapshotIncomplete { index } => {
+                write!(f, "ERROR snapshot table entry {index} is incomplete")
+            }
             Self::Rebuilding => f.write_str("Rebuilding refcount structure"),
             Self::ReadFailed { structure, offset } => {
                 write!(f, "ERROR reading the {structure} at offset {offset:#x}")
@@ -452,6 +461,15 @@ impl<'d, D: BlockIo> Img<'d, D> {
                 bit: u8::try_from(bit).unwrap_or(u8::MAX),
                 name: heapless::String::new(),
             }));
+        }
+        // "Raw external data" without an external data file: qemu-img
+        // refuses to open the image.
+        if hdr.autoclear_features & autoclear::DATA_FILE_RAW != 0 && !hdr.has_data_file() {
+            return Err(Error::corrupt(
+                Structure::Header,
+                field::AUTOCLEAR_FEATURES.start as u64,
+                Problem::DataFileRawWithoutDataFile,
+            ));
         }
         let cs = hdr.cluster_size();
         // The L1 table must cover the virtual size; qemu-img refuses to
@@ -758,13 +776,15 @@ fn pass<D: BlockIo>(img: &mut Img<'_, D>, keep_base: bool) -> Result<Pass, Error
         cs: img.cs,
     };
     let cs = img.cs;
-    c.inc(&mut r, 0, cs);
-    let mut next_contig = 0u64;
-    let (l1_off, l1_size) = (img.hdr.l1_table_offset, img.hdr.l1_size);
-    walk_l1(img, &mut c, &mut r, l1_off, l1_size, Some(&mut next_contig))?;
-    // Snapshots.
-    let snaps = read_snapshots(img)?;
+    // The snapshot table is read and judged first (qemu-img does it when
+    // opening the image, so its findings come first).
+    let (snaps, incomplete) = read_snapshots(img)?;
+    for index in incomplete {
+        r.findings.push(Finding::SnapshotIncomplete { index });
+        r.corruptions += 1;
+    }
     let mut table_len = 0u64;
+    let mut snapshot_l1s = Vec::new();
     for (sn, len, snapshot) in snaps {
         table_len = table_len.saturating_add(len);
         if sn.l1_offset & (cs - 1) != 0 {
@@ -773,17 +793,22 @@ fn pass<D: BlockIo>(img: &mut Img<'_, D>, keep_base: bool) -> Result<Pass, Error
                 offset: sn.l1_offset,
             });
             r.corruptions += 1;
-            continue;
-        }
-        if sn.l1_size > MAX_L1_ENTRIES {
+        } else if sn.l1_size > MAX_L1_ENTRIES {
             r.findings.push(Finding::SnapshotL1TooLarge {
                 snapshot,
                 size: sn.l1_size,
             });
             r.corruptions += 1;
-            continue;
+        } else {
+            snapshot_l1s.push((sn.l1_offset, sn.l1_size));
         }
-        walk_l1(img, &mut c, &mut r, sn.l1_offset, sn.l1_size, None)?;
+    }
+    c.inc(&mut r, 0, cs);
+    let mut next_contig = 0u64;
+    let (l1_off, l1_size) = (img.hdr.l1_table_offset, img.hdr.l1_size);
+    walk_l1(img, &mut c, &mut r, l1_off, l1_size, Some(&mut next_contig))?;
+    for (off, size) in snapshot_l1s {
+        walk_l1(img, &mut c, &mut r, off, size, None)?;
     }
     c.inc(&mut r, img.hdr.snapshots_offset, table_len);
     // LUKS header region.
@@ -1027,10 +1052,13 @@ fn be(b: &[u8]) -> u64 {
 
 /// A snapshot table entry: fixed part, entry length, id and name.
 type SnapshotEntry = (SnapshotFixed, u64, SnapshotName);
+/// The snapshot table entries, and the indexes of those whose extra data
+/// is shorter than version 3 requires.
+type SnapshotTable = (Vec<SnapshotEntry>, Vec<u32>);
 
 /// Reads the snapshot table: each snapshot's fixed part, entry length, id
 /// and name.
-fn read_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<Vec<SnapshotEntry>, Error<D::Error>> {
+fn read_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<SnapshotTable, Error<D::Error>> {
     let n = img.hdr.nb_snapshots;
     if n > MAX_SNAPSHOTS {
         return Err(Error::Limit {
@@ -1042,12 +1070,19 @@ fn read_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<Vec<SnapshotEntry>
         });
     }
     let mut out = Vec::new();
+    let mut incomplete = Vec::new();
     let mut at = img.hdr.snapshots_offset;
-    for _ in 0..n {
+    for index in 0..n {
         let mut fixed = [0u8; snapshot::field::FIXED_LEN];
         img.read(at, &mut fixed, Structure::SnapshotTable)?;
         let sn = snapshot_fixed::<D::Error>(&fixed, at)?;
         let len = sn.entry_len();
+        // Version 3 requires the 64-bit VM state size and the disk size in
+        // the extra data; qemu-img calls a shorter entry incomplete (an
+        // entry read past the end of the file is all zeros, so it is too).
+        if img.hdr.version >= 3 && sn.extra_size < 16 {
+            incomplete.push(index);
+        }
         // Id and name follow the extra data (each at most 64 KiB).
         let mut text = vec![0u8; usize::from(sn.id_len) + usize::from(sn.name_len)];
         let text_at = at
@@ -1062,7 +1097,7 @@ fn read_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<Vec<SnapshotEntry>
         out.push((sn, len, name));
         at = at.saturating_add(len);
     }
-    Ok(out)
+    Ok((out, incomplete))
 }
 
 /// The fixed part of a snapshot entry for the check: unlike
@@ -1324,7 +1359,7 @@ fn fix_unaligned_zero<D: BlockIo>(img: &mut Img<'_, D>) -> Result<u64, Error<D::
         return Ok(0);
     }
     let mut tables = vec![(img.hdr.l1_table_offset, img.hdr.l1_size)];
-    for (sn, _, _) in read_snapshots(img)? {
+    for (sn, _, _) in read_snapshots(img)?.0 {
         if sn.l1_offset & (cs - 1) == 0 && sn.l1_size <= MAX_L1_ENTRIES {
             tables.push((sn.l1_offset, sn.l1_size));
         }
