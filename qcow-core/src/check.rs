@@ -471,6 +471,15 @@ impl<'d, D: BlockIo> Img<'d, D> {
                 Problem::DataFileRawWithoutDataFile,
             ));
         }
+        if hdr.l1_size > MAX_L1_ENTRIES {
+            return Err(Error::Limit {
+                structure: Structure::L1Table,
+                offset: hdr.l1_table_offset,
+                limit: Limit::L1Entries,
+                value: u64::from(hdr.l1_size),
+                max: u64::from(MAX_L1_ENTRIES),
+            });
+        }
         let cs = hdr.cluster_size();
         // The L1 table must cover the virtual size; qemu-img refuses to
         // open (and so to check) an image whose table is too small.
