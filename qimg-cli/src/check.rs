@@ -57,6 +57,24 @@ pub(crate) fn run(a: &CheckArgs<'_>) -> Result<u8, CliError> {
     }
 }
 
+/// Whether the reader's open error is one that makes qemu-img's open (and
+/// so its check) fail, rather than something `check` itself reports.
+fn refuses_open<E>(e: &qcow_core::Error<E>) -> bool {
+    use qcow_core::error::Problem;
+    match e {
+        qcow_core::Error::Unsupported(_) => true,
+        qcow_core::Error::Corrupt { problem, .. } => matches!(
+            problem,
+            Problem::MissingCryptoExtension
+                | Problem::ExtensionOverrun { .. }
+                | Problem::ExtensionLength { .. }
+                | Problem::DuplicateExtension(_)
+                | Problem::Overflow
+        ),
+        _ => false,
+    }
+}
+
 fn check_qcow2(a: &CheckArgs<'_>) -> Result<u8, CliError> {
     let path = a.filename;
     let repair = match a.repair {
@@ -70,6 +88,18 @@ fn check_qcow2(a: &CheckArgs<'_>) -> Result<u8, CliError> {
         FileDevice::open_rw(Path::new(path))
     }
     .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    // An image qemu-img cannot open (qcow2_open's checks: feature bits,
+    // header extensions, table offsets, the encryption extension) is not
+    // checkable: exit 1 with the reason, as qemu-img check does. The
+    // reader's open makes the same checks without allocating.
+    {
+        let mut cache = vec![0u8; 64 * 1024];
+        if let Err(e) = qcow_core::Qcow2::open(&mut dev, &mut cache) {
+            if refuses_open(&e) {
+                return Err(CliError::io(path, format!("cannot check: {e}")));
+            }
+        }
+    }
     let out = check::check(&mut dev, repair).map_err(|e| CliError::io(path, e.to_string()))?;
     print_findings(&out.first);
     if let Some(after) = &out.after {

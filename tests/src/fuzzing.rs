@@ -31,6 +31,8 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("qcow2_image", qcow2_image),
     ("qcow2_compressed", qcow2_compressed),
     ("luks1_unlock", luks1_unlock),
+    ("luks2_unlock", luks2_unlock),
+    ("qcow2_check", qcow2_check),
     ("cli_options", cli_options),
 ];
 
@@ -42,6 +44,10 @@ pub const FUZZ_PASSPHRASE: &[u8] = b"fuzz";
 /// and so does qimg), which is slow, not wrong; the fuzzer looks for
 /// crashes, so it skips the wait.
 pub const FUZZ_MAX_ITERATIONS: u32 = 2000;
+
+/// Argon2 memory the LUKS2 harness hands over at most (blocks of 1 KiB);
+/// key slots asking for more only get the "not enough memory" error.
+pub const FUZZ_ARGON2_BLOCKS: usize = 64;
 
 /// Guest bytes the image harness reads at most.
 pub const FUZZ_MAX_GUEST_READ: u64 = 1 << 20;
@@ -213,6 +219,43 @@ pub fn luks1_unlock(data: &[u8]) {
         if let Ok((key, _)) = luks_core::luks1::unlock(&mut dev, &hdr, FUZZ_PASSPHRASE, None) {
             let _ = luks_core::luks1::data_cipher::<()>(&hdr, &key);
         }
+    }
+}
+
+/// LUKS2: both header copies (checksums, seqid, the secondary found by
+/// scanning), the bounded JSON metadata, and an unlock attempt with
+/// [`FUZZ_PASSPHRASE`] when the key slots' KDFs are cheap: PBKDF2 up to
+/// [`FUZZ_MAX_ITERATIONS`], Argon2 within [`FUZZ_ARGON2_BLOCKS`] of
+/// memory and 4 passes (a larger request exercises the memory error).
+pub fn luks2_unlock(data: &[u8]) {
+    use luks_core::luks2::{self, meta::Kdf};
+    let _ = luks2::probe(data);
+    let _ = luks2::version(data);
+    let mut dev = MemDevice::read_only(data);
+    let mut json = vec![0u8; 64 * 1024];
+    let Ok(h) = luks2::read_header(&mut dev, &mut json) else {
+        return;
+    };
+    let cheap = h.meta.keyslots.iter().all(|k| match &k.kdf {
+        Some(Kdf::Pbkdf2 { iterations, .. }) => *iterations <= FUZZ_MAX_ITERATIONS,
+        Some(Kdf::Argon2 { time, .. }) => *time <= 4,
+        _ => true,
+    });
+    if cheap {
+        let mut mem = vec![luks2::Argon2Block::default(); FUZZ_ARGON2_BLOCKS];
+        let _ = luks2::unlock(&mut dev, &h, FUZZ_PASSPHRASE, None, &mut mem);
+    }
+}
+
+/// The checker over an in-memory image: a read-only check, then `-r all`
+/// on a copy and a second check of the repaired image.
+pub fn qcow2_check(data: &[u8]) {
+    use qcow_core::check::{check, Repair};
+    let mut ro = MemDevice::read_only(data);
+    let _ = check(&mut ro, Repair::None);
+    let mut copy = luks_core::io::VecDevice::from_vec(data.to_vec());
+    if check(&mut copy, Repair::All).is_ok() {
+        let _ = check(&mut copy, Repair::None);
     }
 }
 

@@ -15,7 +15,9 @@ pub(crate) const TARGETS: &[&str] = &[
     "qcow2_entries",
     "qcow2_image",
     "qcow2_compressed",
+    "qcow2_check",
     "luks1_unlock",
+    "luks2_unlock",
     "cli_options",
 ];
 
@@ -110,8 +112,8 @@ pub(crate) fn fuzz(args: &[String]) -> Result<(), String> {
 /// slot; the front of a small qcow2 image).
 fn max_len(t: &str) -> usize {
     match t {
-        "luks1_unlock" => 160 << 10,
-        "qcow2_image" => 64 << 10,
+        "luks1_unlock" | "luks2_unlock" => 160 << 10,
+        "qcow2_image" | "qcow2_check" => 64 << 10,
         _ => 16 << 10,
     }
 }

@@ -100,12 +100,14 @@ fn main() {
     }
 
     let qcow_dir = dir(&out, "qcow2_image");
+    let check_dir = dir(&out, "qcow2_check");
     let hdr_dir = dir(&out, "qcow2_header");
     let ent_dir = dir(&out, "qcow2_entries");
     for (i, p) in images.iter().enumerate() {
         let bytes = std::fs::read(p).unwrap();
         let name = p.file_name().unwrap().to_string_lossy().to_string();
         seed_max(&qcow_dir, &name, &bytes, MAX_IMAGE_SEED);
+        seed_max(&check_dir, &name, &bytes, MAX_IMAGE_SEED);
         seed(&hdr_dir, &name, &bytes[..bytes.len().min(4096)]);
         // Entries: a selector byte, then a few KiB of the image (its L1,
         // L2 and refcount tables live near the front of a small image).
@@ -170,6 +172,63 @@ fn main() {
             seed_max(
                 &luks_dir,
                 f.trim_end_matches(".xz"),
+                &std::fs::read(p).unwrap(),
+                MAX_LUKS_SEED,
+            );
+        }
+    }
+
+    // LUKS2: volumes cryptsetup formats (PBKDF2, and Argon2id within the
+    // harness's memory), and the third-party LUKS2 images.
+    let luks2_dir = dir(&out, "luks2_unlock");
+    if let Some(cs) = tool("cryptsetup") {
+        let pass = qimg_tests::qemu::write_tmp(t, "pass2", qimg_tests::fuzzing::FUZZ_PASSPHRASE);
+        for (name, pbkdf) in [
+            (
+                "pbkdf2",
+                &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"][..],
+            ),
+            (
+                "argon2id",
+                &[
+                    "--pbkdf",
+                    "argon2id",
+                    "--pbkdf-memory",
+                    "64",
+                    "--pbkdf-force-iterations",
+                    "4",
+                ][..],
+            ),
+        ] {
+            let p = t.join(format!("luks2-{name}.img"));
+            std::fs::write(&p, vec![0u8; 4 << 20]).unwrap();
+            run_ok(
+                Command::new(&cs)
+                    .args(["luksFormat", "-q", "--type", "luks2"])
+                    .args(["--cipher", "aes-cbc-essiv:sha256", "--key-size", "128"])
+                    .args(pbkdf)
+                    .arg("--key-file")
+                    .arg(&pass)
+                    .arg(&p),
+            );
+            seed_max(
+                &luks2_dir,
+                &format!("cryptsetup-{name}"),
+                &std::fs::read(&p).unwrap(),
+                MAX_LUKS_SEED,
+            );
+        }
+    }
+    for f in [
+        "luks2_valid_hdr.img.xz",
+        "luks2_invalid_cipher.img.xz",
+        "compatimage2.img.xz",
+    ] {
+        if let Some(src) = testdata(&format!("cryptsetup/{f}")) {
+            let p = unxz(&src, t);
+            seed_max(
+                &luks2_dir,
+                f.trim_end_matches(".img.xz"),
                 &std::fs::read(p).unwrap(),
                 MAX_LUKS_SEED,
             );
