@@ -330,7 +330,7 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
         key_secret = Some(k);
     }
     opts.reject_unused(if t.qcow2 { "qcow2" } else { "luks" })
-        .map_err(|e| CliError::usage(format!("{e} (amend changes key slots only)")))?;
+        .map_err(|e| CliError::io(&path, format!("{e} (amend changes key slots only)")))?;
     let state = match state.as_deref() {
         None => return Err(CliError::usage("Parameter 'state' is missing".into())),
         Some("active") => State::Active,
