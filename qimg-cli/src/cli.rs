@@ -170,7 +170,8 @@ enum Command {
         /// Destination image.
         destination: String,
     },
-    /// Change key slots of an encrypted image (qemu-img amend):
+    /// Change key slots of an encrypted image (qemu-img amend).
+    ///
     /// `-o encrypt.state=active|inactive,encrypt.keyslot=N,encrypt.new-secret=ID,encrypt.old-secret=ID,encrypt.iter-time=MS`
     /// for qcow2, the same names without `encrypt.` for raw LUKS.
     Amend {
@@ -536,8 +537,15 @@ fn convert_to_qcow2(
     }
     let cluster = w.header().cluster_size();
     let io_dst = |e: qcow_core::Error<luks_core::io::FileError>| CliError::io(dst, e.to_string());
+    // A new image over `-B` reads its backing file wherever it is
+    // unallocated: the source's zeroes must be written too (as zero
+    // clusters), or the backing file's data would show through.
+    let over_backing = !a.no_create && a.backing.is_some();
     let bar = crate::progress::Bar::new(a.progress, len);
     if a.compress {
+        if over_backing {
+            w.write_zeroes(0, len).map_err(io_dst)?;
+        }
         convert::copy_clusters(
             src,
             len,
@@ -551,7 +559,7 @@ fn convert_to_qcow2(
         let mut dev: AnyDev = erased(w);
         let copy_opts = CopyOptions {
             sparse_size: a.sparse_size,
-            target_is_zero: !a.no_create || a.target_is_zero,
+            target_is_zero: (!a.no_create && !over_backing) || a.target_is_zero,
         };
         convert::copy(src, &mut dev, len, copy_opts, &mut |done| bar.set(done))
             .map_err(|e| copy_err(a, e))?;
@@ -580,5 +588,29 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Every verb says what it does and every argument what it means, in
+    /// `qimg --help` and each verb's `--help`.
+    #[test]
+    fn every_verb_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(p.clone());
+                }
+                for a in sub.get_arguments() {
+                    let id = a.get_id().as_str();
+                    if id != "help" && id != "version" && a.get_help().is_none() {
+                        missing.push(format!("{p} <{id}>"));
+                    }
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "qimg", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 }
