@@ -85,6 +85,61 @@ pub enum Problem {
     KeySlotPastEnd,
     /// A size or offset computed from the header overflows.
     Overflow,
+    /// LUKS2 metadata is invalid.
+    Luks2(Luks2Problem),
+}
+
+/// What is wrong with LUKS2 metadata (binary header or JSON). Field names
+/// are the JSON member names (`keyslots`, `area.offset`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Luks2Problem {
+    /// The header size is not one of 16 KiB .. 4 MiB.
+    HeaderSize(u64),
+    /// The copy's `hdr_offset` is not where it was found.
+    HeaderOffset(u64),
+    /// The checksum does not match the header and JSON area.
+    Checksum,
+    /// Neither header copy is valid.
+    NoValidCopy,
+    /// The JSON text is not valid JSON.
+    JsonSyntax,
+    /// The JSON nests deeper than the parser allows.
+    JsonTooDeep,
+    /// The JSON text is not NUL-terminated inside its area.
+    JsonUnterminated,
+    /// A required member is missing.
+    Missing(&'static str),
+    /// A member has the wrong JSON type.
+    WrongType(&'static str),
+    /// A member's value is out of range or malformed.
+    BadValue(&'static str),
+    /// More entries than this implementation holds.
+    TooMany(&'static str),
+    /// A reference to a key slot, segment or digest that does not exist.
+    DanglingReference(&'static str),
+    /// A key slot area lies outside the key slots area or overlaps another.
+    AreaOutOfBounds,
+}
+
+impl fmt::Display for Luks2Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::HeaderSize(n) => write!(f, "header size {n} is not one of 16 KiB .. 4 MiB"),
+            Self::HeaderOffset(n) => write!(f, "header copy says it lives at offset {n}"),
+            Self::Checksum => f.write_str("checksum mismatch"),
+            Self::NoValidCopy => f.write_str("neither header copy is valid"),
+            Self::JsonSyntax => f.write_str("JSON syntax error"),
+            Self::JsonTooDeep => f.write_str("JSON nests too deep"),
+            Self::JsonUnterminated => f.write_str("JSON text is not NUL-terminated in its area"),
+            Self::Missing(m) => write!(f, "member `{m}` is missing"),
+            Self::WrongType(m) => write!(f, "member `{m}` has the wrong type"),
+            Self::BadValue(m) => write!(f, "member `{m}` has an invalid value"),
+            Self::TooMany(m) => write!(f, "too many `{m}` entries"),
+            Self::DanglingReference(m) => write!(f, "`{m}` refers to an entry that does not exist"),
+            Self::AreaOutOfBounds => f.write_str("key slot area lies outside the key slots area"),
+        }
+    }
 }
 
 impl fmt::Display for Problem {
@@ -104,6 +159,7 @@ impl fmt::Display for Problem {
             Self::KeySlotOverlapsPayload => f.write_str("overlaps the encrypted payload"),
             Self::KeySlotPastEnd => f.write_str("key material lies past the end of the device"),
             Self::Overflow => f.write_str("offset or size overflows"),
+            Self::Luks2(p) => write!(f, "{p}"),
         }
     }
 }
@@ -129,6 +185,12 @@ pub enum Unsupported {
     SectorSize(u32),
     /// A key larger than [`crate::MAX_KEY_BYTES`].
     KeyTooLarge(u32),
+    /// A LUKS2 volume with a mandatory requirement this implementation
+    /// does not know (for example an interrupted re-encryption).
+    Requirement(Name),
+    /// A LUKS2 key slot, KDF, AF, area, digest or segment type this
+    /// implementation does not know.
+    Luks2Type(Name),
 }
 
 impl fmt::Display for Unsupported {
@@ -142,6 +204,11 @@ impl fmt::Display for Unsupported {
             }
             Self::SectorSize(s) => write!(f, "sector size {s} is not supported"),
             Self::KeyTooLarge(n) => write!(f, "key of {n} bytes is larger than supported"),
+            Self::Requirement(n) => write!(
+                f,
+                "the LUKS2 header has the mandatory requirement `{n}`, which is not supported (finish it with cryptsetup first)"
+            ),
+            Self::Luks2Type(n) => write!(f, "LUKS2 type `{n}` is not supported"),
         }
     }
 }
@@ -191,7 +258,7 @@ impl fmt::Display for BadParameter {
             Self::PassphraseTooLong => f.write_str("passphrase is too long"),
             Self::Unaligned { offset, len } => write!(
                 f,
-                "request of {len} bytes at offset {offset} is not aligned to 512-byte sectors"
+                "request of {len} bytes at offset {offset} is not aligned to the sector size"
             ),
             Self::OutOfRange { offset, len, size } => write!(
                 f,
@@ -258,6 +325,18 @@ pub enum Error<E> {
     Rng,
     /// A parameter given by the caller cannot work.
     BadParameter(BadParameter),
+    /// An Argon2 key slot needs more memory than the caller provided.
+    KdfMemory {
+        /// The key slot.
+        slot: u8,
+        /// KiB the slot asks for.
+        needed_kib: u64,
+        /// KiB provided.
+        given_kib: u64,
+    },
+    /// The key slot opened, but its key is not the data segment's key
+    /// (an unbound LUKS2 key slot); it never unlocks data.
+    KeySlotUnbound(u8),
 }
 
 impl<E> Error<E> {
@@ -316,6 +395,16 @@ impl<E> Error<E> {
             },
             Self::Rng => Error::Rng,
             Self::BadParameter(p) => Error::BadParameter(p),
+            Self::KdfMemory {
+                slot,
+                needed_kib,
+                given_kib,
+            } => Error::KdfMemory {
+                slot,
+                needed_kib,
+                given_kib,
+            },
+            Self::KeySlotUnbound(n) => Error::KeySlotUnbound(n),
         }
     }
 }
@@ -382,7 +471,9 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             Self::KeySlotNotActive(n) => {
                 write!(f, "key slot {n} is not active; choose an active key slot")
             }
-            Self::NoFreeKeySlot => f.write_str("all 8 key slots are in use; remove one first"),
+            Self::NoFreeKeySlot => f.write_str(
+                "all key slots (or the key slots area) are in use; remove one first",
+            ),
             Self::LastKeySlot(n) => write!(
                 f,
                 "key slot {n} is the last usable key slot; removing it would lock the data away (force it to proceed)"
@@ -405,6 +496,18 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             ),
             Self::Rng => f.write_str("the random number generator failed; try again"),
             Self::BadParameter(p) => write!(f, "invalid parameter: {p}"),
+            Self::KdfMemory {
+                slot,
+                needed_kib,
+                given_kib,
+            } => write!(
+                f,
+                "key slot {slot} needs {needed_kib} KiB of Argon2 memory, only {given_kib} KiB are available; use another key slot or give more memory"
+            ),
+            Self::KeySlotUnbound(n) => write!(
+                f,
+                "key slot {n} is unbound (its key is not the data segment's key) and cannot unlock data"
+            ),
         }
     }
 }

@@ -13,6 +13,12 @@
 //!   [`luks1::unlock`], [`luks1::format`], key slot management
 //!   ([`luks1::add_key`], [`luks1::remove_key`], [`luks1::change_key`]) and
 //!   the streaming anti-forensic splitter.
+//! - [`luks2`]: the LUKS2 binary header copies ([`luks2::Header`] view,
+//!   [`luks2::HeaderRepr`]), [`luks2::read_header`] (checksums, seqid,
+//!   secondary found by scanning), the JSON metadata ([`luks2::Metadata`],
+//!   fixed capacity, parsed without an allocator), [`luks2::unlock`]
+//!   (PBKDF2, Argon2i, Argon2id in caller memory) and, with `alloc`,
+//!   [`luks2::write`] (format, add and remove key slots).
 //! - [`cipher`]: [`SectorCipher`] (AES, serpent, twofish; XTS, CBC, ECB,
 //!   LRW; plain, plain64, plain64be, null and ESSIV IVs) and the insecure
 //!   [`LegacyQcowAes`]. XTS lives in one private module behind the
@@ -41,6 +47,7 @@ pub mod error;
 pub mod hash;
 pub mod io;
 pub mod luks1;
+pub mod luks2;
 pub mod simd;
 mod volume;
 

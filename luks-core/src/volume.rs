@@ -1,6 +1,7 @@
-//! An unlocked LUKS volume over a device: itself a [`BlockIo`] of 512-byte
-//! sectors, the size of the payload, encrypting and decrypting on the way
-//! through.
+//! An unlocked LUKS volume over a device: itself a [`BlockIo`] with the
+//! cipher's sector size (512 for LUKS1, 512..4096 for LUKS2), the size of
+//! the payload, encrypting and decrypting on the way through. IVs count
+//! 512-byte units whatever the sector size.
 
 #![warn(clippy::arithmetic_side_effects)]
 
@@ -34,7 +35,8 @@ impl<D: BlockIo> fmt::Debug for LuksVolume<D> {
 
 impl<D: BlockIo> LuksVolume<D> {
     /// Opens the payload of `dev` starting at `payload_offset` bytes (a
-    /// multiple of 512) to the end of the device.
+    /// multiple of 512) to the end of the device, in sectors of the
+    /// cipher's size.
     ///
     /// `iv_offset` is added to every sector number (in 512-byte units) to
     /// form the IV: 0 for a raw LUKS volume (IVs count from the start of the
@@ -65,7 +67,8 @@ impl<D: BlockIo> LuksVolume<D> {
                 size: dev_size,
             })?;
         // A trailing partial sector is not part of the volume.
-        let size = size.saturating_sub(size.checked_rem(512).unwrap_or(0));
+        let ss = u64::from(cipher.sector_size());
+        let size = size.saturating_sub(size.checked_rem(ss).unwrap_or(0));
         Ok(Self {
             dev,
             cipher,
@@ -73,6 +76,62 @@ impl<D: BlockIo> LuksVolume<D> {
             size,
             iv_offset,
         })
+    }
+
+    /// Limits the volume to `len` bytes (a LUKS2 segment with a fixed
+    /// size); a device shorter than that keeps its own size.
+    pub fn with_len(mut self, len: u64) -> Self {
+        self.size = self.size.min(len);
+        self
+    }
+
+    /// Opens a raw LUKS2 volume: the data segment of `h` on `dev` (the
+    /// header device itself, or the data device of a detached header),
+    /// IVs from the segment's `iv_tweak` in 512-byte units.
+    pub fn open_luks2(
+        dev: D,
+        h: &crate::luks2::Luks2Header,
+        key: &crate::luks1::VolumeKey,
+    ) -> Result<Self, Error<D::Error>> {
+        let seg = h.meta.data_segment().ok_or(Error::corrupt(
+            Structure::Luks2Json,
+            0,
+            crate::error::Problem::Luks2(crate::error::Luks2Problem::Missing("segments")),
+        ))?;
+        crate::luks2::check_requirements(&h.meta)?;
+        let cipher = crate::luks2::data_cipher(&h.meta, key)?;
+        let vol = Self::new(dev, cipher, seg.offset, seg.iv_tweak)?;
+        Ok(match seg.size {
+            Some(len) => vol.with_len(len),
+            None => vol,
+        })
+    }
+
+    /// Unlocks the LUKS volume on `dev` (header and data on the same
+    /// device), LUKS1 or LUKS2 as its header says, and opens its payload.
+    /// `json` receives LUKS2 JSON text (see
+    /// [`crate::luks2::MAX_JSON_LEN`]), `mem` is the Argon2 memory for
+    /// LUKS2 key slots that use it; LUKS1 uses neither.
+    pub fn unlock(
+        mut dev: D,
+        passphrase: &[u8],
+        json: &mut [u8],
+        mem: &mut [crate::luks2::Argon2Block],
+    ) -> Result<Self, Error<D::Error>> {
+        let mut head = [0u8; 8];
+        crate::luks1::read(&mut dev, Structure::Luks1Header, 0, &mut head)?;
+        match crate::luks2::version(&head) {
+            Some(2) => {
+                let h = crate::luks2::read_header(&mut dev, json)?;
+                let (key, _) = crate::luks2::unlock(&mut dev, &h, passphrase, None, mem)?;
+                Self::open_luks2(dev, &h, &key)
+            }
+            _ => {
+                let hdr = crate::luks1::read_header(&mut dev)?;
+                let (key, _) = crate::luks1::unlock(&mut dev, &hdr, passphrase, None)?;
+                Self::open_luks1(dev, &hdr, &key)
+            }
+        }
     }
 
     /// Opens a raw LUKS1 volume: payload at the header's payload offset,
@@ -104,7 +163,8 @@ impl<D: BlockIo> LuksVolume<D> {
 
     fn check(&self, offset: u64, len: usize) -> Result<u64, Error<D::Error>> {
         let len64 = len as u64;
-        if !offset.is_multiple_of(512) || !len64.is_multiple_of(512) {
+        let ss = u64::from(self.cipher.sector_size());
+        if !offset.is_multiple_of(ss) || !len64.is_multiple_of(ss) {
             return Err(Error::BadParameter(BadParameter::Unaligned {
                 offset,
                 len: len64,
@@ -138,7 +198,7 @@ impl<D: BlockIo> BlockIo for LuksVolume<D> {
     type Error = Error<D::Error>;
 
     fn sector_size(&self) -> u32 {
-        512
+        self.cipher.sector_size()
     }
 
     fn size(&mut self) -> Result<u64, Self::Error> {

@@ -235,7 +235,15 @@ enum Command {
         /// Image format.
         #[arg(short = 'f', long = "format", value_enum, default_value = "raw")]
         format: FormatArg,
-        /// Format options (`-o key=value,...`).
+        /// Format options (`-o key=value,...`). LUKS: qemu-img's names
+        /// (key-secret, cipher-alg, cipher-mode, ivgen-alg, hash-alg,
+        /// iter-time) plus luks-version=1|2; for LUKS2 also
+        /// pbkdf=argon2id|argon2i|pbkdf2, pbkdf-memory=KiB,
+        /// pbkdf-parallel=N, pbkdf-iterations=N (fixed PBKDF2 iterations
+        /// or Argon2 passes instead of timing iter-time),
+        /// sector-size=512..4096, metadata-size=16k..4M, label=TEXT,
+        /// detached-header=on (the file holds only the header; the size is
+        /// ignored and the payload is any file read with --header).
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
         /// Quiet: print nothing on success.

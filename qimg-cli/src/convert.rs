@@ -64,6 +64,16 @@ pub(crate) fn copy(
             align.min(len - off)
         };
         let n_usize = usize::try_from(n).unwrap_or(CHUNK);
+        // An odd tail into a destination with larger sectors (LUKS2 with
+        // 4096-byte sectors, sized in whole sectors): zero-pad to a whole
+        // destination sector when the destination has room for it.
+        let ds = u64::from(dst.sector_size()).max(1);
+        let padded = if n % ds != 0 && dst.size().is_ok_and(|s| s >= off + n.next_multiple_of(ds)) {
+            n.next_multiple_of(ds)
+        } else {
+            n
+        };
+        let padded_usize = usize::try_from(padded).unwrap_or(CHUNK).min(CHUNK);
         match st.data {
             // `-S 0` turns sparse detection off, as in qemu-img: even a
             // range the source leaves unallocated is written as data, so
@@ -76,12 +86,14 @@ pub(crate) fn copy(
             }
             false => {
                 if !opts.target_is_zero {
-                    dst.write_zeroes(off, n).map_err(CopyError::Write)?;
+                    dst.write_zeroes(off, padded).map_err(CopyError::Write)?;
                 }
             }
             true => {
-                let chunk = &mut buf[..n_usize];
-                src.read_at(off, chunk).map_err(CopyError::Read)?;
+                let chunk = &mut buf[..padded_usize];
+                src.read_at(off, &mut chunk[..n_usize])
+                    .map_err(CopyError::Read)?;
+                chunk[n_usize..].fill(0);
                 written += write_sparse(dst, off, chunk, opts).map_err(CopyError::Write)?;
             }
         }

@@ -62,6 +62,9 @@ pub(crate) fn open(
     writable: bool,
 ) -> Result<Box<dyn Source>, CliError> {
     let hdr_path = header.unwrap_or(path);
+    if crate::luks2::version(hdr_path)? == Some(2) {
+        return crate::luks2::open(path, header, keys, secrets, writable);
+    }
     let mut hdr_dev = FileDevice::open(Path::new(hdr_path))
         .map_err(|e| CliError::io(hdr_path, format!("cannot open: {e}")))?;
     let hdr =
@@ -148,6 +151,9 @@ pub(crate) fn format_specific(hdr: &HeaderRepr, detached: bool) -> Value {
 
 /// `qimg info` for a raw LUKS volume (no passphrase needed).
 pub(crate) fn info(path: &str, header: Option<&str>) -> Result<crate::info::ImageInfo, CliError> {
+    if crate::luks2::version(header.unwrap_or(path))? == Some(2) {
+        return crate::luks2::info(path, header);
+    }
     let hdr = read_header(header.unwrap_or(path))?;
     let file_len = crate::image::file_length(path)?;
     let payload = u64::from(hdr.payload_offset) * 512;
@@ -171,6 +177,9 @@ pub(crate) fn info(path: &str, header: Option<&str>) -> Result<crate::info::Imag
 
 /// `qimg luks dump`, laid out like `cryptsetup luksDump`.
 pub(crate) fn dump(path: &str, json_out: bool) -> Result<u8, CliError> {
+    if crate::luks2::version(path)? == Some(2) {
+        return crate::luks2::dump(path, json_out);
+    }
     let hdr = read_header(path)?;
     if json_out {
         let mut v = format_specific(&hdr, false);
@@ -332,6 +341,11 @@ pub(crate) fn create(
     key_file: Option<&str>,
     size: u64,
 ) -> Result<(), CliError> {
+    match opts.get("luks-version").unwrap_or("1") {
+        "1" => {}
+        "2" => return crate::luks2::create(path, opts, secrets, key_file, size),
+        v => return Err(CliError::usage(format!("luks-version '{v}' is not 1 or 2"))),
+    }
     let o = CreateOptions::parse(opts, "")?;
     opts.reject_unused("luks")
         .map_err(|e| CliError::usage(e.to_string()))?;
@@ -357,6 +371,12 @@ pub(crate) fn create_for_convert(
     secrets: &Secrets,
     size: u64,
 ) -> Result<AnyDev, CliError> {
+    if opts.get("detached-header").is_some() {
+        return Err(CliError::usage(
+            "detached-header is for `qimg create` only: convert writes the payload into the volume"
+                .into(),
+        ));
+    }
     create(path, opts, secrets, None, size)?;
     let o = CreateOptions::parse(opts, "")?;
     let keys = KeySource {

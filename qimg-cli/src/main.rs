@@ -13,6 +13,7 @@ mod image;
 mod info;
 mod keys;
 mod luks;
+mod luks2;
 mod map;
 mod measure;
 mod opts;

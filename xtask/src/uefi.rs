@@ -122,6 +122,22 @@ fn images() -> Vec<TestImage> {
             read_args: args(&["--object", &secret]),
             seed: 4,
         },
+        TestImage {
+            name: "volume2.luks",
+            create: args(&[
+                "convert",
+                "-O",
+                "luks",
+                "--object",
+                &secret,
+                "-o",
+                "luks-version=2,key-secret=s0,iter-time=10,pbkdf=argon2id,pbkdf-memory=16384,pbkdf-parallel=1,pbkdf-iterations=4,sector-size=4096",
+                "source.raw",
+                "volume2.luks",
+            ]),
+            read_args: args(&["--object", &secret]),
+            seed: 5,
+        },
     ]
 }
 

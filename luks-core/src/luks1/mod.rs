@@ -5,7 +5,7 @@
 
 #![warn(clippy::arithmetic_side_effects)]
 
-mod af;
+pub(crate) mod af;
 pub mod header;
 
 use core::fmt;
@@ -90,7 +90,7 @@ fn bytes_err<E>(e: BytesError<E>, structure: Structure, offset: u64) -> Error<E>
     }
 }
 
-fn read<D: BlockIo + ?Sized>(
+pub(crate) fn read<D: BlockIo + ?Sized>(
     dev: &mut D,
     structure: Structure,
     offset: u64,
@@ -100,7 +100,7 @@ fn read<D: BlockIo + ?Sized>(
     io::read_bytes(dev, offset, buf, &mut bounce).map_err(|e| bytes_err(e, structure, offset))
 }
 
-fn write<D: BlockIo + ?Sized>(
+pub(crate) fn write<D: BlockIo + ?Sized>(
     dev: &mut D,
     structure: Structure,
     offset: u64,
@@ -113,7 +113,7 @@ fn write<D: BlockIo + ?Sized>(
     r
 }
 
-fn dev_size<D: BlockIo + ?Sized>(dev: &mut D) -> Result<u64, Error<D::Error>> {
+pub(crate) fn dev_size<D: BlockIo + ?Sized>(dev: &mut D) -> Result<u64, Error<D::Error>> {
     dev.size().map_err(|source| Error::Io {
         source,
         structure: Structure::Device,
@@ -317,7 +317,10 @@ pub fn key_slot_layout(key_bytes: u32) -> Option<([u32; KEY_SLOTS], u32)> {
     Some((offs, end))
 }
 
-fn rng_fill<R: TryCryptoRng + ?Sized, E>(rng: &mut R, buf: &mut [u8]) -> Result<(), Error<E>> {
+pub(crate) fn rng_fill<R: TryCryptoRng + ?Sized, E>(
+    rng: &mut R,
+    buf: &mut [u8],
+) -> Result<(), Error<E>> {
     rng.try_fill_bytes(buf).map_err(|_| Error::Rng)
 }
 
@@ -538,7 +541,7 @@ fn name(s: &str) -> Name {
     crate::error::name_from(s.as_bytes())
 }
 
-fn uuid_v4(mut u: [u8; 16]) -> heapless::String<40> {
+pub(crate) fn uuid_v4(mut u: [u8; 16]) -> heapless::String<40> {
     u[6] = (u[6] & 0x0f) | 0x40;
     u[8] = (u[8] & 0x3f) | 0x80;
     let mut s = heapless::String::new();

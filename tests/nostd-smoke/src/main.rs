@@ -1,6 +1,6 @@
 //! A bare-metal program with no global allocator that opens a qcow2 image
 //! held in memory, reads it through the no-alloc reader, and checks a LUKS
-//! header parse. If anything on these paths needed `alloc`, this binary
+//! header parse and a LUKS2 header read and unlock. If anything on these paths needed `alloc`, this binary
 //! would fail to link ("no global memory allocator found").
 
 #![no_std]
@@ -39,7 +39,18 @@ pub extern "C" fn _start() -> ! {
     };
     let mut hdr = [0u8; 4096];
     let luks = luks_core::luks1::read_header(&mut MemDevice::new(&mut hdr)).is_err();
-    halt(ok && luks)
+    // LUKS2: header, JSON metadata and (Argon2) unlock in caller memory.
+    let mut dev = [0u8; 2 * 16384];
+    let mut json = [0u8; 1024];
+    let mut mem = [luks_core::luks2::Argon2Block::new(); 8];
+    let luks2 = match luks_core::luks2::read_header(&mut MemDevice::new(&mut dev), &mut json) {
+        Ok(h) => {
+            luks_core::luks2::unlock(&mut MemDevice::new(&mut hdr), &h, b"pw", None, &mut mem)
+                .is_err()
+        }
+        Err(_) => true,
+    };
+    halt(ok && luks && luks2)
 }
 
 fn halt(_ok: bool) -> ! {

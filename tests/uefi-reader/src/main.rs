@@ -5,7 +5,8 @@
 //! budget, and prints its size and SHA-256 to the console (serial), then
 //! shuts the machine down.
 //!
-//! The only heap use is the one-time allocation of the fixed budget below
+//! The only heap use is the one-time allocation of the fixed budget below,
+//! the LUKS2 JSON text and Argon2 memory handed to the core per volume
 //! (and the firmware's file API reading the config); the cores themselves
 //! never allocate.
 
@@ -28,6 +29,7 @@ use uefi::{println, CStr16, Identify};
 
 use disk::Disk;
 use luks_core::io::BlockIo;
+use luks_core::luks2::{self, Argon2Block};
 use luks_core::{luks1, LuksVolume};
 use qcow_core::crypto::ImageKey;
 use qcow_core::Qcow2;
@@ -40,6 +42,13 @@ const CACHE: usize = 64 * 1024;
 const MAX_COMPRESSED_CLUSTER: usize = 64 * 1024;
 /// Compressed input: a cluster plus the sector it may spill into.
 const COMPRESSED_IN: usize = MAX_COMPRESSED_CLUSTER + 512;
+
+/// LUKS2 JSON metadata text the reader accepts (cryptsetup writes a few
+/// KiB; 64 KiB covers the largest metadata qimg or cryptsetup make by
+/// default).
+const LUKS2_JSON: usize = 64 * 1024;
+/// The most Argon2 memory a LUKS2 key slot may ask of the firmware (KiB).
+const MAX_ARGON2_KIB: usize = 256 * 1024;
 
 /// The whole memory budget of the reader, allocated once at start.
 const BUDGET: usize = CHUNK + CACHE + COMPRESSED_IN + MAX_COMPRESSED_CLUSTER;
@@ -110,6 +119,7 @@ fn main() -> Status {
         index += 1;
         let result = match kind {
             "qcow2" => read_qcow2(&mut disk, &pass, &mut bufs),
+            _ if luks2::probe(&head) => read_luks2(&mut disk, &pass, &mut bufs.chunk),
             _ => read_luks(&mut disk, &pass, &mut bufs.chunk),
         };
         match result {
@@ -172,6 +182,31 @@ fn read_luks(disk: &mut Disk, pass: &[u8], chunk: &mut [u8]) -> Result<(&'static
     let mut vol = LuksVolume::open_luks1(&mut *disk, &hdr, &key).map_err(Msg::of)?;
     let (size, hex) = hash_device(&mut vol, chunk).map_err(Msg::of)?;
     Ok(("luks", size, hex))
+}
+
+/// Unlocks a raw LUKS2 volume and hashes its payload. The JSON text and
+/// the Argon2 memory (as much as the key slots ask, up to
+/// [`MAX_ARGON2_KIB`]) come from the firmware's pool, handed to the core.
+fn read_luks2(disk: &mut Disk, pass: &[u8], chunk: &mut [u8]) -> Result<(&'static str, u64, Hex), Msg> {
+    let mut json = vec![0u8; LUKS2_JSON];
+    let h = luks2::read_header(&mut *disk, &mut json).map_err(Msg::of)?;
+    drop(json);
+    let blocks = h
+        .meta
+        .keyslots
+        .iter()
+        .filter_map(luks2::argon2_blocks)
+        .max()
+        .unwrap_or(0)
+        .min(MAX_ARGON2_KIB);
+    let mut mem = vec![Argon2Block::new(); blocks];
+    println!("QIMG-ARGON2 memory-kib={}", blocks);
+    let (key, slot) = luks2::unlock(&mut *disk, &h, pass, None, &mut mem).map_err(Msg::of)?;
+    drop(mem);
+    println!("QIMG-UNLOCK luks2 key slot {}", slot);
+    let mut vol = LuksVolume::open_luks2(&mut *disk, &h, &key).map_err(Msg::of)?;
+    let (size, hex) = hash_device(&mut vol, chunk).map_err(Msg::of)?;
+    Ok(("luks2", size, hex))
 }
 
 /// SHA-256 of every byte of a device, in `chunk`-sized reads.
