@@ -47,6 +47,15 @@ impl Target {
             Some(f) => f,
             None => crate::image::detect(path)?,
         };
+        if format == Format::Luks && crate::luks2::version(path)? == Some(2) {
+            return Err(CliError::io(
+                path,
+                "is a LUKS2 volume, and qimg changes key slots and headers of LUKS1 \
+                 volumes only so far; use cryptsetup (luksAddKey, luksRemoveKey, \
+                 luksChangeKey, luksHeaderBackup, luksHeaderRestore) for this one"
+                    .into(),
+            ));
+        }
         let (mut dev, qcow2) = open_window(path, format, writable)?;
         let hdr = luks1::read_header(&mut dev).map_err(|e| {
             CliError::io(
