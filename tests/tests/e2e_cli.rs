@@ -203,6 +203,18 @@ fn every_verb_agrees_with_qemu_img() {
     // info, map, measure: qemu-img's JSON, key for key.
     assert!(json_agrees(&q, &["info"], &a) >= 8);
     assert!(json_agrees(&q, &["info", "-U", "-f", "qcow2"], &a) >= 8);
+    // -f overrides detection: a qcow2 file read as raw is its bytes.
+    let as_raw = json_of(
+        qimg()
+            .args(["info", "--output", "json", "-f", "raw"])
+            .arg(&a),
+    );
+    assert_eq!(as_raw["format"], "raw");
+    assert!(json_agrees(&q, &["info", "-f", "raw"], &a) >= 4);
+    assert!(json_agrees(&q, &["map", "-f", "raw"], &a) >= 4);
+    let out = out_of(qimg().args(["info", "-f", "luks"]).arg(&a));
+    assert_eq!(out.status.code(), Some(1), "a qcow2 file is no LUKS volume");
+    assert!(text(&out.stderr).contains("a.qcow2"));
     assert!(json_agrees(&q, &["map"], &a) >= 20);
     assert!(json_agrees(&q, &["measure", "-O", "qcow2"], &a) >= 2);
     let ours = json_of(qimg().args(["measure", "--output", "json", "-O", "qcow2", "--size", "1G"]));
