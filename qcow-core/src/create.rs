@@ -118,8 +118,8 @@ pub enum CreateError<E> {
     DataFileNeedsV3,
     /// `data_file_raw` without `data_file`.
     DataFileRawNeedsDataFile,
-    /// Preallocation with an external data file (the data device belongs
-    /// to the caller).
+    /// Full preallocation with an external data file (the data device
+    /// belongs to the caller).
     DataFilePreallocation,
     /// `backing_fmt` without `backing_file`.
     BackingFmtWithoutFile,
@@ -178,7 +178,7 @@ impl<E: fmt::Display> fmt::Display for CreateError<E> {
             ),
             Self::DataFileRawNeedsDataFile => f.write_str("data-file-raw requires data-file"),
             Self::DataFilePreallocation => f.write_str(
-                "Preallocation with an external data file is not supported by qcow-core",
+                "Full preallocation with an external data file is not supported by qcow-core",
             ),
             Self::BackingFmtWithoutFile => {
                 f.write_str("Backing format cannot be used without backing file")
@@ -250,7 +250,7 @@ fn validate<E>(o: &CreateOptions<'_>) -> Result<(u32, u32), CreateError<E>> {
     if o.data_file_raw && o.data_file.is_none() {
         return Err(CreateError::DataFileRawNeedsDataFile);
     }
-    if o.data_file.is_some() && o.preallocation != Preallocation::Off {
+    if o.data_file.is_some() && o.preallocation == Preallocation::Full {
         return Err(CreateError::DataFilePreallocation);
     }
     if let Some(len) = o.luks_region_len {
@@ -340,13 +340,14 @@ fn cluster0<E>(
             fname.emit(&mut table[off..]);
         }
         // Optional: left out when it does not fit (small clusters with
-        // an encryption extension), as QEMU does.
+        // an encryption extension), as QEMU does; qemu-img 10 also leaves
+        // it out of images with clusters of 4 KiB and less.
         let need = at
             .saturating_add(8)
             .saturating_add(table.len().next_multiple_of(8))
             .saturating_add(8)
             .saturating_add(o.backing_file.map_or(0, str::len));
-        if need <= buf.len() {
+        if need <= buf.len() && buf.len() > 4096 {
             let n = emit_extension(
                 buf.get_mut(at..).ok_or_else(too_big)?,
                 ext::FEATURE_TABLE,
@@ -373,8 +374,10 @@ fn cluster0<E>(
 
 /// Writes a new, empty qcow2 image onto `dev` (which should be empty) and
 /// returns it open for writing. The data device of an external data file
-/// is the caller's business; with `data_file` set, write guest data there,
-/// not through the returned writer.
+/// is the caller's business: with `data_file` set, create the file (QEMU
+/// sizes it to the virtual size) and attach it with
+/// [`Qcow2Writer::with_data_file`] before writing guest data. With
+/// `data_file_raw`, every cluster is mapped 1:1 into it at creation.
 pub fn create<D: BlockIo>(
     dev: D,
     o: &CreateOptions<'_>,
@@ -466,8 +469,12 @@ pub fn create<D: BlockIo>(
     hdr = *w.header();
     let c0 = cluster0(&mut hdr, o, crypto)?;
     w.raw_write(0, &c0)?;
+    w.set_header(hdr);
     w.flush()?;
     match o.preallocation {
+        // QEMU maps every cluster of a raw data file 1:1 at creation, so
+        // that the file stays a valid raw image.
+        Preallocation::Off if o.data_file_raw => w.preallocate(false)?,
         Preallocation::Off => {}
         Preallocation::Metadata => w.preallocate(false)?,
         Preallocation::Full => w.preallocate(true)?,

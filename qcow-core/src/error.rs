@@ -213,8 +213,7 @@ pub enum Unsupported {
         method: u32,
     },
     /// Writing is not available for this image (the allocation-free
-    /// reader, or an image with encryption but no key, an external data
-    /// file, or the dirty bit, which the writer does not handle).
+    /// reader, or an encrypted image without its key).
     Writing,
     /// Internal snapshots share clusters, which 1-bit refcounts cannot
     /// count (use a wider `refcount_bits`).
@@ -227,6 +226,12 @@ pub enum Unsupported {
         /// The image's current virtual size.
         current: u64,
     },
+    /// Internal snapshots of an image with an external data file (QEMU
+    /// refuses them too: the data file cannot share clusters).
+    SnapshotWithDataFile,
+    /// Writing an image whose dirty bit is set (lazy refcounts, not closed
+    /// cleanly): its refcounts may be stale and must be rebuilt first.
+    Dirty,
 }
 
 impl fmt::Display for Unsupported {
@@ -248,7 +253,7 @@ impl fmt::Display for Unsupported {
                 "reading data of an encrypted image (crypt_method {method}) needs a decryptor"
             ),
             Self::Writing => f.write_str(
-                "writing is not supported for this qcow2 image (read-only reader, or encryption without a key, external data file or dirty bit)",
+                "writing is not supported for this qcow2 image (read-only reader, or encryption without a key)",
             ),
             Self::SnapshotRefcountWidth => f.write_str(
                 "internal snapshots need refcounts of at least 2 bits (this image has refcount_bits=1)",
@@ -256,6 +261,12 @@ impl fmt::Display for Unsupported {
             Self::SnapshotSize { snapshot, current } => write!(
                 f,
                 "the snapshot was taken at virtual size {snapshot}, the image is now {current} bytes; resize it back first"
+            ),
+            Self::SnapshotWithDataFile => f.write_str(
+                "internal snapshots are not supported on images with an external data file",
+            ),
+            Self::Dirty => f.write_str(
+                "the image was not closed cleanly (dirty bit set, lazy refcounts): its refcounts may be stale; repair it with `qimg check -r all` before writing",
             ),
         }
     }

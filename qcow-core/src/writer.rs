@@ -55,13 +55,19 @@ fn overflow<E>(structure: Structure, offset: u64) -> Error<E> {
 /// A qcow2 image open for writing, over device `D` with an optional
 /// backing device `B` (read for copy-on-write of partial clusters).
 ///
-/// Images with an external data file, or encrypted images without their
-/// key, are refused ([`Unsupported::Writing`]); so are dirty or corrupt
-/// images (repair them first). Images with internal snapshots are written
-/// copy-on-write: a data cluster or L2 table whose refcount is above 1
-/// (no COPIED flag) is copied to a new cluster before it changes, and the
-/// shared original loses one reference (see [`snapshots`] for creating,
-/// reverting to and deleting snapshots).
+/// An image with an external data file writes its guest data to a second
+/// device of the same type, attached with
+/// [`with_data_file`](Self::with_data_file): host offset = guest offset, as
+/// QEMU 10 allocates, and data-file clusters are not refcounted.
+///
+/// Encrypted images without their key are refused
+/// ([`Unsupported::Writing`]); so are dirty images ([`Unsupported::Dirty`])
+/// and corrupt images (repair them first). Images with internal snapshots
+/// are written copy-on-write: a data cluster or L2 table whose refcount is
+/// above 1 (no COPIED flag) is copied to a new cluster before it changes,
+/// and the shared original loses one reference (see [`snapshots`] for
+/// creating, reverting to and deleting snapshots). Snapshots and an
+/// external data file together are refused, as QEMU refuses them.
 pub struct Qcow2Writer<D: BlockIo, B = NoDevice<<D as BlockIo>::Error>> {
     dev: D,
     backing: Option<B>,
@@ -81,6 +87,13 @@ pub struct Qcow2Writer<D: BlockIo, B = NoDevice<<D as BlockIo>::Error>> {
     key: Option<ImageKey>,
     /// Offset and length of the LUKS header region, when known.
     crypto_region: Option<(u64, u64)>,
+    /// The external data file, when attached.
+    data: Option<D>,
+    /// Bytes the data file holds (reads past it read zero).
+    data_len: u64,
+    /// End of the last compressed cluster written, when more compressed
+    /// data may be packed right after it (0: start a new host cluster).
+    ctail: u64,
 }
 
 impl<D: BlockIo, B> core::fmt::Debug for Qcow2Writer<D, B> {
@@ -137,9 +150,13 @@ impl<D: BlockIo> Qcow2Writer<D> {
         if hdr.incompatible_features & incompat::CORRUPT != 0 {
             return Err(Error::MarkedCorrupt);
         }
-        if hdr.incompatible_features & incompat::DIRTY != 0
-            || !(metadata_only || key_fits(hdr.crypt_method, key.as_ref()))
-            || hdr.has_data_file()
+        // QEMU rebuilds the refcounts of a dirty image on a read-write
+        // open; this writer leaves that to the repairer.
+        if hdr.version >= 3 && hdr.incompatible_features & incompat::DIRTY != 0 {
+            return Err(Error::Unsupported(Unsupported::Dirty));
+        }
+        if !(metadata_only || key_fits(hdr.crypt_method, key.as_ref()))
+            || (hdr.has_data_file() && hdr.nb_snapshots != 0)
         {
             return Err(Error::Unsupported(Unsupported::Writing));
         }
@@ -178,6 +195,9 @@ impl<D: BlockIo> Qcow2Writer<D> {
             barriers: true,
             key,
             crypto_region: None,
+            data: None,
+            data_len: 0,
+            ctail: 0,
         };
         w.l1 = w.read_u64s(
             hdr.l1_table_offset,
@@ -232,7 +252,29 @@ where
             barriers: self.barriers,
             key: self.key,
             crypto_region: self.crypto_region,
+            data: self.data,
+            data_len: self.data_len,
+            ctail: self.ctail,
         })
+    }
+
+    /// Attaches the external data file of an image that has one (guest
+    /// data is read from and written to it; the caller opens the file the
+    /// header names). Refused for images without a data file.
+    pub fn with_data_file(mut self, mut data: D) -> Result<Self, Error<D::Error>> {
+        if !self.hdr.has_data_file() {
+            return Err(Error::Unsupported(Unsupported::Writing));
+        }
+        self.data_len = data
+            .size()
+            .map_err(|e| e.into_layer(Structure::DataFile, 0))?;
+        self.data = Some(data);
+        Ok(self)
+    }
+
+    /// The attached external data file.
+    pub fn data_file_device(&mut self) -> Option<&mut D> {
+        self.data.as_mut()
     }
 
     /// Turns the flushes between dependent metadata steps on (the default)
@@ -298,6 +340,23 @@ where
     fn extended(&self) -> bool {
         self.hdr.extended_l2()
     }
+    /// Guest data lives in an external data file.
+    fn df(&self) -> bool {
+        self.hdr.has_data_file()
+    }
+    /// The external data file is a raw image of the disk (`data_file_raw`):
+    /// every cluster is mapped 1:1 and zeroes must reach the file.
+    fn df_raw(&self) -> bool {
+        self.df() && self.hdr.autoclear_features & autoclear::DATA_FILE_RAW != 0
+    }
+    /// Whether L2 entry `e` names a host cluster (offset 0 is a valid
+    /// data-file offset; COPIED tells it from "unallocated" there).
+    fn has_host(&self, e: u64) -> bool {
+        e & OFFSET_MASK != 0 || (self.df() && e & COPIED != 0 && e & entry::COMPRESSED == 0)
+    }
+    fn decode(&self, e: u64) -> L2Entry {
+        L2Entry::decode(e, self.cb(), self.extended(), self.df())
+    }
     /// log2 of the L2 entries per table.
     fn l2_bits(&self) -> u32 {
         self.cb()
@@ -351,7 +410,13 @@ where
         }
     }
 
+    /// Flushes the data file (first: its data comes before the metadata
+    /// naming it) and the image.
     fn flush_dev(&mut self) -> Result<(), Error<D::Error>> {
+        if let Some(d) = self.data.as_mut() {
+            d.flush()
+                .map_err(|e| e.into_layer(Structure::DataFile, 0))?;
+        }
         self.dev
             .flush()
             .map_err(|e| e.into_layer(Structure::Header, 0))
@@ -463,6 +528,11 @@ where
         self.write_dev(off.saturating_add(sec), &chunk, Structure::RefcountBlock)?;
         if v == 0 && c < self.free_hint {
             self.free_hint = c;
+        }
+        // Never pack compressed data into a cluster that was freed (and
+        // may be handed out again).
+        if v == 0 && self.ctail != 0 && self.ctail >> self.cb() == c {
+            self.ctail = 0;
         }
         Ok(())
     }
@@ -929,7 +999,8 @@ where
         let mut out = vec![0u8; usize::try_from(cs).unwrap_or(0)];
         let (_, e, bm) = self.get_entry(base)?;
         let ext = self.extended();
-        let dec = L2Entry::decode(e, self.cb(), ext, false);
+        let present = self.has_host(e);
+        let dec = self.decode(e);
         match dec {
             L2Entry::Compressed(d) => self.read_compressed(&d, &mut out)?,
             L2Entry::Zero { .. } => {}
@@ -943,7 +1014,7 @@ where
                 for (i, chunk) in out.chunks_mut(sc).enumerate() {
                     let i32_ = u32::try_from(i).unwrap_or(0);
                     let off = (i as u64).saturating_mul(cs >> 5);
-                    match entry::subcluster(bm, i32_, host != 0) {
+                    match entry::subcluster(bm, i32_, present) {
                         entry::Subcluster::Allocated => self.read_data(
                             host.saturating_add(off),
                             base.saturating_add(off),
@@ -989,11 +1060,14 @@ where
         Ok(())
     }
 
-    /// Guest data goes to an external data file, which this writer does not
-    /// drive.
+    /// Guest writes need the key of an encrypted image and the data file
+    /// of an image that has one.
     fn check_writable(&self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
-        if self.hdr.has_data_file() || !key_fits(self.hdr.crypt_method, self.key.as_ref()) {
+        if !key_fits(self.hdr.crypt_method, self.key.as_ref()) {
             return Err(Error::Unsupported(Unsupported::Writing));
+        }
+        if self.df() && self.data.is_none() {
+            return Err(Error::DataFileMissing);
         }
         self.check_range(g, len)
     }
@@ -1036,8 +1110,9 @@ where
         let o = g.saturating_sub(base);
         let (_, e, bm) = self.get_entry(base)?;
         let ext = self.extended();
-        let dec = L2Entry::decode(e, self.cb(), ext, false);
+        let dec = self.decode(e);
         let host = e & OFFSET_MASK;
+        let present = self.has_host(e);
         // In place: a normal cluster we own alone, fully readable from host.
         if let L2Entry::Normal { host } = dec {
             let full = !ext || bm & ALL_ALLOCATED == ALL_ALLOCATED;
@@ -1056,13 +1131,16 @@ where
         let reuse = match dec {
             // Preallocated zero cluster or partly allocated extended
             // cluster that we own alone: fill it in place.
-            L2Entry::Zero { host } if host != 0 && e & COPIED != 0 => Some(host),
+            L2Entry::Zero { host } if present && e & COPIED != 0 => Some(host),
             L2Entry::Normal { host } if e & COPIED != 0 => Some(host),
-            L2Entry::Unallocated if ext && host != 0 && e & COPIED != 0 => Some(host),
+            L2Entry::Unallocated if ext && present && e & COPIED != 0 => Some(host),
             _ => None,
         };
         let target = match reuse {
             Some(h) => h,
+            // External data file: host offset = guest offset, and the data
+            // file's clusters are not refcounted.
+            None if self.df() => base,
             None => self.alloc_clusters(1)?,
         };
         // Data before the L2 entry that points at it.
@@ -1081,6 +1159,10 @@ where
 
     /// Drops the references an old L2 entry held (after it was replaced).
     fn release(&mut self, dec: L2Entry, raw: u64) -> Result<(), Error<D::Error>> {
+        if self.df() {
+            // Data-file clusters hold no refcounts.
+            return Ok(());
+        }
         match dec {
             L2Entry::Compressed(d) => {
                 let (off, len) = Self::compressed_range(&d);
@@ -1099,7 +1181,11 @@ where
     /// Reads guest data from host offset `host` (guest offset `g`),
     /// decrypting it on encrypted images.
     fn read_data(&mut self, host: u64, g: u64, buf: &mut [u8]) -> Result<(), Error<D::Error>> {
-        self.read_dev(host, buf, Structure::DataCluster)?;
+        if self.df() {
+            self.read_datafile(host, buf)?;
+        } else {
+            self.read_dev(host, buf, Structure::DataCluster)?;
+        }
         if let Some(k) = self.key.as_mut() {
             if !crate::image::Decryptor::decrypt(k, host, g, buf) {
                 return Err(Error::Decrypt { host_offset: host });
@@ -1111,16 +1197,50 @@ where
     /// Writes guest data (whole sectors on encrypted images) at host
     /// offset `host` (guest offset `g`), encrypting it on encrypted images.
     fn write_data(&mut self, host: u64, g: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
-        match self.key.as_ref() {
-            None => self.write_dev(host, data, Structure::DataCluster),
+        let enc;
+        let data = match self.key.as_ref() {
+            None => data,
             Some(k) => {
                 let mut buf = data.to_vec();
                 if !k.encrypt(host, g, &mut buf) {
                     return Err(Error::Decrypt { host_offset: host });
                 }
-                self.write_dev(host, &buf, Structure::DataCluster)
+                enc = buf;
+                &enc
             }
+        };
+        if self.df() {
+            self.write_datafile(host, data)
+        } else {
+            self.write_dev(host, data, Structure::DataCluster)
         }
+    }
+
+    /// Reads the external data file (zeroes past its end).
+    fn read_datafile(&mut self, off: u64, buf: &mut [u8]) -> Result<(), Error<D::Error>> {
+        let avail = self.data_len.saturating_sub(off);
+        let n = usize::try_from(avail).unwrap_or(usize::MAX).min(buf.len());
+        let (head, tail) = buf.split_at_mut(n);
+        tail.fill(0);
+        if head.is_empty() {
+            return Ok(());
+        }
+        self.data
+            .as_mut()
+            .ok_or(Error::DataFileMissing)?
+            .read_at(off, head)
+            .map_err(|e| e.into_layer(Structure::DataFile, off))
+    }
+
+    /// Writes the external data file.
+    fn write_datafile(&mut self, off: u64, buf: &[u8]) -> Result<(), Error<D::Error>> {
+        self.data
+            .as_mut()
+            .ok_or(Error::DataFileMissing)?
+            .write_at(off, buf)
+            .map_err(|e| e.into_layer(Structure::DataFile, off))?;
+        self.data_len = self.data_len.max(off.saturating_add(buf.len() as u64));
+        Ok(())
     }
 
     /// Writes `data` at `host + o` (guest cluster `base`),
@@ -1147,7 +1267,8 @@ where
 
     /// Makes `[g, g + len)` read as zero: whole clusters through the zero
     /// flag (v3; the host cluster stays allocated, as QEMU does without
-    /// unmap), partial clusters by writing zeroes.
+    /// unmap), whole subclusters of extended L2 clusters through their zero
+    /// bits, and the rest (parts of subclusters, v2) by writing zeroes.
     pub fn write_zeroes(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
         self.check_writable(g, len)?;
         let cs = self.cs();
@@ -1158,11 +1279,63 @@ where
             let n = base.saturating_add(cs).min(end).saturating_sub(at);
             if n == cs && self.hdr.version >= 3 {
                 self.zero_cluster(base)?;
+            } else if self.extended() {
+                self.zero_subclusters(at, n)?;
             } else {
-                let z = vec![0u8; usize::try_from(n).unwrap_or(0)];
-                self.write(at, &z)?;
+                self.write_zero_bytes(at, n)?;
             }
             at = at.saturating_add(n);
+        }
+        Ok(())
+    }
+
+    /// Writes `n` zero bytes at guest offset `g` (inside one cluster).
+    fn write_zero_bytes(&mut self, g: u64, n: u64) -> Result<(), Error<D::Error>> {
+        let z = vec![0u8; usize::try_from(n).unwrap_or(0)];
+        self.write(g, &z)
+    }
+
+    /// Zeroes `[g, g + n)` inside one extended-L2 cluster: the subclusters
+    /// it covers whole get their zero bit (and lose their allocated bit);
+    /// the parts of subclusters at either end are written with zeroes.
+    fn zero_subclusters(&mut self, g: u64, n: u64) -> Result<(), Error<D::Error>> {
+        let cs = self.cs();
+        let sc = cs >> 5;
+        let base = g & !(cs.wrapping_sub(1));
+        let o = g.saturating_sub(base);
+        let end = o.saturating_add(n);
+        let first = o.div_ceil(sc);
+        let last = end.checked_div(sc).unwrap_or(0);
+        let (_, e, _) = self.get_entry(base)?;
+        if first >= last || matches!(self.decode(e), L2Entry::Compressed(_)) {
+            return self.write_zero_bytes(g, n);
+        }
+        let head_end = first.saturating_mul(sc);
+        let tail_start = last.saturating_mul(sc);
+        if head_end > o {
+            self.write_zero_bytes(g, head_end.saturating_sub(o))?;
+        }
+        if end > tail_start {
+            self.write_zero_bytes(
+                base.saturating_add(tail_start),
+                end.saturating_sub(tail_start),
+            )?;
+        }
+        // The partial writes above may have allocated the cluster.
+        let (_, e, bm) = self.get_entry(base)?;
+        if self.df_raw() && self.has_host(e) {
+            // The raw data file must read as the disk does.
+            let host = (e & OFFSET_MASK).saturating_add(head_end);
+            let z = vec![0u8; usize::try_from(tail_start.saturating_sub(head_end)).unwrap_or(0)];
+            self.write_datafile(host, &z)?;
+            self.barrier()?;
+        }
+        let bits = last.saturating_sub(first);
+        let mask = (1u64 << bits).wrapping_sub(1) << first;
+        let nbm = (bm & !mask) | (mask << 32);
+        if nbm != bm {
+            self.set_entry(base, e, nbm)?;
+            self.barrier()?;
         }
         Ok(())
     }
@@ -1170,9 +1343,20 @@ where
     fn zero_cluster(&mut self, base: u64) -> Result<(), Error<D::Error>> {
         let (_, e, _) = self.get_entry(base)?;
         let ext = self.extended();
-        let dec = L2Entry::decode(e, self.cb(), ext, false);
-        let host = e & OFFSET_MASK;
-        let owned = e & COPIED != 0 && host != 0 && !matches!(dec, L2Entry::Compressed(_));
+        let dec = self.decode(e);
+        let mut host = e & OFFSET_MASK;
+        let mut owned =
+            e & COPIED != 0 && self.has_host(e) && !matches!(dec, L2Entry::Compressed(_));
+        if self.df_raw() {
+            // The raw data file keeps its 1:1 mapping and must read as the
+            // disk does: zero the bytes, then flag the cluster.
+            let n = self.hdr.size.saturating_sub(base).min(self.cs());
+            let z = vec![0u8; usize::try_from(n).unwrap_or(0)];
+            self.write_datafile(base, &z)?;
+            self.barrier()?;
+            owned = true;
+            host = base;
+        }
         if ext {
             let keep = if owned { host | COPIED } else { 0 };
             self.set_entry(base, keep, ALL_ZERO)?;
@@ -1192,16 +1376,23 @@ where
     /// Discards whole clusters in `[g, g + len)` (partial clusters are left
     /// alone): their host clusters are freed; on v3 they then read as zero
     /// (zero flag), on v2 they fall through to the backing file or zero.
+    /// With a raw external data file the mapping stays and the clusters
+    /// are zeroed instead.
     pub fn discard(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
         self.check_writable(g, len)?;
         let cs = self.cs();
         let mut at = g.div_ceil(cs).saturating_mul(cs);
         let end = g.saturating_add(len) & !(cs.wrapping_sub(1));
         while at < end {
+            if self.df_raw() {
+                self.zero_cluster(at)?;
+                at = at.saturating_add(cs);
+                continue;
+            }
             let (l2, e, bm) = self.get_entry(at)?;
             if l2.is_some() {
                 let ext = self.extended();
-                let dec = L2Entry::decode(e, self.cb(), ext, false);
+                let dec = self.decode(e);
                 let (ne, nbm) = match (self.hdr.version >= 3, ext) {
                     (true, true) => (0, ALL_ZERO),
                     (true, false) => (ZERO, 0),
@@ -1246,6 +1437,10 @@ where
     /// images, a zstd frame for zstd images). When compression does not
     /// save space, the cluster is written uncompressed, as qemu-img does.
     /// `data` must be exactly one cluster.
+    ///
+    /// Consecutive compressed clusters are packed byte by byte into the
+    /// same host clusters, as QEMU does: each host cluster's refcount
+    /// counts every compressed cluster that touches it.
     pub fn write_compressed(
         &mut self,
         cluster_index: u64,
@@ -1276,28 +1471,101 @@ where
             let n = usize::try_from(self.hdr.size.saturating_sub(g).min(cs)).unwrap_or(0);
             return self.write(g, &data[..n]);
         };
+        // The L2 table first, so it does not land between packed clusters.
+        self.ensure_l2(g)?;
         let (_, e, _) = self.get_entry(g)?;
-        let dec = L2Entry::decode(e, self.cb(), false, false);
-        let host = self.alloc_clusters(1)?;
-        self.write_dev(host, &packed, Structure::CompressedCluster)?;
+        let dec = self.decode(e);
+        let len = packed.len() as u64;
+        // Refcounts first (durable on return), then the data, then the L2
+        // entry, then the old references go.
+        let host = self.alloc_compressed(len)?;
+        let end = host.saturating_add(len);
+        // Up to the end of the last sector, so readers of whole sectors
+        // stay inside the file (the next packed cluster overwrites it).
+        let mut buf = packed;
+        buf.resize(
+            usize::try_from(end.next_multiple_of(SECTOR).saturating_sub(host)).unwrap_or(0),
+            0,
+        );
+        self.write_dev(host, &buf, Structure::CompressedCluster)?;
         self.barrier()?;
         let d = CompressedDescriptor {
             host,
-            sectors: (packed.len() as u64).div_ceil(SECTOR).max(1),
+            sectors: (host & (SECTOR - 1))
+                .saturating_add(len)
+                .div_ceil(SECTOR)
+                .max(1),
         };
         self.set_entry(g, d.encode(self.cb()), 0)?;
         self.barrier()?;
+        self.ctail = if end & cs.wrapping_sub(1) == 0 {
+            0
+        } else {
+            end
+        };
         self.release(dec, e)?;
         self.barrier()
+    }
+
+    /// Host bytes for `len` compressed bytes: right after the previous
+    /// compressed cluster when the clusters it spills into are free (its
+    /// last host cluster gains a reference), else at fresh clusters.
+    fn alloc_compressed(&mut self, len: u64) -> Result<u64, Error<D::Error>> {
+        let cs = self.cs();
+        let cb = self.cb();
+        let t = self.ctail;
+        if t != 0 {
+            let c = t >> cb;
+            let room = cs.saturating_sub(t & cs.wrapping_sub(1));
+            let extra = len.saturating_sub(room).div_ceil(cs);
+            let rc = self.refcount(c)?;
+            let max = match self.hdr.refcount_order {
+                6 => u64::MAX,
+                o => (1u64 << (1u32 << o)).wrapping_sub(1),
+            };
+            if rc != 0 && rc < max && self.alloc_exact(c.saturating_add(1), extra)? {
+                self.set_refcount_existing(c, rc.saturating_add(1))?;
+                self.barrier()?;
+                return Ok(t);
+            }
+        }
+        self.alloc_clusters(len.div_ceil(cs).max(1))
+    }
+
+    /// Allocates clusters `c..c + n` with refcount 1 if all are free;
+    /// `false` (nothing allocated) otherwise.
+    fn alloc_exact(&mut self, c: u64, n: u64) -> Result<bool, Error<D::Error>> {
+        for i in 0..n {
+            let ci = c.saturating_add(i);
+            if !self.has_block(ci) {
+                self.ensure_block(ci)?;
+            }
+        }
+        for i in 0..n {
+            if self.refcount(c.saturating_add(i))? != 0 {
+                return Ok(false);
+            }
+        }
+        for i in 0..n {
+            self.set_refcount_existing(c.saturating_add(i), 1)?;
+        }
+        Ok(true)
     }
 
     /// Changes the virtual size. Growing enlarges the L1 table when needed
     /// (new table written, header switched, old table freed). Shrinking is
     /// refused while any cluster past the new end is allocated.
+    ///
+    /// With an external data file (which must be attached) the data file
+    /// is resized to the new size first, as QEMU does; with
+    /// `data_file_raw` the new clusters are then mapped 1:1.
     pub fn resize(&mut self, new_size: u64) -> Result<(), ResizeError<D::Error>> {
         let cs = self.cs();
         if !new_size.is_multiple_of(512) {
             return Err(ResizeError::Unaligned(new_size));
+        }
+        if self.df() && self.data.is_none() {
+            return Err(ResizeError::Qcow2(Error::DataFileMissing));
         }
         if new_size < self.hdr.size {
             let mut at = new_size.div_ceil(cs).saturating_mul(cs);
@@ -1350,6 +1618,19 @@ where
                 self.barrier()?;
             }
         }
+        if let Some(d) = self.data.as_mut() {
+            if d.set_size(new_size)
+                .map_err(|e| e.into_layer(Structure::DataFile, new_size))?
+            {
+                self.data_len = new_size;
+            } else if new_size > self.data_len {
+                // The device cannot be sized: write its last sector.
+                let z = [0u8; SECTOR_BYTES];
+                self.write_datafile(new_size.saturating_sub(SECTOR), &z)?;
+            }
+            self.barrier()?;
+        }
+        let old_size = self.hdr.size;
         self.write_dev(
             field::SIZE.start as u64,
             &new_size.to_be_bytes(),
@@ -1357,23 +1638,17 @@ where
         )?;
         self.barrier()?;
         self.hdr.size = new_size;
+        if self.df_raw() && new_size > old_size {
+            self.map_clusters(old_size)?;
+        }
         Ok(())
     }
 
     /// Allocates every cluster of the disk (`preallocation=metadata`), and
     /// with `full` writes zeroes into them (`preallocation=full`).
     pub(crate) fn preallocate(&mut self, full: bool) -> Result<(), Error<D::Error>> {
+        self.map_clusters(0)?;
         let cs = self.cs();
-        let mut at = 0u64;
-        while at < self.hdr.size {
-            let (_, e, _) = self.get_entry(at)?;
-            if e & OFFSET_MASK == 0 {
-                let h = self.alloc_clusters(1)?;
-                let bm = if self.extended() { ALL_ALLOCATED } else { 0 };
-                self.set_entry(at, h | COPIED, bm)?;
-            }
-            at = at.saturating_add(cs);
-        }
         // The file covers every cluster (sparse unless `full`).
         let end = self.highest_used()?.saturating_add(1) << self.cb();
         if full {
@@ -1398,6 +1673,28 @@ where
             }
         }
         self.flush_dev()
+    }
+
+    /// Gives every cluster from guest offset `from` to the end of the disk
+    /// a host cluster (1:1 in an external data file, which QEMU does for
+    /// `data_file_raw`; else fresh clusters).
+    fn map_clusters(&mut self, from: u64) -> Result<(), Error<D::Error>> {
+        let cs = self.cs();
+        let mut at = from & !(cs.wrapping_sub(1));
+        while at < self.hdr.size {
+            let (_, e, _) = self.get_entry(at)?;
+            if !self.has_host(e) {
+                let h = if self.df() {
+                    at
+                } else {
+                    self.alloc_clusters(1)?
+                };
+                let bm = if self.extended() { ALL_ALLOCATED } else { 0 };
+                self.set_entry(at, h | COPIED, bm)?;
+            }
+            at = at.saturating_add(cs);
+        }
+        self.barrier()
     }
 
     fn highest_used(&mut self) -> Result<u64, Error<D::Error>> {
@@ -1446,7 +1743,16 @@ where
             barriers: true,
             key: None,
             crypto_region: None,
+            data: None,
+            data_len: 0,
+            ctail: 0,
         }
+    }
+
+    /// Replaces the cached header with the one `create` wrote to cluster 0
+    /// (with its backing file name, extensions and header length).
+    pub(crate) fn set_header(&mut self, hdr: HeaderRepr) {
+        self.hdr = hdr;
     }
 
     /// Records the LUKS header region (for `create`).

@@ -527,12 +527,15 @@ fn convert_to_qcow2(
             "Compression can't be used with encryption".into(),
         ));
     }
+    if a.compress && opts.get("data_file").is_some() {
+        return Err(CliError::usage(
+            "Compression can't be used with an external data file".into(),
+        ));
+    }
     let mut w = if a.no_create {
         opts.reject_unused("qcow2")
             .map_err(|e| CliError::usage(e.to_string()))?;
-        let dev = luks_core::io::FileDevice::open_rw(Path::new(dst))
-            .map_err(|e| CliError::io(dst, format!("cannot open for writing: {e}")))?;
-        qcow_core::Qcow2Writer::open(dev).map_err(|e| CliError::io(dst, e.to_string()))?
+        crate::create::open_qcow2_writer(dst)?
     } else {
         let c = crate::create::Qcow2Create::parse(opts, a.backing.as_deref(), None)?;
         c.create(dst, len, secrets)?
@@ -543,17 +546,21 @@ fn convert_to_qcow2(
             "Compression can't be used with encryption".into(),
         ));
     }
-    let cluster = w.header().cluster_size();
+    if a.compress && w.header().has_data_file() {
+        return Err(CliError::usage(
+            "Compression can't be used with an external data file".into(),
+        ));
+    }
     let io_dst = |e: qcow_core::Error<luks_core::io::FileError>| CliError::io(dst, e.to_string());
-    // A new image over `-B` reads its backing file wherever it is
-    // unallocated: the source's zeroes must be written too (as zero
-    // clusters), or the backing file's data would show through.
-    let over_backing = !a.no_create && a.backing.is_some();
+    // What the copy leaves out would read from the backing file: zero the
+    // range first, so the image reads as the source.
+    let backed = w.header().backing_file_offset != 0 && !a.target_is_zero;
+    if backed {
+        w.write_zeroes(0, len).map_err(io_dst)?;
+    }
+    let cluster = w.header().cluster_size();
     let bar = crate::progress::Bar::new(a.progress, len);
     if a.compress {
-        if over_backing {
-            w.write_zeroes(0, len).map_err(io_dst)?;
-        }
         convert::copy_clusters(
             src,
             len,
@@ -567,7 +574,7 @@ fn convert_to_qcow2(
         let mut dev: AnyDev = erased(w);
         let copy_opts = CopyOptions {
             sparse_size: a.sparse_size,
-            target_is_zero: (!a.no_create && !over_backing) || a.target_is_zero,
+            target_is_zero: !a.no_create || a.target_is_zero || backed,
         };
         convert::copy(src, &mut dev, len, copy_opts, &mut |done| bar.set(done))
             .map_err(|e| copy_err(a, e))?;

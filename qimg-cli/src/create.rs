@@ -251,19 +251,22 @@ impl Qcow2Create {
             }
             None => None,
         };
-        if let Some(df) = &self.data_file {
-            let full = crate::image::resolve_backing(path, df);
-            let f = std::fs::File::create(&full).map_err(|e| {
-                CliError::io(
-                    path,
-                    format!("cannot create the data file {}: {e}", full.display()),
-                )
-            })?;
-            if self.data_file_raw {
+        // The data file, sized to the disk as qemu-img does.
+        let data = match &self.data_file {
+            Some(df) => {
+                let full = crate::image::resolve_backing(path, df);
+                let f = std::fs::File::create(&full).map_err(|e| {
+                    CliError::io(
+                        path,
+                        format!("cannot create the data file {}: {e}", full.display()),
+                    )
+                })?;
                 f.set_len(size)
                     .map_err(|e| CliError::io(path, format!("cannot size the data file: {e}")))?;
+                Some(f)
             }
-        }
+            None => None,
+        };
         let dev = FileDevice::create(Path::new(path))
             .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
         let o = qcow_core::CreateOptions {
@@ -282,6 +285,12 @@ impl Qcow2Create {
             luks_region_len: luks.as_ref().map(|l| u64::from(l.2) * 512),
         };
         let w = qcow_core::create(dev, &o).map_err(|e| CliError::io(path, e.to_string()))?;
+        let w = match data {
+            Some(f) => w
+                .with_data_file(FileDevice::new(f))
+                .map_err(|e| CliError::io(path, e.to_string()))?,
+            None => w,
+        };
         let Some((e, pass, sectors)) = luks else {
             return Ok(w);
         };
@@ -368,6 +377,32 @@ pub(crate) fn luks_region_sectors(e: &crate::luks::CreateOptions) -> Result<u32,
     let (_, end) = luks_core::luks1::key_slot_layout(key_bytes)
         .ok_or_else(|| CliError::usage(format!("a {key_bytes}-byte key is too large for LUKS1")))?;
     Ok(end.next_multiple_of(8))
+}
+
+/// Opens an existing qcow2 image for writing, with its external data file
+/// (resolved as the readers resolve it) attached when it has one.
+pub(crate) fn open_qcow2_writer(
+    path: &str,
+) -> Result<qcow_core::Qcow2Writer<FileDevice>, CliError> {
+    let dev = FileDevice::open_rw(Path::new(path))
+        .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
+    let w = qcow_core::Qcow2Writer::open(dev).map_err(|e| CliError::io(path, e.to_string()))?;
+    if !w.header().has_data_file() {
+        return Ok(w);
+    }
+    let opening = crate::qcow2::Opening::open(path)?;
+    let name = opening.img.info().data_file().map(str::to_string);
+    let name = name
+        .ok_or_else(|| CliError::io(path, "the image needs a data file but names none".into()))?;
+    let full = crate::image::resolve_backing(path, &name);
+    let data = FileDevice::open_rw(&full).map_err(|e| {
+        CliError::io(
+            path,
+            format!("cannot open the data file {}: {e}", full.display()),
+        )
+    })?;
+    w.with_data_file(data)
+        .map_err(|e| CliError::io(path, e.to_string()))
 }
 
 /// `qimg create -f qcow2`: the size comes from the argument, `-o size=`, or

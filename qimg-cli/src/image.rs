@@ -264,6 +264,7 @@ fn open_qcow2(
     chain: &mut Vec<String>,
 ) -> Result<Box<dyn Source>, CliError> {
     guard_chain(path, seen, chain)?;
+    let depth = chain.len().saturating_sub(1);
     let opening = crate::qcow2::Opening::open(path)?;
     let mut opening = crate::qcow2::unlock(path, opening, &ctx.keys, ctx.secrets)?;
     let info = opening.img.info();
@@ -319,6 +320,10 @@ fn open_qcow2(
             let holes = file
                 .try_clone()
                 .map_err(|e| CliError::io(path, e.to_string()))?;
+            // The data lives there: `map` names it, as qemu-img does.
+            if let Some(name) = chain.get_mut(depth) {
+                *name = full.to_string_lossy().into_owned();
+            }
             Some((erased(FileDevice::new(file)), holes))
         }
         None => None,

@@ -58,8 +58,7 @@ pub(crate) fn run(
                 .map_err(|e| CliError::io(path, e.to_string()))?;
         }
         Format::Qcow2 => {
-            let mut w = qcow_core::Qcow2Writer::open(open_rw()?)
-                .map_err(|e| CliError::io(path, e.to_string()))?;
+            let mut w = crate::create::open_qcow2_writer(path)?;
             w.resize(new)
                 .map_err(|e| CliError::io(path, e.to_string()))?;
             w.close().map_err(|e| CliError::io(path, e.to_string()))?;

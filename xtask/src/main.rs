@@ -170,6 +170,18 @@ fn nostd() -> Result<(), String> {
         cargo()
             .args(base)
             .args(["--features", "luks-core/alloc,qcow-core/alloc"]),
+    )?;
+    // A binary with no global allocator that opens a qcow2 image and
+    // unlocks LUKS1 and LUKS2 headers: it links only if the read path
+    // needs no heap. Release: the debug build of the hash crates hits an
+    // LLVM limitation on this soft-float target.
+    let smoke = root().join("tests").join("nostd-smoke");
+    run(
+        "bare-metal binary without an allocator (tests/nostd-smoke)",
+        cargo()
+            .current_dir(&smoke)
+            .args(["build", "--release", "--target", BARE_METAL])
+            .env("CARGO_TARGET_DIR", smoke.join("target")),
     )
 }
 

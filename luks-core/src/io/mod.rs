@@ -143,6 +143,7 @@ macro_rules! forward_block_io {
         }
     };
 }
+#[cfg(feature = "alloc")]
 pub(crate) use forward_block_io;
 
 forward_block_io!(&mut T);

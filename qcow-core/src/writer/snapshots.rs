@@ -172,6 +172,9 @@ where
         if self.hdr.refcount_order == 0 {
             return Err(Error::Unsupported(Unsupported::SnapshotRefcountWidth));
         }
+        if self.hdr.has_data_file() {
+            return Err(Error::Unsupported(Unsupported::SnapshotWithDataFile));
+        }
         let mut list = self.snapshots()?;
         if list.len() >= MAX_SNAPSHOTS as usize {
             return Err(Error::Limit {
