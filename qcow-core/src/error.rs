@@ -230,7 +230,7 @@ pub enum Unsupported {
     /// refuses them too: the data file cannot share clusters).
     SnapshotWithDataFile,
     /// Writing an image whose dirty bit is set (lazy refcounts, not closed
-    /// cleanly): its refcounts may be stale and must be rebuilt first.
+    /// cleanly) whose refcounts could not be rebuilt cleanly on open.
     Dirty,
 }
 
@@ -266,7 +266,7 @@ impl fmt::Display for Unsupported {
                 "internal snapshots are not supported on images with an external data file",
             ),
             Self::Dirty => f.write_str(
-                "the image was not closed cleanly (dirty bit set, lazy refcounts): its refcounts may be stale; repair it with `qimg check -r all` before writing",
+                "the image was not closed cleanly (dirty bit set, lazy refcounts) and rebuilding its refcounts did not leave it clean; see `qimg check`, then repair it with `qimg check -r all`",
             ),
         }
     }

@@ -15,6 +15,8 @@
 #![no_std]
 
 #[cfg(feature = "alloc")]
+pub mod check;
+#[cfg(feature = "alloc")]
 pub mod compress;
 #[cfg(feature = "alloc")]
 pub mod create;

@@ -150,10 +150,20 @@ impl<D: BlockIo> Qcow2Writer<D> {
         if hdr.incompatible_features & incompat::CORRUPT != 0 {
             return Err(Error::MarkedCorrupt);
         }
-        // QEMU rebuilds the refcounts of a dirty image on a read-write
-        // open; this writer leaves that to the repairer.
+        // As QEMU on a read-write open: an image whose dirty bit says its
+        // lazy refcounts were not written back gets them rebuilt (the
+        // checker's crash-safe `-r all`, which clears the bit), then opens.
         if hdr.version >= 3 && hdr.incompatible_features & incompat::DIRTY != 0 {
-            return Err(Error::Unsupported(Unsupported::Dirty));
+            let outcome = crate::check::check(&mut dev, crate::check::Repair::All)?;
+            let r = outcome.result();
+            let mut again = vec![0u8; 512];
+            dev.read_at(0, &mut again)
+                .map_err(|e| e.into_layer(Structure::Header, 0))?;
+            let still = HeaderRepr::parse_bytes::<D::Error>(&again)?;
+            if r.corruptions != 0 || still.incompatible_features & incompat::DIRTY != 0 {
+                return Err(Error::Unsupported(Unsupported::Dirty));
+            }
+            return Self::open_inner(dev, key, metadata_only);
         }
         if !(metadata_only || key_fits(hdr.crypt_method, key.as_ref()))
             || (hdr.has_data_file() && hdr.nb_snapshots != 0)

@@ -279,3 +279,78 @@ pub(crate) fn compare(mib: u64) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(Path::new(&work));
     Ok(())
 }
+
+/// `cargo xtask check-mem`: the peak resident memory of the qcow2 check on
+/// a 4 TiB sparse image (a few clusters written far apart) and on a 1 GiB
+/// image with every cluster written, each checked in its own process
+/// (`check-mem` reads its own `VmHWM`). Reports the figures against the
+/// 64 MiB budget; not a timed test.
+pub(crate) fn check_mem() -> Result<(), String> {
+    run(
+        "build check-mem (release)",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "qimg-bench",
+            "--bin",
+            "check-mem",
+        ]),
+    )?;
+    let bin = root().join("target").join("release").join("check-mem");
+    let dir = root().join("target").join("tmp").join("check-mem");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let sparse = dir.join("sparse-4t.qcow2");
+    let full = dir.join("full-1g.qcow2");
+    let path = |p: &Path| p.display().to_string();
+    run(
+        "qemu-img create 4 TiB",
+        Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", &path(&sparse), "4T"]),
+    )?;
+    run(
+        "qemu-io: clusters across the 4 TiB",
+        Command::new("qemu-io").args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            "write -P 2 1T 1M",
+            "-c",
+            "write -P 3 3T 1M",
+            "-c",
+            "write -P 4 4095G 1M",
+            &path(&sparse),
+        ]),
+    )?;
+    run(
+        "qemu-img create 1 GiB",
+        Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", &path(&full), "1G"]),
+    )?;
+    run(
+        "qemu-io: write all of 1 GiB",
+        Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0xa5 0 1G", &path(&full)]),
+    )?;
+    let mut worst = 0u64;
+    for img in [&sparse, &full] {
+        let line = stdout_of(Command::new(&bin).arg(img))?;
+        print!("{line}");
+        let kib = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("peak_rss_kib="))
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or("check-mem printed no peak_rss_kib")?;
+        worst = worst.max(kib);
+    }
+    for p in [&sparse, &full] {
+        let _ = std::fs::remove_file(p);
+    }
+    println!(
+        "check-mem: worst peak RSS {:.1} MiB (budget 64 MiB)",
+        worst as f64 / 1024.0
+    );
+    if worst > 64 * 1024 {
+        return Err(format!("peak RSS {worst} KiB exceeds 64 MiB"));
+    }
+    Ok(())
+}

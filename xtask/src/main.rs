@@ -48,6 +48,7 @@ fn main() -> ExitCode {
             mib.and_then(bench::compare)
         }
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("check-mem") => bench::check_mem(),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())
@@ -78,7 +79,8 @@ fn print_help() {
          uefi          build the UEFI reader (tests/uefi-reader)\n  \
          uefi-test     boot OVMF with test images and check what the reader reads\n  \
          bench-compare [--mib N]  XTS vs OpenSSL, PBKDF2 vs OpenSSL, qimg convert vs qemu-img (ratios)\n  \
-         fuzz [--time S] [--target NAME]  run every cargo-fuzz target (nightly) S seconds, seeding corpora from real images"
+         fuzz [--time S] [--target NAME]  run every cargo-fuzz target (nightly) S seconds, seeding corpora from real images\n  \
+         check-mem     peak RSS of the qcow2 check on a 4 TiB sparse and a 1 GiB fully written image"
     );
 }
 
