@@ -15,10 +15,10 @@ use std::process::{Command, Output, Stdio};
 use qimg_tests::qemu::{encrypted_image_opts, pattern, write_tmp, Qemu};
 use qimg_tests::{assert_json_agrees, json_of, qimg, qimg_bin, run_ok, tool};
 
-/// Top-level verbs every user reaches for (`check` joins once it lands:
-/// the tests below take the list from `qimg --help` and insist it holds
-/// at least these).
+/// Top-level verbs every user reaches for (the tests below take the list
+/// from `qimg --help` and insist it holds at least these).
 const VERBS: &[&str] = &[
+    "check",
     "completions",
     "info",
     "map",
@@ -731,7 +731,7 @@ impl Broken {
             qimg()
                 .args(["create", "-q", "-f", "luks", "--key-file"])
                 .arg(&kf)
-                .args(["-o", "luks-version=2,iter-time=10"])
+                .args(["-o", "luks-version=2,pbkdf=pbkdf2,iter-time=10"])
                 .arg(d.join("vol2.luks"))
                 .arg("1M"),
         );
@@ -754,10 +754,10 @@ impl Broken {
 #[test]
 fn every_verb_fails_in_one_clean_line_naming_the_file() {
     let b = Broken::new();
-    let verbs = all_verbs();
     let s = |n: &str| b.path(n).to_string_lossy().into_owned();
-    // Each verb with `@` for the broken file; `check` once it exists.
+    // Each verb with `@` for the broken file.
     let mut cases: Vec<(String, i32)> = [
+        ("create -q -f qcow2 -F qcow2 -b @ OUT", 1),
         ("info @", 1),
         ("map @", 1),
         ("measure -O qcow2 @", 1),
@@ -784,8 +784,13 @@ fn every_verb_fails_in_one_clean_line_naming_the_file() {
     .iter()
     .map(|(c, code)| (c.to_string(), *code))
     .collect();
-    if verbs.iter().any(|v| v == "check") {
-        cases.push(("check @".into(), 1));
+    cases.push(("check @".into(), 1));
+    // A verb added later must join the cases (completions reads no file).
+    for v in all_verbs() {
+        assert!(
+            v == "completions" || cases.iter().any(|(c, _)| c.split(' ').next() == Some(&v)),
+            "no error case for `qimg {v}`"
+        );
     }
     let files = [
         "missing.qcow2",
@@ -896,4 +901,42 @@ fn writers_never_take_a_formatted_file_for_raw_silently() {
             assert_ne!(std::fs::read(s(target)).unwrap(), before);
         }
     }
+}
+
+#[test]
+fn check_agrees_with_qemu_img() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    run_ok(
+        qimg()
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"])
+            .arg(&img)
+            .arg("1M"),
+    );
+    q.io(
+        &img,
+        "qcow2",
+        &["write -P 0x5a 0 64k", "write -P 0x5b 512k 8k"],
+    );
+    let both = |img: &Path| {
+        let ours = out_of(qimg().args(["check", "--output", "json"]).arg(img));
+        let ours_v: serde_json::Value = serde_json::from_slice(&ours.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", text(&ours.stdout)));
+        let (code, theirs) = q.check(img);
+        assert_eq!(ours.status.code(), Some(code), "{}", text(&ours.stderr));
+        assert!(assert_json_agrees(&ours_v, &theirs, "check") >= 3);
+        assert_eq!(ours_v, theirs, "check JSON");
+        code
+    };
+    assert_eq!(both(&img), 0);
+    // Zero the first L1 entry: its L2 table and data clusters leak.
+    let mut bytes = std::fs::read(&img).unwrap();
+    let l1 = usize::try_from(u64::from_be_bytes(bytes[40..48].try_into().unwrap())).unwrap();
+    bytes[l1..l1 + 8].fill(0);
+    std::fs::write(&img, &bytes).unwrap();
+    assert_eq!(both(&img), 3, "leaked clusters: exit 3, as qemu-img");
+    let out = out_of(qimg().args(["check", "-q", "-r", "leaks"]).arg(&img));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(both(&img), 0, "-r leaks repaired it");
 }
