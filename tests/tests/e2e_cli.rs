@@ -940,3 +940,43 @@ fn check_agrees_with_qemu_img() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(both(&img), 0, "-r leaks repaired it");
 }
+
+#[test]
+fn every_writer_told_raw_warns_or_refuses() {
+    let b = Broken::new();
+    let s = |n: &str| b.path(n).to_string_lossy().into_owned();
+    // Each verb that writes into an existing file, with `-f raw` forced
+    // on a file that is really qcow2 or LUKS.
+    let cases = [
+        "resize -f raw @ 4M",
+        "amend -f raw -o state=inactive,keyslot=1 @",
+        "snapshot -f raw -c snap @",
+        "rebase -f raw -u -F raw -b OTHER @",
+        "commit -f raw @",
+        "check -f raw -r all @",
+        "luks add-key -q -f raw -i 10 --key-file KEY @ KEY",
+    ];
+    for target in ["good.qcow2", "vol.luks"] {
+        for case in cases {
+            let work = b.path("work.img");
+            std::fs::copy(b.path(target), &work).unwrap();
+            let before = std::fs::read(&work).unwrap();
+            let args: Vec<String> = case
+                .split(' ')
+                .map(|w| {
+                    w.replace('@', &s("work.img"))
+                        .replace("OTHER", &s("data.raw"))
+                        .replace("KEY", &s("key"))
+                })
+                .collect();
+            let out = out_of(qimg().args(&args));
+            let err = text(&out.stderr);
+            let changed = std::fs::read(&work).unwrap() != before;
+            let warned = err.contains("warning") && err.contains("work.img");
+            assert!(
+                warned || (!out.status.success() && !changed),
+                "qimg {case} on {target}: wrote without a word\n{err}"
+            );
+        }
+    }
+}
