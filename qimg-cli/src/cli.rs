@@ -78,9 +78,13 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Print the qimg(1) man page in roff (`cargo xtask man` writes it).
+    /// Print the qimg(1) man page in roff, or with DIR write it and one
+    /// page per verb (qimg-convert(1), ...) there (`cargo xtask man`).
     #[command(hide = true)]
-    Man,
+    Man {
+        /// Folder to write every page into.
+        dir: Option<std::path::PathBuf>,
+    },
     /// Show information about an image (qemu-img info).
     Info {
         /// Image format; detected from the file when absent.
@@ -319,7 +323,17 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             clap_complete::generate(shell, &mut cmd, "qimg", &mut std::io::stdout());
             Ok(0)
         }
-        Command::Man => {
+        Command::Man { dir: Some(dir) } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, &dir).map_err(|e| {
+                CliError::io(
+                    &dir.to_string_lossy(),
+                    format!("cannot write the man pages: {e}"),
+                )
+            })?;
+            Ok(0)
+        }
+        Command::Man { dir: None } => {
             let cmd = <Cli as clap::CommandFactory>::command();
             let mut out = Vec::new();
             clap_mangen::Man::new(cmd)

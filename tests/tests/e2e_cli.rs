@@ -152,6 +152,20 @@ fn every_verb_has_help_and_shows_up_in_completions_and_the_man_page() {
             "man page lacks {v}"
         );
     }
+    // `qimg man DIR` (what `cargo xtask man` runs) adds a page per verb,
+    // each with the verb's options.
+    let dir = tempfile::tempdir().unwrap();
+    let out = out_of(qimg().arg("man").arg(dir.path()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for words in &invocations {
+        let page = dir.path().join(format!("qimg-{}.1", words.join("-")));
+        let roff =
+            std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{}: {e}", page.display()));
+        assert!(roff.contains(".SH OPTIONS"), "{}", page.display());
+    }
+    let convert = std::fs::read_to_string(dir.path().join("qimg-convert.1")).unwrap();
+    assert!(convert.contains("target\\-is\\-zero"), "{convert}");
+    assert!(dir.path().join("qimg.1").is_file());
 }
 
 /// `qimg ARGS` and `qemu-img ARGS` with `--output json`, compared key by
