@@ -37,7 +37,7 @@ pub(crate) enum FormatArg {
     Qcow2,
     /// A plain disk image.
     Raw,
-    /// A LUKS volume (LUKS1).
+    /// A LUKS volume (LUKS1 or LUKS2).
     Luks,
 }
 
