@@ -890,6 +890,15 @@ fn every_verb_fails_in_one_clean_line_naming_the_file() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // A cut header is called what it is, not a bad field value.
+    for verb in ["info", "map", "snapshot -l"] {
+        let out = out_of(qimg().args(verb.split(' ')).arg(b.path("cut-header.qcow2")));
+        assert!(
+            text(&out.stderr).contains("truncated"),
+            "{verb}: {}",
+            text(&out.stderr)
+        );
+    }
 }
 
 #[test]
