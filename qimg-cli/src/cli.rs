@@ -37,7 +37,7 @@ pub(crate) enum FormatArg {
     Qcow2,
     /// A plain disk image.
     Raw,
-    /// A LUKS volume (LUKS1).
+    /// A LUKS volume (LUKS1 or LUKS2).
     Luks,
 }
 
@@ -78,9 +78,13 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Print the qimg(1) man page in roff (`cargo xtask man` writes it).
+    /// Print the qimg(1) man page in roff, or with DIR write it and one
+    /// page per verb (qimg-convert(1), ...) there (`cargo xtask man`).
     #[command(hide = true)]
-    Man,
+    Man {
+        /// Folder to write every page into.
+        dir: Option<std::path::PathBuf>,
+    },
     /// Show information about an image (qemu-img info).
     Info {
         /// Image format; detected from the file when absent.
@@ -170,7 +174,8 @@ enum Command {
         /// Destination image.
         destination: String,
     },
-    /// Change key slots of an encrypted image (qemu-img amend):
+    /// Change key slots of an encrypted image (qemu-img amend).
+    ///
     /// `-o encrypt.state=active|inactive,encrypt.keyslot=N,encrypt.new-secret=ID,encrypt.old-secret=ID,encrypt.iter-time=MS`
     /// for qcow2, the same names without `encrypt.` for raw LUKS.
     Amend {
@@ -318,7 +323,17 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             clap_complete::generate(shell, &mut cmd, "qimg", &mut std::io::stdout());
             Ok(0)
         }
-        Command::Man => {
+        Command::Man { dir: Some(dir) } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, &dir).map_err(|e| {
+                CliError::io(
+                    &dir.to_string_lossy(),
+                    format!("cannot write the man pages: {e}"),
+                )
+            })?;
+            Ok(0)
+        }
+        Command::Man { dir: None } => {
             let cmd = <Cli as clap::CommandFactory>::command();
             let mut out = Vec::new();
             clap_mangen::Man::new(cmd)
@@ -638,5 +653,29 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Every verb says what it does and every argument what it means, in
+    /// `qimg --help` and each verb's `--help`.
+    #[test]
+    fn every_verb_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(p.clone());
+                }
+                for a in sub.get_arguments() {
+                    let id = a.get_id().as_str();
+                    if id != "help" && id != "version" && a.get_help().is_none() {
+                        missing.push(format!("{p} <{id}>"));
+                    }
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "qimg", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 }

@@ -73,7 +73,8 @@ impl CommitCmd {
             return Err(CliError::io(
                 &base,
                 format!(
-                    "the image names this backing file as raw, but it looks like {looks};                      refusing to write into it as raw (fix the name with `qimg rebase -u -F {looks}`)"
+                    "the image names this backing file as raw, but it looks like {looks}; \
+                     refusing to write into it as raw (fix the name with `qimg rebase -u -F {looks}`)"
                 ),
             ));
         }

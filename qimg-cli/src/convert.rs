@@ -75,6 +75,15 @@ pub(crate) fn copy(
         };
         let padded_usize = usize::try_from(padded).unwrap_or(CHUNK).min(CHUNK);
         match st.data {
+            // `-S 0` turns sparse detection off, as in qemu-img: even a
+            // range the source leaves unallocated is written as data, so
+            // the destination ends up fully allocated.
+            false if opts.sparse_size == 0 => {
+                let chunk = &mut buf[..n_usize];
+                chunk.fill(0);
+                dst.write_at(off, chunk).map_err(CopyError::Write)?;
+                written += n;
+            }
             false => {
                 if !opts.target_is_zero {
                     dst.write_zeroes(off, padded).map_err(CopyError::Write)?;

@@ -61,8 +61,21 @@ pub(crate) fn warn_if_raw_looks_formatted(path: &str) {
     }
 }
 
+/// Refuses a directory named where an image file belongs (opening one
+/// succeeds on Unix, and reading it fails with a less helpful message).
+pub(crate) fn refuse_dir(path: &str) -> Result<(), CliError> {
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(CliError::io(
+            path,
+            "is a directory, not an image file; name the image file itself".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Guesses the format from the first bytes of a file.
 pub(crate) fn detect(path: &str) -> Result<Format, CliError> {
+    refuse_dir(path)?;
     let mut dev = FileDevice::open(Path::new(path))
         .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
     let mut head = [0u8; 8];
@@ -119,6 +132,7 @@ pub(crate) struct Opened {
 
 /// Opens `path` read-only.
 pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<Opened, CliError> {
+    refuse_dir(path)?;
     let format = match (opts.format, &opts.header) {
         (Some(f), _) => f,
         // A detached header: the data file has no magic of its own.
@@ -360,6 +374,7 @@ pub(crate) fn info(
     format: Option<Format>,
     args: &SecretArgs,
 ) -> Result<crate::info::ImageInfo, CliError> {
+    refuse_dir(path)?;
     let format = match (format, &args.header) {
         (Some(f), _) => f,
         // A detached header: the data file has no magic of its own.

@@ -47,6 +47,15 @@ impl Target {
             Some(f) => f,
             None => crate::image::detect(path)?,
         };
+        if format == Format::Luks && crate::luks2::version(path)? == Some(2) {
+            return Err(CliError::io(
+                path,
+                "is a LUKS2 volume, and qimg changes key slots and headers of LUKS1 \
+                 volumes only so far; use cryptsetup (luksAddKey, luksRemoveKey, \
+                 luksChangeKey, luksHeaderBackup, luksHeaderRestore) for this one"
+                    .into(),
+            ));
+        }
         let (mut dev, qcow2) = open_window(path, format, writable)?;
         let hdr = luks1::read_header(&mut dev).map_err(|e| {
             CliError::io(
@@ -330,7 +339,7 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
         key_secret = Some(k);
     }
     opts.reject_unused(if t.qcow2 { "qcow2" } else { "luks" })
-        .map_err(|e| CliError::usage(format!("{e} (amend changes key slots only)")))?;
+        .map_err(|e| CliError::io(&path, format!("{e} (amend changes key slots only)")))?;
     let state = match state.as_deref() {
         None => return Err(CliError::usage("Parameter 'state' is missing".into())),
         Some("active") => State::Active,

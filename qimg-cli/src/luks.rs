@@ -46,6 +46,7 @@ impl KeySource {
 
 /// Reads and validates the LUKS1 header of `path`.
 pub(crate) fn read_header(path: &str) -> Result<HeaderRepr, CliError> {
+    crate::image::refuse_dir(path)?;
     let mut dev = FileDevice::open(Path::new(path))
         .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
     luks1::read_header(&mut dev).map_err(|e| CliError::io(path, e.to_string()))

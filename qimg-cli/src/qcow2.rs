@@ -47,14 +47,30 @@ pub(crate) struct Opening {
     pub(crate) img: Qcow2<'static, AnyDev>,
 }
 
+/// Bytes of a version 3 qcow2 header without extensions (a version 2
+/// header is 72); every real image is longer.
+const V3_HEADER_LEN: u64 = 104;
+
 impl Opening {
     /// Opens the image file read-only.
     pub(crate) fn open(path: &str) -> Result<Self, CliError> {
         let file = luks_core::io::FileDevice::open(std::path::Path::new(path))
             .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
         let dev: AnyDev = crate::dev::erased(file);
-        let img =
-            Qcow2::open(dev, leaked(CACHE_BYTES)).map_err(|e| CliError::io(path, e.to_string()))?;
+        let img = Qcow2::open(dev, leaked(CACHE_BYTES)).map_err(|e| {
+            // A file cut inside the header reads as zeroes past its end,
+            // which the parser reports as a bad field: say what happened.
+            match std::fs::metadata(path).map(|m| m.len()) {
+                Ok(len) if len < V3_HEADER_LEN => CliError::io(
+                    path,
+                    format!(
+                        "the file ends at byte {len}, inside the qcow2 header: it was \
+                         truncated; restore it from a copy"
+                    ),
+                ),
+                _ => CliError::io(path, e.to_string()),
+            }
+        })?;
         let cs = usize::try_from(img.info().cluster_size()).unwrap_or(usize::MAX);
         let img = img.with_compression_buffers(leaked(cs + 512), leaked(cs));
         Ok(Self { img })

@@ -118,15 +118,17 @@ pub(crate) fn prompt(what: &str, confirm: bool) -> Result<Secret, CliError> {
     }
     let first = Zeroizing::new(
         rpassword::prompt_password(format!("Enter passphrase for {what}: "))
-            .map_err(|e| CliError::usage(format!("cannot read the passphrase: {e}")))?,
+            .map_err(|e| CliError::usage(format!("{what}: cannot read the passphrase: {e}")))?,
     );
     if confirm {
         let again = Zeroizing::new(
             rpassword::prompt_password("Verify passphrase: ")
-                .map_err(|e| CliError::usage(format!("cannot read the passphrase: {e}")))?,
+                .map_err(|e| CliError::usage(format!("{what}: cannot read the passphrase: {e}")))?,
         );
         if *first != *again {
-            return Err(CliError::usage("the passphrases do not match".into()));
+            return Err(CliError::usage(format!(
+                "{what}: the passphrases do not match; nothing was changed, run the command again"
+            )));
         }
     }
     Ok(Zeroizing::new(first.as_bytes().to_vec()))

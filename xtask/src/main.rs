@@ -75,7 +75,7 @@ fn print_help() {
          doc           rustdoc with -D warnings\n  \
          nostd         build both cores for {BARE_METAL} without and with alloc\n  \
          unsafe-audit  fail if `unsafe` appears outside {VETTED_UNSAFE}\n  \
-         man           write the qimg(1) man page to target/man/qimg.1\n  \
+         man           write qimg(1) and a page per verb to target/man/\n  \
          uefi          build the UEFI reader (tests/uefi-reader)\n  \
          uefi-test     boot OVMF with test images and check what the reader reads\n  \
          bench-compare [--mib N]  XTS vs OpenSSL, PBKDF2 vs OpenSSL, qimg convert vs qemu-img (ratios)\n  \
@@ -188,11 +188,15 @@ fn nostd() -> Result<(), String> {
 }
 
 fn man() -> Result<(), String> {
-    eprintln!("xtask: == man page");
+    eprintln!("xtask: == man pages");
+    let dir = root().join("target").join("man");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // qimg.1 and one page per verb (qimg-convert.1, qimg-luks-add-key.1, ...).
     let out = cargo()
         .args([
             "run", "--quiet", "-p", "qimg-cli", "--bin", "qimg", "--", "man",
         ])
+        .arg(&dir)
         .output()
         .map_err(|e| format!("cannot run qimg: {e}"))?;
     if !out.status.success() {
@@ -201,11 +205,7 @@ fn man() -> Result<(), String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let dir = root().join("target").join("man");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let path = dir.join("qimg.1");
-    std::fs::write(&path, &out.stdout).map_err(|e| format!("{}: {e}", path.display()))?;
-    println!("{}", path.display());
+    println!("{}", dir.join("qimg.1").display());
     Ok(())
 }
 
