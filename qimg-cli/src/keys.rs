@@ -529,6 +529,17 @@ pub(crate) struct KeyVerbArgs {
         default_value_t = 2000
     )]
     iter_time: u32,
+    /// LUKS2: the new key slot's PBKDF (pbkdf2, argon2i, argon2id);
+    /// that of the key slot the existing key opens when absent.
+    #[arg(long = "pbkdf", value_name = "PBKDF")]
+    pbkdf: Option<String>,
+    /// LUKS2: Argon2 memory of the new key slot, in KiB.
+    #[arg(long = "pbkdf-memory", value_name = "KIB")]
+    pbkdf_memory: Option<u32>,
+    /// LUKS2: fixed PBKDF2 iterations / Argon2 passes instead of
+    /// calibrating to --iter-time.
+    #[arg(long = "pbkdf-force-iterations", value_name = "N")]
+    pbkdf_force_iterations: Option<u32>,
     /// Ask no questions (removing the last key slot needs this when
     /// standard input is not a terminal).
     #[arg(short = 'q', long = "batch-mode")]
@@ -556,6 +567,12 @@ pub(crate) fn run_key_verb(verb: KeyVerb, c: &KeyVerbArgs) -> Result<u8, CliErro
         key_file_arg: c.new_key_file.as_deref(),
         key_slot: c.key_slot,
         iter_time: c.iter_time,
+        kdf: crate::keys2::KdfChoice {
+            pbkdf: c.pbkdf.clone(),
+            memory_kib: c.pbkdf_memory,
+            iterations: c.pbkdf_force_iterations,
+            iter_time: c.iter_time,
+        },
         batch: c.batch,
         secrets: &c.secrets,
     };
@@ -583,9 +600,27 @@ pub(crate) struct HeaderFileArgs {
 
 /// Runs `qimg luks header-backup` (`restore` false) or `header-restore`.
 pub(crate) fn run_header_verb(restore: bool, c: &HeaderFileArgs) -> Result<u8, CliError> {
+    let v2 = |p: &str| -> Result<bool, CliError> {
+        Ok(std::fs::metadata(p).is_ok() && crate::luks2::version(p)? == Some(2))
+    };
     if restore {
+        if v2(&c.header_backup_file)? {
+            return crate::keys2::header_restore(&c.volume, &c.header_backup_file, |w| {
+                confirm(c.batch, w)
+            });
+        }
         header_restore(&c.volume, &c.header_backup_file, c.batch)
     } else {
+        if Path::new(&c.header_backup_file).exists() {
+            return Err(CliError::io(
+                &c.header_backup_file,
+                "Requested header backup file already exists; remove it or choose another name"
+                    .into(),
+            ));
+        }
+        if v2(&c.volume)? {
+            return crate::keys2::header_backup(&c.volume, &c.header_backup_file);
+        }
         header_backup(&c.volume, &c.header_backup_file)
     }
 }
@@ -603,6 +638,8 @@ struct LuksKeyArgs<'a> {
     key_slot: Option<u8>,
     /// `--iter-time MS` (PBKDF2 time for the new slot).
     iter_time: u32,
+    /// LUKS2: the new key slot's KDF choices.
+    kdf: crate::keys2::KdfChoice,
     /// `-q` / `--batch-mode`: no confirmation questions.
     batch: bool,
     /// Existing key: `--key-file`, `--object` with `--key-secret`.
@@ -610,6 +647,20 @@ struct LuksKeyArgs<'a> {
 }
 
 impl LuksKeyArgs<'_> {
+    /// The LUKS2 header's file, when the volume is a LUKS2 one.
+    fn luks2(&self) -> Result<Option<crate::keys2::Target2>, CliError> {
+        let path = self.secrets.header.as_deref().unwrap_or(self.volume);
+        let format = match self.format {
+            Some(f) => f,
+            None => crate::image::detect(path)?,
+        };
+        if format == Format::Luks && crate::luks2::version(path)? == Some(2) {
+            crate::keys2::Target2::open(path).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     fn target(&self) -> Result<Target, CliError> {
         let path = self.secrets.header.as_deref().unwrap_or(self.volume);
         Target::open(path, self.format, true)
@@ -640,6 +691,16 @@ impl LuksKeyArgs<'_> {
 /// `qimg luks add-key` (cryptsetup luksAddKey).
 fn add_key(a: &LuksKeyArgs<'_>) -> Result<u8, CliError> {
     let secrets = Secrets::parse(&a.secrets.object)?;
+    if let Some(mut t) = a.luks2()? {
+        t.check_new_slot(a.key_slot)?;
+        let pass = a.existing(&secrets)?;
+        let (vk, opened) = t.unlock(&pass, None)?;
+        drop(pass);
+        let new = a.new_key()?;
+        let kdf = t.kdf(&a.kdf, opened)?;
+        t.add(&vk, &new, kdf, a.key_slot)?;
+        return Ok(0);
+    }
     let mut t = a.target()?;
     match a.key_slot {
         Some(s) if usize::from(s) >= KEY_SLOTS => {
@@ -667,6 +728,26 @@ fn add_key(a: &LuksKeyArgs<'_>) -> Result<u8, CliError> {
 /// given key opens.
 fn remove_key(a: &LuksKeyArgs<'_>) -> Result<u8, CliError> {
     let secrets = Secrets::parse(&a.secrets.object)?;
+    if let Some(mut t) = a.luks2()? {
+        let pass = match a.key_file_arg {
+            Some(f) => crate::secret::read_key_file(f)?,
+            None => a.existing(&secrets)?,
+        };
+        let (_, slot) = t.unlock(&pass, a.key_slot)?;
+        drop(pass);
+        if t.bound_count() == 1 {
+            confirm(
+                a.batch,
+                &format!(
+                    "This is the last key slot of {}: the data will be unreadable after it \
+                     is erased.",
+                    a.volume
+                ),
+            )?;
+        }
+        t.erase(slot, true)?;
+        return Ok(0);
+    }
     let mut t = a.target()?;
     let pass = match a.key_file_arg {
         Some(f) => crate::secret::read_key_file(f)?,
@@ -694,6 +775,24 @@ fn remove_key(a: &LuksKeyArgs<'_>) -> Result<u8, CliError> {
 /// erased.
 fn change_key(a: &LuksKeyArgs<'_>) -> Result<u8, CliError> {
     let secrets = Secrets::parse(&a.secrets.object)?;
+    if let Some(mut t) = a.luks2()? {
+        let pass = a.existing(&secrets)?;
+        let (vk, old) = t.unlock(&pass, a.key_slot)?;
+        drop(pass);
+        let new = a.new_key()?;
+        let kdf = t.kdf(&a.kdf, old)?;
+        // The new key is written to a free slot before the old slot is
+        // erased, so a crash leaves one of them; with no free slot the
+        // change is refused rather than overwriting the slot in place.
+        match t.free_slot() {
+            Some(free) => {
+                t.add(&vk, &new, kdf, Some(free))?;
+                t.erase(old, true)?;
+            }
+            None => return Err(CliError::io(a.volume, "All key slots full.".into())),
+        }
+        return Ok(0);
+    }
     let mut t = a.target()?;
     let pass = a.existing(&secrets)?;
     let (vk, old) = t.unlock(&pass, a.key_slot)?;

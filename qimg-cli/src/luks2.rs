@@ -48,7 +48,7 @@ const MAX_ARGON2_KIB: usize = 4 << 20;
 /// Argon2 memory for the most demanding key slot that asks for at most
 /// [`MAX_ARGON2_KIB`] (a slot asking for more fails with the core's clear
 /// "needs N KiB" error); an allocation the system refuses is an error too.
-fn memory(path: &str, h: &Luks2Header) -> Result<Vec<Argon2Block>, CliError> {
+pub(crate) fn memory(path: &str, h: &Luks2Header) -> Result<Vec<Argon2Block>, CliError> {
     let n = h
         .meta
         .keyslots
@@ -80,6 +80,9 @@ pub(crate) fn open(
     let (h, _) = read_header(hdr_path)?;
     luks2::check_requirements::<std::convert::Infallible>(&h.meta)
         .map_err(|e| CliError::io(hdr_path, e.to_string()))?;
+    if header.is_none() {
+        check_length(path, &h)?;
+    }
     let mut hdr_dev = FileDevice::open(Path::new(hdr_path))
         .map_err(|e| CliError::io(hdr_path, format!("cannot open: {e}")))?;
     let pass = keys.resolve(path, secrets, false)?;
@@ -161,9 +164,33 @@ pub(crate) fn format_specific(h: &Luks2Header, detached: bool) -> Value {
     Value::Object(m)
 }
 
+/// Refuses a volume (header and payload in one file) that ends before its
+/// header area or its data segment begins: a truncated copy, whose key
+/// material may be missing too, so unlocking would fail misleadingly.
+fn check_length(path: &str, h: &Luks2Header) -> Result<(), CliError> {
+    let file_len = crate::image::file_length(path)?;
+    let area = h.meta.header_area_len(h.hdr.hdr_size);
+    let payload = h.meta.data_segment().map_or(0, |s| s.offset);
+    let need = area.max(payload);
+    if need > file_len {
+        return Err(CliError::io(
+            path,
+            format!(
+                "device too small: the LUKS2 header area and payload offset need {need} bytes \
+                 but the file has {file_len} (truncated copy or damaged header; \
+                 `qimg luks dump` shows the header)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `qimg info` for a raw LUKS2 volume (no passphrase needed).
 pub(crate) fn info(path: &str, header: Option<&str>) -> Result<crate::info::ImageInfo, CliError> {
     let (h, _) = read_header(header.unwrap_or(path))?;
+    if header.is_none() {
+        check_length(path, &h)?;
+    }
     let file_len = crate::image::file_length(path)?;
     let (offset, fixed, ss) = h.meta.data_segment().map_or((0, None, 512), |s| {
         (s.offset, s.size, u64::from(s.sector_size))

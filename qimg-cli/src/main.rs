@@ -13,6 +13,7 @@ mod human;
 mod image;
 mod info;
 mod keys;
+mod keys2;
 mod luks;
 mod luks2;
 mod map;
