@@ -322,8 +322,19 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
         ));
     }
     let opts = OptionMap::parse(a.options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
-    let mut t = Target::open(&path, format, true)?;
-    let p = if t.qcow2 { "encrypt." } else { "" };
+    let format = match format {
+        Some(f) => f,
+        None => crate::image::detect(&path)?,
+    };
+    // A raw LUKS2 volume goes to keys2 once the options are read.
+    let luks2 = format == Format::Luks && crate::luks2::version(&path)? == Some(2);
+    let t = if luks2 {
+        None
+    } else {
+        Some(Target::open(&path, Some(format), true)?)
+    };
+    let qcow2 = t.as_ref().is_some_and(|t| t.qcow2);
+    let p = if qcow2 { "encrypt." } else { "" };
     let get = |k: &str| opts.get(&format!("{p}{k}")).map(str::to_string);
     if opts.get(&format!("{p}format")).is_some() {
         return Err(CliError::usage(format!(
@@ -338,7 +349,7 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
     if let Some(k) = get("key-secret") {
         key_secret = Some(k);
     }
-    opts.reject_unused(if t.qcow2 { "qcow2" } else { "luks" })
+    opts.reject_unused(if qcow2 { "qcow2" } else { "luks" })
         .map_err(|e| CliError::io(&path, format!("{e} (amend changes key slots only)")))?;
     let state = match state.as_deref() {
         None => return Err(CliError::usage("Parameter 'state' is missing".into())),
@@ -350,7 +361,9 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
             )))
         }
     };
-    let keyslot = keyslot.map(|s| parse_slot(&s)).transpose()?;
+    let keyslot = keyslot
+        .map(|s| parse_slot(&s, if luks2 { 32 } else { KEY_SLOTS }))
+        .transpose()?;
     let iter_ms = match iter_time {
         None => 2000,
         Some(v) => v
@@ -363,6 +376,20 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
         key_secret: key_secret.or_else(|| a.secrets.key_secret.clone()),
     };
     let pass = keys.resolve(&path, &secrets, false)?;
+    let Some(mut t) = t else {
+        let new = new_secret.map(|id| secrets.get(&id)).transpose()?;
+        let old = old_secret.map(|id| secrets.get(&id)).transpose()?;
+        return crate::keys2::amend(&crate::keys2::Amend2 {
+            path: &path,
+            activate: state == State::Active,
+            keyslot,
+            new,
+            old,
+            iter_ms,
+            force: a.force,
+            pass,
+        });
+    };
     // qemu-img exits 1 for a wrong passphrase (cryptsetup: 2).
     let (vk, _) = t
         .unlock(&pass, None)
@@ -456,18 +483,19 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
     Ok(0)
 }
 
-/// A key slot number, 0..=7, with qemu-img's messages.
-fn parse_slot(s: &str) -> Result<u8, CliError> {
+/// A key slot number below `count` (8 for LUKS1, 32 for LUKS2), with
+/// qemu-img's messages.
+fn parse_slot(s: &str, count: usize) -> Result<u8, CliError> {
     let n: i64 = s
         .parse()
         .map_err(|_| CliError::usage(format!("Parameter 'keyslot' expects a number: '{s}'")))?;
     u8::try_from(n)
         .ok()
-        .filter(|&n| usize::from(n) < KEY_SLOTS)
+        .filter(|&n| usize::from(n) < count)
         .ok_or_else(|| {
             CliError::usage(format!(
                 "Invalid keyslot {n} specified, must be between 0 and {}",
-                KEY_SLOTS - 1
+                count.saturating_sub(1)
             ))
         })
 }
@@ -608,6 +636,14 @@ pub(crate) fn run_header_verb(restore: bool, c: &HeaderFileArgs) -> Result<u8, C
             return crate::keys2::header_restore(&c.volume, &c.header_backup_file, |w| {
                 confirm(c.batch, w)
             });
+        }
+        if v2(&c.volume)? {
+            return Err(CliError::io(
+                &c.volume,
+                "holds a LUKS2 header and the backup is not a LUKS2 one: restore failed (data \
+                 offset and layout differ)"
+                    .into(),
+            ));
         }
         header_restore(&c.volume, &c.header_backup_file, c.batch)
     } else {
@@ -961,13 +997,15 @@ mod tests {
 
     #[test]
     fn key_slots_are_numbered_as_qemu_img_says() {
-        assert_eq!(parse_slot("0").unwrap(), 0);
-        assert_eq!(parse_slot("7").unwrap(), 7);
+        assert_eq!(parse_slot("0", 8).unwrap(), 0);
+        assert_eq!(parse_slot("7", 8).unwrap(), 7);
+        assert_eq!(parse_slot("31", 32).unwrap(), 31);
+        assert!(parse_slot("32", 32).is_err());
         for bad in ["8", "-1", "300"] {
-            let e = parse_slot(bad).unwrap_err().msg;
+            let e = parse_slot(bad, 8).unwrap_err().msg;
             assert!(e.contains("must be between 0 and 7"), "{e}");
         }
-        assert!(parse_slot("abc")
+        assert!(parse_slot("abc", 8)
             .unwrap_err()
             .msg
             .contains("expects a number"));

@@ -208,6 +208,15 @@ impl Target2 {
         Ok(id)
     }
 
+    /// Whether `pass` opens key slot `slot`.
+    fn opens(&mut self, pass: &[u8], slot: u8) -> Result<bool, CliError> {
+        let mut mem = crate::luks2::memory(&self.path, &self.h)?;
+        match luks2::open_keyslot(&mut self.dev, &self.h, slot, pass, &mut mem) {
+            Ok(k) => Ok(k.is_some()),
+            Err(e) => Err(self.err(e.to_string())),
+        }
+    }
+
     /// Erases key slot `slot` (`force`: even the last bound one).
     pub(crate) fn erase(&mut self, slot: u8, force: bool) -> Result<(), CliError> {
         let text = write::remove_key(
@@ -345,5 +354,125 @@ pub(crate) fn header_restore(
     dev.write_at(0, area)
         .and_then(|()| dev.flush())
         .map_err(|e| CliError::io(volume, e.to_string()))?;
+    Ok(0)
+}
+
+/// What `qimg amend` on a raw LUKS2 volume was given (already unlocked
+/// with `pass` by the caller's rules: qemu-img's option names).
+pub(crate) struct Amend2<'a> {
+    /// The file holding the LUKS2 header.
+    pub(crate) path: &'a str,
+    /// `state=active` (else `inactive`).
+    pub(crate) activate: bool,
+    /// `keyslot`, 0..=31.
+    pub(crate) keyslot: Option<u8>,
+    /// `new-secret`'s value.
+    pub(crate) new: Option<Secret>,
+    /// `old-secret`'s value.
+    pub(crate) old: Option<Secret>,
+    /// `iter-time` in milliseconds.
+    pub(crate) iter_ms: u32,
+    /// `--force`.
+    pub(crate) force: bool,
+    /// The existing passphrase.
+    pub(crate) pass: Secret,
+}
+
+/// `qimg amend` on a raw LUKS2 volume: qemu-img's key slot semantics and
+/// messages (qemu-img itself has no LUKS2), over LUKS2 slots 0..=31; a new
+/// slot's PBKDF is that of the slot the existing passphrase opens.
+pub(crate) fn amend(a: &Amend2<'_>) -> Result<u8, CliError> {
+    let mut t = Target2::open(a.path)?;
+    // qemu-img exits 1 for a wrong passphrase.
+    let (vk, opened) = t
+        .unlock(&a.pass, None)
+        .map_err(|e| CliError { code: 1, ..e })?;
+    if a.activate {
+        let Some(new) = &a.new else {
+            return Err(t.err("'new-secret' is required to activate a keyslot"));
+        };
+        if a.old.is_some() {
+            return Err(t.err("'old-secret' must not be given when activating keyslots"));
+        }
+        let kdf = t.kdf(
+            &KdfChoice {
+                iter_time: a.iter_ms,
+                ..KdfChoice::default()
+            },
+            opened,
+        )?;
+        let slot = match a.keyslot {
+            Some(s) if t.active(s) && !a.force => {
+                return Err(t.err(format!(
+                    "Refusing to overwrite active keyslot {s} - please erase it first \
+                     (or use --force)"
+                )))
+            }
+            Some(s) => {
+                if t.active(s) {
+                    t.erase(s, true)?;
+                }
+                s
+            }
+            None => t
+                .free_slot()
+                .ok_or_else(|| t.err("Can't add a keyslot - all keyslots are in use"))?,
+        };
+        t.add(&vk, new, kdf, Some(slot))?;
+        return Ok(0);
+    }
+    if a.new.is_some() {
+        return Err(t.err("'new-secret' must not be given when erasing keyslots"));
+    }
+    let doomed: Vec<u8> = match (a.keyslot, &a.old) {
+        (None, None) => {
+            return Err(t.err(
+                "To erase keyslot(s), either explicit keyslot index or the password \
+                 currently contained in them must be given",
+            ))
+        }
+        (Some(s), old) => {
+            if let Some(old) = old {
+                if t.active(s) && !t.opens(old, s)? {
+                    return Err(t.err(format!(
+                        "Given keyslot {s} doesn't contain the given old password for erase \
+                         operation"
+                    )));
+                }
+            }
+            if !t.active(s) {
+                return Err(t.err(format!("Given keyslot {s} is already erased (inactive)")));
+            }
+            vec![s]
+        }
+        (None, Some(old)) => {
+            let mut m = Vec::new();
+            let active: Vec<u8> = (0..SLOTS).filter(|&s| t.active(s)).collect();
+            for s in active {
+                if t.opens(old, s)? {
+                    m.push(s);
+                }
+            }
+            if m.is_empty() {
+                return Err(t.err("No keyslots match given (old) password for erase operation"));
+            }
+            m
+        }
+    };
+    let bound_left =
+        t.h.meta
+            .keyslots
+            .iter()
+            .filter(|k| luks2::is_bound(&t.h.meta, k.id) && !doomed.contains(&k.id))
+            .count();
+    if bound_left == 0 && !a.force {
+        return Err(t.err(
+            "Attempt to erase the only active keyslot(s) which will erase all the data in the \
+             image irreversibly - refusing operation (--force erases them)",
+        ));
+    }
+    for s in doomed {
+        t.erase(s, true)?;
+    }
     Ok(0)
 }

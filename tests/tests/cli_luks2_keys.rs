@@ -297,6 +297,36 @@ fn luks2_header_backup_and_restore() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("UUID"));
     assert!(cs_opens(&cs, &other, &k1, None));
+    // So is a LUKS1 backup over a LUKS2 volume.
+    let v1 = d.join("v1.luks");
+    std::fs::File::create(&v1)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let mut c = Command::new(&cs);
+    c.args([
+        "luksFormat",
+        "-q",
+        "--type",
+        "luks1",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+    ])
+    .arg(&k1)
+    .arg(&v1);
+    run_ok(&mut c);
+    let b1 = d.join("v1.bak");
+    run_ok(
+        qimg()
+            .args(["luks", "header-backup", "--header-backup-file"])
+            .arg(&b1)
+            .arg(&v1),
+    );
+    let o = restore(&b1, &other);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("LUKS2"));
+    assert!(cs_opens(&cs, &other, &k1, None));
     // cryptsetup restores qimg's backup of a qimg-made volume.
     let q = d.join("q.luks");
     run_ok(
@@ -368,4 +398,51 @@ fn truncated_luks2_is_too_small() {
         assert!(e.contains("device too small"), "{e}");
         assert!(!e.contains("No key"), "{e}");
     }
+}
+
+#[test]
+fn amend_changes_luks2_key_slots() {
+    let Some(cs) = tool("cryptsetup") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let k0 = key_file(d, "k0", "first key");
+    let k1 = key_file(d, "k1", "second key");
+    let img = d.join("v.luks");
+    cryptsetup_volume(&cs, &img, &k0);
+    let amend = |unlock: &str, opts: &str, force: bool| {
+        let mut c = qimg();
+        c.arg("amend");
+        for (id, k) in [("s0", &k0), ("s1", &k1)] {
+            c.arg("--object")
+                .arg(format!("secret,id={id},file={}", k.display()));
+        }
+        if force {
+            c.arg("--force");
+        }
+        c.args(["--key-secret", unlock, "-o", opts])
+            .arg(&img)
+            .output()
+            .unwrap()
+    };
+    ok(&amend(
+        "s0",
+        "state=active,new-secret=s1,keyslot=20,iter-time=10",
+        false,
+    ));
+    assert!(cs_opens(&cs, &img, &k1, Some(20)));
+    let o = amend("s0", "state=active,new-secret=s1,keyslot=20", false);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Refusing to overwrite active keyslot 20"));
+    let o = amend("s0", "state=active,new-secret=s1,keyslot=32", false);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("between 0 and 31"));
+    // Erase by old password: slot 0 goes.
+    ok(&amend("s1", "state=inactive,old-secret=s0", false));
+    assert_eq!(slots(&cs, &img), [20]);
+    assert!(!cs_opens(&cs, &img, &k0, None));
+    // The only key slot left: refused without --force.
+    let o = amend("s1", "state=inactive,keyslot=20", false);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("refusing operation"));
+    assert!(cs_opens(&cs, &img, &k1, Some(20)));
 }
