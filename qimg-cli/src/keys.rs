@@ -50,9 +50,8 @@ impl Target {
         if format == Format::Luks && crate::luks2::version(path)? == Some(2) {
             return Err(CliError::io(
                 path,
-                "is a LUKS2 volume, and qimg changes key slots and headers of LUKS1 \
-                 volumes only so far; use cryptsetup (luksAddKey, luksRemoveKey, \
-                 luksChangeKey, luksHeaderBackup, luksHeaderRestore) for this one"
+                "is a LUKS2 volume, but was opened as a LUKS1 header (give -f luks, or \
+                 the header file with --header)"
                     .into(),
             ));
         }
@@ -820,12 +819,21 @@ fn change_key(a: &LuksKeyArgs<'_>) -> Result<u8, CliError> {
         // The new key is written to a free slot before the old slot is
         // erased, so a crash leaves one of them; with no free slot the
         // change is refused rather than overwriting the slot in place.
-        match t.free_slot() {
-            Some(free) => {
-                t.add(&vk, &new, kdf, Some(free))?;
-                t.erase(old, true)?;
-            }
-            None => return Err(CliError::io(a.volume, "All key slots full.".into())),
+        let Some(free) = t.free_slot() else {
+            return Err(CliError::io(
+                a.volume,
+                "All key slots full: no free key slot to write the new key to before the \
+                 old one is erased; remove a key slot first"
+                    .into(),
+            ));
+        };
+        t.add(&vk, &new, kdf, Some(free))?;
+        t.erase(old, true)?;
+        // With --key-slot, cryptsetup's new key keeps that slot number:
+        // moved back the same way (written, then the copy erased).
+        if a.key_slot.is_some() {
+            t.add(&vk, &new, kdf, Some(old))?;
+            t.erase(free, true)?;
         }
         return Ok(0);
     }

@@ -156,6 +156,25 @@ fn qimg_changes_key_slots_of_cryptsetup_luks2() {
     assert_eq!(slots(&cs, &img), [1, 2, 31]);
     assert!(cs_opens(&cs, &img, &k3, None));
     assert!(!cs_opens(&cs, &img, &k0, None));
+    // With --key-slot the new key keeps that slot number, as cryptsetup's.
+    let k4 = key_file(d, "k4", "fifth key");
+    ok(&qimg_key(
+        "change-key",
+        &img,
+        &k3,
+        Some(&k4),
+        &["-S", "2", "-i", "10"],
+    ));
+    assert_eq!(slots(&cs, &img), [1, 2, 31]);
+    assert!(cs_opens(&cs, &img, &k4, Some(2)));
+    ok(&qimg_key(
+        "change-key",
+        &img,
+        &k4,
+        Some(&k3),
+        &["-S", "2", "-i", "10"],
+    ));
+    assert!(cs_opens(&cs, &img, &k3, Some(2)));
     // remove-key: the slot k2 opens goes.
     ok(&qimg_key("remove-key", &img, &k1, Some(&k2), &[]));
     assert_eq!(slots(&cs, &img), [1, 2]);
