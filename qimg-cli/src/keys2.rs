@@ -48,11 +48,14 @@ pub(crate) struct Target2 {
 }
 
 impl Target2 {
-    /// Opens the LUKS2 header of `path` for writing.
+    /// Opens the LUKS2 header of `path` for writing; a file that ends
+    /// before its header area or payload offset is refused (key slots
+    /// written there would extend a truncated copy).
     pub(crate) fn open(path: &str) -> Result<Self, CliError> {
         let (h, json) = crate::luks2::read_header(path)?;
         luks2::check_requirements::<std::convert::Infallible>(&h.meta)
             .map_err(|e| CliError::io(path, e.to_string()))?;
+        crate::luks2::check_length(path, &h)?;
         let dev = FileDevice::open_rw(Path::new(path))
             .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
         Ok(Self {

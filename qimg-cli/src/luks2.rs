@@ -164,10 +164,11 @@ pub(crate) fn format_specific(h: &Luks2Header, detached: bool) -> Value {
     Value::Object(m)
 }
 
-/// Refuses a volume (header and payload in one file) that ends before its
-/// header area or its data segment begins: a truncated copy, whose key
-/// material may be missing too, so unlocking would fail misleadingly.
-fn check_length(path: &str, h: &Luks2Header) -> Result<(), CliError> {
+/// Refuses a volume (header and payload in one file, or a detached header
+/// whose data segment starts at 0) that ends before its header area or its
+/// data segment begins: a truncated copy, whose key material may be
+/// missing too, so unlocking would fail misleadingly.
+pub(crate) fn check_length(path: &str, h: &Luks2Header) -> Result<(), CliError> {
     let file_len = crate::image::file_length(path)?;
     let area = h.meta.header_area_len(h.hdr.hdr_size);
     let payload = h.meta.data_segment().map_or(0, |s| s.offset);

@@ -394,7 +394,7 @@ fn truncated_luks2_is_too_small() {
     let img = d.join("v.luks");
     cryptsetup_volume(&cs, &img, &k0);
     // Cut inside the key slots area, then just before the payload.
-    for len in [1 << 20, (16 << 20) - 4096] {
+    for len in [40 << 10, 1 << 20, (16 << 20) - 4096] {
         std::fs::OpenOptions::new()
             .write(true)
             .open(&img)
@@ -416,6 +416,11 @@ fn truncated_luks2_is_too_small() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(e.contains("device too small"), "{e}");
         assert!(!e.contains("No key"), "{e}");
+        // The key verbs refuse it too, and do not extend the file.
+        let o = qimg_key("add-key", &img, &k0, Some(&k0), &["-i", "10"]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("device too small"), "{e}");
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), len);
     }
 }
 
