@@ -219,6 +219,10 @@ fn check_luks(a: &CheckArgs<'_>) -> Result<u8, CliError> {
         .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
     let len = dev.size().map_err(|e| CliError::io(path, e.to_string()))?;
     let mut problems = Vec::new();
+    if crate::luks2::version(path)? == Some(2) {
+        luks2_problems(&mut dev, len, &mut problems).map_err(|e| CliError::io(path, e))?;
+        return report_luks(a, &problems);
+    }
     let hdr = match luks1::read_header(&mut dev) {
         Ok(h) => Some(h),
         // A header that fails validation is the corruption check reports
@@ -232,7 +236,53 @@ fn check_luks(a: &CheckArgs<'_>) -> Result<u8, CliError> {
     if let Some(hdr) = hdr {
         slot_problems(&hdr, len, &mut problems);
     }
-    for p in &problems {
+    report_luks(a, &problems)
+}
+
+/// A LUKS2 header: both copies' checksums and the metadata as the reader
+/// validates them (key slot areas inside the key slots area and apart),
+/// then the header area and the payload offset against the end of the
+/// file. Errors other than a corrupt header are returned.
+fn luks2_problems(
+    dev: &mut FileDevice,
+    len: u64,
+    problems: &mut Vec<String>,
+) -> Result<(), String> {
+    let mut json = vec![0u8; luks_core::luks2::MAX_JSON_LEN];
+    let h = match luks_core::luks2::read_header(dev, &mut json) {
+        Ok(h) => h,
+        Err(e @ luks_core::Error::Corrupt { .. }) => {
+            problems.push(format!("ERROR {e}"));
+            return Ok(());
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    if !h.primary_ok || h.secondary.is_none() {
+        problems.push(format!(
+            "ERROR the {} LUKS2 header copy is damaged (the other one is in use)",
+            if h.primary_ok { "secondary" } else { "primary" }
+        ));
+    }
+    let area = h.meta.header_area_len(h.hdr.hdr_size);
+    if area > len {
+        problems.push(format!(
+            "ERROR the LUKS2 header area ({area} bytes) ends past the end of the file ({len} \
+             bytes)"
+        ));
+    }
+    let payload = h.meta.data_segment().map_or(0, |s| s.offset);
+    if payload > len {
+        problems.push(format!(
+            "ERROR payload offset {payload} is past the end of the file ({len} bytes)"
+        ));
+    }
+    Ok(())
+}
+
+/// Prints `problems` (one corruption each) and the summary, as for LUKS1.
+fn report_luks(a: &CheckArgs<'_>, problems: &[String]) -> Result<u8, CliError> {
+    let path = a.filename;
+    for p in problems {
         eprintln!("{p}");
     }
     let corruptions = problems.len() as u64;

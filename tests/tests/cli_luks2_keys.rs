@@ -393,6 +393,13 @@ fn truncated_luks2_is_too_small() {
     let k0 = key_file(d, "k0", "first key");
     let img = d.join("v.luks");
     cryptsetup_volume(&cs, &img, &k0);
+    let o = qimg().arg("check").arg(&img).output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // Cut inside the key slots area, then just before the payload.
     for len in [40 << 10, 1 << 20, (16 << 20) - 4096] {
         std::fs::OpenOptions::new()
@@ -416,6 +423,10 @@ fn truncated_luks2_is_too_small() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(e.contains("device too small"), "{e}");
         assert!(!e.contains("No key"), "{e}");
+        // check reports it as a corruption (exit 2).
+        let o = qimg().arg("check").arg(&img).output().unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("past the end of the file"));
         // The key verbs refuse it too, and do not extend the file.
         let o = qimg_key("add-key", &img, &k0, Some(&k0), &["-i", "10"]);
         let e = String::from_utf8_lossy(&o.stderr);
