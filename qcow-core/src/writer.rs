@@ -1472,11 +1472,42 @@ where
                 size: self.hdr.size,
             });
         }
+        let packed = crate::compress::compress(self.hdr.compression_type, data);
+        self.write_precompressed(cluster_index, data, packed.as_deref())
+    }
+
+    /// Stores one whole guest cluster whose compressed form the caller made
+    /// already (with [`crate::compress::compress`] for this image's
+    /// `compression_type`, e.g. on other threads): `packed` is stored as
+    /// [`Self::write_compressed`] would store it; when it is `None` or does
+    /// not save space, `data` (exactly one cluster) is written
+    /// uncompressed. The one storing path of compressed clusters.
+    pub fn write_precompressed(
+        &mut self,
+        cluster_index: u64,
+        data: &[u8],
+        packed: Option<&[u8]>,
+    ) -> Result<(), Error<D::Error>> {
+        let cs = self.cs();
+        let g = cluster_index
+            .checked_shl(self.cb())
+            .filter(|g| g.saturating_add(cs) <= self.hdr.size.div_ceil(cs).saturating_mul(cs))
+            .ok_or(Error::BadRequest {
+                offset: cluster_index,
+                len: data.len() as u64,
+                size: self.hdr.size,
+            })?;
+        if data.len() as u64 != cs {
+            return Err(Error::BadRequest {
+                offset: g,
+                len: data.len() as u64,
+                size: self.hdr.size,
+            });
+        }
         // Compressed clusters are never encrypted (QEMU refuses both).
         if self.hdr.has_data_file() || self.hdr.crypt_method != 0 {
             return Err(Error::Unsupported(Unsupported::Writing));
         }
-        let packed = crate::compress::compress(self.hdr.compression_type, data);
         let Some(packed) = packed.filter(|p| (p.len() as u64) < cs) else {
             let n = usize::try_from(self.hdr.size.saturating_sub(g).min(cs)).unwrap_or(0);
             return self.write(g, &data[..n]);
@@ -1492,7 +1523,7 @@ where
         let end = host.saturating_add(len);
         // Up to the end of the last sector, so readers of whole sectors
         // stay inside the file (the next packed cluster overwrites it).
-        let mut buf = packed;
+        let mut buf = packed.to_vec();
         buf.resize(
             usize::try_from(end.next_multiple_of(SECTOR).saturating_sub(host)).unwrap_or(0),
             0,
