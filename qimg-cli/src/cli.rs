@@ -591,6 +591,10 @@ fn convert_to_qcow2(
         c.create(dst, len, secrets)?
     };
     w.set_write_barriers(false);
+    let workers = crate::parallel::workers();
+    if workers > 1 {
+        w.set_sector_crypt(Box::new(crate::parallel::ParallelEncrypt::new(workers)));
+    }
     if a.compress && w.header().crypt_method != 0 {
         return Err(CliError::usage(
             "Compression can't be used with encryption".into(),
@@ -611,7 +615,7 @@ fn convert_to_qcow2(
     let cluster = w.header().cluster_size();
     let bar = crate::progress::Bar::new(a.progress, len);
     if a.compress {
-        let (ctype, workers) = (w.header().compression_type, crate::parallel::workers());
+        let ctype = w.header().compression_type;
         convert::copy_clusters(
             src,
             len,
