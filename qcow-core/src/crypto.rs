@@ -88,6 +88,19 @@ impl ImageKey {
     }
 }
 
+/// Encrypts the data of one large write, possibly in pieces on several
+/// threads (this crate cannot start them itself; the writer's default is
+/// [`ImageKey::encrypt`] in line). An implementation must produce exactly
+/// the bytes [`ImageKey::encrypt`] gives for the whole buffer: pieces cut
+/// at 512-byte boundaries, each encrypted with its own host and guest
+/// offset (the sector IVs depend on nothing else).
+pub trait SectorCrypt {
+    /// Encrypts `buf`, whole sectors about to be written at `host_offset`
+    /// holding guest bytes from `guest_offset`, with `key`; `false` when
+    /// the cipher refused.
+    fn encrypt(&self, key: &ImageKey, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool;
+}
+
 impl Decryptor for ImageKey {
     fn decrypt(&mut self, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool {
         match self {

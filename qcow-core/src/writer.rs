@@ -15,11 +15,12 @@
 
 extern crate alloc;
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::crypto::ImageKey;
+use crate::crypto::{ImageKey, SectorCrypt};
 use crate::entry::{self, CompressedDescriptor, L2Entry, COPIED, OFFSET_MASK, ZERO};
 use crate::error::{Error, LayerError, Limit, Problem, Structure, Unsupported};
 use crate::header::{autoclear, field, incompat, HeaderRepr};
@@ -85,6 +86,8 @@ pub struct Qcow2Writer<D: BlockIo, B = NoDevice<<D as BlockIo>::Error>> {
     barriers: bool,
     /// The data key of a LUKS-encrypted image (crypt_method 2).
     key: Option<ImageKey>,
+    /// Runs the encryption of large data writes (else in line).
+    crypt: Option<Box<dyn SectorCrypt + Send>>,
     /// Offset and length of the LUKS header region, when known.
     crypto_region: Option<(u64, u64)>,
     /// The external data file, when attached.
@@ -204,6 +207,7 @@ impl<D: BlockIo> Qcow2Writer<D> {
             file_len,
             barriers: true,
             key,
+            crypt: None,
             crypto_region: None,
             data: None,
             data_len: 0,
@@ -261,6 +265,7 @@ where
             file_len: self.file_len,
             barriers: self.barriers,
             key: self.key,
+            crypt: self.crypt,
             crypto_region: self.crypto_region,
             data: self.data,
             data_len: self.data_len,
@@ -305,6 +310,12 @@ where
         }
         self.key = Some(key);
         Ok(self)
+    }
+
+    /// Has the encryption of data writes run by `crypt` (e.g. on several
+    /// threads) instead of in line; the bytes written stay the same.
+    pub fn set_sector_crypt(&mut self, crypt: Box<dyn SectorCrypt + Send>) {
+        self.crypt = Some(crypt);
     }
 
     /// Offset and length of the LUKS header region of an image `create`
@@ -1097,9 +1108,15 @@ where
 
     /// Writes `data` at guest offset `g` (any offset and length inside the
     /// disk).
+    ///
+    /// Runs of whole clusters that are unallocated under existing L2 tables
+    /// are written as contiguous host runs (one data write, and one
+    /// encryption, per run), with the same clusters allocated as cluster by
+    /// cluster.
     pub fn write(&mut self, g: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
         self.check_writable(g, data.len() as u64)?;
         let cs = self.cs();
+        let csu = usize::try_from(cs).unwrap_or(usize::MAX);
         let mut done = 0usize;
         while done < data.len() {
             let at = g.saturating_add(done as u64);
@@ -1107,10 +1124,82 @@ where
             let n = usize::try_from(cs.saturating_sub(o))
                 .unwrap_or(usize::MAX)
                 .min(data.len().saturating_sub(done));
+            if o == 0 && n == csu {
+                let whole = data
+                    .len()
+                    .saturating_sub(done)
+                    .checked_div(csu)
+                    .unwrap_or(0);
+                let k = self.fresh_run(at, whole)?;
+                if k > 1 {
+                    let len = k.saturating_mul(csu);
+                    self.write_fresh_run(at, &data[done..done.saturating_add(len)])?;
+                    done = done.saturating_add(len);
+                    continue;
+                }
+            }
             self.write_in_cluster(at, &data[done..done.saturating_add(n)])?;
             done = done.saturating_add(n);
         }
         Ok(())
+    }
+
+    /// How many of the (at most `max`) whole clusters from `g` on are
+    /// unallocated (no host cluster, no flags) under an L2 table this
+    /// image owns alone, so writing them changes no other metadata than
+    /// their own entries and refcounts.
+    fn fresh_run(&mut self, g: u64, max: usize) -> Result<usize, Error<D::Error>> {
+        if self.df() {
+            return Ok(0);
+        }
+        let cs = self.cs();
+        let mut k = 0usize;
+        while k < max {
+            let at = g.saturating_add((k as u64).saturating_mul(cs));
+            let (l1i, _) = self.split(at);
+            let owned = self.l1.get(l1i).is_some_and(|e| e & COPIED != 0);
+            if !owned {
+                break;
+            }
+            match self.get_entry(at)? {
+                (Some(_), 0, 0) => k = k.saturating_add(1),
+                _ => break,
+            }
+        }
+        Ok(k)
+    }
+
+    /// Writes whole clusters that [`Self::fresh_run`] found unallocated:
+    /// their clusters allocated one by one (as single-cluster writes would,
+    /// refcounts durable first), then the data in contiguous host runs,
+    /// then the L2 entries.
+    fn write_fresh_run(&mut self, g: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
+        let cs = self.cs();
+        let csu = usize::try_from(cs).unwrap_or(usize::MAX);
+        let k = data.len().checked_div(csu).unwrap_or(0);
+        let mut targets = Vec::with_capacity(k);
+        for _ in 0..k {
+            targets.push(self.alloc_clusters(1)?);
+        }
+        // Data before the L2 entries that point at it.
+        let mut i = 0usize;
+        while i < k {
+            let mut j = i.saturating_add(1);
+            while j < k && targets[j] == targets[j.saturating_sub(1)].saturating_add(cs) {
+                j = j.saturating_add(1);
+            }
+            let (a, b) = (i.saturating_mul(csu), j.saturating_mul(csu));
+            let gi = g.saturating_add(a as u64);
+            self.write_data(targets[i], gi, &data[a..b])?;
+            i = j;
+        }
+        self.barrier()?;
+        let bm_new = if self.extended() { ALL_ALLOCATED } else { 0 };
+        for (i, t) in targets.iter().enumerate() {
+            let gi = g.saturating_add((i as u64).saturating_mul(cs));
+            self.set_entry(gi, t | COPIED, bm_new)?;
+        }
+        self.barrier()
     }
 
     /// Writes inside one cluster.
@@ -1212,7 +1301,11 @@ where
             None => data,
             Some(k) => {
                 let mut buf = data.to_vec();
-                if !k.encrypt(host, g, &mut buf) {
+                let ok = match self.crypt.as_ref() {
+                    Some(c) => c.encrypt(k, host, g, &mut buf),
+                    None => k.encrypt(host, g, &mut buf),
+                };
+                if !ok {
                     return Err(Error::Decrypt { host_offset: host });
                 }
                 enc = buf;
@@ -1472,11 +1565,42 @@ where
                 size: self.hdr.size,
             });
         }
+        let packed = crate::compress::compress(self.hdr.compression_type, data);
+        self.write_precompressed(cluster_index, data, packed.as_deref())
+    }
+
+    /// Stores one whole guest cluster whose compressed form the caller made
+    /// already (with [`crate::compress::compress`] for this image's
+    /// `compression_type`, e.g. on other threads): `packed` is stored as
+    /// [`Self::write_compressed`] would store it; when it is `None` or does
+    /// not save space, `data` (exactly one cluster) is written
+    /// uncompressed. The one storing path of compressed clusters.
+    pub fn write_precompressed(
+        &mut self,
+        cluster_index: u64,
+        data: &[u8],
+        packed: Option<&[u8]>,
+    ) -> Result<(), Error<D::Error>> {
+        let cs = self.cs();
+        let g = cluster_index
+            .checked_shl(self.cb())
+            .filter(|g| g.saturating_add(cs) <= self.hdr.size.div_ceil(cs).saturating_mul(cs))
+            .ok_or(Error::BadRequest {
+                offset: cluster_index,
+                len: data.len() as u64,
+                size: self.hdr.size,
+            })?;
+        if data.len() as u64 != cs {
+            return Err(Error::BadRequest {
+                offset: g,
+                len: data.len() as u64,
+                size: self.hdr.size,
+            });
+        }
         // Compressed clusters are never encrypted (QEMU refuses both).
         if self.hdr.has_data_file() || self.hdr.crypt_method != 0 {
             return Err(Error::Unsupported(Unsupported::Writing));
         }
-        let packed = crate::compress::compress(self.hdr.compression_type, data);
         let Some(packed) = packed.filter(|p| (p.len() as u64) < cs) else {
             let n = usize::try_from(self.hdr.size.saturating_sub(g).min(cs)).unwrap_or(0);
             return self.write(g, &data[..n]);
@@ -1492,7 +1616,7 @@ where
         let end = host.saturating_add(len);
         // Up to the end of the last sector, so readers of whole sectors
         // stay inside the file (the next packed cluster overwrites it).
-        let mut buf = packed;
+        let mut buf = packed.to_vec();
         buf.resize(
             usize::try_from(end.next_multiple_of(SECTOR).saturating_sub(host)).unwrap_or(0),
             0,
@@ -1752,6 +1876,7 @@ where
             file_len,
             barriers: true,
             key: None,
+            crypt: None,
             crypto_region: None,
             data: None,
             data_len: 0,

@@ -591,6 +591,10 @@ fn convert_to_qcow2(
         c.create(dst, len, secrets)?
     };
     w.set_write_barriers(false);
+    let workers = crate::parallel::workers();
+    if workers > 1 {
+        w.set_sector_crypt(Box::new(crate::parallel::ParallelEncrypt::new(workers)));
+    }
     if a.compress && w.header().crypt_method != 0 {
         return Err(CliError::usage(
             "Compression can't be used with encryption".into(),
@@ -611,11 +615,20 @@ fn convert_to_qcow2(
     let cluster = w.header().cluster_size();
     let bar = crate::progress::Bar::new(a.progress, len);
     if a.compress {
+        let ctype = w.header().compression_type;
         convert::copy_clusters(
             src,
             len,
             cluster,
-            &mut |idx, data| w.write_compressed(idx, data).map_err(|e| dev_err(dst, e)),
+            crate::parallel::compress_window(workers, cluster),
+            &mut |batch| {
+                let packed = crate::parallel::compress_all(ctype, batch, workers);
+                for ((idx, data), p) in batch.iter().zip(packed) {
+                    w.write_precompressed(*idx, data, p.as_deref())
+                        .map_err(|e| dev_err(dst, e))?;
+                }
+                Ok(())
+            },
             &mut |done| bar.set(done),
         )
         .map_err(|e| copy_err(a, e))?;

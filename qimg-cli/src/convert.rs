@@ -103,21 +103,28 @@ pub(crate) fn copy(
     Ok(written)
 }
 
-/// Receives one cluster: its index and its (zero-padded) bytes.
-pub(crate) type ClusterWriter<'a> = dyn FnMut(u64, &[u8]) -> Result<(), DevError> + 'a;
+/// Receives a window of clusters in guest order: each one's index and its
+/// (zero-padded) bytes.
+pub(crate) type ClusterWriter<'a> = dyn FnMut(&[(u64, Vec<u8>)]) -> Result<(), DevError> + 'a;
 
-/// Copies `len` bytes of `src` cluster by cluster to `write(index, data)`,
-/// skipping clusters that read as zero (the last one is zero-padded): the
-/// shape a compressing writer needs. `progress` is told the bytes done.
+/// Copies `len` bytes of `src` cluster by cluster to `write`, skipping
+/// clusters that read as zero (the last one is zero-padded): the shape a
+/// compressing writer needs. Clusters are handed over in guest order, up to
+/// `window` at a time (at least one), so the writer can compress a window
+/// on several threads while memory stays bounded. `progress` is told the
+/// bytes done.
 pub(crate) fn copy_clusters(
     src: &mut dyn Source,
     len: u64,
     cluster: u64,
+    window: usize,
     write: &mut ClusterWriter<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), CopyError> {
     let cs = usize::try_from(cluster).unwrap_or(CHUNK);
-    let mut buf = vec![0u8; cs];
+    let window = window.max(1);
+    let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(window);
+    let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut idx = 0u64;
     while idx.saturating_mul(cluster) < len {
         let off = idx * cluster;
@@ -125,6 +132,7 @@ pub(crate) fn copy_clusters(
         let st = src.block_status(off, n).map_err(CopyError::Read)?;
         let has_data = st.data || st.len < n;
         if has_data {
+            let mut buf = spare.pop().unwrap_or_else(|| vec![0u8; cs]);
             let n_usize = usize::try_from(n).unwrap_or(cs);
             buf.fill(0);
             // Whole sectors of the source; a short tail reads as zero.
@@ -133,11 +141,20 @@ pub(crate) fn copy_clusters(
                 .map_err(CopyError::Read)?;
             buf[n_usize..].fill(0);
             if buf.iter().any(|&b| b != 0) {
-                write(idx, &buf).map_err(CopyError::Write)?;
+                batch.push((idx, buf));
+            } else {
+                spare.push(buf);
             }
         }
         idx += 1;
-        progress((off + n).min(len));
+        let done = (off + n).min(len);
+        if batch.len() >= window || done >= len {
+            if !batch.is_empty() {
+                write(&batch).map_err(CopyError::Write)?;
+            }
+            spare.extend(batch.drain(..).map(|(_, b)| b));
+            progress(done);
+        }
     }
     Ok(())
 }
