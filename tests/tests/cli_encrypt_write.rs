@@ -300,3 +300,140 @@ fn legacy_aes_is_refused() {
         assert!(!img.exists());
     }
 }
+
+/// Partial-cluster writes copy the rest of the cluster from the backing
+/// layer, decrypted when the backing image is encrypted, and encrypted with
+/// the new host offset when the overlay is: both directions, judged by
+/// qemu-img.
+#[test]
+fn partial_writes_copy_on_write_across_encrypted_and_plain_layers() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut want = vec![0u8; 4 << 20];
+    want[..].copy_from_slice(&pattern(4 << 20, 77, 0));
+    let src = write_tmp(d, "src.raw", &want);
+    let patch = vec![0x5au8; 1024];
+    let at = (1 << 20) + 512;
+    want[at..at + patch.len()].copy_from_slice(&patch);
+
+    // (a) An encrypted overlay (made by qimg) over a plain base.
+    let base = d.join("base.qcow2");
+    q.img(&[
+        "convert",
+        "-q",
+        "-O",
+        "qcow2",
+        src.to_str().unwrap(),
+        base.to_str().unwrap(),
+    ]);
+    let top = d.join("top.qcow2");
+    run_ok(
+        qimg()
+            .current_dir(d)
+            .args(["create", "-q", "-f", "qcow2", "--object", &secret()])
+            .args(["-b", "base.qcow2", "-F", "qcow2", "-o", &enc_opts("")])
+            .arg(&top),
+    );
+    {
+        let mut cache = vec![0u8; 1 << 20];
+        let backing = Qcow2::open(FileDevice::open(&base).unwrap(), &mut cache).unwrap();
+        let mut w = Qcow2Writer::open_with_key(FileDevice::open_rw(&top).unwrap(), unlock(&top))
+            .unwrap()
+            .with_backing(backing)
+            .unwrap();
+        w.write_at(at as u64, &patch).unwrap();
+        w.close().unwrap();
+    }
+    check_clean(&q, &top);
+    let out = d.join("a.raw");
+    qemu_raw(&q, &top, &out);
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "encrypted overlay over plain base"
+    );
+
+    // (b) A plain overlay over an encrypted base (made by qimg).
+    let ebase = d.join("ebase.qcow2");
+    run_ok(
+        qimg()
+            .args([
+                "convert",
+                "-q",
+                "--object",
+                &secret(),
+                "-O",
+                "qcow2",
+                "-o",
+                &enc_opts(""),
+            ])
+            .arg(&src)
+            .arg(&ebase),
+    );
+    let top2 = d.join("top2.qcow2");
+    q.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "ebase.qcow2",
+        "-F",
+        "qcow2",
+        top2.to_str().unwrap(),
+        "4M",
+    ]);
+    {
+        let mut key = unlock(&ebase);
+        let mut cache = vec![0u8; 1 << 20];
+        let backing = Qcow2::open(FileDevice::open(&ebase).unwrap(), &mut cache)
+            .unwrap()
+            .with_decryptor(&mut key);
+        let mut w = Qcow2Writer::open(FileDevice::open_rw(&top2).unwrap())
+            .unwrap()
+            .with_backing(backing)
+            .unwrap();
+        w.write_at(at as u64, &patch).unwrap();
+        w.close().unwrap();
+    }
+    // qemu-img opens the backing file to check, so it needs its key.
+    let out = Command::new(&q.img)
+        .args(["check", "--object", &secret(), "--image-opts"])
+        .arg(format!(
+            "driver=qcow2,file.filename={},backing.encrypt.key-secret=s0",
+            top2.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "plain overlay: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = d.join("b.raw");
+    run_ok(
+        Command::new(&q.img)
+            .args([
+                "convert",
+                "-O",
+                "raw",
+                "--object",
+                &secret(),
+                "--image-opts",
+            ])
+            .arg(format!(
+                "driver=qcow2,file.filename={},backing.encrypt.key-secret=s0",
+                top2.display()
+            ))
+            .arg(&out),
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "plain overlay over encrypted base"
+    );
+    // qimg reads both the same way.
+    let ours = d.join("c.raw");
+    qimg_raw(&top2, &ours);
+    assert!(std::fs::read(&ours).unwrap() == want);
+}
