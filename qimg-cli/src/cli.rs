@@ -583,9 +583,16 @@ fn convert_to_qcow2(
         ));
     }
     let mut w = if a.no_create {
+        // An encrypted destination's passphrase: `-o encrypt.key-secret=ID`
+        // (qemu-img takes it in --target-image-opts), else the only
+        // secret given, else a prompt.
+        let keys = crate::luks::KeySource {
+            key_file: None,
+            key_secret: opts.get("encrypt.key-secret").map(str::to_string),
+        };
         opts.reject_unused("qcow2")
             .map_err(|e| CliError::usage(e.to_string()))?;
-        crate::create::open_qcow2_writer(dst)?
+        crate::create::open_qcow2_writer_keyed(dst, Some((&keys, secrets)))?
     } else {
         let c = crate::create::Qcow2Create::parse(opts, a.backing.as_deref(), None)?;
         c.create(dst, len, secrets)?

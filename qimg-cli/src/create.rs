@@ -384,9 +384,36 @@ pub(crate) fn luks_region_sectors(e: &crate::luks::CreateOptions) -> Result<u32,
 pub(crate) fn open_qcow2_writer(
     path: &str,
 ) -> Result<qcow_core::Qcow2Writer<FileDevice>, CliError> {
-    let dev = FileDevice::open_rw(Path::new(path))
+    open_qcow2_writer_keyed(path, None)
+}
+
+/// As [`open_qcow2_writer`], for an image that may be encrypted: its
+/// passphrase comes from `keys` (`encrypt.key-secret`, the only secret
+/// given, or a prompt), and every write is encrypted with its key.
+pub(crate) fn open_qcow2_writer_keyed(
+    path: &str,
+    keys: Option<(&crate::luks::KeySource, &crate::secret::Secrets)>,
+) -> Result<qcow_core::Qcow2Writer<FileDevice>, CliError> {
+    let mut dev = FileDevice::open_rw(Path::new(path))
         .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
-    let w = qcow_core::Qcow2Writer::open(dev).map_err(|e| CliError::io(path, e.to_string()))?;
+    let info = {
+        let mut cache = vec![0u8; 64 * 1024];
+        qcow_core::Qcow2::open(&mut dev, &mut cache)
+            .map_err(|e| CliError::io(path, e.to_string()))?
+            .info()
+            .clone()
+    };
+    let w = match (info.header.crypt_method, keys) {
+        (0, _) | (_, None) => qcow_core::Qcow2Writer::open(dev),
+        (_, Some((keys, secrets))) => {
+            let pass = keys.resolve(path, secrets, false)?;
+            let key = qcow_core::crypto::ImageKey::unlock(&mut dev, &info, &pass)
+                .map_err(|e| CliError::io(path, e.to_string()))?
+                .ok_or_else(|| CliError::io(path, "the image is not encrypted".into()))?;
+            qcow_core::Qcow2Writer::open_with_key(dev, key)
+        }
+    }
+    .map_err(|e| CliError::io(path, e.to_string()))?;
     if !w.header().has_data_file() {
         return Ok(w);
     }

@@ -437,3 +437,47 @@ fn partial_writes_copy_on_write_across_encrypted_and_plain_layers() {
     qimg_raw(&top2, &ours);
     assert!(std::fs::read(&ours).unwrap() == want);
 }
+
+/// `convert -n` into an existing encrypted qcow2 image (made by qemu-img):
+/// the destination's passphrase comes from `-o encrypt.key-secret`, and
+/// qemu-img reads back what was written.
+#[test]
+fn convert_into_an_existing_encrypted_image() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("dst.qcow2");
+    run_ok(
+        Command::new(&q.img)
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "--object",
+                &secret(),
+                "-o",
+                &enc_opts(""),
+            ])
+            .arg(&img)
+            .arg("4M"),
+    );
+    let data = pattern(3 << 20, 19, 5);
+    let src = write_tmp(d, "src.raw", &data);
+    run_ok(
+        qimg()
+            .args(["convert", "-n", "-O", "qcow2", "--object", &secret()])
+            .args(["-o", "encrypt.key-secret=s0"])
+            .arg(&src)
+            .arg(&img),
+    );
+    check_clean(&q, &img);
+    let out = d.join("back.raw");
+    qemu_raw(&q, &img, &out);
+    let back = std::fs::read(&out).unwrap();
+    assert!(
+        back[..data.len()] == data[..],
+        "qemu-img reads back something else"
+    );
+    assert!(back[data.len()..].iter().all(|&b| b == 0));
+}
