@@ -158,8 +158,8 @@ enum Command {
         #[arg(short = 'p')]
         progress: bool,
         /// Worker threads for the encryption, decryption and compression
-        /// work (qemu-img's `-m`); the default is every core. The output is
-        /// byte-identical whatever the count.
+        /// work (qemu-img's `-m`); the default is 1, which is fastest with
+        /// hardware AES. The output is byte-identical whatever the count.
         #[arg(short = 'm', value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
         workers: Option<u16>,
         /// Allow out-of-order writes (qemu-img's `-W`). Accepted: qimg
