@@ -18,6 +18,9 @@ pub(crate) struct CopyOptions {
     /// The destination already reads as zero (new file, `--target-is-zero`),
     /// so skipped ranges need no explicit zeroing.
     pub(crate) target_is_zero: bool,
+    /// Write on a second thread while the next chunk is read (and
+    /// decrypted): see [`copy`].
+    pub(crate) pipelined: bool,
 }
 
 impl Default for CopyOptions {
@@ -25,6 +28,7 @@ impl Default for CopyOptions {
         Self {
             sparse_size: 4096,
             target_is_zero: true,
+            pipelined: false,
         }
     }
 }
@@ -38,8 +42,139 @@ pub(crate) enum CopyError {
     Write(DevError),
 }
 
+/// Chunks in flight in a pipelined copy: one being read, one queued, one
+/// being written. Memory stays at `BUFFERS * CHUNK` whatever the size.
+const BUFFERS: usize = 3;
+
+/// One step of the copy, decided from the source and applied to the
+/// destination.
+enum Step {
+    /// `buf[..len]` goes to `off`, leaving out runs of zeroes.
+    Data { off: u64, buf: Vec<u8>, len: usize },
+    /// `len` bytes at `off` that read as zero and must be written as
+    /// zero-filled data (`-S 0`).
+    Fill { off: u64, buf: Vec<u8>, len: usize },
+    /// `len` bytes at `off` read as zero: zeroed in the destination unless
+    /// it reads as zero already.
+    Zero { off: u64, len: u64 },
+}
+
+impl Step {
+    /// Applies the step to `dst`, returning the bytes written as data and
+    /// the buffer for reuse.
+    fn apply(
+        self,
+        dst: &mut AnyDev,
+        opts: CopyOptions,
+    ) -> (Result<u64, DevError>, Option<Vec<u8>>) {
+        match self {
+            Step::Data { off, buf, len } => (write_sparse(dst, off, &buf[..len], opts), Some(buf)),
+            Step::Fill { off, buf, len } => (
+                dst.write_at(off, &buf[..len]).map(|()| len as u64),
+                Some(buf),
+            ),
+            Step::Zero { off, len } => {
+                let r = if opts.target_is_zero {
+                    Ok(())
+                } else {
+                    dst.write_zeroes(off, len)
+                };
+                (r.map(|()| 0), None)
+            }
+        }
+    }
+}
+
+/// What the reading side needs to know of the destination, asked once
+/// before the copy (neither changes while it runs: the copy writes only
+/// below the offset it has reached).
+#[derive(Clone, Copy)]
+struct Geometry {
+    /// The destination's sector size.
+    sector: u32,
+    /// The destination's size, when it has one.
+    size: Option<u64>,
+}
+
+impl Geometry {
+    fn of(dst: &mut AnyDev) -> Self {
+        Self {
+            sector: dst.sector_size(),
+            size: dst.size().ok(),
+        }
+    }
+}
+
+/// Reads the source from `off` (at most [`CHUNK`] bytes) into `buf` and
+/// says what to do with it; returns the step, the bytes it covers and the
+/// buffer when the step does not use it.
+fn next_step(
+    src: &mut dyn Source,
+    dst: Geometry,
+    off: u64,
+    len: u64,
+    opts: CopyOptions,
+    mut buf: Vec<u8>,
+) -> Result<(Step, u64, Option<Vec<u8>>), CopyError> {
+    let align = u64::from(dst.sector.max(src.sector_size())).max(1);
+    let max = (len - off).min(CHUNK as u64);
+    let st = src.block_status(off, max).map_err(CopyError::Read)?;
+    // Keep every request whole sectors of the destination (a raw
+    // source's status can end at an odd file length); only the very
+    // end of an odd-sized copy may be partial.
+    let n = st.len.clamp(1, max);
+    let n = if n >= align {
+        n - n % align
+    } else {
+        align.min(len - off)
+    };
+    let n_usize = usize::try_from(n).unwrap_or(CHUNK);
+    // An odd tail into a destination with larger sectors (LUKS2 with
+    // 4096-byte sectors, sized in whole sectors): zero-pad to a whole
+    // destination sector when the destination has room for it.
+    let ds = u64::from(dst.sector).max(1);
+    let padded = if n % ds != 0 && dst.size.is_some_and(|s| s >= off + n.next_multiple_of(ds)) {
+        n.next_multiple_of(ds)
+    } else {
+        n
+    };
+    let padded_usize = usize::try_from(padded).unwrap_or(CHUNK).min(CHUNK);
+    Ok(match st.data {
+        // `-S 0` turns sparse detection off, as in qemu-img: even a
+        // range the source leaves unallocated is written as data, so
+        // the destination ends up fully allocated.
+        false if opts.sparse_size == 0 => {
+            buf[..n_usize].fill(0);
+            let step = Step::Fill {
+                off,
+                buf,
+                len: n_usize,
+            };
+            (step, n, None)
+        }
+        false => (Step::Zero { off, len: padded }, n, Some(buf)),
+        true => {
+            let chunk = &mut buf[..padded_usize];
+            src.read_at(off, &mut chunk[..n_usize])
+                .map_err(CopyError::Read)?;
+            chunk[n_usize..].fill(0);
+            let step = Step::Data {
+                off,
+                buf,
+                len: padded_usize,
+            };
+            (step, n, None)
+        }
+    })
+}
+
 /// Copies `len` bytes of `src` to `dst`, returning the bytes written as data.
 /// `progress` is told the bytes done after every chunk.
+///
+/// With [`CopyOptions::pipelined`], the destination side (the zero scan and
+/// the writes) runs on a second thread while this one reads and decrypts
+/// the next chunk; at most [`BUFFERS`] chunks are in flight, and writes
+/// reach the destination in the same order as without it.
 pub(crate) fn copy(
     src: &mut dyn Source,
     dst: &mut AnyDev,
@@ -47,60 +182,78 @@ pub(crate) fn copy(
     opts: CopyOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, CopyError> {
-    let mut buf = vec![0u8; CHUNK];
-    let align = u64::from(dst.sector_size().max(src.sector_size())).max(1);
-    let mut off = 0u64;
-    let mut written = 0u64;
-    while off < len {
-        let max = (len - off).min(CHUNK as u64);
-        let st = src.block_status(off, max).map_err(CopyError::Read)?;
-        // Keep every request whole sectors of the destination (a raw
-        // source's status can end at an odd file length); only the very
-        // end of an odd-sized copy may be partial.
-        let n = st.len.clamp(1, max);
-        let n = if n >= align {
-            n - n % align
-        } else {
-            align.min(len - off)
-        };
-        let n_usize = usize::try_from(n).unwrap_or(CHUNK);
-        // An odd tail into a destination with larger sectors (LUKS2 with
-        // 4096-byte sectors, sized in whole sectors): zero-pad to a whole
-        // destination sector when the destination has room for it.
-        let ds = u64::from(dst.sector_size()).max(1);
-        let padded = if n % ds != 0 && dst.size().is_ok_and(|s| s >= off + n.next_multiple_of(ds)) {
-            n.next_multiple_of(ds)
-        } else {
-            n
-        };
-        let padded_usize = usize::try_from(padded).unwrap_or(CHUNK).min(CHUNK);
-        match st.data {
-            // `-S 0` turns sparse detection off, as in qemu-img: even a
-            // range the source leaves unallocated is written as data, so
-            // the destination ends up fully allocated.
-            false if opts.sparse_size == 0 => {
-                let chunk = &mut buf[..n_usize];
-                chunk.fill(0);
-                dst.write_at(off, chunk).map_err(CopyError::Write)?;
-                written += n;
-            }
-            false => {
-                if !opts.target_is_zero {
-                    dst.write_zeroes(off, padded).map_err(CopyError::Write)?;
+    let geometry = Geometry::of(dst);
+    if !opts.pipelined {
+        let mut spare = Some(vec![0u8; CHUNK]);
+        let mut off = 0u64;
+        let mut written = 0u64;
+        while off < len {
+            let buf = spare.take().unwrap_or_else(|| vec![0u8; CHUNK]);
+            let (step, n, unused) = next_step(src, geometry, off, len, opts, buf)?;
+            let (r, back) = step.apply(dst, opts);
+            written += r.map_err(CopyError::Write)?;
+            spare = back.or(unused);
+            off += n;
+            progress(off);
+        }
+        return Ok(written);
+    }
+    std::thread::scope(|s| {
+        let (to_writer, steps) = std::sync::mpsc::sync_channel::<Step>(1);
+        let (give_back, returned) = std::sync::mpsc::channel::<Vec<u8>>();
+        let writer = s.spawn(move || -> Result<u64, DevError> {
+            let mut written = 0u64;
+            for step in steps {
+                let (r, back) = step.apply(dst, opts);
+                written += r?;
+                if let Some(b) = back {
+                    // The reader may have finished; a lost buffer is fine.
+                    let _ = give_back.send(b);
                 }
             }
-            true => {
-                let chunk = &mut buf[..padded_usize];
-                src.read_at(off, &mut chunk[..n_usize])
-                    .map_err(CopyError::Read)?;
-                chunk[n_usize..].fill(0);
-                written += write_sparse(dst, off, chunk, opts).map_err(CopyError::Write)?;
+            Ok(written)
+        });
+        let mut made = 0usize;
+        let mut off = 0u64;
+        let mut failed = None;
+        let mut spare: Option<Vec<u8>> = None;
+        while off < len {
+            let buf = match spare.take().or_else(|| returned.try_recv().ok()) {
+                Some(b) => b,
+                None if made < BUFFERS => {
+                    made += 1;
+                    vec![0u8; CHUNK]
+                }
+                None => match returned.recv() {
+                    Ok(b) => b,
+                    // The writer stopped (an error): its result says why.
+                    Err(_) => break,
+                },
+            };
+            let (step, n, unused) = match next_step(src, geometry, off, len, opts, buf) {
+                Ok(v) => v,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            spare = unused;
+            if to_writer.send(step).is_err() {
+                break;
             }
+            off += n;
+            progress(off);
         }
-        off += n;
-        progress(off);
-    }
-    Ok(written)
+        drop(to_writer);
+        let written = match writer.join() {
+            Ok(r) => r.map_err(CopyError::Write)?,
+            Err(p) => std::panic::resume_unwind(p),
+        };
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(written),
+        }
+    })
 }
 
 /// Receives a window of clusters in guest order: each one's index and its
@@ -264,6 +417,120 @@ mod tests {
         let mut back = vec![0u8; data.len()];
         dst.read_at(0, &mut back).unwrap();
         assert!(back == data);
+    }
+
+    /// A device that fails every read or write reaching `fail_from`.
+    struct FailFrom(AnyDev, u64);
+
+    impl BlockIo for FailFrom {
+        type Error = DevError;
+        fn sector_size(&self) -> u32 {
+            self.0.sector_size()
+        }
+        fn size(&mut self) -> Result<u64, DevError> {
+            self.0.size()
+        }
+        fn read_at(&mut self, o: u64, b: &mut [u8]) -> Result<(), DevError> {
+            if o + b.len() as u64 > self.1 {
+                return Err(DevError(format!("read failed at {o}")));
+            }
+            self.0.read_at(o, b)
+        }
+        fn write_at(&mut self, o: u64, b: &[u8]) -> Result<(), DevError> {
+            if o + b.len() as u64 > self.1 {
+                return Err(DevError(format!("write failed at {o}")));
+            }
+            self.0.write_at(o, b)
+        }
+        fn flush(&mut self) -> Result<(), DevError> {
+            Ok(())
+        }
+    }
+
+    /// Data with zero runs of several sizes and an odd tail.
+    fn patterned(len: usize) -> Vec<u8> {
+        let mut data = vec![0u8; len];
+        for (i, b) in data.iter_mut().enumerate() {
+            if (i / 4096) % 5 == 1 || (i / (CHUNK + 4096)) % 3 == 2 {
+                *b = u8::try_from(i % 241).unwrap_or(0) | 2;
+            }
+        }
+        data
+    }
+
+    #[test]
+    fn pipelined_copy_writes_what_the_serial_copy_writes() {
+        let data = patterned(7 * CHUNK + 777);
+        let len = data.len() as u64;
+        for sparse_size in [0u64, 4096, 65536] {
+            for target_is_zero in [true, false] {
+                let mut results = Vec::new();
+                for pipelined in [false, true] {
+                    let mut src = Flat::at_offsets(erased(VecDevice::from_vec(data.clone())));
+                    // A destination full of noise shows missed zeroing.
+                    let noise = if target_is_zero { 0 } else { 0x5a };
+                    let mut dst = erased(VecDevice::from_vec(vec![noise; data.len()]));
+                    let opts = CopyOptions {
+                        sparse_size,
+                        target_is_zero,
+                        pipelined,
+                    };
+                    let mut seen = Vec::new();
+                    let written =
+                        copy(&mut src, &mut dst, len, opts, &mut |d| seen.push(d)).unwrap();
+                    let mut back = vec![1u8; data.len()];
+                    dst.read_at(0, &mut back).unwrap();
+                    assert!(
+                        back == data,
+                        "S={sparse_size} zero={target_is_zero} p={pipelined}"
+                    );
+                    assert_eq!(seen.last(), Some(&len));
+                    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+                    results.push(written);
+                }
+                assert_eq!(results[0], results[1], "S={sparse_size}");
+            }
+        }
+    }
+
+    #[test]
+    fn pipelined_copy_reports_a_failed_write() {
+        let data = patterned(9 * CHUNK);
+        let len = data.len() as u64;
+        let mut src = Flat::at_offsets(erased(VecDevice::from_vec(data.clone())));
+        let mut dst: AnyDev = Box::new(FailFrom(erased(VecDevice::new()), 3 * CHUNK as u64));
+        let opts = CopyOptions {
+            pipelined: true,
+            ..CopyOptions::default()
+        };
+        match copy(&mut src, &mut dst, len, opts, &mut |_| {}) {
+            Err(CopyError::Write(e)) => assert!(e.0.contains("write failed"), "{e}"),
+            other => panic!("expected a write error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pipelined_copy_reports_a_failed_read() {
+        let data = patterned(9 * CHUNK);
+        let len = data.len() as u64;
+        let failing: AnyDev = Box::new(FailFrom(
+            erased(VecDevice::from_vec(data.clone())),
+            5 * CHUNK as u64 + 4096,
+        ));
+        let mut src = Flat::at_offsets(failing);
+        let mut dst = erased(VecDevice::new());
+        let opts = CopyOptions {
+            pipelined: true,
+            ..CopyOptions::default()
+        };
+        match copy(&mut src, &mut dst, len, opts, &mut |_| {}) {
+            Err(CopyError::Read(e)) => assert!(e.0.contains("read failed"), "{e}"),
+            other => panic!("expected a read error, got {other:?}"),
+        }
+        // What came before the failure was written, in order.
+        let mut back = vec![0u8; 5 * CHUNK];
+        dst.read_at(0, &mut back).unwrap();
+        assert!(back[..] == data[..5 * CHUNK]);
     }
 
     #[test]

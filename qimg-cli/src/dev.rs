@@ -18,7 +18,7 @@ impl fmt::Display for DevError {
 impl std::error::Error for DevError {}
 
 /// Any device, with its errors rendered as [`DevError`].
-pub(crate) type AnyDev = Box<dyn BlockIo<Error = DevError>>;
+pub(crate) type AnyDev = Box<dyn BlockIo<Error = DevError> + Send>;
 
 /// Wraps a device so its errors become [`DevError`]s.
 pub(crate) struct Erased<D>(pub D);
@@ -56,7 +56,7 @@ fn erase<E: fmt::Display>(e: E) -> DevError {
 }
 
 /// Boxes `dev` as an [`AnyDev`].
-pub(crate) fn erased<D: BlockIo + 'static>(dev: D) -> AnyDev {
+pub(crate) fn erased<D: BlockIo + Send + 'static>(dev: D) -> AnyDev {
     Box::new(Erased(dev))
 }
 

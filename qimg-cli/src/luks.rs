@@ -61,9 +61,22 @@ pub(crate) fn open(
     secrets: &Secrets,
     writable: bool,
 ) -> Result<Box<dyn Source>, CliError> {
+    let dev = open_payload(path, header, keys, secrets, writable)?;
+    Ok(Box::new(Flat::hidden(dev)))
+}
+
+/// [`open`]'s payload as a plain device (one that can move to a writer
+/// thread).
+fn open_payload(
+    path: &str,
+    header: Option<&str>,
+    keys: &KeySource,
+    secrets: &Secrets,
+    writable: bool,
+) -> Result<AnyDev, CliError> {
     let hdr_path = header.unwrap_or(path);
     if crate::luks2::version(hdr_path)? == Some(2) {
-        return crate::luks2::open(path, header, keys, secrets, writable);
+        return crate::luks2::open_payload(path, header, keys, secrets, writable);
     }
     let mut hdr_dev = FileDevice::open(Path::new(hdr_path))
         .map_err(|e| CliError::io(hdr_path, format!("cannot open: {e}")))?;
@@ -74,7 +87,7 @@ pub(crate) fn open(
         .map_err(|e| CliError::io(hdr_path, format!("{e}")))?;
     // One volume (own file handle, own cipher) per `-m` worker.
     let mut vols = Vec::new();
-    for _ in 0..crate::parallel::workers() {
+    for _ in 0..crate::parallel::cipher_workers() {
         let data = if writable {
             FileDevice::open_rw(Path::new(path))
         } else {
@@ -86,12 +99,11 @@ pub(crate) fn open(
                 .map_err(|e| CliError::io(path, e.to_string()))?,
         );
     }
-    let dev = if vols.len() == 1 {
+    Ok(if vols.len() == 1 {
         erased(vols.remove(0))
     } else {
         erased(crate::parallel::Striped::new(vols))
-    };
-    Ok(Box::new(Flat::hidden(dev)))
+    })
 }
 
 /// Splits a LUKS1 cipher mode (`xts-plain64`, `cbc-essiv:sha256`) into
@@ -383,8 +395,7 @@ pub(crate) fn create_for_convert(
         key_file: None,
         key_secret: o.key_secret,
     };
-    let vol = open(path, None, &keys, secrets, true)?;
-    Ok(Box::new(vol) as AnyDev)
+    open_payload(path, None, &keys, secrets, true)
 }
 
 #[cfg(test)]

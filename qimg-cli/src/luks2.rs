@@ -11,7 +11,7 @@ use luks_core::luks2::{self, Argon2Block, Kdf, Luks2Header};
 use luks_core::{HashAlg, LuksVolume};
 use serde_json::{json, Map, Value};
 
-use crate::dev::{erased, Flat, Source};
+use crate::dev::{erased, AnyDev};
 use crate::luks::{CreateOptions, KeySource, OsRng};
 use crate::opts::OptionMap;
 use crate::secret::Secrets;
@@ -69,13 +69,13 @@ pub(crate) fn memory(path: &str, h: &Luks2Header) -> Result<Vec<Argon2Block>, Cl
 }
 
 /// Unlocks a raw LUKS2 volume and returns its payload.
-pub(crate) fn open(
+pub(crate) fn open_payload(
     path: &str,
     header: Option<&str>,
     keys: &KeySource,
     secrets: &Secrets,
     writable: bool,
-) -> Result<Box<dyn Source>, CliError> {
+) -> Result<AnyDev, CliError> {
     let hdr_path = header.unwrap_or(path);
     let (h, _) = read_header(hdr_path)?;
     luks2::check_requirements::<std::convert::Infallible>(&h.meta)
@@ -98,7 +98,7 @@ pub(crate) fn open(
     .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
     let vol =
         LuksVolume::open_luks2(data, &h, &key).map_err(|e| CliError::io(path, e.to_string()))?;
-    Ok(Box::new(Flat::hidden(erased(vol))))
+    Ok(erased(vol))
 }
 
 fn kdf_json(k: Option<&Kdf>) -> Value {

@@ -1,13 +1,16 @@
-//! `convert -m N`: the sector cipher work of one large request spread over
-//! N threads. Output never depends on N: each thread handles a disjoint,
-//! sector-aligned piece of the same request with the same key and the same
-//! IVs the single-threaded path would use, and requests still reach the
-//! destination in order.
+//! `convert -m N`: N threads. From two up, `convert`'s copy is pipelined
+//! (see [`crate::convert::copy`]): one thread writes the destination while
+//! another reads (and decrypts) the next chunk, so the cipher work of one
+//! large request is spread over the N - 1 threads left
+//! ([`cipher_workers`]). Output never depends on N: each thread handles a
+//! disjoint, sector-aligned piece of the same request with the same key and
+//! the same IVs the single-threaded path would use, and requests still
+//! reach the destination in order.
 //!
-//! Two shapes:
-//! - [`Striped`]: N independent devices over the same file (raw LUKS
+//! Three shapes share a request's cipher work:
+//! - [`Striped`]: independent devices over the same file (raw LUKS
 //!   volumes, each with its own file handle and cipher); a large read or
-//!   write is cut into N pieces done concurrently by positional I/O.
+//!   write is cut into pieces done concurrently by positional I/O.
 //! - [`ParallelKey`]: the qcow2 reader's decryptor for encrypted images;
 //!   one key, shared by reference (its sector functions take `&self`).
 //!
@@ -43,21 +46,38 @@ pub(crate) fn set_workers(n: usize) {
     WORKERS.store(n.max(1), Ordering::Relaxed);
 }
 
-/// The worker count openers should use.
+/// The worker count (`-m`): the threads that compress `convert -c`'s
+/// clusters.
 pub(crate) fn workers() -> usize {
     WORKERS.load(Ordering::Relaxed).max(1)
 }
 
-/// The default for `-m`: one thread. Measured with `cargo xtask
-/// bench-compare` on a 2-core VAES machine, one core decrypts AES-XTS at
-/// 8-10 GB/s, faster than the copy path around it moves data, and splitting
-/// each 2 MiB request over two threads made `convert` of a 1 GiB LUKS qcow2
-/// 0.90 s instead of 0.60 s (raw LUKS 0.62 s instead of 0.56 s): the
-/// threads cost more than the cipher work they share. `-m N` is for what
-/// is slow per byte (software ciphers, compression) on machines with cores
-/// to spare.
+/// The threads that share one request's cipher work. With `-m N` for N of
+/// 2 or more the copy is pipelined ([`crate::convert::copy`]): one thread
+/// writes while the others read and decrypt (or, into an encrypted
+/// destination, one reads while the others encrypt and write), so N - 1
+/// threads are left for the cipher.
+pub(crate) fn cipher_workers() -> usize {
+    workers().saturating_sub(1).max(1)
+}
+
+/// Whether `convert` pipelines its copy: reading on one thread, writing on
+/// another.
+pub(crate) fn pipelined() -> bool {
+    workers() > 1
+}
+
+/// The default for `-m`: two threads on a machine with two cores or more,
+/// one otherwise. Measured with `cargo xtask bench-compare` on a 2-core
+/// VAES machine (1 GiB into /dev/shm), a pipelined copy (one thread reads
+/// and decrypts while the other writes) took a LUKS qcow2 convert from
+/// 0.45 s to about 0.26 s, while splitting each 2 MiB request's AES-XTS
+/// work over threads as well made it slower (0.30 s): with hardware AES
+/// one core decrypts at 8-10 GB/s, faster than the kernel copies the
+/// bytes around it. Larger `-m` helps what is slow per byte (software
+/// ciphers, compression) on machines with the cores for it.
 pub(crate) fn default_workers() -> usize {
-    1
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
 }
 
 /// Cuts `len` bytes into at most `n` consecutive pieces, each a multiple of

@@ -326,7 +326,7 @@ pub(crate) fn unlock(
     // Lives as long as the process, like the reader's other buffers; large
     // runs are decrypted by the `-m` workers.
     let key: &'static mut crate::parallel::ParallelKey = Box::leak(Box::new(
-        crate::parallel::ParallelKey::new(key, crate::parallel::workers()),
+        crate::parallel::ParallelKey::new(key, crate::parallel::cipher_workers()),
     ));
     Ok(Opening {
         img: opening.img.with_decryptor(key),
