@@ -95,6 +95,40 @@ impl Backend {
             .unwrap_or(Backend::Portable)
     }
 
+    /// AES blocks one register of this backend holds.
+    pub fn lanes(self) -> u64 {
+        match self {
+            Backend::Portable | Backend::AesNi => 1,
+            Backend::Vaes256 => 2,
+            Backend::Vaes512 => 4,
+        }
+    }
+
+    /// A benchmark aid: runs `iters` AES rounds on each of several
+    /// independent register chains of this backend's width (no memory, no
+    /// tweaks), so that timing it gives the core's ceiling for the width:
+    /// the most block-rounds per second any AES code using these registers
+    /// can retire. Returns the block-rounds done and a value that depends
+    /// on every result (for `black_box`); `None` for [`Backend::Portable`]
+    /// or a backend this CPU lacks.
+    pub fn round_probe(self, iters: u64) -> Option<RoundProbe> {
+        #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+        {
+            let fold = x86::round_probe(self, iters)?;
+            Some(RoundProbe {
+                block_rounds: iters
+                    .saturating_mul(x86::PROBE_CHAINS as u64)
+                    .saturating_mul(self.lanes()),
+                fold,
+            })
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+        {
+            let _ = iters;
+            None
+        }
+    }
+
     /// A short lower-case name, e.g. for benchmark labels.
     pub fn name(self) -> &'static str {
         match self {
@@ -104,6 +138,15 @@ impl Backend {
             Backend::Vaes512 => "vaes512",
         }
     }
+}
+
+/// What [`Backend::round_probe`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundProbe {
+    /// AES block-rounds retired (rounds x blocks per register x chains).
+    pub block_rounds: u64,
+    /// A value depending on every result, so the work cannot be dropped.
+    pub fold: u64,
 }
 
 impl fmt::Display for Backend {

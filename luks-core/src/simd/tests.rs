@@ -335,3 +335,32 @@ fn backend_selection_and_debug() {
         println!("backend {b}: available = {}", b.is_available());
     }
 }
+
+/// The round probe computes real AES rounds: each hardware width gives the
+/// fold `aes`'s software round gives on the same chains, and counts the
+/// block-rounds it did.
+#[test]
+fn round_probe_matches_software_rounds() {
+    const CHAINS: u64 = 12;
+    let iters = 5u64;
+    let key = 0x5a5a_1234u32.to_le_bytes().repeat(4);
+    let key = aes::Block::try_from(&key[..]).unwrap();
+    let mut want = 0u64;
+    for i in 0..CHAINS {
+        let start = (i as u32).to_le_bytes().repeat(4);
+        let mut b = aes::Block::try_from(&start[..]).unwrap();
+        for _ in 0..iters {
+            aes::hazmat::cipher_round(&mut b, &key);
+        }
+        want ^= u64::from_le_bytes(b[..8].try_into().unwrap());
+    }
+    assert!(Backend::Portable.round_probe(iters).is_none());
+    for b in backends() {
+        if b == Backend::Portable {
+            continue;
+        }
+        let p = b.round_probe(iters).unwrap();
+        assert_eq!(p.fold, want, "{b}");
+        assert_eq!(p.block_rounds, iters * CHAINS * b.lanes(), "{b}");
+    }
+}

@@ -781,3 +781,82 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
     // volatile writes keep this cheap for single-sector calls.
     t0s[..used].zeroize();
 }
+
+// ---------------------------------------------------------------------
+// Round-throughput probe (for benchmarks): independent `aesenc` chains on
+// one register width, no loads, stores or tweaks, so the only limit is how
+// many AES rounds the core retires per cycle at that width.
+
+/// Independent chains per probe: more than throughput x latency of
+/// `aesenc` on current cores (2 per cycle x 3-4 cycles for `xmm`), so the
+/// chains never wait on each other.
+pub(super) const PROBE_CHAINS: usize = 12;
+
+/// Runs `iters` rounds on each of [`PROBE_CHAINS`] chains in `backend`'s
+/// registers; returns a value that depends on every result. `None` for the
+/// portable backend or one this CPU lacks.
+pub(super) fn round_probe(backend: Backend, iters: u64) -> Option<u64> {
+    if backend == Backend::Portable || !available(backend) {
+        return None;
+    }
+    // SAFETY: `available(backend)` was checked just above, and each probe's
+    // `#[target_feature]` set is a subset of its backend's features. The
+    // probes touch no memory but their own locals.
+    Some(unsafe {
+        match backend {
+            Backend::Vaes512 => probe_zmm(iters),
+            Backend::Vaes256 => probe_ymm(iters),
+            Backend::AesNi | Backend::Portable => probe_xmm(iters),
+        }
+    })
+}
+
+#[target_feature(enable = "aes,sse2")]
+fn probe_xmm(iters: u64) -> u64 {
+    let k = _mm_set1_epi32(0x5a5a_1234);
+    let mut s = [_mm_set1_epi32(0); PROBE_CHAINS];
+    for (x, v) in s.iter_mut().zip(0i32..) {
+        *x = _mm_set1_epi32(v);
+    }
+    for _ in 0..iters {
+        for x in s.iter_mut() {
+            *x = _mm_aesenc_si128(*x, k);
+        }
+    }
+    s.iter()
+        .fold(0u64, |acc, &x| acc ^ _mm_cvtsi128_si64(x) as u64)
+}
+
+#[target_feature(enable = "avx2,vaes")]
+fn probe_ymm(iters: u64) -> u64 {
+    let k = _mm256_set1_epi32(0x5a5a_1234);
+    let mut s = [_mm256_set1_epi32(0); PROBE_CHAINS];
+    for (x, v) in s.iter_mut().zip(0i32..) {
+        *x = _mm256_set1_epi32(v);
+    }
+    for _ in 0..iters {
+        for x in s.iter_mut() {
+            *x = _mm256_aesenc_epi128(*x, k);
+        }
+    }
+    s.iter().fold(0u64, |acc, &x| {
+        acc ^ _mm_cvtsi128_si64(_mm256_castsi256_si128(x)) as u64
+    })
+}
+
+#[target_feature(enable = "avx512f,vaes")]
+fn probe_zmm(iters: u64) -> u64 {
+    let k = _mm512_set1_epi32(0x5a5a_1234);
+    let mut s = [_mm512_set1_epi32(0); PROBE_CHAINS];
+    for (x, v) in s.iter_mut().zip(0i32..) {
+        *x = _mm512_set1_epi32(v);
+    }
+    for _ in 0..iters {
+        for x in s.iter_mut() {
+            *x = _mm512_aesenc_epi128(*x, k);
+        }
+    }
+    s.iter().fold(0u64, |acc, &x| {
+        acc ^ _mm_cvtsi128_si64(_mm512_castsi512_si128(x)) as u64
+    })
+}

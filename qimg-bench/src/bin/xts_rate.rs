@@ -4,8 +4,12 @@
 //! 4 KiB and 512-byte sectors in 64 KiB batches, and PBKDF2 iterations per
 //! second. Each figure is the best of several timed rounds.
 //!
+//! It also times [`Backend::round_probe`] for each hardware backend: the
+//! most AES rounds per second the core retires at that register width,
+//! turned into the AES-256 rate no code using those registers can pass.
+//!
 //! Output lines: `aes-bulk gbps=..`, `xts backend=.. sector=.. gbps=..`,
-//! `pbkdf2 hash=.. iters_per_s=..`.
+//! `ceiling backend=.. gbps=..`, `pbkdf2 hash=.. iters_per_s=..`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -75,6 +79,26 @@ fn main() {
                 backend.name()
             );
         }
+    }
+
+    for backend in Backend::ALL {
+        if backend.round_probe(1).is_none() {
+            continue;
+        }
+        // AES-256 is 14 rounds a block (the first key addition is a plain
+        // XOR, which other ports take).
+        let iters = 1 << 20;
+        let mut rounds = 0u64;
+        let rate = best_gbps(1, || {
+            if let Some(p) = backend.round_probe(black_box(iters)) {
+                rounds = p.block_rounds;
+                black_box(p.fold);
+            }
+        });
+        // `best_gbps` counted calls (bytes = 1): calls/s x block-rounds per
+        // call x 16 bytes / 14 rounds.
+        let gbps = rate * rounds as f64 * 16.0 / 14.0;
+        println!("ceiling backend={} gbps={gbps:.3}", backend.name());
     }
 
     for (hash, name) in [(HashAlg::Sha256, "sha256"), (HashAlg::Sha1, "sha1")] {
