@@ -42,6 +42,9 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+#[macro_use]
+mod view;
+
 pub mod cipher;
 pub mod error;
 pub mod hash;

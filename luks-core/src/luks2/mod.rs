@@ -473,20 +473,8 @@ pub fn open_keyslot<D: BlockIo + ?Sized>(
     drop(slot_key);
     let cipher = cipher.map_err(PureError::widen)?;
     let mut af = AfState::new(af_hash, kb, ks.stripes);
-    let total = af.material_len().div_ceil(512).saturating_mul(512);
     let st = Structure::KeyMaterial(id);
-    let mut buf = Zeroizing::new([0u8; CHUNK]);
-    let mut done = 0u64;
-    while done < total {
-        let n = io::chunk_len(total.saturating_sub(done), CHUNK);
-        let chunk = &mut buf[..n];
-        read(dev, st, ks.area_offset.saturating_add(done), chunk)?;
-        cipher
-            .decrypt_sectors(done / 512, chunk)
-            .map_err(PureError::widen)?;
-        af.feed(chunk);
-        done = done.saturating_add(n as u64);
-    }
+    crate::luks1::read_material(dev, st, ks.area_offset, &cipher, &mut af)?;
     let Some(candidate) = af.merged() else {
         return Ok(None);
     };
