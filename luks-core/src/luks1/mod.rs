@@ -194,14 +194,10 @@ fn try_slot<D: BlockIo + ?Sized>(
         ))))?;
     let hash = hash_of(hdr)?;
     let kb = hdr.key_bytes as usize;
-    let mut slot_key = Zeroizing::new([0u8; MAX_KEY_BYTES]);
-    let sk = slot_key.get_mut(..kb).ok_or(Error::Unsupported(
-        crate::error::Unsupported::KeyTooLarge(hdr.key_bytes),
-    ))?;
-    hash.pbkdf2(passphrase, &ks.salt, ks.iterations, sk);
-    let cipher = SectorCipher::new(&hdr.cipher_name, &hdr.cipher_mode, sk, 512);
-    drop(slot_key);
-    let cipher = cipher.map_err(PureError::widen)?;
+    let (cipher, ()) = slot_cipher(&hdr.cipher_name, &hdr.cipher_mode, kb, |sk| {
+        hash.pbkdf2(passphrase, &ks.salt, ks.iterations, sk);
+        Ok(())
+    })?;
     let mut af = AfState::new(hash, kb, ks.stripes);
     let base = u64::from(ks.key_material_offset).saturating_mul(512);
     let st = Structure::KeyMaterial(slot_u8(slot));
@@ -308,6 +304,26 @@ pub(crate) fn rng_fill<R: TryCryptoRng + ?Sized, E>(
     buf: &mut [u8],
 ) -> Result<(), Error<E>> {
     rng.try_fill_bytes(buf).map_err(|_| Error::Rng)
+}
+
+/// Derives a `len`-byte key slot key with `derive` (into a buffer wiped
+/// before this returns) and makes the key material's cipher from it
+/// (`cipher_name`/`cipher_mode`, 512-byte sectors); also returns what
+/// `derive` returned.
+pub(crate) fn slot_cipher<E, T>(
+    cipher_name: &str,
+    cipher_mode: &str,
+    len: usize,
+    derive: impl FnOnce(&mut [u8]) -> Result<T, Error<E>>,
+) -> Result<(SectorCipher, T), Error<E>> {
+    let mut slot_key = Zeroizing::new([0u8; MAX_KEY_BYTES]);
+    let sk = slot_key.get_mut(..len).ok_or(Error::Unsupported(
+        crate::error::Unsupported::KeyTooLarge(u32::try_from(len).unwrap_or(u32::MAX)),
+    ))?;
+    let derived = derive(sk)?;
+    let cipher = SectorCipher::new(cipher_name, cipher_mode, sk, 512);
+    drop(slot_key);
+    Ok((cipher.map_err(PureError::widen)?, derived))
 }
 
 /// Reads the key material `af` merges (its length rounded up to 512-byte
@@ -418,14 +434,10 @@ fn write_slot<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         .ok_or(Error::BadParameter(BadParameter::KeySlotIndex(slot_u8(
             slot,
         ))))?;
-    let mut slot_key = Zeroizing::new([0u8; MAX_KEY_BYTES]);
-    let sk = slot_key.get_mut(..kb).ok_or(Error::Unsupported(
-        crate::error::Unsupported::KeyTooLarge(hdr.key_bytes),
-    ))?;
-    hash.pbkdf2(passphrase, &salt, iterations, sk);
-    let cipher = SectorCipher::new(&hdr.cipher_name, &hdr.cipher_mode, sk, 512);
-    drop(slot_key);
-    let cipher = cipher.map_err(PureError::widen)?;
+    let (cipher, ()) = slot_cipher(&hdr.cipher_name, &hdr.cipher_mode, kb, |sk| {
+        hash.pbkdf2(passphrase, &salt, iterations, sk);
+        Ok(())
+    })?;
     let mut af = AfState::new(hash, kb, ks.stripes);
     let base = u64::from(ks.key_material_offset).saturating_mul(512);
     let st = Structure::KeyMaterial(slot_u8(slot));

@@ -34,7 +34,7 @@ use crate::hash::HashAlg;
 use crate::io::{self, BlockIo};
 use crate::luks1::af::AfState;
 use crate::luks1::{
-    dev_size, flush_dev as flush, rng_fill, uuid_v4, write, write_material, VolumeKey,
+    dev_size, flush_dev as flush, rng_fill, slot_cipher, uuid_v4, write, write_material, VolumeKey,
 };
 
 /// Bytes of key material written per device request.
@@ -464,15 +464,8 @@ fn write_slot<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         u32::try_from(kb).map_err(|_| Error::Unsupported(Unsupported::KeyTooLarge(u32::MAX)))?;
     let len = area_len(key_size);
     let offset = free_area(meta, hdr_size, len).ok_or(Error::NoFreeKeySlot)?;
-    let mut slot_key = Zeroizing::new([0u8; MAX_KEY_BYTES]);
-    let sk = slot_key
-        .get_mut(..kb)
-        .ok_or(Error::Unsupported(Unsupported::KeyTooLarge(key_size)))?;
-    let kdf_rec = derive_new(kdf, passphrase, sk, rng)?;
     let (cn, cm) = split_spec(encryption);
-    let cipher = SectorCipher::new(cn, cm, sk, 512);
-    drop(slot_key);
-    let cipher = cipher.map_err(PureError::widen)?;
+    let (cipher, kdf_rec) = slot_cipher(cn, cm, kb, |sk| derive_new(kdf, passphrase, sk, rng))?;
     let mut af = AfState::new(af_hash, kb, STRIPES);
     let st = Structure::KeyMaterial(id);
     write_material(dev, st, offset, &cipher, &mut af, vk, rng)?;
