@@ -33,7 +33,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::entry::{self, CompressedDescriptor, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
-use crate::error::{Error, LayerError, Limit, Problem, Structure, Unsupported};
+use crate::error::{Error, LayerError, Limit, Problem, Structure};
 use crate::header::{
     autoclear, ext, extension_header, extension_span, field, incompat, BitmapsExt, CryptoExt,
     HeaderRepr,
@@ -455,13 +455,7 @@ impl<'d, D: BlockIo> Img<'d, D> {
         let hdr = HeaderRepr::parse_bytes::<D::Error>(&first)?;
         // Unknown incompatible features: the image cannot be interpreted
         // (qemu-img refuses to open it too).
-        if hdr.unknown_incompatible() != 0 {
-            let bit = hdr.unknown_incompatible().trailing_zeros();
-            return Err(Error::Unsupported(Unsupported::IncompatibleFeature {
-                bit: u8::try_from(bit).unwrap_or(u8::MAX),
-                name: heapless::String::new(),
-            }));
-        }
+        hdr.refuse_unknown_incompatible()?;
         // "Raw external data" without an external data file: qemu-img
         // refuses to open the image.
         if hdr.autoclear_features & autoclear::DATA_FILE_RAW != 0 && !hdr.has_data_file() {

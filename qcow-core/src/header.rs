@@ -496,6 +496,21 @@ impl HeaderRepr {
     pub fn unknown_incompatible(&self) -> u64 {
         self.incompatible_features & !incompat::SUPPORTED
     }
+    /// Refuses an image with unknown incompatible bits (it cannot be
+    /// interpreted): [`Unsupported::IncompatibleFeature`] naming the lowest
+    /// such bit, without a name (the reader looks names up in the feature
+    /// name table itself).
+    #[cfg(feature = "alloc")]
+    pub(crate) fn refuse_unknown_incompatible<E>(&self) -> Result<(), Error<E>> {
+        let unknown = self.unknown_incompatible();
+        if unknown == 0 {
+            return Ok(());
+        }
+        Err(Error::Unsupported(Unsupported::IncompatibleFeature {
+            bit: u8::try_from(unknown.trailing_zeros()).unwrap_or(u8::MAX),
+            name: heapless::String::new(),
+        }))
+    }
 }
 
 /// One entry of the feature name table.
