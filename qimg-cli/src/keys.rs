@@ -187,13 +187,7 @@ fn open_window(path: &str, format: Format, writable: bool) -> Result<(HeaderDev,
             ))
         }
     };
-    let file = if writable {
-        FileDevice::open_rw(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?
-    } else {
-        FileDevice::open(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?
-    };
+    let file = crate::create::open_file(path, writable)?;
     Ok((Window::new(file, offset, len), qcow2))
 }
 
@@ -714,6 +708,26 @@ impl LuksKeyArgs<'_> {
         )
     }
 
+    /// The key of the slot `remove-key` erases: the key file argument, or
+    /// the existing key as `--key-file`/secrets/prompt give it.
+    fn removed_key(&self, secrets: &Secrets) -> Result<Secret, CliError> {
+        match self.key_file_arg {
+            Some(f) => crate::secret::read_key_file(f),
+            None => self.existing(secrets),
+        }
+    }
+
+    /// Asks before erasing the last key slot of `name` (see [`confirm`]).
+    fn confirm_last(&self, name: &str) -> Result<(), CliError> {
+        confirm(
+            self.batch,
+            &format!(
+                "This is the last key slot of {name}: the data will be unreadable after it is \
+                 erased."
+            ),
+        )
+    }
+
     /// The new passphrase: the positional key file, or asked twice.
     fn new_key(&self) -> Result<Secret, CliError> {
         match self.key_file_arg {
@@ -764,41 +778,21 @@ fn add_key(a: &LuksKeyArgs<'_>) -> Result<u8, CliError> {
 fn remove_key(a: &LuksKeyArgs<'_>) -> Result<u8, CliError> {
     let secrets = Secrets::parse(&a.secrets.object)?;
     if let Some(mut t) = a.luks2()? {
-        let pass = match a.key_file_arg {
-            Some(f) => crate::secret::read_key_file(f)?,
-            None => a.existing(&secrets)?,
-        };
+        let pass = a.removed_key(&secrets)?;
         let (_, slot) = t.unlock(&pass, a.key_slot)?;
         drop(pass);
         if t.bound_count() == 1 {
-            confirm(
-                a.batch,
-                &format!(
-                    "This is the last key slot of {}: the data will be unreadable after it \
-                     is erased.",
-                    a.volume
-                ),
-            )?;
+            a.confirm_last(a.volume)?;
         }
         t.erase(slot, true)?;
         return Ok(0);
     }
     let mut t = a.target()?;
-    let pass = match a.key_file_arg {
-        Some(f) => crate::secret::read_key_file(f)?,
-        None => a.existing(&secrets)?,
-    };
+    let pass = a.removed_key(&secrets)?;
     let (_, slot) = t.unlock(&pass, a.key_slot)?;
     drop(pass);
     if t.active_count() == 1 {
-        confirm(
-            a.batch,
-            &format!(
-                "This is the last key slot of {}: the data will be unreadable after it is \
-                 erased.",
-                t.path
-            ),
-        )?;
+        a.confirm_last(&t.path)?;
     }
     t.erase(slot)?;
     Ok(0)
@@ -889,6 +883,13 @@ fn header_backup(volume: &str, backup: &str) -> Result<u8, CliError> {
     t.dev
         .read_at(0, &mut buf[..have])
         .map_err(|e| t.err(e.to_string()))?;
+    write_backup(backup, &buf)?;
+    Ok(0)
+}
+
+/// Writes a header backup to the new file `backup` (never over an
+/// existing one), readable by its owner only, and syncs it.
+pub(crate) fn write_backup(backup: &str, buf: &[u8]) -> Result<(), CliError> {
     let mut f = {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
@@ -898,13 +899,13 @@ fn header_backup(volume: &str, backup: &str) -> Result<u8, CliError> {
             .open(backup)
             .map_err(|e| CliError::io(backup, format!("cannot create: {e}")))?
     };
-    f.write_all(&buf)
+    f.write_all(buf)
         .and_then(|()| f.sync_all())
-        .map_err(|e| CliError::io(backup, format!("cannot write: {e}")))?;
-    Ok(0)
+        .map_err(|e| CliError::io(backup, format!("cannot write: {e}")))
 }
 
-fn usize_of(len: u64, what: &str) -> Result<usize, CliError> {
+/// A header area length as a buffer length; the error names `what`.
+pub(crate) fn usize_of(len: u64, what: &str) -> Result<usize, CliError> {
     usize::try_from(len).map_err(|_| CliError::io(what, "the header area is too large".into()))
 }
 

@@ -4,15 +4,13 @@
 //! header copies in step; this module picks slots, KDF parameters and
 //! confirmations as cryptsetup does.
 
-use std::io::Write as _;
-use std::path::Path;
-
 use luks_core::io::{BlockIo, FileDevice};
 use luks_core::luks1::VolumeKey;
 use luks_core::luks2::write::{self, KdfParams};
 use luks_core::luks2::{self, Kdf, Luks2Header};
 use luks_core::HashAlg;
 
+use crate::keys::usize_of;
 use crate::luks::OsRng;
 use crate::secret::Secret;
 use crate::CliError;
@@ -56,8 +54,7 @@ impl Target2 {
         luks2::check_requirements::<std::convert::Infallible>(&h.meta)
             .map_err(|e| CliError::io(path, e.to_string()))?;
         crate::luks2::check_length(path, &h)?;
-        let dev = FileDevice::open_rw(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
+        let dev = crate::create::open_file(path, true)?;
         Ok(Self {
             path: path.to_string(),
             dev,
@@ -242,17 +239,12 @@ fn area_len(h: &Luks2Header) -> u64 {
     h.meta.header_area_len(h.hdr.hdr_size)
 }
 
-fn usize_of(len: u64, what: &str) -> Result<usize, CliError> {
-    usize::try_from(len).map_err(|_| CliError::io(what, "the header area is too large".into()))
-}
-
 /// `qimg luks header-backup` of a LUKS2 volume: the header area, byte for
 /// byte, into a new file readable by its owner only.
 pub(crate) fn header_backup(volume: &str, backup: &str) -> Result<u8, CliError> {
     let (h, _) = crate::luks2::read_header(volume)?;
     let len = area_len(&h);
-    let mut dev = FileDevice::open(Path::new(volume))
-        .map_err(|e| CliError::io(volume, format!("cannot open: {e}")))?;
+    let mut dev = crate::create::open_file(volume, false)?;
     let size = dev
         .size()
         .map_err(|e| CliError::io(volume, e.to_string()))?;
@@ -268,18 +260,7 @@ pub(crate) fn header_backup(volume: &str, backup: &str) -> Result<u8, CliError> 
     let mut buf = zeroize::Zeroizing::new(vec![0u8; usize_of(len, volume)?]);
     dev.read_at(0, &mut buf)
         .map_err(|e| CliError::io(volume, e.to_string()))?;
-    let mut f = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .open(backup)
-            .map_err(|e| CliError::io(backup, format!("cannot create: {e}")))?
-    };
-    f.write_all(&buf)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| CliError::io(backup, format!("cannot write: {e}")))?;
+    crate::keys::write_backup(backup, &buf)?;
     Ok(0)
 }
 
@@ -341,8 +322,7 @@ pub(crate) fn header_restore(
             "{volume} does not contain a LUKS header: restoring one can destroy data on it."
         ))?,
     }
-    let mut dev = FileDevice::open_rw(Path::new(volume))
-        .map_err(|e| CliError::io(volume, format!("cannot open for writing: {e}")))?;
+    let mut dev = crate::create::open_file(volume, true)?;
     let size = dev
         .size()
         .map_err(|e| CliError::io(volume, e.to_string()))?;

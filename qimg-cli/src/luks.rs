@@ -47,8 +47,7 @@ impl KeySource {
 /// Reads and validates the LUKS1 header of `path`.
 pub(crate) fn read_header(path: &str) -> Result<HeaderRepr, CliError> {
     crate::image::refuse_dir(path)?;
-    let mut dev = FileDevice::open(Path::new(path))
-        .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    let mut dev = crate::create::open_file(path, false)?;
     luks1::read_header(&mut dev).map_err(|e| CliError::io(path, e.to_string()))
 }
 
@@ -65,8 +64,7 @@ pub(crate) fn open(
     if crate::luks2::version(hdr_path)? == Some(2) {
         return crate::luks2::open(path, header, keys, secrets, writable);
     }
-    let mut hdr_dev = FileDevice::open(Path::new(hdr_path))
-        .map_err(|e| CliError::io(hdr_path, format!("cannot open: {e}")))?;
+    let mut hdr_dev = crate::create::open_file(hdr_path, false)?;
     let hdr =
         luks1::read_header(&mut hdr_dev).map_err(|e| CliError::io(hdr_path, e.to_string()))?;
     let pass = keys.resolve(path, secrets, false)?;
@@ -75,12 +73,7 @@ pub(crate) fn open(
     // One volume (own file handle, own cipher) per `-m` worker.
     let mut vols = Vec::new();
     for _ in 0..crate::parallel::workers() {
-        let data = if writable {
-            FileDevice::open_rw(Path::new(path))
-        } else {
-            FileDevice::open(Path::new(path))
-        }
-        .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+        let data = open_payload(path, writable)?;
         vols.push(
             LuksVolume::open_luks1(data, &hdr, &key)
                 .map_err(|e| CliError::io(path, e.to_string()))?,
@@ -92,6 +85,17 @@ pub(crate) fn open(
         erased(crate::parallel::Striped::new(vols))
     };
     Ok(Box::new(Flat::hidden(dev)))
+}
+
+/// Opens the file holding a raw volume's payload, for writing when
+/// `writable` (either way a failure says "cannot open").
+pub(crate) fn open_payload(path: &str, writable: bool) -> Result<FileDevice, CliError> {
+    if writable {
+        FileDevice::open_rw(Path::new(path))
+    } else {
+        FileDevice::open(Path::new(path))
+    }
+    .map_err(|e| CliError::io(path, format!("cannot open: {e}")))
 }
 
 /// Splits a LUKS1 cipher mode (`xts-plain64`, `cbc-essiv:sha256`) into
