@@ -167,27 +167,23 @@ impl<D: BlockIo> Qcow2Writer<D> {
         {
             return Err(Error::Unsupported(Unsupported::Writing));
         }
-        if u64::from(hdr.l1_size) > u64::from(MAX_L1_ENTRIES) {
-            return Err(Error::Limit {
-                structure: Structure::L1Table,
-                offset: hdr.l1_table_offset,
-                limit: Limit::L1Entries,
-                value: u64::from(hdr.l1_size),
-                max: u64::from(MAX_L1_ENTRIES),
-            });
-        }
+        Error::check_limit(
+            Structure::L1Table,
+            hdr.l1_table_offset,
+            Limit::L1Entries,
+            u64::from(hdr.l1_size),
+            u64::from(MAX_L1_ENTRIES),
+        )?;
         let rt_bytes = u64::from(hdr.refcount_table_clusters)
             .checked_mul(hdr.cluster_size())
             .ok_or_else(|| overflow(Structure::RefcountTable, hdr.refcount_table_offset))?;
-        if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
-            return Err(Error::Limit {
-                structure: Structure::RefcountTable,
-                offset: hdr.refcount_table_offset,
-                limit: Limit::RefcountTableBytes,
-                value: rt_bytes,
-                max: MAX_REFCOUNT_TABLE_BYTES,
-            });
-        }
+        Error::check_limit(
+            Structure::RefcountTable,
+            hdr.refcount_table_offset,
+            Limit::RefcountTableBytes,
+            rt_bytes,
+            MAX_REFCOUNT_TABLE_BYTES,
+        )?;
         let mut w = Self {
             dev,
             backing: None,
@@ -675,15 +671,13 @@ where
             entries = entries.saturating_add(per_cluster);
         };
         let bytes = table_clusters << cb;
-        if bytes > MAX_REFCOUNT_TABLE_BYTES {
-            return Err(Error::Limit {
-                structure: Structure::RefcountTable,
-                offset: self.hdr.refcount_table_offset,
-                limit: Limit::RefcountTableBytes,
-                value: bytes,
-                max: MAX_REFCOUNT_TABLE_BYTES,
-            });
-        }
+        Error::check_limit(
+            Structure::RefcountTable,
+            self.hdr.refcount_table_offset,
+            Limit::RefcountTableBytes,
+            bytes,
+            MAX_REFCOUNT_TABLE_BYTES,
+        )?;
         let used = blocks.saturating_add(table_clusters);
         // 1. The new blocks, each counting the new clusters in its range.
         let order = self.hdr.refcount_order;

@@ -916,12 +916,7 @@ fn header_restore(volume: &str, backup: &str, batch: bool) -> Result<u8, CliErro
     let bytes = zeroize::Zeroizing::new(
         std::fs::read(backup).map_err(|e| CliError::io(backup, format!("cannot read: {e}")))?,
     );
-    let bad = || {
-        CliError::io(
-            backup,
-            "Header backup file does not contain compatible LUKS header.".into(),
-        )
-    };
+    let bad = || incompatible_backup(backup);
     let new = parse_raw_header(&bytes).ok_or_else(bad)?;
     let len = header_area_len(&new);
     let area = bytes.get(..usize_of(len, backup)?).ok_or_else(bad)?;
@@ -960,6 +955,20 @@ fn header_restore(volume: &str, backup: &str, batch: bool) -> Result<u8, CliErro
             ),
         )?,
     }
+    write_area(&mut dev, volume, size, area)?;
+    Ok(0)
+}
+
+/// Writes a backup's header `area` over the start of `dev` (the volume
+/// `volume`, `size` bytes) and flushes; refuses a device smaller than the
+/// area.
+pub(crate) fn write_area<D: BlockIo>(
+    dev: &mut D,
+    volume: &str,
+    size: u64,
+    area: &[u8],
+) -> Result<(), CliError> {
+    let len = area.len() as u64;
     if size < len {
         return Err(CliError::io(
             volume,
@@ -970,8 +979,15 @@ fn header_restore(volume: &str, backup: &str, batch: bool) -> Result<u8, CliErro
     }
     dev.write_at(0, area)
         .and_then(|()| dev.flush())
-        .map_err(|e| CliError::io(volume, e.to_string()))?;
-    Ok(0)
+        .map_err(|e| CliError::io(volume, e.to_string()))
+}
+
+/// The error for a header backup that is not one this volume can take.
+pub(crate) fn incompatible_backup(backup: &str) -> CliError {
+    CliError::io(
+        backup,
+        "Header backup file does not contain compatible LUKS header.".into(),
+    )
 }
 
 /// Asks for `YES` on the terminal before a destructive step; `batch`

@@ -273,12 +273,7 @@ pub(crate) fn header_restore(
     backup: &str,
     confirm: impl FnOnce(&str) -> Result<(), CliError>,
 ) -> Result<u8, CliError> {
-    let bad = || {
-        CliError::io(
-            backup,
-            "Header backup file does not contain compatible LUKS header.".into(),
-        )
-    };
+    let bad = || crate::keys::incompatible_backup(backup);
     let (new, _) = crate::luks2::read_header(backup).map_err(|_| bad())?;
     let len = area_len(&new);
     let bytes = zeroize::Zeroizing::new(
@@ -326,17 +321,7 @@ pub(crate) fn header_restore(
     let size = dev
         .size()
         .map_err(|e| CliError::io(volume, e.to_string()))?;
-    if size < len {
-        return Err(CliError::io(
-            volume,
-            format!(
-                "the device ({size} bytes) is smaller than the backup's header area ({len} bytes)"
-            ),
-        ));
-    }
-    dev.write_at(0, area)
-        .and_then(|()| dev.flush())
-        .map_err(|e| CliError::io(volume, e.to_string()))?;
+    crate::keys::write_area(&mut dev, volume, size, area)?;
     Ok(0)
 }
 
