@@ -38,7 +38,7 @@ use crate::header::{
     autoclear, ext, extension_header, extension_span, field, incompat, BitmapsExt, CryptoExt,
     HeaderRepr,
 };
-use crate::limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES, MAX_SNAPSHOTS};
+use crate::limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES};
 use crate::snapshot::{self, SnapshotFixed};
 use luks_core::io::BlockIo;
 
@@ -465,13 +465,7 @@ impl<'d, D: BlockIo> Img<'d, D> {
                 Problem::DataFileRawWithoutDataFile,
             ));
         }
-        Error::check_limit(
-            Structure::L1Table,
-            hdr.l1_table_offset,
-            Limit::L1Entries,
-            u64::from(hdr.l1_size),
-            u64::from(MAX_L1_ENTRIES),
-        )?;
+        hdr.check_l1_limit()?;
         let cs = hdr.cluster_size();
         // The L1 table must cover the virtual size; qemu-img refuses to
         // open (and so to check) an image whose table is too small.
@@ -547,13 +541,7 @@ impl<'d, D: BlockIo> Img<'d, D> {
 
     fn read_reftable(&mut self) -> Result<(), Error<D::Error>> {
         let bytes = u64::from(self.hdr.refcount_table_clusters).saturating_mul(self.cs);
-        Error::check_limit(
-            Structure::RefcountTable,
-            self.hdr.refcount_table_offset,
-            Limit::RefcountTableBytes,
-            bytes,
-            MAX_REFCOUNT_TABLE_BYTES,
-        )?;
+        self.hdr.check_reftable_limit(bytes)?;
         let mut raw = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
         let at = self.hdr.refcount_table_offset;
         self.read(at, &mut raw, Structure::RefcountTable)?;
@@ -1067,14 +1055,8 @@ type SnapshotTable = (Vec<SnapshotEntry>, Vec<u32>);
 /// Reads the snapshot table: each snapshot's fixed part, entry length, id
 /// and name.
 fn read_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<SnapshotTable, Error<D::Error>> {
+    img.hdr.check_snapshot_limit()?;
     let n = img.hdr.nb_snapshots;
-    Error::check_limit(
-        Structure::SnapshotTable,
-        img.hdr.snapshots_offset,
-        Limit::Snapshots,
-        u64::from(n),
-        u64::from(MAX_SNAPSHOTS),
-    )?;
     let mut out = Vec::new();
     let mut incomplete = Vec::new();
     let mut at = img.hdr.snapshots_offset;

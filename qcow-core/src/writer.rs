@@ -25,7 +25,7 @@ use crate::entry::{self, CompressedDescriptor, L2Entry, COPIED, OFFSET_MASK, ZER
 use crate::error::{Error, LayerError, Limit, Problem, Structure, Unsupported};
 use crate::header::{autoclear, field, incompat, HeaderRepr};
 use crate::image::NoDevice;
-use crate::limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES};
+use crate::limits::MAX_L1_ENTRIES;
 use luks_core::io::BlockIo;
 
 /// Whether an image with `crypt_method` can be written with `key`: no key
@@ -167,23 +167,11 @@ impl<D: BlockIo> Qcow2Writer<D> {
         {
             return Err(Error::Unsupported(Unsupported::Writing));
         }
-        Error::check_limit(
-            Structure::L1Table,
-            hdr.l1_table_offset,
-            Limit::L1Entries,
-            u64::from(hdr.l1_size),
-            u64::from(MAX_L1_ENTRIES),
-        )?;
+        hdr.check_l1_limit()?;
         let rt_bytes = u64::from(hdr.refcount_table_clusters)
             .checked_mul(hdr.cluster_size())
             .ok_or_else(|| overflow(Structure::RefcountTable, hdr.refcount_table_offset))?;
-        Error::check_limit(
-            Structure::RefcountTable,
-            hdr.refcount_table_offset,
-            Limit::RefcountTableBytes,
-            rt_bytes,
-            MAX_REFCOUNT_TABLE_BYTES,
-        )?;
+        hdr.check_reftable_limit(rt_bytes)?;
         let mut w = Self {
             dev,
             backing: None,
@@ -671,13 +659,7 @@ where
             entries = entries.saturating_add(per_cluster);
         };
         let bytes = table_clusters << cb;
-        Error::check_limit(
-            Structure::RefcountTable,
-            self.hdr.refcount_table_offset,
-            Limit::RefcountTableBytes,
-            bytes,
-            MAX_REFCOUNT_TABLE_BYTES,
-        )?;
+        self.hdr.check_reftable_limit(bytes)?;
         let used = blocks.saturating_add(table_clusters);
         // 1. The new blocks, each counting the new clusters in its range.
         let order = self.hdr.refcount_order;

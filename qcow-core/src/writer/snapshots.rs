@@ -113,14 +113,8 @@ where
 {
     /// The snapshot table, in order.
     pub fn snapshots(&mut self) -> Result<Vec<SnapshotEntry>, Error<D::Error>> {
+        self.hdr.check_snapshot_limit()?;
         let n = self.hdr.nb_snapshots;
-        Error::check_limit(
-            Structure::SnapshotTable,
-            self.hdr.snapshots_offset,
-            Limit::Snapshots,
-            u64::from(n),
-            u64::from(MAX_SNAPSHOTS),
-        )?;
         let mut out = Vec::new();
         let mut off = self.hdr.snapshots_offset;
         for _ in 0..n {
