@@ -80,17 +80,7 @@ impl Target {
 
     /// The volume key that `pass` opens (in `slot` only, if given).
     fn unlock(&mut self, pass: &[u8], slot: Option<u8>) -> Result<(VolumeKey, u8), CliError> {
-        luks1::unlock(&mut self.dev, &self.hdr, pass, slot).map_err(|e| match e {
-            luks_core::Error::WrongPassphrase | luks_core::Error::NoActiveKeySlot => CliError {
-                code: 2,
-                msg: format!(
-                    "{}: No key available with this passphrase (invalid password, cannot \
-                         unlock any keyslot)",
-                    self.path
-                ),
-            },
-            e => self.err(e.to_string()),
-        })
+        luks1::unlock(&mut self.dev, &self.hdr, pass, slot).map_err(|e| unlock_error(&self.path, e))
     }
 
     /// Whether `pass` opens key slot `slot`.
@@ -861,6 +851,21 @@ fn header_area_len(hdr: &HeaderRepr) -> u64 {
 fn parse_raw_header(bytes: &[u8]) -> Option<HeaderRepr> {
     let h = luks1::Header::new_checked(bytes.get(..luks1::HEADER_LEN)?).ok()?;
     HeaderRepr::parse(&h).ok()
+}
+
+/// The error of a failed unlock of the header in `path`: cryptsetup's
+/// words and exit code 2 when no key slot opens, else the error itself.
+pub(crate) fn unlock_error<E: std::fmt::Display>(path: &str, e: luks_core::Error<E>) -> CliError {
+    match e {
+        luks_core::Error::WrongPassphrase | luks_core::Error::NoActiveKeySlot => CliError {
+            code: 2,
+            msg: format!(
+                "{path}: No key available with this passphrase (invalid password, cannot \
+                 unlock any keyslot)"
+            ),
+        },
+        e => CliError::io(path, e.to_string()),
+    }
 }
 
 /// `qimg luks header-backup` (cryptsetup luksHeaderBackup): the header

@@ -109,17 +109,8 @@ impl Target2 {
         slot: Option<u8>,
     ) -> Result<(VolumeKey, u8), CliError> {
         let mut mem = crate::luks2::memory(&self.path, &self.h)?;
-        luks2::unlock(&mut self.dev, &self.h, pass, slot, &mut mem).map_err(|e| match e {
-            luks_core::Error::WrongPassphrase | luks_core::Error::NoActiveKeySlot => CliError {
-                code: 2,
-                msg: format!(
-                    "{}: No key available with this passphrase (invalid password, cannot \
-                     unlock any keyslot)",
-                    self.path
-                ),
-            },
-            e => self.err(e.to_string()),
-        })
+        luks2::unlock(&mut self.dev, &self.h, pass, slot, &mut mem)
+            .map_err(|e| crate::keys::unlock_error(&self.path, e))
     }
 
     /// The KDF of a new key slot: `c` where given, else like key slot
