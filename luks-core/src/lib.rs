@@ -42,6 +42,9 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+#[macro_use]
+mod view;
+
 pub mod cipher;
 pub mod error;
 pub mod hash;
@@ -49,6 +52,8 @@ pub mod io;
 pub mod luks1;
 pub mod luks2;
 pub mod simd;
+#[cfg(test)]
+mod test_rng;
 mod volume;
 
 pub use cipher::{LegacyQcowAes, SectorCipher, MAX_KEY_BYTES};

@@ -33,12 +33,12 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::entry::{self, CompressedDescriptor, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
-use crate::error::{Error, LayerError, Limit, Problem, Structure, Unsupported};
+use crate::error::{Error, LayerError, Limit, Problem, Structure};
 use crate::header::{
     autoclear, ext, extension_header, extension_span, field, incompat, BitmapsExt, CryptoExt,
     HeaderRepr,
 };
-use crate::limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES, MAX_SNAPSHOTS};
+use crate::limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES};
 use crate::snapshot::{self, SnapshotFixed};
 use luks_core::io::BlockIo;
 
@@ -455,13 +455,7 @@ impl<'d, D: BlockIo> Img<'d, D> {
         let hdr = HeaderRepr::parse_bytes::<D::Error>(&first)?;
         // Unknown incompatible features: the image cannot be interpreted
         // (qemu-img refuses to open it too).
-        if hdr.unknown_incompatible() != 0 {
-            let bit = hdr.unknown_incompatible().trailing_zeros();
-            return Err(Error::Unsupported(Unsupported::IncompatibleFeature {
-                bit: u8::try_from(bit).unwrap_or(u8::MAX),
-                name: heapless::String::new(),
-            }));
-        }
+        hdr.refuse_unknown_incompatible()?;
         // "Raw external data" without an external data file: qemu-img
         // refuses to open the image.
         if hdr.autoclear_features & autoclear::DATA_FILE_RAW != 0 && !hdr.has_data_file() {
@@ -471,15 +465,7 @@ impl<'d, D: BlockIo> Img<'d, D> {
                 Problem::DataFileRawWithoutDataFile,
             ));
         }
-        if hdr.l1_size > MAX_L1_ENTRIES {
-            return Err(Error::Limit {
-                structure: Structure::L1Table,
-                offset: hdr.l1_table_offset,
-                limit: Limit::L1Entries,
-                value: u64::from(hdr.l1_size),
-                max: u64::from(MAX_L1_ENTRIES),
-            });
-        }
+        hdr.check_l1_limit()?;
         let cs = hdr.cluster_size();
         // The L1 table must cover the virtual size; qemu-img refuses to
         // open (and so to check) an image whose table is too small.
@@ -555,15 +541,7 @@ impl<'d, D: BlockIo> Img<'d, D> {
 
     fn read_reftable(&mut self) -> Result<(), Error<D::Error>> {
         let bytes = u64::from(self.hdr.refcount_table_clusters).saturating_mul(self.cs);
-        if bytes > MAX_REFCOUNT_TABLE_BYTES {
-            return Err(Error::Limit {
-                structure: Structure::RefcountTable,
-                offset: self.hdr.refcount_table_offset,
-                limit: Limit::RefcountTableBytes,
-                value: bytes,
-                max: MAX_REFCOUNT_TABLE_BYTES,
-            });
-        }
+        self.hdr.check_reftable_limit(bytes)?;
         let mut raw = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
         let at = self.hdr.refcount_table_offset;
         self.read(at, &mut raw, Structure::RefcountTable)?;
@@ -1077,16 +1055,8 @@ type SnapshotTable = (Vec<SnapshotEntry>, Vec<u32>);
 /// Reads the snapshot table: each snapshot's fixed part, entry length, id
 /// and name.
 fn read_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<SnapshotTable, Error<D::Error>> {
+    img.hdr.check_snapshot_limit()?;
     let n = img.hdr.nb_snapshots;
-    if n > MAX_SNAPSHOTS {
-        return Err(Error::Limit {
-            structure: Structure::SnapshotTable,
-            offset: img.hdr.snapshots_offset,
-            limit: Limit::Snapshots,
-            value: u64::from(n),
-            max: u64::from(MAX_SNAPSHOTS),
-        });
-    }
     let mut out = Vec::new();
     let mut incomplete = Vec::new();
     let mut at = img.hdr.snapshots_offset;
@@ -1128,15 +1098,13 @@ fn snapshot_fixed<E>(
 ) -> Result<SnapshotFixed, Error<E>> {
     use snapshot::field as f;
     let extra_size = crate::header::be32(b, f::EXTRA_SIZE);
-    if extra_size > crate::limits::MAX_SNAPSHOT_EXTRA {
-        return Err(Error::Limit {
-            structure: Structure::SnapshotTable,
-            offset: at,
-            limit: Limit::SnapshotExtra,
-            value: u64::from(extra_size),
-            max: u64::from(crate::limits::MAX_SNAPSHOT_EXTRA),
-        });
-    }
+    Error::check_limit(
+        Structure::SnapshotTable,
+        at,
+        Limit::SnapshotExtra,
+        u64::from(extra_size),
+        u64::from(crate::limits::MAX_SNAPSHOT_EXTRA),
+    )?;
     let u16_at = |r: core::ops::Range<usize>| u16::from_be_bytes([b[r.start], b[r.start + 1]]);
     Ok(SnapshotFixed {
         l1_offset: crate::header::be64(b, f::L1_OFFSET),
@@ -1622,15 +1590,13 @@ fn rebuild_refcounts<D: BlockIo>(
         ntable = nt;
     }
     let total = start + nblocks + ntable;
-    if ntable.saturating_mul(cs) > MAX_REFCOUNT_TABLE_BYTES {
-        return Err(Error::Limit {
-            structure: Structure::RefcountTable,
-            offset: start * cs,
-            limit: Limit::RefcountTableBytes,
-            value: ntable * cs,
-            max: MAX_REFCOUNT_TABLE_BYTES,
-        });
-    }
+    Error::check_limit(
+        Structure::RefcountTable,
+        start.saturating_mul(cs),
+        Limit::RefcountTableBytes,
+        ntable.saturating_mul(cs),
+        MAX_REFCOUNT_TABLE_BYTES,
+    )?;
     let mut counts = base.to_vec();
     counts.resize(usize::try_from(total).unwrap_or(0), 0);
     for c in start..total {

@@ -423,6 +423,27 @@ impl<E> Error<E> {
             problem,
         }
     }
+
+    /// [`Error::Limit`] for `structure` at `offset` when `value` exceeds
+    /// `max`, the value of the named `limit`.
+    pub(crate) fn check_limit(
+        structure: Structure,
+        offset: u64,
+        limit: Limit,
+        value: u64,
+        max: u64,
+    ) -> Result<(), Self> {
+        if value > max {
+            return Err(Self::Limit {
+                structure,
+                offset,
+                limit,
+                value,
+                max,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The name of the qcow2 header field at `offset`, for messages about the

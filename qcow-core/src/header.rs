@@ -14,6 +14,11 @@ use crate::limits::{
     MAX_CLUSTER_BITS, MAX_NAME_LEN, MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS, MIN_V3_HEADER_LEN,
     V2_HEADER_LEN,
 };
+#[cfg(feature = "alloc")]
+use crate::{
+    error::Limit,
+    limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES, MAX_SNAPSHOTS},
+};
 
 /// `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
@@ -495,6 +500,57 @@ impl HeaderRepr {
     /// Unknown incompatible bits.
     pub fn unknown_incompatible(&self) -> u64 {
         self.incompatible_features & !incompat::SUPPORTED
+    }
+    /// Refuses an L1 table of more than [`MAX_L1_ENTRIES`] entries
+    /// ([`Error::Limit`] at the table's offset).
+    #[cfg(feature = "alloc")]
+    pub(crate) fn check_l1_limit<E>(&self) -> Result<(), Error<E>> {
+        Error::check_limit(
+            Structure::L1Table,
+            self.l1_table_offset,
+            Limit::L1Entries,
+            u64::from(self.l1_size),
+            u64::from(MAX_L1_ENTRIES),
+        )
+    }
+    /// Refuses a refcount table of `bytes` bytes above
+    /// [`MAX_REFCOUNT_TABLE_BYTES`] ([`Error::Limit`] at the table's offset).
+    #[cfg(feature = "alloc")]
+    pub(crate) fn check_reftable_limit<E>(&self, bytes: u64) -> Result<(), Error<E>> {
+        Error::check_limit(
+            Structure::RefcountTable,
+            self.refcount_table_offset,
+            Limit::RefcountTableBytes,
+            bytes,
+            MAX_REFCOUNT_TABLE_BYTES,
+        )
+    }
+    /// Refuses more than [`MAX_SNAPSHOTS`] snapshots ([`Error::Limit`] at
+    /// the snapshot table's offset).
+    #[cfg(feature = "alloc")]
+    pub(crate) fn check_snapshot_limit<E>(&self) -> Result<(), Error<E>> {
+        Error::check_limit(
+            Structure::SnapshotTable,
+            self.snapshots_offset,
+            Limit::Snapshots,
+            u64::from(self.nb_snapshots),
+            u64::from(MAX_SNAPSHOTS),
+        )
+    }
+    /// Refuses an image with unknown incompatible bits (it cannot be
+    /// interpreted): [`Unsupported::IncompatibleFeature`] naming the lowest
+    /// such bit, without a name (the reader looks names up in the feature
+    /// name table itself).
+    #[cfg(feature = "alloc")]
+    pub(crate) fn refuse_unknown_incompatible<E>(&self) -> Result<(), Error<E>> {
+        let unknown = self.unknown_incompatible();
+        if unknown == 0 {
+            return Ok(());
+        }
+        Err(Error::Unsupported(Unsupported::IncompatibleFeature {
+            bit: u8::try_from(unknown.trailing_zeros()).unwrap_or(u8::MAX),
+            name: heapless::String::new(),
+        }))
     }
 }
 

@@ -526,15 +526,13 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
             ));
         }
         let rt_bytes = u64::from(hdr.refcount_table_clusters).saturating_mul(cs);
-        if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
-            return Err(Error::Limit {
-                structure: Structure::Header,
-                offset: header::field::REFCOUNT_TABLE_CLUSTERS.start as u64,
-                limit: Limit::RefcountTableBytes,
-                value: rt_bytes,
-                max: MAX_REFCOUNT_TABLE_BYTES,
-            });
-        }
+        Error::check_limit(
+            Structure::Header,
+            header::field::REFCOUNT_TABLE_CLUSTERS.start as u64,
+            Limit::RefcountTableBytes,
+            rt_bytes,
+            MAX_REFCOUNT_TABLE_BYTES,
+        )?;
         if !table_end_ok(hdr.refcount_table_offset, rt_bytes) {
             return Err(Error::corrupt(
                 Structure::Header,
@@ -549,15 +547,13 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
                 Problem::MissingCryptoExtension,
             ));
         }
-        if hdr.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(Error::Limit {
-                structure: Structure::Header,
-                offset: header::field::NB_SNAPSHOTS.start as u64,
-                limit: Limit::Snapshots,
-                value: u64::from(hdr.nb_snapshots),
-                max: u64::from(MAX_SNAPSHOTS),
-            });
-        }
+        Error::check_limit(
+            Structure::Header,
+            header::field::NB_SNAPSHOTS.start as u64,
+            Limit::Snapshots,
+            u64::from(hdr.nb_snapshots),
+            u64::from(MAX_SNAPSHOTS),
+        )?;
         check_l1(
             &hdr,
             hdr.l1_table_offset,
@@ -1370,15 +1366,13 @@ where
         let Some(bm) = self.st.info.bitmaps else {
             return Ok(());
         };
-        if bm.directory_size > MAX_BITMAP_DIRECTORY_BYTES {
-            return Err(Error::Limit {
-                structure: Structure::HeaderExtension,
-                offset: bm.directory_offset,
-                limit: Limit::BitmapDirectoryBytes,
-                value: bm.directory_size,
-                max: MAX_BITMAP_DIRECTORY_BYTES,
-            });
-        }
+        Error::check_limit(
+            Structure::HeaderExtension,
+            bm.directory_offset,
+            Limit::BitmapDirectoryBytes,
+            bm.directory_size,
+            MAX_BITMAP_DIRECTORY_BYTES,
+        )?;
         let end = bm
             .directory_offset
             .checked_add(bm.directory_size)

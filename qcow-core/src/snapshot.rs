@@ -73,35 +73,29 @@ impl SnapshotFixed {
             ));
         }
         let extra_size = be32(b, field::EXTRA_SIZE);
-        if extra_size > MAX_SNAPSHOT_EXTRA {
-            return Err(Error::Limit {
-                structure: Structure::SnapshotTable,
-                offset: at,
-                limit: Limit::SnapshotExtra,
-                value: u64::from(extra_size),
-                max: u64::from(MAX_SNAPSHOT_EXTRA),
-            });
-        }
+        Error::check_limit(
+            Structure::SnapshotTable,
+            at,
+            Limit::SnapshotExtra,
+            u64::from(extra_size),
+            u64::from(MAX_SNAPSHOT_EXTRA),
+        )?;
         let id_len = u16::from_be_bytes([b[12], b[13]]);
         let name_len = u16::from_be_bytes([b[14], b[15]]);
-        if usize::from(id_len) > MAX_SNAPSHOT_ID_LEN {
-            return Err(Error::Limit {
-                structure: Structure::SnapshotTable,
-                offset: at,
-                limit: Limit::SnapshotIdLength,
-                value: u64::from(id_len),
-                max: MAX_SNAPSHOT_ID_LEN as u64,
-            });
-        }
-        if usize::from(name_len) > MAX_SNAPSHOT_NAME_LEN {
-            return Err(Error::Limit {
-                structure: Structure::SnapshotTable,
-                offset: at,
-                limit: Limit::SnapshotNameLength,
-                value: u64::from(name_len),
-                max: MAX_SNAPSHOT_NAME_LEN as u64,
-            });
-        }
+        Error::check_limit(
+            Structure::SnapshotTable,
+            at,
+            Limit::SnapshotIdLength,
+            u64::from(id_len),
+            MAX_SNAPSHOT_ID_LEN as u64,
+        )?;
+        Error::check_limit(
+            Structure::SnapshotTable,
+            at,
+            Limit::SnapshotNameLength,
+            u64::from(name_len),
+            MAX_SNAPSHOT_NAME_LEN as u64,
+        )?;
         Ok(Self {
             l1_offset: be64(b, field::L1_OFFSET),
             l1_size: be32(b, field::L1_SIZE),

@@ -25,7 +25,7 @@ use crate::entry::{self, CompressedDescriptor, L2Entry, COPIED, OFFSET_MASK, ZER
 use crate::error::{Error, LayerError, Limit, Problem, Structure, Unsupported};
 use crate::header::{autoclear, field, incompat, HeaderRepr};
 use crate::image::NoDevice;
-use crate::limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES};
+use crate::limits::MAX_L1_ENTRIES;
 use luks_core::io::BlockIo;
 
 /// Whether an image with `crypt_method` can be written with `key`: no key
@@ -143,13 +143,7 @@ impl<D: BlockIo> Qcow2Writer<D> {
         dev.read_at(0, &mut first)
             .map_err(|e| e.into_layer(Structure::Header, 0))?;
         let hdr = HeaderRepr::parse_bytes::<D::Error>(&first)?;
-        if hdr.unknown_incompatible() != 0 {
-            let bit = hdr.unknown_incompatible().trailing_zeros();
-            return Err(Error::Unsupported(Unsupported::IncompatibleFeature {
-                bit: u8::try_from(bit).unwrap_or(u8::MAX),
-                name: heapless::String::new(),
-            }));
-        }
+        hdr.refuse_unknown_incompatible()?;
         if hdr.incompatible_features & incompat::CORRUPT != 0 {
             return Err(Error::MarkedCorrupt);
         }
@@ -173,27 +167,11 @@ impl<D: BlockIo> Qcow2Writer<D> {
         {
             return Err(Error::Unsupported(Unsupported::Writing));
         }
-        if u64::from(hdr.l1_size) > u64::from(MAX_L1_ENTRIES) {
-            return Err(Error::Limit {
-                structure: Structure::L1Table,
-                offset: hdr.l1_table_offset,
-                limit: Limit::L1Entries,
-                value: u64::from(hdr.l1_size),
-                max: u64::from(MAX_L1_ENTRIES),
-            });
-        }
+        hdr.check_l1_limit()?;
         let rt_bytes = u64::from(hdr.refcount_table_clusters)
             .checked_mul(hdr.cluster_size())
             .ok_or_else(|| overflow(Structure::RefcountTable, hdr.refcount_table_offset))?;
-        if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
-            return Err(Error::Limit {
-                structure: Structure::RefcountTable,
-                offset: hdr.refcount_table_offset,
-                limit: Limit::RefcountTableBytes,
-                value: rt_bytes,
-                max: MAX_REFCOUNT_TABLE_BYTES,
-            });
-        }
+        hdr.check_reftable_limit(rt_bytes)?;
         let mut w = Self {
             dev,
             backing: None,
@@ -681,15 +659,7 @@ where
             entries = entries.saturating_add(per_cluster);
         };
         let bytes = table_clusters << cb;
-        if bytes > MAX_REFCOUNT_TABLE_BYTES {
-            return Err(Error::Limit {
-                structure: Structure::RefcountTable,
-                offset: self.hdr.refcount_table_offset,
-                limit: Limit::RefcountTableBytes,
-                value: bytes,
-                max: MAX_REFCOUNT_TABLE_BYTES,
-            });
-        }
+        self.hdr.check_reftable_limit(bytes)?;
         let used = blocks.saturating_add(table_clusters);
         // 1. The new blocks, each counting the new clusters in its range.
         let order = self.hdr.refcount_order;
@@ -1484,28 +1454,18 @@ where
     pub fn discard(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
         self.check_writable(g, len)?;
         let cs = self.cs();
-        let mut at = g.div_ceil(cs).saturating_mul(cs);
-        let end = g.saturating_add(len) & !(cs.wrapping_sub(1));
+        let (mut at, end) = self.whole_clusters(g, len);
         while at < end {
             if self.df_raw() {
                 self.zero_cluster(at)?;
-                at = at.saturating_add(cs);
-                continue;
-            }
-            let (l2, e, bm) = self.get_entry(at)?;
-            if l2.is_some() {
-                let ext = self.extended();
-                let dec = self.decode(e);
-                let (ne, nbm) = match (self.hdr.version >= 3, ext) {
+            } else if let (Some(_), e, bm) = self.get_entry(at)? {
+                let (ne, nbm) = match (self.hdr.version >= 3, self.extended()) {
                     (true, true) => (0, ALL_ZERO),
                     (true, false) => (ZERO, 0),
                     (false, _) => (0, 0),
                 };
                 if ne != e || nbm != bm {
-                    self.set_entry(at, ne, nbm)?;
-                    self.barrier()?;
-                    self.release(dec, e)?;
-                    self.barrier()?;
+                    self.switch_entry(at, (ne, nbm), self.decode(e), e)?;
                 }
             }
             at = at.saturating_add(cs);
@@ -1520,35 +1480,47 @@ where
     pub fn unmap(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
         self.check_range(g, len)?;
         let cs = self.cs();
-        let mut at = g.div_ceil(cs).saturating_mul(cs);
-        let end = g.saturating_add(len) & !(cs.wrapping_sub(1));
+        let (mut at, end) = self.whole_clusters(g, len);
         while at < end {
             let (l2, e, bm) = self.get_entry(at)?;
             if l2.is_some() && (e != 0 || bm != 0) {
                 let dec = L2Entry::decode(e, self.cb(), self.extended(), false);
-                self.set_entry(at, 0, 0)?;
-                self.barrier()?;
-                self.release(dec, e)?;
-                self.barrier()?;
+                self.switch_entry(at, (0, 0), dec, e)?;
             }
             at = at.saturating_add(cs);
         }
         Ok(())
     }
 
-    /// Writes one whole guest cluster compressed (raw deflate for zlib
-    /// images, a zstd frame for zstd images). When compression does not
-    /// save space, the cluster is written uncompressed, as qemu-img does.
-    /// `data` must be exactly one cluster.
-    ///
-    /// Consecutive compressed clusters are packed byte by byte into the
-    /// same host clusters, as QEMU does: each host cluster's refcount
-    /// counts every compressed cluster that touches it.
-    pub fn write_compressed(
+    /// The whole clusters inside `[g, g + len)`: the guest offsets of the
+    /// first one and of the end of the last one (equal when there are none).
+    fn whole_clusters(&self, g: u64, len: u64) -> (u64, u64) {
+        let cs = self.cs();
+        let start = g.div_ceil(cs).saturating_mul(cs);
+        let end = g.saturating_add(len) & !(cs.wrapping_sub(1));
+        (start, end)
+    }
+
+    /// Points the L2 entry of guest cluster `at` at `(entry, bitmap)`,
+    /// flushed, and only then drops the references of the old entry `e`
+    /// (decoded as `dec`), flushed.
+    fn switch_entry(
         &mut self,
-        cluster_index: u64,
-        data: &[u8],
+        at: u64,
+        (entry, bitmap): (u64, u64),
+        dec: L2Entry,
+        e: u64,
     ) -> Result<(), Error<D::Error>> {
+        self.set_entry(at, entry, bitmap)?;
+        self.barrier()?;
+        self.release(dec, e)?;
+        self.barrier()
+    }
+
+    /// Checks that `data` is exactly guest cluster `cluster_index`, a
+    /// cluster inside the image (the last one may run past a size that is
+    /// not cluster aligned), and returns the cluster's guest offset.
+    fn whole_cluster(&self, cluster_index: u64, data: &[u8]) -> Result<u64, Error<D::Error>> {
         let cs = self.cs();
         let g = cluster_index
             .checked_shl(self.cb())
@@ -1565,6 +1537,23 @@ where
                 size: self.hdr.size,
             });
         }
+        Ok(g)
+    }
+
+    /// Writes one whole guest cluster compressed (raw deflate for zlib
+    /// images, a zstd frame for zstd images). When compression does not
+    /// save space, the cluster is written uncompressed, as qemu-img does.
+    /// `data` must be exactly one cluster.
+    ///
+    /// Consecutive compressed clusters are packed byte by byte into the
+    /// same host clusters, as QEMU does: each host cluster's refcount
+    /// counts every compressed cluster that touches it.
+    pub fn write_compressed(
+        &mut self,
+        cluster_index: u64,
+        data: &[u8],
+    ) -> Result<(), Error<D::Error>> {
+        self.whole_cluster(cluster_index, data)?;
         let packed = crate::compress::compress(self.hdr.compression_type, data);
         self.write_precompressed(cluster_index, data, packed.as_deref())
     }
@@ -1582,21 +1571,7 @@ where
         packed: Option<&[u8]>,
     ) -> Result<(), Error<D::Error>> {
         let cs = self.cs();
-        let g = cluster_index
-            .checked_shl(self.cb())
-            .filter(|g| g.saturating_add(cs) <= self.hdr.size.div_ceil(cs).saturating_mul(cs))
-            .ok_or(Error::BadRequest {
-                offset: cluster_index,
-                len: data.len() as u64,
-                size: self.hdr.size,
-            })?;
-        if data.len() as u64 != cs {
-            return Err(Error::BadRequest {
-                offset: g,
-                len: data.len() as u64,
-                size: self.hdr.size,
-            });
-        }
+        let g = self.whole_cluster(cluster_index, data)?;
         // Compressed clusters are never encrypted (QEMU refuses both).
         if self.hdr.has_data_file() || self.hdr.crypt_method != 0 {
             return Err(Error::Unsupported(Unsupported::Writing));

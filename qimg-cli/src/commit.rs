@@ -9,14 +9,13 @@
 //! Unless `-d`, the image's clusters are then unmapped, so it reads
 //! through to the updated backing file.
 
-use std::path::Path;
-
-use luks_core::io::{BlockIo, FileDevice};
+use luks_core::io::BlockIo;
 use qcow_core::Qcow2Writer;
 
 use crate::cli::{FormatArg, SecretArgs};
 use crate::dev::{erased, AnyDev, Source};
-use crate::image::{self, Format, OpenOptions};
+use crate::image::{self, Format};
+use crate::rebase::{open_metadata_writer, open_qcow2, qcow2_only};
 use crate::secret::Secrets;
 use crate::CliError;
 
@@ -45,16 +44,7 @@ impl CommitCmd {
     /// Runs `qimg commit`.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
         let path = self.filename.as_str();
-        let format = match self.format {
-            Some(f) => f.into(),
-            None => image::detect(path)?,
-        };
-        if format != Format::Qcow2 {
-            return Err(CliError::io(
-                path,
-                format!("{format} images have no backing file (qcow2 only)"),
-            ));
-        }
+        qcow2_only(path, self.format)?;
         let info = image::info(path, Some(Format::Qcow2), &self.secrets)?;
         let Some(base) = info.full_backing_filename.clone() else {
             return Err(CliError::io(
@@ -79,14 +69,7 @@ impl CommitCmd {
             ));
         }
         let secrets = Secrets::parse(&self.secrets.object)?;
-        let mut top = image::open(
-            path,
-            &OpenOptions {
-                format: Some(Format::Qcow2),
-                ..OpenOptions::from_args(&self.secrets)
-            },
-            &secrets,
-        )?;
+        let mut top = open_qcow2(path, &self.secrets, &secrets)?;
         let size = top.virtual_size;
         let (mut dst, cluster) = open_base(&base, base_fmt, size)?;
         let ranges = copy_allocated(top.dev.as_mut(), &mut dst, size, cluster, path, &base)?;
@@ -94,10 +77,7 @@ impl CommitCmd {
             .map_err(|e| CliError::io(&base, e.to_string()))?;
         drop(dst);
         if !self.keep && !ranges.is_empty() {
-            let dev = FileDevice::open_rw(Path::new(path))
-                .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
-            let mut w = Qcow2Writer::open_metadata_only(dev)
-                .map_err(|e| CliError::io(path, e.to_string()))?;
+            let mut w = open_metadata_writer(path)?;
             for (off, len) in ranges {
                 w.unmap(off, len)
                     .map_err(|e| CliError::io(path, e.to_string()))?;
@@ -115,8 +95,7 @@ impl CommitCmd {
 /// returns it with its write granularity (its cluster size; 512 for raw).
 fn open_base(base: &str, fmt: Format, size: u64) -> Result<(AnyDev, u64), CliError> {
     let io = |e: &dyn std::fmt::Display| CliError::io(base, e.to_string());
-    let mut file = FileDevice::open_rw(Path::new(base))
-        .map_err(|e| CliError::io(base, format!("cannot open for writing: {e}")))?;
+    let mut file = crate::create::open_file(base, true)?;
     match fmt {
         Format::Raw => {
             if file.size().map_err(|e| io(&e))? < size {

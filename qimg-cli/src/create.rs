@@ -269,21 +269,7 @@ impl Qcow2Create {
         };
         let dev = FileDevice::create(Path::new(path))
             .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
-        let o = qcow_core::CreateOptions {
-            size,
-            v3: self.v3,
-            cluster_size: self.cluster_size,
-            refcount_bits: self.refcount_bits,
-            lazy_refcounts: self.lazy_refcounts,
-            preallocation: self.preallocation,
-            compression_type: self.compression_type,
-            extended_l2: self.extended_l2,
-            data_file: self.data_file.as_deref(),
-            data_file_raw: self.data_file_raw,
-            backing_file: self.backing_file.as_deref(),
-            backing_fmt: self.backing_fmt.as_deref(),
-            luks_region_len: luks.as_ref().map(|l| u64::from(l.2) * 512),
-        };
+        let o = self.core_options(size, luks.as_ref().map(|l| l.2));
         let w = qcow_core::create(dev, &o).map_err(|e| CliError::io(path, e.to_string()))?;
         let w = match data {
             Some(f) => w
@@ -308,11 +294,10 @@ impl Qcow2Create {
             .map_err(|e| CliError::io(path, e.to_string()))
     }
 
-    /// What the image would take on disk (`qimg measure`), for a virtual
-    /// size of `size` bytes.
-    pub(crate) fn measure(&self, size: u64) -> Result<qcow_core::Measure, CliError> {
-        let luks = self.encrypt.as_ref().map(luks_region_sectors).transpose()?;
-        let o = qcow_core::CreateOptions {
+    /// The core's options for an image of `size` bytes, with a LUKS
+    /// region of `luks_sectors` 512-byte sectors when encrypted.
+    fn core_options(&self, size: u64, luks_sectors: Option<u32>) -> qcow_core::CreateOptions<'_> {
+        qcow_core::CreateOptions {
             size,
             v3: self.v3,
             cluster_size: self.cluster_size,
@@ -325,8 +310,15 @@ impl Qcow2Create {
             data_file_raw: self.data_file_raw,
             backing_file: self.backing_file.as_deref(),
             backing_fmt: self.backing_fmt.as_deref(),
-            luks_region_len: luks.map(|s| u64::from(s) * 512),
-        };
+            luks_region_len: luks_sectors.map(|s| u64::from(s) * 512),
+        }
+    }
+
+    /// What the image would take on disk (`qimg measure`), for a virtual
+    /// size of `size` bytes.
+    pub(crate) fn measure(&self, size: u64) -> Result<qcow_core::Measure, CliError> {
+        let luks = self.encrypt.as_ref().map(luks_region_sectors).transpose()?;
+        let o = self.core_options(size, luks);
         qcow_core::measure::<std::convert::Infallible>(&o)
             .map_err(|e| CliError::usage(e.to_string()))
     }
@@ -379,6 +371,18 @@ pub(crate) fn luks_region_sectors(e: &crate::luks::CreateOptions) -> Result<u32,
     Ok(end.next_multiple_of(8))
 }
 
+/// Opens the existing file `path`, for writing when `writable`; the error
+/// names the file ("cannot open" or "cannot open for writing").
+pub(crate) fn open_file(path: &str, writable: bool) -> Result<FileDevice, CliError> {
+    if writable {
+        FileDevice::open_rw(Path::new(path))
+            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))
+    } else {
+        FileDevice::open(Path::new(path))
+            .map_err(|e| CliError::io(path, format!("cannot open: {e}")))
+    }
+}
+
 /// Opens an existing qcow2 image for writing, with its external data file
 /// (resolved as the readers resolve it) attached when it has one.
 pub(crate) fn open_qcow2_writer(
@@ -394,8 +398,7 @@ pub(crate) fn open_qcow2_writer_keyed(
     path: &str,
     keys: Option<(&crate::luks::KeySource, &crate::secret::Secrets)>,
 ) -> Result<qcow_core::Qcow2Writer<FileDevice>, CliError> {
-    let mut dev = FileDevice::open_rw(Path::new(path))
-        .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
+    let mut dev = open_file(path, true)?;
     let info = {
         let mut cache = vec![0u8; 64 * 1024];
         qcow_core::Qcow2::open(&mut dev, &mut cache)

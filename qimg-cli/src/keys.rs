@@ -80,17 +80,7 @@ impl Target {
 
     /// The volume key that `pass` opens (in `slot` only, if given).
     fn unlock(&mut self, pass: &[u8], slot: Option<u8>) -> Result<(VolumeKey, u8), CliError> {
-        luks1::unlock(&mut self.dev, &self.hdr, pass, slot).map_err(|e| match e {
-            luks_core::Error::WrongPassphrase | luks_core::Error::NoActiveKeySlot => CliError {
-                code: 2,
-                msg: format!(
-                    "{}: No key available with this passphrase (invalid password, cannot \
-                         unlock any keyslot)",
-                    self.path
-                ),
-            },
-            e => self.err(e.to_string()),
-        })
+        luks1::unlock(&mut self.dev, &self.hdr, pass, slot).map_err(|e| unlock_error(&self.path, e))
     }
 
     /// Whether `pass` opens key slot `slot`.
@@ -187,13 +177,7 @@ fn open_window(path: &str, format: Format, writable: bool) -> Result<(HeaderDev,
             ))
         }
     };
-    let file = if writable {
-        FileDevice::open_rw(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?
-    } else {
-        FileDevice::open(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?
-    };
+    let file = crate::create::open_file(path, writable)?;
     Ok((Window::new(file, offset, len), qcow2))
 }
 
@@ -714,6 +698,26 @@ impl LuksKeyArgs<'_> {
         )
     }
 
+    /// The key of the slot `remove-key` erases: the key file argument, or
+    /// the existing key as `--key-file`/secrets/prompt give it.
+    fn removed_key(&self, secrets: &Secrets) -> Result<Secret, CliError> {
+        match self.key_file_arg {
+            Some(f) => crate::secret::read_key_file(f),
+            None => self.existing(secrets),
+        }
+    }
+
+    /// Asks before erasing the last key slot of `name` (see [`confirm`]).
+    fn confirm_last(&self, name: &str) -> Result<(), CliError> {
+        confirm(
+            self.batch,
+            &format!(
+                "This is the last key slot of {name}: the data will be unreadable after it is \
+                 erased."
+            ),
+        )
+    }
+
     /// The new passphrase: the positional key file, or asked twice.
     fn new_key(&self) -> Result<Secret, CliError> {
         match self.key_file_arg {
@@ -764,41 +768,21 @@ fn add_key(a: &LuksKeyArgs<'_>) -> Result<u8, CliError> {
 fn remove_key(a: &LuksKeyArgs<'_>) -> Result<u8, CliError> {
     let secrets = Secrets::parse(&a.secrets.object)?;
     if let Some(mut t) = a.luks2()? {
-        let pass = match a.key_file_arg {
-            Some(f) => crate::secret::read_key_file(f)?,
-            None => a.existing(&secrets)?,
-        };
+        let pass = a.removed_key(&secrets)?;
         let (_, slot) = t.unlock(&pass, a.key_slot)?;
         drop(pass);
         if t.bound_count() == 1 {
-            confirm(
-                a.batch,
-                &format!(
-                    "This is the last key slot of {}: the data will be unreadable after it \
-                     is erased.",
-                    a.volume
-                ),
-            )?;
+            a.confirm_last(a.volume)?;
         }
         t.erase(slot, true)?;
         return Ok(0);
     }
     let mut t = a.target()?;
-    let pass = match a.key_file_arg {
-        Some(f) => crate::secret::read_key_file(f)?,
-        None => a.existing(&secrets)?,
-    };
+    let pass = a.removed_key(&secrets)?;
     let (_, slot) = t.unlock(&pass, a.key_slot)?;
     drop(pass);
     if t.active_count() == 1 {
-        confirm(
-            a.batch,
-            &format!(
-                "This is the last key slot of {}: the data will be unreadable after it is \
-                 erased.",
-                t.path
-            ),
-        )?;
+        a.confirm_last(&t.path)?;
     }
     t.erase(slot)?;
     Ok(0)
@@ -869,6 +853,21 @@ fn parse_raw_header(bytes: &[u8]) -> Option<HeaderRepr> {
     HeaderRepr::parse(&h).ok()
 }
 
+/// The error of a failed unlock of the header in `path`: cryptsetup's
+/// words and exit code 2 when no key slot opens, else the error itself.
+pub(crate) fn unlock_error<E: std::fmt::Display>(path: &str, e: luks_core::Error<E>) -> CliError {
+    match e {
+        luks_core::Error::WrongPassphrase | luks_core::Error::NoActiveKeySlot => CliError {
+            code: 2,
+            msg: format!(
+                "{path}: No key available with this passphrase (invalid password, cannot \
+                 unlock any keyslot)"
+            ),
+        },
+        e => CliError::io(path, e.to_string()),
+    }
+}
+
 /// `qimg luks header-backup` (cryptsetup luksHeaderBackup): the header
 /// and key material area of a raw volume (or of the LUKS region inside an
 /// encrypted qcow2 image) into a new file, readable by its owner only.
@@ -889,6 +888,13 @@ fn header_backup(volume: &str, backup: &str) -> Result<u8, CliError> {
     t.dev
         .read_at(0, &mut buf[..have])
         .map_err(|e| t.err(e.to_string()))?;
+    write_backup(backup, &buf)?;
+    Ok(0)
+}
+
+/// Writes a header backup to the new file `backup` (never over an
+/// existing one), readable by its owner only, and syncs it.
+pub(crate) fn write_backup(backup: &str, buf: &[u8]) -> Result<(), CliError> {
     let mut f = {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
@@ -898,13 +904,13 @@ fn header_backup(volume: &str, backup: &str) -> Result<u8, CliError> {
             .open(backup)
             .map_err(|e| CliError::io(backup, format!("cannot create: {e}")))?
     };
-    f.write_all(&buf)
+    f.write_all(buf)
         .and_then(|()| f.sync_all())
-        .map_err(|e| CliError::io(backup, format!("cannot write: {e}")))?;
-    Ok(0)
+        .map_err(|e| CliError::io(backup, format!("cannot write: {e}")))
 }
 
-fn usize_of(len: u64, what: &str) -> Result<usize, CliError> {
+/// A header area length as a buffer length; the error names `what`.
+pub(crate) fn usize_of(len: u64, what: &str) -> Result<usize, CliError> {
     usize::try_from(len).map_err(|_| CliError::io(what, "the header area is too large".into()))
 }
 
@@ -915,12 +921,7 @@ fn header_restore(volume: &str, backup: &str, batch: bool) -> Result<u8, CliErro
     let bytes = zeroize::Zeroizing::new(
         std::fs::read(backup).map_err(|e| CliError::io(backup, format!("cannot read: {e}")))?,
     );
-    let bad = || {
-        CliError::io(
-            backup,
-            "Header backup file does not contain compatible LUKS header.".into(),
-        )
-    };
+    let bad = || incompatible_backup(backup);
     let new = parse_raw_header(&bytes).ok_or_else(bad)?;
     let len = header_area_len(&new);
     let area = bytes.get(..usize_of(len, backup)?).ok_or_else(bad)?;
@@ -959,6 +960,20 @@ fn header_restore(volume: &str, backup: &str, batch: bool) -> Result<u8, CliErro
             ),
         )?,
     }
+    write_area(&mut dev, volume, size, area)?;
+    Ok(0)
+}
+
+/// Writes a backup's header `area` over the start of `dev` (the volume
+/// `volume`, `size` bytes) and flushes; refuses a device smaller than the
+/// area.
+pub(crate) fn write_area<D: BlockIo>(
+    dev: &mut D,
+    volume: &str,
+    size: u64,
+    area: &[u8],
+) -> Result<(), CliError> {
+    let len = area.len() as u64;
     if size < len {
         return Err(CliError::io(
             volume,
@@ -969,8 +984,15 @@ fn header_restore(volume: &str, backup: &str, batch: bool) -> Result<u8, CliErro
     }
     dev.write_at(0, area)
         .and_then(|()| dev.flush())
-        .map_err(|e| CliError::io(volume, e.to_string()))?;
-    Ok(0)
+        .map_err(|e| CliError::io(volume, e.to_string()))
+}
+
+/// The error for a header backup that is not one this volume can take.
+pub(crate) fn incompatible_backup(backup: &str) -> CliError {
+    CliError::io(
+        backup,
+        "Header backup file does not contain compatible LUKS header.".into(),
+    )
 }
 
 /// Asks for `YES` on the terminal before a destructive step; `batch`

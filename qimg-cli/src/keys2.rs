@@ -4,15 +4,13 @@
 //! header copies in step; this module picks slots, KDF parameters and
 //! confirmations as cryptsetup does.
 
-use std::io::Write as _;
-use std::path::Path;
-
 use luks_core::io::{BlockIo, FileDevice};
 use luks_core::luks1::VolumeKey;
 use luks_core::luks2::write::{self, KdfParams};
 use luks_core::luks2::{self, Kdf, Luks2Header};
 use luks_core::HashAlg;
 
+use crate::keys::usize_of;
 use crate::luks::OsRng;
 use crate::secret::Secret;
 use crate::CliError;
@@ -56,8 +54,7 @@ impl Target2 {
         luks2::check_requirements::<std::convert::Infallible>(&h.meta)
             .map_err(|e| CliError::io(path, e.to_string()))?;
         crate::luks2::check_length(path, &h)?;
-        let dev = FileDevice::open_rw(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
+        let dev = crate::create::open_file(path, true)?;
         Ok(Self {
             path: path.to_string(),
             dev,
@@ -112,17 +109,8 @@ impl Target2 {
         slot: Option<u8>,
     ) -> Result<(VolumeKey, u8), CliError> {
         let mut mem = crate::luks2::memory(&self.path, &self.h)?;
-        luks2::unlock(&mut self.dev, &self.h, pass, slot, &mut mem).map_err(|e| match e {
-            luks_core::Error::WrongPassphrase | luks_core::Error::NoActiveKeySlot => CliError {
-                code: 2,
-                msg: format!(
-                    "{}: No key available with this passphrase (invalid password, cannot \
-                     unlock any keyslot)",
-                    self.path
-                ),
-            },
-            e => self.err(e.to_string()),
-        })
+        luks2::unlock(&mut self.dev, &self.h, pass, slot, &mut mem)
+            .map_err(|e| crate::keys::unlock_error(&self.path, e))
     }
 
     /// The KDF of a new key slot: `c` where given, else like key slot
@@ -242,17 +230,12 @@ fn area_len(h: &Luks2Header) -> u64 {
     h.meta.header_area_len(h.hdr.hdr_size)
 }
 
-fn usize_of(len: u64, what: &str) -> Result<usize, CliError> {
-    usize::try_from(len).map_err(|_| CliError::io(what, "the header area is too large".into()))
-}
-
 /// `qimg luks header-backup` of a LUKS2 volume: the header area, byte for
 /// byte, into a new file readable by its owner only.
 pub(crate) fn header_backup(volume: &str, backup: &str) -> Result<u8, CliError> {
     let (h, _) = crate::luks2::read_header(volume)?;
     let len = area_len(&h);
-    let mut dev = FileDevice::open(Path::new(volume))
-        .map_err(|e| CliError::io(volume, format!("cannot open: {e}")))?;
+    let mut dev = crate::create::open_file(volume, false)?;
     let size = dev
         .size()
         .map_err(|e| CliError::io(volume, e.to_string()))?;
@@ -268,18 +251,7 @@ pub(crate) fn header_backup(volume: &str, backup: &str) -> Result<u8, CliError> 
     let mut buf = zeroize::Zeroizing::new(vec![0u8; usize_of(len, volume)?]);
     dev.read_at(0, &mut buf)
         .map_err(|e| CliError::io(volume, e.to_string()))?;
-    let mut f = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .open(backup)
-            .map_err(|e| CliError::io(backup, format!("cannot create: {e}")))?
-    };
-    f.write_all(&buf)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| CliError::io(backup, format!("cannot write: {e}")))?;
+    crate::keys::write_backup(backup, &buf)?;
     Ok(0)
 }
 
@@ -292,12 +264,7 @@ pub(crate) fn header_restore(
     backup: &str,
     confirm: impl FnOnce(&str) -> Result<(), CliError>,
 ) -> Result<u8, CliError> {
-    let bad = || {
-        CliError::io(
-            backup,
-            "Header backup file does not contain compatible LUKS header.".into(),
-        )
-    };
+    let bad = || crate::keys::incompatible_backup(backup);
     let (new, _) = crate::luks2::read_header(backup).map_err(|_| bad())?;
     let len = area_len(&new);
     let bytes = zeroize::Zeroizing::new(
@@ -341,22 +308,11 @@ pub(crate) fn header_restore(
             "{volume} does not contain a LUKS header: restoring one can destroy data on it."
         ))?,
     }
-    let mut dev = FileDevice::open_rw(Path::new(volume))
-        .map_err(|e| CliError::io(volume, format!("cannot open for writing: {e}")))?;
+    let mut dev = crate::create::open_file(volume, true)?;
     let size = dev
         .size()
         .map_err(|e| CliError::io(volume, e.to_string()))?;
-    if size < len {
-        return Err(CliError::io(
-            volume,
-            format!(
-                "the device ({size} bytes) is smaller than the backup's header area ({len} bytes)"
-            ),
-        ));
-    }
-    dev.write_at(0, area)
-        .and_then(|()| dev.flush())
-        .map_err(|e| CliError::io(volume, e.to_string()))?;
+    crate::keys::write_area(&mut dev, volume, size, area)?;
     Ok(0)
 }
 

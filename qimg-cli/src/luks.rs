@@ -47,8 +47,7 @@ impl KeySource {
 /// Reads and validates the LUKS1 header of `path`.
 pub(crate) fn read_header(path: &str) -> Result<HeaderRepr, CliError> {
     crate::image::refuse_dir(path)?;
-    let mut dev = FileDevice::open(Path::new(path))
-        .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    let mut dev = crate::create::open_file(path, false)?;
     luks1::read_header(&mut dev).map_err(|e| CliError::io(path, e.to_string()))
 }
 
@@ -78,8 +77,7 @@ fn open_payload(
     if crate::luks2::version(hdr_path)? == Some(2) {
         return crate::luks2::open_payload(path, header, keys, secrets, writable);
     }
-    let mut hdr_dev = FileDevice::open(Path::new(hdr_path))
-        .map_err(|e| CliError::io(hdr_path, format!("cannot open: {e}")))?;
+    let mut hdr_dev = crate::create::open_file(hdr_path, false)?;
     let hdr =
         luks1::read_header(&mut hdr_dev).map_err(|e| CliError::io(hdr_path, e.to_string()))?;
     let pass = keys.resolve(path, secrets, false)?;
@@ -88,12 +86,7 @@ fn open_payload(
     // One volume (own file handle, own cipher) per `-m` worker.
     let mut vols = Vec::new();
     for _ in 0..crate::parallel::cipher_workers() {
-        let data = if writable {
-            FileDevice::open_rw(Path::new(path))
-        } else {
-            FileDevice::open(Path::new(path))
-        }
-        .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+        let data = open_payload_file(path, writable)?;
         vols.push(
             LuksVolume::open_luks1(data, &hdr, &key)
                 .map_err(|e| CliError::io(path, e.to_string()))?,
@@ -104,6 +97,17 @@ fn open_payload(
     } else {
         erased(crate::parallel::Striped::new(vols))
     })
+}
+
+/// Opens the file holding a raw volume's payload, for writing when
+/// `writable` (either way a failure says "cannot open").
+pub(crate) fn open_payload_file(path: &str, writable: bool) -> Result<FileDevice, CliError> {
+    if writable {
+        FileDevice::open_rw(Path::new(path))
+    } else {
+        FileDevice::open(Path::new(path))
+    }
+    .map_err(|e| CliError::io(path, format!("cannot open: {e}")))
 }
 
 /// Splits a LUKS1 cipher mode (`xts-plain64`, `cbc-essiv:sha256`) into

@@ -19,8 +19,7 @@ use crate::CliError;
 
 /// The LUKS version of `path` (1 or 2), or `None` if it is not LUKS.
 pub(crate) fn version(path: &str) -> Result<Option<u16>, CliError> {
-    let mut dev = FileDevice::open(Path::new(path))
-        .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    let mut dev = crate::create::open_file(path, false)?;
     let mut head = [0u8; 8];
     if dev.size().map_err(|e| CliError::io(path, e.to_string()))? < 8 {
         return Ok(None);
@@ -32,8 +31,7 @@ pub(crate) fn version(path: &str) -> Result<Option<u16>, CliError> {
 
 /// Reads the LUKS2 header of `path` and its JSON text.
 pub(crate) fn read_header(path: &str) -> Result<(Luks2Header, Vec<u8>), CliError> {
-    let mut dev = FileDevice::open(Path::new(path))
-        .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    let mut dev = crate::create::open_file(path, false)?;
     let mut json = vec![0u8; luks2::MAX_JSON_LEN];
     let h =
         luks2::read_header(&mut dev, &mut json).map_err(|e| CliError::io(path, e.to_string()))?;
@@ -83,19 +81,13 @@ pub(crate) fn open_payload(
     if header.is_none() {
         check_length(path, &h)?;
     }
-    let mut hdr_dev = FileDevice::open(Path::new(hdr_path))
-        .map_err(|e| CliError::io(hdr_path, format!("cannot open: {e}")))?;
+    let mut hdr_dev = crate::create::open_file(hdr_path, false)?;
     let pass = keys.resolve(path, secrets, false)?;
     let mut mem = memory(hdr_path, &h)?;
     let (key, _slot) = luks2::unlock(&mut hdr_dev, &h, &pass, None, &mut mem)
         .map_err(|e| CliError::io(hdr_path, e.to_string()))?;
     drop(mem);
-    let data = if writable {
-        FileDevice::open_rw(Path::new(path))
-    } else {
-        FileDevice::open(Path::new(path))
-    }
-    .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    let data = crate::luks::open_payload_file(path, writable)?;
     let vol =
         LuksVolume::open_luks2(data, &h, &key).map_err(|e| CliError::io(path, e.to_string()))?;
     Ok(erased(vol))

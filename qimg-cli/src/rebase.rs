@@ -7,8 +7,6 @@
 //! and through the new backing file; where they differ, the old content
 //! is written into the image. Then the name changes.
 
-use std::path::Path;
-
 use luks_core::io::FileDevice;
 use qcow_core::Qcow2Writer;
 
@@ -51,16 +49,7 @@ impl RebaseCmd {
     /// Runs `qimg rebase`.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
         let path = self.filename.as_str();
-        let format = match self.format {
-            Some(f) => f.into(),
-            None => image::detect(path)?,
-        };
-        if format != Format::Qcow2 {
-            return Err(CliError::io(
-                path,
-                format!("{format} images have no backing file (qcow2 only)"),
-            ));
-        }
+        qcow2_only(path, self.format)?;
         let new = (!self.backing.is_empty()).then_some(self.backing.as_str());
         let fail = |why: String| {
             CliError::usage(format!(
@@ -81,10 +70,7 @@ impl RebaseCmd {
         if !self.unsafe_ {
             self.keep_content(path, new, new_fmt)?;
         }
-        let dev = FileDevice::open_rw(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
-        let mut w =
-            Qcow2Writer::open_metadata_only(dev).map_err(|e| CliError::io(path, e.to_string()))?;
+        let mut w = open_metadata_writer(path)?;
         w.set_backing(new, new_fmt)
             .map_err(|e| fail(e.to_string()))?;
         w.close().map_err(|e| CliError::io(path, e.to_string()))?;
@@ -100,14 +86,7 @@ impl RebaseCmd {
         fmt: Option<&str>,
     ) -> Result<(), CliError> {
         let secrets = Secrets::parse(&self.secrets.object)?;
-        let mut old = image::open(
-            path,
-            &OpenOptions {
-                format: Some(Format::Qcow2),
-                ..OpenOptions::from_args(&self.secrets)
-            },
-            &secrets,
-        )?;
+        let mut old = open_qcow2(path, &self.secrets, &secrets)?;
         let mut new_view: Option<(String, Box<dyn Source>, u64)> = match new {
             Some(b) => {
                 let full = image::resolve_backing(path, b)
@@ -129,8 +108,7 @@ impl RebaseCmd {
             }
             None => None,
         };
-        let dev = FileDevice::open_rw(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
+        let dev = crate::create::open_file(path, true)?;
         let mut w = Qcow2Writer::open(dev).map_err(|e| {
             CliError::io(path, format!("{e}; `qimg rebase -u` changes only the name"))
         })?;
@@ -176,4 +154,44 @@ impl RebaseCmd {
         w.close().map_err(|e| CliError::io(path, e.to_string()))?;
         Ok(())
     }
+}
+
+/// Refuses `path` unless it is a qcow2 image (`format`, or detected):
+/// only qcow2 images have a backing file (`commit`, `rebase`).
+pub(crate) fn qcow2_only(path: &str, format: Option<FormatArg>) -> Result<(), CliError> {
+    let format = match format {
+        Some(f) => f.into(),
+        None => image::detect(path)?,
+    };
+    if format != Format::Qcow2 {
+        return Err(CliError::io(
+            path,
+            format!("{format} images have no backing file (qcow2 only)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens the qcow2 image `path` for reading, through its backing chain,
+/// with the key options of `args` and `secrets`.
+pub(crate) fn open_qcow2(
+    path: &str,
+    args: &SecretArgs,
+    secrets: &Secrets,
+) -> Result<image::Opened, CliError> {
+    image::open(
+        path,
+        &OpenOptions {
+            format: Some(Format::Qcow2),
+            ..OpenOptions::from_args(args)
+        },
+        secrets,
+    )
+}
+
+/// Opens the qcow2 image `path` for metadata changes only (backing file
+/// name, unmapping clusters): no key is needed.
+pub(crate) fn open_metadata_writer(path: &str) -> Result<Qcow2Writer<FileDevice>, CliError> {
+    let dev = crate::create::open_file(path, true)?;
+    Qcow2Writer::open_metadata_only(dev).map_err(|e| CliError::io(path, e.to_string()))
 }

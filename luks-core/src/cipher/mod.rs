@@ -283,75 +283,64 @@ impl SectorCipher {
     /// `first_iv_sector` (in 512-byte units). `data.len()` must be a
     /// multiple of the sector size.
     pub fn encrypt_sectors(&self, first_iv_sector: u64, data: &mut [u8]) -> Result<(), PureError> {
-        let (ss, step) = self.check(first_iv_sector, data)?;
-        let iv_no = |k: usize| first_iv_sector.wrapping_add((k as u64).wrapping_mul(step));
-        match &self.mode {
-            Mode::XtsAes(e) => e
-                .encrypt_sectors_with_step(data, ss, first_iv_sector, step)
-                .map_err(|_| unaligned(first_iv_sector, data.len()))?,
-            Mode::Xts(x, iv) => x.encrypt_sectors(ss, data, |k| iv.iv(iv_no(k))),
-            Mode::Cbc(c, iv) => {
-                for (k, sector) in data.chunks_exact_mut(ss).enumerate() {
-                    let mut prev = iv.iv(iv_no(k));
-                    for chunk in sector.chunks_exact_mut(16) {
-                        let mut b = as_blk(chunk);
-                        xor_into(&mut b, &prev);
-                        c.encrypt(&mut b);
-                        chunk.copy_from_slice(&b);
-                        prev = b;
-                    }
-                }
-            }
-            Mode::Ecb(c) => {
-                for chunk in data.chunks_exact_mut(16) {
-                    let mut b = as_blk(chunk);
-                    c.encrypt(&mut b);
-                    chunk.copy_from_slice(&b);
-                }
-            }
-            Mode::Lrw(c, tk, iv) => {
-                for (k, sector) in data.chunks_exact_mut(ss).enumerate() {
-                    let index = u128::from_be_bytes(iv.iv(iv_no(k)));
-                    for (j, chunk) in sector.chunks_exact_mut(16).enumerate() {
-                        let t = gf128_mul_bbe(tk.0, index.wrapping_add(j as u128)).to_be_bytes();
-                        let mut b = as_blk(chunk);
-                        xor_into(&mut b, &t);
-                        c.encrypt(&mut b);
-                        xor_into(&mut b, &t);
-                        chunk.copy_from_slice(&b);
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.crypt_sectors(Dir::Encrypt, first_iv_sector, data)
     }
 
     /// Decrypts whole sectors in place; see [`SectorCipher::encrypt_sectors`].
     pub fn decrypt_sectors(&self, first_iv_sector: u64, data: &mut [u8]) -> Result<(), PureError> {
+        self.crypt_sectors(Dir::Decrypt, first_iv_sector, data)
+    }
+
+    /// Encrypts or decrypts whole sectors in place, as `dir` says.
+    fn crypt_sectors(
+        &self,
+        dir: Dir,
+        first_iv_sector: u64,
+        data: &mut [u8],
+    ) -> Result<(), PureError> {
         let (ss, step) = self.check(first_iv_sector, data)?;
         let iv_no = |k: usize| first_iv_sector.wrapping_add((k as u64).wrapping_mul(step));
+        let block = |c: &BlockAlg, b: &mut Blk| match dir {
+            Dir::Encrypt => c.encrypt(b),
+            Dir::Decrypt => c.decrypt(b),
+        };
         match &self.mode {
-            Mode::XtsAes(e) => e
-                .decrypt_sectors_with_step(data, ss, first_iv_sector, step)
-                .map_err(|_| unaligned(first_iv_sector, data.len()))?,
-            Mode::Xts(x, iv) => x.decrypt_sectors(ss, data, |k| iv.iv(iv_no(k))),
+            Mode::XtsAes(e) => match dir {
+                Dir::Encrypt => e.encrypt_sectors_with_step(data, ss, first_iv_sector, step),
+                Dir::Decrypt => e.decrypt_sectors_with_step(data, ss, first_iv_sector, step),
+            }
+            .map_err(|_| unaligned(first_iv_sector, data.len()))?,
+            Mode::Xts(x, iv) => match dir {
+                Dir::Encrypt => x.encrypt_sectors(ss, data, |k| iv.iv(iv_no(k))),
+                Dir::Decrypt => x.decrypt_sectors(ss, data, |k| iv.iv(iv_no(k))),
+            },
             Mode::Cbc(c, iv) => {
                 for (k, sector) in data.chunks_exact_mut(ss).enumerate() {
+                    // The previous ciphertext block, the IV for the first.
                     let mut prev = iv.iv(iv_no(k));
                     for chunk in sector.chunks_exact_mut(16) {
-                        let ct = as_blk(chunk);
-                        let mut b = ct;
-                        c.decrypt(&mut b);
-                        xor_into(&mut b, &prev);
+                        let mut b = as_blk(chunk);
+                        match dir {
+                            Dir::Encrypt => {
+                                xor_into(&mut b, &prev);
+                                c.encrypt(&mut b);
+                                prev = b;
+                            }
+                            Dir::Decrypt => {
+                                let ct = b;
+                                c.decrypt(&mut b);
+                                xor_into(&mut b, &prev);
+                                prev = ct;
+                            }
+                        }
                         chunk.copy_from_slice(&b);
-                        prev = ct;
                     }
                 }
             }
             Mode::Ecb(c) => {
                 for chunk in data.chunks_exact_mut(16) {
                     let mut b = as_blk(chunk);
-                    c.decrypt(&mut b);
+                    block(c, &mut b);
                     chunk.copy_from_slice(&b);
                 }
             }
@@ -362,7 +351,7 @@ impl SectorCipher {
                         let t = gf128_mul_bbe(tk.0, index.wrapping_add(j as u128)).to_be_bytes();
                         let mut b = as_blk(chunk);
                         xor_into(&mut b, &t);
-                        c.decrypt(&mut b);
+                        block(c, &mut b);
                         xor_into(&mut b, &t);
                         chunk.copy_from_slice(&b);
                     }
@@ -371,6 +360,13 @@ impl SectorCipher {
         }
         Ok(())
     }
+}
+
+/// Which way a [`SectorCipher`] call runs.
+#[derive(Clone, Copy)]
+enum Dir {
+    Encrypt,
+    Decrypt,
 }
 
 fn key_size_error(kind: BlockKind, len: usize) -> PureError {

@@ -63,6 +63,16 @@ impl AfState {
         }
     }
 
+    /// Bytes of one stripe: the key length.
+    pub(crate) fn key_len(&self) -> usize {
+        self.key_len
+    }
+
+    /// Whether every stripe was produced (split) or consumed (merge).
+    pub(crate) fn all_stripes(&self) -> bool {
+        self.index >= self.stripes
+    }
+
     /// Total bytes of split material (without sector padding).
     pub(crate) fn material_len(&self) -> u64 {
         (self.key_len as u64).saturating_mul(u64::from(self.stripes))

@@ -75,10 +75,13 @@ pub const DIGEST_LEN: usize = 20;
 /// and 1 (cryptsetup 1.0 put key slot 0 at sector 2).
 pub const MIN_KEY_MATERIAL_SECTOR: u32 = 2;
 
-/// A view of a LUKS1 header over bytes.
-#[derive(Debug, Clone)]
-pub struct Header<T: AsRef<[u8]>> {
-    buffer: T,
+header_view! {
+    /// A view of a LUKS1 header over bytes.
+    len: HEADER_LEN,
+    structure: Structure::Luks1Header,
+    magic: field::MAGIC,
+    version: field::VERSION,
+    what: "`phdr`",
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -90,49 +93,6 @@ fn be32(b: &[u8], at: usize) -> u32 {
 }
 
 impl<T: AsRef<[u8]>> Header<T> {
-    /// Wraps a buffer without checks.
-    pub fn new_unchecked(buffer: T) -> Self {
-        Self { buffer }
-    }
-
-    /// Wraps a buffer after [`Header::check_len`].
-    pub fn new_checked(buffer: T) -> Result<Self, PureError> {
-        let h = Self::new_unchecked(buffer);
-        h.check_len()?;
-        Ok(h)
-    }
-
-    /// Checks the buffer holds the whole `phdr`.
-    pub fn check_len(&self) -> Result<(), PureError> {
-        let given = self.buffer.as_ref().len();
-        if given < HEADER_LEN {
-            return Err(PureError::BufferTooSmall {
-                structure: Structure::Luks1Header,
-                needed: HEADER_LEN,
-                given,
-            });
-        }
-        Ok(())
-    }
-
-    /// The buffer.
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    fn b(&self) -> &[u8] {
-        self.buffer.as_ref()
-    }
-
-    /// Magic bytes.
-    pub fn magic(&self) -> &[u8] {
-        &self.b()[field::MAGIC]
-    }
-    /// Version.
-    pub fn version(&self) -> u16 {
-        let b = &self.b()[field::VERSION];
-        u16::from_be_bytes([b[0], b[1]])
-    }
     /// Raw cipher name field.
     pub fn cipher_name(&self) -> &[u8] {
         &self.b()[field::CIPHER_NAME]
@@ -196,16 +156,13 @@ impl<T: AsRef<[u8]>> Header<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Header<T> {
-    fn bm(&mut self) -> &mut [u8] {
-        self.buffer.as_mut()
-    }
     fn put32(&mut self, at: usize, v: u32) {
-        if let Some(s) = self.bm().get_mut(at..at.saturating_add(4)) {
+        if let Some(s) = self.m().get_mut(at..at.saturating_add(4)) {
             s.copy_from_slice(&v.to_be_bytes());
         }
     }
     fn put_str(&mut self, r: core::ops::Range<usize>, s: &str) {
-        let f = &mut self.bm()[r];
+        let f = &mut self.m()[r];
         f.fill(0);
         let n = s.len().min(f.len().saturating_sub(1));
         f[..n].copy_from_slice(&s.as_bytes()[..n]);
@@ -470,15 +427,15 @@ impl HeaderRepr {
     /// alone).
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, h: &mut Header<T>) -> Result<(), PureError> {
         h.check_len()?;
-        h.bm()[field::MAGIC].copy_from_slice(&MAGIC);
-        h.bm()[field::VERSION].copy_from_slice(&1u16.to_be_bytes());
+        h.m()[field::MAGIC].copy_from_slice(&MAGIC);
+        h.m()[field::VERSION].copy_from_slice(&1u16.to_be_bytes());
         h.put_str(field::CIPHER_NAME, &self.cipher_name);
         h.put_str(field::CIPHER_MODE, &self.cipher_mode);
         h.put_str(field::HASH_SPEC, &self.hash_spec);
         h.put32(field::PAYLOAD_OFFSET.start, self.payload_offset);
         h.put32(field::KEY_BYTES.start, self.key_bytes);
-        h.bm()[field::MK_DIGEST].copy_from_slice(&self.mk_digest);
-        h.bm()[field::MK_DIGEST_SALT].copy_from_slice(&self.mk_digest_salt);
+        h.m()[field::MK_DIGEST].copy_from_slice(&self.mk_digest);
+        h.m()[field::MK_DIGEST_SALT].copy_from_slice(&self.mk_digest_salt);
         h.put32(field::MK_DIGEST_ITER.start, self.mk_digest_iter);
         h.put_str(field::UUID, &self.uuid);
         for (i, ks) in self.key_slots.iter().enumerate() {
@@ -486,7 +443,7 @@ impl HeaderRepr {
             h.put32(base, if ks.active { KEY_ENABLED } else { KEY_DISABLED });
             h.put32(base.saturating_add(4), ks.iterations);
             if let Some(s) = h
-                .bm()
+                .m()
                 .get_mut(base.saturating_add(8)..base.saturating_add(40))
             {
                 s.copy_from_slice(&ks.salt);

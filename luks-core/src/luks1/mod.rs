@@ -194,32 +194,14 @@ fn try_slot<D: BlockIo + ?Sized>(
         ))))?;
     let hash = hash_of(hdr)?;
     let kb = hdr.key_bytes as usize;
-    let mut slot_key = Zeroizing::new([0u8; MAX_KEY_BYTES]);
-    let sk = slot_key.get_mut(..kb).ok_or(Error::Unsupported(
-        crate::error::Unsupported::KeyTooLarge(hdr.key_bytes),
-    ))?;
-    hash.pbkdf2(passphrase, &ks.salt, ks.iterations, sk);
-    let cipher = SectorCipher::new(&hdr.cipher_name, &hdr.cipher_mode, sk, 512);
-    drop(slot_key);
-    let cipher = cipher.map_err(PureError::widen)?;
+    let (cipher, ()) = slot_cipher(&hdr.cipher_name, &hdr.cipher_mode, kb, |sk| {
+        hash.pbkdf2(passphrase, &ks.salt, ks.iterations, sk);
+        Ok(())
+    })?;
     let mut af = AfState::new(hash, kb, ks.stripes);
-    let total = af.material_len().div_ceil(512).saturating_mul(512);
     let base = u64::from(ks.key_material_offset).saturating_mul(512);
-    // Decrypted key material: wiped on every exit path.
-    let mut buf = Zeroizing::new([0u8; CHUNK]);
-    let mut done = 0u64;
     let st = Structure::KeyMaterial(slot_u8(slot));
-    while done < total {
-        let n = io::chunk_len(total.saturating_sub(done), CHUNK);
-        let chunk = &mut buf[..n];
-        let at = base.saturating_add(done);
-        read(dev, st, at, chunk)?;
-        cipher
-            .decrypt_sectors(done / 512, chunk)
-            .map_err(PureError::widen)?;
-        af.feed(chunk);
-        done = done.saturating_add(n as u64);
-    }
+    read_material(dev, st, base, &cipher, &mut af)?;
     let Some(candidate) = af.merged() else {
         return Ok(None);
     };
@@ -324,6 +306,109 @@ pub(crate) fn rng_fill<R: TryCryptoRng + ?Sized, E>(
     rng.try_fill_bytes(buf).map_err(|_| Error::Rng)
 }
 
+/// Derives a `len`-byte key slot key with `derive` (into a buffer wiped
+/// before this returns) and makes the key material's cipher from it
+/// (`cipher_name`/`cipher_mode`, 512-byte sectors); also returns what
+/// `derive` returned.
+pub(crate) fn slot_cipher<E, T>(
+    cipher_name: &str,
+    cipher_mode: &str,
+    len: usize,
+    derive: impl FnOnce(&mut [u8]) -> Result<T, Error<E>>,
+) -> Result<(SectorCipher, T), Error<E>> {
+    let mut slot_key = Zeroizing::new([0u8; MAX_KEY_BYTES]);
+    let sk = slot_key.get_mut(..len).ok_or(Error::Unsupported(
+        crate::error::Unsupported::KeyTooLarge(u32::try_from(len).unwrap_or(u32::MAX)),
+    ))?;
+    let derived = derive(sk)?;
+    let cipher = SectorCipher::new(cipher_name, cipher_mode, sk, 512);
+    drop(slot_key);
+    Ok((cipher.map_err(PureError::widen)?, derived))
+}
+
+/// Reads the key material `af` merges (its length rounded up to 512-byte
+/// sectors) from `base`, decrypts it with `cipher` (IVs counting from 0)
+/// and feeds it to `af`; errors name `st`.
+pub(crate) fn read_material<D: BlockIo + ?Sized>(
+    dev: &mut D,
+    st: Structure,
+    base: u64,
+    cipher: &SectorCipher,
+    af: &mut AfState,
+) -> Result<(), Error<D::Error>> {
+    let total = af.material_len().div_ceil(512).saturating_mul(512);
+    // Decrypted key material: wiped on every exit path.
+    let mut buf = Zeroizing::new([0u8; CHUNK]);
+    let mut done = 0u64;
+    while done < total {
+        let n = io::chunk_len(total.saturating_sub(done), CHUNK);
+        let chunk = &mut buf[..n];
+        read(dev, st, base.saturating_add(done), chunk)?;
+        cipher
+            .decrypt_sectors(done / 512, chunk)
+            .map_err(PureError::widen)?;
+        af.feed(chunk);
+        done = done.saturating_add(n as u64);
+    }
+    Ok(())
+}
+
+/// Splits `vk` with `af` (random stripes from `rng`), pads the material
+/// with zeroes to whole 512-byte sectors, encrypts it with `cipher` (IVs
+/// counting from 0) and writes it at `base`; errors name `st`. The caller
+/// flushes.
+pub(crate) fn write_material<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
+    dev: &mut D,
+    st: Structure,
+    base: u64,
+    cipher: &SectorCipher,
+    af: &mut AfState,
+    vk: &VolumeKey,
+    rng: &mut R,
+) -> Result<(), Error<D::Error>> {
+    let kb = af.key_len();
+    let total = af.material_len().div_ceil(512).saturating_mul(512);
+    // Key material in the clear: wiped on every exit path.
+    let mut buf = Zeroizing::new([0u8; CHUNK]);
+    let mut stripe = Zeroizing::new([0u8; MAX_KEY_BYTES]);
+    let mut fill = 0usize;
+    let mut pending = 0usize; // bytes of `stripe` not yet copied into buf
+    let mut done = 0u64;
+    let mut rng_ok = true;
+    while done < total {
+        let n = io::chunk_len(total.saturating_sub(done), CHUNK);
+        // Fill buf[..n] with stripes (zero padding after the last one).
+        while fill < n {
+            if pending == 0 {
+                if af.all_stripes() {
+                    buf[fill..n].fill(0);
+                    break;
+                }
+                rng_ok &= af.next_stripe(vk.as_bytes(), &mut stripe[..kb], |b| {
+                    rng.try_fill_bytes(b).is_ok()
+                });
+                pending = kb;
+            }
+            let from = kb.saturating_sub(pending);
+            let take = pending.min(n.saturating_sub(fill));
+            buf[fill..fill.saturating_add(take)]
+                .copy_from_slice(&stripe[from..from.saturating_add(take)]);
+            fill = fill.saturating_add(take);
+            pending = pending.saturating_sub(take);
+        }
+        if !rng_ok {
+            return Err(Error::Rng);
+        }
+        cipher
+            .encrypt_sectors(done / 512, &mut buf[..n])
+            .map_err(PureError::widen)?;
+        write(dev, st, base.saturating_add(done), &buf[..n])?;
+        done = done.saturating_add(n as u64);
+        fill = 0;
+    }
+    Ok(())
+}
+
 /// Writes key slot `slot`: derives the slot key from `passphrase`, splits
 /// `vk` and writes the encrypted key material, then marks the slot active
 /// in `hdr` (the caller writes the header).
@@ -349,60 +434,14 @@ fn write_slot<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         .ok_or(Error::BadParameter(BadParameter::KeySlotIndex(slot_u8(
             slot,
         ))))?;
-    let mut slot_key = Zeroizing::new([0u8; MAX_KEY_BYTES]);
-    let sk = slot_key.get_mut(..kb).ok_or(Error::Unsupported(
-        crate::error::Unsupported::KeyTooLarge(hdr.key_bytes),
-    ))?;
-    hash.pbkdf2(passphrase, &salt, iterations, sk);
-    let cipher = SectorCipher::new(&hdr.cipher_name, &hdr.cipher_mode, sk, 512);
-    drop(slot_key);
-    let cipher = cipher.map_err(PureError::widen)?;
+    let (cipher, ()) = slot_cipher(&hdr.cipher_name, &hdr.cipher_mode, kb, |sk| {
+        hash.pbkdf2(passphrase, &salt, iterations, sk);
+        Ok(())
+    })?;
     let mut af = AfState::new(hash, kb, ks.stripes);
-    let total = af.material_len().div_ceil(512).saturating_mul(512);
     let base = u64::from(ks.key_material_offset).saturating_mul(512);
     let st = Structure::KeyMaterial(slot_u8(slot));
-    // Decrypted key material: wiped on every exit path.
-    let mut buf = Zeroizing::new([0u8; CHUNK]);
-    let mut stripe = Zeroizing::new([0u8; MAX_KEY_BYTES]);
-    let mut produced = 0u32;
-    let mut fill = 0usize;
-    let mut pending = 0usize; // bytes of `stripe` not yet copied into buf
-    let mut done = 0u64;
-    let mut rng_ok = true;
-    while done < total {
-        let n = io::chunk_len(total.saturating_sub(done), CHUNK);
-        // Fill buf[..n] with stripes (zero padding after the last one).
-        while fill < n {
-            if pending == 0 {
-                if produced < ks.stripes {
-                    let ok = af.next_stripe(vk.as_bytes(), &mut stripe[..kb], |b| {
-                        rng.try_fill_bytes(b).is_ok()
-                    });
-                    rng_ok &= ok;
-                    produced = produced.saturating_add(1);
-                    pending = kb;
-                } else {
-                    buf[fill..n].fill(0);
-                    break;
-                }
-            }
-            let from = kb.saturating_sub(pending);
-            let take = pending.min(n.saturating_sub(fill));
-            buf[fill..fill.saturating_add(take)]
-                .copy_from_slice(&stripe[from..from.saturating_add(take)]);
-            fill = fill.saturating_add(take);
-            pending = pending.saturating_sub(take);
-        }
-        if !rng_ok {
-            return Err(Error::Rng);
-        }
-        cipher
-            .encrypt_sectors(done / 512, &mut buf[..n])
-            .map_err(PureError::widen)?;
-        write(dev, st, base.saturating_add(done), &buf[..n])?;
-        done = done.saturating_add(n as u64);
-        fill = 0;
-    }
+    write_material(dev, st, base, &cipher, &mut af, vk, rng)?;
     ks.active = true;
     ks.iterations = iterations;
     ks.salt = salt;
@@ -618,7 +657,7 @@ pub fn replace_key<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
     put_key(dev, hdr, vk, new_passphrase, iterations, slot, rng)
 }
 
-fn flush_dev<D: BlockIo + ?Sized>(dev: &mut D) -> Result<(), Error<D::Error>> {
+pub(crate) fn flush_dev<D: BlockIo + ?Sized>(dev: &mut D) -> Result<(), Error<D::Error>> {
     dev.flush().map_err(|source| Error::Io {
         source,
         structure: Structure::Device,

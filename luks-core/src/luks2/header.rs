@@ -52,10 +52,13 @@ pub const HDR_SIZES: [u64; 9] = [
 /// A label or subsystem field (48 bytes).
 pub type Label = heapless::String<48>;
 
-/// A view of a LUKS2 binary header over bytes.
-#[derive(Debug, Clone)]
-pub struct Header<T: AsRef<[u8]>> {
-    buffer: T,
+header_view! {
+    /// A view of a LUKS2 binary header over bytes.
+    len: BINARY_LEN,
+    structure: Structure::Luks2Header,
+    magic: field::MAGIC,
+    version: field::VERSION,
+    what: "binary header",
 }
 
 fn be64(b: &[u8]) -> u64 {
@@ -81,49 +84,6 @@ fn text<const N: usize>(b: &[u8]) -> Option<heapless::String<N>> {
 }
 
 impl<T: AsRef<[u8]>> Header<T> {
-    /// Wraps a buffer without checks.
-    pub fn new_unchecked(buffer: T) -> Self {
-        Self { buffer }
-    }
-
-    /// Wraps a buffer after [`Header::check_len`].
-    pub fn new_checked(buffer: T) -> Result<Self, PureError> {
-        let h = Self::new_unchecked(buffer);
-        h.check_len()?;
-        Ok(h)
-    }
-
-    /// Checks the buffer holds the whole binary header.
-    pub fn check_len(&self) -> Result<(), PureError> {
-        let given = self.buffer.as_ref().len();
-        if given < BINARY_LEN {
-            return Err(PureError::BufferTooSmall {
-                structure: Structure::Luks2Header,
-                needed: BINARY_LEN,
-                given,
-            });
-        }
-        Ok(())
-    }
-
-    /// The buffer.
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    fn b(&self) -> &[u8] {
-        self.buffer.as_ref()
-    }
-
-    /// Magic bytes.
-    pub fn magic(&self) -> &[u8] {
-        &self.b()[field::MAGIC]
-    }
-    /// Version.
-    pub fn version(&self) -> u16 {
-        let b = &self.b()[field::VERSION];
-        u16::from_be_bytes([b[0], b[1]])
-    }
     /// Header copy size.
     pub fn hdr_size(&self) -> u64 {
         be64(&self.b()[field::HDR_SIZE])
@@ -163,9 +123,6 @@ impl<T: AsRef<[u8]>> Header<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Header<T> {
-    fn m(&mut self) -> &mut [u8] {
-        self.buffer.as_mut()
-    }
     /// Sets the checksum bytes (the first `min(64, len)` of `c`, rest zero).
     pub fn set_csum(&mut self, c: &[u8]) {
         let f = &mut self.m()[field::CSUM];

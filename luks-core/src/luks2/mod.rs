@@ -27,7 +27,7 @@ use zeroize::{Zeroize, Zeroizing};
 pub use header::{Header, HeaderRepr, BINARY_LEN, HDR_SIZES};
 pub use meta::{Digest, Kdf, Keyslot, Metadata, Segment};
 
-use crate::cipher::{SectorCipher, MAX_KEY_BYTES};
+use crate::cipher::SectorCipher;
 use crate::error::{
     name_from, BadParameter, Error, Luks2Problem, Problem, PureError, Structure, Unsupported,
 };
@@ -461,32 +461,12 @@ pub fn open_keyslot<D: BlockIo + ?Sized>(
         .ok_or(Error::Unsupported(Unsupported::Luks2Type(ks.kind.clone())))?;
     let kb = ks.key_size as usize;
     let akb = ks.area_key_size as usize;
-    let mut slot_key = Zeroizing::new([0u8; MAX_KEY_BYTES]);
-    let sk = slot_key
-        .get_mut(..akb)
-        .ok_or(Error::Unsupported(Unsupported::KeyTooLarge(
-            ks.area_key_size,
-        )))?;
-    derive(ks, passphrase, sk, mem)?;
     let (cn, cm) = split_spec(&ks.area_encryption);
-    let cipher = SectorCipher::new(cn, cm, sk, 512);
-    drop(slot_key);
-    let cipher = cipher.map_err(PureError::widen)?;
+    let (cipher, ()) =
+        crate::luks1::slot_cipher(cn, cm, akb, |sk| derive(ks, passphrase, sk, mem))?;
     let mut af = AfState::new(af_hash, kb, ks.stripes);
-    let total = af.material_len().div_ceil(512).saturating_mul(512);
     let st = Structure::KeyMaterial(id);
-    let mut buf = Zeroizing::new([0u8; CHUNK]);
-    let mut done = 0u64;
-    while done < total {
-        let n = io::chunk_len(total.saturating_sub(done), CHUNK);
-        let chunk = &mut buf[..n];
-        read(dev, st, ks.area_offset.saturating_add(done), chunk)?;
-        cipher
-            .decrypt_sectors(done / 512, chunk)
-            .map_err(PureError::widen)?;
-        af.feed(chunk);
-        done = done.saturating_add(n as u64);
-    }
+    crate::luks1::read_material(dev, st, ks.area_offset, &cipher, &mut af)?;
     let Some(candidate) = af.merged() else {
         return Ok(None);
     };

@@ -10,35 +10,19 @@ use std::vec;
 use super::write::{self, FormatParams, KdfParams};
 use super::*;
 use crate::io::VecDevice;
-
-/// A deterministic "RNG" for tests (not random: tests only).
-struct TestRng(u64);
-
-impl rand_core::TryRng for TestRng {
-    type Error = core::convert::Infallible;
-    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
-        Ok(self.try_next_u64()? as u32)
-    }
-    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        Ok(self.0)
-    }
-    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
-        for b in dst {
-            *b = self.try_next_u64()? as u8;
-        }
-        Ok(())
-    }
-}
-impl rand_core::TryCryptoRng for TestRng {}
+use crate::test_rng::TestRng;
 
 const ARGON: KdfParams = KdfParams::Argon2 {
     id: true,
     time: 1,
     memory_kib: 64,
     cpus: 1,
+};
+
+/// PBKDF2-SHA256 at 1000 iterations: quick.
+const PBKDF2: KdfParams = KdfParams::Pbkdf2 {
+    hash: HashAlg::Sha256,
+    iterations: 1000,
 };
 
 fn small(kdf: KdfParams, sector_size: u32) -> FormatParams<'static> {
@@ -80,10 +64,7 @@ fn format_unlock_add_remove() {
         }
     ));
 
-    let pb = KdfParams::Pbkdf2 {
-        hash: HashAlg::Sha256,
-        iterations: 1000,
-    };
+    let pb = PBKDF2;
     let (text, id) = write::add_key(
         &mut dev,
         &mut h,
@@ -142,10 +123,7 @@ fn format_unlock_add_remove() {
 fn newer_copy_wins_and_damaged_copy_is_skipped() {
     let mut dev = VecDevice::new();
     let mut rng = TestRng(9);
-    let pb = KdfParams::Pbkdf2 {
-        hash: HashAlg::Sha256,
-        iterations: 1000,
-    };
+    let pb = PBKDF2;
     let (mut h, text, vk) = write::format(&mut dev, &small(pb, 512), None, b"a", &mut rng).unwrap();
     let old = dev.as_slice()[..0x4000].to_vec();
     write::add_key(
@@ -182,10 +160,7 @@ fn newer_copy_wins_and_damaged_copy_is_skipped() {
 fn parse_never_panics_on_mutations() {
     let mut dev = VecDevice::new();
     let mut rng = TestRng(11);
-    let pb = KdfParams::Pbkdf2 {
-        hash: HashAlg::Sha256,
-        iterations: 1000,
-    };
+    let pb = PBKDF2;
     let (_, text, _) = write::format(&mut dev, &small(pb, 512), None, b"a", &mut rng).unwrap();
     let t = text.as_bytes();
     let mut x = 12345u32;
@@ -212,10 +187,7 @@ fn parse_never_panics_on_mutations() {
 #[test]
 fn power_cut_during_key_slot_updates() {
     use crate::io::FaultyDevice;
-    let pb = KdfParams::Pbkdf2 {
-        hash: HashAlg::Sha256,
-        iterations: 1000,
-    };
+    let pb = PBKDF2;
     let mut rng = TestRng(21);
     let mut dev = VecDevice::new();
     let (h0, text0, vk) = write::format(&mut dev, &small(pb, 512), None, b"a", &mut rng).unwrap();
@@ -314,10 +286,7 @@ fn forge(dev: &mut VecDevice, f: impl Fn(&str) -> std::string::String) {
 /// a panic, at parse or at unlock.
 #[test]
 fn hostile_metadata_fails_cleanly() {
-    let pb = KdfParams::Pbkdf2 {
-        hash: HashAlg::Sha256,
-        iterations: 1000,
-    };
+    let pb = PBKDF2;
     let mut rng = TestRng(33);
     let mut dev = VecDevice::new();
     write::format(&mut dev, &small(ARGON, 512), None, b"a", &mut rng).unwrap();
@@ -400,10 +369,7 @@ fn hostile_metadata_fails_cleanly() {
 #[test]
 fn volume_unlock_detects_the_version() {
     let mut rng = TestRng(44);
-    let pb = KdfParams::Pbkdf2 {
-        hash: HashAlg::Sha256,
-        iterations: 1000,
-    };
+    let pb = PBKDF2;
     let mut v2 = VecDevice::new();
     write::format(&mut v2, &small(pb, 4096), None, b"two", &mut rng).unwrap();
     v2.set_size((1 << 20) + 8192).unwrap();
@@ -433,10 +399,7 @@ fn volume_unlock_detects_the_version() {
 /// fails with an error.
 #[test]
 fn damaged_binary_headers_never_panic() {
-    let pb = KdfParams::Pbkdf2 {
-        hash: HashAlg::Sha256,
-        iterations: 1000,
-    };
+    let pb = PBKDF2;
     let mut rng = TestRng(55);
     let mut dev = VecDevice::new();
     write::format(&mut dev, &small(pb, 512), None, b"a", &mut rng).unwrap();

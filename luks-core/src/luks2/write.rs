@@ -33,7 +33,9 @@ use crate::error::{
 use crate::hash::HashAlg;
 use crate::io::{self, BlockIo};
 use crate::luks1::af::AfState;
-use crate::luks1::{dev_size, rng_fill, uuid_v4, write, VolumeKey};
+use crate::luks1::{
+    dev_size, flush_dev as flush, rng_fill, slot_cipher, uuid_v4, write, write_material, VolumeKey,
+};
 
 /// Bytes of key material written per device request.
 const CHUNK: usize = 4096;
@@ -117,14 +119,6 @@ impl Default for FormatParams<'_> {
             label: "",
         }
     }
-}
-
-fn flush<D: BlockIo + ?Sized>(dev: &mut D) -> Result<(), Error<D::Error>> {
-    dev.flush().map_err(|source| Error::Io {
-        source,
-        structure: Structure::Device,
-        offset: 0,
-    })
 }
 
 fn corrupt<E>(p: Luks2Problem) -> Error<E> {
@@ -470,54 +464,11 @@ fn write_slot<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         u32::try_from(kb).map_err(|_| Error::Unsupported(Unsupported::KeyTooLarge(u32::MAX)))?;
     let len = area_len(key_size);
     let offset = free_area(meta, hdr_size, len).ok_or(Error::NoFreeKeySlot)?;
-    let mut slot_key = Zeroizing::new([0u8; MAX_KEY_BYTES]);
-    let sk = slot_key
-        .get_mut(..kb)
-        .ok_or(Error::Unsupported(Unsupported::KeyTooLarge(key_size)))?;
-    let kdf_rec = derive_new(kdf, passphrase, sk, rng)?;
     let (cn, cm) = split_spec(encryption);
-    let cipher = SectorCipher::new(cn, cm, sk, 512);
-    drop(slot_key);
-    let cipher = cipher.map_err(PureError::widen)?;
+    let (cipher, kdf_rec) = slot_cipher(cn, cm, kb, |sk| derive_new(kdf, passphrase, sk, rng))?;
     let mut af = AfState::new(af_hash, kb, STRIPES);
-    let total = af.material_len().div_ceil(512).saturating_mul(512);
     let st = Structure::KeyMaterial(id);
-    let mut buf = Zeroizing::new([0u8; CHUNK]);
-    let mut stripe = Zeroizing::new([0u8; MAX_KEY_BYTES]);
-    let (mut produced, mut fill, mut pending, mut done) = (0u32, 0usize, 0usize, 0u64);
-    let mut rng_ok = true;
-    while done < total {
-        let n = io::chunk_len(total.saturating_sub(done), CHUNK);
-        while fill < n {
-            if pending == 0 {
-                if produced < STRIPES {
-                    rng_ok &= af.next_stripe(vk.as_bytes(), &mut stripe[..kb], |b| {
-                        rng.try_fill_bytes(b).is_ok()
-                    });
-                    produced = produced.saturating_add(1);
-                    pending = kb;
-                } else {
-                    buf[fill..n].fill(0);
-                    break;
-                }
-            }
-            let from = kb.saturating_sub(pending);
-            let take = pending.min(n.saturating_sub(fill));
-            buf[fill..fill.saturating_add(take)]
-                .copy_from_slice(&stripe[from..from.saturating_add(take)]);
-            fill = fill.saturating_add(take);
-            pending = pending.saturating_sub(take);
-        }
-        if !rng_ok {
-            return Err(Error::Rng);
-        }
-        cipher
-            .encrypt_sectors(done / 512, &mut buf[..n])
-            .map_err(PureError::widen)?;
-        write(dev, st, offset.saturating_add(done), &buf[..n])?;
-        done = done.saturating_add(n as u64);
-        fill = 0;
-    }
+    write_material(dev, st, offset, &cipher, &mut af, vk, rng)?;
     // The key material is on the medium before a header names it.
     flush(dev)?;
     let ks = Keyslot {

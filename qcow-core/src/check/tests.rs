@@ -10,6 +10,7 @@ extern crate alloc;
 
 use super::*;
 use crate::create::{create, CreateOptions};
+use crate::error::Unsupported;
 use alloc::format;
 use alloc::string::ToString;
 use luks_core::io::VecDevice;

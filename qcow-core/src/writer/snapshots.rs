@@ -113,16 +113,8 @@ where
 {
     /// The snapshot table, in order.
     pub fn snapshots(&mut self) -> Result<Vec<SnapshotEntry>, Error<D::Error>> {
+        self.hdr.check_snapshot_limit()?;
         let n = self.hdr.nb_snapshots;
-        if n > MAX_SNAPSHOTS {
-            return Err(Error::Limit {
-                structure: Structure::SnapshotTable,
-                offset: self.hdr.snapshots_offset,
-                limit: Limit::Snapshots,
-                value: u64::from(n),
-                max: u64::from(MAX_SNAPSHOTS),
-            });
-        }
         let mut out = Vec::new();
         let mut off = self.hdr.snapshots_offset;
         for _ in 0..n {
@@ -185,15 +177,13 @@ where
                 max: u64::from(MAX_SNAPSHOTS),
             });
         }
-        if s.name.len() > MAX_SNAPSHOT_NAME_LEN {
-            return Err(Error::Limit {
-                structure: Structure::SnapshotTable,
-                offset: self.hdr.snapshots_offset,
-                limit: Limit::SnapshotNameLength,
-                value: s.name.len() as u64,
-                max: MAX_SNAPSHOT_NAME_LEN as u64,
-            });
-        }
+        Error::check_limit(
+            Structure::SnapshotTable,
+            self.hdr.snapshots_offset,
+            Limit::SnapshotNameLength,
+            s.name.len() as u64,
+            MAX_SNAPSHOT_NAME_LEN as u64,
+        )?;
         // The next id: one past the largest numeric id.
         let next = list
             .iter()
@@ -345,15 +335,13 @@ where
     /// Reads a snapshot's L1 table (COPIED flags as stored).
     fn read_snapshot_l1(&mut self, sn: &SnapshotEntry) -> Result<Vec<u64>, Error<D::Error>> {
         let n = sn.fixed.l1_size;
-        if n > crate::limits::MAX_L1_ENTRIES {
-            return Err(Error::Limit {
-                structure: Structure::SnapshotL1Table,
-                offset: sn.fixed.l1_offset,
-                limit: Limit::L1Entries,
-                value: u64::from(n),
-                max: u64::from(crate::limits::MAX_L1_ENTRIES),
-            });
-        }
+        Error::check_limit(
+            Structure::SnapshotL1Table,
+            sn.fixed.l1_offset,
+            Limit::L1Entries,
+            u64::from(n),
+            u64::from(crate::limits::MAX_L1_ENTRIES),
+        )?;
         if n != 0 && !sn.fixed.l1_offset.is_multiple_of(self.cs()) {
             return Err(overflow(Structure::SnapshotL1Table, sn.fixed.l1_offset));
         }
