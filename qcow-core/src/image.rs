@@ -1247,6 +1247,11 @@ where
                 given: self.st.cin.len(),
             });
         }
+        let intra = usize::try_from(g & (cs as u64).wrapping_sub(1)).unwrap_or(0);
+        // A whole cluster asked for (as a copy does) is decoded straight
+        // into the caller's buffer; a part goes through `cout`, which keeps
+        // the cluster for the next part.
+        let whole = intra == 0 && chunk.len() == cs;
         if self.st.cout_tag != Some(d.host) {
             self.st.cout_tag = None;
             let aligned = d.host & !(SECTOR - 1);
@@ -1266,11 +1271,12 @@ where
             self.dev
                 .read_at(aligned, cin)
                 .map_err(io(Structure::CompressedCluster, aligned))?;
-            match decompress(
-                self.st.info.header.compression_type,
-                &cin[skip..],
-                &mut self.st.cout[..cs],
-            ) {
+            let out = if whole {
+                &mut chunk[..]
+            } else {
+                &mut self.st.cout[..cs]
+            };
+            match decompress(self.st.info.header.compression_type, &cin[skip..], out) {
                 Ok(()) => {}
                 Err(DecompressError::ZstdWithoutAlloc) => {
                     return Err(Error::Unsupported(Unsupported::ZstdWithoutAlloc))
@@ -1286,9 +1292,11 @@ where
                     ))
                 }
             }
+            if whole {
+                return Ok(());
+            }
             self.st.cout_tag = Some(d.host);
         }
-        let intra = usize::try_from(g & (cs as u64).wrapping_sub(1)).unwrap_or(0);
         let src = self
             .st
             .cout

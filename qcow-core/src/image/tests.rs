@@ -157,3 +157,71 @@ fn byte_flips_never_panic() {
         let _ = q.for_each_bitmap(|_| false);
     }
 }
+
+/// Compressed clusters read the same whole (decoded straight into the
+/// caller's buffer), in parts (through the cluster buffer, which keeps the
+/// last cluster), straddling two clusters, and after a part of another.
+#[cfg(feature = "alloc")]
+#[test]
+fn compressed_clusters_read_whole_and_in_parts() {
+    extern crate std;
+    use std::vec::Vec;
+    let cs = 4096usize;
+    let clusters = 6usize;
+    let size = (clusters * cs) as u64 + 1536; // a partial last cluster
+    let opts = crate::create::CreateOptions {
+        size,
+        cluster_size: cs as u64,
+        ..crate::create::CreateOptions::default()
+    };
+    let mut w = crate::create::create(luks_core::io::VecDevice::new(), &opts).unwrap();
+    let want: Vec<u8> = (0..size as usize)
+        .map(|i| ((i / 7) % 251) as u8 ^ ((i / cs) as u8).wrapping_mul(37))
+        .collect();
+    for c in 0..=clusters {
+        let end = ((c + 1) * cs).min(want.len());
+        let mut data = want[c * cs..end].to_vec();
+        data.resize(cs, 0);
+        w.write_compressed(c as u64, &data).unwrap();
+    }
+    let img = w.close().unwrap();
+    let bytes = img.as_slice().to_vec();
+    let mut cache = [0u8; 4096];
+    let mut cin = [0u8; 8192];
+    let mut cout = [0u8; 4096];
+    let mut q = Qcow2::open(MemDevice::read_only(&bytes), &mut cache)
+        .unwrap()
+        .with_compression_buffers(&mut cin, &mut cout);
+    assert!(matches!(
+        q.map(0, 4096).unwrap().kind,
+        MapKind::Compressed(_)
+    ));
+    let mut all = std::vec![0u8; size as usize];
+    q.read(0, &mut all).unwrap();
+    assert!(all == want, "one read of everything");
+    // (offset, length) in order: parts, whole clusters after a part of
+    // another, straddles, the partial last cluster.
+    let reads = [
+        (512u64, 1024usize),
+        (0, 4096),
+        (1536, 512),
+        (4096, 4096),
+        (3584, 1024),
+        (8192, 512),
+        (8192, 4096),
+        (12288, 8192),
+        (20480, 4096 + 1536),
+        (24576, 512),
+        // A whole cluster between parts of two others must not leave the
+        // cluster buffer claiming it.
+        (0, 512),
+        (16384, 4096),
+        (16384 + 1024, 512),
+    ];
+    for (off, len) in reads {
+        let mut b = std::vec![0u8; len];
+        q.read(off, &mut b).unwrap();
+        let o = off as usize;
+        assert!(b[..] == want[o..o + len], "read of {len} at {off}");
+    }
+}
