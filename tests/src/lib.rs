@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 pub mod fuzzing;
+pub mod powercut;
 pub mod qemu;
 
 use sha2::{Digest, Sha256};
