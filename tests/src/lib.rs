@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod cryptsetup;
 pub mod fuzzing;
 pub mod powercut;
 pub mod qemu;
@@ -101,6 +102,23 @@ pub fn assert_ok(cmd: &Command, out: &Output) {
     );
 }
 
+/// Runs `cmd` expecting it to fail; returns its standard error.
+pub fn run_fails(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{cmd:?} should fail\n{err}");
+    err
+}
+
+/// Creates (or truncates) `path` as a sparse file of `len` bytes.
+pub fn sparse_file(path: &Path, len: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(len))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
 /// The `qimg` binary of this workspace, built on first use.
 pub fn qimg_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -124,6 +142,65 @@ pub fn qimg_bin() -> PathBuf {
 /// A `Command` for the built `qimg`.
 pub fn qimg() -> Command {
     Command::new(qimg_bin())
+}
+
+/// `qimg luks VERB EXTRA [--key-file KEY] VOL [ARG]`: the cryptsetup-style
+/// key verbs (`add-key`, `change-key`, `remove-key`), to be run by the
+/// caller.
+pub fn qimg_luks(
+    verb: &str,
+    extra: &[&str],
+    key: Option<&Path>,
+    vol: &Path,
+    arg: Option<&Path>,
+) -> Command {
+    let mut c = qimg();
+    c.args(["luks", verb]).args(extra);
+    if let Some(k) = key {
+        c.arg("--key-file").arg(k);
+    }
+    c.arg(vol);
+    if let Some(a) = arg {
+        c.arg(a);
+    }
+    c
+}
+
+/// `qimg luks header-backup --header-backup-file TO VOL`, to be run by the
+/// caller.
+pub fn qimg_header_backup(vol: &Path, to: &Path) -> Command {
+    let mut c = qimg();
+    c.args(["luks", "header-backup", "--header-backup-file"])
+        .arg(to)
+        .arg(vol);
+    c
+}
+
+/// `qimg luks header-restore -q --header-backup-file FROM VOL`, to be run
+/// by the caller.
+pub fn qimg_header_restore(vol: &Path, from: &Path) -> Command {
+    let mut c = qimg();
+    c.args(["luks", "header-restore", "-q", "--header-backup-file"])
+        .arg(from)
+        .arg(vol);
+    c
+}
+
+/// `qimg create -q -f luks --key-file KEY -o OPTS VOL SIZE`, checked.
+pub fn qimg_create_luks(vol: &Path, key: &Path, opts: &str, size: &str) {
+    run_ok(
+        qimg()
+            .args(["create", "-q", "-f", "luks", "--key-file"])
+            .arg(key)
+            .args(["-o", opts])
+            .arg(vol)
+            .arg(size),
+    );
+}
+
+/// `qimg luks dump --output json VOL`.
+pub fn qimg_luks_dump(vol: &Path) -> serde_json::Value {
+    json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(vol))
 }
 
 /// Lower-case hex SHA-256 of `data`.

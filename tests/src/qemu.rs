@@ -67,17 +67,65 @@ impl Qemu {
     /// string defining the secret with id `s0`, and `extra` qemu-img's
     /// `--image-opts` additions (such as `header.filename=...`).
     pub fn decrypt_to_raw(&self, secret: &str, driver: &str, img: &Path, extra: &str, out: &Path) {
+        run_ok(&mut self.decrypt_cmd(secret, driver, img, extra, out));
+    }
+
+    /// The command [`decrypt_to_raw`](Self::decrypt_to_raw) runs, for a
+    /// caller that expects it to fail.
+    pub fn decrypt_cmd(
+        &self,
+        secret: &str,
+        driver: &str,
+        img: &Path,
+        extra: &str,
+        out: &Path,
+    ) -> Command {
         let mut opts = encrypted_image_opts(driver, img);
         if !extra.is_empty() {
             opts.push(',');
             opts.push_str(extra);
         }
-        run_ok(
-            Command::new(&self.img)
-                .args(["convert", "-O", "raw", "--object", secret, "--image-opts"])
-                .arg(opts)
-                .arg(out),
+        let mut c = self.encrypted(&["convert", "-O", "raw"], secret, &opts);
+        c.arg(out);
+        c
+    }
+
+    /// `qemu-img ARGS --object SECRET --image-opts OPTS`, to be completed
+    /// and run by the caller; `opts` as from [`encrypted_image_opts`].
+    pub fn encrypted(&self, args: &[&str], secret: &str, opts: &str) -> Command {
+        let mut c = Command::new(&self.img);
+        c.args(args)
+            .args(["--object", secret, "--image-opts"])
+            .arg(opts);
+        c
+    }
+
+    /// `qemu-img check` of an encrypted image (`driver` as in
+    /// [`encrypted_image_opts`]) unlocked by `secret`: exit 0, and no
+    /// corruptions, leaks or check errors.
+    pub fn assert_encrypted_clean(&self, secret: &str, driver: &str, img: &Path) {
+        let opts = encrypted_image_opts(driver, img);
+        let out = self
+            .encrypted(&["check", "--output=json"], secret, &opts)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: qemu-img check: {v} {}",
+            img.display(),
+            String::from_utf8_lossy(&out.stderr)
         );
+        // qemu-img leaves zero counts out of its JSON.
+        for key in ["corruptions", "leaks", "check-errors"] {
+            assert_eq!(
+                v.get(key).map_or(0, |n| n.as_u64().unwrap()),
+                0,
+                "{}: {key}: {v}",
+                img.display()
+            );
+        }
     }
 
     /// `qemu-img info --output=json`.
