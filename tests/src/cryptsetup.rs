@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{qimg_header_backup, run_ok, tool};
+use crate::{qimg, qimg_header_backup, run_ok, tool};
 
 /// The installed cryptsetup.
 pub struct Cryptsetup {
@@ -145,5 +145,14 @@ impl Cryptsetup {
             vol.display()
         );
         a
+    }
+
+    /// Asserts that `qimg luks dump` prints what `cryptsetup luksDump`
+    /// prints for `vol`, and returns that text.
+    pub fn assert_same_dump(&self, vol: &Path) -> String {
+        let theirs = self.dump(vol);
+        let ours = String::from_utf8(run_ok(qimg().args(["luks", "dump"]).arg(vol))).unwrap();
+        assert_eq!(ours, theirs, "{}: luks dump", vol.display());
+        ours
     }
 }

@@ -198,6 +198,19 @@ pub fn qimg_create_luks(vol: &Path, key: &Path, opts: &str, size: &str) {
     );
 }
 
+/// `qimg convert -f luks -O raw --key-file KEY [--header HEADER] VOL OUT`,
+/// to be run by the caller.
+pub fn qimg_luks_to_raw(vol: &Path, header: Option<&Path>, key: &Path, out: &Path) -> Command {
+    let mut c = qimg();
+    c.args(["convert", "-f", "luks", "-O", "raw", "--key-file"])
+        .arg(key);
+    if let Some(h) = header {
+        c.arg("--header").arg(h);
+    }
+    c.arg(vol).arg(out);
+    c
+}
+
 /// `qimg luks dump --output json VOL`.
 pub fn qimg_luks_dump(vol: &Path) -> serde_json::Value {
     json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(vol))
