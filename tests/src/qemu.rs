@@ -48,6 +48,40 @@ impl Qemu {
         run_ok(cmd.arg(path));
     }
 
+    /// `qemu-img create -q -f qcow2 --object SECRET EXTRA -o OPTS PATH
+    /// [SIZE]`: an encrypted qcow2 image (no size: the backing file's,
+    /// named in `extra`).
+    pub fn create_encrypted(
+        &self,
+        path: &Path,
+        secret: &str,
+        opts: &str,
+        extra: &[&str],
+        size: &str,
+    ) {
+        let mut cmd = Command::new(&self.img);
+        cmd.args(["create", "-q", "-f", "qcow2", "--object", secret])
+            .args(extra)
+            .args(["-o", opts])
+            .arg(path);
+        if !size.is_empty() {
+            cmd.arg(size);
+        }
+        run_ok(&mut cmd);
+    }
+
+    /// Runs qemu-io commands on an encrypted image (`driver` as in
+    /// [`encrypted_image_opts`]) unlocked by `secret`.
+    pub fn io_encrypted(&self, secret: &str, driver: &str, img: &Path, cmds: &[&str]) {
+        let mut cmd = Command::new(&self.io);
+        cmd.args(["--object", secret, "--image-opts"])
+            .arg(encrypted_image_opts(driver, img));
+        for c in cmds {
+            cmd.args(["-c", c]);
+        }
+        run_ok(&mut cmd);
+    }
+
     /// Writes the file `src` into the image at `offset` with qemu-io.
     pub fn write_file(&self, path: &Path, fmt: &str, offset: u64, src: &Path) {
         let len = std::fs::metadata(src).unwrap().len();
