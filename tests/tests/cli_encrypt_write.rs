@@ -4,13 +4,12 @@
 //! encrypted with host-offset IVs.
 
 use std::path::Path;
-use std::process::Command;
 
 use luks_core::io::{BlockIo, FileDevice};
 use qcow_core::crypto::ImageKey;
 use qcow_core::{Decryptor, MapKind, Qcow2, Qcow2Writer};
-use qimg_tests::qemu::{pattern, write_tmp, Qemu};
-use qimg_tests::{qimg, run_ok, sha256_file};
+use qimg_tests::qemu::{encrypted_image_opts, pattern, write_tmp, Qemu};
+use qimg_tests::{json_of, qimg, run_ok, sha256_file};
 
 const PW: &str = "correct horse battery staple";
 
@@ -19,53 +18,13 @@ fn secret() -> String {
 }
 
 fn image_opts(img: &Path) -> String {
-    format!(
-        "driver=qcow2,encrypt.key-secret=s0,file.filename={}",
-        img.display()
-    )
+    encrypted_image_opts("qcow2", img)
 }
 
+/// qemu-img checks the image clean and sees a LUKS-encrypted image.
 fn check_clean(q: &Qemu, img: &Path) {
-    let out = Command::new(&q.img)
-        .args([
-            "check",
-            "--output=json",
-            "--object",
-            &secret(),
-            "--image-opts",
-        ])
-        .arg(image_opts(img))
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}: qemu-img check: {v} {}",
-        img.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // qemu-img leaves zero counts out of its JSON.
-    for key in ["corruptions", "leaks", "check-errors"] {
-        assert_eq!(
-            v.get(key).map_or(0, |n| n.as_u64().unwrap()),
-            0,
-            "{key}: {v}"
-        );
-    }
-    let info = Command::new(&q.img)
-        .args([
-            "info",
-            "--output=json",
-            "--object",
-            &secret(),
-            "--image-opts",
-        ])
-        .arg(image_opts(img))
-        .output()
-        .unwrap();
-    assert!(info.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    q.assert_encrypted_clean(&secret(), "qcow2", img);
+    let v = json_of(&mut q.encrypted(&["info", "--output=json"], &secret(), &image_opts(img)));
     assert_eq!(v["encrypted"], true, "{v}");
     assert_eq!(v["format-specific"]["data"]["encrypt"]["format"], "luks");
 }
@@ -219,27 +178,9 @@ fn snapshot_copies_use_different_ivs() {
             .arg(&img)
             .arg("1M"),
     );
-    let qemu_io = |cmd: &str| {
-        run_ok(
-            Command::new(&q.io)
-                .args(["--object", &secret(), "--image-opts"])
-                .arg(image_opts(&img))
-                .args(["-c", cmd]),
-        );
-    };
+    let qemu_io = |cmd: &str| q.io_encrypted(&secret(), "qcow2", &img, &[cmd]);
     qemu_io("write -P 0x55 0 64k");
-    run_ok(
-        Command::new(&q.img)
-            .args([
-                "snapshot",
-                "--object",
-                &secret(),
-                "--image-opts",
-                "-c",
-                "s1",
-            ])
-            .arg(image_opts(&img)),
-    );
+    run_ok(&mut q.encrypted(&["snapshot", "-c", "s1"], &secret(), &image_opts(&img)));
     qemu_io("write -P 0x55 0 64k");
     check_clean(&q, &img);
 
@@ -398,12 +339,12 @@ fn partial_writes_copy_on_write_across_encrypted_and_plain_layers() {
         w.close().unwrap();
     }
     // qemu-img opens the backing file to check, so it needs its key.
-    let out = Command::new(&q.img)
-        .args(["check", "--object", &secret(), "--image-opts"])
-        .arg(format!(
-            "driver=qcow2,file.filename={},backing.encrypt.key-secret=s0",
-            top2.display()
-        ))
+    let backing_opts = format!(
+        "driver=qcow2,file.filename={},backing.encrypt.key-secret=s0",
+        top2.display()
+    );
+    let out = q
+        .encrypted(&["check"], &secret(), &backing_opts)
         .output()
         .unwrap();
     assert!(
@@ -413,19 +354,7 @@ fn partial_writes_copy_on_write_across_encrypted_and_plain_layers() {
     );
     let out = d.join("b.raw");
     run_ok(
-        Command::new(&q.img)
-            .args([
-                "convert",
-                "-O",
-                "raw",
-                "--object",
-                &secret(),
-                "--image-opts",
-            ])
-            .arg(format!(
-                "driver=qcow2,file.filename={},backing.encrypt.key-secret=s0",
-                top2.display()
-            ))
+        q.encrypted(&["convert", "-O", "raw"], &secret(), &backing_opts)
             .arg(&out),
     );
     assert!(
@@ -447,21 +376,7 @@ fn convert_into_an_existing_encrypted_image() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let img = d.join("dst.qcow2");
-    run_ok(
-        Command::new(&q.img)
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "--object",
-                &secret(),
-                "-o",
-                &enc_opts(""),
-            ])
-            .arg(&img)
-            .arg("4M"),
-    );
+    q.create_encrypted(&img, &secret(), &enc_opts(""), &[], "4M");
     let data = pattern(3 << 20, 19, 5);
     let src = write_tmp(d, "src.raw", &data);
     run_ok(
