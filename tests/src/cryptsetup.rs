@@ -155,4 +155,30 @@ impl Cryptsetup {
         assert_eq!(ours, theirs, "{}: luks dump", vol.display());
         ours
     }
+
+    /// The volume key (lower-case hex) that `cryptsetup luksDump
+    /// --dump-volume-key` reads from `vol` (header `header`) with `key`.
+    pub fn volume_key(&self, vol: &Path, header: Option<&Path>, key: &Path) -> String {
+        let mut cmd = self.command(&["luksDump", "-q", "--dump-volume-key", "--key-file"]);
+        cmd.arg(key).arg(header.unwrap_or(vol));
+        let out = String::from_utf8(run_ok(&mut cmd)).unwrap();
+        // "MK dump:" / "Volume key:" followed by hex bytes over several lines.
+        let mut hexs = String::new();
+        let mut on = false;
+        for line in out.lines() {
+            if line.contains("MK dump:") || line.contains("key:") && line.starts_with("Volume") {
+                on = true;
+                hexs.push_str(line.split(':').nth(1).unwrap_or(""));
+                continue;
+            }
+            if on {
+                if line.starts_with(char::is_whitespace) && !line.trim().is_empty() {
+                    hexs.push_str(line);
+                } else {
+                    break;
+                }
+            }
+        }
+        hexs.split_whitespace().collect()
+    }
 }
