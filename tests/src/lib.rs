@@ -139,6 +139,32 @@ pub fn qimg_bin() -> PathBuf {
     .clone()
 }
 
+/// Runs the built `qimg` with the (shell-quoted) arguments `args` on a
+/// pseudo-terminal, through `script` (util-linux), fed `input`; returns
+/// whether it succeeded and what it printed (the terminal's echo included).
+pub fn qimg_on_pty(script: &Path, args: &str, input: &str) -> (bool, String) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let cmd = format!("{} {args}", qimg_bin().display());
+    let mut child = Command::new(script)
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 /// A `Command` for the built `qimg`.
 pub fn qimg() -> Command {
     Command::new(qimg_bin())

@@ -12,7 +12,7 @@ use qimg_tests::cryptsetup::Cryptsetup;
 use qimg_tests::qemu::{pattern, write_tmp, Qemu};
 use qimg_tests::{
     json_of, qimg, qimg_create_luks, qimg_header_backup, qimg_header_restore, qimg_luks,
-    qimg_luks_dump, run_fails as fails, run_ok, sha256_file, sparse_file, tool,
+    qimg_luks_dump, qimg_on_pty, run_fails as fails, run_ok, sha256_file, sparse_file, tool,
 };
 
 /// The passphrases used here; `s{i}` is the secret id of `PASS[i]`.
@@ -553,27 +553,7 @@ fn new_keys_are_asked_twice_on_a_terminal() {
     let k0 = key_file(d, 0);
     qimg_create_luks(&vol, &k0, "iter-time=10", "1M");
     // `script` runs qimg on a pseudo-terminal fed from our standard input.
-    let under_pty_cmd = |args: &str, input: &str| {
-        let cmd = format!("{} {args}", qimg_tests::qimg_bin().display());
-        let mut child = Command::new(&script)
-            .args(["-qec", &cmd, "/dev/null"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
+    let under_pty_cmd = |args: &str, input: &str| qimg_on_pty(&script, args, input);
     let add = format!(
         "luks add-key -i 10 --key-file {} {}",
         k0.display(),
