@@ -52,6 +52,11 @@ struct Maker<'a> {
 impl Maker<'_> {
     fn add(&mut self, name: &str, bytes: &[u8], want: Want, says: &'static str) {
         let path = write_tmp(self.dir, &format!("{name}.img"), bytes);
+        self.add_file(name, path, want, says);
+    }
+
+    /// An image already at `path`.
+    fn add_file(&mut self, name: &str, path: PathBuf, want: Want, says: &'static str) {
         self.cases.push(Case {
             name: name.into(),
             path,
@@ -264,51 +269,21 @@ fn qcow2_cases(m: &mut Maker<'_>, q: &Qemu) {
     });
     // Backing chains that loop: the image itself opens (qemu-img info
     // shows it too), reading through the chain is refused.
+    let rebase_unsafe = |img: &Path, backing: &Path| {
+        let (img, backing) = (img.to_str().unwrap(), backing.to_str().unwrap());
+        q.img(&["rebase", "-u", "-F", "qcow2", "-b", backing, img]);
+    };
     let me = dir.join("loop-self.qcow2");
     q.create(&me, "qcow2", "cluster_size=4096", "1M");
-    q.img(&[
-        "rebase",
-        "-u",
-        "-F",
-        "qcow2",
-        "-b",
-        me.to_str().unwrap(),
-        me.to_str().unwrap(),
-    ]);
-    m.cases.push(Case {
-        name: "backing-names-itself".into(),
-        path: me,
-        want: ReadError,
-        says: "backing",
-    });
+    rebase_unsafe(&me, &me);
+    m.add_file("backing-names-itself", me, ReadError, "backing");
     let a = dir.join("loop-a.qcow2");
     let bb = dir.join("loop-b.qcow2");
     q.create(&a, "qcow2", "cluster_size=4096", "1M");
     q.create(&bb, "qcow2", "cluster_size=4096", "1M");
-    q.img(&[
-        "rebase",
-        "-u",
-        "-F",
-        "qcow2",
-        "-b",
-        bb.to_str().unwrap(),
-        a.to_str().unwrap(),
-    ]);
-    q.img(&[
-        "rebase",
-        "-u",
-        "-F",
-        "qcow2",
-        "-b",
-        a.to_str().unwrap(),
-        bb.to_str().unwrap(),
-    ]);
-    m.cases.push(Case {
-        name: "backing-loop-of-two".into(),
-        path: a,
-        want: ReadError,
-        says: "backing",
-    });
+    rebase_unsafe(&a, &bb);
+    rebase_unsafe(&bb, &a);
+    m.add_file("backing-loop-of-two", a, ReadError, "backing");
 }
 
 fn luks_cases(m: &mut Maker<'_>) {
@@ -325,12 +300,7 @@ fn luks_cases(m: &mut Maker<'_>) {
             return;
         };
         let p = unxz(&src, &dir);
-        m.cases.push(Case {
-            name: f.trim_end_matches(".xz").into(),
-            path: p,
-            want,
-            says: "",
-        });
+        m.add_file(f.trim_end_matches(".xz"), p, want, "");
     }
     let Some(cs) = Cryptsetup::find() else {
         return;
