@@ -243,6 +243,37 @@ pub fn qimg_luks_dump(vol: &Path) -> serde_json::Value {
     json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(vol))
 }
 
+/// A temporary folder on tmpfs (`/dev/shm`) when there is one, else in
+/// the default place: the writers flush often, and fsync on a real disk
+/// makes the write and crash tests slow.
+pub fn tmpfs_tempdir() -> tempfile::TempDir {
+    if Path::new("/dev/shm").is_dir() {
+        if let Ok(d) = tempfile::tempdir_in("/dev/shm") {
+            return d;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
+/// The xorshift64 generator the write workloads draw from (seed non-zero).
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// The next value.
+    #[allow(clippy::should_implement_trait)] // not an iterator: it never ends
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// The next value below `n` (0 for `n` = 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
 /// Lower-case hex SHA-256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex(&Sha256::digest(data))

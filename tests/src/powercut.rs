@@ -315,17 +315,6 @@ pub fn cut_points(mutations: u64, cuts: u64) -> Vec<u64> {
         .collect()
 }
 
-/// A temporary folder in `/dev/shm` where there is one (the crash tests
-/// write an image per cut point), else in `/tmp`.
-pub fn scratch_dir() -> tempfile::TempDir {
-    tempfile::tempdir_in(if Path::new("/dev/shm").is_dir() {
-        "/dev/shm"
-    } else {
-        "/tmp"
-    })
-    .unwrap()
-}
-
 /// The guest content of qcow2 image `img` (of snapshot `snapshot` when
 /// given, `None` when no snapshot has that name), read by qcow-core.
 pub fn read_guest(img: &[u8], size: u64, snapshot: Option<&str>) -> Option<Vec<u8>> {
@@ -342,13 +331,6 @@ pub fn read_guest(img: &[u8], size: u64, snapshot: Option<&str>) -> Option<Vec<u
     let mut out = vec![0u8; size as usize];
     r.read(0, &mut out).unwrap();
     Some(out)
-}
-
-/// `qemu-img check` of the image at `path` must find neither errors nor
-/// leaks (exit 0).
-pub fn assert_qemu_clean(q: &Qemu, path: &Path, what: &str) {
-    let (code, json) = q.check(path);
-    assert_eq!(code, 0, "{what}: no errors and no leaks: {json}");
 }
 
 /// `qemu-img check` of the image at `path` after a cut: no check errors,

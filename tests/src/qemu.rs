@@ -144,21 +144,30 @@ impl Qemu {
             .output()
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}: qemu-img check: {v} {}",
+        let what = format!(
+            "{} ({})",
             img.display(),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr).trim()
         );
-        // qemu-img leaves zero counts out of its JSON.
-        for key in ["corruptions", "leaks", "check-errors"] {
-            assert_eq!(
-                v.get(key).map_or(0, |n| n.as_u64().unwrap()),
-                0,
-                "{}: {key}: {v}",
-                img.display()
-            );
+        assert_no_findings(out.status.code().unwrap_or(-1), &v, &what);
+    }
+
+    /// `qemu-img check` of the image at `path`: exit 0, and no
+    /// corruptions, leaks or check errors.
+    pub fn assert_clean(&self, path: &Path, what: &str) {
+        let (code, v) = self.check(path);
+        assert_no_findings(code, &v, what);
+    }
+
+    /// qemu-img's raw conversion of the image at `path` (written into
+    /// `dir`) is exactly `model`.
+    pub fn assert_content(&self, path: &Path, dir: &Path, model: &[u8], what: &str) {
+        let raw = dir.join("out.raw");
+        self.to_raw(path, &raw, &[]);
+        let got = std::fs::read(&raw).unwrap();
+        assert_eq!(got.len(), model.len(), "{what}: size");
+        if let Some(i) = got.iter().zip(model).position(|(a, b)| a != b) {
+            panic!("{what}: content differs first at byte {i}");
         }
     }
 
@@ -189,6 +198,20 @@ impl Qemu {
             .unwrap();
         let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
         (out.status.code().unwrap_or(-1), v)
+    }
+}
+
+/// A `qemu-img check --output=json` verdict of exit 0 with no
+/// corruptions, leaks or check errors (qemu-img leaves zero counts out of
+/// its JSON).
+fn assert_no_findings(code: i32, v: &serde_json::Value, what: &str) {
+    assert_eq!(code, 0, "{what}: qemu-img check exit {code}: {v}");
+    for key in ["corruptions", "leaks", "check-errors"] {
+        assert_eq!(
+            v.get(key).map_or(0, |n| n.as_u64().unwrap()),
+            0,
+            "{what}: {key}: {v}"
+        );
     }
 }
 

@@ -14,11 +14,9 @@
 
 use qcow_core::create::{create, CreateOptions};
 use qcow_core::io::VecDevice;
-use qimg_tests::powercut::{
-    assert_qemu_clean, cut_points, qemu_check, read_guest, run_workload, scratch_dir, Spec,
-    Workload,
-};
+use qimg_tests::powercut::{cut_points, qemu_check, read_guest, run_workload, Spec, Workload};
 use qimg_tests::qemu::Qemu;
+use qimg_tests::tmpfs_tempdir;
 
 const SIZE: u64 = 4 << 20;
 const CLUSTER: u64 = 512;
@@ -84,7 +82,7 @@ fn power_cut_at_any_mutation_leaves_a_consistent_image() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("full.qcow2");
         std::fs::write(&p, full).unwrap();
-        assert_qemu_clean(q, &p, "uncut run");
+        q.assert_clean(&p, "uncut run");
     }
     eprintln!(
         "crash test: {} ops, {n} device mutations, cut every {}th",
@@ -97,7 +95,7 @@ fn power_cut_at_any_mutation_leaves_a_consistent_image() {
         for drop_unflushed in [false, true] {
             let (base, work, q, checks, cuts) = (&base, &work, &q, &checks, &cuts);
             s.spawn(move || {
-                let dir = scratch_dir();
+                let dir = tmpfs_tempdir();
                 let p = dir.path().join("crash.qcow2");
                 let mut i = 0u64;
                 // Every stride-th mutation, the last one, and every one

@@ -15,10 +15,9 @@ use std::rc::Rc;
 use qcow_core::create::{create, CreateOptions};
 use qcow_core::io::VecDevice;
 use qcow_core::{BlockIo, Qcow2, Qcow2Writer};
-use qimg_tests::powercut::{
-    assert_qemu_clean, cut_points, qemu_check, scratch_dir, Spec, Workload,
-};
+use qimg_tests::powercut::{cut_points, qemu_check, Spec, Workload};
 use qimg_tests::qemu::Qemu;
+use qimg_tests::tmpfs_tempdir;
 
 const SIZE: u64 = 2 << 20;
 const CLUSTER: u64 = 512;
@@ -215,7 +214,7 @@ fn power_cut_with_an_external_data_file_leaves_a_consistent_image() {
     let work = workload();
     let mut total = 0u64;
     for raw in [false, true] {
-        let dir = scratch_dir();
+        let dir = tmpfs_tempdir();
         let img_path = dir.path().join("crash.qcow2");
         let data_path = dir.path().join("crash.data");
         let base = fresh(data_path.to_str().unwrap(), raw);
@@ -229,7 +228,7 @@ fn power_cut_with_an_external_data_file_leaves_a_consistent_image() {
         if let Some(q) = &q {
             std::fs::write(&img_path, &img).unwrap();
             std::fs::write(&data_path, &data).unwrap();
-            assert_qemu_clean(q, &img_path, "uncut run");
+            q.assert_clean(&img_path, "uncut run");
         }
         for drop_unflushed in [false, true] {
             for (i, k) in cut_points(n, CUTS).into_iter().enumerate() {

@@ -21,7 +21,7 @@ use qcow_core::io::VecDevice;
 use qcow_core::writer::snapshots::NewSnapshot;
 use qcow_core::{BlockIo, Qcow2Writer};
 use qimg_tests::powercut::{
-    assert_qemu_clean, cut_points, qemu_check, read_guest, run_cut, run_workload, Spec, Workload,
+    cut_points, qemu_check, read_guest, run_cut, run_workload, Spec, Workload,
 };
 use qimg_tests::qemu::{pattern, Qemu};
 
@@ -104,7 +104,7 @@ fn power_cut_while_writing_over_a_snapshot() {
     if let Some(q) = &q {
         let p = dir.path().join("full.qcow2");
         std::fs::write(&p, full).unwrap();
-        assert_qemu_clean(q, &p, "uncut run");
+        q.assert_clean(&p, "uncut run");
     }
     let mut validated = 0;
     for drop in [false, true] {
@@ -183,7 +183,7 @@ fn power_cut_during_snapshot_operations() {
     if let Some(q) = &q {
         let p = dir.path().join("full.qcow2");
         std::fs::write(&p, &full).unwrap();
-        assert_qemu_clean(q, &p, "uncut");
+        q.assert_clean(&p, "uncut");
     }
     let p = dir.path().join("crash.qcow2");
     let mut copied_windows = 0;
