@@ -1,5 +1,6 @@
 //! Building test images with the real qemu-img and qemu-io.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -134,29 +135,49 @@ impl Qemu {
         c
     }
 
-    /// `qemu-img check` of an encrypted image (`driver` as in
-    /// [`encrypted_image_opts`]) unlocked by `secret`: exit 0, and no
-    /// corruptions, leaks or check errors.
-    pub fn assert_encrypted_clean(&self, secret: &str, driver: &str, img: &Path) {
-        let opts = encrypted_image_opts(driver, img);
-        let out = self
-            .encrypted(&["check", "--output=json"], secret, &opts)
+    /// `qemu-img check --output=json EXTRA TARGET` finds nothing: exit 0,
+    /// and no corruptions, leaks or check errors. `extra` may open the
+    /// target with `--object ... --image-opts`.
+    pub fn assert_check_clean(&self, extra: &[&str], target: impl AsRef<OsStr>, what: &str) {
+        let target = target.as_ref();
+        let out = Command::new(&self.img)
+            .args(["check", "--output=json"])
+            .args(extra)
+            .arg(target)
             .output()
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let code = out.status.code().unwrap_or(-1);
         let what = format!(
-            "{} ({})",
-            img.display(),
+            "{what} ({}; {})",
+            target.to_string_lossy(),
             String::from_utf8_lossy(&out.stderr).trim()
         );
-        assert_no_findings(out.status.code().unwrap_or(-1), &v, &what);
+        assert_eq!(code, 0, "{what}: qemu-img check exit {code}: {v}");
+        // qemu-img leaves zero counts out of its JSON.
+        for key in ["corruptions", "leaks", "check-errors"] {
+            assert_eq!(
+                v.get(key).map_or(0, |n| n.as_u64().unwrap()),
+                0,
+                "{what}: {key}: {v}"
+            );
+        }
     }
 
-    /// `qemu-img check` of the image at `path`: exit 0, and no
-    /// corruptions, leaks or check errors.
+    /// [`assert_check_clean`](Self::assert_check_clean) of the image at
+    /// `path`.
     pub fn assert_clean(&self, path: &Path, what: &str) {
-        let (code, v) = self.check(path);
-        assert_no_findings(code, &v, what);
+        self.assert_check_clean(&[], path, what);
+    }
+
+    /// [`assert_check_clean`](Self::assert_check_clean) of an encrypted
+    /// image (`driver` as in [`encrypted_image_opts`]) unlocked by `secret`.
+    pub fn assert_encrypted_clean(&self, secret: &str, driver: &str, img: &Path) {
+        self.assert_check_clean(
+            &["--object", secret, "--image-opts"],
+            encrypted_image_opts(driver, img),
+            "encrypted image",
+        );
     }
 
     /// qemu-img's raw conversion of the image at `path` (written into
@@ -180,6 +201,15 @@ impl Qemu {
         )
     }
 
+    /// The guest content of the image at `img`, as `qemu-img convert -O
+    /// raw` writes it (beside the image, with the extension `content`).
+    pub fn read_raw(&self, img: &Path) -> Vec<u8> {
+        let out = img.with_extension("content");
+        let _ = std::fs::remove_file(&out);
+        self.to_raw(img, &out, &[]);
+        std::fs::read(&out).unwrap()
+    }
+
     /// `qemu-img map --output=json`.
     pub fn map(&self, path: &Path) -> serde_json::Value {
         json_of(
@@ -198,20 +228,6 @@ impl Qemu {
             .unwrap();
         let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
         (out.status.code().unwrap_or(-1), v)
-    }
-}
-
-/// A `qemu-img check --output=json` verdict of exit 0 with no
-/// corruptions, leaks or check errors (qemu-img leaves zero counts out of
-/// its JSON).
-fn assert_no_findings(code: i32, v: &serde_json::Value, what: &str) {
-    assert_eq!(code, 0, "{what}: qemu-img check exit {code}: {v}");
-    for key in ["corruptions", "leaks", "check-errors"] {
-        assert_eq!(
-            v.get(key).map_or(0, |n| n.as_u64().unwrap()),
-            0,
-            "{what}: {key}: {v}"
-        );
     }
 }
 

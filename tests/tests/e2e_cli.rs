@@ -258,7 +258,7 @@ fn every_verb_agrees_with_qemu_img() {
     assert_eq!(qemu_compare(&q, &a, &a0), 0, "-a restores the snapshot");
     run_ok(qimg().args(["snapshot", "-d", "first"]).arg(&a));
     assert!(q.img(&["snapshot", "-l", a.to_str().unwrap()]).is_empty());
-    assert_eq!(q.check(&a).0, 0);
+    q.assert_clean(&a, "a");
     // compare: 0 same, 1 different, 2 error; -s strict on sizes; the same
     // codes as qemu-img's on the same pairs.
     let grown = write_tmp(d, "grown.raw", &{
@@ -305,7 +305,7 @@ fn every_verb_agrees_with_qemu_img() {
     assert_eq!(q.info(&r)["virtual-size"], 3 << 20);
     run_ok(qimg().args(["resize", "-q", "--shrink"]).arg(&r).arg("1M"));
     assert_eq!(q.info(&r)["virtual-size"], 1 << 20);
-    assert_eq!(q.check(&r).0, 0);
+    q.assert_clean(&r, "r");
     json_agrees(&q, &["info"], &r);
     // convert: -S 0 writes every byte, the default 4k leaves holes; -p -m
     // -W run too; -c compresses; -B names a backing file whose data must
@@ -431,7 +431,7 @@ fn every_verb_agrees_with_qemu_img() {
     // commit: the overlay's data lands in its backing file.
     run_ok(qimg().args(["commit", "-q"]).arg(&ov));
     assert_eq!(qemu_compare(&q, &a, &ov_raw), 0);
-    assert_eq!(q.check(&a).0, 0);
+    q.assert_clean(&a, "a");
 }
 
 /// Bytes a file occupies on disk.

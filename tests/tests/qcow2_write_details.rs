@@ -243,8 +243,7 @@ fn dirty_lazy_refcount_image_is_repaired_on_open_as_qemu_does() {
     let after = std::fs::read(&path).unwrap();
     let incompat = u64::from_be_bytes(after[72..80].try_into().unwrap());
     assert_eq!(incompat & 1, 0, "the dirty bit stayed set");
-    let (code, json) = q.check(&path);
-    assert_eq!(code, 0, "not clean after the repairing open: {json}");
+    q.assert_clean(&path, "after the repairing open");
     let raw = dir.path().join("back.raw");
     q.to_raw(&path, &raw, &[]);
     let back = std::fs::read(&raw).unwrap();
