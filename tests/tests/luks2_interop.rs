@@ -10,29 +10,14 @@ use std::path::Path;
 use std::process::Command;
 
 use luks_core::io::FileDevice;
+use luks_core::luks2;
 use luks_core::luks2::write::{self, FormatParams, KdfParams};
-use luks_core::luks2::{self, Argon2Block, Luks2Header};
 use luks_core::{BlockIo, HashAlg, LuksVolume};
 use qimg_tests::cryptsetup::Cryptsetup;
+use qimg_tests::luks2::{header, memory};
 use qimg_tests::{hex, run_ok, sparse_file, tool, OsRng};
 
 const PW: &str = "luks2-interop";
-
-fn header(dev: &mut FileDevice) -> Luks2Header {
-    let mut json = vec![0u8; 4 << 20];
-    luks2::read_header(dev, &mut json).unwrap()
-}
-
-fn memory(h: &Luks2Header) -> Vec<Argon2Block> {
-    let n = h
-        .meta
-        .keyslots
-        .iter()
-        .filter_map(luks2::argon2_blocks)
-        .max()
-        .unwrap_or(0);
-    vec![Argon2Block::new(); n]
-}
 
 #[test]
 fn cryptsetup_formats_open_in_luks_core() {
