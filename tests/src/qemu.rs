@@ -90,11 +90,20 @@ impl Qemu {
         self.io(path, fmt, &[&c]);
     }
 
+    /// `qemu-img convert ARGS SRC DST`, checked.
+    pub fn convert(&self, args: &[&str], src: &Path, dst: &Path) {
+        run_ok(
+            Command::new(&self.img)
+                .arg("convert")
+                .args(args)
+                .arg(src)
+                .arg(dst),
+        );
+    }
+
     /// `qemu-img convert -O raw [extra] SRC DST`.
     pub fn to_raw(&self, src: &Path, dst: &Path, extra: &[&str]) {
-        let mut cmd = Command::new(&self.img);
-        cmd.args(["convert", "-O", "raw"]).args(extra);
-        run_ok(cmd.arg(src).arg(dst));
+        self.convert(&[&["-O", "raw"], extra].concat(), src, dst);
     }
 
     /// qemu-img's view of an encrypted image's guest content, written raw

@@ -53,6 +53,18 @@ fn enc_opts(extra: &str) -> String {
     s
 }
 
+/// `qimg create -f qcow2` of an encrypted image ([`enc_opts`] with
+/// `extra`) of `size`.
+fn qimg_create(img: &Path, extra: &str, size: &str) {
+    run_ok(
+        qimg()
+            .args(["create", "-q", "-f", "qcow2", "--object", &secret(), "-o"])
+            .arg(enc_opts(extra))
+            .arg(img)
+            .arg(size),
+    );
+}
+
 const CASES: [&str; 4] = [
     "",
     "cluster_size=512",
@@ -67,13 +79,7 @@ fn create_then_qemu_checks_and_reads_zeros() {
     for extra in CASES {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("e.qcow2");
-        run_ok(
-            qimg()
-                .args(["create", "-q", "-f", "qcow2", "--object", &secret(), "-o"])
-                .arg(enc_opts(extra))
-                .arg(&img)
-                .arg("3M"),
-        );
+        qimg_create(&img, extra, "3M");
         check_clean(&q, &img);
         let raw = dir.path().join("out.raw");
         qemu_raw(&q, &img, &raw);
@@ -140,13 +146,7 @@ fn writer_with_key_encrypts_partial_writes() {
     for extra in ["", "cluster_size=512"] {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("e.qcow2");
-        run_ok(
-            qimg()
-                .args(["create", "-q", "-f", "qcow2", "--object", &secret(), "-o"])
-                .arg(enc_opts(extra))
-                .arg(&img)
-                .arg("1M"),
-        );
+        qimg_create(&img, extra, "1M");
         let key = unlock(&img);
         let mut w = Qcow2Writer::open_with_key(FileDevice::open_rw(&img).unwrap(), key).unwrap();
         let a = pattern(3000, 1, 0);
@@ -171,13 +171,7 @@ fn snapshot_copies_use_different_ivs() {
     let Some(q) = Qemu::find() else { return };
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("e.qcow2");
-    run_ok(
-        qimg()
-            .args(["create", "-q", "-f", "qcow2", "--object", &secret(), "-o"])
-            .arg(enc_opts(""))
-            .arg(&img)
-            .arg("1M"),
-    );
+    qimg_create(&img, "", "1M");
     let qemu_io = |cmd: &str| q.io_encrypted(&secret(), "qcow2", &img, &[cmd]);
     qemu_io("write -P 0x55 0 64k");
     run_ok(&mut q.encrypted(&["snapshot", "-c", "s1"], &secret(), &image_opts(&img)));
@@ -260,14 +254,7 @@ fn partial_writes_copy_on_write_across_encrypted_and_plain_layers() {
 
     // (a) An encrypted overlay (made by qimg) over a plain base.
     let base = d.join("base.qcow2");
-    q.img(&[
-        "convert",
-        "-q",
-        "-O",
-        "qcow2",
-        src.to_str().unwrap(),
-        base.to_str().unwrap(),
-    ]);
+    q.convert(&["-q", "-O", "qcow2"], &src, &base);
     let top = d.join("top.qcow2");
     run_ok(
         qimg()

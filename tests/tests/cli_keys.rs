@@ -83,6 +83,11 @@ fn qimg_reads(img: &Path, i: usize, want: &Path) {
     assert_eq!(sha256_file(&out), sha256_file(want), "{}", img.display());
 }
 
+/// amend's options adding a key slot for passphrase `i` (fast PBKDF).
+fn add_slot(i: usize) -> String {
+    format!("encrypt.state=active,encrypt.new-secret=s{i},encrypt.iter-time=10")
+}
+
 /// `qemu-img amend --image-opts` unlocking with secret `s{unlock}`.
 fn qemu_amend(q: &Qemu, dir: &Path, img: &Path, unlock: usize, opts: &str, force: bool) -> Command {
     let mut cmd = Command::new(&q.img);
@@ -125,7 +130,7 @@ fn encrypted_qcow2(
     }
     let args = ["convert", "-O", "qcow2", "--object", &as_s0(0), "-o", &o];
     if by_qemu {
-        q.img(&[&args[..], &[src.to_str().unwrap(), img.to_str().unwrap()]].concat());
+        q.convert(&args[1..], src, &img);
     } else {
         run_ok(qimg().args(args).arg(src).arg(&img));
     }
@@ -147,13 +152,7 @@ fn qcow2_key_slots_added_and_erased_by_either_tool_work_in_the_other() {
 
     // (a) qemu-img's image, a slot added by qimg, opened by qemu-img.
     let theirs = encrypted_qcow2(&q, d, &src, "theirs.qcow2", "", true);
-    run_ok(&mut qimg_amend(
-        d,
-        &theirs,
-        0,
-        "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10",
-        false,
-    ));
+    run_ok(&mut qimg_amend(d, &theirs, 0, &add_slot(1), false));
     assert_eq!(active_slots(&q, &theirs)[..3], [true, true, false]);
     info_agrees(&q, &theirs);
     qemu_reads(&q, "qcow2", &theirs, 1, &src);
@@ -178,14 +177,7 @@ fn qcow2_key_slots_added_and_erased_by_either_tool_work_in_the_other() {
 
     // (b) qimg's image, a slot added by qemu-img, opened by qimg.
     let ours = encrypted_qcow2(&q, d, &src, "ours.qcow2", "", false);
-    run_ok(&mut qemu_amend(
-        &q,
-        d,
-        &ours,
-        0,
-        "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10",
-        false,
-    ));
+    run_ok(&mut qemu_amend(&q, d, &ours, 0, &add_slot(1), false));
     qimg_reads(&ours, 1, &src);
     info_agrees(&q, &ours);
 
@@ -239,14 +231,7 @@ fn amend_refuses_what_qemu_img_refuses_with_its_messages() {
     let d = dir.path();
     let src = write_tmp(d, "src.raw", &pattern(64 << 10, 12, 0));
     let img = encrypted_qcow2(&q, d, &src, "r.qcow2", "", true);
-    run_ok(&mut qemu_amend(
-        &q,
-        d,
-        &img,
-        0,
-        "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10",
-        false,
-    ));
+    run_ok(&mut qemu_amend(&q, d, &img, 0, &add_slot(1), false));
     let before = std::fs::read(&img).unwrap();
     let cases = [
         "encrypt.state=active,encrypt.new-secret=s2,encrypt.keyslot=0",
@@ -348,17 +333,18 @@ fn amend_raw_luks_and_forced_overwrite() {
     let d = dir.path();
     let src = write_tmp(d, "src.raw", &pattern(256 << 10, 13, 2));
     let vol = d.join("v.luks");
-    q.img(&[
-        "convert",
-        "-O",
-        "luks",
-        "--object",
-        &as_s0(0),
-        "-o",
-        "key-secret=s0,iter-time=10",
-        src.to_str().unwrap(),
-        vol.to_str().unwrap(),
-    ]);
+    q.convert(
+        &[
+            "-O",
+            "luks",
+            "--object",
+            &as_s0(0),
+            "-o",
+            "key-secret=s0,iter-time=10",
+        ],
+        &src,
+        &vol,
+    );
     run_ok(
         qimg()
             .arg("amend")
@@ -511,13 +497,7 @@ fn serpent_and_twofish_qcow2_interchange() {
     );
     qimg_reads(&serpent, 0, &src);
     info_agrees(&q, &serpent);
-    run_ok(&mut qimg_amend(
-        d,
-        &serpent,
-        0,
-        "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10",
-        false,
-    ));
+    run_ok(&mut qimg_amend(d, &serpent, 0, &add_slot(1), false));
     qemu_reads(&q, "qcow2", &serpent, 1, &src);
 
     let twofish = encrypted_qcow2(
@@ -530,14 +510,7 @@ fn serpent_and_twofish_qcow2_interchange() {
     );
     qemu_reads(&q, "qcow2", &twofish, 0, &src);
     qemu_check_clean(&q, &twofish, 0);
-    run_ok(&mut qemu_amend(
-        &q,
-        d,
-        &twofish,
-        0,
-        "encrypt.state=active,encrypt.new-secret=s2,encrypt.iter-time=10",
-        false,
-    ));
+    run_ok(&mut qemu_amend(&q, d, &twofish, 0, &add_slot(2), false));
     qimg_reads(&twofish, 2, &src);
     info_agrees(&q, &twofish);
 }

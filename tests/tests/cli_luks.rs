@@ -64,17 +64,11 @@ fn luks_volumes_qemu_img_makes_read_identically() {
         if !extra.is_empty() {
             opts = format!("{opts},{extra}");
         }
-        q.img(&[
-            "convert",
-            "-O",
-            "luks",
-            "--object",
-            &secret(),
-            "-o",
-            &opts,
-            src.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ]);
+        q.convert(
+            &["-O", "luks", "--object", &secret(), "-o", &opts],
+            &src,
+            &img,
+        );
         agree_encrypted(&q, &img, "luks", dir.path());
     }
 }

@@ -341,13 +341,7 @@ fn every_verb_agrees_with_qemu_img() {
         .iter()
         .any(|e| e["compressed"] == true));
     let base = p("base.qcow2");
-    q.img(&[
-        "convert",
-        "-O",
-        "qcow2",
-        a0.to_str().unwrap(),
-        base.to_str().unwrap(),
-    ]);
+    q.convert(&["-O", "qcow2"], &a0, &base);
     q.io(&base, "qcow2", &["write -P 0x44 2M 64k"]);
     let top = p("top.qcow2");
     run_ok(

@@ -91,17 +91,11 @@ fn qcow2_cases(m: &mut Maker<'_>, q: &Qemu) {
     // A compressed image.
     let comp = dir.join("comp.qcow2");
     let raw = write_tmp(&dir, "src.raw", &pattern(64 * 1024, 5, 0));
-    q.img(&[
-        "convert",
-        "-q",
-        "-c",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        raw.to_str().unwrap(),
-        comp.to_str().unwrap(),
-    ]);
+    q.convert(
+        &["-q", "-c", "-O", "qcow2", "-o", "cluster_size=4096"],
+        &raw,
+        &comp,
+    );
     let c = std::fs::read(&comp).unwrap();
     // An image with a snapshot.
     let snap = dir.join("snap.qcow2");

@@ -58,16 +58,7 @@ fn convert_c_packs_compressed_clusters_like_qemu_img() {
                 .arg(&src)
                 .arg(&ours),
         );
-        q.img(&[
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            opts,
-            src.to_str().unwrap(),
-            theirs.to_str().unwrap(),
-        ]);
+        q.convert(&["-c", "-O", "qcow2", "-o", opts], &src, &theirs);
         q.assert_clean(&ours, opts);
         q.assert_content(&ours, d, &data, opts);
         let a = std::fs::metadata(&ours).unwrap().len();
