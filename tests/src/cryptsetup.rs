@@ -7,6 +7,12 @@ use std::process::Command;
 
 use crate::{qimg, qimg_header_backup, run_ok, tool};
 
+/// `luksFormat` arguments for a LUKS1 volume with a fast PBKDF2.
+pub const LUKS1_FAST: &[&str] = &["--type", "luks1", "--pbkdf-force-iterations", "1000"];
+
+/// Arguments for a fast PBKDF2 key slot.
+pub const PBKDF2_FAST: &[&str] = &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+
 /// The installed cryptsetup.
 pub struct Cryptsetup {
     /// Path of cryptsetup.
@@ -74,7 +80,7 @@ impl Cryptsetup {
         run_ok(&mut self.test_passphrase(vol, header, key, None));
     }
 
-    /// `cryptsetup luksAddKey ARGS --key-file KEY [--header HEADER] VOL
+    /// `cryptsetup luksAddKey -q ARGS --key-file KEY [--header HEADER] VOL
     /// NEW_KEY`, checked.
     pub fn add_key(
         &self,
@@ -84,7 +90,7 @@ impl Cryptsetup {
         new_key: &Path,
         args: &[&str],
     ) {
-        let mut c = self.command(&["luksAddKey"]);
+        let mut c = self.command(&["luksAddKey", "-q"]);
         c.args(args).arg("--key-file").arg(key);
         if let Some(h) = header {
             c.arg("--header").arg(h);

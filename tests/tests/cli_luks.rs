@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use qimg_tests::cryptsetup::Cryptsetup;
+use qimg_tests::cryptsetup::{Cryptsetup, LUKS1_FAST};
 use qimg_tests::qemu::{encrypted_image_opts, pattern, write_tmp, Qemu};
 use qimg_tests::{assert_json_agrees, json_of, qimg, qimg_create_luks, run_ok, sha256_file};
 
@@ -122,12 +122,7 @@ fn cryptsetup_volumes_with_detached_headers_open() {
     std::fs::write(&data, pattern(2 << 20, 90, 0)).unwrap();
     // cryptsetup wants the detached header file to exist and be large enough.
     std::fs::write(&hdr, vec![0u8; 2 << 20]).unwrap();
-    cs.format(
-        &data,
-        Some(&hdr),
-        &key,
-        &["--type", "luks1", "--pbkdf-force-iterations", "1000"],
-    );
+    cs.format(&data, Some(&hdr), &key, LUKS1_FAST);
     let ours = d.join("ours.raw");
     run_ok(
         qimg()

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use qimg_tests::cryptsetup::Cryptsetup;
+use qimg_tests::cryptsetup::{Cryptsetup, PBKDF2_FAST};
 use qimg_tests::qemu::{pattern, write_tmp};
 use qimg_tests::{
     json_of, qimg, qimg_luks_to_raw, run_fails, run_ok, sha256_file, sparse_file, testdata, unxz,
@@ -118,19 +118,7 @@ fn convert_through_luks2_and_cryptsetup_added_key() {
                 .arg(&raw)
                 .arg(&img),
         );
-        cs.add_key(
-            &img,
-            None,
-            &key,
-            &key2,
-            &[
-                "-q",
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-            ],
-        );
+        cs.add_key(&img, None, &key, &key2, PBKDF2_FAST);
         let out = dir.path().join(format!("{name}.raw"));
         run_ok(&mut qimg_luks_to_raw(&img, None, &key2, &out));
         let back = std::fs::read(&out).unwrap();

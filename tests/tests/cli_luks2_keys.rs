@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use qimg_tests::cryptsetup::Cryptsetup;
+use qimg_tests::cryptsetup::{Cryptsetup, LUKS1_FAST, PBKDF2_FAST};
 use qimg_tests::qemu::write_tmp;
 use qimg_tests::{
     qimg, qimg_create_luks, qimg_header_backup, qimg_header_restore, qimg_luks, run_fails, run_ok,
@@ -23,14 +23,7 @@ fn cryptsetup_volume(cs: &Cryptsetup, img: &Path, key: &Path) {
         img,
         None,
         key,
-        &[
-            "--type",
-            "luks2",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-        ],
+        &[&["--type", "luks2"], PBKDF2_FAST].concat(),
     );
 }
 
@@ -169,19 +162,7 @@ fn cryptsetup_adds_keys_to_qimg_luks2() {
         &["--pbkdf-force-iterations", "4"],
     ));
     assert!(cs.opens(&img, None, &k1, Some(1)));
-    cs.add_key(
-        &img,
-        None,
-        &k1,
-        &k2,
-        &[
-            "-q",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-        ],
-    );
+    cs.add_key(&img, None, &k1, &k2, PBKDF2_FAST);
     // qimg opens with cryptsetup's key (it is the existing key here).
     let k3 = write_tmp(d, "k3", b"qimg again");
     ok(&qimg_key(
@@ -238,12 +219,7 @@ fn luks2_header_backup_and_restore() {
     // So is a LUKS1 backup over a LUKS2 volume.
     let v1 = d.join("v1.luks");
     sparse_file(&v1, 4 << 20);
-    cs.format(
-        &v1,
-        None,
-        &k1,
-        &["--type", "luks1", "--pbkdf-force-iterations", "1000"],
-    );
+    cs.format(&v1, None, &k1, LUKS1_FAST);
     let b1 = d.join("v1.bak");
     run_ok(&mut qimg_header_backup(&v1, &b1));
     let o = restore(&b1, &other);

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use qcow_core::header::field;
-use qimg_tests::cryptsetup::Cryptsetup;
+use qimg_tests::cryptsetup::{Cryptsetup, LUKS1_FAST};
 use qimg_tests::poke::{get64, get_field, l2_table, put16, put32, put64, put_field};
 use qimg_tests::qemu::{pattern, write_tmp, Qemu};
 use qimg_tests::{testdata, unxz};
@@ -302,12 +302,7 @@ fn luks_cases(m: &mut Maker<'_>) {
     let pass = write_tmp(&dir, "pass", b"hostile");
     let vol = dir.join("good-luks.img");
     std::fs::write(&vol, vec![0u8; 4 << 20]).unwrap();
-    cs.format(
-        &vol,
-        None,
-        &pass,
-        &["--type", "luks1", "--pbkdf-force-iterations", "1000"],
-    );
+    cs.format(&vol, None, &pass, LUKS1_FAST);
     let v = std::fs::read(&vol).unwrap();
     // LUKS1 phdr: key_bytes at 108, mk_digest_iter at 164, slot 0 at 208
     // (active 0, iterations 4, salt 8, key material offset 40, stripes 44).

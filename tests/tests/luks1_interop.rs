@@ -16,7 +16,7 @@ use luks_core::error::Error;
 use luks_core::io::FileDevice;
 use luks_core::luks1::{self, FormatParams};
 use luks_core::{BlockIo, HashAlg, LuksVolume};
-use qimg_tests::cryptsetup::Cryptsetup;
+use qimg_tests::cryptsetup::{Cryptsetup, LUKS1_FAST};
 use qimg_tests::{run_ok, sha256_hex, sparse_file, tool, OsRng};
 
 const PW: &str = "interop-pass-1";
@@ -36,11 +36,7 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
 }
 
 fn cryptsetup_format(cs: &Cryptsetup, file: &Path, key: &Path, extra: &[&str]) {
-    let args = [
-        &["--type", "luks1", "--pbkdf-force-iterations", "1000"],
-        extra,
-    ]
-    .concat();
+    let args = [LUKS1_FAST, extra].concat();
     cs.format(file, None, key, &args);
 }
 
@@ -83,6 +79,15 @@ fn read_payload(hdr_file: &Path, data_file: &Path, pass: &[u8], len: usize) -> V
     buf
 }
 
+/// `data` written through luks-core into the payload reads back the same.
+fn assert_round_trip(hdr_file: &Path, data_file: &Path, data: &[u8], what: &str) {
+    write_payload(hdr_file, data_file, PW.as_bytes(), data);
+    assert!(
+        read_payload(hdr_file, data_file, PW.as_bytes(), data.len()) == data,
+        "{what}: payload round trip"
+    );
+}
+
 fn sized_file(dir: &Path, name: &str, len: u64) -> PathBuf {
     let p = dir.join(name);
     sparse_file(&p, len);
@@ -117,12 +122,7 @@ fn cryptsetup_volumes_unlock_and_round_trip() {
         let f = sized_file(dir.path(), name, 4 << 20);
         cryptsetup_format(&cs, &f, &key, args);
         let data = pattern(1 << 20, i as u32);
-        write_payload(&f, &f, PW.as_bytes(), &data);
-        assert_eq!(
-            read_payload(&f, &f, PW.as_bytes(), data.len()),
-            data,
-            "{name}"
-        );
+        assert_round_trip(&f, &f, &data, name);
         assert!(cs.opens(&f, None, &key, None), "{name}");
         if let (true, Some(q)) = (qemu_can, &qemu) {
             let out = qemu_read(q, &f, None, PW, &dir.path().join(format!("{name}.raw")));
@@ -161,11 +161,7 @@ fn cryptsetup_detached_header() {
     let hdr = luks1::read_header(&mut hdev).unwrap();
     assert_eq!(hdr.payload_offset, 0);
     let data = pattern(1 << 20, 99);
-    write_payload(&hdr_file, &data_file, PW.as_bytes(), &data);
-    assert_eq!(
-        read_payload(&hdr_file, &data_file, PW.as_bytes(), data.len()),
-        data
-    );
+    assert_round_trip(&hdr_file, &data_file, &data, "detached header");
     if let Some(q) = tool("qemu-img") {
         let out = qemu_read(
             &q,
@@ -300,12 +296,7 @@ fn luks_core_volumes_pass_cryptsetup_and_qemu() {
         let f = dir.path().join(name);
         format_file(&f, params, 2 << 20);
         let data = pattern(2 << 20, 100 + i as u32);
-        write_payload(&f, &f, PW.as_bytes(), &data);
-        assert_eq!(
-            read_payload(&f, &f, PW.as_bytes(), data.len()),
-            data,
-            "{name}"
-        );
+        assert_round_trip(&f, &f, &data, name);
         if let Some(cs) = &cs {
             cs.dump(&f);
             if *qemu_can {
@@ -334,11 +325,7 @@ fn luks_core_detached_header_works_with_qemu_and_cryptsetup() {
         0,
     );
     let data = pattern(1 << 20, 5);
-    write_payload(&hdr_file, &data_file, PW.as_bytes(), &data);
-    assert_eq!(
-        read_payload(&hdr_file, &data_file, PW.as_bytes(), data.len()),
-        data
-    );
+    assert_round_trip(&hdr_file, &data_file, &data, "detached header");
     if let Some(cs) = Cryptsetup::find() {
         let key = dir.path().join("key");
         std::fs::write(&key, PW).unwrap();

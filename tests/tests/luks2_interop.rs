@@ -13,7 +13,7 @@ use luks_core::io::FileDevice;
 use luks_core::luks2;
 use luks_core::luks2::write::{self, FormatParams, KdfParams};
 use luks_core::{BlockIo, HashAlg, LuksVolume};
-use qimg_tests::cryptsetup::Cryptsetup;
+use qimg_tests::cryptsetup::{Cryptsetup, PBKDF2_FAST};
 use qimg_tests::luks2::{header, memory};
 use qimg_tests::{hex, run_ok, sparse_file, tool, OsRng};
 
@@ -70,11 +70,7 @@ fn cryptsetup_formats_open_in_luks_core() {
             ],
             false,
         ),
-        (
-            "detached-pbkdf2",
-            &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"],
-            true,
-        ),
+        ("detached-pbkdf2", PBKDF2_FAST, true),
     ];
     for (name, extra, detached) in cases {
         let file = dir.path().join(name);
@@ -173,19 +169,7 @@ fn luks_core_formats_pass_cryptsetup() {
             "{name}"
         );
         // cryptsetup adds a key; luks-core opens with it.
-        cs.add_key(
-            &file,
-            hdr_arg,
-            &key,
-            &key2,
-            &[
-                "-q",
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-            ],
-        );
+        cs.add_key(&file, hdr_arg, &key, &key2, PBKDF2_FAST);
         let mut hdev = FileDevice::open(hpath).unwrap();
         let h = header(&mut hdev);
         assert_eq!(h.hdr.seqid, 2, "{name}");
