@@ -9,7 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod cryptsetup;
 pub mod fuzzing;
+pub mod luks2;
+pub mod poke;
+pub mod powercut;
 pub mod qemu;
 
 use sha2::{Digest, Sha256};
@@ -100,6 +104,23 @@ pub fn assert_ok(cmd: &Command, out: &Output) {
     );
 }
 
+/// Runs `cmd` expecting it to fail; returns its standard error.
+pub fn run_fails(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{cmd:?} should fail\n{err}");
+    err
+}
+
+/// Creates (or truncates) `path` as a sparse file of `len` bytes.
+pub fn sparse_file(path: &Path, len: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(len))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
 /// The `qimg` binary of this workspace, built on first use.
 pub fn qimg_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -120,9 +141,138 @@ pub fn qimg_bin() -> PathBuf {
     .clone()
 }
 
+/// Runs the built `qimg` with the (shell-quoted) arguments `args` on a
+/// pseudo-terminal, through `script` (util-linux), fed `input`; returns
+/// whether it succeeded and what it printed (the terminal's echo included).
+pub fn qimg_on_pty(script: &Path, args: &str, input: &str) -> (bool, String) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let cmd = format!("{} {args}", qimg_bin().display());
+    let mut child = Command::new(script)
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 /// A `Command` for the built `qimg`.
 pub fn qimg() -> Command {
     Command::new(qimg_bin())
+}
+
+/// `qimg luks VERB EXTRA [--key-file KEY] VOL [ARG]`: the cryptsetup-style
+/// key verbs (`add-key`, `change-key`, `remove-key`), to be run by the
+/// caller.
+pub fn qimg_luks(
+    verb: &str,
+    extra: &[&str],
+    key: Option<&Path>,
+    vol: &Path,
+    arg: Option<&Path>,
+) -> Command {
+    let mut c = qimg();
+    c.args(["luks", verb]).args(extra);
+    if let Some(k) = key {
+        c.arg("--key-file").arg(k);
+    }
+    c.arg(vol);
+    if let Some(a) = arg {
+        c.arg(a);
+    }
+    c
+}
+
+/// `qimg luks header-backup --header-backup-file TO VOL`, to be run by the
+/// caller.
+pub fn qimg_header_backup(vol: &Path, to: &Path) -> Command {
+    let mut c = qimg();
+    c.args(["luks", "header-backup", "--header-backup-file"])
+        .arg(to)
+        .arg(vol);
+    c
+}
+
+/// `qimg luks header-restore -q --header-backup-file FROM VOL`, to be run
+/// by the caller.
+pub fn qimg_header_restore(vol: &Path, from: &Path) -> Command {
+    let mut c = qimg();
+    c.args(["luks", "header-restore", "-q", "--header-backup-file"])
+        .arg(from)
+        .arg(vol);
+    c
+}
+
+/// `qimg create -q -f luks --key-file KEY -o OPTS VOL SIZE`, checked.
+pub fn qimg_create_luks(vol: &Path, key: &Path, opts: &str, size: &str) {
+    run_ok(
+        qimg()
+            .args(["create", "-q", "-f", "luks", "--key-file"])
+            .arg(key)
+            .args(["-o", opts])
+            .arg(vol)
+            .arg(size),
+    );
+}
+
+/// `qimg convert -f luks -O raw --key-file KEY [--header HEADER] VOL OUT`,
+/// to be run by the caller.
+pub fn qimg_luks_to_raw(vol: &Path, header: Option<&Path>, key: &Path, out: &Path) -> Command {
+    let mut c = qimg();
+    c.args(["convert", "-f", "luks", "-O", "raw", "--key-file"])
+        .arg(key);
+    if let Some(h) = header {
+        c.arg("--header").arg(h);
+    }
+    c.arg(vol).arg(out);
+    c
+}
+
+/// `qimg luks dump --output json VOL`.
+pub fn qimg_luks_dump(vol: &Path) -> serde_json::Value {
+    json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(vol))
+}
+
+/// A temporary folder on tmpfs (`/dev/shm`) when there is one, else in
+/// the default place: the writers flush often, and fsync on a real disk
+/// makes the write and crash tests slow.
+pub fn tmpfs_tempdir() -> tempfile::TempDir {
+    if Path::new("/dev/shm").is_dir() {
+        if let Ok(d) = tempfile::tempdir_in("/dev/shm") {
+            return d;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
+/// The xorshift64 generator the write workloads draw from (seed non-zero).
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// The next value.
+    #[allow(clippy::should_implement_trait)] // not an iterator: it never ends
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// The next value below `n` (0 for `n` = 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
 }
 
 /// Lower-case hex SHA-256 of `data`.

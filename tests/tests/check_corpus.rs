@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use qcow_core::entry::{self, COMPRESSED, COPIED, OFFSET_MASK};
-use qcow_core::header::HeaderRepr;
+use qcow_core::header::field;
+use qimg_tests::poke::{get32, get64, header as hdr, l1_pos, l2_table, put32, put64, put_field};
 use qimg_tests::qemu::{pattern, write_tmp, Qemu};
 use qimg_tests::{qimg, run_ok};
 
@@ -78,36 +79,8 @@ struct Case {
 
 // ---- reading the image the test is about to damage ----
 
-fn hdr(d: &[u8]) -> HeaderRepr {
-    HeaderRepr::parse_bytes::<()>(&d[..512]).unwrap()
-}
-
 fn cs(d: &[u8]) -> u64 {
     hdr(d).cluster_size()
-}
-
-fn get64(d: &[u8], off: u64) -> u64 {
-    let o = usize::try_from(off).unwrap();
-    u64::from_be_bytes(d[o..o + 8].try_into().unwrap())
-}
-
-fn put64(d: &mut [u8], off: u64, v: u64) {
-    let o = usize::try_from(off).unwrap();
-    d[o..o + 8].copy_from_slice(&v.to_be_bytes());
-}
-
-fn put_header_u64(d: &mut [u8], field: std::ops::Range<usize>, v: u64) {
-    d[field].copy_from_slice(&v.to_be_bytes());
-}
-
-/// Byte offset of active L1 entry `i`.
-fn l1_pos(d: &[u8], i: u64) -> u64 {
-    hdr(d).l1_table_offset + i * 8
-}
-
-/// Offset of the L2 table of L1 entry `i`.
-fn l2_table(d: &[u8], i: u64) -> u64 {
-    get64(d, l1_pos(d, i)) & OFFSET_MASK
 }
 
 /// Byte offset of the L2 entry for guest cluster `g` (its table must exist).
@@ -126,45 +99,38 @@ fn l2_pos_ext(d: &[u8], g: u64) -> u64 {
     t + (g % per) * 16
 }
 
-/// Every allocated (non-compressed) guest cluster of the active layer: (L2
-/// entry position, host offset).
-fn data_entries(d: &[u8]) -> Vec<(u64, u64)> {
-    let h = hdr(d);
+/// Every standard L2 entry of the active layer, in guest order, that
+/// `keep` keeps: (position, entry).
+fn l2_entries(d: &[u8], keep: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
     let per = cs(d) / 8;
     let mut out = Vec::new();
-    for i in 0..u64::from(h.l1_size) {
+    for i in 0..u64::from(hdr(d).l1_size) {
         let t = l2_table(d, i);
         if t == 0 {
             continue;
         }
         for j in 0..per {
             let e = get64(d, t + j * 8);
-            if e & COMPRESSED == 0 && e & OFFSET_MASK != 0 {
-                out.push((t + j * 8, e & OFFSET_MASK));
+            if keep(e) {
+                out.push((t + j * 8, e));
             }
         }
     }
     out
 }
 
+/// Every allocated (non-compressed) guest cluster of the active layer: (L2
+/// entry position, host offset).
+fn data_entries(d: &[u8]) -> Vec<(u64, u64)> {
+    l2_entries(d, |e| e & COMPRESSED == 0 && e & OFFSET_MASK != 0)
+        .into_iter()
+        .map(|(pos, e)| (pos, e & OFFSET_MASK))
+        .collect()
+}
+
 /// Every compressed entry of the active layer: (position, entry).
 fn compressed_entries(d: &[u8]) -> Vec<(u64, u64)> {
-    let h = hdr(d);
-    let per = cs(d) / 8;
-    let mut out = Vec::new();
-    for i in 0..u64::from(h.l1_size) {
-        let t = l2_table(d, i);
-        if t == 0 {
-            continue;
-        }
-        for j in 0..per {
-            let e = get64(d, t + j * 8);
-            if e & COMPRESSED != 0 {
-                out.push((t + j * 8, e));
-            }
-        }
-    }
-    out
+    l2_entries(d, |e| e & COMPRESSED != 0)
 }
 
 fn reftable_pos(d: &[u8], i: u64) -> u64 {
@@ -232,7 +198,7 @@ fn corpus() -> Vec<Case> {
             recover: QemuCannot,
             poke: |d| {
                 let rt = hdr(d).refcount_table_offset;
-                put_header_u64(d, qcow_core::header::field::L1_TABLE_OFFSET, rt);
+                put_field(d, field::L1_TABLE_OFFSET, rt);
             },
         },
         // 060: the refcount table overlapping the active L1 table (its
@@ -243,7 +209,7 @@ fn corpus() -> Vec<Case> {
             recover: Full,
             poke: |d| {
                 let l1 = hdr(d).l1_table_offset;
-                put_header_u64(d, qcow_core::header::field::REFCOUNT_TABLE_OFFSET, l1);
+                put_field(d, field::REFCOUNT_TABLE_OFFSET, l1);
             },
         },
         // 060: an L2 table at the refcount block's cluster.
@@ -709,7 +675,7 @@ fn corpus() -> Vec<Case> {
             recover: Full,
             poke: |d| {
                 let far = (d.len() as u64 / cs(d) + 1000) * cs(d);
-                put_header_u64(d, qcow_core::header::field::REFCOUNT_TABLE_OFFSET, far);
+                put_field(d, field::REFCOUNT_TABLE_OFFSET, far);
             },
         },
         Case {
@@ -717,8 +683,7 @@ fn corpus() -> Vec<Case> {
             base: Plain,
             recover: Full,
             poke: |d| {
-                d[qcow_core::header::field::REFCOUNT_TABLE_CLUSTERS]
-                    .copy_from_slice(&0u32.to_be_bytes());
+                put_field(d, field::REFCOUNT_TABLE_CLUSTERS, 0);
             },
         },
         Case {
@@ -727,8 +692,7 @@ fn corpus() -> Vec<Case> {
             recover: Full,
             poke: |d| {
                 let n = hdr(d).refcount_table_clusters + 1;
-                d[qcow_core::header::field::REFCOUNT_TABLE_CLUSTERS]
-                    .copy_from_slice(&n.to_be_bytes());
+                put_field(d, field::REFCOUNT_TABLE_CLUSTERS, u64::from(n));
             },
         },
         Case {
@@ -737,7 +701,7 @@ fn corpus() -> Vec<Case> {
             recover: QemuCannot,
             poke: |d| {
                 let far = (d.len() as u64 / cs(d) + 1000) * cs(d);
-                put_header_u64(d, qcow_core::header::field::L1_TABLE_OFFSET, far);
+                put_field(d, field::L1_TABLE_OFFSET, far);
             },
         },
         // A preallocated zero cluster at an unaligned offset: it holds no
@@ -784,8 +748,8 @@ fn corpus() -> Vec<Case> {
             base: Snap,
             recover: QemuCannot,
             poke: |d| {
-                let at = usize::try_from(hdr(d).snapshots_offset).unwrap() + 8;
-                d[at..at + 4].copy_from_slice(&0x1000_0000u32.to_be_bytes());
+                let at = hdr(d).snapshots_offset + 8;
+                put32(d, at, 0x1000_0000);
             },
         },
         Case {
@@ -807,7 +771,7 @@ fn corpus() -> Vec<Case> {
                 let first = grow(d, 2);
                 set_refcount(d, first, 1);
                 let inc = hdr(d).incompatible_features | 1;
-                put_header_u64(d, qcow_core::header::field::INCOMPATIBLE_FEATURES, inc);
+                put_field(d, field::INCOMPATIBLE_FEATURES, inc);
             },
         },
         // 060: the corrupt bit, left by a prevented overlapping write,
@@ -820,7 +784,7 @@ fn corpus() -> Vec<Case> {
                 let first = grow(d, 2);
                 set_refcount(d, first + 1, 1);
                 let inc = hdr(d).incompatible_features | 2;
-                put_header_u64(d, qcow_core::header::field::INCOMPATIBLE_FEATURES, inc);
+                put_field(d, field::INCOMPATIBLE_FEATURES, inc);
             },
         },
         // Real bug (QEMU < 5.0): the LUKS header region of an encrypted
@@ -832,16 +796,10 @@ fn corpus() -> Vec<Case> {
             recover: Full,
             poke: |d| {
                 let (off, len) = crypto_region(d);
-                let o = usize::try_from(off).unwrap();
-                let key_bytes =
-                    u64::from(u32::from_be_bytes(d[o + 108..o + 112].try_into().unwrap()));
-                let slot = o + 208;
-                let kmo = u64::from(u32::from_be_bytes(
-                    d[slot + 40..slot + 44].try_into().unwrap(),
-                ));
-                let stripes = u64::from(u32::from_be_bytes(
-                    d[slot + 44..slot + 48].try_into().unwrap(),
-                ));
+                let key_bytes = u64::from(get32(d, off + 108));
+                let slot = off + 208;
+                let kmo = u64::from(get32(d, slot + 40));
+                let stripes = u64::from(get32(d, slot + 44));
                 let used = kmo * 512 + key_bytes * stripes;
                 let end = off + used.next_multiple_of(cs(d));
                 assert!(off + len - end >= cs(d), "region too small to cut");
@@ -870,13 +828,13 @@ fn crypto_region(d: &[u8]) -> (u64, u64) {
 
 /// Where header extension `ty`'s payload starts.
 fn extension_payload(d: &[u8], ty: u32) -> u64 {
-    let mut o = usize::try_from(hdr(d).extensions_start()).unwrap();
+    let mut o = hdr(d).extensions_start();
     loop {
-        let t = u32::from_be_bytes(d[o..o + 4].try_into().unwrap());
-        let l = u32::from_be_bytes(d[o + 4..o + 8].try_into().unwrap()) as usize;
+        let t = get32(d, o);
+        let l = u64::from(get32(d, o + 4));
         assert_ne!(t, 0, "no header extension {ty:#x}");
         if t == ty {
-            return o as u64 + 8;
+            return o + 8;
         }
         o += 8 + l.next_multiple_of(8);
     }
@@ -1242,7 +1200,7 @@ fn luks_volume_header_is_checked() {
     let (code, v) = qimg_check(&vol, None);
     assert_eq!((code, v["format"].as_str()), (0, Some("luks")));
     let good = std::fs::read(&vol).unwrap();
-    let payload = u64::from(u32::from_be_bytes(good[104..108].try_into().unwrap())) * 512;
+    let payload = u64::from(get32(&good, 104)) * 512;
 
     // Cut short before the payload: the payload offset is past the end.
     std::fs::write(&vol, &good[..usize::try_from(payload - 512).unwrap()]).unwrap();

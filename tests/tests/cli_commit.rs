@@ -11,13 +11,6 @@ use std::path::Path;
 use qimg_tests::qemu::Qemu;
 use qimg_tests::{qimg, run_ok};
 
-fn read(q: &Qemu, img: &Path) -> Vec<u8> {
-    let out = img.with_extension("content");
-    let _ = std::fs::remove_file(&out);
-    q.to_raw(img, &out, &[]);
-    std::fs::read(&out).unwrap()
-}
-
 fn own_extents(q: &Qemu, img: &Path) -> usize {
     q.map(img)
         .as_array()
@@ -62,7 +55,7 @@ fn commit_writes_the_backing_file() {
                 "write -P 3 1000k 24k",
             ],
         );
-        let before = read(&q, &top);
+        let before = q.read_raw(&top);
         let mut cmd = qimg();
         cmd.arg("commit");
         if keep {
@@ -79,12 +72,11 @@ fn commit_writes_the_backing_file() {
         let what = format!("{base_fmt}, -d {keep}");
         for img in [&top, &base] {
             if img.extension().is_some_and(|e| e == "qcow2") {
-                let (code, v) = q.check(img);
-                assert_eq!(code, 0, "{what}: {}: {v}", img.display());
+                q.assert_clean(img, &what);
             }
         }
-        assert!(read(&q, &base) == before, "{what}: backing file content");
-        assert!(read(&q, &top) == before, "{what}: image content");
+        assert!(q.read_raw(&base) == before, "{what}: backing file content");
+        assert!(q.read_raw(&top) == before, "{what}: image content");
         let own = own_extents(&q, &top);
         assert_eq!(own == 0, !keep, "{what}: {own} extents left in the image");
     }

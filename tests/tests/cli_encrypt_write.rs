@@ -4,13 +4,12 @@
 //! encrypted with host-offset IVs.
 
 use std::path::Path;
-use std::process::Command;
 
 use luks_core::io::{BlockIo, FileDevice};
 use qcow_core::crypto::ImageKey;
 use qcow_core::{Decryptor, MapKind, Qcow2, Qcow2Writer};
-use qimg_tests::qemu::{pattern, write_tmp, Qemu};
-use qimg_tests::{qimg, run_ok, sha256_file};
+use qimg_tests::qemu::{encrypted_image_opts, pattern, write_tmp, Qemu};
+use qimg_tests::{json_of, qimg, run_ok, sha256_file};
 
 const PW: &str = "correct horse battery staple";
 
@@ -19,53 +18,13 @@ fn secret() -> String {
 }
 
 fn image_opts(img: &Path) -> String {
-    format!(
-        "driver=qcow2,encrypt.key-secret=s0,file.filename={}",
-        img.display()
-    )
+    encrypted_image_opts("qcow2", img)
 }
 
+/// qemu-img checks the image clean and sees a LUKS-encrypted image.
 fn check_clean(q: &Qemu, img: &Path) {
-    let out = Command::new(&q.img)
-        .args([
-            "check",
-            "--output=json",
-            "--object",
-            &secret(),
-            "--image-opts",
-        ])
-        .arg(image_opts(img))
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}: qemu-img check: {v} {}",
-        img.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // qemu-img leaves zero counts out of its JSON.
-    for key in ["corruptions", "leaks", "check-errors"] {
-        assert_eq!(
-            v.get(key).map_or(0, |n| n.as_u64().unwrap()),
-            0,
-            "{key}: {v}"
-        );
-    }
-    let info = Command::new(&q.img)
-        .args([
-            "info",
-            "--output=json",
-            "--object",
-            &secret(),
-            "--image-opts",
-        ])
-        .arg(image_opts(img))
-        .output()
-        .unwrap();
-    assert!(info.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    q.assert_encrypted_clean(&secret(), "qcow2", img);
+    let v = json_of(&mut q.encrypted(&["info", "--output=json"], &secret(), &image_opts(img)));
     assert_eq!(v["encrypted"], true, "{v}");
     assert_eq!(v["format-specific"]["data"]["encrypt"]["format"], "luks");
 }
@@ -94,6 +53,18 @@ fn enc_opts(extra: &str) -> String {
     s
 }
 
+/// `qimg create -f qcow2` of an encrypted image ([`enc_opts`] with
+/// `extra`) of `size`.
+fn qimg_create(img: &Path, extra: &str, size: &str) {
+    run_ok(
+        qimg()
+            .args(["create", "-q", "-f", "qcow2", "--object", &secret(), "-o"])
+            .arg(enc_opts(extra))
+            .arg(img)
+            .arg(size),
+    );
+}
+
 const CASES: [&str; 4] = [
     "",
     "cluster_size=512",
@@ -108,13 +79,7 @@ fn create_then_qemu_checks_and_reads_zeros() {
     for extra in CASES {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("e.qcow2");
-        run_ok(
-            qimg()
-                .args(["create", "-q", "-f", "qcow2", "--object", &secret(), "-o"])
-                .arg(enc_opts(extra))
-                .arg(&img)
-                .arg("3M"),
-        );
+        qimg_create(&img, extra, "3M");
         check_clean(&q, &img);
         let raw = dir.path().join("out.raw");
         qemu_raw(&q, &img, &raw);
@@ -181,13 +146,7 @@ fn writer_with_key_encrypts_partial_writes() {
     for extra in ["", "cluster_size=512"] {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("e.qcow2");
-        run_ok(
-            qimg()
-                .args(["create", "-q", "-f", "qcow2", "--object", &secret(), "-o"])
-                .arg(enc_opts(extra))
-                .arg(&img)
-                .arg("1M"),
-        );
+        qimg_create(&img, extra, "1M");
         let key = unlock(&img);
         let mut w = Qcow2Writer::open_with_key(FileDevice::open_rw(&img).unwrap(), key).unwrap();
         let a = pattern(3000, 1, 0);
@@ -212,34 +171,10 @@ fn snapshot_copies_use_different_ivs() {
     let Some(q) = Qemu::find() else { return };
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("e.qcow2");
-    run_ok(
-        qimg()
-            .args(["create", "-q", "-f", "qcow2", "--object", &secret(), "-o"])
-            .arg(enc_opts(""))
-            .arg(&img)
-            .arg("1M"),
-    );
-    let qemu_io = |cmd: &str| {
-        run_ok(
-            Command::new(&q.io)
-                .args(["--object", &secret(), "--image-opts"])
-                .arg(image_opts(&img))
-                .args(["-c", cmd]),
-        );
-    };
+    qimg_create(&img, "", "1M");
+    let qemu_io = |cmd: &str| q.io_encrypted(&secret(), "qcow2", &img, &[cmd]);
     qemu_io("write -P 0x55 0 64k");
-    run_ok(
-        Command::new(&q.img)
-            .args([
-                "snapshot",
-                "--object",
-                &secret(),
-                "--image-opts",
-                "-c",
-                "s1",
-            ])
-            .arg(image_opts(&img)),
-    );
+    run_ok(&mut q.encrypted(&["snapshot", "-c", "s1"], &secret(), &image_opts(&img)));
     qemu_io("write -P 0x55 0 64k");
     check_clean(&q, &img);
 
@@ -319,14 +254,7 @@ fn partial_writes_copy_on_write_across_encrypted_and_plain_layers() {
 
     // (a) An encrypted overlay (made by qimg) over a plain base.
     let base = d.join("base.qcow2");
-    q.img(&[
-        "convert",
-        "-q",
-        "-O",
-        "qcow2",
-        src.to_str().unwrap(),
-        base.to_str().unwrap(),
-    ]);
+    q.convert(&["-q", "-O", "qcow2"], &src, &base);
     let top = d.join("top.qcow2");
     run_ok(
         qimg()
@@ -398,12 +326,12 @@ fn partial_writes_copy_on_write_across_encrypted_and_plain_layers() {
         w.close().unwrap();
     }
     // qemu-img opens the backing file to check, so it needs its key.
-    let out = Command::new(&q.img)
-        .args(["check", "--object", &secret(), "--image-opts"])
-        .arg(format!(
-            "driver=qcow2,file.filename={},backing.encrypt.key-secret=s0",
-            top2.display()
-        ))
+    let backing_opts = format!(
+        "driver=qcow2,file.filename={},backing.encrypt.key-secret=s0",
+        top2.display()
+    );
+    let out = q
+        .encrypted(&["check"], &secret(), &backing_opts)
         .output()
         .unwrap();
     assert!(
@@ -413,19 +341,7 @@ fn partial_writes_copy_on_write_across_encrypted_and_plain_layers() {
     );
     let out = d.join("b.raw");
     run_ok(
-        Command::new(&q.img)
-            .args([
-                "convert",
-                "-O",
-                "raw",
-                "--object",
-                &secret(),
-                "--image-opts",
-            ])
-            .arg(format!(
-                "driver=qcow2,file.filename={},backing.encrypt.key-secret=s0",
-                top2.display()
-            ))
+        q.encrypted(&["convert", "-O", "raw"], &secret(), &backing_opts)
             .arg(&out),
     );
     assert!(
@@ -447,21 +363,7 @@ fn convert_into_an_existing_encrypted_image() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let img = d.join("dst.qcow2");
-    run_ok(
-        Command::new(&q.img)
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "--object",
-                &secret(),
-                "-o",
-                &enc_opts(""),
-            ])
-            .arg(&img)
-            .arg("4M"),
-    );
+    q.create_encrypted(&img, &secret(), &enc_opts(""), &[], "4M");
     let data = pattern(3 << 20, 19, 5);
     let src = write_tmp(d, "src.raw", &data);
     run_ok(

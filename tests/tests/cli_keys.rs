@@ -6,10 +6,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers fail loudly
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
+use qimg_tests::cryptsetup::Cryptsetup;
 use qimg_tests::qemu::{pattern, write_tmp, Qemu};
-use qimg_tests::{json_of, qimg, run_ok, sha256_file, tool};
+use qimg_tests::{
+    json_of, qimg, qimg_create_luks, qimg_header_backup, qimg_header_restore, qimg_luks,
+    qimg_luks_dump, qimg_on_pty, run_fails as fails, run_ok, sha256_file, sparse_file, tool,
+};
 
 /// The passphrases used here; `s{i}` is the secret id of `PASS[i]`.
 const PASS: [&str; 4] = ["first pass", "second pass", "third pass", "fourth pass"];
@@ -32,14 +36,6 @@ fn as_s0(i: usize) -> String {
 
 fn key_file(dir: &Path, i: usize) -> PathBuf {
     write_tmp(dir, &format!("key{i}"), PASS[i].as_bytes())
-}
-
-/// Runs `cmd` expecting failure; returns its standard error.
-fn fails(cmd: &mut Command) -> String {
-    let out: Output = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{cmd:?} should fail\n{err}");
-    err
 }
 
 /// qemu-img's view of the image's active key slots.
@@ -69,18 +65,27 @@ fn qemu_reads(q: &Qemu, driver: &str, img: &Path, i: usize, want: &Path) {
     assert_eq!(sha256_file(&out), sha256_file(want), "{}", img.display());
 }
 
+/// `qimg convert -O raw` of `img` unlocked with passphrase `i`, to `out`.
+fn qimg_decrypt(img: &Path, i: usize, out: &Path) -> Command {
+    let dir = img.parent().unwrap();
+    let mut c = qimg();
+    c.args(["convert", "-O", "raw", "--key-file"])
+        .arg(key_file(dir, i))
+        .arg(img)
+        .arg(out);
+    c
+}
+
 /// qimg decrypts `img` with passphrase `i` to exactly `want`.
 fn qimg_reads(img: &Path, i: usize, want: &Path) {
     let out = img.with_extension("qimg.raw");
-    let dir = img.parent().unwrap();
-    run_ok(
-        qimg()
-            .args(["convert", "-O", "raw", "--key-file"])
-            .arg(key_file(dir, i))
-            .arg(img)
-            .arg(&out),
-    );
+    run_ok(&mut qimg_decrypt(img, i, &out));
     assert_eq!(sha256_file(&out), sha256_file(want), "{}", img.display());
+}
+
+/// amend's options adding a key slot for passphrase `i` (fast PBKDF).
+fn add_slot(i: usize) -> String {
+    format!("encrypt.state=active,encrypt.new-secret=s{i},encrypt.iter-time=10")
 }
 
 /// `qemu-img amend --image-opts` unlocking with secret `s{unlock}`.
@@ -125,34 +130,17 @@ fn encrypted_qcow2(
     }
     let args = ["convert", "-O", "qcow2", "--object", &as_s0(0), "-o", &o];
     if by_qemu {
-        q.img(&[&args[..], &[src.to_str().unwrap(), img.to_str().unwrap()]].concat());
+        q.convert(&args[1..], src, &img);
     } else {
         run_ok(qimg().args(args).arg(src).arg(&img));
     }
     img
 }
 
-/// qemu-img check of an encrypted qcow2 image: no errors, no leaks.
-fn qemu_check_clean(q: &Qemu, img: &Path) {
-    let out = run_ok(
-        Command::new(&q.img)
-            .args([
-                "check",
-                "--output=json",
-                "--object",
-                &as_s0(0),
-                "--image-opts",
-            ])
-            .arg(format!(
-                "driver=qcow2,file.filename={},encrypt.key-secret=s0",
-                img.display()
-            )),
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    assert!(
-        v.get("corruptions").is_none() && v.get("leaks").is_none(),
-        "{v}"
-    );
+/// qemu-img check of an encrypted qcow2 image unlocked with passphrase
+/// `i`: no errors, no leaks.
+fn qemu_check_clean(q: &Qemu, img: &Path, i: usize) {
+    q.assert_encrypted_clean(&as_s0(i), "qcow2", img);
 }
 
 #[test]
@@ -164,17 +152,11 @@ fn qcow2_key_slots_added_and_erased_by_either_tool_work_in_the_other() {
 
     // (a) qemu-img's image, a slot added by qimg, opened by qemu-img.
     let theirs = encrypted_qcow2(&q, d, &src, "theirs.qcow2", "", true);
-    run_ok(&mut qimg_amend(
-        d,
-        &theirs,
-        0,
-        "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10",
-        false,
-    ));
+    run_ok(&mut qimg_amend(d, &theirs, 0, &add_slot(1), false));
     assert_eq!(active_slots(&q, &theirs)[..3], [true, true, false]);
     info_agrees(&q, &theirs);
     qemu_reads(&q, "qcow2", &theirs, 1, &src);
-    qemu_check_clean(&q, &theirs);
+    qemu_check_clean(&q, &theirs, 0);
     // A chosen slot, through qemu-img's --image-opts spelling.
     run_ok(
         qimg()
@@ -195,14 +177,7 @@ fn qcow2_key_slots_added_and_erased_by_either_tool_work_in_the_other() {
 
     // (b) qimg's image, a slot added by qemu-img, opened by qimg.
     let ours = encrypted_qcow2(&q, d, &src, "ours.qcow2", "", false);
-    run_ok(&mut qemu_amend(
-        &q,
-        d,
-        &ours,
-        0,
-        "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10",
-        false,
-    ));
+    run_ok(&mut qemu_amend(&q, d, &ours, 0, &add_slot(1), false));
     qimg_reads(&ours, 1, &src);
     info_agrees(&q, &ours);
 
@@ -216,25 +191,10 @@ fn qcow2_key_slots_added_and_erased_by_either_tool_work_in_the_other() {
         false,
     ));
     assert_eq!(active_slots(&q, &theirs)[..2], [false, true]);
-    let err = fails(
-        Command::new(&q.img)
-            .args([
-                "convert",
-                "-O",
-                "raw",
-                "--object",
-                &as_s0(0),
-                "--image-opts",
-            ])
-            .arg(format!(
-                "driver=qcow2,file.filename={},encrypt.key-secret=s0",
-                theirs.display()
-            ))
-            .arg(d.join("no.raw")),
-    );
+    let err = fails(&mut q.decrypt_cmd(&as_s0(0), "qcow2", &theirs, "", &d.join("no.raw")));
     assert!(err.contains("Invalid password"), "{err}");
     qemu_reads(&q, "qcow2", &theirs, 1, &src);
-    qemu_check_clean_with(&q, &theirs, 1);
+    qemu_check_clean(&q, &theirs, 1);
 
     run_ok(&mut qemu_amend(
         &q,
@@ -244,13 +204,7 @@ fn qcow2_key_slots_added_and_erased_by_either_tool_work_in_the_other() {
         "encrypt.state=inactive,encrypt.keyslot=0",
         false,
     ));
-    fails(
-        qimg()
-            .args(["convert", "-O", "raw", "--key-file"])
-            .arg(key_file(d, 0))
-            .arg(&ours)
-            .arg(d.join("no.raw")),
-    );
+    fails(&mut qimg_decrypt(&ours, 0, &d.join("no.raw")));
     qimg_reads(&ours, 1, &src);
 
     // The last slot: refused without --force by both, then erased by qimg
@@ -265,36 +219,7 @@ fn qcow2_key_slots_added_and_erased_by_either_tool_work_in_the_other() {
     );
     run_ok(&mut qimg_amend(d, &ours, 1, last, true));
     assert!(active_slots(&q, &ours).iter().all(|a| !a));
-    fails(
-        qimg()
-            .args(["convert", "-O", "raw", "--key-file"])
-            .arg(key_file(d, 1))
-            .arg(&ours)
-            .arg(d.join("no.raw")),
-    );
-}
-
-/// qemu-img check unlocking with passphrase `i`.
-fn qemu_check_clean_with(q: &Qemu, img: &Path, i: usize) {
-    let out = run_ok(
-        Command::new(&q.img)
-            .args([
-                "check",
-                "--output=json",
-                "--object",
-                &as_s0(i),
-                "--image-opts",
-            ])
-            .arg(format!(
-                "driver=qcow2,file.filename={},encrypt.key-secret=s0",
-                img.display()
-            )),
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    assert!(
-        v.get("corruptions").is_none() && v.get("leaks").is_none(),
-        "{v}"
-    );
+    fails(&mut qimg_decrypt(&ours, 1, &d.join("no.raw")));
 }
 
 /// Every refusal of qemu-img amend, given to qimg amend on the same image:
@@ -306,14 +231,7 @@ fn amend_refuses_what_qemu_img_refuses_with_its_messages() {
     let d = dir.path();
     let src = write_tmp(d, "src.raw", &pattern(64 << 10, 12, 0));
     let img = encrypted_qcow2(&q, d, &src, "r.qcow2", "", true);
-    run_ok(&mut qemu_amend(
-        &q,
-        d,
-        &img,
-        0,
-        "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10",
-        false,
-    ));
+    run_ok(&mut qemu_amend(&q, d, &img, 0, &add_slot(1), false));
     let before = std::fs::read(&img).unwrap();
     let cases = [
         "encrypt.state=active,encrypt.new-secret=s2,encrypt.keyslot=0",
@@ -415,17 +333,18 @@ fn amend_raw_luks_and_forced_overwrite() {
     let d = dir.path();
     let src = write_tmp(d, "src.raw", &pattern(256 << 10, 13, 2));
     let vol = d.join("v.luks");
-    q.img(&[
-        "convert",
-        "-O",
-        "luks",
-        "--object",
-        &as_s0(0),
-        "-o",
-        "key-secret=s0,iter-time=10",
-        src.to_str().unwrap(),
-        vol.to_str().unwrap(),
-    ]);
+    q.convert(
+        &[
+            "-O",
+            "luks",
+            "--object",
+            &as_s0(0),
+            "-o",
+            "key-secret=s0,iter-time=10",
+        ],
+        &src,
+        &vol,
+    );
     run_ok(
         qimg()
             .arg("amend")
@@ -460,237 +379,102 @@ fn amend_raw_luks_and_forced_overwrite() {
     info_agrees(&q, &vol);
     qemu_reads(&q, "luks", &vol, 2, &src);
     let out = d.join("no.raw");
-    let err = fails(
-        Command::new(&q.img)
-            .args([
-                "convert",
-                "-O",
-                "raw",
-                "--object",
-                &as_s0(0),
-                "--image-opts",
-            ])
-            .arg(format!(
-                "driver=luks,key-secret=s0,file.filename={}",
-                vol.display()
-            ))
-            .arg(&out),
-    );
+    let err = fails(&mut q.decrypt_cmd(&as_s0(0), "luks", &vol, "", &out));
     assert!(err.contains("Invalid password"), "{err}");
 
     // qemu-img's layout (payload right after the key material): the header
     // backup still matches cryptsetup's byte for byte.
-    let Some(cs) = tool("cryptsetup") else { return };
-    let (ours, theirs) = (d.join("v.qimg.hdr"), d.join("v.cs.hdr"));
-    run_ok(
-        qimg()
-            .args(["luks", "header-backup", "--header-backup-file"])
-            .arg(&ours)
-            .arg(&vol),
-    );
-    run_ok(
-        Command::new(&cs)
-            .args(["luksHeaderBackup", "--header-backup-file"])
-            .arg(&theirs)
-            .arg(&vol),
-    );
-    assert_eq!(
-        std::fs::read(&ours).unwrap(),
-        std::fs::read(&theirs).unwrap()
-    );
+    let Some(cs) = Cryptsetup::find() else { return };
+    cs.assert_same_backup(&vol, &d.join("v.qimg.hdr"), &d.join("v.cs.hdr"));
 }
 
 #[test]
 fn luks_key_verbs_agree_with_cryptsetup() {
-    let Some(cs) = tool("cryptsetup") else { return };
+    let Some(cs) = Cryptsetup::find() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let k: Vec<PathBuf> = (0..4).map(|i| key_file(d, i)).collect();
     let vol = d.join("v.luks");
-    std::fs::File::create(&vol)
-        .unwrap()
-        .set_len(3 << 20)
-        .unwrap();
-    run_ok(
-        Command::new(&cs)
-            .args([
-                "luksFormat",
-                "--type",
-                "luks1",
-                "-q",
-                "--iter-time",
-                "10",
-                "--key-file",
-            ])
-            .arg(&k[0])
-            .arg(&vol),
-    );
-    let opens = |key: &Path| {
-        Command::new(&cs)
-            .args(["open", "--test-passphrase", "--key-file"])
-            .arg(key)
-            .arg(&vol)
-            .output()
-            .unwrap()
-            .status
-            .success()
+    sparse_file(&vol, 3 << 20);
+    cs.format(&vol, None, &k[0], &["--type", "luks1", "--iter-time", "10"]);
+    let opens = |key: &Path| cs.opens(&vol, None, key, None);
+    let add_key = |extra: &[&str], key: &Path, new: &Path| {
+        qimg_luks(
+            "add-key",
+            &[&["-i", "10"], extra].concat(),
+            Some(key),
+            &vol,
+            Some(new),
+        )
     };
 
-    run_ok(
-        qimg()
-            .args(["luks", "add-key", "-i", "10", "--key-file"])
-            .arg(&k[0])
-            .arg(&vol)
-            .arg(&k[1]),
-    );
+    run_ok(&mut add_key(&[], &k[0], &k[1]));
     assert!(opens(&k[1]));
-    let e = fails(
-        qimg()
-            .args([
-                "luks",
-                "add-key",
-                "-i",
-                "10",
-                "--key-slot",
-                "1",
-                "--key-file",
-            ])
-            .arg(&k[0])
-            .arg(&vol)
-            .arg(&k[2]),
-    );
+    let e = fails(&mut add_key(&["--key-slot", "1"], &k[0], &k[2]));
     assert!(e.contains("Key slot 1 is full"), "{e}");
-    let e = fails(
-        qimg()
-            .args(["luks", "add-key", "-i", "10", "--key-file"])
-            .arg(&k[3])
-            .arg(&vol)
-            .arg(&k[2]),
-    );
+    let e = fails(&mut add_key(&[], &k[3], &k[2]));
     assert!(e.contains("No key available with this passphrase"), "{e}");
 
-    run_ok(
-        qimg()
-            .args(["luks", "change-key", "-i", "10", "--key-file"])
-            .arg(&k[1])
-            .arg(&vol)
-            .arg(&k[2]),
-    );
+    run_ok(&mut qimg_luks(
+        "change-key",
+        &["-i", "10"],
+        Some(&k[1]),
+        &vol,
+        Some(&k[2]),
+    ));
     assert!(!opens(&k[1]) && opens(&k[2]));
-    run_ok(qimg().args(["luks", "remove-key"]).arg(&vol).arg(&k[2]));
+    run_ok(&mut qimg_luks("remove-key", &[], None, &vol, Some(&k[2])));
     assert!(!opens(&k[2]) && opens(&k[0]));
 
     // cryptsetup adds a key; qimg opens the volume with it.
-    run_ok(
-        Command::new(&cs)
-            .args([
-                "luksAddKey",
-                "--iter-time",
-                "10",
-                "--key-slot",
-                "6",
-                "--key-file",
-            ])
-            .arg(&k[0])
-            .arg(&vol)
-            .arg(&k[3]),
+    cs.add_key(
+        &vol,
+        None,
+        &k[0],
+        &k[3],
+        &["--iter-time", "10", "--key-slot", "6"],
     );
-    let dump = json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(&vol));
-    assert_eq!(dump["slots"][6]["active"], true);
-    run_ok(
-        qimg()
-            .args(["luks", "remove-key", "--key-file"])
-            .arg(&k[3])
-            .arg(&vol),
-    );
+    assert_eq!(qimg_luks_dump(&vol)["slots"][6]["active"], true);
+    run_ok(&mut qimg_luks("remove-key", &[], Some(&k[3]), &vol, None));
     assert!(!opens(&k[3]));
 
     // header-backup is byte-identical to cryptsetup's.
     let ours = d.join("hdr.qimg");
-    let theirs = d.join("hdr.cs");
-    run_ok(
-        qimg()
-            .args(["luks", "header-backup", "--header-backup-file"])
-            .arg(&ours)
-            .arg(&vol),
-    );
-    run_ok(
-        Command::new(&cs)
-            .args(["luksHeaderBackup", "--header-backup-file"])
-            .arg(&theirs)
-            .arg(&vol),
-    );
-    assert_eq!(
-        std::fs::read(&ours).unwrap(),
-        std::fs::read(&theirs).unwrap()
-    );
-    fails(
-        qimg()
-            .args(["luks", "header-backup", "--header-backup-file"])
-            .arg(&ours)
-            .arg(&vol),
-    );
+    cs.assert_same_backup(&vol, &ours, &d.join("hdr.cs"));
+    fails(&mut qimg_header_backup(&vol, &ours));
 
     // The last key: refused without -q off a terminal, erased with it;
     // header-restore brings it back.
-    let e = fails(qimg().args(["luks", "remove-key"]).arg(&vol).arg(&k[0]));
+    let e = fails(&mut qimg_luks("remove-key", &[], None, &vol, Some(&k[0])));
     assert!(e.contains("last key slot"), "{e}");
     assert!(opens(&k[0]));
-    run_ok(
-        qimg()
-            .args(["luks", "remove-key", "-q"])
-            .arg(&vol)
-            .arg(&k[0]),
-    );
+    run_ok(&mut qimg_luks(
+        "remove-key",
+        &["-q"],
+        None,
+        &vol,
+        Some(&k[0]),
+    ));
     assert!(!opens(&k[0]));
-    run_ok(
-        qimg()
-            .args(["luks", "header-restore", "-q", "--header-backup-file"])
-            .arg(&ours)
-            .arg(&vol),
-    );
+    run_ok(&mut qimg_header_restore(&vol, &ours));
     assert!(opens(&k[0]));
 
     // header-restore refuses what cryptsetup refuses.
     let junk = write_tmp(d, "junk", &pattern(8192, 5, 0));
-    let e = fails(
-        qimg()
-            .args(["luks", "header-restore", "-q", "--header-backup-file"])
-            .arg(&junk)
-            .arg(&vol),
-    );
+    let e = fails(&mut qimg_header_restore(&vol, &junk));
     assert!(e.contains("does not contain compatible LUKS header"), "{e}");
     let other = d.join("other.luks");
-    std::fs::File::create(&other)
-        .unwrap()
-        .set_len(2 << 20)
-        .unwrap();
-    run_ok(
-        Command::new(&cs)
-            .args(["luksFormat", "--type", "luks1", "-q", "--iter-time", "10"])
-            .args(["--key-size", "256", "--key-file"])
-            .arg(&k[0])
-            .arg(&other),
+    sparse_file(&other, 2 << 20);
+    cs.format(
+        &other,
+        None,
+        &k[0],
+        &["--type", "luks1", "--iter-time", "10", "--key-size", "256"],
     );
     let other_hdr = d.join("other.hdr");
-    run_ok(
-        qimg()
-            .args(["luks", "header-backup", "--header-backup-file"])
-            .arg(&other_hdr)
-            .arg(&other),
-    );
-    let theirs = fails(
-        Command::new(&cs)
-            .args(["luksHeaderRestore", "-q", "--header-backup-file"])
-            .arg(&other_hdr)
-            .arg(&vol),
-    );
-    let ours = fails(
-        qimg()
-            .args(["luks", "header-restore", "-q", "--header-backup-file"])
-            .arg(&other_hdr)
-            .arg(&vol),
-    );
+    run_ok(&mut qimg_header_backup(&other, &other_hdr));
+    let theirs = fails(&mut cs.header_restore(&vol, &other_hdr));
+    let ours = fails(&mut qimg_header_restore(&vol, &other_hdr));
     assert!(ours.contains(theirs.trim()), "{ours} / {theirs}");
     assert!(opens(&k[0]));
 }
@@ -713,13 +497,7 @@ fn serpent_and_twofish_qcow2_interchange() {
     );
     qimg_reads(&serpent, 0, &src);
     info_agrees(&q, &serpent);
-    run_ok(&mut qimg_amend(
-        d,
-        &serpent,
-        0,
-        "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10",
-        false,
-    ));
+    run_ok(&mut qimg_amend(d, &serpent, 0, &add_slot(1), false));
     qemu_reads(&q, "qcow2", &serpent, 1, &src);
 
     let twofish = encrypted_qcow2(
@@ -731,15 +509,8 @@ fn serpent_and_twofish_qcow2_interchange() {
         false,
     );
     qemu_reads(&q, "qcow2", &twofish, 0, &src);
-    qemu_check_clean(&q, &twofish);
-    run_ok(&mut qemu_amend(
-        &q,
-        d,
-        &twofish,
-        0,
-        "encrypt.state=active,encrypt.new-secret=s2,encrypt.iter-time=10",
-        false,
-    ));
+    qemu_check_clean(&q, &twofish, 0);
+    run_ok(&mut qemu_amend(&q, d, &twofish, 0, &add_slot(2), false));
     qimg_reads(&twofish, 2, &src);
     info_agrees(&q, &twofish);
 }
@@ -753,36 +524,9 @@ fn new_keys_are_asked_twice_on_a_terminal() {
     let d = dir.path();
     let vol = d.join("t.luks");
     let k0 = key_file(d, 0);
-    run_ok(
-        qimg()
-            .args(["create", "-q", "-f", "luks", "--key-file"])
-            .arg(&k0)
-            .args(["-o", "iter-time=10"])
-            .arg(&vol)
-            .arg("1M"),
-    );
+    qimg_create_luks(&vol, &k0, "iter-time=10", "1M");
     // `script` runs qimg on a pseudo-terminal fed from our standard input.
-    let under_pty_cmd = |args: &str, input: &str| {
-        let cmd = format!("{} {args}", qimg_tests::qimg_bin().display());
-        let mut child = Command::new(&script)
-            .args(["-qec", &cmd, "/dev/null"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
+    let under_pty_cmd = |args: &str, input: &str| qimg_on_pty(&script, args, input);
     let add = format!(
         "luks add-key -i 10 --key-file {} {}",
         k0.display(),
@@ -801,41 +545,31 @@ fn new_keys_are_asked_twice_on_a_terminal() {
             .arg(&vol)
             .arg(d.join("out.raw")),
     );
-    let dump = json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(&vol));
+    let dump = qimg_luks_dump(&vol);
     assert_eq!(dump["slots"][1]["active"], true);
     assert_eq!(dump["slots"][2]["active"], false);
 
     // Off a terminal with no key given, qimg says how to give one.
     let e = fails(
-        qimg()
-            .args(["luks", "add-key", "-i", "10", "--key-file"])
-            .arg(&k0)
-            .arg(&vol)
+        qimg_luks("add-key", &["-i", "10"], Some(&k0), &vol, None)
             .stdin(std::process::Stdio::null()),
     );
     assert!(e.contains("not a terminal"), "{e}");
 
     // Erasing the last key slot asks for YES on a terminal.
     let last = d.join("last.luks");
-    run_ok(
-        qimg()
-            .args(["create", "-q", "-f", "luks", "--key-file"])
-            .arg(&k0)
-            .args(["-o", "iter-time=10"])
-            .arg(&last)
-            .arg("1M"),
-    );
+    qimg_create_luks(&last, &k0, "iter-time=10", "1M");
     let remove = format!("luks remove-key {} {}", last.display(), k0.display());
     let (ok, out) = under_pty_cmd(&remove, "no\n");
     assert!(
         !ok && out.contains("last key slot") && out.contains("aborted"),
         "{out}"
     );
-    let dump = json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(&last));
+    let dump = qimg_luks_dump(&last);
     assert_eq!(dump["slots"][0]["active"], true);
     let (ok, out) = under_pty_cmd(&remove, "YES\n");
     assert!(ok, "{out}");
-    let dump = json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(&last));
+    let dump = qimg_luks_dump(&last);
     assert_eq!(dump["slots"][0]["active"], false);
 
     let out = qimg()
@@ -865,50 +599,35 @@ fn luks_key_verbs_on_encrypted_qcow2() {
     let src = write_tmp(d, "src.raw", &pattern(128 << 10, 15, 0));
     let img = encrypted_qcow2(&q, d, &src, "k.qcow2", "", true);
     let k: Vec<PathBuf> = (0..3).map(|i| key_file(d, i)).collect();
-    run_ok(
-        qimg()
-            .args(["luks", "add-key", "-i", "10", "--key-file"])
-            .arg(&k[0])
-            .arg(&img)
-            .arg(&k[1]),
-    );
-    run_ok(
-        qimg()
-            .args(["luks", "change-key", "-i", "10", "--key-file"])
-            .arg(&k[0])
-            .arg(&img)
-            .arg(&k[2]),
-    );
+    for (verb, new) in [("add-key", &k[1]), ("change-key", &k[2])] {
+        run_ok(&mut qimg_luks(
+            verb,
+            &["-i", "10"],
+            Some(&k[0]),
+            &img,
+            Some(new),
+        ));
+    }
     assert_eq!(active_slots(&q, &img)[..3], [false, true, true]);
     qemu_reads(&q, "qcow2", &img, 2, &src);
-    run_ok(qimg().args(["luks", "remove-key"]).arg(&img).arg(&k[2]));
+    run_ok(&mut qimg_luks("remove-key", &[], None, &img, Some(&k[2])));
     qemu_reads(&q, "qcow2", &img, 1, &src);
-    qemu_check_clean_with(&q, &img, 1);
+    qemu_check_clean(&q, &img, 1);
     assert_eq!(active_slots(&q, &img)[..3], [false, true, false]);
 
     // Header backup and restore of the LUKS region inside the image.
     let bak = d.join("k.hdr");
-    run_ok(
-        qimg()
-            .args(["luks", "header-backup", "--header-backup-file"])
-            .arg(&bak)
-            .arg(&img),
-    );
-    let dump = json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(&bak));
-    assert_eq!(dump["slots"][1]["active"], true);
-    run_ok(
-        qimg()
-            .args(["luks", "remove-key", "-q"])
-            .arg(&img)
-            .arg(&k[1]),
-    );
+    run_ok(&mut qimg_header_backup(&img, &bak));
+    assert_eq!(qimg_luks_dump(&bak)["slots"][1]["active"], true);
+    run_ok(&mut qimg_luks(
+        "remove-key",
+        &["-q"],
+        None,
+        &img,
+        Some(&k[1]),
+    ));
     assert!(active_slots(&q, &img).iter().all(|a| !a));
-    run_ok(
-        qimg()
-            .args(["luks", "header-restore", "-q", "--header-backup-file"])
-            .arg(&bak)
-            .arg(&img),
-    );
+    run_ok(&mut qimg_header_restore(&img, &bak));
     qemu_reads(&q, "qcow2", &img, 1, &src);
-    qemu_check_clean_with(&q, &img, 1);
+    qemu_check_clean(&q, &img, 1);
 }

@@ -4,10 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers fail loudly
 
 use std::path::Path;
-use std::process::Command;
 
+use qimg_tests::cryptsetup::{Cryptsetup, LUKS1_FAST};
 use qimg_tests::qemu::{encrypted_image_opts, pattern, write_tmp, Qemu};
-use qimg_tests::{assert_json_agrees, json_of, qimg, run_ok, sha256_file, tool};
+use qimg_tests::{assert_json_agrees, json_of, qimg, qimg_create_luks, run_ok, sha256_file};
 
 const PW: &str = "correct horse battery";
 
@@ -28,17 +28,11 @@ fn agree_encrypted(q: &Qemu, img: &Path, driver: &str, dir: &Path) {
             .args(["map", "--output", "json", "--object", &secret()])
             .arg(img),
     );
-    let theirs = json_of(
-        Command::new(&q.img)
-            .args([
-                "map",
-                "--output=json",
-                "--object",
-                &secret(),
-                "--image-opts",
-            ])
-            .arg(encrypted_image_opts(driver, img)),
-    );
+    let theirs = json_of(&mut q.encrypted(
+        &["map", "--output=json"],
+        &secret(),
+        &encrypted_image_opts(driver, img),
+    ));
     assert_eq!(ours, theirs, "{name}: map");
 
     let a = dir.join("qimg.raw");
@@ -70,17 +64,11 @@ fn luks_volumes_qemu_img_makes_read_identically() {
         if !extra.is_empty() {
             opts = format!("{opts},{extra}");
         }
-        q.img(&[
-            "convert",
-            "-O",
-            "luks",
-            "--object",
-            &secret(),
-            "-o",
-            &opts,
-            src.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ]);
+        q.convert(
+            &["-O", "luks", "--object", &secret(), "-o", &opts],
+            &src,
+            &img,
+        );
         agree_encrypted(&q, &img, "luks", dir.path());
     }
 }
@@ -88,33 +76,16 @@ fn luks_volumes_qemu_img_makes_read_identically() {
 #[test]
 fn luks_volumes_qimg_makes_work_in_cryptsetup_and_qemu_img() {
     let Some(q) = Qemu::find() else { return };
-    let Some(cs) = tool("cryptsetup") else { return };
+    let Some(cs) = Cryptsetup::find() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let key = write_tmp(d, "key", PW.as_bytes());
 
     // create -f luks, then the same volume from convert -O luks.
     let made = d.join("made.luks");
-    run_ok(
-        qimg()
-            .args(["create", "-q", "-f", "luks", "--key-file"])
-            .arg(&key)
-            .args(["-o", "iter-time=10"])
-            .arg(&made)
-            .arg("4M"),
-    );
-    run_ok(
-        Command::new(&cs)
-            .args(["open", "--test-passphrase", "--key-file"])
-            .arg(&key)
-            .arg(&made),
-    );
-    let dump = run_ok(Command::new(&cs).arg("luksDump").arg(&made));
-    let ours = run_ok(qimg().args(["luks", "dump"]).arg(&made));
-    assert_eq!(
-        String::from_utf8_lossy(&ours),
-        String::from_utf8_lossy(&dump)
-    );
+    qimg_create_luks(&made, &key, "iter-time=10", "4M");
+    cs.assert_opens(&made, None, &key);
+    cs.assert_same_dump(&made);
     assert_eq!(q.info(&made)["virtual-size"], 4 << 20);
 
     let data = pattern(3 << 20, 81, 3);
@@ -131,12 +102,7 @@ fn luks_volumes_qimg_makes_work_in_cryptsetup_and_qemu_img() {
                 .arg(&src)
                 .arg(&conv),
         );
-        run_ok(
-            Command::new(&cs)
-                .args(["open", "--test-passphrase", "--key-file"])
-                .arg(&key)
-                .arg(&conv),
-        );
+        cs.assert_opens(&conv, None, &key);
         let back = d.join("back.raw");
         q.decrypt_to_raw(&secret(), "luks", &conv, "", &back);
         assert!(std::fs::read(&back).unwrap() == data, "{opts}");
@@ -147,7 +113,7 @@ fn luks_volumes_qimg_makes_work_in_cryptsetup_and_qemu_img() {
 #[test]
 fn cryptsetup_volumes_with_detached_headers_open() {
     let Some(q) = Qemu::find() else { return };
-    let Some(cs) = tool("cryptsetup") else { return };
+    let Some(cs) = Cryptsetup::find() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let key = write_tmp(d, "key", PW.as_bytes());
@@ -156,22 +122,7 @@ fn cryptsetup_volumes_with_detached_headers_open() {
     std::fs::write(&data, pattern(2 << 20, 90, 0)).unwrap();
     // cryptsetup wants the detached header file to exist and be large enough.
     std::fs::write(&hdr, vec![0u8; 2 << 20]).unwrap();
-    run_ok(
-        Command::new(&cs)
-            .args([
-                "luksFormat",
-                "-q",
-                "--type",
-                "luks1",
-                "--pbkdf-force-iterations",
-                "1000",
-            ])
-            .args(["--header"])
-            .arg(&hdr)
-            .arg(&data)
-            .arg("--key-file")
-            .arg(&key),
-    );
+    cs.format(&data, Some(&hdr), &key, LUKS1_FAST);
     let ours = d.join("ours.raw");
     run_ok(
         qimg()
@@ -219,31 +170,17 @@ fn encrypted_qcow2_from_qemu_img_reads_identically() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("e.qcow2");
         let o = format!("{opts},cluster_size={cs},compat={compat}");
-        run_ok(
-            Command::new(&q.img)
-                .args([
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "--object",
-                    &secret(),
-                    "-o",
-                    &o,
-                ])
-                .arg(&img)
-                .arg("4M"),
-        );
+        q.create_encrypted(&img, &secret(), &o, &[], "4M");
         let data = write_tmp(dir.path(), "d.bin", &pattern(700 << 10, 5, 3));
-        run_ok(
-            Command::new(&q.io)
-                .args(["--object", &secret(), "--image-opts"])
-                .arg(encrypted_image_opts("qcow2", &img))
-                .args([
-                    "-c",
-                    &format!("write -s {} 100k {}", data.display(), 700 << 10),
-                ])
-                .args(["-c", "write -z 2m 64k", "-c", "write -P 0x7e 3m 5k"]),
+        q.io_encrypted(
+            &secret(),
+            "qcow2",
+            &img,
+            &[
+                &format!("write -s {} 100k {}", data.display(), 700 << 10),
+                "write -z 2m 64k",
+                "write -P 0x7e 3m 5k",
+            ],
         );
         agree_encrypted(&q, &img, "qcow2", dir.path());
     }
@@ -258,32 +195,14 @@ fn encrypted_overlay_over_a_plain_backing_file() {
     q.create(&base, "qcow2", "", "4M");
     q.io(&base, "qcow2", &["write -P 0x11 0 2M"]);
     let top = d.join("top.qcow2");
-    run_ok(
-        Command::new(&q.img)
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "--object",
-                &secret(),
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-            ])
-            .args([
-                "-o",
-                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-            ])
-            .arg(&top),
+    q.create_encrypted(
+        &top,
+        &secret(),
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        "",
     );
-    run_ok(
-        Command::new(&q.io)
-            .args(["--object", &secret(), "--image-opts"])
-            .arg(encrypted_image_opts("qcow2", &top))
-            .args(["-c", "write -P 0x22 1m 100k"]),
-    );
+    q.io_encrypted(&secret(), "qcow2", &top, &["write -P 0x22 1m 100k"]);
     agree_encrypted(&q, &top, "qcow2", d);
 }
 

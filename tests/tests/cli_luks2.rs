@@ -6,10 +6,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
-use std::process::Command;
 
+use qimg_tests::cryptsetup::{Cryptsetup, PBKDF2_FAST};
 use qimg_tests::qemu::{pattern, write_tmp};
-use qimg_tests::{json_of, qimg, run_ok, sha256_file, testdata, tool, unxz};
+use qimg_tests::{
+    json_of, qimg, qimg_luks_to_raw, run_fails, run_ok, sha256_file, sparse_file, testdata, unxz,
+};
 
 const PW: &str = "luks2 cli pass";
 
@@ -21,19 +23,13 @@ fn secret() -> String {
 const FAST_ARGON: &str =
     "luks-version=2,key-secret=s0,iter-time=10,pbkdf=argon2id,pbkdf-memory=8192,pbkdf-parallel=1,pbkdf-iterations=4";
 
-fn key_file(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
 #[test]
 fn qimg_created_luks2_passes_cryptsetup() {
-    let Some(cs) = tool("cryptsetup") else {
+    let Some(cs) = Cryptsetup::find() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path(), "key", PW);
+    let key = write_tmp(dir.path(), "key", PW.as_bytes());
     let img = dir.path().join("v.luks");
     run_ok(
         qimg()
@@ -44,15 +40,9 @@ fn qimg_created_luks2_passes_cryptsetup() {
             .arg(&img)
             .arg("2M"),
     );
-    let mut c = Command::new(&cs);
-    c.args(["open", "--test-passphrase", "--key-file"])
-        .arg(&key)
-        .arg(&img);
-    run_ok(&mut c);
+    cs.assert_opens(&img, None, &key);
     // Same text as cryptsetup's luksDump.
-    let theirs = String::from_utf8(run_ok(Command::new(&cs).arg("luksDump").arg(&img))).unwrap();
-    let ours = String::from_utf8(run_ok(qimg().args(["luks", "dump"]).arg(&img))).unwrap();
-    assert_eq!(ours, theirs);
+    let ours = cs.assert_same_dump(&img);
     assert!(ours.contains("Label:         \tqimgtest"), "{ours}");
     // The JSON metadata itself.
     let j = json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(&img));
@@ -66,11 +56,11 @@ fn qimg_created_luks2_passes_cryptsetup() {
 
 #[test]
 fn qimg_detached_header_opens_in_cryptsetup() {
-    let Some(cs) = tool("cryptsetup") else {
+    let Some(cs) = Cryptsetup::find() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path(), "key", PW);
+    let key = write_tmp(dir.path(), "key", PW.as_bytes());
     let hdr = dir.path().join("h.img");
     run_ok(
         qimg()
@@ -80,20 +70,9 @@ fn qimg_detached_header_opens_in_cryptsetup() {
             .arg("1M"),
     );
     let data = dir.path().join("d.img");
-    std::fs::File::create(&data)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let mut c = Command::new(&cs);
-    c.args(["open", "--test-passphrase", "--key-file"])
-        .arg(&key)
-        .arg("--header")
-        .arg(&hdr)
-        .arg(&data);
-    run_ok(&mut c);
-    let theirs = String::from_utf8(run_ok(Command::new(&cs).arg("luksDump").arg(&hdr))).unwrap();
-    let ours = String::from_utf8(run_ok(qimg().args(["luks", "dump"]).arg(&hdr))).unwrap();
-    assert_eq!(ours, theirs);
+    sparse_file(&data, 1 << 20);
+    cs.assert_opens(&data, Some(&hdr), &key);
+    let ours = cs.assert_same_dump(&hdr);
     assert!(ours.contains("offset: 0 [bytes]"), "{ours}");
     let info = json_of(
         qimg()
@@ -115,12 +94,12 @@ fn qimg_detached_header_opens_in_cryptsetup() {
 
 #[test]
 fn convert_through_luks2_and_cryptsetup_added_key() {
-    let Some(cs) = tool("cryptsetup") else {
+    let Some(cs) = Cryptsetup::find() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path(), "key", PW);
-    let key2 = key_file(dir.path(), "key2", "second key");
+    let key = write_tmp(dir.path(), "key", PW.as_bytes());
+    let key2 = write_tmp(dir.path(), "key2", b"second key");
     // An odd size: the 4096-byte-sector volume holds it zero-padded.
     let data = pattern((3 << 20) + 512, 5, 7);
     let raw = write_tmp(dir.path(), "in.raw", &data);
@@ -139,28 +118,9 @@ fn convert_through_luks2_and_cryptsetup_added_key() {
                 .arg(&raw)
                 .arg(&img),
         );
-        let mut c = Command::new(&cs);
-        c.args([
-            "luksAddKey",
-            "-q",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-            "--key-file",
-        ])
-        .arg(&key)
-        .arg(&img)
-        .arg(&key2);
-        run_ok(&mut c);
+        cs.add_key(&img, None, &key, &key2, PBKDF2_FAST);
         let out = dir.path().join(format!("{name}.raw"));
-        run_ok(
-            qimg()
-                .args(["convert", "-f", "luks", "-O", "raw", "--key-file"])
-                .arg(&key2)
-                .arg(&img)
-                .arg(&out),
-        );
+        run_ok(&mut qimg_luks_to_raw(&img, None, &key2, &out));
         let back = std::fs::read(&out).unwrap();
         let want = if name == "ar" {
             (3 << 20) + 4096
@@ -178,15 +138,9 @@ fn cryptsetup_luks2_volumes_convert() {
     let dir = tempfile::tempdir().unwrap();
     if let Some(src) = testdata("cryptsetup/compatimage2.img.xz") {
         let img = unxz(&src, dir.path());
-        let key = key_file(dir.path(), "k", "0123456789abcdef");
+        let key = write_tmp(dir.path(), "k", b"0123456789abcdef");
         let out = dir.path().join("c2.raw");
-        run_ok(
-            qimg()
-                .args(["convert", "-f", "luks", "-O", "raw", "--key-file"])
-                .arg(&key)
-                .arg(&img)
-                .arg(&out),
-        );
+        run_ok(&mut qimg_luks_to_raw(&img, None, &key, &out));
         assert_eq!(
             sha256_file(&out),
             "38ef2d1b8c387efb50680e1d3f234f170d2b7b6c6d9eb856b4f426543a6c4ef2"
@@ -196,48 +150,38 @@ fn cryptsetup_luks2_volumes_convert() {
             return;
         };
         qimg_tests::untar_xz(&src, dir.path());
-        let key = key_file(dir.path(), "k2", "blablabl");
-        let o = qimg()
-            .args(["convert", "-f", "luks", "-O", "raw", "--key-file"])
-            .arg(&key)
-            .arg(dir.path().join("luks2_header_requirements"))
-            .arg(dir.path().join("req.raw"))
-            .output()
-            .unwrap();
-        assert!(!o.status.success());
-        let err = String::from_utf8_lossy(&o.stderr);
+        let key = write_tmp(dir.path(), "k2", b"blablabl");
+        let err = run_fails(&mut qimg_luks_to_raw(
+            &dir.path().join("luks2_header_requirements"),
+            None,
+            &key,
+            &dir.path().join("req.raw"),
+        ));
         assert!(err.contains("req0"), "{err}");
     }
     // A detached header cryptsetup made.
-    let Some(cs) = tool("cryptsetup") else {
+    let Some(cs) = Cryptsetup::find() else {
         return;
     };
-    let key = key_file(dir.path(), "kd", PW);
+    let key = write_tmp(dir.path(), "kd", PW.as_bytes());
     let file = dir.path().join("data.img");
-    std::fs::File::create(&file)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    sparse_file(&file, 1 << 20);
     let hdr = dir.path().join("data.hdr");
-    let mut c = Command::new(&cs);
-    c.args([
-        "luksFormat",
-        "-q",
-        "--type",
-        "luks2",
-        "--pbkdf",
-        "argon2id",
-        "--pbkdf-memory",
-        "32768",
-        "--pbkdf-force-iterations",
-        "4",
-        "--header",
-    ])
-    .arg(&hdr)
-    .arg(&file)
-    .arg("--key-file")
-    .arg(&key);
-    run_ok(&mut c);
+    cs.format(
+        &file,
+        Some(&hdr),
+        &key,
+        &[
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "argon2id",
+            "--pbkdf-memory",
+            "32768",
+            "--pbkdf-force-iterations",
+            "4",
+        ],
+    );
     let info = json_of(
         qimg()
             .args(["info", "--output", "json", "--header"])
@@ -247,15 +191,7 @@ fn cryptsetup_luks2_volumes_convert() {
     assert_eq!(info["virtual-size"], 1 << 20);
     assert_eq!(info["format-specific"]["data"]["detached-header"], true);
     let out = dir.path().join("d.raw");
-    run_ok(
-        qimg()
-            .args(["convert", "-f", "luks", "-O", "raw", "--key-file"])
-            .arg(&key)
-            .arg("--header")
-            .arg(&hdr)
-            .arg(&file)
-            .arg(&out),
-    );
+    run_ok(&mut qimg_luks_to_raw(&file, Some(&hdr), &key, &out));
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 1 << 20);
 }
 
@@ -263,7 +199,7 @@ fn cryptsetup_luks2_volumes_convert() {
 /// unbound key slots, unknown KDFs and requirements included.
 #[test]
 fn dump_matches_cryptsetup_on_testdata() {
-    let Some(cs) = tool("cryptsetup") else {
+    let Some(cs) = Cryptsetup::find() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -285,9 +221,7 @@ fn dump_matches_cryptsetup_on_testdata() {
     images.push(dir.path().join("luks2_header_requirements"));
     images.push(dir.path().join("luks2_header_requirements_free"));
     for img in &images {
-        let theirs = String::from_utf8(run_ok(Command::new(&cs).arg("luksDump").arg(img))).unwrap();
-        let ours = String::from_utf8(run_ok(qimg().args(["luks", "dump"]).arg(img))).unwrap();
-        assert_eq!(ours, theirs, "{}", img.display());
+        cs.assert_same_dump(img);
     }
 }
 

@@ -111,16 +111,11 @@ fn compressed_zlib_and_zstd() {
         all.extend_from_slice(&text);
         std::fs::write(&src, &all).unwrap();
         let img = dir.path().join("c.qcow2");
-        q.img(&[
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            &format!("compression_type={ct}"),
-            src.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ]);
+        q.convert(
+            &["-c", "-O", "qcow2", "-o", &format!("compression_type={ct}")],
+            &src,
+            &img,
+        );
         agree(&q, &img, dir.path(), &[]);
     }
 }

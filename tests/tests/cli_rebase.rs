@@ -10,24 +10,12 @@ use std::process::Command;
 use qimg_tests::qemu::Qemu;
 use qimg_tests::{qimg, run_ok};
 
-fn read(q: &Qemu, img: &Path) -> Vec<u8> {
-    let out = img.with_extension("content");
-    let _ = std::fs::remove_file(&out);
-    q.to_raw(img, &out, &[]);
-    std::fs::read(&out).unwrap()
-}
-
 fn backing_keys(q: &Qemu, img: &Path) -> Vec<serde_json::Value> {
     let v = q.info(img);
     ["backing-filename", "backing-filename-format"]
         .iter()
         .map(|k| v.get(*k).cloned().unwrap_or_default())
         .collect()
-}
-
-fn check_clean(q: &Qemu, img: &Path) {
-    let (code, v) = q.check(img);
-    assert_eq!(code, 0, "{}: {v}", img.display());
 }
 
 #[test]
@@ -61,7 +49,7 @@ fn rebase_agrees_with_qemu_img() {
             p
         };
         let (ours, theirs) = (mk("ours.qcow2"), mk("theirs.qcow2"));
-        let before = read(&q, &ours);
+        let before = q.read_raw(&ours);
         let b = new.to_str().unwrap();
         run_ok(qimg().args(["rebase", "-b", b, "-F", "raw"]).arg(&ours));
         run_ok(
@@ -69,17 +57,17 @@ fn rebase_agrees_with_qemu_img() {
                 .args(["rebase", "-b", b, "-F", "raw"])
                 .arg(&theirs),
         );
-        check_clean(&q, &ours);
+        q.assert_clean(&ours, "rebase");
         assert!(
-            read(&q, &ours) == before,
+            q.read_raw(&ours) == before,
             "{opts}: safe rebase kept content"
         );
         assert_eq!(backing_keys(&q, &ours), backing_keys(&q, &theirs), "{opts}");
         // No backing at all: standalone, same content.
         run_ok(qimg().args(["rebase", "-b", ""]).arg(&ours));
         run_ok(Command::new(&q.img).args(["rebase", "-b", ""]).arg(&theirs));
-        check_clean(&q, &ours);
-        assert!(read(&q, &ours) == before, "{opts}: standalone");
+        q.assert_clean(&ours, "rebase");
+        assert!(q.read_raw(&ours) == before, "{opts}: standalone");
         assert_eq!(backing_keys(&q, &ours), backing_keys(&q, &theirs), "{opts}");
         // Unsafe: the name only; the content now comes from the new file.
         let bb = base.to_str().unwrap();
@@ -93,9 +81,9 @@ fn rebase_agrees_with_qemu_img() {
                 .args(["rebase", "-u", "-b", bb, "-F", "qcow2"])
                 .arg(&theirs),
         );
-        check_clean(&q, &ours);
+        q.assert_clean(&ours, "rebase");
         assert_eq!(backing_keys(&q, &ours), backing_keys(&q, &theirs), "{opts}");
-        assert!(read(&q, &ours) == read(&q, &theirs), "{opts}: -u");
+        assert!(q.read_raw(&ours) == q.read_raw(&theirs), "{opts}: -u");
         for f in [&ours, &theirs] {
             std::fs::remove_file(f).unwrap();
         }

@@ -12,26 +12,6 @@ use std::process::Command;
 use qimg_tests::qemu::{encrypted_image_opts, pattern, write_tmp, Qemu};
 use qimg_tests::{json_of, qimg, run_ok};
 
-/// `qemu-img check` (with `extra` arguments before the image) finds
-/// nothing: no corruption, no leak, exit 0.
-fn check_clean(q: &Qemu, extra: &[&str], img: &str, what: &str) {
-    let out = Command::new(&q.img)
-        .args(["check", "--output=json"])
-        .args(extra)
-        .arg(img)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    assert_eq!(out.status.code(), Some(0), "{what}: check: {v}");
-    for key in ["corruptions", "leaks", "check-errors"] {
-        assert_eq!(
-            v.get(key).map_or(0, |n| n.as_u64().unwrap()),
-            0,
-            "{what}: {key}: {v}"
-        );
-    }
-}
-
 /// Guest content as qemu-img reads it, optionally as of a snapshot.
 fn content(q: &Qemu, img: &Path, snapshot: Option<&str>, dir: &Path) -> Vec<u8> {
     let out = dir.join("content.raw");
@@ -111,12 +91,12 @@ fn snapshots_interoperate_with_qemu_img() {
         let a = content(&q, &img, None, d);
         // qimg takes snapshot 1, then overwrites everything (B).
         qimg_snap(&["-c", "one"], &img);
-        check_clean(&q, &[], img.to_str().unwrap(), &format!("{opts}: -c one"));
+        q.assert_check_clean(&[], img.to_str().unwrap(), &format!("{opts}: -c one"));
         assert_eq!(lists_agree(&q, &img, opts), 1);
         let b = pattern(len, 7, 3);
         let b_file = write_tmp(d, "b.raw", &b);
         qimg_write(&img, &b_file);
-        check_clean(&q, &[], img.to_str().unwrap(), &format!("{opts}: write B"));
+        q.assert_check_clean(&[], img.to_str().unwrap(), &format!("{opts}: write B"));
         assert!(content(&q, &img, None, d) == b, "{opts}: B");
         assert!(content(&q, &img, Some("one"), d) == a, "{opts}: one kept A");
         // qemu-img takes snapshot 2 of B; qimg writes C over part of it.
@@ -126,7 +106,7 @@ fn snapshots_interoperate_with_qemu_img() {
         c[..len / 2].copy_from_slice(&pattern(len / 2, 9, 0));
         let c_file = write_tmp(d, "c.raw", &c);
         qimg_write(&img, &c_file);
-        check_clean(&q, &[], img.to_str().unwrap(), &format!("{opts}: write C"));
+        q.assert_check_clean(&[], img.to_str().unwrap(), &format!("{opts}: write C"));
         assert!(content(&q, &img, Some("two"), d) == b, "{opts}: two kept B");
         // qemu-img applies qimg's snapshot, qimg applies qemu-img's.
         qemu_snap(&q, &["-a", "one"], &img);
@@ -135,26 +115,21 @@ fn snapshots_interoperate_with_qemu_img() {
             "{opts}: -a one by qemu-img"
         );
         qimg_snap(&["-a", "two"], &img);
-        check_clean(&q, &[], img.to_str().unwrap(), &format!("{opts}: -a two"));
+        q.assert_check_clean(&[], img.to_str().unwrap(), &format!("{opts}: -a two"));
         assert!(content(&q, &img, None, d) == b, "{opts}: -a two by qimg");
         qimg_snap(&["-a", "1"], &img);
-        check_clean(&q, &[], img.to_str().unwrap(), &format!("{opts}: -a 1"));
+        q.assert_check_clean(&[], img.to_str().unwrap(), &format!("{opts}: -a 1"));
         assert!(content(&q, &img, None, d) == a, "{opts}: -a by id");
         // qemu-img deletes qimg's, qimg deletes qemu-img's.
         qemu_snap(&q, &["-d", "one"], &img);
-        check_clean(&q, &[], img.to_str().unwrap(), &format!("{opts}: -d one"));
+        q.assert_check_clean(&[], img.to_str().unwrap(), &format!("{opts}: -d one"));
         qimg_snap(&["-d", "two"], &img);
-        check_clean(&q, &[], img.to_str().unwrap(), &format!("{opts}: -d two"));
+        q.assert_check_clean(&[], img.to_str().unwrap(), &format!("{opts}: -d two"));
         assert_eq!(lists_agree(&q, &img, opts), 0);
         assert!(content(&q, &img, None, d) == a, "{opts}: A after deletes");
         // And the image is still writable alone.
         qimg_write(&img, &b_file);
-        check_clean(
-            &q,
-            &[],
-            img.to_str().unwrap(),
-            &format!("{opts}: last write"),
-        );
+        q.assert_check_clean(&[], img.to_str().unwrap(), &format!("{opts}: last write"));
         assert!(content(&q, &img, None, d) == b, "{opts}: B again");
     }
 }
@@ -174,7 +149,7 @@ fn snapshot_errors() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("Could not create snapshot 'x'"));
-    check_clean(&q, &[], img.to_str().unwrap(), "refused");
+    q.assert_check_clean(&[], img.to_str().unwrap(), "refused");
     // 2-bit refcounts: a host cluster packed with three compressed
     // clusters is at the limit already; refused before anything changes.
     let img2 = dir.path().join("r2.qcow2");
@@ -186,7 +161,7 @@ fn snapshot_errors() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    check_clean(&q, &[], img2.to_str().unwrap(), "refcount limit");
+    q.assert_check_clean(&[], img2.to_str().unwrap(), "refcount limit");
     assert!(run_ok(qimg().args(["snapshot", "-l"]).arg(&img2)).is_empty());
     for verb in ["-a", "-d"] {
         let out = qimg()
@@ -222,7 +197,7 @@ fn snapshots_of_encrypted_images() {
     );
     let opts = encrypted_image_opts("qcow2", &img);
     let check = |what: &str| {
-        check_clean(&q, &["--object", secret, "--image-opts"], &opts, what);
+        q.assert_check_clean(&["--object", secret, "--image-opts"], &opts, what);
     };
     let plain = |what: &str| {
         let out = d.join("plain.raw");
@@ -275,14 +250,14 @@ fn apply_restores_the_snapshot_size() {
     let size = |img: &Path| q.info(img)["virtual-size"].as_u64().unwrap();
     for (name, want, len) in [("small", &small, 64 << 10), ("big", &big, 1 << 20)] {
         qimg_snap(&["-a", name], &img);
-        check_clean(&q, &[], img.to_str().unwrap(), name);
+        q.assert_check_clean(&[], img.to_str().unwrap(), name);
         assert_eq!(size(&img), len, "{name}");
         assert!(content(&q, &img, None, d) == *want, "{name}");
     }
     // From the small state, qemu-img reverts to qimg's big snapshot.
     qimg_snap(&["-a", "small"], &img);
     qemu_snap(&q, &["-a", "big"], &img);
-    check_clean(&q, &[], img.to_str().unwrap(), "qemu -a big");
+    q.assert_check_clean(&[], img.to_str().unwrap(), "qemu -a big");
     assert!(content(&q, &img, None, d) == big);
 }
 

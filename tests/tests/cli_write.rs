@@ -8,19 +8,6 @@ use std::process::Command;
 use qimg_tests::qemu::{pattern, write_tmp, Qemu};
 use qimg_tests::{qimg, run_ok};
 
-fn check_clean(q: &Qemu, img: &std::path::Path) {
-    let (code, v) = q.check(img);
-    assert_eq!(code, 0, "{}: qemu-img check: {v}", img.display());
-    // qemu-img leaves zero counts out of its JSON.
-    for key in ["corruptions", "leaks", "check-errors"] {
-        assert_eq!(
-            v.get(key).map_or(0, |n| n.as_u64().unwrap()),
-            0,
-            "{key}: {v}"
-        );
-    }
-}
-
 #[test]
 fn create_matches_qemu_img_options() {
     let Some(q) = Qemu::find() else { return };
@@ -45,7 +32,7 @@ fn create_matches_qemu_img_options() {
         }
         run_ok(cmd.arg(&ours).arg("5M"));
         q.create(&theirs, "qcow2", opts, "5M");
-        check_clean(&q, &ours);
+        q.assert_clean(&ours, opts);
         let (a, b) = (q.info(&ours), q.info(&theirs));
         for key in ["virtual-size", "cluster-size", "format-specific"] {
             assert_eq!(a[key], b[key], "{opts}: {key}");
@@ -109,7 +96,7 @@ fn convert_to_qcow2_plain_and_compressed() {
                 .arg(&src)
                 .arg(&img),
         );
-        check_clean(&q, &img);
+        q.assert_clean(&img, &format!("{extra:?}"));
         let back = d.join("back.raw");
         q.to_raw(&img, &back, &[]);
         let got = std::fs::read(&back).unwrap();
@@ -129,7 +116,7 @@ fn convert_to_qcow2_plain_and_compressed() {
             .arg(d.join("c1.qcow2"))
             .arg(&again),
     );
-    check_clean(&q, &again);
+    q.assert_clean(&again, "qcow2 to qcow2");
     run_ok(
         Command::new(&q.img)
             .args(["compare", "-q"])
@@ -161,13 +148,13 @@ fn overlays_and_resize() {
             ])
             .arg(&top),
     );
-    check_clean(&q, &top);
+    q.assert_clean(&top, "overlay");
     assert_eq!(q.info(&top)["virtual-size"], 4 << 20);
     assert_eq!(q.info(&top)["backing-filename"], "base.qcow2");
     q.io(&top, "qcow2", &["write -P 0x43 512k 4k"]);
 
     run_ok(qimg().args(["resize", "-q"]).arg(&top).arg("+2M"));
-    check_clean(&q, &top);
+    q.assert_clean(&top, "overlay");
     assert_eq!(q.info(&top)["virtual-size"], 6 << 20);
     let out = qimg().arg("resize").arg(&top).arg("1M").output().unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use qimg_tests::qemu::{encrypted_image_opts, pattern, write_tmp, Qemu};
-use qimg_tests::{assert_json_agrees, json_of, qimg, qimg_bin, run_ok, tool};
+use qimg_tests::{
+    assert_json_agrees, json_of, qimg, qimg_bin, qimg_create_luks, qimg_header_backup,
+    qimg_header_restore, qimg_luks, qimg_luks_dump, qimg_on_pty, run_ok, tool,
+};
 
 /// Top-level verbs every user reaches for (the tests below take the list
 /// from `qimg --help` and insist it holds at least these).
@@ -255,7 +258,7 @@ fn every_verb_agrees_with_qemu_img() {
     assert_eq!(qemu_compare(&q, &a, &a0), 0, "-a restores the snapshot");
     run_ok(qimg().args(["snapshot", "-d", "first"]).arg(&a));
     assert!(q.img(&["snapshot", "-l", a.to_str().unwrap()]).is_empty());
-    assert_eq!(q.check(&a).0, 0);
+    q.assert_clean(&a, "a");
     // compare: 0 same, 1 different, 2 error; -s strict on sizes; the same
     // codes as qemu-img's on the same pairs.
     let grown = write_tmp(d, "grown.raw", &{
@@ -302,7 +305,7 @@ fn every_verb_agrees_with_qemu_img() {
     assert_eq!(q.info(&r)["virtual-size"], 3 << 20);
     run_ok(qimg().args(["resize", "-q", "--shrink"]).arg(&r).arg("1M"));
     assert_eq!(q.info(&r)["virtual-size"], 1 << 20);
-    assert_eq!(q.check(&r).0, 0);
+    q.assert_clean(&r, "r");
     json_agrees(&q, &["info"], &r);
     // convert: -S 0 writes every byte, the default 4k leaves holes; -p -m
     // -W run too; -c compresses; -B names a backing file whose data must
@@ -338,13 +341,7 @@ fn every_verb_agrees_with_qemu_img() {
         .iter()
         .any(|e| e["compressed"] == true));
     let base = p("base.qcow2");
-    q.img(&[
-        "convert",
-        "-O",
-        "qcow2",
-        a0.to_str().unwrap(),
-        base.to_str().unwrap(),
-    ]);
+    q.convert(&["-O", "qcow2"], &a0, &base);
     q.io(&base, "qcow2", &["write -P 0x44 2M 64k"]);
     let top = p("top.qcow2");
     run_ok(
@@ -428,7 +425,7 @@ fn every_verb_agrees_with_qemu_img() {
     // commit: the overlay's data lands in its backing file.
     run_ok(qimg().args(["commit", "-q"]).arg(&ov));
     assert_eq!(qemu_compare(&q, &a, &ov_raw), 0);
-    assert_eq!(q.check(&a).0, 0);
+    q.assert_clean(&a, "a");
 }
 
 /// Bytes a file occupies on disk.
@@ -529,17 +526,11 @@ fn secrets_from_base64_files_and_stdin_never_show() {
         .stdout,
     )
     .unwrap();
-    let theirs = json_of(
-        Command::new(&q.img)
-            .args([
-                "map",
-                "--output=json",
-                "--object",
-                &file_obj,
-                "--image-opts",
-            ])
-            .arg(encrypted_image_opts("qcow2", &enc)),
-    );
+    let theirs = json_of(&mut q.encrypted(
+        &["map", "--output=json"],
+        &file_obj,
+        &encrypted_image_opts("qcow2", &enc),
+    ));
     assert!(assert_json_agrees(&ours, &theirs, "map") > 0);
     // amend adds a key slot qemu-img then opens.
     let obj2 = format!("secret,id=s1,file={}", kf2.display());
@@ -575,20 +566,16 @@ fn secrets_from_base64_files_and_stdin_never_show() {
             .arg("1M"),
         None,
     );
-    let dump = json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(&vol));
+    let dump = qimg_luks_dump(&vol);
     let info = q.info(&vol);
     assert!(assert_json_agrees(&dump, &info["format-specific"]["data"], "dump") >= 15);
-    let luks = |verb: &str, extra: &[&Path]| {
-        let mut c = qimg();
-        c.args(["luks", verb, "-q", "-i", "10", "--key-file"])
-            .arg(&kf)
-            .arg(&vol);
-        c.args(extra);
+    let luks = |verb: &str, extra: Option<&Path>| {
+        let mut c = qimg_luks(verb, &["-q", "-i", "10"], Some(&kf), &vol, extra);
         run_secretly(&mut c, None);
     };
-    luks("add-key", &[&kf2]);
+    luks("add-key", Some(&kf2));
     let active = |v: &Path| {
-        json_of(qimg().args(["luks", "dump", "--output", "json"]).arg(v))["slots"]
+        qimg_luks_dump(v)["slots"]
             .as_array()
             .unwrap()
             .iter()
@@ -597,32 +584,22 @@ fn secrets_from_base64_files_and_stdin_never_show() {
     };
     assert_eq!(active(&vol), 2);
     let hb = d.join("hdr.bin");
-    run_secretly(
-        qimg()
-            .args(["luks", "header-backup", "--header-backup-file"])
-            .arg(&hb)
-            .arg(&vol),
-        None,
-    );
-    luks("remove-key", &[&kf2]);
+    run_secretly(&mut qimg_header_backup(&vol, &hb), None);
+    luks("remove-key", Some(&kf2));
     assert_eq!(active(&vol), 1);
-    run_secretly(
-        qimg()
-            .args(["luks", "header-restore", "-q", "--header-backup-file"])
-            .arg(&hb)
-            .arg(&vol),
-        None,
-    );
+    run_secretly(&mut qimg_header_restore(&vol, &hb), None);
     assert_eq!(active(&vol), 2, "the backup had two key slots");
     let kf3 = write_tmp(d, "key3", b"third key");
-    {
-        let mut c = qimg();
-        c.args(["luks", "change-key", "-q", "-i", "10", "--key-file"])
-            .arg(&kf2)
-            .arg(&vol)
-            .arg(&kf3);
-        run_secretly(&mut c, None);
-    }
+    run_secretly(
+        &mut qimg_luks(
+            "change-key",
+            &["-q", "-i", "10"],
+            Some(&kf2),
+            &vol,
+            Some(&kf3),
+        ),
+        None,
+    );
     q.decrypt_to_raw(
         &format!("secret,id=s0,file={}", kf3.display()),
         "luks",
@@ -665,28 +642,8 @@ fn create_asks_for_a_new_passphrase_twice_on_a_terminal() {
     let Some(script) = tool("script") else { return };
     let dir = tempfile::tempdir().unwrap();
     let vol = dir.path().join("typed.luks");
-    let under_pty = |input: &str| {
-        let cmd = format!(
-            "{} create -f luks -o iter-time=10 {} 1M",
-            qimg_bin().display(),
-            vol.display()
-        );
-        let mut child = Command::new(&script)
-            .args(["-qec", &cmd, "/dev/null"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (out.status.success(), text(&out.stdout))
-    };
+    let args = format!("create -f luks -o iter-time=10 {} 1M", vol.display());
+    let under_pty = |input: &str| qimg_on_pty(&script, &args, input);
     let (ok, out) = under_pty("one typed\nother typed\n");
     assert!(
         !ok && out.contains("do not match") && out.contains("typed.luks"),
@@ -726,37 +683,19 @@ impl Broken {
         write_tmp(d, "cut-header.qcow2", &full[..100]);
         let kf = write_tmp(d, "key", SECRET.as_bytes());
         write_tmp(d, "wrong", b"wrong passphrase");
-        run_ok(
-            qimg()
-                .args([
-                    "create",
-                    "-q",
-                    "-f",
-                    "luks",
-                    "-o",
-                    "iter-time=10",
-                    "--key-file",
-                ])
-                .arg(&kf)
-                .arg(d.join("vol.luks"))
-                .arg("1M"),
-        );
-        run_ok(
-            qimg()
-                .args(["create", "-q", "-f", "luks", "--key-file"])
-                .arg(&kf)
-                .args(["-o", "luks-version=2,pbkdf=pbkdf2,iter-time=10"])
-                .arg(d.join("vol2.luks"))
-                .arg("1M"),
+        qimg_create_luks(&d.join("vol.luks"), &kf, "iter-time=10", "1M");
+        qimg_create_luks(
+            &d.join("vol2.luks"),
+            &kf,
+            "luks-version=2,pbkdf=pbkdf2,iter-time=10",
+            "1M",
         );
         let vol = std::fs::read(d.join("vol.luks")).unwrap();
         write_tmp(d, "cut.luks", &vol[..1000]);
-        run_ok(
-            qimg()
-                .args(["luks", "header-backup", "--header-backup-file"])
-                .arg(d.join("backup.bin"))
-                .arg(d.join("vol.luks")),
-        );
+        run_ok(&mut qimg_header_backup(
+            &d.join("vol.luks"),
+            &d.join("backup.bin"),
+        ));
         Self { dir }
     }
 

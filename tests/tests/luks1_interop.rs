@@ -16,7 +16,8 @@ use luks_core::error::Error;
 use luks_core::io::FileDevice;
 use luks_core::luks1::{self, FormatParams};
 use luks_core::{BlockIo, HashAlg, LuksVolume};
-use qimg_tests::{run_ok, sha256_hex, tool, OsRng};
+use qimg_tests::cryptsetup::{Cryptsetup, LUKS1_FAST};
+use qimg_tests::{run_ok, sha256_hex, sparse_file, tool, OsRng};
 
 const PW: &str = "interop-pass-1";
 const PW2: &str = "second passphrase";
@@ -34,32 +35,9 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
         .collect()
 }
 
-fn cryptsetup_format(cs: &Path, file: &Path, key: &Path, extra: &[&str]) {
-    let mut cmd = Command::new(cs);
-    cmd.args([
-        "luksFormat",
-        "-q",
-        "--type",
-        "luks1",
-        "--pbkdf-force-iterations",
-        "1000",
-    ])
-    .args(extra)
-    .arg(file)
-    .arg("-d")
-    .arg(key);
-    run_ok(&mut cmd);
-}
-
-fn test_passphrase(cs: &Path, file: &Path, key: &Path, header: Option<&Path>) -> bool {
-    let mut cmd = Command::new(cs);
-    cmd.args(["open", "--test-passphrase", "--key-file"])
-        .arg(key);
-    if let Some(h) = header {
-        cmd.arg("--header").arg(h);
-    }
-    cmd.arg(file);
-    cmd.output().unwrap().status.success()
+fn cryptsetup_format(cs: &Cryptsetup, file: &Path, key: &Path, extra: &[&str]) {
+    let args = [LUKS1_FAST, extra].concat();
+    cs.format(file, None, key, &args);
 }
 
 fn qemu_read(qemu: &Path, file: &Path, header: Option<&Path>, pw: &str, out: &Path) -> Vec<u8> {
@@ -101,15 +79,24 @@ fn read_payload(hdr_file: &Path, data_file: &Path, pass: &[u8], len: usize) -> V
     buf
 }
 
+/// `data` written through luks-core into the payload reads back the same.
+fn assert_round_trip(hdr_file: &Path, data_file: &Path, data: &[u8], what: &str) {
+    write_payload(hdr_file, data_file, PW.as_bytes(), data);
+    assert!(
+        read_payload(hdr_file, data_file, PW.as_bytes(), data.len()) == data,
+        "{what}: payload round trip"
+    );
+}
+
 fn sized_file(dir: &Path, name: &str, len: u64) -> PathBuf {
     let p = dir.join(name);
-    std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+    sparse_file(&p, len);
     p
 }
 
 #[test]
 fn cryptsetup_volumes_unlock_and_round_trip() {
-    let Some(cs) = tool("cryptsetup") else { return };
+    let Some(cs) = Cryptsetup::find() else { return };
     let qemu = tool("qemu-img");
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key");
@@ -135,13 +122,8 @@ fn cryptsetup_volumes_unlock_and_round_trip() {
         let f = sized_file(dir.path(), name, 4 << 20);
         cryptsetup_format(&cs, &f, &key, args);
         let data = pattern(1 << 20, i as u32);
-        write_payload(&f, &f, PW.as_bytes(), &data);
-        assert_eq!(
-            read_payload(&f, &f, PW.as_bytes(), data.len()),
-            data,
-            "{name}"
-        );
-        assert!(test_passphrase(&cs, &f, &key, None), "{name}");
+        assert_round_trip(&f, &f, &data, name);
+        assert!(cs.opens(&f, None, &key, None), "{name}");
         if let (true, Some(q)) = (qemu_can, &qemu) {
             let out = qemu_read(q, &f, None, PW, &dir.path().join(format!("{name}.raw")));
             assert_eq!(
@@ -155,7 +137,7 @@ fn cryptsetup_volumes_unlock_and_round_trip() {
 
 #[test]
 fn cryptsetup_detached_header() {
-    let Some(cs) = tool("cryptsetup") else { return };
+    let Some(cs) = Cryptsetup::find() else { return };
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key");
     std::fs::write(&key, PW).unwrap();
@@ -179,11 +161,7 @@ fn cryptsetup_detached_header() {
     let hdr = luks1::read_header(&mut hdev).unwrap();
     assert_eq!(hdr.payload_offset, 0);
     let data = pattern(1 << 20, 99);
-    write_payload(&hdr_file, &data_file, PW.as_bytes(), &data);
-    assert_eq!(
-        read_payload(&hdr_file, &data_file, PW.as_bytes(), data.len()),
-        data
-    );
+    assert_round_trip(&hdr_file, &data_file, &data, "detached header");
     if let Some(q) = tool("qemu-img") {
         let out = qemu_read(
             &q,
@@ -277,7 +255,7 @@ fn format_file(path: &Path, params: &FormatParams<'_>, size: u64) {
 
 #[test]
 fn luks_core_volumes_pass_cryptsetup_and_qemu() {
-    let cs = tool("cryptsetup");
+    let cs = Cryptsetup::find();
     let qemu = tool("qemu-img");
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key");
@@ -318,16 +296,11 @@ fn luks_core_volumes_pass_cryptsetup_and_qemu() {
         let f = dir.path().join(name);
         format_file(&f, params, 2 << 20);
         let data = pattern(2 << 20, 100 + i as u32);
-        write_payload(&f, &f, PW.as_bytes(), &data);
-        assert_eq!(
-            read_payload(&f, &f, PW.as_bytes(), data.len()),
-            data,
-            "{name}"
-        );
+        assert_round_trip(&f, &f, &data, name);
         if let Some(cs) = &cs {
-            run_ok(Command::new(cs).arg("luksDump").arg(&f));
+            cs.dump(&f);
             if *qemu_can {
-                assert!(test_passphrase(cs, &f, &key, None), "{name}");
+                assert!(cs.opens(&f, None, &key, None), "{name}");
             }
         }
         if let (true, Some(q)) = (qemu_can, &qemu) {
@@ -352,15 +325,11 @@ fn luks_core_detached_header_works_with_qemu_and_cryptsetup() {
         0,
     );
     let data = pattern(1 << 20, 5);
-    write_payload(&hdr_file, &data_file, PW.as_bytes(), &data);
-    assert_eq!(
-        read_payload(&hdr_file, &data_file, PW.as_bytes(), data.len()),
-        data
-    );
-    if let Some(cs) = tool("cryptsetup") {
+    assert_round_trip(&hdr_file, &data_file, &data, "detached header");
+    if let Some(cs) = Cryptsetup::find() {
         let key = dir.path().join("key");
         std::fs::write(&key, PW).unwrap();
-        assert!(test_passphrase(&cs, &data_file, &key, Some(&hdr_file)));
+        assert!(cs.opens(&data_file, Some(&hdr_file), &key, None));
     }
     if let Some(q) = tool("qemu-img") {
         let out = qemu_read(
@@ -446,13 +415,10 @@ fn key_slot_management_checked_by_cryptsetup() {
         Err(Error::KeySlotNotActive(3))
     ));
     drop(dev);
-    if let Some(cs) = tool("cryptsetup") {
-        assert!(
-            test_passphrase(&cs, &f, &k1, None),
-            "new passphrase accepted"
-        );
-        assert!(!test_passphrase(&cs, &f, &k2, None), "removed slot refused");
-        assert!(!test_passphrase(&cs, &f, &k3, None), "changed key refused");
+    if let Some(cs) = Cryptsetup::find() {
+        assert!(cs.opens(&f, None, &k1, None), "new passphrase accepted");
+        assert!(!cs.opens(&f, None, &k2, None), "removed slot refused");
+        assert!(!cs.opens(&f, None, &k3, None), "changed key refused");
     }
     // Key material of removed slots is wiped.
     let img = std::fs::read(&f).unwrap();

@@ -8,30 +8,14 @@ use std::path::{Path, PathBuf};
 
 use luks_core::error::{Error, Unsupported};
 use luks_core::io::FileDevice;
-use luks_core::luks2::{self, Argon2Block, Luks2Header};
+use luks_core::luks2::{self, Argon2Block};
 use luks_core::{BlockIo, LuksVolume};
+use qimg_tests::luks2::{header, memory};
 use qimg_tests::{hex, sha256_hex, testdata, untar_xz, unxz};
 
 fn image(dir: &Path, name: &str) -> Option<PathBuf> {
     let src = testdata(&format!("cryptsetup/{name}"))?;
     Some(unxz(&src, dir))
-}
-
-/// Argon2 memory for every key slot of `h`.
-fn memory(h: &Luks2Header) -> Vec<Argon2Block> {
-    let n = h
-        .meta
-        .keyslots
-        .iter()
-        .filter_map(luks2::argon2_blocks)
-        .max()
-        .unwrap_or(0);
-    vec![Argon2Block::new(); n]
-}
-
-fn header(dev: &mut FileDevice) -> Luks2Header {
-    let mut json = vec![0u8; 4 << 20];
-    luks2::read_header(dev, &mut json).unwrap()
 }
 
 /// Unlocks `path` (slot `slot`), checks the volume key and returns the

@@ -10,60 +10,18 @@ use std::path::Path;
 use std::process::Command;
 
 use luks_core::io::FileDevice;
+use luks_core::luks2;
 use luks_core::luks2::write::{self, FormatParams, KdfParams};
-use luks_core::luks2::{self, Argon2Block, Luks2Header};
 use luks_core::{BlockIo, HashAlg, LuksVolume};
-use qimg_tests::{hex, run_ok, tool, OsRng};
+use qimg_tests::cryptsetup::{Cryptsetup, PBKDF2_FAST};
+use qimg_tests::luks2::{header, memory};
+use qimg_tests::{hex, run_ok, sparse_file, tool, OsRng};
 
 const PW: &str = "luks2-interop";
 
-fn header(dev: &mut FileDevice) -> Luks2Header {
-    let mut json = vec![0u8; 4 << 20];
-    luks2::read_header(dev, &mut json).unwrap()
-}
-
-fn memory(h: &Luks2Header) -> Vec<Argon2Block> {
-    let n = h
-        .meta
-        .keyslots
-        .iter()
-        .filter_map(luks2::argon2_blocks)
-        .max()
-        .unwrap_or(0);
-    vec![Argon2Block::new(); n]
-}
-
-/// The volume key cryptsetup reads from `file` (header `hdr`) with `key`.
-fn cryptsetup_volume_key(cs: &Path, file: &Path, hdr: Option<&Path>, key: &Path) -> String {
-    let mut cmd = Command::new(cs);
-    cmd.args(["luksDump", "-q", "--dump-volume-key", "--key-file"])
-        .arg(key);
-    let target = hdr.unwrap_or(file);
-    cmd.arg(target);
-    let out = String::from_utf8(run_ok(&mut cmd)).unwrap();
-    // "MK dump:" / "Volume key:" followed by hex bytes over several lines.
-    let mut hexs = String::new();
-    let mut on = false;
-    for line in out.lines() {
-        if line.contains("MK dump:") || line.contains("key:") && line.starts_with("Volume") {
-            on = true;
-            hexs.push_str(line.split(':').nth(1).unwrap_or(""));
-            continue;
-        }
-        if on {
-            if line.starts_with(char::is_whitespace) && !line.trim().is_empty() {
-                hexs.push_str(line);
-            } else {
-                break;
-            }
-        }
-    }
-    hexs.split_whitespace().collect()
-}
-
 #[test]
 fn cryptsetup_formats_open_in_luks_core() {
-    let Some(cs) = tool("cryptsetup") else {
+    let Some(cs) = Cryptsetup::find() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -112,28 +70,20 @@ fn cryptsetup_formats_open_in_luks_core() {
             ],
             false,
         ),
-        (
-            "detached-pbkdf2",
-            &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"],
-            true,
-        ),
+        ("detached-pbkdf2", PBKDF2_FAST, true),
     ];
     for (name, extra, detached) in cases {
         let file = dir.path().join(name);
-        std::fs::File::create(&file)
-            .unwrap()
-            .set_len(20 << 20)
-            .unwrap();
+        sparse_file(&file, 20 << 20);
         let hdr = dir.path().join(format!("{name}.hdr"));
-        let mut cmd = Command::new(&cs);
-        cmd.args(["luksFormat", "-q", "--type", "luks2"])
-            .args(extra);
-        if detached {
-            cmd.arg("--header").arg(&hdr);
-        }
-        cmd.arg(&file).arg("--key-file").arg(&key);
-        run_ok(&mut cmd);
-        let want = cryptsetup_volume_key(&cs, &file, detached.then_some(hdr.as_path()), &key);
+        let hdr_arg = detached.then_some(hdr.as_path());
+        cs.format(
+            &file,
+            hdr_arg,
+            &key,
+            &[&["--type", "luks2"], extra].concat(),
+        );
+        let want = cs.volume_key(&file, hdr_arg, &key);
         assert!(want.len() >= 32, "{name}: {want}");
         let hpath = if detached { &hdr } else { &file };
         let mut hdev = FileDevice::open(hpath).unwrap();
@@ -161,7 +111,7 @@ fn cryptsetup_formats_open_in_luks_core() {
 
 #[test]
 fn luks_core_formats_pass_cryptsetup() {
-    let Some(cs) = tool("cryptsetup") else {
+    let Some(cs) = Cryptsetup::find() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -200,49 +150,26 @@ fn luks_core_formats_pass_cryptsetup() {
             write::format(&mut dev, &params, None, PW.as_bytes(), &mut OsRng::new()).unwrap();
         drop(dev);
         if detached {
-            std::fs::File::create(&file)
-                .unwrap()
-                .set_len(1 << 20)
-                .unwrap();
+            sparse_file(&file, 1 << 20);
         } else {
             let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
             f.set_len((17 << 20) + 65536).unwrap();
         }
-        let with_hdr = |cmd: &mut Command| {
-            if detached {
-                cmd.arg("--header").arg(&hdr);
-            }
-        };
-        let mut c = Command::new(&cs);
-        c.args(["open", "--test-passphrase", "--key-file"])
-            .arg(&key);
-        with_hdr(&mut c);
-        run_ok(c.arg(&file));
-        let dump = String::from_utf8(run_ok(Command::new(&cs).arg("luksDump").arg(hpath))).unwrap();
+        let hdr_arg = detached.then_some(hdr.as_path());
+        cs.assert_opens(&file, hdr_arg, &key);
+        let dump = cs.dump(hpath);
         assert!(dump.contains("Version:       \t2"), "{name}: {dump}");
         assert!(
             dump.contains(&format!("sector: {sector_size} [bytes]")),
             "{dump}"
         );
         assert_eq!(
-            cryptsetup_volume_key(&cs, &file, detached.then_some(hdr.as_path()), &key),
+            cs.volume_key(&file, hdr_arg, &key),
             hex(vk.as_bytes()),
             "{name}"
         );
         // cryptsetup adds a key; luks-core opens with it.
-        let mut c = Command::new(&cs);
-        c.args([
-            "luksAddKey",
-            "-q",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-            "--key-file",
-        ])
-        .arg(&key);
-        with_hdr(&mut c);
-        run_ok(c.arg(&file).arg(&key2));
+        cs.add_key(&file, hdr_arg, &key, &key2, PBKDF2_FAST);
         let mut hdev = FileDevice::open(hpath).unwrap();
         let h = header(&mut hdev);
         assert_eq!(h.hdr.seqid, 2, "{name}");
@@ -259,7 +186,7 @@ fn luks_core_formats_pass_cryptsetup() {
 /// decrypts with openssl's own AES-CBC under IV = 8 * sector number.
 #[test]
 fn large_sector_ivs_are_in_512_byte_units() {
-    let Some(cs) = tool("cryptsetup") else {
+    let Some(cs) = Cryptsetup::find() else {
         return;
     };
     let Some(openssl) = tool("openssl") else {
@@ -269,33 +196,27 @@ fn large_sector_ivs_are_in_512_byte_units() {
     let key = dir.path().join("key");
     std::fs::write(&key, PW).unwrap();
     let file = dir.path().join("cbc4k");
-    std::fs::File::create(&file)
-        .unwrap()
-        .set_len(17 << 20)
-        .unwrap();
-    run_ok(
-        Command::new(&cs)
-            .args([
-                "luksFormat",
-                "-q",
-                "--type",
-                "luks2",
-                "--cipher",
-                "aes-cbc-plain64",
-                "--key-size",
-                "256",
-                "--sector-size",
-                "4096",
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-            ])
-            .arg(&file)
-            .arg("--key-file")
-            .arg(&key),
+    sparse_file(&file, 17 << 20);
+    cs.format(
+        &file,
+        None,
+        &key,
+        &[
+            "--type",
+            "luks2",
+            "--cipher",
+            "aes-cbc-plain64",
+            "--key-size",
+            "256",
+            "--sector-size",
+            "4096",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+        ],
     );
-    let vk_hex = cryptsetup_volume_key(&cs, &file, None, &key);
+    let vk_hex = cs.volume_key(&file, None, &key);
     let mut dev = FileDevice::open_rw(&file).unwrap();
     let h = header(&mut dev);
     let (vk, _) = luks2::unlock(&mut dev, &h, PW.as_bytes(), None, &mut []).unwrap();
@@ -328,7 +249,7 @@ fn large_sector_ivs_are_in_512_byte_units() {
 /// reads and opens.
 #[test]
 fn every_metadata_size_passes_cryptsetup() {
-    let Some(cs) = tool("cryptsetup") else {
+    let Some(cs) = Cryptsetup::find() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -344,12 +265,8 @@ fn every_metadata_size_passes_cryptsetup() {
         let mut dev = FileDevice::create(&file).unwrap();
         write::format(&mut dev, &params, None, PW.as_bytes(), &mut OsRng::new()).unwrap();
         drop(dev);
-        let mut c = Command::new(&cs);
-        c.args(["open", "--test-passphrase", "--key-file"])
-            .arg(&key)
-            .arg(&file);
-        run_ok(&mut c);
-        let dump = String::from_utf8(run_ok(Command::new(&cs).arg("luksDump").arg(&file))).unwrap();
+        cs.assert_opens(&file, None, &key);
+        let dump = cs.dump(&file);
         assert!(
             dump.contains(&format!("Metadata area: \t{hdr_size} [bytes]")),
             "{dump}"
@@ -362,7 +279,7 @@ fn every_metadata_size_passes_cryptsetup() {
 /// tokens, and opens with exactly the passphrases that should open.
 #[test]
 fn luks_core_key_slots_on_cryptsetup_volumes() {
-    let Some(cs) = tool("cryptsetup") else {
+    let Some(cs) = Cryptsetup::find() else {
         return;
     };
     let Some(src) = qimg_tests::testdata("cryptsetup/luks2_header_requirements.tar.xz") else {
@@ -375,24 +292,14 @@ fn luks_core_key_slots_on_cryptsetup_volumes() {
     std::fs::write(&old, "blablabl").unwrap();
     let new = dir.path().join("new");
     std::fs::write(&new, "a new passphrase").unwrap();
-    let opens = |k: &Path| {
-        Command::new(&cs)
-            .args(["open", "--test-passphrase", "--key-file"])
-            .arg(k)
-            .arg(&img)
-            .output()
-            .unwrap()
-            .status
-            .success()
-    };
-    let tokens_before: Vec<String> =
-        String::from_utf8(run_ok(Command::new(&cs).arg("luksDump").arg(&img)))
-            .unwrap()
-            .lines()
-            .skip_while(|l| *l != "Tokens:")
-            .take_while(|l| *l != "Digests:")
-            .map(str::to_string)
-            .collect();
+    let opens = |k: &Path| cs.opens(&img, None, k, None);
+    let tokens_before: Vec<String> = cs
+        .dump(&img)
+        .lines()
+        .skip_while(|l| *l != "Tokens:")
+        .take_while(|l| *l != "Digests:")
+        .map(str::to_string)
+        .collect();
     assert!(tokens_before.len() > 2, "{tokens_before:?}");
 
     let mut dev = FileDevice::open_rw(&img).unwrap();
@@ -430,7 +337,7 @@ fn luks_core_key_slots_on_cryptsetup_volumes() {
     .unwrap();
     drop(dev);
     assert!(!opens(&old) && opens(&new));
-    let dump = String::from_utf8(run_ok(Command::new(&cs).arg("luksDump").arg(&img))).unwrap();
+    let dump = cs.dump(&img);
     assert!(
         dump.contains(&format!("Epoch:         \t{}", seqid + 2)),
         "{dump}"

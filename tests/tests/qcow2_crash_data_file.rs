@@ -15,11 +15,12 @@ use std::rc::Rc;
 use qcow_core::create::{create, CreateOptions};
 use qcow_core::io::VecDevice;
 use qcow_core::{BlockIo, Qcow2, Qcow2Writer};
+use qimg_tests::powercut::{cut_points, qemu_check, Spec, Workload};
 use qimg_tests::qemu::Qemu;
+use qimg_tests::tmpfs_tempdir;
 
 const SIZE: u64 = 2 << 20;
 const CLUSTER: u64 = 512;
-const OPS: usize = 200;
 /// Cut points validated per mode.
 const CUTS: u64 = 120;
 const QEMU_STRIDE: u64 = 8;
@@ -112,72 +113,20 @@ impl BlockIo for File {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Op {
-    Write { off: u64, len: u64, seed: u8 },
-    Zero { off: u64, len: u64 },
-    Discard { off: u64, len: u64 },
-}
-
-fn data_of(len: u64, seed: u8) -> Vec<u8> {
-    (0..len as usize)
-        .map(|i| seed.wrapping_add((i / 61) as u8) ^ (i as u8))
-        .collect()
-}
-
-fn ops() -> Vec<Op> {
-    let mut x = 0x0bad_cafe_1234_5677u64;
-    let mut next = move |n: u64| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x % n
-    };
-    (0..OPS)
-        .map(|_| {
-            let k = next(100);
-            let off = next(SIZE);
-            let len = (1 + next(24 << 10)).min(SIZE - off);
-            let seed = next(256) as u8;
-            match k {
-                0..=74 => Op::Write { off, len, seed },
-                75..=87 => Op::Zero { off, len },
-                _ => Op::Discard { off, len },
-            }
-        })
-        .collect()
-}
-
-fn apply(model: &mut [u8], op: Op) -> (usize, usize) {
-    match op {
-        Op::Write { off, len, seed } => {
-            model[off as usize..(off + len) as usize].copy_from_slice(&data_of(len, seed));
-            (off as usize, (off + len) as usize)
-        }
-        Op::Zero { off, len } => {
-            model[off as usize..(off + len) as usize].fill(0);
-            (off as usize, (off + len) as usize)
-        }
-        Op::Discard { off, len } => {
-            let s = off.div_ceil(CLUSTER) * CLUSTER;
-            let e = (off + len) / CLUSTER * CLUSTER;
-            if s < e {
-                model[s as usize..e as usize].fill(0);
-                (s as usize, e as usize)
-            } else {
-                (0, 0)
-            }
-        }
-    }
-}
-
-fn run_op(w: &mut Qcow2Writer<File>, op: Op) -> Result<(), qcow_core::Error<PowerCut>> {
-    match op {
-        Op::Write { off, len, seed } => w.write(off, &data_of(len, seed))?,
-        Op::Zero { off, len } => w.write_zeroes(off, len)?,
-        Op::Discard { off, len } => w.discard(off, len)?,
-    }
-    w.flush()
+/// 200 operations: 75% writes of up to 24 KiB, 13% zero writes, 12%
+/// discards.
+fn workload() -> Workload {
+    Workload::new(&Spec {
+        seed: 0x0bad_cafe_1234_5677,
+        ops: 200,
+        size: SIZE,
+        cluster: CLUSTER,
+        max_len: 24 << 10,
+        write: 74,
+        zero: 87,
+        discard: 99,
+        period: 61,
+    })
 }
 
 /// A new image naming `data_path` as its data file, and the data file.
@@ -201,7 +150,7 @@ fn fresh(data_path: &str, raw: bool) -> (Vec<u8>, Vec<u8>) {
 /// survives of both files, the completed operations and the mutations.
 fn run(
     base: &(Vec<u8>, Vec<u8>),
-    ops: &[Op],
+    work: &Workload,
     cut: Option<u64>,
     drop_unflushed: bool,
 ) -> (Vec<u8>, Vec<u8>, usize, u64) {
@@ -215,13 +164,7 @@ fn run(
         .unwrap()
         .with_data_file(data)
         .unwrap();
-    let mut done = 0;
-    for &op in ops {
-        if run_op(&mut w, op).is_err() {
-            break;
-        }
-        done += 1;
-    }
+    let done = work.run(&mut w);
     let data = w.data_file_device().map(|d| {
         let bytes = std::mem::take(&mut d.bytes);
         let undo = std::mem::take(&mut d.undo);
@@ -253,59 +196,31 @@ fn read_back(img: &[u8], data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn validate(img: &[u8], data: &[u8], ops: &[Op], done: usize, what: &str) {
-    let mut before = vec![0u8; SIZE as usize];
-    for &op in &ops[..done] {
-        apply(&mut before, op);
-    }
+fn validate(img: &[u8], data: &[u8], work: &Workload, done: usize, what: &str) {
     let got = read_back(img, data);
-    if done == ops.len() {
-        assert!(got == before, "{what}: content after a complete run");
-        return;
-    }
-    let mut after = before.clone();
-    let (s, e) = apply(&mut after, ops[done]);
-    for (i, (&g, &b)) in got.iter().zip(&before).enumerate() {
-        if g != b && !((s..e).contains(&i) && g == after[i]) {
-            panic!(
-                "{what}: byte {i} is {g:#x}, expected {b:#x} (op {done} in flight: {:?})",
-                ops[done]
-            );
-        }
-    }
+    work.assert_survivor(&vec![0u8; SIZE as usize], &got, done, what);
 }
 
-fn qemu_check(q: &Qemu, img_path: &Path, data_path: &Path, img: &[u8], data: &[u8], what: &str) {
+/// Writes both files where the image names them, then checks the image.
+fn check_files(q: &Qemu, img_path: &Path, data_path: &Path, img: &[u8], data: &[u8], what: &str) {
     std::fs::write(img_path, img).unwrap();
     std::fs::write(data_path, data).unwrap();
-    let (code, json) = q.check(img_path);
-    assert!(
-        code == 0 || code == 3,
-        "{what}: qemu-img check exit {code}: {json}"
-    );
-    for key in ["corruptions", "check-errors"] {
-        assert_eq!(json[key].as_u64().unwrap_or(0), 0, "{what}: {json}");
-    }
+    assert_eq!(qemu_check(q, img_path, false, what), 0);
 }
 
 #[test]
 fn power_cut_with_an_external_data_file_leaves_a_consistent_image() {
     let q = Qemu::find();
-    let ops = ops();
+    let work = workload();
     let mut total = 0u64;
     for raw in [false, true] {
-        let dir = tempfile::tempdir_in(if Path::new("/dev/shm").is_dir() {
-            "/dev/shm"
-        } else {
-            "/tmp"
-        })
-        .unwrap();
+        let dir = tmpfs_tempdir();
         let img_path = dir.path().join("crash.qcow2");
         let data_path = dir.path().join("crash.data");
         let base = fresh(data_path.to_str().unwrap(), raw);
-        let (img, data, done, n) = run(&base, &ops, None, false);
-        assert_eq!(done, ops.len());
-        validate(&img, &data, &ops, done, "uncut run");
+        let (img, data, done, n) = run(&base, &work, None, false);
+        assert_eq!(done, work.ops.len());
+        validate(&img, &data, &work, done, "uncut run");
         if raw {
             // The raw data file is the disk.
             assert!(data == read_back(&img, &data), "raw data file");
@@ -313,19 +228,17 @@ fn power_cut_with_an_external_data_file_leaves_a_consistent_image() {
         if let Some(q) = &q {
             std::fs::write(&img_path, &img).unwrap();
             std::fs::write(&data_path, &data).unwrap();
-            let (code, json) = q.check(&img_path);
-            assert_eq!(code, 0, "uncut run: no errors and no leaks: {json}");
+            q.assert_clean(&img_path, "uncut run");
         }
-        let stride = (n / CUTS).max(1);
         for drop_unflushed in [false, true] {
-            for (i, k) in (0..n).step_by(stride as usize).chain([n - 1]).enumerate() {
+            for (i, k) in cut_points(n, CUTS).into_iter().enumerate() {
                 let what = format!("raw {raw}: cut at {k}/{n}, drop_unflushed {drop_unflushed}");
-                let (img, data, done, _) = run(&base, &ops, Some(k), drop_unflushed);
-                assert!(done < ops.len(), "{what}: the cut must stop the run");
-                validate(&img, &data, &ops, done, &what);
+                let (img, data, done, _) = run(&base, &work, Some(k), drop_unflushed);
+                assert!(done < work.ops.len(), "{what}: the cut must stop the run");
+                validate(&img, &data, &work, done, &what);
                 if let Some(q) = &q {
                     if (i as u64).is_multiple_of(QEMU_STRIDE) {
-                        qemu_check(q, &img_path, &data_path, &img, &data, &what);
+                        check_files(q, &img_path, &data_path, &img, &data, &what);
                     }
                 }
                 total += 1;

@@ -13,37 +13,14 @@ use qcow_core::create::{create, CreateOptions};
 use qcow_core::io::FileDevice;
 use qcow_core::Qcow2Writer;
 use qimg_tests::qemu::{pattern, write_tmp, Qemu};
-use qimg_tests::{qimg, run_ok};
-
-/// Temp dirs on tmpfs when there is one (the writer flushes often).
-fn tmpdir() -> tempfile::TempDir {
-    if Path::new("/dev/shm").is_dir() {
-        if let Ok(d) = tempfile::tempdir_in("/dev/shm") {
-            return d;
-        }
-    }
-    tempfile::tempdir().unwrap()
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+use qimg_tests::{qimg, run_ok, tmpfs_tempdir, XorShift};
 
 /// Random writes, overwrites, zero writes and discards applied to the image
 /// and to `model` alike.
 fn workload(w: &mut Qcow2Writer<FileDevice>, model: &mut [u8], seed: u64, ops: usize) {
     let size = model.len() as u64;
     let cs = w.header().cluster_size();
-    let mut rng = Rng(seed | 1);
+    let mut rng = XorShift(seed | 1);
     for _ in 0..ops {
         let kind = rng.below(100);
         let off = if rng.below(3) == 0 {
@@ -74,29 +51,6 @@ fn workload(w: &mut Qcow2Writer<FileDevice>, model: &mut [u8], seed: u64, ops: u
     }
 }
 
-fn assert_clean(q: &Qemu, path: &Path, what: &str) {
-    let (code, v) = q.check(path);
-    assert_eq!(code, 0, "{what}: qemu-img check exit {code}: {v}");
-    // qemu-img leaves zero counts out of its JSON.
-    for key in ["corruptions", "leaks", "check-errors"] {
-        assert_eq!(
-            v.get(key).map_or(0, |n| n.as_u64().unwrap()),
-            0,
-            "{what}: {key}: {v}"
-        );
-    }
-}
-
-fn assert_content(q: &Qemu, path: &Path, dir: &Path, model: &[u8], what: &str) {
-    let raw = dir.join("out.raw");
-    q.to_raw(path, &raw, &[]);
-    let got = std::fs::read(&raw).unwrap();
-    assert_eq!(got.len(), model.len(), "{what}: size");
-    if let Some(i) = got.iter().zip(model).position(|(a, b)| a != b) {
-        panic!("{what}: content differs first at byte {i}");
-    }
-}
-
 /// A raw data file reads as the disk does (bytes past its end read zero).
 fn assert_raw_data_file(data: &Path, model: &[u8], what: &str) {
     let mut got = std::fs::read(data).unwrap();
@@ -116,7 +70,7 @@ fn qcow2_len(path: &Path) -> u64 {
 #[test]
 fn data_file_images_written_by_qcow_core_pass_qemu_img_check() {
     let Some(q) = Qemu::find() else { return };
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     let size = 3u64 << 20;
     for (cs, raw, ext) in [
         (4096u64, false, false),
@@ -144,8 +98,8 @@ fn data_file_images_written_by_qcow_core_pass_qemu_img_check() {
         let mut model = vec![0u8; size as usize];
         workload(&mut w, &mut model, cs ^ 0x5eed, 120);
         drop(w.close().unwrap());
-        assert_clean(&q, &path, &what);
-        assert_content(&q, &path, dir.path(), &model, &what);
+        q.assert_clean(&path, &what);
+        q.assert_content(&path, dir.path(), &model, &what);
         if raw {
             assert_raw_data_file(&data, &model, &what);
         }
@@ -161,8 +115,8 @@ fn data_file_images_written_by_qcow_core_pass_qemu_img_check() {
         model.resize(model.len() + (1 << 20), 0);
         workload(&mut w, &mut model, cs ^ 0xabc, 40);
         drop(w.close().unwrap());
-        assert_clean(&q, &path, &what);
-        assert_content(&q, &path, dir.path(), &model, &what);
+        q.assert_clean(&path, &what);
+        q.assert_content(&path, dir.path(), &model, &what);
         if raw {
             assert_raw_data_file(&data, &model, &what);
         }
@@ -171,7 +125,7 @@ fn data_file_images_written_by_qcow_core_pass_qemu_img_check() {
 
 #[test]
 fn writer_without_its_data_file_refuses_guest_writes() {
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     let path = dir.path().join("t.qcow2");
     let o = CreateOptions {
         size: 1 << 20,
@@ -199,7 +153,7 @@ fn writer_without_its_data_file_refuses_guest_writes() {
 #[test]
 fn qemu_made_data_file_images_stay_valid_after_qimg_writes() {
     let Some(q) = Qemu::find() else { return };
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     for (opts, raw) in [
         ("cluster_size=4096", false),
         ("data_file_raw=on", true),
@@ -228,8 +182,8 @@ fn qemu_made_data_file_images_stay_valid_after_qimg_writes() {
             .unwrap();
         workload(&mut w, &mut model, 0x77, 60);
         drop(w.close().unwrap());
-        assert_clean(&q, &path, &opts);
-        assert_content(&q, &path, dir.path(), &model, &opts);
+        q.assert_clean(&path, &opts);
+        q.assert_content(&path, dir.path(), &model, &opts);
         if raw {
             assert_raw_data_file(&data, &model, &opts);
         }
@@ -239,7 +193,7 @@ fn qemu_made_data_file_images_stay_valid_after_qimg_writes() {
 #[test]
 fn qimg_create_convert_and_resize_with_a_data_file() {
     let Some(q) = Qemu::find() else { return };
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     let d = dir.path();
     let src_data = pattern(1536 << 10, 21, 3);
     write_tmp(d, "src.raw", &src_data);
@@ -257,33 +211,33 @@ fn qimg_create_convert_and_resize_with_a_data_file() {
     // create, then convert -n into it.
     run(&["create", "-q", "-f", "qcow2", "-o", &a_opt, "a.qcow2", "2M"]);
     run(&["convert", "-n", "-O", "qcow2", "src.raw", "a.qcow2"]);
-    assert_clean(&q, &d.join("a.qcow2"), "create + convert -n");
-    assert_content(&q, &d.join("a.qcow2"), d, &model, "create + convert -n");
+    q.assert_clean(&d.join("a.qcow2"), "create + convert -n");
+    q.assert_content(&d.join("a.qcow2"), d, &model, "create + convert -n");
 
     // convert into a new image with a raw data file.
     run(&["convert", "-O", "qcow2", "-o", &b_opt, "src.raw", "b.qcow2"]);
     let b = d.join("b.qcow2");
     let src_model = &model[..src_data.len()];
-    assert_clean(&q, &b, "convert -o data_file_raw");
-    assert_content(&q, &b, d, src_model, "convert -o data_file_raw");
+    q.assert_clean(&b, "convert -o data_file_raw");
+    q.assert_content(&b, d, src_model, "convert -o data_file_raw");
     assert_raw_data_file(&d.join("b.data"), src_model, "convert -o data_file_raw");
     assert!(qcow2_len(&b) < 64 << 10, "{}", qcow2_len(&b));
 
     // resize grows the data file; the raw one stays mapped 1:1.
     run(&["resize", "-q", "b.qcow2", "+512k"]);
     run(&["resize", "-q", "a.qcow2", "3M"]);
-    assert_clean(&q, &b, "resize raw");
-    assert_clean(&q, &d.join("a.qcow2"), "resize");
+    q.assert_clean(&b, "resize raw");
+    q.assert_clean(&d.join("a.qcow2"), "resize");
     assert_eq!(std::fs::metadata(d.join("b.data")).unwrap().len(), 2 << 20);
     assert_eq!(std::fs::metadata(d.join("a.data")).unwrap().len(), 3 << 20);
-    assert_content(&q, &b, d, &model, "resize raw");
+    q.assert_content(&b, d, &model, "resize raw");
     let map = q.map(&b);
     assert!(
         map.as_array().unwrap().iter().all(|m| m["data"] == true),
         "raw data file not mapped 1:1 after resize: {map}"
     );
     model.resize(3 << 20, 0);
-    assert_content(&q, &d.join("a.qcow2"), d, &model, "resize");
+    q.assert_content(&d.join("a.qcow2"), d, &model, "resize");
     // `map` names the data file, as qemu-img's does.
     for img in ["a.qcow2", "b.qcow2"] {
         let p = d.join(img);
@@ -318,20 +272,14 @@ fn qimg_create_convert_and_resize_with_a_data_file() {
     let mut cm = src_data.clone();
     cm.resize(2 << 20, 0);
     cm[1792 << 10..].fill(0x5a);
-    assert_clean(&q, &d.join("c.qcow2"), "qemu-img made, qimg convert -n");
-    assert_content(
-        &q,
-        &d.join("c.qcow2"),
-        d,
-        &cm,
-        "qemu-img made, qimg convert -n",
-    );
+    q.assert_clean(&d.join("c.qcow2"), "qemu-img made, qimg convert -n");
+    q.assert_content(&d.join("c.qcow2"), d, &cm, "qemu-img made, qimg convert -n");
 }
 
 #[test]
 fn data_file_images_are_byte_identical_to_qemu_img_create() {
     let Some(q) = Qemu::find() else { return };
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     for (i, opts) in [
         "data_file=x.data,data_file_raw=on,cluster_size=4k",
         "data_file=x.data,data_file_raw=on",

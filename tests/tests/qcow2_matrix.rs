@@ -140,6 +140,14 @@ impl Env {
                 .args(args),
         );
     }
+    /// `qemu-img convert -f raw -O qcow2 EXTRA SRC DST` in the folder.
+    fn convert_raw(&self, src: &str, dst: &str, extra: &[&str]) {
+        self.img(&[&["convert", "-f", "raw", "-O", "qcow2"], extra, &[src, dst]].concat());
+    }
+    /// `img` opened read-only by qcow-core, without a backing file.
+    fn open(&self, img: &str) -> Qcow2<'static, FileDevice> {
+        Qcow2::open(FileDevice::open(&self.p(img)).unwrap(), leak(4096)).unwrap()
+    }
     /// Runs qemu-io commands on an image; false (skip) when qemu-io is absent.
     fn io(&self, fmt: &str, img: &str, cmds: &[&str]) -> bool {
         let Some(q) = &self.qemu_io else { return false };
@@ -202,7 +210,7 @@ impl Env {
     /// Compares the header fields `qemu-img info` shows.
     fn check_info(&self, img: &str) {
         let j = self.info(img);
-        let mut q = Qcow2::open(FileDevice::open(&self.p(img)).unwrap(), leak(4096)).unwrap();
+        let mut q = self.open(img);
         let i = q.info().clone();
         assert_eq!(j["virtual-size"].as_u64(), Some(i.virtual_size()), "{img}");
         assert_eq!(j["cluster-size"].as_u64(), Some(i.cluster_size()), "{img}");
@@ -302,7 +310,7 @@ fn converted_images_across_versions_cluster_sizes_and_refcount_widths() {
         ),
     ];
     for (name, opts) in cases {
-        env.img(&["convert", "-f", "raw", "-O", "qcow2", "-o", opts, src, name]);
+        env.convert_raw(src, name, &["-o", opts]);
         env.check(name);
     }
 }
@@ -334,11 +342,9 @@ fn compressed_zlib_and_zstd() {
             "cluster_size=2097152,compression_type=zstd",
         ),
     ] {
-        env.img(&[
-            "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, input, name,
-        ]);
+        env.convert_raw(input, name, &["-c", "-o", opts]);
         env.check(name);
-        let mut q = Qcow2::open(FileDevice::open(&env.p(name)).unwrap(), leak(4096)).unwrap();
+        let mut q = env.open(name);
         // qemu-img keeps incompressible (random) clusters uncompressed.
         if input == "text.raw" {
             let m = q.map(0, 1 << 20).unwrap();
@@ -398,14 +404,11 @@ fn backing_chain_three_deep_with_short_raw_base() {
     );
     env.check("mid.qcow2");
     env.check("top.qcow2");
-    let i = Qcow2::open(FileDevice::open(&env.p("top.qcow2")).unwrap(), leak(4096))
-        .unwrap()
-        .info()
-        .clone();
+    let i = env.open("top.qcow2").info().clone();
     assert_eq!(i.backing_file(), Some("mid.qcow2"));
     assert_eq!(i.backing_format(), Some("qcow2"));
     // Without the backing device attached, unallocated reads are refused.
-    let mut q = Qcow2::open(FileDevice::open(&env.p("top.qcow2")).unwrap(), leak(4096)).unwrap();
+    let mut q = env.open("top.qcow2");
     let mut buf = vec![0u8; 4096];
     assert!(matches!(
         q.read_at(2 * MIB as u64, &mut buf),
@@ -417,15 +420,7 @@ fn backing_chain_three_deep_with_short_raw_base() {
 fn extended_l2_subclusters() {
     let Some(env) = Env::new() else { return };
     env.source("base.raw", 4 * MIB, 4);
-    env.img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "base.raw",
-        "base.qcow2",
-    ]);
+    env.convert_raw("base.raw", "base.qcow2", &[]);
     env.img(&[
         "create",
         "-f",
@@ -453,7 +448,7 @@ fn extended_l2_subclusters() {
     }
     env.check("ext.qcow2");
     // Subcluster granularity: 64 KiB / 32 = 2 KiB.
-    let mut q = Qcow2::open(FileDevice::open(&env.p("ext.qcow2")).unwrap(), leak(4096)).unwrap();
+    let mut q = env.open("ext.qcow2");
     assert!(q.info().extended_l2());
     // Unallocated subclusters of an allocated cluster keep their host range.
     assert!(matches!(
@@ -471,17 +466,7 @@ fn extended_l2_subclusters() {
         "{m:?}"
     );
     // A standalone extended-L2 image converted from raw.
-    env.img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        "base.raw",
-        "ext2.qcow2",
-    ]);
+    env.convert_raw("base.raw", "ext2.qcow2", &["-o", "extended_l2=on"]);
     env.check("ext2.qcow2");
 }
 
@@ -489,15 +474,7 @@ fn extended_l2_subclusters() {
 fn internal_snapshots() {
     let Some(env) = Env::new() else { return };
     env.source("src.raw", 2 * MIB, 5);
-    env.img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "src.raw",
-        "snap.qcow2",
-    ]);
+    env.convert_raw("src.raw", "snap.qcow2", &[]);
     env.img(&["snapshot", "-c", "s1", "snap.qcow2"]);
     if !env.io(
         "qcow2",
@@ -514,7 +491,7 @@ fn internal_snapshots() {
         let mut dev = open_any(&env.p("snap.qcow2"), Some(s));
         assert_eq!(sha_of(&mut dev), want, "snapshot {s}");
     }
-    let mut q = Qcow2::open(FileDevice::open(&env.p("snap.qcow2")).unwrap(), leak(4096)).unwrap();
+    let mut q = env.open("snap.qcow2");
     assert_eq!(q.snapshot_count(), 2);
     let s = q.find_snapshot("1").unwrap();
     assert_eq!(s.name_str(), Some("s1"));
@@ -542,7 +519,7 @@ fn external_data_file_raw_and_not_raw() {
             return;
         }
         env.check(name);
-        let mut q = Qcow2::open(FileDevice::open(&env.p(name)).unwrap(), leak(4096)).unwrap();
+        let mut q = env.open(name);
         assert!(q.info().data_file().is_some());
         let m = q.map(4096, 4096).unwrap();
         assert!(matches!(m.kind, MapKind::Data { .. }), "{m:?}");
@@ -558,7 +535,7 @@ fn external_data_file_raw_and_not_raw() {
 fn zero_clusters_and_preallocation() {
     let Some(env) = Env::new() else { return };
     env.source("src.raw", 2 * MIB, 6);
-    env.img(&["convert", "-f", "raw", "-O", "qcow2", "src.raw", "z.qcow2"]);
+    env.convert_raw("src.raw", "z.qcow2", &[]);
     if !env.io(
         "qcow2",
         "z.qcow2",
@@ -567,7 +544,7 @@ fn zero_clusters_and_preallocation() {
         return;
     }
     env.check("z.qcow2");
-    let mut q = Qcow2::open(FileDevice::open(&env.p("z.qcow2")).unwrap(), leak(4096)).unwrap();
+    let mut q = env.open("z.qcow2");
     let m = q.map(0, 1 << 20).unwrap();
     assert!(
         matches!(m.kind, MapKind::Zero { .. }) && m.len == 192 * 1024,
@@ -610,7 +587,7 @@ fn four_tib_sparse_image_reads_ranges_and_maps() {
         return;
     }
     env.check_info("big.qcow2");
-    let mut q = Qcow2::open(FileDevice::open(&env.p("big.qcow2")).unwrap(), leak(4096)).unwrap();
+    let mut q = env.open("big.qcow2");
     assert_eq!(q.size().unwrap(), 4 << 40);
     let mut buf = vec![0u8; 65536];
     for (at, pat) in [(0u64, 0x11u8), (far, 0x33)] {
@@ -664,17 +641,7 @@ fn four_tib_sparse_image_reads_ranges_and_maps() {
 fn corrupted_images_fail_cleanly() {
     let Some(env) = Env::new() else { return };
     env.source("src.raw", MIB, 7);
-    env.img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "src.raw",
-        "c.qcow2",
-    ]);
+    env.convert_raw("src.raw", "c.qcow2", &["-o", "cluster_size=4096"]);
     let good = std::fs::read(env.p("c.qcow2")).unwrap();
     // Unknown incompatible bit 7 is refused and named.
     let mut b = good.clone();
@@ -689,7 +656,7 @@ fn corrupted_images_fail_cleanly() {
     b[87] |= 0x80;
     b[79] |= 0x02;
     std::fs::write(env.p("ok.qcow2"), &b).unwrap();
-    let q = Qcow2::open(FileDevice::open(&env.p("ok.qcow2")).unwrap(), leak(4096)).unwrap();
+    let q = env.open("ok.qcow2");
     assert!(q.info().corrupt());
     let e = Qcow2::open_rw(FileDevice::open(&env.p("ok.qcow2")).unwrap(), leak(4096))
         .err()
@@ -746,7 +713,7 @@ fn encrypted_images_are_reported_and_data_reads_refused() {
         "enc.qcow2",
     ]);
     let j = env.info("enc.qcow2");
-    let mut q = Qcow2::open(FileDevice::open(&env.p("enc.qcow2")).unwrap(), leak(4096)).unwrap();
+    let mut q = env.open("enc.qcow2");
     let i = q.info().clone();
     assert_eq!(i.header.crypt_method, 2);
     assert_eq!(i.encryption_format(), Some("luks"));
@@ -771,7 +738,7 @@ fn encrypted_images_are_reported_and_data_reads_refused() {
 fn bitmaps_and_dirty_flag_are_reported() {
     let Some(env) = Env::new() else { return };
     env.source("src.raw", MIB, 9);
-    env.img(&["convert", "-f", "raw", "-O", "qcow2", "src.raw", "bm.qcow2"]);
+    env.convert_raw("src.raw", "bm.qcow2", &[]);
     env.img(&["bitmap", "--add", "bm.qcow2", "b0"]);
     env.img(&[
         "bitmap",
@@ -783,7 +750,7 @@ fn bitmaps_and_dirty_flag_are_reported() {
         "second",
     ]);
     env.check("bm.qcow2");
-    let mut q = Qcow2::open(FileDevice::open(&env.p("bm.qcow2")).unwrap(), leak(4096)).unwrap();
+    let mut q = env.open("bm.qcow2");
     let mut n = 0;
     q.for_each_bitmap(|_| {
         n += 1;
@@ -796,6 +763,6 @@ fn bitmaps_and_dirty_flag_are_reported() {
     b[79] |= 1;
     std::fs::write(env.p("dirty.qcow2"), &b).unwrap();
     env.check_info("dirty.qcow2");
-    let q = Qcow2::open(FileDevice::open(&env.p("dirty.qcow2")).unwrap(), leak(4096)).unwrap();
+    let q = env.open("dirty.qcow2");
     assert!(q.info().dirty());
 }

@@ -16,18 +16,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(clippy::cast_possible_truncation)] // test sizes are small
 
-use std::path::Path;
-use std::process::Command;
-
 use qcow_core::create::{create, CreateOptions};
-use qcow_core::io::{FaultyDevice, VecDevice};
+use qcow_core::io::VecDevice;
 use qcow_core::writer::snapshots::NewSnapshot;
-use qcow_core::{BlockIo, Qcow2, Qcow2Writer};
+use qcow_core::{BlockIo, Qcow2Writer};
+use qimg_tests::powercut::{
+    cut_points, qemu_check, read_guest, run_cut, run_workload, Spec, Workload,
+};
 use qimg_tests::qemu::{pattern, Qemu};
 
 const SIZE: u64 = 1 << 20;
 const CLUSTER: u64 = 512;
-const OPS: usize = 60;
 /// Cut points per mode for the workload.
 const CUTS: u64 = 120;
 
@@ -64,204 +63,65 @@ fn base_image() -> (Vec<u8>, Vec<u8>) {
 
 /// Guest content, of the active image or of snapshot `name`.
 fn read_back(img: &[u8], name: Option<&str>) -> Option<Vec<u8>> {
-    let mut cache = vec![0u8; 64 << 10];
-    let mut cin = vec![0u8; 1024];
-    let mut cout = vec![0u8; 1024];
-    let mut r = Qcow2::open(VecDevice::from_vec(img.to_vec()), &mut cache)
-        .unwrap()
-        .with_compression_buffers(&mut cin, &mut cout);
-    if let Some(n) = name {
-        let s = r.find_snapshot(n).ok()?;
-        r.select_snapshot(&s).unwrap();
-    }
-    let mut out = vec![0u8; SIZE as usize];
-    r.read(0, &mut out).unwrap();
-    Some(out)
+    read_guest(img, SIZE, name)
 }
 
-/// `qemu-img check`: no check errors, and no corruption other than
-/// COPIED flag mismatches when `copied_ok`. Returns the corruption count.
-fn qemu_check(q: &Qemu, dir: &Path, img: &[u8], copied_ok: bool, what: &str) -> u64 {
-    let p = dir.join("crash.qcow2");
-    std::fs::write(&p, img).unwrap();
-    let out = Command::new(&q.img)
-        .args(["check", "--output=json"])
-        .arg(&p)
-        .output()
-        .unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let code = out.status.code().unwrap_or(-1);
-    assert!(
-        code == 0 || code == 2 || code == 3,
-        "{what}: exit {code}: {json}"
-    );
-    assert_eq!(
-        json["check-errors"].as_u64().unwrap_or(0),
-        0,
-        "{what}: {json}"
-    );
-    let corruptions = json["corruptions"].as_u64().unwrap_or(0);
-    if corruptions > 0 {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("ERROR")).collect();
-        assert!(
-            copied_ok && errors.iter().all(|l| l.starts_with("ERROR OFLAG_COPIED")),
-            "{what}: {json}\n{err}"
-        );
-    }
-    corruptions
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Op {
-    Write { off: u64, len: u64, seed: u8 },
-    Zero { off: u64, len: u64 },
-    Discard { off: u64, len: u64 },
-    Compressed { cluster: u64, seed: u8 },
-}
-
-fn data_of(len: u64, seed: u8) -> Vec<u8> {
-    (0..len as usize)
-        .map(|i| seed.wrapping_add((i / 37) as u8) ^ (i as u8))
-        .collect()
-}
-
-fn cdata(seed: u8) -> Vec<u8> {
-    (0..CLUSTER as usize)
-        .map(|i| seed ^ (i / 100) as u8)
-        .collect()
-}
-
-fn ops() -> Vec<Op> {
-    let mut x = 0x0dd_ba11_cafe_f00du64;
-    let mut next = move |n: u64| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x % n
-    };
-    (0..OPS)
-        .map(|_| {
-            let k = next(100);
-            let off = next(SIZE);
-            let len = (1 + next(24 << 10)).min(SIZE - off);
-            let seed = next(256) as u8;
-            match k {
-                0..=69 => Op::Write { off, len, seed },
-                70..=79 => Op::Zero { off, len },
-                80..=89 => Op::Discard { off, len },
-                _ => Op::Compressed {
-                    cluster: next(SIZE / CLUSTER),
-                    seed,
-                },
-            }
-        })
-        .collect()
-}
-
-fn apply(model: &mut [u8], op: Op) -> (usize, usize) {
-    let r = |a: u64, b: u64| (a as usize, b as usize);
-    match op {
-        Op::Write { off, len, seed } => {
-            model[off as usize..(off + len) as usize].copy_from_slice(&data_of(len, seed));
-            r(off, off + len)
-        }
-        Op::Zero { off, len } => {
-            model[off as usize..(off + len) as usize].fill(0);
-            r(off, off + len)
-        }
-        Op::Discard { off, len } => {
-            let s = off.div_ceil(CLUSTER) * CLUSTER;
-            let e = (off + len) / CLUSTER * CLUSTER;
-            if s >= e {
-                return (0, 0);
-            }
-            model[s as usize..e as usize].fill(0);
-            r(s, e)
-        }
-        Op::Compressed { cluster, seed } => {
-            let s = cluster * CLUSTER;
-            model[s as usize..(s + CLUSTER) as usize].copy_from_slice(&cdata(seed));
-            r(s, s + CLUSTER)
-        }
-    }
-}
-
-fn run_op<D: BlockIo>(w: &mut Qcow2Writer<D>, op: Op) -> Result<(), qcow_core::Error<D::Error>> {
-    match op {
-        Op::Write { off, len, seed } => w.write(off, &data_of(len, seed))?,
-        Op::Zero { off, len } => w.write_zeroes(off, len)?,
-        Op::Discard { off, len } => w.discard(off, len)?,
-        Op::Compressed { cluster, seed } => w.write_compressed(cluster, &cdata(seed))?,
-    }
-    w.flush()
-}
-
-fn run_workload(base: &[u8], ops: &[Op], cut: Option<u64>, drop: bool) -> (Vec<u8>, usize, u64) {
-    let mut dev = FaultyDevice::new(VecDevice::from_vec(base.to_vec())).drop_unflushed(drop);
-    if let Some(k) = cut {
-        dev = dev.cut_power_at(k);
-    }
-    let mut w = Qcow2Writer::open(dev).unwrap();
-    let done = ops
-        .iter()
-        .take_while(|&&op| run_op(&mut w, op).is_ok())
-        .count();
-    let dev = w.into_device();
-    let n = dev.mutations();
-    (dev.into_inner().into_vec(), done, n)
+/// 60 operations: 70% writes of up to 24 KiB, 10% zero writes, 10%
+/// discards, 10% compressed clusters.
+fn workload() -> Workload {
+    Workload::new(&Spec {
+        seed: 0x0dd_ba11_cafe_f00d,
+        ops: 60,
+        size: SIZE,
+        cluster: CLUSTER,
+        max_len: 24 << 10,
+        write: 69,
+        zero: 79,
+        discard: 89,
+        period: 37,
+    })
 }
 
 #[test]
 fn power_cut_while_writing_over_a_snapshot() {
     let q = Qemu::find();
     let (base, data) = base_image();
-    let ops = ops();
-    let (full, done, n) = run_workload(&base, &ops, None, false);
-    assert_eq!(done, ops.len());
-    let mut model = data.clone();
-    for &op in &ops {
-        apply(&mut model, op);
-    }
-    assert!(read_back(&full, None).unwrap() == model, "uncut run");
+    let work = workload();
+    let ops = &work.ops;
+    let uncut = run_workload(&base, &work, None, false);
+    let (full, n) = (&uncut.image, uncut.mutations);
+    assert_eq!(uncut.done, ops.len());
     assert!(
-        read_back(&full, Some("base")).unwrap() == data,
+        read_back(full, None).unwrap() == work.model(&data, ops.len()),
+        "uncut run"
+    );
+    assert!(
+        read_back(full, Some("base")).unwrap() == data,
         "uncut: snapshot"
     );
     let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("crash.qcow2");
     if let Some(q) = &q {
         let p = dir.path().join("full.qcow2");
-        std::fs::write(&p, &full).unwrap();
-        let (code, json) = q.check(&p);
-        assert_eq!(code, 0, "uncut run: no errors and no leaks: {json}");
+        std::fs::write(&p, full).unwrap();
+        q.assert_clean(&p, "uncut run");
     }
-    let stride = (n / CUTS).max(1);
     let mut validated = 0;
     for drop in [false, true] {
-        for (i, k) in (0..n).step_by(stride as usize).chain([n - 1]).enumerate() {
+        for (i, k) in cut_points(n, CUTS).into_iter().enumerate() {
             let what = format!("cut at {k}/{n}, drop_unflushed {drop}");
-            let (img, done, _) = run_workload(&base, &ops, Some(k), drop);
-            let mut before = data.clone();
-            for &op in &ops[..done] {
-                apply(&mut before, op);
-            }
-            let mut after = before.clone();
-            let (s, e) = apply(&mut after, ops[done]);
-            let got = read_back(&img, None).unwrap();
-            for (j, (&g, &b)) in got.iter().zip(&before).enumerate() {
-                assert!(
-                    g == b || ((s..e).contains(&j) && g == after[j]),
-                    "{what}: byte {j} (op {done} in flight: {:?})",
-                    ops[done]
-                );
-            }
+            let cut = run_workload(&base, &work, Some(k), drop);
+            assert!(cut.done < ops.len(), "{what}: the cut must stop the run");
+            let got = read_back(&cut.image, None).unwrap();
+            work.assert_survivor(&data, &got, cut.done, &what);
             assert!(
-                read_back(&img, Some("base")).unwrap() == data,
+                read_back(&cut.image, Some("base")).unwrap() == data,
                 "{what}: snapshot"
             );
             if let Some(q) = &q {
                 if i % 3 == 0 {
-                    assert_eq!(qemu_check(q, dir.path(), &img, false, &what), 0);
+                    std::fs::write(&p, &cut.image).unwrap();
+                    assert_eq!(qemu_check(q, &p, false, &what), 0);
                 }
             }
             validated += 1;
@@ -313,18 +173,8 @@ fn power_cut_during_snapshot_operations() {
     // Active content after each prefix of `ops`.
     let states = [&state_b, &state_b, &data, &data, &data, &data, &data];
     let run = |cut: Option<u64>, drop: bool| {
-        let mut dev = FaultyDevice::new(VecDevice::from_vec(start.clone())).drop_unflushed(drop);
-        if let Some(k) = cut {
-            dev = dev.cut_power_at(k);
-        }
-        let mut w = Qcow2Writer::open(dev).unwrap();
-        let done = ops
-            .iter()
-            .take_while(|&&op| run_snap_op(&mut w, op).is_ok())
-            .count();
-        let dev = w.into_device();
-        let n = dev.mutations();
-        (dev.into_inner().into_vec(), done, n)
+        let r = run_cut(&start, &ops, cut, drop, run_snap_op);
+        (r.image, r.done, r.mutations)
     };
     let (full, done, n) = run(None, false);
     assert_eq!(done, ops.len());
@@ -333,13 +183,12 @@ fn power_cut_during_snapshot_operations() {
     if let Some(q) = &q {
         let p = dir.path().join("full.qcow2");
         std::fs::write(&p, &full).unwrap();
-        let (code, json) = q.check(&p);
-        assert_eq!(code, 0, "uncut: no errors and no leaks: {json}");
+        q.assert_clean(&p, "uncut");
     }
-    let stride = (n / 150).max(1);
+    let p = dir.path().join("crash.qcow2");
     let mut copied_windows = 0;
     for drop in [false, true] {
-        for (i, k) in (0..n).step_by(stride as usize).chain([n - 1]).enumerate() {
+        for (i, k) in cut_points(n, 150).into_iter().enumerate() {
             let what = format!("cut at {k}/{n}, drop_unflushed {drop}");
             let (img, done, _) = run(Some(k), drop);
             let got = read_back(&img, None).unwrap();
@@ -359,7 +208,8 @@ fn power_cut_during_snapshot_operations() {
                 if i % 2 == 0 {
                     // Only create and delete have a COPIED window.
                     let window = !matches!(ops[done], SnapOp::Apply(_));
-                    copied_windows += qemu_check(q, dir.path(), &img, window, &what).min(1);
+                    std::fs::write(&p, &img).unwrap();
+                    copied_windows += qemu_check(q, &p, window, &what).min(1);
                 }
             }
         }

@@ -7,36 +7,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(clippy::cast_possible_truncation)] // test sizes are small and fit every width
 
-use std::path::Path;
-
 use qcow_core::create::{create, CreateOptions, Preallocation};
 use qcow_core::io::FileDevice;
 use qcow_core::Qcow2Writer;
 use qimg_tests::qemu::Qemu;
-
-/// Temp dirs on tmpfs when there is one: the writer flushes between
-/// dependent steps, and fsync on a real disk makes the matrix slow.
-fn tmpdir() -> tempfile::TempDir {
-    if Path::new("/dev/shm").is_dir() {
-        if let Ok(d) = tempfile::tempdir_in("/dev/shm") {
-            return d;
-        }
-    }
-    tempfile::tempdir().unwrap()
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+use qimg_tests::{tmpfs_tempdir, XorShift};
 
 /// A random workload applied both to the image and to `model`. Returns the
 /// number of operations.
@@ -49,7 +24,7 @@ fn workload(
     bytes_target: u64,
 ) -> usize {
     let size = model.len() as u64;
-    let mut rng = Rng(seed | 1);
+    let mut rng = XorShift(seed | 1);
     let max_len = (3 * cs).clamp(16 << 10, 256 << 10);
     let mut written = 0u64;
     let mut ops = 0;
@@ -99,34 +74,8 @@ fn workload(
     ops
 }
 
-fn assert_clean(q: &Qemu, path: &Path, what: &str) {
-    let (code, json) = q.check(path);
-    assert_eq!(code, 0, "{what}: qemu-img check exit {code}: {json}");
-    assert_eq!(
-        json["corruptions"].as_u64().unwrap_or(0),
-        0,
-        "{what}: {json}"
-    );
-    assert_eq!(json["leaks"].as_u64().unwrap_or(0), 0, "{what}: {json}");
-    assert_eq!(
-        json["check-errors"].as_u64().unwrap_or(0),
-        0,
-        "{what}: {json}"
-    );
-}
-
-fn assert_content(q: &Qemu, path: &Path, dir: &Path, model: &[u8], what: &str) {
-    let raw = dir.join("out.raw");
-    q.to_raw(path, &raw, &[]);
-    let got = std::fs::read(&raw).unwrap();
-    assert_eq!(got.len(), model.len(), "{what}: size");
-    if let Some(i) = got.iter().zip(model).position(|(a, b)| a != b) {
-        panic!("{what}: content differs first at byte {i}");
-    }
-}
-
 fn run_cell(q: &Qemu, cs: u64, rb: u32, v3: bool) {
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     let path = dir.path().join("t.qcow2");
     let size: u64 = if cs >= 2 << 20 { 16 << 20 } else { 4 << 20 };
     let opts = CreateOptions {
@@ -157,8 +106,8 @@ fn run_cell(q: &Qemu, cs: u64, rb: u32, v3: bool) {
         assert!(grew, "{what}: the workload should grow the refcount table");
     }
     drop(w.close().unwrap());
-    assert_clean(q, &path, &what);
-    assert_content(q, &path, dir.path(), &model, &what);
+    q.assert_clean(&path, &what);
+    q.assert_content(&path, dir.path(), &model, &what);
     eprintln!("{what}: {ops} ops, refcount table grew: {grew}: ok");
 }
 
@@ -194,7 +143,7 @@ fn extended_l2_zstd_and_lazy_refcount_images_pass_qemu_img_check() {
         (16384, true, 0, true),
         (4096, false, 1, true),
     ] {
-        let dir = tmpdir();
+        let dir = tmpfs_tempdir();
         let path = dir.path().join("x.qcow2");
         let size = 8u64 << 20;
         let opts = CreateOptions {
@@ -210,8 +159,8 @@ fn extended_l2_zstd_and_lazy_refcount_images_pass_qemu_img_check() {
         let mut model = vec![0u8; size as usize];
         workload(&mut w, &mut model, cs, true, cs ^ 0x55, 4 << 20);
         drop(w.close().unwrap());
-        assert_clean(&q, &path, &what);
-        assert_content(&q, &path, dir.path(), &model, &what);
+        q.assert_clean(&path, &what);
+        q.assert_content(&path, dir.path(), &model, &what);
         // And back: qemu-io writes into the image, qcow-core writes more.
         q.io(
             &path,
@@ -223,15 +172,15 @@ fn extended_l2_zstd_and_lazy_refcount_images_pass_qemu_img_check() {
         let mut w = Qcow2Writer::open(FileDevice::open_rw(&path).unwrap()).unwrap();
         workload(&mut w, &mut model, cs, true, cs ^ 0x66, 1 << 20);
         drop(w.close().unwrap());
-        assert_clean(&q, &path, &what);
-        assert_content(&q, &path, dir.path(), &model, &what);
+        q.assert_clean(&path, &what);
+        q.assert_content(&path, dir.path(), &model, &what);
     }
 }
 
 #[test]
 fn create_matches_qemu_img_layout_and_options() {
     let Some(q) = Qemu::find() else { return };
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     for (v3, opts_s) in [(true, "compat=1.1"), (false, "compat=0.10")] {
         let theirs = dir.path().join("q.qcow2");
         let ours = dir.path().join("o.qcow2");
@@ -253,7 +202,7 @@ fn create_matches_qemu_img_layout_and_options() {
         assert_eq!(a[..3 * 65536], b[..3 * 65536], "{opts_s}: clusters 0-2");
         assert_eq!(a[3 * 65536..], b[3 * 65536..a.len()], "{opts_s}: L1");
         assert!(b.len() - a.len() < 512);
-        assert_clean(&q, &ours, opts_s);
+        q.assert_clean(&ours, opts_s);
     }
     // Options show up in qemu-img info as qemu-img's own would.
     let ours = dir.path().join("o2.qcow2");
@@ -320,8 +269,8 @@ fn create_matches_qemu_img_layout_and_options() {
                 .close()
                 .unwrap(),
         );
-        assert_clean(&q, &path, "preallocation");
-        assert_content(&q, &path, dir.path(), &vec![0u8; 1 << 20], "preallocation");
+        q.assert_clean(&path, "preallocation");
+        q.assert_content(&path, dir.path(), &vec![0u8; 1 << 20], "preallocation");
         let map = q.map(&path);
         assert!(
             map.as_array().unwrap().iter().all(|m| m["data"] == true),
@@ -333,7 +282,7 @@ fn create_matches_qemu_img_layout_and_options() {
 #[test]
 fn qemu_written_image_stays_valid_after_qcow_core_writes() {
     let Some(q) = Qemu::find() else { return };
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     for opts in [
         "compat=1.1",
         "compat=0.10",
@@ -362,15 +311,15 @@ fn qemu_written_image_stays_valid_after_qcow_core_writes() {
         w.write(6 << 20 | 100, &[0x44; 5000]).unwrap();
         model[(6 << 20) + 100..(6 << 20) + 5100].fill(0x44);
         drop(w.close().unwrap());
-        assert_clean(&q, &path, opts);
-        assert_content(&q, &path, dir.path(), &model, opts);
+        q.assert_clean(&path, opts);
+        q.assert_content(&path, dir.path(), &model, opts);
     }
 }
 
 #[test]
 fn backing_file_cow_and_resize() {
     let Some(q) = Qemu::find() else { return };
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     let base = dir.path().join("base.raw");
     let base_data = qimg_tests::qemu::pattern(2 << 20, 9, 3);
     std::fs::write(&base, &base_data).unwrap();
@@ -393,8 +342,8 @@ fn backing_file_cow_and_resize() {
     w.write_zeroes(131072, 65536).unwrap();
     model[131072..196608].fill(0);
     drop(w.close().unwrap());
-    assert_clean(&q, &path, "backing");
-    assert_content(&q, &path, dir.path(), &model, "backing");
+    q.assert_clean(&path, "backing");
+    q.assert_content(&path, dir.path(), &model, "backing");
 
     // Grow past what one L1 entry... and one L1 cluster covers; then shrink.
     let p2 = dir.path().join("r.qcow2");
@@ -412,8 +361,8 @@ fn backing_file_cow_and_resize() {
     w.discard(40 << 20, 2048).unwrap();
     w.resize(2 << 20).unwrap();
     drop(w.close().unwrap());
-    assert_clean(&q, &p2, "resize");
+    q.assert_clean(&p2, "resize");
     let mut m = vec![0u8; 2 << 20];
     m[1000..1700].fill(9);
-    assert_content(&q, &p2, dir.path(), &m, "resize");
+    q.assert_content(&p2, dir.path(), &m, "resize");
 }

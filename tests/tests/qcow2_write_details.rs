@@ -14,38 +14,7 @@ use qcow_core::create::{create, CreateOptions};
 use qcow_core::io::FileDevice;
 use qcow_core::Qcow2Writer;
 use qimg_tests::qemu::{write_tmp, Qemu};
-use qimg_tests::{qimg, run_ok};
-
-fn tmpdir() -> tempfile::TempDir {
-    if Path::new("/dev/shm").is_dir() {
-        if let Ok(d) = tempfile::tempdir_in("/dev/shm") {
-            return d;
-        }
-    }
-    tempfile::tempdir().unwrap()
-}
-
-fn assert_clean(q: &Qemu, path: &Path, what: &str) {
-    let (code, v) = q.check(path);
-    assert_eq!(code, 0, "{what}: qemu-img check exit {code}: {v}");
-    for key in ["corruptions", "leaks", "check-errors"] {
-        assert_eq!(
-            v.get(key).map_or(0, |n| n.as_u64().unwrap()),
-            0,
-            "{what}: {key}: {v}"
-        );
-    }
-}
-
-fn assert_content(q: &Qemu, path: &Path, dir: &Path, model: &[u8], what: &str) {
-    let raw = dir.join("out.raw");
-    q.to_raw(path, &raw, &[]);
-    let got = std::fs::read(&raw).unwrap();
-    assert_eq!(got.len(), model.len(), "{what}: size");
-    if let Some(i) = got.iter().zip(model).position(|(a, b)| a != b) {
-        panic!("{what}: content differs first at byte {i}");
-    }
-}
+use qimg_tests::{qimg, run_ok, tmpfs_tempdir};
 
 /// Text-like, compressible data: numbered lines of words.
 fn text(len: usize, seed: u64) -> Vec<u8> {
@@ -75,7 +44,7 @@ fn text(len: usize, seed: u64) -> Vec<u8> {
 #[test]
 fn convert_c_packs_compressed_clusters_like_qemu_img() {
     let Some(q) = Qemu::find() else { return };
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     let d = dir.path();
     let data = text(8 << 20, 5);
     let src = write_tmp(d, "src.raw", &data);
@@ -89,18 +58,9 @@ fn convert_c_packs_compressed_clusters_like_qemu_img() {
                 .arg(&src)
                 .arg(&ours),
         );
-        q.img(&[
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            opts,
-            src.to_str().unwrap(),
-            theirs.to_str().unwrap(),
-        ]);
-        assert_clean(&q, &ours, opts);
-        assert_content(&q, &ours, d, &data, opts);
+        q.convert(&["-c", "-O", "qcow2", "-o", opts], &src, &theirs);
+        q.assert_clean(&ours, opts);
+        q.assert_content(&ours, d, &data, opts);
         let a = std::fs::metadata(&ours).unwrap().len();
         let b = std::fs::metadata(&theirs).unwrap().len();
         assert!(
@@ -115,7 +75,7 @@ fn convert_c_packs_compressed_clusters_like_qemu_img() {
 #[test]
 fn overwriting_and_discarding_packed_compressed_clusters_keeps_refcounts_exact() {
     let Some(q) = Qemu::find() else { return };
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     for (cs, rb, ztype) in [(4096u64, 16u32, 0u8), (65536, 2, 0), (16384, 16, 1)] {
         let what = format!("cluster {cs} refcount_bits {rb} compression {ztype}");
         let path = dir.path().join("p.qcow2");
@@ -134,8 +94,8 @@ fn overwriting_and_discarding_packed_compressed_clusters_keeps_refcounts_exact()
             w.write_compressed(ci, &model[s..s + cs as usize]).unwrap();
         }
         drop(w.close().unwrap());
-        assert_clean(&q, &path, &what);
-        assert_content(&q, &path, dir.path(), &model, &what);
+        q.assert_clean(&path, &what);
+        q.assert_content(&path, dir.path(), &model, &what);
         // Several compressed clusters share each host cluster.
         let map = q.map(&path);
         let offsets: std::collections::BTreeSet<u64> = map
@@ -176,8 +136,8 @@ fn overwriting_and_discarding_packed_compressed_clusters_keeps_refcounts_exact()
             w.write_compressed(ci, &fresh).unwrap();
         }
         drop(w.close().unwrap());
-        assert_clean(&q, &path, &what);
-        assert_content(&q, &path, dir.path(), &model, &what);
+        q.assert_clean(&path, &what);
+        q.assert_content(&path, dir.path(), &model, &what);
     }
 }
 
@@ -194,7 +154,7 @@ fn ext_entry(path: &Path, ci: usize) -> (u64, u64) {
 #[test]
 fn extended_l2_zero_writes_zero_partial_subclusters_and_flag_whole_ones() {
     let Some(q) = Qemu::find() else { return };
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     let path = dir.path().join("x.qcow2");
     let cs = 65536u64; // subclusters of 2 KiB
     let o = CreateOptions {
@@ -218,8 +178,8 @@ fn extended_l2_zero_writes_zero_partial_subclusters_and_flag_whole_ones() {
     // Cluster 5 (unallocated): whole subclusters 2 and 3 only.
     w.write_zeroes(5 * cs + 4096, 4096).unwrap();
     drop(w.close().unwrap());
-    assert_clean(&q, &path, "extended L2 zero writes");
-    assert_content(&q, &path, dir.path(), &model, "extended L2 zero writes");
+    q.assert_clean(&path, "extended L2 zero writes");
+    q.assert_content(&path, dir.path(), &model, "extended L2 zero writes");
 
     let all = 0xffff_ffffu64;
     let (e0, b0) = ext_entry(&path, 0);
@@ -241,7 +201,7 @@ fn extended_l2_zero_writes_zero_partial_subclusters_and_flag_whole_ones() {
 #[test]
 fn dirty_lazy_refcount_image_is_repaired_on_open_as_qemu_does() {
     let Some(q) = Qemu::find() else { return };
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     let path = dir.path().join("dirty.qcow2");
     q.create(&path, "qcow2", "lazy_refcounts=on", "1M");
     // qemu-io aborts with the write done and the dirty bit still set.
@@ -274,8 +234,7 @@ fn dirty_lazy_refcount_image_is_repaired_on_open_as_qemu_does() {
     let after = std::fs::read(&path).unwrap();
     let incompat = u64::from_be_bytes(after[72..80].try_into().unwrap());
     assert_eq!(incompat & 1, 0, "the dirty bit stayed set");
-    let (code, json) = q.check(&path);
-    assert_eq!(code, 0, "not clean after the repairing open: {json}");
+    q.assert_clean(&path, "after the repairing open");
     let raw = dir.path().join("back.raw");
     q.to_raw(&path, &raw, &[]);
     let back = std::fs::read(&raw).unwrap();
@@ -293,7 +252,7 @@ fn dirty_lazy_refcount_image_is_repaired_on_open_as_qemu_does() {
 #[test]
 fn a_freed_packing_cluster_is_never_packed_into_again() {
     let Some(q) = Qemu::find() else { return };
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     let path = dir.path().join("f.qcow2");
     let cs = 4096u64;
     let o = CreateOptions {
@@ -320,14 +279,14 @@ fn a_freed_packing_cluster_is_never_packed_into_again() {
         model[(ci * cs) as usize..((ci + 1) * cs) as usize].copy_from_slice(&d);
     }
     drop(w.close().unwrap());
-    assert_clean(&q, &path, "freed tail");
-    assert_content(&q, &path, dir.path(), &model, "freed tail");
+    q.assert_clean(&path, "freed tail");
+    q.assert_content(&path, dir.path(), &model, "freed tail");
 }
 
 #[test]
 fn convert_onto_a_backing_file_keeps_the_source_zeroes() {
     let Some(q) = Qemu::find() else { return };
-    let dir = tmpdir();
+    let dir = tmpfs_tempdir();
     let d = dir.path();
     let base = write_tmp(d, "base.raw", &vec![0xbb; 1 << 20]);
     let mut data = vec![0u8; 1 << 20];
@@ -378,8 +337,8 @@ fn convert_onto_a_backing_file_keeps_the_source_zeroes() {
         );
         for img in [&out, &ovl] {
             let what = format!("{extra:?} {}", img.display());
-            assert_clean(&q, img, &what);
-            assert_content(&q, img, d, &data, &what);
+            q.assert_clean(img, &what);
+            q.assert_content(img, d, &data, &what);
         }
     }
 }

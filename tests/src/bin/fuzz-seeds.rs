@@ -69,17 +69,7 @@ fn main() {
     for ty in ["zlib", "zstd"] {
         let p = t.join(format!("comp-{ty}.qcow2"));
         let o = format!("cluster_size=4096,compression_type={ty}");
-        qemu.img(&[
-            "convert",
-            "-q",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            &o,
-            raw.to_str().unwrap(),
-            p.to_str().unwrap(),
-        ]);
+        qemu.convert(&["-q", "-c", "-O", "qcow2", "-o", &o], &raw, &p);
         images.push(p);
     }
     let snap = t.join("snap.qcow2");
