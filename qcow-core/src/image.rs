@@ -376,6 +376,33 @@ fn io<E>(structure: Structure, offset: u64) -> impl FnOnce(E) -> Error<E> {
     }
 }
 
+/// Reads the sectors holding the compressed cluster `d` into `cin` (as many
+/// as fit, and no further than the file's end) and returns where the stream
+/// from `d.host` on lies in it.
+fn compressed_input<D: BlockIo>(
+    dev: &mut D,
+    file_size: u64,
+    d: CompressedDescriptor,
+    cin: &mut [u8],
+) -> Result<core::ops::Range<usize>, Error<D::Error>> {
+    let aligned = d.host & !(SECTOR - 1);
+    let skip = (d.host % SECTOR) as usize;
+    let total = d.sectors.saturating_mul(SECTOR);
+    let in_file = round_up_sector(file_size.saturating_sub(aligned));
+    let cap = (cin.len() & !511) as u64;
+    let n = usize::try_from(total.min(cap).min(in_file)).unwrap_or(0);
+    if n <= skip {
+        return Err(Error::corrupt(
+            Structure::CompressedCluster,
+            d.host,
+            Problem::OutOfRange(d.host),
+        ));
+    }
+    dev.read_at(aligned, &mut cin[..n])
+        .map_err(io(Structure::CompressedCluster, aligned))?;
+    Ok(skip..n)
+}
+
 fn round_up_sector(v: u64) -> u64 {
     v.checked_next_multiple_of(SECTOR).unwrap_or(!(SECTOR - 1))
 }
@@ -1225,6 +1252,21 @@ where
         Ok(())
     }
 
+    /// Reads the stored bytes of the compressed cluster `d` (from
+    /// [`MapKind::Compressed`]) into `input` and returns where in it the
+    /// compressed stream lies, exactly what the reader decodes: for callers
+    /// that decode several clusters at once (on several threads) with
+    /// [`crate::decompress::decompress`]. `input` should hold a cluster
+    /// plus 512 bytes; a shorter one truncates the stream, which then fails
+    /// to decode.
+    pub fn compressed_input(
+        &mut self,
+        d: CompressedDescriptor,
+        input: &mut [u8],
+    ) -> Result<core::ops::Range<usize>, Error<D::Error>> {
+        compressed_input(&mut self.dev, self.st.file_size, d, input)
+    }
+
     fn read_compressed(
         &mut self,
         d: CompressedDescriptor,
@@ -1254,29 +1296,14 @@ where
         let whole = intra == 0 && chunk.len() == cs;
         if self.st.cout_tag != Some(d.host) {
             self.st.cout_tag = None;
-            let aligned = d.host & !(SECTOR - 1);
-            let skip = (d.host % SECTOR) as usize;
-            let total = d.sectors.saturating_mul(SECTOR);
-            let in_file = round_up_sector(self.st.file_size.saturating_sub(aligned));
-            let cap = (self.st.cin.len() & !511) as u64;
-            let n = usize::try_from(total.min(cap).min(in_file)).unwrap_or(0);
-            if n <= skip {
-                return Err(Error::corrupt(
-                    Structure::CompressedCluster,
-                    d.host,
-                    Problem::OutOfRange(d.host),
-                ));
-            }
-            let cin = &mut self.st.cin[..n];
-            self.dev
-                .read_at(aligned, cin)
-                .map_err(io(Structure::CompressedCluster, aligned))?;
+            let at = compressed_input(&mut self.dev, self.st.file_size, d, &mut self.st.cin[..])?;
+            let input = &self.st.cin[at];
             let out = if whole {
                 &mut chunk[..]
             } else {
                 &mut self.st.cout[..cs]
             };
-            match decompress(self.st.info.header.compression_type, &cin[skip..], out) {
+            match decompress(self.st.info.header.compression_type, input, out) {
                 Ok(()) => {}
                 Err(DecompressError::ZstdWithoutAlloc) => {
                     return Err(Error::Unsupported(Unsupported::ZstdWithoutAlloc))

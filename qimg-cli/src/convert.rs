@@ -119,10 +119,24 @@ fn next_step(
     let align = u64::from(dst.sector.max(src.sector_size())).max(1);
     let max = (len - off).min(CHUNK as u64);
     let st = src.block_status(off, max).map_err(CopyError::Read)?;
+    let mut n = st.len.clamp(1, max);
+    // Data ranges that follow make one read: a qcow2 image reports each
+    // compressed (or host-discontiguous) cluster on its own, and one large
+    // read lets the reader decode them together.
+    if st.data {
+        while n < max {
+            let next = src
+                .block_status(off + n, max - n)
+                .map_err(CopyError::Read)?;
+            if !next.data {
+                break;
+            }
+            n += next.len.clamp(1, max - n);
+        }
+    }
     // Keep every request whole sectors of the destination (a raw
     // source's status can end at an odd file length); only the very
     // end of an odd-sized copy may be partial.
-    let n = st.len.clamp(1, max);
     let n = if n >= align {
         n - n % align
     } else {

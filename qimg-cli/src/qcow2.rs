@@ -39,6 +39,9 @@ pub(crate) struct Qcow2Source {
     /// use), in which case qemu-img asks the file which data clusters are
     /// holes and reports them as zero.
     metadata_prealloc: Option<bool>,
+    /// Input buffers of [`Self::read_decoding_in_parallel`], kept between
+    /// requests (at most one request's worth).
+    spare_inputs: Vec<Vec<u8>>,
 }
 
 /// What the CLI needs to know to finish opening an image.
@@ -119,6 +122,7 @@ impl Qcow2Source {
             has_backing,
             encrypted,
             metadata_prealloc: None,
+            spare_inputs: Vec::new(),
         })
     }
 
@@ -182,6 +186,11 @@ impl BlockIo for Qcow2Source {
         Ok(self.img.virtual_size())
     }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        let workers = crate::parallel::workers();
+        let cs = self.img.info().cluster_size();
+        if workers > 1 && buf.len() as u64 >= 2 * cs {
+            return self.read_decoding_in_parallel(offset, buf, workers);
+        }
         let r = self.img.read(offset, buf);
         r.map_err(|e| self.err(e))
     }
@@ -194,6 +203,69 @@ impl BlockIo for Qcow2Source {
 }
 
 impl Qcow2Source {
+    /// Reads `buf` at guest `offset` like [`Qcow2::read`], except that the
+    /// whole compressed clusters of this image in the range are decoded on
+    /// `workers` threads: their stored bytes are read here, in guest order,
+    /// then decoded into their places in `buf` at once. Everything else
+    /// (data, zeroes, backing, partial clusters) is read as usual. A
+    /// cluster that fails to decode is read again the usual way, so the
+    /// error is the reader's own.
+    fn read_decoding_in_parallel(
+        &mut self,
+        offset: u64,
+        buf: &mut [u8],
+        workers: usize,
+    ) -> Result<(), DevError> {
+        let cs = self.img.info().cluster_size();
+        let ctype = self.img.info().header.compression_type;
+        let cs_usize = usize::try_from(cs).map_err(|e| self.err(e))?;
+        let end = offset.saturating_add(buf.len() as u64);
+        // (place in `buf`, stored stream) of each whole compressed cluster.
+        let mut jobs: Vec<(usize, Vec<u8>)> = Vec::new();
+        // Where the range read the usual way (in one call) starts.
+        let mut plain_from = 0usize;
+        let mut g = offset;
+        while g < end {
+            let m = self.img.map(g, end - g).map_err(|e| self.err(e))?;
+            let len = m.len.clamp(1, end - g);
+            let at = usize::try_from(g - offset).map_err(|e| self.err(e))?;
+            match m.kind {
+                MapKind::Compressed(d) if g.is_multiple_of(cs) && len == cs => {
+                    if plain_from < at {
+                        let from = offset + plain_from as u64;
+                        let r = self.img.read(from, &mut buf[plain_from..at]);
+                        r.map_err(|e| self.err(e))?;
+                    }
+                    plain_from = at + cs_usize;
+                    let mut input = self.spare_inputs.pop().unwrap_or_default();
+                    input.resize(cs_usize + 512, 0);
+                    let r = self.img.compressed_input(d, &mut input);
+                    let stream = r.map_err(|e| self.err(e))?;
+                    // Keep just the stream, at the front of the buffer.
+                    input.copy_within(stream.clone(), 0);
+                    input.truncate(stream.len());
+                    jobs.push((at, input));
+                }
+                _ => {}
+            }
+            g += len;
+        }
+        if plain_from < buf.len() {
+            let from = offset + plain_from as u64;
+            let r = self.img.read(from, &mut buf[plain_from..]);
+            r.map_err(|e| self.err(e))?;
+        }
+        let failed = decode_all(ctype, cs_usize, buf, &jobs, workers);
+        for at in failed {
+            let r = self
+                .img
+                .read(offset + at as u64, &mut buf[at..at + cs_usize]);
+            r.map_err(|e| self.err(e))?;
+        }
+        self.spare_inputs.extend(jobs.into_iter().map(|(_, b)| b));
+        Ok(())
+    }
+
     /// Status of a range this image does not allocate: the backing file's,
     /// one level deeper, or zero at this layer past the backing file's end
     /// (or with none). `reserved` is a host range kept for it (an
@@ -396,4 +468,74 @@ pub(crate) fn snapshots(
     })
     .map_err(|e| CliError::io(path, e.to_string()))?;
     Ok(out)
+}
+
+/// Decodes each `(at, stream)` of `jobs` (in increasing `at`, a cluster of
+/// `cs` bytes apart at least) into `buf[at..at + cs]`, on up to `workers`
+/// threads, each a consecutive run of the jobs. Returns the places whose
+/// stream failed to decode.
+fn decode_all(
+    ctype: u8,
+    cs: usize,
+    buf: &mut [u8],
+    jobs: &[(usize, Vec<u8>)],
+    workers: usize,
+) -> Vec<usize> {
+    // The output slices, disjoint, in job order.
+    let mut outs: Vec<&mut [u8]> = Vec::with_capacity(jobs.len());
+    let mut rest = buf;
+    let mut base = 0usize;
+    for (at, _) in jobs {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(at - base);
+        let (out, tail) = tail.split_at_mut(cs);
+        outs.push(out);
+        rest = tail;
+        base = at + cs;
+    }
+    let decode = |job: &(usize, Vec<u8>), out: &mut [u8]| {
+        qcow_core::decompress::decompress(ctype, &job.1, out)
+            .err()
+            .map(|_| job.0)
+    };
+    let per = jobs.len().div_ceil(workers.max(1)).max(1);
+    if jobs.len() < 2 || workers < 2 {
+        return jobs
+            .iter()
+            .zip(outs)
+            .filter_map(|(j, o)| decode(j, o))
+            .collect();
+    }
+    std::thread::scope(|s| {
+        // The last run is decoded on this thread, the others on new ones.
+        let mut runs: Vec<_> = jobs.chunks(per).zip(outs.chunks_mut(per)).collect();
+        let mine = runs.pop();
+        let handles: Vec<_> = runs
+            .into_iter()
+            .map(|(js, os)| {
+                s.spawn(move || {
+                    js.iter()
+                        .zip(os.iter_mut())
+                        .filter_map(|(j, o)| decode(j, o))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut failed: Vec<usize> = mine
+            .into_iter()
+            .flat_map(|(js, os)| {
+                js.iter()
+                    .zip(os.iter_mut())
+                    .filter_map(|(j, o)| decode(j, o))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for h in handles {
+            match h.join() {
+                Ok(v) => failed.extend(v),
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        failed.sort_unstable();
+        failed
+    })
 }
