@@ -505,37 +505,20 @@ fn decode_all(
             .filter_map(|(j, o)| decode(j, o))
             .collect();
     }
-    std::thread::scope(|s| {
-        // The last run is decoded on this thread, the others on new ones.
-        let mut runs: Vec<_> = jobs.chunks(per).zip(outs.chunks_mut(per)).collect();
-        let mine = runs.pop();
-        let handles: Vec<_> = runs
-            .into_iter()
-            .map(|(js, os)| {
-                s.spawn(move || {
-                    js.iter()
-                        .zip(os.iter_mut())
-                        .filter_map(|(j, o)| decode(j, o))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        let mut failed: Vec<usize> = mine
-            .into_iter()
-            .flat_map(|(js, os)| {
+    let tasks: Vec<_> = jobs
+        .chunks(per)
+        .zip(outs.chunks_mut(per))
+        .map(|(js, os)| {
+            move || {
                 js.iter()
                     .zip(os.iter_mut())
                     .filter_map(|(j, o)| decode(j, o))
                     .collect::<Vec<_>>()
-            })
-            .collect();
-        for h in handles {
-            match h.join() {
-                Ok(v) => failed.extend(v),
-                Err(p) => std::panic::resume_unwind(p),
             }
-        }
-        failed.sort_unstable();
-        failed
-    })
+        })
+        .collect();
+    crate::parallel::run_all(tasks)
+        .into_iter()
+        .flatten()
+        .collect()
 }
