@@ -507,17 +507,22 @@ mod tests {
         }
     }
 
+    /// A pipelined copy with the default options.
+    fn pipelined_copy(src: &mut dyn Source, dst: &mut AnyDev, len: u64) -> Result<u64, CopyError> {
+        let opts = CopyOptions {
+            pipelined: true,
+            ..CopyOptions::default()
+        };
+        copy(src, dst, len, opts, &mut |_| {})
+    }
+
     #[test]
     fn pipelined_copy_reports_a_failed_write() {
         let data = patterned(9 * CHUNK);
         let len = data.len() as u64;
         let mut src = Flat::at_offsets(erased(VecDevice::from_vec(data.clone())));
         let mut dst: AnyDev = Box::new(FailFrom(erased(VecDevice::new()), 3 * CHUNK as u64));
-        let opts = CopyOptions {
-            pipelined: true,
-            ..CopyOptions::default()
-        };
-        match copy(&mut src, &mut dst, len, opts, &mut |_| {}) {
+        match pipelined_copy(&mut src, &mut dst, len) {
             Err(CopyError::Write(e)) => assert!(e.0.contains("write failed"), "{e}"),
             other => panic!("expected a write error, got {other:?}"),
         }
@@ -533,11 +538,7 @@ mod tests {
         ));
         let mut src = Flat::at_offsets(failing);
         let mut dst = erased(VecDevice::new());
-        let opts = CopyOptions {
-            pipelined: true,
-            ..CopyOptions::default()
-        };
-        match copy(&mut src, &mut dst, len, opts, &mut |_| {}) {
+        match pipelined_copy(&mut src, &mut dst, len) {
             Err(CopyError::Read(e)) => assert!(e.0.contains("read failed"), "{e}"),
             other => panic!("expected a read error, got {other:?}"),
         }

@@ -811,52 +811,47 @@ pub(super) fn round_probe(backend: Backend, iters: u64) -> Option<u64> {
     })
 }
 
-#[target_feature(enable = "aes,sse2")]
-fn probe_xmm(iters: u64) -> u64 {
-    let k = _mm_set1_epi32(0x5a5a_1234);
-    let mut s = [_mm_set1_epi32(0); PROBE_CHAINS];
-    for (x, v) in s.iter_mut().zip(0i32..) {
-        *x = _mm_set1_epi32(v);
-    }
-    for _ in 0..iters {
-        for x in s.iter_mut() {
-            *x = _mm_aesenc_si128(*x, k);
+/// One probe function: `PROBE_CHAINS` registers of `$ty` made by `$set1`,
+/// `iters` rounds of `$enc` each, folded through the low 64 bits
+/// (`$low` takes a register to its low `xmm`).
+macro_rules! probe {
+    ($name:ident, $feat:literal, $set1:ident, $enc:ident, $low:expr) => {
+        #[target_feature(enable = $feat)]
+        fn $name(iters: u64) -> u64 {
+            let k = $set1(0x5a5a_1234);
+            let mut s = [$set1(0); PROBE_CHAINS];
+            for (x, v) in s.iter_mut().zip(0i32..) {
+                *x = $set1(v);
+            }
+            for _ in 0..iters {
+                for x in s.iter_mut() {
+                    *x = $enc(*x, k);
+                }
+            }
+            s.iter()
+                .fold(0u64, |acc, &x| acc ^ _mm_cvtsi128_si64($low(x)) as u64)
         }
-    }
-    s.iter()
-        .fold(0u64, |acc, &x| acc ^ _mm_cvtsi128_si64(x) as u64)
+    };
 }
 
-#[target_feature(enable = "avx2,vaes")]
-fn probe_ymm(iters: u64) -> u64 {
-    let k = _mm256_set1_epi32(0x5a5a_1234);
-    let mut s = [_mm256_set1_epi32(0); PROBE_CHAINS];
-    for (x, v) in s.iter_mut().zip(0i32..) {
-        *x = _mm256_set1_epi32(v);
-    }
-    for _ in 0..iters {
-        for x in s.iter_mut() {
-            *x = _mm256_aesenc_epi128(*x, k);
-        }
-    }
-    s.iter().fold(0u64, |acc, &x| {
-        acc ^ _mm_cvtsi128_si64(_mm256_castsi256_si128(x)) as u64
-    })
-}
-
-#[target_feature(enable = "avx512f,vaes")]
-fn probe_zmm(iters: u64) -> u64 {
-    let k = _mm512_set1_epi32(0x5a5a_1234);
-    let mut s = [_mm512_set1_epi32(0); PROBE_CHAINS];
-    for (x, v) in s.iter_mut().zip(0i32..) {
-        *x = _mm512_set1_epi32(v);
-    }
-    for _ in 0..iters {
-        for x in s.iter_mut() {
-            *x = _mm512_aesenc_epi128(*x, k);
-        }
-    }
-    s.iter().fold(0u64, |acc, &x| {
-        acc ^ _mm_cvtsi128_si64(_mm512_castsi512_si128(x)) as u64
-    })
-}
+probe!(
+    probe_xmm,
+    "aes,sse2",
+    _mm_set1_epi32,
+    _mm_aesenc_si128,
+    |x| x
+);
+probe!(
+    probe_ymm,
+    "avx2,vaes",
+    _mm256_set1_epi32,
+    _mm256_aesenc_epi128,
+    _mm256_castsi256_si128
+);
+probe!(
+    probe_zmm,
+    "avx512f,vaes",
+    _mm512_set1_epi32,
+    _mm512_aesenc_epi128,
+    _mm512_castsi512_si128
+);
