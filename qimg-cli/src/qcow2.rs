@@ -188,7 +188,9 @@ impl BlockIo for Qcow2Source {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
         let workers = crate::parallel::workers();
         let cs = self.img.info().cluster_size();
-        if workers > 1 && buf.len() as u64 >= 2 * cs {
+        // Encrypted images hold no compressed clusters (qemu-img refuses to
+        // make them): their reads skip the walk.
+        if workers > 1 && !self.encrypted && buf.len() as u64 >= 2 * cs {
             return self.read_decoding_in_parallel(offset, buf, workers);
         }
         let r = self.img.read(offset, buf);
