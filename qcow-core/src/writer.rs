@@ -1475,19 +1475,126 @@ where
 
     /// Takes whole clusters in `[g, g + len)` out of this image, so that
     /// they read from the backing file again (partial clusters are left
-    /// alone): the L2 entry is cleared and flushed, then the host cluster
-    /// released. This is `qemu-img commit` emptying the committed image.
+    /// alone). This is `qemu-img commit` emptying the committed image.
+    ///
+    /// Batched per L2 table: the table's cleared entries are written and
+    /// flushed once, then the old host clusters' refcounts dropped and
+    /// flushed once (rule 3 holds for the batch: no refcount falls while
+    /// an entry on disk still names the cluster), then the host clusters
+    /// left unreferenced are discarded on the device (holes punched on
+    /// files). An L2 table shared with a snapshot is unshared by the
+    /// first change, cluster by cluster as before.
     pub fn unmap(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
         self.check_range(g, len)?;
         let cs = self.cs();
         let (mut at, end) = self.whole_clusters(g, len);
+        // Guest bytes one L2 table maps.
+        let span = cs.saturating_mul(1u64 << self.l2_bits());
         while at < end {
+            let (l1i, _) = self.split(at);
+            let owned = self.l1.get(l1i).is_some_and(|e| e & COPIED != 0);
+            let stop = (at.saturating_add(span) & !(span.wrapping_sub(1))).min(end);
+            if owned && !self.df() {
+                self.unmap_in_table(at, stop)?;
+                at = stop;
+                continue;
+            }
             let (l2, e, bm) = self.get_entry(at)?;
             if l2.is_some() && (e != 0 || bm != 0) {
                 let dec = L2Entry::decode(e, self.cb(), self.extended(), false);
                 self.switch_entry(at, (0, 0), dec, e)?;
             }
             at = at.saturating_add(cs);
+        }
+        Ok(())
+    }
+
+    /// [`unmap`](Self::unmap) of the whole clusters `[at, stop)`, all under
+    /// one L2 table this image owns alone.
+    fn unmap_in_table(&mut self, at: u64, stop: u64) -> Result<(), Error<D::Error>> {
+        let cs = self.cs();
+        let (l2, _, _) = self.get_entry(at)?;
+        let Some(l2off) = l2 else {
+            return Ok(());
+        };
+        let w = self.l2_words();
+        let (_, i0) = self.split(at);
+        let n = usize::try_from(stop.saturating_sub(at) >> self.cb()).unwrap_or(0);
+        let (cb, ext) = (self.cb(), self.extended());
+        let t = self.l2_table(l2off)?;
+        let mut old = Vec::new();
+        let (mut first, mut last) = (usize::MAX, 0usize);
+        for k in 0..n {
+            let i = i0.saturating_add(k).saturating_mul(w);
+            let e = t.get(i).copied().unwrap_or(0);
+            let bm = if w == 2 {
+                t.get(i.saturating_add(1)).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            if e == 0 && bm == 0 {
+                continue;
+            }
+            if let Some(x) = t.get_mut(i) {
+                *x = 0;
+            }
+            if w == 2 {
+                if let Some(x) = t.get_mut(i.saturating_add(1)) {
+                    *x = 0;
+                }
+            }
+            first = first.min(i);
+            last = last.max(i.saturating_add(w).saturating_sub(1));
+            old.push((L2Entry::decode(e, cb, ext, false), e));
+        }
+        if old.is_empty() {
+            return Ok(());
+        }
+        let t = self.l2_cache.remove(&l2off).unwrap_or_default();
+        let r = self.write_words(l2off, &t, first, last, Structure::L2Table);
+        self.l2_cache.insert(l2off, t);
+        r?;
+        // The cleared entries durable before any refcount drops.
+        self.barrier()?;
+        let mut freed: Vec<(u64, u64)> = Vec::new();
+        for &(dec, e) in &old {
+            self.release(dec, e)?;
+            let host = match dec {
+                L2Entry::Normal { host } | L2Entry::Zero { host } => host,
+                L2Entry::Unallocated => e & OFFSET_MASK,
+                L2Entry::Compressed(_) => 0,
+            };
+            if host != 0 && self.refcount(host >> cb)? == 0 {
+                match freed.last_mut() {
+                    Some((s, l)) if s.saturating_add(*l) == host => *l = l.saturating_add(cs),
+                    _ => freed.push((host, cs)),
+                }
+            }
+        }
+        self.barrier()?;
+        // Unreferenced now (and durably so): give the space back.
+        for (off, len) in freed {
+            self.dev
+                .discard(off, len)
+                .map_err(|e| e.into_layer(Structure::DataCluster, off))?;
+        }
+        Ok(())
+    }
+
+    /// Shrinks the file to the end of the last cluster in use (refcount
+    /// not 0), as `qemu-img commit` leaves an emptied image. Every
+    /// refcount is durable at this point, so nothing referenced is cut.
+    pub fn truncate_unused(&mut self) -> Result<(), Error<D::Error>> {
+        self.barrier()?;
+        let end = self.highest_used()?.saturating_add(1) << self.cb();
+        if end < self.file_len {
+            let done = self
+                .dev
+                .set_size(end)
+                .map_err(|e| e.into_layer(Structure::DataCluster, end))?;
+            if done {
+                self.file_len = end;
+            }
         }
         Ok(())
     }

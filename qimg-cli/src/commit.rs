@@ -82,6 +82,10 @@ impl CommitCmd {
                 w.unmap(off, len)
                     .map_err(|e| CliError::io(path, e.to_string()))?;
             }
+            // As qemu-img leaves it: the file cut after its last cluster
+            // in use (the freed clusters inside were punched by `unmap`).
+            w.truncate_unused()
+                .map_err(|e| CliError::io(path, e.to_string()))?;
             w.close().map_err(|e| CliError::io(path, e.to_string()))?;
         }
         if !self.quiet {
@@ -144,7 +148,12 @@ fn copy_allocated(
         }
         off += len;
     }
-    let mut buf = vec![0u8; usize::try_from(cluster).unwrap_or(0)];
+    // Whole clusters are read and written a batch at a time: one read
+    // from the image, then one write per run of data clusters and one zero
+    // write per run of all-zero clusters, so a qcow2 backing file
+    // allocates each run of fresh clusters with one flush pair.
+    let per = (BATCH / cluster).max(1);
+    let mut buf = vec![0u8; usize::try_from(per * cluster).unwrap_or(0)];
     let mut done_to = 0u64;
     for &(s, l) in &ranges {
         let mut c = (s / cluster * cluster).max(done_to);
@@ -153,7 +162,7 @@ fn copy_allocated(
             .min(size.next_multiple_of(cluster));
         while c < end {
             // `c` is cluster-aligned and below `size` rounded up: in range.
-            let n = cluster.min(size.saturating_sub(c));
+            let n = (end - c).min(per * cluster).min(size.saturating_sub(c));
             if n == 0 {
                 break;
             }
@@ -163,15 +172,38 @@ fn copy_allocated(
                 .min(buf.len());
             top.read_at(c, &mut buf[..want])
                 .map_err(|e| CliError::io(path, e.to_string()))?;
-            let r = if buf[..nu].iter().all(|&b| b == 0) {
-                dst.write_zeroes(c, n)
-            } else {
-                dst.write_at(c, &buf[..nu])
-            };
-            r.map_err(|e| CliError::io(base, e.to_string()))?;
-            c += cluster;
+            write_runs(dst, c, &buf[..nu], cluster).map_err(|e| CliError::io(base, e))?;
+            c += n;
         }
         done_to = done_to.max(end);
     }
     Ok(ranges)
+}
+
+/// Bytes of guest data read and written in one step.
+const BATCH: u64 = 4 << 20;
+
+/// Writes `data` (guest offset `at`, cluster-aligned) to `dst`: each run
+/// of clusters that hold data in one write, each run of all-zero clusters
+/// as one zero write.
+fn write_runs(dst: &mut AnyDev, at: u64, data: &[u8], cluster: u64) -> Result<(), String> {
+    let cu = usize::try_from(cluster).unwrap_or(usize::MAX).max(1);
+    let mut i = 0usize;
+    while i < data.len() {
+        let zero = |k: usize| data[k..(k + cu).min(data.len())].iter().all(|&b| b == 0);
+        let z = zero(i);
+        let mut j = (i + cu).min(data.len());
+        while j < data.len() && zero(j) == z {
+            j = (j + cu).min(data.len());
+        }
+        let off = at + i as u64;
+        let r = if z {
+            dst.write_zeroes(off, (j - i) as u64)
+        } else {
+            dst.write_at(off, &data[i..j])
+        };
+        r.map_err(|e| e.to_string())?;
+        i = j;
+    }
+    Ok(())
 }

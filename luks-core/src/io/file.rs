@@ -257,6 +257,40 @@ impl BlockIo for FileDevice {
         Ok(())
     }
 
+    /// Punches a hole (the range then reads as zeros, and its disk space
+    /// is given back) where the filesystem can; elsewhere does nothing, as
+    /// discard is advisory.
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), FileError> {
+        #[cfg(target_os = "linux")]
+        {
+            use nix::fcntl::{fallocate, FallocateFlags};
+            let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+                return Ok(());
+            };
+            let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            match fallocate(&self.file, mode, off, n) {
+                Ok(()) => {}
+                // Not supported here (filesystem, device): advisory, skip.
+                Err(
+                    nix::errno::Errno::EOPNOTSUPP
+                    | nix::errno::Errno::ENOSYS
+                    | nix::errno::Errno::ENODEV,
+                ) => {}
+                Err(e) => {
+                    return Err(Self::err(
+                        FileOp::Write,
+                        offset,
+                        usize::try_from(len).unwrap_or(usize::MAX),
+                        io::Error::from_raw_os_error(e as i32),
+                    ))
+                }
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (offset, len);
+        Ok(())
+    }
+
     fn set_size(&mut self, size: u64) -> Result<bool, FileError> {
         self.file
             .set_len(size)
