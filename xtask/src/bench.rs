@@ -374,3 +374,82 @@ pub(crate) fn check_mem() -> Result<(), String> {
     }
     Ok(())
 }
+
+/// `cargo xtask bench-commit`: `qemu-img commit` against `qimg commit` of
+/// identical overlays (a 1 GiB raw base, a qcow2 overlay holding `mib` MiB
+/// written by qemu-io), timed in one run; prints seconds, the ratio and
+/// the overlays' disk usage (st_blocks * 512) afterwards.
+pub(crate) fn commit(mib: u64) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    run(
+        "build qimg (release)",
+        cargo().args(["build", "--release", "-p", "qimg-cli", "--bin", "qimg"]),
+    )?;
+    let qimg = root().join("target").join("release").join("qimg");
+    let work = std::env::temp_dir().join("qimg-bench-commit");
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let path = |p: &Path| p.display().to_string();
+    let du = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.blocks() * 512)
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    println!("\ncommit of a {mib} MiB overlay into a 1 GiB raw base");
+    let mut rows = Vec::new();
+    for tool in ["qemu-img", "qimg"] {
+        let base = work.join(format!("{tool}-base.raw"));
+        let top = work.join(format!("{tool}-top.qcow2"));
+        stdout_of(Command::new("qemu-img").args([
+            "create",
+            "-q",
+            "-f",
+            "raw",
+            &path(&base),
+            "1G",
+        ]))?;
+        stdout_of(Command::new("qemu-img").args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            &path(&base),
+            &path(&top),
+        ]))?;
+        // Random-ish data: qemu-io's pattern changes every 64 MiB.
+        let mut script = Vec::new();
+        let mut at = 0u64;
+        while at < mib {
+            let n = (mib - at).min(64);
+            script.push("-c".to_string());
+            script.push(format!("write -P {} {at}M {n}M", 1 + at / 64 % 250));
+            at += n;
+        }
+        stdout_of(
+            Command::new("qemu-io")
+                .args(["-f", "qcow2"])
+                .args(&script)
+                .arg(&top),
+        )?;
+        let before = du(&top)?;
+        let start = Instant::now();
+        let out = if tool == "qimg" {
+            stdout_of(Command::new(&qimg).args(["commit", "-q", &path(&top)]))
+        } else {
+            stdout_of(Command::new("qemu-img").args(["commit", "-q", &path(&top)]))
+        };
+        out?;
+        let secs = start.elapsed().as_secs_f64();
+        let after = du(&top)?;
+        println!("{tool:<9} {secs:>6.2}s   overlay du -B1 {before:>11} before, {after:>9} after");
+        rows.push((secs, after));
+        let _ = std::fs::remove_file(&base);
+        let _ = std::fs::remove_file(&top);
+    }
+    if let [(theirs, _), (ours, _)] = rows[..] {
+        println!("qimg / qemu-img time ratio: {:.2}", ours / theirs.max(1e-9));
+    }
+    Ok(())
+}

@@ -47,6 +47,15 @@ fn main() -> ExitCode {
                 .map_err(|e| format!("--mib: {e}"));
             mib.and_then(bench::compare)
         }
+        Some("bench-commit") => {
+            let mib = args
+                .iter()
+                .position(|a| a == "--mib")
+                .and_then(|i| args.get(i + 1))
+                .map_or(Ok(800), |v| v.parse::<u64>())
+                .map_err(|e| format!("--mib: {e}"));
+            mib.and_then(bench::commit)
+        }
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("check-mem") => bench::check_mem(),
         Some("help") | Some("--help") | Some("-h") | None => {
@@ -79,6 +88,7 @@ fn print_help() {
          uefi          build the UEFI reader (tests/uefi-reader)\n  \
          uefi-test     boot OVMF with test images and check what the reader reads\n  \
          bench-compare [--mib N]  XTS vs OpenSSL, PBKDF2 vs OpenSSL, qimg convert vs qemu-img (ratios)\n  \
+         bench-commit [--mib N]   qemu-img commit vs qimg commit of an N MiB overlay (default 800): seconds, ratio, du\n  \
          fuzz [--time S] [--target NAME]  run every cargo-fuzz target (nightly) S seconds, seeding corpora from real images\n  \
          check-mem     peak RSS of the qcow2 check on a 4 TiB sparse and a 1 GiB fully written image"
     );
