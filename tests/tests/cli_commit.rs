@@ -101,3 +101,77 @@ fn commit_writes_the_backing_file() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not have a backing file"));
 }
+
+/// Disk usage of a file (st_blocks * 512).
+fn du(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// Builds a raw base and a qcow2 overlay (64 KiB clusters) with about
+/// 27 MiB of its own data and zero clusters, in several runs.
+fn overlay_pair(q: &Qemu, d: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let base = d.join(format!("{name}-base.raw"));
+    q.create(&base, "raw", "", "64M");
+    q.io(&base, "raw", &["write -P 9 0 1M"]);
+    let top = d.join(format!("{name}-top.qcow2"));
+    let o = format!("backing_file={},backing_fmt=raw", base.display());
+    q.create(&top, "qcow2", &o, "64M");
+    q.io(
+        &top,
+        "qcow2",
+        &[
+            "write -P 5 512k 8M",
+            "write -z 10M 1M",
+            "write -P 6 20M 15M",
+            "write -P 7 60M 4M",
+        ],
+    );
+    (base, top)
+}
+
+#[test]
+fn commit_empties_the_overlay_as_qemu_img_does() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (their_base, their_top) = overlay_pair(&q, d, "theirs");
+    let (base, top) = overlay_pair(&q, d, "ours");
+    let view = q.read_raw(&top);
+    let full = du(&top);
+    q.img(&["commit", "-q", &their_top.display().to_string()]);
+    run_ok(qimg().args(["commit", "-q"]).arg(&top));
+    q.assert_clean(&top, "emptied overlay");
+    // The backing file holds what qemu-img's commit put there.
+    assert!(q.read_raw(&base) == view, "backing file content");
+    assert!(
+        q.read_raw(&base) == q.read_raw(&their_base),
+        "same as qemu-img's"
+    );
+    // The overlay reads through to the backing file, owning nothing.
+    assert!(q.read_raw(&top) == view, "overlay view");
+    assert_eq!(own_extents(&q, &top), 0, "extents left in the overlay");
+    // Its disk space is given back, as qemu-img gives it back.
+    let (ours, theirs) = (du(&top), du(&their_top));
+    assert!(
+        ours <= theirs + (1 << 20),
+        "overlay uses {ours} bytes after commit, qemu-img's {theirs} (before: {full})"
+    );
+    assert!(full > 20 << 20, "overlay held {full} bytes before");
+}
+
+#[test]
+fn commit_keep_leaves_the_overlay_data() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = overlay_pair(&q, dir.path(), "keep");
+    let view = q.read_raw(&top);
+    let map = q.map(&top);
+    let full = du(&top);
+    run_ok(qimg().args(["commit", "-q", "-d"]).arg(&top));
+    q.assert_clean(&top, "kept overlay");
+    assert!(q.read_raw(&base) == view, "backing file content");
+    assert!(q.read_raw(&top) == view, "overlay view");
+    assert_eq!(q.map(&top), map, "overlay mapping");
+    assert_eq!(du(&top), full, "overlay disk usage");
+}
