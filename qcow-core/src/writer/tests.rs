@@ -211,3 +211,48 @@ fn large_writes_lay_out_clusters_as_cluster_by_cluster_writes() {
         assert_eq!(back, data);
     }
 }
+
+#[test]
+fn unmap_flushes_per_l2_table_and_truncate_gives_space_back() {
+    // 512-byte clusters: an L2 table maps 64 clusters, so 300 clusters
+    // span 5 tables (the last partly).
+    let mut w = create(VecDevice::new(), &opts(512, 16, 1 << 20)).unwrap();
+    let data: Vec<u8> = (0..300 * 512u32).map(|i| (i % 251) as u8 | 1).collect();
+    w.write(0, &data).unwrap();
+    w.write_zeroes(64 * 512, 512).unwrap();
+    let used = w.device().as_slice().len();
+    let before = w.device().flush_count();
+    w.unmap(0, 300 * 512).unwrap();
+    let flushes = w.device().flush_count() - before;
+    assert!(flushes <= 2 * 5, "{flushes} flushes for 5 L2 tables");
+    check_refcounts(&mut w);
+    for c in 0..300u64 {
+        let (_, e, bm) = w.get_entry(c * 512).unwrap();
+        assert_eq!((e, bm), (0, 0), "cluster {c} still mapped");
+    }
+    let mut back = vec![1u8; 300 * 512];
+    w.read(0, &mut back).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "reads through (no backing: zero)"
+    );
+    w.truncate_unused().unwrap();
+    check_refcounts(&mut w);
+    let end = (w.highest_used().unwrap() + 1) * 512;
+    let dev = w.close().unwrap();
+    assert_eq!(
+        dev.as_slice().len() as u64,
+        end,
+        "cut after the last used cluster"
+    );
+    // L2 tables and refcount blocks stay (they may lie past freed data).
+    assert!(
+        dev.as_slice().len() < used,
+        "{used} bytes before, no shrink"
+    );
+    // Reopened, the image is consistent and still reads zero.
+    let mut w = Qcow2Writer::open(dev).unwrap();
+    check_refcounts(&mut w);
+    w.read(0, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+}
