@@ -62,13 +62,43 @@ pub(crate) fn warn_if_raw_looks_formatted(path: &str) {
 }
 
 /// Refuses a directory named where an image file belongs (opening one
-/// succeeds on Unix, and reading it fails with a less helpful message).
+/// succeeds on Unix, and reading it fails with a less helpful message), and
+/// a FIFO, socket or character device: those cannot be sized, and opening a
+/// FIFO blocks until a writer appears. The type is read with `stat`, which
+/// never blocks, before anything opens the file.
 pub(crate) fn refuse_dir(path: &str) -> Result<(), CliError> {
-    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+    let Ok(meta) = std::fs::metadata(path) else {
+        // Opening reports a missing file with the system's reason.
+        return Ok(());
+    };
+    let ft = meta.file_type();
+    if ft.is_dir() {
         return Err(CliError::io(
             path,
             "is a directory, not an image file; name the image file itself".into(),
         ));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        let kind = if ft.is_fifo() {
+            Some("a FIFO (named pipe)")
+        } else if ft.is_socket() {
+            Some("a socket")
+        } else if ft.is_char_device() {
+            Some("a character device")
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
+            return Err(CliError::io(
+                path,
+                format!(
+                    "is {kind}, not a regular file or block device: an image must have a \
+                     size and be readable at any offset"
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -220,6 +250,7 @@ fn open_backing(
         Format::Qcow2 => open_qcow2(path, None, ctx, seen, chain),
         Format::Raw => {
             guard_chain(path, seen, chain)?;
+            refuse_dir(path)?;
             let file = std::fs::File::open(path)
                 .map_err(|e| CliError::io(path, format!("cannot open the backing file: {e}")))?;
             Ok(Box::new(RawFile::new(file)))
@@ -264,6 +295,7 @@ fn open_qcow2(
     chain: &mut Vec<String>,
 ) -> Result<Box<dyn Source>, CliError> {
     guard_chain(path, seen, chain)?;
+    refuse_dir(path)?;
     let depth = chain.len().saturating_sub(1);
     let opening = crate::qcow2::Opening::open(path)?;
     let mut opening = crate::qcow2::unlock(path, opening, &ctx.keys, ctx.secrets)?;
@@ -311,6 +343,7 @@ fn open_qcow2(
     let data = match data_name {
         Some(d) => {
             let full = resolve_backing(path, &d);
+            refuse_dir(&full.to_string_lossy())?;
             let file = std::fs::File::open(&full).map_err(|e| {
                 CliError::io(
                     path,

@@ -1,0 +1,158 @@
+//! CLI behaviours checked on images built at run time (issue #22): sparse
+//! converts that skip unallocated ranges, and non-regular files named as an
+//! image, a backing file or a data file.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers fail loudly
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use qimg_tests::{qimg, run_fails, run_ok, tool};
+
+/// Runs `cmd` expecting a failure, killing it if it is still running after
+/// a generous grace period: a hang (a FIFO open blocking for a writer) is
+/// the bug, so it is reported as a failure instead of stalling the suite.
+fn fails_without_hanging(cmd: &mut Command) -> String {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut waited = 0;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(!status.success(), "{cmd:?} should fail\n{err}");
+            return err;
+        }
+        if waited >= 600 {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("{cmd:?} blocked on a non-regular file");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        waited += 1;
+    }
+}
+
+fn mkfifo(path: &Path) {
+    run_ok(Command::new("mkfifo").arg(path));
+}
+
+#[test]
+fn a_fifo_as_image_backing_or_data_file_is_refused() {
+    let Some(qemu_img) = tool("qemu-img") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe");
+    mkfifo(&fifo);
+    for verb in [&["info"][..], &["check"], &["map"], &["compare", "--", "x"]] {
+        let mut c = qimg();
+        let args: Vec<_> = verb.iter().filter(|a| **a != "--" && **a != "x").collect();
+        c.args(args).arg(&fifo);
+        if verb.contains(&"x") {
+            c.arg(&fifo);
+        }
+        let err = fails_without_hanging(&mut c);
+        assert!(err.contains("FIFO"), "{verb:?}: {err}");
+    }
+    // A backing file that is a FIFO, named with and without its format.
+    for fmt in ["raw", "qcow2"] {
+        let top = dir.path().join(format!("top-{fmt}.qcow2"));
+        run_ok(
+            Command::new(&qemu_img)
+                .args(["create", "-q", "-f", "qcow2", "-u", "-F", fmt, "-b"])
+                .arg(&fifo)
+                .arg(&top)
+                .arg("1M"),
+        );
+        let out = dir.path().join("out.raw");
+        let err = fails_without_hanging(qimg().args(["convert", "-O", "raw"]).arg(&top).arg(&out));
+        assert!(err.contains("FIFO") && err.contains("pipe"), "{err}");
+    }
+    // An external data file that is a FIFO.
+    let img = dir.path().join("ext.qcow2");
+    let data = dir.path().join("ext.data");
+    run_ok(
+        Command::new(&qemu_img)
+            .args(["create", "-q", "-f", "qcow2", "-o"])
+            .arg(format!("data_file={}", data.display()))
+            .arg(&img)
+            .arg("1M"),
+    );
+    std::fs::remove_file(&data).unwrap();
+    mkfifo(&data);
+    let before = std::fs::read(&img).unwrap();
+    let err = fails_without_hanging(qimg().args(["map"]).arg(&img));
+    assert!(err.contains("FIFO") && err.contains("ext.data"), "{err}");
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+}
+
+#[test]
+fn sparse_qcow2_converts_by_allocated_data_and_a_too_large_raw_fails_at_once() {
+    let (Some(qemu_img), Some(qemu_io)) = (tool("qemu-img"), tool("qemu-io")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("sparse.qcow2");
+    run_ok(
+        Command::new(&qemu_img)
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("4T"),
+    );
+    run_ok(
+        Command::new(&qemu_io)
+            .args(["-c", "write -P 0x5a 0 64k", "-c", "write -P 0xa5 2T 64k"])
+            .arg(&img),
+    );
+    for m in ["1", "2"] {
+        let out = dir.path().join(format!("out-{m}.raw"));
+        run_ok(
+            qimg()
+                .args(["convert", "-O", "raw", "-m", m])
+                .arg(&img)
+                .arg(&out),
+        );
+        assert_eq!(std::fs::metadata(&out).unwrap().len(), 4 << 40);
+        run_ok(
+            Command::new(&qemu_img)
+                .args(["compare", "-q", "-f", "raw", "-F", "qcow2"])
+                .arg(&out)
+                .arg(&img),
+        );
+        // Only the written clusters occupy space.
+        let used = qimg_tests_used_bytes(&out);
+        assert!(used < 16 << 20, "-m {m}: {used} bytes allocated");
+        std::fs::remove_file(&out).unwrap();
+    }
+    // 1 PiB does not fit a file on ext4/tmpfs: sized first, it fails at
+    // once with the system's reason, as qemu-img does.
+    let huge = dir.path().join("huge.qcow2");
+    run_ok(
+        Command::new(&qemu_img)
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&huge)
+            .arg("1P"),
+    );
+    let out = dir.path().join("huge.raw");
+    let theirs = Command::new(&qemu_img)
+        .args(["convert", "-O", "raw"])
+        .arg(&huge)
+        .arg(&out)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&out);
+    if !theirs.status.success() {
+        let err = run_fails(qimg().args(["convert", "-O", "raw"]).arg(&huge).arg(&out));
+        assert!(err.contains("too large"), "{err}");
+    }
+}
+
+/// Bytes a file occupies on disk.
+fn qimg_tests_used_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
