@@ -156,3 +156,49 @@ fn qimg_tests_used_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
     std::fs::metadata(path).unwrap().blocks() * 512
 }
+
+#[test]
+fn a_snapshot_without_icount_lists_as_qemu_img_lists_it() {
+    let Some(qemu_img) = tool("qemu-img") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("snap.qcow2");
+    run_ok(
+        Command::new(&qemu_img)
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("1M"),
+    );
+    run_ok(
+        Command::new(&qemu_img)
+            .args(["snapshot", "-c", "s1"])
+            .arg(&img),
+    );
+    // Set the first entry's icount (extra data bytes 16..24) to all ones,
+    // qemu's "not recorded".
+    let mut bytes = std::fs::read(&img).unwrap();
+    let table = usize::try_from(u64::from_be_bytes(bytes[64..72].try_into().unwrap())).unwrap();
+    let extra = u32::from_be_bytes(bytes[table + 36..table + 40].try_into().unwrap());
+    assert!(extra >= 24, "qemu-img wrote {extra} bytes of extra data");
+    bytes[table + 40 + 16..table + 40 + 24].fill(0xff);
+    std::fs::write(&img, &bytes).unwrap();
+    let ours = run_ok(qimg().args(["snapshot", "-l"]).arg(&img));
+    let theirs = run_ok(Command::new(&qemu_img).args(["snapshot", "-l"]).arg(&img));
+    assert_eq!(
+        String::from_utf8_lossy(&ours),
+        String::from_utf8_lossy(&theirs)
+    );
+    assert!(String::from_utf8_lossy(&ours).contains("--"));
+    let ours: serde_json::Value =
+        serde_json::from_slice(&run_ok(qimg().args(["info", "--output", "json"]).arg(&img)))
+            .unwrap();
+    let theirs: serde_json::Value = serde_json::from_slice(&run_ok(
+        Command::new(&qemu_img)
+            .args(["info", "--output=json"])
+            .arg(&img),
+    ))
+    .unwrap();
+    assert_eq!(ours["snapshots"], theirs["snapshots"]);
+    assert!(ours["snapshots"][0].get("icount").is_none());
+}
