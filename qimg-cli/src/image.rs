@@ -179,7 +179,11 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
             let file = std::fs::File::open(path)
                 .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
             let mut raw = RawFile::new(file);
-            let virtual_size = raw.size().map_err(|e| CliError::io(path, e.to_string()))?;
+            // Whole sectors, as qemu-img: an odd tail is padded with zeroes.
+            let virtual_size = raw
+                .size()
+                .map_err(|e| CliError::io(path, e.to_string()))?
+                .next_multiple_of(512);
             Ok(Opened {
                 chain: vec![path.to_string()],
                 virtual_size,
@@ -388,6 +392,13 @@ pub(crate) fn file_length(path: &str) -> Result<u64, CliError> {
         .map_err(|e| CliError::io(path, format!("cannot stat: {e}")))
 }
 
+/// The length of a file as QEMU's file layer reports it: rounded up to whole
+/// 512-byte sectors (a raw image of 1000 bytes is 1024 bytes big, the tail
+/// reading as zero).
+pub(crate) fn sector_length(path: &str) -> Result<u64, CliError> {
+    Ok(file_length(path)?.next_multiple_of(512))
+}
+
 /// Resolves a backing file name relative to the image that names it, as
 /// QEMU does.
 pub(crate) fn resolve_backing(image: &str, backing: &str) -> PathBuf {
@@ -415,7 +426,7 @@ pub(crate) fn info(
         (None, None) => detect(path)?,
     };
     match format {
-        Format::Raw => crate::info::ImageInfo::basic(path, format, file_length(path)?),
+        Format::Raw => crate::info::ImageInfo::basic(path, format, sector_length(path)?),
         Format::Qcow2 => {
             let mut opening = crate::qcow2::Opening::open(path)?;
             let info = opening.img.info().clone();

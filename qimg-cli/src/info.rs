@@ -69,7 +69,7 @@ impl ImageInfo {
             format,
             virtual_size,
             actual_size: image::allocated_bytes(filename)?,
-            file_length: image::file_length(filename)?,
+            file_length: image::sector_length(filename)?,
             dirty: false,
             cluster_size: None,
             encrypted: false,

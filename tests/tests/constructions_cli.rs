@@ -3,11 +3,12 @@
 //! image, a backing file or a data file.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers fail loudly
+#![allow(clippy::cast_possible_truncation)] // test patterns
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use qimg_tests::{qimg, run_fails, run_ok, tool};
+use qimg_tests::{json_of, qimg, run_fails, run_ok, tool};
 
 /// Runs `cmd` expecting a failure, killing it if it is still running after
 /// a generous grace period: a hang (a FIFO open blocking for a writer) is
@@ -201,4 +202,60 @@ fn a_snapshot_without_icount_lists_as_qemu_img_lists_it() {
     .unwrap();
     assert_eq!(ours["snapshots"], theirs["snapshots"]);
     assert!(ours["snapshots"][0].get("icount").is_none());
+}
+
+#[test]
+fn an_odd_sized_raw_file_is_whole_sectors_as_in_qemu_img() {
+    let Some(qemu_img) = tool("qemu-img") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("odd.raw");
+    let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8 | 1).collect();
+    std::fs::write(&odd, &data).unwrap();
+    let ours = json_of(
+        qimg()
+            .args(["info", "--output", "json", "-f", "raw"])
+            .arg(&odd),
+    );
+    let theirs = json_of(
+        Command::new(&qemu_img)
+            .args(["info", "--output=json", "-f", "raw"])
+            .arg(&odd),
+    );
+    assert_eq!(ours["virtual-size"], theirs["virtual-size"]);
+    assert_eq!(ours["virtual-size"], 1024);
+    let ours = json_of(
+        qimg()
+            .args(["map", "--output", "json", "-f", "raw"])
+            .arg(&odd),
+    );
+    let theirs = json_of(
+        Command::new(&qemu_img)
+            .args(["map", "--output=json", "-f", "raw"])
+            .arg(&odd),
+    );
+    assert_eq!(ours, theirs);
+    let a = dir.path().join("a.raw");
+    let b = dir.path().join("b.raw");
+    run_ok(
+        qimg()
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(&odd)
+            .arg(&a),
+    );
+    run_ok(
+        Command::new(&qemu_img)
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(&odd)
+            .arg(&b),
+    );
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    // The padded copy compares identical to the odd original.
+    run_ok(
+        qimg()
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&odd)
+            .arg(&b),
+    );
 }
