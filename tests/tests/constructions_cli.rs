@@ -259,3 +259,29 @@ fn an_odd_sized_raw_file_is_whole_sectors_as_in_qemu_img() {
             .arg(&b),
     );
 }
+
+#[test]
+fn snapshot_list_of_a_raw_image_prints_nothing_and_succeeds_like_qemu_img() {
+    let Some(qemu_img) = tool("qemu-img") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("plain.raw");
+    std::fs::write(&raw, vec![7u8; 4096]).unwrap();
+    let theirs = run_ok(
+        Command::new(&qemu_img)
+            .args(["snapshot", "-l", "-f", "raw"])
+            .arg(&raw),
+    );
+    let ours = run_ok(qimg().args(["snapshot", "-l", "-f", "raw"]).arg(&raw));
+    assert_eq!(ours, theirs);
+    let ours = run_ok(qimg().args(["snapshot", "-l"]).arg(&raw));
+    assert!(ours.is_empty());
+    // Creating one still fails, as in qemu-img.
+    run_fails(qimg().args(["snapshot", "-c", "x", "-f", "raw"]).arg(&raw));
+    run_fails(
+        Command::new(&qemu_img)
+            .args(["snapshot", "-c", "x", "-f", "raw"])
+            .arg(&raw),
+    );
+}
