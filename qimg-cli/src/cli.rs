@@ -529,7 +529,15 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
                 luks_core::io::FileDevice::create(path)
             }
             .map_err(|e| CliError::io(&a.destination, format!("cannot open for writing: {e}")))?;
-            erased(file)
+            let mut dev = erased(file);
+            // Sized first, as qemu-img does: a size the filesystem cannot
+            // hold ("File too large") fails before any copying.
+            if !a.no_create {
+                dev.set_size(len).map_err(|e| {
+                    CliError::io(&a.destination, format!("cannot size the output: {e}"))
+                })?;
+            }
+            dev
         }
         Format::Qcow2 => {
             return convert_to_qcow2(&a, src.dev.as_mut(), len, &opts, &secrets);

@@ -117,8 +117,15 @@ fn next_step(
     mut buf: Vec<u8>,
 ) -> Result<(Step, u64, Option<Vec<u8>>), CopyError> {
     let align = u64::from(dst.sector.max(src.sector_size())).max(1);
-    let max = (len - off).min(CHUNK as u64);
-    let st = src.block_status(off, max).map_err(CopyError::Read)?;
+    // Ask about everything left: a range that reads as zero is skipped in
+    // one step however large (a sparse 4 TiB image has few steps, not one
+    // per chunk); only data is cut to what one buffer holds.
+    let st = src.block_status(off, len - off).map_err(CopyError::Read)?;
+    let max = if st.data || opts.sparse_size == 0 {
+        (len - off).min(CHUNK as u64)
+    } else {
+        len - off
+    };
     let mut n = st.len.clamp(1, max);
     // Data ranges that follow make one read: a qcow2 image reports each
     // compressed (or host-discontiguous) cluster on its own, and one large
@@ -142,7 +149,7 @@ fn next_step(
     } else {
         align.min(len - off)
     };
-    let n_usize = usize::try_from(n).unwrap_or(CHUNK);
+    let n_usize = usize::try_from(n.min(CHUNK as u64)).unwrap_or(CHUNK);
     // An odd tail into a destination with larger sectors (LUKS2 with
     // 4096-byte sectors, sized in whole sectors): zero-pad to a whole
     // destination sector when the destination has room for it.

@@ -62,13 +62,43 @@ pub(crate) fn warn_if_raw_looks_formatted(path: &str) {
 }
 
 /// Refuses a directory named where an image file belongs (opening one
-/// succeeds on Unix, and reading it fails with a less helpful message).
+/// succeeds on Unix, and reading it fails with a less helpful message), and
+/// a FIFO, socket or character device: those cannot be sized, and opening a
+/// FIFO blocks until a writer appears. The type is read with `stat`, which
+/// never blocks, before anything opens the file.
 pub(crate) fn refuse_dir(path: &str) -> Result<(), CliError> {
-    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+    let Ok(meta) = std::fs::metadata(path) else {
+        // Opening reports a missing file with the system's reason.
+        return Ok(());
+    };
+    let ft = meta.file_type();
+    if ft.is_dir() {
         return Err(CliError::io(
             path,
             "is a directory, not an image file; name the image file itself".into(),
         ));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        let kind = if ft.is_fifo() {
+            Some("a FIFO (named pipe)")
+        } else if ft.is_socket() {
+            Some("a socket")
+        } else if ft.is_char_device() {
+            Some("a character device")
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
+            return Err(CliError::io(
+                path,
+                format!(
+                    "is {kind}, not a regular file or block device: an image must have a \
+                     size and be readable at any offset"
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -149,7 +179,11 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
             let file = std::fs::File::open(path)
                 .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
             let mut raw = RawFile::new(file);
-            let virtual_size = raw.size().map_err(|e| CliError::io(path, e.to_string()))?;
+            // Whole sectors, as qemu-img: an odd tail is padded with zeroes.
+            let virtual_size = raw
+                .size()
+                .map_err(|e| CliError::io(path, e.to_string()))?
+                .next_multiple_of(512);
             Ok(Opened {
                 chain: vec![path.to_string()],
                 virtual_size,
@@ -220,6 +254,7 @@ fn open_backing(
         Format::Qcow2 => open_qcow2(path, None, ctx, seen, chain),
         Format::Raw => {
             guard_chain(path, seen, chain)?;
+            refuse_dir(path)?;
             let file = std::fs::File::open(path)
                 .map_err(|e| CliError::io(path, format!("cannot open the backing file: {e}")))?;
             Ok(Box::new(RawFile::new(file)))
@@ -264,6 +299,7 @@ fn open_qcow2(
     chain: &mut Vec<String>,
 ) -> Result<Box<dyn Source>, CliError> {
     guard_chain(path, seen, chain)?;
+    refuse_dir(path)?;
     let depth = chain.len().saturating_sub(1);
     let opening = crate::qcow2::Opening::open(path)?;
     let mut opening = crate::qcow2::unlock(path, opening, &ctx.keys, ctx.secrets)?;
@@ -311,6 +347,7 @@ fn open_qcow2(
     let data = match data_name {
         Some(d) => {
             let full = resolve_backing(path, &d);
+            refuse_dir(&full.to_string_lossy())?;
             let file = std::fs::File::open(&full).map_err(|e| {
                 CliError::io(
                     path,
@@ -355,6 +392,13 @@ pub(crate) fn file_length(path: &str) -> Result<u64, CliError> {
         .map_err(|e| CliError::io(path, format!("cannot stat: {e}")))
 }
 
+/// The length of a file as QEMU's file layer reports it: rounded up to whole
+/// 512-byte sectors (a raw image of 1000 bytes is 1024 bytes big, the tail
+/// reading as zero).
+pub(crate) fn sector_length(path: &str) -> Result<u64, CliError> {
+    Ok(file_length(path)?.next_multiple_of(512))
+}
+
 /// Resolves a backing file name relative to the image that names it, as
 /// QEMU does.
 pub(crate) fn resolve_backing(image: &str, backing: &str) -> PathBuf {
@@ -382,7 +426,7 @@ pub(crate) fn info(
         (None, None) => detect(path)?,
     };
     match format {
-        Format::Raw => crate::info::ImageInfo::basic(path, format, file_length(path)?),
+        Format::Raw => crate::info::ImageInfo::basic(path, format, sector_length(path)?),
         Format::Qcow2 => {
             let mut opening = crate::qcow2::Opening::open(path)?;
             let info = opening.img.info().clone();

@@ -21,8 +21,9 @@ pub(crate) struct SnapshotInfo {
     pub(crate) date_nsec: u64,
     /// Guest clock, nanoseconds.
     pub(crate) vm_clock_nsec: u64,
-    /// Instruction count (0 when not recorded).
-    pub(crate) icount: u64,
+    /// Instruction count; `None` when the image records none (the field is
+    /// absent or all ones), shown by qemu-img as `--` and left out of JSON.
+    pub(crate) icount: Option<u64>,
 }
 
 /// Everything `qimg info` prints about one image.
@@ -68,7 +69,7 @@ impl ImageInfo {
             format,
             virtual_size,
             actual_size: image::allocated_bytes(filename)?,
-            file_length: image::file_length(filename)?,
+            file_length: image::sector_length(filename)?,
             dirty: false,
             cluster_size: None,
             encrypted: false,
@@ -184,8 +185,12 @@ impl ImageInfo {
 
 /// One snapshot as `qemu-img info --output=json` lists it.
 pub(crate) fn snapshot_json(s: &SnapshotInfo) -> Value {
-    json!({
-        "icount": s.icount,
+    // qemu-img writes `icount` first, and only when the image records one.
+    let mut v = serde_json::Map::new();
+    if let Some(ic) = s.icount {
+        v.insert("icount".into(), json!(ic));
+    }
+    let rest = json!({
         "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
         "name": s.name,
         "date-sec": s.date_sec,
@@ -193,7 +198,11 @@ pub(crate) fn snapshot_json(s: &SnapshotInfo) -> Value {
         "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
         "id": s.id,
         "vm-state-size": s.vm_state_size
-    })
+    });
+    if let Value::Object(m) = rest {
+        v.extend(m);
+    }
+    Value::Object(v)
 }
 
 /// The heading row of qemu-img's snapshot table.
@@ -222,6 +231,7 @@ pub(crate) fn snapshot_row(sn: &SnapshotInfo) -> String {
         local_date(sn.date_sec),
         clock,
         sn.icount
+            .map_or_else(|| "--".to_string(), |ic| ic.to_string())
     )
 }
 

@@ -464,7 +464,7 @@ pub(crate) fn snapshots(
             date_sec: u64::from(s.fixed.date_sec),
             date_nsec: u64::from(s.fixed.date_nsec),
             vm_clock_nsec: s.fixed.vm_clock_nsec,
-            icount: s.fixed.icount.unwrap_or(0),
+            icount: s.fixed.icount,
         });
         false
     })

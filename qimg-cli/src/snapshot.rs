@@ -51,6 +51,11 @@ impl SnapshotCmd {
             Some(f) => f.into(),
             None => crate::image::detect(path)?,
         };
+        // qemu-img lists a raw image's (absent) snapshots as nothing at
+        // all and exits 0; creating, applying or deleting fails.
+        if self.list && format == crate::image::Format::Raw {
+            return Ok(0);
+        }
         if format != crate::image::Format::Qcow2 {
             return Err(CliError::io(
                 path,

@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode};
 
 mod bench;
 mod fuzz;
+mod sparse;
 mod uefi;
 
 /// The one module allowed to contain `unsafe` (runtime-dispatched SIMD).
@@ -58,6 +59,7 @@ fn main() -> ExitCode {
         }
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("check-mem") => bench::check_mem(),
+        Some("bench-sparse") => sparse::bench_sparse(),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
             Ok(())
@@ -90,6 +92,7 @@ fn print_help() {
          bench-compare [--mib N]  XTS vs OpenSSL, PBKDF2 vs OpenSSL, qimg convert vs qemu-img (ratios)\n  \
          bench-commit [--mib N]   qemu-img commit vs qimg commit of an N MiB overlay (default 800): seconds, ratio, du\n  \
          fuzz [--time S] [--target NAME]  run every cargo-fuzz target (nightly) S seconds, seeding corpora from real images\n  \
+         bench-sparse  qimg -m 1/-m 2 and qemu-img convert of 4 and 15 TiB sparse qcow2 images (seconds)\n  \
          check-mem     peak RSS of the qcow2 check on a 4 TiB sparse and a 1 GiB fully written image"
     );
 }
