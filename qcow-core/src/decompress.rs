@@ -163,15 +163,17 @@ mod tests {
     }
 
     #[cfg(feature = "alloc")]
+    #[allow(clippy::arithmetic_side_effects)] // test fixture
     fn skippable(len: u32) -> alloc::vec::Vec<u8> {
         let mut v = alloc::vec::Vec::new();
         v.extend_from_slice(&0x184d_2a53u32.to_le_bytes());
         v.extend_from_slice(&len.to_le_bytes());
-        v.resize(8 + len as usize, 0xee);
+        v.resize(len as usize + 8, 0xee);
         v
     }
 
     #[cfg(feature = "alloc")]
+    #[allow(clippy::arithmetic_side_effects, clippy::cast_possible_truncation)] // test fixture
     #[test]
     fn zstd_skippable_frames_are_skipped_and_overlong_frames_refused() {
         let data: alloc::vec::Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
