@@ -376,9 +376,23 @@ fn parse_segment(c: &Ctx<'_>, id: u8, v: Val) -> Result<Segment, PureError> {
     if !offset.is_multiple_of(512) {
         return Err(c.bad(v.start, Luks2Problem::BadValue("offset")));
     }
+    // As cryptsetup: optional flags are an array of strings.
+    if let Some(flags) = json::get(c.t, v, "flags") {
+        if flags.kind != Kind::Array {
+            return Err(c.bad(flags.start, Luks2Problem::WrongType("flags")));
+        }
+        for e in Elements::new(c.t, flags) {
+            if e.kind != Kind::String {
+                return Err(c.bad(e.start, Luks2Problem::WrongType("flags")));
+            }
+        }
+    }
     if kind == "crypt" {
         seg.iv_tweak = c.u64s(v, "iv_tweak")?;
         seg.encryption = c.spec(v, "encryption")?;
+        if seg.encryption.as_bytes().is_empty() {
+            return Err(c.bad(v.start, Luks2Problem::BadValue("encryption")));
+        }
         seg.sector_size = c.u32n(v, "sector_size")?;
         if !(512..=4096).contains(&seg.sector_size) || !seg.sector_size.is_power_of_two() {
             return Err(c.bad(v.start, Luks2Problem::BadValue("sector_size")));
@@ -482,6 +496,17 @@ impl Metadata {
                 return Err(c.bad(v.start, Luks2Problem::DanglingReference("digests.segments")));
             }
             push(&c, &mut m.digests, d, v.start, "digests")?;
+        }
+        // As cryptsetup: every key slot belongs to exactly one digest.
+        for ks in &m.keyslots {
+            let bit = 1u32 << ks.id;
+            let n = m.digests.iter().filter(|d| d.keyslots & bit != 0).count();
+            if n != 1 {
+                return Err(c.bad(
+                    root.start,
+                    Luks2Problem::BadValue("keyslots (each must be in exactly one digest)"),
+                ));
+            }
         }
         // Tokens: objects with a type and key slot references that exist.
         for (k, v) in Members::new(t, c.typed(root, "tokens", Kind::Object)?) {
