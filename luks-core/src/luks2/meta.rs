@@ -447,6 +447,10 @@ impl Metadata {
     /// text, for error messages.
     pub fn parse(t: &[u8], hdr_size: u64, base: u64) -> Result<Self, PureError> {
         let c = Ctx { t, base };
+        // As cryptsetup: the text starts with the opening brace itself.
+        if t.first() != Some(&b'{') {
+            return Err(c.bad(0, Luks2Problem::JsonSyntax));
+        }
         let root = json::document(t).map_err(|e| c.bad(e.at, e.problem))?;
         if root.kind != Kind::Object {
             return Err(c.bad(root.start, Luks2Problem::WrongType("(root)")));
@@ -564,6 +568,10 @@ impl Metadata {
             .filter(|&o| o > 0)
             .min()
             .unwrap_or(u64::MAX);
+        // As cryptsetup: the key slots area itself ends by the data.
+        if lo.saturating_add(self.keyslots_size) > data {
+            return Err(c.bad(at, Luks2Problem::BadValue("keyslots_size")));
+        }
         let hi = lo.saturating_add(self.keyslots_size).min(data);
         for (i, a) in self.keyslots.iter().enumerate() {
             let end = a.area_offset.checked_add(a.area_size);
