@@ -390,7 +390,7 @@ fn parse_segment(c: &Ctx<'_>, id: u8, v: Val) -> Result<Segment, PureError> {
     if kind == "crypt" {
         seg.iv_tweak = c.u64s(v, "iv_tweak")?;
         seg.encryption = c.spec(v, "encryption")?;
-        if seg.encryption.as_bytes().is_empty() {
+        if seg.encryption.is_empty() {
             return Err(c.bad(v.start, Luks2Problem::BadValue("encryption")));
         }
         seg.sector_size = c.u32n(v, "sector_size")?;
