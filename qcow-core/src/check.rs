@@ -643,6 +643,13 @@ impl Counter {
 /// a [`Finding`].
 pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Error<D::Error>> {
     let mut img = Img::open(dev)?;
+    if img.crypto.is_some() && img.hdr.crypt_method != 2 {
+        return Err(Error::corrupt(
+            Structure::Header,
+            field::CRYPT_METHOD.start as u64,
+            Problem::UnexpectedCryptoExtension(img.hdr.crypt_method),
+        ));
+    }
     let dirty = img.hdr.incompatible_features & incompat::DIRTY != 0;
     let mut first = pass(&mut img, repair != Repair::None)?;
     if repair == Repair::None {

@@ -58,27 +58,68 @@ pub fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> 
     }
 }
 
+/// Skips any zstd skippable frames (magic 0x184D2A50..=0x184D2A5F, a
+/// little-endian u32 length, then that many bytes) at the start of `src`.
+#[cfg(feature = "alloc")]
+fn skip_skippable(mut src: &[u8]) -> Result<&[u8], DecompressError> {
+    loop {
+        let magic = match src.get(..4) {
+            Some(m) => u32::from_le_bytes([m[0], m[1], m[2], m[3]]),
+            None => return Ok(src),
+        };
+        if magic & 0xffff_fff0 != 0x184d_2a50 {
+            return Ok(src);
+        }
+        let len = src.get(4..8).ok_or(DecompressError::Corrupt)?;
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]);
+        let skip = usize::try_from(len)
+            .ok()
+            .and_then(|l| l.checked_add(8))
+            .ok_or(DecompressError::Corrupt)?;
+        src = src.get(skip..).ok_or(DecompressError::Corrupt)?;
+    }
+}
+
+/// Decodes zstd frames into `out` as QEMU does: skippable frames are
+/// skipped, frames follow one another until `out` is full, and the frame
+/// that fills `out` must end there (a frame that inflates past the
+/// cluster is corrupt, as is a stream that ends short of it).
 #[cfg(feature = "alloc")]
 fn zstd(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
     use ruzstd::decoding::{BlockDecodingStrategy, FrameDecoder};
     use ruzstd::io::Read;
     let mut src = input;
     let mut dec = FrameDecoder::new();
-    dec.init(&mut src).map_err(|_| DecompressError::Corrupt)?;
     let mut pos = 0usize;
     while pos < out.len() {
-        let want = out.len().saturating_sub(pos);
-        if !dec.is_finished() {
-            dec.decode_blocks(&mut src, BlockDecodingStrategy::UptoBytes(want))
+        src = skip_skippable(src)?;
+        dec.reset(&mut src).map_err(|_| DecompressError::Corrupt)?;
+        loop {
+            let want = out.len().saturating_sub(pos);
+            if !dec.is_finished() {
+                dec.decode_blocks(&mut src, BlockDecodingStrategy::UptoBytes(want.max(1)))
+                    .map_err(|_| DecompressError::Corrupt)?;
+            }
+            let n = dec
+                .read(out.get_mut(pos..).unwrap_or_default())
                 .map_err(|_| DecompressError::Corrupt)?;
+            pos = pos.saturating_add(n);
+            if pos >= out.len() {
+                // The cluster is full: the frame must hold nothing more.
+                while !dec.is_finished() && dec.can_collect() == 0 {
+                    dec.decode_blocks(&mut src, BlockDecodingStrategy::UptoBytes(1))
+                        .map_err(|_| DecompressError::Corrupt)?;
+                }
+                if dec.can_collect() != 0 {
+                    return Err(DecompressError::Corrupt);
+                }
+                break;
+            }
+            if n == 0 && dec.is_finished() {
+                // This frame is done; the next one (if any) continues.
+                break;
+            }
         }
-        let n = dec
-            .read(out.get_mut(pos..).unwrap_or_default())
-            .map_err(|_| DecompressError::Corrupt)?;
-        if n == 0 && dec.is_finished() {
-            return Err(DecompressError::Corrupt);
-        }
-        pos = pos.saturating_add(n);
     }
     Ok(())
 }
@@ -91,6 +132,8 @@ fn zstd(_input: &[u8], _out: &mut [u8]) -> Result<(), DecompressError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(feature = "alloc")]
+    extern crate alloc;
 
     #[test]
     fn raw_deflate_fills_the_cluster_and_rejects_garbage() {
@@ -111,6 +154,62 @@ mod tests {
         assert_eq!(
             decompress(7, &input, &mut out),
             Err(DecompressError::UnknownType(7))
+        );
+    }
+
+    #[cfg(feature = "alloc")]
+    fn zstd_frame(data: &[u8]) -> alloc::vec::Vec<u8> {
+        ruzstd::encoding::compress_to_vec(data, ruzstd::encoding::CompressionLevel::Fastest)
+    }
+
+    #[cfg(feature = "alloc")]
+    #[allow(clippy::arithmetic_side_effects)] // test fixture
+    fn skippable(len: u32) -> alloc::vec::Vec<u8> {
+        let mut v = alloc::vec::Vec::new();
+        v.extend_from_slice(&0x184d_2a53u32.to_le_bytes());
+        v.extend_from_slice(&len.to_le_bytes());
+        v.resize(len as usize + 8, 0xee);
+        v
+    }
+
+    #[cfg(feature = "alloc")]
+    #[allow(clippy::arithmetic_side_effects, clippy::cast_possible_truncation)] // test fixture
+    #[test]
+    fn zstd_skippable_frames_are_skipped_and_overlong_frames_refused() {
+        let data: alloc::vec::Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        let frame = zstd_frame(&data);
+        for skip in [0u32, 5, 300] {
+            let mut input = skippable(skip);
+            input.extend_from_slice(&frame);
+            input.extend_from_slice(&[0u8; 32]); // sector padding
+            let mut out = [0u8; 4096];
+            decompress(COMPRESSION_ZSTD, &input, &mut out).unwrap();
+            assert_eq!(&out[..], &data[..], "skippable frame of {skip} bytes");
+        }
+        // Two data frames fill the cluster together.
+        let mut two = zstd_frame(&data[..1000]);
+        two.extend_from_slice(&zstd_frame(&data[1000..]));
+        let mut out = [0u8; 4096];
+        decompress(COMPRESSION_ZSTD, &two, &mut out).unwrap();
+        assert_eq!(&out[..], &data[..]);
+        // A frame that inflates past the cluster is corrupt.
+        let mut small = [0u8; 2048];
+        assert_eq!(
+            decompress(COMPRESSION_ZSTD, &frame, &mut small),
+            Err(DecompressError::Corrupt)
+        );
+        // One that ends short of it too.
+        let mut big = [0u8; 8192];
+        assert_eq!(
+            decompress(COMPRESSION_ZSTD, &frame, &mut big),
+            Err(DecompressError::Corrupt)
+        );
+        // A skippable frame whose length runs past the input.
+        let mut cut = skippable(16);
+        cut.truncate(12);
+        assert_eq!(
+            decompress(COMPRESSION_ZSTD, &cut, &mut out),
+            Err(DecompressError::Corrupt)
         );
     }
 }

@@ -126,11 +126,19 @@ pub enum Problem {
     /// crypt_method 2 (LUKS) without the full disk encryption header
     /// extension that locates the LUKS header.
     MissingCryptoExtension,
+    /// The full disk encryption header extension is present but
+    /// crypt_method is not 2 (LUKS); QEMU refuses the open.
+    UnexpectedCryptoExtension(u32),
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
+            Self::UnexpectedCryptoExtension(m) => write!(
+                f,
+                "encryption header extension (0x0537be77) only expected with LUKS \
+                 encryption (crypt_method 2), but crypt_method is {m}"
+            ),
             Self::MissingCryptoExtension => {
                 f.write_str("LUKS encryption without the encryption header extension (0x0537be77)")
             }

@@ -225,9 +225,11 @@ fn as_str(n: &[u8]) -> Option<&str> {
 }
 
 impl ImageInfo {
-    /// Virtual size in bytes.
+    /// Virtual size in bytes: the header's size in whole 512-byte sectors
+    /// (QEMU 10.0.2 keeps `size / 512` sectors, so a size of 1000 reads as
+    /// 512 bytes and 511 as 0).
     pub fn virtual_size(&self) -> u64 {
-        self.header.size
+        sector_floor(self.header.size)
     }
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
@@ -284,6 +286,13 @@ impl ImageInfo {
     /// External data file name as text.
     pub fn data_file(&self) -> Option<&str> {
         self.data_file.as_deref().and_then(as_str)
+    }
+    /// True when the header sets the external-data-file incompatible bit
+    /// but no data file name extension names the file. QEMU refuses such
+    /// an image for I/O ("'data-file' is required for this image"); guest
+    /// data must never be read as zeros from it.
+    pub fn data_file_name_missing(&self) -> bool {
+        self.header.has_data_file() && self.data_file.is_none()
     }
     /// `encrypt.format`: "aes" (1) or "luks" (2).
     pub fn encryption_format(&self) -> Option<&'static str> {
@@ -456,6 +465,11 @@ fn read_name<D: BlockIo>(
     Ok(name)
 }
 
+/// A disk size as QEMU sees it: whole 512-byte sectors, the tail dropped.
+fn sector_floor(size: u64) -> u64 {
+    size & !511
+}
+
 impl<'c, D: BlockIo> Qcow2<'c, D> {
     /// Opens an image read-only. `cache` is the metadata cache: at least
     /// one slice (`min(4096, cluster_size)` bytes); up to 64 slices are used.
@@ -567,6 +581,13 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
                 Problem::Overflow,
             ));
         }
+        if hdr.crypt_method != 2 && info.crypto.is_some() {
+            return Err(Error::corrupt(
+                Structure::Header,
+                header::field::CRYPT_METHOD.start as u64,
+                Problem::UnexpectedCryptoExtension(hdr.crypt_method),
+            ));
+        }
         if hdr.crypt_method == 2 && info.crypto.is_none() {
             return Err(Error::corrupt(
                 Structure::Header,
@@ -610,7 +631,7 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
             st: State {
                 l1_offset: hdr.l1_table_offset,
                 l1_size: hdr.l1_size,
-                size: hdr.size,
+                size: sector_floor(hdr.size),
                 snapshot: None,
                 file_size,
                 info,
@@ -1592,7 +1613,7 @@ where
         )?;
         self.st.l1_offset = snap.fixed.l1_offset;
         self.st.l1_size = snap.fixed.l1_size;
-        self.st.size = size;
+        self.st.size = sector_floor(size);
         self.st.snapshot = Some(snap.index);
         Ok(())
     }
@@ -1602,7 +1623,7 @@ where
         let h = self.st.info.header;
         self.st.l1_offset = h.l1_table_offset;
         self.st.l1_size = h.l1_size;
-        self.st.size = h.size;
+        self.st.size = sector_floor(h.size);
         self.st.snapshot = None;
     }
 }

@@ -66,6 +66,7 @@ fn refuses_open<E>(e: &qcow_core::Error<E>) -> bool {
         qcow_core::Error::Corrupt { problem, .. } => matches!(
             problem,
             Problem::MissingCryptoExtension
+                | Problem::UnexpectedCryptoExtension(_)
                 | Problem::ExtensionOverrun { .. }
                 | Problem::ExtensionLength { .. }
                 | Problem::DuplicateExtension(_)

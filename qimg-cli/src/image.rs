@@ -307,6 +307,14 @@ fn open_qcow2(
     let backing_name = info.backing_file().map(str::to_string);
     let backing_fmt = info.backing_format().map(str::to_string);
     let data_name = info.data_file().map(str::to_string);
+    if info.data_file_name_missing() {
+        return Err(CliError::io(
+            path,
+            "'data-file' is required for this image (external data file bit set, \
+             no data file name extension in the header)"
+                .to_string(),
+        ));
+    }
     if let Some(spec) = snapshot {
         let err = |e: qcow_core::Error<crate::dev::DevError>| CliError::io(path, e.to_string());
         let snap = if let Some(name) = spec.strip_prefix("snapshot.name=") {

@@ -203,8 +203,13 @@ pub struct HeaderRepr {
     pub mk_digest_salt: [u8; SALT_LEN],
     /// Its iterations.
     pub mk_digest_iter: u32,
-    /// UUID text.
+    /// UUID text. A field that is not NUL-terminated ASCII text (cryptsetup
+    /// and QEMU open it anyway) reads as its first 39 bytes (up to a NUL),
+    /// each byte outside printable ASCII shown as `?`.
     pub uuid: heapless::String<40>,
+    /// The UUID field's exact bytes when they are not NUL-terminated ASCII
+    /// text; [`HeaderRepr::emit`] then writes them back unchanged.
+    pub uuid_raw: Option<[u8; 40]>,
     /// The key slots.
     pub key_slots: [KeySlotRepr; KEY_SLOTS],
 }
@@ -229,6 +234,22 @@ fn text<const N: usize>(raw: &[u8], at: usize) -> Result<heapless::String<N>, Pu
         out.push(c as char).map_err(|_| bad())?;
     }
     Ok(out)
+}
+
+/// A UUID field that is not text, shown as cryptsetup and QEMU do (its
+/// first 39 bytes, up to a NUL) with bytes outside printable ASCII as `?`.
+fn uuid_lossy(raw: &[u8; 40]) -> heapless::String<40> {
+    let mut out = heapless::String::new();
+    for &c in raw.iter().take(39).take_while(|&&c| c != 0) {
+        let c = if c.is_ascii_graphic() || c == b' ' {
+            c as char
+        } else {
+            '?'
+        };
+        // At most 39 one-byte characters: always fits.
+        let _ = out.push(c);
+    }
+    out
 }
 
 /// Sectors of key material for `key_bytes` × `stripes`, rounded up.
@@ -262,7 +283,14 @@ impl HeaderRepr {
         let cipher_name = text::<32>(h.cipher_name(), field::CIPHER_NAME.start)?;
         let cipher_mode = text::<32>(h.cipher_mode(), field::CIPHER_MODE.start)?;
         let hash_spec = text::<32>(h.hash_spec(), field::HASH_SPEC.start)?;
-        let uuid = text::<40>(h.uuid(), field::UUID.start)?;
+        let (uuid, uuid_raw) = match text::<40>(h.uuid(), field::UUID.start) {
+            Ok(t) => (t, None),
+            Err(_) => {
+                let mut raw = [0u8; 40];
+                raw.copy_from_slice(h.uuid());
+                (uuid_lossy(&raw), Some(raw))
+            }
+        };
         let key_bytes = h.key_bytes();
         if key_bytes == 0 || key_bytes as usize > crate::cipher::MAX_KEY_BYTES {
             return Err(corrupt(
@@ -331,6 +359,7 @@ impl HeaderRepr {
             mk_digest_salt,
             mk_digest_iter: h.mk_digest_iter(),
             uuid,
+            uuid_raw,
             key_slots,
         };
         r.check_layout()?;
@@ -437,7 +466,10 @@ impl HeaderRepr {
         h.m()[field::MK_DIGEST].copy_from_slice(&self.mk_digest);
         h.m()[field::MK_DIGEST_SALT].copy_from_slice(&self.mk_digest_salt);
         h.put32(field::MK_DIGEST_ITER.start, self.mk_digest_iter);
-        h.put_str(field::UUID, &self.uuid);
+        match &self.uuid_raw {
+            Some(raw) => h.m()[field::UUID].copy_from_slice(raw),
+            None => h.put_str(field::UUID, &self.uuid),
+        }
         for (i, ks) in self.key_slots.iter().enumerate() {
             let base = field::KEY_SLOTS.saturating_add(i.saturating_mul(field::KEY_SLOT_LEN));
             h.put32(base, if ks.active { KEY_ENABLED } else { KEY_DISABLED });

@@ -536,6 +536,7 @@ pub fn format<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
         mk_digest_salt,
         mk_digest_iter: params.digest_iterations,
         uuid,
+        uuid_raw: None,
         key_slots: offs.map(slot),
     };
     // Zero the header area.

@@ -547,3 +547,28 @@ fn key_slot_changes_survive_a_power_cut_at_every_write() {
         }
     }
 }
+
+#[test]
+fn uuid_field_that_is_not_text_opens_and_round_trips() {
+    let (dev, hdr, _) = formatted(&small());
+    let mut m = dev.as_slice()[..HEADER_LEN].to_vec();
+    m[168..208].fill(0xff);
+    let r = HeaderRepr::parse(&Header::new_checked(&m[..]).unwrap()).unwrap();
+    assert_eq!(r.uuid.as_str(), "?".repeat(39));
+    assert_eq!(r.uuid_raw, Some([0xff; 40]));
+    assert_eq!(r.key_slots, hdr.key_slots);
+    // emit writes the field back byte for byte.
+    let mut buf = [0u8; HEADER_LEN];
+    r.emit(&mut Header::new_unchecked(&mut buf[..])).unwrap();
+    assert_eq!(&buf[168..208], &[0xff; 40][..]);
+    assert_eq!(
+        HeaderRepr::parse(&Header::new_checked(&buf[..]).unwrap()).unwrap(),
+        r
+    );
+    // A text UUID stays text, with no raw copy.
+    assert_eq!(hdr.uuid_raw, None);
+    // Printable but unterminated: the first 39 bytes.
+    m[168..208].fill(b'a');
+    let r = HeaderRepr::parse(&Header::new_checked(&m[..]).unwrap()).unwrap();
+    assert_eq!(r.uuid.as_str(), "a".repeat(39));
+}

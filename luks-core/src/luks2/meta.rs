@@ -376,9 +376,23 @@ fn parse_segment(c: &Ctx<'_>, id: u8, v: Val) -> Result<Segment, PureError> {
     if !offset.is_multiple_of(512) {
         return Err(c.bad(v.start, Luks2Problem::BadValue("offset")));
     }
+    // As cryptsetup: optional flags are an array of strings.
+    if let Some(flags) = json::get(c.t, v, "flags") {
+        if flags.kind != Kind::Array {
+            return Err(c.bad(flags.start, Luks2Problem::WrongType("flags")));
+        }
+        for e in Elements::new(c.t, flags) {
+            if e.kind != Kind::String {
+                return Err(c.bad(e.start, Luks2Problem::WrongType("flags")));
+            }
+        }
+    }
     if kind == "crypt" {
         seg.iv_tweak = c.u64s(v, "iv_tweak")?;
         seg.encryption = c.spec(v, "encryption")?;
+        if seg.encryption.is_empty() {
+            return Err(c.bad(v.start, Luks2Problem::BadValue("encryption")));
+        }
         seg.sector_size = c.u32n(v, "sector_size")?;
         if !(512..=4096).contains(&seg.sector_size) || !seg.sector_size.is_power_of_two() {
             return Err(c.bad(v.start, Luks2Problem::BadValue("sector_size")));
@@ -433,6 +447,10 @@ impl Metadata {
     /// text, for error messages.
     pub fn parse(t: &[u8], hdr_size: u64, base: u64) -> Result<Self, PureError> {
         let c = Ctx { t, base };
+        // As cryptsetup: the text starts with the opening brace itself.
+        if t.first() != Some(&b'{') {
+            return Err(c.bad(0, Luks2Problem::JsonSyntax));
+        }
         let root = json::document(t).map_err(|e| c.bad(e.at, e.problem))?;
         if root.kind != Kind::Object {
             return Err(c.bad(root.start, Luks2Problem::WrongType("(root)")));
@@ -482,6 +500,17 @@ impl Metadata {
                 return Err(c.bad(v.start, Luks2Problem::DanglingReference("digests.segments")));
             }
             push(&c, &mut m.digests, d, v.start, "digests")?;
+        }
+        // As cryptsetup: every key slot belongs to exactly one digest.
+        for ks in &m.keyslots {
+            let bit = 1u32 << ks.id;
+            let n = m.digests.iter().filter(|d| d.keyslots & bit != 0).count();
+            if n != 1 {
+                return Err(c.bad(
+                    root.start,
+                    Luks2Problem::BadValue("keyslots (each must be in exactly one digest)"),
+                ));
+            }
         }
         // Tokens: objects with a type and key slot references that exist.
         for (k, v) in Members::new(t, c.typed(root, "tokens", Kind::Object)?) {
@@ -539,6 +568,10 @@ impl Metadata {
             .filter(|&o| o > 0)
             .min()
             .unwrap_or(u64::MAX);
+        // As cryptsetup: the key slots area itself ends by the data.
+        if lo.saturating_add(self.keyslots_size) > data {
+            return Err(c.bad(at, Luks2Problem::BadValue("keyslots_size")));
+        }
         let hi = lo.saturating_add(self.keyslots_size).min(data);
         for (i, a) in self.keyslots.iter().enumerate() {
             let end = a.area_offset.checked_add(a.area_size);

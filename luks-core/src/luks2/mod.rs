@@ -225,7 +225,18 @@ fn read_meta<D: BlockIo + ?Sized>(
     let mut buf = [0u8; CHUNK];
     let mut done = 0u64;
     let mut len: Option<usize> = None;
-    while done < area && len.is_none() {
+    // As cryptsetup, everything after the text's NUL is NUL too: the whole
+    // area is read (bounded by the header size).
+    let stray = |at: u64, chunk: &[u8]| {
+        chunk.iter().position(|&c| c != 0).map(|p| {
+            Error::corrupt(
+                Structure::Luks2Json,
+                base.saturating_add(at).saturating_add(p as u64),
+                Problem::Luks2(Luks2Problem::BadValue("non-NUL bytes after the JSON text")),
+            )
+        })
+    };
+    while done < area {
         let n = io::chunk_len(area.saturating_sub(done), CHUNK);
         read(
             dev,
@@ -233,7 +244,19 @@ fn read_meta<D: BlockIo + ?Sized>(
             base.saturating_add(done),
             &mut buf[..n],
         )?;
+        if len.is_some() {
+            if let Some(e) = stray(done, &buf[..n]) {
+                return Err(e);
+            }
+            done = done.saturating_add(n as u64);
+            continue;
+        }
         let nul = buf[..n].iter().position(|&c| c == 0);
+        if let Some(p) = nul {
+            if let Some(e) = stray(done.saturating_add(p as u64), &buf[p..n]) {
+                return Err(e);
+            }
+        }
         let take = nul.unwrap_or(n);
         let at = usize::try_from(done).unwrap_or(usize::MAX);
         let given = json.len();
