@@ -9,13 +9,17 @@ use crate::error::{name_from, PureError, Unsupported};
 pub(crate) type Blk = [u8; 16];
 
 /// A key-scheduled block cipher. The inner types zero their round keys on
-/// drop (the `zeroize` features of `aes`, `serpent`, `twofish`).
+/// drop (the `zeroize` features of `aes` and `serpent`; our own Twofish
+/// zeroes its subkeys and key-dependent tables). Twofish's 4 KiB of tables
+/// make it the large variant; it stays inline because the core has no
+/// allocator on the read path.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum BlockAlg {
     Aes128(aes::Aes128),
     Aes192(aes::Aes192),
     Aes256(aes::Aes256),
     Serpent(serpent::Serpent),
-    Twofish(twofish::Twofish),
+    Twofish(super::twofish::Twofish),
 }
 
 /// Which block cipher a name selects, before a key is known.
@@ -74,7 +78,7 @@ impl BlockAlg {
                 Self::Serpent(serpent::Serpent::new_from_slice(key).map_err(|_| bad())?)
             }
             (BlockKind::Twofish, _) => {
-                Self::Twofish(twofish::Twofish::new_from_slice(key).map_err(|_| bad())?)
+                Self::Twofish(super::twofish::Twofish::new(key).ok_or_else(bad)?)
             }
             _ => return Err(bad()),
         })
@@ -87,7 +91,7 @@ impl BlockAlg {
             Self::Aes192(c) => c.encrypt_block(b.into()),
             Self::Aes256(c) => c.encrypt_block(b.into()),
             Self::Serpent(c) => c.encrypt_block(b.into()),
-            Self::Twofish(c) => c.encrypt_block(b.into()),
+            Self::Twofish(c) => c.encrypt(b),
         }
     }
 
@@ -98,7 +102,7 @@ impl BlockAlg {
             Self::Aes192(c) => c.decrypt_block(b.into()),
             Self::Aes256(c) => c.decrypt_block(b.into()),
             Self::Serpent(c) => c.decrypt_block(b.into()),
-            Self::Twofish(c) => c.decrypt_block(b.into()),
+            Self::Twofish(c) => c.decrypt(b),
         }
     }
 }

@@ -8,6 +8,7 @@
 #![warn(clippy::arithmetic_side_effects)]
 
 mod block;
+mod twofish;
 mod xts;
 
 use core::fmt;
