@@ -137,6 +137,10 @@ impl Target2 {
                     Some(n) => n,
                     None => luks_core::luks1::calibrate_iterations(
                         hash,
+                        self.h
+                            .meta
+                            .keyslot(like)
+                            .map_or(64, |k| usize::try_from(k.key_size).unwrap_or(64)),
                         ms,
                         elapsed_since(std::time::Instant::now()),
                     ),

@@ -492,6 +492,7 @@ pub(crate) fn create(
                 Some(n) => n,
                 None => luks_core::luks1::calibrate_iterations(
                     hash,
+                    usize::try_from(o.key_bytes()).unwrap_or(usize::MAX),
                     o.iter_time_ms,
                     elapsed_since(std::time::Instant::now()),
                 ),
@@ -520,7 +521,8 @@ pub(crate) fn create(
     };
     let digest_iterations = luks_core::luks1::calibrate_iterations(
         hash,
-        (o.iter_time_ms / 8).max(1),
+        usize::try_from(o.key_bytes()).unwrap_or(usize::MAX),
+        luks_core::luks1::DIGEST_MS,
         elapsed_since(std::time::Instant::now()),
     );
     let cipher = format!("{}-{}", o.cipher, o.mode_spec());

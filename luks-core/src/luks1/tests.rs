@@ -332,7 +332,7 @@ fn calibrate_uses_the_callers_clock() {
     // a sample), 4000 take 120 ms: 33 per ms, times 2000 ms.
     let times = [0u64, 30, 100, 220];
     let mut i = 0;
-    let n = calibrate_iterations(HashAlg::Sha256, 2000, || {
+    let n = calibrate_iterations(HashAlg::Sha256, 64, 2000, || {
         let t = times[i.min(3)];
         i += 1;
         t
@@ -340,7 +340,7 @@ fn calibrate_uses_the_callers_clock() {
     assert_eq!(n, 33 * 2000);
     // A slow machine never goes under cryptsetup's minimum of 1000.
     let mut t = 0u64;
-    let n = calibrate_iterations(HashAlg::Sha1, 1, || {
+    let n = calibrate_iterations(HashAlg::Sha1, 20, 1, || {
         t += 100_000;
         t
     });
