@@ -153,7 +153,10 @@ impl Target2 {
                     Some(Kdf::Argon2 {
                         memory_kib, cpus, ..
                     }) => (*memory_kib, *cpus),
-                    _ => (1 << 20, 4),
+                    _ => (
+                        crate::luks2::default_argon2_memory_kib(),
+                        crate::luks2::default_argon2_lanes(),
+                    ),
                 };
                 let memory_kib = c.memory_kib.unwrap_or(old_mem);
                 let time = match c.iterations {
