@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode};
 
 mod bench;
 mod fuzz;
+mod kdf;
 mod uefi;
 
 /// The one module allowed to contain `unsafe` (runtime-dispatched SIMD).
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
             mib.and_then(bench::compare)
         }
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("kdf-compare") => kdf::compare(&args[1..]),
         Some("check-mem") => bench::check_mem(),
         Some("help") | Some("--help") | Some("-h") | None => {
             print_help();
@@ -79,6 +81,7 @@ fn print_help() {
          uefi          build the UEFI reader (tests/uefi-reader)\n  \
          uefi-test     boot OVMF with test images and check what the reader reads\n  \
          bench-compare [--mib N]  XTS vs OpenSSL, PBKDF2 vs OpenSSL, qimg convert vs qemu-img (ratios)\n  \
+         kdf-compare [--bin PATH]  qimg's PBKDF2/Argon2 costs beside cryptsetup's and qemu-img's at iter-time 1000/2000\n  \
          fuzz [--time S] [--target NAME]  run every cargo-fuzz target (nightly) S seconds, seeding corpora from real images\n  \
          check-mem     peak RSS of the qcow2 check on a 4 TiB sparse and a 1 GiB fully written image"
     );
