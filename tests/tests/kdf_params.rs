@@ -6,7 +6,7 @@
 
 use qimg_tests::cryptsetup::Cryptsetup;
 use qimg_tests::qemu::write_tmp;
-use qimg_tests::{qimg, qimg_luks_dump, run_ok};
+use qimg_tests::{qimg, qimg_create_luks, qimg_luks_dump, qimg_luks_to_raw, run_fails, run_ok};
 
 const PW: &str = "kdf params pass";
 
@@ -65,4 +65,22 @@ fn luks2_default_argon2_fits_the_machine_and_opens_under_ulimit() {
         img.display()
     );
     run_ok(std::process::Command::new("bash").args(["-c", &script]));
+}
+
+#[test]
+fn luks1_slot_iterations_of_2_pow_32_minus_1_are_refused_naming_slot_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = write_tmp(dir.path(), "key", PW.as_bytes());
+    let vol = dir.path().join("v.luks");
+    qimg_create_luks(&vol, &key, "iter-time=10", "1M");
+    // Key slot 0's iterations: phdr offset 208 + 4, big-endian.
+    let mut bytes = std::fs::read(&vol).unwrap();
+    bytes[212..216].copy_from_slice(&u32::MAX.to_be_bytes());
+    std::fs::write(&vol, &bytes).unwrap();
+    let out = dir.path().join("out.raw");
+    let err = run_fails(&mut qimg_luks_to_raw(&vol, None, &key, &out));
+    for want in ["key slot 0", "4294967295", "212", "v.luks"] {
+        assert!(err.contains(want), "{want:?} missing from: {err}");
+    }
+    assert_eq!(std::fs::read(&vol).unwrap(), bytes, "volume changed");
 }
