@@ -68,6 +68,15 @@ pub enum Problem {
     BadKeyBytes(u32),
     /// A PBKDF2 iteration count of zero.
     ZeroIterations,
+    /// A key-derivation cost above qimg's ceiling (`what` names the field).
+    KdfCost {
+        /// The field: `iterations`, `digest iterations`, `argon2 time x memory`.
+        what: &'static str,
+        /// The value found.
+        value: u64,
+        /// The ceiling it exceeds.
+        ceiling: u64,
+    },
     /// A key slot's active flag is neither enabled nor disabled.
     BadActiveFlag(u32),
     /// The stripe count is not the 4000 every LUKS1 implementation writes.
@@ -150,6 +159,14 @@ impl fmt::Display for Problem {
             Self::BadString => f.write_str("text field is not NUL-terminated ASCII"),
             Self::BadKeyBytes(n) => write!(f, "key size of {n} bytes is invalid"),
             Self::ZeroIterations => f.write_str("PBKDF2 iteration count is 0"),
+            Self::KdfCost {
+                what,
+                value,
+                ceiling,
+            } => write!(
+                f,
+                "{what} {value} is above the ceiling of {ceiling} (no tool writes such a cost; deriving it would run for hours)"
+            ),
             Self::BadActiveFlag(v) => write!(f, "active flag {v:#010x} is invalid"),
             Self::BadStripes(n) => write!(f, "corrupted: stripes {n} != 4000"),
             Self::KeySlotsOverlap { other } => {

@@ -111,7 +111,13 @@ impl Target {
             .map_err(|e| self.err(e.to_string()))?;
         let start = std::time::Instant::now();
         let elapsed = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        Ok(luks1::calibrate_iterations(hash, ms.max(1), elapsed))
+        let key_bytes = usize::try_from(self.hdr.key_bytes).unwrap_or(usize::MAX);
+        Ok(luks1::calibrate_iterations(
+            hash,
+            key_bytes,
+            ms.max(1),
+            elapsed,
+        ))
     }
 
     /// Writes `pass` into `slot` (a free one, or an active one when

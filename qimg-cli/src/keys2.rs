@@ -137,6 +137,10 @@ impl Target2 {
                     Some(n) => n,
                     None => luks_core::luks1::calibrate_iterations(
                         hash,
+                        self.h
+                            .meta
+                            .keyslot(like)
+                            .map_or(64, |k| usize::try_from(k.key_size).unwrap_or(64)),
                         ms,
                         elapsed_since(std::time::Instant::now()),
                     ),
@@ -149,7 +153,10 @@ impl Target2 {
                     Some(Kdf::Argon2 {
                         memory_kib, cpus, ..
                     }) => (*memory_kib, *cpus),
-                    _ => (1 << 20, 4),
+                    _ => (
+                        crate::luks2::default_argon2_memory_kib(),
+                        crate::luks2::default_argon2_lanes(),
+                    ),
                 };
                 let memory_kib = c.memory_kib.unwrap_or(old_mem);
                 let time = match c.iterations {

@@ -328,11 +328,13 @@ pub(crate) fn format_volume<D: BlockIo + ?Sized>(
         .ok_or_else(|| CliError::usage(format!("a {key_bytes}-byte key is too large for LUKS1")))?;
     let start = std::time::Instant::now();
     let elapsed = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let iterations = luks1::calibrate_iterations(hash, o.iter_time_ms, elapsed);
-    // The volume key digest gets an eighth of the time, as qemu does.
+    // Both are timed with the slot key's length, as cryptsetup and qemu do.
+    let kb = usize::try_from(key_bytes).unwrap_or(usize::MAX);
+    let iterations = luks1::calibrate_iterations(hash, kb, o.iter_time_ms, elapsed);
+    // The volume key digest gets 125 ms whatever iter-time is, as both do.
     let start = std::time::Instant::now();
     let elapsed = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let digest_iterations = luks1::calibrate_iterations(hash, (o.iter_time_ms / 8).max(1), elapsed);
+    let digest_iterations = luks1::calibrate_iterations(hash, kb, luks1::DIGEST_MS, elapsed);
     let mode = o.mode_spec();
     let params = luks1::FormatParams {
         cipher_name: &o.cipher,

@@ -412,6 +412,26 @@ struct Luks2Options {
     detached: bool,
 }
 
+/// cryptsetup's default Argon2 memory ceiling: 1 GiB, but at most half the
+/// physical memory (MemTotal in /proc/meminfo; 1 GiB when unreadable).
+pub(crate) fn default_argon2_memory_kib() -> u32 {
+    const MAX: u32 = 1 << 20;
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    total_kib.map_or(MAX, |t| {
+        u32::try_from((t / 2).min(u64::from(MAX))).unwrap_or(MAX)
+    })
+}
+
+/// cryptsetup's default Argon2 lanes: 4, but at most the online CPUs.
+pub(crate) fn default_argon2_lanes() -> u32 {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    u32::try_from(cpus).unwrap_or(4).clamp(1, 4)
+}
+
 fn u32_opt(opts: &OptionMap, key: &str, default: u32) -> Result<u32, CliError> {
     opts.get_u64(key)
         .map_err(|e| CliError::usage(e.to_string()))?
@@ -444,8 +464,8 @@ impl Luks2Options {
         }
         Ok(Self {
             pbkdf,
-            memory_kib: u32_opt(opts, "pbkdf-memory", 1 << 20)?,
-            parallel: u32_opt(opts, "pbkdf-parallel", 4)?,
+            memory_kib: u32_opt(opts, "pbkdf-memory", default_argon2_memory_kib())?,
+            parallel: u32_opt(opts, "pbkdf-parallel", default_argon2_lanes())?,
             iterations,
             sector_size: u32_opt(opts, "sector-size", 512)?,
             hdr_size,
@@ -492,6 +512,7 @@ pub(crate) fn create(
                 Some(n) => n,
                 None => luks_core::luks1::calibrate_iterations(
                     hash,
+                    usize::try_from(o.key_bytes()).unwrap_or(usize::MAX),
                     o.iter_time_ms,
                     elapsed_since(std::time::Instant::now()),
                 ),
@@ -499,9 +520,11 @@ pub(crate) fn create(
         },
         name => {
             let id = name == "argon2id";
-            let time = match l.iterations {
-                Some(n) => n,
-                None => write::calibrate_argon2::<std::convert::Infallible>(
+            // pbkdf-memory is a ceiling, as in cryptsetup: calibration may
+            // use less to meet iter-time at the minimum time cost.
+            let (time, memory_kib) = match l.iterations {
+                Some(n) => (n, l.memory_kib),
+                None => write::calibrate_argon2_params::<std::convert::Infallible>(
                     id,
                     l.memory_kib,
                     l.parallel,
@@ -513,14 +536,15 @@ pub(crate) fn create(
             KdfParams::Argon2 {
                 id,
                 time,
-                memory_kib: l.memory_kib,
+                memory_kib,
                 cpus: l.parallel,
             }
         }
     };
     let digest_iterations = luks_core::luks1::calibrate_iterations(
         hash,
-        (o.iter_time_ms / 8).max(1),
+        usize::try_from(o.key_bytes()).unwrap_or(usize::MAX),
+        luks_core::luks1::DIGEST_MS,
         elapsed_since(std::time::Instant::now()),
     );
     let cipher = format!("{}-{}", o.cipher, o.mode_spec());

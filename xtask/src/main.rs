@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode};
 
 mod bench;
 mod fuzz;
+mod kdf;
 mod sparse;
 mod uefi;
 
@@ -58,6 +59,7 @@ fn main() -> ExitCode {
             mib.and_then(bench::commit)
         }
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("kdf-compare") => kdf::compare(&args[1..]),
         Some("check-mem") => bench::check_mem(),
         Some("bench-sparse") => sparse::bench_sparse(),
         Some("help") | Some("--help") | Some("-h") | None => {
@@ -91,6 +93,7 @@ fn print_help() {
          uefi-test     boot OVMF with test images and check what the reader reads\n  \
          bench-compare [--mib N]  XTS vs OpenSSL, PBKDF2 vs OpenSSL, qimg convert vs qemu-img (ratios)\n  \
          bench-commit [--mib N]   qemu-img commit vs qimg commit of an N MiB overlay (default 800): seconds, ratio, du\n  \
+         kdf-compare [--bin PATH]  qimg's PBKDF2/Argon2 costs beside cryptsetup's and qemu-img's at iter-time 1000/2000\n  \
          fuzz [--time S] [--target NAME]  run every cargo-fuzz target (nightly) S seconds, seeding corpora from real images\n  \
          bench-sparse  qimg -m 1/-m 2 and qemu-img convert of 4 and 15 TiB sparse qcow2 images (seconds)\n  \
          check-mem     peak RSS of the qcow2 check on a 4 TiB sparse and a 1 GiB fully written image"

@@ -327,12 +327,46 @@ fn af_merge_known_answer_from_compatimage() {
 }
 
 #[test]
+fn kdf_costs_above_the_ceiling_are_refused_naming_slot_and_value() {
+    let (mut dev, hdr, _) = formatted(&small());
+    let cost = |r: Result<(VolumeKey, u8), Error<core::convert::Infallible>>| match r {
+        Err(Error::Corrupt {
+            structure,
+            offset,
+            problem: crate::error::Problem::KdfCost { value, .. },
+        }) => (structure, offset, value),
+        other => panic!("{other:?}"),
+    };
+    let mut h = hdr.clone();
+    h.key_slots[0].iterations = u32::MAX;
+    assert_eq!(
+        cost(unlock(&mut dev, &h, b"pass", None)),
+        (Structure::Luks1KeySlot(0), 212, u64::from(u32::MAX))
+    );
+    let mut h = hdr.clone();
+    h.mk_digest_iter = MAX_PBKDF2_ITERATIONS + 1;
+    assert_eq!(
+        cost(unlock(&mut dev, &h, b"pass", Some(0))),
+        (
+            Structure::Luks1Header,
+            164,
+            u64::from(MAX_PBKDF2_ITERATIONS) + 1
+        )
+    );
+    // The unpoked header still answers as before.
+    assert!(matches!(
+        unlock(&mut dev, &hdr, b"nope", None),
+        Err(Error::WrongPassphrase)
+    ));
+}
+
+#[test]
 fn calibrate_uses_the_callers_clock() {
     // Clock readings in call order: 1000 iterations "take" 30 ms (too short
     // a sample), 4000 take 120 ms: 33 per ms, times 2000 ms.
     let times = [0u64, 30, 100, 220];
     let mut i = 0;
-    let n = calibrate_iterations(HashAlg::Sha256, 2000, || {
+    let n = calibrate_iterations(HashAlg::Sha256, 64, 2000, || {
         let t = times[i.min(3)];
         i += 1;
         t
@@ -340,7 +374,7 @@ fn calibrate_uses_the_callers_clock() {
     assert_eq!(n, 33 * 2000);
     // A slow machine never goes under cryptsetup's minimum of 1000.
     let mut t = 0u64;
-    let n = calibrate_iterations(HashAlg::Sha1, 1, || {
+    let n = calibrate_iterations(HashAlg::Sha1, 20, 1, || {
         t += 100_000;
         t
     });

@@ -380,6 +380,13 @@ pub fn argon2_blocks(ks: &Keyslot) -> Option<usize> {
     }
 }
 
+/// The most Argon2 work (time cost x memory in KiB) qimg runs for a key
+/// slot: 2^28, 256 passes over 1 GiB. cryptsetup here picks about 4 passes
+/// over 150-180 MiB for a 2-second `iter-time`, so 2^28 is roughly 90 times
+/// what it picks at 10 seconds (about a quarter of an hour); a time cost of
+/// 2^32-1 is far above it and is refused.
+pub const MAX_ARGON2_WORK: u64 = 1 << 28;
+
 /// Derives the key slot key into `out` (area key size bytes).
 fn derive<E>(
     ks: &Keyslot,
@@ -403,6 +410,12 @@ fn derive<E>(
             if *iterations == 0 {
                 return Err(bad("iterations"));
             }
+            crate::luks1::check_iterations(
+                Structure::Luks2Json,
+                ks.json_offset,
+                "iterations",
+                *iterations,
+            )?;
             hash.pbkdf2(passphrase, salt.as_bytes(), *iterations, out);
             Ok(())
         }
@@ -413,6 +426,18 @@ fn derive<E>(
             cpus,
             salt,
         }) => {
+            let work = u64::from(*time).saturating_mul(u64::from(*memory_kib));
+            if work > MAX_ARGON2_WORK {
+                return Err(Error::corrupt(
+                    Structure::Luks2Json,
+                    ks.json_offset,
+                    Problem::KdfCost {
+                        what: "argon2 time x memory (KiB)",
+                        value: work,
+                        ceiling: MAX_ARGON2_WORK,
+                    },
+                ));
+            }
             let params = argon2::Params::new(*memory_kib, *time, *cpus, Some(out.len()))
                 .map_err(|_| bad("kdf"))?;
             let blocks = params.block_count();

@@ -846,6 +846,112 @@ pub fn calibrate_argon2<E>(
     )
 }
 
+/// Argon2 cost `(time, memory_kib)` that takes about `target_ms` with
+/// `cpus` lanes and at most `max_memory_kib`, chosen the way cryptsetup
+/// 2.6.1 chooses it (`crypt_argon2_check`): start at time 4 and 32 KiB,
+/// grow memory (then time) until one run takes at least 250 ms, then scale
+/// toward the target, memory first when growing and time first when
+/// shrinking, never below time 4 (memory is reduced instead), re-measuring
+/// until a run lands within 95-105 % of the target (at most 8 rounds).
+/// `elapsed_ms` is a clock the caller provides.
+pub fn calibrate_argon2_params<E>(
+    id: bool,
+    max_memory_kib: u32,
+    cpus: u32,
+    target_ms: u32,
+    mut elapsed_ms: impl FnMut() -> u64,
+) -> Result<(u32, u32), Error<E>> {
+    /// cryptsetup's minimum Argon2 time cost.
+    const MIN_T: u32 = 4;
+    /// First-phase goal: a run long enough to scale from.
+    const BENCH_MIN_MS: u64 = 250;
+    /// Rounds of the second phase before settling for the last estimate.
+    const ROUNDS: u32 = 8;
+    let cpus = cpus.max(1);
+    let min_m = 32u32.max(cpus.saturating_mul(8));
+    let max_m = max_memory_kib.max(min_m);
+    let target = u64::from(target_ms.max(1));
+    let mut measure = |t: u32, m: u32| -> Result<u64, Error<E>> {
+        let mut out = [0u8; 32];
+        let t0 = elapsed_ms();
+        derive_new::<E, _>(
+            KdfParams::Argon2 {
+                id,
+                time: t,
+                memory_kib: m,
+                cpus,
+            },
+            b"calibration",
+            &mut out,
+            &mut FixedRng,
+        )?;
+        Ok(elapsed_ms().saturating_sub(t0))
+    };
+    let (mut t, mut m) = (MIN_T, min_m);
+    let mut ms;
+    loop {
+        ms = measure(t, m)?;
+        if ms >= BENCH_MIN_MS {
+            break;
+        }
+        let f = u32::try_from(BENCH_MIN_MS.div_ceil(ms.max(1)).min(256)).unwrap_or(256);
+        if m == max_m {
+            if t >= 1 << 20 {
+                break; // a clock that never moves: stop growing
+            }
+            t = t.saturating_mul(f);
+        } else {
+            m = m.saturating_mul(f).min(max_m);
+        }
+    }
+    // Scaled costs in u128: (u32 * u32 * u32) / u64 cannot overflow it.
+    let scale = |a: u32, b: u32, num: u64, den: u64| -> u32 {
+        let v = u128::from(a)
+            .saturating_mul(u128::from(b))
+            .saturating_mul(u128::from(num))
+            .checked_div(u128::from(den.max(1)))
+            .unwrap_or(0);
+        u32::try_from(v).unwrap_or(u32::MAX)
+    };
+    for _ in 0..ROUNDS {
+        let ms1 = ms.max(1);
+        let pinned;
+        if ms1 > target {
+            let nt = scale(t, 1, target, ms1);
+            if nt < MIN_T {
+                m = scale(t, m, target, u64::from(MIN_T).saturating_mul(ms1)).max(min_m);
+                t = MIN_T;
+                pinned = m == min_m;
+            } else {
+                t = nt;
+                pinned = false;
+            }
+        } else {
+            let nm = scale(m, 1, target, ms1);
+            if nm > max_m {
+                t = scale(t, m, target, u64::from(max_m).saturating_mul(ms1)).max(MIN_T);
+                m = max_m;
+                pinned = t == MIN_T;
+            } else {
+                m = nm.max(min_m);
+                pinned = m == min_m;
+            }
+        }
+        if pinned {
+            break;
+        }
+        ms = measure(t, m)?;
+        let pct = u128::from(ms)
+            .saturating_mul(100)
+            .checked_div(u128::from(target))
+            .unwrap_or(0);
+        if (95..=105).contains(&pct) {
+            break;
+        }
+    }
+    Ok((t, m))
+}
+
 /// A constant salt source for calibration only (the result is discarded).
 struct FixedRng;
 
