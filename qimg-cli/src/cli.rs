@@ -507,6 +507,11 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         },
         &secrets,
     )?;
+    crate::lock::refuse_self_overwrite(
+        &a.destination,
+        &src.files,
+        "the source image or a file of its backing chain",
+    )?;
     // LUKS payloads are whole sectors: a raw source of odd length is padded
     // with zeroes (reads past the end of a file are zero).
     let len = if a.output_format == Format::Luks {
@@ -515,6 +520,14 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         src.virtual_size
     };
     let opts = OptionMap::parse(&a.options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
+    if let Some(df) = opts.get("data_file") {
+        let full = image::resolve_backing(&a.destination, df);
+        crate::lock::refuse_self_overwrite(
+            &full.to_string_lossy(),
+            &src.files,
+            "the source image or a file of its backing chain",
+        )?;
+    }
     let mut dst: AnyDev = match a.output_format {
         Format::Raw => {
             opts.reject_unused("raw")

@@ -447,6 +447,15 @@ pub(crate) fn create_qcow2(
     secrets: &SecretArgs,
 ) -> Result<(), CliError> {
     let c = Qcow2Create::parse(opts, backing, backing_fmt)?;
+    if let Some(b) = &c.backing_file {
+        let full = crate::image::resolve_backing(filename, b);
+        let fmt = match c.backing_fmt.as_deref() {
+            Some("raw") => crate::image::Format::Raw,
+            Some("luks") => crate::image::Format::Luks,
+            _ => crate::image::Format::Qcow2,
+        };
+        crate::lock::refuse_backing_loop(filename, &full.to_string_lossy(), fmt)?;
+    }
     let secrets = crate::secret::Secrets::parse(&secrets.object)?;
     let size = match size.or(c.size) {
         Some(s) => s,

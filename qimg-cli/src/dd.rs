@@ -130,6 +130,11 @@ impl DdCmd {
         let start = ops.skip.saturating_mul(ops.bs);
         let len = end.saturating_sub(start);
         let out = &ops.output;
+        crate::lock::refuse_self_overwrite(
+            out,
+            &src.files,
+            "the input image or a file of its backing chain",
+        )?;
         let mut dst = self.create_output(out, len.next_multiple_of(SECTOR), &secrets)?;
         if start > end {
             // qemu-img reports this but still exits 0, with the empty

@@ -128,6 +128,9 @@ pub(crate) struct Opened {
     pub(crate) virtual_size: u64,
     /// The guest view.
     pub(crate) dev: Box<dyn Source>,
+    /// Every file the view reads: the image, its backing chain, data
+    /// files and a detached LUKS header (for the self-overwrite guard).
+    pub(crate) files: Vec<String>,
 }
 
 /// Opens `path` read-only.
@@ -154,6 +157,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
                 chain: vec![path.to_string()],
                 virtual_size,
                 dev: Box::new(raw),
+                files: vec![path.to_string()],
             })
         }
         Format::Qcow2 => {
@@ -165,6 +169,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
                     key_secret: opts.key_secret.clone(),
                 },
                 secrets,
+                files: std::cell::RefCell::new(Vec::new()),
             };
             let mut src = open_qcow2(path, opts.snapshot.as_deref(), &ctx, &mut seen, &mut chain)?;
             let virtual_size = src.size().map_err(|e| CliError::usage(e.to_string()))?;
@@ -172,6 +177,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
                 chain,
                 virtual_size,
                 dev: src,
+                files: ctx.files.into_inner(),
             })
         }
         Format::Luks => {
@@ -181,10 +187,13 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
             };
             let mut src = crate::luks::open(path, opts.header.as_deref(), &keys, secrets, false)?;
             let virtual_size = src.size().map_err(|e| CliError::usage(e.to_string()))?;
+            let mut files = vec![path.to_string()];
+            files.extend(opts.header.iter().cloned());
             Ok(Opened {
                 chain: vec![path.to_string()],
                 virtual_size,
                 dev: src,
+                files,
             })
         }
     }
@@ -194,6 +203,8 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
 struct Ctx<'a> {
     keys: crate::luks::KeySource,
     secrets: &'a Secrets,
+    /// Every file opened so far.
+    files: std::cell::RefCell<Vec<String>>,
 }
 
 /// Opens a backing file named by an image, in `format` (detected when the
@@ -220,6 +231,7 @@ fn open_backing(
         Format::Qcow2 => open_qcow2(path, None, ctx, seen, chain),
         Format::Raw => {
             guard_chain(path, seen, chain)?;
+            ctx.files.borrow_mut().push(path.to_string());
             let file = std::fs::File::open(path)
                 .map_err(|e| CliError::io(path, format!("cannot open the backing file: {e}")))?;
             Ok(Box::new(RawFile::new(file)))
@@ -264,6 +276,7 @@ fn open_qcow2(
     chain: &mut Vec<String>,
 ) -> Result<Box<dyn Source>, CliError> {
     guard_chain(path, seen, chain)?;
+    ctx.files.borrow_mut().push(path.to_string());
     let depth = chain.len().saturating_sub(1);
     let opening = crate::qcow2::Opening::open(path)?;
     let mut opening = crate::qcow2::unlock(path, opening, &ctx.keys, ctx.secrets)?;
@@ -311,6 +324,9 @@ fn open_qcow2(
     let data = match data_name {
         Some(d) => {
             let full = resolve_backing(path, &d);
+            ctx.files
+                .borrow_mut()
+                .push(full.to_string_lossy().into_owned());
             let file = std::fs::File::open(&full).map_err(|e| {
                 CliError::io(
                     path,
