@@ -10,9 +10,7 @@
 //! specified offset", yet exits 0, as qemu-img 10 does. Every byte is
 //! written, zeroes included, as qemu-img does.
 
-use std::path::Path;
-
-use luks_core::io::{BlockIo, FileDevice};
+use luks_core::io::BlockIo;
 
 use crate::cli::{FormatArg, SecretArgs};
 use crate::convert::CHUNK;
@@ -153,8 +151,7 @@ impl DdCmd {
     fn create_output(&self, path: &str, size: u64, secrets: &Secrets) -> Result<AnyDev, CliError> {
         match self.output_format {
             FormatArg::Raw => {
-                let mut f = FileDevice::create(Path::new(path))
-                    .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
+                let mut f = crate::lock::create_locked(path)?;
                 f.set_size(size)
                     .map_err(|e| CliError::io(path, e.to_string()))?;
                 Ok(erased(f))

@@ -151,6 +151,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
         Format::Raw => {
             let file = std::fs::File::open(path)
                 .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+            crate::lock::lock(&file, path, crate::lock::Access::Read)?;
             let mut raw = RawFile::new(file);
             let virtual_size = raw.size().map_err(|e| CliError::io(path, e.to_string()))?;
             Ok(Opened {
@@ -234,6 +235,7 @@ fn open_backing(
             ctx.files.borrow_mut().push(path.to_string());
             let file = std::fs::File::open(path)
                 .map_err(|e| CliError::io(path, format!("cannot open the backing file: {e}")))?;
+            crate::lock::lock(&file, path, crate::lock::Access::Read)?;
             Ok(Box::new(RawFile::new(file)))
         }
         Format::Luks => Err(CliError::io(
@@ -333,6 +335,7 @@ fn open_qcow2(
                     format!("cannot open the data file {}: {e}", full.display()),
                 )
             })?;
+            crate::lock::lock(&file, &full.to_string_lossy(), crate::lock::Access::Read)?;
             let holes = file
                 .try_clone()
                 .map_err(|e| CliError::io(path, e.to_string()))?;
