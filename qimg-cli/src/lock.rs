@@ -297,8 +297,10 @@ pub(crate) fn lock_dev(
 }
 
 /// A one-byte lock request of `kind` at `start`.
+// F_RDLCK / F_WRLCK / F_UNLCK and SEEK_SET are 0..=2: they fit a c_short.
+#[allow(clippy::cast_possible_truncation)]
 fn flock(kind: libc::c_int, start: i64) -> libc::flock {
-    let mut l: libc::flock = unsafe_free_zeroed();
+    let mut l: libc::flock = empty_flock();
     l.l_type = kind as libc::c_short;
     l.l_whence = libc::SEEK_SET as libc::c_short;
     l.l_start = start;
@@ -306,9 +308,8 @@ fn flock(kind: libc::c_int, start: i64) -> libc::flock {
     l
 }
 
-/// A zeroed `flock` without `unsafe` (the struct has private padding on
-/// some targets, so it is built from `Default`).
-fn unsafe_free_zeroed() -> libc::flock {
+/// A `flock` with every field zero.
+fn empty_flock() -> libc::flock {
     libc::flock {
         l_type: 0,
         l_whence: 0,
@@ -380,7 +381,10 @@ mod tests {
         }
         let other = dir.path().join("other");
         std::fs::write(&other, b"y").unwrap();
-        assert!(refuse_self_overwrite(&other.to_string_lossy(), &[a_s.clone()], "x").is_ok());
+        assert!(
+            refuse_self_overwrite(&other.to_string_lossy(), std::slice::from_ref(&a_s), "x")
+                .is_ok()
+        );
         let missing = dir.path().join("missing");
         assert!(refuse_self_overwrite(&missing.to_string_lossy(), &[a_s], "x").is_ok());
     }
