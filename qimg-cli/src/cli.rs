@@ -243,6 +243,9 @@ enum Command {
         /// Quiet: no summary.
         #[arg(short = 'q')]
         quiet: bool,
+        /// Read without taking QEMU's shared locks (not with -r).
+        #[arg(short = 'U', long = "force-share", conflicts_with = "repair")]
+        force_share: bool,
         /// Accepted for compatibility: the metadata of encrypted images is
         /// plaintext, so checking needs no key.
         #[command(flatten)]
@@ -428,15 +431,19 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             repair,
             output,
             quiet,
+            force_share,
             secrets: _,
             filename,
-        } => crate::check::run(&crate::check::CheckArgs {
-            format: format.map(Into::into),
-            repair,
-            json: output == Output::Json,
-            quiet,
-            filename: &filename,
-        }),
+        } => {
+            crate::lock::set_force_share(force_share);
+            crate::check::run(&crate::check::CheckArgs {
+                format: format.map(Into::into),
+                repair,
+                json: output == Output::Json,
+                quiet,
+                filename: &filename,
+            })
+        }
         Command::Luks(LuksCommand::Dump { output, filename }) => {
             crate::luks::dump(&filename, output == Output::Json)
         }

@@ -53,6 +53,7 @@ pub(crate) struct CompareCmd {
 impl CompareCmd {
     /// Runs `qimg compare`; every failure exits 2.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
+        crate::lock::set_force_share(self.force_share);
         compare(self).map_err(|mut e| {
             e.code = EXIT_ERROR;
             e

@@ -266,6 +266,17 @@ pub(crate) fn lock(file: &File, path: &str, access: Access) -> Result<(), CliErr
     }
     h.perm = want_perm;
     h.unshared = want_unshared;
+    if access == Access::Write {
+        // Test hook: `QIMG_TEST_PAUSE_AFTER_LOCK=SECONDS` holds the write
+        // lock that long before going on (so a test can watch QEMU being
+        // refused); it only sleeps.
+        if let Some(secs) = std::env::var("QIMG_TEST_PAUSE_AFTER_LOCK")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            std::thread::sleep(std::time::Duration::from_secs(secs.min(600)));
+        }
+    }
     Ok(())
 }
 

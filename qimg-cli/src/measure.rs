@@ -73,6 +73,7 @@ struct SourceFacts {
 impl MeasureCmd {
     /// Runs `qimg measure`.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
+        crate::lock::set_force_share(self.force_share);
         let source = match (&self.size, &self.filename) {
             (Some(_), Some(_)) => {
                 return Err(CliError::usage(

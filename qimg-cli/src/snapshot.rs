@@ -43,6 +43,7 @@ pub(crate) struct SnapshotCmd {
 impl SnapshotCmd {
     /// Runs `qimg snapshot`.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
+        crate::lock::set_force_share(self.force_share);
         let path = self.filename.as_str();
         let format = match self.format {
             Some(f) => f.into(),

@@ -37,9 +37,11 @@ fn refused(d: &Path, args: &[&str], lock: &str) {
     let before = sha256_file(&d.join("held.qcow2"));
     let out = qimg().current_dir(d).args(args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
+    // qemu-img compare exits 2 on errors, every other verb 1.
+    let code = if args[0] == "compare" { 2 } else { 1 };
     assert_eq!(
         out.status.code(),
-        Some(1),
+        Some(code),
         "{args:?} should be refused\n{err}"
     );
     assert!(
@@ -86,6 +88,10 @@ const READERS: &[&[&str]] = &[
     &["info", "held.qcow2"],
     &["map", "held.qcow2"],
     &["convert", "-O", "raw", "held.qcow2", "out.raw"],
+    &["check", "held.qcow2"],
+    &["snapshot", "-l", "held.qcow2"],
+    &["compare", "held.qcow2", "other.qcow2"],
+    &["measure", "-O", "qcow2", "held.qcow2"],
 ];
 
 fn with_u(args: &[&str]) -> Vec<String> {
@@ -158,5 +164,70 @@ fn locks_are_released_when_the_holder_goes() {
         };
         refused(d, &["resize", "held.qcow2", "2M"], "shared \"write\"");
     }
+    // The daemon is gone (Holder waits for that); its descriptors may
+    // take a moment more to close.
+    for _ in 0..400 {
+        let ok = qimg()
+            .current_dir(d)
+            .args(["info", "held.qcow2"])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if ok {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
     run_ok(qimg().current_dir(d).args(["resize", "held.qcow2", "2M"]));
+}
+
+#[test]
+fn qemu_is_refused_while_qimg_writes() {
+    let Some(qemu_img) = tool("qemu-img") else {
+        return;
+    };
+    let Some(qemu_io) = tool("qemu-io") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    images(d);
+    // qimg takes the write lock, then the test hook holds it.
+    let mut child = qimg()
+        .current_dir(d)
+        .env("QIMG_TEST_PAUSE_AFTER_LOCK", "20")
+        .args(["resize", "held.qcow2", "2M"])
+        .spawn()
+        .unwrap();
+    // Wait (without a time bound on the result) until the lock shows.
+    let mut seen = false;
+    for _ in 0..400 {
+        let out = Command::new(&qemu_img)
+            .current_dir(d)
+            .args(["info", "held.qcow2"])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("Failed to get shared \"write\" lock"), "{err}");
+            seen = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(seen, "qemu-img info never saw qimg's write lock");
+    let out = Command::new(&qemu_io)
+        .current_dir(d)
+        .args(["-f", "qcow2", "-c", "write 0 512", "held.qcow2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "qemu-io wrote while qimg held the image"
+    );
+    assert!(err.contains("lock"), "{err}");
+    let _ = child.kill();
+    let _ = child.wait();
 }
