@@ -39,7 +39,7 @@ pub(crate) struct CompareCmd {
     /// Quiet: print nothing; only the exit status tells.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Open without the write lock (accepted for compatibility).
+    /// Read without taking QEMU's shared locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     #[command(flatten)]

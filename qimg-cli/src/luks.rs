@@ -376,8 +376,7 @@ pub(crate) fn create(
         key_secret: o.key_secret.clone(),
     };
     let pass = keys.resolve(path, secrets, true)?;
-    let mut dev = FileDevice::create(Path::new(path))
-        .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
+    let mut dev = crate::lock::create_locked(path)?;
     let (hdr, _key) = format_volume(&mut dev, &o, &pass, None, path)?;
     let total = u64::from(hdr.payload_offset) * 512 + size;
     dev.set_size(total)

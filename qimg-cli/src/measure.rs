@@ -48,7 +48,7 @@ pub(crate) struct MeasureCmd {
     /// Measure FILE as of an internal snapshot.
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     snapshot: Option<String>,
-    /// Open without the write lock (accepted for compatibility).
+    /// Read without taking QEMU's shared locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     #[command(flatten)]

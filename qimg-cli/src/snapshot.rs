@@ -33,7 +33,7 @@ pub(crate) struct SnapshotCmd {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Open without the write lock (accepted for compatibility).
+    /// Read without taking QEMU's shared locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
