@@ -2,8 +2,6 @@
 //! exit codes (0 clean, 1 check failed, 2 corruptions, 3 leaks only, 63
 //! format without checks).
 
-use std::path::Path;
-
 use luks_core::io::{BlockIo, FileDevice};
 use luks_core::luks1;
 use qcow_core::check::{self, CheckOutcome, CheckReport, Repair};
@@ -83,12 +81,7 @@ fn check_qcow2(a: &CheckArgs<'_>) -> Result<u8, CliError> {
         Some(RepairArg::Leaks) => Repair::Leaks,
         Some(RepairArg::All) => Repair::All,
     };
-    let mut dev = if repair == Repair::None {
-        FileDevice::open(Path::new(path))
-    } else {
-        FileDevice::open_rw(Path::new(path))
-    }
-    .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    let mut dev = crate::create::open_file(path, repair != Repair::None)?;
     // An image qemu-img cannot open (qcow2_open's checks: feature bits,
     // header extensions, table offsets, the encryption extension) is not
     // checkable: exit 1 with the reason, as qemu-img check does. The
@@ -216,8 +209,7 @@ fn human(r: &CheckReport) -> String {
 /// the payload, and that the payload starts inside the file.
 fn check_luks(a: &CheckArgs<'_>) -> Result<u8, CliError> {
     let path = a.filename;
-    let mut dev = FileDevice::open(Path::new(path))
-        .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    let mut dev = crate::create::open_file(path, false)?;
     let len = dev.size().map_err(|e| CliError::io(path, e.to_string()))?;
     let mut problems = Vec::new();
     if crate::luks2::version(path)? == Some(2) {

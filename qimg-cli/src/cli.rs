@@ -96,8 +96,8 @@ enum Command {
         /// Show every image of the backing chain.
         #[arg(long = "backing-chain")]
         backing_chain: bool,
-        /// Open without the write lock (accepted for compatibility; qimg
-        /// never locks for reading).
+        /// Open without taking QEMU's shared locks, so an image another
+        /// process writes can be read (its content may be inconsistent).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         #[command(flatten)]
@@ -113,6 +113,9 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t)]
         output: Output,
+        /// Open without taking QEMU's shared locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         #[command(flatten)]
         secrets: SecretArgs,
         /// The image file.
@@ -169,6 +172,9 @@ enum Command {
         /// layout stays the same with or without it.
         #[arg(short = 'W')]
         out_of_order: bool,
+        /// Read the source without taking QEMU's shared locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         #[command(flatten)]
         secrets: SecretArgs,
         /// Source image.
@@ -237,6 +243,9 @@ enum Command {
         /// Quiet: no summary.
         #[arg(short = 'q')]
         quiet: bool,
+        /// Read without taking QEMU's shared locks (not with -r).
+        #[arg(short = 'U', long = "force-share", conflicts_with = "repair")]
+        force_share: bool,
         /// Accepted for compatibility: the metadata of encrypted images is
         /// plaintext, so checking needs no key.
         #[command(flatten)]
@@ -349,22 +358,29 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             format,
             output,
             backing_chain,
-            force_share: _,
+            force_share,
             secrets,
             filename,
-        } => crate::info::run(
-            &filename,
-            format.map(Into::into),
-            output,
-            backing_chain,
-            &secrets,
-        ),
+        } => {
+            crate::lock::set_force_share(force_share);
+            crate::info::run(
+                &filename,
+                format.map(Into::into),
+                output,
+                backing_chain,
+                &secrets,
+            )
+        }
         Command::Map {
             format,
             output,
+            force_share,
             secrets,
             filename,
-        } => crate::map::run(&filename, format.map(Into::into), output, &secrets),
+        } => {
+            crate::lock::set_force_share(force_share);
+            crate::map::run(&filename, format.map(Into::into), output, &secrets)
+        }
         Command::Convert {
             format,
             output_format,
@@ -379,26 +395,30 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             progress,
             workers,
             out_of_order: _,
+            force_share,
             secrets,
             source,
             destination,
-        } => convert_cmd(ConvertArgs {
-            progress: progress && !quiet,
-            workers: workers.map_or_else(crate::parallel::default_workers, usize::from),
-            compress,
-            backing,
-            format: format.map(Into::into),
-            output_format: output_format.into(),
-            options,
-            snapshot,
-            sparse_size: parse_size(&sparse_size)
-                .map_err(|e| CliError::usage(format!("-S: {e}")))?,
-            no_create,
-            target_is_zero,
-            secrets,
-            source,
-            destination,
-        }),
+        } => {
+            crate::lock::set_force_share(force_share);
+            convert_cmd(ConvertArgs {
+                progress: progress && !quiet,
+                workers: workers.map_or_else(crate::parallel::default_workers, usize::from),
+                compress,
+                backing,
+                format: format.map(Into::into),
+                output_format: output_format.into(),
+                options,
+                snapshot,
+                sparse_size: parse_size(&sparse_size)
+                    .map_err(|e| CliError::usage(format!("-S: {e}")))?,
+                no_create,
+                target_is_zero,
+                secrets,
+                source,
+                destination,
+            })
+        }
         Command::Resize {
             format,
             shrink,
@@ -411,15 +431,19 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             repair,
             output,
             quiet,
+            force_share,
             secrets: _,
             filename,
-        } => crate::check::run(&crate::check::CheckArgs {
-            format: format.map(Into::into),
-            repair,
-            json: output == Output::Json,
-            quiet,
-            filename: &filename,
-        }),
+        } => {
+            crate::lock::set_force_share(force_share);
+            crate::check::run(&crate::check::CheckArgs {
+                format: format.map(Into::into),
+                repair,
+                json: output == Output::Json,
+                quiet,
+                filename: &filename,
+            })
+        }
         Command::Luks(LuksCommand::Dump { output, filename }) => {
             crate::luks::dump(&filename, output == Output::Json)
         }
@@ -507,6 +531,11 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         },
         &secrets,
     )?;
+    crate::lock::refuse_self_overwrite(
+        &a.destination,
+        &src.files,
+        "the source image or a file of its backing chain",
+    )?;
     // LUKS payloads are whole sectors: a raw source of odd length is padded
     // with zeroes (reads past the end of a file are zero).
     let len = if a.output_format == Format::Luks {
@@ -515,6 +544,14 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         src.virtual_size
     };
     let opts = OptionMap::parse(&a.options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
+    if let Some(df) = opts.get("data_file") {
+        let full = image::resolve_backing(&a.destination, df);
+        crate::lock::refuse_self_overwrite(
+            &full.to_string_lossy(),
+            &src.files,
+            "the source image or a file of its backing chain",
+        )?;
+    }
     let mut dst: AnyDev = match a.output_format {
         Format::Raw => {
             opts.reject_unused("raw")
@@ -525,10 +562,15 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
             }
             let file = if a.no_create {
                 luks_core::io::FileDevice::open_rw(path)
+                    .map_err(|e| {
+                        CliError::io(&a.destination, format!("cannot open for writing: {e}"))
+                    })
+                    .and_then(|d| {
+                        crate::lock::lock_dev(d, &a.destination, crate::lock::Access::Write)
+                    })?
             } else {
-                luks_core::io::FileDevice::create(path)
-            }
-            .map_err(|e| CliError::io(&a.destination, format!("cannot open for writing: {e}")))?;
+                crate::lock::create_locked(&a.destination)?
+            };
             let mut dev = erased(file);
             // Sized first, as qemu-img does: a size the filesystem cannot
             // hold ("File too large") fails before any copying.

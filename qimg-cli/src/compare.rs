@@ -39,7 +39,7 @@ pub(crate) struct CompareCmd {
     /// Quiet: print nothing; only the exit status tells.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Open without the write lock (accepted for compatibility).
+    /// Read without taking QEMU's shared locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     #[command(flatten)]
@@ -53,6 +53,7 @@ pub(crate) struct CompareCmd {
 impl CompareCmd {
     /// Runs `qimg compare`; every failure exits 2.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
+        crate::lock::set_force_share(self.force_share);
         compare(self).map_err(|mut e| {
             e.code = EXIT_ERROR;
             e

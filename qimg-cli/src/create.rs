@@ -90,8 +90,7 @@ fn create_raw(opts: &OptionMap, filename: &str, size: u64) -> Result<(), CliErro
     let prealloc = opts.get("preallocation").unwrap_or("off").to_string();
     opts.reject_unused("raw")
         .map_err(|e| CliError::usage(e.to_string()))?;
-    let mut dev = FileDevice::create(Path::new(filename))
-        .map_err(|e| CliError::io(filename, format!("cannot create: {e}")))?;
+    let mut dev = crate::lock::create_locked(filename)?;
     let io = |e: luks_core::io::FileError| CliError::io(filename, e.to_string());
     match prealloc.as_str() {
         "off" => {
@@ -267,8 +266,7 @@ impl Qcow2Create {
             }
             None => None,
         };
-        let dev = FileDevice::create(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
+        let dev = crate::lock::create_locked(path)?;
         let o = self.core_options(size, luks.as_ref().map(|l| l.2));
         let w = qcow_core::create(dev, &o).map_err(|e| CliError::io(path, e.to_string()))?;
         let w = match data {
@@ -374,12 +372,15 @@ pub(crate) fn luks_region_sectors(e: &crate::luks::CreateOptions) -> Result<u32,
 /// Opens the existing file `path`, for writing when `writable`; the error
 /// names the file ("cannot open" or "cannot open for writing").
 pub(crate) fn open_file(path: &str, writable: bool) -> Result<FileDevice, CliError> {
+    use crate::lock::{lock_dev, Access};
     if writable {
         FileDevice::open_rw(Path::new(path))
             .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))
+            .and_then(|d| lock_dev(d, path, Access::Write))
     } else {
         FileDevice::open(Path::new(path))
             .map_err(|e| CliError::io(path, format!("cannot open: {e}")))
+            .and_then(|d| lock_dev(d, path, Access::Read))
     }
 }
 
@@ -431,6 +432,7 @@ pub(crate) fn open_qcow2_writer_keyed(
             format!("cannot open the data file {}: {e}", full.display()),
         )
     })?;
+    let data = crate::lock::lock_dev(data, &full.to_string_lossy(), crate::lock::Access::Write)?;
     w.with_data_file(data)
         .map_err(|e| CliError::io(path, e.to_string()))
 }
@@ -447,6 +449,15 @@ pub(crate) fn create_qcow2(
     secrets: &SecretArgs,
 ) -> Result<(), CliError> {
     let c = Qcow2Create::parse(opts, backing, backing_fmt)?;
+    if let Some(b) = &c.backing_file {
+        let full = crate::image::resolve_backing(filename, b);
+        let fmt = match c.backing_fmt.as_deref() {
+            Some("raw") => crate::image::Format::Raw,
+            Some("luks") => crate::image::Format::Luks,
+            _ => crate::image::Format::Qcow2,
+        };
+        crate::lock::refuse_backing_loop(filename, &full.to_string_lossy(), fmt)?;
+    }
     let secrets = crate::secret::Secrets::parse(&secrets.object)?;
     let size = match size.or(c.size) {
         Some(s) => s,

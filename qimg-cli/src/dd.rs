@@ -10,9 +10,7 @@
 //! specified offset", yet exits 0, as qemu-img 10 does. Every byte is
 //! written, zeroes included, as qemu-img does.
 
-use std::path::Path;
-
-use luks_core::io::{BlockIo, FileDevice};
+use luks_core::io::BlockIo;
 
 use crate::cli::{FormatArg, SecretArgs};
 use crate::convert::CHUNK;
@@ -130,6 +128,11 @@ impl DdCmd {
         let start = ops.skip.saturating_mul(ops.bs);
         let len = end.saturating_sub(start);
         let out = &ops.output;
+        crate::lock::refuse_self_overwrite(
+            out,
+            &src.files,
+            "the input image or a file of its backing chain",
+        )?;
         let mut dst = self.create_output(out, len.next_multiple_of(SECTOR), &secrets)?;
         if start > end {
             // qemu-img reports this but still exits 0, with the empty
@@ -148,8 +151,7 @@ impl DdCmd {
     fn create_output(&self, path: &str, size: u64, secrets: &Secrets) -> Result<AnyDev, CliError> {
         match self.output_format {
             FormatArg::Raw => {
-                let mut f = FileDevice::create(Path::new(path))
-                    .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
+                let mut f = crate::lock::create_locked(path)?;
                 f.set_size(size)
                     .map_err(|e| CliError::io(path, e.to_string()))?;
                 Ok(erased(f))

@@ -158,6 +158,9 @@ pub(crate) struct Opened {
     pub(crate) virtual_size: u64,
     /// The guest view.
     pub(crate) dev: Box<dyn Source>,
+    /// Every file the view reads: the image, its backing chain, data
+    /// files and a detached LUKS header (for the self-overwrite guard).
+    pub(crate) files: Vec<String>,
 }
 
 /// Opens `path` read-only.
@@ -178,6 +181,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
         Format::Raw => {
             let file = std::fs::File::open(path)
                 .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+            crate::lock::lock(&file, path, crate::lock::Access::Read)?;
             let mut raw = RawFile::new(file);
             // Whole sectors, as qemu-img: an odd tail is padded with zeroes.
             let virtual_size = raw
@@ -188,6 +192,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
                 chain: vec![path.to_string()],
                 virtual_size,
                 dev: Box::new(raw),
+                files: vec![path.to_string()],
             })
         }
         Format::Qcow2 => {
@@ -199,6 +204,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
                     key_secret: opts.key_secret.clone(),
                 },
                 secrets,
+                files: std::cell::RefCell::new(Vec::new()),
             };
             let mut src = open_qcow2(path, opts.snapshot.as_deref(), &ctx, &mut seen, &mut chain)?;
             let virtual_size = src.size().map_err(|e| CliError::usage(e.to_string()))?;
@@ -206,6 +212,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
                 chain,
                 virtual_size,
                 dev: src,
+                files: ctx.files.into_inner(),
             })
         }
         Format::Luks => {
@@ -215,10 +222,13 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
             };
             let mut src = crate::luks::open(path, opts.header.as_deref(), &keys, secrets, false)?;
             let virtual_size = src.size().map_err(|e| CliError::usage(e.to_string()))?;
+            let mut files = vec![path.to_string()];
+            files.extend(opts.header.iter().cloned());
             Ok(Opened {
                 chain: vec![path.to_string()],
                 virtual_size,
                 dev: src,
+                files,
             })
         }
     }
@@ -228,6 +238,8 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
 struct Ctx<'a> {
     keys: crate::luks::KeySource,
     secrets: &'a Secrets,
+    /// Every file opened so far.
+    files: std::cell::RefCell<Vec<String>>,
 }
 
 /// Opens a backing file named by an image, in `format` (detected when the
@@ -255,8 +267,10 @@ fn open_backing(
         Format::Raw => {
             guard_chain(path, seen, chain)?;
             refuse_dir(path)?;
+            ctx.files.borrow_mut().push(path.to_string());
             let file = std::fs::File::open(path)
                 .map_err(|e| CliError::io(path, format!("cannot open the backing file: {e}")))?;
+            crate::lock::lock(&file, path, crate::lock::Access::Read)?;
             Ok(Box::new(RawFile::new(file)))
         }
         Format::Luks => Err(CliError::io(
@@ -300,6 +314,7 @@ fn open_qcow2(
 ) -> Result<Box<dyn Source>, CliError> {
     guard_chain(path, seen, chain)?;
     refuse_dir(path)?;
+    ctx.files.borrow_mut().push(path.to_string());
     let depth = chain.len().saturating_sub(1);
     let opening = crate::qcow2::Opening::open(path)?;
     let mut opening = crate::qcow2::unlock(path, opening, &ctx.keys, ctx.secrets)?;
@@ -356,12 +371,16 @@ fn open_qcow2(
         Some(d) => {
             let full = resolve_backing(path, &d);
             refuse_dir(&full.to_string_lossy())?;
+            ctx.files
+                .borrow_mut()
+                .push(full.to_string_lossy().into_owned());
             let file = std::fs::File::open(&full).map_err(|e| {
                 CliError::io(
                     path,
                     format!("cannot open the data file {}: {e}", full.display()),
                 )
             })?;
+            crate::lock::lock(&file, &full.to_string_lossy(), crate::lock::Access::Read)?;
             let holes = file
                 .try_clone()
                 .map_err(|e| CliError::io(path, e.to_string()))?;

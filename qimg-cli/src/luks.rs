@@ -102,12 +102,18 @@ fn open_payload(
 /// Opens the file holding a raw volume's payload, for writing when
 /// `writable` (either way a failure says "cannot open").
 pub(crate) fn open_payload_file(path: &str, writable: bool) -> Result<FileDevice, CliError> {
-    if writable {
+    let dev = if writable {
         FileDevice::open_rw(Path::new(path))
     } else {
         FileDevice::open(Path::new(path))
     }
-    .map_err(|e| CliError::io(path, format!("cannot open: {e}")))
+    .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    let access = if writable {
+        crate::lock::Access::Write
+    } else {
+        crate::lock::Access::Read
+    };
+    crate::lock::lock_dev(dev, path, access)
 }
 
 /// Splits a LUKS1 cipher mode (`xts-plain64`, `cbc-essiv:sha256`) into
@@ -372,8 +378,7 @@ pub(crate) fn create(
         key_secret: o.key_secret.clone(),
     };
     let pass = keys.resolve(path, secrets, true)?;
-    let mut dev = FileDevice::create(Path::new(path))
-        .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
+    let mut dev = crate::lock::create_locked(path)?;
     let (hdr, _key) = format_volume(&mut dev, &o, &pass, None, path)?;
     let total = u64::from(hdr.payload_offset) * 512 + size;
     dev.set_size(total)

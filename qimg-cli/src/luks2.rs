@@ -3,9 +3,8 @@
 //! layout, or the JSON metadata itself) and `create -o luks-version=2`.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
-use luks_core::io::{BlockIo, FileDevice};
+use luks_core::io::BlockIo;
 use luks_core::luks2::write::{self, FormatParams, KdfParams};
 use luks_core::luks2::{self, Argon2Block, Kdf, Luks2Header};
 use luks_core::{HashAlg, LuksVolume};
@@ -560,8 +559,7 @@ pub(crate) fn create(
         keyslots_size: None,
         label: &l.label,
     };
-    let mut dev = FileDevice::create(Path::new(path))
-        .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
+    let mut dev = crate::lock::create_locked(path)?;
     let (h, _, _key) = write::format(&mut dev, &params, None, &pass, &mut OsRng)
         .map_err(|e| CliError::io(path, e.to_string()))?;
     if !l.detached {

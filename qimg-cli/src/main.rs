@@ -14,6 +14,7 @@ mod image;
 mod info;
 mod keys;
 mod keys2;
+mod lock;
 mod luks;
 mod luks2;
 mod map;

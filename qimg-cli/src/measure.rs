@@ -48,7 +48,7 @@ pub(crate) struct MeasureCmd {
     /// Measure FILE as of an internal snapshot.
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     snapshot: Option<String>,
-    /// Open without the write lock (accepted for compatibility).
+    /// Read without taking QEMU's shared locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     #[command(flatten)]
@@ -73,6 +73,7 @@ struct SourceFacts {
 impl MeasureCmd {
     /// Runs `qimg measure`.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
+        crate::lock::set_force_share(self.force_share);
         let source = match (&self.size, &self.filename) {
             (Some(_), Some(_)) => {
                 return Err(CliError::usage(

@@ -59,6 +59,7 @@ impl Opening {
     pub(crate) fn open(path: &str) -> Result<Self, CliError> {
         let file = luks_core::io::FileDevice::open(std::path::Path::new(path))
             .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+        crate::lock::lock(file.file(), path, crate::lock::Access::Read)?;
         let dev: AnyDev = crate::dev::erased(file);
         let img = Qcow2::open(dev, leaked(CACHE_BYTES)).map_err(|e| {
             // A file cut inside the header reads as zeroes past its end,

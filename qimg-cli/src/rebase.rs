@@ -67,6 +67,16 @@ impl RebaseCmd {
                 )))
             }
         };
+        if let Some(b) = new {
+            let full = image::resolve_backing(path, b)
+                .to_string_lossy()
+                .into_owned();
+            let fmt = match new_fmt {
+                Some("raw") => Format::Raw,
+                _ => Format::Qcow2,
+            };
+            crate::lock::refuse_backing_loop(path, &full, fmt)?;
+        }
         if !self.unsafe_ {
             self.keep_content(path, new, new_fmt)?;
         }

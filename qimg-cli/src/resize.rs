@@ -1,8 +1,6 @@
 //! `qimg resize`.
 
-use std::path::Path;
-
-use luks_core::io::{BlockIo, FileDevice};
+use luks_core::io::BlockIo;
 
 use crate::image::{self, Format};
 use crate::opts::parse_size;
@@ -46,10 +44,7 @@ pub(crate) fn run(
             "{path}: use the --shrink option to perform a shrink operation (data past the new end is lost)"
         )));
     }
-    let open_rw = || {
-        FileDevice::open_rw(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))
-    };
+    let open_rw = || crate::create::open_file(path, true);
     match format {
         Format::Raw => {
             image::warn_if_raw_looks_formatted(path);

@@ -2,9 +2,6 @@
 //! a qcow2 image (qemu-img snapshot), with qemu-img's table (or, with
 //! `--output json`, the objects of `qemu-img info --output=json`).
 
-use std::path::Path;
-
-use luks_core::io::FileDevice;
 use qcow_core::writer::snapshots::NewSnapshot;
 use qcow_core::Qcow2Writer;
 
@@ -36,7 +33,7 @@ pub(crate) struct SnapshotCmd {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Open without the write lock (accepted for compatibility).
+    /// Read without taking QEMU's shared locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
@@ -46,6 +43,7 @@ pub(crate) struct SnapshotCmd {
 impl SnapshotCmd {
     /// Runs `qimg snapshot`.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
+        crate::lock::set_force_share(self.force_share);
         let path = self.filename.as_str();
         let format = match self.format {
             Some(f) => f.into(),
@@ -65,8 +63,7 @@ impl SnapshotCmd {
         if self.list {
             return self.list(path);
         }
-        let dev = FileDevice::open_rw(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))?;
+        let dev = crate::create::open_file(path, true)?;
         let mut w =
             Qcow2Writer::open_metadata_only(dev).map_err(|e| CliError::io(path, e.to_string()))?;
         if let Some(name) = &self.create {

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 pub mod cryptsetup;
 pub mod fuzzing;
+pub mod hold;
 pub mod luks2;
 pub mod poke;
 pub mod powercut;

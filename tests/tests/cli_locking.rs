@@ -1,0 +1,233 @@
+//! Image locking interoperable with QEMU: while qemu-nbd or a (TCG,
+//! machine-less) qemu-system-x86_64 holds an image, every qimg verb that
+//! writes refuses with qemu-img's message and exit status, and the file
+//! stays byte-identical; reading verbs fail like qemu-img without `-U` and
+//! go ahead with it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers fail loudly
+
+use std::path::Path;
+use std::process::Command;
+
+use qimg_tests::hold::Holder;
+use qimg_tests::{qimg, run_ok, sha256_file, tool};
+
+/// base.qcow2 <- held.qcow2 (1 MiB) in `d`.
+fn images(d: &Path) {
+    run_ok(
+        qimg()
+            .current_dir(d)
+            .args(["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]),
+    );
+    run_ok(
+        qimg()
+            .current_dir(d)
+            .args(["create", "-q", "-f", "qcow2", "held.qcow2", "1M"]),
+    );
+    run_ok(
+        qimg()
+            .current_dir(d)
+            .args(["create", "-q", "-f", "qcow2", "other.qcow2", "1M"]),
+    );
+}
+
+/// Runs qimg `args` in `d`: exit 1, qemu-img's lock message, held.qcow2
+/// unchanged.
+fn refused(d: &Path, args: &[&str], lock: &str) {
+    let before = sha256_file(&d.join("held.qcow2"));
+    let out = qimg().current_dir(d).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // qemu-img compare exits 2 on errors, every other verb 1.
+    let code = if args[0] == "compare" { 2 } else { 1 };
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{args:?} should be refused\n{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "Could not open 'held.qcow2': Failed to get {lock} lock"
+        )) && err.contains("Is another process using the image [held.qcow2]?"),
+        "{args:?}: unexpected message\n{err}"
+    );
+    assert_eq!(
+        before,
+        sha256_file(&d.join("held.qcow2")),
+        "{args:?} changed the image"
+    );
+}
+
+/// Every writing verb on the held image.
+const WRITERS: &[&[&str]] = &[
+    &["resize", "held.qcow2", "2M"],
+    &["snapshot", "-c", "s1", "held.qcow2"],
+    &["snapshot", "-d", "s1", "held.qcow2"],
+    &["snapshot", "-a", "s1", "held.qcow2"],
+    &["check", "-r", "all", "held.qcow2"],
+    &["commit", "held.qcow2"],
+    &[
+        "rebase",
+        "-u",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "held.qcow2",
+    ],
+    &["rebase", "-b", "base.qcow2", "-F", "qcow2", "held.qcow2"],
+    &["amend", "-o", "lazy_refcounts=on", "held.qcow2"],
+    &["convert", "-O", "qcow2", "other.qcow2", "held.qcow2"],
+    &["convert", "-n", "-O", "raw", "other.qcow2", "held.qcow2"],
+    &["dd", "-O", "raw", "if=other.qcow2", "of=held.qcow2"],
+    &["create", "-f", "qcow2", "held.qcow2", "1M"],
+    &["create", "-f", "raw", "held.qcow2", "1M"],
+];
+
+/// Reading verbs that qemu-img runs with `-U`.
+const READERS: &[&[&str]] = &[
+    &["info", "held.qcow2"],
+    &["map", "held.qcow2"],
+    &["convert", "-O", "raw", "held.qcow2", "out.raw"],
+    &["check", "held.qcow2"],
+    &["snapshot", "-l", "held.qcow2"],
+    &["compare", "held.qcow2", "other.qcow2"],
+    &["measure", "-O", "qcow2", "held.qcow2"],
+];
+
+fn with_u(args: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    v.insert(1, "-U".into());
+    v
+}
+
+fn exercise(d: &Path) {
+    for args in WRITERS {
+        // Anything a writer could hit first: the write lock, or (for verbs
+        // that read the header before opening for writing) the shared one.
+        let out = qimg().current_dir(d).args(*args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lock = if err.contains("shared") {
+            "shared \"write\""
+        } else {
+            "\"write\""
+        };
+        refused(d, args, lock);
+    }
+    for args in READERS {
+        refused(d, args, "shared \"write\"");
+        let u = with_u(args);
+        run_ok(qimg().current_dir(d).args(&u));
+    }
+}
+
+#[test]
+fn qemu_nbd_holding_an_image_locks_qimg_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    images(d);
+    let Some(_nbd) = Holder::nbd(&d.join("held.qcow2"), "qcow2", d) else {
+        return;
+    };
+    exercise(d);
+}
+
+#[test]
+fn a_vm_holding_an_image_locks_qimg_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    images(d);
+    let Some(_vm) = Holder::vm(&d.join("held.qcow2"), d) else {
+        return;
+    };
+    exercise(d);
+    // qemu-img agrees about `info`.
+    let Some(qemu_img) = tool("qemu-img") else {
+        return;
+    };
+    let out = Command::new(qemu_img)
+        .current_dir(d)
+        .args(["info", "held.qcow2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Failed to get shared \"write\" lock"));
+}
+
+#[test]
+fn locks_are_released_when_the_holder_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    images(d);
+    {
+        let Some(_nbd) = Holder::nbd(&d.join("held.qcow2"), "qcow2", d) else {
+            return;
+        };
+        refused(d, &["resize", "held.qcow2", "2M"], "shared \"write\"");
+    }
+    // The daemon is gone (Holder waits for that); its descriptors may
+    // take a moment more to close.
+    for _ in 0..400 {
+        let ok = qimg()
+            .current_dir(d)
+            .args(["info", "held.qcow2"])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if ok {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    run_ok(qimg().current_dir(d).args(["resize", "held.qcow2", "2M"]));
+}
+
+#[test]
+fn qemu_is_refused_while_qimg_writes() {
+    let Some(qemu_img) = tool("qemu-img") else {
+        return;
+    };
+    let Some(qemu_io) = tool("qemu-io") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    images(d);
+    // qimg takes the write lock, then the test hook holds it.
+    let mut child = qimg()
+        .current_dir(d)
+        .env("QIMG_TEST_PAUSE_AFTER_LOCK", "20")
+        .args(["resize", "held.qcow2", "2M"])
+        .spawn()
+        .unwrap();
+    // Wait (without a time bound on the result) until the lock shows.
+    let mut seen = false;
+    for _ in 0..400 {
+        let out = Command::new(&qemu_img)
+            .current_dir(d)
+            .args(["info", "held.qcow2"])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("Failed to get shared \"write\" lock"), "{err}");
+            seen = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(seen, "qemu-img info never saw qimg's write lock");
+    let out = Command::new(&qemu_io)
+        .current_dir(d)
+        .args(["-f", "qcow2", "-c", "write 0 512", "held.qcow2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "qemu-io wrote while qimg held the image"
+    );
+    assert!(err.contains("lock"), "{err}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
