@@ -1,5 +1,7 @@
 //! `qimg compare`: whether two images show the guest the same bytes, as
-//! `qemu-img compare` decides it (exit 0 identical, 1 different, 2 error).
+//! `qemu-img compare` decides it. Exit codes as qemu-img's: 0 identical,
+//! 1 different, 2 an image could not be opened, 3 block status (sector
+//! allocation) failed, 4 reading data failed.
 //!
 //! Both images are walked by block status: ranges both report as zero are
 //! skipped unread, ranges only one of them allocates are checked for
@@ -16,9 +18,18 @@ use crate::image::{self, Format, OpenOptions};
 use crate::secret::Secrets;
 use crate::CliError;
 
-/// qemu-img's exit status when something failed (as opposed to 1, "the
-/// images differ").
-const EXIT_ERROR: u8 = 2;
+/// qemu-img's exit status when an image (or its secrets) could not be opened.
+const EXIT_OPEN: u8 = 2;
+/// qemu-img's exit status when asking an image's block status failed.
+const EXIT_STATUS: u8 = 3;
+/// qemu-img's exit status when reading an image's data failed.
+const EXIT_READ: u8 = 4;
+
+/// `e` with qemu-img compare's exit status `code`.
+fn with_code(mut e: CliError, code: u8) -> CliError {
+    e.code = code;
+    e
+}
 
 /// Granularity of a reported mismatch offset.
 const SECTOR: u64 = 512;
@@ -51,13 +62,11 @@ pub(crate) struct CompareCmd {
 }
 
 impl CompareCmd {
-    /// Runs `qimg compare`; every failure exits 2.
+    /// Runs `qimg compare`; a failure exits 2 (open), 3 (block status) or
+    /// 4 (read), as qemu-img compare.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
         crate::lock::set_force_share(self.force_share);
-        compare(self).map_err(|mut e| {
-            e.code = EXIT_ERROR;
-            e
-        })
+        compare(self)
     }
 }
 
@@ -88,7 +97,8 @@ impl Side {
                 ..OpenOptions::from_args(&a.secrets)
             },
             s,
-        )?;
+        )
+        .map_err(|e| with_code(e, EXIT_OPEN))?;
         Ok(Self {
             name: path.to_string(),
             src: o.dev,
@@ -109,8 +119,8 @@ impl Side {
             .is_some_and(|end| off < end && off.saturating_add(st.len) == end)
     }
 
-    fn err(&self, e: &DevError) -> CliError {
-        CliError::io(&self.name, e.to_string())
+    fn err(&self, e: &DevError, code: u8) -> CliError {
+        with_code(CliError::io(&self.name, e.to_string()), code)
     }
 
     fn status(&mut self, off: u64, max: u64) -> Result<BlockStatus, CliError> {
@@ -123,7 +133,8 @@ impl Side {
                 return Ok(rest);
             }
         }
-        let mut st = self.src.block_status(off, max).map_err(|e| self.err(&e))?;
+        let st = self.src.block_status(off, max);
+        let mut st = st.map_err(|e| self.err(&e, EXIT_STATUS))?;
         st.len = st.len.clamp(1, max);
         self.last = Some((off, st));
         Ok(st)
@@ -140,7 +151,7 @@ impl Side {
             buf.resize(span, 0);
         }
         let r = self.src.read_at(start, &mut buf[..span]);
-        r.map_err(|e| self.err(&e))?;
+        r.map_err(|e| self.err(&e, EXIT_READ))?;
         let skip = usize::try_from(off - start).unwrap_or(0);
         let len = usize::try_from(n).unwrap_or(0);
         Ok(&buf[skip..skip + len])
@@ -170,7 +181,7 @@ fn first_sector(off: u64, bytes: &[u8], mut pred: impl FnMut(usize) -> bool) -> 
 }
 
 fn compare(a: &CompareCmd) -> Result<u8, CliError> {
-    let secrets = Secrets::parse(&a.secrets.object)?;
+    let secrets = Secrets::parse(&a.secrets.object).map_err(|e| with_code(e, EXIT_OPEN))?;
     let mut one = Side::open(&a.file1, a.format1.map(Into::into), a, &secrets)?;
     let mut two = Side::open(&a.file2, a.format2.map(Into::into), a, &secrets)?;
     let say = |msg: &str| {

@@ -1,6 +1,7 @@
 //! CLI behaviours checked on images built at run time (issue #22): sparse
 //! converts that skip unallocated ranges, and non-regular files named as an
-//! image, a backing file or a data file.
+//! image, a backing file or a data file, and compare's exit codes on open,
+//! block-status and read errors.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers fail loudly
 #![allow(clippy::cast_possible_truncation)] // test patterns
@@ -284,4 +285,76 @@ fn snapshot_list_of_a_raw_image_prints_nothing_and_succeeds_like_qemu_img() {
             .args(["snapshot", "-c", "x", "-f", "raw"])
             .arg(&raw),
     );
+}
+
+/// Reads the big-endian u64 at `off` of `bytes`.
+fn be64(bytes: &[u8], off: u64) -> u64 {
+    let o = off as usize;
+    u64::from_be_bytes(bytes[o..o + 8].try_into().unwrap())
+}
+
+/// Exit code of `cmd`, which must not have been killed by a signal.
+fn exit_code(cmd: &mut Command) -> i32 {
+    let out = cmd.output().unwrap();
+    out.status
+        .code()
+        .unwrap_or_else(|| panic!("{cmd:?} killed"))
+}
+
+#[test]
+fn compare_exits_as_qemu_img_on_open_status_and_read_errors() {
+    let Some(qemu_img) = tool("qemu-img") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("r.raw");
+    let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&raw, &data).unwrap();
+    let compressed = |name: &str| {
+        let img = dir.path().join(name);
+        run_ok(
+            Command::new(&qemu_img)
+                .args(["convert", "-q", "-c", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(&img),
+        );
+        let bytes = std::fs::read(&img).unwrap();
+        (img, bytes)
+    };
+    // Read error: the compressed cluster's deflate stream is garbage (0xff
+    // starts a block of the reserved type), so decompressing it fails.
+    let (bad_data, mut bytes) = compressed("bad-data.qcow2");
+    let cluster_bits = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    let l1 = be64(&bytes, 40);
+    let l2 = be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00;
+    let entry = be64(&bytes, l2);
+    assert_eq!(entry >> 62 & 1, 1, "cluster 0 should be compressed");
+    let host = (entry & ((1u64 << (62 - (cluster_bits - 8))) - 1)) as usize;
+    bytes[host..host + 64].fill(0xff);
+    std::fs::write(&bad_data, &bytes).unwrap();
+    // Block status error: the L1 entry points at an unaligned L2 table.
+    let (bad_l2, mut bytes) = compressed("bad-l2.qcow2");
+    let e = be64(&bytes, l1) + 0x200;
+    bytes[l1 as usize..l1 as usize + 8].copy_from_slice(&e.to_be_bytes());
+    std::fs::write(&bad_l2, &bytes).unwrap();
+    let missing = dir.path().join("missing.qcow2");
+    let (good, _) = compressed("good.qcow2");
+    for (img, want) in [(&good, 0), (&missing, 2), (&bad_l2, 3), (&bad_data, 4)] {
+        let before = std::fs::read(img).ok();
+        for pair in [[img, &raw], [&raw, img]] {
+            let q = exit_code(Command::new(&qemu_img).arg("compare").args(pair));
+            let ours = exit_code(qimg().arg("compare").args(pair));
+            assert_eq!(q, want, "qemu-img compare {pair:?}");
+            assert_eq!(ours, q, "qimg compare {pair:?} should exit as qemu-img");
+        }
+        assert_eq!(std::fs::read(img).ok(), before, "{img:?} changed");
+    }
+    // A differing image still exits 1 on both.
+    let mut other = data.clone();
+    other[4096] ^= 1;
+    let raw2 = dir.path().join("r2.raw");
+    std::fs::write(&raw2, &other).unwrap();
+    let q = exit_code(Command::new(&qemu_img).arg("compare").arg(&good).arg(&raw2));
+    assert_eq!(q, 1);
+    assert_eq!(exit_code(qimg().arg("compare").arg(&good).arg(&raw2)), 1);
 }
