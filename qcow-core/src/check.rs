@@ -1229,6 +1229,11 @@ fn check_copied<D: BlockIo>(
             None => img.stored(cl),
         }
     };
+    let meta = if known.is_some() {
+        metadata_ranges(img)?
+    } else {
+        Vec::new()
+    };
     while start < l1_len {
         let n = (l1_len - start).min(L1_CHUNK);
         let at = l1_off.saturating_add(start as u64 * 8);
@@ -1269,7 +1274,10 @@ fn check_copied<D: BlockIo>(
                 continue;
             }
             img.read(l2_off, &mut l2, Structure::L2Table)?;
-            let writable = l2_off & (cs - 1) == 0 && sole_user(known, l2_off, img.bits);
+            // A shared L2 table (a snapshot's too) is rewritten as
+            // qemu-img does; only one overlapping other metadata is not.
+            let writable =
+                l2_off & (cs - 1) == 0 && known.is_some() && !overlaps(&meta, l2_off, cs);
             let mut dirty = false;
             for j in 0..l2.len() / entry_len {
                 let p = j * entry_len;
@@ -1320,6 +1328,51 @@ fn check_copied<D: BlockIo>(
         img.dev.flush().map_err(|x| io(x, Structure::L2Table, 0))?;
     }
     Ok(fixed)
+}
+
+/// The byte ranges (offset, length) of the metadata other than L2 tables
+/// that qemu-img's overlap check protects before it rewrites an L2 table:
+/// the header, the active and snapshot L1 tables, the refcount table and
+/// blocks, the snapshot table and the LUKS header region.
+fn metadata_ranges<D: BlockIo>(img: &mut Img<'_, D>) -> Result<Vec<(u64, u64)>, Error<D::Error>> {
+    let cs = img.cs;
+    let mut v = vec![
+        (0, cs),
+        (
+            img.hdr.l1_table_offset,
+            u64::from(img.hdr.l1_size.min(MAX_L1_ENTRIES)) * 8,
+        ),
+        (
+            img.hdr.refcount_table_offset,
+            (img.reftable.len() as u64).saturating_mul(8),
+        ),
+    ];
+    for &e in &img.reftable {
+        let off = entry::reftable_block_offset(e);
+        if off != 0 {
+            v.push((off, cs));
+        }
+    }
+    let mut table_len = 0u64;
+    for (sn, len, _) in read_snapshots(img)?.0 {
+        table_len = table_len.saturating_add(len);
+        v.push((sn.l1_offset, u64::from(sn.l1_size.min(MAX_L1_ENTRIES)) * 8));
+    }
+    v.push((img.hdr.snapshots_offset, table_len));
+    if img.hdr.crypt_method == 2 {
+        if let Some(cr) = img.crypto {
+            v.push((cr.offset, cr.length));
+        }
+    }
+    Ok(v)
+}
+
+/// Whether `[off, off + len)` overlaps one of `ranges`.
+fn overlaps(ranges: &[(u64, u64)], off: u64, len: u64) -> bool {
+    let end = off.saturating_add(len);
+    ranges
+        .iter()
+        .any(|&(o, l)| l > 0 && o < end && off < o.saturating_add(l))
 }
 
 /// Whether the table holding byte `off` is the only user of its cluster
