@@ -1455,9 +1455,14 @@ fn fix<D: BlockIo>(
     };
     let mut leaks_fixed = 0u64;
     let mut corruptions_fixed = 0u64;
-    let too_low = p.report.findings.iter().any(
-        |f| matches!(f, Finding::Refcount { refcount, reference, .. } if refcount < reference),
-    );
+    // As qemu-img: a refcount that is too low is raised in place; only a
+    // referenced cluster whose refcount is 0 makes the structure rebuilt
+    // (its refcount block may not exist), so a repair need not grow the
+    // file.
+    let too_low =
+        p.report.findings.iter().any(
+            |f| matches!(f, Finding::Refcount { refcount: 0, reference, .. } if *reference > 0),
+        );
     let rebuild = (mode == Repair::All || dirty) && (p.rebuild || too_low || p.unreadable);
     // The refcounts the image has once repair is done, for the COPIED fix.
     let mut known: Vec<u16>;

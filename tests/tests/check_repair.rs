@@ -130,3 +130,84 @@ fn poked_copied_flags() {
         "poked COPIED flags: image differs from qemu-img's repair"
     );
 }
+
+/// An L2 entry naming its own L2 table (issue #22): after `-r all`
+/// qemu-img check is clean, and the refcount is raised in place as
+/// qemu-img does, so the file does not grow (no refcount rebuild).
+#[test]
+fn l2_entry_pointing_at_its_own_table() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("s.qcow2");
+    q.create(&img, "qcow2", "", "16M");
+    q.io(&img, "qcow2", &["write -P 0x11 0 128k"]);
+    let mut d = std::fs::read(&img).unwrap();
+    let l2 = get64(&d, l1_pos(&d, 0)) & OFFSET;
+    put64(&mut d, l2 + 16, COPIED | l2);
+    std::fs::write(&img, &d).unwrap();
+    let len = d.len();
+    repair_like_qemu(&q, dir.path(), &img, &[], "L2 entry at its own table");
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(after.len(), len, "the repair grew the file");
+    assert!(
+        after == std::fs::read(dir.path().join("theirs.qcow2")).unwrap(),
+        "image differs from qemu-img's repair"
+    );
+}
+
+/// `check` exits 1, as qemu-img does, when the backing or data file the
+/// image names cannot be opened: missing, a directory, a backing format
+/// qimg cannot read on a raw file. A good backing file still checks 0.
+#[test]
+fn check_fails_when_linked_files_cannot_be_opened() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    q.create(&d.join("base.raw"), "raw", "", "16M");
+    std::fs::create_dir(d.join("adir")).unwrap();
+    let img = d.join("o.qcow2");
+    let code = |tool: &mut Command| tool.arg(&img).output().unwrap().status.code();
+    for (backing, fmt, want) in [
+        ("missing.raw", "raw", 1),
+        ("adir", "raw", 1),
+        ("base.raw", "vmdk", 1),
+        ("base.raw", "luks", 1),
+        ("base.raw", "raw", 0),
+    ] {
+        let _ = std::fs::remove_file(&img);
+        q.img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            backing,
+            "-F",
+            fmt,
+            img.to_str().unwrap(),
+            "16M",
+        ]);
+        let theirs = code(Command::new(&q.img).arg("check"));
+        let ours = code(qimg().arg("check"));
+        assert_eq!(theirs, Some(want), "qemu-img, backing {backing} ({fmt})");
+        assert_eq!(ours, Some(want), "qimg, backing {backing} ({fmt})");
+    }
+    let _ = std::fs::remove_file(&img);
+    let data = d.join("data.raw");
+    q.create(
+        &img,
+        "qcow2",
+        &format!("data_file={}", data.display()),
+        "16M",
+    );
+    std::fs::remove_file(&data).unwrap();
+    assert_eq!(code(qimg().arg("check")), Some(1), "missing data file");
+    std::fs::create_dir(&data).unwrap();
+    assert_eq!(
+        code(qimg().arg("check")),
+        Some(1),
+        "data file is a directory"
+    );
+    assert_eq!(code(Command::new(&q.img).arg("check")), Some(1));
+}
