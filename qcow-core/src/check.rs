@@ -152,6 +152,14 @@ pub enum Finding {
     /// An unallocated cluster whose extended L2 bitmap marks subclusters
     /// allocated.
     SubclusterUnallocated,
+    /// A compressed cluster whose extended L2 bitmap is not zero; its
+    /// data is not counted as referenced (as qemu-img does).
+    CompressedBitmap {
+        /// The entry's index in its L2 table.
+        index: u64,
+        /// The L2 entry.
+        entry: u64,
+    },
     /// A compressed cluster descriptor with COPIED set.
     CompressedCopied {
         /// Host offset of the compressed data.
@@ -290,6 +298,10 @@ impl fmt::Display for Finding {
             Self::SubclusterBitmap { offset } => write!(
                 f,
                 "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+            ),
+            Self::CompressedBitmap { index, entry } => write!(
+                f,
+                "ERROR compressed cluster {index} with non-zero subcluster allocation bitmap, entry={entry:#x}"
             ),
             Self::SubclusterUnallocated => {
                 f.write_str("ERROR: Unallocated cluster has non-zero subcluster allocation map")
@@ -963,9 +975,17 @@ fn walk_l1<D: BlockIo>(
             if let Some(f) = frag.as_deref_mut() {
                 *f = 0;
             }
-            for ent in l2.chunks_exact(entry_len) {
+            for (index, ent) in l2.chunks_exact(entry_len).enumerate() {
                 let e2 = be(&ent[..8]);
                 let bitmap = ent.get(8..16).map(be);
+                if e2 & COMPRESSED != 0 && bitmap.is_some_and(|b| b != 0) {
+                    r.findings.push(Finding::CompressedBitmap {
+                        index: index as u64,
+                        entry: e2,
+                    });
+                    r.corruptions += 1;
+                    continue;
+                }
                 walk_l2_entry(img, c, r, e2, bitmap, frag.as_deref_mut());
             }
         }

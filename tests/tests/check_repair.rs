@@ -211,3 +211,31 @@ fn check_fails_when_linked_files_cannot_be_opened() {
     );
     assert_eq!(code(Command::new(&q.img).arg("check")), Some(1));
 }
+
+/// Extended L2 with a compressed cluster whose subcluster bitmap is not
+/// zero (issue #22): check reports the corruption and exits 2, with
+/// qemu-img's wording, as qemu-img does.
+#[test]
+fn compressed_cluster_with_subcluster_bitmap_is_corrupt() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("x.qcow2");
+    q.create(&img, "qcow2", "extended_l2=on", "1M");
+    q.io(&img, "qcow2", &["write -c -P 0x11 0 64k"]);
+    let mut d = std::fs::read(&img).unwrap();
+    let l2 = get64(&d, l1_pos(&d, 0)) & OFFSET;
+    assert!(get64(&d, l2) & (1 << 62) != 0, "not compressed");
+    put64(&mut d, l2 + 8, 1);
+    std::fs::write(&img, &d).unwrap();
+    let theirs = Command::new(&q.img)
+        .arg("check")
+        .arg(&img)
+        .output()
+        .unwrap();
+    let ours = qimg().arg("check").arg(&img).output().unwrap();
+    assert_eq!(theirs.status.code(), Some(2));
+    assert_eq!(ours.status.code(), Some(2));
+    let line = "ERROR compressed cluster 0 with non-zero subcluster allocation bitmap";
+    assert!(String::from_utf8_lossy(&theirs.stderr).contains(line));
+    assert!(String::from_utf8_lossy(&ours.stderr).contains(line));
+}
