@@ -705,6 +705,15 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
             pre_fixed += n;
         }
     }
+    if repair == Repair::All
+        && first
+            .report
+            .findings
+            .iter()
+            .any(|f| matches!(f, Finding::SnapshotIncomplete { .. }))
+    {
+        pre_fixed += fix_incomplete_snapshots(&mut img)?;
+    }
     let (leaks_fixed, corruptions_fixed) = if pre_fixed > 0 {
         drop(img);
         img = Img::open(dev)?;
@@ -1106,6 +1115,81 @@ fn read_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<SnapshotTable, Err
         at = at.saturating_add(len);
     }
     Ok((out, incomplete))
+}
+
+/// Rewrites the snapshot table with every entry's extra data complete
+/// (the 64-bit VM state size, the disk size, the instruction count), as
+/// qemu-img's repair does: version 3 requires the first two. An entry
+/// without them gets the 32-bit VM state size, the image's virtual size
+/// and no instruction count (all ones). The new table goes past the end
+/// of the file and the header is switched to it in one write, so a crash
+/// leaves the old table or the new one; the old table's clusters are then
+/// leaks for the refcount repair to free. Returns the entries completed.
+fn fix_incomplete_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<u64, Error<D::Error>> {
+    use snapshot::field as f;
+    img.hdr.check_snapshot_limit()?;
+    let mut table = Vec::new();
+    let mut fixed_n = 0u64;
+    let mut at = img.hdr.snapshots_offset;
+    for _ in 0..img.hdr.nb_snapshots {
+        let mut fixed = [0u8; f::FIXED_LEN];
+        img.read(at, &mut fixed, Structure::SnapshotTable)?;
+        let sn = snapshot_fixed::<D::Error>(&fixed, at)?;
+        let mut rest = vec![0u8; usize::try_from(sn.extra_size).unwrap_or(0)];
+        img.read(
+            at.saturating_add(f::FIXED_LEN as u64),
+            &mut rest,
+            Structure::SnapshotTable,
+        )?;
+        let mut text = vec![0u8; usize::from(sn.id_len) + usize::from(sn.name_len)];
+        img.read(
+            at.saturating_add(f::FIXED_LEN as u64)
+                .saturating_add(u64::from(sn.extra_size)),
+            &mut text,
+            Structure::SnapshotTable,
+        )?;
+        if rest.len() < 16 {
+            fixed_n += 1;
+        }
+        let word =
+            |i: usize, default: u64| -> u64 { rest.get(i * 8..i * 8 + 8).map_or(default, be) };
+        let vm_state = u64::from(crate::header::be32(&fixed, f::VM_STATE_SIZE));
+        let mut extra = Vec::with_capacity(rest.len().max(24));
+        extra.extend_from_slice(&word(0, vm_state).to_be_bytes());
+        extra.extend_from_slice(&word(1, img.hdr.size).to_be_bytes());
+        extra.extend_from_slice(&word(2, u64::MAX).to_be_bytes());
+        if rest.len() > 24 {
+            extra.extend_from_slice(&rest[24..]);
+        }
+        let extra_len = u32::try_from(extra.len()).unwrap_or(u32::MAX);
+        fixed[f::EXTRA_SIZE].copy_from_slice(&extra_len.to_be_bytes());
+        let start = table.len();
+        table.extend_from_slice(&fixed);
+        table.extend_from_slice(&extra);
+        table.extend_from_slice(&text);
+        while (table.len() - start) % 8 != 0 {
+            table.push(0);
+        }
+        at = at.saturating_add(sn.entry_len());
+    }
+    if fixed_n == 0 {
+        return Ok(0);
+    }
+    let new_off = img
+        .file_len
+        .checked_next_multiple_of(img.cs)
+        .ok_or_else(|| Error::corrupt(Structure::SnapshotTable, img.file_len, Problem::Overflow))?;
+    img.dev
+        .write_at(new_off, &table)
+        .map_err(|x| io(x, Structure::SnapshotTable, new_off))?;
+    img.dev
+        .flush()
+        .map_err(|x| io(x, Structure::SnapshotTable, new_off))?;
+    img.dev
+        .write_at(field::SNAPSHOTS_OFFSET.start as u64, &new_off.to_be_bytes())
+        .map_err(|x| io(x, Structure::Header, 0))?;
+    img.dev.flush().map_err(|x| io(x, Structure::Header, 0))?;
+    Ok(fixed_n)
 }
 
 /// The fixed part of a snapshot entry for the check: unlike

@@ -239,3 +239,33 @@ fn compressed_cluster_with_subcluster_bitmap_is_corrupt() {
     assert!(String::from_utf8_lossy(&theirs.stderr).contains(line));
     assert!(String::from_utf8_lossy(&ours.stderr).contains(line));
 }
+
+/// A version 3 snapshot entry with no extra data (the v2-era layout):
+/// qemu-img calls it incomplete and its repair rewrites the table; so
+/// does qimg's, and qemu-img check is clean afterwards with the snapshot's
+/// and the active layer's data unchanged.
+#[test]
+fn snapshot_entry_without_extra_data() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("v.qcow2");
+    q.create(&img, "qcow2", "", "16M");
+    q.io(&img, "qcow2", &["write -P 0x11 0 64k"]);
+    q.img(&["snapshot", "-c", "s", img.to_str().unwrap()]);
+    q.io(&img, "qcow2", &["write -P 0x22 0 64k"]);
+    let mut d = std::fs::read(&img).unwrap();
+    let so = get64(&d, 64) as usize;
+    let ids = u16::from_be_bytes([d[so + 12], d[so + 13]]) as usize;
+    let ns = u16::from_be_bytes([d[so + 14], d[so + 15]]) as usize;
+    let ex = u32::from_be_bytes(d[so + 36..so + 40].try_into().unwrap()) as usize;
+    assert!(ex >= 16);
+    let text = d[so + 40 + ex..so + 40 + ex + ids + ns].to_vec();
+    let old_len = (40 + ex + ids + ns).next_multiple_of(8);
+    let mut entry = d[so..so + 40].to_vec();
+    entry[36..40].copy_from_slice(&0u32.to_be_bytes());
+    entry.extend_from_slice(&text);
+    entry.resize(old_len, 0);
+    d[so..so + old_len].copy_from_slice(&entry);
+    std::fs::write(&img, &d).unwrap();
+    repair_like_qemu(&q, dir.path(), &img, &["s"], "snapshot without extra data");
+}
