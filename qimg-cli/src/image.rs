@@ -267,18 +267,19 @@ pub(crate) fn probe_linked(
         let full = resolve_backing(path, b);
         usable(&full, "backing file")?;
         let name = full.to_string_lossy().into_owned();
-        let fmt =
-            match backing_fmt {
-                Some("qcow2") => Format::Qcow2,
-                Some("raw") | Some("file") => Format::Raw,
-                Some(other) => return Err(CliError::io(
+        let fmt = match backing_fmt {
+            Some("qcow2") => Format::Qcow2,
+            Some("raw") | Some("file") => Format::Raw,
+            Some(other) => {
+                return Err(CliError::io(
                     path,
                     format!(
                         "backing file format '{other}' of {name} is not supported (qcow2 or raw)"
                     ),
-                )),
-                None => detect(&name)?,
-            };
+                ))
+            }
+            None => detect(&name)?,
+        };
         match fmt {
             Format::Qcow2 => {
                 crate::qcow2::Opening::open(&name)?;

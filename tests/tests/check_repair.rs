@@ -254,7 +254,7 @@ fn snapshot_entry_without_extra_data() {
     q.img(&["snapshot", "-c", "s", img.to_str().unwrap()]);
     q.io(&img, "qcow2", &["write -P 0x22 0 64k"]);
     let mut d = std::fs::read(&img).unwrap();
-    let so = get64(&d, 64) as usize;
+    let so = usize::try_from(get64(&d, 64)).unwrap();
     let ids = u16::from_be_bytes([d[so + 12], d[so + 13]]) as usize;
     let ns = u16::from_be_bytes([d[so + 14], d[so + 15]]) as usize;
     let ex = u32::from_be_bytes(d[so + 36..so + 40].try_into().unwrap()) as usize;
