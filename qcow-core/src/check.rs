@@ -152,6 +152,14 @@ pub enum Finding {
     /// An unallocated cluster whose extended L2 bitmap marks subclusters
     /// allocated.
     SubclusterUnallocated,
+    /// A compressed cluster whose extended L2 bitmap is not zero; its
+    /// data is not counted as referenced (as qemu-img does).
+    CompressedBitmap {
+        /// The entry's index in its L2 table.
+        index: u64,
+        /// The L2 entry.
+        entry: u64,
+    },
     /// A compressed cluster descriptor with COPIED set.
     CompressedCopied {
         /// Host offset of the compressed data.
@@ -290,6 +298,10 @@ impl fmt::Display for Finding {
             Self::SubclusterBitmap { offset } => write!(
                 f,
                 "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+            ),
+            Self::CompressedBitmap { index, entry } => write!(
+                f,
+                "ERROR compressed cluster {index} with non-zero subcluster allocation bitmap, entry={entry:#x}"
             ),
             Self::SubclusterUnallocated => {
                 f.write_str("ERROR: Unallocated cluster has non-zero subcluster allocation map")
@@ -700,6 +712,15 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
             pre_fixed += n;
         }
     }
+    if repair == Repair::All
+        && first
+            .report
+            .findings
+            .iter()
+            .any(|f| matches!(f, Finding::SnapshotIncomplete { .. }))
+    {
+        pre_fixed += fix_incomplete_snapshots(&mut img)?;
+    }
     let (leaks_fixed, corruptions_fixed) = if pre_fixed > 0 {
         drop(img);
         img = Img::open(dev)?;
@@ -970,9 +991,17 @@ fn walk_l1<D: BlockIo>(
             if let Some(f) = frag.as_deref_mut() {
                 *f = 0;
             }
-            for ent in l2.chunks_exact(entry_len) {
+            for (index, ent) in l2.chunks_exact(entry_len).enumerate() {
                 let e2 = be(&ent[..8]);
                 let bitmap = ent.get(8..16).map(be);
+                if e2 & COMPRESSED != 0 && bitmap.is_some_and(|b| b != 0) {
+                    r.findings.push(Finding::CompressedBitmap {
+                        index: index as u64,
+                        entry: e2,
+                    });
+                    r.corruptions += 1;
+                    continue;
+                }
                 walk_l2_entry(img, c, r, e2, bitmap, frag.as_deref_mut());
             }
         }
@@ -1093,6 +1122,81 @@ fn read_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<SnapshotTable, Err
         at = at.saturating_add(len);
     }
     Ok((out, incomplete))
+}
+
+/// Rewrites the snapshot table with every entry's extra data complete
+/// (the 64-bit VM state size, the disk size, the instruction count), as
+/// qemu-img's repair does: version 3 requires the first two. An entry
+/// without them gets the 32-bit VM state size, the image's virtual size
+/// and no instruction count (all ones). The new table goes past the end
+/// of the file and the header is switched to it in one write, so a crash
+/// leaves the old table or the new one; the old table's clusters are then
+/// leaks for the refcount repair to free. Returns the entries completed.
+fn fix_incomplete_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<u64, Error<D::Error>> {
+    use snapshot::field as f;
+    img.hdr.check_snapshot_limit()?;
+    let mut table = Vec::new();
+    let mut fixed_n = 0u64;
+    let mut at = img.hdr.snapshots_offset;
+    for _ in 0..img.hdr.nb_snapshots {
+        let mut fixed = [0u8; f::FIXED_LEN];
+        img.read(at, &mut fixed, Structure::SnapshotTable)?;
+        let sn = snapshot_fixed::<D::Error>(&fixed, at)?;
+        let mut rest = vec![0u8; usize::try_from(sn.extra_size).unwrap_or(0)];
+        img.read(
+            at.saturating_add(f::FIXED_LEN as u64),
+            &mut rest,
+            Structure::SnapshotTable,
+        )?;
+        let mut text = vec![0u8; usize::from(sn.id_len) + usize::from(sn.name_len)];
+        img.read(
+            at.saturating_add(f::FIXED_LEN as u64)
+                .saturating_add(u64::from(sn.extra_size)),
+            &mut text,
+            Structure::SnapshotTable,
+        )?;
+        if rest.len() < 16 {
+            fixed_n += 1;
+        }
+        let word =
+            |i: usize, default: u64| -> u64 { rest.get(i * 8..i * 8 + 8).map_or(default, be) };
+        let vm_state = u64::from(crate::header::be32(&fixed, f::VM_STATE_SIZE));
+        let mut extra = Vec::with_capacity(rest.len().max(24));
+        extra.extend_from_slice(&word(0, vm_state).to_be_bytes());
+        extra.extend_from_slice(&word(1, img.hdr.size).to_be_bytes());
+        extra.extend_from_slice(&word(2, u64::MAX).to_be_bytes());
+        if rest.len() > 24 {
+            extra.extend_from_slice(&rest[24..]);
+        }
+        let extra_len = u32::try_from(extra.len()).unwrap_or(u32::MAX);
+        fixed[f::EXTRA_SIZE].copy_from_slice(&extra_len.to_be_bytes());
+        let start = table.len();
+        table.extend_from_slice(&fixed);
+        table.extend_from_slice(&extra);
+        table.extend_from_slice(&text);
+        while (table.len() - start) % 8 != 0 {
+            table.push(0);
+        }
+        at = at.saturating_add(sn.entry_len());
+    }
+    if fixed_n == 0 {
+        return Ok(0);
+    }
+    let new_off = img
+        .file_len
+        .checked_next_multiple_of(img.cs)
+        .ok_or_else(|| Error::corrupt(Structure::SnapshotTable, img.file_len, Problem::Overflow))?;
+    img.dev
+        .write_at(new_off, &table)
+        .map_err(|x| io(x, Structure::SnapshotTable, new_off))?;
+    img.dev
+        .flush()
+        .map_err(|x| io(x, Structure::SnapshotTable, new_off))?;
+    img.dev
+        .write_at(field::SNAPSHOTS_OFFSET.start as u64, &new_off.to_be_bytes())
+        .map_err(|x| io(x, Structure::Header, 0))?;
+    img.dev.flush().map_err(|x| io(x, Structure::Header, 0))?;
+    Ok(fixed_n)
 }
 
 /// The fixed part of a snapshot entry for the check: unlike
@@ -1236,6 +1340,11 @@ fn check_copied<D: BlockIo>(
             None => img.stored(cl),
         }
     };
+    let meta = if known.is_some() {
+        metadata_ranges(img)?
+    } else {
+        Vec::new()
+    };
     while start < l1_len {
         let n = (l1_len - start).min(L1_CHUNK);
         let at = l1_off.saturating_add(start as u64 * 8);
@@ -1276,7 +1385,10 @@ fn check_copied<D: BlockIo>(
                 continue;
             }
             img.read(l2_off, &mut l2, Structure::L2Table)?;
-            let writable = l2_off & (cs - 1) == 0 && sole_user(known, l2_off, img.bits);
+            // A shared L2 table (a snapshot's too) is rewritten as
+            // qemu-img does; only one overlapping other metadata is not.
+            let writable =
+                l2_off & (cs - 1) == 0 && known.is_some() && !overlaps(&meta, l2_off, cs);
             let mut dirty = false;
             for j in 0..l2.len() / entry_len {
                 let p = j * entry_len;
@@ -1327,6 +1439,51 @@ fn check_copied<D: BlockIo>(
         img.dev.flush().map_err(|x| io(x, Structure::L2Table, 0))?;
     }
     Ok(fixed)
+}
+
+/// The byte ranges (offset, length) of the metadata other than L2 tables
+/// that qemu-img's overlap check protects before it rewrites an L2 table:
+/// the header, the active and snapshot L1 tables, the refcount table and
+/// blocks, the snapshot table and the LUKS header region.
+fn metadata_ranges<D: BlockIo>(img: &mut Img<'_, D>) -> Result<Vec<(u64, u64)>, Error<D::Error>> {
+    let cs = img.cs;
+    let mut v = vec![
+        (0, cs),
+        (
+            img.hdr.l1_table_offset,
+            u64::from(img.hdr.l1_size.min(MAX_L1_ENTRIES)) * 8,
+        ),
+        (
+            img.hdr.refcount_table_offset,
+            (img.reftable.len() as u64).saturating_mul(8),
+        ),
+    ];
+    for &e in &img.reftable {
+        let off = entry::reftable_block_offset(e);
+        if off != 0 {
+            v.push((off, cs));
+        }
+    }
+    let mut table_len = 0u64;
+    for (sn, len, _) in read_snapshots(img)?.0 {
+        table_len = table_len.saturating_add(len);
+        v.push((sn.l1_offset, u64::from(sn.l1_size.min(MAX_L1_ENTRIES)) * 8));
+    }
+    v.push((img.hdr.snapshots_offset, table_len));
+    if img.hdr.crypt_method == 2 {
+        if let Some(cr) = img.crypto {
+            v.push((cr.offset, cr.length));
+        }
+    }
+    Ok(v)
+}
+
+/// Whether `[off, off + len)` overlaps one of `ranges`.
+fn overlaps(ranges: &[(u64, u64)], off: u64, len: u64) -> bool {
+    let end = off.saturating_add(len);
+    ranges
+        .iter()
+        .any(|&(o, l)| l > 0 && o < end && off < o.saturating_add(l))
 }
 
 /// Whether the table holding byte `off` is the only user of its cluster
@@ -1409,9 +1566,14 @@ fn fix<D: BlockIo>(
     };
     let mut leaks_fixed = 0u64;
     let mut corruptions_fixed = 0u64;
-    let too_low = p.report.findings.iter().any(
-        |f| matches!(f, Finding::Refcount { refcount, reference, .. } if refcount < reference),
-    );
+    // As qemu-img: a refcount that is too low is raised in place; only a
+    // referenced cluster whose refcount is 0 makes the structure rebuilt
+    // (its refcount block may not exist), so a repair need not grow the
+    // file.
+    let too_low =
+        p.report.findings.iter().any(
+            |f| matches!(f, Finding::Refcount { refcount: 0, reference, .. } if *reference > 0),
+        );
     let rebuild = (mode == Repair::All || dirty) && (p.rebuild || too_low || p.unreadable);
     // The refcounts the image has once repair is done, for the COPIED fix.
     let mut known: Vec<u16>;

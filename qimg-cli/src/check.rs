@@ -88,10 +88,24 @@ fn check_qcow2(a: &CheckArgs<'_>) -> Result<u8, CliError> {
     // reader's open makes the same checks without allocating.
     {
         let mut cache = vec![0u8; 64 * 1024];
-        if let Err(e) = qcow_core::Qcow2::open(&mut dev, &mut cache) {
-            if refuses_open(&e) {
+        let linked = match qcow_core::Qcow2::open(&mut dev, &mut cache) {
+            Err(e) if refuses_open(&e) => {
                 return Err(CliError::io(path, format!("cannot check: {e}")));
             }
+            Err(_) => None,
+            Ok(img) => {
+                let info = img.info();
+                Some((
+                    info.backing_file().map(str::to_string),
+                    info.backing_format().map(str::to_string),
+                    info.data_file().map(str::to_string),
+                ))
+            }
+        };
+        // qemu-img opens the backing and data files too, and exits 1 when
+        // one cannot be opened (missing, a directory, the wrong format).
+        if let Some((backing, fmt, data)) = linked {
+            image::probe_linked(path, backing.as_deref(), fmt.as_deref(), data.as_deref())?;
         }
     }
     let out = check::check(&mut dev, repair).map_err(|e| CliError::io(path, e.to_string()))?;

@@ -280,6 +280,76 @@ fn open_backing(
     }
 }
 
+/// Whether the backing file (in `backing_fmt`, detected when `None`) and
+/// the external data file that the qcow2 image at `path` names can be
+/// opened, as qemu-img's open of the image requires: each must be a
+/// readable regular file, and the backing file must be in a format qimg
+/// reads (a qcow2 backing file's header is checked, not its own chain).
+pub(crate) fn probe_linked(
+    path: &str,
+    backing: Option<&str>,
+    backing_fmt: Option<&str>,
+    data: Option<&str>,
+) -> Result<(), CliError> {
+    let usable = |full: &Path, what: &str| -> Result<(), CliError> {
+        let meta = std::fs::metadata(full).map_err(|e| {
+            CliError::io(
+                path,
+                format!("cannot open the {what} {}: {e}", full.display()),
+            )
+        })?;
+        if meta.is_dir() {
+            return Err(CliError::io(
+                path,
+                format!("the {what} {} is a directory", full.display()),
+            ));
+        }
+        std::fs::File::open(full).map_err(|e| {
+            CliError::io(
+                path,
+                format!("cannot open the {what} {}: {e}", full.display()),
+            )
+        })?;
+        Ok(())
+    };
+    if let Some(b) = backing {
+        let full = resolve_backing(path, b);
+        usable(&full, "backing file")?;
+        let name = full.to_string_lossy().into_owned();
+        let fmt = match backing_fmt {
+            Some("qcow2") => Format::Qcow2,
+            Some("raw") | Some("file") => Format::Raw,
+            Some(other) => {
+                return Err(CliError::io(
+                    path,
+                    format!(
+                        "backing file format '{other}' of {name} is not supported (qcow2 or raw)"
+                    ),
+                ))
+            }
+            None => detect(&name)?,
+        };
+        match fmt {
+            Format::Qcow2 => {
+                crate::qcow2::Opening::open(&name)?;
+            }
+            Format::Raw => {}
+            Format::Luks => {
+                return Err(CliError::io(
+                    path,
+                    format!(
+                        "the backing file {name} is LUKS, which qimg cannot use as a backing file"
+                    ),
+                ))
+            }
+        }
+    }
+    if let Some(d) = data {
+        usable(&resolve_backing(path, d), "data file")?;
+    }
+    Ok(())
+}
+
 /// Refuses chains that loop or grow too deep, and records `path`.
 fn guard_chain(
     path: &str,

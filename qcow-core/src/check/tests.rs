@@ -291,3 +291,36 @@ fn unknown_incompatible_feature_is_refused() {
         }))
     ));
 }
+
+#[test]
+fn shared_l2_table_is_repaired_in_place() {
+    // L1 entry 1 names the same L2 table as entry 0: the table and its
+    // data clusters have two references but refcount 1. As qemu-img does,
+    // -r all raises the refcounts in place (no rebuild, the file keeps its
+    // length) and clears COPIED in the L1 entries and in the shared table.
+    let mut d = image();
+    let h = hdr(&d);
+    let at = h.l1_table_offset as usize;
+    let e0 = u64_at(&d, h.l1_table_offset);
+    d[at + 8..at + 16].copy_from_slice(&e0.to_be_bytes());
+    let len = d.len();
+    let o = run(&mut d, Repair::None);
+    assert!(o.first.corruptions >= 3, "{:?}", o.first.findings);
+    let o = run(&mut d, Repair::All);
+    let r = o.result();
+    assert_eq!(
+        (r.leaks, r.corruptions, r.check_errors),
+        (0, 0, 0),
+        "{:?}",
+        r.findings
+    );
+    assert!(!o.first.findings.contains(&Finding::Rebuilding));
+    assert_eq!(d.len(), len);
+    let l2 = e0 & OFFSET_MASK;
+    assert_eq!(u64_at(&d, h.l1_table_offset) & COPIED, 0);
+    assert_eq!(u64_at(&d, h.l1_table_offset + 8) & COPIED, 0);
+    assert_eq!(u64_at(&d, l2) & COPIED, 0);
+    // A second check finds nothing left.
+    let o = run(&mut d, Repair::None);
+    assert_eq!(o.first.corruptions, 0, "{:?}", o.first.findings);
+}
