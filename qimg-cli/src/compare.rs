@@ -105,7 +105,7 @@ impl Side {
             // qemu-img compares whole sectors: an odd-sized raw file
             // counts as its size rounded up, reading zero past its end.
             size: o.virtual_size.next_multiple_of(SECTOR),
-            odd_end: (!o.virtual_size.is_multiple_of(SECTOR)).then_some(o.virtual_size),
+            odd_end: o.odd_raw_len,
             last: None,
         })
     }

@@ -161,6 +161,9 @@ pub(crate) struct Opened {
     /// Every file the view reads: the image, its backing chain, data
     /// files and a detached LUKS header (for the self-overwrite guard).
     pub(crate) files: Vec<String>,
+    /// A raw image's length in bytes when it is not whole sectors (the
+    /// guest view is rounded up to whole sectors, as in qemu-img).
+    pub(crate) odd_raw_len: Option<u64>,
 }
 
 /// Opens `path` read-only.
@@ -184,15 +187,15 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
             crate::lock::lock(&file, path, crate::lock::Access::Read)?;
             let mut raw = RawFile::new(file);
             // Whole sectors, as qemu-img: an odd tail is padded with zeroes.
-            let virtual_size = raw
+            let len = raw
                 .size()
-                .map_err(|e| CliError::io(path, e.to_string()))?
-                .next_multiple_of(512);
+                .map_err(|e| CliError::io(path, e.to_string()))?;
             Ok(Opened {
                 chain: vec![path.to_string()],
-                virtual_size,
+                virtual_size: len.next_multiple_of(512),
                 dev: Box::new(raw),
                 files: vec![path.to_string()],
+                odd_raw_len: (!len.is_multiple_of(512)).then_some(len),
             })
         }
         Format::Qcow2 => {
@@ -213,6 +216,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
                 virtual_size,
                 dev: src,
                 files: ctx.files.into_inner(),
+                odd_raw_len: None,
             })
         }
         Format::Luks => {
@@ -229,6 +233,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
                 virtual_size,
                 dev: src,
                 files,
+                odd_raw_len: None,
             })
         }
     }

@@ -56,7 +56,9 @@ fn repair_like_qemu(q: &Qemu, dir: &Path, img: &Path, snaps: &[&str], what: &str
 
 /// The scenario: qemu-nbd exports the image, qimg takes a snapshot
 /// under it, a write goes through the export with qemu-nbd's stale view
-/// (COPIED flags set on clusters the snapshot now shares).
+/// (COPIED flags set on clusters the snapshot now shares). qimg now refuses
+/// the snapshot while qemu-nbd holds its locks (tests/tests/cli_locking.rs),
+/// so qemu-nbd runs with `file.locking=off` here to make the same damage.
 #[test]
 fn snapshot_under_qemu_nbd() {
     let (Some(q), Some(nbd)) = (Qemu::find(), tool("qemu-nbd")) else {
@@ -70,8 +72,11 @@ fn snapshot_under_qemu_nbd() {
     q.io(&img, "qcow2", &["write -P 0x11 0 2M"]);
     run_ok(
         Command::new(&nbd)
-            .args(["--fork", "--persistent", "-f", "qcow2"])
-            .arg(&img)
+            .args(["--fork", "--persistent", "--image-opts"])
+            .arg(format!(
+                "driver=qcow2,file.driver=file,file.filename={},file.locking=off",
+                img.display()
+            ))
             .arg("-k")
             .arg(&sock)
             .arg(format!("--pid-file={}", pid.display())),
