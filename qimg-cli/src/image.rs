@@ -187,9 +187,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
             crate::lock::lock(&file, path, crate::lock::Access::Read)?;
             let mut raw = RawFile::new(file);
             // Whole sectors, as qemu-img: an odd tail is padded with zeroes.
-            let len = raw
-                .size()
-                .map_err(|e| CliError::io(path, e.to_string()))?;
+            let len = raw.size().map_err(|e| CliError::io(path, e.to_string()))?;
             Ok(Opened {
                 chain: vec![path.to_string()],
                 virtual_size: len.next_multiple_of(512),
