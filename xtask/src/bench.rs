@@ -17,7 +17,8 @@ use crate::{cargo, root, run};
 
 const PASSPHRASE: &str = "bench-compare";
 
-fn stdout_of(cmd: &mut Command) -> Result<String, String> {
+/// Runs `cmd`; its standard output, or an error with its standard error.
+pub(crate) fn stdout_of(cmd: &mut Command) -> Result<String, String> {
     let out = cmd
         .output()
         .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;

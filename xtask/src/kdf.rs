@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use crate::bench::stdout_of;
 use crate::{cargo, root, run};
 
 const PASSPHRASE: &str = "kdf-compare";
@@ -27,19 +28,6 @@ struct Cost {
     digest: u64,
 }
 
-fn output(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The first number after `key` on a line of `text`.
 fn first_num(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
@@ -51,7 +39,7 @@ fn first_num(text: &str, key: &str) -> Option<u64> {
 }
 
 fn dump(vol: &Path) -> Result<Cost, String> {
-    let text = output(Command::new("cryptsetup").arg("luksDump").arg(vol))?;
+    let text = stdout_of(Command::new("cryptsetup").arg("luksDump").arg(vol))?;
     let mut c = Cost::default();
     if let Some(d) = first_num(&text, "MK iterations:") {
         // LUKS1: the slot's line is "Iterations:" too.
@@ -81,7 +69,7 @@ fn dump(vol: &Path) -> Result<Cost, String> {
 /// Seconds `cryptsetup open --test-passphrase` takes on `vol`.
 fn open_secs(vol: &Path, key: &Path) -> Result<f64, String> {
     let t = Instant::now();
-    output(
+    stdout_of(
         Command::new("cryptsetup")
             .args(["open", "--test-passphrase", "--key-file"])
             .arg(key)
@@ -107,7 +95,7 @@ fn show(c: &Cost) -> String {
 
 /// The `iters` of the first key slot in `qemu-img info --output json`.
 fn qcow_iters(img: &Path) -> Result<u64, String> {
-    let text = output(
+    let text = stdout_of(
         Command::new("qemu-img")
             .args(["info", "--output", "json"])
             .arg(img),
@@ -167,7 +155,7 @@ fn table(bin: &Path, dir: &Path, key: &Path) -> Result<(), String> {
         let ours = dir.join(format!("q{ver}-{ms}.luks"));
         let theirs = dir.join(format!("c{ver}-{ms}.luks"));
         let _ = std::fs::remove_file(&ours);
-        output(
+        stdout_of(
             Command::new(bin)
                 .args(["create", "-q", "-f", "luks", "--key-file"])
                 .arg(key)
@@ -180,7 +168,7 @@ fn table(bin: &Path, dir: &Path, key: &Path) -> Result<(), String> {
         )?;
         std::fs::write(&theirs, vec![0u8; 16 << 20])
             .map_err(|e| format!("{}: {e}", theirs.display()))?;
-        output(
+        stdout_of(
             Command::new("cryptsetup")
                 .args(["luksFormat", "-q", "--type", &format!("luks{ver}")])
                 .args([
@@ -221,7 +209,7 @@ fn table(bin: &Path, dir: &Path, key: &Path) -> Result<(), String> {
         let secret = format!("secret,id=s0,data={PASSPHRASE}");
         for (tool, img) in [(bin, &ours), (Path::new("qemu-img"), &theirs)] {
             let _ = std::fs::remove_file(img);
-            output(
+            stdout_of(
                 Command::new(tool)
                     .args([
                         "create", "-q", "-f", "qcow2", "--object", &secret, "-o", &opts,
