@@ -307,6 +307,8 @@ pub(crate) fn probe_linked(
                 format!("the {what} {} is a directory", full.display()),
             ));
         }
+        // A FIFO, socket or character device would block the open below.
+        refuse_dir(&full.to_string_lossy())?;
         std::fs::File::open(full).map_err(|e| {
             CliError::io(
                 path,
