@@ -245,6 +245,16 @@ struct Ctx<'a> {
     files: std::cell::RefCell<Vec<String>>,
 }
 
+/// The format a `backing_fmt` name stands for, if qimg reads it (`file`
+/// is QEMU's name for the raw protocol layer).
+pub(crate) fn backing_format(name: &str) -> Option<Format> {
+    match name {
+        "qcow2" => Some(Format::Qcow2),
+        "raw" | "file" => Some(Format::Raw),
+        _ => None,
+    }
+}
+
 /// Opens a backing file named by an image, in `format` (detected when the
 /// image does not say).
 fn open_backing(
@@ -255,14 +265,12 @@ fn open_backing(
     chain: &mut Vec<String>,
 ) -> Result<Box<dyn Source>, CliError> {
     let fmt = match format {
-        Some("qcow2") => Format::Qcow2,
-        Some("raw") | Some("file") => Format::Raw,
-        Some(other) => {
-            return Err(CliError::io(
+        Some(name) => backing_format(name).ok_or_else(|| {
+            CliError::io(
                 path,
-                format!("backing file format '{other}' is not supported (qcow2 or raw)"),
-            ))
-        }
+                format!("backing file format '{name}' is not supported (qcow2 or raw)"),
+            )
+        })?,
         None => detect(path)?,
     };
     match fmt {
@@ -322,16 +330,14 @@ pub(crate) fn probe_linked(
         usable(&full, "backing file")?;
         let name = full.to_string_lossy().into_owned();
         let fmt = match backing_fmt {
-            Some("qcow2") => Format::Qcow2,
-            Some("raw") | Some("file") => Format::Raw,
-            Some(other) => {
-                return Err(CliError::io(
+            Some(other) => backing_format(other).ok_or_else(|| {
+                CliError::io(
                     path,
                     format!(
                         "backing file format '{other}' of {name} is not supported (qcow2 or raw)"
                     ),
-                ))
-            }
+                )
+            })?,
             None => detect(&name)?,
         };
         match fmt {

@@ -129,11 +129,7 @@ pub(crate) fn refuse_backing_loop(
         let Some(next) = info.backing_file() else {
             break;
         };
-        cur_fmt = match info.backing_format() {
-            Some("qcow2") => Some(Format::Qcow2),
-            Some("raw" | "file") => Some(Format::Raw),
-            _ => None,
-        };
+        cur_fmt = info.backing_format().and_then(crate::image::backing_format);
         cur = crate::image::resolve_backing(&cur, next)
             .to_string_lossy()
             .into_owned();
