@@ -9,6 +9,7 @@ pub type Name = heapless::String<32>;
 
 /// Makes a [`Name`] from bytes, replacing what is not UTF-8 and cutting at
 /// 32 bytes.
+#[cfg_attr(not(feature = "luks1"), allow(dead_code))]
 pub(crate) fn name_from(s: &[u8]) -> Name {
     let mut n = Name::new();
     for &b in s.iter().take(32) {
@@ -357,6 +358,7 @@ pub enum Error<E> {
 }
 
 impl<E> Error<E> {
+    #[cfg_attr(not(feature = "luks1"), allow(dead_code))]
     pub(crate) fn corrupt(structure: Structure, offset: u64, problem: Problem) -> Self {
         Self::Corrupt {
             structure,
@@ -532,6 +534,7 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
 impl<E: fmt::Debug + fmt::Display> core::error::Error for Error<E> {}
 
 /// A key slot index as `u8` (indices are below 8; larger values saturate).
+#[cfg_attr(not(feature = "luks1"), allow(dead_code))]
 pub(crate) fn slot_u8(i: usize) -> u8 {
     u8::try_from(i).unwrap_or(u8::MAX)
 }

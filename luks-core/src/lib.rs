@@ -42,25 +42,38 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+#[cfg(feature = "luks1")]
 #[macro_use]
 mod view;
 
+#[cfg(feature = "luks1")]
 pub mod cipher;
 pub mod error;
+#[cfg(feature = "luks1")]
 pub mod hash;
 pub mod io;
+#[cfg(feature = "luks1")]
 pub mod luks1;
+#[cfg(feature = "luks2")]
 pub mod luks2;
+mod probe;
+#[cfg(feature = "luks1")]
 pub mod simd;
 #[cfg(test)]
 mod test_rng;
+#[cfg(feature = "luks1")]
 mod volume;
 
+#[cfg(feature = "luks1")]
 pub use cipher::{LegacyQcowAes, SectorCipher, MAX_KEY_BYTES};
 pub use error::{Error, Structure};
+#[cfg(feature = "luks1")]
 pub use hash::HashAlg;
 pub use io::BlockIo;
+#[cfg(feature = "luks1")]
 pub use luks1::VolumeKey;
+pub use probe::{probe, LuksVersion};
+#[cfg(feature = "luks1")]
 pub use volume::LuksVolume;
 
 /// The longest passphrase accepted anywhere (cryptsetup's key file limit

@@ -88,6 +88,7 @@ impl<D: BlockIo> LuksVolume<D> {
     /// Opens a raw LUKS2 volume: the data segment of `h` on `dev` (the
     /// header device itself, or the data device of a detached header),
     /// IVs from the segment's `iv_tweak` in 512-byte units.
+    #[cfg(feature = "luks2")]
     pub fn open_luks2(
         dev: D,
         h: &crate::luks2::Luks2Header,
@@ -112,6 +113,7 @@ impl<D: BlockIo> LuksVolume<D> {
     /// `json` receives LUKS2 JSON text (see
     /// [`crate::luks2::MAX_JSON_LEN`]), `mem` is the Argon2 memory for
     /// LUKS2 key slots that use it; LUKS1 uses neither.
+    #[cfg(feature = "luks2")]
     pub fn unlock(
         mut dev: D,
         passphrase: &[u8],

@@ -20,6 +20,7 @@ pub mod check;
 pub mod compress;
 #[cfg(feature = "alloc")]
 pub mod create;
+#[cfg(feature = "encryption")]
 pub mod crypto;
 pub mod decompress;
 pub mod entry;

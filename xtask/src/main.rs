@@ -8,6 +8,7 @@ use std::process::{Command, ExitCode};
 mod bench;
 mod fuzz;
 mod kdf;
+mod sizes;
 mod sparse;
 mod uefi;
 
@@ -86,7 +87,7 @@ fn print_help() {
          clippy        clippy -D warnings on all targets\n  \
          test          all tests (interop tests need qemu-img and cryptsetup)\n  \
          doc           rustdoc with -D warnings\n  \
-         nostd         build both cores for {BARE_METAL} without and with alloc\n  \
+         nostd         build both cores for {BARE_METAL} at each feature level; fail if plaintext qcow-core links a cipher, hash or KDF\n  \
          unsafe-audit  fail if `unsafe` appears outside {VETTED_UNSAFE}\n  \
          man           write qimg(1) and a page per verb to target/man/\n  \
          uefi          build the UEFI reader (tests/uefi-reader)\n  \
@@ -183,6 +184,7 @@ fn nostd() -> Result<(), String> {
         "--no-default-features",
     ];
     run("bare-metal build, no alloc", cargo().args(base))?;
+    sizes::feature_checks()?;
     run(
         "bare-metal build, alloc",
         cargo()
