@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("doc") => doc(),
         Some("nostd") => nostd(),
+        Some("core-sizes") => sizes::core_sizes(),
         Some("unsafe-audit") => unsafe_audit(),
         Some("man") => man(),
         Some("uefi") => uefi::build().map(|p| println!("{}", p.display())),
@@ -88,6 +89,7 @@ fn print_help() {
          test          all tests (interop tests need qemu-img and cryptsetup)\n  \
          doc           rustdoc with -D warnings\n  \
          nostd         build both cores for {BARE_METAL} at each feature level; fail if plaintext qcow-core links a cipher, hash or KDF\n  \
+         core-sizes    size of the no-alloc smoke binary: plaintext qcow2, + LUKS1, everything\n  \
          unsafe-audit  fail if `unsafe` appears outside {VETTED_UNSAFE}\n  \
          man           write qimg(1) and a page per verb to target/man/\n  \
          uefi          build the UEFI reader (tests/uefi-reader)\n  \
@@ -193,16 +195,8 @@ fn nostd() -> Result<(), String> {
     )?;
     // A binary with no global allocator that opens a qcow2 image and
     // unlocks LUKS1 and LUKS2 headers: it links only if the read path
-    // needs no heap. Release: the debug build of the hash crates hits an
-    // LLVM limitation on this soft-float target.
-    let smoke = root().join("tests").join("nostd-smoke");
-    run(
-        "bare-metal binary without an allocator (tests/nostd-smoke)",
-        cargo()
-            .current_dir(&smoke)
-            .args(["build", "--release", "--target", BARE_METAL])
-            .env("CARGO_TARGET_DIR", smoke.join("target")),
-    )
+    // needs no heap. Built at each feature level.
+    sizes::smoke_builds().map(drop)
 }
 
 fn man() -> Result<(), String> {

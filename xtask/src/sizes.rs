@@ -2,7 +2,10 @@
 //! of `cargo xtask nostd` and so of `ci`) and how big the no-alloc smoke
 //! binary is at each (`cargo xtask core-sizes`).
 
-use crate::{cargo, run, BARE_METAL};
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::{cargo, root, run, BARE_METAL};
 
 /// Crates a plaintext qcow2 reader must not link: ciphers and modes,
 /// hashes, MACs and KDFs. A name ending in `*` is a prefix.
@@ -117,6 +120,75 @@ pub(crate) fn feature_checks() -> Result<(), String> {
             &format!("bare-metal build, {package} features [{features}]"),
             &mut cmd,
         )?;
+    }
+    Ok(())
+}
+
+/// The no-alloc smoke binary's three builds: (name, features).
+const SMOKE_BUILDS: [(&str, &str); 3] = [
+    ("plaintext qcow2", ""),
+    ("+ LUKS1 (qcow2 LUKS, raw LUKS1)", "luks1"),
+    ("everything (+ LUKS2, Argon2)", "luks2"),
+];
+
+/// Builds tests/nostd-smoke (no global allocator, release) once per
+/// feature level and keeps each binary: (name, path).
+pub(crate) fn smoke_builds() -> Result<Vec<(&'static str, PathBuf)>, String> {
+    let smoke = root().join("tests").join("nostd-smoke");
+    let target = smoke.join("target");
+    let kept = target.join("sizes");
+    std::fs::create_dir_all(&kept).map_err(|e| format!("{}: {e}", kept.display()))?;
+    let mut built = Vec::new();
+    for (name, features) in SMOKE_BUILDS {
+        // Release: the debug build of the hash crates hits an LLVM
+        // limitation on this soft-float target.
+        let mut cmd = cargo();
+        cmd.current_dir(&smoke)
+            .args(["build", "--release", "--target", BARE_METAL])
+            .env("CARGO_TARGET_DIR", &target);
+        if !features.is_empty() {
+            cmd.args(["--features", features]);
+        }
+        run(
+            &format!("bare-metal binary without an allocator (tests/nostd-smoke), {name}"),
+            &mut cmd,
+        )?;
+        let bin = target.join(BARE_METAL).join("release").join("nostd-smoke");
+        let copy = kept.join(if features.is_empty() {
+            "plaintext"
+        } else {
+            features
+        });
+        std::fs::copy(&bin, &copy)
+            .map_err(|e| format!("{} -> {}: {e}", bin.display(), copy.display()))?;
+        built.push((name, copy));
+    }
+    Ok(built)
+}
+
+/// The text section's size from `size` (Berkeley format), if the tool runs.
+fn text_size(bin: &std::path::Path) -> Option<u64> {
+    let out = Command::new("size").arg(bin).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+/// `cargo xtask core-sizes`: the no-alloc smoke binary's size (bytes of the
+/// file, and its text section when `size` is installed) at each feature
+/// level.
+pub(crate) fn core_sizes() -> Result<(), String> {
+    let built = smoke_builds()?;
+    println!("nostd-smoke ({BARE_METAL}, release, no allocator):");
+    println!("{:<34} {:>10} {:>10}", "build", "file bytes", "text bytes");
+    for (name, bin) in built {
+        let bytes = std::fs::metadata(&bin)
+            .map_err(|e| format!("{}: {e}", bin.display()))?
+            .len();
+        let text = text_size(&bin).map_or_else(|| "-".to_owned(), |t| t.to_string());
+        println!("{name:<34} {bytes:>10} {text:>10}");
     }
     Ok(())
 }
