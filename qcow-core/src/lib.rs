@@ -28,6 +28,7 @@ pub mod error;
 pub mod header;
 pub mod image;
 pub mod limits;
+mod probe;
 pub mod snapshot;
 #[cfg(feature = "alloc")]
 pub mod writer;
@@ -39,5 +40,6 @@ pub use image::{BitmapInfo, Decryptor, ImageInfo, MapKind, Mapping, NoDevice, Qc
 /// The sector-I/O trait and its adapters, shared with `luks-core`.
 pub use luks_core::io;
 pub use luks_core::io::BlockIo;
+pub use probe::{probe, Qcow2Version};
 #[cfg(feature = "alloc")]
 pub use writer::{Qcow2Writer, ResizeError};
