@@ -7,6 +7,60 @@
 //!
 //! All I/O goes through [`io::BlockIo`], which `qcow-core` re-exports.
 //!
+//! Features: none gives the sector-I/O trait, its no-alloc adapters, the
+//! error types and [`probe`] (no cipher, hash or KDF crate); `luks1` adds
+//! ciphers, hashes, PBKDF2 and LUKS1; `luks2` (with `luks1`) adds LUKS2 and
+//! Argon2; `alloc` and `std` add the growable and file devices and the
+//! writers. The default is `std` + `luks2`.
+//!
+//! # Quick start
+//!
+//! Format a LUKS1 volume in memory, unlock it with its passphrase and use
+//! the payload as a device. Firmware would use a [`io::MemDevice`] over its
+//! own buffer (or its own [`BlockIo`]) and its own random source.
+//!
+//! ```
+//! use luks_core::io::VecDevice;
+//! use luks_core::luks1::{self, FormatParams};
+//! use luks_core::{probe, BlockIo, LuksVersion, LuksVolume};
+//! # struct OsRng; // the caller's `rand_core::TryCryptoRng`
+//! # impl rand_core::TryRng for OsRng {
+//! #     type Error = getrandom::Error;
+//! #     fn try_next_u32(&mut self) -> Result<u32, Self::Error> { getrandom::u32() }
+//! #     fn try_next_u64(&mut self) -> Result<u64, Self::Error> { getrandom::u64() }
+//! #     fn try_fill_bytes(&mut self, b: &mut [u8]) -> Result<(), Self::Error> { getrandom::fill(b) }
+//! # }
+//! # impl rand_core::TryCryptoRng for OsRng {}
+//!
+//! // AES-256-XTS with PBKDF2-SHA256; a tiny iteration count for the example
+//! // (real volumes calibrate it: `luks1::calibrate_iterations`).
+//! let mut dev = VecDevice::new();
+//! let params = FormatParams { iterations: 1000, ..FormatParams::default() };
+//! let (hdr, _) = luks1::format(&mut dev, &params, None, b"secret", &mut OsRng)?;
+//! let payload = u64::from(hdr.payload_offset) * 512;
+//! dev.set_size(payload + 64 * 1024)?; // a 64 KiB payload
+//!
+//! // What a reader does: name the format, parse the header, try the passphrase.
+//! let mut first = [0u8; 512];
+//! dev.read_at(0, &mut first)?;
+//! assert_eq!(probe(&first), Some(LuksVersion::Luks1));
+//! let hdr = luks1::read_header(&mut dev)?;
+//! assert!(luks1::unlock(&mut dev, &hdr, b"wrong", None).is_err());
+//! let (key, slot) = luks1::unlock(&mut dev, &hdr, b"secret", None)?;
+//! assert_eq!(slot, 0);
+//!
+//! // The payload, decrypted sector by sector.
+//! let mut vol = LuksVolume::open_luks1(dev, &hdr, &key)?;
+//! vol.write_at(4096, &[0x5a; 512])?;
+//! let mut sector = [0u8; 512];
+//! vol.read_at(4096, &mut sector)?;
+//! assert_eq!(sector, [0x5a; 512]);
+//! // On the device, the same sector is ciphertext.
+//! let raw = vol.into_inner().into_vec();
+//! assert_ne!(raw[(payload + 4096) as usize..][..512], [0x5a; 512]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! Code map:
 //! - [`luks1`]: the LUKS1 header ([`luks1::Header`] view,
 //!   [`luks1::HeaderRepr`] representation), [`luks1::read_header`],
