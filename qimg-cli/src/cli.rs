@@ -521,6 +521,7 @@ struct ConvertArgs {
 
 fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
     crate::parallel::set_workers(a.workers);
+    crate::lock::creating_for(&format!("error while converting {}: ", a.output_format));
     let secrets = Secrets::parse(&a.secrets.object)?;
     let mut src = image::open(
         &a.source,

@@ -305,6 +305,7 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
         path.clone_from(h);
         format = Some(Format::Luks);
     }
+    crate::lock::will_write(&path);
     if a.options.is_empty() {
         return Err(CliError::usage(
             "Must specify options (-o); see `qimg amend --help`".into(),

@@ -168,8 +168,6 @@ pub(crate) enum Access {
 
 /// `-U` / `--force-share`: read opens take no locks.
 static FORCE_SHARE: AtomicBool = AtomicBool::new(false);
-/// Whether the "no OFD locks here" warning was printed.
-static WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Sets `-U` for the rest of the process.
 pub(crate) fn set_force_share(on: bool) {
@@ -188,22 +186,106 @@ struct Held {
 /// Every file this process holds locks on.
 static HELD: Mutex<Vec<Held>> = Mutex::new(Vec::new());
 
+/// Files the running verb will write (by identity): a read open of one
+/// of them takes the write locks at once, as qemu-img opens such an image
+/// read-write from the start (and so reports `Failed to get "write"
+/// lock`, not the shared one, when another process holds it).
+static WILL_WRITE: Mutex<Vec<FileId>> = Mutex::new(Vec::new());
+
+/// What qemu-img puts between the file name and the lock failure when a
+/// new file cannot be locked: "" for `create`, "error while converting
+/// qcow2: " for `convert`, "error while creating output image: " for `dd`.
+static CREATING: Mutex<String> = Mutex::new(String::new());
+
+/// Declares that this verb writes `path` (call it before the first open):
+/// every lock taken on it is then a write lock.
+pub(crate) fn will_write(path: &str) {
+    if let Some(id) = FileId::of(path) {
+        WILL_WRITE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(id);
+    }
+}
+
+/// Sets the words qemu-img puts before a lock failure on a file this verb
+/// creates (see [`create_locked`]).
+pub(crate) fn creating_for(context: &str) {
+    context.clone_into(
+        &mut CREATING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+}
+
+/// Why the locks could not be taken.
+#[derive(Debug)]
+enum LockError {
+    /// Another process's locks conflict: qemu-img's reason, followed by
+    /// its "Is another process using the image" hint.
+    Conflict(String),
+    /// The lock call itself failed: qemu-img's `Failed to lock byte N:
+    /// reason`, without the hint.
+    Failed(String),
+    /// Something else (the file cannot be examined or duplicated).
+    Other(CliError),
+}
+
+impl LockError {
+    /// The CLI error, `lead` naming the file the way the verb's qemu-img
+    /// counterpart does (`Could not open 'X': ` or `X: `).
+    fn into_cli(self, lead: &str, path: &str) -> CliError {
+        match self {
+            Self::Conflict(m) => CliError {
+                code: 1,
+                msg: format!("{lead}{m}\nIs another process using the image [{path}]?"),
+            },
+            Self::Failed(m) => CliError {
+                code: 1,
+                msg: format!("{lead}{m}"),
+            },
+            Self::Other(e) => e,
+        }
+    }
+}
+
+/// What to do when `F_OFD_SETLK` on byte `byte` failed with `e` (the seam
+/// the unit tests inject errors through): `Ok` means go on unlocked. QEMU's default (`locking=auto`)
+/// locks only when the kernel has OFD locks: a kernel without them answers
+/// `EINVAL` (unknown command), and QEMU then goes on without locking and
+/// without a word. Any other failure (a filesystem that refuses locks,
+/// e.g. NFS without a lock manager: `ENOLCK`) fails the open with
+/// `Failed to lock byte N: reason`, the reason left out for
+/// `EAGAIN`/`EACCES` (a byte someone else holds).
+fn on_setlk_error(e: nix::errno::Errno, byte: i64) -> Result<(), LockError> {
+    match e {
+        nix::errno::Errno::EINVAL => Ok(()),
+        nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES => {
+            Err(LockError::Failed(format!("Failed to lock byte {byte}")))
+        }
+        e => Err(LockError::Failed(format!(
+            "Failed to lock byte {byte}: {}",
+            e.desc()
+        ))),
+    }
+}
+
 /// Takes QEMU's locks on `file` (opened from `path`) for `access`, or
 /// fails like qemu-img when another process's locks conflict:
 /// `Could not open 'X': Failed to get "write" lock` (or `shared "write"`)
-/// and `Is another process using the image [X]?`. A filesystem without
-/// OFD locks gets one warning and no locking.
+/// and `Is another process using the image [X]?`. A kernel without OFD
+/// locks means no locking (as QEMU's default); a filesystem that refuses
+/// them fails the open (`Failed to lock byte 100: ...`), as QEMU does.
 pub(crate) fn lock(file: &File, path: &str, access: Access) -> Result<(), CliError> {
-    if access == Access::Read && FORCE_SHARE.load(Ordering::Relaxed) {
-        return Ok(());
-    }
-    let (perm, unshare) = match access {
-        Access::Read => (CONSISTENT_READ, WRITE | RESIZE),
-        Access::Write => (CONSISTENT_READ | WRITE | RESIZE, WRITE | RESIZE),
-    };
+    lock_inner(file, path, access)
+        .map_err(|e| e.into_cli(&format!("Could not open '{path}': "), path))
+}
+
+/// [`lock`] without the message.
+fn lock_inner(file: &File, path: &str, access: Access) -> Result<(), LockError> {
     let meta = file
         .metadata()
-        .map_err(|e| CliError::io(path, format!("cannot examine: {e}")))?;
+        .map_err(|e| LockError::Other(CliError::io(path, format!("cannot examine: {e}"))))?;
     if !meta.is_file() {
         // Block devices and pipes: QEMU locks those too, but qimg only
         // locks regular files.
@@ -213,6 +295,22 @@ pub(crate) fn lock(file: &File, path: &str, access: Access) -> Result<(), CliErr
         dev: meta.dev(),
         ino: meta.ino(),
     };
+    let access = if WILL_WRITE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .contains(&id)
+    {
+        Access::Write
+    } else {
+        access
+    };
+    if access == Access::Read && FORCE_SHARE.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let (perm, unshare) = match access {
+        Access::Read => (CONSISTENT_READ, WRITE | RESIZE),
+        Access::Write => (CONSISTENT_READ | WRITE | RESIZE, WRITE | RESIZE),
+    };
     let mut held = HELD
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -221,7 +319,7 @@ pub(crate) fn lock(file: &File, path: &str, access: Access) -> Result<(), CliErr
         None => {
             let dup = file
                 .try_clone()
-                .map_err(|e| CliError::io(path, format!("cannot lock: {e}")))?;
+                .map_err(|e| LockError::Other(CliError::io(path, format!("cannot lock: {e}"))))?;
             held.push(Held {
                 id,
                 file: dup,
@@ -235,30 +333,15 @@ pub(crate) fn lock(file: &File, path: &str, access: Access) -> Result<(), CliErr
         return Ok(());
     };
     let (want_perm, want_unshared) = (h.perm | perm, h.unshared | unshare);
-    if let Err(e) = apply(&h.file, want_perm, want_unshared) {
-        if matches!(
-            e,
-            nix::Error::EINVAL | nix::Error::ENOTSUP | nix::Error::ENOLCK
-        ) {
-            if !WARNED.swap(true, Ordering::Relaxed) {
-                eprintln!(
-                    "qimg: warning: {path}: the filesystem refuses OFD locks ({e}); \
-                     going on without image locking"
-                );
-            }
-            return Ok(());
-        }
-        return Err(CliError::io(path, format!("cannot lock: {e}")));
+    if let Err((byte, e)) = apply(&h.file, want_perm, want_unshared) {
+        let _ = apply(&h.file, h.perm, h.unshared);
+        // Ok: no OFD locks in this kernel, go on unlocked.
+        return on_setlk_error(e, byte);
     }
-    if let Err(msg) = check(&h.file, want_perm, want_unshared) {
+    if let Err(e) = check(&h.file, want_perm, want_unshared) {
         // Back to what was held before (best effort: the error stands).
         let _ = apply(&h.file, h.perm, h.unshared);
-        return Err(CliError {
-            code: 1,
-            msg: format!(
-                "Could not open '{path}': {msg}\nIs another process using the image [{path}]?"
-            ),
-        });
+        return Err(e);
     }
     h.perm = want_perm;
     h.unshared = want_unshared;
@@ -287,7 +370,13 @@ pub(crate) fn create_locked(path: &str) -> Result<luks_core::io::FileDevice, Cli
         .truncate(false)
         .open(path)
         .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
-    lock(&file, path, Access::Write)?;
+    let lead = format!(
+        "{path}: {}",
+        CREATING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    );
+    lock_inner(&file, path, Access::Write).map_err(|e| e.into_cli(&lead, path))?;
     file.set_len(0)
         .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
     Ok(luks_core::io::FileDevice::new(file))
@@ -327,8 +416,8 @@ fn empty_flock() -> libc::flock {
 }
 
 /// Holds byte 100+n for each bit of `perm` and 200+n for each bit of
-/// `unshared`, releasing the others.
-fn apply(file: &File, perm: u8, unshared: u8) -> nix::Result<()> {
+/// `unshared`, releasing the others; on failure, the byte and the error.
+fn apply(file: &File, perm: u8, unshared: u8) -> Result<(), (i64, nix::errno::Errno)> {
     for n in 0..NAMES.len() {
         for (base, bits) in [(100i64, perm), (200, unshared)] {
             let kind = if bits & (1 << n) != 0 {
@@ -337,32 +426,46 @@ fn apply(file: &File, perm: u8, unshared: u8) -> nix::Result<()> {
                 libc::F_UNLCK
             };
             let l = flock(kind, base + n as i64);
-            fcntl(file, FcntlArg::F_OFD_SETLK(&l))?;
+            fcntl(file, FcntlArg::F_OFD_SETLK(&l)).map_err(|e| (base + n as i64, e))?;
         }
     }
     Ok(())
 }
 
 /// Whether another open file description holds byte `at`.
-fn taken(file: &File, at: i64) -> bool {
+fn taken(file: &File, at: i64) -> nix::Result<bool> {
     let mut l = flock(libc::F_WRLCK, at);
-    match fcntl(file, FcntlArg::F_OFD_GETLK(&mut l)) {
-        Ok(_) => i32::from(l.l_type) != libc::F_UNLCK,
-        Err(_) => false,
+    fcntl(file, FcntlArg::F_OFD_GETLK(&mut l))?;
+    Ok(i32::from(l.l_type) != libc::F_UNLCK)
+}
+
+/// The outcome of testing byte `at` for the permission `what` (`"write"`
+/// or `shared "write"`): QEMU's `Failed to get ... lock`, with the reason
+/// when the test itself failed.
+fn test_byte(file: &File, at: i64, what: &str) -> Result<(), LockError> {
+    match taken(file, at) {
+        Ok(false) => Ok(()),
+        Ok(true) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => {
+            Err(LockError::Conflict(format!("Failed to get {what} lock")))
+        }
+        Err(e) => Err(LockError::Conflict(format!(
+            "Failed to get {what} lock: {}",
+            e.desc()
+        ))),
     }
 }
 
 /// QEMU's conflict test: a held permission another opener does not share,
 /// or an unshared one another opener holds.
-fn check(file: &File, perm: u8, unshared: u8) -> Result<(), String> {
+fn check(file: &File, perm: u8, unshared: u8) -> Result<(), LockError> {
     for (n, name) in NAMES.iter().enumerate() {
-        if perm & (1 << n) != 0 && taken(file, 200 + n as i64) {
-            return Err(format!("Failed to get \"{name}\" lock"));
+        if perm & (1 << n) != 0 {
+            test_byte(file, 200 + n as i64, &format!("\"{name}\""))?;
         }
     }
     for (n, name) in NAMES.iter().enumerate() {
-        if unshared & (1 << n) != 0 && taken(file, 100 + n as i64) {
-            return Err(format!("Failed to get shared \"{name}\" lock"));
+        if unshared & (1 << n) != 0 {
+            test_byte(file, 100 + n as i64, &format!("shared \"{name}\""))?;
         }
     }
     Ok(())

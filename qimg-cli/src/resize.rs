@@ -14,6 +14,7 @@ pub(crate) fn run(
     quiet: bool,
     size: &str,
 ) -> Result<u8, CliError> {
+    crate::lock::will_write(path);
     let format = match format {
         Some(f) => f,
         None => image::detect(path)?,

@@ -31,30 +31,64 @@ fn images(d: &Path) {
     );
 }
 
-/// Runs qimg `args` in `d`: exit 1, qemu-img's lock message, held.qcow2
-/// unchanged.
+/// The lines of a tool's stderr that say why it failed, without the
+/// program name ("qimg: ", "qemu-img: ") and without warnings.
+fn reason(stderr: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter(|l| !l.contains("warning:") && !l.starts_with("Formatting '"))
+        .map(|l| {
+            l.strip_prefix("qimg: ")
+                .or_else(|| l.strip_prefix("qemu-img: "))
+                .unwrap_or(l)
+                .to_string()
+        })
+        .collect()
+}
+
+/// Runs qimg `args` in `d`: refused, held.qcow2 unchanged, and the same
+/// exit status and error lines as qemu-img's for the same command in the
+/// same state (run first; it is refused too, so it changes nothing).
+/// Without qemu-img (outside CI), the lines must name the lock `lock`.
 fn refused(d: &Path, args: &[&str], lock: &str) {
     let before = sha256_file(&d.join("held.qcow2"));
     let out = qimg().current_dir(d).args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    // qemu-img compare exits 2 on errors, every other verb 1.
-    let code = if args[0] == "compare" { 2 } else { 1 };
-    assert_eq!(
+    let err = reason(&out.stderr);
+    assert_ne!(
         out.status.code(),
-        Some(code),
-        "{args:?} should be refused\n{err}"
-    );
-    assert!(
-        err.contains(&format!(
-            "Could not open 'held.qcow2': Failed to get {lock} lock"
-        )) && err.contains("Is another process using the image [held.qcow2]?"),
-        "{args:?}: unexpected message\n{err}"
+        Some(0),
+        "{args:?} should be refused\n{err:?}"
     );
     assert_eq!(
         before,
         sha256_file(&d.join("held.qcow2")),
         "{args:?} changed the image"
     );
+    match tool("qemu-img") {
+        Some(q) => {
+            let theirs = Command::new(q).current_dir(d).args(args).output().unwrap();
+            assert_eq!(
+                before,
+                sha256_file(&d.join("held.qcow2")),
+                "qemu-img {args:?} changed the image (the holder does not lock?)"
+            );
+            assert_eq!(
+                (out.status.code(), &err),
+                (theirs.status.code(), &reason(&theirs.stderr)),
+                "{args:?}: qimg's exit status and message differ from qemu-img's"
+            );
+        }
+        None => {
+            let code = if args[0] == "compare" { 2 } else { 1 };
+            assert_eq!(out.status.code(), Some(code), "{args:?}\n{err:?}");
+            assert!(
+                err.iter()
+                    .any(|l| l.ends_with(&format!("Failed to get {lock} lock")))
+                    && err.contains(&"Is another process using the image [held.qcow2]?".into()),
+                "{args:?}: unexpected message\n{err:?}"
+            );
+        }
+    }
 }
 
 /// Every writing verb on the held image.
@@ -78,7 +112,10 @@ const WRITERS: &[&[&str]] = &[
     &["amend", "-o", "lazy_refcounts=on", "held.qcow2"],
     &["convert", "-O", "qcow2", "other.qcow2", "held.qcow2"],
     &["convert", "-n", "-O", "raw", "other.qcow2", "held.qcow2"],
+    &["convert", "-O", "raw", "other.qcow2", "held.qcow2"],
+    &["convert", "-n", "-O", "qcow2", "other.qcow2", "held.qcow2"],
     &["dd", "-O", "raw", "if=other.qcow2", "of=held.qcow2"],
+    &["dd", "-O", "qcow2", "if=other.qcow2", "of=held.qcow2"],
     &["create", "-f", "qcow2", "held.qcow2", "1M"],
     &["create", "-f", "raw", "held.qcow2", "1M"],
 ];
@@ -94,6 +131,10 @@ const READERS: &[&[&str]] = &[
     &["measure", "-O", "qcow2", "held.qcow2"],
 ];
 
+/// Writing verbs that read the held image as a new backing file.
+const BACKING_READERS: &[&[&str]] =
+    &[&["rebase", "-b", "held.qcow2", "-F", "qcow2", "other.qcow2"]];
+
 fn with_u(args: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     v.insert(1, "-U".into());
@@ -102,22 +143,30 @@ fn with_u(args: &[&str]) -> Vec<String> {
 
 fn exercise(d: &Path) {
     for args in WRITERS {
-        // Anything a writer could hit first: the write lock, or (for verbs
-        // that read the header before opening for writing) the shared one.
-        let out = qimg().current_dir(d).args(*args).output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        let lock = if err.contains("shared") {
-            "shared \"write\""
-        } else {
-            "\"write\""
-        };
-        refused(d, args, lock);
+        // Every writer asks for the write lock first, as qemu-img does.
+        refused(d, args, "\"write\"");
     }
     for args in READERS {
         refused(d, args, "shared \"write\"");
         let u = with_u(args);
         run_ok(qimg().current_dir(d).args(&u));
     }
+    for args in BACKING_READERS {
+        refused(d, args, "shared \"write\"");
+    }
+    // `create -b` reads the backing file with force-share, as qemu-img
+    // does: a running VM's image can be the base of a new overlay.
+    run_ok(qimg().current_dir(d).args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "held.qcow2",
+        "-F",
+        "qcow2",
+        "overlay.qcow2",
+    ]));
 }
 
 #[test]
@@ -162,7 +211,7 @@ fn locks_are_released_when_the_holder_goes() {
         let Some(_nbd) = Holder::nbd(&d.join("held.qcow2"), "qcow2", d) else {
             return;
         };
-        refused(d, &["resize", "held.qcow2", "2M"], "shared \"write\"");
+        refused(d, &["resize", "held.qcow2", "2M"], "\"write\"");
     }
     // The daemon is gone (Holder waits for that); its descriptors may
     // take a moment more to close.
