@@ -363,6 +363,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             filename,
         } => {
             crate::lock::set_force_share(force_share);
+            crate::lock::set_reads_without_io(true);
             crate::info::run(
                 &filename,
                 format.map(Into::into),

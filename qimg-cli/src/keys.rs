@@ -316,6 +316,9 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
         Some(f) => f,
         None => crate::image::detect(&path)?,
     };
+    if format == Format::Qcow2 {
+        crate::lock::lock_backing_chain(&path)?;
+    }
     // A raw LUKS2 volume goes to keys2 once the options are read.
     let luks2 = format == Format::Luks && crate::luks2::version(&path)? == Some(2);
     let t = if luks2 {

@@ -84,20 +84,61 @@ fn aka(dest: &str, same: &str) -> String {
 
 /// Refuses to make `backing` (a file in `fmt`) the backing file of
 /// `image` when that backing chain contains `image` itself (`rebase -b`,
-/// `create -b`). The chain is followed through qcow2 headers only (no
-/// keys needed): backing files and data files, up to
-/// [`crate::image::MAX_CHAIN_DEPTH`] images; a file that cannot be opened
-/// ends the walk (it is still compared).
+/// `create -b`); the chain as [`chain_files`] walks it.
 pub(crate) fn refuse_backing_loop(
     image: &str,
     backing: &str,
     fmt: crate::image::Format,
 ) -> Result<(), CliError> {
+    let files = chain_files(backing, Some(fmt));
+    match same_file(image, &files) {
+        Some(same) => Err(CliError::io(
+            image,
+            format!(
+                "the new backing chain would contain this image itself{}; \
+                 refusing (choose a backing file that does not lead back to it)",
+                aka(image, same)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Takes read locks on the backing chain of the qcow2 image `image` (its
+/// backing files and their data files), as qemu-img does for the verbs
+/// that open an image with its backing chain although they only write the
+/// top (`snapshot`, `amend`, `resize`). A file that cannot be opened is
+/// left to the verb (which does not read it).
+pub(crate) fn lock_backing_chain(image: &str) -> Result<(), CliError> {
+    let Ok(opening) = crate::qcow2::Opening::open(image) else {
+        return Ok(());
+    };
+    let info = opening.img.info();
+    let Some(next) = info.backing_file() else {
+        return Ok(());
+    };
+    let fmt = info.backing_format().and_then(crate::image::backing_format);
+    let backing = crate::image::resolve_backing(image, next)
+        .to_string_lossy()
+        .into_owned();
+    for f in chain_files(&backing, fmt) {
+        if let Ok(file) = File::open(&f) {
+            lock(&file, &f, Access::Read)?;
+        }
+    }
+    Ok(())
+}
+
+/// `backing` (a file in `fmt`, probed when `None`) and the files of its
+/// chain: backing files and data files, followed through qcow2 headers
+/// only (no keys needed), up to [`crate::image::MAX_CHAIN_DEPTH`] images;
+/// a file that cannot be opened ends the walk (it is still listed).
+fn chain_files(backing: &str, fmt: Option<crate::image::Format>) -> Vec<String> {
     use crate::image::Format;
     let mut files = Vec::new();
     let mut seen = Vec::new();
     let mut cur = backing.to_string();
-    let mut cur_fmt = Some(fmt);
+    let mut cur_fmt = fmt;
     for _ in 0..crate::image::MAX_CHAIN_DEPTH {
         files.push(cur.clone());
         let id = FileId::of(&cur);
@@ -134,17 +175,7 @@ pub(crate) fn refuse_backing_loop(
             .to_string_lossy()
             .into_owned();
     }
-    match same_file(image, &files) {
-        Some(same) => Err(CliError::io(
-            image,
-            format!(
-                "the new backing chain would contain this image itself{}; \
-                 refusing (choose a backing file that does not lead back to it)",
-                aka(image, same)
-            ),
-        )),
-        None => Ok(()),
-    }
+    files
 }
 
 /// Permission bits, as QEMU numbers them.
@@ -168,6 +199,30 @@ pub(crate) enum Access {
 
 /// `-U` / `--force-share`: read opens take no locks.
 static FORCE_SHARE: AtomicBool = AtomicBool::new(false);
+
+/// `info`: reads take no "consistent read" permission (byte 100), only
+/// refuse to share writing and resizing, as qemu-img info opens an image
+/// without I/O.
+static NO_IO: AtomicBool = AtomicBool::new(false);
+
+/// Sets `info`'s read mode (see [`NO_IO`]) for the rest of the process.
+pub(crate) fn set_reads_without_io(on: bool) {
+    NO_IO.store(on, Ordering::Relaxed);
+}
+
+/// Test hook: with `QIMG_TEST_PAUSE_BEFORE_EXIT=SECONDS`, prints
+/// `qimg: test pause: locks held` to stderr and sleeps that long (at most
+/// 600 s) before the process exits, so a test can read `/proc/locks` while
+/// every lock of the verb is still held. It only sleeps.
+pub(crate) fn test_pause_before_exit() {
+    if let Some(secs) = std::env::var("QIMG_TEST_PAUSE_BEFORE_EXIT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        eprintln!("qimg: test pause: locks held");
+        std::thread::sleep(std::time::Duration::from_secs(secs.min(600)));
+    }
+}
 
 /// Sets `-U` for the rest of the process.
 pub(crate) fn set_force_share(on: bool) {
@@ -308,6 +363,7 @@ fn lock_inner(file: &File, path: &str, access: Access) -> Result<(), LockError> 
         return Ok(());
     }
     let (perm, unshare) = match access {
+        Access::Read if NO_IO.load(Ordering::Relaxed) => (0, WRITE | RESIZE),
         Access::Read => (CONSISTENT_READ, WRITE | RESIZE),
         Access::Write => (CONSISTENT_READ | WRITE | RESIZE, WRITE | RESIZE),
     };

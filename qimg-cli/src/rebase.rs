@@ -76,6 +76,11 @@ impl RebaseCmd {
                 Some("raw") => Format::Raw,
                 _ => Format::Qcow2,
             };
+            // qemu-img rebase -u reads the new backing file with
+            // force-share; the safe mode locks it for reading.
+            if self.unsafe_ {
+                crate::lock::set_force_share(true);
+            }
             crate::lock::refuse_backing_loop(path, &full, fmt)?;
         }
         if !self.unsafe_ {

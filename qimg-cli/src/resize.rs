@@ -19,6 +19,9 @@ pub(crate) fn run(
         Some(f) => f,
         None => image::detect(path)?,
     };
+    if format == Format::Qcow2 {
+        crate::lock::lock_backing_chain(path)?;
+    }
     let current = match format {
         Format::Raw => image::file_length(path)?,
         Format::Qcow2 => crate::qcow2::Opening::open(path)?.img.info().virtual_size(),

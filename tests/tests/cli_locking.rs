@@ -214,16 +214,16 @@ fn locks_are_released_when_the_holder_goes() {
         refused(d, &["resize", "held.qcow2", "2M"], "\"write\"");
     }
     // The daemon is gone (Holder waits for that); its descriptors may
-    // take a moment more to close.
+    // take a moment more to close: wait until /proc/locks shows no lock on
+    // the image.
+    let id = {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(d.join("held.qcow2")).unwrap();
+        format!(" {}:{} ", dev_name(m.dev()), m.ino())
+    };
     for _ in 0..400 {
-        let ok = qimg()
-            .current_dir(d)
-            .args(["info", "held.qcow2"])
-            .output()
-            .unwrap()
-            .status
-            .success();
-        if ok {
+        let locks = std::fs::read_to_string("/proc/locks").unwrap();
+        if !locks.lines().any(|l| format!("{l} ").contains(&id)) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(25));
@@ -279,4 +279,245 @@ fn qemu_is_refused_while_qimg_writes() {
     assert!(err.contains("lock"), "{err}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The lock bytes qemu-img 10.0.2 holds on each file at the peak of a
+/// verb, from `strace -f -e trace=openat,fcntl,close qemu-img ARGS` in the
+/// state [`chain`] makes (each `F_OFD_SETLK` replayed per file; every lock
+/// is a read-type OFD lock): 100 + n held permissions, 200 + n unshared
+/// ones (n: 0 consistent read, 1 write, 3 resize). `info` opens without
+/// I/O (no byte 100); `create -b` and `rebase -u` read the backing file
+/// with force-share (no lock at all); the verbs that write only the top
+/// image still read-lock its backing file.
+const QEMU_IMG_LOCKS: &[(&[&str], FileLocks)] = &[
+    (&["info", "top.qcow2"], &[("top.qcow2", &[201, 203])]),
+    (
+        &["check", "top.qcow2"],
+        &[("base.qcow2", R), ("top.qcow2", R)],
+    ),
+    (
+        &["check", "-r", "all", "top.qcow2"],
+        &[("base.qcow2", R), ("top.qcow2", W)],
+    ),
+    (
+        &["map", "top.qcow2"],
+        &[("base.qcow2", R), ("top.qcow2", R)],
+    ),
+    (
+        &["compare", "top.qcow2", "other.qcow2"],
+        &[("base.qcow2", R), ("other.qcow2", R), ("top.qcow2", R)],
+    ),
+    (
+        &["convert", "-O", "qcow2", "top.qcow2", "out.qcow2"],
+        &[("base.qcow2", R), ("out.qcow2", W), ("top.qcow2", R)],
+    ),
+    (
+        &["convert", "-n", "-O", "qcow2", "top.qcow2", "other.qcow2"],
+        &[("base.qcow2", R), ("other.qcow2", W), ("top.qcow2", R)],
+    ),
+    (
+        &["measure", "-O", "qcow2", "top.qcow2"],
+        &[("base.qcow2", R), ("top.qcow2", R)],
+    ),
+    (
+        &["snapshot", "-l", "top.qcow2"],
+        &[("base.qcow2", R), ("top.qcow2", R)],
+    ),
+    (
+        &["snapshot", "-c", "s2", "top.qcow2"],
+        &[("base.qcow2", R), ("top.qcow2", W)],
+    ),
+    (
+        &["snapshot", "-d", "s1", "top.qcow2"],
+        &[("base.qcow2", R), ("top.qcow2", W)],
+    ),
+    (
+        &["snapshot", "-a", "s1", "top.qcow2"],
+        &[("base.qcow2", R), ("top.qcow2", W)],
+    ),
+    (
+        &["commit", "top.qcow2"],
+        &[("base.qcow2", W), ("top.qcow2", W)],
+    ),
+    (
+        &["rebase", "-b", "other.qcow2", "-F", "qcow2", "top.qcow2"],
+        &[("base.qcow2", R), ("other.qcow2", R), ("top.qcow2", W)],
+    ),
+    (
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "other.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+        &[("top.qcow2", W)],
+    ),
+    (
+        &["amend", "-o", "lazy_refcounts=on", "top.qcow2"],
+        &[("base.qcow2", R), ("top.qcow2", W)],
+    ),
+    (
+        &["resize", "top.qcow2", "2M"],
+        &[("base.qcow2", R), ("top.qcow2", W)],
+    ),
+    (
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "top.qcow2",
+            "-F",
+            "qcow2",
+            "new.qcow2",
+        ],
+        &[("new.qcow2", W)],
+    ),
+    (
+        &["dd", "-O", "qcow2", "if=top.qcow2", "of=out.qcow2"],
+        &[("base.qcow2", R), ("out.qcow2", W), ("top.qcow2", R)],
+    ),
+];
+/// The lock bytes held, by file name.
+type FileLocks = &'static [(&'static str, &'static [i64])];
+/// A reader's bytes: consistent read held, write and resize not shared.
+const R: &[i64] = &[100, 201, 203];
+/// A writer's bytes: consistent read, write and resize held, write and
+/// resize not shared.
+const W: &[i64] = &[100, 101, 103, 201, 203];
+
+/// base.qcow2 <- top.qcow2 (snapshot s1), other.qcow2, all 1 MiB.
+fn chain(d: &Path) {
+    for args in [
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"][..],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+        &["create", "-q", "-f", "qcow2", "other.qcow2", "1M"],
+        &["snapshot", "-c", "s1", "top.qcow2"],
+    ] {
+        run_ok(qimg().current_dir(d).args(args));
+    }
+}
+
+/// `/proc/locks`' name of a device: major and minor in hex.
+fn dev_name(dev: u64) -> String {
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    format!("{major:02x}:{minor:02x}")
+}
+
+/// The OFD lock bytes held on each file of `d`, read live from
+/// `/proc/locks` while qimg `args` pauses before exiting (its test hook
+/// `QIMG_TEST_PAUSE_BEFORE_EXIT`, every lock still held).
+fn qimg_locks(d: &Path, args: &[&str]) -> Vec<(String, Vec<i64>)> {
+    use std::io::BufRead;
+    use std::os::unix::fs::MetadataExt;
+    let mut child = qimg()
+        .current_dir(d)
+        .env("QIMG_TEST_PAUSE_BEFORE_EXIT", "120")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    loop {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            let st = child.wait().unwrap();
+            panic!("qimg {args:?} ended ({st}) before its pause:\n{said}");
+        }
+        if line.contains("qimg: test pause: locks held") {
+            break;
+        }
+        said.push_str(&line);
+    }
+    let locks = std::fs::read_to_string("/proc/locks").unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut out = Vec::new();
+    let mut names: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        let m = std::fs::metadata(d.join(&name)).unwrap();
+        let id = format!("{}:{}", dev_name(m.dev()), m.ino());
+        let mut bytes = Vec::new();
+        for l in locks.lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.get(1) == Some(&"OFDLCK") && f.get(5) == Some(&id.as_str()) {
+                let start: i64 = f[6].parse().unwrap();
+                let end: i64 = f[7].parse().unwrap();
+                bytes.extend(start..=end);
+            }
+        }
+        if !bytes.is_empty() {
+            bytes.sort_unstable();
+            out.push((name, bytes));
+        }
+    }
+    out
+}
+
+#[test]
+fn each_verb_holds_the_lock_bytes_qemu_img_holds() {
+    let mut wrong = Vec::new();
+    for (args, theirs) in QEMU_IMG_LOCKS {
+        let dir = tempfile::tempdir().unwrap();
+        chain(dir.path());
+        let ours = qimg_locks(dir.path(), args);
+        let theirs: Vec<(String, Vec<i64>)> = theirs
+            .iter()
+            .map(|(f, b)| (f.to_string(), b.to_vec()))
+            .collect();
+        if ours != theirs {
+            wrong.push(format!(
+                "{args:?}:\n  qimg     {ours:?}\n  qemu-img {theirs:?}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "lock bytes differ:\n{}", wrong.join("\n"));
+}
+
+/// A raw output file: qemu-img holds bytes 101, 103 and 203 while it
+/// creates the file, then 100 and 101 (sharing everything) while it copies
+/// (strace, as above). qimg holds a writer's bytes from creation to exit,
+/// a superset of both: nobody else may write or resize a file it fills.
+#[test]
+fn a_raw_output_is_locked_at_least_as_qemu_img_locks_it() {
+    for args in [
+        &["convert", "-O", "raw", "top.qcow2", "out.raw"][..],
+        &["dd", "-O", "raw", "if=top.qcow2", "of=out.raw"],
+        &["create", "-f", "raw", "out.raw", "1M"],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        chain(dir.path());
+        let ours = qimg_locks(dir.path(), args);
+        let out = ours
+            .iter()
+            .find(|(f, _)| f == "out.raw")
+            .map(|(_, b)| b.clone())
+            .unwrap_or_default();
+        for phase in [&[101, 103, 203][..], &[100, 101]] {
+            assert!(
+                phase.iter().all(|b| out.contains(b)),
+                "{args:?}: qimg holds {out:?} on out.raw, qemu-img {phase:?}"
+            );
+        }
+    }
 }
