@@ -367,6 +367,47 @@ fn lock_inner(file: &File, path: &str, access: Access) -> Result<(), LockError> 
         Access::Read => (CONSISTENT_READ, WRITE | RESIZE),
         Access::Write => (CONSISTENT_READ | WRITE | RESIZE, WRITE | RESIZE),
     };
+    lock_bits(file, path, id, perm, unshare)?;
+    if access == Access::Write {
+        // Test hook: `QIMG_TEST_PAUSE_AFTER_LOCK=SECONDS` holds the write
+        // lock that long before going on (so a test can watch QEMU being
+        // refused); it only sleeps.
+        if let Some(secs) = std::env::var("QIMG_TEST_PAUSE_AFTER_LOCK")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            std::thread::sleep(std::time::Duration::from_secs(secs.min(600)));
+        }
+    }
+    Ok(())
+}
+
+/// `amend` of a raw LUKS volume, locked as qemu-img's LUKS driver locks
+/// it (straced): opened for consistent read and write (bytes 100, 101),
+/// sharing everything, then, for the key slot update, consistent read and
+/// write no longer shared (200, 201). A conflict in the second step is
+/// reported without "Could not open", as qemu-img does.
+pub(crate) fn lock_for_luks_amend(path: &str) -> Result<(), CliError> {
+    let file = File::open(path).map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| CliError::io(path, format!("cannot examine: {e}")))?;
+    if !meta.is_file() {
+        return Ok(());
+    }
+    let id = FileId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    let both = CONSISTENT_READ | WRITE;
+    lock_bits(&file, path, id, both, 0)
+        .map_err(|e| e.into_cli(&format!("Could not open '{path}': "), path))?;
+    lock_bits(&file, path, id, both, both).map_err(|e| e.into_cli("", path))
+}
+
+/// Adds `perm` and `unshare` to what this process holds on `file` (whose
+/// identity is `id`), or fails as QEMU does, holding what it held before.
+fn lock_bits(file: &File, path: &str, id: FileId, perm: u8, unshare: u8) -> Result<(), LockError> {
     let mut held = HELD
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -401,17 +442,6 @@ fn lock_inner(file: &File, path: &str, access: Access) -> Result<(), LockError> 
     }
     h.perm = want_perm;
     h.unshared = want_unshared;
-    if access == Access::Write {
-        // Test hook: `QIMG_TEST_PAUSE_AFTER_LOCK=SECONDS` holds the write
-        // lock that long before going on (so a test can watch QEMU being
-        // refused); it only sleeps.
-        if let Some(secs) = std::env::var("QIMG_TEST_PAUSE_AFTER_LOCK")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            std::thread::sleep(std::time::Duration::from_secs(secs.min(600)));
-        }
-    }
     Ok(())
 }
 

@@ -521,3 +521,160 @@ fn a_raw_output_is_locked_at_least_as_qemu_img_locks_it() {
         }
     }
 }
+
+/// A raw LUKS1 volume, a LUKS2 volume and a LUKS2 detached header (for
+/// data.img) in `d`, made by cryptsetup with cheap key slots (passphrase
+/// in k1; k2 holds another), with header backups bk-NAME; `None` without
+/// cryptsetup (a failure under CI).
+fn luks_volumes(d: &Path) -> Option<()> {
+    let cs = tool("cryptsetup")?;
+    std::fs::write(d.join("k1"), b"pass1").unwrap();
+    std::fs::write(d.join("k2"), b"pass2").unwrap();
+    for (name, size) in [
+        ("luks1.img", 8u64 << 20),
+        ("luks2.img", 20 << 20),
+        ("data.img", 4 << 20),
+    ] {
+        std::fs::File::create(d.join(name))
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+    }
+    let cheap = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+    for args in [
+        &["--type", "luks1", "luks1.img"][..],
+        &["--type", "luks2", "luks2.img"],
+        &["--type", "luks2", "--header", "hdr.img", "data.img"],
+    ] {
+        run_ok(
+            Command::new(&cs)
+                .current_dir(d)
+                .args(["luksFormat", "-q", "--key-file", "k1"])
+                .args(cheap)
+                .args(args),
+        );
+    }
+    for name in ["luks1.img", "luks2.img", "hdr.img"] {
+        let bk = format!("bk-{name}");
+        run_ok(qimg().current_dir(d).args([
+            "luks",
+            "header-backup",
+            "--header-backup-file",
+            &bk,
+            name,
+        ]));
+    }
+    Some(())
+}
+
+/// While qemu-nbd holds a raw LUKS volume or a detached header, every qimg
+/// verb that changes key slots or the header refuses with the lock message
+/// and leaves the file byte-identical; reading verbs (dump, header-backup)
+/// fail for the shared lock; `amend` fails exactly as qemu-img amend does.
+#[test]
+fn luks_verbs_are_refused_on_a_held_volume_or_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    if luks_volumes(d).is_none() {
+        return;
+    }
+    for (held, vol) in [
+        ("luks1.img", &["luks1.img"][..]),
+        ("luks2.img", &["luks2.img"]),
+        ("hdr.img", &["--header", "hdr.img", "data.img"]),
+    ] {
+        let Some(_nbd) = Holder::nbd(&d.join(held), "raw", d) else {
+            return;
+        };
+        let bk = format!("bk-{held}");
+        let cheap = ["--pbkdf-force-iterations", "1000", "--key-file", "k1"];
+        let mut cmds: Vec<Vec<&str>> = Vec::new();
+        for verb in ["add-key", "change-key"] {
+            let mut c = vec!["luks", verb];
+            c.extend(cheap);
+            c.extend(vol);
+            c.push("k2");
+            cmds.push(c);
+        }
+        let mut c = vec!["luks", "remove-key", "-q", "--key-file", "k1"];
+        c.extend(vol);
+        c.push("k1");
+        cmds.push(c);
+        cmds.push(vec![
+            "luks",
+            "header-restore",
+            "-q",
+            "--header-backup-file",
+            &bk,
+            held,
+        ]);
+        let opts = format!("driver=luks,key-secret=s0,file.filename={held}");
+        if held != "hdr.img" {
+            cmds.push(vec![
+                "amend",
+                "--object",
+                "secret,id=s0,file=k1",
+                "--object",
+                "secret,id=s1,file=k2",
+                "-o",
+                "state=active,new-secret=s1,iter-time=10",
+                "--image-opts",
+                &opts,
+            ]);
+        }
+        let hint = format!("Is another process using the image [{held}]?");
+        for args in &cmds {
+            let before = sha256_file(&d.join(held));
+            let out = qimg().current_dir(d).args(args).output().unwrap();
+            let err = reason(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{args:?} should be refused\n{err:?}"
+            );
+            assert!(
+                err.iter().any(|l| l.contains("Failed to get")) && err.contains(&hint),
+                "{args:?}: unexpected message\n{err:?}"
+            );
+            assert_eq!(
+                before,
+                sha256_file(&d.join(held)),
+                "{args:?} changed {held}"
+            );
+        }
+        // qemu-img amend (LUKS1 only: qemu-img does not amend LUKS2).
+        if held == "luks1.img" {
+            if let Some(q) = tool("qemu-img") {
+                let args = cmds.last().unwrap();
+                let theirs = Command::new(q).current_dir(d).args(args).output().unwrap();
+                let ours = qimg().current_dir(d).args(args).output().unwrap();
+                assert_eq!(
+                    (ours.status.code(), reason(&ours.stderr)),
+                    (theirs.status.code(), reason(&theirs.stderr)),
+                    "amend on a held LUKS1 volume: qimg and qemu-img differ"
+                );
+            }
+        }
+        for args in [
+            vec!["luks", "dump", held],
+            vec![
+                "luks",
+                "header-backup",
+                "--header-backup-file",
+                "new-bk",
+                held,
+            ],
+        ] {
+            let out = qimg().current_dir(d).args(&args).output().unwrap();
+            let err = reason(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?} should fail\n{err:?}");
+            assert!(
+                err.iter()
+                    .any(|l| l.ends_with("Failed to get shared \"write\" lock"))
+                    && err.contains(&hint),
+                "{args:?}: unexpected message\n{err:?}"
+            );
+            assert!(!d.join("new-bk").exists(), "{args:?} wrote a backup");
+        }
+    }
+}
