@@ -320,8 +320,18 @@ fn on_setlk_error(e: nix::errno::Errno, byte: i64) -> Result<(), LockError> {
         }
         e => Err(LockError::Failed(format!(
             "Failed to lock byte {byte}: {}",
-            e.desc()
+            strerror(e)
         ))),
+    }
+}
+
+/// The C library's text for `e` (what QEMU prints), without Rust's
+/// " (os error N)".
+fn strerror(e: nix::errno::Errno) -> String {
+    let text = std::io::Error::from_raw_os_error(e as i32).to_string();
+    match text.find(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
     }
 }
 
@@ -536,7 +546,7 @@ fn test_byte(file: &File, at: i64, what: &str) -> Result<(), LockError> {
         }
         Err(e) => Err(LockError::Conflict(format!(
             "Failed to get {what} lock: {}",
-            e.desc()
+            strerror(e)
         ))),
     }
 }
@@ -560,6 +570,53 @@ fn check(file: &File, perm: u8, unshared: u8) -> Result<(), LockError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::errno::Errno;
+
+    /// The message a [`LockError`] gives on an open of `x`.
+    fn said(e: LockError) -> String {
+        e.into_cli("Could not open 'x': ", "x").msg
+    }
+
+    #[test]
+    fn a_kernel_without_ofd_locks_means_no_locking() {
+        // F_OFD_SETLK unknown to the kernel: QEMU's locking=auto goes on
+        // without locks and without a word.
+        assert!(on_setlk_error(Errno::EINVAL, 100).is_ok());
+    }
+
+    #[test]
+    fn a_filesystem_refusing_locks_fails_the_open_as_qemu_does() {
+        // NFS without a lock manager, FUSE filesystems without locks...
+        for (e, text) in [
+            (Errno::ENOLCK, "No locks available"),
+            (Errno::EOPNOTSUPP, "Operation not supported"),
+            (Errno::EIO, "Input/output error"),
+        ] {
+            let err = on_setlk_error(e, 100).unwrap_err();
+            assert!(matches!(err, LockError::Failed(_)), "{e}: {err:?}");
+            assert_eq!(
+                said(err),
+                format!("Could not open 'x': Failed to lock byte 100: {text}")
+            );
+        }
+        // A byte someone holds: no reason, as QEMU elides it.
+        for e in [Errno::EAGAIN, Errno::EACCES] {
+            assert_eq!(
+                said(on_setlk_error(e, 201).unwrap_err()),
+                "Could not open 'x': Failed to lock byte 201"
+            );
+        }
+    }
+
+    #[test]
+    fn a_conflict_carries_qemus_hint() {
+        let e = LockError::Conflict("Failed to get \"write\" lock".into());
+        assert_eq!(
+            said(e),
+            "Could not open 'x': Failed to get \"write\" lock\n\
+             Is another process using the image [x]?"
+        );
+    }
 
     #[test]
     fn same_file_by_any_name_is_refused() {
