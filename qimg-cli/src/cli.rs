@@ -363,6 +363,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8, CliError> {
             filename,
         } => {
             crate::lock::set_force_share(force_share);
+            crate::lock::set_reads_without_io(true);
             crate::info::run(
                 &filename,
                 format.map(Into::into),
@@ -521,6 +522,7 @@ struct ConvertArgs {
 
 fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
     crate::parallel::set_workers(a.workers);
+    crate::lock::creating_for(&format!("error while converting {}: ", a.output_format));
     let secrets = Secrets::parse(&a.secrets.object)?;
     let mut src = image::open(
         &a.source,
@@ -536,6 +538,11 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         &src.files,
         "the source image or a file of its backing chain",
     )?;
+    if let Some(b) = &a.backing {
+        // `-B` naming the destination itself (or a chain back to it).
+        let full = image::resolve_backing(&a.destination, b);
+        crate::lock::refuse_backing_loop(&a.destination, &full.to_string_lossy(), Format::Qcow2)?;
+    }
     // LUKS payloads are whole sectors: a raw source of odd length is padded
     // with zeroes (reads past the end of a file are zero).
     let len = if a.output_format == Format::Luks {

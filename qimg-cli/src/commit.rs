@@ -45,6 +45,7 @@ impl CommitCmd {
     pub(crate) fn run(&self) -> Result<u8, CliError> {
         let path = self.filename.as_str();
         qcow2_only(path, self.format)?;
+        crate::lock::will_write(path);
         let info = image::info(path, Some(Format::Qcow2), &self.secrets)?;
         let Some(base) = info.full_backing_filename.clone() else {
             return Err(CliError::io(

@@ -450,6 +450,9 @@ pub(crate) fn create_qcow2(
 ) -> Result<(), CliError> {
     let c = Qcow2Create::parse(opts, backing, backing_fmt)?;
     if let Some(b) = &c.backing_file {
+        // qemu-img create reads the backing file with force-share: a
+        // running VM's image can be a backing file.
+        crate::lock::set_force_share(true);
         let full = crate::image::resolve_backing(filename, b);
         let fmt = match c.backing_fmt.as_deref() {
             Some("raw") => crate::image::Format::Raw,

@@ -133,6 +133,7 @@ impl DdCmd {
             &src.files,
             "the input image or a file of its backing chain",
         )?;
+        crate::lock::creating_for("error while creating output image: ");
         let mut dst = self.create_output(out, len.next_multiple_of(SECTOR), &secrets)?;
         if start > end {
             // qemu-img reports this but still exits 0, with the empty

@@ -305,6 +305,7 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
         path.clone_from(h);
         format = Some(Format::Luks);
     }
+    crate::lock::will_write(&path);
     if a.options.is_empty() {
         return Err(CliError::usage(
             "Must specify options (-o); see `qimg amend --help`".into(),
@@ -315,6 +316,12 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
         Some(f) => f,
         None => crate::image::detect(&path)?,
     };
+    if format == Format::Qcow2 {
+        crate::lock::lock_backing_chain(&path)?;
+    }
+    if format == Format::Luks {
+        crate::lock::lock_for_luks_amend(&path)?;
+    }
     // A raw LUKS2 volume goes to keys2 once the options are read.
     let luks2 = format == Format::Luks && crate::luks2::version(&path)? == Some(2);
     let t = if luks2 {
@@ -578,6 +585,9 @@ pub(crate) enum KeyVerb {
 
 /// Runs `qimg luks add-key | remove-key | change-key`.
 pub(crate) fn run_key_verb(verb: KeyVerb, c: &KeyVerbArgs) -> Result<u8, CliError> {
+    // The file with the key slots is written: write-locked from its first
+    // open (a detached header, else the volume).
+    crate::lock::will_write(c.secrets.header.as_deref().unwrap_or(&c.volume));
     let a = LuksKeyArgs {
         volume: &c.volume,
         format: c.format.map(Into::into),
@@ -621,6 +631,7 @@ pub(crate) fn run_header_verb(restore: bool, c: &HeaderFileArgs) -> Result<u8, C
         Ok(std::fs::metadata(p).is_ok() && crate::luks2::version(p)? == Some(2))
     };
     if restore {
+        crate::lock::will_write(&c.volume);
         if v2(&c.header_backup_file)? {
             return crate::keys2::header_restore(&c.volume, &c.header_backup_file, |w| {
                 confirm(c.batch, w)

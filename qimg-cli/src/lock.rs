@@ -84,20 +84,61 @@ fn aka(dest: &str, same: &str) -> String {
 
 /// Refuses to make `backing` (a file in `fmt`) the backing file of
 /// `image` when that backing chain contains `image` itself (`rebase -b`,
-/// `create -b`). The chain is followed through qcow2 headers only (no
-/// keys needed): backing files and data files, up to
-/// [`crate::image::MAX_CHAIN_DEPTH`] images; a file that cannot be opened
-/// ends the walk (it is still compared).
+/// `create -b`); the chain as [`chain_files`] walks it.
 pub(crate) fn refuse_backing_loop(
     image: &str,
     backing: &str,
     fmt: crate::image::Format,
 ) -> Result<(), CliError> {
+    let files = chain_files(backing, Some(fmt));
+    match same_file(image, &files) {
+        Some(same) => Err(CliError::io(
+            image,
+            format!(
+                "the new backing chain would contain this image itself{}; \
+                 refusing (choose a backing file that does not lead back to it)",
+                aka(image, same)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Takes read locks on the backing chain of the qcow2 image `image` (its
+/// backing files and their data files), as qemu-img does for the verbs
+/// that open an image with its backing chain although they only write the
+/// top (`snapshot`, `amend`, `resize`). A file that cannot be opened is
+/// left to the verb (which does not read it).
+pub(crate) fn lock_backing_chain(image: &str) -> Result<(), CliError> {
+    let Ok(opening) = crate::qcow2::Opening::open(image) else {
+        return Ok(());
+    };
+    let info = opening.img.info();
+    let Some(next) = info.backing_file() else {
+        return Ok(());
+    };
+    let fmt = info.backing_format().and_then(crate::image::backing_format);
+    let backing = crate::image::resolve_backing(image, next)
+        .to_string_lossy()
+        .into_owned();
+    for f in chain_files(&backing, fmt) {
+        if let Ok(file) = File::open(&f) {
+            lock(&file, &f, Access::Read)?;
+        }
+    }
+    Ok(())
+}
+
+/// `backing` (a file in `fmt`, probed when `None`) and the files of its
+/// chain: backing files and data files, followed through qcow2 headers
+/// only (no keys needed), up to [`crate::image::MAX_CHAIN_DEPTH`] images;
+/// a file that cannot be opened ends the walk (it is still listed).
+fn chain_files(backing: &str, fmt: Option<crate::image::Format>) -> Vec<String> {
     use crate::image::Format;
     let mut files = Vec::new();
     let mut seen = Vec::new();
     let mut cur = backing.to_string();
-    let mut cur_fmt = Some(fmt);
+    let mut cur_fmt = fmt;
     for _ in 0..crate::image::MAX_CHAIN_DEPTH {
         files.push(cur.clone());
         let id = FileId::of(&cur);
@@ -134,17 +175,7 @@ pub(crate) fn refuse_backing_loop(
             .to_string_lossy()
             .into_owned();
     }
-    match same_file(image, &files) {
-        Some(same) => Err(CliError::io(
-            image,
-            format!(
-                "the new backing chain would contain this image itself{}; \
-                 refusing (choose a backing file that does not lead back to it)",
-                aka(image, same)
-            ),
-        )),
-        None => Ok(()),
-    }
+    files
 }
 
 /// Permission bits, as QEMU numbers them.
@@ -168,8 +199,30 @@ pub(crate) enum Access {
 
 /// `-U` / `--force-share`: read opens take no locks.
 static FORCE_SHARE: AtomicBool = AtomicBool::new(false);
-/// Whether the "no OFD locks here" warning was printed.
-static WARNED: AtomicBool = AtomicBool::new(false);
+
+/// `info`: reads take no "consistent read" permission (byte 100), only
+/// refuse to share writing and resizing, as qemu-img info opens an image
+/// without I/O.
+static NO_IO: AtomicBool = AtomicBool::new(false);
+
+/// Sets `info`'s read mode (see [`NO_IO`]) for the rest of the process.
+pub(crate) fn set_reads_without_io(on: bool) {
+    NO_IO.store(on, Ordering::Relaxed);
+}
+
+/// Test hook: with `QIMG_TEST_PAUSE_BEFORE_EXIT=SECONDS`, prints
+/// `qimg: test pause: locks held` to stderr and sleeps that long (at most
+/// 600 s) before the process exits, so a test can read `/proc/locks` while
+/// every lock of the verb is still held. It only sleeps.
+pub(crate) fn test_pause_before_exit() {
+    if let Some(secs) = std::env::var("QIMG_TEST_PAUSE_BEFORE_EXIT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        eprintln!("qimg: test pause: locks held");
+        std::thread::sleep(std::time::Duration::from_secs(secs.min(600)));
+    }
+}
 
 /// Sets `-U` for the rest of the process.
 pub(crate) fn set_force_share(on: bool) {
@@ -188,22 +241,116 @@ struct Held {
 /// Every file this process holds locks on.
 static HELD: Mutex<Vec<Held>> = Mutex::new(Vec::new());
 
+/// Files the running verb will write (by identity): a read open of one
+/// of them takes the write locks at once, as qemu-img opens such an image
+/// read-write from the start (and so reports `Failed to get "write"
+/// lock`, not the shared one, when another process holds it).
+static WILL_WRITE: Mutex<Vec<FileId>> = Mutex::new(Vec::new());
+
+/// What qemu-img puts between the file name and the lock failure when a
+/// new file cannot be locked: "" for `create`, "error while converting
+/// qcow2: " for `convert`, "error while creating output image: " for `dd`.
+static CREATING: Mutex<String> = Mutex::new(String::new());
+
+/// Declares that this verb writes `path` (call it before the first open):
+/// every lock taken on it is then a write lock.
+pub(crate) fn will_write(path: &str) {
+    if let Some(id) = FileId::of(path) {
+        WILL_WRITE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(id);
+    }
+}
+
+/// Sets the words qemu-img puts before a lock failure on a file this verb
+/// creates (see [`create_locked`]).
+pub(crate) fn creating_for(context: &str) {
+    context.clone_into(
+        &mut CREATING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+}
+
+/// Why the locks could not be taken.
+#[derive(Debug)]
+enum LockError {
+    /// Another process's locks conflict: qemu-img's reason, followed by
+    /// its "Is another process using the image" hint.
+    Conflict(String),
+    /// The lock call itself failed: qemu-img's `Failed to lock byte N:
+    /// reason`, without the hint.
+    Failed(String),
+    /// Something else (the file cannot be examined or duplicated).
+    Other(CliError),
+}
+
+impl LockError {
+    /// The CLI error, `lead` naming the file the way the verb's qemu-img
+    /// counterpart does (`Could not open 'X': ` or `X: `).
+    fn into_cli(self, lead: &str, path: &str) -> CliError {
+        match self {
+            Self::Conflict(m) => CliError {
+                code: 1,
+                msg: format!("{lead}{m}\nIs another process using the image [{path}]?"),
+            },
+            Self::Failed(m) => CliError {
+                code: 1,
+                msg: format!("{lead}{m}"),
+            },
+            Self::Other(e) => e,
+        }
+    }
+}
+
+/// What to do when `F_OFD_SETLK` on byte `byte` failed with `e` (the seam
+/// the unit tests inject errors through): `Ok` means go on unlocked. QEMU's default (`locking=auto`)
+/// locks only when the kernel has OFD locks: a kernel without them answers
+/// `EINVAL` (unknown command), and QEMU then goes on without locking and
+/// without a word. Any other failure (a filesystem that refuses locks,
+/// e.g. NFS without a lock manager: `ENOLCK`) fails the open with
+/// `Failed to lock byte N: reason`, the reason left out for
+/// `EAGAIN`/`EACCES` (a byte someone else holds).
+fn on_setlk_error(e: nix::errno::Errno, byte: i64) -> Result<(), LockError> {
+    match e {
+        nix::errno::Errno::EINVAL => Ok(()),
+        nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES => {
+            Err(LockError::Failed(format!("Failed to lock byte {byte}")))
+        }
+        e => Err(LockError::Failed(format!(
+            "Failed to lock byte {byte}: {}",
+            strerror(e)
+        ))),
+    }
+}
+
+/// The C library's text for `e` (what QEMU prints), without Rust's
+/// " (os error N)".
+fn strerror(e: nix::errno::Errno) -> String {
+    let text = std::io::Error::from_raw_os_error(e as i32).to_string();
+    match text.find(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
 /// Takes QEMU's locks on `file` (opened from `path`) for `access`, or
 /// fails like qemu-img when another process's locks conflict:
 /// `Could not open 'X': Failed to get "write" lock` (or `shared "write"`)
-/// and `Is another process using the image [X]?`. A filesystem without
-/// OFD locks gets one warning and no locking.
+/// and `Is another process using the image [X]?`. A kernel without OFD
+/// locks means no locking (as QEMU's default); a filesystem that refuses
+/// them fails the open (`Failed to lock byte 100: ...`), as QEMU does.
 pub(crate) fn lock(file: &File, path: &str, access: Access) -> Result<(), CliError> {
-    if access == Access::Read && FORCE_SHARE.load(Ordering::Relaxed) {
-        return Ok(());
-    }
-    let (perm, unshare) = match access {
-        Access::Read => (CONSISTENT_READ, WRITE | RESIZE),
-        Access::Write => (CONSISTENT_READ | WRITE | RESIZE, WRITE | RESIZE),
-    };
+    lock_inner(file, path, access)
+        .map_err(|e| e.into_cli(&format!("Could not open '{path}': "), path))
+}
+
+/// [`lock`] without the message.
+fn lock_inner(file: &File, path: &str, access: Access) -> Result<(), LockError> {
     let meta = file
         .metadata()
-        .map_err(|e| CliError::io(path, format!("cannot examine: {e}")))?;
+        .map_err(|e| LockError::Other(CliError::io(path, format!("cannot examine: {e}"))))?;
     if !meta.is_file() {
         // Block devices and pipes: QEMU locks those too, but qimg only
         // locks regular files.
@@ -213,55 +360,24 @@ pub(crate) fn lock(file: &File, path: &str, access: Access) -> Result<(), CliErr
         dev: meta.dev(),
         ino: meta.ino(),
     };
-    let mut held = HELD
+    let access = if WILL_WRITE
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let idx = match held.iter().position(|h| h.id == id) {
-        Some(i) => i,
-        None => {
-            let dup = file
-                .try_clone()
-                .map_err(|e| CliError::io(path, format!("cannot lock: {e}")))?;
-            held.push(Held {
-                id,
-                file: dup,
-                perm: 0,
-                unshared: 0,
-            });
-            held.len() - 1
-        }
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .contains(&id)
+    {
+        Access::Write
+    } else {
+        access
     };
-    let Some(h) = held.get_mut(idx) else {
+    if access == Access::Read && FORCE_SHARE.load(Ordering::Relaxed) {
         return Ok(());
+    }
+    let (perm, unshare) = match access {
+        Access::Read if NO_IO.load(Ordering::Relaxed) => (0, WRITE | RESIZE),
+        Access::Read => (CONSISTENT_READ, WRITE | RESIZE),
+        Access::Write => (CONSISTENT_READ | WRITE | RESIZE, WRITE | RESIZE),
     };
-    let (want_perm, want_unshared) = (h.perm | perm, h.unshared | unshare);
-    if let Err(e) = apply(&h.file, want_perm, want_unshared) {
-        if matches!(
-            e,
-            nix::Error::EINVAL | nix::Error::ENOTSUP | nix::Error::ENOLCK
-        ) {
-            if !WARNED.swap(true, Ordering::Relaxed) {
-                eprintln!(
-                    "qimg: warning: {path}: the filesystem refuses OFD locks ({e}); \
-                     going on without image locking"
-                );
-            }
-            return Ok(());
-        }
-        return Err(CliError::io(path, format!("cannot lock: {e}")));
-    }
-    if let Err(msg) = check(&h.file, want_perm, want_unshared) {
-        // Back to what was held before (best effort: the error stands).
-        let _ = apply(&h.file, h.perm, h.unshared);
-        return Err(CliError {
-            code: 1,
-            msg: format!(
-                "Could not open '{path}': {msg}\nIs another process using the image [{path}]?"
-            ),
-        });
-    }
-    h.perm = want_perm;
-    h.unshared = want_unshared;
+    lock_bits(file, path, id, perm, unshare)?;
     if access == Access::Write {
         // Test hook: `QIMG_TEST_PAUSE_AFTER_LOCK=SECONDS` holds the write
         // lock that long before going on (so a test can watch QEMU being
@@ -276,6 +392,69 @@ pub(crate) fn lock(file: &File, path: &str, access: Access) -> Result<(), CliErr
     Ok(())
 }
 
+/// `amend` of a raw LUKS volume, locked as qemu-img's LUKS driver locks
+/// it (straced): opened for consistent read and write (bytes 100, 101),
+/// sharing everything, then, for the key slot update, consistent read and
+/// write no longer shared (200, 201). A conflict in the second step is
+/// reported without "Could not open", as qemu-img does.
+pub(crate) fn lock_for_luks_amend(path: &str) -> Result<(), CliError> {
+    let file = File::open(path).map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| CliError::io(path, format!("cannot examine: {e}")))?;
+    if !meta.is_file() {
+        return Ok(());
+    }
+    let id = FileId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    let both = CONSISTENT_READ | WRITE;
+    lock_bits(&file, path, id, both, 0)
+        .map_err(|e| e.into_cli(&format!("Could not open '{path}': "), path))?;
+    lock_bits(&file, path, id, both, both).map_err(|e| e.into_cli("", path))
+}
+
+/// Adds `perm` and `unshare` to what this process holds on `file` (whose
+/// identity is `id`), or fails as QEMU does, holding what it held before.
+fn lock_bits(file: &File, path: &str, id: FileId, perm: u8, unshare: u8) -> Result<(), LockError> {
+    let mut held = HELD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let idx = match held.iter().position(|h| h.id == id) {
+        Some(i) => i,
+        None => {
+            let dup = file
+                .try_clone()
+                .map_err(|e| LockError::Other(CliError::io(path, format!("cannot lock: {e}"))))?;
+            held.push(Held {
+                id,
+                file: dup,
+                perm: 0,
+                unshared: 0,
+            });
+            held.len() - 1
+        }
+    };
+    let Some(h) = held.get_mut(idx) else {
+        return Ok(());
+    };
+    let (want_perm, want_unshared) = (h.perm | perm, h.unshared | unshare);
+    if let Err((byte, e)) = apply(&h.file, want_perm, want_unshared) {
+        let _ = apply(&h.file, h.perm, h.unshared);
+        // Ok: no OFD locks in this kernel, go on unlocked.
+        return on_setlk_error(e, byte);
+    }
+    if let Err(e) = check(&h.file, want_perm, want_unshared) {
+        // Back to what was held before (best effort: the error stands).
+        let _ = apply(&h.file, h.perm, h.unshared);
+        return Err(e);
+    }
+    h.perm = want_perm;
+    h.unshared = want_unshared;
+    Ok(())
+}
+
 /// Creates `path` (or empties an existing file) for writing, with the
 /// write locks taken before any byte changes: a file another process holds
 /// is refused untouched.
@@ -287,7 +466,13 @@ pub(crate) fn create_locked(path: &str) -> Result<luks_core::io::FileDevice, Cli
         .truncate(false)
         .open(path)
         .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
-    lock(&file, path, Access::Write)?;
+    let lead = format!(
+        "{path}: {}",
+        CREATING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    );
+    lock_inner(&file, path, Access::Write).map_err(|e| e.into_cli(&lead, path))?;
     file.set_len(0)
         .map_err(|e| CliError::io(path, format!("cannot create: {e}")))?;
     Ok(luks_core::io::FileDevice::new(file))
@@ -327,8 +512,8 @@ fn empty_flock() -> libc::flock {
 }
 
 /// Holds byte 100+n for each bit of `perm` and 200+n for each bit of
-/// `unshared`, releasing the others.
-fn apply(file: &File, perm: u8, unshared: u8) -> nix::Result<()> {
+/// `unshared`, releasing the others; on failure, the byte and the error.
+fn apply(file: &File, perm: u8, unshared: u8) -> Result<(), (i64, nix::errno::Errno)> {
     for n in 0..NAMES.len() {
         for (base, bits) in [(100i64, perm), (200, unshared)] {
             let kind = if bits & (1 << n) != 0 {
@@ -337,32 +522,46 @@ fn apply(file: &File, perm: u8, unshared: u8) -> nix::Result<()> {
                 libc::F_UNLCK
             };
             let l = flock(kind, base + n as i64);
-            fcntl(file, FcntlArg::F_OFD_SETLK(&l))?;
+            fcntl(file, FcntlArg::F_OFD_SETLK(&l)).map_err(|e| (base + n as i64, e))?;
         }
     }
     Ok(())
 }
 
 /// Whether another open file description holds byte `at`.
-fn taken(file: &File, at: i64) -> bool {
+fn taken(file: &File, at: i64) -> nix::Result<bool> {
     let mut l = flock(libc::F_WRLCK, at);
-    match fcntl(file, FcntlArg::F_OFD_GETLK(&mut l)) {
-        Ok(_) => i32::from(l.l_type) != libc::F_UNLCK,
-        Err(_) => false,
+    fcntl(file, FcntlArg::F_OFD_GETLK(&mut l))?;
+    Ok(i32::from(l.l_type) != libc::F_UNLCK)
+}
+
+/// The outcome of testing byte `at` for the permission `what` (`"write"`
+/// or `shared "write"`): QEMU's `Failed to get ... lock`, with the reason
+/// when the test itself failed.
+fn test_byte(file: &File, at: i64, what: &str) -> Result<(), LockError> {
+    match taken(file, at) {
+        Ok(false) => Ok(()),
+        Ok(true) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => {
+            Err(LockError::Conflict(format!("Failed to get {what} lock")))
+        }
+        Err(e) => Err(LockError::Conflict(format!(
+            "Failed to get {what} lock: {}",
+            strerror(e)
+        ))),
     }
 }
 
 /// QEMU's conflict test: a held permission another opener does not share,
 /// or an unshared one another opener holds.
-fn check(file: &File, perm: u8, unshared: u8) -> Result<(), String> {
+fn check(file: &File, perm: u8, unshared: u8) -> Result<(), LockError> {
     for (n, name) in NAMES.iter().enumerate() {
-        if perm & (1 << n) != 0 && taken(file, 200 + n as i64) {
-            return Err(format!("Failed to get \"{name}\" lock"));
+        if perm & (1 << n) != 0 {
+            test_byte(file, 200 + n as i64, &format!("\"{name}\""))?;
         }
     }
     for (n, name) in NAMES.iter().enumerate() {
-        if unshared & (1 << n) != 0 && taken(file, 100 + n as i64) {
-            return Err(format!("Failed to get shared \"{name}\" lock"));
+        if unshared & (1 << n) != 0 {
+            test_byte(file, 100 + n as i64, &format!("shared \"{name}\""))?;
         }
     }
     Ok(())
@@ -371,6 +570,53 @@ fn check(file: &File, perm: u8, unshared: u8) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::errno::Errno;
+
+    /// The message a [`LockError`] gives on an open of `x`.
+    fn said(e: LockError) -> String {
+        e.into_cli("Could not open 'x': ", "x").msg
+    }
+
+    #[test]
+    fn a_kernel_without_ofd_locks_means_no_locking() {
+        // F_OFD_SETLK unknown to the kernel: QEMU's locking=auto goes on
+        // without locks and without a word.
+        assert!(on_setlk_error(Errno::EINVAL, 100).is_ok());
+    }
+
+    #[test]
+    fn a_filesystem_refusing_locks_fails_the_open_as_qemu_does() {
+        // NFS without a lock manager, FUSE filesystems without locks...
+        for (e, text) in [
+            (Errno::ENOLCK, "No locks available"),
+            (Errno::EOPNOTSUPP, "Operation not supported"),
+            (Errno::EIO, "Input/output error"),
+        ] {
+            let err = on_setlk_error(e, 100).unwrap_err();
+            assert!(matches!(err, LockError::Failed(_)), "{e}: {err:?}");
+            assert_eq!(
+                said(err),
+                format!("Could not open 'x': Failed to lock byte 100: {text}")
+            );
+        }
+        // A byte someone holds: no reason, as QEMU elides it.
+        for e in [Errno::EAGAIN, Errno::EACCES] {
+            assert_eq!(
+                said(on_setlk_error(e, 201).unwrap_err()),
+                "Could not open 'x': Failed to lock byte 201"
+            );
+        }
+    }
+
+    #[test]
+    fn a_conflict_carries_qemus_hint() {
+        let e = LockError::Conflict("Failed to get \"write\" lock".into());
+        assert_eq!(
+            said(e),
+            "Could not open 'x': Failed to get \"write\" lock\n\
+             Is another process using the image [x]?"
+        );
+    }
 
     #[test]
     fn same_file_by_any_name_is_refused() {

@@ -101,7 +101,9 @@ fn install_panic_hook() {
 fn main() -> ExitCode {
     install_panic_hook();
     let args = cli::Cli::parse();
-    match cli::run(args) {
+    let result = cli::run(args);
+    lock::test_pause_before_exit();
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("qimg: {e}");

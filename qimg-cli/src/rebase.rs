@@ -50,6 +50,7 @@ impl RebaseCmd {
     pub(crate) fn run(&self) -> Result<u8, CliError> {
         let path = self.filename.as_str();
         qcow2_only(path, self.format)?;
+        crate::lock::will_write(path);
         let new = (!self.backing.is_empty()).then_some(self.backing.as_str());
         let fail = |why: String| {
             CliError::usage(format!(
@@ -75,6 +76,11 @@ impl RebaseCmd {
                 Some("raw") => Format::Raw,
                 _ => Format::Qcow2,
             };
+            // qemu-img rebase -u reads the new backing file with
+            // force-share; the safe mode locks it for reading.
+            if self.unsafe_ {
+                crate::lock::set_force_share(true);
+            }
             crate::lock::refuse_backing_loop(path, &full, fmt)?;
         }
         if !self.unsafe_ {
@@ -113,7 +119,14 @@ impl RebaseCmd {
                         ..OpenOptions::default()
                     },
                     &secrets,
-                )?;
+                )
+                .map_err(|e| CliError {
+                    // qemu-img's words when the new backing file is locked.
+                    msg: e
+                        .msg
+                        .replacen("Could not open '", "Could not open new backing file '", 1),
+                    ..e
+                })?;
                 Some((full, o.dev, o.virtual_size))
             }
             None => None,

@@ -14,10 +14,14 @@ pub(crate) fn run(
     quiet: bool,
     size: &str,
 ) -> Result<u8, CliError> {
+    crate::lock::will_write(path);
     let format = match format {
         Some(f) => f,
         None => image::detect(path)?,
     };
+    if format == Format::Qcow2 {
+        crate::lock::lock_backing_chain(path)?;
+    }
     let current = match format {
         Format::Raw => image::file_length(path)?,
         Format::Qcow2 => crate::qcow2::Opening::open(path)?.img.info().virtual_size(),

@@ -60,6 +60,8 @@ impl SnapshotCmd {
                 format!("{format} images have no internal snapshots (qcow2 only)"),
             ));
         }
+        // qemu-img opens the image with its backing chain: read locks.
+        crate::lock::lock_backing_chain(path)?;
         if self.list {
             return self.list(path);
         }

@@ -97,6 +97,82 @@ fn convert_onto_its_source_or_backing_is_refused() {
 }
 
 #[test]
+fn convert_with_the_destination_as_backing_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    chain(d);
+    for name in NAMES {
+        // The new image's backing file would be the image itself (qemu-img
+        // truncates the destination before failing on its own lock).
+        refused(
+            d,
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-B",
+                name,
+                "data.raw",
+                "base.qcow2",
+            ],
+            "would contain this image",
+        );
+        refused(
+            d,
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-B",
+                "top.qcow2",
+                "data.raw",
+                name,
+            ],
+            "would contain this image",
+        );
+    }
+}
+
+/// `-B` naming the source is no self-destruction: qemu-img accepts it
+/// (an overlay of the source), and so does qimg, the source unchanged.
+#[test]
+fn convert_with_the_source_as_backing_keeps_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    chain(d);
+    for name in NAMES {
+        let before = (
+            sha256_file(&d.join("base.qcow2")),
+            sha256_file(&d.join("top.qcow2")),
+        );
+        let _ = std::fs::remove_file(d.join("new.qcow2"));
+        run_ok(qimg().current_dir(d).args([
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            name,
+            "base.qcow2",
+            "new.qcow2",
+        ]));
+        let after = (
+            sha256_file(&d.join("base.qcow2")),
+            sha256_file(&d.join("top.qcow2")),
+        );
+        assert_eq!(before, after, "convert -B {name} changed an input");
+        run_ok(
+            qimg()
+                .current_dir(d)
+                .args(["compare", "base.qcow2", "new.qcow2"]),
+        );
+    }
+}
+
+#[test]
 fn dd_onto_its_input_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
