@@ -7,6 +7,21 @@ use crate::error::{Error, Limit, Problem, Structure};
 use crate::header::{be32, be64};
 use crate::limits::{MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_ID_LEN, MAX_SNAPSHOT_NAME_LEN};
 
+/// Longest id qemu-img shows (`QEMUSnapshotInfo::id_str` holds 127 bytes
+/// and a NUL): `info` and `snapshot -l` cut longer ids there.
+pub const SHOWN_ID_LEN: usize = 127;
+/// Longest name qemu-img shows (`QEMUSnapshotInfo::name` holds 255 bytes
+/// and a NUL): `info` and `snapshot -l` cut longer names there, and
+/// `qemu-img snapshot -c` stores at most that many bytes.
+pub const SHOWN_NAME_LEN: usize = 255;
+
+/// `text` as qemu-img shows a snapshot id or name: up to the first NUL (the
+/// table holds C strings for QEMU), at most `max` bytes.
+pub fn shown(text: &[u8], max: usize) -> &[u8] {
+    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    text.get(..end.min(max)).unwrap_or(text)
+}
+
 /// Byte ranges of the fixed part of a snapshot table entry.
 pub mod field {
     use core::ops::Range;
@@ -80,22 +95,11 @@ impl SnapshotFixed {
             u64::from(extra_size),
             u64::from(MAX_SNAPSHOT_EXTRA),
         )?;
+        // Id and name lengths are 16-bit (at most 64 KiB each), as in
+        // QEMU, which reads any length the table holds; the whole table is
+        // bounded by `MAX_SNAPSHOT_TABLE_BYTES`.
         let id_len = u16::from_be_bytes([b[12], b[13]]);
         let name_len = u16::from_be_bytes([b[14], b[15]]);
-        Error::check_limit(
-            Structure::SnapshotTable,
-            at,
-            Limit::SnapshotIdLength,
-            u64::from(id_len),
-            MAX_SNAPSHOT_ID_LEN as u64,
-        )?;
-        Error::check_limit(
-            Structure::SnapshotTable,
-            at,
-            Limit::SnapshotNameLength,
-            u64::from(name_len),
-            MAX_SNAPSHOT_NAME_LEN as u64,
-        )?;
         Ok(Self {
             l1_offset: be64(b, field::L1_OFFSET),
             l1_size: be32(b, field::L1_SIZE),
@@ -164,6 +168,12 @@ impl SnapshotFixed {
 }
 
 /// A snapshot as listed by `qemu-img info`.
+///
+/// `id` and `name` hold the first `MAX_SNAPSHOT_ID_LEN` /
+/// `MAX_SNAPSHOT_NAME_LEN` bytes (more than qemu-img shows, see
+/// [`SHOWN_ID_LEN`], [`SHOWN_NAME_LEN`]); the table may hold up to 65,535.
+/// [`crate::Qcow2::read_snapshot_text`] reads the whole strings into a
+/// caller's buffer, and the lookups compare whole strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotInfo {
     /// Index in the snapshot table.
@@ -172,20 +182,47 @@ pub struct SnapshotInfo {
     pub entry_offset: u64,
     /// Fixed fields and extra data.
     pub fixed: SnapshotFixed,
-    /// Id (QEMU writes decimal numbers).
+    /// Id (QEMU writes decimal numbers): the first bytes, all of them when
+    /// [`Self::id_complete`].
     pub id: heapless::Vec<u8, MAX_SNAPSHOT_ID_LEN>,
-    /// Name.
+    /// Name: the first bytes, all of them when [`Self::name_complete`].
     pub name: heapless::Vec<u8, MAX_SNAPSHOT_NAME_LEN>,
 }
 
 impl SnapshotInfo {
-    /// The id as text (`None` if not UTF-8).
+    /// The id as text (`None` if not UTF-8 or longer than kept inline).
     pub fn id_str(&self) -> Option<&str> {
-        core::str::from_utf8(&self.id).ok()
+        self.id_complete()
+            .then(|| core::str::from_utf8(&self.id).ok())
+            .flatten()
     }
-    /// The name as text (`None` if not UTF-8).
+    /// The name as text (`None` if not UTF-8 or longer than kept inline).
     pub fn name_str(&self) -> Option<&str> {
-        core::str::from_utf8(&self.name).ok()
+        self.name_complete()
+            .then(|| core::str::from_utf8(&self.name).ok())
+            .flatten()
+    }
+    /// Whether `id` holds the whole id.
+    pub fn id_complete(&self) -> bool {
+        self.id.len() == usize::from(self.fixed.id_len)
+    }
+    /// Whether `name` holds the whole name.
+    pub fn name_complete(&self) -> bool {
+        self.name.len() == usize::from(self.fixed.name_len)
+    }
+    /// Image offset of the id (the name follows it).
+    pub fn id_offset(&self) -> u64 {
+        self.entry_offset
+            .saturating_add(field::FIXED_LEN as u64)
+            .saturating_add(u64::from(self.fixed.extra_size))
+    }
+    /// The id as qemu-img shows it (at most [`SHOWN_ID_LEN`] bytes).
+    pub fn shown_id(&self) -> &[u8] {
+        shown(&self.id, SHOWN_ID_LEN)
+    }
+    /// The name as qemu-img shows it (at most [`SHOWN_NAME_LEN`] bytes).
+    pub fn shown_name(&self) -> &[u8] {
+        shown(&self.name, SHOWN_NAME_LEN)
     }
 }
 
