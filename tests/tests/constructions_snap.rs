@@ -88,10 +88,10 @@ fn same_edit(q: &Qemu, img: &Path, dir: &Path, verb: &str, key: &[u8], what: &st
     let t = outcome(
         Command::new(&q.img)
             .args(["snapshot", verb])
-            .arg(&key)
+            .arg(key)
             .arg(&theirs),
     );
-    let o = outcome(qimg().args(["snapshot", verb]).arg(&key).arg(&ours));
+    let o = outcome(qimg().args(["snapshot", verb]).arg(key).arg(&ours));
     assert_eq!(
         o.0, t.0,
         "{what}: snapshot {verb}: qemu-img {} / qimg {}",
@@ -118,14 +118,14 @@ fn same_edit(q: &Qemu, img: &Path, dir: &Path, verb: &str, key: &[u8], what: &st
                     .args(["info", "--output", "json"])
                     .arg(&theirs),
             ),
-            json_of(
-                qimg()
-                    .args(["info", "--output", "json"])
-                    .arg(&ours),
-            ),
+            json_of(qimg().args(["info", "--output", "json"]).arg(&ours)),
         );
         assert_json_agrees(&ol["snapshots"], &tl["snapshots"], what);
-        assert_eq!(ol.get("snapshots").is_some(), tl.get("snapshots").is_some(), "{what}");
+        assert_eq!(
+            ol.get("snapshots").is_some(),
+            tl.get("snapshots").is_some(),
+            "{what}"
+        );
     } else {
         assert!(
             fs::read(img).unwrap() == fs::read(&ours).unwrap(),
