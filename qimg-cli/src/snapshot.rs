@@ -36,6 +36,9 @@ pub(crate) struct SnapshotCmd {
     /// Read without taking QEMU's shared locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Secrets for a LUKS volume (`-l` opens it to list its none).
+    #[command(flatten)]
+    secrets: crate::cli::SecretArgs,
     /// The image.
     filename: String,
 }
@@ -59,6 +62,17 @@ impl SnapshotCmd {
         // one (or anything given `-f luks`) without a key-secret (exit 1).
         if self.list && format == crate::image::Format::Luks {
             if self.format.is_none() && luks_version(path) == Some(2) {
+                return Ok(0);
+            }
+            // Given a secret (as qemu-img given `key-secret`), the volume
+            // is opened, the passphrase checked, and nothing listed.
+            if !self.secrets.object.is_empty() || self.secrets.key_file.is_some() {
+                let secrets = crate::secret::Secrets::parse(&self.secrets.object)?;
+                let opts = crate::image::OpenOptions {
+                    format: Some(format),
+                    ..crate::image::OpenOptions::from_args(&self.secrets)
+                };
+                crate::image::open(path, &opts, &secrets)?;
                 return Ok(0);
             }
             return Err(CliError::io(

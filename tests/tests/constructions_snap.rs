@@ -332,6 +332,33 @@ fn snapshot_list_on_raw_luks_exits_as_qemu_img() {
         // raw. Both list nothing as raw.
         let want = if ty == "luks1" { 1 } else { 0 };
         assert_eq!(codes, [Some(want), Some(1), Some(0)], "{ty}");
+        // Given the secret (qemu-img: `key-secret` in --image-opts; qimg:
+        // --key-file or --object), the volume opens and lists nothing; a
+        // wrong passphrase fails. qemu-img 10 has no LUKS2 driver, so only
+        // LUKS1 is compared; qimg opens LUKS2 alike.
+        let wrong = dir.path().join("wrong");
+        fs::write(&wrong, "nope").unwrap();
+        for (k, want) in [(&key, 0), (&wrong, 1)] {
+            let o = outcome(
+                qimg()
+                    .args(["snapshot", "-l", "-f", "luks", "--key-file"])
+                    .arg(k)
+                    .arg(&vol),
+            );
+            assert_eq!(o.0, Some(want), "{ty} {k:?}: {}", o.2);
+            assert!(o.1.is_empty(), "{ty}: nothing listed");
+            if ty == "luks1" {
+                let opts = format!("driver=luks,key-secret=s,file.filename={}", vol.display());
+                let t = outcome(
+                    Command::new(&q.img)
+                        .args(["snapshot", "-l", "--object"])
+                        .arg(format!("secret,id=s,file={}", k.display()))
+                        .args(["--image-opts", &opts]),
+                );
+                assert_eq!(o.0, t.0, "{ty} {k:?}: qemu-img {}", t.2);
+                assert_eq!(o.1, t.1, "{ty} {k:?}: stdout");
+            }
+        }
     }
 }
 
