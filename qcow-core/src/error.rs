@@ -310,6 +310,8 @@ pub enum Limit {
     SnapshotNameLength,
     /// [`crate::image::MAX_BITMAP_DIRECTORY_BYTES`].
     BitmapDirectoryBytes,
+    /// [`crate::image::MAX_SNAPSHOT_TABLE_BYTES`].
+    SnapshotTableBytes,
     /// A refcount at the most its width can hold (a cluster shared by too
     /// many snapshots).
     RefcountValue,
@@ -326,6 +328,7 @@ impl fmt::Display for Limit {
             Self::SnapshotIdLength => "snapshot id bytes",
             Self::SnapshotNameLength => "snapshot name bytes",
             Self::BitmapDirectoryBytes => "bitmap directory bytes",
+            Self::SnapshotTableBytes => "snapshot table bytes",
             Self::RefcountValue => "refcount",
         })
     }

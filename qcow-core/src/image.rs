@@ -1526,12 +1526,6 @@ where
         index: u32,
         offset: u64,
     ) -> Result<SnapshotInfo, Error<D::Error>> {
-        let end_limit = self
-            .st
-            .info
-            .header
-            .snapshots_offset
-            .saturating_add(MAX_SNAPSHOT_TABLE_BYTES);
         let mut fixed = [0u8; snap_field::FIXED_LEN];
         let bounce = &mut self.st.bounce;
         read_unaligned(
@@ -1578,15 +1572,11 @@ where
             &mut name,
             Structure::SnapshotTable,
         )?;
-        if offset.saturating_add(f.entry_len()) > end_limit {
-            return Err(Error::Limit {
-                structure: Structure::SnapshotTable,
-                offset,
-                limit: Limit::Snapshots,
-                value: offset.saturating_add(f.entry_len()),
-                max: end_limit,
-            });
-        }
+        crate::snapshot::check_table_end(
+            self.st.info.header.snapshots_offset,
+            offset,
+            f.unpadded_len(),
+        )?;
         Ok(SnapshotInfo {
             index,
             entry_offset: offset,

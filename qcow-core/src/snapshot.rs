@@ -132,11 +132,15 @@ impl SnapshotFixed {
 
     /// Bytes of the whole entry, padded to 8.
     pub fn entry_len(&self) -> u64 {
+        self.unpadded_len().next_multiple_of(8)
+    }
+
+    /// Bytes of the entry up to the end of its name (before the padding).
+    pub fn unpadded_len(&self) -> u64 {
         (field::FIXED_LEN as u64)
             .saturating_add(u64::from(self.extra_size))
             .saturating_add(u64::from(self.id_len))
             .saturating_add(u64::from(self.name_len))
-            .next_multiple_of(8)
     }
 
     /// Writes the fixed part (40 bytes) and the 24 bytes of extra data QEMU
@@ -165,6 +169,28 @@ impl SnapshotFixed {
             put(56..64, &self.icount.unwrap_or(u64::MAX).to_be_bytes());
         }
     }
+}
+
+/// Refuses an entry at `entry_offset` whose name ends (`entry_len`: its
+/// [`SnapshotFixed::unpadded_len`]) more than
+/// [`crate::image::MAX_SNAPSHOT_TABLE_BYTES`] past `table_offset`, as QEMU
+/// ("Snapshot table is too big"). With 16-bit ids and names this is
+/// what bounds the memory the whole table takes.
+pub fn check_table_end<E>(
+    table_offset: u64,
+    entry_offset: u64,
+    entry_len: u64,
+) -> Result<(), Error<E>> {
+    let spans = entry_offset
+        .saturating_add(entry_len)
+        .saturating_sub(table_offset);
+    Error::check_limit(
+        Structure::SnapshotTable,
+        entry_offset,
+        Limit::SnapshotTableBytes,
+        spans,
+        crate::image::MAX_SNAPSHOT_TABLE_BYTES,
+    )
 }
 
 /// A snapshot as listed by `qemu-img info`.
@@ -254,5 +280,34 @@ mod tests {
         assert!(SnapshotFixed::parse::<()>(&b[..39], 0).is_err());
         b[36..40].copy_from_slice(&2000u32.to_be_bytes());
         assert!(SnapshotFixed::parse::<()>(&b, 0).is_err());
+        // 16-bit ids and names of any length parse.
+        b[36..40].copy_from_slice(&24u32.to_be_bytes());
+        b[12..16].copy_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+        let g = SnapshotFixed::parse::<()>(&b, 0).unwrap();
+        assert_eq!((g.id_len, g.name_len), (u16::MAX, u16::MAX));
+        assert_eq!(g.unpadded_len(), 40 + 24 + 2 * 65535);
+        assert_eq!(g.entry_len(), (40 + 24 + 2 * 65535u64).next_multiple_of(8));
+    }
+
+    #[test]
+    fn the_table_is_bounded_as_in_qemu() {
+        let max = crate::image::MAX_SNAPSHOT_TABLE_BYTES;
+        let t = 0x1_0000;
+        assert!(check_table_end::<()>(t, t + max - 100, 100).is_ok());
+        let e = check_table_end::<()>(t, t + max - 100, 101).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Limit {
+                limit: Limit::SnapshotTableBytes,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn shown_cuts_at_nul_and_length() {
+        assert_eq!(shown(b"abc\0def", 255), b"abc");
+        assert_eq!(shown(&[b'x'; 300], SHOWN_NAME_LEN).len(), 255);
+        assert_eq!(shown(b"12", SHOWN_ID_LEN), b"12");
     }
 }

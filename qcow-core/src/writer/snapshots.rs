@@ -149,7 +149,9 @@ where
             let mut f = [0u8; sfield::FIXED_LEN];
             self.read_dev(off, &mut f, Structure::SnapshotTable)?;
             let mut fixed = SnapshotFixed::parse::<D::Error>(&f, off)?;
-            // Bounded by MAX_SNAPSHOT_EXTRA and the id/name limits.
+            crate::snapshot::check_table_end(self.hdr.snapshots_offset, off, fixed.unpadded_len())?;
+            // Bounded by MAX_SNAPSHOT_EXTRA and 16-bit lengths; the table
+            // by MAX_SNAPSHOT_TABLE_BYTES.
             let var = usize::try_from(fixed.extra_size)
                 .unwrap_or(usize::MAX)
                 .saturating_add(usize::from(fixed.id_len))
