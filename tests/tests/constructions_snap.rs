@@ -435,3 +435,68 @@ fn l1_table_at_offset_zero() {
         assert_eq!(o.0, Some(0), "{verb:?}: {}", o.2);
     }
 }
+
+/// A table of `n` entries with 65,535-byte names (holes in a sparse file)
+/// placed at 1 MiB: 1,023 of them end 64 bytes inside QEMU's 64 MiB
+/// snapshot table limit, 1,024 end past it.
+fn huge_table(q: &Qemu, img: &Path, n: u32) {
+    use std::io::{Seek, SeekFrom, Write};
+    q.create(img, "qcow2", "", "1M");
+    let mut f = fs::OpenOptions::new().write(true).open(img).unwrap();
+    let table = 1u64 << 20;
+    let entry_len = (40 + 24 + 1 + 65535u64).next_multiple_of(8);
+    for i in 0..u64::from(n) {
+        let mut e = Vec::new();
+        e.extend_from_slice(&0u64.to_be_bytes()); // L1 offset: no table
+        e.extend_from_slice(&0u32.to_be_bytes()); // L1 entries
+        e.extend_from_slice(&1u16.to_be_bytes()); // id bytes
+        e.extend_from_slice(&u16::MAX.to_be_bytes()); // name bytes
+        e.extend_from_slice(&[0u8; 20]); // date, clock, 32-bit VM state
+        e.extend_from_slice(&24u32.to_be_bytes()); // extra bytes
+        e.extend_from_slice(&0u64.to_be_bytes());
+        e.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        e.extend_from_slice(&u64::MAX.to_be_bytes());
+        e.push(b'1' + (i % 9) as u8);
+        f.seek(SeekFrom::Start(table + i * entry_len)).unwrap();
+        f.write_all(&e).unwrap();
+    }
+    f.set_len(table + u64::from(n) * entry_len).unwrap();
+    f.seek(SeekFrom::Start(60)).unwrap();
+    f.write_all(&n.to_be_bytes()).unwrap();
+    f.write_all(&table.to_be_bytes()).unwrap();
+}
+
+#[test]
+fn the_snapshot_table_is_bounded_as_in_qemu_img() {
+    let Some(q) = Qemu::find() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for (n, opens) in [(1023, true), (1024, false)] {
+        let img = dir.path().join(format!("t{n}.qcow2"));
+        huge_table(&q, &img, n);
+        for verb in ["info", "snapshot"] {
+            let args: &[&str] = if verb == "info" {
+                &["info", "--output", "json"]
+            } else {
+                &["snapshot", "-l"]
+            };
+            let t = outcome(Command::new(&q.img).args(args).arg(&img));
+            let o = outcome(qimg().args(args).arg(&img));
+            assert_eq!(o.0, t.0, "{n} {verb}: qemu-img {} / qimg {}", t.2, o.2);
+            assert_eq!(o.0 == Some(0), opens, "{n} {verb}: {}", o.2);
+            if !opens {
+                assert!(o.2.contains("snapshot table bytes"), "{}", o.2);
+            } else if verb == "info" {
+                let (ov, tv): (serde_json::Value, serde_json::Value) = (
+                    serde_json::from_slice(&o.1).unwrap(),
+                    serde_json::from_slice(&t.1).unwrap(),
+                );
+                assert_eq!(ov["snapshots"].as_array().unwrap().len(), n as usize);
+                assert_json_agrees(&ov["snapshots"], &tv["snapshots"], "huge");
+            } else {
+                assert!(o.1 == t.1, "{n}: snapshot -l differs");
+            }
+        }
+    }
+}
