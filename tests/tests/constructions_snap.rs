@@ -234,6 +234,43 @@ fn compare_everything(q: &Qemu, img: &Path, dir: &Path, id: &[u8], name: &[u8], 
     }
 }
 
+/// The no-alloc reader: a bounded prefix inline, the whole strings on
+/// demand into a caller's buffer, lookups by whole id and name.
+fn reader_api(img: &Path, id: &[u8], name: &[u8], what: &str) {
+    use luks_core::io::FileDevice;
+    use qcow_core::Qcow2;
+    let mut cache = vec![0u8; 4096];
+    let mut q = Qcow2::open(FileDevice::open(img).unwrap(), &mut cache).unwrap();
+    let s = q.snapshot(0).unwrap();
+    assert_eq!(s.id_complete(), id.len() <= s.id.capacity(), "{what}");
+    assert_eq!(s.name_complete(), name.len() <= s.name.capacity(), "{what}");
+    assert_eq!(s.name_str().is_some(), s.name_complete(), "{what}");
+    let mut buf = vec![0u8; 65535];
+    let n = q.read_snapshot_text(&s, true, &mut buf).unwrap();
+    assert!(&buf[..n] == name, "{what}: whole name");
+    let n = q.read_snapshot_text(&s, false, &mut buf).unwrap();
+    assert!(&buf[..n] == id, "{what}: whole id");
+    // A short buffer gets the start and the whole length.
+    let mut short = [0u8; 3];
+    assert_eq!(
+        q.read_snapshot_text(&s, true, &mut short).unwrap(),
+        name.len()
+    );
+    assert_eq!(&short[..name.len().min(3)], &name[..name.len().min(3)]);
+    assert!(q.find_snapshot_by(name, true).unwrap().is_some(), "{what}");
+    assert!(q.find_snapshot_by(id, false).unwrap().is_some(), "{what}");
+    let mut other = name.to_vec();
+    *other.last_mut().unwrap() ^= 1;
+    assert!(
+        q.find_snapshot_by(&other, true).unwrap().is_none(),
+        "{what}"
+    );
+    assert!(q
+        .find_snapshot_by(&name[..name.len() - 1], true)
+        .unwrap()
+        .is_none());
+}
+
 #[test]
 fn long_snapshot_names_and_ids_agree_with_qemu_img() {
     let Some(q) = Qemu::find() else {
@@ -263,6 +300,7 @@ fn long_snapshot_names_and_ids_agree_with_qemu_img() {
         let id: Vec<u8> = (0..id_len).map(|i| b'1' + (i % 9) as u8).collect();
         let name: Vec<u8> = (0..name_len).map(|i| b'a' + (i % 26) as u8).collect();
         let img = build(&q, d, "long", cluster, &id, &name);
+        reader_api(&img, &id, &name, &what);
         compare_everything(&q, &img, d, &id, &name, &what);
     }
 }
