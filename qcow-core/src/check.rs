@@ -1101,6 +1101,7 @@ fn read_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<SnapshotTable, Err
         img.read(at, &mut fixed, Structure::SnapshotTable)?;
         let sn = snapshot_fixed::<D::Error>(&fixed, at)?;
         let len = sn.entry_len();
+        snapshot::check_table_end(img.hdr.snapshots_offset, at, sn.unpadded_len())?;
         // Version 3 requires the 64-bit VM state size and the disk size in
         // the extra data; qemu-img calls a shorter entry incomplete (an
         // entry read past the end of the file is all zeros, so it is too).

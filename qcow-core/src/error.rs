@@ -82,6 +82,11 @@ pub enum Problem {
     OutOfRange(u64),
     /// An offset or size computation overflowed.
     Overflow,
+    /// An L1 table with entries at offset 0, over the image header.
+    L1AtHeader {
+        /// Entries in the table.
+        l1_size: u32,
+    },
     /// The L1 table has fewer entries than the virtual size needs.
     L1TooSmall {
         /// Entries in the table.
@@ -153,6 +158,11 @@ impl fmt::Display for Problem {
             Self::Unaligned(v) => write!(f, "offset {v:#x} is not cluster aligned"),
             Self::OutOfRange(v) => write!(f, "value {v:#x} out of range"),
             Self::Overflow => f.write_str("offset or size overflows"),
+            Self::L1AtHeader { l1_size } => write!(
+                f,
+                "L1 table of {l1_size} entries at offset 0x0, over the image header \
+                 (only an L1 table of 0 entries may have offset 0)"
+            ),
             Self::L1TooSmall { l1_size, needed } => write!(
                 f,
                 "L1 table has {l1_size} entries, the virtual size needs {needed}"
@@ -300,6 +310,8 @@ pub enum Limit {
     SnapshotNameLength,
     /// [`crate::image::MAX_BITMAP_DIRECTORY_BYTES`].
     BitmapDirectoryBytes,
+    /// [`crate::image::MAX_SNAPSHOT_TABLE_BYTES`].
+    SnapshotTableBytes,
     /// A refcount at the most its width can hold (a cluster shared by too
     /// many snapshots).
     RefcountValue,
@@ -316,6 +328,7 @@ impl fmt::Display for Limit {
             Self::SnapshotIdLength => "snapshot id bytes",
             Self::SnapshotNameLength => "snapshot name bytes",
             Self::BitmapDirectoryBytes => "bitmap directory bytes",
+            Self::SnapshotTableBytes => "snapshot table bytes",
             Self::RefcountValue => "refcount",
         })
     }

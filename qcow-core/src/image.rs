@@ -700,7 +700,22 @@ fn check_l1<E>(
             Problem::L1TooSmall { l1_size, needed },
         ));
     }
-    if l1_size > 0 && (l1_offset == 0 || l1_offset & (hdr.cluster_size().wrapping_sub(1)) != 0) {
+    if l1_size > 0 && l1_offset == 0 {
+        // Aligned, but cluster 0 is the header: qemu-img opens this and
+        // reads the header bytes as L1 entries (its check then reports
+        // them); refused here.
+        let at = if structure == Structure::Header {
+            header::field::L1_TABLE_OFFSET.start as u64
+        } else {
+            at
+        };
+        return Err(Error::corrupt(
+            structure,
+            at,
+            Problem::L1AtHeader { l1_size },
+        ));
+    }
+    if l1_size > 0 && l1_offset & (hdr.cluster_size().wrapping_sub(1)) != 0 {
         return Err(Error::corrupt(structure, at, Problem::Unaligned(l1_offset)));
     }
     // As QEMU: a table must end below 2^63 (file offsets are signed there).
@@ -708,6 +723,19 @@ fn check_l1<E>(
         return Err(Error::corrupt(structure, at, Problem::Overflow));
     }
     Ok(())
+}
+
+/// Image offset and length of a snapshot's id (`name` false) or name.
+fn snapshot_text_span(snap: &SnapshotInfo, name: bool) -> (u64, usize) {
+    let id_at = snap.id_offset();
+    if name {
+        (
+            id_at.saturating_add(u64::from(snap.fixed.id_len)),
+            usize::from(snap.fixed.name_len),
+        )
+    } else {
+        (id_at, usize::from(snap.fixed.id_len))
+    }
 }
 
 /// Whether a table of `bytes` at `offset` ends at or below `i64::MAX`.
@@ -1498,12 +1526,6 @@ where
         index: u32,
         offset: u64,
     ) -> Result<SnapshotInfo, Error<D::Error>> {
-        let end_limit = self
-            .st
-            .info
-            .header
-            .snapshots_offset
-            .saturating_add(MAX_SNAPSHOT_TABLE_BYTES);
         let mut fixed = [0u8; snap_field::FIXED_LEN];
         let bounce = &mut self.st.bounce;
         read_unaligned(
@@ -1529,8 +1551,12 @@ where
         let mut id = heapless::Vec::new();
         let mut name = heapless::Vec::new();
         let bad = || Error::corrupt(Structure::SnapshotTable, offset, Problem::Overflow);
-        id.resize(usize::from(f.id_len), 0).map_err(|_| bad())?;
-        name.resize(usize::from(f.name_len), 0).map_err(|_| bad())?;
+        // The first bytes of each, as many as fit inline; the rest is read
+        // on demand (`read_snapshot_text`, `snapshot_text_is`).
+        id.resize(usize::from(f.id_len).min(id.capacity()), 0)
+            .map_err(|_| bad())?;
+        name.resize(usize::from(f.name_len).min(name.capacity()), 0)
+            .map_err(|_| bad())?;
         read_unaligned(
             &mut self.dev,
             bounce,
@@ -1546,15 +1572,11 @@ where
             &mut name,
             Structure::SnapshotTable,
         )?;
-        if offset.saturating_add(f.entry_len()) > end_limit {
-            return Err(Error::Limit {
-                structure: Structure::SnapshotTable,
-                offset,
-                limit: Limit::Snapshots,
-                value: offset.saturating_add(f.entry_len()),
-                max: end_limit,
-            });
-        }
+        crate::snapshot::check_table_end(
+            self.st.info.header.snapshots_offset,
+            offset,
+            f.unpadded_len(),
+        )?;
         Ok(SnapshotInfo {
             index,
             entry_offset: offset,
@@ -1562,6 +1584,85 @@ where
             id,
             name,
         })
+    }
+
+    /// Reads the id (`name` false) or name (`name` true) of `snap` into
+    /// the start of `buf`, as much as fits, and returns the whole length
+    /// (at most 65,535): a `buf` of that many bytes gets it all.
+    pub fn read_snapshot_text(
+        &mut self,
+        snap: &SnapshotInfo,
+        name: bool,
+        buf: &mut [u8],
+    ) -> Result<usize, Error<D::Error>> {
+        let (at, len) = snapshot_text_span(snap, name);
+        let n = len.min(buf.len());
+        let dst = buf.get_mut(..n).unwrap_or_default();
+        read_unaligned(
+            &mut self.dev,
+            &mut self.st.bounce,
+            at,
+            dst,
+            Structure::SnapshotTable,
+        )?;
+        Ok(len)
+    }
+
+    /// Whether the whole id (`name` false) or name (`name` true) of `snap`
+    /// is `key`, compared piecewise against the table without allocating.
+    pub fn snapshot_text_is(
+        &mut self,
+        snap: &SnapshotInfo,
+        name: bool,
+        key: &[u8],
+    ) -> Result<bool, Error<D::Error>> {
+        let (mut at, len) = snapshot_text_span(snap, name);
+        if len != key.len() {
+            return Ok(false);
+        }
+        let kept: &[u8] = if name { &snap.name } else { &snap.id };
+        let (head, mut rest) = key.split_at(kept.len().min(len));
+        if head != kept {
+            return Ok(false);
+        }
+        at = at.saturating_add(head.len() as u64);
+        let mut chunk = [0u8; 256];
+        while !rest.is_empty() {
+            let n = rest.len().min(chunk.len());
+            let (want, tail) = rest.split_at(n);
+            let got = chunk.get_mut(..n).unwrap_or_default();
+            read_unaligned(
+                &mut self.dev,
+                &mut self.st.bounce,
+                at,
+                got,
+                Structure::SnapshotTable,
+            )?;
+            if got != want {
+                return Ok(false);
+            }
+            at = at.saturating_add(n as u64);
+            rest = tail;
+        }
+        Ok(true)
+    }
+
+    /// The first snapshot in table order whose whole id (`by_name` false)
+    /// or name (`by_name` true) is `key`.
+    pub fn find_snapshot_by(
+        &mut self,
+        key: &[u8],
+        by_name: bool,
+    ) -> Result<Option<SnapshotInfo>, Error<D::Error>> {
+        let mut off = self.st.info.header.snapshots_offset;
+        for i in 0..self.snapshot_count() {
+            let s = self.read_snapshot_at(i, off)?;
+            off = off.saturating_add(s.fixed.entry_len());
+            if self.snapshot_text_is(&s, by_name, key)? {
+                return Ok(Some(s));
+            }
+        }
+        Ok(None)
     }
 
     /// Calls `each` with every snapshot in table order, without allocating.
@@ -1592,10 +1693,10 @@ where
     /// does for `snapshot.name` / `-l`).
     pub fn find_snapshot(&mut self, id_or_name: &str) -> Result<SnapshotInfo, Error<D::Error>> {
         let key = id_or_name.as_bytes();
-        if let Some(s) = self.for_each_snapshot(|s| s.id == key)? {
+        if let Some(s) = self.find_snapshot_by(key, false)? {
             return Ok(s);
         }
-        self.for_each_snapshot(|s| s.name == key)?
+        self.find_snapshot_by(key, true)?
             .ok_or(Error::NoSuchSnapshot)
     }
 

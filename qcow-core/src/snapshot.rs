@@ -7,6 +7,21 @@ use crate::error::{Error, Limit, Problem, Structure};
 use crate::header::{be32, be64};
 use crate::limits::{MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_ID_LEN, MAX_SNAPSHOT_NAME_LEN};
 
+/// Longest id qemu-img shows (`QEMUSnapshotInfo::id_str` holds 127 bytes
+/// and a NUL): `info` and `snapshot -l` cut longer ids there.
+pub const SHOWN_ID_LEN: usize = 127;
+/// Longest name qemu-img shows (`QEMUSnapshotInfo::name` holds 255 bytes
+/// and a NUL): `info` and `snapshot -l` cut longer names there, and
+/// `qemu-img snapshot -c` stores at most that many bytes.
+pub const SHOWN_NAME_LEN: usize = 255;
+
+/// `text` as qemu-img shows a snapshot id or name: up to the first NUL (the
+/// table holds C strings for QEMU), at most `max` bytes.
+pub fn shown(text: &[u8], max: usize) -> &[u8] {
+    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    text.get(..end.min(max)).unwrap_or(text)
+}
+
 /// Byte ranges of the fixed part of a snapshot table entry.
 pub mod field {
     use core::ops::Range;
@@ -80,22 +95,11 @@ impl SnapshotFixed {
             u64::from(extra_size),
             u64::from(MAX_SNAPSHOT_EXTRA),
         )?;
+        // Id and name lengths are 16-bit (at most 64 KiB each), as in
+        // QEMU, which reads any length the table holds; the whole table is
+        // bounded by `MAX_SNAPSHOT_TABLE_BYTES`.
         let id_len = u16::from_be_bytes([b[12], b[13]]);
         let name_len = u16::from_be_bytes([b[14], b[15]]);
-        Error::check_limit(
-            Structure::SnapshotTable,
-            at,
-            Limit::SnapshotIdLength,
-            u64::from(id_len),
-            MAX_SNAPSHOT_ID_LEN as u64,
-        )?;
-        Error::check_limit(
-            Structure::SnapshotTable,
-            at,
-            Limit::SnapshotNameLength,
-            u64::from(name_len),
-            MAX_SNAPSHOT_NAME_LEN as u64,
-        )?;
         Ok(Self {
             l1_offset: be64(b, field::L1_OFFSET),
             l1_size: be32(b, field::L1_SIZE),
@@ -128,11 +132,15 @@ impl SnapshotFixed {
 
     /// Bytes of the whole entry, padded to 8.
     pub fn entry_len(&self) -> u64 {
+        self.unpadded_len().next_multiple_of(8)
+    }
+
+    /// Bytes of the entry up to the end of its name (before the padding).
+    pub fn unpadded_len(&self) -> u64 {
         (field::FIXED_LEN as u64)
             .saturating_add(u64::from(self.extra_size))
             .saturating_add(u64::from(self.id_len))
             .saturating_add(u64::from(self.name_len))
-            .next_multiple_of(8)
     }
 
     /// Writes the fixed part (40 bytes) and the 24 bytes of extra data QEMU
@@ -163,7 +171,35 @@ impl SnapshotFixed {
     }
 }
 
+/// Refuses an entry at `entry_offset` whose name ends (`entry_len`: its
+/// [`SnapshotFixed::unpadded_len`]) more than
+/// [`crate::image::MAX_SNAPSHOT_TABLE_BYTES`] past `table_offset`, as QEMU
+/// ("Snapshot table is too big"). With 16-bit ids and names this is
+/// what bounds the memory the whole table takes.
+pub fn check_table_end<E>(
+    table_offset: u64,
+    entry_offset: u64,
+    entry_len: u64,
+) -> Result<(), Error<E>> {
+    let spans = entry_offset
+        .saturating_add(entry_len)
+        .saturating_sub(table_offset);
+    Error::check_limit(
+        Structure::SnapshotTable,
+        entry_offset,
+        Limit::SnapshotTableBytes,
+        spans,
+        crate::image::MAX_SNAPSHOT_TABLE_BYTES,
+    )
+}
+
 /// A snapshot as listed by `qemu-img info`.
+///
+/// `id` and `name` hold the first `MAX_SNAPSHOT_ID_LEN` /
+/// `MAX_SNAPSHOT_NAME_LEN` bytes (more than qemu-img shows, see
+/// [`SHOWN_ID_LEN`], [`SHOWN_NAME_LEN`]); the table may hold up to 65,535.
+/// [`crate::Qcow2::read_snapshot_text`] reads the whole strings into a
+/// caller's buffer, and the lookups compare whole strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotInfo {
     /// Index in the snapshot table.
@@ -172,20 +208,47 @@ pub struct SnapshotInfo {
     pub entry_offset: u64,
     /// Fixed fields and extra data.
     pub fixed: SnapshotFixed,
-    /// Id (QEMU writes decimal numbers).
+    /// Id (QEMU writes decimal numbers): the first bytes, all of them when
+    /// [`Self::id_complete`].
     pub id: heapless::Vec<u8, MAX_SNAPSHOT_ID_LEN>,
-    /// Name.
+    /// Name: the first bytes, all of them when [`Self::name_complete`].
     pub name: heapless::Vec<u8, MAX_SNAPSHOT_NAME_LEN>,
 }
 
 impl SnapshotInfo {
-    /// The id as text (`None` if not UTF-8).
+    /// The id as text (`None` if not UTF-8 or longer than kept inline).
     pub fn id_str(&self) -> Option<&str> {
-        core::str::from_utf8(&self.id).ok()
+        self.id_complete()
+            .then(|| core::str::from_utf8(&self.id).ok())
+            .flatten()
     }
-    /// The name as text (`None` if not UTF-8).
+    /// The name as text (`None` if not UTF-8 or longer than kept inline).
     pub fn name_str(&self) -> Option<&str> {
-        core::str::from_utf8(&self.name).ok()
+        self.name_complete()
+            .then(|| core::str::from_utf8(&self.name).ok())
+            .flatten()
+    }
+    /// Whether `id` holds the whole id.
+    pub fn id_complete(&self) -> bool {
+        self.id.len() == usize::from(self.fixed.id_len)
+    }
+    /// Whether `name` holds the whole name.
+    pub fn name_complete(&self) -> bool {
+        self.name.len() == usize::from(self.fixed.name_len)
+    }
+    /// Image offset of the id (the name follows it).
+    pub fn id_offset(&self) -> u64 {
+        self.entry_offset
+            .saturating_add(field::FIXED_LEN as u64)
+            .saturating_add(u64::from(self.fixed.extra_size))
+    }
+    /// The id as qemu-img shows it (at most [`SHOWN_ID_LEN`] bytes).
+    pub fn shown_id(&self) -> &[u8] {
+        shown(&self.id, SHOWN_ID_LEN)
+    }
+    /// The name as qemu-img shows it (at most [`SHOWN_NAME_LEN`] bytes).
+    pub fn shown_name(&self) -> &[u8] {
+        shown(&self.name, SHOWN_NAME_LEN)
     }
 }
 
@@ -217,5 +280,34 @@ mod tests {
         assert!(SnapshotFixed::parse::<()>(&b[..39], 0).is_err());
         b[36..40].copy_from_slice(&2000u32.to_be_bytes());
         assert!(SnapshotFixed::parse::<()>(&b, 0).is_err());
+        // 16-bit ids and names of any length parse.
+        b[36..40].copy_from_slice(&24u32.to_be_bytes());
+        b[12..16].copy_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+        let g = SnapshotFixed::parse::<()>(&b, 0).unwrap();
+        assert_eq!((g.id_len, g.name_len), (u16::MAX, u16::MAX));
+        assert_eq!(g.unpadded_len(), 40 + 24 + 2 * 65535);
+        assert_eq!(g.entry_len(), (40 + 24 + 2 * 65535u64).next_multiple_of(8));
+    }
+
+    #[test]
+    fn the_table_is_bounded_as_in_qemu() {
+        let max = crate::image::MAX_SNAPSHOT_TABLE_BYTES;
+        let t = 0x1_0000;
+        assert!(check_table_end::<()>(t, t + max - 100, 100).is_ok());
+        let e = check_table_end::<()>(t, t + max - 100, 101).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Limit {
+                limit: Limit::SnapshotTableBytes,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn shown_cuts_at_nul_and_length() {
+        assert_eq!(shown(b"abc\0def", 255), b"abc");
+        assert_eq!(shown(&[b'x'; 300], SHOWN_NAME_LEN).len(), 255);
+        assert_eq!(shown(b"12", SHOWN_ID_LEN), b"12");
     }
 }

@@ -416,12 +416,12 @@ fn open_qcow2(
         let snap = if let Some(name) = spec.strip_prefix("snapshot.name=") {
             opening
                 .img
-                .for_each_snapshot(|s| s.name_str() == Some(name))
+                .find_snapshot_by(name.as_bytes(), true)
                 .map_err(err)?
         } else if let Some(id) = spec.strip_prefix("snapshot.id=") {
             opening
                 .img
-                .for_each_snapshot(|s| s.id_str() == Some(id))
+                .find_snapshot_by(id.as_bytes(), false)
                 .map_err(err)?
         } else {
             opening.img.find_snapshot(spec).ok()

@@ -208,7 +208,7 @@ pub(crate) fn snapshot_json(s: &SnapshotInfo) -> Value {
 /// The heading row of qemu-img's snapshot table.
 pub(crate) fn snapshot_header() -> String {
     format!(
-        "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}",
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
         "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
     )
 }
@@ -224,7 +224,7 @@ pub(crate) fn snapshot_row(sn: &SnapshotInfo) -> String {
         (sn.vm_clock_nsec / 1_000_000) % 1000
     );
     format!(
-        "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}",
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
         sn.id,
         sn.name,
         human::size(sn.vm_state_size),

@@ -459,8 +459,9 @@ pub(crate) fn snapshots(
     let mut out = Vec::new();
     img.for_each_snapshot(|s| {
         out.push(SnapshotInfo {
-            id: s.id_str().unwrap_or("?").to_string(),
-            name: s.name_str().unwrap_or("?").to_string(),
+            // qemu-img shows at most 127 bytes of an id and 255 of a name.
+            id: String::from_utf8_lossy(s.shown_id()).into_owned(),
+            name: String::from_utf8_lossy(s.shown_name()).into_owned(),
             vm_state_size: s.fixed.vm_state_size,
             date_sec: u64::from(s.fixed.date_sec),
             date_nsec: u64::from(s.fixed.date_nsec),

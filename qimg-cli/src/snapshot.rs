@@ -2,7 +2,7 @@
 //! a qcow2 image (qemu-img snapshot), with qemu-img's table (or, with
 //! `--output json`, the objects of `qemu-img info --output=json`).
 
-use qcow_core::writer::snapshots::NewSnapshot;
+use qcow_core::writer::snapshots::{NewSnapshot, SnapshotEntry};
 use qcow_core::Qcow2Writer;
 
 use crate::cli::{FormatArg, Output};
@@ -36,6 +36,9 @@ pub(crate) struct SnapshotCmd {
     /// Read without taking QEMU's shared locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Secrets for a LUKS volume (`-l` opens it to list its none).
+    #[command(flatten)]
+    secrets: crate::cli::SecretArgs,
     /// The image.
     filename: String,
 }
@@ -54,6 +57,31 @@ impl SnapshotCmd {
         if self.list && format == crate::image::Format::Raw {
             return Ok(0);
         }
+        // A LUKS volume: qemu-img 10 knows LUKS1 only. It probes a LUKS2
+        // volume as raw (nothing listed, exit 0) and fails to open a LUKS1
+        // one (or anything given `-f luks`) without a key-secret (exit 1).
+        if self.list && format == crate::image::Format::Luks {
+            if self.format.is_none() && luks_version(path) == Some(2) {
+                return Ok(0);
+            }
+            // Given a secret (as qemu-img given `key-secret`), the volume
+            // is opened, the passphrase checked, and nothing listed.
+            if !self.secrets.object.is_empty() || self.secrets.key_file.is_some() {
+                let secrets = crate::secret::Secrets::parse(&self.secrets.object)?;
+                let opts = crate::image::OpenOptions {
+                    format: Some(format),
+                    ..crate::image::OpenOptions::from_args(&self.secrets)
+                };
+                crate::image::open(path, &opts, &secrets)?;
+                return Ok(0);
+            }
+            return Err(CliError::io(
+                path,
+                "Could not open: Parameter 'key-secret' is required for cipher \
+                 (as qemu-img; a LUKS volume has no internal snapshots)"
+                    .to_string(),
+            ));
+        }
         if format != crate::image::Format::Qcow2 {
             return Err(CliError::io(
                 path,
@@ -69,6 +97,9 @@ impl SnapshotCmd {
         let mut w =
             Qcow2Writer::open_metadata_only(dev).map_err(|e| CliError::io(path, e.to_string()))?;
         if let Some(name) = &self.create {
+            // qemu-img keeps the first 255 bytes of the name (here: up to
+            // a character boundary, so the name stays UTF-8).
+            let name = cut_name(name);
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
@@ -86,7 +117,12 @@ impl SnapshotCmd {
             w.apply_snapshot(name)
                 .map_err(|e| CliError::usage(format!("Could not apply snapshot '{name}': {e}")))?;
         } else if let Some(name) = &self.delete {
-            w.delete_snapshot(name)
+            let fail = |e: &dyn std::fmt::Display| {
+                CliError::usage(format!("Could not delete snapshot '{name}': {e}"))
+            };
+            let list = w.snapshots().map_err(|e| fail(&e))?;
+            let i = find_for_delete(&list, name).map_err(|e| fail(&e))?;
+            w.delete_snapshot_at(i)
                 .map_err(|e| CliError::usage(format!("Could not delete snapshot '{name}': {e}")))?;
         }
         w.close().map_err(|e| CliError::io(path, e.to_string()))?;
@@ -114,4 +150,41 @@ impl SnapshotCmd {
         }
         Ok(0)
     }
+}
+
+/// `name` cut to the 255 bytes `qemu-img snapshot -c` keeps, at a
+/// character boundary.
+fn cut_name(name: &str) -> &str {
+    let mut end = name.len().min(qcow_core::snapshot::SHOWN_NAME_LEN);
+    while !name.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    name.get(..end).unwrap_or(name)
+}
+
+/// The index of the snapshot `qemu-img snapshot -d key` deletes: the first
+/// whose name, as qemu-img lists it (at most 255 bytes), is `key` (ids do
+/// not count); then the one with that listed id and whole name, which
+/// fails when the real name or id is longer than qemu-img lists.
+fn find_for_delete(list: &[SnapshotEntry], key: &str) -> Result<usize, &'static str> {
+    use qcow_core::snapshot::{shown, SHOWN_ID_LEN, SHOWN_NAME_LEN};
+    let listed = list
+        .iter()
+        .find(|s| shown(&s.name, SHOWN_NAME_LEN) == key.as_bytes())
+        .ok_or("snapshot not found")?;
+    let (id, name) = (
+        shown(&listed.id, SHOWN_ID_LEN),
+        shown(&listed.name, SHOWN_NAME_LEN),
+    );
+    list.iter()
+        .position(|s| s.id == id && s.name == name)
+        .ok_or("Can't find the snapshot")
+}
+
+/// The version field of a LUKS header at the start of `path`, if readable.
+fn luks_version(path: &str) -> Option<u16> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    std::fs::File::open(path).ok()?.read_exact(&mut b).ok()?;
+    Some(u16::from_be_bytes([b[6], b[7]]))
 }

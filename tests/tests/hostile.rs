@@ -258,7 +258,10 @@ fn qcow2_cases(m: &mut Maker<'_>, q: &Qemu) {
     m.poke("snapshot-extra-huge", &s, OpenError, "snapshot", |b| {
         put32(b, snap_off + 36, 0x00ff_ffff)
     });
-    m.poke("snapshot-name-huge", &s, OpenError, "snapshot", |b| {
+    // A 65,535-byte name running past the end of the file: qemu-img 10
+    // opens it (reading zeros past the end) and its check reports the table
+    // past the end; qimg does the same since names may be any 16-bit length.
+    m.poke("snapshot-name-huge", &s, Either, "snapshot", |b| {
         put16(b, snap_off + 14, 0xffff);
     });
     // Backing chains that loop: the image itself opens (qemu-img info

@@ -92,6 +92,34 @@ impl SnapshotEntry {
     }
 }
 
+/// The number `strtoul(text, NULL, 10)` gives for a snapshot id: leading
+/// white space and a `+` skipped, then decimal digits, saturating at
+/// `u64::MAX`, negated (mod 2^64) after a `-`; 0 when there are none.
+fn leading_decimal(text: &[u8]) -> u64 {
+    let mut rest = text;
+    while let Some((&c, tail)) = rest.split_first() {
+        if !matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
+            break;
+        }
+        rest = tail;
+    }
+    let negative = rest.first() == Some(&b'-');
+    if let Some((b'+' | b'-', tail)) = rest.split_first() {
+        rest = tail;
+    }
+    let mut v: Option<u64> = Some(0);
+    for &c in rest.iter().take_while(|c| c.is_ascii_digit()) {
+        v = v
+            .and_then(|v| v.checked_mul(10))
+            .and_then(|v| v.checked_add(u64::from(c.wrapping_sub(b'0'))));
+    }
+    match v {
+        None => u64::MAX,
+        Some(v) if negative => v.wrapping_neg(),
+        Some(v) => v,
+    }
+}
+
 /// What [`Qcow2Writer::create_snapshot`] records besides the tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NewSnapshot<'a> {
@@ -121,7 +149,9 @@ where
             let mut f = [0u8; sfield::FIXED_LEN];
             self.read_dev(off, &mut f, Structure::SnapshotTable)?;
             let mut fixed = SnapshotFixed::parse::<D::Error>(&f, off)?;
-            // Bounded by MAX_SNAPSHOT_EXTRA and the id/name limits.
+            crate::snapshot::check_table_end(self.hdr.snapshots_offset, off, fixed.unpadded_len())?;
+            // Bounded by MAX_SNAPSHOT_EXTRA and 16-bit lengths; the table
+            // by MAX_SNAPSHOT_TABLE_BYTES.
             let var = usize::try_from(fixed.extra_size)
                 .unwrap_or(usize::MAX)
                 .saturating_add(usize::from(fixed.id_len))
@@ -184,13 +214,15 @@ where
             s.name.len() as u64,
             MAX_SNAPSHOT_NAME_LEN as u64,
         )?;
-        // The next id: one past the largest numeric id.
+        // The next id: one past the largest id read as C's `strtoul` reads
+        // it, as QEMU does (leading digits, saturating; past 2^64 - 1 the
+        // next id wraps to 0).
         let next = list
             .iter()
-            .filter_map(|e| core::str::from_utf8(&e.id).ok()?.parse::<u64>().ok())
+            .map(|e| leading_decimal(&e.id))
             .max()
             .unwrap_or(0)
-            .saturating_add(1);
+            .wrapping_add(1);
         let mut id = Vec::new();
         push_decimal(&mut id, next);
         debug_assert!(id.len() <= MAX_SNAPSHOT_ID_LEN);
@@ -315,9 +347,18 @@ where
     /// Deletes snapshot `key` (id, else name), releasing what only it
     /// referenced.
     pub fn delete_snapshot(&mut self, key: &str) -> Result<(), Error<D::Error>> {
-        let mut list = self.snapshots()?;
+        let list = self.snapshots()?;
         let i = Self::find(&list, key)?;
-        let sn = list.remove(i);
+        self.delete_snapshot_at(i)
+    }
+
+    /// Deletes the snapshot at table index `index` (of [`Self::snapshots`]).
+    pub fn delete_snapshot_at(&mut self, index: usize) -> Result<(), Error<D::Error>> {
+        let mut list = self.snapshots()?;
+        if index >= list.len() {
+            return Err(Error::NoSuchSnapshot);
+        }
+        let sn = list.remove(index);
         let sn_l1 = self.read_snapshot_l1(&sn)?;
         self.replace_table(&list)?;
         self.adjust_tree(&sn_l1, false)?;
