@@ -1661,6 +1661,62 @@ where
         Ok(())
     }
 
+    /// Drops the L2 tables this image owns alone (COPIED in L1) whose
+    /// every entry is zero, as `qemu-img commit` leaves an emptied image
+    /// without them: the L1 entries cleared (flushed), then the tables'
+    /// references dropped (flushed) and their clusters punched. Tables a
+    /// snapshot shares, and images with an external data file, are left
+    /// as they are.
+    pub fn drop_empty_tables(&mut self) -> Result<(), Error<D::Error>> {
+        if self.df() {
+            return Ok(());
+        }
+        let (mut first, mut last) = (usize::MAX, 0usize);
+        let mut tables = Vec::new();
+        for l1i in 0..self.l1.len() {
+            let e = self.l1.get(l1i).copied().unwrap_or(0);
+            let off = entry::l1_l2_offset(e);
+            if off == 0 || e & COPIED == 0 || self.l2_table(off)?.iter().any(|&x| x != 0) {
+                continue;
+            }
+            if let Some(x) = self.l1.get_mut(l1i) {
+                *x = 0;
+            }
+            (first, last) = (first.min(l1i), last.max(l1i));
+            tables.push(off);
+        }
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let l1 = core::mem::take(&mut self.l1);
+        let r = self.write_words(
+            self.hdr.l1_table_offset,
+            &l1,
+            first,
+            last,
+            Structure::L1Table,
+        );
+        self.l1 = l1;
+        r?;
+        // No L1 entry names the tables (durably) before they are freed.
+        self.barrier()?;
+        let cb = self.cb();
+        let mut clusters: Vec<u64> = tables.iter().map(|&off| off >> cb).collect();
+        for off in &tables {
+            self.l2_cache.remove(off);
+        }
+        self.free_clusters(&mut clusters)?;
+        self.barrier()?;
+        for off in tables {
+            if self.refcount(off >> cb)? == 0 {
+                self.dev
+                    .discard(off, self.cs())
+                    .map_err(|e| e.into_layer(Structure::L2Table, off))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Shrinks the file to the end of the last cluster in use (refcount
     /// not 0), as `qemu-img commit` leaves an emptied image. Every
     /// refcount is durable at this point, so nothing referenced is cut.

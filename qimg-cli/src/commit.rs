@@ -84,7 +84,10 @@ impl CommitCmd {
                 w.unmap(off, len)
                     .map_err(|e| CliError::io(path, e.to_string()))?;
             }
-            // As qemu-img leaves it: the file cut after its last cluster
+            w.drop_empty_tables()
+                .map_err(|e| CliError::io(path, e.to_string()))?;
+            // As qemu-img leaves it: no L2 tables left (they are all
+            // zero now), and the file cut after its last cluster
             // in use (the freed clusters inside were punched by `unmap`).
             w.truncate_unused()
                 .map_err(|e| CliError::io(path, e.to_string()))?;

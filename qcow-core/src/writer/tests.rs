@@ -331,3 +331,36 @@ fn free_clusters_counts_repeats_and_refuses_a_free_cluster() {
     assert!(w.free_clusters(&mut [b]).is_err(), "refcount 0 is corrupt");
     assert_eq!(w.device().as_slice(), &before[..], "nothing written");
 }
+
+#[test]
+fn drop_empty_tables_frees_only_all_zero_owned_tables() {
+    // 512-byte clusters: an L2 table maps 64 clusters; 300 span 5 tables.
+    let mut w = create(VecDevice::new(), &opts(512, 16, 1 << 20)).unwrap();
+    let data: Vec<u8> = (0..300 * 512u32).map(|i| (i % 251) as u8 | 1).collect();
+    w.write(0, &data).unwrap();
+    // Everything but the last cluster of the fourth table (cluster 255).
+    w.unmap(0, 255 * 512).unwrap();
+    w.unmap(256 * 512, 44 * 512).unwrap();
+    let tables = |w: &Qcow2Writer<VecDevice>| w.l1.iter().filter(|&&e| e != 0).count();
+    assert_eq!(tables(&w), 5);
+    let kept = entry::l1_l2_offset(w.l1[3]);
+    w.drop_empty_tables().unwrap();
+    assert_eq!(tables(&w), 1, "only the table still mapping a cluster");
+    assert_eq!(entry::l1_l2_offset(w.l1[3]), kept);
+    check_refcounts(&mut w);
+    w.truncate_unused().unwrap();
+    // From the device: consistent, the kept cluster still reads back.
+    let mut w = Qcow2Writer::open(w.close().unwrap()).unwrap();
+    check_refcounts(&mut w);
+    assert_eq!(tables(&w), 1);
+    let mut back = vec![0u8; 300 * 512];
+    w.read(0, &mut back).unwrap();
+    let mut want = vec![0u8; 300 * 512];
+    want[255 * 512..256 * 512].copy_from_slice(&data[255 * 512..256 * 512]);
+    assert!(back == want, "content after dropping tables");
+    // Nothing left to drop: no write at all.
+    let dev = w.close().unwrap();
+    let mut w = Qcow2Writer::open(CountWrites(dev, 0)).unwrap();
+    w.drop_empty_tables().unwrap();
+    assert_eq!(w.device().1, 0);
+}
