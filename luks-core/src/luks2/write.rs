@@ -849,11 +849,18 @@ pub fn calibrate_argon2<E>(
 /// Argon2 cost `(time, memory_kib)` that takes about `target_ms` with
 /// `cpus` lanes and at most `max_memory_kib`, chosen the way cryptsetup
 /// 2.6.1 chooses it (`crypt_argon2_check`): start at time 4 and 32 KiB,
-/// grow memory (then time) until one run takes at least 250 ms, then scale
-/// toward the target, memory first when growing and time first when
-/// shrinking, never below time 4 (memory is reduced instead), re-measuring
-/// until a run lands within 95-105 % of the target (at most 8 rounds).
-/// `elapsed_ms` is a clock the caller provides.
+/// grow memory (then time) until the fastest of up to three runs takes at least
+/// 250 ms, then scale toward the target, memory first when growing and
+/// time first when shrinking, never below time 4 (memory is reduced
+/// instead), re-measuring until a run lands within 95-110 % of the target
+/// (at most 8 rounds). `elapsed_ms` is a clock the caller provides;
+/// cryptsetup reads wall time (`CLOCK_MONOTONIC_RAW`) here, since the
+/// lanes run on threads.
+///
+/// With the `std` feature the lanes run in parallel (argon2's `parallel`
+/// feature), as libargon2 runs them for cryptsetup; single-threaded, two
+/// lanes took twice cryptsetup's time per pass on the development machine
+/// (2 cores) and calibration chose half its memory.
 pub fn calibrate_argon2_params<E>(
     id: bool,
     max_memory_kib: u32,
@@ -887,10 +894,18 @@ pub fn calibrate_argon2_params<E>(
         )?;
         Ok(elapsed_ms().saturating_sub(t0))
     };
+    /// cryptsetup's runs per first-phase measurement (the fastest counts).
+    const FAST_SAMPLES: u32 = 3;
     let (mut t, mut m) = (MIN_T, min_m);
     let mut ms;
     loop {
         ms = measure(t, m)?;
+        for _ in 1..FAST_SAMPLES {
+            if ms >= BENCH_MIN_MS {
+                break; // long enough already: cryptsetup stops sampling too
+            }
+            ms = ms.min(measure(t, m)?);
+        }
         if ms >= BENCH_MIN_MS {
             break;
         }
@@ -945,7 +960,7 @@ pub fn calibrate_argon2_params<E>(
             .saturating_mul(100)
             .checked_div(u128::from(target))
             .unwrap_or(0);
-        if (95..=105).contains(&pct) {
+        if (95..=110).contains(&pct) {
             break;
         }
     }
