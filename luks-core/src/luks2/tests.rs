@@ -496,3 +496,21 @@ fn digest_iterations_above_the_ceiling_are_refused() {
         crate::luks1::MAX_PBKDF2_ITERATIONS
     );
 }
+
+/// Calibration counts cryptsetup's time: a pass that took qimg 100 ms is
+/// taken as 118 ms of libargon2.
+#[test]
+fn argon2_calibration_scales_to_cryptsetups_time() {
+    let readings = [0u64, 100];
+    let mut i = 0;
+    let t = write::calibrate_argon2::<core::convert::Infallible>(true, 64, 1, 1180, || {
+        let r = readings[i.min(1)];
+        i += 1;
+        r
+    })
+    .unwrap();
+    assert_eq!(i, 2, "one timed pass");
+    let per_pass = 100 * write::CRYPTSETUP_ARGON2_TIME_PERCENT / 100;
+    assert!(per_pass > 100, "libargon2 is the slower one here");
+    assert_eq!(u64::from(t), 1180 / per_pass);
+}
