@@ -60,9 +60,13 @@ fn build_chain(q: &Qemu, dir: &Path, n: usize, cluster: &str, writes: &[Write]) 
         "64M",
     ]));
     let bytes = std::fs::read(&tmpl).unwrap();
-    let off = u64::from_be_bytes(bytes[8..16].try_into().unwrap()) as usize;
-    let len = u32::from_be_bytes(bytes[16..20].try_into().unwrap()) as usize;
-    assert_eq!(&bytes[off..off + len], name(0).as_bytes(), "template header");
+    let off = usize::try_from(u64::from_be_bytes(bytes[8..16].try_into().unwrap())).unwrap();
+    let len = usize::try_from(u32::from_be_bytes(bytes[16..20].try_into().unwrap())).unwrap();
+    assert_eq!(
+        &bytes[off..off + len],
+        name(0).as_bytes(),
+        "template header"
+    );
     for i in 1..n {
         let mut b = bytes.clone();
         b[off..off + len].copy_from_slice(name(i - 1).as_bytes());
@@ -122,16 +126,15 @@ fn hard_nofile() -> u64 {
 fn check_chain(q: &Qemu, dir: &Path, top: &Path, n: usize, want: &[u8], qemu_convert: bool) {
     // qemu-img map takes 24 s over 1000 layers: the JSON form (with each
     // run's depth) is enough there.
-    let formats: &[&str] = if qemu_convert { &["json", "human"] } else { &["json"] };
+    let formats: &[&str] = if qemu_convert {
+        &["json", "human"]
+    } else {
+        &["json"]
+    };
     let t = top.to_str().unwrap();
     let ours = chain_of(qimg().args(["info", "--backing-chain", "--output", "json", t]));
-    let theirs = chain_of(Command::new(&q.img).args([
-        "info",
-        "--backing-chain",
-        "--output",
-        "json",
-        t,
-    ]));
+    let theirs =
+        chain_of(Command::new(&q.img).args(["info", "--backing-chain", "--output", "json", t]));
     assert_eq!(ours.len(), n, "qimg info --backing-chain count");
     assert_eq!(ours, theirs, "info --backing-chain names");
 
@@ -153,7 +156,15 @@ fn check_chain(q: &Qemu, dir: &Path, top: &Path, n: usize, want: &[u8], qemu_con
     }
     let want_raw = dir.join("want.raw");
     std::fs::write(&want_raw, want).unwrap();
-    run_ok(qimg().args(["compare", "-f", "qcow2", "-F", "raw", t, want_raw.to_str().unwrap()]));
+    run_ok(qimg().args([
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        t,
+        want_raw.to_str().unwrap(),
+    ]));
     if qemu_convert {
         let theirs = dir.join("theirs.raw");
         q.convert(&["-O", "raw"], top, &theirs);
@@ -275,7 +286,10 @@ fn chain_past_the_ceiling_is_refused() {
                 "{args:?}: {err}"
             );
         } else {
-            assert!(err.contains("of the backing chain needs about"), "{args:?}: {err}");
+            assert!(
+                err.contains("of the backing chain needs about"),
+                "{args:?}: {err}"
+            );
         }
     }
     assert!(!out.exists(), "a refused convert creates no output");
