@@ -353,6 +353,46 @@ fn slot_problems(hdr: &luks1::HeaderRepr, len: u64, problems: &mut Vec<String>) 
     }
 }
 
+/// The command line of `qimg check`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CheckCmd {
+    /// Image format; detected from the file when absent.
+    #[arg(short = 'f', long = "format", value_enum)]
+    format: Option<crate::args::FormatArg>,
+    /// Repair: `leaks` frees leaked clusters, `all` fixes every error.
+    #[arg(short = 'r', value_enum)]
+    repair: Option<RepairArg>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: crate::args::Output,
+    /// Quiet: no summary.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Read without taking QEMU's shared locks (not with -r).
+    #[arg(short = 'U', long = "force-share", conflicts_with = "repair")]
+    force_share: bool,
+    /// Accepted for compatibility: the metadata of encrypted images is
+    /// plaintext, so checking needs no key.
+    #[command(flatten)]
+    secrets: crate::args::SecretArgs,
+    /// The image file.
+    filename: String,
+}
+
+impl CheckCmd {
+    /// Runs `qimg check`; returns qemu-img's exit code.
+    pub(crate) fn run(self) -> Result<u8, CliError> {
+        crate::lock::set_force_share(self.force_share);
+        run(&CheckArgs {
+            format: self.format.map(Into::into),
+            repair: self.repair,
+            json: self.output == crate::args::Output::Json,
+            quiet: self.quiet,
+            filename: &self.filename,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

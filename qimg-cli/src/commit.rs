@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use luks_core::io::BlockIo;
 use qcow_core::Qcow2Writer;
 
-use crate::cli::{FormatArg, SecretArgs};
+use crate::args::{FormatArg, SecretArgs};
 use crate::dev::{erased, AnyDev, Source};
 use crate::image::{self, Format};
 use crate::rebase::{open_metadata_writer, open_qcow2, qcow2_only};

@@ -11,7 +11,7 @@
 //! (allocated, zero, data, compressed, host offset known, and the extent
 //! that ends an odd-sized raw file) is a mismatch.
 
-use crate::cli::{FormatArg, SecretArgs};
+use crate::args::{FormatArg, SecretArgs};
 use crate::convert::CHUNK;
 use crate::dev::{BlockStatus, DevError, Source};
 use crate::image::{self, Format, OpenOptions};

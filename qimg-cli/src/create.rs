@@ -4,7 +4,7 @@ use std::path::Path;
 
 use luks_core::io::{BlockIo, FileDevice};
 
-use crate::cli::{FormatArg, SecretArgs};
+use crate::args::{FormatArg, SecretArgs};
 use crate::opts::{parse_size, OptionMap};
 use crate::CliError;
 
@@ -480,7 +480,7 @@ pub(crate) fn create_qcow2(
                     "luks" => crate::image::Format::Luks,
                     _ => crate::image::Format::Qcow2,
                 });
-                crate::image::info(&full, fmt, &crate::cli::SecretArgs::default())?.virtual_size
+                crate::image::info(&full, fmt, &crate::args::SecretArgs::default())?.virtual_size
             }
             None => {
                 return Err(CliError::usage(format!(
@@ -496,4 +496,54 @@ pub(crate) fn create_qcow2(
     w.close()
         .map(|_| ())
         .map_err(|e| CliError::io(filename, e.to_string()))
+}
+
+/// The command line of `qimg create`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CreateCmd {
+    /// Image format.
+    #[arg(short = 'f', long = "format", value_enum, default_value = "raw")]
+    format: FormatArg,
+    /// Format options (`-o key=value,...`). LUKS: qemu-img's names
+    /// (key-secret, cipher-alg, cipher-mode, ivgen-alg, hash-alg,
+    /// iter-time) plus luks-version=1|2; for LUKS2 also
+    /// pbkdf=argon2id|argon2i|pbkdf2, pbkdf-memory=KiB,
+    /// pbkdf-parallel=N, pbkdf-iterations=N (fixed PBKDF2 iterations
+    /// or Argon2 passes instead of timing iter-time),
+    /// sector-size=512..4096, metadata-size=16k..4M, label=TEXT,
+    /// detached-header=on (the file holds only the header; the size is
+    /// ignored and the payload is any file read with --header).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Backing file (qcow2 only); the size defaults to its size.
+    #[arg(short = 'b', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the backing file.
+    #[arg(short = 'F', value_name = "FMT")]
+    backing_fmt: Option<String>,
+    #[command(flatten)]
+    secrets: SecretArgs,
+    /// The new image file.
+    filename: String,
+    /// Virtual size, with an optional k, M, G, T suffix.
+    size: Option<String>,
+}
+
+impl CreateCmd {
+    /// Runs `qimg create`.
+    pub(crate) fn run(self) -> Result<u8, CliError> {
+        run(CreateArgs {
+            format: self.format,
+            options: &self.options,
+            quiet: self.quiet,
+            secrets: &self.secrets,
+            filename: &self.filename,
+            size: self.size.as_deref(),
+            backing: self.backing.as_deref(),
+            backing_fmt: self.backing_fmt.as_deref(),
+        })
+    }
 }

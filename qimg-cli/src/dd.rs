@@ -12,7 +12,7 @@
 
 use luks_core::io::BlockIo;
 
-use crate::cli::{FormatArg, SecretArgs};
+use crate::args::{FormatArg, SecretArgs};
 use crate::convert::CHUNK;
 use crate::dev::{erased, AnyDev, Source};
 use crate::image::{self, OpenOptions};

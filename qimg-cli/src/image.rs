@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use luks_core::io::{BlockIo, FileDevice};
 
-use crate::cli::SecretArgs;
+use crate::args::SecretArgs;
 use crate::dev::erased;
 use crate::dev::Source;
 use crate::rawfile::RawFile;

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::cli::{Output, SecretArgs};
+use crate::args::{Output, SecretArgs};
 use crate::image::{self, Format};
 use crate::{human, CliError};
 
@@ -345,6 +345,43 @@ pub(crate) fn run(
         }
     }
     Ok(0)
+}
+
+/// The command line of `qimg info`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct InfoCmd {
+    /// Image format; detected from the file when absent.
+    #[arg(short = 'f', long = "format", value_enum)]
+    format: Option<crate::args::FormatArg>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+    /// Show every image of the backing chain.
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
+    /// Open without taking QEMU's shared locks, so an image another
+    /// process writes can be read (its content may be inconsistent).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    #[command(flatten)]
+    secrets: SecretArgs,
+    /// The image file.
+    filename: String,
+}
+
+impl InfoCmd {
+    /// Runs `qimg info`.
+    pub(crate) fn run(self) -> Result<u8, CliError> {
+        crate::lock::set_force_share(self.force_share);
+        crate::lock::set_reads_without_io(true);
+        run(
+            &self.filename,
+            self.format.map(Into::into),
+            self.output,
+            self.backing_chain,
+            &self.secrets,
+        )
+    }
 }
 
 #[cfg(test)]

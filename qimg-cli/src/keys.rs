@@ -16,7 +16,7 @@ use std::path::Path;
 use luks_core::io::{BlockIo, FileDevice, Window};
 use luks_core::luks1::{self, HeaderRepr, VolumeKey, KEY_SLOTS};
 
-use crate::cli::SecretArgs;
+use crate::args::SecretArgs;
 use crate::image::Format;
 use crate::luks::{KeySource, OsRng};
 use crate::opts::{split_list, OptionMap};
@@ -546,7 +546,7 @@ pub(crate) struct KeyVerbArgs {
     new_key_file: Option<String>,
     /// Image format; detected from the file when absent.
     #[arg(short = 'f', long = "format", value_enum)]
-    format: Option<crate::cli::FormatArg>,
+    format: Option<crate::args::FormatArg>,
     /// The key slot: where the new key goes (add-key), or the only slot
     /// the existing key is tried in (remove-key, change-key).
     #[arg(short = 'S', long = "key-slot", value_name = "N")]
@@ -1041,6 +1041,45 @@ fn confirm(batch: bool, warning: &str) -> Result<(), CliError> {
         Ok(())
     } else {
         Err(CliError::usage("Operation aborted.".into()))
+    }
+}
+
+/// The command line of `qimg amend`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AmendCmd {
+    /// Image format; detected from the file when absent.
+    #[arg(short = 'f', long = "format", value_enum)]
+    format: Option<crate::args::FormatArg>,
+    /// Key slot options (`-o key=value,...`).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Overwrite an active key slot, or erase the last active one.
+    #[arg(long)]
+    force: bool,
+    /// FILENAME is qemu-img's option list
+    /// (`driver=qcow2,file.filename=PATH,encrypt.key-secret=ID`).
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    /// Quiet (accepted for compatibility).
+    #[arg(short = 'q')]
+    quiet: bool,
+    #[command(flatten)]
+    secrets: SecretArgs,
+    /// The image.
+    filename: String,
+}
+
+impl AmendCmd {
+    /// Runs `qimg amend`.
+    pub(crate) fn run(self) -> Result<u8, CliError> {
+        amend(&AmendArgs {
+            format: self.format.map(Into::into),
+            options: &self.options,
+            force: self.force,
+            image_opts: self.image_opts,
+            secrets: &self.secrets,
+            filename: &self.filename,
+        })
     }
 }
 

@@ -1,11 +1,13 @@
 //! `qimg`: read, write, check and convert qcow2 and LUKS images, with
 //! qemu-img's verbs, options, JSON keys and exit codes.
 
+mod args;
 mod check;
 mod cli;
 mod commit;
 mod compare;
 mod convert;
+mod convert_cmd;
 mod create;
 mod dd;
 mod dev;
@@ -17,6 +19,7 @@ mod keys2;
 mod lock;
 mod luks;
 mod luks2;
+mod luks_cmd;
 mod map;
 mod measure;
 mod opts;

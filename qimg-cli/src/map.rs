@@ -1,6 +1,6 @@
 //! `qimg map`: where each guest range lives, in qemu-img's two layouts.
 
-use crate::cli::{Output, SecretArgs};
+use crate::args::{Output, SecretArgs};
 use crate::dev::BlockStatus;
 use crate::image::{self, Format, OpenOptions};
 use crate::secret::Secrets;
@@ -119,6 +119,37 @@ pub(crate) fn run(
         }
     }
     Ok(0)
+}
+
+/// The command line of `qimg map`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct MapCmd {
+    /// Image format; detected from the file when absent.
+    #[arg(short = 'f', long = "format", value_enum)]
+    format: Option<crate::args::FormatArg>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+    /// Open without taking QEMU's shared locks.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    #[command(flatten)]
+    secrets: SecretArgs,
+    /// The image file.
+    filename: String,
+}
+
+impl MapCmd {
+    /// Runs `qimg map`.
+    pub(crate) fn run(self) -> Result<u8, CliError> {
+        crate::lock::set_force_share(self.force_share);
+        run(
+            &self.filename,
+            self.format.map(Into::into),
+            self.output,
+            &self.secrets,
+        )
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 
 use serde_json::json;
 
-use crate::cli::{FormatArg, Output, SecretArgs};
+use crate::args::{FormatArg, Output, SecretArgs};
 use crate::image::{self, Format, OpenOptions};
 use crate::opts::{parse_size, OptionMap};
 use crate::secret::Secrets;

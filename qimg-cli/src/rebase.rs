@@ -10,7 +10,7 @@
 use luks_core::io::FileDevice;
 use qcow_core::Qcow2Writer;
 
-use crate::cli::{FormatArg, SecretArgs};
+use crate::args::{FormatArg, SecretArgs};
 use crate::dev::Source;
 use crate::image::{self, Format, OpenOptions};
 use crate::secret::Secrets;

@@ -69,3 +69,35 @@ pub(crate) fn run(
     }
     Ok(0)
 }
+
+/// The command line of `qimg resize`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ResizeCmd {
+    /// Image format; detected from the file when absent.
+    #[arg(short = 'f', long = "format", value_enum)]
+    format: Option<crate::args::FormatArg>,
+    /// Allow making the image smaller (data past the new end is lost).
+    #[arg(long)]
+    shrink: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image.
+    filename: String,
+    /// New size, or `+SIZE` / `-SIZE` relative to the current one.
+    #[arg(allow_hyphen_values = true)]
+    size: String,
+}
+
+impl ResizeCmd {
+    /// Runs `qimg resize`.
+    pub(crate) fn run(self) -> Result<u8, CliError> {
+        run(
+            &self.filename,
+            self.format.map(Into::into),
+            self.shrink,
+            self.quiet,
+            &self.size,
+        )
+    }
+}

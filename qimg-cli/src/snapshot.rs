@@ -5,7 +5,7 @@
 use qcow_core::writer::snapshots::{NewSnapshot, SnapshotEntry};
 use qcow_core::Qcow2Writer;
 
-use crate::cli::{FormatArg, Output};
+use crate::args::{FormatArg, Output};
 use crate::CliError;
 
 /// The command line of `qimg snapshot`.
@@ -38,7 +38,7 @@ pub(crate) struct SnapshotCmd {
     force_share: bool,
     /// Secrets for a LUKS volume (`-l` opens it to list its none).
     #[command(flatten)]
-    secrets: crate::cli::SecretArgs,
+    secrets: crate::args::SecretArgs,
     /// The image.
     filename: String,
 }
