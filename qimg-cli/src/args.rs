@@ -1,10 +1,10 @@
-//! Argument groups shared by the verbs: the image format (`-f`, `-O`),
-//! secrets (`--object`, `--key-file`, `--key-secret`, `--header`) and
-//! `--output`. Verbs import these; this module imports no verb.
+//! Argument groups shared by the verbs: secrets (`--object`,
+//! `--key-file`, `--key-secret`, `--header`) and `--output`. Verbs import
+//! these; this module imports no verb. (`-f` and `-O` take a
+//! [`crate::format::Format`].)
 
 use clap::{Args, ValueEnum};
 
-use crate::image::Format;
 use crate::secret::ObjectArg;
 
 /// `--output human|json`.
@@ -15,27 +15,6 @@ pub(crate) enum Output {
     Human,
     /// JSON with qemu-img's keys, for scripts.
     Json,
-}
-
-/// Image formats on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum FormatArg {
-    /// qcow2 (v2 compat=0.10 or v3 compat=1.1).
-    Qcow2,
-    /// A plain disk image.
-    Raw,
-    /// A LUKS volume (LUKS1 or LUKS2).
-    Luks,
-}
-
-impl From<FormatArg> for Format {
-    fn from(f: FormatArg) -> Self {
-        match f {
-            FormatArg::Qcow2 => Format::Qcow2,
-            FormatArg::Raw => Format::Raw,
-            FormatArg::Luks => Format::Luks,
-        }
-    }
 }
 
 /// How secrets reach qimg.

@@ -7,7 +7,8 @@ use luks_core::luks1;
 use qcow_core::check::{self, CheckOutcome, CheckReport, Repair};
 use serde_json::{json, Map, Value};
 
-use crate::image::{self, Format};
+use crate::format::Format;
+use crate::image;
 use crate::CliError;
 
 /// qemu-img's exit code for a format that has no checks.
@@ -41,10 +42,7 @@ pub(crate) struct CheckArgs<'a> {
 /// Runs `qimg check`; returns qemu-img's exit code.
 pub(crate) fn run(a: &CheckArgs<'_>) -> Result<u8, CliError> {
     let path = a.filename;
-    let format = match a.format {
-        Some(f) => f,
-        None => image::detect(path)?,
-    };
+    let format = crate::format::resolve(path, a.format, None)?;
     match format {
         Format::Raw => {
             eprintln!("qimg: This image format does not support checks");
@@ -81,7 +79,7 @@ fn check_qcow2(a: &CheckArgs<'_>) -> Result<u8, CliError> {
         Some(RepairArg::Leaks) => Repair::Leaks,
         Some(RepairArg::All) => Repair::All,
     };
-    let mut dev = crate::create::open_file(path, repair != Repair::None)?;
+    let mut dev = crate::file::open_file(path, repair != Repair::None)?;
     // An image qemu-img cannot open (qcow2_open's checks: feature bits,
     // header extensions, table offsets, the encryption extension) is not
     // checkable: exit 1 with the reason, as qemu-img check does. The
@@ -223,7 +221,7 @@ fn human(r: &CheckReport) -> String {
 /// the payload, and that the payload starts inside the file.
 fn check_luks(a: &CheckArgs<'_>) -> Result<u8, CliError> {
     let path = a.filename;
-    let mut dev = crate::create::open_file(path, false)?;
+    let mut dev = crate::file::open_file(path, false)?;
     let len = dev.size().map_err(|e| CliError::io(path, e.to_string()))?;
     let mut problems = Vec::new();
     if crate::luks2::version(path)? == Some(2) {
@@ -358,7 +356,7 @@ fn slot_problems(hdr: &luks1::HeaderRepr, len: u64, problems: &mut Vec<String>) 
 pub(crate) struct CheckCmd {
     /// Image format; detected from the file when absent.
     #[arg(short = 'f', long = "format", value_enum)]
-    format: Option<crate::args::FormatArg>,
+    format: Option<crate::format::Format>,
     /// Repair: `leaks` frees leaked clusters, `all` fixes every error.
     #[arg(short = 'r', value_enum)]
     repair: Option<RepairArg>,
@@ -384,7 +382,7 @@ impl CheckCmd {
     pub(crate) fn run(self) -> Result<u8, CliError> {
         crate::lock::set_force_share(self.force_share);
         run(&CheckArgs {
-            format: self.format.map(Into::into),
+            format: self.format,
             repair: self.repair,
             json: self.output == crate::args::Output::Json,
             quiet: self.quiet,

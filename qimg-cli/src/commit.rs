@@ -14,9 +14,10 @@ use std::sync::mpsc;
 use luks_core::io::BlockIo;
 use qcow_core::Qcow2Writer;
 
-use crate::args::{FormatArg, SecretArgs};
+use crate::args::SecretArgs;
 use crate::dev::{erased, AnyDev, Source};
-use crate::image::{self, Format};
+use crate::format::Format;
+use crate::image;
 use crate::rebase::{open_metadata_writer, open_qcow2, qcow2_only};
 use crate::secret::Secrets;
 use crate::CliError;
@@ -26,7 +27,7 @@ use crate::CliError;
 pub(crate) struct CommitCmd {
     /// Image format (qcow2).
     #[arg(short = 'f', value_enum)]
-    format: Option<FormatArg>,
+    format: Option<Format>,
     /// Keep the image's content after committing (do not empty it).
     #[arg(short = 'd')]
     keep: bool,
@@ -55,13 +56,14 @@ impl CommitCmd {
                 "Image does not have a backing file".into(),
             ));
         };
-        let base_fmt = match info.backing_format.as_deref() {
-            Some("raw") => Format::Raw,
+        // A backing_fmt other than raw is read as qcow2.
+        let base_fmt = match info.backing_format.as_deref().map(Format::parse) {
+            Some(Some(Format::Raw)) => Format::Raw,
             Some(_) => Format::Qcow2,
-            None => image::detect(&base)?,
+            None => crate::format::detect(&base)?,
         };
         // Never write into a qcow2 or LUKS file as if it were raw.
-        let looks = image::detect(&base)?;
+        let looks = crate::format::detect(&base)?;
         if base_fmt == Format::Raw && looks != Format::Raw {
             return Err(CliError::io(
                 &base,
@@ -105,7 +107,7 @@ impl CommitCmd {
 /// returns it with its write granularity (its cluster size; 512 for raw).
 fn open_base(base: &str, fmt: Format, size: u64) -> Result<(AnyDev, u64), CliError> {
     let io = |e: &dyn std::fmt::Display| CliError::io(base, e.to_string());
-    let mut file = crate::create::open_file(base, true)?;
+    let mut file = crate::file::open_file(base, true)?;
     match fmt {
         Format::Raw => {
             if file.size().map_err(|e| io(&e))? < size {

@@ -11,10 +11,11 @@
 //! (allocated, zero, data, compressed, host offset known, and the extent
 //! that ends an odd-sized raw file) is a mismatch.
 
-use crate::args::{FormatArg, SecretArgs};
+use crate::args::SecretArgs;
 use crate::convert::CHUNK;
 use crate::dev::{BlockStatus, DevError, Source};
-use crate::image::{self, Format, OpenOptions};
+use crate::format::Format;
+use crate::image::{self, OpenOptions};
 use crate::secret::Secrets;
 use crate::CliError;
 
@@ -39,10 +40,10 @@ const SECTOR: u64 = 512;
 pub(crate) struct CompareCmd {
     /// Format of the first image; detected from the file when absent.
     #[arg(short = 'f', value_enum)]
-    format1: Option<FormatArg>,
+    format1: Option<Format>,
     /// Format of the second image; detected from the file when absent.
     #[arg(short = 'F', value_enum)]
-    format2: Option<FormatArg>,
+    format2: Option<Format>,
     /// Strict: images of different sizes, or whose allocation differs, are
     /// different even when their content is the same.
     #[arg(short = 's')]
@@ -182,8 +183,8 @@ fn first_sector(off: u64, bytes: &[u8], mut pred: impl FnMut(usize) -> bool) -> 
 
 fn compare(a: &CompareCmd) -> Result<u8, CliError> {
     let secrets = Secrets::parse(&a.secrets.object).map_err(|e| with_code(e, EXIT_OPEN))?;
-    let mut one = Side::open(&a.file1, a.format1.map(Into::into), a, &secrets)?;
-    let mut two = Side::open(&a.file2, a.format2.map(Into::into), a, &secrets)?;
+    let mut one = Side::open(&a.file1, a.format1, a, &secrets)?;
+    let mut two = Side::open(&a.file2, a.format2, a, &secrets)?;
     let say = |msg: &str| {
         if !a.quiet {
             println!("{msg}");

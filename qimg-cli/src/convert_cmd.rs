@@ -3,10 +3,11 @@
 
 use std::path::Path;
 
-use crate::args::{FormatArg, SecretArgs};
+use crate::args::SecretArgs;
 use crate::convert::{self, CopyOptions};
 use crate::dev::{erased, AnyDev};
-use crate::image::{self, Format, OpenOptions};
+use crate::format::Format;
+use crate::image::{self, OpenOptions};
 use crate::opts::{parse_size, OptionMap};
 use crate::secret::Secrets;
 use crate::CliError;
@@ -16,10 +17,10 @@ use crate::CliError;
 pub(crate) struct ConvertCmd {
     /// Source format; detected from the file when absent.
     #[arg(short = 'f', long = "format", value_enum)]
-    format: Option<FormatArg>,
+    format: Option<Format>,
     /// Destination format.
     #[arg(short = 'O', value_enum, default_value = "raw")]
-    output_format: FormatArg,
+    output_format: Format,
     /// Destination options (`-o key=value,...`).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -102,8 +103,8 @@ impl ConvertCmd {
             workers: workers.map_or_else(crate::parallel::default_workers, usize::from),
             compress,
             backing,
-            format: format.map(Into::into),
-            output_format: output_format.into(),
+            format,
+            output_format,
             options,
             snapshot,
             sparse_size: parse_size(&sparse_size)

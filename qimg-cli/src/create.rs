@@ -1,16 +1,16 @@
 //! `qimg create`.
 
-use std::path::Path;
-
 use luks_core::io::{BlockIo, FileDevice};
 
-use crate::args::{FormatArg, SecretArgs};
+use crate::args::SecretArgs;
+use crate::file::open_file;
+use crate::format::Format;
 use crate::opts::{parse_size, OptionMap};
 use crate::CliError;
 
 /// What `qimg create` was asked for.
 pub(crate) struct CreateArgs<'a> {
-    pub(crate) format: FormatArg,
+    pub(crate) format: Format,
     pub(crate) options: &'a [String],
     pub(crate) quiet: bool,
     pub(crate) secrets: &'a SecretArgs,
@@ -47,22 +47,22 @@ pub(crate) fn run(a: CreateArgs<'_>) -> Result<u8, CliError> {
                 }),
         }
     };
-    if backing.is_some() && format != FormatArg::Qcow2 {
+    if backing.is_some() && format != Format::Qcow2 {
         return Err(CliError::usage(format!(
             "{filename}: -b needs -f qcow2 (raw and LUKS images have no backing file)"
         )));
     }
     let size = match format {
-        FormatArg::Qcow2 => {
+        Format::Qcow2 => {
             create_qcow2(&opts, filename, size, backing, backing_fmt, quiet, secrets)?;
             return Ok(0);
         }
-        FormatArg::Raw => {
+        Format::Raw => {
             let size = need_size(size)?;
             create_raw(&opts, filename, size)?;
             size
         }
-        FormatArg::Luks => {
+        Format::Luks => {
             let size = need_size(size)?;
             let s = crate::secret::Secrets::parse(&secrets.object)?;
             crate::luks::create(filename, &opts, &s, secrets.key_file.as_deref(), size)?;
@@ -78,11 +78,11 @@ pub(crate) fn run(a: CreateArgs<'_>) -> Result<u8, CliError> {
     Ok(0)
 }
 
-fn format_name(f: FormatArg) -> &'static str {
+fn format_name(f: Format) -> &'static str {
     match f {
-        FormatArg::Qcow2 => "qcow2",
-        FormatArg::Raw => "raw",
-        FormatArg::Luks => "luks",
+        Format::Qcow2 => "qcow2",
+        Format::Raw => "raw",
+        Format::Luks => "luks",
     }
 }
 
@@ -376,21 +376,6 @@ pub(crate) fn luks_region_sectors(e: &crate::luks::CreateOptions) -> Result<u32,
     Ok(end.next_multiple_of(8))
 }
 
-/// Opens the existing file `path`, for writing when `writable`; the error
-/// names the file ("cannot open" or "cannot open for writing").
-pub(crate) fn open_file(path: &str, writable: bool) -> Result<FileDevice, CliError> {
-    use crate::lock::{lock_dev, Access};
-    if writable {
-        FileDevice::open_rw(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))
-            .and_then(|d| lock_dev(d, path, Access::Write))
-    } else {
-        FileDevice::open(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open: {e}")))
-            .and_then(|d| lock_dev(d, path, Access::Read))
-    }
-}
-
 /// Opens an existing qcow2 image for writing, with its external data file
 /// (resolved as the readers resolve it) attached when it has one.
 pub(crate) fn open_qcow2_writer(
@@ -461,11 +446,11 @@ pub(crate) fn create_qcow2(
         // running VM's image can be a backing file.
         crate::lock::set_force_share(true);
         let full = crate::image::resolve_backing(filename, b);
-        let fmt = match c.backing_fmt.as_deref() {
-            Some("raw") => crate::image::Format::Raw,
-            Some("luks") => crate::image::Format::Luks,
-            _ => crate::image::Format::Qcow2,
-        };
+        let fmt = c
+            .backing_fmt
+            .as_deref()
+            .and_then(Format::parse)
+            .unwrap_or(Format::Qcow2);
         crate::lock::refuse_backing_loop(filename, &full.to_string_lossy(), fmt)?;
     }
     let secrets = crate::secret::Secrets::parse(&secrets.object)?;
@@ -475,11 +460,10 @@ pub(crate) fn create_qcow2(
             Some(b) => {
                 let full = crate::image::resolve_backing(filename, b);
                 let full = full.to_string_lossy().into_owned();
-                let fmt = c.backing_fmt.as_deref().map(|f| match f {
-                    "raw" => crate::image::Format::Raw,
-                    "luks" => crate::image::Format::Luks,
-                    _ => crate::image::Format::Qcow2,
-                });
+                let fmt = c
+                    .backing_fmt
+                    .as_deref()
+                    .map(|f| Format::parse(f).unwrap_or(Format::Qcow2));
                 crate::image::info(&full, fmt, &crate::args::SecretArgs::default())?.virtual_size
             }
             None => {
@@ -503,7 +487,7 @@ pub(crate) fn create_qcow2(
 pub(crate) struct CreateCmd {
     /// Image format.
     #[arg(short = 'f', long = "format", value_enum, default_value = "raw")]
-    format: FormatArg,
+    format: Format,
     /// Format options (`-o key=value,...`). LUKS: qemu-img's names
     /// (key-secret, cipher-alg, cipher-mode, ivgen-alg, hash-alg,
     /// iter-time) plus luks-version=1|2; for LUKS2 also

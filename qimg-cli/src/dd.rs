@@ -12,9 +12,10 @@
 
 use luks_core::io::BlockIo;
 
-use crate::args::{FormatArg, SecretArgs};
+use crate::args::SecretArgs;
 use crate::convert::CHUNK;
 use crate::dev::{erased, AnyDev, Source};
+use crate::format::Format;
 use crate::image::{self, OpenOptions};
 use crate::secret::Secrets;
 use crate::CliError;
@@ -30,10 +31,10 @@ const MAX_BS: u64 = i32::MAX as u64;
 pub(crate) struct DdCmd {
     /// Input format; detected from the file when absent.
     #[arg(short = 'f', value_enum)]
-    format: Option<FormatArg>,
+    format: Option<Format>,
     /// Output format.
     #[arg(short = 'O', value_enum, default_value = "raw")]
-    output_format: FormatArg,
+    output_format: Format,
     /// Open the input without the write lock (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -115,7 +116,7 @@ impl DdCmd {
         let mut src = image::open(
             &ops.input,
             &OpenOptions {
-                format: self.format.map(Into::into),
+                format: self.format,
                 ..OpenOptions::from_args(&self.secrets)
             },
             &secrets,
@@ -151,13 +152,13 @@ impl DdCmd {
     /// Creates the output image of `size` bytes.
     fn create_output(&self, path: &str, size: u64, secrets: &Secrets) -> Result<AnyDev, CliError> {
         match self.output_format {
-            FormatArg::Raw => {
+            Format::Raw => {
                 let mut f = crate::lock::create_locked(path)?;
                 f.set_size(size)
                     .map_err(|e| CliError::io(path, e.to_string()))?;
                 Ok(erased(f))
             }
-            FormatArg::Qcow2 => {
+            Format::Qcow2 => {
                 let opts = crate::opts::OptionMap::parse::<&str>(&[])
                     .map_err(|e| CliError::usage(e.to_string()))?;
                 let c = crate::create::Qcow2Create::parse(&opts, None, None)?;
@@ -166,7 +167,7 @@ impl DdCmd {
                 w.set_write_barriers(false);
                 Ok(erased(w))
             }
-            FormatArg::Luks => Err(CliError::usage(format!(
+            Format::Luks => Err(CliError::usage(format!(
                 "{path}: dd cannot create LUKS output (it takes no encryption options); \
                  use `qimg convert -O luks`"
             ))),

@@ -8,42 +8,11 @@ use luks_core::io::{BlockIo, FileDevice};
 use crate::args::SecretArgs;
 use crate::dev::erased;
 use crate::dev::Source;
+use crate::file::refuse_dir;
+use crate::format::{detect, resolve, Format};
 use crate::rawfile::RawFile;
 use crate::secret::Secrets;
 use crate::CliError;
-
-/// Formats qimg reads and writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Format {
-    /// qcow2.
-    Qcow2,
-    /// Raw disk image.
-    Raw,
-    /// LUKS volume.
-    Luks,
-}
-
-impl Format {
-    /// The name qemu-img uses.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Self::Qcow2 => "qcow2",
-            Self::Raw => "raw",
-            Self::Luks => "luks",
-        }
-    }
-}
-
-impl std::fmt::Display for Format {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// qcow2 magic.
-const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
-/// LUKS magic (both versions).
-const LUKS_MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 
 /// Before writing to `path` as raw bytes: a file whose first bytes say it
 /// is a qcow2 image or a LUKS volume is never treated as raw silently (a
@@ -59,65 +28,6 @@ pub(crate) fn warn_if_raw_looks_formatted(path: &str) {
             );
         }
     }
-}
-
-/// Refuses a directory named where an image file belongs (opening one
-/// succeeds on Unix, and reading it fails with a less helpful message), and
-/// a FIFO, socket or character device: those cannot be sized, and opening a
-/// FIFO blocks until a writer appears. The type is read with `stat`, which
-/// never blocks, before anything opens the file.
-pub(crate) fn refuse_dir(path: &str) -> Result<(), CliError> {
-    let Ok(meta) = std::fs::metadata(path) else {
-        // Opening reports a missing file with the system's reason.
-        return Ok(());
-    };
-    let ft = meta.file_type();
-    if ft.is_dir() {
-        return Err(CliError::io(
-            path,
-            "is a directory, not an image file; name the image file itself".into(),
-        ));
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileTypeExt as _;
-        let kind = if ft.is_fifo() {
-            Some("a FIFO (named pipe)")
-        } else if ft.is_socket() {
-            Some("a socket")
-        } else if ft.is_char_device() {
-            Some("a character device")
-        } else {
-            None
-        };
-        if let Some(kind) = kind {
-            return Err(CliError::io(
-                path,
-                format!(
-                    "is {kind}, not a regular file or block device: an image must have a \
-                     size and be readable at any offset"
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Guesses the format from the first bytes of a file.
-pub(crate) fn detect(path: &str) -> Result<Format, CliError> {
-    refuse_dir(path)?;
-    let mut dev = FileDevice::open(Path::new(path))
-        .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
-    let mut head = [0u8; 8];
-    dev.read_at(0, &mut head)
-        .map_err(|e| CliError::io(path, e.to_string()))?;
-    Ok(if head.starts_with(QCOW2_MAGIC) {
-        Format::Qcow2
-    } else if head.starts_with(LUKS_MAGIC) {
-        Format::Luks
-    } else {
-        Format::Raw
-    })
 }
 
 /// How to open an image.
@@ -252,12 +162,7 @@ pub(crate) struct Opened {
 /// Opens `path` read-only.
 pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<Opened, CliError> {
     refuse_dir(path)?;
-    let format = match (opts.format, &opts.header) {
-        (Some(f), _) => f,
-        // A detached header: the data file has no magic of its own.
-        (None, Some(_)) => Format::Luks,
-        (None, None) => detect(path)?,
-    };
+    let format = resolve(path, opts.format, opts.header.as_deref())?;
     if opts.snapshot.is_some() && format != Format::Qcow2 {
         return Err(CliError::usage(format!(
             "{path}: -l needs a qcow2 image; this one is {format}"
@@ -332,9 +237,8 @@ struct Ctx<'a> {
 /// is QEMU's name for the raw protocol layer).
 pub(crate) fn backing_format(name: &str) -> Option<Format> {
     match name {
-        "qcow2" => Some(Format::Qcow2),
-        "raw" | "file" => Some(Format::Raw),
-        _ => None,
+        "file" => Some(Format::Raw),
+        _ => Format::parse(name).filter(|f| *f != Format::Luks),
     }
 }
 
@@ -764,12 +668,7 @@ pub(crate) fn info(
     args: &SecretArgs,
 ) -> Result<crate::info::ImageInfo, CliError> {
     refuse_dir(path)?;
-    let format = match (format, &args.header) {
-        (Some(f), _) => f,
-        // A detached header: the data file has no magic of its own.
-        (None, Some(_)) => Format::Luks,
-        (None, None) => detect(path)?,
-    };
+    let format = resolve(path, format, args.header.as_deref())?;
     match format {
         Format::Raw => crate::info::ImageInfo::basic(path, format, sector_length(path)?),
         Format::Qcow2 => {

@@ -3,7 +3,8 @@
 use serde_json::{json, Map, Value};
 
 use crate::args::{Output, SecretArgs};
-use crate::image::{self, Format};
+use crate::format::Format;
+use crate::image;
 use crate::{human, CliError};
 
 /// One internal snapshot, as `qemu-img info` lists it.
@@ -319,12 +320,7 @@ pub(crate) fn run(
         let info = crate::image::info(&name, fmt, secrets)?;
         if backing_chain {
             next = info.full_backing_filename.clone().map(|b| {
-                let f = info.backing_format.as_deref().and_then(|f| match f {
-                    "qcow2" => Some(Format::Qcow2),
-                    "raw" => Some(Format::Raw),
-                    "luks" => Some(Format::Luks),
-                    _ => None,
-                });
+                let f = info.backing_format.as_deref().and_then(Format::parse);
                 (b, f)
             });
         }
@@ -352,7 +348,7 @@ pub(crate) fn run(
 pub(crate) struct InfoCmd {
     /// Image format; detected from the file when absent.
     #[arg(short = 'f', long = "format", value_enum)]
-    format: Option<crate::args::FormatArg>,
+    format: Option<crate::format::Format>,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
@@ -376,7 +372,7 @@ impl InfoCmd {
         crate::lock::set_reads_without_io(true);
         run(
             &self.filename,
-            self.format.map(Into::into),
+            self.format,
             self.output,
             self.backing_chain,
             &self.secrets,

@@ -17,7 +17,7 @@ use luks_core::io::{BlockIo, FileDevice, Window};
 use luks_core::luks1::{self, HeaderRepr, VolumeKey, KEY_SLOTS};
 
 use crate::args::SecretArgs;
-use crate::image::Format;
+use crate::format::Format;
 use crate::luks::{KeySource, OsRng};
 use crate::opts::{split_list, OptionMap};
 use crate::secret::{Secret, Secrets};
@@ -43,10 +43,7 @@ impl Target {
     /// Opens the LUKS header of `path` (format from `format` or the magic)
     /// for writing.
     fn open(path: &str, format: Option<Format>, writable: bool) -> Result<Self, CliError> {
-        let format = match format {
-            Some(f) => f,
-            None => crate::image::detect(path)?,
-        };
+        let format = crate::format::resolve(path, format, None)?;
         if format == Format::Luks && crate::luks2::version(path)? == Some(2) {
             return Err(CliError::io(
                 path,
@@ -189,7 +186,7 @@ fn open_window(path: &str, format: Format, writable: bool) -> Result<(HeaderDev,
             ))
         }
     };
-    let file = crate::create::open_file(path, writable)?;
+    let file = crate::file::open_file(path, writable)?;
     Ok((Window::new(file, offset, len), qcow2))
 }
 
@@ -318,10 +315,7 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
         ));
     }
     let opts = OptionMap::parse(a.options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
-    let format = match format {
-        Some(f) => f,
-        None => crate::image::detect(&path)?,
-    };
+    let format = crate::format::resolve(&path, format, None)?;
     if format == Format::Qcow2 {
         crate::lock::lock_backing_chain(&path)?;
     }
@@ -511,9 +505,8 @@ fn image_opts(s: &str) -> Result<(String, Option<Format>, Option<String>), CliEr
             "file.filename" | "filename" => path = Some(v),
             "file.driver" if v == "file" => {}
             "driver" => {
-                format = Some(match v.as_str() {
-                    "qcow2" => Format::Qcow2,
-                    "luks" => Format::Luks,
+                format = Some(match Format::parse(&v) {
+                    Some(f @ (Format::Qcow2 | Format::Luks)) => f,
                     _ => {
                         return Err(CliError::usage(format!(
                             "--image-opts: driver '{v}' has no key slots (qcow2 or luks)"
@@ -546,7 +539,7 @@ pub(crate) struct KeyVerbArgs {
     new_key_file: Option<String>,
     /// Image format; detected from the file when absent.
     #[arg(short = 'f', long = "format", value_enum)]
-    format: Option<crate::args::FormatArg>,
+    format: Option<crate::format::Format>,
     /// The key slot: where the new key goes (add-key), or the only slot
     /// the existing key is tried in (remove-key, change-key).
     #[arg(short = 'S', long = "key-slot", value_name = "N")]
@@ -596,7 +589,7 @@ pub(crate) fn run_key_verb(verb: KeyVerb, c: &KeyVerbArgs) -> Result<u8, CliErro
     crate::lock::will_write(c.secrets.header.as_deref().unwrap_or(&c.volume));
     let a = LuksKeyArgs {
         volume: &c.volume,
-        format: c.format.map(Into::into),
+        format: c.format,
         key_file_arg: c.new_key_file.as_deref(),
         key_slot: c.key_slot,
         iter_time: c.iter_time,
@@ -692,10 +685,7 @@ impl LuksKeyArgs<'_> {
     /// The LUKS2 header's file, when the volume is a LUKS2 one.
     fn luks2(&self) -> Result<Option<crate::keys2::Target2>, CliError> {
         let path = self.secrets.header.as_deref().unwrap_or(self.volume);
-        let format = match self.format {
-            Some(f) => f,
-            None => crate::image::detect(path)?,
-        };
+        let format = crate::format::resolve(path, self.format, None)?;
         if format == Format::Luks && crate::luks2::version(path)? == Some(2) {
             crate::keys2::Target2::open(path).map(Some)
         } else {
@@ -948,7 +938,7 @@ fn header_restore(volume: &str, backup: &str, batch: bool) -> Result<u8, CliErro
     let new = parse_raw_header(&bytes).ok_or_else(bad)?;
     let len = header_area_len(&new);
     let area = bytes.get(..usize_of(len, backup)?).ok_or_else(bad)?;
-    let format = match crate::image::detect(volume)? {
+    let format = match crate::format::detect(volume)? {
         Format::Qcow2 => Format::Qcow2,
         _ => Format::Luks,
     };
@@ -1049,7 +1039,7 @@ fn confirm(batch: bool, warning: &str) -> Result<(), CliError> {
 pub(crate) struct AmendCmd {
     /// Image format; detected from the file when absent.
     #[arg(short = 'f', long = "format", value_enum)]
-    format: Option<crate::args::FormatArg>,
+    format: Option<crate::format::Format>,
     /// Key slot options (`-o key=value,...`).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -1073,7 +1063,7 @@ impl AmendCmd {
     /// Runs `qimg amend`.
     pub(crate) fn run(self) -> Result<u8, CliError> {
         amend(&AmendArgs {
-            format: self.format.map(Into::into),
+            format: self.format,
             options: &self.options,
             force: self.force,
             image_opts: self.image_opts,

@@ -54,7 +54,7 @@ impl Target2 {
         luks2::check_requirements::<std::convert::Infallible>(&h.meta)
             .map_err(|e| CliError::io(path, e.to_string()))?;
         crate::luks2::check_length(path, &h)?;
-        let dev = crate::create::open_file(path, true)?;
+        let dev = crate::file::open_file(path, true)?;
         Ok(Self {
             path: path.to_string(),
             dev,
@@ -243,7 +243,7 @@ fn area_len(h: &Luks2Header) -> u64 {
 pub(crate) fn header_backup(volume: &str, backup: &str) -> Result<u8, CliError> {
     let (h, _) = crate::luks2::read_header(volume)?;
     let len = area_len(&h);
-    let mut dev = crate::create::open_file(volume, false)?;
+    let mut dev = crate::file::open_file(volume, false)?;
     let size = dev
         .size()
         .map_err(|e| CliError::io(volume, e.to_string()))?;
@@ -316,7 +316,7 @@ pub(crate) fn header_restore(
             "{volume} does not contain a LUKS header: restoring one can destroy data on it."
         ))?,
     }
-    let mut dev = crate::create::open_file(volume, true)?;
+    let mut dev = crate::file::open_file(volume, true)?;
     let size = dev
         .size()
         .map_err(|e| CliError::io(volume, e.to_string()))?;

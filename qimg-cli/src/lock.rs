@@ -88,7 +88,7 @@ fn aka(dest: &str, same: &str) -> String {
 pub(crate) fn refuse_backing_loop(
     image: &str,
     backing: &str,
-    fmt: crate::image::Format,
+    fmt: crate::format::Format,
 ) -> Result<(), CliError> {
     let files = chain_files(backing, Some(fmt));
     match same_file(image, &files) {
@@ -133,8 +133,8 @@ pub(crate) fn lock_backing_chain(image: &str) -> Result<(), CliError> {
 /// chain: backing files and data files, followed through qcow2 headers
 /// only (no keys needed), up to [`crate::image::MAX_CHAIN_DEPTH`] images;
 /// a file that cannot be opened ends the walk (it is still listed).
-fn chain_files(backing: &str, fmt: Option<crate::image::Format>) -> Vec<String> {
-    use crate::image::Format;
+fn chain_files(backing: &str, fmt: Option<crate::format::Format>) -> Vec<String> {
+    use crate::format::Format;
     let mut files = Vec::new();
     let mut seen = Vec::new();
     let mut cur = backing.to_string();
@@ -146,12 +146,8 @@ fn chain_files(backing: &str, fmt: Option<crate::image::Format>) -> Vec<String> 
             break;
         }
         seen.extend(id);
-        let f = match cur_fmt {
-            Some(f) => f,
-            None => match crate::image::detect(&cur) {
-                Ok(f) => f,
-                Err(_) => break,
-            },
+        let Ok(f) = crate::format::resolve(&cur, cur_fmt, None) else {
+            break;
         };
         if f != Format::Qcow2 {
             break;

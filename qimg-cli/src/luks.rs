@@ -46,8 +46,8 @@ impl KeySource {
 
 /// Reads and validates the LUKS1 header of `path`.
 pub(crate) fn read_header(path: &str) -> Result<HeaderRepr, CliError> {
-    crate::image::refuse_dir(path)?;
-    let mut dev = crate::create::open_file(path, false)?;
+    crate::file::refuse_dir(path)?;
+    let mut dev = crate::file::open_file(path, false)?;
     luks1::read_header(&mut dev).map_err(|e| CliError::io(path, e.to_string()))
 }
 
@@ -77,7 +77,7 @@ fn open_payload(
     if crate::luks2::version(hdr_path)? == Some(2) {
         return crate::luks2::open_payload(path, header, keys, secrets, writable);
     }
-    let mut hdr_dev = crate::create::open_file(hdr_path, false)?;
+    let mut hdr_dev = crate::file::open_file(hdr_path, false)?;
     let hdr =
         luks1::read_header(&mut hdr_dev).map_err(|e| CliError::io(hdr_path, e.to_string()))?;
     let pass = keys.resolve(path, secrets, false)?;
@@ -191,7 +191,7 @@ pub(crate) fn info(path: &str, header: Option<&str>) -> Result<crate::info::Imag
     }
     let size = file_len.saturating_sub(payload);
     let mut out =
-        crate::info::ImageInfo::basic(path, crate::image::Format::Luks, size - size % 512)?;
+        crate::info::ImageInfo::basic(path, crate::format::Format::Luks, size - size % 512)?;
     out.encrypted = true;
     out.format_specific = Some(("luks".into(), format_specific(&hdr, header.is_some())));
     Ok(out)

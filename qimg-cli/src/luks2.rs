@@ -18,7 +18,7 @@ use crate::CliError;
 
 /// The LUKS version of `path` (1 or 2), or `None` if it is not LUKS.
 pub(crate) fn version(path: &str) -> Result<Option<u16>, CliError> {
-    let mut dev = crate::create::open_file(path, false)?;
+    let mut dev = crate::file::open_file(path, false)?;
     let mut head = [0u8; 8];
     if dev.size().map_err(|e| CliError::io(path, e.to_string()))? < 8 {
         return Ok(None);
@@ -30,7 +30,7 @@ pub(crate) fn version(path: &str) -> Result<Option<u16>, CliError> {
 
 /// Reads the LUKS2 header of `path` and its JSON text.
 pub(crate) fn read_header(path: &str) -> Result<(Luks2Header, Vec<u8>), CliError> {
-    let mut dev = crate::create::open_file(path, false)?;
+    let mut dev = crate::file::open_file(path, false)?;
     let mut json = vec![0u8; luks2::MAX_JSON_LEN];
     let h =
         luks2::read_header(&mut dev, &mut json).map_err(|e| CliError::io(path, e.to_string()))?;
@@ -80,7 +80,7 @@ pub(crate) fn open_payload(
     if header.is_none() {
         check_length(path, &h)?;
     }
-    let mut hdr_dev = crate::create::open_file(hdr_path, false)?;
+    let mut hdr_dev = crate::file::open_file(hdr_path, false)?;
     let pass = keys.resolve(path, secrets, false)?;
     let mut mem = memory(hdr_path, &h)?;
     let (key, _slot) = luks2::unlock(&mut hdr_dev, &h, &pass, None, &mut mem)
@@ -192,7 +192,7 @@ pub(crate) fn info(path: &str, header: Option<&str>) -> Result<crate::info::Imag
         size = size.min(f);
     }
     let mut out =
-        crate::info::ImageInfo::basic(path, crate::image::Format::Luks, size - size % ss)?;
+        crate::info::ImageInfo::basic(path, crate::format::Format::Luks, size - size % ss)?;
     out.encrypted = true;
     out.format_specific = Some(("luks".into(), format_specific(&h, header.is_some())));
     Ok(out)

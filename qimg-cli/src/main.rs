@@ -11,6 +11,8 @@ mod convert_cmd;
 mod create;
 mod dd;
 mod dev;
+mod file;
+mod format;
 mod human;
 mod image;
 mod info;

@@ -2,7 +2,8 @@
 
 use crate::args::{Output, SecretArgs};
 use crate::dev::BlockStatus;
-use crate::image::{self, Format, OpenOptions};
+use crate::format::Format;
+use crate::image::{self, OpenOptions};
 use crate::secret::Secrets;
 use crate::CliError;
 
@@ -126,7 +127,7 @@ pub(crate) fn run(
 pub(crate) struct MapCmd {
     /// Image format; detected from the file when absent.
     #[arg(short = 'f', long = "format", value_enum)]
-    format: Option<crate::args::FormatArg>,
+    format: Option<crate::format::Format>,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
@@ -143,12 +144,7 @@ impl MapCmd {
     /// Runs `qimg map`.
     pub(crate) fn run(self) -> Result<u8, CliError> {
         crate::lock::set_force_share(self.force_share);
-        run(
-            &self.filename,
-            self.format.map(Into::into),
-            self.output,
-            &self.secrets,
-        )
+        run(&self.filename, self.format, self.output, &self.secrets)
     }
 }
 

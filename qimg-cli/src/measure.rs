@@ -16,8 +16,9 @@
 
 use serde_json::json;
 
-use crate::args::{FormatArg, Output, SecretArgs};
-use crate::image::{self, Format, OpenOptions};
+use crate::args::{Output, SecretArgs};
+use crate::format::Format;
+use crate::image::{self, OpenOptions};
 use crate::opts::{parse_size, OptionMap};
 use crate::secret::Secrets;
 use crate::CliError;
@@ -33,7 +34,7 @@ pub(crate) struct MeasureCmd {
     output: Output,
     /// Format of the image to measure for.
     #[arg(short = 'O', value_enum, default_value = "raw")]
-    output_format: FormatArg,
+    output_format: Format,
     /// Options of the image to measure for (`-o key=value,...`, as
     /// `create`).
     #[arg(short = 'o', value_name = "OPTIONS")]
@@ -44,7 +45,7 @@ pub(crate) struct MeasureCmd {
     size: Option<String>,
     /// Format of FILE; detected from the file when absent.
     #[arg(short = 'f', value_enum)]
-    format: Option<FormatArg>,
+    format: Option<Format>,
     /// Measure FILE as of an internal snapshot.
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     snapshot: Option<String>,
@@ -99,14 +100,14 @@ impl MeasureCmd {
         let opts =
             OptionMap::parse(&self.options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
         let (required, fully, bitmaps) = match self.output_format {
-            FormatArg::Raw => {
+            Format::Raw => {
                 // Checked as qemu-img does, without effect on the numbers.
                 let _ = opts.get("preallocation");
                 opts.reject_unused("raw")
                     .map_err(|e| CliError::usage(e.to_string()))?;
                 (source.size, source.size, None)
             }
-            FormatArg::Qcow2 => {
+            Format::Qcow2 => {
                 let c = crate::create::Qcow2Create::parse(&opts, None, None)?;
                 let m = c.measure(source.size)?;
                 let data = if c.preallocates_data() {
@@ -124,7 +125,7 @@ impl MeasureCmd {
                     bitmaps,
                 )
             }
-            FormatArg::Luks => {
+            Format::Luks => {
                 // The header and key material, then the payload. No
                 // passphrase is needed to know the layout.
                 let o = crate::luks::CreateOptions::parse(&opts, "")?;
@@ -159,11 +160,7 @@ impl MeasureCmd {
     /// Opens FILE and collects its size, data ranges and bitmaps.
     fn scan(&self, path: &str) -> Result<SourceFacts, CliError> {
         let secrets = Secrets::parse(&self.secrets.object)?;
-        let format = match (self.format, &self.secrets.header) {
-            (Some(f), _) => f.into(),
-            (None, Some(_)) => Format::Luks,
-            (None, None) => image::detect(path)?,
-        };
+        let format = crate::format::resolve(path, self.format, self.secrets.header.as_deref())?;
         let mut src = image::open(
             path,
             &OpenOptions {
@@ -187,7 +184,7 @@ impl MeasureCmd {
             }
             off += len;
         }
-        let bitmaps = if format == Format::Qcow2 && self.output_format == FormatArg::Qcow2 {
+        let bitmaps = if format == Format::Qcow2 && self.output_format == Format::Qcow2 {
             let mut img = crate::qcow2::Opening::open(path)?.img;
             let mut list = Vec::new();
             img.for_each_bitmap(|b| {

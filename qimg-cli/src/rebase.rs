@@ -10,9 +10,10 @@
 use luks_core::io::FileDevice;
 use qcow_core::Qcow2Writer;
 
-use crate::args::{FormatArg, SecretArgs};
+use crate::args::SecretArgs;
 use crate::dev::Source;
-use crate::image::{self, Format, OpenOptions};
+use crate::format::Format;
+use crate::image::{self, OpenOptions};
 use crate::secret::Secrets;
 use crate::CliError;
 
@@ -21,7 +22,7 @@ use crate::CliError;
 pub(crate) struct RebaseCmd {
     /// Image format (qcow2).
     #[arg(short = 'f', value_enum)]
-    format: Option<FormatArg>,
+    format: Option<Format>,
     /// Unsafe: change the backing file name only, without keeping the
     /// guest content (for a backing file that was moved or renamed).
     #[arg(short = 'u')]
@@ -72,10 +73,7 @@ impl RebaseCmd {
             let full = image::resolve_backing(path, b)
                 .to_string_lossy()
                 .into_owned();
-            let fmt = match new_fmt {
-                Some("raw") => Format::Raw,
-                _ => Format::Qcow2,
-            };
+            let fmt = new_fmt.and_then(Format::parse).unwrap_or(Format::Qcow2);
             // qemu-img rebase -u reads the new backing file with
             // force-share; the safe mode locks it for reading.
             if self.unsafe_ {
@@ -108,10 +106,7 @@ impl RebaseCmd {
                 let full = image::resolve_backing(path, b)
                     .to_string_lossy()
                     .into_owned();
-                let f = match fmt {
-                    Some("raw") => Format::Raw,
-                    _ => Format::Qcow2,
-                };
+                let f = fmt.and_then(Format::parse).unwrap_or(Format::Qcow2);
                 let o = image::open(
                     &full,
                     &OpenOptions {
@@ -131,7 +126,7 @@ impl RebaseCmd {
             }
             None => None,
         };
-        let dev = crate::create::open_file(path, true)?;
+        let dev = crate::file::open_file(path, true)?;
         let mut w = Qcow2Writer::open(dev).map_err(|e| {
             CliError::io(path, format!("{e}; `qimg rebase -u` changes only the name"))
         })?;
@@ -181,11 +176,8 @@ impl RebaseCmd {
 
 /// Refuses `path` unless it is a qcow2 image (`format`, or detected):
 /// only qcow2 images have a backing file (`commit`, `rebase`).
-pub(crate) fn qcow2_only(path: &str, format: Option<FormatArg>) -> Result<(), CliError> {
-    let format = match format {
-        Some(f) => f.into(),
-        None => image::detect(path)?,
-    };
+pub(crate) fn qcow2_only(path: &str, format: Option<Format>) -> Result<(), CliError> {
+    let format = crate::format::resolve(path, format, None)?;
     if format != Format::Qcow2 {
         return Err(CliError::io(
             path,
@@ -215,6 +207,6 @@ pub(crate) fn open_qcow2(
 /// Opens the qcow2 image `path` for metadata changes only (backing file
 /// name, unmapping clusters): no key is needed.
 pub(crate) fn open_metadata_writer(path: &str) -> Result<Qcow2Writer<FileDevice>, CliError> {
-    let dev = crate::create::open_file(path, true)?;
+    let dev = crate::file::open_file(path, true)?;
     Qcow2Writer::open_metadata_only(dev).map_err(|e| CliError::io(path, e.to_string()))
 }

@@ -2,7 +2,8 @@
 
 use luks_core::io::BlockIo;
 
-use crate::image::{self, Format};
+use crate::format::Format;
+use crate::image;
 use crate::opts::parse_size;
 use crate::CliError;
 
@@ -15,10 +16,7 @@ pub(crate) fn run(
     size: &str,
 ) -> Result<u8, CliError> {
     crate::lock::will_write(path);
-    let format = match format {
-        Some(f) => f,
-        None => image::detect(path)?,
-    };
+    let format = crate::format::resolve(path, format, None)?;
     if format == Format::Qcow2 {
         crate::lock::lock_backing_chain(path)?;
     }
@@ -48,7 +46,7 @@ pub(crate) fn run(
             "{path}: use the --shrink option to perform a shrink operation (data past the new end is lost)"
         )));
     }
-    let open_rw = || crate::create::open_file(path, true);
+    let open_rw = || crate::file::open_file(path, true);
     match format {
         Format::Raw => {
             image::warn_if_raw_looks_formatted(path);
@@ -75,7 +73,7 @@ pub(crate) fn run(
 pub(crate) struct ResizeCmd {
     /// Image format; detected from the file when absent.
     #[arg(short = 'f', long = "format", value_enum)]
-    format: Option<crate::args::FormatArg>,
+    format: Option<crate::format::Format>,
     /// Allow making the image smaller (data past the new end is lost).
     #[arg(long)]
     shrink: bool,
@@ -94,7 +92,7 @@ impl ResizeCmd {
     pub(crate) fn run(self) -> Result<u8, CliError> {
         run(
             &self.filename,
-            self.format.map(Into::into),
+            self.format,
             self.shrink,
             self.quiet,
             &self.size,

@@ -5,7 +5,8 @@
 use qcow_core::writer::snapshots::{NewSnapshot, SnapshotEntry};
 use qcow_core::Qcow2Writer;
 
-use crate::args::{FormatArg, Output};
+use crate::args::Output;
+use crate::format::Format;
 use crate::CliError;
 
 /// The command line of `qimg snapshot`.
@@ -26,7 +27,7 @@ pub(crate) struct SnapshotCmd {
     delete: Option<String>,
     /// Image format (only qcow2 has internal snapshots).
     #[arg(short = 'f', value_enum)]
-    format: Option<FormatArg>,
+    format: Option<Format>,
     /// Output format of `-l`.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
@@ -48,19 +49,16 @@ impl SnapshotCmd {
     pub(crate) fn run(&self) -> Result<u8, CliError> {
         crate::lock::set_force_share(self.force_share);
         let path = self.filename.as_str();
-        let format = match self.format {
-            Some(f) => f.into(),
-            None => crate::image::detect(path)?,
-        };
+        let format = crate::format::resolve(path, self.format, None)?;
         // qemu-img lists a raw image's (absent) snapshots as nothing at
         // all and exits 0; creating, applying or deleting fails.
-        if self.list && format == crate::image::Format::Raw {
+        if self.list && format == crate::format::Format::Raw {
             return Ok(0);
         }
         // A LUKS volume: qemu-img 10 knows LUKS1 only. It probes a LUKS2
         // volume as raw (nothing listed, exit 0) and fails to open a LUKS1
         // one (or anything given `-f luks`) without a key-secret (exit 1).
-        if self.list && format == crate::image::Format::Luks {
+        if self.list && format == crate::format::Format::Luks {
             if self.format.is_none() && luks_version(path) == Some(2) {
                 return Ok(0);
             }
@@ -82,7 +80,7 @@ impl SnapshotCmd {
                     .to_string(),
             ));
         }
-        if format != crate::image::Format::Qcow2 {
+        if format != crate::format::Format::Qcow2 {
             return Err(CliError::io(
                 path,
                 format!("{format} images have no internal snapshots (qcow2 only)"),
@@ -93,7 +91,7 @@ impl SnapshotCmd {
         if self.list {
             return self.list(path);
         }
-        let dev = crate::create::open_file(path, true)?;
+        let dev = crate::file::open_file(path, true)?;
         let mut w =
             Qcow2Writer::open_metadata_only(dev).map_err(|e| CliError::io(path, e.to_string()))?;
         if let Some(name) = &self.create {

@@ -1,0 +1,67 @@
+//! Opening plain files by name: the checks every image file gets before
+//! it is opened, and opening an existing file with QEMU's locks. Verbs and
+//! the format layer ([`crate::format`], [`crate::image`]) use these; this
+//! module uses no verb.
+
+use std::path::Path;
+
+use luks_core::io::FileDevice;
+
+use crate::CliError;
+
+/// Refuses a directory named where an image file belongs (opening one
+/// succeeds on Unix, and reading it fails with a less helpful message), and
+/// a FIFO, socket or character device: those cannot be sized, and opening a
+/// FIFO blocks until a writer appears. The type is read with `stat`, which
+/// never blocks, before anything opens the file.
+pub(crate) fn refuse_dir(path: &str) -> Result<(), CliError> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        // Opening reports a missing file with the system's reason.
+        return Ok(());
+    };
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return Err(CliError::io(
+            path,
+            "is a directory, not an image file; name the image file itself".into(),
+        ));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        let kind = if ft.is_fifo() {
+            Some("a FIFO (named pipe)")
+        } else if ft.is_socket() {
+            Some("a socket")
+        } else if ft.is_char_device() {
+            Some("a character device")
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
+            return Err(CliError::io(
+                path,
+                format!(
+                    "is {kind}, not a regular file or block device: an image must have a \
+                     size and be readable at any offset"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the existing file `path`, for writing when `writable`; the error
+/// names the file ("cannot open" or "cannot open for writing").
+pub(crate) fn open_file(path: &str, writable: bool) -> Result<FileDevice, CliError> {
+    use crate::lock::{lock_dev, Access};
+    if writable {
+        FileDevice::open_rw(Path::new(path))
+            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))
+            .and_then(|d| lock_dev(d, path, Access::Write))
+    } else {
+        FileDevice::open(Path::new(path))
+            .map_err(|e| CliError::io(path, format!("cannot open: {e}")))
+            .and_then(|d| lock_dev(d, path, Access::Read))
+    }
+}
