@@ -65,3 +65,32 @@ pub(crate) fn open_file(path: &str, writable: bool) -> Result<FileDevice, CliErr
             .and_then(|d| lock_dev(d, path, Access::Read))
     }
 }
+
+/// Bytes a file occupies on disk (qemu-img's "disk size"/"actual-size").
+pub(crate) fn allocated_bytes(path: &str) -> Result<u64, CliError> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| CliError::io(path, format!("cannot stat: {e}")))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Ok(meta.blocks() * 512)
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(meta.len())
+    }
+}
+
+/// The length of a file in bytes.
+pub(crate) fn file_length(path: &str) -> Result<u64, CliError> {
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|e| CliError::io(path, format!("cannot stat: {e}")))
+}
+
+/// The length of a file as QEMU's file layer reports it: rounded up to whole
+/// 512-byte sectors (a raw image of 1000 bytes is 1024 bytes big, the tail
+/// reading as zero).
+pub(crate) fn sector_length(path: &str) -> Result<u64, CliError> {
+    Ok(file_length(path)?.next_multiple_of(512))
+}

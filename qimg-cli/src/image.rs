@@ -8,7 +8,7 @@ use luks_core::io::{BlockIo, FileDevice};
 use crate::args::SecretArgs;
 use crate::dev::erased;
 use crate::dev::Source;
-use crate::file::refuse_dir;
+use crate::file::{refuse_dir, sector_length};
 use crate::format::{detect, resolve, Format};
 use crate::rawfile::RawFile;
 use crate::secret::Secrets;
@@ -619,35 +619,6 @@ impl Source for Chain {
     }
 }
 
-/// Bytes a file occupies on disk (qemu-img's "disk size"/"actual-size").
-pub(crate) fn allocated_bytes(path: &str) -> Result<u64, CliError> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| CliError::io(path, format!("cannot stat: {e}")))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        Ok(meta.blocks() * 512)
-    }
-    #[cfg(not(unix))]
-    {
-        Ok(meta.len())
-    }
-}
-
-/// The length of a file in bytes.
-pub(crate) fn file_length(path: &str) -> Result<u64, CliError> {
-    std::fs::metadata(path)
-        .map(|m| m.len())
-        .map_err(|e| CliError::io(path, format!("cannot stat: {e}")))
-}
-
-/// The length of a file as QEMU's file layer reports it: rounded up to whole
-/// 512-byte sectors (a raw image of 1000 bytes is 1024 bytes big, the tail
-/// reading as zero).
-pub(crate) fn sector_length(path: &str) -> Result<u64, CliError> {
-    Ok(file_length(path)?.next_multiple_of(512))
-}
-
 /// Resolves a backing file name relative to the image that names it, as
 /// QEMU does.
 pub(crate) fn resolve_backing(image: &str, backing: &str) -> PathBuf {
@@ -666,15 +637,15 @@ pub(crate) fn info(
     path: &str,
     format: Option<Format>,
     args: &SecretArgs,
-) -> Result<crate::info::ImageInfo, CliError> {
+) -> Result<crate::image_info::ImageInfo, CliError> {
     refuse_dir(path)?;
     let format = resolve(path, format, args.header.as_deref())?;
     match format {
-        Format::Raw => crate::info::ImageInfo::basic(path, format, sector_length(path)?),
+        Format::Raw => crate::image_info::ImageInfo::basic(path, format, sector_length(path)?),
         Format::Qcow2 => {
             let mut opening = crate::qcow2::Opening::open(path)?;
             let info = opening.img.info().clone();
-            let mut out = crate::info::ImageInfo::basic(path, format, info.virtual_size())?;
+            let mut out = crate::image_info::ImageInfo::basic(path, format, info.virtual_size())?;
             out.cluster_size = Some(info.cluster_size());
             out.dirty = info.dirty();
             out.encrypted = info.header.crypt_method != 0;

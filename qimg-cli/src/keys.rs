@@ -175,7 +175,7 @@ impl Target {
 /// volume, or the crypto region of a qcow2 image (then `true`).
 fn open_window(path: &str, format: Format, writable: bool) -> Result<(HeaderDev, bool), CliError> {
     let (qcow2, (offset, len)) = match format {
-        Format::Luks => (false, (0, crate::image::file_length(path)?)),
+        Format::Luks => (false, (0, crate::file::file_length(path)?)),
         Format::Qcow2 => (true, qcow2_region(path)?),
         Format::Raw => {
             return Err(CliError::io(
@@ -216,7 +216,7 @@ fn qcow2_region(path: &str) -> Result<(u64, u64), CliError> {
                 &info.header,
                 c.offset,
                 c.length,
-                crate::image::file_length(path)?,
+                crate::file::file_length(path)?,
             )
             .map_err(|what| {
                 CliError::io(

@@ -172,12 +172,15 @@ pub(crate) fn format_specific(hdr: &HeaderRepr, detached: bool) -> Value {
 }
 
 /// `qimg info` for a raw LUKS volume (no passphrase needed).
-pub(crate) fn info(path: &str, header: Option<&str>) -> Result<crate::info::ImageInfo, CliError> {
+pub(crate) fn info(
+    path: &str,
+    header: Option<&str>,
+) -> Result<crate::image_info::ImageInfo, CliError> {
     if crate::luks2::version(header.unwrap_or(path))? == Some(2) {
         return crate::luks2::info(path, header);
     }
     let hdr = read_header(header.unwrap_or(path))?;
-    let file_len = crate::image::file_length(path)?;
+    let file_len = crate::file::file_length(path)?;
     let payload = u64::from(hdr.payload_offset) * 512;
     if header.is_none() && payload > file_len {
         return Err(CliError::io(
@@ -191,7 +194,7 @@ pub(crate) fn info(path: &str, header: Option<&str>) -> Result<crate::info::Imag
     }
     let size = file_len.saturating_sub(payload);
     let mut out =
-        crate::info::ImageInfo::basic(path, crate::format::Format::Luks, size - size % 512)?;
+        crate::image_info::ImageInfo::basic(path, crate::format::Format::Luks, size - size % 512)?;
     out.encrypted = true;
     out.format_specific = Some(("luks".into(), format_specific(&hdr, header.is_some())));
     Ok(out)

@@ -160,7 +160,7 @@ pub(crate) fn format_specific(h: &Luks2Header, detached: bool) -> Value {
 /// data segment begins: a truncated copy, whose key material may be
 /// missing too, so unlocking would fail misleadingly.
 pub(crate) fn check_length(path: &str, h: &Luks2Header) -> Result<(), CliError> {
-    let file_len = crate::image::file_length(path)?;
+    let file_len = crate::file::file_length(path)?;
     let area = h.meta.header_area_len(h.hdr.hdr_size);
     let payload = h.meta.data_segment().map_or(0, |s| s.offset);
     let need = area.max(payload);
@@ -178,12 +178,15 @@ pub(crate) fn check_length(path: &str, h: &Luks2Header) -> Result<(), CliError> 
 }
 
 /// `qimg info` for a raw LUKS2 volume (no passphrase needed).
-pub(crate) fn info(path: &str, header: Option<&str>) -> Result<crate::info::ImageInfo, CliError> {
+pub(crate) fn info(
+    path: &str,
+    header: Option<&str>,
+) -> Result<crate::image_info::ImageInfo, CliError> {
     let (h, _) = read_header(header.unwrap_or(path))?;
     if header.is_none() {
         check_length(path, &h)?;
     }
-    let file_len = crate::image::file_length(path)?;
+    let file_len = crate::file::file_length(path)?;
     let (offset, fixed, ss) = h.meta.data_segment().map_or((0, None, 512), |s| {
         (s.offset, s.size, u64::from(s.sector_size))
     });
@@ -192,7 +195,7 @@ pub(crate) fn info(path: &str, header: Option<&str>) -> Result<crate::info::Imag
         size = size.min(f);
     }
     let mut out =
-        crate::info::ImageInfo::basic(path, crate::format::Format::Luks, size - size % ss)?;
+        crate::image_info::ImageInfo::basic(path, crate::format::Format::Luks, size - size % ss)?;
     out.encrypted = true;
     out.format_specific = Some(("luks".into(), format_specific(&h, header.is_some())));
     Ok(out)

@@ -15,6 +15,7 @@ mod file;
 mod format;
 mod human;
 mod image;
+mod image_info;
 mod info;
 mod keys;
 mod keys2;

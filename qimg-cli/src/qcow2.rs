@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use luks_core::io::BlockIo;
 
 use crate::dev::{AnyDev, BlockStatus, DevError, Source};
-use crate::info::SnapshotInfo;
+use crate::image_info::SnapshotInfo;
 use crate::rawfile::RawFile;
 use crate::CliError;
 
@@ -208,9 +208,8 @@ impl Qcow2Source {
         } else {
             let cs = self.img.info().cluster_size();
             let file_len = self.holes()?.size()?;
-            let real = crate::image::allocated_bytes(&self.path)
-                .map_err(|e| DevError(e.to_string()))?
-                / cs;
+            let real =
+                crate::file::allocated_bytes(&self.path).map_err(|e| DevError(e.to_string()))? / cs;
             let threshold = (real * 10 / 9).max(real + 2);
             let clusters = file_len.div_ceil(cs);
             let mut counted = 0u64;

@@ -21,7 +21,7 @@ pub(crate) fn run(
         crate::lock::lock_backing_chain(path)?;
     }
     let current = match format {
-        Format::Raw => image::file_length(path)?,
+        Format::Raw => crate::file::file_length(path)?,
         Format::Qcow2 => crate::qcow2::Opening::open(path)?.img.info().virtual_size(),
         Format::Luks => {
             return Err(CliError::usage(format!(

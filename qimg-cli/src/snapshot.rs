@@ -134,15 +134,15 @@ impl SnapshotCmd {
         match self.output {
             Output::Json => {
                 let v: Vec<serde_json::Value> =
-                    snaps.iter().map(crate::info::snapshot_json).collect();
+                    snaps.iter().map(crate::image_info::snapshot_json).collect();
                 println!("{}", crate::pretty_json(&serde_json::Value::Array(v)));
             }
             Output::Human if snaps.is_empty() => {}
             Output::Human => {
                 println!("Snapshot list:");
-                println!("{}", crate::info::snapshot_header());
+                println!("{}", crate::image_info::snapshot_header());
                 for s in &snaps {
-                    println!("{}", crate::info::snapshot_row(s));
+                    println!("{}", crate::image_info::snapshot_row(s));
                 }
             }
         }
