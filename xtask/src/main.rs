@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode};
 
 mod bench;
 mod fuzz;
+mod imports;
 mod kdf;
 mod sizes;
 mod sparse;
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
         Some("nostd") => nostd(),
         Some("core-sizes") => sizes::core_sizes(),
         Some("unsafe-audit") => unsafe_audit(),
+        Some("imports") => imports::check(),
         Some("man") => man(),
         Some("uefi") => uefi::build().map(|p| println!("{}", p.display())),
         Some("uefi-test") => uefi::test(),
@@ -97,7 +99,7 @@ fn print_help() {
     println!(
         "cargo xtask TASK\n\n\
          Tasks:\n  \
-         ci            everything CI runs: fmt, unsafe audit, clippy, bare-metal builds, tests, docs, firmware test\n  \
+         ci            everything CI runs: fmt, unsafe audit, import cycles, clippy, bare-metal builds, tests, docs, firmware test\n  \
          fmt           rustfmt check\n  \
          clippy        clippy -D warnings on all targets\n  \
          test          all tests (interop tests need qemu-img and cryptsetup)\n  \
@@ -105,6 +107,7 @@ fn print_help() {
          nostd         build both cores for {BARE_METAL} at each feature level; fail if plaintext qcow-core links a cipher, hash or KDF\n  \
          core-sizes    size of the no-alloc smoke binary: plaintext qcow2, + LUKS1, everything\n  \
          unsafe-audit  fail if `unsafe` appears outside {VETTED_UNSAFE}\n  \
+         imports       fail on an import cycle between qimg-cli's modules, printing it\n  \
          man           write qimg(1) and a page per verb to target/man/\n  \
          uefi          build the UEFI reader (tests/uefi-reader)\n  \
          uefi-test     boot OVMF with test images and check what the reader reads\n  \
@@ -145,6 +148,7 @@ fn run(what: &str, cmd: &mut Command) -> Result<(), String> {
 fn ci() -> Result<(), String> {
     fmt_check()?;
     unsafe_audit()?;
+    imports::check()?;
     clippy()?;
     nostd()?;
     test()?;
