@@ -861,6 +861,30 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path) -> Result<(), String> {
             fl,
             xf
         );
+        let kind = match row.name {
+            "convert raw->LUKS qcow2" => Some(0),
+            "convert raw->raw LUKS" => Some(1),
+            _ => None,
+        };
+        if let Some(k) = kind {
+            let net = [
+                (res.secs[0] - setup[k][0]).max(0.0),
+                (res.secs[1] - setup[k][1]).max(0.0),
+            ];
+            let xf = res
+                .floor
+                .map_or("-".into(), |f| format!("{:.2}x", net[1] / f.max(1e-9)));
+            println!(
+                "{:<30} {:>8.2}s {:>8.2}s {:>5.2}x {:>9} {:>9} {:>8} {xf:>8}  (row minus the setup line above)",
+                "  net of setup",
+                net[0],
+                net[1],
+                net[1] / net[0].max(1e-9),
+                "",
+                "",
+                ""
+            );
+        }
         for f in [
             &qo,
             &mo,
