@@ -175,10 +175,8 @@ fn ci() -> Result<(), String> {
     doc()?;
     uefi::test()?;
     // The benchmark harness must not rot: run it tiny, judge no timing.
-    run(
-        "bench-compare --smoke",
-        cargo().args(["xtask", "bench-compare", "--smoke"]),
-    )?;
+    eprintln!("xtask: == bench-compare --smoke");
+    bench::compare(&bench_compare_opts(&["--smoke".to_string()])?)?;
     eprintln!("xtask: ci passed");
     Ok(())
 }
