@@ -156,7 +156,11 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
     if let Some(b) = &a.backing {
         // `-B` naming the destination itself (or a chain back to it).
         let full = image::resolve_backing(&a.destination, b);
-        crate::lock::refuse_backing_loop(&a.destination, &full.to_string_lossy(), Format::Qcow2)?;
+        crate::chain_lock::refuse_backing_loop(
+            &a.destination,
+            &full.to_string_lossy(),
+            Format::Qcow2,
+        )?;
     }
     // LUKS payloads are whole sectors: a raw source of odd length is padded
     // with zeroes (reads past the end of a file are zero).

@@ -451,7 +451,7 @@ pub(crate) fn create_qcow2(
             .as_deref()
             .and_then(Format::parse)
             .unwrap_or(Format::Qcow2);
-        crate::lock::refuse_backing_loop(filename, &full.to_string_lossy(), fmt)?;
+        crate::chain_lock::refuse_backing_loop(filename, &full.to_string_lossy(), fmt)?;
     }
     let secrets = crate::secret::Secrets::parse(&secrets.object)?;
     let size = match size.or(c.size) {

@@ -317,7 +317,7 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
     let opts = OptionMap::parse(a.options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
     let format = crate::format::resolve(&path, format, None)?;
     if format == Format::Qcow2 {
-        crate::lock::lock_backing_chain(&path)?;
+        crate::chain_lock::lock_backing_chain(&path)?;
     }
     if format == Format::Luks {
         crate::lock::lock_for_luks_amend(&path)?;

@@ -79,7 +79,7 @@ impl RebaseCmd {
             if self.unsafe_ {
                 crate::lock::set_force_share(true);
             }
-            crate::lock::refuse_backing_loop(path, &full, fmt)?;
+            crate::chain_lock::refuse_backing_loop(path, &full, fmt)?;
         }
         if !self.unsafe_ {
             self.keep_content(path, new, new_fmt)?;

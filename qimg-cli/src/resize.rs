@@ -18,7 +18,7 @@ pub(crate) fn run(
     crate::lock::will_write(path);
     let format = crate::format::resolve(path, format, None)?;
     if format == Format::Qcow2 {
-        crate::lock::lock_backing_chain(path)?;
+        crate::chain_lock::lock_backing_chain(path)?;
     }
     let current = match format {
         Format::Raw => crate::file::file_length(path)?,

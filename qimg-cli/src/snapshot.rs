@@ -87,7 +87,7 @@ impl SnapshotCmd {
             ));
         }
         // qemu-img opens the image with its backing chain: read locks.
-        crate::lock::lock_backing_chain(path)?;
+        crate::chain_lock::lock_backing_chain(path)?;
         if self.list {
             return self.list(path);
         }

@@ -15,13 +15,6 @@ const SRC: &str = "qimg-cli/src";
 /// cycles through the format layer that issue #18's format layer (one
 /// opened `Image` answering the verbs) will remove belong here.
 const ALLOWED: &[(&str, &str, &str)] = &[
-    // Issue #18, format layer: lock.rs is both the locking primitive that
-    // file.rs, image.rs and qcow2.rs open files with and the backing-chain
-    // walk (lock_backing_chain, refuse_backing_loop) that detects formats
-    // and opens qcow2 headers. Splitting the walk out removes these.
-    ("lock", "format", "issue #18: chain walk in lock.rs"),
-    ("lock", "image", "issue #18: chain walk in lock.rs"),
-    ("lock", "qcow2", "issue #18: chain walk in lock.rs"),
     // Issue #18, KeySlots: keys.rs hands LUKS2 to keys2.rs, which calls
     // back for the shared secret and option helpers.
     (
