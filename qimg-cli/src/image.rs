@@ -1,5 +1,5 @@
-//! Opening images: format detection by magic, secrets, backing chains, and
-//! the type-erased [`Source`] every verb reads through.
+//! Opening images: secrets, backing chains, and the type-erased [`Source`]
+//! every verb reads through (the format comes from [`crate::format`]).
 
 use std::path::{Path, PathBuf};
 
