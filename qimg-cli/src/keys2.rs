@@ -10,7 +10,7 @@ use luks_core::luks2::write::{self, KdfParams};
 use luks_core::luks2::{self, Kdf, Luks2Header};
 use luks_core::HashAlg;
 
-use crate::keys::usize_of;
+use crate::keys_io::usize_of;
 use crate::luks::OsRng;
 use crate::secret::Secret;
 use crate::CliError;
@@ -110,7 +110,7 @@ impl Target2 {
     ) -> Result<(VolumeKey, u8), CliError> {
         let mut mem = crate::luks2::memory(&self.path, &self.h)?;
         luks2::unlock(&mut self.dev, &self.h, pass, slot, &mut mem)
-            .map_err(|e| crate::keys::unlock_error(&self.path, e))
+            .map_err(|e| crate::keys_io::unlock_error(&self.path, e))
     }
 
     /// The KDF of a new key slot: `c` where given, else like key slot
@@ -259,7 +259,7 @@ pub(crate) fn header_backup(volume: &str, backup: &str) -> Result<u8, CliError> 
     let mut buf = zeroize::Zeroizing::new(vec![0u8; usize_of(len, volume)?]);
     dev.read_at(0, &mut buf)
         .map_err(|e| CliError::io(volume, e.to_string()))?;
-    crate::keys::write_backup(backup, &buf)?;
+    crate::keys_io::write_backup(backup, &buf)?;
     Ok(0)
 }
 
@@ -272,7 +272,7 @@ pub(crate) fn header_restore(
     backup: &str,
     confirm: impl FnOnce(&str) -> Result<(), CliError>,
 ) -> Result<u8, CliError> {
-    let bad = || crate::keys::incompatible_backup(backup);
+    let bad = || crate::keys_io::incompatible_backup(backup);
     let (new, _) = crate::luks2::read_header(backup).map_err(|_| bad())?;
     let len = area_len(&new);
     let bytes = zeroize::Zeroizing::new(
@@ -320,7 +320,7 @@ pub(crate) fn header_restore(
     let size = dev
         .size()
         .map_err(|e| CliError::io(volume, e.to_string()))?;
-    crate::keys::write_area(&mut dev, volume, size, area)?;
+    crate::keys_io::write_area(&mut dev, volume, size, area)?;
     Ok(0)
 }
 

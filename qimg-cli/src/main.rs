@@ -20,6 +20,7 @@ mod image_info;
 mod info;
 mod keys;
 mod keys2;
+mod keys_io;
 mod lock;
 mod luks;
 mod luks2;

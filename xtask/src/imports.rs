@@ -15,13 +15,6 @@ const SRC: &str = "qimg-cli/src";
 /// cycles through the format layer that issue #18's format layer (one
 /// opened `Image` answering the verbs) will remove belong here.
 const ALLOWED: &[(&str, &str, &str)] = &[
-    // Issue #18, KeySlots: keys.rs hands LUKS2 to keys2.rs, which calls
-    // back for the shared secret and option helpers.
-    (
-        "keys2",
-        "keys",
-        "issue #18: keys.rs/keys2.rs before KeySlots",
-    ),
     // Issue #18, format layer: luks.rs hands LUKS2 volumes to luks2.rs,
     // which uses luks.rs's payload opening and KDF clock.
     (
