@@ -138,12 +138,12 @@ fn byte_flips_never_panic() {
         let mut cache = [0u8; 1024];
         let mut cin = [0u8; 1024];
         let mut cout = [0u8; 512];
-        let Ok(q) = Qcow2::open(MemDevice::read_only(&img), &mut cache) else {
+        let Ok(q) = Qcow2::open(MemDevice::read_only(&img), &mut cache[..]) else {
             continue;
         };
         let mut q = q
             .ignore_backing()
-            .with_compression_buffers(&mut cin, &mut cout);
+            .with_compression_buffers(&mut cin[..], &mut cout[..]);
         let size = q.virtual_size().min(64 * 1024);
         let mut buf = [0u8; 4096];
         let mut g = 0;
@@ -189,9 +189,9 @@ fn compressed_clusters_read_whole_and_in_parts() {
     let mut cache = [0u8; 4096];
     let mut cin = [0u8; 8192];
     let mut cout = [0u8; 4096];
-    let mut q = Qcow2::open(MemDevice::read_only(&bytes), &mut cache)
+    let mut q = Qcow2::open(MemDevice::read_only(&bytes), &mut cache[..])
         .unwrap()
-        .with_compression_buffers(&mut cin, &mut cout);
+        .with_compression_buffers(&mut cin[..], &mut cout[..]);
     assert!(matches!(
         q.map(0, 4096).unwrap().kind,
         MapKind::Compressed(_)
