@@ -404,6 +404,9 @@ pub struct Qcow2<
     st: State<S, K>,
 }
 
+/// An image, or why it could not be opened or finished.
+type Opened<D, S, B, F, K> = Result<Qcow2<D, S, B, F, K>, Error<<D as BlockIo>::Error>>;
+
 fn io<E>(structure: Structure, offset: u64) -> impl FnOnce(E) -> Error<E> {
     move |source| Error::Io {
         source,
@@ -907,7 +910,7 @@ where
     /// Attaches the backing device (the file named by
     /// [`ImageInfo::backing_file`], opened by the caller in the format of
     /// [`ImageInfo::backing_format`]). Reads past its end return zeros.
-    pub fn with_backing<B2>(self, backing: B2) -> Result<Qcow2<D, S, B2, F, K>, Error<D::Error>>
+    pub fn with_backing<B2>(self, backing: B2) -> Opened<D, S, B2, F, K>
     where
         B2: BlockIo,
         B2::Error: LayerError<D::Error>,
@@ -920,10 +923,7 @@ where
     /// device (reads of unallocated ranges then fail with
     /// [`Error::BackingMissing`] if the image names a backing file, unless
     /// [`Self::ignore_backing`]).
-    pub fn with_backing_opt<B2>(
-        self,
-        mut backing: Option<B2>,
-    ) -> Result<Qcow2<D, S, B2, F, K>, Error<D::Error>>
+    pub fn with_backing_opt<B2>(self, mut backing: Option<B2>) -> Opened<D, S, B2, F, K>
     where
         B2: BlockIo,
         B2::Error: LayerError<D::Error>,
@@ -1041,10 +1041,7 @@ where
     /// decryptor). On error the image is dropped; use
     /// [`Self::unlock_key`] to retry with another passphrase.
     #[cfg(feature = "encryption")]
-    pub fn unlock(
-        mut self,
-        passphrase: &[u8],
-    ) -> Result<Qcow2<D, S, B, F, crate::crypto::ImageKey>, Error<D::Error>> {
+    pub fn unlock(mut self, passphrase: &[u8]) -> Opened<D, S, B, F, crate::crypto::ImageKey> {
         let key = self.unlock_key(passphrase)?;
         Ok(self.with_decryptor_opt(key))
     }
