@@ -1,7 +1,8 @@
 //! Opening and reading a qcow2 image without an allocator.
 //!
-//! [`Qcow2`] reads through a caller-provided metadata cache (`&mut [u8]`)
-//! that holds slices of L1, L2 and refcount tables ([`SLICE_BYTES`] each, at
+//! [`Qcow2`] reads through a metadata cache it owns, of any storage `S:
+//! AsMut<[u8]>` the caller hands it (a `&mut [u8]` in firmware, a `Vec<u8>`
+//! with an allocator), that holds slices of L1, L2 and refcount tables ([`SLICE_BYTES`] each, at
 //! most one cluster), so a 2 MiB-cluster image works with a 4 KiB cache.
 //! Normal clusters are read straight into the caller's buffer, with
 //! contiguous host runs coalesced into one device request. Compressed
@@ -87,6 +88,24 @@ pub trait Decryptor {
     /// Decrypts `buf`, read from `host_offset`, holding guest bytes from
     /// `guest_offset`. Returns `false` on failure.
     fn decrypt(&mut self, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool;
+}
+
+impl<T: Decryptor + ?Sized> Decryptor for &mut T {
+    fn decrypt(&mut self, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool {
+        (**self).decrypt(host_offset, guest_offset, buf)
+    }
+}
+
+/// The decryptor type of an image with none attached (the default `K` of
+/// [`Qcow2`]); never called, as the reader refuses encrypted data without
+/// a decryptor.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoDecryptor;
+
+impl Decryptor for NoDecryptor {
+    fn decrypt(&mut self, _host_offset: u64, _guest_offset: u64, _buf: &mut [u8]) -> bool {
+        false
+    }
 }
 
 /// What a guest range maps to.
@@ -304,9 +323,9 @@ impl ImageInfo {
     }
 }
 
-/// The metadata slice cache over caller memory.
-struct Cache<'c> {
-    mem: &'c mut [u8],
+/// The metadata slice cache over caller-provided storage.
+struct Cache<S> {
+    mem: S,
     slice: usize,
     slots: usize,
     tags: [u64; MAX_CACHE_SLICES],
@@ -317,7 +336,7 @@ struct Cache<'c> {
 
 const EMPTY: u64 = u64::MAX;
 
-impl Cache<'_> {
+impl<S> Cache<S> {
     fn find(&mut self, key: u64) -> Option<usize> {
         let hit = if self.tags.get(self.last) == Some(&key) {
             Some(self.last)
@@ -345,7 +364,7 @@ impl Cache<'_> {
 }
 
 /// The non-generic state of an open image.
-struct State<'c> {
+struct State<S, K> {
     info: ImageInfo,
     /// Active L1 table (the image's, or a snapshot's).
     l1_offset: u64,
@@ -353,29 +372,40 @@ struct State<'c> {
     size: u64,
     snapshot: Option<u32>,
     file_size: u64,
-    cache: Cache<'c>,
-    cin: &'c mut [u8],
-    cout: &'c mut [u8],
+    cache: Cache<S>,
+    /// Compressed cluster input and output buffers, once given.
+    cin: Option<S>,
+    cout: Option<S>,
     cout_tag: Option<u64>,
-    decryptor: Option<&'c mut dyn Decryptor>,
+    decryptor: Option<K>,
     ignore_backing: bool,
     bounce: [u8; 512],
 }
 
-/// A qcow2 image opened read-only over device `D`, with backing device `B`
-/// and external data file device `F`.
+/// A qcow2 image opened read-only over device `D`, its buffers in storage
+/// `S` (`&mut [u8]`, `Vec<u8>`, `Box<[u8]>`, ...: owned by the reader, so
+/// nothing outlives it), with backing device `B`, external data file device
+/// `F` and decryptor `K`.
+///
+/// `B`, `F` and `K` are optional at run time: an image without one holds
+/// `None`, and [`Qcow2::with_backing_opt`], [`Qcow2::with_data_file_opt`]
+/// and [`Qcow2::with_decryptor_opt`] name the type either way.
 pub struct Qcow2<
-    'c,
     D: BlockIo,
+    S,
     B = NoDevice<<D as BlockIo>::Error>,
     F = NoDevice<<D as BlockIo>::Error>,
+    K = NoDecryptor,
 > {
     dev: D,
     backing: Option<B>,
     backing_size: u64,
     data: Option<F>,
-    st: State<'c>,
+    st: State<S, K>,
 }
+
+/// An image, or why it could not be opened or finished.
+type Opened<D, S, B, F, K> = Result<Qcow2<D, S, B, F, K>, Error<<D as BlockIo>::Error>>;
 
 fn io<E>(structure: Structure, offset: u64) -> impl FnOnce(E) -> Error<E> {
     move |source| Error::Io {
@@ -470,10 +500,12 @@ fn sector_floor(size: u64) -> u64 {
     size & !511
 }
 
-impl<'c, D: BlockIo> Qcow2<'c, D> {
+impl<D: BlockIo, S: AsMut<[u8]>> Qcow2<D, S> {
     /// Opens an image read-only. `cache` is the metadata cache: at least
     /// one slice (`min(4096, cluster_size)` bytes); up to 64 slices are used.
-    pub fn open(mut dev: D, cache: &'c mut [u8]) -> Result<Self, Error<D::Error>> {
+    /// The reader owns it (pass `&mut buf[..]` to lend memory instead).
+    pub fn open(mut dev: D, mut cache_store: S) -> Result<Self, Error<D::Error>> {
+        let cache = cache_store.as_mut();
         let mut bounce = [0u8; 512];
         let file_size = dev.size().map_err(io(Structure::Header, 0))?;
         if cache.len() < 512 {
@@ -611,8 +643,8 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
             header::field::L1_SIZE.start as u64,
         )?;
         let slice = usize::try_from(cs).unwrap_or(SLICE_BYTES).min(SLICE_BYTES);
-        let slots = cache
-            .len()
+        let cache_len = cache.len();
+        let slots = cache_len
             .checked_div(slice)
             .unwrap_or(0)
             .min(MAX_CACHE_SLICES);
@@ -620,7 +652,7 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
             return Err(Error::BufferTooSmall {
                 what: Buffer::Cache,
                 needed: slice,
-                given: cache.len(),
+                given: cache_len,
             });
         }
         let mut img = Self {
@@ -636,7 +668,7 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
                 file_size,
                 info,
                 cache: Cache {
-                    mem: cache,
+                    mem: cache_store,
                     slice,
                     slots,
                     tags: [EMPTY; MAX_CACHE_SLICES],
@@ -644,8 +676,8 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
                     tick: 0,
                     last: 0,
                 },
-                cin: &mut [],
-                cout: &mut [],
+                cin: None,
+                cout: None,
                 cout_tag: None,
                 decryptor: None,
                 ignore_backing: false,
@@ -662,7 +694,7 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
     /// corrupt with [`Error::MarkedCorrupt`], and everything else with
     /// [`Unsupported::Writing`]. Writing goes through `writer::Qcow2Writer`
     /// (the `alloc` feature), which has its own caches.
-    pub fn open_rw(dev: D, cache: &'c mut [u8]) -> Result<Self, Error<D::Error>> {
+    pub fn open_rw(dev: D, cache: S) -> Result<Self, Error<D::Error>> {
         let img = Self::open(dev, cache)?;
         if img.info().corrupt() {
             return Err(Error::MarkedCorrupt);
@@ -865,9 +897,11 @@ fn feature_name_from<D: BlockIo>(
     Ok(None)
 }
 
-impl<'c, D, B, F> Qcow2<'c, D, B, F>
+impl<D, S, B, F, K> Qcow2<D, S, B, F, K>
 where
     D: BlockIo,
+    S: AsMut<[u8]>,
+    K: Decryptor,
     B: BlockIo,
     B::Error: LayerError<D::Error>,
     F: BlockIo,
@@ -876,17 +910,31 @@ where
     /// Attaches the backing device (the file named by
     /// [`ImageInfo::backing_file`], opened by the caller in the format of
     /// [`ImageInfo::backing_format`]). Reads past its end return zeros.
-    pub fn with_backing<B2>(self, mut backing: B2) -> Result<Qcow2<'c, D, B2, F>, Error<D::Error>>
+    pub fn with_backing<B2>(self, backing: B2) -> Opened<D, S, B2, F, K>
     where
         B2: BlockIo,
         B2::Error: LayerError<D::Error>,
     {
-        let backing_size = backing
-            .size()
-            .map_err(|e| e.into_layer(Structure::Backing, 0))?;
+        self.with_backing_opt(Some(backing))
+    }
+
+    /// [`Self::with_backing`] for a backing device that may be absent at
+    /// run time: `None` gives an image of the same type with no backing
+    /// device (reads of unallocated ranges then fail with
+    /// [`Error::BackingMissing`] if the image names a backing file, unless
+    /// [`Self::ignore_backing`]).
+    pub fn with_backing_opt<B2>(self, mut backing: Option<B2>) -> Opened<D, S, B2, F, K>
+    where
+        B2: BlockIo,
+        B2::Error: LayerError<D::Error>,
+    {
+        let backing_size = match backing.as_mut() {
+            Some(b) => b.size().map_err(|e| e.into_layer(Structure::Backing, 0))?,
+            None => 0,
+        };
         Ok(Qcow2 {
             dev: self.dev,
-            backing: Some(backing),
+            backing,
             backing_size,
             data: self.data,
             st: self.st,
@@ -895,7 +943,19 @@ where
 
     /// Attaches the external data file device (named by
     /// [`ImageInfo::data_file`]).
-    pub fn with_data_file<F2>(self, data: F2) -> Qcow2<'c, D, B, F2>
+    pub fn with_data_file<F2>(self, data: F2) -> Qcow2<D, S, B, F2, K>
+    where
+        F2: BlockIo,
+        F2::Error: LayerError<D::Error>,
+    {
+        self.with_data_file_opt(Some(data))
+    }
+
+    /// [`Self::with_data_file`] for a data file that may be absent at run
+    /// time: `None` gives an image of the same type with none attached
+    /// (an image that needs one then fails reads with
+    /// [`Error::DataFileMissing`]).
+    pub fn with_data_file_opt<F2>(self, data: Option<F2>) -> Qcow2<D, S, B, F2, K>
     where
         F2: BlockIo,
         F2::Error: LayerError<D::Error>,
@@ -904,7 +964,7 @@ where
             dev: self.dev,
             backing: self.backing,
             backing_size: self.backing_size,
-            data: Some(data),
+            data,
             st: self.st,
         }
     }
@@ -919,17 +979,71 @@ where
     /// Gives the buffers compressed clusters are read through: `input` of
     /// at least 512 bytes (`cluster_size + 512` holds any cluster QEMU
     /// writes) and `output` of at least `cluster_size`.
-    pub fn with_compression_buffers(mut self, input: &'c mut [u8], output: &'c mut [u8]) -> Self {
-        self.st.cin = input;
-        self.st.cout = output;
+    /// Both are of the cache's storage type and owned by the reader; they
+    /// are only touched (`as_mut`) when a compressed cluster is read.
+    pub fn with_compression_buffers(mut self, input: S, output: S) -> Self {
+        self.st.cin = Some(input);
+        self.st.cout = Some(output);
         self.st.cout_tag = None;
         self
     }
 
-    /// Attaches the decryptor that reading an encrypted image needs.
-    pub fn with_decryptor(mut self, d: &'c mut dyn Decryptor) -> Self {
-        self.st.decryptor = Some(d);
-        self
+    /// Attaches the decryptor that reading an encrypted image needs (an
+    /// owned key such as [`crate::crypto::ImageKey`], or `&mut` one).
+    pub fn with_decryptor<K2: Decryptor>(self, d: K2) -> Qcow2<D, S, B, F, K2> {
+        self.with_decryptor_opt(Some(d))
+    }
+
+    /// [`Self::with_decryptor`] for a key that may be absent at run time
+    /// (an unencrypted image): `None` names the same type with no
+    /// decryptor, and reading encrypted data then fails with
+    /// [`Unsupported::Encrypted`].
+    pub fn with_decryptor_opt<K2: Decryptor>(self, d: Option<K2>) -> Qcow2<D, S, B, F, K2> {
+        let st = self.st;
+        Qcow2 {
+            dev: self.dev,
+            backing: self.backing,
+            backing_size: self.backing_size,
+            data: self.data,
+            st: State {
+                info: st.info,
+                l1_offset: st.l1_offset,
+                l1_size: st.l1_size,
+                size: st.size,
+                snapshot: st.snapshot,
+                file_size: st.file_size,
+                cache: st.cache,
+                cin: st.cin,
+                cout: st.cout,
+                cout_tag: st.cout_tag,
+                decryptor: d,
+                ignore_backing: st.ignore_backing,
+                bounce: st.bounce,
+            },
+        }
+    }
+
+    /// Unlocks this opened encrypted image with `passphrase`, reading the
+    /// LUKS header it carries through its own device (no second open), and
+    /// gives the key, for [`Self::with_decryptor`]: `Ok(None)` for an
+    /// unencrypted image. A wrong passphrase leaves the image usable, so a
+    /// caller can ask again.
+    #[cfg(feature = "encryption")]
+    pub fn unlock_key(
+        &mut self,
+        passphrase: &[u8],
+    ) -> Result<Option<crate::crypto::ImageKey>, Error<D::Error>> {
+        crate::crypto::ImageKey::unlock(&mut self.dev, &self.st.info, passphrase)
+    }
+
+    /// [`Self::unlock_key`] and [`Self::with_decryptor_opt`] in one: the
+    /// image, unlocked in place (an unencrypted one passes through with no
+    /// decryptor). On error the image is dropped; use
+    /// [`Self::unlock_key`] to retry with another passphrase.
+    #[cfg(feature = "encryption")]
+    pub fn unlock(mut self, passphrase: &[u8]) -> Opened<D, S, B, F, crate::crypto::ImageKey> {
+        let key = self.unlock_key(passphrase)?;
+        Ok(self.with_decryptor_opt(key))
     }
 
     /// Header and extension information.
@@ -1004,6 +1118,7 @@ where
                 let at = v.checked_mul(c.slice).ok_or_else(overflow)?;
                 let buf = c
                     .mem
+                    .as_mut()
                     .get_mut(at..at.saturating_add(c.slice))
                     .ok_or_else(overflow)?;
                 c.tags[v] = EMPTY;
@@ -1022,6 +1137,7 @@ where
             .ok_or_else(overflow)?;
         let src = c
             .mem
+            .as_mut()
             .get(at..at.saturating_add(out.len()))
             .ok_or_else(overflow)?;
         out.copy_from_slice(src);
@@ -1324,18 +1440,20 @@ where
     ) -> Result<(), Error<D::Error>> {
         self.check_encryption()?;
         let cs = usize::try_from(self.st.info.header.cluster_size()).unwrap_or(usize::MAX);
-        if self.st.cout.len() < cs {
+        let cout: &mut [u8] = self.st.cout.as_mut().map_or(&mut [], |b| b.as_mut());
+        if cout.len() < cs {
             return Err(Error::BufferTooSmall {
                 what: Buffer::CompressedOutput,
                 needed: cs,
-                given: self.st.cout.len(),
+                given: cout.len(),
             });
         }
-        if self.st.cin.len() < 512 {
+        let cin: &mut [u8] = self.st.cin.as_mut().map_or(&mut [], |b| b.as_mut());
+        if cin.len() < 512 {
             return Err(Error::BufferTooSmall {
                 what: Buffer::CompressedInput,
                 needed: cs.saturating_add(512),
-                given: self.st.cin.len(),
+                given: cin.len(),
             });
         }
         let intra = usize::try_from(g & (cs as u64).wrapping_sub(1)).unwrap_or(0);
@@ -1345,12 +1463,12 @@ where
         let whole = intra == 0 && chunk.len() == cs;
         if self.st.cout_tag != Some(d.host) {
             self.st.cout_tag = None;
-            let at = compressed_input(&mut self.dev, self.st.file_size, d, &mut self.st.cin[..])?;
-            let input = &self.st.cin[at];
+            let at = compressed_input(&mut self.dev, self.st.file_size, d, cin)?;
+            let input = &cin[at];
             let out = if whole {
                 &mut chunk[..]
             } else {
-                &mut self.st.cout[..cs]
+                &mut cout[..cs]
             };
             match decompress(self.st.info.header.compression_type, input, out) {
                 Ok(()) => {}
@@ -1373,9 +1491,7 @@ where
             }
             self.st.cout_tag = Some(d.host);
         }
-        let src = self
-            .st
-            .cout
+        let src = cout
             .get(intra..intra.saturating_add(chunk.len()))
             .ok_or(Error::corrupt(
                 Structure::CompressedCluster,
@@ -1729,9 +1845,11 @@ where
     }
 }
 
-impl<D, B, F> BlockIo for Qcow2<'_, D, B, F>
+impl<D, S, B, F, K> BlockIo for Qcow2<D, S, B, F, K>
 where
     D: BlockIo,
+    S: AsMut<[u8]>,
+    K: Decryptor,
     B: BlockIo,
     B::Error: LayerError<D::Error>,
     F: BlockIo,

@@ -41,9 +41,10 @@
 //! let dev = w.close()?;
 //! assert_eq!(probe(dev.as_slice()), Some(Qcow2Version::V3));
 //!
-//! // The reader borrows its metadata cache from the caller.
+//! // The reader's metadata cache: any `AsMut<[u8]>` storage it then owns;
+//! // here memory lent from the caller (firmware's way, no allocator).
 //! let mut cache = [0u8; 4096];
-//! let mut img = Qcow2::open(dev, &mut cache)?;
+//! let mut img = Qcow2::open(dev, &mut cache[..])?;
 //! let mut sector = [0u8; 512];
 //! img.read(65536, &mut sector)?;
 //! assert_eq!(sector, [0xab; 512]);
@@ -69,11 +70,10 @@
 //! w.write(0, &[0xcd; 512])?;
 //! let dev = w.close()?;
 //!
-//! // Open, unlock with the passphrase, read.
-//! let mut img = Qcow2::open(dev, &mut cache)?;
-//! let info = img.info().clone();
-//! let mut key = ImageKey::unlock(img.device(), &info, b"secret")?.ok_or("not encrypted")?;
-//! let mut img = img.with_decryptor(&mut key);
+//! // Open (this time with a cache the reader owns), unlock in place with
+//! // the passphrase, read.
+//! let img = Qcow2::open(dev, vec![0u8; 4096])?;
+//! let mut img = img.unlock(b"secret")?;
 //! img.read(0, &mut sector)?;
 //! assert_eq!(sector, [0xcd; 512]);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -107,7 +107,7 @@ pub mod writer;
 #[cfg(feature = "alloc")]
 pub use create::{create, measure, CreateOptions, Measure, Preallocation};
 pub use error::{Error, Structure};
-pub use image::{BitmapInfo, Decryptor, ImageInfo, MapKind, Mapping, NoDevice, Qcow2};
+pub use image::{BitmapInfo, Decryptor, ImageInfo, MapKind, Mapping, NoDecryptor, NoDevice, Qcow2};
 /// The sector-I/O trait and its adapters, shared with `luks-core`.
 pub use luks_core::io;
 pub use luks_core::io::BlockIo;

@@ -96,6 +96,7 @@ pub(crate) struct Flat<D> {
 
 impl<D> Flat<D> {
     /// Data at the same offset in the device.
+    #[cfg(test)]
     pub(crate) fn at_offsets(dev: D) -> Self {
         Self { dev, offsets: true }
     }

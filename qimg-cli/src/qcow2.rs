@@ -15,36 +15,47 @@ use crate::CliError;
 /// Metadata cache handed to each image: 64 slices of 4 KiB.
 pub(crate) const CACHE_BYTES: usize = 64 * 4096;
 
-/// Leaks a zeroed buffer for the life of the process. Images opened by the
-/// CLI live until it exits, and the reader borrows its cache and buffers
-/// for `'static`; the OS takes the memory back at exit.
-///
-/// Buffers are cut from leaked 64 MiB zeroed arenas: an allocation that
-/// large is a fresh anonymous mapping whose pages cost no memory until
-/// used, where a 64 KiB `vec![0; n]` comes from the heap and is cleared
-/// (resident) at once. So each layer of a deep backing chain costs only
-/// the cache slices and compression buffers it really uses.
-fn leaked(len: usize) -> &'static mut [u8] {
-    /// The arena's size: above glibc's largest mmap threshold (32 MiB).
-    const ARENA: usize = 64 << 20;
-    /// The unused rest of the current arena.
-    static REST: std::sync::Mutex<Option<&'static mut [u8]>> = std::sync::Mutex::new(None);
-    if len > ARENA / 8 {
-        return Box::leak(vec![0u8; len].into_boxed_slice());
-    }
-    let mut rest = REST
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let cur = match rest.take() {
-        Some(r) if r.len() >= len => r,
-        _ => Box::leak(vec![0u8; ARENA].into_boxed_slice()),
-    };
-    let (head, tail) = cur.split_at_mut(len);
-    *rest = Some(tail);
-    head
+/// A reader buffer of `len` zero bytes, owned by the reader and allocated
+/// on first use: the compression buffers of a layer that holds no
+/// compressed cluster (most layers of a deep backing chain) never are.
+/// Large ones are fresh zeroed mappings whose pages cost no memory until
+/// touched, so a cache costs only the slices it really uses.
+pub(crate) struct LazyBuf {
+    len: usize,
+    mem: Vec<u8>,
 }
 
-type Image = Qcow2<'static, AnyDev, Box<dyn Source>, AnyDev>;
+impl LazyBuf {
+    /// A buffer of `len` bytes, not yet allocated.
+    pub(crate) fn new(len: usize) -> Self {
+        Self {
+            len,
+            mem: Vec::new(),
+        }
+    }
+}
+
+impl AsMut<[u8]> for LazyBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        if self.mem.len() != self.len {
+            self.mem = vec![0u8; self.len];
+        }
+        &mut self.mem
+    }
+}
+
+/// The reader as the CLI holds it before a backing file and data file are
+/// attached; the decryptor is there when the image is encrypted and
+/// unlocked.
+pub(crate) type Reader = Qcow2<
+    AnyDev,
+    LazyBuf,
+    qcow_core::NoDevice<DevError>,
+    qcow_core::NoDevice<DevError>,
+    crate::parallel::ParallelKey,
+>;
+
+type Image = Qcow2<AnyDev, LazyBuf, Box<dyn Source>, AnyDev, crate::parallel::ParallelKey>;
 
 /// A qcow2 image opened for reading, as a [`Source`].
 pub(crate) struct Qcow2Source {
@@ -71,7 +82,7 @@ pub(crate) struct Qcow2Source {
 /// What the CLI needs to know to finish opening an image.
 pub(crate) struct Opening {
     /// The reader, without backing or data file yet.
-    pub(crate) img: Qcow2<'static, AnyDev>,
+    pub(crate) img: Reader,
 }
 
 /// Bytes of a version 3 qcow2 header without extensions (a version 2
@@ -92,7 +103,7 @@ impl Opening {
             .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
         crate::lock::lock(file.file(), path, crate::lock::Access::Read)?;
         let dev: AnyDev = crate::dev::erased(file);
-        let img = Qcow2::open(dev, leaked(cache_bytes)).map_err(|e| {
+        let img = Qcow2::open(dev, LazyBuf::new(cache_bytes)).map_err(|e| {
             // A file cut inside the header reads as zeroes past its end,
             // which the parser reports as a bad field: say what happened.
             match std::fs::metadata(path).map(|m| m.len()) {
@@ -107,7 +118,9 @@ impl Opening {
             }
         })?;
         let cs = usize::try_from(img.info().cluster_size()).unwrap_or(usize::MAX);
-        let img = img.with_compression_buffers(leaked(cs + 512), leaked(cs));
+        let img = img
+            .with_compression_buffers(LazyBuf::new(cs.saturating_add(512)), LazyBuf::new(cs))
+            .with_decryptor_opt(None);
         Ok(Self { img })
     }
 }
@@ -124,24 +137,16 @@ impl Qcow2Source {
         let has_data_file = data_file.is_some();
         let img = opening.img;
         let encrypted = img.info().header.crypt_method != 0;
-        let img = match backing {
-            Some(b) => img
-                .with_backing(b)
-                .map_err(|e| CliError::io(path, e.to_string()))?,
-            None => img
-                .ignore_backing()
-                .with_backing(Box::new(crate::dev::Flat::at_offsets(crate::dev::erased(
-                    luks_core::io::VecDevice::new(),
-                ))) as Box<dyn Source>)
-                .map_err(|e| CliError::io(path, e.to_string()))?,
+        let img = if has_backing {
+            img
+        } else {
+            img.ignore_backing()
         };
-        let (img, hole_file) = match data_file {
-            Some((dev, file)) => (img.with_data_file(dev), Some(file)),
-            None => (
-                img.with_data_file(crate::dev::erased(luks_core::io::VecDevice::new())),
-                None,
-            ),
-        };
+        let img = img
+            .with_backing_opt(backing)
+            .map_err(|e| CliError::io(path, e.to_string()))?;
+        let (data_dev, hole_file) = data_file.unzip();
+        let img = img.with_data_file_opt(data_dev);
         Ok(Self {
             path: path.to_string(),
             img,
@@ -444,19 +449,16 @@ pub(crate) fn unlock(
         return Ok(opening);
     }
     let pass = keys.resolve(path, secrets, false)?;
-    let file = luks_core::io::FileDevice::open(std::path::Path::new(path))
-        .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
-    let mut dev = crate::dev::erased(file);
-    let key = qcow_core::crypto::ImageKey::unlock(&mut dev, opening.img.info(), &pass)
+    let mut img = opening.img;
+    // Through the opened image's own device: no second open.
+    let key = img
+        .unlock_key(&pass)
         .map_err(|e| CliError::io(path, e.to_string()))?
         .ok_or_else(|| CliError::io(path, "the image is not encrypted".into()))?;
-    // Lives as long as the process, like the reader's other buffers; large
-    // runs are decrypted by the `-m` workers.
-    let key: &'static mut crate::parallel::ParallelKey = Box::leak(Box::new(
-        crate::parallel::ParallelKey::new(key, crate::parallel::cipher_workers()),
-    ));
+    // Owned by the reader; large runs are decrypted by the `-m` workers.
+    let key = crate::parallel::ParallelKey::new(key, crate::parallel::cipher_workers());
     Ok(Opening {
-        img: opening.img.with_decryptor(key),
+        img: img.with_decryptor(key),
     })
 }
 
@@ -504,10 +506,7 @@ pub(crate) fn format_specific(
 }
 
 /// The snapshot list as `qemu-img info` shows it.
-pub(crate) fn snapshots(
-    img: &mut Qcow2<'static, AnyDev>,
-    path: &str,
-) -> Result<Vec<SnapshotInfo>, CliError> {
+pub(crate) fn snapshots(img: &mut Reader, path: &str) -> Result<Vec<SnapshotInfo>, CliError> {
     let mut out = Vec::new();
     img.for_each_snapshot(|s| {
         out.push(SnapshotInfo {

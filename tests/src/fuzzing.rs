@@ -172,7 +172,7 @@ pub fn qcow2_image(data: &[u8]) {
     }
 }
 
-fn read_some<D: luks_core::io::BlockIo>(q: &mut Qcow2<'_, D>) {
+fn read_some<D: luks_core::io::BlockIo, S: AsMut<[u8]>>(q: &mut Qcow2<D, S>) {
     let size = q.virtual_size().min(FUZZ_MAX_GUEST_READ);
     let mut buf = [0u8; 4096];
     let mut g = 0;

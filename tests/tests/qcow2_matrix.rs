@@ -64,8 +64,9 @@ impl BlockIo for Dyn {
     }
 }
 
-fn leak(n: usize) -> &'static mut [u8] {
-    Box::leak(vec![0u8; n].into_boxed_slice())
+/// A zeroed buffer for the reader to own.
+fn zeroed(n: usize) -> Vec<u8> {
+    vec![0u8; n]
 }
 
 fn is_qcow2(path: &Path) -> bool {
@@ -78,20 +79,20 @@ fn open_any(path: &Path, snapshot: Option<&str>) -> Dyn {
         return Dyn(Box::new(Any(FileDevice::open(path).unwrap())));
     }
     let dir = path.parent().unwrap();
-    let img = Qcow2::open(Any(FileDevice::open(path).unwrap()), leak(16 * 4096)).unwrap();
+    let img = Qcow2::open(Any(FileDevice::open(path).unwrap()), zeroed(16 * 4096)).unwrap();
     let cs = img.info().cluster_size() as usize;
     let info = img.info().clone();
-    let img = img.with_compression_buffers(leak(cs + 512), leak(cs));
-    let img = match info.data_file() {
-        Some(name) => img.with_data_file(Any(FileDevice::open(&dir.join(name)).unwrap())),
-        None => img.with_data_file(Any(FileDevice::open(path).unwrap())),
-    };
-    let mut img = match info.backing_file() {
-        Some(name) => img.with_backing(open_any(&dir.join(name), None)).unwrap(),
-        None => img
-            .with_backing(Dyn(Box::new(qcow_core::NoDevice::<AnyError>::new())))
-            .unwrap(),
-    };
+    let img = img.with_compression_buffers(zeroed(cs + 512), zeroed(cs));
+    let img = img.with_data_file_opt(
+        info.data_file()
+            .map(|name| Any(FileDevice::open(&dir.join(name)).unwrap())),
+    );
+    let mut img = img
+        .with_backing_opt(
+            info.backing_file()
+                .map(|name| open_any(&dir.join(name), None)),
+        )
+        .unwrap();
     if let Some(s) = snapshot {
         let snap = img.find_snapshot(s).unwrap();
         img.select_snapshot(&snap).unwrap();
@@ -145,8 +146,8 @@ impl Env {
         self.img(&[&["convert", "-f", "raw", "-O", "qcow2"], extra, &[src, dst]].concat());
     }
     /// `img` opened read-only by qcow-core, without a backing file.
-    fn open(&self, img: &str) -> Qcow2<'static, FileDevice> {
-        Qcow2::open(FileDevice::open(&self.p(img)).unwrap(), leak(4096)).unwrap()
+    fn open(&self, img: &str) -> Qcow2<FileDevice, Vec<u8>> {
+        Qcow2::open(FileDevice::open(&self.p(img)).unwrap(), zeroed(4096)).unwrap()
     }
     /// Runs qemu-io commands on an image; false (skip) when qemu-io is absent.
     fn io(&self, fmt: &str, img: &str, cmds: &[&str]) -> bool {
@@ -647,7 +648,7 @@ fn corrupted_images_fail_cleanly() {
     let mut b = good.clone();
     b[79] |= 0x80;
     std::fs::write(env.p("bad.qcow2"), &b).unwrap();
-    let e = Qcow2::open(FileDevice::open(&env.p("bad.qcow2")).unwrap(), leak(4096))
+    let e = Qcow2::open(FileDevice::open(&env.p("bad.qcow2")).unwrap(), zeroed(4096))
         .err()
         .unwrap();
     assert!(e.to_string().contains("incompatible feature bit 7"), "{e}");
@@ -658,7 +659,7 @@ fn corrupted_images_fail_cleanly() {
     std::fs::write(env.p("ok.qcow2"), &b).unwrap();
     let q = env.open("ok.qcow2");
     assert!(q.info().corrupt());
-    let e = Qcow2::open_rw(FileDevice::open(&env.p("ok.qcow2")).unwrap(), leak(4096))
+    let e = Qcow2::open_rw(FileDevice::open(&env.p("ok.qcow2")).unwrap(), zeroed(4096))
         .err()
         .unwrap();
     assert!(matches!(e, qcow_core::Error::MarkedCorrupt), "{e}");
@@ -676,10 +677,10 @@ fn corrupted_images_fail_cleanly() {
         }
         let p = env.p(&format!("m{}.qcow2", round % 4));
         std::fs::write(&p, &b).unwrap();
-        if let Ok(q) = Qcow2::open(FileDevice::open(&p).unwrap(), leak(4096)) {
+        if let Ok(q) = Qcow2::open(FileDevice::open(&p).unwrap(), zeroed(4096)) {
             let mut q = q
                 .ignore_backing()
-                .with_compression_buffers(leak(4608), leak(4096));
+                .with_compression_buffers(zeroed(4608), zeroed(4096));
             let size = q.size().unwrap().min(2 * MIB as u64);
             let mut buf = vec![0u8; 65536];
             let mut g = 0;

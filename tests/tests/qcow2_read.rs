@@ -37,9 +37,9 @@ fn qemu_tree_images_read_back_to_expected_sha256() {
         let mut cache = [0u8; 512];
         let mut cin = [0u8; 1024];
         let mut cout = [0u8; 512];
-        let mut img = Qcow2::open(dev, &mut cache)
+        let mut img = Qcow2::open(dev, &mut cache[..])
             .unwrap()
-            .with_compression_buffers(&mut cin, &mut cout);
+            .with_compression_buffers(&mut cin[..], &mut cout[..]);
         let info = img.info().clone();
         assert_eq!(info.virtual_size(), 425_984, "{name}");
         assert_eq!(info.cluster_size(), 512);

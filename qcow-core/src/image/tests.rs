@@ -138,12 +138,12 @@ fn byte_flips_never_panic() {
         let mut cache = [0u8; 1024];
         let mut cin = [0u8; 1024];
         let mut cout = [0u8; 512];
-        let Ok(q) = Qcow2::open(MemDevice::read_only(&img), &mut cache) else {
+        let Ok(q) = Qcow2::open(MemDevice::read_only(&img), &mut cache[..]) else {
             continue;
         };
         let mut q = q
             .ignore_backing()
-            .with_compression_buffers(&mut cin, &mut cout);
+            .with_compression_buffers(&mut cin[..], &mut cout[..]);
         let size = q.virtual_size().min(64 * 1024);
         let mut buf = [0u8; 4096];
         let mut g = 0;
@@ -189,9 +189,9 @@ fn compressed_clusters_read_whole_and_in_parts() {
     let mut cache = [0u8; 4096];
     let mut cin = [0u8; 8192];
     let mut cout = [0u8; 4096];
-    let mut q = Qcow2::open(MemDevice::read_only(&bytes), &mut cache)
+    let mut q = Qcow2::open(MemDevice::read_only(&bytes), &mut cache[..])
         .unwrap()
-        .with_compression_buffers(&mut cin, &mut cout);
+        .with_compression_buffers(&mut cin[..], &mut cout[..]);
     assert!(matches!(
         q.map(0, 4096).unwrap().kind,
         MapKind::Compressed(_)
@@ -224,4 +224,120 @@ fn compressed_clusters_read_whole_and_in_parts() {
         let o = off as usize;
         assert!(b[..] == want[o..o + len], "read of {len} at {off}");
     }
+}
+
+/// A deterministic random source for formatting LUKS1 in tests.
+struct CountingRng(u64);
+
+impl rand_core::TryRng for CountingRng {
+    type Error = core::convert::Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(self.try_next_u64()? as u32)
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        Ok(self.0 >> 11)
+    }
+    fn try_fill_bytes(&mut self, b: &mut [u8]) -> Result<(), Self::Error> {
+        for x in b {
+            *x = self.try_next_u64()? as u8;
+        }
+        Ok(())
+    }
+}
+
+impl rand_core::TryCryptoRng for CountingRng {}
+
+/// A LUKS-encrypted 1 MiB image whose first sector holds 0xcd bytes.
+fn encrypted_image(passphrase: &[u8]) -> luks_core::io::VecDevice {
+    use luks_core::luks1;
+    let opts = crate::create::CreateOptions {
+        size: 1 << 20,
+        luks_region_len: Some(2 << 20),
+        ..crate::create::CreateOptions::default()
+    };
+    let mut w = crate::create::create(luks_core::io::VecDevice::new(), &opts).unwrap();
+    let (off, len) = w.crypto_region().unwrap();
+    let params = luks1::FormatParams {
+        iterations: 1000,
+        payload_offset: Some((len / 512) as u32),
+        ..luks1::FormatParams::default()
+    };
+    let mut region = luks_core::io::Window::new(w.device(), off, len);
+    let (hdr, key) =
+        luks1::format(&mut region, &params, None, passphrase, &mut CountingRng(7)).unwrap();
+    let cipher = luks1::data_cipher::<core::convert::Infallible>(&hdr, &key).unwrap();
+    let mut w = w.with_key(crate::crypto::ImageKey::Luks(cipher)).unwrap();
+    w.write(0, &[0xcd; 512]).unwrap();
+    w.close().unwrap()
+}
+
+/// The reader owns `Vec` buffers and its key; a wrong passphrase leaves
+/// the opened image usable, and the right one unlocks it in place.
+#[test]
+fn owned_buffers_and_unlock_in_place() {
+    extern crate std;
+    let dev = encrypted_image(b"right");
+    let mut img = Qcow2::open(dev, std::vec![0u8; 4096])
+        .unwrap()
+        .with_compression_buffers(std::vec![0u8; 65536 + 512], std::vec![0u8; 65536]);
+    let mut sector = [0u8; 512];
+    // No key yet: encrypted data is refused, not returned as ciphertext.
+    assert!(matches!(
+        img.read(0, &mut sector),
+        Err(Error::Unsupported(Unsupported::Encrypted { method: 2 }))
+    ));
+    assert!(img.unlock_key(b"wrong").is_err());
+    let key = img.unlock_key(b"right").unwrap();
+    assert!(key.is_some());
+    let mut img = img.with_decryptor_opt(key);
+    img.read(0, &mut sector).unwrap();
+    assert_eq!(sector, [0xcd; 512]);
+    // The consuming form, on a second image.
+    let mut img = Qcow2::open(encrypted_image(b"pw"), std::vec![0u8; 4096])
+        .unwrap()
+        .unlock(b"pw")
+        .unwrap();
+    img.read(0, &mut sector).unwrap();
+    assert_eq!(sector, [0xcd; 512]);
+}
+
+/// Absent backing, data file and key named by type with `None` inside:
+/// a plaintext image reads as before, and an image that needs a data file
+/// reports it missing rather than reading a placeholder.
+#[test]
+fn optional_devices_hold_none() {
+    let img = image();
+    let mut cache = [0u8; 512];
+    let mut q = Qcow2::open(MemDevice::read_only(&img), &mut cache[..])
+        .unwrap()
+        .with_backing_opt(None::<MemDevice<'_>>)
+        .unwrap()
+        .with_data_file_opt(None::<MemDevice<'_>>)
+        .with_decryptor_opt(None::<NoDecryptor>)
+        .unlock(b"unused")
+        .unwrap();
+    let mut buf = [0u8; 512];
+    q.read(0, &mut buf).unwrap();
+    assert_eq!(buf, [0x11; 512]);
+    assert!(q.backing().is_none());
+
+    // The same image, flagged as keeping its data in an external file.
+    let mut ext = image();
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&ext[header::field::INCOMPATIBLE_FEATURES]);
+    let flags = u64::from_be_bytes(v) | incompat::DATA_FILE;
+    ext[header::field::INCOMPATIBLE_FEATURES].copy_from_slice(&flags.to_be_bytes());
+    let mut q = Qcow2::open(MemDevice::read_only(&ext), &mut cache[..])
+        .unwrap()
+        .with_data_file_opt(None::<MemDevice<'_>>);
+    assert!(matches!(q.read(0, &mut buf), Err(Error::DataFileMissing)));
+    let mut q = Qcow2::open(MemDevice::read_only(&ext), &mut cache[..])
+        .unwrap()
+        .with_data_file_opt(Some(MemDevice::read_only(&img)));
+    q.read(0, &mut buf).unwrap();
+    assert_eq!(buf, [0x11; 512]);
 }

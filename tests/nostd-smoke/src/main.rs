@@ -38,24 +38,14 @@ fn tiny_image(buf: &mut [u8]) {
 fn read_qcow2(image: &mut [u8], passphrase: &[u8]) -> bool {
     let mut cache = [0u8; 4096];
     let mut sector = [0u8; 512];
-    let Ok(img) = Qcow2::open(MemDevice::new(&mut *image), &mut cache) else {
+    let Ok(img) = Qcow2::open(MemDevice::new(&mut *image), &mut cache[..]) else {
         return false;
     };
     #[cfg(feature = "luks1")]
     {
-        use qcow_core::crypto::ImageKey;
-        let info = img.info().clone();
-        drop(img);
-        let Ok(mut key) = ImageKey::unlock(&mut MemDevice::new(&mut *image), &info, passphrase)
-        else {
+        // Unlocked in place: one open, the key owned by the reader.
+        let Ok(mut img) = img.unlock(passphrase) else {
             return false;
-        };
-        let Ok(img) = Qcow2::open(MemDevice::new(&mut *image), &mut cache) else {
-            return false;
-        };
-        let mut img = match key.as_mut() {
-            Some(k) => img.with_decryptor(k),
-            None => img,
         };
         img.read_at(4096, &mut sector).is_ok() && sector.iter().all(|&b| b == 0)
     }

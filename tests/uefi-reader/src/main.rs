@@ -31,7 +31,6 @@ use disk::Disk;
 use luks_core::io::BlockIo;
 use luks_core::luks2::{self, Argon2Block};
 use luks_core::{luks1, LuksVolume};
-use qcow_core::crypto::ImageKey;
 use qcow_core::Qcow2;
 
 /// Bytes read per step while hashing the virtual disk.
@@ -152,24 +151,21 @@ impl Msg {
     }
 }
 
-/// Opens a qcow2 image (unlocking it if encrypted) and hashes its disk.
+/// Opens a qcow2 image once, unlocks it in place if encrypted, and hashes
+/// its disk. The buffers are lent to the reader for this one disk.
 fn read_qcow2(disk: &mut Disk, pass: &[u8], bufs: &mut Buffers) -> Result<(&'static str, u64, Hex), Msg> {
-    let info = Qcow2::open(&mut *disk, &mut bufs.cache).map_err(Msg::of)?.info().clone();
-    if info.backing_file().is_some() {
+    let img = Qcow2::open(&mut *disk, &mut bufs.cache[..])
+        .map_err(Msg::of)?
+        .with_compression_buffers(&mut bufs.cin[..], &mut bufs.cout[..]);
+    if img.info().backing_file().is_some() {
         return Err(Msg::of("images with a backing file are not read by the firmware reader"));
     }
-    let mut key = ImageKey::unlock(&mut *disk, &info, pass).map_err(Msg::of)?;
-    let what = match (info.header.crypt_method, info.header.cluster_size()) {
-        (2, _) => "qcow2-luks",
-        (1, _) => "qcow2-aes",
+    let what = match img.info().header.crypt_method {
+        2 => "qcow2-luks",
+        1 => "qcow2-aes",
         _ => "qcow2",
     };
-    let mut img = Qcow2::open(&mut *disk, &mut bufs.cache)
-        .map_err(Msg::of)?
-        .with_compression_buffers(&mut bufs.cin, &mut bufs.cout);
-    if let Some(k) = key.as_mut() {
-        img = img.with_decryptor(k);
-    }
+    let mut img = img.unlock(pass).map_err(Msg::of)?;
     let (size, hex) = hash_device(&mut img, &mut bufs.chunk).map_err(Msg::of)?;
     Ok((what, size, hex))
 }
