@@ -60,6 +60,9 @@ pub(super) fn available(backend: Backend) -> bool {
 
 /// Sectors whose first tweaks are computed together.
 const BATCH: usize = 32;
+// The VAES-512 kernel computes a full batch of first tweaks in exactly
+// eight `zmm` registers (four per register).
+const _: () = assert!(BATCH == 32);
 
 /// Expanded keys for the hardware backends. Invariant: a value exists only
 /// if `available(backend)` was true when it was built, and `backend` is
@@ -374,8 +377,27 @@ fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
         used = used.max(n.next_multiple_of(4).min(BATCH));
         fill_ivs(&mut ivs, n, iv, a.step);
         iv = advance(iv, n, a.step);
-        // Phase 1: T0 = AES_k2(le128(iv)) for each sector of the batch.
-        for (t, &v) in t0s.iter_mut().zip(ivs.iter()).take(n) {
+        // Phase 1: T0 = AES_k2(le128(iv)) for each sector of the batch,
+        // eight sectors interleaved round by round so that the tweak
+        // encryptions run at AES throughput rather than one latency-bound
+        // chain after another; leftover sectors one by one.
+        let mut g = 0;
+        while g + 8 <= n {
+            let mut x = [_mm_setzero_si128(); 8];
+            for (v, &iv) in x.iter_mut().zip(ivs[g..g + 8].iter()) {
+                *v = _mm_xor_si128(_mm_set_epi64x(0, iv as i64), rk2[0]);
+            }
+            for k in &rk2[1..NR] {
+                for v in x.iter_mut() {
+                    *v = _mm_aesenc_si128(*v, *k);
+                }
+            }
+            for (v, t) in x.iter().zip(t0s[g..g + 8].iter_mut()) {
+                store_u128(_mm_aesenclast_si128(*v, rk2[NR]), t);
+            }
+            g += 8;
+        }
+        for (t, &v) in t0s.iter_mut().zip(ivs.iter()).take(n).skip(g) {
             let mut x = _mm_xor_si128(_mm_set_epi64x(0, v as i64), rk2[0]);
             for k in &rk2[1..NR] {
                 x = _mm_aesenc_si128(x, *k);
@@ -517,8 +539,28 @@ fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
         used = used.max(n.next_multiple_of(4).min(BATCH));
         fill_ivs(&mut ivs, n, iv, a.step);
         iv = advance(iv, n, a.step);
-        // Phase 1: T0s, two sectors per register.
+        // Phase 1: T0s, two sectors per register; sixteen sectors (eight
+        // registers) interleaved round by round while that many remain.
         let mut g = 0;
+        while g + 16 <= n {
+            let mut x = [_mm256_setzero_si256(); 8];
+            for (r, v) in x.iter_mut().enumerate() {
+                let (a, b) = (ivs[g + 2 * r], ivs[g + 2 * r + 1]);
+                *v = _mm256_xor_si256(_mm256_set_epi64x(0, b as i64, 0, a as i64), rk2[0]);
+            }
+            for k in &rk2[1..NR] {
+                for v in x.iter_mut() {
+                    *v = _mm256_aesenc_epi128(*v, *k);
+                }
+            }
+            for (r, v) in x.iter().enumerate() {
+                let y = _mm256_aesenclast_epi128(*v, rk2[NR]);
+                // SAFETY: g + 16 <= n <= BATCH, so entries g + 2r and
+                // g + 2r + 1 (r < 8) lie inside `t0s`.
+                unsafe { _mm256_storeu_si256(t0s.as_mut_ptr().add(g + 2 * r).cast(), y) };
+            }
+            g += 16;
+        }
         while g < n {
             let mut x = _mm256_set_epi64x(0, ivs[g + 1] as i64, 0, ivs[g] as i64);
             x = _mm256_xor_si256(x, rk2[0]);
@@ -687,8 +729,41 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
         used = used.max(n.next_multiple_of(4).min(BATCH));
         fill_ivs(&mut ivs, n, iv, a.step);
         iv = advance(iv, n, a.step);
-        // Phase 1: T0s, four sectors per register.
+        // Phase 1: T0s, four sectors per register; a full batch (eight
+        // registers) interleaved round by round, so the tweak encryptions
+        // run at AES throughput instead of as eight latency-bound chains.
         let mut g = 0;
+        if n == BATCH {
+            let mut x = [_mm512_setzero_si512(); 8];
+            for (r, v) in x.iter_mut().enumerate() {
+                let i = &ivs[4 * r..4 * r + 4];
+                *v = _mm512_xor_si512(
+                    _mm512_set_epi64(
+                        0,
+                        i[3] as i64,
+                        0,
+                        i[2] as i64,
+                        0,
+                        i[1] as i64,
+                        0,
+                        i[0] as i64,
+                    ),
+                    rk2[0],
+                );
+            }
+            for k in &rk2[1..NR] {
+                for v in x.iter_mut() {
+                    *v = _mm512_aesenc_epi128(*v, *k);
+                }
+            }
+            for (r, v) in x.iter().enumerate() {
+                let y = _mm512_aesenclast_epi128(*v, rk2[NR]);
+                // SAFETY: 4r + 4 <= 32 == BATCH, so the 64 bytes lie
+                // inside `t0s`.
+                unsafe { _mm512_storeu_si512(t0s.as_mut_ptr().add(4 * r).cast(), y) };
+            }
+            g = BATCH;
+        }
         while g < n {
             let mut x = _mm512_set_epi64(
                 0,
