@@ -709,6 +709,26 @@ fn mul_var_zmm(v: __m512i, k: __m512i) -> __m512i {
     )
 }
 
+/// The tweaks of a sector's first 32 blocks from its `T0`: register `r`
+/// holds `T0 * x^(4r .. 4r+3)`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,vpclmulqdq,sse2")]
+fn first_tweaks_zmm(t0: &u128) -> [__m512i; 8] {
+    let b = _mm512_broadcast_i32x4(load_u128(t0));
+    let v0 = mul_var_zmm(b, _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0));
+    let v1 = mul_var_zmm(b, _mm512_set_epi64(7, 7, 6, 6, 5, 5, 4, 4));
+    [
+        v0,
+        v1,
+        mul_bytes_zmm::<1>(v0),
+        mul_bytes_zmm::<1>(v1),
+        mul_bytes_zmm::<2>(v0),
+        mul_bytes_zmm::<2>(v1),
+        mul_bytes_zmm::<3>(v0),
+        mul_bytes_zmm::<3>(v1),
+    ]
+}
+
 /// As [`kernel_xmm`], on `zmm` registers (4 blocks each).
 #[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
 fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
@@ -786,21 +806,17 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             g += 4;
         }
         // Phase 2: the sectors.
-        for (sector, t0) in batch.chunks_exact_mut(ss).zip(t0s.iter()) {
+        // Each sector's first eight tweak registers are derived one sector
+        // ahead, so a sector's rounds never wait on its tweak arithmetic:
+        // the chain load, broadcast, shifts, carry-less multiplies runs
+        // while the previous sector is in the AES pipes.
+        let mut next = first_tweaks_zmm(&t0s[0]);
+        for (i, sector) in batch.chunks_exact_mut(ss).enumerate() {
             let p = sector.as_mut_ptr();
-            let b = _mm512_broadcast_i32x4(load_u128(t0));
-            let v0 = mul_var_zmm(b, _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0));
-            let v1 = mul_var_zmm(b, _mm512_set_epi64(7, 7, 6, 6, 5, 5, 4, 4));
-            let mut tw = [
-                v0,
-                v1,
-                mul_bytes_zmm::<1>(v0),
-                mul_bytes_zmm::<1>(v1),
-                mul_bytes_zmm::<2>(v0),
-                mul_bytes_zmm::<2>(v1),
-                mul_bytes_zmm::<3>(v0),
-                mul_bytes_zmm::<3>(v1),
-            ];
+            let mut tw = next;
+            if i + 1 < n {
+                next = first_tweaks_zmm(&t0s[i + 1]);
+            }
             let mut j = 0;
             while j + 32 <= nb {
                 let mut x = [_mm512_setzero_si512(); 8];
