@@ -355,6 +355,19 @@ fn mul_x8_xmm(v: __m128i) -> __m128i {
     )
 }
 
+/// The tweaks of a sector's first 8 blocks from its `T0`: `T0 * x^r`.
+#[inline]
+#[target_feature(enable = "sse2")]
+fn first_tweaks_xmm(t0: &u128) -> [__m128i; 8] {
+    let mut tw = [_mm_setzero_si128(); 8];
+    let mut t = *t0;
+    for v in tw.iter_mut() {
+        *v = load_u128(&t);
+        t = mul_x(t);
+    }
+    tw
+}
+
 /// AES-128/256 (`NR` rounds) XTS over whole sectors on `xmm` registers.
 /// Preconditions (checked by the public API): `a.sector_size` is a
 /// non-zero multiple of 16 and `data.len()` a multiple of it.
@@ -405,13 +418,15 @@ fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             store_u128(_mm_aesenclast_si128(x, rk2[NR]), t);
         }
         // Phase 2: the sectors.
-        for (sector, t0) in batch.chunks_exact_mut(ss).zip(t0s.iter()) {
+        // First tweaks derived one sector ahead, so a sector's rounds
+        // never wait on its tweak chain (it runs during the previous
+        // sector's rounds).
+        let mut next = first_tweaks_xmm(&t0s[0]);
+        for (i, sector) in batch.chunks_exact_mut(ss).enumerate() {
             let p = sector.as_mut_ptr();
-            let mut tw = [_mm_setzero_si128(); 8];
-            let mut t = *t0;
-            for v in tw.iter_mut() {
-                *v = load_u128(&t);
-                t = mul_x(t);
+            let mut tw = next;
+            if i + 1 < n {
+                next = first_tweaks_xmm(&t0s[i + 1]);
             }
             let mut j = 0;
             while j + 8 <= nb {
@@ -519,6 +534,28 @@ fn mul_var_ymm(v: __m256i, k: __m256i) -> __m256i {
     )
 }
 
+/// The tweaks of a sector's first 16 blocks from its `T0`: register `r`
+/// holds `T0 * x^(2r, 2r+1)`.
+#[inline]
+#[target_feature(enable = "avx2,vpclmulqdq,sse2")]
+fn first_tweaks_ymm(t0: &u128) -> [__m256i; 8] {
+    let b = _mm256_broadcastsi128_si256(load_u128(t0));
+    let v0 = mul_var_ymm(b, _mm256_set_epi64x(1, 1, 0, 0));
+    let v1 = mul_var_ymm(b, _mm256_set_epi64x(3, 3, 2, 2));
+    let v2 = mul_var_ymm(b, _mm256_set_epi64x(5, 5, 4, 4));
+    let v3 = mul_var_ymm(b, _mm256_set_epi64x(7, 7, 6, 6));
+    [
+        v0,
+        v1,
+        v2,
+        v3,
+        mul_bytes_ymm::<1>(v0),
+        mul_bytes_ymm::<1>(v1),
+        mul_bytes_ymm::<1>(v2),
+        mul_bytes_ymm::<1>(v3),
+    ]
+}
+
 /// As [`kernel_xmm`], on `ymm` registers (2 blocks each).
 #[target_feature(enable = "avx2,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
 fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
@@ -574,23 +611,14 @@ fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             g += 2;
         }
         // Phase 2: the sectors.
-        for (sector, t0) in batch.chunks_exact_mut(ss).zip(t0s.iter()) {
+        // First tweaks derived one sector ahead, as in `kernel_zmm`.
+        let mut next = first_tweaks_ymm(&t0s[0]);
+        for (i, sector) in batch.chunks_exact_mut(ss).enumerate() {
             let p = sector.as_mut_ptr();
-            let b = _mm256_broadcastsi128_si256(load_u128(t0));
-            let v0 = mul_var_ymm(b, _mm256_set_epi64x(1, 1, 0, 0));
-            let v1 = mul_var_ymm(b, _mm256_set_epi64x(3, 3, 2, 2));
-            let v2 = mul_var_ymm(b, _mm256_set_epi64x(5, 5, 4, 4));
-            let v3 = mul_var_ymm(b, _mm256_set_epi64x(7, 7, 6, 6));
-            let mut tw = [
-                v0,
-                v1,
-                v2,
-                v3,
-                mul_bytes_ymm::<1>(v0),
-                mul_bytes_ymm::<1>(v1),
-                mul_bytes_ymm::<1>(v2),
-                mul_bytes_ymm::<1>(v3),
-            ];
+            let mut tw = next;
+            if i + 1 < n {
+                next = first_tweaks_ymm(&t0s[i + 1]);
+            }
             let mut j = 0;
             while j + 16 <= nb {
                 let mut x = [_mm256_setzero_si256(); 8];
