@@ -836,7 +836,7 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
         // Phase 2: the sectors.
         // Each sector's first eight tweak registers are derived one sector
         // ahead, so a sector's rounds never wait on its tweak arithmetic:
-        // the chain load, broadcast, shifts, carry-less multiplies runs
+        // that chain (load, broadcast, shifts, carry-less multiplies) runs
         // while the previous sector is in the AES pipes.
         let mut next = first_tweaks_zmm(&t0s[0]);
         for (i, sector) in batch.chunks_exact_mut(ss).enumerate() {
