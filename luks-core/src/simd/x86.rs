@@ -60,6 +60,9 @@ pub(super) fn available(backend: Backend) -> bool {
 
 /// Sectors whose first tweaks are computed together.
 const BATCH: usize = 32;
+// The VAES-512 kernel computes a full batch of first tweaks in exactly
+// eight `zmm` registers (four per register).
+const _: () = assert!(BATCH == 32);
 
 /// Expanded keys for the hardware backends. Invariant: a value exists only
 /// if `available(backend)` was true when it was built, and `backend` is
@@ -352,6 +355,19 @@ fn mul_x8_xmm(v: __m128i) -> __m128i {
     )
 }
 
+/// The tweaks of a sector's first 8 blocks from its `T0`: `T0 * x^r`.
+#[inline]
+#[target_feature(enable = "sse2")]
+fn first_tweaks_xmm(t0: &u128) -> [__m128i; 8] {
+    let mut tw = [_mm_setzero_si128(); 8];
+    let mut t = *t0;
+    for v in tw.iter_mut() {
+        *v = load_u128(&t);
+        t = mul_x(t);
+    }
+    tw
+}
+
 /// AES-128/256 (`NR` rounds) XTS over whole sectors on `xmm` registers.
 /// Preconditions (checked by the public API): `a.sector_size` is a
 /// non-zero multiple of 16 and `data.len()` a multiple of it.
@@ -374,8 +390,27 @@ fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
         used = used.max(n.next_multiple_of(4).min(BATCH));
         fill_ivs(&mut ivs, n, iv, a.step);
         iv = advance(iv, n, a.step);
-        // Phase 1: T0 = AES_k2(le128(iv)) for each sector of the batch.
-        for (t, &v) in t0s.iter_mut().zip(ivs.iter()).take(n) {
+        // Phase 1: T0 = AES_k2(le128(iv)) for each sector of the batch,
+        // eight sectors interleaved round by round so that the tweak
+        // encryptions run at AES throughput rather than one latency-bound
+        // chain after another; leftover sectors one by one.
+        let mut g = 0;
+        while g + 8 <= n {
+            let mut x = [_mm_setzero_si128(); 8];
+            for (v, &iv) in x.iter_mut().zip(ivs[g..g + 8].iter()) {
+                *v = _mm_xor_si128(_mm_set_epi64x(0, iv as i64), rk2[0]);
+            }
+            for k in &rk2[1..NR] {
+                for v in x.iter_mut() {
+                    *v = _mm_aesenc_si128(*v, *k);
+                }
+            }
+            for (v, t) in x.iter().zip(t0s[g..g + 8].iter_mut()) {
+                store_u128(_mm_aesenclast_si128(*v, rk2[NR]), t);
+            }
+            g += 8;
+        }
+        for (t, &v) in t0s.iter_mut().zip(ivs.iter()).take(n).skip(g) {
             let mut x = _mm_xor_si128(_mm_set_epi64x(0, v as i64), rk2[0]);
             for k in &rk2[1..NR] {
                 x = _mm_aesenc_si128(x, *k);
@@ -383,13 +418,15 @@ fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             store_u128(_mm_aesenclast_si128(x, rk2[NR]), t);
         }
         // Phase 2: the sectors.
-        for (sector, t0) in batch.chunks_exact_mut(ss).zip(t0s.iter()) {
+        // First tweaks derived one sector ahead, so a sector's rounds
+        // never wait on its tweak chain (it runs during the previous
+        // sector's rounds).
+        let mut next = first_tweaks_xmm(&t0s[0]);
+        for (i, sector) in batch.chunks_exact_mut(ss).enumerate() {
             let p = sector.as_mut_ptr();
-            let mut tw = [_mm_setzero_si128(); 8];
-            let mut t = *t0;
-            for v in tw.iter_mut() {
-                *v = load_u128(&t);
-                t = mul_x(t);
+            let mut tw = next;
+            if i + 1 < n {
+                next = first_tweaks_xmm(&t0s[i + 1]);
             }
             let mut j = 0;
             while j + 8 <= nb {
@@ -497,6 +534,28 @@ fn mul_var_ymm(v: __m256i, k: __m256i) -> __m256i {
     )
 }
 
+/// The tweaks of a sector's first 16 blocks from its `T0`: register `r`
+/// holds `T0 * x^(2r, 2r+1)`.
+#[inline]
+#[target_feature(enable = "avx2,vpclmulqdq,sse2")]
+fn first_tweaks_ymm(t0: &u128) -> [__m256i; 8] {
+    let b = _mm256_broadcastsi128_si256(load_u128(t0));
+    let v0 = mul_var_ymm(b, _mm256_set_epi64x(1, 1, 0, 0));
+    let v1 = mul_var_ymm(b, _mm256_set_epi64x(3, 3, 2, 2));
+    let v2 = mul_var_ymm(b, _mm256_set_epi64x(5, 5, 4, 4));
+    let v3 = mul_var_ymm(b, _mm256_set_epi64x(7, 7, 6, 6));
+    [
+        v0,
+        v1,
+        v2,
+        v3,
+        mul_bytes_ymm::<1>(v0),
+        mul_bytes_ymm::<1>(v1),
+        mul_bytes_ymm::<1>(v2),
+        mul_bytes_ymm::<1>(v3),
+    ]
+}
+
 /// As [`kernel_xmm`], on `ymm` registers (2 blocks each).
 #[target_feature(enable = "avx2,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
 fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
@@ -517,8 +576,28 @@ fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
         used = used.max(n.next_multiple_of(4).min(BATCH));
         fill_ivs(&mut ivs, n, iv, a.step);
         iv = advance(iv, n, a.step);
-        // Phase 1: T0s, two sectors per register.
+        // Phase 1: T0s, two sectors per register; sixteen sectors (eight
+        // registers) interleaved round by round while that many remain.
         let mut g = 0;
+        while g + 16 <= n {
+            let mut x = [_mm256_setzero_si256(); 8];
+            for (r, v) in x.iter_mut().enumerate() {
+                let (a, b) = (ivs[g + 2 * r], ivs[g + 2 * r + 1]);
+                *v = _mm256_xor_si256(_mm256_set_epi64x(0, b as i64, 0, a as i64), rk2[0]);
+            }
+            for k in &rk2[1..NR] {
+                for v in x.iter_mut() {
+                    *v = _mm256_aesenc_epi128(*v, *k);
+                }
+            }
+            for (r, v) in x.iter().enumerate() {
+                let y = _mm256_aesenclast_epi128(*v, rk2[NR]);
+                // SAFETY: g + 16 <= n <= BATCH, so entries g + 2r and
+                // g + 2r + 1 (r < 8) lie inside `t0s`.
+                unsafe { _mm256_storeu_si256(t0s.as_mut_ptr().add(g + 2 * r).cast(), y) };
+            }
+            g += 16;
+        }
         while g < n {
             let mut x = _mm256_set_epi64x(0, ivs[g + 1] as i64, 0, ivs[g] as i64);
             x = _mm256_xor_si256(x, rk2[0]);
@@ -532,23 +611,14 @@ fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             g += 2;
         }
         // Phase 2: the sectors.
-        for (sector, t0) in batch.chunks_exact_mut(ss).zip(t0s.iter()) {
+        // First tweaks derived one sector ahead, as in `kernel_zmm`.
+        let mut next = first_tweaks_ymm(&t0s[0]);
+        for (i, sector) in batch.chunks_exact_mut(ss).enumerate() {
             let p = sector.as_mut_ptr();
-            let b = _mm256_broadcastsi128_si256(load_u128(t0));
-            let v0 = mul_var_ymm(b, _mm256_set_epi64x(1, 1, 0, 0));
-            let v1 = mul_var_ymm(b, _mm256_set_epi64x(3, 3, 2, 2));
-            let v2 = mul_var_ymm(b, _mm256_set_epi64x(5, 5, 4, 4));
-            let v3 = mul_var_ymm(b, _mm256_set_epi64x(7, 7, 6, 6));
-            let mut tw = [
-                v0,
-                v1,
-                v2,
-                v3,
-                mul_bytes_ymm::<1>(v0),
-                mul_bytes_ymm::<1>(v1),
-                mul_bytes_ymm::<1>(v2),
-                mul_bytes_ymm::<1>(v3),
-            ];
+            let mut tw = next;
+            if i + 1 < n {
+                next = first_tweaks_ymm(&t0s[i + 1]);
+            }
             let mut j = 0;
             while j + 16 <= nb {
                 let mut x = [_mm256_setzero_si256(); 8];
@@ -667,6 +737,26 @@ fn mul_var_zmm(v: __m512i, k: __m512i) -> __m512i {
     )
 }
 
+/// The tweaks of a sector's first 32 blocks from its `T0`: register `r`
+/// holds `T0 * x^(4r .. 4r+3)`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,vpclmulqdq,sse2")]
+fn first_tweaks_zmm(t0: &u128) -> [__m512i; 8] {
+    let b = _mm512_broadcast_i32x4(load_u128(t0));
+    let v0 = mul_var_zmm(b, _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0));
+    let v1 = mul_var_zmm(b, _mm512_set_epi64(7, 7, 6, 6, 5, 5, 4, 4));
+    [
+        v0,
+        v1,
+        mul_bytes_zmm::<1>(v0),
+        mul_bytes_zmm::<1>(v1),
+        mul_bytes_zmm::<2>(v0),
+        mul_bytes_zmm::<2>(v1),
+        mul_bytes_zmm::<3>(v0),
+        mul_bytes_zmm::<3>(v1),
+    ]
+}
+
 /// As [`kernel_xmm`], on `zmm` registers (4 blocks each).
 #[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
 fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
@@ -687,8 +777,41 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
         used = used.max(n.next_multiple_of(4).min(BATCH));
         fill_ivs(&mut ivs, n, iv, a.step);
         iv = advance(iv, n, a.step);
-        // Phase 1: T0s, four sectors per register.
+        // Phase 1: T0s, four sectors per register; a full batch (eight
+        // registers) interleaved round by round, so the tweak encryptions
+        // run at AES throughput instead of as eight latency-bound chains.
         let mut g = 0;
+        if n == BATCH {
+            let mut x = [_mm512_setzero_si512(); 8];
+            for (r, v) in x.iter_mut().enumerate() {
+                let i = &ivs[4 * r..4 * r + 4];
+                *v = _mm512_xor_si512(
+                    _mm512_set_epi64(
+                        0,
+                        i[3] as i64,
+                        0,
+                        i[2] as i64,
+                        0,
+                        i[1] as i64,
+                        0,
+                        i[0] as i64,
+                    ),
+                    rk2[0],
+                );
+            }
+            for k in &rk2[1..NR] {
+                for v in x.iter_mut() {
+                    *v = _mm512_aesenc_epi128(*v, *k);
+                }
+            }
+            for (r, v) in x.iter().enumerate() {
+                let y = _mm512_aesenclast_epi128(*v, rk2[NR]);
+                // SAFETY: 4r + 4 <= 32 == BATCH, so the 64 bytes lie
+                // inside `t0s`.
+                unsafe { _mm512_storeu_si512(t0s.as_mut_ptr().add(4 * r).cast(), y) };
+            }
+            g = BATCH;
+        }
         while g < n {
             let mut x = _mm512_set_epi64(
                 0,
@@ -711,21 +834,17 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             g += 4;
         }
         // Phase 2: the sectors.
-        for (sector, t0) in batch.chunks_exact_mut(ss).zip(t0s.iter()) {
+        // Each sector's first eight tweak registers are derived one sector
+        // ahead, so a sector's rounds never wait on its tweak arithmetic:
+        // that chain (load, broadcast, shifts, carry-less multiplies) runs
+        // while the previous sector is in the AES pipes.
+        let mut next = first_tweaks_zmm(&t0s[0]);
+        for (i, sector) in batch.chunks_exact_mut(ss).enumerate() {
             let p = sector.as_mut_ptr();
-            let b = _mm512_broadcast_i32x4(load_u128(t0));
-            let v0 = mul_var_zmm(b, _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0));
-            let v1 = mul_var_zmm(b, _mm512_set_epi64(7, 7, 6, 6, 5, 5, 4, 4));
-            let mut tw = [
-                v0,
-                v1,
-                mul_bytes_zmm::<1>(v0),
-                mul_bytes_zmm::<1>(v1),
-                mul_bytes_zmm::<2>(v0),
-                mul_bytes_zmm::<2>(v1),
-                mul_bytes_zmm::<3>(v0),
-                mul_bytes_zmm::<3>(v1),
-            ];
+            let mut tw = next;
+            if i + 1 < n {
+                next = first_tweaks_zmm(&t0s[i + 1]);
+            }
             let mut j = 0;
             while j + 32 <= nb {
                 let mut x = [_mm512_setzero_si512(); 8];
