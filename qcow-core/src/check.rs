@@ -40,6 +40,7 @@ use crate::header::{
 };
 use crate::limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES};
 use crate::snapshot::{self, SnapshotFixed};
+use crate::table::{word, L2Geometry, RawL2, RefblockAt, RefcountGeometry};
 use luks_core::io::BlockIo;
 
 /// Reserved bits of an L1 entry (bits 0..=8 and 56..=62).
@@ -449,6 +450,10 @@ struct Img<'d, D: BlockIo> {
     bitmaps: Option<BitmapsExt>,
     /// Cached refcount block: (reftable index, bytes).
     rb_cache: Option<(u64, Vec<u8>)>,
+    /// Where refcounts live.
+    rc: RefcountGeometry,
+    /// Where L2 entries live.
+    l2g: L2Geometry,
 }
 
 fn io<E>(e: E, structure: Structure, offset: u64) -> Error<E> {
@@ -503,6 +508,8 @@ impl<'d, D: BlockIo> Img<'d, D> {
             crypto: None,
             bitmaps: None,
             rb_cache: None,
+            rc: RefcountGeometry::of(&hdr),
+            l2g: L2Geometry::of(&hdr),
         };
         img.read_extensions()?;
         img.read_reftable()?;
@@ -564,26 +571,22 @@ impl<'d, D: BlockIo> Img<'d, D> {
         Ok(())
     }
 
-    /// Refcount entries per refcount block.
-    fn per_block(&self) -> u64 {
-        (self.cs * 8) >> self.hdr.refcount_order.min(6)
-    }
-
     /// The stored refcount of `cluster`; `None` when its refcount block's
     /// table entry is not cluster aligned.
     fn stored(&mut self, cluster: u64) -> Result<Option<u64>, Error<D::Error>> {
-        let per = self.per_block();
-        let idx = cluster / per;
+        let slot = self.rc.locate(cluster);
+        let idx = slot.table_index;
         let Some(&e) = usize::try_from(idx).ok().and_then(|i| self.reftable.get(i)) else {
             return Ok(Some(0));
         };
-        let off = entry::reftable_block_offset(e);
-        if off == 0 {
-            return Ok(Some(0));
-        }
-        // Unaligned, or beyond the largest offset a file can have: qemu-img
-        // cannot read the block either.
-        if off & (self.cs - 1) != 0 || off > MAX_FILE_OFFSET.saturating_sub(self.cs) {
+        let off = match self.rc.block_at(e) {
+            RefblockAt::Absent => return Ok(Some(0)),
+            // qemu-img cannot read an unaligned block either.
+            RefblockAt::Unaligned(_) => return Ok(None),
+            RefblockAt::At(off) => off,
+        };
+        // Beyond the largest offset a file can have: unreadable too.
+        if off > MAX_FILE_OFFSET.saturating_sub(self.cs) {
             return Ok(None);
         }
         if self.rb_cache.as_ref().map(|c| c.0) != Some(idx) {
@@ -591,11 +594,10 @@ impl<'d, D: BlockIo> Img<'d, D> {
             self.read(off, &mut b, Structure::RefcountBlock)?;
             self.rb_cache = Some((idx, b));
         }
-        let order = self.hdr.refcount_order;
         Ok(self
             .rb_cache
             .as_ref()
-            .and_then(|c| entry::refcount_get(&c.1, cluster % per, order)))
+            .and_then(|c| self.rc.get(&c.1, slot.index)))
     }
 
     fn nb_clusters(&self) -> u64 {
@@ -962,7 +964,7 @@ fn walk_l1<D: BlockIo>(
     }
     let mut chunk = vec![0u8; L1_CHUNK * 8];
     let mut l2 = vec![0u8; usize::try_from(cs).unwrap_or(0)];
-    let entry_len: usize = if img.hdr.extended_l2() { 16 } else { 8 };
+    let geo = img.l2g;
     let l1_len = usize::try_from(l1_size).unwrap_or(0);
     let mut start = 0usize;
     while start < l1_len {
@@ -970,7 +972,7 @@ fn walk_l1<D: BlockIo>(
         let at = l1_off.saturating_add(start as u64 * 8);
         img.read(at, &mut chunk[..n * 8], Structure::L1Table)?;
         for k in 0..n {
-            let e = be(&chunk[k * 8..k * 8 + 8]);
+            let e = word(&chunk, k * 8).unwrap_or(0);
             if e & L1_RESERVED != 0 {
                 r.findings.push(Finding::L1Reserved { entry: e });
                 r.corruptions += 1;
@@ -991,9 +993,7 @@ fn walk_l1<D: BlockIo>(
             if let Some(f) = frag.as_deref_mut() {
                 *f = 0;
             }
-            for (index, ent) in l2.chunks_exact(entry_len).enumerate() {
-                let e2 = be(&ent[..8]);
-                let bitmap = ent.get(8..16).map(be);
+            for (index, RawL2 { entry: e2, bitmap }) in geo.entries(&l2).enumerate() {
                 if e2 & COMPRESSED != 0 && bitmap.is_some_and(|b| b != 0) {
                     r.findings.push(Finding::CompressedBitmap {
                         index: index as u64,
@@ -1039,17 +1039,16 @@ fn walk_l2_entry<D: BlockIo>(
         r.findings.push(Finding::L2Reserved { entry: e });
         r.corruptions += 1;
     }
-    let host = e & OFFSET_MASK;
     let zero = !extended && e & ZERO != 0;
     // With an external data file, offset 0 is a real cluster when COPIED
     // is set (qemu-img's rule; see `L2Entry::decode`).
-    if host == 0 && !(img.hdr.has_data_file() && e & COPIED != 0) {
+    let Some(host) = img.l2g.host(e) else {
         if bitmap.is_some_and(|b| b & 0xffff_ffff != 0) {
             r.findings.push(Finding::SubclusterUnallocated);
             r.corruptions += 1;
         }
         return;
-    }
+    };
     if let Some(b) = bitmap {
         if b & (b >> 32) != 0 {
             r.findings.push(Finding::SubclusterBitmap { offset: host });
@@ -1074,12 +1073,6 @@ fn walk_l2_entry<D: BlockIo>(
     if !img.hdr.has_data_file() {
         c.inc(r, host, cs);
     }
-}
-
-fn be(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
 }
 
 /// A snapshot table entry: fixed part, entry length, id and name.
@@ -1159,8 +1152,7 @@ fn fix_incomplete_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<u64, Err
         if rest.len() < 16 {
             fixed_n += 1;
         }
-        let word =
-            |i: usize, default: u64| -> u64 { rest.get(i * 8..i * 8 + 8).map_or(default, be) };
+        let word = |i: usize, default: u64| -> u64 { word(&rest, i * 8).unwrap_or(default) };
         let vm_state = u64::from(crate::header::be32(&fixed, f::VM_STATE_SIZE));
         let mut extra = Vec::with_capacity(rest.len().max(24));
         extra.extend_from_slice(&word(0, vm_state).to_be_bytes());
@@ -1257,7 +1249,7 @@ fn walk_bitmaps<D: BlockIo>(
         let Some(f) = dir.get(pos..pos + 24) else {
             break;
         };
-        let table_offset = be(&f[0..8]);
+        let table_offset = word(f, 0).unwrap_or(0);
         let table_size = u32::from_be_bytes([f[8], f[9], f[10], f[11]]);
         let name_size = usize::from(u16::from_be_bytes([f[18], f[19]]));
         let extra = usize::try_from(u32::from_be_bytes([f[20], f[21], f[22], f[23]])).unwrap_or(0);
@@ -1272,7 +1264,7 @@ fn walk_bitmaps<D: BlockIo>(
             .min(MAX_REFCOUNT_TABLE_BYTES);
         let mut t = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
         img.read(off, &mut t, Structure::HeaderExtension)?;
-        for e in t.chunks_exact(8).map(be) {
+        for e in t.chunks_exact(8).map(|c| word(c, 0).unwrap_or(0)) {
             let data = e & BME_OFFSET_MASK;
             if data != 0 {
                 c.inc(r, data, cs);
@@ -1351,7 +1343,7 @@ fn check_copied<D: BlockIo>(
         let at = l1_off.saturating_add(start as u64 * 8);
         img.read(at, &mut chunk[..n * 8], Structure::L1Table)?;
         for k in 0..n {
-            let e = be(&chunk[k * 8..k * 8 + 8]);
+            let e = word(&chunk, k * 8).unwrap_or(0);
             let l2_off = entry::l1_l2_offset(e);
             if l2_off == 0 {
                 continue;
@@ -1393,7 +1385,7 @@ fn check_copied<D: BlockIo>(
             let mut dirty = false;
             for j in 0..l2.len() / entry_len {
                 let p = j * entry_len;
-                let e2 = be(&l2[p..p + 8]);
+                let e2 = word(&l2, p).unwrap_or(0);
                 if e2 & COMPRESSED != 0 {
                     // Reported by the reference walk; cleared by -r all.
                     if e2 & COPIED != 0 && matches!(fix, CopiedFix::All(_)) && writable {
@@ -1533,7 +1525,7 @@ fn fix_unaligned_zero<D: BlockIo>(img: &mut Img<'_, D>) -> Result<u64, Error<D::
             img.read(l2_off, &mut l2, Structure::L2Table)?;
             let mut dirty = false;
             for ent in l2.chunks_exact_mut(8) {
-                let e = be(ent);
+                let e = word(ent, 0).unwrap_or(0);
                 let host = e & OFFSET_MASK;
                 if e & COMPRESSED == 0 && e & ZERO != 0 && host != 0 && host & (cs - 1) != 0 {
                     ent.copy_from_slice(&ZERO.to_be_bytes());
@@ -1610,8 +1602,7 @@ fn fix<D: BlockIo>(
         // In place: each change is to a cluster in an existing, readable
         // refcount block. Raising is safe at any time; lowering is only
         // done for clusters with fewer references than their refcount.
-        let per = img.per_block();
-        let order = img.hdr.refcount_order;
+        let rc = img.rc;
         known = p.counts.clone();
         let mut changes: Vec<(u64, u64)> = Vec::new();
         // Ranges referenced past the end of the file were not counted; the
@@ -1670,7 +1661,7 @@ fn fix<D: BlockIo>(
         p.report.findings.extend(repairs);
         let mut i = 0;
         while i < changes.len() {
-            let idx = changes[i].0 / per;
+            let idx = rc.locate(changes[i].0).table_index;
             let e = usize::try_from(idx)
                 .ok()
                 .and_then(|x| img.reftable.get(x))
@@ -1679,9 +1670,9 @@ fn fix<D: BlockIo>(
             let off = entry::reftable_block_offset(e);
             let mut block = vec![0u8; usize::try_from(cs).unwrap_or(0)];
             img.read(off, &mut block, Structure::RefcountBlock)?;
-            while i < changes.len() && changes[i].0 / per == idx {
+            while i < changes.len() && rc.locate(changes[i].0).table_index == idx {
                 let (cl, v) = changes[i];
-                entry::refcount_set(&mut block, cl % per, order, v.min(max_rc));
+                rc.set(&mut block, rc.locate(cl).index, v.min(max_rc));
                 i += 1;
             }
             if off != 0 {
@@ -1743,7 +1734,7 @@ fn rebuild_refcounts<D: BlockIo>(
     max_rc: u64,
 ) -> Result<Vec<u16>, Error<D::Error>> {
     let cs = img.cs;
-    let per = img.per_block();
+    let per = img.rc.entries_per_block();
     let start = img.nb_clusters().max(base.len() as u64).max(1);
     // Blocks and table clusters: a fixed point of "cover everything,
     // including ourselves".
@@ -1772,7 +1763,6 @@ fn rebuild_refcounts<D: BlockIo>(
     for c in start..total {
         counts[usize::try_from(c).unwrap_or(0)] = 1;
     }
-    let order = img.hdr.refcount_order;
     let mut table = vec![0u8; usize::try_from(ntable * cs).unwrap_or(0)];
     let mut block = vec![0u8; usize::try_from(cs).unwrap_or(0)];
     for b in 0..nblocks {
@@ -1783,7 +1773,7 @@ fn rebuild_refcounts<D: BlockIo>(
                 break;
             };
             if v != 0 {
-                entry::refcount_set(&mut block, i, order, u64::from(v).min(max_rc));
+                img.rc.set(&mut block, i, u64::from(v).min(max_rc));
             }
         }
         let off = (start + b) * cs;

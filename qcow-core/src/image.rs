@@ -17,7 +17,7 @@ use core::fmt;
 use core::marker::PhantomData;
 
 use crate::decompress::{decompress, DecompressError};
-use crate::entry::{self, CompressedDescriptor, L2Entry, Subcluster};
+use crate::entry::{self, CompressedDescriptor};
 use crate::error::{Buffer, Error, LayerError, Limit, Problem, Structure, Unsupported};
 use crate::header::{
     self, autoclear, compat, ext, incompat, BitmapsExt, CryptoExt, FeatureName, Header, HeaderRepr,
@@ -27,6 +27,7 @@ use crate::limits::{
     MAX_UNKNOWN_EXTENSIONS, SLICE_BYTES,
 };
 use crate::snapshot::{field as snap_field, SnapshotFixed, SnapshotInfo};
+use crate::table::{L2Geometry, RefblockAt, RefcountGeometry};
 use crate::BlockIo;
 
 /// Sector size the image presents and the alignment of guest requests.
@@ -1043,34 +1044,22 @@ where
     /// The kind of the cluster or subcluster holding `guest`, and where
     /// that unit (or a larger run of the same kind) ends.
     fn unit(&mut self, guest: u64) -> Result<(MapKind, u64), Error<D::Error>> {
-        let hdr = self.st.info.header;
-        let cb = hdr.cluster_bits;
-        let cs = hdr.cluster_size();
-        let ext = hdr.extended_l2();
-        // Entries are 8 or 16 bytes: 2^(cb-3) or 2^(cb-4) per L2 table.
-        let (esz, esz_bits): (usize, u32) = if ext { (16, 4) } else { (8, 3) };
-        let l2_bits = cb.saturating_sub(esz_bits);
-        let cluster = guest >> cb;
-        let l1_idx = cluster >> l2_bits;
-        let l2_idx = cluster & ((1u64 << l2_bits).wrapping_sub(1));
-        let l1_end = l1_idx
-            .saturating_add(1)
-            .checked_shl(l2_bits.saturating_add(cb))
-            .unwrap_or(u64::MAX);
-        let cmask = cs.wrapping_sub(1);
-        if l1_idx >= u64::from(self.st.l1_size) {
+        let geo = L2Geometry::of(&self.st.info.header);
+        let slot = geo.locate(guest);
+        let l1_end = geo.l1_end(slot.l1_index);
+        if slot.l1_index >= u64::from(self.st.l1_size) {
             return Ok((MapKind::Unallocated, l1_end));
         }
-        // l1_idx < l1_size <= MAX_L1_ENTRIES: the products fit.
+        // l1_index < l1_size <= MAX_L1_ENTRIES: the products fit.
         let l1_len = u64::from(self.st.l1_size).saturating_mul(8);
-        let l1_byte = l1_idx.saturating_mul(8);
+        let l1_byte = slot.l1_index.saturating_mul(8);
         let l1e = self.meta_u64(Structure::L1Table, self.st.l1_offset, l1_len, l1_byte)?;
         let l2_off = entry::l1_l2_offset(l1e);
         if l2_off == 0 {
             return Ok((MapKind::Unallocated, l1_end));
         }
         let entry_at = self.st.l1_offset.saturating_add(l1_byte);
-        if l2_off & cmask != 0 {
+        if l2_off & geo.cluster_size().wrapping_sub(1) != 0 {
             return Err(Error::corrupt(
                 Structure::L1Table,
                 entry_at,
@@ -1078,86 +1067,20 @@ where
             ));
         }
         let mut e = [0u8; 16];
+        let byte = geo.entry_byte(slot.l2_index);
+        let esz = geo.entry_len();
         self.meta(
             Structure::L2Table,
             l2_off,
-            cs,
-            l2_idx << esz_bits,
+            geo.cluster_size(),
+            byte,
             &mut e[..esz],
         )?;
-        let l2_at = l2_off.saturating_add(l2_idx << esz_bits);
-        let std = u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-        let bitmap = u64::from_be_bytes([e[8], e[9], e[10], e[11], e[12], e[13], e[14], e[15]]);
-        let intra = guest & cmask;
-        let cluster_end = (guest & !cmask).saturating_add(cs);
-        let decoded = L2Entry::decode(std, cb, ext, hdr.has_data_file());
-        if let L2Entry::Compressed(d) = decoded {
-            if hdr.has_data_file() {
-                return Err(Error::corrupt(
-                    Structure::L2Table,
-                    l2_at,
-                    Problem::CompressedNotAllowed,
-                ));
-            }
-            return Ok((MapKind::Compressed(d), cluster_end));
-        }
-        let host = match decoded {
-            L2Entry::Zero { host } | L2Entry::Normal { host } => host,
-            _ => 0,
-        };
-        if host & cmask != 0 {
-            return Err(Error::corrupt(
-                Structure::L2Table,
-                l2_at,
-                Problem::Unaligned(host),
-            ));
-        }
-        if !ext {
-            let kind = match decoded {
-                L2Entry::Zero { host: 0 } => MapKind::Zero { host: None },
-                L2Entry::Zero { host } => MapKind::Zero {
-                    host: Some(host.saturating_add(intra)),
-                },
-                L2Entry::Normal { host } => MapKind::Data {
-                    host: host.checked_add(intra).ok_or(Error::corrupt(
-                        Structure::L2Table,
-                        l2_at,
-                        Problem::Overflow,
-                    ))?,
-                },
-                _ => MapKind::Unallocated,
-            };
-            return Ok((kind, cluster_end));
-        }
-        // 32 subclusters: subcluster size is 2^(cb-5).
-        let sc_bits = cb.saturating_sub(5);
-        let sc = 1u64 << sc_bits;
-        let i = u32::try_from(intra >> sc_bits).unwrap_or(0);
-        let sc_end = (guest & !(sc.wrapping_sub(1))).saturating_add(sc);
-        let allocated = matches!(decoded, L2Entry::Normal { .. });
-        let kind = match entry::subcluster(bitmap, i, allocated) {
-            Subcluster::Invalid => {
-                return Err(Error::corrupt(
-                    Structure::L2Table,
-                    l2_at,
-                    Problem::InvalidSubcluster { bitmap },
-                ))
-            }
-            Subcluster::Allocated => MapKind::Data {
-                host: host.saturating_add(intra),
-            },
-            // A zero subcluster of an allocated cluster keeps its host
-            // range; qemu-img map reports it.
-            Subcluster::Zero if allocated => MapKind::Zero {
-                host: Some(host.saturating_add(intra)),
-            },
-            Subcluster::Zero => MapKind::Zero { host: None },
-            Subcluster::Unallocated if allocated => MapKind::UnallocatedAlloc {
-                host: host.saturating_add(intra),
-            },
-            Subcluster::Unallocated => MapKind::Unallocated,
-        };
-        Ok((kind, sc_end))
+        let l2_at = l2_off.saturating_add(byte);
+        let (kind, len) = geo
+            .resolve(geo.read(&e[..esz]), slot.in_cluster)
+            .map_err(|p| Error::corrupt(Structure::L2Table, l2_at, p))?;
+        Ok((kind, guest.saturating_add(len)))
     }
 
     /// Maps `guest_offset..guest_offset + len` (clamped to the disk): the
@@ -1391,13 +1314,10 @@ where
     pub fn refcount(&mut self, cluster: u64) -> Result<u64, Error<D::Error>> {
         let hdr = self.st.info.header;
         let cs = hdr.cluster_size();
-        let order = hdr.refcount_order;
-        let per_block = cs.saturating_mul(8) >> order;
-        // per_block = cs*8 >> order >= 512*8/64 > 0.
-        let per_block = per_block.max(1);
-        let block = cluster.checked_div(per_block).unwrap_or(0);
+        let geo = RefcountGeometry::of(&hdr);
+        let slot = geo.locate(cluster);
         let rt_len = u64::from(hdr.refcount_table_clusters).saturating_mul(cs);
-        let Some(rt_byte) = block.checked_mul(8).filter(|&b| b < rt_len) else {
+        let Some(rt_byte) = geo.table_byte(slot.table_index).filter(|&b| b < rt_len) else {
             return Ok(0);
         };
         let rte = self.meta_u64(
@@ -1406,34 +1326,21 @@ where
             rt_len,
             rt_byte,
         )?;
-        let off = entry::reftable_block_offset(rte);
-        if off == 0 {
-            return Ok(0);
-        }
-        if off & cs.wrapping_sub(1) != 0 {
-            return Err(Error::corrupt(
-                Structure::RefcountTable,
-                hdr.refcount_table_offset.saturating_add(rt_byte),
-                Problem::Unaligned(off),
-            ));
-        }
-        let idx = cluster.checked_rem(per_block).unwrap_or(0);
-        // Sub-byte widths: 8 >> order entries per byte; else 2^(order-3)
-        // bytes per entry.
-        let (byte, sub, w) = if order < 3 {
-            let per_byte_bits = 3u32.saturating_sub(order);
-            (
-                idx >> per_byte_bits,
-                idx & (1u64 << per_byte_bits).wrapping_sub(1),
-                1usize,
-            )
-        } else {
-            let wb = order.saturating_sub(3);
-            (idx << wb, 0, 1usize << wb)
+        let off = match geo.block_at(rte) {
+            RefblockAt::Absent => return Ok(0),
+            RefblockAt::At(off) => off,
+            RefblockAt::Unaligned(off) => {
+                return Err(Error::corrupt(
+                    Structure::RefcountTable,
+                    hdr.refcount_table_offset.saturating_add(rt_byte),
+                    Problem::Unaligned(off),
+                ))
+            }
         };
+        let (byte, w, sub) = geo.entry_bytes(slot.index);
         let mut b = [0u8; 8];
         self.meta(Structure::RefcountBlock, off, cs, byte, &mut b[..w])?;
-        entry::refcount_get(&b[..w], sub, order).ok_or(Error::corrupt(
+        geo.get_in(&b[..w], sub).ok_or(Error::corrupt(
             Structure::RefcountBlock,
             off,
             Problem::Overflow,
