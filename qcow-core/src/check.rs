@@ -34,10 +34,7 @@ use core::fmt;
 
 use crate::entry::{self, CompressedDescriptor, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::error::{Error, LayerError, Limit, Problem, Structure};
-use crate::header::{
-    autoclear, ext, extension_header, extension_span, field, incompat, BitmapsExt, CryptoExt,
-    HeaderRepr,
-};
+use crate::header::{autoclear, field, incompat, BitmapsExt, CryptoExt, HeaderRepr};
 use crate::limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES};
 use crate::snapshot::{self, SnapshotFixed};
 use crate::table::{word, L2Geometry, RawL2, RefblockAt, RefcountGeometry};
@@ -456,6 +453,39 @@ struct Img<'d, D: BlockIo> {
     l2g: L2Geometry,
 }
 
+/// The checked device as qemu-img reads a file: bytes past its end read
+/// as zero. The reader's parsing reads through it.
+struct ZeroTail<'a, D> {
+    dev: &'a mut D,
+    len: u64,
+}
+
+impl<D: BlockIo> BlockIo for ZeroTail<'_, D> {
+    type Error = D::Error;
+    fn sector_size(&self) -> u32 {
+        self.dev.sector_size()
+    }
+    fn size(&mut self) -> Result<u64, D::Error> {
+        Ok(self.len)
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), D::Error> {
+        let avail = self.len.saturating_sub(offset);
+        let n = usize::try_from(avail.min(buf.len() as u64)).unwrap_or(buf.len());
+        let (head, tail) = buf.split_at_mut(n);
+        if !head.is_empty() {
+            self.dev.read_at(offset, head)?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), D::Error> {
+        self.dev.write_at(offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), D::Error> {
+        self.dev.flush()
+    }
+}
+
 fn io<E>(e: E, structure: Structure, offset: u64) -> Error<E> {
     e.into_layer(structure, offset)
 }
@@ -463,13 +493,16 @@ fn io<E>(e: E, structure: Structure, offset: u64) -> Error<E> {
 impl<'d, D: BlockIo> Img<'d, D> {
     fn open(dev: &'d mut D) -> Result<Self, Error<D::Error>> {
         let file_len = dev.size().map_err(|e| io(e, Structure::Header, 0))?;
-        // The header with room for a long `header_length` (at most a
-        // cluster; 64 KiB covers every header qemu-img writes).
-        let mut first = vec![0u8; 64 * 1024];
-        let n = usize::try_from(file_len.min(64 * 1024)).unwrap_or(0);
-        dev.read_at(0, &mut first[..n])
-            .map_err(|e| io(e, Structure::Header, 0))?;
-        let hdr = HeaderRepr::parse_bytes::<D::Error>(&first)?;
+        // The header and its extensions as the reader parses them, with
+        // room for a long `header_length` (at most a cluster; 64 KiB
+        // covers every header qemu-img writes).
+        let mut scratch = vec![0u8; 64 * 1024];
+        let info = crate::image::read_header_info(
+            &mut ZeroTail { dev, len: file_len },
+            &mut [0u8; 512],
+            &mut scratch,
+        )?;
+        let hdr = info.header;
         // Unknown incompatible features: the image cannot be interpreted
         // (qemu-img refuses to open it too).
         hdr.refuse_unknown_incompatible()?;
@@ -505,13 +538,12 @@ impl<'d, D: BlockIo> Img<'d, D> {
             bits: hdr.cluster_bits,
             cs,
             reftable: Vec::new(),
-            crypto: None,
-            bitmaps: None,
+            crypto: info.crypto,
+            bitmaps: info.bitmaps,
             rb_cache: None,
             rc: RefcountGeometry::of(&hdr),
             l2g: L2Geometry::of(&hdr),
         };
-        img.read_extensions()?;
         img.read_reftable()?;
         Ok(img)
     }
@@ -526,35 +558,6 @@ impl<'d, D: BlockIo> Img<'d, D> {
             self.dev.read_at(off, head).map_err(|e| io(e, s, off))?;
         }
         tail.fill(0);
-        Ok(())
-    }
-
-    fn read_extensions(&mut self) -> Result<(), Error<D::Error>> {
-        let end = self.hdr.extensions_end().min(self.cs);
-        let mut off = self.hdr.extensions_start();
-        let mut guard = 0u32;
-        while off.saturating_add(8) <= end && guard < 64 {
-            guard = guard.saturating_add(1);
-            let mut h = [0u8; 8];
-            self.read(off, &mut h, Structure::HeaderExtension)?;
-            let (t, len) = extension_header(&h);
-            if t == ext::END {
-                break;
-            }
-            let mut payload = [0u8; 24];
-            let take = usize::try_from(u64::from(len).min(24)).unwrap_or(24);
-            self.read(
-                off.saturating_add(8),
-                &mut payload[..take],
-                Structure::HeaderExtension,
-            )?;
-            match t {
-                ext::CRYPTO => self.crypto = CryptoExt::parse(&payload[..take]),
-                ext::BITMAPS => self.bitmaps = BitmapsExt::parse(&payload[..take]),
-                _ => {}
-            }
-            off = off.saturating_add(extension_span(len));
-        }
         Ok(())
     }
 
@@ -1089,12 +1092,15 @@ fn read_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<SnapshotTable, Err
     let mut out = Vec::new();
     let mut incomplete = Vec::new();
     let mut at = img.hdr.snapshots_offset;
+    let table = img.hdr.snapshots_offset;
     for index in 0..n {
-        let mut fixed = [0u8; snapshot::field::FIXED_LEN];
-        img.read(at, &mut fixed, Structure::SnapshotTable)?;
-        let sn = snapshot_fixed::<D::Error>(&fixed, at)?;
+        let mut dev = ZeroTail {
+            dev: &mut *img.dev,
+            len: img.file_len,
+        };
+        let sn =
+            crate::image::read_snapshot_entry(&mut dev, &mut [0u8; 512], table, index, at)?.fixed;
         let len = sn.entry_len();
-        snapshot::check_table_end(img.hdr.snapshots_offset, at, sn.unpadded_len())?;
         // Version 3 requires the 64-bit VM state size and the disk size in
         // the extra data; qemu-img calls a shorter entry incomplete (an
         // entry read past the end of the file is all zeros, so it is too).
@@ -1135,7 +1141,7 @@ fn fix_incomplete_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<u64, Err
     for _ in 0..img.hdr.nb_snapshots {
         let mut fixed = [0u8; f::FIXED_LEN];
         img.read(at, &mut fixed, Structure::SnapshotTable)?;
-        let sn = snapshot_fixed::<D::Error>(&fixed, at)?;
+        let sn = SnapshotFixed::parse::<D::Error>(&fixed, at)?;
         let mut rest = vec![0u8; usize::try_from(sn.extra_size).unwrap_or(0)];
         img.read(
             at.saturating_add(f::FIXED_LEN as u64),
@@ -1190,34 +1196,6 @@ fn fix_incomplete_snapshots<D: BlockIo>(img: &mut Img<'_, D>) -> Result<u64, Err
         .map_err(|x| io(x, Structure::Header, 0))?;
     img.dev.flush().map_err(|x| io(x, Structure::Header, 0))?;
     Ok(fixed_n)
-}
-
-/// The fixed part of a snapshot entry for the check: unlike
-/// `SnapshotFixed::parse` (which bounds id and name for display), any id
-/// and name length is accepted, as qemu-img accepts it; only the extra
-/// data keeps its limit (qemu-img refuses more, too).
-fn snapshot_fixed<E>(
-    b: &[u8; snapshot::field::FIXED_LEN],
-    at: u64,
-) -> Result<SnapshotFixed, Error<E>> {
-    use snapshot::field as f;
-    let extra_size = crate::header::be32(b, f::EXTRA_SIZE);
-    Error::check_limit(
-        Structure::SnapshotTable,
-        at,
-        Limit::SnapshotExtra,
-        u64::from(extra_size),
-        u64::from(crate::limits::MAX_SNAPSHOT_EXTRA),
-    )?;
-    let u16_at = |r: core::ops::Range<usize>| u16::from_be_bytes([b[r.start], b[r.start + 1]]);
-    Ok(SnapshotFixed {
-        l1_offset: crate::header::be64(b, f::L1_OFFSET),
-        l1_size: crate::header::be32(b, f::L1_SIZE),
-        id_len: u16_at(f::ID_LEN),
-        name_len: u16_at(f::NAME_LEN),
-        extra_size,
-        ..SnapshotFixed::default()
-    })
 }
 
 /// Counts the bitmap directory and every bitmap table and data cluster.

@@ -477,56 +477,9 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
     pub fn open(mut dev: D, cache: &'c mut [u8]) -> Result<Self, Error<D::Error>> {
         let mut bounce = [0u8; 512];
         let file_size = dev.size().map_err(io(Structure::Header, 0))?;
-        if cache.len() < 512 {
-            return Err(Error::BufferTooSmall {
-                what: Buffer::Cache,
-                needed: 512,
-                given: cache.len(),
-            });
-        }
-        read_unaligned(
-            &mut dev,
-            &mut bounce,
-            0,
-            &mut cache[..512],
-            Structure::Header,
-        )?;
-        let mut first = [0u8; 512];
-        first.copy_from_slice(&cache[..512]);
-        let view = Header::new_unchecked(&first[..]);
-        // A v3 header longer than one sector: read it whole into the cache.
-        let hdr = if view.version() >= 3 && view.header_length() > 512 {
-            let hl = view.header_length() as usize;
-            if hl > cache.len() {
-                return Err(Error::BufferTooSmall {
-                    what: Buffer::Cache,
-                    needed: hl,
-                    given: cache.len(),
-                });
-            }
-            read_unaligned(
-                &mut dev,
-                &mut bounce,
-                0,
-                &mut cache[..hl],
-                Structure::Header,
-            )?;
-            HeaderRepr::parse(&Header::new_unchecked(&cache[..hl]))?
-        } else {
-            HeaderRepr::parse(&view)?
-        };
+        let mut info = read_header_info(&mut dev, &mut bounce, cache)?;
+        let hdr = info.header;
         let cs = hdr.cluster_size();
-        let mut info = ImageInfo {
-            header: hdr,
-            backing_file: Name::new(),
-            backing_format: Name::new(),
-            data_file: None,
-            crypto: None,
-            bitmaps: None,
-            feature_table: None,
-            unknown_extensions: heapless::Vec::new(),
-        };
-        parse_extensions(&mut dev, &mut bounce, &mut info)?;
         if hdr.backing_file_offset != 0 {
             info.backing_file = read_name(
                 &mut dev,
@@ -670,6 +623,102 @@ impl<'c, D: BlockIo> Qcow2<'c, D> {
         }
         Err(Error::Unsupported(Unsupported::Writing))
     }
+}
+
+/// Reads the header (a v3 header longer than a sector whole, through
+/// `scratch`, which must hold it) and its extensions: what the reader and
+/// the checker both start from.
+pub(crate) fn read_header_info<D: BlockIo>(
+    dev: &mut D,
+    bounce: &mut [u8; 512],
+    scratch: &mut [u8],
+) -> Result<ImageInfo, Error<D::Error>> {
+    if scratch.len() < 512 {
+        return Err(Error::BufferTooSmall {
+            what: Buffer::Cache,
+            needed: 512,
+            given: scratch.len(),
+        });
+    }
+    read_unaligned(dev, bounce, 0, &mut scratch[..512], Structure::Header)?;
+    let mut first = [0u8; 512];
+    first.copy_from_slice(&scratch[..512]);
+    let view = Header::new_unchecked(&first[..]);
+    // A v3 header longer than one sector: read it whole into the scratch.
+    let hdr = if view.version() >= 3 && view.header_length() > 512 {
+        let hl = view.header_length() as usize;
+        if hl > scratch.len() {
+            return Err(Error::BufferTooSmall {
+                what: Buffer::Cache,
+                needed: hl,
+                given: scratch.len(),
+            });
+        }
+        read_unaligned(dev, bounce, 0, &mut scratch[..hl], Structure::Header)?;
+        HeaderRepr::parse(&Header::new_unchecked(&scratch[..hl]))?
+    } else {
+        HeaderRepr::parse(&view)?
+    };
+    let mut info = ImageInfo {
+        header: hdr,
+        backing_file: Name::new(),
+        backing_format: Name::new(),
+        data_file: None,
+        crypto: None,
+        bitmaps: None,
+        feature_table: None,
+        unknown_extensions: heapless::Vec::new(),
+    };
+    parse_extensions(dev, bounce, &mut info)?;
+    Ok(info)
+}
+
+/// Reads snapshot table entry `index` at image offset `at` (the table
+/// starting at `table_offset`): its fixed part, the known extra data and
+/// the first bytes of its id and name, refusing an entry that ends past
+/// the table's size limit. What the reader and the checker both use.
+pub(crate) fn read_snapshot_entry<D: BlockIo>(
+    dev: &mut D,
+    bounce: &mut [u8; 512],
+    table_offset: u64,
+    index: u32,
+    at: u64,
+) -> Result<SnapshotInfo, Error<D::Error>> {
+    let mut fixed = [0u8; snap_field::FIXED_LEN];
+    read_unaligned(dev, bounce, at, &mut fixed, Structure::SnapshotTable)?;
+    let mut f = SnapshotFixed::parse(&fixed, at)?;
+    let mut extra = [0u8; 24];
+    let ne = (f.extra_size as usize).min(extra.len());
+    let extra_at = at.saturating_add(snap_field::FIXED_LEN as u64);
+    read_unaligned(
+        dev,
+        bounce,
+        extra_at,
+        &mut extra[..ne],
+        Structure::SnapshotTable,
+    )?;
+    f.apply_extra(&extra[..ne]);
+    let id_at = extra_at.saturating_add(u64::from(f.extra_size));
+    let mut id = heapless::Vec::new();
+    let mut name = heapless::Vec::new();
+    let bad = || Error::corrupt(Structure::SnapshotTable, at, Problem::Overflow);
+    // The first bytes of each, as many as fit inline; the rest is read
+    // on demand (`read_snapshot_text`, `snapshot_text_is`).
+    id.resize(usize::from(f.id_len).min(id.capacity()), 0)
+        .map_err(|_| bad())?;
+    name.resize(usize::from(f.name_len).min(name.capacity()), 0)
+        .map_err(|_| bad())?;
+    read_unaligned(dev, bounce, id_at, &mut id, Structure::SnapshotTable)?;
+    let name_at = id_at.saturating_add(u64::from(f.id_len));
+    read_unaligned(dev, bounce, name_at, &mut name, Structure::SnapshotTable)?;
+    crate::snapshot::check_table_end(table_offset, at, f.unpadded_len())?;
+    Ok(SnapshotInfo {
+        index,
+        entry_offset: at,
+        fixed: f,
+        id,
+        name,
+    })
 }
 
 /// Checks an L1 table (offset, entries) against the size it must cover.
@@ -1433,64 +1482,8 @@ where
         index: u32,
         offset: u64,
     ) -> Result<SnapshotInfo, Error<D::Error>> {
-        let mut fixed = [0u8; snap_field::FIXED_LEN];
-        let bounce = &mut self.st.bounce;
-        read_unaligned(
-            &mut self.dev,
-            bounce,
-            offset,
-            &mut fixed,
-            Structure::SnapshotTable,
-        )?;
-        let mut f = SnapshotFixed::parse(&fixed, offset)?;
-        let mut extra = [0u8; 24];
-        let ne = (f.extra_size as usize).min(extra.len());
-        let extra_at = offset.saturating_add(snap_field::FIXED_LEN as u64);
-        read_unaligned(
-            &mut self.dev,
-            bounce,
-            extra_at,
-            &mut extra[..ne],
-            Structure::SnapshotTable,
-        )?;
-        f.apply_extra(&extra[..ne]);
-        let id_at = extra_at.saturating_add(u64::from(f.extra_size));
-        let mut id = heapless::Vec::new();
-        let mut name = heapless::Vec::new();
-        let bad = || Error::corrupt(Structure::SnapshotTable, offset, Problem::Overflow);
-        // The first bytes of each, as many as fit inline; the rest is read
-        // on demand (`read_snapshot_text`, `snapshot_text_is`).
-        id.resize(usize::from(f.id_len).min(id.capacity()), 0)
-            .map_err(|_| bad())?;
-        name.resize(usize::from(f.name_len).min(name.capacity()), 0)
-            .map_err(|_| bad())?;
-        read_unaligned(
-            &mut self.dev,
-            bounce,
-            id_at,
-            &mut id,
-            Structure::SnapshotTable,
-        )?;
-        let name_at = id_at.saturating_add(u64::from(f.id_len));
-        read_unaligned(
-            &mut self.dev,
-            bounce,
-            name_at,
-            &mut name,
-            Structure::SnapshotTable,
-        )?;
-        crate::snapshot::check_table_end(
-            self.st.info.header.snapshots_offset,
-            offset,
-            f.unpadded_len(),
-        )?;
-        Ok(SnapshotInfo {
-            index,
-            entry_offset: offset,
-            fixed: f,
-            id,
-            name,
-        })
+        let table = self.st.info.header.snapshots_offset;
+        read_snapshot_entry(&mut self.dev, &mut self.st.bounce, table, index, offset)
     }
 
     /// Reads the id (`name` false) or name (`name` true) of `snap` into
