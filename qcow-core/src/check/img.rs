@@ -87,8 +87,7 @@ impl<'d, D: BlockIo> Img<'d, D> {
         let cs = hdr.cluster_size();
         // The L1 table must cover the virtual size; qemu-img refuses to
         // open (and so to check) an image whose table is too small.
-        let l2_entries = cs / if hdr.extended_l2() { 16 } else { 8 };
-        let needed = hdr.size.div_ceil(cs).div_ceil(l2_entries);
+        let needed = L2Geometry::of(&hdr).l1_entries_for(hdr.size);
         if u64::from(hdr.l1_size) < needed {
             return Err(Error::corrupt(
                 Structure::Header,

@@ -448,7 +448,7 @@ pub(super) fn check_copied<D: BlockIo>(
     let mut fixed = 0u64;
     let l1_off = img.hdr.l1_table_offset;
     let l1_len = usize::try_from(img.hdr.l1_size.min(MAX_L1_ENTRIES)).unwrap_or(0);
-    let entry_len: usize = if img.hdr.extended_l2() { 16 } else { 8 };
+    let entry_len = img.l2g.entry_len();
     let mut chunk = vec![0u8; L1_CHUNK * 8];
     let mut l2 = vec![0u8; usize::try_from(cs).unwrap_or(0)];
     let mut start = 0usize;

@@ -223,10 +223,7 @@ pub(super) fn check_l1<E>(
             max: u64::from(MAX_L1_ENTRIES),
         });
     }
-    let entry = if hdr.extended_l2() { 16 } else { 8 };
-    let per_l2 = hdr.cluster_size().checked_div(entry).unwrap_or(1);
-    let bytes_per_l1 = per_l2.saturating_mul(hdr.cluster_size());
-    let needed = size.div_ceil(bytes_per_l1);
+    let needed = L2Geometry::of(hdr).l1_entries_for(size);
     if u64::from(l1_size) < needed {
         return Err(Error::corrupt(
             structure,
