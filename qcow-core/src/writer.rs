@@ -769,6 +769,75 @@ where
         Ok(())
     }
 
+    /// Drops one reference to each cluster (index) in `clusters`, in any
+    /// order, repeats allowed: as [`free_range`](Self::free_range) per
+    /// cluster, but each refcount block's changed sectors are written
+    /// once (one write per block, not one per cluster). Not flushed.
+    fn free_clusters(&mut self, clusters: &mut [u64]) -> Result<(), Error<D::Error>> {
+        clusters.sort_unstable();
+        let (cb, rb_bits, order) = (self.cb(), self.rb_bits(), self.hdr.refcount_order);
+        let mask = (1u64 << rb_bits).wrapping_sub(1);
+        let ctail = (self.ctail != 0).then_some(self.ctail >> cb);
+        let mut rest: &[u64] = clusters;
+        while let Some(&c0) = rest.first() {
+            let n = rest
+                .iter()
+                .take_while(|&&c| c >> rb_bits == c0 >> rb_bits)
+                .count();
+            let (group, tail) = rest.split_at(n);
+            rest = tail;
+            let gone =
+                || Error::corrupt(Structure::RefcountBlock, c0 << cb, Problem::OutOfRange(0));
+            let ti = usize::try_from(c0 >> rb_bits).unwrap_or(usize::MAX);
+            let off = self
+                .reftable
+                .get(ti)
+                .map(|&e| entry::reftable_block_offset(e))
+                .filter(|&o| o != 0)
+                .ok_or_else(gone)?;
+            let b = self.refblock(off)?;
+            let (mut lo, mut hi) = (u64::MAX, 0u64);
+            let (mut first_zero, mut ctail_freed) = (u64::MAX, false);
+            for &c in group {
+                let idx = c & mask;
+                let v = entry::refcount_get(b, idx, order)
+                    .ok_or_else(|| overflow(Structure::RefcountBlock, off))?;
+                if v == 0 {
+                    return Err(Error::corrupt(
+                        Structure::RefcountBlock,
+                        c << cb,
+                        Problem::OutOfRange(0),
+                    ));
+                }
+                if !entry::refcount_set(b, idx, order, v.saturating_sub(1)) {
+                    return Err(overflow(Structure::RefcountBlock, off));
+                }
+                let byte = (idx << order) >> 3;
+                (lo, hi) = (lo.min(byte), hi.max(byte));
+                if v == 1 {
+                    first_zero = first_zero.min(c);
+                    ctail_freed |= ctail == Some(c);
+                }
+            }
+            // The sectors from the first changed entry to the last.
+            let s = usize::try_from(lo & !(SECTOR - 1)).unwrap_or(0);
+            let e = usize::try_from((hi | (SECTOR - 1)).saturating_add(1))
+                .unwrap_or(usize::MAX)
+                .min(b.len());
+            let chunk: Vec<u8> = b.get(s..e).unwrap_or(&[]).to_vec();
+            self.write_dev(
+                off.saturating_add(s as u64),
+                &chunk,
+                Structure::RefcountBlock,
+            )?;
+            self.free_hint = self.free_hint.min(first_zero);
+            if ctail_freed {
+                self.ctail = 0;
+            }
+        }
+        Ok(())
+    }
+
     /// Host bytes a compressed descriptor holds references on.
     fn compressed_range(d: &CompressedDescriptor) -> (u64, u64) {
         (d.host & !(SECTOR - 1), d.sectors.saturating_mul(SECTOR))
@@ -1556,9 +1625,20 @@ where
         r?;
         // The cleared entries durable before any refcount drops.
         self.barrier()?;
+        // Plain clusters lose their references in one batch (a refcount
+        // write per block, not per cluster); the rest one by one.
+        let mut plain = Vec::with_capacity(old.len());
+        for &(dec, e) in &old {
+            match dec {
+                L2Entry::Normal { host } | L2Entry::Zero { host } if host != 0 => {
+                    plain.push(host >> cb);
+                }
+                _ => self.release(dec, e)?,
+            }
+        }
+        self.free_clusters(&mut plain)?;
         let mut freed: Vec<(u64, u64)> = Vec::new();
         for &(dec, e) in &old {
-            self.release(dec, e)?;
             let host = match dec {
                 L2Entry::Normal { host } | L2Entry::Zero { host } => host,
                 L2Entry::Unallocated => e & OFFSET_MASK,
@@ -1577,6 +1657,62 @@ where
             self.dev
                 .discard(off, len)
                 .map_err(|e| e.into_layer(Structure::DataCluster, off))?;
+        }
+        Ok(())
+    }
+
+    /// Drops the L2 tables this image owns alone (COPIED in L1) whose
+    /// every entry is zero, as `qemu-img commit` leaves an emptied image
+    /// without them: the L1 entries cleared (flushed), then the tables'
+    /// references dropped (flushed) and their clusters punched. Tables a
+    /// snapshot shares, and images with an external data file, are left
+    /// as they are.
+    pub fn drop_empty_tables(&mut self) -> Result<(), Error<D::Error>> {
+        if self.df() {
+            return Ok(());
+        }
+        let (mut first, mut last) = (usize::MAX, 0usize);
+        let mut tables = Vec::new();
+        for l1i in 0..self.l1.len() {
+            let e = self.l1.get(l1i).copied().unwrap_or(0);
+            let off = entry::l1_l2_offset(e);
+            if off == 0 || e & COPIED == 0 || self.l2_table(off)?.iter().any(|&x| x != 0) {
+                continue;
+            }
+            if let Some(x) = self.l1.get_mut(l1i) {
+                *x = 0;
+            }
+            (first, last) = (first.min(l1i), last.max(l1i));
+            tables.push(off);
+        }
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let l1 = core::mem::take(&mut self.l1);
+        let r = self.write_words(
+            self.hdr.l1_table_offset,
+            &l1,
+            first,
+            last,
+            Structure::L1Table,
+        );
+        self.l1 = l1;
+        r?;
+        // No L1 entry names the tables (durably) before they are freed.
+        self.barrier()?;
+        let cb = self.cb();
+        let mut clusters: Vec<u64> = tables.iter().map(|&off| off >> cb).collect();
+        for off in &tables {
+            self.l2_cache.remove(off);
+        }
+        self.free_clusters(&mut clusters)?;
+        self.barrier()?;
+        for off in tables {
+            if self.refcount(off >> cb)? == 0 {
+                self.dev
+                    .discard(off, self.cs())
+                    .map_err(|e| e.into_layer(Structure::L2Table, off))?;
+            }
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use crate::convert::{self, CopyOptions};
 use crate::dev::{erased, AnyDev};
 use crate::image::{self, Format, OpenOptions};
 use crate::opts::{parse_size, OptionMap};
-use crate::secret::Secrets;
+use crate::secret::{ObjectArg, Secrets};
 use crate::CliError;
 
 /// qimg: read, write, check and convert qcow2 and LUKS disk images,
@@ -56,8 +56,8 @@ impl From<FormatArg> for Format {
 pub(crate) struct SecretArgs {
     /// Define a secret: `secret,id=ID,data=STRING|file=PATH[,format=base64]`
     /// (refer to it with `key-secret=ID` or `encrypt.key-secret=ID`).
-    #[arg(long = "object", value_name = "OBJECT")]
-    pub(crate) object: Vec<String>,
+    #[arg(long = "object", value_name = "OBJECT", value_parser = ObjectArg::parse)]
+    pub(crate) object: Vec<ObjectArg>,
     /// Read the passphrase from PATH, byte for byte as cryptsetup does
     /// (`-` for standard input).
     #[arg(long = "key-file", value_name = "PATH")]
@@ -733,6 +733,26 @@ fn copy_err(a: &ConvertArgs, e: convert::CopyError) -> CliError {
 mod tests {
     use super::Cli;
     use clap::CommandFactory;
+
+    /// `--object` is parsed by clap into redacted, non-copying values: the
+    /// parsed command line's `Debug` never shows a `data=` value, and a
+    /// malformed object is no clap error (which would quote it).
+    #[test]
+    fn object_data_never_in_the_parsed_command_line() {
+        use clap::Parser;
+        for obj in [
+            "secret,id=s,data=hunter2",
+            "secret,id=s,data=hunter2,format=base64",
+            "secret,data=hunter2",
+            "secret,id=s,data=hun,,ter2,bogus",
+        ] {
+            let cli = Cli::try_parse_from(["qimg", "info", "--object", obj, "x.img"])
+                .unwrap_or_else(|e| panic!("{obj}: {e}"));
+            let d = format!("{cli:?}");
+            assert!(!d.contains("hunter2") && !d.contains("ter2"), "{d}");
+            assert!(d.contains("x.img"), "{d}");
+        }
+    }
 
     #[test]
     fn clap_definition_is_consistent() {

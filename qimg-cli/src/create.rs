@@ -284,7 +284,14 @@ impl Qcow2Create {
             .ok_or_else(|| CliError::io(path, "no LUKS region was reserved".into()))?;
         // Offsets inside the region are relative to it.
         let mut region = luks_core::io::Window::new(w.device(), off, len);
-        let (hdr, vk) = crate::luks::format_volume(&mut region, e, &pass, Some(sectors), path)?;
+        let (hdr, vk) = crate::luks::format_volume(
+            &mut region,
+            e,
+            &pass,
+            Some(sectors),
+            path,
+            luks_core::luks1::Pbkdf2Reader::Qemu,
+        )?;
         let cipher = luks_core::luks1::data_cipher::<std::convert::Infallible>(&hdr, &vk)
             .map_err(|e| CliError::io(path, e.to_string()))?;
         w.flush().map_err(|e| CliError::io(path, e.to_string()))?;

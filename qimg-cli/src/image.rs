@@ -147,8 +147,91 @@ impl OpenOptions {
     }
 }
 
-/// The deepest backing chain qimg follows.
-pub(crate) const MAX_CHAIN_DEPTH: usize = 32;
+/// The deepest backing chain qimg follows (images, the top one included).
+///
+/// qemu-img has no depth limit of its own; a chain ends where its file
+/// descriptors do (about one per layer: it raises the soft `ulimit -n` to
+/// the hard limit, so 1,000 layers open under the common 1024/4096
+/// limits). qimg opens the chain and reads through it iteratively (no
+/// recursion per layer), holds at most [`FDS_PER_LAYER`] descriptors per
+/// layer (raising the soft limit as qemu-img does) and gives layers past
+/// [`FULL_CACHE_LAYERS`] a [`DEEP_CACHE_BYTES`] metadata cache, so 4096
+/// layers cost at most 8 x 256 KiB + 4088 x 16 KiB (about 66 MiB) of
+/// metadata cache; deeper chains are refused with this number.
+pub(crate) const MAX_CHAIN_DEPTH: usize = 4096;
+
+/// Layers (from the top) that get the full metadata cache
+/// ([`crate::qcow2::CACHE_BYTES`]): most reads end in the top few.
+pub(crate) const FULL_CACHE_LAYERS: usize = 8;
+
+/// Metadata cache of each layer deeper than [`FULL_CACHE_LAYERS`]: four
+/// 4 KiB slices, enough for the header and an L2 slice at a time.
+pub(crate) const DEEP_CACHE_BYTES: usize = 4 * 4096;
+
+/// File descriptors a layer of a backing chain holds at most while a verb
+/// runs: the image file and the duplicate that holds its locks (a third,
+/// for asking the filesystem about holes, only on layers `map` lands on
+/// data in, and a data file's two when there is one).
+pub(crate) const FDS_PER_LAYER: u64 = 2;
+
+/// Descriptors kept free for everything else a verb opens (the
+/// destination, the standard streams, a data file).
+const SPARE_FDS: u64 = 32;
+
+/// The metadata cache for the layer `depth` images below the top.
+pub(crate) fn layer_cache_bytes(depth: usize) -> usize {
+    if depth < FULL_CACHE_LAYERS {
+        crate::qcow2::CACHE_BYTES
+    } else {
+        DEEP_CACHE_BYTES
+    }
+}
+
+/// Makes sure there are descriptors for layer `depth` (0 = top) of a
+/// backing chain at `path`: raises the soft `RLIMIT_NOFILE` towards the
+/// hard limit when the chain needs it (as qemu-img does), and otherwise
+/// refuses with a message naming the layer, instead of failing somewhere
+/// inside an open with "Too many open files".
+pub(crate) fn ensure_fds(depth: usize, path: &str) -> Result<(), CliError> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let need = (depth as u64 + 1)
+        .saturating_mul(FDS_PER_LAYER)
+        .saturating_add(SPARE_FDS);
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return Ok(());
+    };
+    if need <= soft {
+        return Ok(());
+    }
+    if need <= hard {
+        // Straight to the hard limit (at most what the deepest chain
+        // needs), so a deep chain raises it once.
+        let want = hard.min((MAX_CHAIN_DEPTH as u64 + 1) * FDS_PER_LAYER + SPARE_FDS);
+        if setrlimit(Resource::RLIMIT_NOFILE, want.max(need), hard).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(CliError::io(
+        path,
+        format!(
+            "layer {} of the backing chain needs about {need} open files, \
+             more than this process may open (ulimit -n {soft}, hard limit {hard}); \
+             raise the limit or shorten the chain (qimg commit)",
+            depth + 1
+        ),
+    ))
+}
+
+/// The too-deep refusal for the image at `path`.
+pub(crate) fn too_deep(path: &str) -> CliError {
+    CliError::io(
+        path,
+        format!(
+            "the backing chain is deeper than {MAX_CHAIN_DEPTH} images, qimg's limit \
+             (shorten it with qimg commit or qimg rebase)"
+        ),
+    )
+}
 
 /// An opened image.
 pub(crate) struct Opened {
@@ -255,39 +338,17 @@ pub(crate) fn backing_format(name: &str) -> Option<Format> {
     }
 }
 
-/// Opens a backing file named by an image, in `format` (detected when the
-/// image does not say).
-fn open_backing(
-    path: &str,
-    format: Option<&str>,
-    ctx: &Ctx<'_>,
-    seen: &mut std::collections::BTreeSet<PathBuf>,
-    chain: &mut Vec<String>,
-) -> Result<Box<dyn Source>, CliError> {
-    let fmt = match format {
+/// The format of the backing file at `path`: the image's `backing_fmt`
+/// when it names one (detected from the file when it does not).
+fn backing_fmt_of(path: &str, format: Option<&str>) -> Result<Format, CliError> {
+    match format {
         Some(name) => backing_format(name).ok_or_else(|| {
             CliError::io(
                 path,
                 format!("backing file format '{name}' is not supported (qcow2 or raw)"),
             )
-        })?,
-        None => detect(path)?,
-    };
-    match fmt {
-        Format::Qcow2 => open_qcow2(path, None, ctx, seen, chain),
-        Format::Raw => {
-            guard_chain(path, seen, chain)?;
-            refuse_dir(path)?;
-            ctx.files.borrow_mut().push(path.to_string());
-            let file = std::fs::File::open(path)
-                .map_err(|e| CliError::io(path, format!("cannot open the backing file: {e}")))?;
-            crate::lock::lock(&file, path, crate::lock::Access::Read)?;
-            Ok(Box::new(RawFile::new(file)))
-        }
-        Format::Luks => Err(CliError::io(
-            path,
-            "LUKS backing files are not supported".into(),
-        )),
+        }),
+        None => detect(path),
     }
 }
 
@@ -376,16 +437,16 @@ fn guard_chain(
         ));
     }
     if chain.len() >= MAX_CHAIN_DEPTH {
-        return Err(CliError::io(
-            path,
-            format!("the backing chain is deeper than {MAX_CHAIN_DEPTH} images"),
-        ));
+        return Err(too_deep(path));
     }
+    ensure_fds(chain.len(), path)?;
     chain.push(path.to_string());
     Ok(())
 }
 
-/// Opens a qcow2 image and, recursively, its backing chain.
+/// Opens a qcow2 image and its backing chain, one layer after another (a
+/// loop, not a recursion: a chain of [`MAX_CHAIN_DEPTH`] layers needs no
+/// more stack than one of two).
 fn open_qcow2(
     path: &str,
     snapshot: Option<&str>,
@@ -393,11 +454,65 @@ fn open_qcow2(
     seen: &mut std::collections::BTreeSet<PathBuf>,
     chain: &mut Vec<String>,
 ) -> Result<Box<dyn Source>, CliError> {
+    let mut layers = Vec::new();
+    let mut next = Some((path.to_string(), Format::Qcow2));
+    let mut snapshot = snapshot;
+    while let Some((cur, fmt)) = next.take() {
+        match fmt {
+            Format::Qcow2 => {
+                let (layer, backing) = open_qcow2_layer(&cur, snapshot.take(), ctx, seen, chain)?;
+                layers.push(Layer::Qcow2(Box::new(layer)));
+                if let Some((name, bfmt)) = backing {
+                    let full = resolve_backing(&cur, &name);
+                    let full = full.to_string_lossy().into_owned();
+                    let f = backing_fmt_of(&full, bfmt.as_deref())?;
+                    next = Some((full, f));
+                }
+            }
+            Format::Raw => {
+                guard_chain(&cur, seen, chain)?;
+                refuse_dir(&cur)?;
+                ctx.files.borrow_mut().push(cur.clone());
+                let file = std::fs::File::open(&cur).map_err(|e| {
+                    CliError::io(&cur, format!("cannot open the backing file: {e}"))
+                })?;
+                crate::lock::lock(&file, &cur, crate::lock::Access::Read)?;
+                layers.push(Layer::Raw(RawFile::new(file)));
+            }
+            Format::Luks => {
+                return Err(CliError::io(
+                    &cur,
+                    "LUKS backing files are not supported".into(),
+                ))
+            }
+        }
+    }
+    if layers.len() == 1 {
+        if let Some(Layer::Qcow2(top)) = layers.pop() {
+            return Ok(top);
+        }
+    }
+    Ok(Box::new(Chain::new(layers)?))
+}
+
+/// The backing file an image names: (name as written, `backing_fmt`).
+type BackingName = (String, Option<String>);
+
+/// Opens one qcow2 layer of a chain (the top one with `snapshot`
+/// selected), with its data file but no backing device: [`Chain`] reads
+/// through the layers.
+fn open_qcow2_layer(
+    path: &str,
+    snapshot: Option<&str>,
+    ctx: &Ctx<'_>,
+    seen: &mut std::collections::BTreeSet<PathBuf>,
+    chain: &mut Vec<String>,
+) -> Result<(crate::qcow2::Qcow2Source, Option<BackingName>), CliError> {
     guard_chain(path, seen, chain)?;
     refuse_dir(path)?;
     ctx.files.borrow_mut().push(path.to_string());
     let depth = chain.len().saturating_sub(1);
-    let opening = crate::qcow2::Opening::open(path)?;
+    let opening = crate::qcow2::Opening::open_cached(path, layer_cache_bytes(depth))?;
     let mut opening = crate::qcow2::unlock(path, opening, &ctx.keys, ctx.secrets)?;
     let info = opening.img.info();
     let backing_name = info.backing_file().map(str::to_string);
@@ -434,20 +549,6 @@ fn open_qcow2(
         })?;
         opening.img.select_snapshot(&snap).map_err(err)?;
     }
-    let backing = match backing_name {
-        Some(b) => {
-            let full = resolve_backing(path, &b);
-            let full = full.to_string_lossy().into_owned();
-            Some(open_backing(
-                &full,
-                backing_fmt.as_deref(),
-                ctx,
-                seen,
-                chain,
-            )?)
-        }
-        None => None,
-    };
     let data = match data_name {
         Some(d) => {
             let full = resolve_backing(path, &d);
@@ -473,9 +574,145 @@ fn open_qcow2(
         }
         None => None,
     };
-    Ok(Box::new(crate::qcow2::Qcow2Source::new(
-        path, opening, backing, data,
-    )?))
+    let src = crate::qcow2::Qcow2Source::new(path, opening, None, data)?;
+    Ok((src, backing_name.map(|b| (b, backing_fmt))))
+}
+
+/// One layer of a backing chain.
+enum Layer {
+    /// A qcow2 image, opened without its backing device (5 KiB of state:
+    /// boxed, so a raw layer does not take as much).
+    Qcow2(Box<crate::qcow2::Qcow2Source>),
+    /// A raw file (the bottom of a chain).
+    Raw(RawFile),
+}
+
+impl Layer {
+    fn source(&mut self) -> &mut dyn Source {
+        match self {
+            Self::Qcow2(q) => &mut **q,
+            Self::Raw(r) => r,
+        }
+    }
+}
+
+/// A backing chain read layer by layer in a loop: a range goes to the
+/// first layer, from the top, that holds it (data, zeroes or compressed);
+/// a layer's backing file is read only where the layer holds nothing, and
+/// reads as zeroes past its own end, as qemu-img reads chains. No read
+/// recurses through the layers, so the stack a read needs does not grow
+/// with the depth (`convert` reads on threads with 2 MiB stacks).
+struct Chain {
+    layers: Vec<Layer>,
+    /// Each layer's size as read here (raw files in whole sectors).
+    sizes: Vec<u64>,
+}
+
+impl Chain {
+    fn new(mut layers: Vec<Layer>) -> Result<Self, CliError> {
+        let mut sizes = Vec::with_capacity(layers.len());
+        for l in &mut layers {
+            let size = match l {
+                Layer::Qcow2(q) => q.size(),
+                Layer::Raw(r) => r.size().map(|s| s.next_multiple_of(512)),
+            };
+            sizes.push(size.map_err(|e| CliError::usage(e.to_string()))?);
+        }
+        Ok(Self { layers, sizes })
+    }
+
+    /// Bytes of layer `k` from `g` on, when it has any there.
+    fn left(&self, k: usize, g: u64) -> Option<u64> {
+        self.sizes
+            .get(k)
+            .and_then(|&s| s.checked_sub(g))
+            .filter(|&n| n > 0)
+    }
+}
+
+impl BlockIo for Chain {
+    type Error = crate::dev::DevError;
+    fn sector_size(&self) -> u32 {
+        512
+    }
+    fn size(&mut self) -> Result<u64, Self::Error> {
+        Ok(self.sizes.first().copied().unwrap_or(0))
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        let mut at = 0usize;
+        while at < buf.len() {
+            let g = offset.saturating_add(at as u64);
+            // The run at `g` and the layer that holds it, found top down;
+            // `lim` shrinks to what every layer above holds nothing of.
+            let mut lim = (buf.len() - at) as u64;
+            let mut k = 0usize;
+            let holder = loop {
+                let Some(left) = self.left(k, g) else {
+                    break None;
+                };
+                lim = lim.min(left);
+                match self.layers.get_mut(k) {
+                    Some(Layer::Qcow2(q)) => {
+                        let (own, n) = q.own_run(g, lim)?;
+                        lim = n;
+                        if own {
+                            break Some(k);
+                        }
+                    }
+                    Some(Layer::Raw(_)) => break Some(k),
+                    None => break None,
+                }
+                k += 1;
+            };
+            let n = usize::try_from(lim)
+                .unwrap_or(usize::MAX)
+                .min(buf.len() - at);
+            let chunk = &mut buf[at..at + n];
+            match holder.and_then(|k| self.layers.get_mut(k)) {
+                Some(l) => l.source().read_at(g, chunk)?,
+                None => chunk.fill(0),
+            }
+            at += n;
+        }
+        Ok(())
+    }
+    fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> Result<(), Self::Error> {
+        Err(crate::dev::DevError("the image is open read-only".into()))
+    }
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+impl Source for Chain {
+    fn block_status(
+        &mut self,
+        offset: u64,
+        max: u64,
+    ) -> Result<crate::dev::BlockStatus, crate::dev::DevError> {
+        let mut lim = max;
+        let mut k = 0usize;
+        loop {
+            let Some(left) = self.left(k, offset) else {
+                return Err(crate::dev::DevError(format!(
+                    "block status asked at {offset}, past the end of the image"
+                )));
+            };
+            lim = lim.min(left).max(1);
+            let Some(layer) = self.layers.get_mut(k) else {
+                return Err(crate::dev::DevError("no such layer".into()));
+            };
+            let mut st = layer.source().block_status(offset, lim)?;
+            st.depth = u32::try_from(k).unwrap_or(u32::MAX);
+            // Held here, or nothing below to fall to (this layer reads as
+            // zeroes there, with its own reserved host range if any).
+            if st.present || self.left(k + 1, offset).is_none() {
+                return Ok(st);
+            }
+            lim = st.len.clamp(1, lim);
+            k += 1;
+        }
+    }
 }
 
 /// Bytes a file occupies on disk (qemu-img's "disk size"/"actual-size").

@@ -312,14 +312,10 @@ pub(crate) fn run(
             ));
         }
         if chain.len() >= crate::image::MAX_CHAIN_DEPTH {
-            return Err(CliError::io(
-                &name,
-                format!(
-                    "backing chain deeper than {} images",
-                    crate::image::MAX_CHAIN_DEPTH
-                ),
-            ));
+            return Err(crate::image::too_deep(&name));
         }
+        // Each image shown keeps its lock descriptor until exit.
+        crate::image::ensure_fds(chain.len(), &name)?;
         let info = crate::image::info(&name, fmt, secrets)?;
         if backing_chain {
             next = info.full_backing_filename.clone().map(|b| {

@@ -109,14 +109,20 @@ impl Target {
     fn iterations(&self, ms: u32) -> Result<u32, CliError> {
         let hash = luks_core::hash::HashAlg::from_name(&self.hdr.hash_spec)
             .map_err(|e| self.err(e.to_string()))?;
-        let start = std::time::Instant::now();
-        let elapsed = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         let key_bytes = usize::try_from(self.hdr.key_bytes).unwrap_or(usize::MAX);
+        // A qcow2 image's slots are opened by QEMU, a raw volume's by
+        // cryptsetup: count by their PBKDF2's speed.
+        let reader = if self.qcow2 {
+            luks1::Pbkdf2Reader::Qemu
+        } else {
+            luks1::Pbkdf2Reader::Cryptsetup
+        };
         Ok(luks1::calibrate_iterations(
             hash,
             key_bytes,
             ms.max(1),
-            elapsed,
+            reader,
+            crate::luks::cpu_clock(),
         ))
     }
 

@@ -142,7 +142,8 @@ impl Target2 {
                             .keyslot(like)
                             .map_or(64, |k| usize::try_from(k.key_size).unwrap_or(64)),
                         ms,
-                        elapsed_since(std::time::Instant::now()),
+                        luks_core::luks1::Pbkdf2Reader::Cryptsetup,
+                        crate::luks::cpu_clock(),
                     ),
                 };
                 Ok(KdfParams::Pbkdf2 { hash, iterations })

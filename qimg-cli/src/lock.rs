@@ -139,7 +139,7 @@ fn chain_files(backing: &str, fmt: Option<crate::image::Format>) -> Vec<String> 
     let mut seen = Vec::new();
     let mut cur = backing.to_string();
     let mut cur_fmt = fmt;
-    for _ in 0..crate::image::MAX_CHAIN_DEPTH {
+    for depth in 0..crate::image::MAX_CHAIN_DEPTH {
         files.push(cur.clone());
         let id = FileId::of(&cur);
         if id.is_some_and(|i| seen.contains(&i)) {
@@ -156,7 +156,11 @@ fn chain_files(backing: &str, fmt: Option<crate::image::Format>) -> Vec<String> 
         if f != Format::Qcow2 {
             break;
         }
-        let Ok(opening) = crate::qcow2::Opening::open(&cur) else {
+        if crate::image::ensure_fds(depth, &cur).is_err() {
+            break;
+        }
+        let cache = crate::image::layer_cache_bytes(depth);
+        let Ok(opening) = crate::qcow2::Opening::open_cached(&cur, cache) else {
             break;
         };
         let info = opening.img.info();

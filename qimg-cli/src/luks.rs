@@ -318,6 +318,29 @@ impl CreateOptions {
     }
 }
 
+/// A millisecond clock of this thread's CPU time: cryptsetup and QEMU time
+/// their PBKDF2 benchmarks in CPU time, so a busy machine does not shrink
+/// the count. Wall time if the CPU clock cannot be read.
+pub(crate) fn cpu_clock() -> impl FnMut() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    let start = std::time::Instant::now();
+    let cpu = clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).is_ok();
+    move || {
+        let wall = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if !cpu {
+            return wall();
+        }
+        clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or_else(
+            |_| wall(),
+            |t| {
+                let s = u64::try_from(t.tv_sec()).unwrap_or(0);
+                let ns = u64::try_from(t.tv_nsec()).unwrap_or(0);
+                s.saturating_mul(1000).saturating_add(ns / 1_000_000)
+            },
+        )
+    }
+}
+
 /// Formats `dev` (a file or a qcow2 LUKS region) as LUKS1 with qemu-img's
 /// layout: the payload right after the key material (or `payload_sectors`).
 pub(crate) fn format_volume<D: BlockIo + ?Sized>(
@@ -326,21 +349,28 @@ pub(crate) fn format_volume<D: BlockIo + ?Sized>(
     passphrase: &[u8],
     payload_sectors: Option<u32>,
     what: &str,
+    reader: luks1::Pbkdf2Reader,
 ) -> Result<(HeaderRepr, luks1::VolumeKey), CliError> {
     let hash = luks_core::hash::HashAlg::from_name(&o.hash)
         .map_err(|e| CliError::usage(format!("hash-alg '{}': {e}", o.hash)))?;
     let key_bytes = o.key_bytes();
     let (_, end) = luks1::key_slot_layout(key_bytes)
         .ok_or_else(|| CliError::usage(format!("a {key_bytes}-byte key is too large for LUKS1")))?;
-    let start = std::time::Instant::now();
-    let elapsed = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-    // Both are timed with the slot key's length, as cryptsetup and qemu do.
+    // One benchmark, as cryptsetup and QEMU run, of the PBKDF2 of whoever
+    // will open the volume; then each count is scaled from it.
+    let speed = luks1::Pbkdf2Speed::measure(hash, reader, cpu_clock());
     let kb = usize::try_from(key_bytes).unwrap_or(usize::MAX);
-    let iterations = luks1::calibrate_iterations(hash, kb, o.iter_time_ms, elapsed);
-    // The volume key digest gets 125 ms whatever iter-time is, as both do.
-    let start = std::time::Instant::now();
-    let elapsed = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let digest_iterations = luks1::calibrate_iterations(hash, kb, luks1::DIGEST_MS, elapsed);
+    let iterations = speed.iterations(kb, o.iter_time_ms);
+    let digest_iterations = match reader {
+        // cryptsetup: 125 ms whatever iter-time is, counted (as its slot)
+        // for a derivation of the key's length.
+        luks1::Pbkdf2Reader::Cryptsetup => speed.iterations(kb, luks1::DIGEST_MS),
+        // QEMU: an eighth of iter-time, counted for the 20-byte digest.
+        luks1::Pbkdf2Reader::Qemu => speed.iterations(
+            luks_core::luks1::header::field::MK_DIGEST.len(),
+            o.iter_time_ms / 8,
+        ),
+    };
     let mode = o.mode_spec();
     let params = luks1::FormatParams {
         cipher_name: &o.cipher,
@@ -379,7 +409,14 @@ pub(crate) fn create(
     };
     let pass = keys.resolve(path, secrets, true)?;
     let mut dev = crate::lock::create_locked(path)?;
-    let (hdr, _key) = format_volume(&mut dev, &o, &pass, None, path)?;
+    let (hdr, _key) = format_volume(
+        &mut dev,
+        &o,
+        &pass,
+        None,
+        path,
+        luks1::Pbkdf2Reader::Cryptsetup,
+    )?;
     let total = u64::from(hdr.payload_offset) * 512 + size;
     dev.set_size(total)
         .map_err(|e| CliError::io(path, e.to_string()))?;

@@ -504,16 +504,26 @@ pub(crate) fn create(
         .map_err(|e| CliError::usage(format!("hash-alg '{}': {e}", o.hash)))?;
     let elapsed_since =
         |t: std::time::Instant| move || u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+    // One PBKDF2 benchmark (cryptsetup's PBKDF2 speed) for the slot and the
+    // digest, run when first needed.
+    let mut measured = None;
+    let mut speed = || {
+        *measured.get_or_insert_with(|| {
+            luks_core::luks1::Pbkdf2Speed::measure(
+                hash,
+                luks_core::luks1::Pbkdf2Reader::Cryptsetup,
+                crate::luks::cpu_clock(),
+            )
+        })
+    };
     let kdf = match l.pbkdf.as_str() {
         "pbkdf2" => KdfParams::Pbkdf2 {
             hash,
             iterations: match l.iterations {
                 Some(n) => n,
-                None => luks_core::luks1::calibrate_iterations(
-                    hash,
+                None => speed().iterations(
                     usize::try_from(o.key_bytes()).unwrap_or(usize::MAX),
                     o.iter_time_ms,
-                    elapsed_since(std::time::Instant::now()),
                 ),
             },
         },
@@ -540,11 +550,10 @@ pub(crate) fn create(
             }
         }
     };
-    let digest_iterations = luks_core::luks1::calibrate_iterations(
-        hash,
+    // cryptsetup's digest: 125 ms of its PBKDF2 for the key's length.
+    let digest_iterations = speed().iterations(
         usize::try_from(o.key_bytes()).unwrap_or(usize::MAX),
         luks_core::luks1::DIGEST_MS,
-        elapsed_since(std::time::Instant::now()),
     );
     let cipher = format!("{}-{}", o.cipher, o.mode_spec());
     let params = FormatParams {

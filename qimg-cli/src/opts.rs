@@ -4,6 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Deref;
+
+use zeroize::Zeroizing;
 
 /// A parse error in an option string, with the offending text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,8 +27,23 @@ impl std::error::Error for OptError {}
 /// an `--object` string where it names the object type (see
 /// [`parse_object`]).
 pub(crate) fn split_list(s: &str) -> Result<Vec<(String, String)>, OptError> {
+    Ok(split_scrubbed(s)?
+        .into_iter()
+        .map(|(mut k, mut v)| (std::mem::take(&mut *k), std::mem::take(&mut *v)))
+        .collect())
+}
+
+/// A `(key, value)` pair that is wiped on drop.
+type ScrubbedPair = (Zeroizing<String>, Zeroizing<String>);
+
+/// [`split_list`] whose scratch buffers and results are wiped on drop, for
+/// strings that may hold a secret. No buffer is reallocated while it is
+/// filled (each is sized for the whole of `s`), so no unwiped copy is left.
+/// Error messages quote `s`; callers with secrets redact them.
+fn split_scrubbed(s: &str) -> Result<Vec<ScrubbedPair>, OptError> {
+    let fresh = || Zeroizing::new(String::with_capacity(s.len()));
     let mut out = Vec::new();
-    let mut cur = String::new();
+    let mut cur = fresh();
     let mut chars = s.chars().peekable();
     let mut items = Vec::new();
     while let Some(c) = chars.next() {
@@ -34,7 +52,7 @@ pub(crate) fn split_list(s: &str) -> Result<Vec<(String, String)>, OptError> {
                 chars.next();
                 cur.push(',');
             } else {
-                items.push(std::mem::take(&mut cur));
+                items.push(std::mem::replace(&mut cur, fresh()));
             }
         } else {
             cur.push(c);
@@ -52,12 +70,13 @@ pub(crate) fn split_list(s: &str) -> Result<Vec<(String, String)>, OptError> {
             Some((k, v)) => {
                 if k.is_empty() {
                     return Err(OptError(format!(
-                        "missing option name before '=' in '{item}'"
+                        "missing option name before '=' in '{}'",
+                        item.as_str()
                     )));
                 }
-                out.push((k.to_string(), v.to_string()));
+                out.push((Zeroizing::new(k.to_string()), Zeroizing::new(v.to_string())));
             }
-            None => out.push((item, "on".to_string())),
+            None => out.push((item, Zeroizing::new("on".to_string()))),
         }
     }
     Ok(out)
@@ -182,17 +201,60 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, OptError> {
     Ok(value)
 }
 
+/// A passphrase or key file's bytes: no `Clone`, a redacted `Debug`, and
+/// the whole allocation wiped on drop. Defined here, beside the `--object`
+/// parser that creates the first ones, so the fuzz harness (which compiles
+/// this file on its own) gets it too; the CLI uses it as
+/// `crate::secret::Secret`.
+pub(crate) struct Secret(Zeroizing<Vec<u8>>);
+
+impl Secret {
+    /// Takes `bytes` without copying them.
+    pub(crate) fn from_vec(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// Takes the bytes of `s` without copying them (for a `String` that
+    /// `rpassword` or the option parser handed over).
+    pub(crate) fn from_string(s: String) -> Self {
+        Self::from_vec(s.into_bytes())
+    }
+
+    /// Copies `bytes` into a new buffer of exactly their length.
+    pub(crate) fn copy_from(bytes: &[u8]) -> Self {
+        let mut v = Vec::with_capacity(bytes.len());
+        v.extend_from_slice(bytes);
+        Self::from_vec(v)
+    }
+}
+
+impl Deref for Secret {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
 /// How a secret object carries its data.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum SecretSource {
-    /// `data=...` on the command line.
-    Data(String),
+    /// `data=...` on the command line (a [`Secret`]: redacted in `Debug`,
+    /// wiped on drop).
+    Data(Secret),
     /// `file=PATH`.
     File(String),
 }
 
-/// A parsed `--object secret,...`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A parsed `--object secret,...`. Not `Clone`: its `data=` bytes exist
+/// once; `Debug` shows them as `[redacted]`.
+#[derive(Debug)]
 pub(crate) struct SecretObject {
     /// `id=`.
     pub(crate) id: String,
@@ -203,38 +265,51 @@ pub(crate) struct SecretObject {
 }
 
 /// Parses an `--object` argument. Only `secret` objects exist in qimg.
+///
+/// The `data=` value moves from the parser's wiped-on-drop scratch buffers
+/// into a [`Secret`] without a further copy; error messages never quote it.
 pub(crate) fn parse_object(s: &str) -> Result<SecretObject, OptError> {
-    let mut items = split_list(s)?.into_iter();
+    let mut items = split_scrubbed(s)
+        .map_err(|_| {
+            OptError(format!(
+                "--object '{}' has an empty element or an '=' with no name before it",
+                redact(s)
+            ))
+        })?
+        .into_iter();
     let (kind, on) = items
         .next()
         .ok_or_else(|| OptError("empty --object".into()))?;
-    let kind = if on == "on" {
+    let kind = if on.as_str() == "on" {
         kind
-    } else if kind == "qom-type" {
+    } else if kind.as_str() == "qom-type" {
         on
     } else {
         return Err(OptError(format!(
-            "--object '{s}' must start with the object type, e.g. secret,id=sec0,data=..."
+            "--object '{}' must start with the object type, e.g. secret,id=sec0,data=...",
+            redact(s)
         )));
     };
-    if kind != "secret" {
+    if kind.as_str() != "secret" {
         return Err(OptError(format!(
-            "object type '{kind}' is not supported; qimg knows 'secret'"
+            "object type '{}' is not supported; qimg knows 'secret'",
+            kind.as_str()
         )));
     }
     let (mut id, mut data, mut file, mut base64) = (None, None, None, false);
-    for (k, v) in items {
+    for (k, mut v) in items {
         match k.as_str() {
-            "id" => id = Some(v),
-            "data" => data = Some(v),
-            "file" => file = Some(v),
+            "id" => id = Some(v.to_string()),
+            "data" => data = Some(Secret::from_string(std::mem::take(&mut *v))),
+            "file" => file = Some(v.to_string()),
             "format" => {
                 base64 = match v.as_str() {
                     "raw" => false,
                     "base64" => true,
                     _ => {
                         return Err(OptError(format!(
-                            "secret format '{v}' is not 'raw' or 'base64'"
+                            "secret format '{}' is not 'raw' or 'base64'",
+                            v.as_str()
                         )))
                     }
                 }
@@ -242,10 +317,16 @@ pub(crate) fn parse_object(s: &str) -> Result<SecretObject, OptError> {
             // Accepted for compatibility; qimg has no key-wrapping secrets.
             "keyid" | "iv" => {
                 return Err(OptError(format!(
-                    "secret parameter '{k}' (encrypted secrets) is not supported"
+                    "secret parameter '{}' (encrypted secrets) is not supported",
+                    k.as_str()
                 )))
             }
-            _ => return Err(OptError(format!("invalid secret parameter '{k}'"))),
+            _ => {
+                return Err(OptError(format!(
+                    "invalid secret parameter '{}'",
+                    k.as_str()
+                )))
+            }
         }
     }
     let id = id.ok_or_else(|| OptError(format!("--object '{}' needs id=", redact(s))))?;
@@ -262,17 +343,37 @@ pub(crate) fn parse_object(s: &str) -> Result<SecretObject, OptError> {
 }
 
 /// An option string with any `data=` value replaced, for error messages.
+/// Elements are split as [`split_list`] does (`,,` stays inside a value), so
+/// no part of a value with a comma in it is shown.
 pub(crate) fn redact(s: &str) -> String {
-    s.split(',')
-        .map(|p| {
-            if p.starts_with("data=") {
-                "data=<hidden>"
-            } else {
-                p
+    let mut out = String::new();
+    let mut rest = s;
+    loop {
+        // The end of this element: the first single comma.
+        let b = rest.as_bytes();
+        let mut end = 0;
+        while end < b.len() {
+            if b[end] == b',' {
+                if b.get(end + 1) == Some(&b',') {
+                    end += 2;
+                    continue;
+                }
+                break;
             }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
+            end += 1;
+        }
+        let elem = &rest[..end];
+        out.push_str(if elem.starts_with("data=") {
+            "data=<hidden>"
+        } else {
+            elem
+        });
+        if end == rest.len() {
+            return out;
+        }
+        out.push(',');
+        rest = &rest[end + 1..];
+    }
 }
 
 #[cfg(test)]
@@ -328,16 +429,66 @@ mod tests {
     fn secret_objects() {
         let o = parse_object("secret,id=sec0,data=pa,,ss").unwrap();
         assert_eq!(o.id, "sec0");
-        assert_eq!(o.source, SecretSource::Data("pa,ss".into()));
+        assert!(matches!(&o.source, SecretSource::Data(d) if &d[..] == b"pa,ss"));
+        let o = parse_object("qom-type=secret,id=q,data=x").unwrap();
+        assert_eq!(o.id, "q");
         let o = parse_object("secret,id=k,file=/tmp/x,format=base64").unwrap();
         assert!(o.base64);
-        assert_eq!(o.source, SecretSource::File("/tmp/x".into()));
+        assert!(matches!(&o.source, SecretSource::File(f) if f == "/tmp/x"));
         assert!(parse_object("secret,data=x").is_err());
         assert!(parse_object("secret,id=a").is_err());
         assert!(parse_object("secret,id=a,data=x,file=y").is_err());
         assert!(parse_object("tls-creds-x509,id=a").is_err());
         assert!(parse_object("secret,id=a,data=x,format=hex").is_err());
-        let e = parse_object("secret,data=hunter2").unwrap_err();
-        assert!(!e.0.contains("hunter2"), "{e}");
+        assert!(parse_object("secret,id=a,keyid=b,data=x").is_err());
+        assert!(parse_object("").is_err());
+    }
+
+    #[test]
+    fn object_errors_and_debug_never_show_the_data() {
+        for bad in [
+            "secret,data=hunter2",
+            "secret,data=hun,,ter2",
+            "id=a,data=hunter2",
+            "secret,id=a,data=hunter2,",
+            "secret,id=a,data=hunter2,,,",
+            "secret,id=a,data=hunter2,=x",
+            "secret,id=a,data=hunter2,file=f",
+            "secret,id=a,data=hunter2,bogus=1",
+        ] {
+            let e = parse_object(bad).unwrap_err();
+            assert!(
+                !e.0.contains("hunter2") && !e.0.contains("ter2"),
+                "{bad}: {e}"
+            );
+        }
+        let o = parse_object("secret,id=a,data=hun,,ter2").unwrap();
+        let d = format!("{o:?}");
+        assert!(!d.contains("ter2") && d.contains("[redacted]"), "{d}");
+    }
+
+    #[test]
+    fn redact_hides_whole_data_values() {
+        assert_eq!(redact("secret,id=a,data=x"), "secret,id=a,data=<hidden>");
+        assert_eq!(
+            redact("secret,data=a,,b,,,id=c"),
+            "secret,data=<hidden>,id=c"
+        );
+        assert_eq!(redact("a,,b,data="), "a,,b,data=<hidden>");
+        assert_eq!(redact(""), "");
+        assert_eq!(redact("x,"), "x,");
+    }
+
+    #[test]
+    fn scrubbed_split_matches_split_list() {
+        for s in ["a=1,b=x,,y,c", "", "secret,id=a,data=p,,w"] {
+            let plain = split_list(s).unwrap();
+            let scrubbed: Vec<(String, String)> = split_scrubbed(s)
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            assert_eq!(plain, scrubbed, "{s}");
+        }
     }
 }

@@ -13,13 +13,35 @@ use crate::rawfile::RawFile;
 use crate::CliError;
 
 /// Metadata cache handed to each image: 64 slices of 4 KiB.
-const CACHE_BYTES: usize = 64 * 4096;
+pub(crate) const CACHE_BYTES: usize = 64 * 4096;
 
 /// Leaks a zeroed buffer for the life of the process. Images opened by the
 /// CLI live until it exits, and the reader borrows its cache and buffers
 /// for `'static`; the OS takes the memory back at exit.
+///
+/// Buffers are cut from leaked 64 MiB zeroed arenas: an allocation that
+/// large is a fresh anonymous mapping whose pages cost no memory until
+/// used, where a 64 KiB `vec![0; n]` comes from the heap and is cleared
+/// (resident) at once. So each layer of a deep backing chain costs only
+/// the cache slices and compression buffers it really uses.
 fn leaked(len: usize) -> &'static mut [u8] {
-    Box::leak(vec![0u8; len].into_boxed_slice())
+    /// The arena's size: above glibc's largest mmap threshold (32 MiB).
+    const ARENA: usize = 64 << 20;
+    /// The unused rest of the current arena.
+    static REST: std::sync::Mutex<Option<&'static mut [u8]>> = std::sync::Mutex::new(None);
+    if len > ARENA / 8 {
+        return Box::leak(vec![0u8; len].into_boxed_slice());
+    }
+    let mut rest = REST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let cur = match rest.take() {
+        Some(r) if r.len() >= len => r,
+        _ => Box::leak(vec![0u8; ARENA].into_boxed_slice()),
+    };
+    let (head, tail) = cur.split_at_mut(len);
+    *rest = Some(tail);
+    head
 }
 
 type Image = Qcow2<'static, AnyDev, Box<dyn Source>, AnyDev>;
@@ -29,8 +51,10 @@ pub(crate) struct Qcow2Source {
     path: String,
     img: Image,
     /// The image file (or the external data file, when there is one) for
-    /// asking which host ranges are holes.
-    holes: RawFile,
+    /// asking which host ranges are holes: opened on first use, so a layer
+    /// of a deep backing chain that `map` never lands on holds one
+    /// descriptor less.
+    holes: Option<RawFile>,
     has_data_file: bool,
     has_backing: bool,
     /// qemu-img hides host offsets of encrypted images.
@@ -57,11 +81,18 @@ const V3_HEADER_LEN: u64 = 104;
 impl Opening {
     /// Opens the image file read-only.
     pub(crate) fn open(path: &str) -> Result<Self, CliError> {
+        Self::open_cached(path, CACHE_BYTES)
+    }
+
+    /// Opens the image file read-only with a metadata cache of
+    /// `cache_bytes` (at least 4 KiB; layers deep in a backing chain get a
+    /// small one).
+    pub(crate) fn open_cached(path: &str, cache_bytes: usize) -> Result<Self, CliError> {
         let file = luks_core::io::FileDevice::open(std::path::Path::new(path))
             .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
         crate::lock::lock(file.file(), path, crate::lock::Access::Read)?;
         let dev: AnyDev = crate::dev::erased(file);
-        let img = Qcow2::open(dev, leaked(CACHE_BYTES)).map_err(|e| {
+        let img = Qcow2::open(dev, leaked(cache_bytes)).map_err(|e| {
             // A file cut inside the header reads as zeroes past its end,
             // which the parser reports as a bad field: say what happened.
             match std::fs::metadata(path).map(|m| m.len()) {
@@ -105,20 +136,16 @@ impl Qcow2Source {
                 .map_err(|e| CliError::io(path, e.to_string()))?,
         };
         let (img, hole_file) = match data_file {
-            Some((dev, file)) => (img.with_data_file(dev), file),
-            None => {
-                let f = std::fs::File::open(path)
-                    .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
-                (
-                    img.with_data_file(crate::dev::erased(luks_core::io::VecDevice::new())),
-                    f,
-                )
-            }
+            Some((dev, file)) => (img.with_data_file(dev), Some(file)),
+            None => (
+                img.with_data_file(crate::dev::erased(luks_core::io::VecDevice::new())),
+                None,
+            ),
         };
         Ok(Self {
             path: path.to_string(),
             img,
-            holes: RawFile::new(hole_file),
+            holes: hole_file.map(RawFile::new),
             has_data_file,
             has_backing,
             encrypted,
@@ -131,15 +158,41 @@ impl Qcow2Source {
         DevError(format!("{}: {e}", self.path))
     }
 
+    /// The file asked about holes, opened on first use.
+    fn holes(&mut self) -> Result<&mut RawFile, DevError> {
+        if self.holes.is_none() {
+            let f = std::fs::File::open(&self.path)
+                .map_err(|e| DevError(format!("{}: cannot open: {e}", self.path)))?;
+            self.holes = Some(RawFile::new(f));
+        }
+        self.holes
+            .as_mut()
+            .ok_or_else(|| DevError(format!("{}: cannot open", self.path)))
+    }
+
+    /// Whether this image itself (not its backing file) holds the run
+    /// starting at `offset` (data, zeroes or compressed), and how long the
+    /// run is (at least 1, at most `max`): what a backing chain walk asks
+    /// each layer in turn.
+    pub(crate) fn own_run(&mut self, offset: u64, max: u64) -> Result<(bool, u64), DevError> {
+        let m = self.img.map(offset, max).map_err(|e| self.err(e))?;
+        let own = !matches!(
+            m.kind,
+            MapKind::Unallocated | MapKind::UnallocatedAlloc { .. }
+        );
+        Ok((own, m.len.clamp(1, max)))
+    }
+
     /// Whether `len` bytes of the host file at `host` read as zero without
     /// being stored (a hole, or past the end of the file), and for how long
     /// that holds.
     fn host_zero(&mut self, host: u64, len: u64) -> Result<(bool, u64), DevError> {
-        let file_len = self.holes.size()?;
+        let holes = self.holes()?;
+        let file_len = holes.size()?;
         if host >= file_len {
             return Ok((true, len));
         }
-        let st = self.holes.block_status(host, len.min(file_len - host))?;
+        let st = holes.block_status(host, len.min(file_len - host))?;
         Ok((st.zero, st.len.min(len)))
     }
 
@@ -154,7 +207,7 @@ impl Qcow2Source {
             false
         } else {
             let cs = self.img.info().cluster_size();
-            let file_len = self.holes.size()?;
+            let file_len = self.holes()?.size()?;
             let real = crate::image::allocated_bytes(&self.path)
                 .map_err(|e| DevError(e.to_string()))?
                 / cs;

@@ -84,3 +84,58 @@ fn luks1_slot_iterations_of_2_pow_32_minus_1_are_refused_naming_slot_and_value()
     }
     assert_eq!(std::fs::read(&vol).unwrap(), bytes, "volume changed");
 }
+
+/// Rewrites the JSON of both LUKS2 header copies of `bytes` with `f`,
+/// recomputing each copy's SHA-256 checksum.
+fn forge_luks2_json(bytes: &mut [u8], f: impl Fn(&str) -> String) {
+    use sha2::Digest as _;
+    let hs = usize::try_from(u64::from_be_bytes(bytes[8..16].try_into().unwrap())).unwrap();
+    for at in [0, hs] {
+        let area = &mut bytes[at + 4096..at + hs];
+        let end = area.iter().position(|&c| c == 0).unwrap();
+        let text = f(std::str::from_utf8(&area[..end]).unwrap());
+        assert!(text.len() < area.len());
+        area.fill(0);
+        area[..text.len()].copy_from_slice(text.as_bytes());
+        bytes[at + 448..at + 512].fill(0);
+        let sum = sha2::Sha256::digest(&bytes[at..at + hs]);
+        bytes[at + 448..at + 480].copy_from_slice(&sum);
+    }
+}
+
+#[test]
+fn luks2_digest_iterations_of_2_pow_32_minus_1_are_refused_naming_digest_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = write_tmp(dir.path(), "key", PW.as_bytes());
+    let vol = dir.path().join("v2.luks");
+    qimg_create_luks(
+        &vol,
+        &key,
+        "luks-version=2,pbkdf=pbkdf2,pbkdf-iterations=1000",
+        "1M",
+    );
+    let mut bytes = std::fs::read(&vol).unwrap();
+    // Key slots come before digests in the JSON: the last "iterations" is
+    // the digest's.
+    forge_luks2_json(&mut bytes, |t| {
+        let at = t.rfind("\"iterations\":").unwrap() + "\"iterations\":".len();
+        let end = at + t[at..].find([',', '}']).unwrap();
+        format!("{}{}{}", &t[..at], u32::MAX, &t[end..])
+    });
+    std::fs::write(&vol, &bytes).unwrap();
+    let out = dir.path().join("out.raw");
+    let err = run_fails(&mut qimg_luks_to_raw(&vol, None, &key, &out));
+    for want in [
+        "digests.0.iterations",
+        "4294967295",
+        "1073741824",
+        "v2.luks",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from: {err}");
+    }
+    assert_eq!(std::fs::read(&vol).unwrap(), bytes, "volume changed");
+    // The key slot verbs read the same header: refused the same way.
+    let err = run_fails(qimg().args(["luks", "dump"]).arg(&vol));
+    assert!(err.contains("digests.0.iterations"), "{err}");
+    assert_eq!(std::fs::read(&vol).unwrap(), bytes, "volume changed");
+}

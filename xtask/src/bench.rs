@@ -377,11 +377,20 @@ pub(crate) fn check_mem() -> Result<(), String> {
 }
 
 /// `cargo xtask bench-commit`: `qemu-img commit` against `qimg commit` of
-/// identical overlays (a 1 GiB raw base, a qcow2 overlay holding `mib` MiB
-/// written by qemu-io), timed in one run; prints seconds, the ratio and
-/// the overlays' disk usage (st_blocks * 512) afterwards.
-pub(crate) fn commit(mib: u64) -> Result<(), String> {
+/// identical overlays (a 1 GiB raw base, a qcow2 overlay holding `mib`
+/// MiB written by qemu-io, plus a zeroed MiB and a partial cluster),
+/// `runs` rounds, alternating which tool goes first; prints each run's
+/// seconds and the overlays' disk usage (st_blocks * 512) afterwards,
+/// then the median times and their ratio. Every round checks that qimg's
+/// committed base is byte-identical to qemu-img's, that both overlays
+/// read the same, and that qemu-img finds qimg's overlay clean: a fast
+/// but wrong commit fails the bench. So does an overlay left more than
+/// 1 MiB larger than qemu-img's.
+pub(crate) fn commit(mib: u64, runs: usize) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
+    if mib == 0 || mib > 1020 {
+        return Err(format!("--mib {mib}: the base is 1 GiB; give 1..=1020"));
+    }
     run(
         "build qimg (release)",
         cargo().args(["build", "--release", "-p", "qimg-cli", "--bin", "qimg"]),
@@ -395,11 +404,22 @@ pub(crate) fn commit(mib: u64) -> Result<(), String> {
             .map(|m| m.blocks() * 512)
             .map_err(|e| format!("{}: {e}", p.display()))
     };
-    println!("\ncommit of a {mib} MiB overlay into a 1 GiB raw base");
-    let mut rows = Vec::new();
-    for tool in ["qemu-img", "qimg"] {
+    // Random-ish data: qemu-io's pattern changes every 64 MiB; then a
+    // zeroed MiB and 4 KiB in the middle of a cluster.
+    let mut script = Vec::new();
+    let mut at = 0u64;
+    while at < mib {
+        let n = (mib - at).min(64);
+        script.push(format!("write -P {} {at}M {n}M", 1 + at / 64 % 250));
+        at += n;
+    }
+    script.push(format!("write -z {mib}M 1M"));
+    script.push(format!("write -P 251 {} 4k", ((mib + 2) << 20) + 20480));
+    let make = |tool: &str| -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
         let base = work.join(format!("{tool}-base.raw"));
         let top = work.join(format!("{tool}-top.qcow2"));
+        let _ = std::fs::remove_file(&base);
+        let _ = std::fs::remove_file(&top);
         stdout_of(Command::new("qemu-img").args([
             "create",
             "-q",
@@ -419,38 +439,88 @@ pub(crate) fn commit(mib: u64) -> Result<(), String> {
             &path(&base),
             &path(&top),
         ]))?;
-        // Random-ish data: qemu-io's pattern changes every 64 MiB.
-        let mut script = Vec::new();
-        let mut at = 0u64;
-        while at < mib {
-            let n = (mib - at).min(64);
-            script.push("-c".to_string());
-            script.push(format!("write -P {} {at}M {n}M", 1 + at / 64 % 250));
-            at += n;
+        let mut io = Command::new("qemu-io");
+        io.args(["-f", "qcow2"]);
+        for c in &script {
+            io.args(["-c", c]);
         }
-        stdout_of(
-            Command::new("qemu-io")
-                .args(["-f", "qcow2"])
-                .args(&script)
-                .arg(&top),
-        )?;
-        let before = du(&top)?;
-        let start = Instant::now();
-        let out = if tool == "qimg" {
-            stdout_of(Command::new(&qimg).args(["commit", "-q", &path(&top)]))
-        } else {
-            stdout_of(Command::new("qemu-img").args(["commit", "-q", &path(&top)]))
-        };
-        out?;
-        let secs = start.elapsed().as_secs_f64();
-        let after = du(&top)?;
-        println!("{tool:<9} {secs:>6.2}s   overlay du -B1 {before:>11} before, {after:>9} after");
-        rows.push((secs, after));
-        let _ = std::fs::remove_file(&base);
-        let _ = std::fs::remove_file(&top);
+        stdout_of(io.arg(&top))?;
+        Ok((base, top))
+    };
+    println!("\ncommit of a {mib} MiB overlay into a 1 GiB raw base, {runs} rounds");
+    let (mut theirs, mut ours) = (Vec::new(), Vec::new());
+    let mut worst_du = 0i64;
+    for round in 0..runs {
+        let mut order = ["qemu-img", "qimg"];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let mut after = [0u64; 2];
+        for tool in order {
+            let (_, top) = make(tool)?;
+            let before = du(&top)?;
+            let mut cmd = if tool == "qimg" {
+                Command::new(&qimg)
+            } else {
+                Command::new("qemu-img")
+            };
+            cmd.args(["commit", "-q", &path(&top)]);
+            let start = Instant::now();
+            stdout_of(&mut cmd)?;
+            let secs = start.elapsed().as_secs_f64();
+            let a = du(&top)?;
+            println!(
+                "round {} {tool:<9} {secs:>6.2}s   overlay du -B1 {before:>11} before, {a:>9} after",
+                round + 1
+            );
+            let i = usize::from(tool == "qimg");
+            after[i] = a;
+            [&mut theirs, &mut ours][i].push(secs);
+        }
+        // The results must agree before the times mean anything.
+        let file = |t: &str, f: &str| work.join(format!("{t}-{f}"));
+        let (qb, mb) = (file("qemu-img", "base.raw"), file("qimg", "base.raw"));
+        let same = std::fs::read(&qb).map_err(|e| format!("{}: {e}", qb.display()))?
+            == std::fs::read(&mb).map_err(|e| format!("{}: {e}", mb.display()))?;
+        if !same {
+            return Err(format!(
+                "round {}: qimg's committed base {} differs from qemu-img's {}",
+                round + 1,
+                mb.display(),
+                qb.display()
+            ));
+        }
+        let (qt, mt) = (file("qemu-img", "top.qcow2"), file("qimg", "top.qcow2"));
+        stdout_of(Command::new("qemu-img").args(["compare", "-q", &path(&qt), &path(&mt)]))
+            .map_err(|e| format!("round {}: overlays read differently: {e}", round + 1))?;
+        stdout_of(Command::new("qemu-img").args(["check", "-q", &path(&mt)]))
+            .map_err(|e| format!("round {}: qemu-img check of qimg's overlay: {e}", round + 1))?;
+        let diff = i64::try_from(after[1]).unwrap_or(i64::MAX)
+            - i64::try_from(after[0]).unwrap_or(i64::MAX);
+        if diff.abs() > worst_du.abs() {
+            worst_du = diff;
+        }
     }
-    if let [(theirs, _), (ours, _)] = rows[..] {
-        println!("qimg / qemu-img time ratio: {:.2}", ours / theirs.max(1e-9));
+    for tool in ["qemu-img", "qimg"] {
+        for f in ["base.raw", "top.qcow2"] {
+            let _ = std::fs::remove_file(work.join(format!("{tool}-{f}")));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (t, o) = (median(&mut theirs), median(&mut ours));
+    println!("median: qemu-img {t:.2}s, qimg {o:.2}s");
+    println!("qimg / qemu-img median time ratio: {:.2}", o / t.max(1e-9));
+    println!(
+        "content: qimg's base byte-identical to qemu-img's, overlays compare equal, check clean"
+    );
+    println!("overlay du after, qimg minus qemu-img (worst round): {worst_du} bytes (limit 1 MiB)");
+    if worst_du.abs() > 1 << 20 {
+        return Err(format!(
+            "qimg's overlay is {worst_du} bytes larger than qemu-img's after commit"
+        ));
     }
     Ok(())
 }

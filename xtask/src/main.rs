@@ -58,7 +58,21 @@ fn main() -> ExitCode {
                 .and_then(|i| args.get(i + 1))
                 .map_or(Ok(800), |v| v.parse::<u64>())
                 .map_err(|e| format!("--mib: {e}"));
-            mib.and_then(bench::commit)
+            let runs = args
+                .iter()
+                .position(|a| a == "--runs")
+                .and_then(|i| args.get(i + 1))
+                .map_or(Ok(3), |v| v.parse::<usize>())
+                .map_err(|e| format!("--runs: {e}"));
+            // --quick: a 64 MiB overlay, one round (a check that it works).
+            let quick = args.iter().any(|a| a == "--quick");
+            mib.and_then(|m| runs.map(|r| (m, r))).and_then(|(m, r)| {
+                if quick {
+                    bench::commit(64, 1)
+                } else {
+                    bench::commit(m, r.max(1))
+                }
+            })
         }
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("kdf-compare") => kdf::compare(&args[1..]),
@@ -95,7 +109,7 @@ fn print_help() {
          uefi          build the UEFI reader (tests/uefi-reader)\n  \
          uefi-test     boot OVMF with test images and check what the reader reads\n  \
          bench-compare [--mib N]  XTS vs OpenSSL, PBKDF2 vs OpenSSL, qimg convert vs qemu-img (ratios)\n  \
-         bench-commit [--mib N]   qemu-img commit vs qimg commit of an N MiB overlay (default 800): seconds, ratio, du\n  \
+         bench-commit [--mib N] [--runs R] [--quick]  qemu-img vs qimg commit of an N MiB overlay (default 800), R alternating rounds (default 3; --quick: 64 MiB, 1 round): median ratio, du, results compared\n  \
          kdf-compare [--bin PATH]  qimg's PBKDF2/Argon2 costs beside cryptsetup's and qemu-img's at iter-time 1000/2000\n  \
          fuzz [--time S] [--target NAME]  run every cargo-fuzz target (nightly) S seconds, seeding corpora from real images\n  \
          bench-sparse  qimg -m 1/-m 2 and qemu-img convert of 4 and 15 TiB sparse qcow2 images (seconds)\n  \

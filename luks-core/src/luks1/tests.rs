@@ -362,23 +362,41 @@ fn kdf_costs_above_the_ceiling_are_refused_naming_slot_and_value() {
 
 #[test]
 fn calibrate_uses_the_callers_clock() {
-    // Clock readings in call order: 1000 iterations "take" 30 ms (too short
-    // a sample), 4000 take 120 ms: 33 per ms, times 2000 ms.
-    let times = [0u64, 30, 100, 220];
+    // Clock readings in call order: 2^15 iterations "take" 30 ms (grow
+    // 16x), 2^19 take 600 ms (over cryptsetup's 500 ms: done).
+    let times = [0u64, 30, 100, 700];
     let mut i = 0;
-    let n = calibrate_iterations(HashAlg::Sha256, 64, 2000, || {
+    let speed = Pbkdf2Speed::measure(HashAlg::Sha256, Pbkdf2Reader::Cryptsetup, || {
         let t = times[i.min(3)];
         i += 1;
         t
     });
-    assert_eq!(n, 33 * 2000);
+    assert_eq!(i, 4, "two samples");
+    let ours = (1u64 << 19) * 1000 / 600;
+    let pct = u64::from(Pbkdf2Reader::Cryptsetup.speed_ratio_percent(HashAlg::Sha256));
+    assert!(pct > 100, "OpenSSL's PBKDF2-SHA256 is the slower one");
+    assert_eq!(speed.per_second, ours * 100 / pct);
+    // A 64-byte key is two SHA-256 blocks: half the iterations of a
+    // 32-byte one in the same time.
+    let two = speed.iterations(64, 2000);
+    assert_eq!(u64::from(two), speed.per_second * 2000 / 1000 / 2);
+    assert_eq!(speed.iterations(32, 2000), speed.iterations(20, 2000));
+    assert_eq!(u64::from(speed.iterations(32, 2000)) / 2, u64::from(two));
+    // QEMU's nettle is closer to our speed than OpenSSL: more iterations.
+    let mut i = 0;
+    let q = Pbkdf2Speed::measure(HashAlg::Sha256, Pbkdf2Reader::Qemu, || {
+        let t = times[i.min(3)];
+        i += 1;
+        t
+    });
+    assert!(q.per_second > speed.per_second);
     // A slow machine never goes under cryptsetup's minimum of 1000.
     let mut t = 0u64;
-    let n = calibrate_iterations(HashAlg::Sha1, 20, 1, || {
+    let n = calibrate_iterations(HashAlg::Sha1, 20, 1, Pbkdf2Reader::Cryptsetup, || {
         t += 100_000;
         t
     });
-    assert_eq!(n, 1000);
+    assert_eq!(n, MIN_PBKDF2_ITERATIONS);
 }
 
 #[test]

@@ -404,6 +404,43 @@ fn parse_segment(c: &Ctx<'_>, id: u8, v: Val) -> Result<Segment, PureError> {
     Ok(seg)
 }
 
+/// The field a digest's iteration count is named by in errors, by digest id
+/// (ids are below 32).
+const DIGEST_ITERATIONS: [&str; 32] = [
+    "digests.0.iterations",
+    "digests.1.iterations",
+    "digests.2.iterations",
+    "digests.3.iterations",
+    "digests.4.iterations",
+    "digests.5.iterations",
+    "digests.6.iterations",
+    "digests.7.iterations",
+    "digests.8.iterations",
+    "digests.9.iterations",
+    "digests.10.iterations",
+    "digests.11.iterations",
+    "digests.12.iterations",
+    "digests.13.iterations",
+    "digests.14.iterations",
+    "digests.15.iterations",
+    "digests.16.iterations",
+    "digests.17.iterations",
+    "digests.18.iterations",
+    "digests.19.iterations",
+    "digests.20.iterations",
+    "digests.21.iterations",
+    "digests.22.iterations",
+    "digests.23.iterations",
+    "digests.24.iterations",
+    "digests.25.iterations",
+    "digests.26.iterations",
+    "digests.27.iterations",
+    "digests.28.iterations",
+    "digests.29.iterations",
+    "digests.30.iterations",
+    "digests.31.iterations",
+];
+
 fn parse_digest(c: &Ctx<'_>, id: u8, v: Val) -> Result<Digest, PureError> {
     if v.kind != Kind::Object {
         return Err(c.bad(v.start, Luks2Problem::WrongType("digests")));
@@ -417,6 +454,23 @@ fn parse_digest(c: &Ctx<'_>, id: u8, v: Val) -> Result<Digest, PureError> {
     let iterations = c.u32n(v, "iterations")?;
     if iterations == 0 {
         return Err(c.bad(v.start, Luks2Problem::BadValue("iterations")));
+    }
+    // Every unlock runs the digest's PBKDF2: the key slots' ceiling holds
+    // here too (issue #22), refused at parse with the field's offset.
+    if iterations > crate::luks1::MAX_PBKDF2_ITERATIONS {
+        let at = c.member(v, "iterations")?.start;
+        return Err(PureError::corrupt(
+            Structure::Luks2Json,
+            c.base.saturating_add(at as u64),
+            Problem::KdfCost {
+                what: DIGEST_ITERATIONS
+                    .get(usize::from(id))
+                    .copied()
+                    .unwrap_or("digest iterations"),
+                value: u64::from(iterations),
+                ceiling: u64::from(crate::luks1::MAX_PBKDF2_ITERATIONS),
+            },
+        ));
     }
     Ok(Digest {
         id,

@@ -432,3 +432,85 @@ fn damaged_binary_headers_never_panic() {
     }
     assert!(one_copy > 100, "{one_copy}");
 }
+
+/// The digest's PBKDF2 runs on every unlock: iterations above the key
+/// slots' ceiling are refused at parse, naming the digest, the value and
+/// the offset of the field; the ceiling itself still parses.
+#[test]
+fn digest_iterations_above_the_ceiling_are_refused() {
+    let mut rng = TestRng(34);
+    let mut dev = VecDevice::new();
+    write::format(&mut dev, &small(PBKDF2, 512), None, b"a", &mut rng).unwrap();
+    let base = dev.into_vec();
+    let mut json = vec![0u8; 1 << 16];
+    // The digests come after the key slots: the last "iterations" is the
+    // digest's.
+    let poke = |n: u64| {
+        let mut dev = VecDevice::from_vec(base.clone());
+        forge(&mut dev, |t| {
+            let at = t.rfind("\"iterations\":").unwrap() + "\"iterations\":".len();
+            let end = at + t[at..].find(',').unwrap();
+            std::format!("{}{n}{}", &t[..at], &t[end..])
+        });
+        dev
+    };
+    for n in [
+        u64::from(u32::MAX),
+        u64::from(crate::luks1::MAX_PBKDF2_ITERATIONS) + 1,
+    ] {
+        let mut dev = poke(n);
+        let text_at = {
+            let b = dev.as_slice();
+            let area = &b[4096..0x4000];
+            let end = area.iter().position(|&c| c == 0).unwrap();
+            let t = core::str::from_utf8(&area[..end]).unwrap();
+            (t.rfind("\"iterations\":").unwrap() + "\"iterations\":".len()) as u64
+        };
+        match read_header(&mut dev, &mut json) {
+            Err(Error::Corrupt {
+                structure: Structure::Luks2Json,
+                offset,
+                problem:
+                    Problem::KdfCost {
+                        what,
+                        value,
+                        ceiling,
+                    },
+            }) => {
+                assert_eq!(what, "digests.0.iterations");
+                assert_eq!(value, n);
+                assert_eq!(ceiling, u64::from(crate::luks1::MAX_PBKDF2_ITERATIONS));
+                // The value's offset in either copy (both are poked).
+                assert!(
+                    [4096 + text_at, 0x4000 + 4096 + text_at].contains(&offset),
+                    "offset {offset} is not the value's ({text_at} into the JSON)"
+                );
+            }
+            other => panic!("{n}: {other:?}"),
+        }
+    }
+    let mut dev = poke(u64::from(crate::luks1::MAX_PBKDF2_ITERATIONS));
+    let h = read_header(&mut dev, &mut json).unwrap();
+    assert_eq!(
+        h.meta.digests[0].iterations,
+        crate::luks1::MAX_PBKDF2_ITERATIONS
+    );
+}
+
+/// Calibration counts cryptsetup's time: a pass that took qimg 100 ms is
+/// taken as 118 ms of libargon2.
+#[test]
+fn argon2_calibration_scales_to_cryptsetups_time() {
+    let readings = [0u64, 100];
+    let mut i = 0;
+    let t = write::calibrate_argon2::<core::convert::Infallible>(true, 64, 1, 1180, || {
+        let r = readings[i.min(1)];
+        i += 1;
+        r
+    })
+    .unwrap();
+    assert_eq!(i, 2, "one timed pass");
+    let per_pass = 100 * write::CRYPTSETUP_ARGON2_TIME_PERCENT / 100;
+    assert!(per_pass > 100, "libargon2 is the slower one here");
+    assert_eq!(u64::from(t), 1180 / per_pass);
+}

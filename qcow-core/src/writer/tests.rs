@@ -256,3 +256,111 @@ fn unmap_flushes_per_l2_table_and_truncate_gives_space_back() {
     w.read(0, &mut back).unwrap();
     assert!(back.iter().all(|&b| b == 0));
 }
+
+/// A [`VecDevice`] that counts writes.
+struct CountWrites(VecDevice, u64);
+
+impl BlockIo for CountWrites {
+    type Error = core::convert::Infallible;
+    fn sector_size(&self) -> u32 {
+        self.0.sector_size()
+    }
+    fn size(&mut self) -> Result<u64, Self::Error> {
+        self.0.size()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        self.0.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Self::Error> {
+        self.1 += 1;
+        self.0.write_at(offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        self.0.flush()
+    }
+    fn set_size(&mut self, size: u64) -> Result<bool, Self::Error> {
+        self.0.set_size(size)
+    }
+}
+
+#[test]
+fn unmap_writes_each_refcount_block_once_per_table() {
+    // 512-byte clusters, 16-bit refcounts: an L2 table maps 64 clusters,
+    // a refcount block covers 256; 300 data clusters span 5 tables.
+    let mut w = create(VecDevice::new(), &opts(512, 16, 1 << 20)).unwrap();
+    let data: Vec<u8> = (0..300 * 512u32).map(|i| (i % 251) as u8 | 1).collect();
+    w.write(0, &data).unwrap();
+    let mut w = Qcow2Writer::open(CountWrites(w.close().unwrap(), 0)).unwrap();
+    w.unmap(0, 300 * 512).unwrap();
+    let writes = w.device().1;
+    // Per table: its entries, and the refcount blocks its clusters are
+    // counted in (at most two): never one write per cluster.
+    assert!(writes <= 5 * 3, "{writes} writes to unmap 300 clusters");
+    // What reached the device is consistent on its own.
+    let dev = w.close().unwrap().0;
+    let mut w = Qcow2Writer::open(dev).unwrap();
+    check_refcounts(&mut w);
+    let mut back = vec![1u8; 300 * 512];
+    w.read(0, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn free_clusters_counts_repeats_and_refuses_a_free_cluster() {
+    let mut w = create(VecDevice::new(), &opts(512, 16, 1 << 20)).unwrap();
+    w.write(0, &vec![7u8; 600 * 512]).unwrap();
+    let c = |w: &mut Qcow2Writer<VecDevice>, g: u64| {
+        let (_, e, _) = w.get_entry(g * 512).unwrap();
+        (e & OFFSET_MASK) >> 9
+    };
+    let (a, b, far) = (c(&mut w, 3), c(&mut w, 4), c(&mut w, 590));
+    assert_ne!(a >> 8, far >> 8, "two refcount blocks");
+    w.set_refcount_existing(a, 3).unwrap();
+    w.free_clusters(&mut [far, a, b, a]).unwrap();
+    // Read back from the device, not the cache.
+    let mut w = Qcow2Writer::open(w.close().unwrap()).unwrap();
+    assert_eq!(
+        [
+            w.refcount(a).unwrap(),
+            w.refcount(b).unwrap(),
+            w.refcount(far).unwrap()
+        ],
+        [1, 0, 0]
+    );
+    let before = w.device().as_slice().to_vec();
+    assert!(w.free_clusters(&mut [b]).is_err(), "refcount 0 is corrupt");
+    assert_eq!(w.device().as_slice(), &before[..], "nothing written");
+}
+
+#[test]
+fn drop_empty_tables_frees_only_all_zero_owned_tables() {
+    // 512-byte clusters: an L2 table maps 64 clusters; 300 span 5 tables.
+    let mut w = create(VecDevice::new(), &opts(512, 16, 1 << 20)).unwrap();
+    let data: Vec<u8> = (0..300 * 512u32).map(|i| (i % 251) as u8 | 1).collect();
+    w.write(0, &data).unwrap();
+    // Everything but the last cluster of the fourth table (cluster 255).
+    w.unmap(0, 255 * 512).unwrap();
+    w.unmap(256 * 512, 44 * 512).unwrap();
+    let tables = |w: &Qcow2Writer<VecDevice>| w.l1.iter().filter(|&&e| e != 0).count();
+    assert_eq!(tables(&w), 5);
+    let kept = entry::l1_l2_offset(w.l1[3]);
+    w.drop_empty_tables().unwrap();
+    assert_eq!(tables(&w), 1, "only the table still mapping a cluster");
+    assert_eq!(entry::l1_l2_offset(w.l1[3]), kept);
+    check_refcounts(&mut w);
+    w.truncate_unused().unwrap();
+    // From the device: consistent, the kept cluster still reads back.
+    let mut w = Qcow2Writer::open(w.close().unwrap()).unwrap();
+    check_refcounts(&mut w);
+    assert_eq!(tables(&w), 1);
+    let mut back = vec![0u8; 300 * 512];
+    w.read(0, &mut back).unwrap();
+    let mut want = vec![0u8; 300 * 512];
+    want[255 * 512..256 * 512].copy_from_slice(&data[255 * 512..256 * 512]);
+    assert!(back == want, "content after dropping tables");
+    // Nothing left to drop: no write at all.
+    let dev = w.close().unwrap();
+    let mut w = Qcow2Writer::open(CountWrites(dev, 0)).unwrap();
+    w.drop_empty_tables().unwrap();
+    assert_eq!(w.device().1, 0);
+}
