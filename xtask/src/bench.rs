@@ -4,18 +4,14 @@
 //! - The XTS engine (every backend) against `openssl speed -evp
 //!   aes-256-xts` at 4 KiB, and against the raw `aes` bulk rate.
 //! - PBKDF2-SHA256 iterations per second against `openssl kdf`.
-//! - `qimg convert -n -O raw` against `qemu-img convert -n -O raw` of the
-//!   same LUKS-encrypted qcow2 image and raw LUKS volume, into an existing
-//!   file in memory (/dev/shm) that each run overwrites, so neither disk
-//!   speed nor file allocation dominates.
+//! - Then every verb that moves data against qemu-img, with peak RSS and
+//!   the copy floor (`crate::benchverbs`).
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 use crate::{cargo, root, run};
-
-const PASSPHRASE: &str = "bench-compare";
 
 /// Runs `cmd`; its standard output, or an error with its standard error.
 pub(crate) fn stdout_of(cmd: &mut Command) -> Result<String, String> {
@@ -84,20 +80,13 @@ fn openssl_pbkdf2() -> Result<f64, String> {
     Ok(f64::from(iters) / start.elapsed().as_secs_f64())
 }
 
-/// Seconds a command takes, best of `n` runs.
-fn best_secs(n: usize, mut make: impl FnMut() -> Command) -> Result<f64, String> {
-    let mut best = f64::MAX;
-    for _ in 0..n {
-        let mut cmd = make();
-        let start = Instant::now();
-        stdout_of(&mut cmd)?;
-        best = best.min(start.elapsed().as_secs_f64());
+/// Runs the comparison: the XTS and PBKDF2 rates (not with `--smoke`),
+/// then the verb rows.
+pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
+    if o.smoke {
+        // CI's run: the verb rows at a tiny size, no XTS/PBKDF2 table.
+        return crate::benchverbs::run_verbs(o);
     }
-    Ok(best)
-}
-
-/// Runs the comparison over images of `mib` MiB.
-pub(crate) fn compare(mib: u64) -> Result<(), String> {
     run(
         "build qimg and xts-rate (release)",
         cargo().args([
@@ -184,121 +173,7 @@ pub(crate) fn compare(mib: u64) -> Result<(), String> {
         ours_pbkdf2 / ossl_pbkdf2
     );
 
-    let work = root().join("target").join("bench-compare");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
-    let raw = work.join("source.raw");
-    let bytes = mib * (1 << 20);
-    run(
-        "random source",
-        Command::new("head")
-            .args(["-c", &bytes.to_string(), "/dev/urandom"])
-            .stdout(std::fs::File::create(&raw).map_err(|e| e.to_string())?),
-    )?;
-    let secret = format!("secret,id=s0,data={PASSPHRASE}");
-    let qcow = work.join("enc.qcow2");
-    let luks = work.join("vol.luks");
-    run(
-        "encrypted qcow2 (qemu-img)",
-        Command::new("qemu-img")
-            .args(["convert", "-O", "qcow2", "--object", &secret, "-o"])
-            .arg("encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10")
-            .arg(&raw)
-            .arg(&qcow),
-    )?;
-    run(
-        "raw LUKS volume (qemu-img)",
-        Command::new("qemu-img")
-            .args([
-                "convert",
-                "-O",
-                "luks",
-                "--object",
-                &secret,
-                "-o",
-                "key-secret=s0,iter-time=10",
-            ])
-            .arg(&raw)
-            .arg(&luks),
-    )?;
-    let want = crate::uefi::sha256sum(&raw)?;
-    let _ = std::fs::remove_file(&raw);
-    let shm = Path::new("/dev/shm");
-    let target = if shm.is_dir() {
-        shm.to_path_buf()
-    } else {
-        work.clone()
-    }
-    .join("qimg-bench-compare.raw");
-    std::fs::File::create(&target)
-        .and_then(|f| f.set_len(bytes))
-        .map_err(|e| format!("{}: {e}", target.display()))?;
-    println!(
-        "\nconvert -n -O raw of {mib} MiB into {} (best of 3)",
-        target.display()
-    );
-    for (name, img, driver, key) in [
-        ("LUKS qcow2", &qcow, "qcow2", "encrypt.key-secret"),
-        ("raw LUKS", &luks, "luks", "key-secret"),
-    ] {
-        let theirs = best_secs(3, || {
-            let mut c = Command::new("qemu-img");
-            c.args([
-                "convert",
-                "-n",
-                "-O",
-                "raw",
-                "--object",
-                &secret,
-                "--image-opts",
-            ])
-            .arg(format!(
-                "driver={driver},{key}=s0,file.filename={}",
-                img.display()
-            ))
-            .arg(&target);
-            c
-        })?;
-        let mbps = |s: f64| bytes as f64 / s / (1 << 20) as f64;
-        // qimg as it runs by default (a pipelined copy on two cores),
-        // then on one thread (`-m 1`).
-        for workers in [None, Some("1")] {
-            let _ = std::fs::write(&target, b"");
-            std::fs::File::options()
-                .write(true)
-                .open(&target)
-                .and_then(|f| f.set_len(bytes))
-                .map_err(|e| format!("{}: {e}", target.display()))?;
-            let ours = best_secs(3, || {
-                let mut c = Command::new(bin.join("qimg"));
-                c.args(["convert", "-n", "-O", "raw", "--object", &secret]);
-                if let Some(m) = workers {
-                    c.args(["-m", m]);
-                }
-                c.arg(img).arg(&target);
-                c
-            })?;
-            // The timing only counts if qimg wrote the right bytes.
-            if crate::uefi::sha256sum(&target)? != want {
-                return Err(format!("qimg convert of {name} produced different content"));
-            }
-            let label = match workers {
-                None => "qimg".to_string(),
-                Some(m) => format!("qimg -m {m}"),
-            };
-            println!(
-                "{name:<11} qemu-img {:>7.2}s ({:>7.0} MiB/s)   {label:<9} {:>7.2}s ({:>7.0} MiB/s)   {label} is {:.2}x faster",
-                theirs,
-                mbps(theirs),
-                ours,
-                mbps(ours),
-                theirs / ours
-            );
-        }
-    }
-    let _ = std::fs::remove_file(&target);
-    let _ = std::fs::remove_dir_all(Path::new(&work));
-    Ok(())
+    crate::benchverbs::run_verbs(o)
 }
 
 /// `cargo xtask check-mem`: the peak resident memory of the qcow2 check on
@@ -404,17 +279,7 @@ pub(crate) fn commit(mib: u64, runs: usize) -> Result<(), String> {
             .map(|m| m.blocks() * 512)
             .map_err(|e| format!("{}: {e}", p.display()))
     };
-    // Random-ish data: qemu-io's pattern changes every 64 MiB; then a
-    // zeroed MiB and 4 KiB in the middle of a cluster.
-    let mut script = Vec::new();
-    let mut at = 0u64;
-    while at < mib {
-        let n = (mib - at).min(64);
-        script.push(format!("write -P {} {at}M {n}M", 1 + at / 64 % 250));
-        at += n;
-    }
-    script.push(format!("write -z {mib}M 1M"));
-    script.push(format!("write -P 251 {} 4k", ((mib + 2) << 20) + 20480));
+    let script = commit_script(mib);
     let make = |tool: &str| -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
         let base = work.join(format!("{tool}-base.raw"));
         let top = work.join(format!("{tool}-top.qcow2"));
@@ -480,21 +345,9 @@ pub(crate) fn commit(mib: u64, runs: usize) -> Result<(), String> {
         // The results must agree before the times mean anything.
         let file = |t: &str, f: &str| work.join(format!("{t}-{f}"));
         let (qb, mb) = (file("qemu-img", "base.raw"), file("qimg", "base.raw"));
-        let same = std::fs::read(&qb).map_err(|e| format!("{}: {e}", qb.display()))?
-            == std::fs::read(&mb).map_err(|e| format!("{}: {e}", mb.display()))?;
-        if !same {
-            return Err(format!(
-                "round {}: qimg's committed base {} differs from qemu-img's {}",
-                round + 1,
-                mb.display(),
-                qb.display()
-            ));
-        }
         let (qt, mt) = (file("qemu-img", "top.qcow2"), file("qimg", "top.qcow2"));
-        stdout_of(Command::new("qemu-img").args(["compare", "-q", &path(&qt), &path(&mt)]))
-            .map_err(|e| format!("round {}: overlays read differently: {e}", round + 1))?;
-        stdout_of(Command::new("qemu-img").args(["check", "-q", &path(&mt)]))
-            .map_err(|e| format!("round {}: qemu-img check of qimg's overlay: {e}", round + 1))?;
+        commit_results_agree(&qb, &mb, &qt, &mt)
+            .map_err(|e| format!("round {}: {e}", round + 1))?;
         let diff = i64::try_from(after[1]).unwrap_or(i64::MAX)
             - i64::try_from(after[0]).unwrap_or(i64::MAX);
         if diff.abs() > worst_du.abs() {
@@ -522,5 +375,54 @@ pub(crate) fn commit(mib: u64, runs: usize) -> Result<(), String> {
             "qimg's overlay is {worst_du} bytes larger than qemu-img's after commit"
         ));
     }
+    Ok(())
+}
+
+/// The qemu-io commands that fill a commit overlay with `mib` MiB:
+/// random-ish data (qemu-io's pattern changes every 64 MiB), then a zeroed
+/// MiB and 4 KiB in the middle of a cluster. The overlay must be at least
+/// `mib + 3` MiB large.
+pub(crate) fn commit_script(mib: u64) -> Vec<String> {
+    let mut script = Vec::new();
+    let mut at = 0u64;
+    while at < mib {
+        let n = (mib - at).min(64);
+        script.push(format!("write -P {} {at}M {n}M", 1 + at / 64 % 250));
+        at += n;
+    }
+    script.push(format!("write -z {mib}M 1M"));
+    script.push(format!("write -P 251 {} 4k", ((mib + 2) << 20) + 20480));
+    script
+}
+
+/// After qemu-img committed overlay `qt` into base `qb` and qimg committed
+/// the identical overlay `mt` into `mb`: the bases must be byte-identical,
+/// the overlays must read the same, and qemu-img must find qimg's overlay
+/// clean.
+pub(crate) fn commit_results_agree(
+    qb: &Path,
+    mb: &Path,
+    qt: &Path,
+    mt: &Path,
+) -> Result<(), String> {
+    let same = std::fs::read(qb).map_err(|e| format!("{}: {e}", qb.display()))?
+        == std::fs::read(mb).map_err(|e| format!("{}: {e}", mb.display()))?;
+    if !same {
+        return Err(format!(
+            "qimg's committed base {} differs from qemu-img's {}",
+            mb.display(),
+            qb.display()
+        ));
+    }
+    stdout_of(
+        Command::new("qemu-img")
+            .arg("compare")
+            .arg("-q")
+            .arg(qt)
+            .arg(mt),
+    )
+    .map_err(|e| format!("overlays read differently: {e}"))?;
+    stdout_of(Command::new("qemu-img").arg("check").arg("-q").arg(mt))
+        .map_err(|e| format!("qemu-img check of qimg's overlay: {e}"))?;
     Ok(())
 }
