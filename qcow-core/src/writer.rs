@@ -26,6 +26,7 @@ use crate::error::{Error, LayerError, Limit, Problem, Structure, Unsupported};
 use crate::header::{autoclear, field, incompat, HeaderRepr};
 use crate::image::NoDevice;
 use crate::limits::MAX_L1_ENTRIES;
+use crate::table::{L2Geometry, RefcountGeometry};
 use luks_core::io::BlockIo;
 
 /// Whether an image with `crypt_method` can be written with `key`: no key
@@ -351,29 +352,30 @@ where
     /// Whether L2 entry `e` names a host cluster (offset 0 is a valid
     /// data-file offset; COPIED tells it from "unallocated" there).
     fn has_host(&self, e: u64) -> bool {
-        e & OFFSET_MASK != 0 || (self.df() && e & COPIED != 0 && e & entry::COMPRESSED == 0)
+        if e & entry::COMPRESSED != 0 {
+            e & OFFSET_MASK != 0
+        } else {
+            self.l2g().host(e).is_some()
+        }
     }
     fn decode(&self, e: u64) -> L2Entry {
-        L2Entry::decode(e, self.cb(), self.extended(), self.df())
+        self.l2g().decode(e)
     }
-    /// log2 of the L2 entries per table.
-    fn l2_bits(&self) -> u32 {
-        self.cb()
-            .saturating_sub(if self.extended() { 4 } else { 3 })
+    /// Where L2 entries live (the table layer).
+    fn l2g(&self) -> L2Geometry {
+        L2Geometry::of(&self.hdr)
+    }
+    /// Where refcounts live (the table layer).
+    fn rcg(&self) -> RefcountGeometry {
+        RefcountGeometry::of(&self.hdr)
     }
     /// u64 words per L2 entry.
     fn l2_words(&self) -> usize {
-        if self.extended() {
-            2
-        } else {
-            1
-        }
+        self.l2g().entry_len() >> 3
     }
     /// log2 of the refcounts per block.
     fn rb_bits(&self) -> u32 {
-        self.cb()
-            .saturating_add(3)
-            .saturating_sub(self.hdr.refcount_order)
+        self.rcg().block_bits()
     }
 
     // ---- device helpers -------------------------------------------------
@@ -487,7 +489,9 @@ where
 
     /// The refcount of cluster `c` (0 when no block covers it).
     pub fn refcount(&mut self, c: u64) -> Result<u64, Error<D::Error>> {
-        let ti = usize::try_from(c >> self.rb_bits()).unwrap_or(usize::MAX);
+        let g = self.rcg();
+        let slot = g.locate(c);
+        let ti = usize::try_from(slot.table_index).unwrap_or(usize::MAX);
         let Some(&rte) = self.reftable.get(ti) else {
             return Ok(0);
         };
@@ -495,32 +499,29 @@ where
         if off == 0 {
             return Ok(0);
         }
-        let idx = c & ((1u64 << self.rb_bits()).wrapping_sub(1));
-        let order = self.hdr.refcount_order;
         let b = self.refblock(off)?;
-        entry::refcount_get(b, idx, order).ok_or_else(|| overflow(Structure::RefcountBlock, off))
+        g.get(b, slot.index)
+            .ok_or_else(|| overflow(Structure::RefcountBlock, off))
     }
 
     /// Sets the refcount of `c`, whose block must exist. Writes the sector
     /// of the block holding it (not flushed).
     fn set_refcount_existing(&mut self, c: u64, v: u64) -> Result<(), Error<D::Error>> {
-        let rb_bits = self.rb_bits();
-        let ti = usize::try_from(c >> rb_bits).unwrap_or(usize::MAX);
+        let g = self.rcg();
+        let slot = g.locate(c);
+        let ti = usize::try_from(slot.table_index).unwrap_or(usize::MAX);
         let off = self
             .reftable
             .get(ti)
             .map(|&e| entry::reftable_block_offset(e))
             .filter(|&o| o != 0)
             .ok_or_else(|| overflow(Structure::RefcountTable, self.hdr.refcount_table_offset))?;
-        let idx = c & ((1u64 << rb_bits).wrapping_sub(1));
-        let order = self.hdr.refcount_order;
         let b = self.refblock(off)?;
-        if !entry::refcount_set(b, idx, order, v) {
+        if !g.set(b, slot.index, v) {
             return Err(overflow(Structure::RefcountBlock, off));
         }
-        // Byte of the entry, then its sector.
-        let byte = (idx << order) >> 3;
-        let sec = byte & !(SECTOR - 1);
+        // The sector of the block holding the entry.
+        let sec = g.entry_sector(slot.index);
         let s = usize::try_from(sec).unwrap_or(0);
         let e = s.saturating_add(SECTOR_BYTES).min(b.len());
         let chunk: Vec<u8> = b.get(s..e).unwrap_or(&[]).to_vec();
@@ -537,7 +538,7 @@ where
     }
 
     fn has_block(&self, c: u64) -> bool {
-        let ti = usize::try_from(c >> self.rb_bits()).unwrap_or(usize::MAX);
+        let ti = usize::try_from(self.rcg().locate(c).table_index).unwrap_or(usize::MAX);
         self.reftable
             .get(ti)
             .is_some_and(|&e| entry::reftable_block_offset(e) != 0)
@@ -605,8 +606,8 @@ where
         let off = at << self.cb();
         let mut blk = vec![0u8; usize::try_from(cs).unwrap_or(0)];
         if let Some(c) = self_count {
-            let idx = c & ((1u64 << self.rb_bits()).wrapping_sub(1));
-            entry::refcount_set(&mut blk, idx, self.hdr.refcount_order, 1);
+            let g = self.rcg();
+            g.set(&mut blk, g.locate(c).index, 1);
         }
         self.write_dev(off, &blk, Structure::RefcountBlock)?;
         self.rb_cache.insert(off, blk);
@@ -860,12 +861,10 @@ where
     }
 
     fn split(&self, g: u64) -> (usize, usize) {
-        let cluster = g >> self.cb();
-        let l1i = cluster >> self.l2_bits();
-        let l2i = cluster & ((1u64 << self.l2_bits()).wrapping_sub(1));
+        let slot = self.l2g().locate(g);
         (
-            usize::try_from(l1i).unwrap_or(usize::MAX),
-            usize::try_from(l2i).unwrap_or(0),
+            usize::try_from(slot.l1_index).unwrap_or(usize::MAX),
+            usize::try_from(slot.l2_index).unwrap_or(0),
         )
     }
 
@@ -1558,7 +1557,7 @@ where
         let cs = self.cs();
         let (mut at, end) = self.whole_clusters(g, len);
         // Guest bytes one L2 table maps.
-        let span = cs.saturating_mul(1u64 << self.l2_bits());
+        let span = self.l2g().l1_span();
         while at < end {
             let (l1i, _) = self.split(at);
             let owned = self.l1.get(l1i).is_some_and(|e| e & COPIED != 0);
@@ -1931,7 +1930,7 @@ where
                 at = at.saturating_add(cs);
             }
         }
-        let span = 1u64 << self.cb().saturating_add(self.l2_bits());
+        let span = self.l2g().l1_span();
         let need = new_size.div_ceil(span);
         if need > u64::from(MAX_L1_ENTRIES) {
             return Err(ResizeError::Qcow2(Error::Limit {
