@@ -140,10 +140,10 @@ impl<D: BlockIo> Qcow2Writer<D> {
         metadata_only: bool,
     ) -> Result<Self, Error<D::Error>> {
         let file_len = dev.size().map_err(|e| e.into_layer(Structure::Header, 0))?;
-        let mut first = vec![0u8; 4096];
-        dev.read_at(0, &mut first)
-            .map_err(|e| e.into_layer(Structure::Header, 0))?;
-        let hdr = HeaderRepr::parse_bytes::<D::Error>(&first)?;
+        // The header and its extensions as the reader parses them (room for
+        // a long `header_length`, as the checker leaves).
+        let mut first = vec![0u8; 64 * 1024];
+        let hdr = crate::image::read_header_info(&mut dev, &mut [0u8; 512], &mut first)?.header;
         hdr.refuse_unknown_incompatible()?;
         if hdr.incompatible_features & incompat::CORRUPT != 0 {
             return Err(Error::MarkedCorrupt);
