@@ -310,20 +310,19 @@ where
     /// once (one write per block, not one per cluster). Not flushed.
     pub(super) fn free_clusters(&mut self, clusters: &mut [u64]) -> Result<(), Error<D::Error>> {
         clusters.sort_unstable();
-        let (cb, rb_bits, order) = (self.cb(), self.rb_bits(), self.hdr.refcount_order);
-        let mask = (1u64 << rb_bits).wrapping_sub(1);
+        let (cb, g) = (self.cb(), self.rcg());
         let ctail = (self.ctail != 0).then_some(self.ctail >> cb);
         let mut rest: &[u64] = clusters;
         while let Some(&c0) = rest.first() {
             let n = rest
                 .iter()
-                .take_while(|&&c| c >> rb_bits == c0 >> rb_bits)
+                .take_while(|&&c| g.locate(c).table_index == g.locate(c0).table_index)
                 .count();
             let (group, tail) = rest.split_at(n);
             rest = tail;
             let gone =
                 || Error::corrupt(Structure::RefcountBlock, c0 << cb, Problem::OutOfRange(0));
-            let ti = usize::try_from(c0 >> rb_bits).unwrap_or(usize::MAX);
+            let ti = usize::try_from(g.locate(c0).table_index).unwrap_or(usize::MAX);
             let off = self
                 .reftable
                 .get(ti)
@@ -334,8 +333,9 @@ where
             let (mut lo, mut hi) = (u64::MAX, 0u64);
             let (mut first_zero, mut ctail_freed) = (u64::MAX, false);
             for &c in group {
-                let idx = c & mask;
-                let v = entry::refcount_get(b, idx, order)
+                let idx = g.locate(c).index;
+                let v = g
+                    .get(b, idx)
                     .ok_or_else(|| overflow(Structure::RefcountBlock, off))?;
                 if v == 0 {
                     return Err(Error::corrupt(
@@ -344,10 +344,10 @@ where
                         Problem::OutOfRange(0),
                     ));
                 }
-                if !entry::refcount_set(b, idx, order, v.saturating_sub(1)) {
+                if !g.set(b, idx, v.saturating_sub(1)) {
                     return Err(overflow(Structure::RefcountBlock, off));
                 }
-                let byte = (idx << order) >> 3;
+                let byte = g.entry_bytes(idx).0;
                 (lo, hi) = (lo.min(byte), hi.max(byte));
                 if v == 1 {
                     first_zero = first_zero.min(c);
