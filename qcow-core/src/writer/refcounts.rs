@@ -197,7 +197,7 @@ where
         self.hdr.check_reftable_limit(bytes)?;
         let used = blocks.saturating_add(table_clusters);
         // 1. The new blocks, each counting the new clusters in its range.
-        let order = self.hdr.refcount_order;
+        let g = self.rcg();
         let mut new_table = self.reftable.clone();
         new_table.resize(
             usize::try_from(table_clusters.saturating_mul(per_cluster)).unwrap_or(0),
@@ -207,7 +207,7 @@ where
             let mut blk = vec![0u8; usize::try_from(self.cs()).unwrap_or(0)];
             let first = start.saturating_add(k.saturating_mul(rpb));
             for c in first..first.saturating_add(rpb).min(start.saturating_add(used)) {
-                entry::refcount_set(&mut blk, c.wrapping_sub(first), order, 1);
+                g.set(&mut blk, g.locate(c).index, 1);
             }
             let off = start.saturating_add(k) << cb;
             self.write_dev(off, &blk, Structure::RefcountBlock)?;
