@@ -34,8 +34,12 @@ mod open;
 mod read;
 mod snapshots;
 
+// The checker's and the writer's way in to the reader's parsing.
+#[cfg(feature = "alloc")]
 pub(crate) use open::read_header_info;
 use open::*;
+// The checker's and the writer's way in to the reader's parsing.
+#[cfg(feature = "alloc")]
 pub(crate) use snapshots::read_snapshot_entry;
 
 /// Sector size the image presents and the alignment of guest requests.
