@@ -11,13 +11,13 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::entry;
 use crate::error::Error;
 use crate::header::{
     autoclear, compat, emit_extension, ext, incompat, FeatureName, Header, HeaderRepr,
     COMPRESSION_ZLIB, COMPRESSION_ZSTD,
 };
 use crate::limits::{MAX_CLUSTER_BITS, MAX_L1_ENTRIES, MAX_NAME_LEN, MIN_CLUSTER_BITS};
+use crate::table::{L2Geometry, RefcountGeometry};
 use crate::writer::Qcow2Writer;
 use luks_core::io::BlockIo;
 
@@ -388,8 +388,7 @@ pub fn create<D: BlockIo>(
         .size
         .checked_next_multiple_of(512)
         .ok_or(CreateError::TooLarge(o.size))?;
-    let l2_bits = cb.saturating_sub(if o.extended_l2 { 4 } else { 3 });
-    let l1_size = size.div_ceil(1u64 << cb.saturating_add(l2_bits));
+    let l1_size = L2Geometry::new(cb, o.extended_l2, false).l1_entries_for(size);
     if l1_size > u64::from(MAX_L1_ENTRIES) {
         return Err(CreateError::TooLarge(size));
     }
@@ -437,8 +436,9 @@ pub fn create<D: BlockIo>(
     let mut rt = vec![0u8; csu];
     rt[..8].copy_from_slice(&cs.saturating_mul(2).to_be_bytes());
     let mut rb = vec![0u8; csu];
+    let rc = RefcountGeometry::new(cb, order);
     for c in 0..3 {
-        entry::refcount_set(&mut rb, c, order, 1);
+        rc.set(&mut rb, c, 1);
     }
     let mut reftable = vec![0u64; usize::try_from(cs >> 3).unwrap_or(0)];
     reftable[0] = cs.saturating_mul(2);
@@ -514,7 +514,7 @@ fn refcount_clusters(clusters: u64, cluster_bits: u32, refcount_order: u32) -> u
     // cluster holds cluster_size / 8 block offsets. `validate` bounds
     // cluster_bits to 9..=21 and refcount_order to 0..=6.
     let shift = |bits: Option<u32>| bits.and_then(|b| 1u64.checked_shl(b)).unwrap_or(1);
-    let per_block = shift(cluster_bits.saturating_add(3).checked_sub(refcount_order));
+    let per_block = RefcountGeometry::new(cluster_bits, refcount_order).entries_per_block();
     let per_table = shift(cluster_bits.checked_sub(3));
     let (mut blocks, mut table) = (0u64, 0u64);
     loop {

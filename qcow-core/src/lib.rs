@@ -101,6 +101,7 @@ pub mod image;
 pub mod limits;
 mod probe;
 pub mod snapshot;
+pub mod table;
 #[cfg(feature = "alloc")]
 pub mod writer;
 

@@ -40,7 +40,7 @@ fn hdr(d: &[u8]) -> HeaderRepr {
 }
 
 fn u64_at(d: &[u8], off: u64) -> u64 {
-    be(&d[off as usize..off as usize + 8])
+    crate::table::word(d, off as usize).unwrap()
 }
 
 fn first_refblock(d: &[u8]) -> u64 {

@@ -145,11 +145,17 @@ where
         let n = self.hdr.nb_snapshots;
         let mut out = Vec::new();
         let mut off = self.hdr.snapshots_offset;
-        for _ in 0..n {
-            let mut f = [0u8; sfield::FIXED_LEN];
-            self.read_dev(off, &mut f, Structure::SnapshotTable)?;
-            let mut fixed = SnapshotFixed::parse::<D::Error>(&f, off)?;
-            crate::snapshot::check_table_end(self.hdr.snapshots_offset, off, fixed.unpadded_len())?;
+        let table = self.hdr.snapshots_offset;
+        for index in 0..n {
+            // The entry as the reader parses it; then its variable part whole.
+            let mut fixed = crate::image::read_snapshot_entry(
+                &mut self.dev,
+                &mut [0u8; 512],
+                table,
+                index,
+                off,
+            )?
+            .fixed;
             // Bounded by MAX_SNAPSHOT_EXTRA and 16-bit lengths; the table
             // by MAX_SNAPSHOT_TABLE_BYTES.
             let var = usize::try_from(fixed.extra_size)
