@@ -33,6 +33,8 @@ fn with_code(mut e: CliError, code: u8) -> CliError {
 
 /// Granularity of a reported mismatch offset.
 const SECTOR: u64 = 512;
+/// [`SECTOR`] as a slice length.
+const SECTOR_LEN: usize = 512;
 
 /// The command line of `qimg compare`.
 #[derive(Debug, clap::Args)]
@@ -180,8 +182,8 @@ fn first_diff(off: u64, a: &[u8], b: &[u8]) -> Option<u64> {
     if a == b {
         return None;
     }
-    a.chunks(SECTOR as usize)
-        .zip(b.chunks(SECTOR as usize))
+    a.chunks(SECTOR_LEN)
+        .zip(b.chunks(SECTOR_LEN))
         .position(|(x, y)| x != y)
         .map(|i| off + i as u64 * SECTOR)
 }
