@@ -34,6 +34,8 @@ fn with_code(mut e: CliError, code: u8) -> CliError {
 
 /// Granularity of a reported mismatch offset.
 const SECTOR: u64 = 512;
+/// [`SECTOR`] as a slice length.
+const SECTOR_LEN: usize = 512;
 
 /// The command line of `qimg compare`.
 #[derive(Debug, clap::Args)]
@@ -172,13 +174,36 @@ fn status_word(st: &BlockStatus, odd_end: bool) -> [bool; 6] {
     ]
 }
 
-/// Where the first 512-byte sector of a chunk starting at `off` holding a
-/// byte for which `pred` is true starts, if any (sectors count from the
-/// chunk's start, which is not always sector-aligned in a raw file).
-fn first_sector(off: u64, bytes: &[u8], mut pred: impl FnMut(usize) -> bool) -> Option<u64> {
-    (0..bytes.len())
-        .find(|&i| pred(i))
-        .map(|i| off + i as u64 / SECTOR * SECTOR)
+/// Where the first 512-byte sector of `a` (a chunk starting at `off`)
+/// that differs from the same sector of `b` starts, if any (sectors count
+/// from the chunk's start, which is not always sector-aligned in a raw
+/// file). The whole chunk is compared at once (memcmp); only a chunk that
+/// differs is walked sector by sector to locate the difference.
+fn first_diff(off: u64, a: &[u8], b: &[u8]) -> Option<u64> {
+    if a == b {
+        return None;
+    }
+    a.chunks(SECTOR_LEN)
+        .zip(b.chunks(SECTOR_LEN))
+        .position(|(x, y)| x != y)
+        .map(|i| off + i as u64 * SECTOR)
+}
+
+/// Sectors of zeroes to compare a chunk against, a slice at a time.
+static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Where the first 512-byte sector of `d` (a chunk starting at `off`)
+/// holding a byte other than zero starts, if any: as [`first_diff`]
+/// against a chunk of zeroes.
+fn first_nonzero(off: u64, d: &[u8]) -> Option<u64> {
+    let mut at = 0u64;
+    for piece in d.chunks(ZEROES.len()) {
+        if let Some(s) = first_diff(at, piece, &ZEROES[..piece.len()]) {
+            return Some(off + s);
+        }
+        at += piece.len() as u64;
+    }
+    None
 }
 
 fn compare(a: &CompareCmd) -> Result<u8, CliError> {
@@ -215,13 +240,13 @@ fn compare(a: &CompareCmd) -> Result<u8, CliError> {
         } else if s1.present && s2.present {
             let d1 = one.read(off, &mut b1, n)?;
             let d2 = two.read(off, &mut b2, n)?;
-            first_sector(off, d1, |i| d1[i] != d2[i])
+            first_diff(off, d1, d2)
         } else if s1.present {
             let d1 = one.read(off, &mut b1, n)?;
-            first_sector(off, d1, |i| d1[i] != 0)
+            first_nonzero(off, d1)
         } else if s2.present {
             let d2 = two.read(off, &mut b2, n)?;
-            first_sector(off, d2, |i| d2[i] != 0)
+            first_nonzero(off, d2)
         } else {
             None
         };
@@ -246,7 +271,7 @@ fn compare(a: &CompareCmd) -> Result<u8, CliError> {
         let n = st.len;
         if st.present && !st.zero {
             let d = longer.read(off, &mut b1, n)?;
-            if let Some(at) = first_sector(off, d, |i| d[i] != 0) {
+            if let Some(at) = first_nonzero(off, d) {
                 say(&format!("Content mismatch at offset {at}!"));
                 return Ok(1);
             }
@@ -266,7 +291,26 @@ mod tests {
         let a = [0u8; 1024];
         let mut b = [0u8; 1024];
         b[700] = 1;
-        assert_eq!(first_sector(4096, &b, |i| a[i] != b[i]), Some(4096 + 512));
-        assert_eq!(first_sector(4096, &a, |i| a[i] != 0), None);
+        assert_eq!(first_diff(4096, &a, &b), Some(4096 + 512));
+        assert_eq!(first_nonzero(4096, &b), Some(4096 + 512));
+        assert_eq!(first_diff(4096, &a, &a), None);
+        assert_eq!(first_nonzero(4096, &a), None);
+    }
+
+    #[test]
+    fn mismatch_offsets_past_the_first_zero_slice() {
+        // A chunk longer than the zero slice, with a short last sector.
+        let n = ZEROES.len() * 2 + 700;
+        let a = vec![0u8; n];
+        let mut b = vec![0u8; n];
+        assert_eq!(first_nonzero(100, &b), None);
+        b[n - 1] = 7;
+        let last = (n as u64 - 1) / SECTOR * SECTOR;
+        assert_eq!(first_nonzero(100, &b), Some(100 + last));
+        assert_eq!(first_diff(100, &a, &b), Some(100 + last));
+        b[ZEROES.len() + 3] = 1;
+        let want = 100 + ZEROES.len() as u64;
+        assert_eq!(first_nonzero(100, &b), Some(want));
+        assert_eq!(first_diff(100, &a, &b), Some(want));
     }
 }

@@ -777,7 +777,12 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path) -> Result<(), String> {
     let floor_out = work.join("floor.raw");
     let cp = PathBuf::from("cp");
     let mut results = Vec::new();
-    for row in rows() {
+    // `QIMG_BENCH_ONLY=WORD`: only the rows whose name contains WORD.
+    let only = std::env::var("QIMG_BENCH_ONLY").unwrap_or_default();
+    for row in rows()
+        .into_iter()
+        .filter(|r| r.name.contains(only.as_str()))
+    {
         let out = |t: Tool| {
             if row.ext.is_empty() {
                 work.join("none")
