@@ -265,7 +265,7 @@ fn convert_to_qcow2(
         // An encrypted destination's passphrase: `-o encrypt.key-secret=ID`
         // (qemu-img takes it in --target-image-opts), else the only
         // secret given, else a prompt.
-        let keys = crate::luks::KeySource {
+        let keys = crate::luks_common::KeySource {
             key_file: None,
             key_secret: opts.get("encrypt.key-secret").map(str::to_string),
         };

@@ -135,7 +135,7 @@ pub(crate) struct Qcow2Create {
     /// `backing_fmt` / `-F`.
     pub(crate) backing_fmt: Option<String>,
     /// `encrypt.format=luks` and its `encrypt.*` options.
-    encrypt: Option<crate::luks::CreateOptions>,
+    encrypt: Option<crate::luks_common::CreateOptions>,
 }
 
 fn on_off(opts: &OptionMap, key: &str) -> Result<bool, CliError> {
@@ -166,7 +166,7 @@ impl Qcow2Create {
         }
         let encrypt = match opts.get("encrypt.format") {
             None => None,
-            Some("luks") => Some(crate::luks::CreateOptions::parse(opts, "encrypt.")?),
+            Some("luks") => Some(crate::luks_common::CreateOptions::parse(opts, "encrypt.")?),
             Some("aes") => return Err(CliError::usage(legacy.into())),
             Some(v) => {
                 return Err(CliError::usage(format!(
@@ -241,7 +241,7 @@ impl Qcow2Create {
         // The passphrase first: a missing secret must not leave a file.
         let luks = match &self.encrypt {
             Some(e) => {
-                let keys = crate::luks::KeySource {
+                let keys = crate::luks_common::KeySource {
                     key_file: None,
                     key_secret: e.key_secret.clone(),
                 };
@@ -369,7 +369,7 @@ impl Qcow2Create {
 
 /// Sectors of the LUKS header region qemu-img reserves inside a qcow2
 /// image: the key material's end, rounded up to 4 KiB.
-pub(crate) fn luks_region_sectors(e: &crate::luks::CreateOptions) -> Result<u32, CliError> {
+pub(crate) fn luks_region_sectors(e: &crate::luks_common::CreateOptions) -> Result<u32, CliError> {
     let key_bytes = e.key_bytes();
     let (_, end) = luks_core::luks1::key_slot_layout(key_bytes)
         .ok_or_else(|| CliError::usage(format!("a {key_bytes}-byte key is too large for LUKS1")))?;
@@ -389,7 +389,7 @@ pub(crate) fn open_qcow2_writer(
 /// given, or a prompt), and every write is encrypted with its key.
 pub(crate) fn open_qcow2_writer_keyed(
     path: &str,
-    keys: Option<(&crate::luks::KeySource, &crate::secret::Secrets)>,
+    keys: Option<(&crate::luks_common::KeySource, &crate::secret::Secrets)>,
 ) -> Result<qcow_core::Qcow2Writer<FileDevice>, CliError> {
     let mut dev = open_file(path, true)?;
     let info = {

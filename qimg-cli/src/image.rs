@@ -188,7 +188,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
             let mut seen = std::collections::BTreeSet::new();
             let mut chain = Vec::new();
             let ctx = Ctx {
-                keys: crate::luks::KeySource {
+                keys: crate::luks_common::KeySource {
                     key_file: opts.key_file.clone(),
                     key_secret: opts.key_secret.clone(),
                 },
@@ -206,7 +206,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
             })
         }
         Format::Luks => {
-            let keys = crate::luks::KeySource {
+            let keys = crate::luks_common::KeySource {
                 key_file: opts.key_file.clone(),
                 key_secret: opts.key_secret.clone(),
             };
@@ -227,7 +227,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
 
 /// What opening an encrypted layer of a chain needs.
 struct Ctx<'a> {
-    keys: crate::luks::KeySource,
+    keys: crate::luks_common::KeySource,
     secrets: &'a Secrets,
     /// Every file opened so far.
     files: std::cell::RefCell<Vec<String>>,

@@ -19,7 +19,7 @@ use luks_core::luks1::{self, HeaderRepr, VolumeKey, KEY_SLOTS};
 use crate::args::SecretArgs;
 use crate::format::Format;
 use crate::keys_io::{incompatible_backup, unlock_error, usize_of, write_area, write_backup};
-use crate::luks::{KeySource, OsRng};
+use crate::luks_common::{KeySource, OsRng};
 use crate::opts::{split_list, OptionMap};
 use crate::secret::{Secret, Secrets};
 use crate::CliError;
@@ -120,7 +120,7 @@ impl Target {
             key_bytes,
             ms.max(1),
             reader,
-            crate::luks::cpu_clock(),
+            crate::luks_common::cpu_clock(),
         ))
     }
 

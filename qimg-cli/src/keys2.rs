@@ -11,7 +11,7 @@ use luks_core::luks2::{self, Kdf, Luks2Header};
 use luks_core::HashAlg;
 
 use crate::keys_io::usize_of;
-use crate::luks::OsRng;
+use crate::luks_common::OsRng;
 use crate::secret::Secret;
 use crate::CliError;
 
@@ -143,7 +143,7 @@ impl Target2 {
                             .map_or(64, |k| usize::try_from(k.key_size).unwrap_or(64)),
                         ms,
                         luks_core::luks1::Pbkdf2Reader::Cryptsetup,
-                        crate::luks::cpu_clock(),
+                        crate::luks_common::cpu_clock(),
                     ),
                 };
                 Ok(KdfParams::Pbkdf2 { hash, iterations })

@@ -11,7 +11,7 @@ use luks_core::{HashAlg, LuksVolume};
 use serde_json::{json, Map, Value};
 
 use crate::dev::{erased, AnyDev};
-use crate::luks::{CreateOptions, KeySource, OsRng};
+use crate::luks_common::{CreateOptions, KeySource, OsRng};
 use crate::opts::OptionMap;
 use crate::secret::Secrets;
 use crate::CliError;
@@ -86,7 +86,7 @@ pub(crate) fn open_payload(
     let (key, _slot) = luks2::unlock(&mut hdr_dev, &h, &pass, None, &mut mem)
         .map_err(|e| CliError::io(hdr_path, e.to_string()))?;
     drop(mem);
-    let data = crate::luks::open_payload_file(path, writable)?;
+    let data = crate::luks_common::open_payload_file(path, writable)?;
     let vol =
         LuksVolume::open_luks2(data, &h, &key).map_err(|e| CliError::io(path, e.to_string()))?;
     Ok(erased(vol))
@@ -515,7 +515,7 @@ pub(crate) fn create(
             luks_core::luks1::Pbkdf2Speed::measure(
                 hash,
                 luks_core::luks1::Pbkdf2Reader::Cryptsetup,
-                crate::luks::cpu_clock(),
+                crate::luks_common::cpu_clock(),
             )
         })
     };

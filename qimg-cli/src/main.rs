@@ -25,6 +25,7 @@ mod lock;
 mod luks;
 mod luks2;
 mod luks_cmd;
+mod luks_common;
 mod map;
 mod measure;
 mod opts;

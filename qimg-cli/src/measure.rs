@@ -128,7 +128,7 @@ impl MeasureCmd {
             Format::Luks => {
                 // The header and key material, then the payload. No
                 // passphrase is needed to know the layout.
-                let o = crate::luks::CreateOptions::parse(&opts, "")?;
+                let o = crate::luks_common::CreateOptions::parse(&opts, "")?;
                 opts.reject_unused("luks")
                     .map_err(|e| CliError::usage(e.to_string()))?;
                 let header = u64::from(crate::create::luks_region_sectors(&o)?) * SECTOR;

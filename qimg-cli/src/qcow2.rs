@@ -442,7 +442,7 @@ pub(crate) fn luks_header(
 pub(crate) fn unlock(
     path: &str,
     opening: Opening,
-    keys: &crate::luks::KeySource,
+    keys: &crate::luks_common::KeySource,
     secrets: &crate::secret::Secrets,
 ) -> Result<Opening, CliError> {
     if opening.img.info().header.crypt_method == 0 {

@@ -14,15 +14,7 @@ const SRC: &str = "qimg-cli/src";
 /// Edges allowed although they close a cycle, each with the reason. Only
 /// cycles through the format layer that issue #18's format layer (one
 /// opened `Image` answering the verbs) will remove belong here.
-const ALLOWED: &[(&str, &str, &str)] = &[
-    // Issue #18, format layer: luks.rs hands LUKS2 volumes to luks2.rs,
-    // which uses luks.rs's payload opening and KDF clock.
-    (
-        "luks2",
-        "luks",
-        "issue #18: LUKS1/LUKS2 split before the format layer",
-    ),
-];
+const ALLOWED: &[(&str, &str, &str)] = &[];
 
 /// Module name -> the modules it names.
 pub(crate) type Graph = BTreeMap<String, BTreeSet<String>>;
