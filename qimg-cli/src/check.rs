@@ -224,7 +224,7 @@ fn check_luks(a: &CheckArgs<'_>) -> Result<u8, CliError> {
     let mut dev = crate::file::open_file(path, false)?;
     let len = dev.size().map_err(|e| CliError::io(path, e.to_string()))?;
     let mut problems = Vec::new();
-    if crate::luks2::version(path)? == Some(2) {
+    if crate::format::luks_version(path)? == Some(2) {
         luks2_problems(&mut dev, len, &mut problems).map_err(|e| CliError::io(path, e))?;
         return report_luks(a, &problems);
     }

@@ -13,7 +13,7 @@ use crate::CliError;
 ///
 /// `luks` is one format for both header versions, as in cryptsetup: the
 /// version is read from the header where the volume is opened
-/// ([`crate::luks2::version`]), never chosen on the command line (a new
+/// ([`luks_version`]), never chosen on the command line (a new
 /// volume's version comes from `-o luks-version=1|2`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Format {
@@ -71,6 +71,21 @@ pub(crate) fn detect(path: &str) -> Result<Format, CliError> {
     } else {
         Format::Raw
     })
+}
+
+/// The LUKS header version of `path` (1 or 2), or `None` if it is not a
+/// LUKS header (or is shorter than the 8 bytes that say). The one place
+/// that decides whether a LUKS volume or header is handled as LUKS1 or
+/// LUKS2; errors name `path`.
+pub(crate) fn luks_version(path: &str) -> Result<Option<u16>, CliError> {
+    let mut dev = crate::file::open_file(path, false)?;
+    let mut head = [0u8; 8];
+    if dev.size().map_err(|e| CliError::io(path, e.to_string()))? < 8 {
+        return Ok(None);
+    }
+    luks_core::io::read_bytes(&mut dev, 0, &mut head, &mut [0u8; 4096])
+        .map_err(|e| CliError::io(path, e.to_string()))?;
+    Ok(luks_core::luks2::version(&head))
 }
 
 /// The format of the image at `path`: `given` (`-f`) when there is one,

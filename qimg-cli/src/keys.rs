@@ -45,7 +45,7 @@ impl Target {
     /// for writing.
     fn open(path: &str, format: Option<Format>, writable: bool) -> Result<Self, CliError> {
         let format = crate::format::resolve(path, format, None)?;
-        if format == Format::Luks && crate::luks2::version(path)? == Some(2) {
+        if format == Format::Luks && crate::format::luks_version(path)? == Some(2) {
             return Err(CliError::io(
                 path,
                 "is a LUKS2 volume, but was opened as a LUKS1 header (give -f luks, or \
@@ -324,7 +324,7 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
         crate::lock::lock_for_luks_amend(&path)?;
     }
     // A raw LUKS2 volume goes to keys2 once the options are read.
-    let luks2 = format == Format::Luks && crate::luks2::version(&path)? == Some(2);
+    let luks2 = format == Format::Luks && crate::format::luks_version(&path)? == Some(2);
     let t = if luks2 {
         None
     } else {
@@ -628,7 +628,7 @@ pub(crate) struct HeaderFileArgs {
 /// Runs `qimg luks header-backup` (`restore` false) or `header-restore`.
 pub(crate) fn run_header_verb(restore: bool, c: &HeaderFileArgs) -> Result<u8, CliError> {
     let v2 = |p: &str| -> Result<bool, CliError> {
-        Ok(std::fs::metadata(p).is_ok() && crate::luks2::version(p)? == Some(2))
+        Ok(std::fs::metadata(p).is_ok() && crate::format::luks_version(p)? == Some(2))
     };
     if restore {
         crate::lock::will_write(&c.volume);
@@ -687,7 +687,7 @@ impl LuksKeyArgs<'_> {
     fn luks2(&self) -> Result<Option<crate::keys2::Target2>, CliError> {
         let path = self.secrets.header.as_deref().unwrap_or(self.volume);
         let format = crate::format::resolve(path, self.format, None)?;
-        if format == Format::Luks && crate::luks2::version(path)? == Some(2) {
+        if format == Format::Luks && crate::format::luks_version(path)? == Some(2) {
             crate::keys2::Target2::open(path).map(Some)
         } else {
             Ok(None)

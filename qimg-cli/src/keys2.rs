@@ -280,7 +280,7 @@ pub(crate) fn header_restore(
     );
     let area = bytes.get(..usize_of(len, backup)?).ok_or_else(bad)?;
     let data_offset = |h: &Luks2Header| h.meta.data_segment().map(|s| s.offset);
-    match crate::luks2::version(volume)? {
+    match crate::format::luks_version(volume)? {
         Some(2) => {
             let (old, _) = crate::luks2::read_header(volume)?;
             if old.hdr.uuid != new.hdr.uuid {

@@ -42,7 +42,7 @@ fn open_payload(
     writable: bool,
 ) -> Result<AnyDev, CliError> {
     let hdr_path = header.unwrap_or(path);
-    if crate::luks2::version(hdr_path)? == Some(2) {
+    if crate::format::luks_version(hdr_path)? == Some(2) {
         return crate::luks2::open_payload(path, header, keys, secrets, writable);
     }
     let mut hdr_dev = crate::file::open_file(hdr_path, false)?;
@@ -127,7 +127,7 @@ pub(crate) fn info(
     path: &str,
     header: Option<&str>,
 ) -> Result<crate::image_info::ImageInfo, CliError> {
-    if crate::luks2::version(header.unwrap_or(path))? == Some(2) {
+    if crate::format::luks_version(header.unwrap_or(path))? == Some(2) {
         return crate::luks2::info(path, header);
     }
     let hdr = read_header(header.unwrap_or(path))?;
@@ -153,7 +153,7 @@ pub(crate) fn info(
 
 /// `qimg luks dump`, laid out like `cryptsetup luksDump`.
 pub(crate) fn dump(path: &str, json_out: bool) -> Result<u8, CliError> {
-    if crate::luks2::version(path)? == Some(2) {
+    if crate::format::luks_version(path)? == Some(2) {
         return crate::luks2::dump(path, json_out);
     }
     let hdr = read_header(path)?;

@@ -1,5 +1,5 @@
-//! LUKS2 volumes in the CLI: detection by version, unlocking (with an
-//! optional detached header), `info`, `luks dump` (cryptsetup's luksDump
+//! LUKS2 volumes in the CLI: unlocking (with an optional detached
+//! header), `info`, `luks dump` (cryptsetup's luksDump
 //! layout, or the JSON metadata itself) and `create -o luks-version=2`.
 
 use std::fmt::Write as _;
@@ -15,18 +15,6 @@ use crate::luks_common::{CreateOptions, KeySource, OsRng};
 use crate::opts::OptionMap;
 use crate::secret::Secrets;
 use crate::CliError;
-
-/// The LUKS version of `path` (1 or 2), or `None` if it is not LUKS.
-pub(crate) fn version(path: &str) -> Result<Option<u16>, CliError> {
-    let mut dev = crate::file::open_file(path, false)?;
-    let mut head = [0u8; 8];
-    if dev.size().map_err(|e| CliError::io(path, e.to_string()))? < 8 {
-        return Ok(None);
-    }
-    luks_core::io::read_bytes(&mut dev, 0, &mut head, &mut [0u8; 4096])
-        .map_err(|e| CliError::io(path, e.to_string()))?;
-    Ok(luks2::version(&head))
-}
 
 /// Reads the LUKS2 header of `path` and its JSON text.
 pub(crate) fn read_header(path: &str) -> Result<(Luks2Header, Vec<u8>), CliError> {

@@ -59,7 +59,10 @@ impl SnapshotCmd {
         // volume as raw (nothing listed, exit 0) and fails to open a LUKS1
         // one (or anything given `-f luks`) without a key-secret (exit 1).
         if self.list && format == crate::format::Format::Luks {
-            if self.format.is_none() && luks_version(path) == Some(2) {
+            // (An unreadable header is not LUKS2 here: the open below
+            // reports it.)
+            if self.format.is_none() && crate::format::luks_version(path).ok().flatten() == Some(2)
+            {
                 return Ok(0);
             }
             // Given a secret (as qemu-img given `key-secret`), the volume
@@ -177,12 +180,4 @@ fn find_for_delete(list: &[SnapshotEntry], key: &str) -> Result<usize, &'static 
     list.iter()
         .position(|s| s.id == id && s.name == name)
         .ok_or("Can't find the snapshot")
-}
-
-/// The version field of a LUKS header at the start of `path`, if readable.
-fn luks_version(path: &str) -> Option<u16> {
-    use std::io::Read;
-    let mut b = [0u8; 8];
-    std::fs::File::open(path).ok()?.read_exact(&mut b).ok()?;
-    Some(u16::from_be_bytes([b[6], b[7]]))
 }
