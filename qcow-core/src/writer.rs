@@ -471,13 +471,20 @@ where
         self.write_dev(off, &raw, st)
     }
 
-    // ---- refcounts ------------------------------------------------------
-
-    // ---- L1 / L2 ------------------------------------------------------
-
-    // ---- guest content --------------------------------------------------
-
-    // ---- writes ---------------------------------------------------------
+    /// Writes the sector(s) of the active L1 table holding entries
+    /// `first..=last` (not flushed).
+    fn write_l1(&mut self, first: usize, last: usize) -> Result<(), Error<D::Error>> {
+        let l1 = core::mem::take(&mut self.l1);
+        let r = self.write_words(
+            self.hdr.l1_table_offset,
+            &l1,
+            first,
+            last,
+            Structure::L1Table,
+        );
+        self.l1 = l1;
+        r
+    }
 
     /// Flushes the device.
     pub fn flush(&mut self) -> Result<(), Error<D::Error>> {

@@ -79,10 +79,7 @@ where
         if let Some(e) = self.l1.get_mut(l1i) {
             *e = off | COPIED;
         }
-        let l1 = core::mem::take(&mut self.l1);
-        let r = self.write_words(self.hdr.l1_table_offset, &l1, l1i, l1i, Structure::L1Table);
-        self.l1 = l1;
-        r?;
+        self.write_l1(l1i, l1i)?;
         self.barrier()?;
         Ok(off)
     }
@@ -121,10 +118,7 @@ where
         if let Some(e) = self.l1.get_mut(l1i) {
             *e = target | COPIED;
         }
-        let l1 = core::mem::take(&mut self.l1);
-        let r = self.write_words(self.hdr.l1_table_offset, &l1, l1i, l1i, Structure::L1Table);
-        self.l1 = l1;
-        r?;
+        self.write_l1(l1i, l1i)?;
         self.barrier()?;
         if shared {
             self.free_range(old, self.cs())?;
@@ -358,16 +352,7 @@ where
         if tables.is_empty() {
             return Ok(());
         }
-        let l1 = core::mem::take(&mut self.l1);
-        let r = self.write_words(
-            self.hdr.l1_table_offset,
-            &l1,
-            first,
-            last,
-            Structure::L1Table,
-        );
-        self.l1 = l1;
-        r?;
+        self.write_l1(first, last)?;
         // No L1 entry names the tables (durably) before they are freed.
         self.barrier()?;
         let cb = self.cb();

@@ -320,17 +320,7 @@ where
             *e &= !COPIED;
         }
         let old_l1 = core::mem::replace(&mut self.l1, new_l1);
-        let l1 = core::mem::take(&mut self.l1);
-        let n = l1.len();
-        let r = self.write_words(
-            self.hdr.l1_table_offset,
-            &l1,
-            0,
-            n.saturating_sub(1),
-            Structure::L1Table,
-        );
-        self.l1 = l1;
-        r?;
+        self.write_l1(0, self.l1.len().saturating_sub(1))?;
         self.barrier()?;
         self.adjust_tree(&old_l1, false)?;
         self.barrier()?;
@@ -555,19 +545,10 @@ where
             }
             Ok(())
         })();
-        if r.is_ok() && l1_changed {
-            let n = l1.len();
-            let w = self.write_words(
-                self.hdr.l1_table_offset,
-                &l1,
-                0,
-                n.saturating_sub(1),
-                Structure::L1Table,
-            );
-            self.l1 = l1;
-            return w;
-        }
         self.l1 = l1;
+        if r.is_ok() && l1_changed {
+            return self.write_l1(0, self.l1.len().saturating_sub(1));
+        }
         r
     }
 
