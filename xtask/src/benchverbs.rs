@@ -294,6 +294,14 @@ fn check_plain(ctx: &Ctx, out: [&Path; 2]) -> Result<String, String> {
     Ok("qemu-img compare: equal, and equal to the source".into())
 }
 
+/// A plaintext convert to qcow2: [`check_plain`], and qemu-img checks
+/// qimg's output clean.
+fn check_qcow2(ctx: &Ctx, out: [&Path; 2]) -> Result<String, String> {
+    let r = check_plain(ctx, out)?;
+    stdout_of(Command::new("qemu-img").args(["check", "-q"]).arg(out[1]))?;
+    Ok(format!("{r}; qemu-img check clean"))
+}
+
 /// An encrypted convert's outputs: each decrypted by qemu-img and by qimg
 /// reads as the source; qemu-img opens qimg's with the secret.
 fn check_encrypted(ctx: &Ctx, out: [&Path; 2], driver: &str, key: &str) -> Result<String, String> {
@@ -441,11 +449,7 @@ fn rows() -> Vec<Row> {
                 a
             }),
             prep: Box::new(rm),
-            check: Box::new(|c, o, _| {
-                let r = check_plain(c, o)?;
-                stdout_of(Command::new("qemu-img").args(["check", "-q"]).arg(o[1]))?;
-                Ok(format!("{r}; qemu-img check clean"))
-            }),
+            check: Box::new(|c, o, _| check_qcow2(c, o)),
         },
         Row {
             name: "convert raw->LUKS qcow2",
@@ -518,11 +522,7 @@ fn rows() -> Vec<Row> {
                 a
             }),
             prep: Box::new(rm),
-            check: Box::new(|c, o, _| {
-                let r = check_plain(c, o)?;
-                stdout_of(Command::new("qemu-img").args(["check", "-q"]).arg(o[1]))?;
-                Ok(format!("{r}; qemu-img check clean"))
-            }),
+            check: Box::new(|c, o, _| check_qcow2(c, o)),
         },
         Row {
             name: "compare qcow2 vs raw",

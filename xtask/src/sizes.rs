@@ -50,16 +50,7 @@ fn dependency_names(package: &str, features: &[&str]) -> Result<Vec<String>, Str
     if !features.is_empty() {
         cmd.args(["--features", &features.join(",")]);
     }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run cargo tree: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "cargo tree -p {package} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+    let mut names: Vec<String> = crate::bench::stdout_of(&mut cmd)?
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
         .collect();
