@@ -478,7 +478,7 @@ fn open_qcow2_layer(
         }
         None => None,
     };
-    let src = crate::qcow2::Qcow2Source::new(path, opening, None, data)?;
+    let src = crate::qcow2::Qcow2Source::new(path, opening, data)?;
     Ok((src, backing_name.map(|b| (b, backing_fmt))))
 }
 

@@ -55,7 +55,10 @@ pub(crate) type Reader = Qcow2<
     crate::parallel::ParallelKey,
 >;
 
-type Image = Qcow2<AnyDev, LazyBuf, Box<dyn Source>, AnyDev, crate::parallel::ParallelKey>;
+/// One layer of a chain: its backing file is never attached here
+/// (`image::Chain` walks the layers), so unallocated ranges read as zero.
+type Image =
+    Qcow2<AnyDev, LazyBuf, qcow_core::NoDevice<DevError>, AnyDev, crate::parallel::ParallelKey>;
 
 /// A qcow2 image opened for reading, as a [`Source`].
 pub(crate) struct Qcow2Source {
@@ -67,7 +70,6 @@ pub(crate) struct Qcow2Source {
     /// descriptor less.
     holes: Option<RawFile>,
     has_data_file: bool,
-    has_backing: bool,
     /// qemu-img hides host offsets of encrypted images.
     encrypted: bool,
     /// Whether the image looks metadata-preallocated (decided on first
@@ -126,25 +128,17 @@ impl Opening {
 }
 
 impl Qcow2Source {
-    /// Finishes opening: attaches the backing device and the data file.
+    /// Finishes opening one layer: attaches the data file; the backing
+    /// file is the chain's business (`image::Chain`), not this layer's.
     pub(crate) fn new(
         path: &str,
         opening: Opening,
-        backing: Option<Box<dyn Source>>,
         data_file: Option<(AnyDev, std::fs::File)>,
     ) -> Result<Self, CliError> {
-        let has_backing = backing.is_some();
         let has_data_file = data_file.is_some();
         let img = opening.img;
         let encrypted = img.info().header.crypt_method != 0;
-        let img = if has_backing {
-            img
-        } else {
-            img.ignore_backing()
-        };
-        let img = img
-            .with_backing_opt(backing)
-            .map_err(|e| CliError::io(path, e.to_string()))?;
+        let img = img.ignore_backing();
         let (data_dev, hole_file) = data_file.unzip();
         let img = img.with_data_file_opt(data_dev);
         Ok(Self {
@@ -152,7 +146,6 @@ impl Qcow2Source {
             img,
             holes: hole_file.map(RawFile::new),
             has_data_file,
-            has_backing,
             encrypted,
             metadata_prealloc: None,
             spare_inputs: Vec::new(),
@@ -326,27 +319,11 @@ impl Qcow2Source {
         Ok(())
     }
 
-    /// Status of a range this image does not allocate: the backing file's,
-    /// one level deeper, or zero at this layer past the backing file's end
-    /// (or with none). `reserved` is a host range kept for it (an
-    /// unallocated subcluster of an allocated cluster).
-    fn fall_through(
-        &mut self,
-        offset: u64,
-        len: u64,
-        reserved: Option<u64>,
-    ) -> Result<BlockStatus, DevError> {
-        if self.has_backing {
-            if let Some(b) = self.img.backing() {
-                let bsize = b.size()?;
-                if offset < bsize {
-                    let mut st = b.block_status(offset, len.min(bsize - offset))?;
-                    st.depth += 1;
-                    return Ok(st);
-                }
-            }
-        }
-        Ok(BlockStatus {
+    /// Status of a range this layer does not allocate: zero here (the
+    /// chain asks the layers below). `reserved` is a host range kept for it
+    /// (an unallocated subcluster of an allocated cluster).
+    fn fall_through(len: u64, reserved: Option<u64>) -> BlockStatus {
+        BlockStatus {
             len,
             depth: 0,
             present: false,
@@ -354,7 +331,7 @@ impl Qcow2Source {
             data: false,
             compressed: false,
             offset: reserved,
-        })
+        }
     }
 }
 
@@ -364,7 +341,7 @@ impl Source for Qcow2Source {
         let max = max.min(size.saturating_sub(offset)).max(1);
         let m = self.img.map(offset, max).map_err(|e| self.err(e))?;
         let len = m.len.max(1);
-        let mut st = self.status_of(m.kind, offset, len)?;
+        let mut st = self.status_of(m.kind, len)?;
         // Only this layer's offsets are hidden; a backing file's stay.
         let fell_through = matches!(
             m.kind,
@@ -379,7 +356,7 @@ impl Source for Qcow2Source {
 
 impl Qcow2Source {
     /// The qemu-img status of one mapping run.
-    fn status_of(&mut self, kind: MapKind, offset: u64, len: u64) -> Result<BlockStatus, DevError> {
+    fn status_of(&mut self, kind: MapKind, len: u64) -> Result<BlockStatus, DevError> {
         Ok(match kind {
             MapKind::Data { host } => {
                 let (zero, zlen) = if self.is_metadata_prealloc()? {
@@ -415,8 +392,8 @@ impl Qcow2Source {
                 compressed: false,
                 offset: host,
             },
-            MapKind::Unallocated => self.fall_through(offset, len, None)?,
-            MapKind::UnallocatedAlloc { host } => self.fall_through(offset, len, Some(host))?,
+            MapKind::Unallocated => Self::fall_through(len, None),
+            MapKind::UnallocatedAlloc { host } => Self::fall_through(len, Some(host)),
         })
     }
 }
