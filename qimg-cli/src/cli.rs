@@ -39,7 +39,7 @@ enum Command {
     ///
     /// `-o encrypt.state=active|inactive,encrypt.keyslot=N,encrypt.new-secret=ID,encrypt.old-secret=ID,encrypt.iter-time=MS`
     /// for qcow2, the same names without `encrypt.` for raw LUKS.
-    Amend(crate::keys::AmendCmd),
+    Amend(crate::amend::AmendCmd),
     /// LUKS volume tools with cryptsetup's meaning.
     #[command(subcommand)]
     Luks(crate::luks_cmd::LuksCommand),

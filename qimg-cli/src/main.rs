@@ -1,6 +1,7 @@
 //! `qimg`: read, write, check and convert qcow2 and LUKS images, with
 //! qemu-img's verbs, options, JSON keys and exit codes.
 
+mod amend;
 mod args;
 mod chain_lock;
 mod check;
@@ -18,9 +19,7 @@ mod human;
 mod image;
 mod image_info;
 mod info;
-mod keys;
-mod keys2;
-mod keys_io;
+mod keyslots;
 mod lock;
 mod luks;
 mod luks2;

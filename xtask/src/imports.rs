@@ -66,25 +66,28 @@ pub(crate) fn check() -> Result<(), String> {
 }
 
 /// Reads every `*.rs` file directly in `dir` into the graph (`main.rs` and
-/// `lib.rs` are the crate root, `crate`).
+/// `lib.rs` are the crate root, `crate`); a directory `NAME/` is the module
+/// `NAME`, all its `*.rs` files together (with `NAME.rs`, if there is one).
 fn read_graph(dir: &Path) -> Result<Graph, String> {
-    let mut files = BTreeMap::new();
+    let mut files: BTreeMap<String, String> = BTreeMap::new();
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     for entry in entries {
         let path = entry.map_err(|e| e.to_string())?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("rs") {
-            continue;
-        }
         let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let text = if path.is_dir() {
+            dir_text(&path)?
+        } else if path.extension().and_then(|e| e.to_str()) == Some("rs") {
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?
+        } else {
             continue;
         };
         let name = match stem {
             "main" | "lib" => "crate".to_string(),
             s => s.to_string(),
         };
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        files.insert(name, text);
+        files.entry(name).or_default().push_str(&text);
     }
     let modules: BTreeSet<String> = files.keys().cloned().collect();
     Ok(files
@@ -95,6 +98,24 @@ fn read_graph(dir: &Path) -> Result<Graph, String> {
             (name.clone(), tos)
         })
         .collect())
+}
+
+/// Every `*.rs` file under the module directory `dir`, one after another.
+fn dir_text(dir: &Path) -> Result<String, String> {
+    let mut text = String::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for entry in entries {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.is_dir() {
+            text.push_str(&dir_text(&path)?);
+        } else if path.extension().and_then(|e| e.to_str()) == Some("rs") {
+            text.push_str(
+                &std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?,
+            );
+            text.push('\n');
+        }
+    }
+    Ok(text)
 }
 
 /// The modules of `modules` that `text` names as `crate::NAME`.
