@@ -164,3 +164,117 @@ fn unlock_error<E: std::fmt::Display>(path: &str, e: luks_core::Error<E>) -> Cli
 fn usize_of(len: u64, what: &str) -> Result<usize, CliError> {
     usize::try_from(len).map_err(|_| CliError::io(what, "the header area is too large".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::luks_common::OsRng;
+    use luks_core::io::{FileDevice, Window};
+    use luks_core::{luks1 as l1, HashAlg};
+
+    /// A PBKDF2 slot cheap to derive.
+    const KDF: KdfParams = KdfParams::Pbkdf2 {
+        hash: HashAlg::Sha256,
+        iterations: 1000,
+    };
+
+    /// The same walk over any implementation: a header made with the
+    /// passphrase `p0` in slot 0, `area` bytes of header area.
+    fn walk(path: &str, area: u64, in_qcow2: bool, luks2: bool) {
+        let mut t = open(path, None, true).unwrap();
+        assert_eq!(t.in_qcow2(), in_qcow2);
+        assert_eq!(t.slot_count(), if luks2 { 32 } else { 8 });
+        let (vk, s0) = t.unlock(b"p0", None).unwrap();
+        assert_eq!((s0, t.unlocking_slots()), (0, vec![0]));
+        assert_eq!(t.unlock(b"nope", None).unwrap_err().code, 2);
+        assert_eq!(t.add(&vk, b"p1", KDF, None).unwrap(), 1);
+        assert!(t.is_active(1) && t.opens(b"p1", 1).unwrap());
+        assert!(!t.opens(b"p0", 1).unwrap() && !t.opens(b"p1", 5).unwrap());
+        t.replace(&vk, b"p2", KDF, 1).unwrap();
+        assert!(t.opens(b"p2", 1).unwrap() && !t.opens(b"p1", 1).unwrap());
+        t.erase(0).unwrap();
+        assert_eq!((t.unlocking_slots(), t.free_slot()), (vec![1], Some(0)));
+        // No free slot left: LUKS1 replaces in place, LUKS2 refuses.
+        for s in (0..t.slot_count()).filter(|&s| s != 1) {
+            t.add(&vk, b"pn", KDF, Some(s)).unwrap();
+        }
+        assert_eq!(t.free_slot(), None);
+        assert_eq!(t.change_in_place(&vk, b"p3", KDF, 1).is_ok(), !luks2);
+        let now = if luks2 { b"p2" } else { b"p3" };
+        assert_eq!(
+            usize::try_from(area).unwrap(),
+            t.header_area().unwrap().len()
+        );
+        drop(t);
+        // What was written is what a fresh open reads.
+        let mut t = open(path, None, false).unwrap();
+        assert_eq!(t.unlock(now, None).unwrap().1, 1);
+        assert!(!t.opens(b"p0", 0).unwrap() && t.opens(b"pn", 0).unwrap());
+    }
+
+    fn luks1_params() -> l1::FormatParams<'static> {
+        l1::FormatParams {
+            key_bytes: 32,
+            iterations: 1000,
+            digest_iterations: 1000,
+            ..l1::FormatParams::default()
+        }
+    }
+
+    #[test]
+    fn luks1_raw_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("v.luks");
+        let mut dev = FileDevice::create(&f).unwrap();
+        let (hdr, _) = l1::format(&mut dev, &luks1_params(), None, b"p0", &mut OsRng).unwrap();
+        drop(dev);
+        let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+        file.set_len(4 << 20).unwrap();
+        walk(f.to_str().unwrap(), luks1::area_len(&hdr), false, false);
+    }
+
+    #[test]
+    fn luks1_in_a_qcow2_crypto_region() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("i.qcow2");
+        let o = qcow_core::CreateOptions {
+            size: 1 << 20,
+            luks_region_len: Some(2 << 20),
+            ..qcow_core::CreateOptions::default()
+        };
+        let w = qcow_core::create(FileDevice::create(&f).unwrap(), &o).unwrap();
+        let (off, len) = w.crypto_region().unwrap();
+        drop(w);
+        let file = FileDevice::open_rw(&f).unwrap();
+        let mut win = Window::new(file, off, len);
+        let (hdr, _) = l1::format(&mut win, &luks1_params(), None, b"p0", &mut OsRng).unwrap();
+        drop(win);
+        let before = std::fs::read(&f).unwrap();
+        walk(f.to_str().unwrap(), luks1::area_len(&hdr), true, false);
+        // Only the region changed.
+        let after = std::fs::read(&f).unwrap();
+        let r = usize::try_from(off).unwrap()..usize::try_from(off + len).unwrap();
+        assert_eq!(before.len(), after.len());
+        assert_eq!(before[..r.start], after[..r.start]);
+        assert_eq!(before[r.end..], after[r.end..]);
+    }
+
+    #[test]
+    fn luks2_raw_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("v2.luks");
+        let mut dev = FileDevice::create(&f).unwrap();
+        let p = luks_core::luks2::write::FormatParams {
+            key_bytes: 32,
+            kdf: KDF,
+            digest_iterations: 1000,
+            ..luks_core::luks2::write::FormatParams::default()
+        };
+        let (h, _, _) =
+            luks_core::luks2::write::format(&mut dev, &p, None, b"p0", &mut OsRng).unwrap();
+        drop(dev);
+        let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+        file.set_len(32 << 20).unwrap();
+        walk(f.to_str().unwrap(), luks2::area_len(&h), false, true);
+    }
+}
