@@ -423,6 +423,25 @@ fn luks_key_verbs_agree_with_cryptsetup() {
         Some(&k[2]),
     ));
     assert!(!opens(&k[1]) && opens(&k[2]));
+    // With --key-slot the new key keeps that slot number, as cryptsetup's
+    // luksChangeKey keeps it on LUKS1 too (k2 went to the lowest free
+    // slot, 2).
+    run_ok(&mut qimg_luks(
+        "change-key",
+        &["-i", "10", "--key-slot", "2"],
+        Some(&k[2]),
+        &vol,
+        Some(&k[1]),
+    ));
+    assert!(cs.opens(&vol, None, &k[1], Some(2)) && !opens(&k[2]));
+    run_ok(&mut qimg_luks(
+        "change-key",
+        &["-i", "10"],
+        Some(&k[1]),
+        &vol,
+        Some(&k[2]),
+    ));
+    assert!(!opens(&k[1]) && opens(&k[2]));
     run_ok(&mut qimg_luks("remove-key", &[], None, &vol, Some(&k[2])));
     assert!(!opens(&k[2]) && opens(&k[0]));
 
