@@ -988,20 +988,31 @@ pub(crate) struct AmendCmd {
     quiet: bool,
     #[command(flatten)]
     secrets: SecretArgs,
-    /// The image.
-    filename: String,
+    /// The image (absent with `-f FMT -o help`).
+    #[arg(required_unless_present = "options")]
+    filename: Option<String>,
 }
 
 impl AmendCmd {
     /// Runs `qimg amend`.
     pub(crate) fn run(self) -> Result<u8, CliError> {
+        let missing = || CliError::usage("Expecting one image file name".into());
+        if crate::opts_help::asked(&self.options) {
+            let format = match (self.format, &self.filename) {
+                (Some(f), _) => f,
+                (None, Some(p)) if !self.image_opts => crate::format::resolve(p, None, None)?,
+                _ => return Err(missing()),
+            };
+            return crate::opts_help::print(&crate::opts_help::amend_help(format)?);
+        }
+        let filename = self.filename.as_deref().ok_or_else(missing)?;
         amend(&AmendArgs {
             format: self.format,
             options: &self.options,
             force: self.force,
             image_opts: self.image_opts,
             secrets: &self.secrets,
-            filename: &self.filename,
+            filename,
         })
     }
 }

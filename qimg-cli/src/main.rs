@@ -29,6 +29,7 @@ mod luks_common;
 mod map;
 mod measure;
 mod opts;
+mod opts_help;
 mod parallel;
 mod progress;
 mod qcow2;
