@@ -48,8 +48,8 @@ pub(crate) struct ConvertCmd {
     /// Quiet (accepted for compatibility).
     #[arg(short = 'q')]
     quiet: bool,
-    /// Show a progress bar on standard error (only when it is a
-    /// terminal).
+    /// Show progress: qemu-img's `    (NN.NN/100%)` lines on standard
+    /// output, or a bar on standard error when both are terminals.
     #[arg(short = 'p')]
     progress: bool,
     /// Threads (qemu-img's `-m`): with 2 or more, one thread writes
