@@ -543,4 +543,19 @@ fn successful_verbs_print_nothing_on_stderr_where_qemu_img_prints_nothing() {
     }
     // qemu-img itself is quiet on every one of these.
     assert_eq!(compared, steps.len());
+    // A person at a terminal still hears that a data= secret sits on the
+    // command line.
+    let Some(script) = qimg_tests::tool("script") else {
+        return;
+    };
+    let args = format!(
+        "create -f luks --object secret,id=s0,data=pw -o key-secret=s0,iter-time=10 {}/t.luks 1M",
+        di.display()
+    );
+    let (ok, shown) = qimg_tests::qimg_on_pty(&script, &args, "");
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains("warning: secret 's0' is given with data="),
+        "{shown}"
+    );
 }
