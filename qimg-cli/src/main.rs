@@ -42,7 +42,7 @@ mod snapshot;
 use std::fmt;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 /// A failure, already worded for the user, with the process exit code.
 #[derive(Debug)]
@@ -155,7 +155,12 @@ fn parse_args() -> Result<cli::Cli, ExitCode> {
         print!("{}", version_banner());
         return Err(ExitCode::SUCCESS);
     }
-    cli::Cli::try_parse().map_err(|e| {
+    // Usage lines name the program as it was called (`qemu-img convert ...`).
+    let cmd = cli::Cli::command().bin_name(program_name());
+    let parsed = cmd
+        .try_get_matches()
+        .and_then(|m| cli::Cli::from_arg_matches(&m));
+    parsed.map_err(|e| {
         use clap::error::ErrorKind;
         let code = match e.kind() {
             ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,

@@ -74,6 +74,9 @@ fn version_banner_is_what_nova_and_cinder_parse() {
     assert!(text(&o.stderr).starts_with("qemu-img: "), "{o:?}");
     let o = out(qimg().args(["info", "/nonexistent/x.qcow2"]));
     assert!(text(&o.stderr).starts_with("qimg: "), "{o:?}");
+    let o = out(Command::new(&link).args(["convert", "--foo", "a", "b"]));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("Usage: qemu-img convert"), "{o:?}");
 }
 
 #[test]
