@@ -377,6 +377,35 @@ fn resize_shrink_drops_data_past_the_end_as_qemu_img_does() {
             }
         }
     }
+    // Subclusters and compressed clusters past the end go the same way.
+    let ext = d.join("ext.qcow2");
+    q.create(&ext, "qcow2", "extended_l2=on,cluster_size=128k", "64M");
+    q.io(&ext, "qcow2", &[writes[0], writes[1], "write -P 4 50M 3k"]);
+    let comp = d.join("comp.qcow2");
+    q.img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        ext.to_str().unwrap(),
+        comp.to_str().unwrap(),
+    ]);
+    for (src, size) in [(&ext, "42M"), (&comp, "10M")] {
+        let theirs = d.join("t.qcow2");
+        let ours = d.join("o.qcow2");
+        std::fs::copy(src, &theirs).unwrap();
+        std::fs::copy(src, &ours).unwrap();
+        q.img(&["resize", "-q", "--shrink", theirs.to_str().unwrap(), size]);
+        let o = out(qimg()
+            .args(["resize", "-q", "--shrink"])
+            .arg(&ours)
+            .arg(size));
+        assert!(o.status.success() && o.stderr.is_empty(), "{src:?}: {o:?}");
+        q.assert_clean(&ours, &format!("{src:?}"));
+        let cmp = out(Command::new(&q.img).arg("compare").arg(&theirs).arg(&ours));
+        assert_eq!(cmp.status.code(), Some(0), "{src:?}: {cmp:?}");
+        assert_eq!(file_len(&ours), file_len(&theirs), "{src:?}");
+    }
     // Raw: cut to the new size.
     let (tr, or) = (d.join("t.raw"), d.join("o.raw"));
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
