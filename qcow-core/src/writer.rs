@@ -557,11 +557,9 @@ pub enum ResizeError<E> {
     Qcow2(Error<E>),
     /// The new size is not a multiple of 512.
     Unaligned(u64),
-    /// Shrinking would drop the allocated cluster at this guest offset.
-    ShrinkAllocated {
-        /// Guest offset of the first allocated cluster past the new end.
-        offset: u64,
-    },
+    /// A v2 image with internal snapshots cannot change size: its
+    /// snapshot table has no field for each snapshot's disk size.
+    V2Snapshots,
 }
 
 impl<E> From<Error<E>> for ResizeError<E> {
@@ -575,10 +573,7 @@ impl<E: core::fmt::Display> core::fmt::Display for ResizeError<E> {
         match self {
             Self::Qcow2(e) => e.fmt(f),
             Self::Unaligned(s) => write!(f, "new size {s} is not a multiple of 512"),
-            Self::ShrinkAllocated { offset } => write!(
-                f,
-                "cannot shrink: the cluster at guest offset {offset:#x} past the new end is allocated (discard it first)"
-            ),
+            Self::V2Snapshots => f.write_str("Can't resize a v2 image which has snapshots"),
         }
     }
 }

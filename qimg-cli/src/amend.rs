@@ -34,14 +34,25 @@ pub(crate) struct AmendCmd {
     quiet: bool,
     #[command(flatten)]
     secrets: SecretArgs,
-    /// The image.
-    filename: String,
+    /// The image (absent with `-f FMT -o help`).
+    #[arg(required_unless_present = "options")]
+    filename: Option<String>,
 }
 
 impl AmendCmd {
     /// Runs `qimg amend`.
     pub(crate) fn run(self) -> Result<u8, CliError> {
-        encryption(&self)
+        let missing = || CliError::usage("Expecting one image file name".into());
+        if crate::opts_help::asked(&self.options) {
+            let format = match (self.format, &self.filename) {
+                (Some(f), _) => f,
+                (None, Some(p)) if !self.image_opts => crate::format::resolve(p, None, None)?,
+                _ => return Err(missing()),
+            };
+            return crate::opts_help::print(&crate::opts_help::amend_help(format)?);
+        }
+        let filename = self.filename.as_deref().ok_or_else(missing)?;
+        encryption(&self, filename)
     }
 }
 
@@ -64,12 +75,12 @@ struct Request {
 
 /// `qimg amend` of the encryption options: adds or erases key slots as
 /// qemu-img amend does.
-fn encryption(a: &AmendCmd) -> Result<u8, CliError> {
+fn encryption(a: &AmendCmd, filename: &str) -> Result<u8, CliError> {
     let secrets = Secrets::parse(&a.secrets.object)?;
     let (mut path, mut format, mut key_secret) = if a.image_opts {
-        image_opts(&a.filename)?
+        image_opts(filename)?
     } else {
-        (a.filename.clone(), a.format, None)
+        (filename.to_string(), a.format, None)
     };
     // A raw LUKS volume with a detached header: the key slots are there.
     if let Some(h) = &a.secrets.header {

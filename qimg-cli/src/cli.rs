@@ -9,7 +9,7 @@ use crate::CliError;
 /// qimg: read, write, check and convert qcow2 and LUKS disk images,
 /// compatible with qemu-img and cryptsetup.
 #[derive(Debug, Parser)]
-#[command(name = "qimg", version, propagate_version = true)]
+#[command(name = "qimg", version)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -48,8 +48,8 @@ pub(crate) struct ConvertCmd {
     /// Quiet (accepted for compatibility).
     #[arg(short = 'q')]
     quiet: bool,
-    /// Show a progress bar on standard error (only when it is a
-    /// terminal).
+    /// Show progress: qemu-img's `    (NN.NN/100%)` lines on standard
+    /// output, or a bar on standard error when both are terminals.
     #[arg(short = 'p')]
     progress: bool,
     /// Threads (qemu-img's `-m`): with 2 or more, one thread writes
@@ -69,10 +69,12 @@ pub(crate) struct ConvertCmd {
     force_share: bool,
     #[command(flatten)]
     secrets: SecretArgs,
-    /// Source image.
-    source: String,
-    /// Destination image.
-    destination: String,
+    /// Source image (absent with `-o help`).
+    #[arg(required_unless_present = "options")]
+    source: Option<String>,
+    /// Destination image (absent with `-o help`).
+    #[arg(required_unless_present = "options")]
+    destination: Option<String>,
 }
 
 impl ConvertCmd {
@@ -97,6 +99,14 @@ impl ConvertCmd {
             source,
             destination,
         } = self;
+        if crate::opts_help::asked(&options) {
+            let with_target = destination.is_some();
+            let text = crate::opts_help::create_help(output_format, with_target);
+            return crate::opts_help::print(&text);
+        }
+        let (Some(source), Some(destination)) = (source, destination) else {
+            return Err(CliError::usage("Expecting two image file names".into()));
+        };
         crate::lock::set_force_share(force_share);
         convert_cmd(ConvertArgs {
             progress: progress && !quiet,

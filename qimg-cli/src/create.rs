@@ -510,8 +510,9 @@ pub(crate) struct CreateCmd {
     backing_fmt: Option<String>,
     #[command(flatten)]
     secrets: SecretArgs,
-    /// The new image file.
-    filename: String,
+    /// The new image file (absent with `-o help`).
+    #[arg(required_unless_present = "options")]
+    filename: Option<String>,
     /// Virtual size, with an optional k, M, G, T suffix.
     size: Option<String>,
 }
@@ -519,12 +520,23 @@ pub(crate) struct CreateCmd {
 impl CreateCmd {
     /// Runs `qimg create`.
     pub(crate) fn run(self) -> Result<u8, CliError> {
+        if crate::opts_help::asked(&self.options) {
+            let with_target = self.filename.is_some();
+            return crate::opts_help::print(&crate::opts_help::create_help(
+                self.format,
+                with_target,
+            ));
+        }
+        let filename = self
+            .filename
+            .as_deref()
+            .ok_or_else(|| CliError::usage("Expecting image file name".into()))?;
         run(CreateArgs {
             format: self.format,
             options: &self.options,
             quiet: self.quiet,
             secrets: &self.secrets,
-            filename: &self.filename,
+            filename,
             size: self.size.as_deref(),
             backing: self.backing.as_deref(),
             backing_fmt: self.backing_fmt.as_deref(),

@@ -28,6 +28,7 @@ mod luks_common;
 mod map;
 mod measure;
 mod opts;
+mod opts_help;
 mod parallel;
 mod progress;
 mod qcow2;
@@ -40,7 +41,7 @@ mod snapshot;
 use std::fmt;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 /// A failure, already worded for the user, with the process exit code.
 #[derive(Debug)]
@@ -106,15 +107,82 @@ fn install_panic_hook() {
     }));
 }
 
+/// The qemu-img release whose command line, output and exit codes qimg
+/// follows. `--version` names it first, as `qemu-img version X.Y.Z`, the
+/// pattern OpenStack Nova and Cinder match (`qemu-img version ([0-9.]*)`)
+/// to learn which qemu-img features they may use.
+pub const QEMU_IMG_VERSION: &str = "10.0.2";
+
+/// What `--version` and `-V` print: qemu-img's two-line banner, with qimg's
+/// own version where qemu-img names its build and qimg's own notice where
+/// qemu-img names its copyright holders.
+fn version_banner() -> String {
+    format!(
+        "qemu-img version {QEMU_IMG_VERSION} (qimg {})\n\
+         qimg is not QEMU: a qcow2 and LUKS tool with qemu-img {QEMU_IMG_VERSION}'s \
+         command line ({})\n",
+        env!("CARGO_PKG_VERSION"),
+        env!("CARGO_PKG_LICENSE"),
+    )
+}
+
+/// The name errors start with: `qemu-img` when qimg was installed or linked
+/// under that name, else `qimg`.
+fn program_name() -> &'static str {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let base = std::path::Path::new(&argv0)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if base == "qemu-img" {
+        "qemu-img"
+    } else {
+        "qimg"
+    }
+}
+
+/// Parses the command line. `--version`/`-V` first print the banner; help
+/// exits 0; every other mistake in the command line exits 1, as qemu-img's
+/// usage errors do (clap's own default is 2, which callers of qemu-img
+/// would read as something else: `compare` uses 2 for "could not compare").
+fn parse_args() -> Result<cli::Cli, ExitCode> {
+    let first = std::env::args_os().nth(1);
+    if first
+        .as_deref()
+        .is_some_and(|a| a == "--version" || a == "-V")
+    {
+        print!("{}", version_banner());
+        return Err(ExitCode::SUCCESS);
+    }
+    // Usage lines name the program as it was called (`qemu-img convert ...`).
+    let cmd = cli::Cli::command().bin_name(program_name());
+    let parsed = cmd
+        .try_get_matches()
+        .and_then(|m| cli::Cli::from_arg_matches(&m));
+    parsed.map_err(|e| {
+        use clap::error::ErrorKind;
+        let code = match e.kind() {
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+            _ => 1,
+        };
+        // Printing help or an error to a closed pipe is no further error.
+        let _ = e.print();
+        ExitCode::from(code)
+    })
+}
+
 fn main() -> ExitCode {
     install_panic_hook();
-    let args = cli::Cli::parse();
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     let result = cli::run(args);
     lock::test_pause_before_exit();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("qimg: {e}");
+            eprintln!("{}: {e}", program_name());
             ExitCode::from(e.code)
         }
     }

@@ -43,7 +43,7 @@ pub(crate) fn run(
     };
     if new < current && !shrink {
         return Err(CliError::usage(format!(
-            "{path}: use the --shrink option to perform a shrink operation (data past the new end is lost)"
+            "{path}: Use the --shrink option to perform a shrink operation (data past the new end is lost)"
         )));
     }
     let open_rw = || crate::file::open_file(path, true);

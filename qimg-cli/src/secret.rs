@@ -67,12 +67,18 @@ pub(crate) struct Secrets {
 
 impl Secrets {
     /// Collects every `--object` argument, failing on the first malformed
-    /// one and warning once per `data=` secret on the command line.
+    /// one and warning once per `data=` secret on the command line (when
+    /// standard error is a terminal).
     pub(crate) fn parse(objects: &[ObjectArg]) -> Result<Self, CliError> {
         for o in objects {
             match &*o.0 {
                 Ok(obj) => {
-                    if matches!(obj.source, SecretSource::Data(_)) {
+                    // Only to a person at a terminal: callers that run
+                    // qimg as qemu-img (Glance) take any stderr on success
+                    // for a failure, and qemu-img prints nothing here.
+                    if matches!(obj.source, SecretSource::Data(_))
+                        && std::io::stderr().is_terminal()
+                    {
                         eprintln!(
                             "qimg: warning: secret '{}' is given with data= on the command line, \
                              where other users can read it; prefer file= or --key-file",

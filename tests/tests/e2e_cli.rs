@@ -483,8 +483,9 @@ fn secrets_from_base64_files_and_stdin_never_show() {
     let src = write_tmp(d, "src.raw", &data);
     let enc = d.join("e.qcow2");
     let eopts = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10";
-    // --object ...,format=base64,data=: works, and warns that the secret
-    // sits on the command line.
+    // --object ...,format=base64,data=: works; the warning that the secret
+    // sits on the command line is for terminals only (cli_dropin.rs): a
+    // succeeding verb leaves a piped stderr empty, as qemu-img does.
     let b64 = format!(
         "secret,id=s0,format=base64,data={}",
         base64(SECRET.as_bytes())
@@ -497,11 +498,7 @@ fn secrets_from_base64_files_and_stdin_never_show() {
         None,
     );
     let err = text(&out.stderr);
-    assert!(
-        err.contains("warning") && err.contains("command line"),
-        "{err}"
-    );
-    assert!(!err.contains(&base64(SECRET.as_bytes())), "{err}");
+    assert!(err.is_empty(), "{err}");
     // qemu-img reads it with the same passphrase from a file.
     let file_obj = format!("secret,id=s0,file={}", kf.display());
     let back = d.join("back.raw");

@@ -219,8 +219,15 @@ where
     /// first change, cluster by cluster as before.
     pub fn unmap(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
         self.check_range(g, len)?;
+        let (at, end) = self.whole_clusters(g, len);
+        self.unmap_clusters(at, end)
+    }
+
+    /// [`unmap`](Self::unmap) of the clusters `[at, end)` (cluster-aligned;
+    /// `end` may pass the disk's end by a partial last cluster, which a
+    /// shrink takes out too).
+    pub(super) fn unmap_clusters(&mut self, mut at: u64, end: u64) -> Result<(), Error<D::Error>> {
         let cs = self.cs();
-        let (mut at, end) = self.whole_clusters(g, len);
         // Guest bytes one L2 table maps.
         let span = self.l2g().l1_span();
         while at < end {

@@ -7,8 +7,13 @@ where
     B::Error: LayerError<D::Error>,
 {
     /// Changes the virtual size. Growing enlarges the L1 table when needed
-    /// (new table written, header switched, old table freed). Shrinking is
-    /// refused while any cluster past the new end is allocated.
+    /// (new table written, header switched, old table freed). Shrinking
+    /// drops the data past the new end, as `qemu-img resize --shrink` does:
+    /// the whole clusters past it are unmapped (their host clusters freed),
+    /// the L2 tables left empty are dropped, and the file is cut after its
+    /// last cluster in use; a partial last cluster keeps its host cluster.
+    /// A v2 image with internal snapshots is refused either way (its
+    /// snapshots record no disk size), as QEMU refuses it.
     ///
     /// With an external data file (which must be attached) the data file
     /// is resized to the new size first, as QEMU does; with
@@ -21,16 +26,18 @@ where
         if self.df() && self.data.is_none() {
             return Err(ResizeError::Qcow2(Error::DataFileMissing));
         }
+        if self.hdr.version < 3 && self.hdr.nb_snapshots > 0 && new_size != self.hdr.size {
+            return Err(ResizeError::V2Snapshots);
+        }
         if new_size < self.hdr.size {
-            let mut at = new_size.div_ceil(cs).saturating_mul(cs);
-            while at < self.hdr.size {
-                let (_, e, bm) = self.get_entry(at)?;
-                // Zero-flag clusters hold nothing; host clusters, compressed
-                // data and allocated subclusters do.
-                if e & (OFFSET_MASK | entry::COMPRESSED) != 0 || bm & ALL_ALLOCATED != 0 {
-                    return Err(ResizeError::ShrinkAllocated { offset: at });
-                }
-                at = at.saturating_add(cs);
+            // Every cluster that starts at or past the new end, the old
+            // disk's partial last cluster included.
+            let from = new_size.div_ceil(cs).saturating_mul(cs);
+            if from < self.hdr.size {
+                let end = self.hdr.size.div_ceil(cs).saturating_mul(cs);
+                self.unmap_clusters(from, end)?;
+                self.drop_empty_tables()?;
+                self.truncate_unused()?;
             }
         }
         let span = self.l2g().l1_span();
