@@ -34,7 +34,7 @@ use core::fmt;
 
 use crate::entry::{self, CompressedDescriptor, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::error::{Error, LayerError, Limit, Problem, Structure};
-use crate::header::{autoclear, field, incompat, BitmapsExt, CryptoExt, HeaderRepr};
+use crate::header::{autoclear, field, incompat, BitmapsExt, CryptMethod, CryptoExt, HeaderRepr};
 use crate::limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES};
 use crate::snapshot::{self, SnapshotFixed};
 use crate::table::{word, L2Geometry, RawL2, RefblockAt, RefcountGeometry};
@@ -85,7 +85,7 @@ struct Pass {
 /// a [`Finding`].
 pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Error<D::Error>> {
     let mut img = Img::open(dev)?;
-    if img.crypto.is_some() && img.hdr.crypt_method != 2 {
+    if img.crypto.is_some() && img.hdr.crypt_method != CryptMethod::Luks {
         return Err(Error::corrupt(
             Structure::Header,
             field::CRYPT_METHOD.start as u64,
@@ -193,7 +193,9 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
 /// The cluster-aligned end of the LUKS header region when a pass found it
 /// past the end of the file.
 fn crypto_past_end<D: BlockIo>(img: &Img<'_, D>, p: &Pass) -> Option<u64> {
-    let cr = img.crypto.filter(|_| img.hdr.crypt_method == 2)?;
+    let cr = img
+        .crypto
+        .filter(|_| img.hdr.crypt_method == CryptMethod::Luks)?;
     let hit = p.report.findings.iter().any(|f| {
         matches!(f, Finding::PastEnd { offset, size } if *offset == cr.offset && *size == cr.length)
     });

@@ -13,7 +13,7 @@ use core::fmt;
 
 use crate::error::Error;
 use crate::header::{
-    autoclear, compat, emit_extension, ext, incompat, FeatureName, Header, HeaderRepr,
+    autoclear, compat, emit_extension, ext, incompat, CryptMethod, FeatureName, Header, HeaderRepr,
     COMPRESSION_ZLIB, COMPRESSION_ZSTD,
 };
 use crate::limits::{MAX_CLUSTER_BITS, MAX_L1_ENTRIES, MAX_NAME_LEN, MIN_CLUSTER_BITS};
@@ -408,7 +408,11 @@ pub fn create<D: BlockIo>(
         backing_file_size: 0,
         cluster_bits: cb,
         size,
-        crypt_method: if o.luks_region_len.is_some() { 2 } else { 0 },
+        crypt_method: if o.luks_region_len.is_some() {
+            CryptMethod::Luks
+        } else {
+            CryptMethod::None
+        },
         l1_size: 0,
         l1_table_offset: 0,
         refcount_table_offset: cs,

@@ -17,6 +17,7 @@ use luks_core::io::{BlockIo, Window};
 use luks_core::{luks1, LegacyQcowAes, SectorCipher};
 
 use crate::error::{Error, Structure};
+use crate::header::CryptMethod;
 use crate::image::{Decryptor, ImageInfo};
 
 /// The key that decrypts an encrypted image's data.
@@ -58,11 +59,11 @@ impl ImageKey {
         passphrase: &[u8],
     ) -> Result<Option<Self>, Error<D::Error>> {
         match info.header.crypt_method {
-            0 => Ok(None),
-            1 => LegacyQcowAes::new(passphrase)
+            CryptMethod::None => Ok(None),
+            CryptMethod::Aes => LegacyQcowAes::new(passphrase)
                 .map(|k| Some(Self::LegacyAes(k)))
                 .map_err(|e| Error::Luks(e.widen())),
-            2 => {
+            CryptMethod::Luks => {
                 let (offset, len) = luks_region(info)?;
                 // Offsets inside the region are relative to it.
                 let mut region = Window::new(&mut *dev, offset, len);
@@ -72,9 +73,6 @@ impl ImageKey {
                 let cipher = luks1::data_cipher(&hdr, &key).map_err(Error::Luks)?;
                 Ok(Some(Self::Luks(cipher)))
             }
-            method => Err(Error::Unsupported(crate::error::Unsupported::Encrypted {
-                method,
-            })),
         }
     }
 

@@ -21,7 +21,8 @@ use crate::decompress::{decompress, DecompressError};
 use crate::entry::{self, CompressedDescriptor};
 use crate::error::{Buffer, Error, LayerError, Limit, Problem, Structure, Unsupported};
 use crate::header::{
-    self, autoclear, compat, ext, incompat, BitmapsExt, CryptoExt, FeatureName, Header, HeaderRepr,
+    self, autoclear, compat, ext, incompat, BitmapsExt, CryptMethod, CryptoExt, FeatureName,
+    Header, HeaderRepr,
 };
 use crate::limits::{
     MAX_CACHE_SLICES, MAX_L1_ENTRIES, MAX_NAME_LEN, MAX_REFCOUNT_TABLE_BYTES, MAX_SNAPSHOTS,
@@ -329,9 +330,9 @@ impl ImageInfo {
     /// `encrypt.format`: "aes" (1) or "luks" (2).
     pub fn encryption_format(&self) -> Option<&'static str> {
         match self.header.crypt_method {
-            1 => Some("aes"),
-            2 => Some("luks"),
-            _ => None,
+            CryptMethod::Aes => Some("aes"),
+            CryptMethod::Luks => Some("luks"),
+            CryptMethod::None => None,
         }
     }
 }

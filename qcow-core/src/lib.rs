@@ -108,6 +108,7 @@ pub mod writer;
 #[cfg(feature = "alloc")]
 pub use create::{create, measure, CreateOptions, Measure, Preallocation};
 pub use error::{Error, Structure};
+pub use header::CryptMethod;
 pub use image::{BitmapInfo, Decryptor, ImageInfo, MapKind, Mapping, NoDecryptor, NoDevice, Qcow2};
 /// The sector-I/O trait and its adapters, shared with `luks-core`.
 pub use luks_core::io;

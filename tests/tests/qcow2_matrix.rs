@@ -716,7 +716,7 @@ fn encrypted_images_are_reported_and_data_reads_refused() {
     let j = env.info("enc.qcow2");
     let mut q = env.open("enc.qcow2");
     let i = q.info().clone();
-    assert_eq!(i.header.crypt_method, 2);
+    assert_eq!(i.header.crypt_method, qcow_core::CryptMethod::Luks);
     assert_eq!(i.encryption_format(), Some("luks"));
     assert_eq!(
         j["format-specific"]["data"]["encrypt"]["format"].as_str(),
@@ -729,7 +729,9 @@ fn encrypted_images_are_reported_and_data_reads_refused() {
     assert!(
         matches!(
             e,
-            qcow_core::Error::Unsupported(qcow_core::error::Unsupported::Encrypted { method: 2 })
+            qcow_core::Error::Unsupported(qcow_core::error::Unsupported::Encrypted {
+                method: qcow_core::CryptMethod::Luks,
+            })
         ),
         "{e}"
     );

@@ -110,7 +110,7 @@ pub(super) fn metadata_ranges<D: BlockIo>(
         v.push((sn.l1_offset, u64::from(sn.l1_size.min(MAX_L1_ENTRIES)) * 8));
     }
     v.push((img.hdr.snapshots_offset, table_len));
-    if img.hdr.crypt_method == 2 {
+    if img.hdr.crypt_method == CryptMethod::Luks {
         if let Some(cr) = img.crypto {
             v.push((cr.offset, cr.length));
         }

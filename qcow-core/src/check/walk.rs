@@ -66,7 +66,7 @@ pub(super) fn pass<D: BlockIo>(
     }
     c.inc(&mut r, img.hdr.snapshots_offset, table_len);
     // LUKS header region.
-    if img.hdr.crypt_method == 2 {
+    if img.hdr.crypt_method == CryptMethod::Luks {
         if let Some(cr) = img.crypto {
             c.inc(&mut r, cr.offset, cr.length);
         }

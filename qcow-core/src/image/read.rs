@@ -263,7 +263,7 @@ where
 
     pub(super) fn check_encryption(&self) -> Result<(), Error<D::Error>> {
         let method = self.st.info.header.crypt_method;
-        if method != 0 && self.st.decryptor.is_none() {
+        if method.is_encrypted() && self.st.decryptor.is_none() {
             return Err(Error::Unsupported(Unsupported::Encrypted { method }));
         }
         Ok(())

@@ -19,7 +19,7 @@ fn image() -> [u8; 0x1000] {
         backing_file_size: 0,
         cluster_bits: 9,
         size: SIZE,
-        crypt_method: 0,
+        crypt_method: CryptMethod::None,
         l1_size: 1,
         l1_table_offset: 0x200,
         refcount_table_offset: 0xc00,
@@ -288,7 +288,9 @@ fn owned_buffers_and_unlock_in_place() {
     // No key yet: encrypted data is refused, not returned as ciphertext.
     assert!(matches!(
         img.read(0, &mut sector),
-        Err(Error::Unsupported(Unsupported::Encrypted { method: 2 }))
+        Err(Error::Unsupported(Unsupported::Encrypted {
+            method: CryptMethod::Luks
+        }))
     ));
     assert!(img.unlock_key(b"wrong").is_err());
     let key = img.unlock_key(b"right").unwrap();

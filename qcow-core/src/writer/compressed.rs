@@ -66,7 +66,7 @@ where
         let cs = self.cs();
         let g = self.whole_cluster(cluster_index, data)?;
         // Compressed clusters are never encrypted (QEMU refuses both).
-        if self.hdr.has_data_file() || self.hdr.crypt_method != 0 {
+        if self.hdr.has_data_file() || self.hdr.crypt_method.is_encrypted() {
             return Err(Error::Unsupported(Unsupported::Writing));
         }
         let Some(packed) = packed.filter(|p| (p.len() as u64) < cs) else {
