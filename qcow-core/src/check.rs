@@ -38,6 +38,7 @@ use crate::header::{autoclear, field, incompat, BitmapsExt, CryptMethod, CryptoE
 use crate::limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES};
 use crate::snapshot::{self, SnapshotFixed};
 use crate::table::{word, L2Geometry, RawL2, RefblockAt, RefcountGeometry};
+use crate::units::{ClusterIndex, HostOffset};
 use luks_core::io::BlockIo;
 
 mod img;

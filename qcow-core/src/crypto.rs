@@ -19,6 +19,7 @@ use luks_core::{luks1, LegacyQcowAes, SectorCipher};
 use crate::error::{Error, Structure};
 use crate::header::CryptMethod;
 use crate::image::{Decryptor, ImageInfo};
+use crate::units::{GuestOffset, HostOffset};
 
 /// The key that decrypts an encrypted image's data.
 pub enum ImageKey {
@@ -78,10 +79,15 @@ impl ImageKey {
 
     /// Encrypts whole 512-byte sectors about to be written at `host_offset`,
     /// holding guest bytes from `guest_offset`.
-    pub fn encrypt(&self, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool {
+    pub fn encrypt(
+        &self,
+        host_offset: HostOffset,
+        guest_offset: GuestOffset,
+        buf: &mut [u8],
+    ) -> bool {
         match self {
-            Self::Luks(c) => c.encrypt_sectors(host_offset / 512, buf).is_ok(),
-            Self::LegacyAes(k) => k.encrypt_sectors(guest_offset / 512, buf).is_ok(),
+            Self::Luks(c) => c.encrypt_sectors(host_offset.get() / 512, buf).is_ok(),
+            Self::LegacyAes(k) => k.encrypt_sectors(guest_offset.get() / 512, buf).is_ok(),
         }
     }
 }
@@ -96,14 +102,25 @@ pub trait SectorCrypt {
     /// Encrypts `buf`, whole sectors about to be written at `host_offset`
     /// holding guest bytes from `guest_offset`, with `key`; `false` when
     /// the cipher refused.
-    fn encrypt(&self, key: &ImageKey, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool;
+    fn encrypt(
+        &self,
+        key: &ImageKey,
+        host_offset: HostOffset,
+        guest_offset: GuestOffset,
+        buf: &mut [u8],
+    ) -> bool;
 }
 
 impl Decryptor for ImageKey {
-    fn decrypt(&mut self, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool {
+    fn decrypt(
+        &mut self,
+        host_offset: HostOffset,
+        guest_offset: GuestOffset,
+        buf: &mut [u8],
+    ) -> bool {
         match self {
-            Self::Luks(c) => c.decrypt_sectors(host_offset / 512, buf).is_ok(),
-            Self::LegacyAes(k) => k.decrypt_sectors(guest_offset / 512, buf).is_ok(),
+            Self::Luks(c) => c.decrypt_sectors(host_offset.get() / 512, buf).is_ok(),
+            Self::LegacyAes(k) => k.decrypt_sectors(guest_offset.get() / 512, buf).is_ok(),
         }
     }
 }

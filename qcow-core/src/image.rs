@@ -30,6 +30,7 @@ use crate::limits::{
 };
 use crate::snapshot::{field as snap_field, SnapshotFixed, SnapshotInfo};
 use crate::table::{L2Geometry, RefblockAt, RefcountGeometry};
+use crate::units::{ClusterIndex, GuestOffset, HostOffset};
 use crate::BlockIo;
 
 mod open;
@@ -95,17 +96,27 @@ impl<E: fmt::Debug + fmt::Display> BlockIo for NoDevice<E> {
 
 /// Decrypts data sectors in place; the hook for encrypted images.
 ///
-/// For LUKS images (crypt_method 2) the IV sector is `host_offset / 512`;
-/// for legacy AES (crypt_method 1) it is `guest_offset / 512`. Both are
-/// passed; `buf` is a whole number of 512-byte sectors.
+/// For LUKS images the IV sector is `host_offset / 512`; for legacy AES it
+/// is `guest_offset / 512`. Both are passed; `buf` is a whole number of
+/// 512-byte sectors.
 pub trait Decryptor {
     /// Decrypts `buf`, read from `host_offset`, holding guest bytes from
     /// `guest_offset`. Returns `false` on failure.
-    fn decrypt(&mut self, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool;
+    fn decrypt(
+        &mut self,
+        host_offset: HostOffset,
+        guest_offset: GuestOffset,
+        buf: &mut [u8],
+    ) -> bool;
 }
 
 impl<T: Decryptor + ?Sized> Decryptor for &mut T {
-    fn decrypt(&mut self, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool {
+    fn decrypt(
+        &mut self,
+        host_offset: HostOffset,
+        guest_offset: GuestOffset,
+        buf: &mut [u8],
+    ) -> bool {
         (**self).decrypt(host_offset, guest_offset, buf)
     }
 }
@@ -117,7 +128,7 @@ impl<T: Decryptor + ?Sized> Decryptor for &mut T {
 pub struct NoDecryptor;
 
 impl Decryptor for NoDecryptor {
-    fn decrypt(&mut self, _host_offset: u64, _guest_offset: u64, _buf: &mut [u8]) -> bool {
+    fn decrypt(&mut self, _host: HostOffset, _guest: GuestOffset, _buf: &mut [u8]) -> bool {
         false
     }
 }
@@ -130,13 +141,13 @@ pub enum MapKind {
     /// Reads as zero; `host` is a preallocated host range, if any.
     Zero {
         /// Host offset of the preallocated range.
-        host: Option<u64>,
+        host: Option<HostOffset>,
     },
     /// Data at `host` in the image file, or in the external data file when
     /// the image has one.
     Data {
         /// Host offset of the first byte of the range.
-        host: u64,
+        host: HostOffset,
     },
     /// Part of a compressed cluster.
     Compressed(CompressedDescriptor),
@@ -145,14 +156,15 @@ pub enum MapKind {
     /// but has a host range reserved at `host`.
     UnallocatedAlloc {
         /// Host offset of the reserved range.
-        host: u64,
+        host: HostOffset,
     },
 }
 
 /// A run of guest bytes with one kind, contiguous on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mapping {
-    /// Start of the run.
+    /// Start of the run (a guest offset, kept `u64` like the reader's
+    /// `read`/`map` arguments).
     pub guest_offset: u64,
     /// Bytes in the run.
     pub len: u64,

@@ -102,6 +102,7 @@ pub mod limits;
 mod probe;
 pub mod snapshot;
 pub mod table;
+pub mod units;
 #[cfg(feature = "alloc")]
 pub mod writer;
 
@@ -114,5 +115,6 @@ pub use image::{BitmapInfo, Decryptor, ImageInfo, MapKind, Mapping, NoDecryptor,
 pub use luks_core::io;
 pub use luks_core::io::BlockIo;
 pub use probe::{probe, Qcow2Version};
+pub use units::{ClusterIndex, ClusterSize, GuestOffset, HostOffset};
 #[cfg(feature = "alloc")]
 pub use writer::{Qcow2Writer, ResizeError};

@@ -27,6 +27,7 @@ use crate::header::{autoclear, field, incompat, CryptMethod, HeaderRepr};
 use crate::image::NoDevice;
 use crate::limits::MAX_L1_ENTRIES;
 use crate::table::{L2Geometry, RefcountGeometry};
+use crate::units::{ClusterIndex, GuestOffset, HostOffset};
 use luks_core::io::BlockIo;
 
 /// Whether an image with `crypt_method` can be written with `key`: no key
@@ -539,7 +540,7 @@ where
     }
 
     /// Allocates `n` clusters (for `create`).
-    pub(crate) fn alloc(&mut self, n: u64) -> Result<u64, Error<D::Error>> {
+    pub(crate) fn alloc(&mut self, n: u64) -> Result<HostOffset, Error<D::Error>> {
         self.alloc_clusters(n)
     }
 

@@ -2,7 +2,7 @@
 //! file, block status in qemu-img's terms, and `info` fields.
 
 use qcow_core::image::MapKind;
-use qcow_core::Qcow2;
+use qcow_core::{HostOffset, Qcow2};
 use serde_json::{json, Map, Value};
 
 use luks_core::io::BlockIo;
@@ -359,6 +359,7 @@ impl Qcow2Source {
     fn status_of(&mut self, kind: MapKind, len: u64) -> Result<BlockStatus, DevError> {
         Ok(match kind {
             MapKind::Data { host } => {
+                let host = host.get();
                 let (zero, zlen) = if self.is_metadata_prealloc()? {
                     self.host_zero(host, len)?
                 } else {
@@ -390,10 +391,10 @@ impl Qcow2Source {
                 zero: true,
                 data: false,
                 compressed: false,
-                offset: host,
+                offset: host.map(HostOffset::get),
             },
             MapKind::Unallocated => Self::fall_through(len, None),
-            MapKind::UnallocatedAlloc { host } => Self::fall_through(len, Some(host)),
+            MapKind::UnallocatedAlloc { host } => Self::fall_through(len, Some(host.get())),
         })
     }
 }

@@ -634,7 +634,15 @@ fn four_tib_sparse_image_reads_ranges_and_maps() {
     assert_eq!(qdata.len(), 3);
     for (start, len, off) in qdata {
         let m = q.map(start, len).unwrap();
-        assert_eq!((m.len, m.kind), (len, MapKind::Data { host: off }));
+        assert_eq!(
+            (m.len, m.kind),
+            (
+                len,
+                MapKind::Data {
+                    host: qcow_core::HostOffset::new(off)
+                }
+            )
+        );
     }
 }
 

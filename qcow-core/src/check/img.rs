@@ -149,7 +149,7 @@ impl<'d, D: BlockIo> Img<'d, D> {
     /// The stored refcount of `cluster`; `None` when its refcount block's
     /// table entry is not cluster aligned.
     pub(super) fn stored(&mut self, cluster: u64) -> Result<Option<u64>, Error<D::Error>> {
-        let slot = self.rc.locate(cluster);
+        let slot = self.rc.locate(ClusterIndex::new(cluster));
         let idx = slot.table_index;
         let Some(&e) = usize::try_from(idx).ok().and_then(|i| self.reftable.get(i)) else {
             return Ok(Some(0));
@@ -158,7 +158,7 @@ impl<'d, D: BlockIo> Img<'d, D> {
             RefblockAt::Absent => return Ok(Some(0)),
             // qemu-img cannot read an unaligned block either.
             RefblockAt::Unaligned(_) => return Ok(None),
-            RefblockAt::At(off) => off,
+            RefblockAt::At(off) => off.get(),
         };
         // Beyond the largest offset a file can have: unreadable too.
         if off > MAX_FILE_OFFSET.saturating_sub(self.cs) {

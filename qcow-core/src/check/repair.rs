@@ -308,7 +308,7 @@ pub(super) fn fix<D: BlockIo>(
         p.report.findings.extend(repairs);
         let mut i = 0;
         while i < changes.len() {
-            let idx = rc.locate(changes[i].0).table_index;
+            let idx = rc.locate(ClusterIndex::new(changes[i].0)).table_index;
             let e = usize::try_from(idx)
                 .ok()
                 .and_then(|x| img.reftable.get(x))
@@ -317,9 +317,14 @@ pub(super) fn fix<D: BlockIo>(
             let off = entry::reftable_block_offset(e);
             let mut block = vec![0u8; usize::try_from(cs).unwrap_or(0)];
             img.read(off, &mut block, Structure::RefcountBlock)?;
-            while i < changes.len() && rc.locate(changes[i].0).table_index == idx {
+            while i < changes.len() && rc.locate(ClusterIndex::new(changes[i].0)).table_index == idx
+            {
                 let (cl, v) = changes[i];
-                rc.set(&mut block, rc.locate(cl).index, v.min(max_rc));
+                rc.set(
+                    &mut block,
+                    rc.locate(ClusterIndex::new(cl)).index,
+                    v.min(max_rc),
+                );
                 i += 1;
             }
             if off != 0 {

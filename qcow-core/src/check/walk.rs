@@ -269,8 +269,8 @@ pub(super) fn walk_l2_entry<D: BlockIo>(
     }
     let zero = !extended && e & ZERO != 0;
     // With an external data file, offset 0 is a real cluster when COPIED
-    // is set (qemu-img's rule; see `L2Entry::decode`).
-    let Some(host) = img.l2g.host(e) else {
+    // is set (qemu-img's rule; see `entry::standard_host`).
+    let Some(host) = img.l2g.host(e).map(HostOffset::get) else {
         if bitmap.is_some_and(|b| b & 0xffff_ffff != 0) {
             r.findings.push(Finding::SubclusterUnallocated);
             r.corruptions += 1;

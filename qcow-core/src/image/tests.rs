@@ -64,9 +64,21 @@ fn reads_maps_and_counts_over_a_memory_device() {
     assert!(buf[1536..2048].iter().all(|&x| x == 0x33));
     assert!(buf[2048..].iter().all(|&x| x == 0));
     let runs = [
-        (0, 512, MapKind::Data { host: 0x600 }),
+        (
+            0,
+            512,
+            MapKind::Data {
+                host: HostOffset::new(0x600),
+            },
+        ),
         (512, 512, MapKind::Zero { host: None }),
-        (1024, 1024, MapKind::Data { host: 0x800 }),
+        (
+            1024,
+            1024,
+            MapKind::Data {
+                host: HostOffset::new(0x800),
+            },
+        ),
         (2048, SIZE - 2048, MapKind::Unallocated),
     ];
     for (start, len, kind) in runs {
