@@ -51,10 +51,9 @@ pub fn standard_host(entry: u64, data_file: bool) -> Option<u64> {
 
 impl L2Entry {
     /// Decodes a standard L2 entry. With `extended`, the zero flag is
-    /// reserved (the bitmap decides instead). With `data_file` (external
-    /// data file), host offset 0 is a real cluster when COPIED is set:
-    /// clusters in a data file always have refcount 1, so qemu-img uses
-    /// COPIED to tell offset 0 from "unallocated".
+    /// reserved (the bitmap decides instead). Whether a non-zero entry
+    /// names a cluster is [`standard_host`]'s rule (`data_file`: offset 0
+    /// with COPIED is a real cluster in an external data file).
     pub fn decode(entry: u64, cluster_bits: u32, extended: bool, data_file: bool) -> Self {
         if entry & COMPRESSED != 0 {
             return Self::Compressed(CompressedDescriptor::decode(entry, cluster_bits));

@@ -242,6 +242,23 @@ mod tests {
     }
 
     #[test]
+    fn host_agrees_with_decode() {
+        // The data-file offset-0 rule lives in `entry::standard_host`; the
+        // geometry's `host` and `L2Entry::decode` must read it the same way.
+        for data_file in [false, true] {
+            let g = L2Geometry::new(cs(16), false, data_file);
+            for e in [0, COPIED, 0x3_0000, COPIED | 0x3_0000, 0x8_0000] {
+                let via_decode = match g.decode(e) {
+                    L2Entry::Normal { host } => Some(h(host)),
+                    _ => None,
+                };
+                assert_eq!(g.host(e), via_decode, "{e:#x} data_file={data_file}");
+            }
+            assert_eq!(g.host(COPIED), data_file.then_some(h(0)));
+        }
+    }
+
+    #[test]
     fn resolve_judges_entries() {
         let g = L2Geometry::new(cs(16), false, false);
         let raw = |entry| RawL2 {
