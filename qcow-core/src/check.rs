@@ -121,7 +121,7 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
             img.dev
                 .flush()
                 .map_err(|x| io(x, Structure::HeaderExtension, at))?;
-            pre_fixed += 1;
+            pre_fixed = pre_fixed.saturating_add(1);
         }
         let has_bad_zero = first
             .report
@@ -140,7 +140,7 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
                     *repaired = true;
                 }
             }
-            pre_fixed += n;
+            pre_fixed = pre_fixed.saturating_add(n);
         }
     }
     if repair == Repair::All
@@ -150,7 +150,7 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
             .iter()
             .any(|f| matches!(f, Finding::SnapshotIncomplete { .. }))
     {
-        pre_fixed += fix_incomplete_snapshots(&mut img)?;
+        pre_fixed = pre_fixed.saturating_add(fix_incomplete_snapshots(&mut img)?);
     }
     let (leaks_fixed, corruptions_fixed) = if pre_fixed > 0 {
         drop(img);
@@ -176,7 +176,7 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
     } else {
         fix(&mut img, &mut first, repair, dirty)?
     };
-    let corruptions_fixed = corruptions_fixed + pre_fixed;
+    let corruptions_fixed = corruptions_fixed.saturating_add(pre_fixed);
     drop(img);
     let mut img = Img::open(dev)?;
     let second = pass(&mut img, false)?;
@@ -206,7 +206,7 @@ fn crypto_past_end<D: BlockIo>(img: &Img<'_, D>, p: &Pass) -> Option<u64> {
         .checked_next_multiple_of(img.cs)?;
     // Only a modest extension: the region is the LUKS header and key
     // material, a few MiB at most.
-    (hit && end - img.file_len <= 64 << 20).then_some(end)
+    (hit && end.checked_sub(img.file_len).is_some_and(|d| d <= 64 << 20)).then_some(end)
 }
 
 #[cfg(test)]

@@ -3,8 +3,6 @@
 //! in cluster 0, the refcount table in cluster 1, the first refcount block
 //! in cluster 2, the L1 table from cluster 3.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 extern crate alloc;
 
 use alloc::vec;

@@ -9,8 +9,6 @@
 //! No allocation: the header is read through a window over the image
 //! device, and the cipher lives in the returned value.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 use core::fmt;
 
 use luks_core::io::{BlockIo, Window};

@@ -1,8 +1,6 @@
 //! Table entries: L1, L2 (standard and extended), compressed cluster
 //! descriptors and refcounts. Pure functions over integers and bytes.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 /// Bits 9..=55: the offset field of L1 and standard L2 entries.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bit 63: COPIED (refcount is exactly 1).

@@ -7,8 +7,6 @@
 //! not feature bits: refusing unknown incompatible features is the opener's
 //! job, so parse/emit round-trip any header.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 use crate::error::{Error, Problem, Structure, Unsupported};
 use crate::limits::{
     MAX_CLUSTER_BITS, MAX_NAME_LEN, MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS, MIN_V3_HEADER_LEN,

@@ -12,8 +12,6 @@
 //! Backing files and external data files are devices the caller attaches;
 //! the image only reports their names.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 use core::fmt;
 use core::marker::PhantomData;
 

@@ -84,6 +84,10 @@
 //! names the structure and byte offset at fault.
 
 #![no_std]
+// Values read from disk feed offsets and sizes: every sum, product and shift
+// is checked, saturating, or allowed at its narrowest scope with the bound
+// that makes it safe written next to it.
+#![warn(clippy::arithmetic_side_effects)]
 
 #[cfg(feature = "alloc")]
 pub mod check;

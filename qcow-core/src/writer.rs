@@ -11,8 +11,6 @@
 //! table entries are written as whole 512-byte sectors, guest data at its
 //! own offset and length.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 extern crate alloc;
 
 use alloc::boxed::Box;

@@ -31,8 +31,6 @@
 //! has the same windows. Apply has none: the tree it installs is shared
 //! with the snapshot, so its refcounts stay at 2 or more.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 extern crate alloc;
 
 use alloc::collections::BTreeMap;
