@@ -34,10 +34,11 @@ use core::fmt;
 
 use crate::entry::{self, CompressedDescriptor, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::error::{Error, LayerError, Limit, Problem, Structure};
-use crate::header::{autoclear, field, incompat, BitmapsExt, CryptoExt, HeaderRepr};
+use crate::header::{autoclear, field, incompat, BitmapsExt, CryptMethod, CryptoExt, HeaderRepr};
 use crate::limits::{MAX_L1_ENTRIES, MAX_REFCOUNT_TABLE_BYTES};
 use crate::snapshot::{self, SnapshotFixed};
 use crate::table::{word, L2Geometry, RawL2, RefblockAt, RefcountGeometry};
+use crate::units::{ClusterIndex, HostOffset};
 use luks_core::io::BlockIo;
 
 mod img;
@@ -85,7 +86,7 @@ struct Pass {
 /// a [`Finding`].
 pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Error<D::Error>> {
     let mut img = Img::open(dev)?;
-    if img.crypto.is_some() && img.hdr.crypt_method != 2 {
+    if img.crypto.is_some() && img.hdr.crypt_method != CryptMethod::Luks {
         return Err(Error::corrupt(
             Structure::Header,
             field::CRYPT_METHOD.start as u64,
@@ -120,7 +121,7 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
             img.dev
                 .flush()
                 .map_err(|x| io(x, Structure::HeaderExtension, at))?;
-            pre_fixed += 1;
+            pre_fixed = pre_fixed.saturating_add(1);
         }
         let has_bad_zero = first
             .report
@@ -139,7 +140,7 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
                     *repaired = true;
                 }
             }
-            pre_fixed += n;
+            pre_fixed = pre_fixed.saturating_add(n);
         }
     }
     if repair == Repair::All
@@ -149,7 +150,7 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
             .iter()
             .any(|f| matches!(f, Finding::SnapshotIncomplete { .. }))
     {
-        pre_fixed += fix_incomplete_snapshots(&mut img)?;
+        pre_fixed = pre_fixed.saturating_add(fix_incomplete_snapshots(&mut img)?);
     }
     let (leaks_fixed, corruptions_fixed) = if pre_fixed > 0 {
         drop(img);
@@ -175,7 +176,7 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
     } else {
         fix(&mut img, &mut first, repair, dirty)?
     };
-    let corruptions_fixed = corruptions_fixed + pre_fixed;
+    let corruptions_fixed = corruptions_fixed.saturating_add(pre_fixed);
     drop(img);
     let mut img = Img::open(dev)?;
     let second = pass(&mut img, false)?;
@@ -193,7 +194,9 @@ pub fn check<D: BlockIo>(dev: &mut D, repair: Repair) -> Result<CheckOutcome, Er
 /// The cluster-aligned end of the LUKS header region when a pass found it
 /// past the end of the file.
 fn crypto_past_end<D: BlockIo>(img: &Img<'_, D>, p: &Pass) -> Option<u64> {
-    let cr = img.crypto.filter(|_| img.hdr.crypt_method == 2)?;
+    let cr = img
+        .crypto
+        .filter(|_| img.hdr.crypt_method == CryptMethod::Luks)?;
     let hit = p.report.findings.iter().any(|f| {
         matches!(f, Finding::PastEnd { offset, size } if *offset == cr.offset && *size == cr.length)
     });
@@ -203,7 +206,7 @@ fn crypto_past_end<D: BlockIo>(img: &Img<'_, D>, p: &Pass) -> Option<u64> {
         .checked_next_multiple_of(img.cs)?;
     // Only a modest extension: the region is the LUKS header and key
     // material, a few MiB at most.
-    (hit && end - img.file_len <= 64 << 20).then_some(end)
+    (hit && end.checked_sub(img.file_len).is_some_and(|d| d <= 64 << 20)).then_some(end)
 }
 
 #[cfg(test)]

@@ -8,8 +8,6 @@
 //! encoder (the private `deflate` module), which searches a 4 KiB window
 //! only.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 extern crate alloc;
 
 mod deflate;

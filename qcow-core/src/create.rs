@@ -3,8 +3,6 @@
 //! in cluster 0, the refcount table in cluster 1, the first refcount block
 //! in cluster 2, the L1 table from cluster 3.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 extern crate alloc;
 
 use alloc::vec;
@@ -13,11 +11,12 @@ use core::fmt;
 
 use crate::error::Error;
 use crate::header::{
-    autoclear, compat, emit_extension, ext, incompat, FeatureName, Header, HeaderRepr,
+    autoclear, compat, emit_extension, ext, incompat, CryptMethod, FeatureName, Header, HeaderRepr,
     COMPRESSION_ZLIB, COMPRESSION_ZSTD,
 };
-use crate::limits::{MAX_CLUSTER_BITS, MAX_L1_ENTRIES, MAX_NAME_LEN, MIN_CLUSTER_BITS};
+use crate::limits::{MAX_L1_ENTRIES, MAX_NAME_LEN};
 use crate::table::{L2Geometry, RefcountGeometry};
+use crate::units::ClusterSize;
 use crate::writer::Qcow2Writer;
 use luks_core::io::BlockIo;
 
@@ -214,12 +213,9 @@ const V3_HEADER_LEN: u32 = 112;
 /// about 16 MiB).
 const MAX_LUKS_REGION: u64 = 64 << 20;
 
-fn validate<E>(o: &CreateOptions<'_>) -> Result<(u32, u32), CreateError<E>> {
+fn validate<E>(o: &CreateOptions<'_>) -> Result<(ClusterSize, u32), CreateError<E>> {
     let cs = o.cluster_size;
-    if !cs.is_power_of_two() || !(1u64 << MIN_CLUSTER_BITS..=1u64 << MAX_CLUSTER_BITS).contains(&cs)
-    {
-        return Err(CreateError::ClusterSize(cs));
-    }
+    let csz = ClusterSize::from_bytes(cs).map_err(|_| CreateError::ClusterSize(cs))?;
     let rb = o.refcount_bits;
     if !rb.is_power_of_two() || rb > 64 {
         return Err(CreateError::RefcountWidth(rb));
@@ -284,7 +280,7 @@ fn validate<E>(o: &CreateOptions<'_>) -> Result<(u32, u32), CreateError<E>> {
             return Err(CreateError::NameTooLong);
         }
     }
-    Ok((cs.trailing_zeros(), rb.trailing_zeros()))
+    Ok((csz, rb.trailing_zeros()))
 }
 
 /// Cluster 0: header, extensions, end marker, backing file name.
@@ -382,13 +378,14 @@ pub fn create<D: BlockIo>(
     dev: D,
     o: &CreateOptions<'_>,
 ) -> Result<Qcow2Writer<D>, CreateError<D::Error>> {
-    let (cb, order) = validate(o)?;
+    let (csz, order) = validate(o)?;
+    let cb = csz.bits();
     let cs = o.cluster_size;
     let size = o
         .size
         .checked_next_multiple_of(512)
         .ok_or(CreateError::TooLarge(o.size))?;
-    let l1_size = L2Geometry::new(cb, o.extended_l2, false).l1_entries_for(size);
+    let l1_size = L2Geometry::new(csz, o.extended_l2, false).l1_entries_for(size);
     if l1_size > u64::from(MAX_L1_ENTRIES) {
         return Err(CreateError::TooLarge(size));
     }
@@ -408,7 +405,11 @@ pub fn create<D: BlockIo>(
         backing_file_size: 0,
         cluster_bits: cb,
         size,
-        crypt_method: if o.luks_region_len.is_some() { 2 } else { 0 },
+        crypt_method: if o.luks_region_len.is_some() {
+            CryptMethod::Luks
+        } else {
+            CryptMethod::None
+        },
         l1_size: 0,
         l1_table_offset: 0,
         refcount_table_offset: cs,
@@ -436,7 +437,7 @@ pub fn create<D: BlockIo>(
     let mut rt = vec![0u8; csu];
     rt[..8].copy_from_slice(&cs.saturating_mul(2).to_be_bytes());
     let mut rb = vec![0u8; csu];
-    let rc = RefcountGeometry::new(cb, order);
+    let rc = RefcountGeometry::new(csz, order);
     for c in 0..3 {
         rc.set(&mut rb, c, 1);
     }
@@ -449,7 +450,7 @@ pub fn create<D: BlockIo>(
     // The L1 table through the allocator, which adds refcount blocks (and
     // grows the refcount table) should the table be large.
     let l1_clusters = l1_size.saturating_mul(8).div_ceil(cs).max(1);
-    let l1_off = w.alloc(l1_clusters)?;
+    let l1_off = w.alloc(l1_clusters)?.get();
     let l1_bytes = l1_size.saturating_mul(8).next_multiple_of(512).max(512);
     w.raw_write(l1_off, &vec![0u8; usize::try_from(l1_bytes).unwrap_or(0)])?;
     w.set_l1(l1_off, vec![0u64; usize::try_from(l1_size).unwrap_or(0)]);
@@ -458,7 +459,7 @@ pub fn create<D: BlockIo>(
     let mut crypto = None;
     if let Some(len) = o.luks_region_len {
         let clusters = len.div_ceil(cs);
-        let off = w.alloc(clusters)?;
+        let off = w.alloc(clusters)?.get();
         let zero = vec![0u8; csu];
         for i in 0..clusters {
             w.raw_write(off.saturating_add(i.saturating_mul(cs)), &zero)?;
@@ -509,12 +510,13 @@ impl Measure {
 /// blocks = ⌈(clusters + blocks + table) / refcounts per block⌉,
 /// table = ⌈blocks × 8 / cluster size⌉, reached by iterating from zero
 /// (each step can only grow both, and they are bounded by `clusters`).
-fn refcount_clusters(clusters: u64, cluster_bits: u32, refcount_order: u32) -> u64 {
+fn refcount_clusters(clusters: u64, cluster: ClusterSize, refcount_order: u32) -> u64 {
+    let cluster_bits = cluster.bits();
     // A block holds cluster_size × 8 / refcount_bits entries; a table
     // cluster holds cluster_size / 8 block offsets. `validate` bounds
     // cluster_bits to 9..=21 and refcount_order to 0..=6.
     let shift = |bits: Option<u32>| bits.and_then(|b| 1u64.checked_shl(b)).unwrap_or(1);
-    let per_block = RefcountGeometry::new(cluster_bits, refcount_order).entries_per_block();
+    let per_block = RefcountGeometry::new(cluster, refcount_order).entries_per_block();
     let per_table = shift(cluster_bits.checked_sub(3));
     let (mut blocks, mut table) = (0u64, 0u64);
     loop {
@@ -538,7 +540,8 @@ pub fn measure<E>(o: &CreateOptions<'_>) -> Result<Measure, CreateError<E>> {
         preallocation: Preallocation::Off,
         ..o.clone()
     };
-    let (cluster_bits, refcount_order) = validate::<E>(&check)?;
+    let (cluster, refcount_order) = validate::<E>(&check)?;
+    let cluster_bits = cluster.bits();
     let cs = o.cluster_size;
     let too_large = || CreateError::TooLarge(o.size);
     let aligned = o.size.checked_next_multiple_of(cs).ok_or_else(too_large)?;
@@ -560,8 +563,7 @@ pub fn measure<E>(o: &CreateOptions<'_>) -> Result<Measure, CreateError<E>> {
     // every data cluster.
     let tables = l1_clusters.saturating_add(l2_tables).saturating_add(1);
     let counted = tables.saturating_add(data_clusters);
-    let meta_clusters =
-        tables.saturating_add(refcount_clusters(counted, cluster_bits, refcount_order));
+    let meta_clusters = tables.saturating_add(refcount_clusters(counted, cluster, refcount_order));
     let luks = match o.luks_region_len {
         Some(len) => len.checked_next_multiple_of(cs).ok_or_else(too_large)?,
         None => 0,
@@ -607,8 +609,8 @@ mod measure_tests {
     fn refcounts_count_themselves() {
         // 512 B clusters, 16-bit refcounts: 256 entries a block. 254
         // clusters, the block and the table fit one block; 255 need two.
-        assert_eq!(refcount_clusters(254, 9, 4), 2);
-        assert_eq!(refcount_clusters(255, 9, 4), 3);
+        assert_eq!(refcount_clusters(254, ClusterSize::MIN, 4), 2);
+        assert_eq!(refcount_clusters(255, ClusterSize::MIN, 4), 3);
     }
 
     #[test]

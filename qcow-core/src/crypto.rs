@@ -9,15 +9,15 @@
 //! No allocation: the header is read through a window over the image
 //! device, and the cipher lives in the returned value.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 use core::fmt;
 
 use luks_core::io::{BlockIo, Window};
 use luks_core::{luks1, LegacyQcowAes, SectorCipher};
 
 use crate::error::{Error, Structure};
+use crate::header::CryptMethod;
 use crate::image::{Decryptor, ImageInfo};
+use crate::units::{GuestOffset, HostOffset};
 
 /// The key that decrypts an encrypted image's data.
 pub enum ImageKey {
@@ -58,11 +58,11 @@ impl ImageKey {
         passphrase: &[u8],
     ) -> Result<Option<Self>, Error<D::Error>> {
         match info.header.crypt_method {
-            0 => Ok(None),
-            1 => LegacyQcowAes::new(passphrase)
+            CryptMethod::None => Ok(None),
+            CryptMethod::Aes => LegacyQcowAes::new(passphrase)
                 .map(|k| Some(Self::LegacyAes(k)))
                 .map_err(|e| Error::Luks(e.widen())),
-            2 => {
+            CryptMethod::Luks => {
                 let (offset, len) = luks_region(info)?;
                 // Offsets inside the region are relative to it.
                 let mut region = Window::new(&mut *dev, offset, len);
@@ -72,18 +72,20 @@ impl ImageKey {
                 let cipher = luks1::data_cipher(&hdr, &key).map_err(Error::Luks)?;
                 Ok(Some(Self::Luks(cipher)))
             }
-            method => Err(Error::Unsupported(crate::error::Unsupported::Encrypted {
-                method,
-            })),
         }
     }
 
     /// Encrypts whole 512-byte sectors about to be written at `host_offset`,
     /// holding guest bytes from `guest_offset`.
-    pub fn encrypt(&self, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool {
+    pub fn encrypt(
+        &self,
+        host_offset: HostOffset,
+        guest_offset: GuestOffset,
+        buf: &mut [u8],
+    ) -> bool {
         match self {
-            Self::Luks(c) => c.encrypt_sectors(host_offset / 512, buf).is_ok(),
-            Self::LegacyAes(k) => k.encrypt_sectors(guest_offset / 512, buf).is_ok(),
+            Self::Luks(c) => c.encrypt_sectors(host_offset.get() / 512, buf).is_ok(),
+            Self::LegacyAes(k) => k.encrypt_sectors(guest_offset.get() / 512, buf).is_ok(),
         }
     }
 }
@@ -98,14 +100,25 @@ pub trait SectorCrypt {
     /// Encrypts `buf`, whole sectors about to be written at `host_offset`
     /// holding guest bytes from `guest_offset`, with `key`; `false` when
     /// the cipher refused.
-    fn encrypt(&self, key: &ImageKey, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool;
+    fn encrypt(
+        &self,
+        key: &ImageKey,
+        host_offset: HostOffset,
+        guest_offset: GuestOffset,
+        buf: &mut [u8],
+    ) -> bool;
 }
 
 impl Decryptor for ImageKey {
-    fn decrypt(&mut self, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool {
+    fn decrypt(
+        &mut self,
+        host_offset: HostOffset,
+        guest_offset: GuestOffset,
+        buf: &mut [u8],
+    ) -> bool {
         match self {
-            Self::Luks(c) => c.decrypt_sectors(host_offset / 512, buf).is_ok(),
-            Self::LegacyAes(k) => k.decrypt_sectors(guest_offset / 512, buf).is_ok(),
+            Self::Luks(c) => c.decrypt_sectors(host_offset.get() / 512, buf).is_ok(),
+            Self::LegacyAes(k) => k.decrypt_sectors(guest_offset.get() / 512, buf).is_ok(),
         }
     }
 }

@@ -7,8 +7,6 @@
 //! feature. Success, as in qemu-img, means the output cluster is filled:
 //! trailing bytes after the compressed stream are ignored.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 use crate::header::{COMPRESSION_ZLIB, COMPRESSION_ZSTD};
 
 /// Why a cluster failed to decompress.

@@ -1,8 +1,6 @@
 //! Table entries: L1, L2 (standard and extended), compressed cluster
 //! descriptors and refcounts. Pure functions over integers and bytes.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 /// Bits 9..=55: the offset field of L1 and standard L2 entries.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bit 63: COPIED (refcount is exactly 1).
@@ -38,26 +36,36 @@ pub enum L2Entry {
     Compressed(CompressedDescriptor),
 }
 
+/// The host offset a standard (non-compressed) L2 entry names, if it names
+/// one: its offset bits, where 0 means "no cluster" except with an external
+/// data file (`data_file`) and COPIED set, since clusters in a data file
+/// always have refcount 1 and qemu-img uses COPIED to tell offset 0 from
+/// "unallocated". The one place this rule lives: [`L2Entry::decode`] and
+/// [`crate::table::L2Geometry::host`] both ask it.
+pub fn standard_host(entry: u64, data_file: bool) -> Option<u64> {
+    let host = entry & OFFSET_MASK;
+    (host != 0 || (data_file && entry & COPIED != 0)).then_some(host)
+}
+
 impl L2Entry {
     /// Decodes a standard L2 entry. With `extended`, the zero flag is
-    /// reserved (the bitmap decides instead). With `data_file` (external
-    /// data file), host offset 0 is a real cluster when COPIED is set:
-    /// clusters in a data file always have refcount 1, so qemu-img uses
-    /// COPIED to tell offset 0 from "unallocated".
+    /// reserved (the bitmap decides instead). Whether a non-zero entry
+    /// names a cluster is [`standard_host`]'s rule (`data_file`: offset 0
+    /// with COPIED is a real cluster in an external data file).
     pub fn decode(entry: u64, cluster_bits: u32, extended: bool, data_file: bool) -> Self {
         if entry & COMPRESSED != 0 {
             return Self::Compressed(CompressedDescriptor::decode(entry, cluster_bits));
         }
-        let host = entry & OFFSET_MASK;
         // qemu-img honours the zero flag in v2 images too (the spec calls
         // the bit reserved there); match qemu-img.
         if !extended && entry & ZERO != 0 {
-            return Self::Zero { host };
+            return Self::Zero {
+                host: entry & OFFSET_MASK,
+            };
         }
-        if host == 0 && !(data_file && entry & COPIED != 0) {
-            Self::Unallocated
-        } else {
-            Self::Normal { host }
+        match standard_host(entry, data_file) {
+            Some(host) => Self::Normal { host },
+            None => Self::Unallocated,
         }
     }
     /// Encodes a standard entry (`copied` sets bit 63 on normal clusters).

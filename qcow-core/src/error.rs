@@ -133,7 +133,7 @@ pub enum Problem {
     MissingCryptoExtension,
     /// The full disk encryption header extension is present but
     /// crypt_method is not 2 (LUKS); QEMU refuses the open.
-    UnexpectedCryptoExtension(u32),
+    UnexpectedCryptoExtension(crate::header::CryptMethod),
 }
 
 impl fmt::Display for Problem {
@@ -227,8 +227,8 @@ pub enum Unsupported {
     ZstdWithoutAlloc,
     /// Reading data from an encrypted image needs a decryptor.
     Encrypted {
-        /// The crypt method: 1 legacy AES, 2 LUKS.
-        method: u32,
+        /// The crypt method: legacy AES or LUKS.
+        method: crate::header::CryptMethod,
     },
     /// Writing is not available for this image (the allocation-free
     /// reader, or an encrypted image without its key).

@@ -7,8 +7,6 @@
 //! not feature bits: refusing unknown incompatible features is the opener's
 //! job, so parse/emit round-trip any header.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 use crate::error::{Error, Problem, Structure, Unsupported};
 use crate::limits::{
     MAX_CLUSTER_BITS, MAX_NAME_LEN, MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS, MIN_V3_HEADER_LEN,
@@ -272,6 +270,45 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Header<T> {
     }
 }
 
+/// How guest data is encrypted: the header's `crypt_method` field,
+/// validated once when the header is parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CryptMethod {
+    /// 0: plaintext.
+    None = 0,
+    /// 1: legacy AES-128-CBC keyed by the passphrase (read only).
+    Aes = 1,
+    /// 2: LUKS1 stored inside the image.
+    Luks = 2,
+}
+
+impl CryptMethod {
+    /// The method stored as `v` on disk, or `None` for any other value.
+    pub const fn from_raw(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(Self::None),
+            1 => Some(Self::Aes),
+            2 => Some(Self::Luks),
+            _ => None,
+        }
+    }
+    /// The on-disk value (0, 1 or 2).
+    pub const fn raw(self) -> u32 {
+        self as u32
+    }
+    /// Whether guest data is encrypted (anything but [`CryptMethod::None`]).
+    pub const fn is_encrypted(self) -> bool {
+        !matches!(self, Self::None)
+    }
+}
+
+impl core::fmt::Display for CryptMethod {
+    /// Writes the on-disk number, as qemu-img's messages name it.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}", self.raw())
+    }
+}
+
 /// A validated qcow2 header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeaderRepr {
@@ -285,8 +322,8 @@ pub struct HeaderRepr {
     pub cluster_bits: u32,
     /// Virtual disk size in bytes.
     pub size: u64,
-    /// 0 none, 1 legacy AES, 2 LUKS.
-    pub crypt_method: u32,
+    /// How guest data is encrypted.
+    pub crypt_method: CryptMethod,
     /// Entries in the active L1 table.
     pub l1_size: u32,
     /// Offset of the active L1 table.
@@ -382,10 +419,13 @@ impl HeaderRepr {
                 }
             }
         }
-        let crypt = h.crypt_method();
-        if crypt > 2 {
-            return Err(bad(field::CRYPT_METHOD.start, Problem::CryptMethod(crypt)));
-        }
+        let raw_crypt = h.crypt_method();
+        let Some(crypt) = CryptMethod::from_raw(raw_crypt) else {
+            return Err(bad(
+                field::CRYPT_METHOD.start,
+                Problem::CryptMethod(raw_crypt),
+            ));
+        };
         let mask = cluster_size.wrapping_sub(1);
         for (f, v) in [
             (field::L1_TABLE_OFFSET.start, h.l1_table_offset()),
@@ -445,7 +485,7 @@ impl HeaderRepr {
         h.set_backing_file_size(self.backing_file_size);
         h.set_cluster_bits(self.cluster_bits);
         h.set_size(self.size);
-        h.set_crypt_method(self.crypt_method);
+        h.set_crypt_method(self.crypt_method.raw());
         h.set_l1_size(self.l1_size);
         h.set_l1_table_offset(self.l1_table_offset);
         h.set_refcount_table_offset(self.refcount_table_offset);

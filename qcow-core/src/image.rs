@@ -12,8 +12,6 @@
 //! Backing files and external data files are devices the caller attaches;
 //! the image only reports their names.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 use core::fmt;
 use core::marker::PhantomData;
 
@@ -21,7 +19,8 @@ use crate::decompress::{decompress, DecompressError};
 use crate::entry::{self, CompressedDescriptor};
 use crate::error::{Buffer, Error, LayerError, Limit, Problem, Structure, Unsupported};
 use crate::header::{
-    self, autoclear, compat, ext, incompat, BitmapsExt, CryptoExt, FeatureName, Header, HeaderRepr,
+    self, autoclear, compat, ext, incompat, BitmapsExt, CryptMethod, CryptoExt, FeatureName,
+    Header, HeaderRepr,
 };
 use crate::limits::{
     MAX_CACHE_SLICES, MAX_L1_ENTRIES, MAX_NAME_LEN, MAX_REFCOUNT_TABLE_BYTES, MAX_SNAPSHOTS,
@@ -29,6 +28,7 @@ use crate::limits::{
 };
 use crate::snapshot::{field as snap_field, SnapshotFixed, SnapshotInfo};
 use crate::table::{L2Geometry, RefblockAt, RefcountGeometry};
+use crate::units::{ClusterIndex, GuestOffset, HostOffset};
 use crate::BlockIo;
 
 mod open;
@@ -94,17 +94,27 @@ impl<E: fmt::Debug + fmt::Display> BlockIo for NoDevice<E> {
 
 /// Decrypts data sectors in place; the hook for encrypted images.
 ///
-/// For LUKS images (crypt_method 2) the IV sector is `host_offset / 512`;
-/// for legacy AES (crypt_method 1) it is `guest_offset / 512`. Both are
-/// passed; `buf` is a whole number of 512-byte sectors.
+/// For LUKS images the IV sector is `host_offset / 512`; for legacy AES it
+/// is `guest_offset / 512`. Both are passed; `buf` is a whole number of
+/// 512-byte sectors.
 pub trait Decryptor {
     /// Decrypts `buf`, read from `host_offset`, holding guest bytes from
     /// `guest_offset`. Returns `false` on failure.
-    fn decrypt(&mut self, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool;
+    fn decrypt(
+        &mut self,
+        host_offset: HostOffset,
+        guest_offset: GuestOffset,
+        buf: &mut [u8],
+    ) -> bool;
 }
 
 impl<T: Decryptor + ?Sized> Decryptor for &mut T {
-    fn decrypt(&mut self, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool {
+    fn decrypt(
+        &mut self,
+        host_offset: HostOffset,
+        guest_offset: GuestOffset,
+        buf: &mut [u8],
+    ) -> bool {
         (**self).decrypt(host_offset, guest_offset, buf)
     }
 }
@@ -116,7 +126,7 @@ impl<T: Decryptor + ?Sized> Decryptor for &mut T {
 pub struct NoDecryptor;
 
 impl Decryptor for NoDecryptor {
-    fn decrypt(&mut self, _host_offset: u64, _guest_offset: u64, _buf: &mut [u8]) -> bool {
+    fn decrypt(&mut self, _host: HostOffset, _guest: GuestOffset, _buf: &mut [u8]) -> bool {
         false
     }
 }
@@ -129,13 +139,13 @@ pub enum MapKind {
     /// Reads as zero; `host` is a preallocated host range, if any.
     Zero {
         /// Host offset of the preallocated range.
-        host: Option<u64>,
+        host: Option<HostOffset>,
     },
     /// Data at `host` in the image file, or in the external data file when
     /// the image has one.
     Data {
         /// Host offset of the first byte of the range.
-        host: u64,
+        host: HostOffset,
     },
     /// Part of a compressed cluster.
     Compressed(CompressedDescriptor),
@@ -144,14 +154,15 @@ pub enum MapKind {
     /// but has a host range reserved at `host`.
     UnallocatedAlloc {
         /// Host offset of the reserved range.
-        host: u64,
+        host: HostOffset,
     },
 }
 
 /// A run of guest bytes with one kind, contiguous on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mapping {
-    /// Start of the run.
+    /// Start of the run (a guest offset, kept `u64` like the reader's
+    /// `read`/`map` arguments).
     pub guest_offset: u64,
     /// Bytes in the run.
     pub len: u64,
@@ -329,9 +340,9 @@ impl ImageInfo {
     /// `encrypt.format`: "aes" (1) or "luks" (2).
     pub fn encryption_format(&self) -> Option<&'static str> {
         match self.header.crypt_method {
-            1 => Some("aes"),
-            2 => Some("luks"),
-            _ => None,
+            CryptMethod::Aes => Some("aes"),
+            CryptMethod::Luks => Some("luks"),
+            CryptMethod::None => None,
         }
     }
 }

@@ -84,6 +84,10 @@
 //! names the structure and byte offset at fault.
 
 #![no_std]
+// Values read from disk feed offsets and sizes: every sum, product and shift
+// is checked, saturating, or allowed at its narrowest scope with the bound
+// that makes it safe written next to it.
+#![warn(clippy::arithmetic_side_effects)]
 
 #[cfg(feature = "alloc")]
 pub mod check;
@@ -102,16 +106,19 @@ pub mod limits;
 mod probe;
 pub mod snapshot;
 pub mod table;
+pub mod units;
 #[cfg(feature = "alloc")]
 pub mod writer;
 
 #[cfg(feature = "alloc")]
 pub use create::{create, measure, CreateOptions, Measure, Preallocation};
 pub use error::{Error, Structure};
+pub use header::CryptMethod;
 pub use image::{BitmapInfo, Decryptor, ImageInfo, MapKind, Mapping, NoDecryptor, NoDevice, Qcow2};
 /// The sector-I/O trait and its adapters, shared with `luks-core`.
 pub use luks_core::io;
 pub use luks_core::io::BlockIo;
 pub use probe::{probe, Qcow2Version};
+pub use units::{ClusterIndex, ClusterSize, GuestOffset, HostOffset};
 #[cfg(feature = "alloc")]
 pub use writer::{Qcow2Writer, ResizeError};

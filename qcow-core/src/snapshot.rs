@@ -1,8 +1,6 @@
 //! Snapshot table entries: a fixed 40-byte part, extra data, id and name,
 //! padded to 8 bytes.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 use crate::error::{Error, Limit, Problem, Structure};
 use crate::header::{be32, be64};
 use crate::limits::{MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_ID_LEN, MAX_SNAPSHOT_NAME_LEN};

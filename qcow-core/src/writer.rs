@@ -11,8 +11,6 @@
 //! table entries are written as whole 512-byte sectors, guest data at its
 //! own offset and length.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 extern crate alloc;
 
 use alloc::boxed::Box;
@@ -23,18 +21,19 @@ use alloc::vec::Vec;
 use crate::crypto::{ImageKey, SectorCrypt};
 use crate::entry::{self, CompressedDescriptor, L2Entry, COPIED, OFFSET_MASK, ZERO};
 use crate::error::{Error, LayerError, Limit, Problem, Structure, Unsupported};
-use crate::header::{autoclear, field, incompat, HeaderRepr};
+use crate::header::{autoclear, field, incompat, CryptMethod, HeaderRepr};
 use crate::image::NoDevice;
 use crate::limits::MAX_L1_ENTRIES;
 use crate::table::{L2Geometry, RefcountGeometry};
+use crate::units::{ClusterIndex, GuestOffset, HostOffset};
 use luks_core::io::BlockIo;
 
 /// Whether an image with `crypt_method` can be written with `key`: no key
-/// for plain images, a LUKS key for crypt_method 2.
-fn key_fits(crypt_method: u32, key: Option<&ImageKey>) -> bool {
+/// for plain images, a LUKS key for LUKS images.
+fn key_fits(crypt_method: CryptMethod, key: Option<&ImageKey>) -> bool {
     matches!(
         (crypt_method, key),
-        (0, None) | (2, Some(ImageKey::Luks(_)))
+        (CryptMethod::None, None) | (CryptMethod::Luks, Some(ImageKey::Luks(_)))
     )
 }
 
@@ -539,7 +538,7 @@ where
     }
 
     /// Allocates `n` clusters (for `create`).
-    pub(crate) fn alloc(&mut self, n: u64) -> Result<u64, Error<D::Error>> {
+    pub(crate) fn alloc(&mut self, n: u64) -> Result<HostOffset, Error<D::Error>> {
         self.alloc_clusters(n)
     }
 

@@ -294,7 +294,7 @@ fn convert_to_qcow2(
             cipher_workers,
         )));
     }
-    if a.compress && w.header().crypt_method != 0 {
+    if a.compress && w.header().crypt_method.is_encrypted() {
         return Err(CliError::usage(
             "Compression can't be used with encryption".into(),
         ));

@@ -400,7 +400,7 @@ pub(crate) fn open_qcow2_writer_keyed(
             .clone()
     };
     let w = match (info.header.crypt_method, keys) {
-        (0, _) | (_, None) => qcow_core::Qcow2Writer::open(dev),
+        (qcow_core::CryptMethod::None, _) | (_, None) => qcow_core::Qcow2Writer::open(dev),
         (_, Some((keys, secrets))) => {
             let pass = keys.resolve(path, secrets, false)?;
             let key = qcow_core::crypto::ImageKey::unlock(&mut dev, &info, &pass)

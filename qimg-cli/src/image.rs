@@ -648,7 +648,7 @@ pub(crate) fn info(
             let mut out = crate::image_info::ImageInfo::basic(path, format, info.virtual_size())?;
             out.cluster_size = Some(info.cluster_size());
             out.dirty = info.dirty();
-            out.encrypted = info.header.crypt_method != 0;
+            out.encrypted = info.header.crypt_method.is_encrypted();
             if let Some(b) = info.backing_file() {
                 out.backing_filename = Some(b.to_string());
                 out.full_backing_filename =

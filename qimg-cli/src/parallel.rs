@@ -33,7 +33,7 @@ use std::sync::OnceLock;
 
 use luks_core::io::BlockIo;
 use qcow_core::crypto::{ImageKey, SectorCrypt};
-use qcow_core::Decryptor;
+use qcow_core::{Decryptor, GuestOffset, HostOffset};
 
 /// Requests shorter than this stay on one thread: below it, starting a
 /// thread costs more than the cipher work it would take over.
@@ -254,15 +254,20 @@ impl ParallelKey {
 }
 
 /// Decrypts one piece with a shared key.
-fn decrypt_piece(key: &ImageKey, host: u64, guest: u64, buf: &mut [u8]) -> bool {
+fn decrypt_piece(key: &ImageKey, host: HostOffset, guest: GuestOffset, buf: &mut [u8]) -> bool {
     match key {
-        ImageKey::Luks(c) => c.decrypt_sectors(host / 512, buf).is_ok(),
-        ImageKey::LegacyAes(k) => k.decrypt_sectors(guest / 512, buf).is_ok(),
+        ImageKey::Luks(c) => c.decrypt_sectors(host.get() / 512, buf).is_ok(),
+        ImageKey::LegacyAes(k) => k.decrypt_sectors(guest.get() / 512, buf).is_ok(),
     }
 }
 
 impl Decryptor for ParallelKey {
-    fn decrypt(&mut self, host_offset: u64, guest_offset: u64, buf: &mut [u8]) -> bool {
+    fn decrypt(
+        &mut self,
+        host_offset: HostOffset,
+        guest_offset: GuestOffset,
+        buf: &mut [u8],
+    ) -> bool {
         if buf.len() < MIN_SPLIT || self.workers == 1 {
             return decrypt_piece(&self.key, host_offset, guest_offset, buf);
         }
@@ -270,8 +275,12 @@ impl Decryptor for ParallelKey {
         let tasks: Vec<_> = split_mut(buf, self.workers)
             .into_iter()
             .map(|(at, piece)| {
-                let (h, g) = (host_offset + at as u64, guest_offset + at as u64);
-                move || decrypt_piece(key, h, g, piece)
+                let at = at as u64;
+                let (h, g) = (host_offset.checked_add(at), guest_offset.checked_add(at));
+                move || match (h, g) {
+                    (Some(h), Some(g)) => decrypt_piece(key, h, g, piece),
+                    _ => false,
+                }
             })
             .collect();
         run_all(tasks).into_iter().all(|ok| ok)
@@ -295,15 +304,25 @@ impl ParallelEncrypt {
 }
 
 impl SectorCrypt for ParallelEncrypt {
-    fn encrypt(&self, key: &ImageKey, host: u64, guest: u64, buf: &mut [u8]) -> bool {
+    fn encrypt(
+        &self,
+        key: &ImageKey,
+        host: HostOffset,
+        guest: GuestOffset,
+        buf: &mut [u8],
+    ) -> bool {
         if buf.len() < MIN_SPLIT || self.workers == 1 {
             return key.encrypt(host, guest, buf);
         }
         let tasks: Vec<_> = split_mut(buf, self.workers)
             .into_iter()
             .map(|(at, piece)| {
-                let (h, g) = (host + at as u64, guest + at as u64);
-                move || key.encrypt(h, g, piece)
+                let at = at as u64;
+                let (h, g) = (host.checked_add(at), guest.checked_add(at));
+                move || match (h, g) {
+                    (Some(h), Some(g)) => key.encrypt(h, g, piece),
+                    _ => false,
+                }
             })
             .collect();
         run_all(tasks).into_iter().all(|ok| ok)
@@ -401,7 +420,7 @@ mod tests {
         for workers in [1, 2, 3, 8] {
             let mut k = ParallelKey::new(ImageKey::Luks(cipher()), workers);
             let mut buf = ct.clone();
-            assert!(k.decrypt(0x1234 * 512, 0, &mut buf));
+            assert!(k.decrypt(HostOffset::new(0x1234 * 512), GuestOffset::ZERO, &mut buf));
             assert!(buf == plain, "{workers} workers");
         }
     }
@@ -444,11 +463,12 @@ mod tests {
             .map(|i| u8::try_from(i % 249).unwrap())
             .collect();
         let mut want = plain.clone();
-        assert!(k.encrypt(0x30000, 0x10000, &mut want));
+        let (h, g) = (HostOffset::new(0x30000), GuestOffset::new(0x10000));
+        assert!(k.encrypt(h, g, &mut want));
         assert!(want != plain);
         for workers in [1, 2, 3, 8] {
             let mut buf = plain.clone();
-            assert!(ParallelEncrypt::new(workers).encrypt(&k, 0x30000, 0x10000, &mut buf));
+            assert!(ParallelEncrypt::new(workers).encrypt(&k, h, g, &mut buf));
             assert!(buf == want, "{workers} workers");
         }
     }

@@ -2,7 +2,7 @@
 //! file, block status in qemu-img's terms, and `info` fields.
 
 use qcow_core::image::MapKind;
-use qcow_core::Qcow2;
+use qcow_core::{HostOffset, Qcow2};
 use serde_json::{json, Map, Value};
 
 use luks_core::io::BlockIo;
@@ -137,7 +137,7 @@ impl Qcow2Source {
     ) -> Result<Self, CliError> {
         let has_data_file = data_file.is_some();
         let img = opening.img;
-        let encrypted = img.info().header.crypt_method != 0;
+        let encrypted = img.info().header.crypt_method.is_encrypted();
         let img = img.ignore_backing();
         let (data_dev, hole_file) = data_file.unzip();
         let img = img.with_data_file_opt(data_dev);
@@ -359,6 +359,7 @@ impl Qcow2Source {
     fn status_of(&mut self, kind: MapKind, len: u64) -> Result<BlockStatus, DevError> {
         Ok(match kind {
             MapKind::Data { host } => {
+                let host = host.get();
                 let (zero, zlen) = if self.is_metadata_prealloc()? {
                     self.host_zero(host, len)?
                 } else {
@@ -390,20 +391,23 @@ impl Qcow2Source {
                 zero: true,
                 data: false,
                 compressed: false,
-                offset: host,
+                offset: host.map(HostOffset::get),
             },
             MapKind::Unallocated => Self::fall_through(len, None),
-            MapKind::UnallocatedAlloc { host } => Self::fall_through(len, Some(host)),
+            MapKind::UnallocatedAlloc { host } => Self::fall_through(len, Some(host.get())),
         })
     }
 }
 
-/// Reads the LUKS header stored inside an encrypted (crypt_method 2) image.
+/// Reads the LUKS header stored inside a LUKS-encrypted image.
 pub(crate) fn luks_header(
     path: &str,
     info: &qcow_core::ImageInfo,
 ) -> Result<Option<luks_core::luks1::HeaderRepr>, CliError> {
-    let Some(c) = info.crypto.filter(|_| info.header.crypt_method == 2) else {
+    let Some(c) = info
+        .crypto
+        .filter(|_| info.header.crypt_method == qcow_core::CryptMethod::Luks)
+    else {
         return Ok(None);
     };
     let file = luks_core::io::FileDevice::open(std::path::Path::new(path))
@@ -422,7 +426,7 @@ pub(crate) fn unlock(
     keys: &crate::luks_common::KeySource,
     secrets: &crate::secret::Secrets,
 ) -> Result<Opening, CliError> {
-    if opening.img.info().header.crypt_method == 0 {
+    if !opening.img.info().header.crypt_method.is_encrypted() {
         return Ok(opening);
     }
     let pass = keys.resolve(path, secrets, false)?;
@@ -453,7 +457,7 @@ pub(crate) fn format_specific(
     }
     m.insert("refcount-bits".into(), json!(info.refcount_bits()));
     match (info.header.crypt_method, luks) {
-        (2, Some(hdr)) => {
+        (qcow_core::CryptMethod::Luks, Some(hdr)) => {
             let mut e = Map::new();
             if let Value::Object(l) = crate::luks::format_specific(hdr, false) {
                 for (k, v) in l {
@@ -466,7 +470,7 @@ pub(crate) fn format_specific(
             }
             m.insert("encrypt".into(), Value::Object(e));
         }
-        (1, _) => {
+        (qcow_core::CryptMethod::Aes, _) => {
             m.insert("encrypt".into(), json!({"format": "aes"}));
         }
         _ => {}

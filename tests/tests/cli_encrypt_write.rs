@@ -7,7 +7,7 @@ use std::path::Path;
 
 use luks_core::io::{BlockIo, FileDevice};
 use qcow_core::crypto::ImageKey;
-use qcow_core::{Decryptor, MapKind, Qcow2, Qcow2Writer};
+use qcow_core::{Decryptor, GuestOffset, MapKind, Qcow2, Qcow2Writer};
 use qimg_tests::qemu::{encrypted_image_opts, pattern, write_tmp, Qemu};
 use qimg_tests::{json_of, qimg, run_ok, sha256_file};
 
@@ -208,12 +208,12 @@ fn snapshot_copies_use_different_ivs() {
     let mut dev = FileDevice::open(&img).unwrap();
     let mut c_old = vec![0u8; 65536];
     let mut c_new = vec![0u8; 65536];
-    dev.read_at(old, &mut c_old).unwrap();
-    dev.read_at(current, &mut c_new).unwrap();
+    dev.read_at(old.get(), &mut c_old).unwrap();
+    dev.read_at(current.get(), &mut c_new).unwrap();
     assert_ne!(c_old, c_new, "same ciphertext: an IV was reused");
     let mut key = unlock(&img);
-    assert!(key.decrypt(old, 0, &mut c_old));
-    assert!(key.decrypt(current, 0, &mut c_new));
+    assert!(key.decrypt(old, GuestOffset::ZERO, &mut c_old));
+    assert!(key.decrypt(current, GuestOffset::ZERO, &mut c_new));
     assert_eq!(c_old, vec![0x55u8; 65536]);
     assert_eq!(c_new, vec![0x55u8; 65536]);
 }

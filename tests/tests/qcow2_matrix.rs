@@ -634,7 +634,15 @@ fn four_tib_sparse_image_reads_ranges_and_maps() {
     assert_eq!(qdata.len(), 3);
     for (start, len, off) in qdata {
         let m = q.map(start, len).unwrap();
-        assert_eq!((m.len, m.kind), (len, MapKind::Data { host: off }));
+        assert_eq!(
+            (m.len, m.kind),
+            (
+                len,
+                MapKind::Data {
+                    host: qcow_core::HostOffset::new(off)
+                }
+            )
+        );
     }
 }
 
@@ -716,7 +724,7 @@ fn encrypted_images_are_reported_and_data_reads_refused() {
     let j = env.info("enc.qcow2");
     let mut q = env.open("enc.qcow2");
     let i = q.info().clone();
-    assert_eq!(i.header.crypt_method, 2);
+    assert_eq!(i.header.crypt_method, qcow_core::CryptMethod::Luks);
     assert_eq!(i.encryption_format(), Some("luks"));
     assert_eq!(
         j["format-specific"]["data"]["encrypt"]["format"].as_str(),
@@ -729,7 +737,9 @@ fn encrypted_images_are_reported_and_data_reads_refused() {
     assert!(
         matches!(
             e,
-            qcow_core::Error::Unsupported(qcow_core::error::Unsupported::Encrypted { method: 2 })
+            qcow_core::Error::Unsupported(qcow_core::error::Unsupported::Encrypted {
+                method: qcow_core::CryptMethod::Luks,
+            })
         ),
         "{e}"
     );

@@ -59,6 +59,11 @@ pub(super) fn io<E>(e: E, structure: Structure, offset: u64) -> Error<E> {
 }
 
 impl<'d, D: BlockIo> Img<'d, D> {
+    /// Whether host offset `off` is at the start of a cluster.
+    pub(super) fn aligned(&self, off: u64) -> bool {
+        HostOffset::new(off).is_cluster_aligned(self.l2g.cluster())
+    }
+
     pub(super) fn open(dev: &'d mut D) -> Result<Self, Error<D::Error>> {
         let file_len = dev.size().map_err(|e| io(e, Structure::Header, 0))?;
         // The header and its extensions as the reader parses them, with
@@ -149,7 +154,7 @@ impl<'d, D: BlockIo> Img<'d, D> {
     /// The stored refcount of `cluster`; `None` when its refcount block's
     /// table entry is not cluster aligned.
     pub(super) fn stored(&mut self, cluster: u64) -> Result<Option<u64>, Error<D::Error>> {
-        let slot = self.rc.locate(cluster);
+        let slot = self.rc.locate(ClusterIndex::new(cluster));
         let idx = slot.table_index;
         let Some(&e) = usize::try_from(idx).ok().and_then(|i| self.reftable.get(i)) else {
             return Ok(Some(0));
@@ -158,7 +163,7 @@ impl<'d, D: BlockIo> Img<'d, D> {
             RefblockAt::Absent => return Ok(Some(0)),
             // qemu-img cannot read an unaligned block either.
             RefblockAt::Unaligned(_) => return Ok(None),
-            RefblockAt::At(off) => off,
+            RefblockAt::At(off) => off.get(),
         };
         // Beyond the largest offset a file can have: unreadable too.
         if off > MAX_FILE_OFFSET.saturating_sub(self.cs) {
@@ -198,29 +203,30 @@ impl Counter {
         }
         let end = offset.checked_add(size);
         let past = match end {
-            Some(end) => end > self.file_len && end - self.file_len >= self.cs,
+            Some(end) => end.checked_sub(self.file_len).is_some_and(|d| d >= self.cs),
             None => true,
         };
         if past {
             r.findings.push(Finding::PastEnd { offset, size });
-            r.corruptions += 1;
+            r.corruptions = r.corruptions.saturating_add(1);
             return;
         }
-        let end = end.unwrap_or(offset);
+        // size > 0, so the last byte is end - 1 (end did not overflow).
+        let last_byte = end.unwrap_or(offset).saturating_sub(1);
         let first = offset >> self.bits;
-        let last = (end - 1) >> self.bits;
+        let last = last_byte >> self.bits;
         for c in first..=last {
             let Ok(i) = usize::try_from(c) else { return };
             if i >= self.counts.len() {
-                self.counts.resize(i + 1, 0);
+                self.counts.resize(i.saturating_add(1), 0);
             }
             if self.counts[i] >= self.max {
                 r.findings.push(Finding::Overflow {
                     offset: c << self.bits,
                 });
-                r.corruptions += 1;
+                r.corruptions = r.corruptions.saturating_add(1);
             } else {
-                self.counts[i] += 1;
+                self.counts[i] = self.counts[i].saturating_add(1);
             }
         }
     }

@@ -29,7 +29,7 @@ pub(super) fn fix_incomplete_snapshots<D: BlockIo>(
             &mut rest,
             Structure::SnapshotTable,
         )?;
-        let mut text = vec![0u8; usize::from(sn.id_len) + usize::from(sn.name_len)];
+        let mut text = vec![0u8; usize::from(sn.id_len).saturating_add(usize::from(sn.name_len))];
         img.read(
             at.saturating_add(f::FIXED_LEN as u64)
                 .saturating_add(u64::from(sn.extra_size)),
@@ -37,9 +37,10 @@ pub(super) fn fix_incomplete_snapshots<D: BlockIo>(
             Structure::SnapshotTable,
         )?;
         if rest.len() < 16 {
-            fixed_n += 1;
+            fixed_n = fixed_n.saturating_add(1);
         }
-        let word = |i: usize, default: u64| -> u64 { word(&rest, i * 8).unwrap_or(default) };
+        let word =
+            |i: usize, default: u64| -> u64 { word(&rest, i.saturating_mul(8)).unwrap_or(default) };
         let vm_state = u64::from(crate::header::be32(&fixed, f::VM_STATE_SIZE));
         let mut extra = Vec::with_capacity(rest.len().max(24));
         extra.extend_from_slice(&word(0, vm_state).to_be_bytes());
@@ -54,7 +55,7 @@ pub(super) fn fix_incomplete_snapshots<D: BlockIo>(
         table.extend_from_slice(&fixed);
         table.extend_from_slice(&extra);
         table.extend_from_slice(&text);
-        while (table.len() - start) % 8 != 0 {
+        while !table.len().saturating_sub(start).is_multiple_of(8) {
             table.push(0);
         }
         at = at.saturating_add(sn.entry_len());
@@ -110,7 +111,7 @@ pub(super) fn metadata_ranges<D: BlockIo>(
         v.push((sn.l1_offset, u64::from(sn.l1_size.min(MAX_L1_ENTRIES)) * 8));
     }
     v.push((img.hdr.snapshots_offset, table_len));
-    if img.hdr.crypt_method == 2 {
+    if img.hdr.crypt_method == CryptMethod::Luks {
         if let Some(cr) = img.crypto {
             v.push((cr.offset, cr.length));
         }
@@ -150,7 +151,7 @@ pub(super) fn fix_unaligned_zero<D: BlockIo>(img: &mut Img<'_, D>) -> Result<u64
     }
     let mut tables = vec![(img.hdr.l1_table_offset, img.hdr.l1_size)];
     for (sn, _, _) in read_snapshots(img)?.0 {
-        if sn.l1_offset & (cs - 1) == 0 && sn.l1_size <= MAX_L1_ENTRIES {
+        if img.aligned(sn.l1_offset) && sn.l1_size <= MAX_L1_ENTRIES {
             tables.push((sn.l1_offset, sn.l1_size));
         }
     }
@@ -160,12 +161,13 @@ pub(super) fn fix_unaligned_zero<D: BlockIo>(img: &mut Img<'_, D>) -> Result<u64
     let mut fixed = 0u64;
     for (l1_off, l1_size) in tables {
         for k in 0..u64::from(l1_size.min(MAX_L1_ENTRIES)) {
-            img.read(l1_off.saturating_add(k * 8), &mut l1e, Structure::L1Table)?;
+            img.read(
+                l1_off.saturating_add(k.saturating_mul(8)),
+                &mut l1e,
+                Structure::L1Table,
+            )?;
             let l2_off = entry::l1_l2_offset(u64::from_be_bytes(l1e));
-            if l2_off == 0
-                || l2_off & (cs - 1) != 0
-                || l2_off >= img.file_len
-                || !seen.insert(l2_off)
+            if l2_off == 0 || !img.aligned(l2_off) || l2_off >= img.file_len || !seen.insert(l2_off)
             {
                 continue;
             }
@@ -174,10 +176,10 @@ pub(super) fn fix_unaligned_zero<D: BlockIo>(img: &mut Img<'_, D>) -> Result<u64
             for ent in l2.chunks_exact_mut(8) {
                 let e = word(ent, 0).unwrap_or(0);
                 let host = e & OFFSET_MASK;
-                if e & COMPRESSED == 0 && e & ZERO != 0 && host != 0 && host & (cs - 1) != 0 {
+                if e & COMPRESSED == 0 && e & ZERO != 0 && host != 0 && !img.aligned(host) {
                     ent.copy_from_slice(&ZERO.to_be_bytes());
                     dirty = true;
-                    fixed += 1;
+                    fixed = fixed.saturating_add(1);
                 }
             }
             if dirty {
@@ -202,7 +204,8 @@ pub(super) fn fix<D: BlockIo>(
     let max_rc = if img.hdr.refcount_order >= 6 {
         u64::MAX
     } else {
-        (1u64 << (1u32 << img.hdr.refcount_order)) - 1
+        // order < 6: the width is below 64 bits, so 1 << width >= 2.
+        (1u64 << (1u32 << img.hdr.refcount_order)).wrapping_sub(1)
     };
     let mut leaks_fixed = 0u64;
     let mut corruptions_fixed = 0u64;
@@ -228,18 +231,18 @@ pub(super) fn fix<D: BlockIo>(
                     ..
                 } => {
                     if *refcount < *reference {
-                        corruptions_fixed += 1;
+                        corruptions_fixed = corruptions_fixed.saturating_add(1);
                     } else {
-                        leaks_fixed += 1;
+                        leaks_fixed = leaks_fixed.saturating_add(1);
                     }
                 }
                 Finding::RefblockOutside { .. } => {
-                    corruptions_fixed += 1;
+                    corruptions_fixed = corruptions_fixed.saturating_add(1);
                 }
                 Finding::RefblockUnaligned { .. }
                 | Finding::RefblockShared { .. }
                 | Finding::ReftableReserved { .. } => {
-                    corruptions_fixed += 1;
+                    corruptions_fixed = corruptions_fixed.saturating_add(1);
                 }
                 _ => {}
             }
@@ -293,9 +296,9 @@ pub(super) fn fix<D: BlockIo>(
                         repaired: true,
                     });
                     if *refcount > *reference {
-                        leaks_fixed += 1;
+                        leaks_fixed = leaks_fixed.saturating_add(1);
                     } else {
-                        corruptions_fixed += 1;
+                        corruptions_fixed = corruptions_fixed.saturating_add(1);
                     }
                 } else if let Some(k) = usize::try_from(*cluster)
                     .ok()
@@ -308,7 +311,7 @@ pub(super) fn fix<D: BlockIo>(
         p.report.findings.extend(repairs);
         let mut i = 0;
         while i < changes.len() {
-            let idx = rc.locate(changes[i].0).table_index;
+            let idx = rc.locate(ClusterIndex::new(changes[i].0)).table_index;
             let e = usize::try_from(idx)
                 .ok()
                 .and_then(|x| img.reftable.get(x))
@@ -317,10 +320,15 @@ pub(super) fn fix<D: BlockIo>(
             let off = entry::reftable_block_offset(e);
             let mut block = vec![0u8; usize::try_from(cs).unwrap_or(0)];
             img.read(off, &mut block, Structure::RefcountBlock)?;
-            while i < changes.len() && rc.locate(changes[i].0).table_index == idx {
+            while i < changes.len() && rc.locate(ClusterIndex::new(changes[i].0)).table_index == idx
+            {
                 let (cl, v) = changes[i];
-                rc.set(&mut block, rc.locate(cl).index, v.min(max_rc));
-                i += 1;
+                rc.set(
+                    &mut block,
+                    rc.locate(ClusterIndex::new(cl)).index,
+                    v.min(max_rc),
+                );
+                i = i.saturating_add(1);
             }
             if off != 0 {
                 img.dev
@@ -345,7 +353,7 @@ pub(super) fn fix<D: BlockIo>(
     } else {
         CopiedFix::Missing(&known)
     };
-    corruptions_fixed += check_copied(img, &mut p.report, policy)?;
+    corruptions_fixed = corruptions_fixed.saturating_add(check_copied(img, &mut p.report, policy)?);
     // Clear the dirty and corrupt bits.
     if img.hdr.version >= 3
         && img.hdr.incompatible_features & (incompat::DIRTY | incompat::CORRUPT) != 0
@@ -383,21 +391,30 @@ pub(super) fn rebuild_refcounts<D: BlockIo>(
     let cs = img.cs;
     let per = img.rc.entries_per_block();
     let start = img.nb_clusters().max(base.len() as u64).max(1);
+    let rt_at = img.hdr.refcount_table_offset;
+    let overflow = move || Error::corrupt(Structure::RefcountTable, rt_at, Problem::Overflow);
+    let sum = |a: u64, b: u64, c: u64| a.checked_add(b).and_then(|x| x.checked_add(c));
     // Blocks and table clusters: a fixed point of "cover everything,
     // including ourselves".
     let mut nblocks = 0u64;
     let mut ntable = 0u64;
     loop {
-        let total = start + nblocks + ntable;
+        let total = sum(start, nblocks, ntable).ok_or_else(overflow)?;
         let nb = total.div_ceil(per);
-        let nt = (nb * 8).div_ceil(cs);
+        let nt = nb.checked_mul(8).ok_or_else(overflow)?.div_ceil(cs);
         if nb == nblocks && nt == ntable {
             break;
         }
         nblocks = nb;
         ntable = nt;
     }
-    let total = start + nblocks + ntable;
+    let total = sum(start, nblocks, ntable).ok_or_else(overflow)?;
+    // Every cluster below `total` has a host offset below `end`: the
+    // products and sums below stay under it and cannot overflow.
+    let end = ClusterIndex::new(total)
+        .host_offset(img.l2g.cluster())
+        .ok_or_else(overflow)?
+        .get();
     Error::check_limit(
         Structure::RefcountTable,
         start.saturating_mul(cs),
@@ -410,12 +427,15 @@ pub(super) fn rebuild_refcounts<D: BlockIo>(
     for c in start..total {
         counts[usize::try_from(c).unwrap_or(0)] = 1;
     }
-    let mut table = vec![0u8; usize::try_from(ntable * cs).unwrap_or(0)];
+    // At most MAX_REFCOUNT_TABLE_BYTES (checked above).
+    let mut table = vec![0u8; usize::try_from(ntable.saturating_mul(cs)).unwrap_or(0)];
     let mut block = vec![0u8; usize::try_from(cs).unwrap_or(0)];
     for b in 0..nblocks {
         block.fill(0);
         for i in 0..per {
-            let c = b * per + i;
+            // b < nblocks and i < per: below nblocks * per, which covers
+            // `total` clusters and so fits.
+            let c = b.saturating_mul(per).saturating_add(i);
             let Some(&v) = usize::try_from(c).ok().and_then(|x| counts.get(x)) else {
                 break;
             };
@@ -423,14 +443,17 @@ pub(super) fn rebuild_refcounts<D: BlockIo>(
                 img.rc.set(&mut block, i, u64::from(v).min(max_rc));
             }
         }
-        let off = (start + b) * cs;
+        let off = start.saturating_add(b).saturating_mul(cs);
         img.dev
             .write_at(off, &block)
             .map_err(|x| io(x, Structure::RefcountBlock, off))?;
-        let tb = usize::try_from(b * 8).unwrap_or(0);
-        table[tb..tb + 8].copy_from_slice(&off.to_be_bytes());
+        // b < nblocks <= ntable * cs / 8: the entry lies inside the table.
+        let tb = usize::try_from(b.saturating_mul(8)).unwrap_or(usize::MAX);
+        if let Some(slot) = table.get_mut(tb..tb.saturating_add(8)) {
+            slot.copy_from_slice(&off.to_be_bytes());
+        }
     }
-    let table_off = (start + nblocks) * cs;
+    let table_off = start.saturating_add(nblocks).saturating_mul(cs);
     img.dev
         .write_at(table_off, &table)
         .map_err(|x| io(x, Structure::RefcountTable, table_off))?;
@@ -447,7 +470,7 @@ pub(super) fn rebuild_refcounts<D: BlockIo>(
         .write_at(0, &h)
         .map_err(|x| io(x, Structure::Header, 0))?;
     img.dev.flush().map_err(|x| io(x, Structure::Header, 0))?;
-    img.file_len = img.file_len.max(total * cs);
+    img.file_len = img.file_len.max(end);
     img.hdr.refcount_table_offset = table_off;
     img.hdr.refcount_table_clusters = ntc;
     img.rb_cache = None;

@@ -8,7 +8,7 @@ fn v3() -> HeaderRepr {
         backing_file_size: 9,
         cluster_bits: 16,
         size: 64 << 20,
-        crypt_method: 0,
+        crypt_method: CryptMethod::None,
         l1_size: 1,
         l1_table_offset: 0x30000,
         refcount_table_offset: 0x10000,

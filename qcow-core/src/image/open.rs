@@ -69,14 +69,14 @@ impl<D: BlockIo, S: AsMut<[u8]>> Qcow2<D, S> {
                 Problem::Overflow,
             ));
         }
-        if hdr.crypt_method != 2 && info.crypto.is_some() {
+        if hdr.crypt_method != CryptMethod::Luks && info.crypto.is_some() {
             return Err(Error::corrupt(
                 Structure::Header,
                 header::field::CRYPT_METHOD.start as u64,
                 Problem::UnexpectedCryptoExtension(hdr.crypt_method),
             ));
         }
-        if hdr.crypt_method == 2 && info.crypto.is_none() {
+        if hdr.crypt_method == CryptMethod::Luks && info.crypto.is_none() {
             return Err(Error::corrupt(
                 Structure::Header,
                 header::field::CRYPT_METHOD.start as u64,

@@ -109,8 +109,8 @@ where
     /// that unit (or a larger run of the same kind) ends.
     pub(super) fn unit(&mut self, guest: u64) -> Result<(MapKind, u64), Error<D::Error>> {
         let geo = L2Geometry::of(&self.st.info.header);
-        let slot = geo.locate(guest);
-        let l1_end = geo.l1_end(slot.l1_index);
+        let slot = geo.locate(GuestOffset::new(guest));
+        let l1_end = geo.l1_end(slot.l1_index).get();
         if slot.l1_index >= u64::from(self.st.l1_size) {
             return Ok((MapKind::Unallocated, l1_end));
         }
@@ -223,7 +223,7 @@ where
                 MapKind::Unallocated | MapKind::UnallocatedAlloc { .. } => {
                     self.read_backing(g, chunk)?
                 }
-                MapKind::Data { host } => self.read_data(host, g, chunk)?,
+                MapKind::Data { host } => self.read_data(host, GuestOffset::new(g), chunk)?,
                 MapKind::Compressed(d) => self.read_compressed(d, g, chunk)?,
             }
             rest = tail;
@@ -263,7 +263,7 @@ where
 
     pub(super) fn check_encryption(&self) -> Result<(), Error<D::Error>> {
         let method = self.st.info.header.crypt_method;
-        if method != 0 && self.st.decryptor.is_none() {
+        if method.is_encrypted() && self.st.decryptor.is_none() {
             return Err(Error::Unsupported(Unsupported::Encrypted { method }));
         }
         Ok(())
@@ -271,11 +271,13 @@ where
 
     pub(super) fn read_data(
         &mut self,
-        host: u64,
-        g: u64,
+        host: HostOffset,
+        g: GuestOffset,
         chunk: &mut [u8],
     ) -> Result<(), Error<D::Error>> {
         self.check_encryption()?;
+        let host_at = host;
+        let host = host.get();
         if self.st.info.header.has_data_file() {
             let d = self.data.as_mut().ok_or(Error::DataFileMissing)?;
             d.read_at(host, chunk)
@@ -286,7 +288,7 @@ where
                 .map_err(io(Structure::DataCluster, host))?;
         }
         if let Some(dec) = self.st.decryptor.as_mut() {
-            if !dec.decrypt(host, g, chunk) {
+            if !dec.decrypt(host_at, g, chunk) {
                 return Err(Error::Decrypt { host_offset: host });
             }
         }
@@ -384,7 +386,7 @@ where
         let hdr = self.st.info.header;
         let cs = hdr.cluster_size();
         let geo = RefcountGeometry::of(&hdr);
-        let slot = geo.locate(cluster);
+        let slot = geo.locate(ClusterIndex::new(cluster));
         let rt_len = u64::from(hdr.refcount_table_clusters).saturating_mul(cs);
         let Some(rt_byte) = geo.table_byte(slot.table_index).filter(|&b| b < rt_len) else {
             return Ok(0);
@@ -397,7 +399,7 @@ where
         )?;
         let off = match geo.block_at(rte) {
             RefblockAt::Absent => return Ok(0),
-            RefblockAt::At(off) => off,
+            RefblockAt::At(off) => off.get(),
             RefblockAt::Unaligned(off) => {
                 return Err(Error::corrupt(
                     Structure::RefcountTable,

@@ -2,10 +2,10 @@
 //! subcluster); reading an L2 entry (standard or extended) from table bytes
 //! and resolving it into what the guest bytes read as.
 
-use crate::entry::{self, L2Entry, Subcluster, COPIED, OFFSET_MASK};
+use crate::entry::{self, L2Entry, Subcluster};
 use crate::error::Problem;
 use crate::image::MapKind;
-use crate::limits::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+use crate::units::{ClusterSize, GuestOffset, HostOffset};
 
 /// The L2 geometry of an image: cluster size, entry width (standard or
 /// extended L2) and whether data lives in an external data file.
@@ -38,22 +38,26 @@ pub struct RawL2 {
 }
 
 impl L2Geometry {
-    /// The geometry for `cluster_bits` (clamped to 9..=21), standard or
-    /// `extended` entries, and an external data file or not.
-    pub fn new(cluster_bits: u32, extended: bool, data_file: bool) -> Self {
+    /// The geometry for clusters of `cluster`, standard or `extended`
+    /// entries, and an external data file or not.
+    pub fn new(cluster: ClusterSize, extended: bool, data_file: bool) -> Self {
         Self {
-            cluster_bits: cluster_bits.clamp(MIN_CLUSTER_BITS, MAX_CLUSTER_BITS),
+            cluster_bits: cluster.bits(),
             extended,
             data_file,
         }
     }
     /// The geometry of an image with this header.
     pub fn of(hdr: &crate::header::HeaderRepr) -> Self {
-        Self::new(hdr.cluster_bits, hdr.extended_l2(), hdr.has_data_file())
+        Self::new(ClusterSize::of(hdr), hdr.extended_l2(), hdr.has_data_file())
+    }
+    /// The cluster size.
+    pub fn cluster(&self) -> ClusterSize {
+        ClusterSize::clamped(self.cluster_bits)
     }
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
-        1u64 << self.cluster_bits
+        self.cluster().get()
     }
     /// Whether entries are extended (16 bytes, with a subcluster bitmap).
     pub fn extended(&self) -> bool {
@@ -87,19 +91,19 @@ impl L2Geometry {
         size.div_ceil(self.l1_span())
     }
     /// Where the L2 entry of `guest` lives.
-    pub fn locate(&self, guest: u64) -> L2Slot {
-        let cluster = guest >> self.cluster_bits;
+    pub fn locate(&self, guest: GuestOffset) -> L2Slot {
+        let cluster = guest.cluster(self.cluster()).get();
         let l2_bits = self.l2_bits();
         L2Slot {
             l1_index: cluster >> l2_bits,
             l2_index: cluster & (1u64 << l2_bits).wrapping_sub(1),
-            in_cluster: guest & self.cluster_size().wrapping_sub(1),
+            in_cluster: guest.in_cluster(self.cluster()),
         }
     }
     /// The guest offset where the range of L1 entry `l1_index` ends
     /// (saturating at `u64::MAX`).
-    pub fn l1_end(&self, l1_index: u64) -> u64 {
-        l1_index.saturating_add(1).saturating_mul(self.l1_span())
+    pub fn l1_end(&self, l1_index: u64) -> GuestOffset {
+        GuestOffset::new(l1_index.saturating_add(1).saturating_mul(self.l1_span()))
     }
     /// Byte offset of entry `l2_index` in its L2 table.
     pub fn entry_byte(&self, l2_index: u64) -> u64 {
@@ -122,12 +126,11 @@ impl L2Geometry {
         let g = *self;
         table.chunks_exact(self.entry_len()).map(move |b| g.read(b))
     }
-    /// The host offset of a non-compressed entry's cluster, if it has one.
-    /// With an external data file, offset 0 is a real cluster when COPIED
-    /// is set (see [`L2Entry::decode`]).
-    pub fn host(&self, e: u64) -> Option<u64> {
-        let host = e & OFFSET_MASK;
-        (host != 0 || (self.data_file && e & COPIED != 0)).then_some(host)
+    /// The host offset of a non-compressed entry's cluster, if it has one
+    /// (the rule is [`entry::standard_host`]'s: with an external data file,
+    /// offset 0 is a real cluster when COPIED is set).
+    pub fn host(&self, e: u64) -> Option<HostOffset> {
+        entry::standard_host(e, self.data_file).map(HostOffset::new)
     }
     /// Decodes the standard part of an entry.
     pub fn decode(&self, e: u64) -> L2Entry {
@@ -155,7 +158,11 @@ impl L2Geometry {
         if host & cs.wrapping_sub(1) != 0 {
             return Err(Problem::Unaligned(host));
         }
-        let at = |h: u64| h.checked_add(intra).ok_or(Problem::Overflow);
+        let at = |h: u64| {
+            HostOffset::new(h)
+                .checked_add(intra)
+                .ok_or(Problem::Overflow)
+        };
         let Some(bitmap) = raw.bitmap.filter(|_| self.extended) else {
             let kind = match decoded {
                 L2Entry::Zero { host: 0 } => MapKind::Zero { host: None },
@@ -193,18 +200,26 @@ impl L2Geometry {
 #[allow(clippy::arithmetic_side_effects, clippy::cast_possible_truncation)] // test fixtures
 mod tests {
     use super::*;
+    use crate::entry::COPIED;
+
+    fn cs(bits: u32) -> ClusterSize {
+        ClusterSize::from_bits(bits).unwrap_or(ClusterSize::MIN)
+    }
+    fn h(v: u64) -> HostOffset {
+        HostOffset::new(v)
+    }
 
     #[test]
     fn locate_splits_guest_offsets() {
-        let g = L2Geometry::new(16, false, false);
+        let g = L2Geometry::new(cs(16), false, false);
         assert_eq!(g.entries_per_table(), 8192);
         assert_eq!(g.l1_span(), 512 << 20);
-        let s = g.locate((512 << 20) * 3 + 65536 * 5 + 17);
+        let s = g.locate(GuestOffset::new((512 << 20) * 3 + 65536 * 5 + 17));
         assert_eq!((s.l1_index, s.l2_index, s.in_cluster), (3, 5, 17));
         assert_eq!(g.entry_byte(5), 40);
-        assert_eq!(g.l1_end(3), (512 << 20) * 4);
-        assert_eq!(g.l1_end(u64::MAX), u64::MAX);
-        let x = L2Geometry::new(16, true, false);
+        assert_eq!(g.l1_end(3), GuestOffset::new((512 << 20) * 4));
+        assert_eq!(g.l1_end(u64::MAX), GuestOffset::new(u64::MAX));
+        let x = L2Geometry::new(cs(16), true, false);
         assert_eq!(x.entries_per_table(), 4096);
         assert_eq!(x.entry_byte(5), 80);
         assert_eq!(x.l1_entries_for(1 << 30), 4);
@@ -215,25 +230,44 @@ mod tests {
         let mut t = [0u8; 32];
         t[..8].copy_from_slice(&0x8000_0000_0005_0000u64.to_be_bytes());
         t[8..16].copy_from_slice(&3u64.to_be_bytes());
-        let std: heapless::Vec<RawL2, 4> = L2Geometry::new(9, false, false).entries(&t).collect();
+        let std: heapless::Vec<RawL2, 4> =
+            L2Geometry::new(cs(9), false, false).entries(&t).collect();
         assert_eq!(std.len(), 4);
         assert_eq!(std[1].entry, 3);
         assert_eq!(std[1].bitmap, None);
-        let ext: heapless::Vec<RawL2, 2> = L2Geometry::new(14, true, false).entries(&t).collect();
+        let ext: heapless::Vec<RawL2, 2> =
+            L2Geometry::new(cs(14), true, false).entries(&t).collect();
         assert_eq!(ext.len(), 2);
         assert_eq!(ext[0].bitmap, Some(3));
     }
 
     #[test]
+    fn host_agrees_with_decode() {
+        // The data-file offset-0 rule lives in `entry::standard_host`; the
+        // geometry's `host` and `L2Entry::decode` must read it the same way.
+        for data_file in [false, true] {
+            let g = L2Geometry::new(cs(16), false, data_file);
+            for e in [0, COPIED, 0x3_0000, COPIED | 0x3_0000, 0x8_0000] {
+                let via_decode = match g.decode(e) {
+                    L2Entry::Normal { host } => Some(h(host)),
+                    _ => None,
+                };
+                assert_eq!(g.host(e), via_decode, "{e:#x} data_file={data_file}");
+            }
+            assert_eq!(g.host(COPIED), data_file.then_some(h(0)));
+        }
+    }
+
+    #[test]
     fn resolve_judges_entries() {
-        let g = L2Geometry::new(16, false, false);
+        let g = L2Geometry::new(cs(16), false, false);
         let raw = |entry| RawL2 {
             entry,
             bitmap: None,
         };
         assert_eq!(
             g.resolve(raw(0x5_0000), 3),
-            Ok((MapKind::Data { host: 0x5_0003 }, 65533))
+            Ok((MapKind::Data { host: h(0x5_0003) }, 65533))
         );
         assert_eq!(
             g.resolve(raw(0x5_0200), 0),
@@ -244,37 +278,37 @@ mod tests {
             Ok((MapKind::Zero { host: None }, 65536))
         );
         assert_eq!(g.resolve(raw(0), 9), Ok((MapKind::Unallocated, 65527)));
-        let df = L2Geometry::new(16, false, true);
+        let df = L2Geometry::new(cs(16), false, true);
         assert_eq!(
             df.resolve(raw(COPIED), 0),
-            Ok((MapKind::Data { host: 0 }, 65536))
+            Ok((MapKind::Data { host: h(0) }, 65536))
         );
         assert_eq!(
             df.resolve(raw(entry::COMPRESSED | 0x1000), 0),
             Err(Problem::CompressedNotAllowed)
         );
         // Extended: subcluster 1 allocated, subcluster 2 zero; 2 KiB each.
-        let x = L2Geometry::new(16, true, false);
+        let x = L2Geometry::new(cs(16), true, false);
         let e = RawL2 {
             entry: 0x5_0000,
             bitmap: Some(0b10 | (0b100 << 32)),
         };
         assert_eq!(
             x.resolve(e, 2048 + 5),
-            Ok((MapKind::Data { host: 0x5_0805 }, 2043))
+            Ok((MapKind::Data { host: h(0x5_0805) }, 2043))
         );
         assert_eq!(
             x.resolve(e, 4096),
             Ok((
                 MapKind::Zero {
-                    host: Some(0x5_1000)
+                    host: Some(h(0x5_1000))
                 },
                 2048
             ))
         );
         assert_eq!(
             x.resolve(e, 0),
-            Ok((MapKind::UnallocatedAlloc { host: 0x5_0000 }, 2048))
+            Ok((MapKind::UnallocatedAlloc { host: h(0x5_0000) }, 2048))
         );
         let bad = RawL2 {
             entry: 0,

@@ -11,8 +11,6 @@
 //! The bit-level encoding of single entries (L2 flags, compressed
 //! descriptors, refcount packing) is [`crate::entry`]'s.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 pub mod l2;
 pub mod refcount;
 

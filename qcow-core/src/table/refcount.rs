@@ -2,6 +2,7 @@
 //! refcount block and the bytes holding the entry; reading that entry.
 
 use crate::entry;
+use crate::units::{ClusterIndex, ClusterSize, HostOffset};
 
 /// The refcount geometry of an image: cluster size and refcount width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,24 +26,28 @@ pub enum RefblockAt {
     /// No block: every cluster it would cover has refcount 0.
     Absent,
     /// A cluster-aligned block at this host offset.
-    At(u64),
+    At(HostOffset),
     /// A block offset that is not cluster aligned (the entry is corrupt).
     Unaligned(u64),
 }
 
 impl RefcountGeometry {
-    /// The geometry for `cluster_bits` and `refcount_order` (the width is
-    /// `1 << refcount_order` bits; orders above 6 are clamped to 6, and
-    /// `cluster_bits` to 9..=21, so no lookup can overflow).
-    pub fn new(cluster_bits: u32, refcount_order: u32) -> Self {
+    /// The geometry for clusters of `cluster` and `refcount_order` (the
+    /// width is `1 << refcount_order` bits; orders above 6 are clamped to
+    /// 6, so no lookup can overflow).
+    pub fn new(cluster: ClusterSize, refcount_order: u32) -> Self {
         Self {
-            cluster_bits: cluster_bits.clamp(9, 21),
+            cluster_bits: cluster.bits(),
             order: refcount_order.min(6),
         }
     }
     /// The geometry of an image with this header.
     pub fn of(hdr: &crate::header::HeaderRepr) -> Self {
-        Self::new(hdr.cluster_bits, hdr.refcount_order)
+        Self::new(ClusterSize::of(hdr), hdr.refcount_order)
+    }
+    /// The cluster size.
+    pub fn cluster_size(&self) -> ClusterSize {
+        ClusterSize::clamped(self.cluster_bits)
     }
     /// The refcount order (log2 of the entry width in bits).
     pub fn order(&self) -> u32 {
@@ -60,7 +65,8 @@ impl RefcountGeometry {
         1u64 << self.block_bits()
     }
     /// Where the refcount of host cluster `cluster` lives.
-    pub fn locate(&self, cluster: u64) -> RefcountSlot {
+    pub fn locate(&self, cluster: ClusterIndex) -> RefcountSlot {
+        let cluster = cluster.get();
         let bits = self.block_bits();
         RefcountSlot {
             table_index: cluster >> bits,
@@ -70,11 +76,12 @@ impl RefcountGeometry {
     /// The host cluster whose refcount is entry `index` of the block at
     /// table index `table_index` (the inverse of [`Self::locate`]; `None`
     /// on overflow).
-    pub fn cluster(&self, slot: RefcountSlot) -> Option<u64> {
+    pub fn cluster(&self, slot: RefcountSlot) -> Option<ClusterIndex> {
         slot.table_index
             .checked_shl(self.block_bits())
             .filter(|c| c >> self.block_bits() == slot.table_index)?
             .checked_add(slot.index)
+            .map(ClusterIndex::new)
     }
     /// Byte offset of table entry `table_index` in the refcount table.
     pub fn table_byte(&self, table_index: u64) -> Option<u64> {
@@ -123,7 +130,7 @@ impl RefcountGeometry {
         } else if off & (1u64 << self.cluster_bits).wrapping_sub(1) != 0 {
             RefblockAt::Unaligned(off)
         } else {
-            RefblockAt::At(off)
+            RefblockAt::At(HostOffset::new(off))
         }
     }
 }
@@ -133,16 +140,20 @@ impl RefcountGeometry {
 mod tests {
     use super::*;
 
+    fn cs(bits: u32) -> ClusterSize {
+        ClusterSize::from_bits(bits).unwrap_or(ClusterSize::MIN)
+    }
+
     #[test]
     fn locate_round_trips_at_every_width() {
         for order in 0..=6 {
-            let g = RefcountGeometry::new(16, order);
+            let g = RefcountGeometry::new(cs(16), order);
             assert_eq!(g.entries_per_block(), (65536 * 8) >> order);
             for c in [0u64, 1, 7, 8, 4095, 4096, 65535, 1 << 40] {
-                let s = g.locate(c);
+                let s = g.locate(ClusterIndex::new(c));
                 assert_eq!(s.table_index, c / g.entries_per_block());
                 assert_eq!(s.index, c % g.entries_per_block());
-                assert_eq!(g.cluster(s), Some(c));
+                assert_eq!(g.cluster(s), Some(ClusterIndex::new(c)));
             }
         }
     }
@@ -153,7 +164,7 @@ mod tests {
         // the entry's own bytes gives what reading the whole block gives.
         let block: [u8; 512] = core::array::from_fn(|i| (i as u8).wrapping_mul(37));
         for order in 0..=6 {
-            let g = RefcountGeometry::new(9, order);
+            let g = RefcountGeometry::new(ClusterSize::MIN, order);
             for idx in [0u64, 1, 3, 5, 63, 64, ((512 * 8) >> order) - 1] {
                 if idx >= g.entries_per_block() {
                     continue;
@@ -169,10 +180,13 @@ mod tests {
 
     #[test]
     fn block_offsets_are_judged() {
-        let g = RefcountGeometry::new(16, 4);
+        let g = RefcountGeometry::new(cs(16), 4);
         assert_eq!(g.block_at(0), RefblockAt::Absent);
         assert_eq!(g.block_at(0x1ff), RefblockAt::Absent);
-        assert_eq!(g.block_at(0x3_0000), RefblockAt::At(0x3_0000));
+        assert_eq!(
+            g.block_at(0x3_0000),
+            RefblockAt::At(HostOffset::new(0x3_0000))
+        );
         assert_eq!(g.block_at(0x3_0200), RefblockAt::Unaligned(0x3_0200));
     }
 }

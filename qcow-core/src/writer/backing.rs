@@ -1,8 +1,6 @@
 //! Changing the backing file name and format recorded in cluster 0 (what
 //! `qemu-img rebase` ends with).
 
-#![warn(clippy::arithmetic_side_effects)]
-
 extern crate alloc;
 
 use alloc::vec;

@@ -66,7 +66,7 @@ where
         let cs = self.cs();
         let g = self.whole_cluster(cluster_index, data)?;
         // Compressed clusters are never encrypted (QEMU refuses both).
-        if self.hdr.has_data_file() || self.hdr.crypt_method != 0 {
+        if self.hdr.has_data_file() || self.hdr.crypt_method.is_encrypted() {
             return Err(Error::Unsupported(Unsupported::Writing));
         }
         let Some(packed) = packed.filter(|p| (p.len() as u64) < cs) else {
@@ -80,7 +80,7 @@ where
         let len = packed.len() as u64;
         // Refcounts first (durable on return), then the data, then the L2
         // entry, then the old references go.
-        let host = self.alloc_compressed(len)?;
+        let host = self.alloc_compressed(len)?.get();
         let end = host.saturating_add(len);
         // Up to the end of the last sector, so readers of whole sectors
         // stay inside the file (the next packed cluster overwrites it).
@@ -112,7 +112,7 @@ where
     /// Host bytes for `len` compressed bytes: right after the previous
     /// compressed cluster when the clusters it spills into are free (its
     /// last host cluster gains a reference), else at fresh clusters.
-    pub(super) fn alloc_compressed(&mut self, len: u64) -> Result<u64, Error<D::Error>> {
+    pub(super) fn alloc_compressed(&mut self, len: u64) -> Result<HostOffset, Error<D::Error>> {
         let cs = self.cs();
         let cb = self.cb();
         let t = self.ctail;
@@ -128,7 +128,7 @@ where
             if rc != 0 && rc < max && self.alloc_exact(c.saturating_add(1), extra)? {
                 self.set_refcount_existing(c, rc.saturating_add(1))?;
                 self.barrier()?;
-                return Ok(t);
+                return Ok(HostOffset::new(t));
             }
         }
         self.alloc_clusters(len.div_ceil(cs).max(1))

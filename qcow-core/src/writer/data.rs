@@ -197,7 +197,7 @@ where
         let k = data.len().checked_div(csu).unwrap_or(0);
         let mut targets = Vec::with_capacity(k);
         for _ in 0..k {
-            targets.push(self.alloc_clusters(1)?);
+            targets.push(self.alloc_clusters(1)?.get());
         }
         // Data before the L2 entries that point at it.
         let mut i = 0usize;
@@ -258,7 +258,7 @@ where
             // External data file: host offset = guest offset, and the data
             // file's clusters are not refcounted.
             None if self.df() => base,
-            None => self.alloc_clusters(1)?,
+            None => self.alloc_clusters(1)?.get(),
         };
         // Data before the L2 entry that points at it.
         self.write_data(target, base, &cluster)?;
@@ -309,7 +309,8 @@ where
             self.read_dev(host, buf, Structure::DataCluster)?;
         }
         if let Some(k) = self.key.as_mut() {
-            if !crate::image::Decryptor::decrypt(k, host, g, buf) {
+            if !crate::image::Decryptor::decrypt(k, HostOffset::new(host), GuestOffset::new(g), buf)
+            {
                 return Err(Error::Decrypt { host_offset: host });
             }
         }
@@ -330,8 +331,8 @@ where
             Some(k) => {
                 let mut buf = data.to_vec();
                 let ok = match self.crypt.as_ref() {
-                    Some(c) => c.encrypt(k, host, g, &mut buf),
-                    None => k.encrypt(host, g, &mut buf),
+                    Some(c) => c.encrypt(k, HostOffset::new(host), GuestOffset::new(g), &mut buf),
+                    None => k.encrypt(HostOffset::new(host), GuestOffset::new(g), &mut buf),
                 };
                 if !ok {
                     return Err(Error::Decrypt { host_offset: host });

@@ -23,7 +23,7 @@ where
     }
 
     pub(super) fn split(&self, g: u64) -> (usize, usize) {
-        let slot = self.l2g().locate(g);
+        let slot = self.l2g().locate(GuestOffset::new(g));
         (
             usize::try_from(slot.l1_index).unwrap_or(usize::MAX),
             usize::try_from(slot.l2_index).unwrap_or(0),
@@ -70,7 +70,7 @@ where
             }
             return self.unshare_l2(l1i, cur);
         }
-        let off = self.alloc_clusters(1)?;
+        let off = self.alloc_clusters(1)?.get();
         let n = usize::try_from(self.cs() >> 3).unwrap_or(0);
         let t = vec![0u64; n];
         self.write_words(off, &t, 0, n.saturating_sub(1), Structure::L2Table)?;
@@ -96,7 +96,7 @@ where
         let target = if shared {
             let mut t = self.l2_table(old)?.clone();
             self.recompute_copied(&mut t)?;
-            let new = self.alloc_clusters(1)?;
+            let new = self.alloc_clusters(1)?.get();
             let n = t.len();
             self.write_words(new, &t, 0, n.saturating_sub(1), Structure::L2Table)?;
             self.l2_cache.insert(new, t);

@@ -24,7 +24,7 @@ where
     /// The refcount of cluster `c` (0 when no block covers it).
     pub fn refcount(&mut self, c: u64) -> Result<u64, Error<D::Error>> {
         let g = self.rcg();
-        let slot = g.locate(c);
+        let slot = g.locate(ClusterIndex::new(c));
         let ti = usize::try_from(slot.table_index).unwrap_or(usize::MAX);
         let Some(&rte) = self.reftable.get(ti) else {
             return Ok(0);
@@ -42,7 +42,7 @@ where
     /// of the block holding it (not flushed).
     pub(super) fn set_refcount_existing(&mut self, c: u64, v: u64) -> Result<(), Error<D::Error>> {
         let g = self.rcg();
-        let slot = g.locate(c);
+        let slot = g.locate(ClusterIndex::new(c));
         let ti = usize::try_from(slot.table_index).unwrap_or(usize::MAX);
         let off = self
             .reftable
@@ -72,7 +72,8 @@ where
     }
 
     pub(super) fn has_block(&self, c: u64) -> bool {
-        let ti = usize::try_from(self.rcg().locate(c).table_index).unwrap_or(usize::MAX);
+        let ti = usize::try_from(self.rcg().locate(ClusterIndex::new(c)).table_index)
+            .unwrap_or(usize::MAX);
         self.reftable
             .get(ti)
             .is_some_and(|&e| entry::reftable_block_offset(e) != 0)
@@ -141,7 +142,7 @@ where
         let mut blk = vec![0u8; usize::try_from(cs).unwrap_or(0)];
         if let Some(c) = self_count {
             let g = self.rcg();
-            g.set(&mut blk, g.locate(c).index, 1);
+            g.set(&mut blk, g.locate(ClusterIndex::new(c)).index, 1);
         }
         self.write_dev(off, &blk, Structure::RefcountBlock)?;
         self.rb_cache.insert(off, blk);
@@ -207,7 +208,7 @@ where
             let mut blk = vec![0u8; usize::try_from(self.cs()).unwrap_or(0)];
             let first = start.saturating_add(k.saturating_mul(rpb));
             for c in first..first.saturating_add(rpb).min(start.saturating_add(used)) {
-                g.set(&mut blk, g.locate(c).index, 1);
+                g.set(&mut blk, g.locate(ClusterIndex::new(c)).index, 1);
             }
             let off = start.saturating_add(k) << cb;
             self.write_dev(off, &blk, Structure::RefcountBlock)?;
@@ -258,7 +259,7 @@ where
 
     /// Allocates `n` contiguous clusters with refcount 1 (durable on
     /// return); returns the host offset of the first.
-    pub(super) fn alloc_clusters(&mut self, n: u64) -> Result<u64, Error<D::Error>> {
+    pub(super) fn alloc_clusters(&mut self, n: u64) -> Result<HostOffset, Error<D::Error>> {
         'retry: loop {
             let c = self.find_free(n)?;
             for i in 0..n {
@@ -278,7 +279,9 @@ where
                 self.set_refcount_existing(c.saturating_add(i), 1)?;
             }
             self.barrier()?;
-            return Ok(c << self.cb());
+            return ClusterIndex::new(c)
+                .host_offset(self.rcg().cluster_size())
+                .ok_or_else(|| overflow(Structure::RefcountBlock, c));
         }
     }
 
@@ -316,13 +319,17 @@ where
         while let Some(&c0) = rest.first() {
             let n = rest
                 .iter()
-                .take_while(|&&c| g.locate(c).table_index == g.locate(c0).table_index)
+                .take_while(|&&c| {
+                    g.locate(ClusterIndex::new(c)).table_index
+                        == g.locate(ClusterIndex::new(c0)).table_index
+                })
                 .count();
             let (group, tail) = rest.split_at(n);
             rest = tail;
             let gone =
                 || Error::corrupt(Structure::RefcountBlock, c0 << cb, Problem::OutOfRange(0));
-            let ti = usize::try_from(g.locate(c0).table_index).unwrap_or(usize::MAX);
+            let ti =
+                usize::try_from(g.locate(ClusterIndex::new(c0)).table_index).unwrap_or(usize::MAX);
             let off = self
                 .reftable
                 .get(ti)
@@ -333,7 +340,7 @@ where
             let (mut lo, mut hi) = (u64::MAX, 0u64);
             let (mut first_zero, mut ctail_freed) = (u64::MAX, false);
             for &c in group {
-                let idx = g.locate(c).index;
+                let idx = g.locate(ClusterIndex::new(c)).index;
                 let v = g
                     .get(b, idx)
                     .ok_or_else(|| overflow(Structure::RefcountBlock, off))?;

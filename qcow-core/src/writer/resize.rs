@@ -56,7 +56,7 @@ where
             let old_bytes = (self.l1.len() as u64).saturating_mul(8);
             let bytes = need.saturating_mul(8);
             let clusters = bytes.div_ceil(cs).max(1);
-            let off = self.alloc_clusters(clusters)?;
+            let off = self.alloc_clusters(clusters)?.get();
             let mut l1 = self.l1.clone();
             l1.resize(usize::try_from(need).unwrap_or(0), 0);
             let mut raw = vec![0u8; usize::try_from(clusters << self.cb()).unwrap_or(0)];
@@ -117,7 +117,7 @@ where
                 let h = if self.df() {
                     at
                 } else {
-                    self.alloc_clusters(1)?
+                    self.alloc_clusters(1)?.get()
                 };
                 let bm = if self.extended() { ALL_ALLOCATED } else { 0 };
                 self.set_entry(at, h | COPIED, bm)?;

@@ -31,8 +31,6 @@
 //! has the same windows. Apply has none: the tree it installs is shared
 //! with the snapshot, so its refcounts stay at 2 or more.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 extern crate alloc;
 
 use alloc::collections::BTreeMap;
@@ -248,7 +246,7 @@ where
         let l1_off = if l1.is_empty() {
             0
         } else {
-            let off = self.alloc_clusters(l1_bytes.div_ceil(self.cs()))?;
+            let off = self.alloc_clusters(l1_bytes.div_ceil(self.cs()))?.get();
             let n = l1.len();
             self.write_words(off, &l1, 0, n.saturating_sub(1), Structure::SnapshotL1Table)?;
             self.barrier()?;
@@ -565,7 +563,9 @@ where
         let new_off = if bytes.is_empty() {
             0
         } else {
-            let off = self.alloc_clusters((bytes.len() as u64).div_ceil(self.cs()))?;
+            let off = self
+                .alloc_clusters((bytes.len() as u64).div_ceil(self.cs()))?
+                .get();
             bytes.resize(bytes.len().next_multiple_of(SECTOR_BYTES), 0);
             self.write_dev(off, &bytes, Structure::SnapshotTable)?;
             self.barrier()?;

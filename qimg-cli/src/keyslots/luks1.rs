@@ -235,17 +235,17 @@ fn qcow2_region(path: &str) -> Result<(u64, u64), CliError> {
     let opening = crate::qcow2::Opening::open(path)?;
     let info = opening.img.info();
     match info.header.crypt_method {
-        0 => Err(CliError::io(
+        qcow_core::CryptMethod::None => Err(CliError::io(
             path,
             "Can't amend encryption options - encryption not present".into(),
         )),
-        1 => Err(CliError::io(
+        qcow_core::CryptMethod::Aes => Err(CliError::io(
             path,
             "Only LUKS encryption options can be amended: legacy AES encryption (crypt_method \
              1) has no key slots; convert the image to encrypt.format=luks"
                 .into(),
         )),
-        _ => {
+        qcow_core::CryptMethod::Luks => {
             let c = info.crypto.ok_or_else(|| {
                 CliError::io(
                     path,

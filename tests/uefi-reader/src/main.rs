@@ -31,7 +31,7 @@ use disk::Disk;
 use luks_core::io::BlockIo;
 use luks_core::luks2::{self, Argon2Block};
 use luks_core::{luks1, LuksVolume};
-use qcow_core::Qcow2;
+use qcow_core::{CryptMethod, Qcow2};
 
 /// Bytes read per step while hashing the virtual disk.
 const CHUNK: usize = 64 * 1024;
@@ -161,9 +161,9 @@ fn read_qcow2(disk: &mut Disk, pass: &[u8], bufs: &mut Buffers) -> Result<(&'sta
         return Err(Msg::of("images with a backing file are not read by the firmware reader"));
     }
     let what = match img.info().header.crypt_method {
-        2 => "qcow2-luks",
-        1 => "qcow2-aes",
-        _ => "qcow2",
+        CryptMethod::Luks => "qcow2-luks",
+        CryptMethod::Aes => "qcow2-aes",
+        CryptMethod::None => "qcow2",
     };
     let mut img = img.unlock(pass).map_err(Msg::of)?;
     let (size, hex) = hash_device(&mut img, &mut bufs.chunk).map_err(Msg::of)?;
