@@ -2,6 +2,7 @@
 //! qemu-img's verbs, options, JSON keys and exit codes.
 
 mod args;
+mod cache;
 mod chain_lock;
 mod check;
 mod cli;
