@@ -474,10 +474,12 @@ fn trace(strace: &Path, program: &Path, args: &[&str], src: &str, dst: &str) -> 
                     t.dst_direct = true;
                 }
             }
-            "fcntl" if args.contains("F_SETFL") && args.contains("O_DIRECT") => {
-                if fds.get(&fd).is_some_and(|p| p == dst) {
-                    t.dst_direct = true;
-                }
+            "fcntl"
+                if args.contains("F_SETFL")
+                    && args.contains("O_DIRECT")
+                    && fds.get(&fd).is_some_and(|p| p == dst) =>
+            {
+                t.dst_direct = true;
             }
             "fsync" | "fdatasync" if fds.get(&fd).is_some_and(|p| p == dst) => {
                 t.synced = true;
@@ -511,9 +513,9 @@ fn strace_shows_the_same_opens_and_syncs() {
     let d = dir.path();
     // Data with gaps, so that there are several writes.
     let mut data = vec![0u8; 8 << 20];
-    for (i, chunk) in data.chunks_mut(1 << 20).enumerate() {
-        if i % 3 != 1 {
-            chunk.fill(i as u8 + 1);
+    for (i, chunk) in (1u8..).zip(data.chunks_mut(1 << 20)) {
+        if i % 3 != 2 {
+            chunk.fill(i);
         }
     }
     let src = write_tmp(d, "src.raw", &data);

@@ -106,7 +106,9 @@ impl Bounce {
 
     fn aligned(&self, offset: u64, buf: &[u8]) -> bool {
         let a = self.align;
-        offset % a as u64 == 0 && buf.len() % a == 0 && buf.as_ptr().addr() % a == 0
+        offset.is_multiple_of(a as u64)
+            && buf.len().is_multiple_of(a)
+            && buf.as_ptr().addr().is_multiple_of(a)
     }
 }
 
@@ -300,7 +302,8 @@ impl BlockIo for FileDevice {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset.saturating_add(done as u64);
-            let skip = (pos % a as u64) as usize;
+            // Below `a`, a usize.
+            let skip = usize::try_from(pos % a as u64).unwrap_or(0);
             let start = pos - skip as u64;
             let want = (buf.len() - done).min(DIRECT_BOUNCE - skip);
             let span = (skip + want).next_multiple_of(a);
@@ -405,7 +408,7 @@ fn read_all(f: &File, offset: u64, buf: &mut [u8], align: usize) -> Result<(), F
             }
             Ok(n) => {
                 done += n;
-                if align > 1 && done % align != 0 {
+                if align > 1 && !done.is_multiple_of(align) {
                     buf[done..].fill(0);
                     break;
                 }
@@ -479,11 +482,12 @@ impl FileDevice {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset.saturating_add(done as u64);
-            let skip = (pos % a as u64) as usize;
+            // Below `a`, a usize.
+            let skip = usize::try_from(pos % a as u64).unwrap_or(0);
             let start = pos - skip as u64;
             let want = (buf.len() - done).min(DIRECT_BOUNCE - skip);
             let span = (skip + want).next_multiple_of(a);
-            let tail = (skip + want) % a != 0;
+            let tail = !(skip + want).is_multiple_of(a);
             let b = &mut bounce.buf[bounce.start..bounce.start + span];
             if skip != 0 {
                 read_all(&self.file, start, &mut b[..a], a).map_err(|e| fail(FileOp::Read, e))?;
