@@ -37,6 +37,8 @@ pub(crate) struct CheckArgs<'a> {
     pub(crate) quiet: bool,
     /// The image.
     pub(crate) filename: &'a str,
+    /// `-T`.
+    pub(crate) cache: crate::cache::CacheMode,
 }
 
 /// Runs `qimg check`; returns qemu-img's exit code.
@@ -79,7 +81,7 @@ fn check_qcow2(a: &CheckArgs<'_>) -> Result<u8, CliError> {
         Some(RepairArg::Leaks) => Repair::Leaks,
         Some(RepairArg::All) => Repair::All,
     };
-    let mut dev = crate::file::open_file(path, repair != Repair::None)?;
+    let mut dev = crate::file::open_file_cached(path, repair != Repair::None, a.cache)?;
     // An image qemu-img cannot open (qcow2_open's checks: feature bits,
     // header extensions, table offsets, the encryption extension) is not
     // checkable: exit 1 with the reason, as qemu-img check does. The
@@ -221,7 +223,7 @@ fn human(r: &CheckReport) -> String {
 /// the payload, and that the payload starts inside the file.
 fn check_luks(a: &CheckArgs<'_>) -> Result<u8, CliError> {
     let path = a.filename;
-    let mut dev = crate::file::open_file(path, false)?;
+    let mut dev = crate::file::open_file_cached(path, false, a.cache)?;
     let len = dev.size().map_err(|e| CliError::io(path, e.to_string()))?;
     let mut problems = Vec::new();
     if crate::format::luks_version(path)? == Some(2) {
@@ -369,6 +371,10 @@ pub(crate) struct CheckCmd {
     /// Read without taking QEMU's shared locks (not with -r).
     #[arg(short = 'U', long = "force-share", conflicts_with = "repair")]
     force_share: bool,
+    /// Cache mode of the image (none, directsync, writethrough,
+    /// writeback: the default, unsafe).
+    #[arg(short = 'T', long = "cache", value_name = "CACHE_MODE")]
+    cache: Option<String>,
     /// Accepted for compatibility: the metadata of encrypted images is
     /// plaintext, so checking needs no key.
     #[command(flatten)]
@@ -381,7 +387,9 @@ impl CheckCmd {
     /// Runs `qimg check`; returns qemu-img's exit code.
     pub(crate) fn run(self) -> Result<u8, CliError> {
         crate::lock::set_force_share(self.force_share);
+        let cache = crate::cache::CacheMode::source(self.cache.as_deref())?;
         run(&CheckArgs {
+            cache,
             format: self.format,
             repair: self.repair,
             json: self.output == crate::args::Output::Json,

@@ -15,6 +15,7 @@ use luks_core::io::BlockIo;
 use qcow_core::Qcow2Writer;
 
 use crate::args::SecretArgs;
+use crate::cache::CacheMode;
 use crate::dev::{erased, AnyDev, Source};
 use crate::format::Format;
 use crate::image;
@@ -37,6 +38,10 @@ pub(crate) struct CommitCmd {
     /// Quiet: no "Image committed." line.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Cache mode of the image and its backing file (none, directsync,
+    /// writethrough, writeback: the default, unsafe).
+    #[arg(short = 't', long = "cache", value_name = "CACHE_MODE")]
+    cache: Option<String>,
     #[command(flatten)]
     secrets: SecretArgs,
     /// The image to commit into its backing file.
@@ -47,6 +52,7 @@ impl CommitCmd {
     /// Runs `qimg commit`.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
         let path = self.filename.as_str();
+        let cache = CacheMode::target(self.cache.as_deref(), CacheMode::Writeback)?;
         qcow2_only(path, self.format)?;
         crate::lock::will_write(path);
         let info = image::info(path, Some(Format::Qcow2), &self.secrets)?;
@@ -74,15 +80,15 @@ impl CommitCmd {
             ));
         }
         let secrets = Secrets::parse(&self.secrets.object)?;
-        let mut top = open_qcow2(path, &self.secrets, &secrets)?;
+        let mut top = open_qcow2(path, &self.secrets, &secrets, cache)?;
         let size = top.virtual_size;
-        let (mut dst, cluster) = open_base(&base, base_fmt, size)?;
+        let (mut dst, cluster) = open_base(&base, base_fmt, size, cache)?;
         let ranges = copy_allocated(top.dev.as_mut(), &mut dst, size, cluster, path, &base)?;
         dst.flush()
             .map_err(|e| CliError::io(&base, e.to_string()))?;
         drop(dst);
         if !self.keep && !ranges.is_empty() {
-            let mut w = open_metadata_writer(path)?;
+            let mut w = open_metadata_writer(path, cache)?;
             for (off, len) in ranges {
                 w.unmap(off, len)
                     .map_err(|e| CliError::io(path, e.to_string()))?;
@@ -105,9 +111,14 @@ impl CommitCmd {
 
 /// Opens the backing file for writing, grown to `size` if smaller, and
 /// returns it with its write granularity (its cluster size; 512 for raw).
-fn open_base(base: &str, fmt: Format, size: u64) -> Result<(AnyDev, u64), CliError> {
+fn open_base(
+    base: &str,
+    fmt: Format,
+    size: u64,
+    cache: CacheMode,
+) -> Result<(AnyDev, u64), CliError> {
     let io = |e: &dyn std::fmt::Display| CliError::io(base, e.to_string());
-    let mut file = crate::file::open_file(base, true)?;
+    let mut file = crate::file::open_file_cached(base, true, cache)?;
     match fmt {
         Format::Raw => {
             if file.size().map_err(|e| io(&e))? < size {

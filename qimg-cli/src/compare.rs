@@ -56,6 +56,10 @@ pub(crate) struct CompareCmd {
     /// Read without taking QEMU's shared locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Cache mode of both images (none, directsync, writethrough,
+    /// writeback: the default, unsafe).
+    #[arg(short = 'T', long = "cache", value_name = "CACHE_MODE")]
+    cache: Option<String>,
     #[command(flatten)]
     secrets: SecretArgs,
     /// The first image.
@@ -92,11 +96,13 @@ impl Side {
         format: Option<Format>,
         a: &CompareCmd,
         s: &Secrets,
+        cache: crate::cache::CacheMode,
     ) -> Result<Self, CliError> {
         let o = image::open(
             path,
             &OpenOptions {
                 format,
+                cache,
                 ..OpenOptions::from_args(&a.secrets)
             },
             s,
@@ -207,9 +213,11 @@ fn first_nonzero(off: u64, d: &[u8]) -> Option<u64> {
 }
 
 fn compare(a: &CompareCmd) -> Result<u8, CliError> {
+    let cache =
+        crate::cache::CacheMode::source(a.cache.as_deref()).map_err(|e| with_code(e, EXIT_OPEN))?;
     let secrets = Secrets::parse(&a.secrets.object).map_err(|e| with_code(e, EXIT_OPEN))?;
-    let mut one = Side::open(&a.file1, a.format1, a, &secrets)?;
-    let mut two = Side::open(&a.file2, a.format2, a, &secrets)?;
+    let mut one = Side::open(&a.file1, a.format1, a, &secrets, cache)?;
+    let mut two = Side::open(&a.file2, a.format2, a, &secrets, cache)?;
     let say = |msg: &str| {
         if !a.quiet {
             println!("{msg}");

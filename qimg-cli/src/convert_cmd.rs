@@ -1,9 +1,8 @@
 //! `qimg convert`: its command line, and opening the source and creating
 //! the destination around the copy engine in [`crate::convert`].
 
-use std::path::Path;
-
 use crate::args::SecretArgs;
+use crate::cache::CacheMode;
 use crate::convert::{self, CopyOptions};
 use crate::dev::{erased, AnyDev};
 use crate::format::Format;
@@ -67,6 +66,13 @@ pub(crate) struct ConvertCmd {
     /// Read the source without taking QEMU's shared locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Cache mode of the destination: none, directsync, writethrough,
+    /// writeback or unsafe (the default: never synced).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Cache mode of the source and its backing files (default writeback).
+    #[arg(short = 'T', long = "source-cache", value_name = "SRC_CACHE")]
+    source_cache: Option<String>,
     #[command(flatten)]
     secrets: SecretArgs,
     /// Source image (absent with `-o help`).
@@ -95,6 +101,8 @@ impl ConvertCmd {
             workers,
             out_of_order: _,
             force_share,
+            cache,
+            source_cache,
             secrets,
             source,
             destination,
@@ -109,6 +117,8 @@ impl ConvertCmd {
         };
         crate::lock::set_force_share(force_share);
         convert_cmd(ConvertArgs {
+            cache: CacheMode::target(cache.as_deref(), CacheMode::Unsafe)?,
+            source_cache: CacheMode::source(source_cache.as_deref())?,
             progress: progress && !quiet,
             workers: workers.map_or_else(crate::parallel::default_workers, usize::from),
             compress,
@@ -129,6 +139,10 @@ impl ConvertCmd {
 }
 
 struct ConvertArgs {
+    /// `-t`.
+    cache: CacheMode,
+    /// `-T`.
+    source_cache: CacheMode,
     progress: bool,
     workers: usize,
     compress: bool,
@@ -154,6 +168,7 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         &OpenOptions {
             format: a.format,
             snapshot: a.snapshot.clone(),
+            cache: a.source_cache,
             ..OpenOptions::from_args(&a.secrets)
         },
         &secrets,
@@ -192,20 +207,16 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         Format::Raw => {
             opts.reject_unused("raw")
                 .map_err(|e| CliError::usage(e.to_string()))?;
-            let path = Path::new(&a.destination);
             if a.no_create {
                 image::warn_if_raw_looks_formatted(&a.destination);
             }
             let file = if a.no_create {
-                luks_core::io::FileDevice::open_rw(path)
-                    .map_err(|e| {
-                        CliError::io(&a.destination, format!("cannot open for writing: {e}"))
-                    })
-                    .and_then(|d| {
-                        crate::lock::lock_dev(d, &a.destination, crate::lock::Access::Write)
-                    })?
+                crate::file::open_file_cached(&a.destination, true, a.cache)?
             } else {
-                crate::lock::create_locked(&a.destination)?
+                crate::cache::refuse_before_create(&a.destination, a.cache)?;
+                let mut file = crate::lock::create_locked(&a.destination)?;
+                crate::cache::apply_after_create(&mut file, &a.destination, a.cache)?;
+                file
             };
             let mut dev = erased(file);
             // Sized first, as qemu-img does: a size the filesystem cannot
@@ -226,7 +237,10 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
                     "-n with -O luks is not supported: qimg creates the LUKS volume".into(),
                 ));
             }
-            crate::luks::create_for_convert(&a.destination, &opts, &secrets, len)?
+            {
+                crate::cache::refuse_before_create(&a.destination, a.cache)?;
+                crate::luks::create_for_convert(&a.destination, &opts, &secrets, len, a.cache)?
+            }
         }
     };
     // A new LUKS payload reads as noise, not zeroes: write every sector.
@@ -281,11 +295,20 @@ fn convert_to_qcow2(
         };
         opts.reject_unused("qcow2")
             .map_err(|e| CliError::usage(e.to_string()))?;
-        crate::create::open_qcow2_writer_keyed(dst, Some((&keys, secrets)))?
+        let mut w = crate::create::open_qcow2_writer_keyed(dst, Some((&keys, secrets)))?;
+        a.cache.apply(w.device(), dst)?;
+        w
     } else {
         let c = crate::create::Qcow2Create::parse(opts, a.backing.as_deref(), None)?;
-        c.create(dst, len, secrets)?
+        crate::cache::refuse_before_create(dst, a.cache)?;
+        let mut w = c.create(dst, len, secrets)?;
+        crate::cache::apply_after_create(w.device(), dst, a.cache)?;
+        w
     };
+    if let Some(data) = w.data_file_device() {
+        // The data file is the image's other file: the same mode.
+        a.cache.apply(data, dst)?;
+    }
     w.set_write_barriers(false);
     let workers = crate::parallel::workers();
     let cipher_workers = crate::parallel::cipher_workers();

@@ -3,10 +3,9 @@
 //! the format layer ([`crate::format`], [`crate::image`]) use these; this
 //! module uses no verb.
 
-use std::path::Path;
-
 use luks_core::io::FileDevice;
 
+use crate::cache::CacheMode;
 use crate::CliError;
 
 /// Refuses a directory named where an image file belongs (opening one
@@ -54,14 +53,28 @@ pub(crate) fn refuse_dir(path: &str) -> Result<(), CliError> {
 /// Opens the existing file `path`, for writing when `writable`; the error
 /// names the file ("cannot open" or "cannot open for writing").
 pub(crate) fn open_file(path: &str, writable: bool) -> Result<FileDevice, CliError> {
+    open_file_cached(path, writable, CacheMode::Writeback)
+}
+
+/// [`open_file`] in cache mode `cache` (`-t`/`-T`): `O_DIRECT` and when
+/// writes are synced.
+pub(crate) fn open_file_cached(
+    path: &str,
+    writable: bool,
+    cache: CacheMode,
+) -> Result<FileDevice, CliError> {
     use crate::lock::{lock_dev, Access};
     if writable {
-        FileDevice::open_rw(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open for writing: {e}")))
+        cache
+            .open(path, true, |e| {
+                CliError::io(path, format!("cannot open for writing: {e}"))
+            })
             .and_then(|d| lock_dev(d, path, Access::Write))
     } else {
-        FileDevice::open(Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open: {e}")))
+        cache
+            .open(path, false, |e| {
+                CliError::io(path, format!("cannot open: {e}"))
+            })
             .and_then(|d| lock_dev(d, path, Access::Read))
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use luks_core::io::{BlockIo, FileDevice};
+use luks_core::io::BlockIo;
 
 use crate::args::SecretArgs;
 use crate::dev::erased;
@@ -43,6 +43,8 @@ pub(crate) struct OpenOptions {
     pub(crate) header: Option<String>,
     /// `--key-secret`.
     pub(crate) key_secret: Option<String>,
+    /// `-T`: the cache mode of every file of the image.
+    pub(crate) cache: crate::cache::CacheMode,
 }
 
 impl OpenOptions {
@@ -170,10 +172,11 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
     }
     match format {
         Format::Raw => {
-            let file = std::fs::File::open(path)
-                .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
-            crate::lock::lock(&file, path, crate::lock::Access::Read)?;
-            let mut raw = RawFile::new(file);
+            let file = opts.cache.open(path, false, |e| {
+                CliError::io(path, format!("cannot open: {e}"))
+            })?;
+            crate::lock::lock(file.file(), path, crate::lock::Access::Read)?;
+            let mut raw = RawFile::from_dev(file);
             // Whole sectors, as qemu-img: an odd tail is padded with zeroes.
             let len = raw.size().map_err(|e| CliError::io(path, e.to_string()))?;
             Ok(Opened {
@@ -194,6 +197,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
                 },
                 secrets,
                 files: std::cell::RefCell::new(Vec::new()),
+                cache: opts.cache,
             };
             let mut src = open_qcow2(path, opts.snapshot.as_deref(), &ctx, &mut seen, &mut chain)?;
             let virtual_size = src.size().map_err(|e| CliError::usage(e.to_string()))?;
@@ -210,7 +214,14 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
                 key_file: opts.key_file.clone(),
                 key_secret: opts.key_secret.clone(),
             };
-            let mut src = crate::luks::open(path, opts.header.as_deref(), &keys, secrets, false)?;
+            let mut src = crate::luks::open(
+                path,
+                opts.header.as_deref(),
+                &keys,
+                secrets,
+                false,
+                opts.cache,
+            )?;
             let virtual_size = src.size().map_err(|e| CliError::usage(e.to_string()))?;
             let mut files = vec![path.to_string()];
             files.extend(opts.header.iter().cloned());
@@ -231,6 +242,8 @@ struct Ctx<'a> {
     secrets: &'a Secrets,
     /// Every file opened so far.
     files: std::cell::RefCell<Vec<String>>,
+    /// `-T`.
+    cache: crate::cache::CacheMode,
 }
 
 /// The format a `backing_fmt` name stands for, if qimg reads it (`file`
@@ -377,11 +390,11 @@ fn open_qcow2(
                 guard_chain(&cur, seen, chain)?;
                 refuse_dir(&cur)?;
                 ctx.files.borrow_mut().push(cur.clone());
-                let file = std::fs::File::open(&cur).map_err(|e| {
+                let file = ctx.cache.open(&cur, false, |e| {
                     CliError::io(&cur, format!("cannot open the backing file: {e}"))
                 })?;
-                crate::lock::lock(&file, &cur, crate::lock::Access::Read)?;
-                layers.push(Layer::Raw(RawFile::new(file)));
+                crate::lock::lock(file.file(), &cur, crate::lock::Access::Read)?;
+                layers.push(Layer::Raw(RawFile::from_dev(file)));
             }
             Format::Luks => {
                 return Err(CliError::io(
@@ -416,7 +429,7 @@ fn open_qcow2_layer(
     refuse_dir(path)?;
     ctx.files.borrow_mut().push(path.to_string());
     let depth = chain.len().saturating_sub(1);
-    let opening = crate::qcow2::Opening::open_cached(path, layer_cache_bytes(depth))?;
+    let opening = crate::qcow2::Opening::open_in_mode(path, layer_cache_bytes(depth), ctx.cache)?;
     let mut opening = crate::qcow2::unlock(path, opening, &ctx.keys, ctx.secrets)?;
     let info = opening.img.info();
     let backing_name = info.backing_file().map(str::to_string);
@@ -460,21 +473,26 @@ fn open_qcow2_layer(
             ctx.files
                 .borrow_mut()
                 .push(full.to_string_lossy().into_owned());
-            let file = std::fs::File::open(&full).map_err(|e| {
+            let file = ctx.cache.open(&full.to_string_lossy(), false, |e| {
                 CliError::io(
                     path,
                     format!("cannot open the data file {}: {e}", full.display()),
                 )
             })?;
-            crate::lock::lock(&file, &full.to_string_lossy(), crate::lock::Access::Read)?;
+            crate::lock::lock(
+                file.file(),
+                &full.to_string_lossy(),
+                crate::lock::Access::Read,
+            )?;
             let holes = file
+                .file()
                 .try_clone()
                 .map_err(|e| CliError::io(path, e.to_string()))?;
             // The data lives there: `map` names it, as qemu-img does.
             if let Some(name) = chain.get_mut(depth) {
                 *name = full.to_string_lossy().into_owned();
             }
-            Some((erased(FileDevice::new(file)), holes))
+            Some((erased(file), holes))
         }
         None => None,
     };

@@ -6,6 +6,7 @@ use luks_core::luks1::{self, HeaderRepr};
 use luks_core::LuksVolume;
 use serde_json::{json, Map, Value};
 
+use crate::cache::CacheMode;
 use crate::dev::{erased, AnyDev, Flat, Source};
 use crate::luks_common::{cpu_clock, open_payload_file, CreateOptions, KeySource, OsRng};
 use crate::opts::OptionMap;
@@ -20,15 +21,17 @@ pub(crate) fn read_header(path: &str) -> Result<HeaderRepr, CliError> {
 }
 
 /// Unlocks a raw LUKS volume (`header` names a detached header) and
-/// returns its payload. `writable` opens the data file for writing.
+/// returns its payload. `writable` opens the data file for writing, in
+/// cache mode `cache`.
 pub(crate) fn open(
     path: &str,
     header: Option<&str>,
     keys: &KeySource,
     secrets: &Secrets,
     writable: bool,
+    cache: CacheMode,
 ) -> Result<Box<dyn Source>, CliError> {
-    let dev = open_payload(path, header, keys, secrets, writable)?;
+    let dev = open_payload(path, header, keys, secrets, writable, cache)?;
     Ok(Box::new(Flat::hidden(dev)))
 }
 
@@ -40,10 +43,11 @@ fn open_payload(
     keys: &KeySource,
     secrets: &Secrets,
     writable: bool,
+    cache: CacheMode,
 ) -> Result<AnyDev, CliError> {
     let hdr_path = header.unwrap_or(path);
     if crate::format::luks_version(hdr_path)? == Some(2) {
-        return crate::luks2::open_payload(path, header, keys, secrets, writable);
+        return crate::luks2::open_payload(path, header, keys, secrets, writable, cache);
     }
     let mut hdr_dev = crate::file::open_file(hdr_path, false)?;
     let hdr =
@@ -54,7 +58,7 @@ fn open_payload(
     // One volume (own file handle, own cipher) per `-m` worker.
     let mut vols = Vec::new();
     for _ in 0..crate::parallel::cipher_workers() {
-        let data = open_payload_file(path, writable)?;
+        let data = open_payload_file(path, writable, cache)?;
         vols.push(
             LuksVolume::open_luks1(data, &hdr, &key)
                 .map_err(|e| CliError::io(path, e.to_string()))?,
@@ -269,6 +273,7 @@ pub(crate) fn create_for_convert(
     opts: &OptionMap,
     secrets: &Secrets,
     size: u64,
+    cache: CacheMode,
 ) -> Result<AnyDev, CliError> {
     if opts.get("detached-header").is_some() {
         return Err(CliError::usage(
@@ -282,7 +287,7 @@ pub(crate) fn create_for_convert(
         key_file: None,
         key_secret: o.key_secret,
     };
-    open_payload(path, None, &keys, secrets, true)
+    open_payload(path, None, &keys, secrets, true, cache)
 }
 
 #[cfg(test)]

@@ -60,6 +60,7 @@ pub(crate) fn open_payload(
     keys: &KeySource,
     secrets: &Secrets,
     writable: bool,
+    cache: crate::cache::CacheMode,
 ) -> Result<AnyDev, CliError> {
     let hdr_path = header.unwrap_or(path);
     let (h, _) = read_header(hdr_path)?;
@@ -74,7 +75,7 @@ pub(crate) fn open_payload(
     let (key, _slot) = luks2::unlock(&mut hdr_dev, &h, &pass, None, &mut mem)
         .map_err(|e| CliError::io(hdr_path, e.to_string()))?;
     drop(mem);
-    let data = crate::luks_common::open_payload_file(path, writable)?;
+    let data = crate::luks_common::open_payload_file(path, writable, cache)?;
     let vol =
         LuksVolume::open_luks2(data, &h, &key).map_err(|e| CliError::io(path, e.to_string()))?;
     Ok(erased(vol))

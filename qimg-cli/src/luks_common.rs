@@ -2,8 +2,6 @@
 //! the OS random source, qemu-img's creation options, the payload file
 //! opener and the CPU clock the PBKDF benchmarks run on.
 
-use std::path::Path;
-
 use luks_core::io::FileDevice;
 
 use crate::opts::OptionMap;
@@ -43,13 +41,14 @@ impl KeySource {
 
 /// Opens the file holding a raw volume's payload, for writing when
 /// `writable` (either way a failure says "cannot open").
-pub(crate) fn open_payload_file(path: &str, writable: bool) -> Result<FileDevice, CliError> {
-    let dev = if writable {
-        FileDevice::open_rw(Path::new(path))
-    } else {
-        FileDevice::open(Path::new(path))
-    }
-    .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+pub(crate) fn open_payload_file(
+    path: &str,
+    writable: bool,
+    cache: crate::cache::CacheMode,
+) -> Result<FileDevice, CliError> {
+    let dev = cache.open(path, writable, |e| {
+        CliError::io(path, format!("cannot open: {e}"))
+    })?;
     let access = if writable {
         crate::lock::Access::Write
     } else {

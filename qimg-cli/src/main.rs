@@ -3,6 +3,7 @@
 
 mod amend;
 mod args;
+mod cache;
 mod chain_lock;
 mod check;
 mod cli;

@@ -101,8 +101,18 @@ impl Opening {
     /// `cache_bytes` (at least 4 KiB; layers deep in a backing chain get a
     /// small one).
     pub(crate) fn open_cached(path: &str, cache_bytes: usize) -> Result<Self, CliError> {
-        let file = luks_core::io::FileDevice::open(std::path::Path::new(path))
-            .map_err(|e| CliError::io(path, format!("cannot open: {e}")))?;
+        Self::open_in_mode(path, cache_bytes, crate::cache::CacheMode::Writeback)
+    }
+
+    /// [`Opening::open_cached`] with the file in cache mode `mode` (`-T`).
+    pub(crate) fn open_in_mode(
+        path: &str,
+        cache_bytes: usize,
+        mode: crate::cache::CacheMode,
+    ) -> Result<Self, CliError> {
+        let file = mode.open(path, false, |e| {
+            CliError::io(path, format!("cannot open: {e}"))
+        })?;
         crate::lock::lock(file.file(), path, crate::lock::Access::Read)?;
         let dev: AnyDev = crate::dev::erased(file);
         let img = Qcow2::open(dev, LazyBuf::new(cache_bytes)).map_err(|e| {

@@ -32,6 +32,15 @@ impl RawFile {
         }
     }
 
+    /// Wraps an opened device (one in a cache mode of `-T`).
+    pub(crate) fn from_dev(dev: FileDevice) -> Self {
+        Self {
+            dev,
+            seek_holes: true,
+            extent: None,
+        }
+    }
+
     /// The status of `offset` from the remembered extent, or from the
     /// filesystem (remembering what it says).
     fn extent_status(&mut self, offset: u64, max: u64) -> Option<(bool, u64)> {

@@ -11,6 +11,7 @@ use luks_core::io::FileDevice;
 use qcow_core::Qcow2Writer;
 
 use crate::args::SecretArgs;
+use crate::cache::CacheMode;
 use crate::dev::Source;
 use crate::format::Format;
 use crate::image::{self, OpenOptions};
@@ -40,6 +41,13 @@ pub(crate) struct RebaseCmd {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Cache mode of the image and its old backing chain (none,
+    /// directsync, writethrough, writeback: the default, unsafe).
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
+    cache: Option<String>,
+    /// Cache mode of the new backing file (default writeback).
+    #[arg(short = 'T', long = "backing-cache", value_name = "CACHE")]
+    backing_cache: Option<String>,
     #[command(flatten)]
     secrets: SecretArgs,
     /// The image.
@@ -50,6 +58,8 @@ impl RebaseCmd {
     /// Runs `qimg rebase`.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
         let path = self.filename.as_str();
+        let cache = CacheMode::target(self.cache.as_deref(), CacheMode::Writeback)?;
+        let backing_cache = CacheMode::source(self.backing_cache.as_deref())?;
         qcow2_only(path, self.format)?;
         crate::lock::will_write(path);
         let new = (!self.backing.is_empty()).then_some(self.backing.as_str());
@@ -82,9 +92,9 @@ impl RebaseCmd {
             crate::chain_lock::refuse_backing_loop(path, &full, fmt)?;
         }
         if !self.unsafe_ {
-            self.keep_content(path, new, new_fmt)?;
+            self.keep_content(path, new, new_fmt, cache, backing_cache)?;
         }
-        let mut w = open_metadata_writer(path)?;
+        let mut w = open_metadata_writer(path, cache)?;
         w.set_backing(new, new_fmt)
             .map_err(|e| fail(e.to_string()))?;
         w.close().map_err(|e| CliError::io(path, e.to_string()))?;
@@ -98,9 +108,11 @@ impl RebaseCmd {
         path: &str,
         new: Option<&str>,
         fmt: Option<&str>,
+        cache: CacheMode,
+        backing_cache: CacheMode,
     ) -> Result<(), CliError> {
         let secrets = Secrets::parse(&self.secrets.object)?;
-        let mut old = open_qcow2(path, &self.secrets, &secrets)?;
+        let mut old = open_qcow2(path, &self.secrets, &secrets, cache)?;
         let mut new_view: Option<(String, Box<dyn Source>, u64)> = match new {
             Some(b) => {
                 let full = image::resolve_backing(path, b)
@@ -111,6 +123,7 @@ impl RebaseCmd {
                     &full,
                     &OpenOptions {
                         format: Some(f),
+                        cache: backing_cache,
                         ..OpenOptions::default()
                     },
                     &secrets,
@@ -126,7 +139,7 @@ impl RebaseCmd {
             }
             None => None,
         };
-        let dev = crate::file::open_file(path, true)?;
+        let dev = crate::file::open_file_cached(path, true, cache)?;
         let mut w = Qcow2Writer::open(dev).map_err(|e| {
             CliError::io(path, format!("{e}; `qimg rebase -u` changes only the name"))
         })?;
@@ -188,16 +201,18 @@ pub(crate) fn qcow2_only(path: &str, format: Option<Format>) -> Result<(), CliEr
 }
 
 /// Opens the qcow2 image `path` for reading, through its backing chain,
-/// with the key options of `args` and `secrets`.
+/// with the key options of `args` and `secrets`, in cache mode `cache`.
 pub(crate) fn open_qcow2(
     path: &str,
     args: &SecretArgs,
     secrets: &Secrets,
+    cache: CacheMode,
 ) -> Result<image::Opened, CliError> {
     image::open(
         path,
         &OpenOptions {
             format: Some(Format::Qcow2),
+            cache,
             ..OpenOptions::from_args(args)
         },
         secrets,
@@ -205,8 +220,11 @@ pub(crate) fn open_qcow2(
 }
 
 /// Opens the qcow2 image `path` for metadata changes only (backing file
-/// name, unmapping clusters): no key is needed.
-pub(crate) fn open_metadata_writer(path: &str) -> Result<Qcow2Writer<FileDevice>, CliError> {
-    let dev = crate::file::open_file(path, true)?;
+/// name, unmapping clusters): no key is needed. `cache`: `-t`.
+pub(crate) fn open_metadata_writer(
+    path: &str,
+    cache: CacheMode,
+) -> Result<Qcow2Writer<FileDevice>, CliError> {
+    let dev = crate::file::open_file_cached(path, true, cache)?;
     Qcow2Writer::open_metadata_only(dev).map_err(|e| CliError::io(path, e.to_string()))
 }

@@ -6,6 +6,8 @@ use core::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
+use std::vec;
+use std::vec::Vec;
 
 use super::{BlockIo, MAX_SECTOR_SIZE};
 
@@ -67,15 +69,75 @@ impl std::error::Error for FileError {
     }
 }
 
+/// When a [`FileDevice`] makes its writes durable (`fdatasync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SyncPolicy {
+    /// On [`BlockIo::flush`]: the page cache holds writes until then.
+    #[default]
+    OnFlush,
+    /// After every write, and on `flush`: a write is on stable storage when
+    /// it returns (QEMU's `writethrough` and `directsync`).
+    EachWrite,
+    /// Never: `flush` does nothing (QEMU's `unsafe`).
+    Never,
+}
+
+/// The largest aligned transfer a [`FileDevice`] in direct mode makes for
+/// one unaligned request; longer requests go through in pieces.
+const DIRECT_BOUNCE: usize = 1 << 20;
+
+/// The aligned buffer of a file opened with `O_DIRECT`: `O_DIRECT` wants
+/// the offset, the length and the memory address of every transfer to be
+/// multiples of the alignment. A `Vec` over-allocated by one alignment
+/// unit, used from its first aligned byte (no `unsafe`).
+struct Bounce {
+    buf: Vec<u8>,
+    start: usize,
+    align: usize,
+}
+
+impl Bounce {
+    fn new(align: usize) -> Self {
+        let buf = vec![0u8; DIRECT_BOUNCE + align];
+        let start = (align - buf.as_ptr().addr() % align) % align;
+        Self { buf, start, align }
+    }
+
+    fn aligned(&self, offset: u64, buf: &[u8]) -> bool {
+        let a = self.align;
+        offset.is_multiple_of(a as u64)
+            && buf.len().is_multiple_of(a)
+            && buf.as_ptr().addr().is_multiple_of(a)
+    }
+}
+
+impl fmt::Debug for Bounce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bounce")
+            .field("align", &self.align)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A device over a regular file (or a block device node).
 ///
 /// Reports a 512-byte sector by default but serves any byte range, as a
 /// file does. Reads past the end of the file return zeroes (like a sparse
 /// file's holes); writes past the end grow it.
+///
+/// A file opened with `O_DIRECT` is declared with [`FileDevice::set_direct`]
+/// (or switched with [`FileDevice::enable_direct`]): requests that are not
+/// aligned then go through an aligned buffer, partial blocks written by
+/// reading, modifying and writing back the whole block, so callers still
+/// read and write any byte range. [`SyncPolicy`] says when writes are made
+/// durable.
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
     sector_size: u32,
+    sync: SyncPolicy,
+    direct: Option<Bounce>,
 }
 
 impl FileDevice {
@@ -84,7 +146,55 @@ impl FileDevice {
         Self {
             file,
             sector_size: 512,
+            sync: SyncPolicy::OnFlush,
+            direct: None,
         }
+    }
+
+    /// Makes writes durable as `sync` says (the default is
+    /// [`SyncPolicy::OnFlush`]).
+    pub fn set_sync(&mut self, sync: SyncPolicy) {
+        self.sync = sync;
+    }
+
+    /// The policy set by [`FileDevice::set_sync`].
+    pub fn sync_policy(&self) -> SyncPolicy {
+        self.sync
+    }
+
+    /// Declares that the file was opened with `O_DIRECT` and needs every
+    /// transfer aligned to `align` bytes (offset, length and memory); `None`
+    /// unless `align` is a power of two between 512 and [`MAX_SECTOR_SIZE`].
+    /// Unaligned requests are then bounced through an aligned buffer.
+    pub fn set_direct(&mut self, align: u32) -> Option<()> {
+        if !align.is_power_of_two() || !(512..=MAX_SECTOR_SIZE).contains(&align) {
+            return None;
+        }
+        self.direct = Some(Bounce::new(align as usize));
+        Some(())
+    }
+
+    /// Whether transfers bypass the page cache ([`FileDevice::set_direct`]).
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// Turns on `O_DIRECT` for the already open file (`fcntl(F_SETFL)`) and
+    /// declares it with [`FileDevice::set_direct`]. Fails with the system's
+    /// error (`EINVAL` where the filesystem does not support `O_DIRECT`),
+    /// leaving the device as it was.
+    #[cfg(target_os = "linux")]
+    pub fn enable_direct(&mut self, align: u32) -> io::Result<()> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        if !align.is_power_of_two() || !(512..=MAX_SECTOR_SIZE).contains(&align) {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let errno = |e: nix::errno::Errno| io::Error::from_raw_os_error(e as i32);
+        let flags = fcntl(&self.file, FcntlArg::F_GETFL).map_err(errno)?;
+        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_DIRECT;
+        fcntl(&self.file, FcntlArg::F_SETFL(flags)).map_err(errno)?;
+        self.set_direct(align);
+        Ok(())
     }
 
     /// Opens `path` read-only.
@@ -182,55 +292,40 @@ impl BlockIo for FileDevice {
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), FileError> {
+        let Some(bounce) = self.direct.as_mut() else {
+            return read_all(&self.file, offset, buf, 1);
+        };
+        if bounce.aligned(offset, buf) {
+            return read_all(&self.file, offset, buf, bounce.align);
+        }
+        let a = bounce.align;
         let mut done = 0usize;
         while done < buf.len() {
-            let at = offset.saturating_add(done as u64);
-            match pread(&self.file, &mut buf[done..], at) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Self::err(FileOp::Read, offset, buf.len(), e)),
-            }
+            let pos = offset.saturating_add(done as u64);
+            // Below `a`, a usize.
+            let skip = usize::try_from(pos % a as u64).unwrap_or(0);
+            let start = pos - skip as u64;
+            let want = (buf.len() - done).min(DIRECT_BOUNCE - skip);
+            let span = (skip + want).next_multiple_of(a);
+            let b = &mut bounce.buf[bounce.start..bounce.start + span];
+            read_all(&self.file, start, b, a)
+                .map_err(|e| Self::err(FileOp::Read, offset, buf.len(), e.source))?;
+            buf[done..done + want].copy_from_slice(&b[skip..skip + want]);
+            done += want;
         }
         Ok(())
     }
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), FileError> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset.saturating_add(done as u64);
-            match pwrite(&self.file, &buf[done..], at) {
-                Ok(0) => {
-                    return Err(Self::err(
-                        FileOp::Write,
-                        offset,
-                        buf.len(),
-                        io::Error::from(io::ErrorKind::WriteZero),
-                    ))
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Self::err(FileOp::Write, offset, buf.len(), e)),
-            }
-        }
-        Ok(())
+        self.write_nosync(offset, buf)?;
+        self.sync_if_each_write()
     }
 
     fn flush(&mut self) -> Result<(), FileError> {
-        match self.file.sync_data() {
-            // Character devices such as /dev/null cannot be synced; there
-            // is nothing to make durable.
-            Err(e)
-                if e.kind() == io::ErrorKind::InvalidInput
-                    && self.file.metadata().is_ok_and(|m| !m.is_file()) =>
-            {
-                Ok(())
-            }
-            r => r.map_err(|e| Self::err(FileOp::Flush, 0, 0, e)),
+        if self.sync == SyncPolicy::Never {
+            return Ok(());
         }
+        self.sync_now()
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), FileError> {
@@ -251,10 +346,10 @@ impl BlockIo for FileDevice {
         let mut done = 0u64;
         while done < len {
             let step = super::chunk_len(len - done, super::ZEROES.len());
-            self.write_at(offset + done, &super::ZEROES[..step])?;
+            self.write_nosync(offset + done, &super::ZEROES[..step])?;
             done += step as u64;
         }
-        Ok(())
+        self.sync_if_each_write()
     }
 
     /// Punches a hole (the range then reads as zeros, and its disk space
@@ -296,5 +391,133 @@ impl BlockIo for FileDevice {
             .set_len(size)
             .map_err(|e| Self::err(FileOp::Length, size, 0, e))?;
         Ok(true)
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset`, zeroes past the end of the file.
+/// With `O_DIRECT` (`align` > 1) a read that stops short of an aligned end
+/// has met the end of the file: another read would start unaligned.
+fn read_all(f: &File, offset: u64, buf: &mut [u8], align: usize) -> Result<(), FileError> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let at = offset.saturating_add(done as u64);
+        match pread(f, &mut buf[done..], at) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => {
+                done += n;
+                if align > 1 && !done.is_multiple_of(align) {
+                    buf[done..].fill(0);
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FileDevice::err(FileOp::Read, offset, buf.len(), e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `buf` at `offset`.
+fn write_all(f: &File, offset: u64, buf: &[u8]) -> Result<(), FileError> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let at = offset.saturating_add(done as u64);
+        match pwrite(f, &buf[done..], at) {
+            Ok(0) => {
+                return Err(FileDevice::err(
+                    FileOp::Write,
+                    offset,
+                    buf.len(),
+                    io::Error::from(io::ErrorKind::WriteZero),
+                ))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FileDevice::err(FileOp::Write, offset, buf.len(), e)),
+        }
+    }
+    Ok(())
+}
+
+impl FileDevice {
+    /// `fdatasync`, except on devices that cannot be synced.
+    fn sync_now(&mut self) -> Result<(), FileError> {
+        match self.file.sync_data() {
+            // Character devices such as /dev/null cannot be synced; there
+            // is nothing to make durable.
+            Err(e)
+                if e.kind() == io::ErrorKind::InvalidInput
+                    && self.file.metadata().is_ok_and(|m| !m.is_file()) =>
+            {
+                Ok(())
+            }
+            r => r.map_err(|e| Self::err(FileOp::Flush, 0, 0, e)),
+        }
+    }
+
+    fn sync_if_each_write(&mut self) -> Result<(), FileError> {
+        if self.sync == SyncPolicy::EachWrite {
+            self.sync_now()?;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` without the [`SyncPolicy::EachWrite`] sync.
+    /// In direct mode an unaligned request becomes aligned writes of whole
+    /// blocks, the partial ones read first; a last block that reaches past
+    /// the end of the file is cut back, so the file ends where a plain write
+    /// would have left it.
+    fn write_nosync(&mut self, offset: u64, buf: &[u8]) -> Result<(), FileError> {
+        let Some(bounce) = self.direct.as_mut() else {
+            return write_all(&self.file, offset, buf);
+        };
+        if bounce.aligned(offset, buf) {
+            return write_all(&self.file, offset, buf);
+        }
+        let a = bounce.align;
+        let fail = |op, e: FileError| Self::err(op, offset, buf.len(), e.source);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset.saturating_add(done as u64);
+            // Below `a`, a usize.
+            let skip = usize::try_from(pos % a as u64).unwrap_or(0);
+            let start = pos - skip as u64;
+            let want = (buf.len() - done).min(DIRECT_BOUNCE - skip);
+            let span = (skip + want).next_multiple_of(a);
+            let tail = !(skip + want).is_multiple_of(a);
+            let b = &mut bounce.buf[bounce.start..bounce.start + span];
+            if skip != 0 {
+                read_all(&self.file, start, &mut b[..a], a).map_err(|e| fail(FileOp::Read, e))?;
+            }
+            if tail && (span > a || skip == 0) {
+                read_all(&self.file, start + (span - a) as u64, &mut b[span - a..], a)
+                    .map_err(|e| fail(FileOp::Read, e))?;
+            }
+            b[skip..skip + want].copy_from_slice(&buf[done..done + want]);
+            let before = if tail {
+                Some(
+                    self.file
+                        .metadata()
+                        .map_err(|e| Self::err(FileOp::Length, 0, 0, e))?
+                        .len(),
+                )
+            } else {
+                None
+            };
+            write_all(&self.file, start, b).map_err(|e| fail(FileOp::Write, e))?;
+            let end = pos + want as u64;
+            if let Some(size) = before {
+                if self.file.metadata().is_ok_and(|m| m.is_file()) && size < start + span as u64 {
+                    self.file
+                        .set_len(size.max(end))
+                        .map_err(|e| Self::err(FileOp::Length, end, 0, e))?;
+                }
+            }
+            done += want;
+        }
+        Ok(())
     }
 }

@@ -45,7 +45,7 @@ pub use faulty::{FaultyDevice, FaultyError, WriteKind, WriteRecord};
 #[cfg(feature = "std")]
 mod file;
 #[cfg(feature = "std")]
-pub use file::{FileDevice, FileError, FileOp};
+pub use file::{FileDevice, FileError, FileOp, SyncPolicy};
 
 /// The largest sector size any device may report (64 KiB).
 ///
