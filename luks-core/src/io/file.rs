@@ -190,7 +190,8 @@ impl BlockIo for FileDevice {
                     buf[done..].fill(0);
                     break;
                 }
-                Ok(n) => done += n,
+                // `n <= buf.len() - done`: the sum stays within the buffer.
+                Ok(n) => done = done.saturating_add(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(Self::err(FileOp::Read, offset, buf.len(), e)),
             }
@@ -211,7 +212,8 @@ impl BlockIo for FileDevice {
                         io::Error::from(io::ErrorKind::WriteZero),
                     ))
                 }
-                Ok(n) => done += n,
+                // `n <= buf.len() - done`: the sum stays within the buffer.
+                Ok(n) => done = done.saturating_add(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(Self::err(FileOp::Write, offset, buf.len(), e)),
             }
@@ -244,15 +246,17 @@ impl BlockIo for FileDevice {
                 return Ok(());
             }
             self.set_size(end)?;
-            (offset, size - offset)
+            // `offset < size` here.
+            (offset, size.saturating_sub(offset))
         } else {
             (offset, len)
         };
         let mut done = 0u64;
         while done < len {
-            let step = super::chunk_len(len - done, super::ZEROES.len());
-            self.write_at(offset + done, &super::ZEROES[..step])?;
-            done += step as u64;
+            // `done < len` and `step <= len - done`: nothing saturates.
+            let step = super::chunk_len(len.saturating_sub(done), super::ZEROES.len());
+            self.write_at(offset.saturating_add(done), &super::ZEROES[..step])?;
+            done = done.saturating_add(step as u64);
         }
         Ok(())
     }

@@ -9,8 +9,6 @@
 //! creates volumes, `iterations.rs` bounds and calibrates PBKDF2
 //! iterations. Everything public is re-exported here.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 pub(crate) mod af;
 pub(crate) mod format;
 pub mod header;

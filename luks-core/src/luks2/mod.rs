@@ -13,8 +13,6 @@
 //! [`HDR_SIZES`]. Of two valid copies the one with the higher `seqid`
 //! wins; if its JSON does not parse, the other is used.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 pub mod header;
 pub(crate) mod json;
 pub mod meta;

@@ -16,8 +16,6 @@
 //! `write/kdf.rs` derives new key slot keys and calibrates Argon2. The
 //! calibration functions are re-exported here.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 extern crate alloc;
 
 mod emit;
