@@ -375,8 +375,7 @@ fn first_tweaks_xmm(t0: &u128) -> [__m128i; 8] {
 // Index arithmetic, bounded by what it indexes: `ss` is non-zero (the
 // division), `n = batch.len() / ss <= BATCH` and `g`, `i < n` index the
 // 32-entry `ivs`/`t0s`; `nb = ss / 16` and `j <= nb`, `r < 8` count blocks
-// of one sector (`(j + ..) * 16 <= sector.len()`); `used <= BATCH`; the
-// VAES-512 tail mask shifts by `2 * blocks < 8`.
+// of one sector (`(j + ..) * 16 <= sector.len()`); `used <= BATCH`.
 #[allow(clippy::arithmetic_side_effects)]
 #[target_feature(enable = "aes,pclmulqdq,sse2")]
 fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
@@ -569,8 +568,7 @@ fn first_tweaks_ymm(t0: &u128) -> [__m256i; 8] {
 // Index arithmetic, bounded by what it indexes: `ss` is non-zero (the
 // division), `n = batch.len() / ss <= BATCH` and `g`, `i < n` index the
 // 32-entry `ivs`/`t0s`; `nb = ss / 16` and `j <= nb`, `r < 8` count blocks
-// of one sector (`(j + ..) * 16 <= sector.len()`); `used <= BATCH`; the
-// VAES-512 tail mask shifts by `2 * blocks < 8`.
+// of one sector (`(j + ..) * 16 <= sector.len()`); `used <= BATCH`.
 #[allow(clippy::arithmetic_side_effects)]
 #[target_feature(enable = "avx2,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
 fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
@@ -779,7 +777,7 @@ fn first_tweaks_zmm(t0: &u128) -> [__m512i; 8] {
 // division), `n = batch.len() / ss <= BATCH` and `g`, `i < n` index the
 // 32-entry `ivs`/`t0s`; `nb = ss / 16` and `j <= nb`, `r < 8` count blocks
 // of one sector (`(j + ..) * 16 <= sector.len()`); `used <= BATCH`; the
-// VAES-512 tail mask shifts by `2 * blocks < 8`.
+// tail mask shifts by `2 * blocks < 8`.
 #[allow(clippy::arithmetic_side_effects)]
 #[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
 fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
