@@ -92,6 +92,9 @@
 
 #![no_std]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+// Every value that came from disk or a caller is checked before it is
+// used: overflow is an error naming the structure, never a wrap or panic.
+#![warn(clippy::arithmetic_side_effects)]
 
 #[cfg(feature = "std")]
 extern crate std;

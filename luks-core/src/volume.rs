@@ -3,8 +3,6 @@
 //! the payload, encrypting and decrypting on the way through. IVs count
 //! 512-byte units whatever the sector size.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 use core::fmt;
 
 use crate::cipher::SectorCipher;

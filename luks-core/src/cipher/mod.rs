@@ -5,8 +5,6 @@
 //! IVs are counted in 512-byte units whatever the sector size: sector `k`
 //! of a call with `first_iv_sector = s` uses IV `s + k * (sector_size/512)`.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 mod block;
 mod twofish;
 mod xts;

@@ -184,13 +184,14 @@ impl<D: BlockIo> FaultyDevice<D> {
         }
         if self.fail_at == Some(index) {
             self.fail_at = None;
-            self.next += 1;
+            self.next = self.next.saturating_add(1);
             return Err(FaultyError::Injected { index });
         }
         if self.drop_unflushed {
             self.save_undo(kind, offset, len)?;
         }
-        self.next += 1;
+        // A u64 count of mutations cannot reach its maximum.
+        self.next = self.next.saturating_add(1);
         self.log.push(WriteRecord {
             index,
             kind,

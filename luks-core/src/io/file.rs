@@ -98,6 +98,10 @@ struct Bounce {
 }
 
 impl Bounce {
+    // `align` is a power of two of at most a few KiB (the device's logical
+    // block size), so neither the sum nor the modulo can overflow or divide
+    // by zero.
+    #[allow(clippy::arithmetic_side_effects)]
     fn new(align: usize) -> Self {
         let buf = vec![0u8; DIRECT_BOUNCE + align];
         let start = (align - buf.as_ptr().addr() % align) % align;
@@ -291,6 +295,11 @@ impl BlockIo for FileDevice {
             .map_err(|e| Self::err(FileOp::Length, 0, 0, e))
     }
 
+    // In the direct branch every `usize` sum is bounded by `buf.len()` or by
+    // the bounce buffer's length (`skip < a`, `want <= DIRECT_BOUNCE - skip`,
+    // `span <= DIRECT_BOUNCE`); `pos - skip` cannot underflow (`skip` is
+    // `pos % a`).
+    #[allow(clippy::arithmetic_side_effects)]
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), FileError> {
         let Some(bounce) = self.direct.as_mut() else {
             return read_all(&self.file, offset, buf, 1);
@@ -339,15 +348,17 @@ impl BlockIo for FileDevice {
                 return Ok(());
             }
             self.set_size(end)?;
-            (offset, size - offset)
+            // `offset < size` here.
+            (offset, size.saturating_sub(offset))
         } else {
             (offset, len)
         };
         let mut done = 0u64;
         while done < len {
-            let step = super::chunk_len(len - done, super::ZEROES.len());
-            self.write_nosync(offset + done, &super::ZEROES[..step])?;
-            done += step as u64;
+            let step = super::chunk_len(len.saturating_sub(done), super::ZEROES.len());
+            self.write_nosync(offset.saturating_add(done), &super::ZEROES[..step])?;
+            // `done + step <= len`.
+            done = done.saturating_add(step as u64);
         }
         self.sync_if_each_write()
     }
@@ -407,7 +418,8 @@ fn read_all(f: &File, offset: u64, buf: &mut [u8], align: usize) -> Result<(), F
                 break;
             }
             Ok(n) => {
-                done += n;
+                // `n <= buf.len() - done`: the sum stays within the buffer.
+                done = done.saturating_add(n);
                 if align > 1 && !done.is_multiple_of(align) {
                     buf[done..].fill(0);
                     break;
@@ -434,7 +446,8 @@ fn write_all(f: &File, offset: u64, buf: &[u8]) -> Result<(), FileError> {
                     io::Error::from(io::ErrorKind::WriteZero),
                 ))
             }
-            Ok(n) => done += n,
+            // `n <= buf.len() - done`: the sum stays within the buffer.
+            Ok(n) => done = done.saturating_add(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(FileDevice::err(FileOp::Write, offset, buf.len(), e)),
         }
@@ -470,6 +483,9 @@ impl FileDevice {
     /// blocks, the partial ones read first; a last block that reaches past
     /// the end of the file is cut back, so the file ends where a plain write
     /// would have left it.
+    // Every `usize` sum is bounded by `buf.len()` or the bounce buffer's
+    // length, as in `read_at`; the `u64` file positions saturate.
+    #[allow(clippy::arithmetic_side_effects)]
     fn write_nosync(&mut self, offset: u64, buf: &[u8]) -> Result<(), FileError> {
         let Some(bounce) = self.direct.as_mut() else {
             return write_all(&self.file, offset, buf);
@@ -508,9 +524,9 @@ impl FileDevice {
                 None
             };
             write_all(&self.file, start, b).map_err(|e| fail(FileOp::Write, e))?;
-            let end = pos + want as u64;
+            let end = pos.saturating_add(want as u64);
             if let Some(size) = before {
-                if self.file.metadata().is_ok_and(|m| m.is_file()) && size < start + span as u64 {
+                if self.file.metadata().is_ok_and(|m| m.is_file()) && size < start.saturating_add(span as u64) {
                     self.file
                         .set_len(size.max(end))
                         .map_err(|e| Self::err(FileOp::Length, end, 0, e))?;

@@ -129,13 +129,16 @@ impl<'a> MemDevice<'a> {
                 size,
             },
         })?;
-        // In range of a slice, so the offset fits in usize.
-        let start = usize::try_from(offset).map_err(|_| MemError::OutOfRange {
+        // In range of a slice (`check_request` saw `offset + len <= size`),
+        // so the offset and the end fit in usize.
+        let out_of_range = MemError::OutOfRange {
             offset,
             len: len as u64,
             size,
-        })?;
-        Ok(start..start + len)
+        };
+        let start = usize::try_from(offset).map_err(|_| out_of_range)?;
+        let end = start.checked_add(len).ok_or(out_of_range)?;
+        Ok(start..end)
     }
 }
 

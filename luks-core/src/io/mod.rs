@@ -86,9 +86,10 @@ pub trait BlockIo {
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Self::Error> {
         let mut done = 0u64;
         while done < len {
-            let step = chunk_len(len - done, ZEROES.len());
+            // `done < len` and `step <= len - done`: nothing saturates.
+            let step = chunk_len(len.saturating_sub(done), ZEROES.len());
             self.write_at(offset.saturating_add(done), &ZEROES[..step])?;
-            done += step as u64;
+            done = done.saturating_add(step as u64);
         }
         Ok(())
     }
@@ -215,43 +216,63 @@ fn bounce_geometry<E>(sector_size: u32, bounce: &[u8]) -> Result<usize, BytesErr
 }
 
 /// A request split into a partial head sector, an aligned middle and a
-/// partial tail sector.
+/// partial tail sector, with every offset precomputed (and checked) so the
+/// readers and writers below only index.
 struct Split {
     /// Sector-aligned offset of the head sector.
     head_sector: u64,
     /// Where the request starts inside the head sector.
     head_skip: usize,
+    /// Where the request's bytes in the head sector end
+    /// (`head_skip + head_len`, at most one sector).
+    head_end: usize,
     /// Bytes of the request that fall in the head sector (0 if aligned).
     head_len: usize,
+    /// Device offset of the aligned middle (`offset + head_len`).
+    mid_off: u64,
+    /// End of the middle in the caller's buffer (`head_len + mid_len`).
+    mid_end: usize,
     /// Bytes of the aligned middle (a multiple of the sector size).
     mid_len: usize,
+    /// Device offset of the tail sector (`mid_off + mid_len`).
+    tail_off: u64,
     /// Bytes in the tail sector (0 if the end is aligned).
     tail_len: usize,
 }
 
 fn split<E>(offset: u64, len: usize, ss: usize) -> Result<Split, BytesError<E>> {
+    // `offset + len` fits in u64 (checked first), `ss` is a non-zero power
+    // of two and `head_len <= len`, so none of the checks below can fail
+    // once the first passed; they keep the proof in the types.
+    let overflow = || BytesError::RangeOverflow { offset, len };
     let len64 = len as u64;
-    offset
-        .checked_add(len64)
-        .ok_or(BytesError::RangeOverflow { offset, len })?;
+    offset.checked_add(len64).ok_or_else(overflow)?;
     let ss64 = ss as u64;
-    let skip64 = offset % ss64;
+    let skip64 = offset.checked_rem(ss64).ok_or_else(overflow)?;
     // `skip64 < ss <= MAX_SECTOR_SIZE`, so the conversion is exact.
     let head_skip = usize::try_from(skip64).unwrap_or(0);
-    let head_sector = offset - skip64;
+    let head_sector = offset.checked_sub(skip64).ok_or_else(overflow)?;
     let head_len = if head_skip == 0 {
         0
     } else {
-        (ss - head_skip).min(len)
+        ss.checked_sub(head_skip).ok_or_else(overflow)?.min(len)
     };
-    let rest = len - head_len;
-    let tail_len = rest % ss;
-    let mid_len = rest - tail_len;
+    let head_end = head_skip.checked_add(head_len).ok_or_else(overflow)?;
+    let rest = len.checked_sub(head_len).ok_or_else(overflow)?;
+    let tail_len = rest.checked_rem(ss).ok_or_else(overflow)?;
+    let mid_len = rest.checked_sub(tail_len).ok_or_else(overflow)?;
+    let mid_end = head_len.checked_add(mid_len).ok_or_else(overflow)?;
+    let mid_off = offset.checked_add(head_len as u64).ok_or_else(overflow)?;
+    let tail_off = mid_off.checked_add(mid_len as u64).ok_or_else(overflow)?;
     Ok(Split {
         head_sector,
         head_skip,
+        head_end,
         head_len,
+        mid_off,
+        mid_end,
         mid_len,
+        tail_off,
         tail_len,
     })
 }
@@ -272,24 +293,19 @@ pub fn read_bytes<D: BlockIo + ?Sized>(
     }
     let s = split(offset, buf.len(), ss)?;
     let sector = &mut bounce[..ss];
-    let mut pos = 0usize;
-    let mut dev_off = offset;
     if s.head_len > 0 {
         dev.read_at(s.head_sector, sector)
             .map_err(BytesError::Device)?;
-        buf[..s.head_len].copy_from_slice(&sector[s.head_skip..s.head_skip + s.head_len]);
-        pos = s.head_len;
-        dev_off = s.head_sector + ss as u64;
+        buf[..s.head_len].copy_from_slice(&sector[s.head_skip..s.head_end]);
     }
     if s.mid_len > 0 {
-        dev.read_at(dev_off, &mut buf[pos..pos + s.mid_len])
+        dev.read_at(s.mid_off, &mut buf[s.head_len..s.mid_end])
             .map_err(BytesError::Device)?;
-        pos += s.mid_len;
-        dev_off += s.mid_len as u64;
     }
     if s.tail_len > 0 {
-        dev.read_at(dev_off, sector).map_err(BytesError::Device)?;
-        buf[pos..].copy_from_slice(&sector[..s.tail_len]);
+        dev.read_at(s.tail_off, sector)
+            .map_err(BytesError::Device)?;
+        buf[s.mid_end..].copy_from_slice(&sector[..s.tail_len]);
     }
     Ok(())
 }
@@ -308,26 +324,21 @@ pub fn write_bytes<D: BlockIo + ?Sized>(
     }
     let s = split(offset, buf.len(), ss)?;
     let sector = &mut bounce[..ss];
-    let mut pos = 0usize;
-    let mut dev_off = offset;
     if s.head_len > 0 {
         read_for_update(dev, s.head_sector, sector)?;
-        sector[s.head_skip..s.head_skip + s.head_len].copy_from_slice(&buf[..s.head_len]);
+        sector[s.head_skip..s.head_end].copy_from_slice(&buf[..s.head_len]);
         dev.write_at(s.head_sector, sector)
             .map_err(BytesError::Device)?;
-        pos = s.head_len;
-        dev_off = s.head_sector + ss as u64;
     }
     if s.mid_len > 0 {
-        dev.write_at(dev_off, &buf[pos..pos + s.mid_len])
+        dev.write_at(s.mid_off, &buf[s.head_len..s.mid_end])
             .map_err(BytesError::Device)?;
-        pos += s.mid_len;
-        dev_off += s.mid_len as u64;
     }
     if s.tail_len > 0 {
-        read_for_update(dev, dev_off, sector)?;
-        sector[..s.tail_len].copy_from_slice(&buf[pos..]);
-        dev.write_at(dev_off, sector).map_err(BytesError::Device)?;
+        read_for_update(dev, s.tail_off, sector)?;
+        sector[..s.tail_len].copy_from_slice(&buf[s.mid_end..]);
+        dev.write_at(s.tail_off, sector)
+            .map_err(BytesError::Device)?;
     }
     Ok(())
 }

@@ -1,8 +1,6 @@
 //! The LUKS anti-forensic splitter: streaming merge and split, one stripe
 //! at a time, never the whole key material in memory.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 use zeroize::Zeroize;
 
 use crate::cipher::MAX_KEY_BYTES;

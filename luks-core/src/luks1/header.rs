@@ -5,8 +5,6 @@
 //! [`HeaderRepr::emit`] never panics on a buffer of
 //! [`HeaderRepr::buffer_len`] bytes.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 use crate::error::{name_from, slot_u8, Name, Problem, PureError, Structure};
 
 /// Offsets of the header fields (big-endian integers).

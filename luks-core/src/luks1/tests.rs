@@ -10,7 +10,7 @@ use std::vec::Vec;
 
 use super::af::AfState;
 use super::*;
-use crate::error::Problem;
+use crate::error::{BadParameter, Problem};
 use crate::io::VecDevice;
 use crate::test_rng::TestRng;
 

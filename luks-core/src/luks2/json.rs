@@ -7,8 +7,6 @@
 //! strings are still validated and skipped, but a member the metadata
 //! model reads must not contain one), unsigned integers, `true`/`false`.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 use crate::error::Luks2Problem;
 
 /// The deepest nesting accepted (cryptsetup's metadata is 4 deep; tokens

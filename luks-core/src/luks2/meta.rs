@@ -3,8 +3,6 @@
 //! cryptsetup checks them (types, cross-references, areas inside the key
 //! slots area).
 
-#![warn(clippy::arithmetic_side_effects)]
-
 use super::json::{self, Elements, Kind, Members, Val};
 use crate::error::{name_from, Luks2Problem, Name, Problem, PureError, Structure};
 use crate::hash::HashAlg;

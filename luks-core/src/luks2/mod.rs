@@ -13,8 +13,6 @@
 //! [`HDR_SIZES`]. Of two valid copies the one with the higher `seqid`
 //! wins; if its JSON does not parse, the other is used.
 
-#![warn(clippy::arithmetic_side_effects)]
-
 pub mod header;
 pub(crate) mod json;
 pub mod meta;
@@ -410,7 +408,7 @@ fn derive<E>(
             if *iterations == 0 {
                 return Err(bad("iterations"));
             }
-            crate::luks1::check_iterations(
+            crate::luks1::iterations::check_iterations(
                 Structure::Luks2Json,
                 ks.json_offset,
                 "iterations",
@@ -511,10 +509,10 @@ pub fn open_keyslot<D: BlockIo + ?Sized>(
     let akb = ks.area_key_size as usize;
     let (cn, cm) = split_spec(&ks.area_encryption);
     let (cipher, ()) =
-        crate::luks1::slot_cipher(cn, cm, akb, |sk| derive(ks, passphrase, sk, mem))?;
+        crate::luks1::slots::slot_cipher(cn, cm, akb, |sk| derive(ks, passphrase, sk, mem))?;
     let mut af = AfState::new(af_hash, kb, ks.stripes);
     let st = Structure::KeyMaterial(id);
-    crate::luks1::read_material(dev, st, ks.area_offset, &cipher, &mut af)?;
+    crate::luks1::slots::read_material(dev, st, ks.area_offset, &cipher, &mut af)?;
     let Some(candidate) = af.merged() else {
         return Ok(None);
     };

@@ -295,8 +295,9 @@ unsafe fn inverse_keys(enc: &[[u8; 16]; 15], size: KeySize, dec: &mut [[u8; 16];
         KeySize::Aes256 => 14,
     };
     dec[0] = enc[nr];
-    for i in 1..nr {
-        store_key(_mm_aesimc_si128(load_key(&enc[nr - i])), &mut dec[i]);
+    // dec[i] = aesimc(enc[nr - i]) for 0 < i < nr.
+    for (d, e) in dec[1..nr].iter_mut().zip(enc[1..nr].iter().rev()) {
+        store_key(_mm_aesimc_si128(load_key(e)), d);
     }
     dec[nr] = enc[0];
 }
@@ -371,6 +372,11 @@ fn first_tweaks_xmm(t0: &u128) -> [__m128i; 8] {
 /// AES-128/256 (`NR` rounds) XTS over whole sectors on `xmm` registers.
 /// Preconditions (checked by the public API): `a.sector_size` is a
 /// non-zero multiple of 16 and `data.len()` a multiple of it.
+// Index arithmetic, bounded by what it indexes: `ss` is non-zero (the
+// division), `n = batch.len() / ss <= BATCH` and `g`, `i < n` index the
+// 32-entry `ivs`/`t0s`; `nb = ss / 16` and `j <= nb`, `r < 8` count blocks
+// of one sector (`(j + ..) * 16 <= sector.len()`); `used <= BATCH`.
+#[allow(clippy::arithmetic_side_effects)]
 #[target_feature(enable = "aes,pclmulqdq,sse2")]
 fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
     let mut rk = [_mm_setzero_si128(); 15];
@@ -385,7 +391,9 @@ fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
     let mut t0s = [0u128; BATCH];
     let mut used = 0;
     let mut iv = a.iv;
-    for batch in data.chunks_mut(ss * BATCH) {
+    // Saturates only for sectors so large that fewer than BATCH fit in any
+    // slice: then one chunk holds all of `data`, as it should.
+    for batch in data.chunks_mut(ss.saturating_mul(BATCH)) {
         let n = batch.len() / ss;
         used = used.max(n.next_multiple_of(4).min(BATCH));
         fill_ivs(&mut ivs, n, iv, a.step);
@@ -557,6 +565,11 @@ fn first_tweaks_ymm(t0: &u128) -> [__m256i; 8] {
 }
 
 /// As [`kernel_xmm`], on `ymm` registers (2 blocks each).
+// Index arithmetic, bounded by what it indexes: `ss` is non-zero (the
+// division), `n = batch.len() / ss <= BATCH` and `g`, `i < n` index the
+// 32-entry `ivs`/`t0s`; `nb = ss / 16` and `j <= nb`, `r < 8` count blocks
+// of one sector (`(j + ..) * 16 <= sector.len()`); `used <= BATCH`.
+#[allow(clippy::arithmetic_side_effects)]
 #[target_feature(enable = "avx2,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
 fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
     let mut rk = [_mm256_setzero_si256(); 15];
@@ -571,7 +584,9 @@ fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
     let mut t0s = [0u128; BATCH];
     let mut used = 0;
     let mut iv = a.iv;
-    for batch in data.chunks_mut(ss * BATCH) {
+    // Saturates only for sectors so large that fewer than BATCH fit in any
+    // slice: then one chunk holds all of `data`, as it should.
+    for batch in data.chunks_mut(ss.saturating_mul(BATCH)) {
         let n = batch.len() / ss;
         used = used.max(n.next_multiple_of(4).min(BATCH));
         fill_ivs(&mut ivs, n, iv, a.step);
@@ -758,6 +773,12 @@ fn first_tweaks_zmm(t0: &u128) -> [__m512i; 8] {
 }
 
 /// As [`kernel_xmm`], on `zmm` registers (4 blocks each).
+// Index arithmetic, bounded by what it indexes: `ss` is non-zero (the
+// division), `n = batch.len() / ss <= BATCH` and `g`, `i < n` index the
+// 32-entry `ivs`/`t0s`; `nb = ss / 16` and `j <= nb`, `r < 8` count blocks
+// of one sector (`(j + ..) * 16 <= sector.len()`); `used <= BATCH`; the
+// tail mask shifts by `2 * blocks < 8`.
+#[allow(clippy::arithmetic_side_effects)]
 #[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
 fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
     let mut rk = [_mm512_setzero_si512(); 15];
@@ -772,7 +793,9 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
     let mut t0s = [0u128; BATCH];
     let mut used = 0;
     let mut iv = a.iv;
-    for batch in data.chunks_mut(ss * BATCH) {
+    // Saturates only for sectors so large that fewer than BATCH fit in any
+    // slice: then one chunk holds all of `data`, as it should.
+    for batch in data.chunks_mut(ss.saturating_mul(BATCH)) {
         let n = batch.len() / ss;
         used = used.max(n.next_multiple_of(4).min(BATCH));
         fill_ivs(&mut ivs, n, iv, a.step);
