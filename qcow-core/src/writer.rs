@@ -613,6 +613,7 @@ where
     }
 }
 
+pub mod amend;
 mod backing;
 mod compressed;
 mod data;

@@ -320,6 +320,9 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
     if format == Format::Qcow2 {
         crate::chain_lock::lock_backing_chain(&path)?;
     }
+    if format == Format::Qcow2 && crate::amend_qcow2::wants(a.options) {
+        return crate::amend_qcow2::run(a, &path, key_secret.as_deref());
+    }
     if format == Format::Luks {
         crate::lock::lock_for_luks_amend(&path)?;
     }

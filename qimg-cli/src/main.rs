@@ -1,6 +1,7 @@
 //! `qimg`: read, write, check and convert qcow2 and LUKS images, with
 //! qemu-img's verbs, options, JSON keys and exit codes.
 
+mod amend_qcow2;
 mod args;
 mod chain_lock;
 mod check;
