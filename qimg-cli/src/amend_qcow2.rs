@@ -48,9 +48,9 @@ const CREATE_ONLY: [&str; 11] = [
 /// Whether the `-o` lists hold options for this module (anything but the
 /// key slot options `keys` handles).
 pub(crate) fn wants(options: &[String]) -> bool {
-    options.iter().any(|o| {
-        split_list(o).is_ok_and(|kv| kv.iter().any(|(k, _)| !k.starts_with("encrypt.")))
-    })
+    options
+        .iter()
+        .any(|o| split_list(o).is_ok_and(|kv| kv.iter().any(|(k, _)| !k.starts_with("encrypt."))))
 }
 
 /// `on`/`off` as QEMU's boolean options read them.
@@ -154,11 +154,7 @@ fn parse(options: &[String]) -> Result<Parsed, CliError> {
 
 /// Runs `qimg amend` on the qcow2 image `path` (locked by the caller);
 /// `key_secret` came with `--image-opts`.
-pub(crate) fn run(
-    a: &AmendArgs<'_>,
-    path: &str,
-    key_secret: Option<&str>,
-) -> Result<u8, CliError> {
+pub(crate) fn run(a: &AmendArgs<'_>, path: &str, key_secret: Option<&str>) -> Result<u8, CliError> {
     let p = parse(a.options)?;
     // Key slot options other than the secret that opens the image go to
     // `keys` afterwards.
@@ -169,6 +165,23 @@ pub(crate) fn run(
         .cloned()
         .collect();
     let info = crate::qcow2::Opening::open(path)?.img.info().clone();
+    // qemu-img looks at the key slot options first.
+    match info.header.crypt_method {
+        _ if slot_opts.is_empty() => {}
+        0 => {
+            return Err(CliError::io(
+                path,
+                "Can't amend encryption options - encryption not present".into(),
+            ))
+        }
+        1 => {
+            return Err(CliError::io(
+                path,
+                "Only LUKS encryption options can be amended".into(),
+            ))
+        }
+        _ => {}
+    }
     if let Some((bf, bfmt)) = &p.backing {
         if bf.as_deref() != info.backing_file() || bfmt.as_deref() != info.backing_format() {
             return Err(CliError::usage(
@@ -189,7 +202,8 @@ pub(crate) fn run(
         key_secret,
     };
     let encrypted = info.header.crypt_method != 0;
-    let mut w = crate::create::open_qcow2_writer_keyed(path, encrypted.then_some((&keys, &secrets)))?;
+    let mut w =
+        crate::create::open_qcow2_writer_keyed(path, encrypted.then_some((&keys, &secrets)))?;
     let o = AmendOptions {
         version: p.version,
         lazy_refcounts: p.lazy,
@@ -200,6 +214,9 @@ pub(crate) fn run(
     };
     w.amend(&o).map_err(|e| match e {
         AmendError::Refused(r) => CliError::io(path, r.to_string()),
+        AmendError::Resize(qcow_core::ResizeError::Unaligned(_)) => {
+            CliError::usage("The new size must be a multiple of 512".into())
+        }
         e => CliError::io(path, e.to_string()),
     })?;
     w.close().map_err(|e| CliError::io(path, e.to_string()))?;
@@ -240,7 +257,10 @@ mod tests {
             e("refcount_bits=3"),
             "Refcount width must be a power of two and may not exceed 64 bits"
         );
-        assert_eq!(e("refcount_bits=abc"), "Parameter 'refcount_bits' expects a number");
+        assert_eq!(
+            e("refcount_bits=abc"),
+            "Parameter 'refcount_bits' expects a number"
+        );
         assert_eq!(
             e("lazy_refcounts=maybe"),
             "Parameter 'lazy_refcounts' expects 'on' or 'off'"

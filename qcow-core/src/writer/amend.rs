@@ -96,9 +96,9 @@ impl core::fmt::Display for AmendRefusal {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::Version(v) => write!(f, "Cannot change the image to version {v}"),
-            Self::RefcountOrder(_) => f.write_str(
-                "Refcount width must be a power of two and may not exceed 64 bits",
-            ),
+            Self::RefcountOrder(_) => {
+                f.write_str("Refcount width must be a power of two and may not exceed 64 bits")
+            }
             Self::RefcountWidthNeedsV3 => f.write_str(
                 "Refcount widths other than 16 bits require compatibility level 1.1 or above \
                  (use compat=1.1 or greater)",
@@ -107,9 +107,9 @@ impl core::fmt::Display for AmendRefusal {
                 "Lazy refcounts only supported with compatibility level 1.1 and above (use \
                  compat=1.1 or greater)",
             ),
-            Self::NoDataFile => f.write_str(
-                "data-file can only be set for images that use an external data file",
-            ),
+            Self::NoDataFile => {
+                f.write_str("data-file can only be set for images that use an external data file")
+            }
             Self::EmptyDataFileName => f.write_str(
                 "data-file must name a file (an image with an external data file cannot \
                  drop its name)",
@@ -432,7 +432,10 @@ where
 
     /// Refuses a narrower width that some refcount does not fit.
     fn check_refcounts_fit(&mut self, order: u32) -> Result<(), AmendError<D::Error>> {
-        let max = match 1u32.checked_shl(order).and_then(|bits| 1u64.checked_shl(bits)) {
+        let max = match 1u32
+            .checked_shl(order)
+            .and_then(|bits| 1u64.checked_shl(bits))
+        {
             Some(v) => v.saturating_sub(1),
             None => u64::MAX,
         };
@@ -515,7 +518,10 @@ where
                     return Err(overflow(Structure::RefcountBlock, c.saturating_mul(cs)));
                 }
             }
-            let at = start.saturating_add(rt).saturating_add(bi).saturating_mul(cs);
+            let at = start
+                .saturating_add(rt)
+                .saturating_add(bi)
+                .saturating_mul(cs);
             self.write_dev(at, &block, Structure::RefcountBlock)?;
             table.push(at);
         }
@@ -680,10 +686,7 @@ where
             )
             .unwrap_or(cs),
         );
-        let len = pos
-            .max(old_used)
-            .next_multiple_of(SECTOR_BYTES)
-            .min(cs);
+        let len = pos.max(old_used).next_multiple_of(SECTOR_BYTES).min(cs);
         self.write_dev(0, out.get(..len).unwrap_or(&[]), Structure::Header)?;
         self.flush_dev()?;
         self.hdr = h;

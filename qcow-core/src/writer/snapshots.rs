@@ -370,7 +370,10 @@ where
     }
 
     /// Reads a snapshot's L1 table (COPIED flags as stored).
-    pub(super) fn read_snapshot_l1(&mut self, sn: &SnapshotEntry) -> Result<Vec<u64>, Error<D::Error>> {
+    pub(super) fn read_snapshot_l1(
+        &mut self,
+        sn: &SnapshotEntry,
+    ) -> Result<Vec<u64>, Error<D::Error>> {
         let n = sn.fixed.l1_size;
         Error::check_limit(
             Structure::SnapshotL1Table,
