@@ -4,10 +4,10 @@
 //! changed). The work is `Qcow2Writer::amend`; this module reads the
 //! options and words the refusals as qemu-img 10.0.2 does.
 //!
-//! Stricter than qemu-img: every refusal comes before the first write (qemu-img
-//! may have upgraded the image before refusing a later option), a
-//! shrinking `size` keeps refusing while data lies past the new end, and a
-//! downgrade is refused while a snapshot's tables hold zero clusters.
+//! Stricter than qemu-img: every refusal comes before the first write
+//! (qemu-img may have upgraded the image before refusing a later option),
+//! and a shrinking `size` of an image with an external data file is
+//! refused while data lies past the new end.
 //! Mixed with key slot options (`encrypt.state`, ...), the qcow2 options
 //! are applied first, then the key slots.
 

@@ -5,7 +5,9 @@
 //! Every refusal is decided by [`Qcow2Writer::amend`] before the first
 //! byte is written, so a refused amend leaves the image byte-identical
 //! (qemu-img may have finished an earlier step, such as the upgrade,
-//! before it refuses a later one).
+//! before it refuses a later one). Shrinking drops the clusters past the
+//! new end, as qemu-img does, except with an external data file (refused
+//! while any is allocated).
 //!
 //! Crash safety: each step leaves a consistent image behind. The new
 //! refcount structures of a width change are written past every used
@@ -78,8 +80,9 @@ pub enum AmendRefusal {
     DowngradeIncompatible(u64),
     /// Downgrade of a zstd image holding compressed clusters.
     DowngradeZstd,
-    /// Downgrade with zero clusters in a snapshot's tables (qimg rewrites
-    /// only the active layer's zero clusters).
+    /// Downgrade of an encrypted overlay with zero clusters in a
+    /// snapshot's tables (qimg writes encrypted zeroes only through the
+    /// active layer).
     DowngradeSnapshotZeroClusters,
     /// A narrower refcount width cannot hold this cluster's refcount.
     RefcountTooLarge {
@@ -129,9 +132,9 @@ impl core::fmt::Display for AmendRefusal {
                  clusters",
             ),
             Self::DowngradeSnapshotZeroClusters => f.write_str(
-                "Cannot downgrade: an internal snapshot has zero clusters, which version 2 \
-                 cannot express (qimg rewrites only the active layer's; delete the snapshot \
-                 first)",
+                "Cannot downgrade: an internal snapshot of this encrypted overlay has zero \
+                 clusters, which version 2 cannot express, and qimg writes encrypted zeroes \
+                 only through the active layer (delete the snapshot first)",
             ),
             Self::RefcountTooLarge {
                 bits,
@@ -266,6 +269,9 @@ where
             self.hdr.compatible_features = bits;
         }
         if new_size != self.hdr.size {
+            if new_size < self.hdr.size && !self.df() {
+                self.drop_past(new_size)?;
+            }
             self.resize(new_size).map_err(AmendError::Resize)?;
         }
         if downgrade {
@@ -282,12 +288,32 @@ where
         if self.df() && self.data.is_none() {
             return Err(ResizeError::Qcow2(Error::DataFileMissing));
         }
+        if !self.df() {
+            // Dropped, as qemu-img drops them (see `drop_past`).
+            return Ok(());
+        }
         let cs = self.cs();
         let mut at = new_size.div_ceil(cs).saturating_mul(cs);
         while at < self.hdr.size {
             let (_, e, bm) = self.get_entry(at)?;
             if e & (entry::OFFSET_MASK | COMPRESSED) != 0 || bm & super::ALL_ALLOCATED != 0 {
                 return Err(ResizeError::ShrinkAllocated { offset: at });
+            }
+            at = at.saturating_add(cs);
+        }
+        Ok(())
+    }
+
+    /// Takes every cluster wholly past guest offset `end` out of the image
+    /// (its data is lost, as qemu-img's amend drops it when shrinking).
+    fn drop_past(&mut self, end: u64) -> Result<(), Error<D::Error>> {
+        let cs = self.cs();
+        let mut at = end.div_ceil(cs).saturating_mul(cs);
+        while at < self.hdr.size {
+            let (l2, e, bm) = self.get_entry(at)?;
+            if l2.is_some() && (e != 0 || bm != 0) {
+                let dec = self.decode(e);
+                self.switch_entry(at, (0, 0), dec, e)?;
             }
             at = at.saturating_add(cs);
         }
@@ -316,7 +342,8 @@ where
             return refuse(AmendRefusal::DowngradeIncompatible(other));
         }
         let scan = self.scan_tables()?;
-        if scan.snapshot_zero {
+        let backed = self.hdr.backing_file_offset != 0;
+        if scan.snapshot_zero && backed && self.hdr.crypt_method != 0 {
             return refuse(AmendRefusal::DowngradeSnapshotZeroClusters);
         }
         if self.hdr.compression_type != COMPRESSION_ZLIB && scan.compressed {
@@ -420,6 +447,7 @@ where
             }
         }
         self.flush_dev()?;
+        self.expand_snapshot_zeroes(backed)?;
         let mut h = self.hdr;
         h.version = 2;
         h.header_length = 72;
@@ -428,6 +456,68 @@ where
         h.autoclear_features = 0;
         h.compression_type = COMPRESSION_ZLIB;
         self.rewrite_cluster0(h, None)
+    }
+
+    /// The zero clusters left in the snapshots' L2 tables (the active
+    /// layer's expansion copied any table it shared with them). Without
+    /// a backing file an entry is cleared; with one, a fresh zeroed
+    /// cluster takes its place, counted once per reference to the table.
+    /// Per table: new clusters written and counted, flushed; the table
+    /// rewritten in place (every snapshot sharing it reads the same
+    /// zeroes), flushed; the old clusters' references dropped, flushed.
+    fn expand_snapshot_zeroes(&mut self, backed: bool) -> Result<(), Error<D::Error>> {
+        let cb = self.cb();
+        let cs = self.cs();
+        let words = usize::try_from(cs >> 3).unwrap_or(0);
+        let zeros = vec![0u8; usize::try_from(cs).unwrap_or(0)];
+        let mut seen = BTreeSet::new();
+        for s in self.snapshots()? {
+            for l1e in self.read_snapshot_l1(&s)? {
+                let off = entry::l1_l2_offset(l1e);
+                if off == 0 || !seen.insert(off) {
+                    continue;
+                }
+                let mut t = self.read_u64s(off, words, Structure::L2Table)?;
+                if !t.iter().any(|e| e & COMPRESSED == 0 && e & ZERO != 0) {
+                    continue;
+                }
+                let refs = self.refcount(off >> cb)?.max(1);
+                let mut old = Vec::new();
+                for e in t.iter_mut() {
+                    if *e & COMPRESSED != 0 || *e & ZERO == 0 {
+                        continue;
+                    }
+                    let host = *e & entry::OFFSET_MASK;
+                    if host != 0 {
+                        old.push(host >> cb);
+                    }
+                    *e = if backed {
+                        let c = self.alloc_clusters(1)?;
+                        self.write_dev(c, &zeros, Structure::DataCluster)?;
+                        if refs > 1 {
+                            self.set_refcount_existing(c >> cb, refs)?;
+                        }
+                        c | if refs == 1 { entry::COPIED } else { 0 }
+                    } else {
+                        0
+                    };
+                }
+                self.flush_dev()?;
+                let mut raw = Vec::with_capacity(words.saturating_mul(8));
+                for w in &t {
+                    raw.extend_from_slice(&w.to_be_bytes());
+                }
+                self.write_dev(off, &raw, Structure::L2Table)?;
+                self.l2_cache.remove(&off);
+                self.flush_dev()?;
+                for c in old {
+                    let r = self.refcount(c)?;
+                    self.set_refcount_existing(c, r.saturating_sub(refs))?;
+                }
+                self.flush_dev()?;
+            }
+        }
+        Ok(())
     }
 
     /// Refuses a narrower width that some refcount does not fit.
