@@ -186,7 +186,8 @@ fn message(stderr: &[u8]) -> String {
 }
 
 /// Runs `opts` on twins made by `setup`, with qimg and with qemu-img, and
-/// judges qimg's result by qemu-img's. `NAME` in `opts` is the image stem.
+/// judges qimg's result by qemu-img's. `NAME` in `opts` is the image's
+/// path without `.qcow2`.
 fn agree(q: &Qemu, setup: Setup, what: &str, opts: &str) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -194,8 +195,16 @@ fn agree(q: &Qemu, setup: Setup, what: &str, opts: &str) {
     setup(q, d, "theirs");
     let (ours, theirs) = (d.join("ours.qcow2"), d.join("theirs.qcow2"));
     let before = std::fs::read(&ours).unwrap();
+    // qemu-img opens a relative data file name from its working directory.
+    let stem = |n: &str| d.join(n).display().to_string();
     let a = qimg()
-        .args(["amend", "-f", "qcow2", "-o", &opts.replace("NAME", "ours")])
+        .args([
+            "amend",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts.replace("NAME", &stem("ours")),
+        ])
         .arg(&ours)
         .output()
         .unwrap();
@@ -205,7 +214,7 @@ fn agree(q: &Qemu, setup: Setup, what: &str, opts: &str) {
             "-f",
             "qcow2",
             "-o",
-            &opts.replace("NAME", "theirs"),
+            &opts.replace("NAME", &stem("theirs")),
         ])
         .arg(&theirs)
         .output()
@@ -240,8 +249,34 @@ fn agree(q: &Qemu, setup: Setup, what: &str, opts: &str) {
         .unwrap();
     assert!(
         cmp.success(),
-        "{what}: guest content differs from qemu-img's"
+        "{what}: guest content differs from qemu-img's (in {})",
+        d.display()
     );
+    // Every snapshot reads as qemu-img's does.
+    for sn in q.info(&theirs)["snapshots"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        let name = sn["name"].as_str().unwrap();
+        let raw = |img: &Path| {
+            let out = d.join("snap.raw");
+            q.img(&[
+                "convert",
+                "-l",
+                &format!("snapshot.name={name}"),
+                "-O",
+                "raw",
+                img.to_str().unwrap(),
+                out.to_str().unwrap(),
+            ]);
+            std::fs::read(&out).unwrap()
+        };
+        assert!(
+            raw(&ours) == raw(&theirs),
+            "{what}: snapshot {name} differs"
+        );
+    }
     assert_eq!(fields(q, &ours), fields(q, &theirs), "{what}");
 }
 

@@ -440,7 +440,8 @@ where
                         let n = usize::try_from(cs.min(end.saturating_sub(g))).unwrap_or(0);
                         self.write(g, zeros.get(..n).unwrap_or(&[]))?;
                     } else {
-                        self.unmap(g, cs)?;
+                        let dec = self.decode(e);
+                        self.switch_entry(g, (0, 0), dec, e)?;
                     }
                 }
                 g = g.saturating_add(cs);
