@@ -159,8 +159,14 @@ fn extended_l2(q: &Qemu, d: &Path, n: &str) {
 fn fields(q: &Qemu, p: &Path) -> serde_json::Value {
     let mut v = q.info(p);
     let mut spec = v["format-specific"]["data"].take();
+    // Key slots: which are active (UUIDs and iteration counts differ).
+    let slots: Vec<serde_json::Value> = spec["encrypt"]["slots"]
+        .as_array()
+        .map(|a| a.iter().map(|s| s["active"].clone()).collect())
+        .unwrap_or_default();
     if let Some(o) = spec.as_object_mut() {
         o.remove("data-file");
+        o.remove("encrypt");
     }
     serde_json::json!({
         "virtual-size": v["virtual-size"],
@@ -169,6 +175,7 @@ fn fields(q: &Qemu, p: &Path) -> serde_json::Value {
         "backing-filename": v["backing-filename"],
         "format-specific": spec,
         "snapshots": v["snapshots"].as_array().map_or(0, Vec::len),
+        "key-slots-active": slots,
     })
 }
 
@@ -479,4 +486,66 @@ fn refcount_width_change_survives_a_power_cut_anywhere() {
             }
         }
     }
+}
+
+/// Key slot and qcow2 options in one list on a LUKS-encrypted image
+/// opened with `--image-opts`: both tools add the slot and change the
+/// options; the new passphrase then opens the same content.
+#[test]
+fn key_slots_and_qcow2_options_in_one_list_agree_with_qemu_img() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("k0"), "pass0").unwrap();
+    std::fs::write(d.join("k1"), "pass1").unwrap();
+    let o0 = format!("secret,id=s0,file={}", d.join("k0").display());
+    let o1 = format!("secret,id=s1,file={}", d.join("k1").display());
+    let opts = "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10,\
+                lazy_refcounts=on,refcount_bits=8";
+    let mut infos = Vec::new();
+    for (n, ours) in [("ours.qcow2", true), ("theirs.qcow2", false)] {
+        let p = d.join(n);
+        q.img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            &o0,
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            p.to_str().unwrap(),
+            "16M",
+        ]);
+        let io = |secret: &str, cmd: &str| {
+            qimg_tests::run_ok(
+                Command::new(&q.io)
+                    .args(["--object", &o0, "--object", &o1, "--image-opts", "-c", cmd])
+                    .arg(format!(
+                        "driver=qcow2,file.filename={},encrypt.key-secret={secret}",
+                        p.display()
+                    )),
+            )
+        };
+        io("s0", "write -P 4 0 1M");
+        let mut cmd = if ours { qimg() } else { Command::new(&q.img) };
+        cmd.args(["amend", "--object", &o0, "--object", &o1, "-o", opts])
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=qcow2,file.filename={},encrypt.key-secret=s0",
+                p.display()
+            ));
+        qimg_tests::run_ok(&mut cmd);
+        // The new passphrase reads what the old one wrote.
+        let out = io("s1", "read -P 4 0 1M");
+        assert!(
+            String::from_utf8_lossy(&out).contains("read 1048576/1048576"),
+            "{n}: {}",
+            String::from_utf8_lossy(&out)
+        );
+        infos.push(fields(&q, &p));
+    }
+    assert_eq!(infos[0], infos[1]);
+    assert_eq!(infos[0]["format-specific"]["refcount-bits"], 8);
+    assert_eq!(infos[0]["format-specific"]["lazy-refcounts"], true);
 }
