@@ -357,30 +357,42 @@ where
     fn scan_tables(&mut self) -> Result<Scan, Error<D::Error>> {
         let mut scan = Scan::default();
         let mut seen = BTreeSet::new();
-        let mut layers: Vec<(bool, Vec<u64>)> = vec![(false, self.l1.clone())];
+        let active = self.l1.clone();
+        self.scan_layer(&active, false, &mut seen, &mut scan)?;
+        // One snapshot's L1 table in memory at a time.
         for s in self.snapshots()? {
             let l1 = self.read_snapshot_l1(&s)?;
-            layers.push((true, l1));
+            self.scan_layer(&l1, true, &mut seen, &mut scan)?;
         }
+        Ok(scan)
+    }
+
+    /// [`Self::scan_tables`] for the L2 tables of one L1 table (each table
+    /// looked at once per kind of layer).
+    fn scan_layer(
+        &mut self,
+        l1: &[u64],
+        is_snapshot: bool,
+        seen: &mut BTreeSet<(bool, u64)>,
+        scan: &mut Scan,
+    ) -> Result<(), Error<D::Error>> {
         let words = usize::try_from(self.cs() >> 3).unwrap_or(0);
-        let step = self.l2_words();
-        for (is_snapshot, l1) in layers {
-            for l1e in l1 {
-                let off = entry::l1_l2_offset(l1e);
-                if off == 0 || !seen.insert((is_snapshot, off)) {
-                    continue;
-                }
-                let t = self.read_u64s(off, words, Structure::L2Table)?;
-                for e in t.iter().step_by(step.max(1)) {
-                    if e & COMPRESSED != 0 {
-                        scan.compressed = true;
-                    } else if is_snapshot && e & ZERO != 0 {
-                        scan.snapshot_zero = true;
-                    }
+        let step = self.l2_words().max(1);
+        for &l1e in l1 {
+            let off = entry::l1_l2_offset(l1e);
+            if off == 0 || !seen.insert((is_snapshot, off)) {
+                continue;
+            }
+            let t = self.read_u64s(off, words, Structure::L2Table)?;
+            for e in t.iter().step_by(step) {
+                if e & COMPRESSED != 0 {
+                    scan.compressed = true;
+                } else if is_snapshot && e & ZERO != 0 {
+                    scan.snapshot_zero = true;
                 }
             }
         }
-        Ok(scan)
+        Ok(())
     }
 
     /// v2 -> v3: snapshot entries get the v3 extra data (64-bit VM state
