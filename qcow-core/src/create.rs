@@ -207,7 +207,7 @@ const FEATURES: [(u8, u8, &str); 8] = [
 ];
 
 /// Header length QEMU 10 writes for v3: 104 + compression type, padded.
-const V3_HEADER_LEN: u32 = 112;
+pub(crate) const V3_HEADER_LEN: u32 = 112;
 
 /// Largest LUKS header region accepted (LUKS1 with a 512-byte key needs
 /// about 16 MiB).
@@ -283,6 +283,25 @@ fn validate<E>(o: &CreateOptions<'_>) -> Result<(ClusterSize, u32), CreateError<
     Ok((csz, rb.trailing_zeros()))
 }
 
+/// The payload of the feature name table extension QEMU 10 writes.
+pub(crate) fn feature_table() -> Vec<u8> {
+    let mut table = vec![0u8; FEATURES.len().saturating_mul(FeatureName::LEN)];
+    for (i, (kind, bit, name)) in FEATURES.iter().enumerate() {
+        let mut s = heapless::String::new();
+        let _ = s.push_str(name);
+        let fname = FeatureName {
+            kind: *kind,
+            bit: *bit,
+            name: s,
+        };
+        let off = i.saturating_mul(FeatureName::LEN);
+        if let Some(b) = table.get_mut(off..) {
+            fname.emit(b);
+        }
+    }
+    table
+}
+
 /// Cluster 0: header, extensions, end marker, backing file name.
 fn cluster0<E>(
     hdr: &mut HeaderRepr,
@@ -323,18 +342,7 @@ fn cluster0<E>(
         at = at.saturating_add(n);
     }
     if hdr.version >= 3 {
-        let mut table = vec![0u8; FEATURES.len().saturating_mul(FeatureName::LEN)];
-        for (i, (kind, bit, name)) in FEATURES.iter().enumerate() {
-            let mut s = heapless::String::new();
-            let _ = s.push_str(name);
-            let fname = FeatureName {
-                kind: *kind,
-                bit: *bit,
-                name: s,
-            };
-            let off = i.saturating_mul(FeatureName::LEN);
-            fname.emit(&mut table[off..]);
-        }
+        let table = feature_table();
         // Optional: left out when it does not fit (small clusters with
         // an encryption extension), as QEMU does; qemu-img 10 also leaves
         // it out of images with clusters of 4 KiB and less.

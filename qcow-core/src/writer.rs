@@ -559,6 +559,12 @@ pub enum ResizeError<E> {
     /// A v2 image with internal snapshots cannot change size: its
     /// snapshot table has no field for each snapshot's disk size.
     V2Snapshots,
+    /// Shrinking an image with an external data file would drop the
+    /// allocated cluster at this guest offset (amend refuses it).
+    ShrinkAllocated {
+        /// Guest offset of the first allocated cluster past the new end.
+        offset: u64,
+    },
 }
 
 impl<E> From<Error<E>> for ResizeError<E> {
@@ -573,6 +579,11 @@ impl<E: core::fmt::Display> core::fmt::Display for ResizeError<E> {
             Self::Qcow2(e) => e.fmt(f),
             Self::Unaligned(s) => write!(f, "new size {s} is not a multiple of 512"),
             Self::V2Snapshots => f.write_str("Can't resize a v2 image which has snapshots"),
+            Self::ShrinkAllocated { offset } => write!(
+                f,
+                "cannot shrink: the cluster at guest offset {offset:#x} past the new end is \
+                 allocated in the external data file"
+            ),
         }
     }
 }
@@ -607,6 +618,7 @@ where
     }
 }
 
+pub mod amend;
 mod backing;
 mod compressed;
 mod data;

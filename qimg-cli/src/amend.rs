@@ -18,25 +18,25 @@ use crate::CliError;
 pub(crate) struct AmendCmd {
     /// Image format; detected from the file when absent.
     #[arg(short = 'f', long = "format", value_enum)]
-    format: Option<crate::format::Format>,
+    pub(crate) format: Option<crate::format::Format>,
     /// Key slot options (`-o key=value,...`).
     #[arg(short = 'o', value_name = "OPTIONS")]
-    options: Vec<String>,
+    pub(crate) options: Vec<String>,
     /// Overwrite an active key slot, or erase the last active one.
     #[arg(long)]
-    force: bool,
+    pub(crate) force: bool,
     /// FILENAME is qemu-img's option list
     /// (`driver=qcow2,file.filename=PATH,encrypt.key-secret=ID`).
     #[arg(long = "image-opts")]
-    image_opts: bool,
+    pub(crate) image_opts: bool,
     /// Quiet (accepted for compatibility).
     #[arg(short = 'q')]
-    quiet: bool,
+    pub(crate) quiet: bool,
     #[command(flatten)]
-    secrets: SecretArgs,
+    pub(crate) secrets: SecretArgs,
     /// The image (absent with `-f FMT -o help`).
     #[arg(required_unless_present = "options")]
-    filename: Option<String>,
+    pub(crate) filename: Option<String>,
 }
 
 impl AmendCmd {
@@ -52,7 +52,7 @@ impl AmendCmd {
             return crate::opts_help::print(&crate::opts_help::amend_help(format)?);
         }
         let filename = self.filename.as_deref().ok_or_else(missing)?;
-        encryption(&self, filename)
+        encryption(&self, filename, &self.options)
     }
 }
 
@@ -70,12 +70,16 @@ struct Request {
     /// `iter-time` in milliseconds.
     iter_ms: u32,
     /// `--force`.
-    force: bool,
+    pub(crate) force: bool,
 }
 
 /// `qimg amend` of the encryption options: adds or erases key slots as
 /// qemu-img amend does.
-fn encryption(a: &AmendCmd, filename: &str) -> Result<u8, CliError> {
+pub(crate) fn encryption(
+    a: &AmendCmd,
+    filename: &str,
+    options: &[String],
+) -> Result<u8, CliError> {
     let secrets = Secrets::parse(&a.secrets.object)?;
     let (mut path, mut format, mut key_secret) = if a.image_opts {
         image_opts(filename)?
@@ -88,15 +92,18 @@ fn encryption(a: &AmendCmd, filename: &str) -> Result<u8, CliError> {
         format = Some(Format::Luks);
     }
     crate::lock::will_write(&path);
-    if a.options.is_empty() {
+    if options.is_empty() {
         return Err(CliError::usage(
             "Must specify options (-o); see `qimg amend --help`".into(),
         ));
     }
-    let opts = OptionMap::parse(&a.options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
+    let opts = OptionMap::parse(options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
     let format = crate::format::resolve(&path, format, None)?;
     if format == Format::Qcow2 {
         crate::chain_lock::lock_backing_chain(&path)?;
+    }
+    if format == Format::Qcow2 && crate::amend_qcow2::wants(options) {
+        return crate::amend_qcow2::run(a, filename, &path, key_secret.as_deref());
     }
     if format == Format::Luks {
         crate::lock::lock_for_luks_amend(&path)?;

@@ -2,6 +2,7 @@
 //! qemu-img's verbs, options, JSON keys and exit codes.
 
 mod amend;
+mod amend_qcow2;
 mod args;
 mod cache;
 mod chain_lock;

@@ -368,7 +368,10 @@ where
     }
 
     /// Reads a snapshot's L1 table (COPIED flags as stored).
-    fn read_snapshot_l1(&mut self, sn: &SnapshotEntry) -> Result<Vec<u64>, Error<D::Error>> {
+    pub(super) fn read_snapshot_l1(
+        &mut self,
+        sn: &SnapshotEntry,
+    ) -> Result<Vec<u64>, Error<D::Error>> {
         let n = sn.fixed.l1_size;
         Error::check_limit(
             Structure::SnapshotL1Table,
@@ -553,7 +556,7 @@ where
     /// Writes `list` as the new snapshot table in new clusters, switches
     /// the header to it (count and offset in one write), then frees the
     /// old table. Flushed between the steps.
-    fn replace_table(&mut self, list: &[SnapshotEntry]) -> Result<(), Error<D::Error>> {
+    pub(super) fn replace_table(&mut self, list: &[SnapshotEntry]) -> Result<(), Error<D::Error>> {
         let old_off = self.hdr.snapshots_offset;
         let old_len = self.table_len()?;
         let mut bytes = Vec::new();
