@@ -21,6 +21,10 @@ pub(crate) struct CopyOptions {
     /// Write on a second thread while the next chunk is read (and
     /// decrypted): see [`copy`].
     pub(crate) pipelined: bool,
+    /// `convert -B`: ranges the source reports as not present are left
+    /// alone in the destination (they read from its backing file), as
+    /// qemu-img leaves what the source's top layer does not hold.
+    pub(crate) keep_unallocated: bool,
 }
 
 impl Default for CopyOptions {
@@ -29,6 +33,7 @@ impl Default for CopyOptions {
             sparse_size: 4096,
             target_is_zero: true,
             pipelined: false,
+            keep_unallocated: false,
         }
     }
 }
@@ -57,6 +62,8 @@ enum Step {
     /// `len` bytes at `off` read as zero: zeroed in the destination unless
     /// it reads as zero already.
     Zero { off: u64, len: u64 },
+    /// Bytes the destination's backing file provides: not written.
+    Skip,
 }
 
 impl Step {
@@ -81,6 +88,7 @@ impl Step {
                 };
                 (r.map(|()| 0), None)
             }
+            Step::Skip => (Ok(0), None),
         }
     }
 }
@@ -161,6 +169,7 @@ fn next_step(
     };
     let padded_usize = usize::try_from(padded).unwrap_or(CHUNK).min(CHUNK);
     Ok(match st.data {
+        false if opts.keep_unallocated && !st.present => (Step::Skip, n, Some(buf)),
         // `-S 0` turns sparse detection off, as in qemu-img: even a
         // range the source leaves unallocated is written as data, so
         // the destination ends up fully allocated.
@@ -495,6 +504,7 @@ mod tests {
                         sparse_size,
                         target_is_zero,
                         pipelined,
+                        keep_unallocated: false,
                     };
                     let mut seen = Vec::new();
                     let written =
