@@ -291,6 +291,14 @@ fn convert_to_qcow2(
             a.backing.as_deref(),
             a.backing_fmt.as_deref(),
         )?;
+        if c.backing_fmt.is_some() && c.backing_file.is_none() {
+            return Err(CliError::io(
+                dst,
+                "error while converting qcow2: Backing format cannot be used without \
+                 backing file"
+                    .into(),
+            ));
+        }
         if let Some(b) = &c.backing_file {
             // qemu-img 10: a backing file needs its format, and must open.
             if c.backing_fmt.is_none() {
