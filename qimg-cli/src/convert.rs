@@ -585,4 +585,64 @@ mod tests {
         assert!(back[..4096].iter().all(|&b| b == 0));
         assert!(back[4096..].iter().all(|&b| b == 7));
     }
+
+    /// `convert -B`: a range the source reports as not present is left as
+    /// the destination had it (its backing file shows through); a range
+    /// present as zero is zeroed, even in a destination that is not zero.
+    #[test]
+    fn keep_unallocated_skips_absent_ranges_only() {
+        for absent in [true, false] {
+            let mut src = HalfZero(
+                Flat::at_offsets(erased(VecDevice::from_vec(vec![7u8; 8192]))),
+                4096,
+            );
+            struct Absent<'a>(&'a mut HalfZero, bool);
+            impl BlockIo for Absent<'_> {
+                type Error = DevError;
+                fn sector_size(&self) -> u32 {
+                    1
+                }
+                fn size(&mut self) -> Result<u64, DevError> {
+                    self.0.size()
+                }
+                fn read_at(&mut self, o: u64, b: &mut [u8]) -> Result<(), DevError> {
+                    self.0.read_at(o, b)
+                }
+                fn write_at(&mut self, o: u64, b: &[u8]) -> Result<(), DevError> {
+                    self.0.write_at(o, b)
+                }
+                fn flush(&mut self) -> Result<(), DevError> {
+                    Ok(())
+                }
+            }
+            impl Source for Absent<'_> {
+                fn block_status(&mut self, o: u64, m: u64) -> Result<BlockStatus, DevError> {
+                    let mut st = self.0.block_status(o, m)?;
+                    if st.zero && self.1 {
+                        st.present = false;
+                    }
+                    Ok(st)
+                }
+            }
+            let mut dst = erased(VecDevice::from_vec(vec![0x5a; 8192]));
+            let opts = CopyOptions {
+                target_is_zero: false,
+                keep_unallocated: true,
+                ..CopyOptions::default()
+            };
+            copy(
+                &mut Absent(&mut src, absent),
+                &mut dst,
+                8192,
+                opts,
+                &mut |_| {},
+            )
+            .unwrap();
+            let mut back = vec![1u8; 8192];
+            dst.read_at(0, &mut back).unwrap();
+            let want = if absent { 0x5a } else { 0 };
+            assert!(back[..4096].iter().all(|&b| b == want), "absent={absent}");
+            assert!(back[4096..].iter().all(|&b| b == 7));
+        }
+    }
 }
