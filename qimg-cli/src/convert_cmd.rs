@@ -366,10 +366,46 @@ fn convert_to_qcow2(
         bar.finish();
         return Ok(0);
     }
-    if backed {
+    let cluster = w.header().cluster_size();
+    let mut top = TopLayer {
+        inner: src,
+        cluster,
+        len,
+    };
+    let new_backed = backed && !a.no_create;
+    if new_backed {
+        // `-c -B`: what the top layer holds reads as zero first (its
+        // data clusters are then written compressed); the rest is left
+        // to the backing file.
+        let mut run: Option<(u64, u64)> = None;
+        let mut off = 0u64;
+        while off < len {
+            let st = crate::dev::Source::block_status(&mut top, off, len - off)
+                .map_err(|e| CliError::io(&a.source, e.to_string()))?;
+            let n = st.len.clamp(1, len - off);
+            if st.present {
+                run = match run {
+                    Some((s, e)) if e == off => Some((s, off + n)),
+                    Some((s, e)) => {
+                        w.write_zeroes(s, e - s).map_err(io_dst)?;
+                        Some((off, off + n))
+                    }
+                    None => Some((off, off + n)),
+                };
+            }
+            off += n;
+        }
+        if let Some((s, e)) = run {
+            w.write_zeroes(s, e - s).map_err(io_dst)?;
+        }
+    } else if backed {
         w.write_zeroes(0, len).map_err(io_dst)?;
     }
-    let cluster = w.header().cluster_size();
+    let src: &mut dyn crate::dev::Source = if new_backed {
+        &mut top
+    } else {
+        &mut *top.inner
+    };
     let bar = crate::progress::Bar::new(a.progress, len);
     if a.compress {
         let ctype = w.header().compression_type;

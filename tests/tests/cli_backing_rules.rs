@@ -368,6 +368,10 @@ fn convert_b_writes_what_the_top_layer_holds() {
         ("flat.raw", &[]),
         ("ovl.qcow2", &["-o", "cluster_size=512"]),
         ("ovl.qcow2", &["-S", "0"]),
+        ("ovl.qcow2", &["-c"]),
+        ("top.qcow2", &["-c"]),
+        ("small.qcow2", &["-c"]),
+        ("flat.qcow2", &["-c"]),
     ] {
         let run = |tool: &mut Command, out: &str| {
             run_ok(
