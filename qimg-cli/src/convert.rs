@@ -21,6 +21,10 @@ pub(crate) struct CopyOptions {
     /// Write on a second thread while the next chunk is read (and
     /// decrypted): see [`copy`].
     pub(crate) pipelined: bool,
+    /// `convert -B`: ranges the source reports as not present are left
+    /// alone in the destination (they read from its backing file), as
+    /// qemu-img leaves what the source's top layer does not hold.
+    pub(crate) keep_unallocated: bool,
 }
 
 impl Default for CopyOptions {
@@ -29,6 +33,7 @@ impl Default for CopyOptions {
             sparse_size: 4096,
             target_is_zero: true,
             pipelined: false,
+            keep_unallocated: false,
         }
     }
 }
@@ -57,6 +62,8 @@ enum Step {
     /// `len` bytes at `off` read as zero: zeroed in the destination unless
     /// it reads as zero already.
     Zero { off: u64, len: u64 },
+    /// Bytes the destination's backing file provides: not written.
+    Skip,
 }
 
 impl Step {
@@ -81,6 +88,7 @@ impl Step {
                 };
                 (r.map(|()| 0), None)
             }
+            Step::Skip => (Ok(0), None),
         }
     }
 }
@@ -161,6 +169,7 @@ fn next_step(
     };
     let padded_usize = usize::try_from(padded).unwrap_or(CHUNK).min(CHUNK);
     Ok(match st.data {
+        false if opts.keep_unallocated && !st.present => (Step::Skip, n, Some(buf)),
         // `-S 0` turns sparse detection off, as in qemu-img: even a
         // range the source leaves unallocated is written as data, so
         // the destination ends up fully allocated.
@@ -495,6 +504,7 @@ mod tests {
                         sparse_size,
                         target_is_zero,
                         pipelined,
+                        keep_unallocated: false,
                     };
                     let mut seen = Vec::new();
                     let written =
@@ -574,5 +584,65 @@ mod tests {
         dst.read_at(0, &mut back).unwrap();
         assert!(back[..4096].iter().all(|&b| b == 0));
         assert!(back[4096..].iter().all(|&b| b == 7));
+    }
+
+    /// `convert -B`: a range the source reports as not present is left as
+    /// the destination had it (its backing file shows through); a range
+    /// present as zero is zeroed, even in a destination that is not zero.
+    #[test]
+    fn keep_unallocated_skips_absent_ranges_only() {
+        for absent in [true, false] {
+            let mut src = HalfZero(
+                Flat::at_offsets(erased(VecDevice::from_vec(vec![7u8; 8192]))),
+                4096,
+            );
+            struct Absent<'a>(&'a mut HalfZero, bool);
+            impl BlockIo for Absent<'_> {
+                type Error = DevError;
+                fn sector_size(&self) -> u32 {
+                    1
+                }
+                fn size(&mut self) -> Result<u64, DevError> {
+                    self.0.size()
+                }
+                fn read_at(&mut self, o: u64, b: &mut [u8]) -> Result<(), DevError> {
+                    self.0.read_at(o, b)
+                }
+                fn write_at(&mut self, o: u64, b: &[u8]) -> Result<(), DevError> {
+                    self.0.write_at(o, b)
+                }
+                fn flush(&mut self) -> Result<(), DevError> {
+                    Ok(())
+                }
+            }
+            impl Source for Absent<'_> {
+                fn block_status(&mut self, o: u64, m: u64) -> Result<BlockStatus, DevError> {
+                    let mut st = self.0.block_status(o, m)?;
+                    if st.zero && self.1 {
+                        st.present = false;
+                    }
+                    Ok(st)
+                }
+            }
+            let mut dst = erased(VecDevice::from_vec(vec![0x5a; 8192]));
+            let opts = CopyOptions {
+                target_is_zero: false,
+                keep_unallocated: true,
+                ..CopyOptions::default()
+            };
+            copy(
+                &mut Absent(&mut src, absent),
+                &mut dst,
+                8192,
+                opts,
+                &mut |_| {},
+            )
+            .unwrap();
+            let mut back = vec![1u8; 8192];
+            dst.read_at(0, &mut back).unwrap();
+            let want = if absent { 0x5a } else { 0 };
+            assert!(back[..4096].iter().all(|&b| b == want), "absent={absent}");
+            assert!(back[4096..].iter().all(|&b| b == 7));
+        }
     }
 }

@@ -41,6 +41,9 @@ pub(crate) struct ConvertCmd {
     /// Backing file of the new qcow2 destination.
     #[arg(short = 'B', value_name = "BACKING")]
     backing: Option<String>,
+    /// Format of the `-B` backing file (written into the destination).
+    #[arg(short = 'F', value_name = "FMT")]
+    backing_fmt: Option<String>,
     /// The existing destination already reads as zero (with -n).
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
@@ -95,6 +98,7 @@ impl ConvertCmd {
             no_create,
             compress,
             backing,
+            backing_fmt,
             target_is_zero,
             quiet,
             progress,
@@ -123,6 +127,7 @@ impl ConvertCmd {
             workers: workers.map_or_else(crate::parallel::default_workers, usize::from),
             compress,
             backing,
+            backing_fmt,
             format,
             output_format,
             options,
@@ -147,6 +152,7 @@ struct ConvertArgs {
     workers: usize,
     compress: bool,
     backing: Option<String>,
+    backing_fmt: Option<String>,
     format: Option<Format>,
     output_format: Format,
     options: Vec<String>,
@@ -178,6 +184,12 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         &src.files,
         "the source image or a file of its backing chain",
     )?;
+    if a.backing.is_some() && a.output_format != Format::Qcow2 {
+        return Err(CliError::usage(format!(
+            "Backing file not supported for file format '{}'",
+            a.output_format
+        )));
+    }
     if let Some(b) = &a.backing {
         // `-B` naming the destination itself (or a chain back to it).
         let full = image::resolve_backing(&a.destination, b);
@@ -249,6 +261,7 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         sparse_size: a.sparse_size,
         target_is_zero: (dst_zeroed && !a.no_create) || a.target_is_zero,
         pipelined: crate::parallel::pipelined(),
+        keep_unallocated: false,
     };
     let bar = crate::progress::Bar::new(a.progress, len);
     convert::copy(src.dev.as_mut(), &mut dst, len, copy_opts, &mut |done| {
@@ -299,7 +312,36 @@ fn convert_to_qcow2(
         a.cache.apply(w.device(), dst)?;
         w
     } else {
-        let c = crate::create::Qcow2Create::parse(opts, a.backing.as_deref(), None)?;
+        let c = crate::create::Qcow2Create::parse(
+            opts,
+            a.backing.as_deref(),
+            a.backing_fmt.as_deref(),
+        )?;
+        if c.backing_fmt.is_some() && c.backing_file.is_none() {
+            return Err(CliError::io(
+                dst,
+                "error while converting qcow2: Backing format cannot be used without \
+                 backing file"
+                    .into(),
+            ));
+        }
+        if let Some(b) = &c.backing_file {
+            // qemu-img 10: a backing file needs its format, and must open.
+            if c.backing_fmt.is_none() {
+                return Err(CliError::usage(
+                    "Use of backing file requires explicit backing format".into(),
+                ));
+            }
+            let full = image::resolve_backing(dst, b);
+            std::fs::File::open(&full).map_err(|e| {
+                let text = e.to_string();
+                let text = text.split(" (os error ").next().unwrap_or_default();
+                CliError::usage(format!(
+                    "Could not open '{dst}': Could not open backing file: Could not open '{}': {text}",
+                    full.display()
+                ))
+            })?;
+        }
         crate::cache::refuse_before_create(dst, a.cache)?;
         let mut w = c.create(dst, len, secrets)?;
         crate::cache::apply_after_create(w.device(), dst, a.cache)?;
@@ -331,10 +373,72 @@ fn convert_to_qcow2(
     // What the copy leaves out would read from the backing file: zero the
     // range first, so the image reads as the source.
     let backed = w.header().backing_file_offset != 0 && !a.target_is_zero;
-    if backed {
-        w.write_zeroes(0, len).map_err(io_dst)?;
+    // A new image over a backing file (`-B`, `-o backing_file`) gets what
+    // the source's top layer holds, as qemu-img writes it: the rest reads
+    // from the backing file.
+    if backed && !a.no_create && !a.compress {
+        let cluster = w.header().cluster_size();
+        let mut top = TopLayer {
+            inner: src,
+            cluster,
+            len,
+        };
+        let mut dev: AnyDev = erased(w);
+        let copy_opts = CopyOptions {
+            sparse_size: a.sparse_size,
+            target_is_zero: false,
+            pipelined: crate::parallel::pipelined(),
+            keep_unallocated: true,
+        };
+        let bar = crate::progress::Bar::new(a.progress, len);
+        convert::copy(&mut top, &mut dev, len, copy_opts, &mut |done| {
+            bar.set(done)
+        })
+        .map_err(|e| copy_err(a, e))?;
+        dev.flush().map_err(|e| CliError::io(dst, e.to_string()))?;
+        bar.finish();
+        return Ok(0);
     }
     let cluster = w.header().cluster_size();
+    let mut top = TopLayer {
+        inner: src,
+        cluster,
+        len,
+    };
+    let new_backed = backed && !a.no_create;
+    if new_backed {
+        // `-c -B`: what the top layer holds reads as zero first (its
+        // data clusters are then written compressed); the rest is left
+        // to the backing file.
+        let mut run: Option<(u64, u64)> = None;
+        let mut off = 0u64;
+        while off < len {
+            let st = crate::dev::Source::block_status(&mut top, off, len - off)
+                .map_err(|e| CliError::io(&a.source, e.to_string()))?;
+            let n = st.len.clamp(1, len - off);
+            if st.present {
+                run = match run {
+                    Some((s, e)) if e == off => Some((s, off + n)),
+                    Some((s, e)) => {
+                        w.write_zeroes(s, e - s).map_err(io_dst)?;
+                        Some((off, off + n))
+                    }
+                    None => Some((off, off + n)),
+                };
+            }
+            off += n;
+        }
+        if let Some((s, e)) = run {
+            w.write_zeroes(s, e - s).map_err(io_dst)?;
+        }
+    } else if backed {
+        w.write_zeroes(0, len).map_err(io_dst)?;
+    }
+    let src: &mut dyn crate::dev::Source = if new_backed {
+        &mut top
+    } else {
+        &mut *top.inner
+    };
     let bar = crate::progress::Bar::new(a.progress, len);
     if a.compress {
         let ctype = w.header().compression_type;
@@ -361,6 +465,7 @@ fn convert_to_qcow2(
             sparse_size: a.sparse_size,
             target_is_zero: !a.no_create || a.target_is_zero || backed,
             pipelined: crate::parallel::pipelined(),
+            keep_unallocated: false,
         };
         convert::copy(src, &mut dev, len, copy_opts, &mut |done| bar.set(done))
             .map_err(|e| copy_err(a, e))?;
@@ -368,6 +473,103 @@ fn convert_to_qcow2(
     }
     bar.finish();
     Ok(0)
+}
+
+/// The source as `convert -B` copies it, as qemu-img does: what its top
+/// layer holds (allocated there, or reading as zero because it has no
+/// backing file under that range; every byte of a raw or LUKS source),
+/// and nothing that would come from its backing files, which is reported
+/// as not present and left to the destination's backing file. A
+/// destination cluster the top layer holds only part of is copied whole
+/// (the rest read through the source's chain), so no cluster of the new
+/// image is written in part.
+struct TopLayer<'a> {
+    inner: &'a mut dyn crate::dev::Source,
+    /// The destination's cluster size.
+    cluster: u64,
+    /// The guest size.
+    len: u64,
+}
+
+impl TopLayer<'_> {
+    /// Whether the top layer answers for the range (the chain reports
+    /// depth 0 only for what the top holds or what nothing below covers).
+    fn held(st: &crate::dev::BlockStatus) -> bool {
+        st.depth == 0
+    }
+
+    /// Whether the top layer holds any byte of `start..end`.
+    fn holds_any(&mut self, start: u64, end: u64) -> Result<bool, crate::dev::DevError> {
+        let mut o = start;
+        while o < end {
+            let st = self.inner.block_status(o, end - o)?;
+            if Self::held(&st) {
+                return Ok(true);
+            }
+            o += st.len.max(1);
+        }
+        Ok(false)
+    }
+}
+
+impl luks_core::io::BlockIo for TopLayer<'_> {
+    type Error = crate::dev::DevError;
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn size(&mut self) -> Result<u64, Self::Error> {
+        self.inner.size()
+    }
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        self.inner.read_at(off, buf)
+    }
+    fn write_at(&mut self, _: u64, _: &[u8]) -> Result<(), Self::Error> {
+        Err(crate::dev::DevError("the source is read-only".into()))
+    }
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+impl crate::dev::Source for TopLayer<'_> {
+    fn block_status(
+        &mut self,
+        offset: u64,
+        max: u64,
+    ) -> Result<crate::dev::BlockStatus, crate::dev::DevError> {
+        let st = self.inner.block_status(offset, max)?;
+        if Self::held(&st) {
+            return Ok(crate::dev::BlockStatus {
+                present: true,
+                ..st
+            });
+        }
+        let cs = self.cluster.max(1);
+        let cstart = offset - offset % cs;
+        let cend = cstart.saturating_add(cs).min(self.len);
+        let end = offset.saturating_add(st.len.max(1));
+        if (offset != cstart || end < cend) && self.holds_any(cstart, cend)? {
+            return Ok(crate::dev::BlockStatus {
+                len: st.len.clamp(1, cend.saturating_sub(offset).max(1)),
+                present: true,
+                ..st
+            });
+        }
+        // Stop before a cluster the top layer may hold part of.
+        let mut len = st.len.max(1);
+        if end % cs != 0 && end < self.len && end - end % cs > offset {
+            len = end - end % cs - offset;
+        }
+        Ok(crate::dev::BlockStatus {
+            len,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+        })
+    }
 }
 
 fn dev_err(file: &str, e: impl std::fmt::Display) -> crate::dev::DevError {

@@ -18,6 +18,8 @@ pub(crate) struct CreateArgs<'a> {
     pub(crate) size: Option<&'a str>,
     pub(crate) backing: Option<&'a str>,
     pub(crate) backing_fmt: Option<&'a str>,
+    /// `-u`: do not open the backing file (it may not exist yet).
+    pub(crate) unsafe_backing: bool,
 }
 
 /// Runs `qimg create`.
@@ -31,6 +33,7 @@ pub(crate) fn run(a: CreateArgs<'_>) -> Result<u8, CliError> {
         size,
         backing,
         backing_fmt,
+        unsafe_backing,
     } = a;
     let opts = OptionMap::parse(options).map_err(|e| CliError::usage(format!("-o: {e}")))?;
     let size = size
@@ -43,18 +46,24 @@ pub(crate) fn run(a: CreateArgs<'_>) -> Result<u8, CliError> {
                 .get_size("size")
                 .map_err(|e| CliError::usage(e.to_string()))?
                 .ok_or_else(|| {
-                    CliError::usage(format!("{filename}: image creation needs a size parameter"))
+                    CliError::usage(format!("{filename}: Image creation needs a size parameter"))
                 }),
         }
     };
     if backing.is_some() && format != Format::Qcow2 {
         return Err(CliError::usage(format!(
-            "{filename}: -b needs -f qcow2 (raw and LUKS images have no backing file)"
+            "{filename}: Backing file not supported for file format '{}'",
+            format_name(format)
         )));
     }
     let size = match format {
         Format::Qcow2 => {
-            create_qcow2(&opts, filename, size, backing, backing_fmt, quiet, secrets)?;
+            let b = BackingArgs {
+                file: backing,
+                fmt: backing_fmt,
+                unsafe_backing,
+            };
+            create_qcow2(&opts, filename, size, b, quiet, secrets)?;
             return Ok(0);
         }
         Format::Raw => {
@@ -429,49 +438,125 @@ pub(crate) fn open_qcow2_writer_keyed(
         .map_err(|e| CliError::io(path, e.to_string()))
 }
 
+/// `-b`, `-F` and `-u` of `qimg create`.
+pub(crate) struct BackingArgs<'a> {
+    /// `-b`.
+    pub(crate) file: Option<&'a str>,
+    /// `-F`.
+    pub(crate) fmt: Option<&'a str>,
+    /// `-u`: the backing file is not opened (it may not exist yet).
+    pub(crate) unsafe_backing: bool,
+}
+
+/// The C library's text for an I/O error (what QEMU prints), without
+/// Rust's " (os error N)".
+fn os_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// Opens the backing file `full` of the new image as qemu-img's create
+/// does: it must exist and be in `fmt` (any format qimg reads when `fmt`
+/// is `None`). Returns its detected format. Errors are qemu-img's, with
+/// its hint `Could not open backing image.`
+pub(crate) fn open_new_backing(
+    filename: &str,
+    full: &str,
+    fmt: Option<&str>,
+) -> Result<Format, CliError> {
+    let hint = |m: String| CliError::io(filename, format!("{m}\nCould not open backing image."));
+    let meta = std::fs::metadata(full)
+        .map_err(|e| hint(format!("Could not open '{full}': {}", os_text(&e))))?;
+    if meta.is_dir() {
+        return Err(hint(format!(
+            "'file' driver requires '{full}' to be a regular file"
+        )));
+    }
+    std::fs::File::open(full)
+        .map_err(|e| hint(format!("Could not open '{full}': {}", os_text(&e))))?;
+    let detected = crate::format::detect(full)?;
+    match fmt {
+        None => Ok(detected),
+        Some(name) => match Format::parse(name) {
+            None => Err(hint(format!("Unknown driver '{name}'"))),
+            Some(Format::Qcow2) if detected != Format::Qcow2 => {
+                Err(hint("Image is not in qcow2 format".into()))
+            }
+            Some(Format::Luks) if detected != Format::Luks => {
+                Err(hint("Volume is not in LUKS format".into()))
+            }
+            Some(f) => Ok(f),
+        },
+    }
+}
+
 /// `qimg create -f qcow2`: the size comes from the argument, `-o size=`, or
-/// the backing file.
+/// the backing file. As in qemu-img 10, a backing file needs its format
+/// (`-F` or `-o backing_fmt=`), and is opened (so must exist) unless `-u`.
 pub(crate) fn create_qcow2(
     opts: &OptionMap,
     filename: &str,
     size: Option<u64>,
-    backing: Option<&str>,
-    backing_fmt: Option<&str>,
+    backing: BackingArgs<'_>,
     quiet: bool,
     secrets: &SecretArgs,
 ) -> Result<(), CliError> {
-    let c = Qcow2Create::parse(opts, backing, backing_fmt)?;
+    let c = Qcow2Create::parse(opts, backing.file, backing.fmt)?;
+    let mut size = size.or(c.size);
     if let Some(b) = &c.backing_file {
+        if b.is_empty() {
+            return Err(CliError::io(
+                filename,
+                "Expected backing file name, got empty string".into(),
+            ));
+        }
         // qemu-img create reads the backing file with force-share: a
         // running VM's image can be a backing file.
         crate::lock::set_force_share(true);
         let full = crate::image::resolve_backing(filename, b);
-        let fmt = c
-            .backing_fmt
-            .as_deref()
-            .and_then(Format::parse)
-            .unwrap_or(Format::Qcow2);
-        crate::chain_lock::refuse_backing_loop(filename, &full.to_string_lossy(), fmt)?;
+        let full = full.to_string_lossy().into_owned();
+        if backing.unsafe_backing {
+            if c.backing_fmt.is_none() {
+                return Err(CliError::io(
+                    filename,
+                    "Backing file specified without backing format".into(),
+                ));
+            }
+        } else {
+            let detected = open_new_backing(filename, &full, c.backing_fmt.as_deref())?;
+            let Some(fmt) = c.backing_fmt.as_deref() else {
+                return Err(CliError::io(
+                    filename,
+                    format!(
+                        "Backing file specified without backing format\nDetected format of {detected}."
+                    ),
+                ));
+            };
+            let fmt = Format::parse(fmt).unwrap_or(detected);
+            if size.is_none() {
+                size = Some(
+                    crate::image::info(&full, Some(fmt), &crate::args::SecretArgs::default())?
+                        .virtual_size,
+                );
+            }
+        }
+        if std::path::Path::new(&full).exists() {
+            let fmt = c
+                .backing_fmt
+                .as_deref()
+                .and_then(Format::parse)
+                .unwrap_or(Format::Qcow2);
+            crate::chain_lock::refuse_backing_loop(filename, &full, fmt)?;
+        }
     }
     let secrets = crate::secret::Secrets::parse(&secrets.object)?;
-    let size = match size.or(c.size) {
-        Some(s) => s,
-        None => match &c.backing_file {
-            Some(b) => {
-                let full = crate::image::resolve_backing(filename, b);
-                let full = full.to_string_lossy().into_owned();
-                let fmt = c
-                    .backing_fmt
-                    .as_deref()
-                    .map(|f| Format::parse(f).unwrap_or(Format::Qcow2));
-                crate::image::info(&full, fmt, &crate::args::SecretArgs::default())?.virtual_size
-            }
-            None => {
-                return Err(CliError::usage(format!(
-                    "{filename}: image creation needs a size parameter"
-                )))
-            }
-        },
+    let Some(size) = size else {
+        return Err(CliError::usage(format!(
+            "{filename}: Image creation needs a size parameter"
+        )));
     };
     if !quiet {
         println!("{}", c.describe(filename, size));
@@ -505,9 +590,13 @@ pub(crate) struct CreateCmd {
     /// Backing file (qcow2 only); the size defaults to its size.
     #[arg(short = 'b', value_name = "BACKING")]
     backing: Option<String>,
-    /// Format of the backing file.
+    /// Format of the backing file (required with `-b`, as in qemu-img).
     #[arg(short = 'F', value_name = "FMT")]
     backing_fmt: Option<String>,
+    /// Unsafe: do not open the backing file (it may not exist yet); the
+    /// size must then be given.
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
     #[command(flatten)]
     secrets: SecretArgs,
     /// The new image file (absent with `-o help`).
@@ -540,6 +629,7 @@ impl CreateCmd {
             size: self.size.as_deref(),
             backing: self.backing.as_deref(),
             backing_fmt: self.backing_fmt.as_deref(),
+            unsafe_backing: self.unsafe_backing,
         })
     }
 }

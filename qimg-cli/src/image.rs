@@ -280,27 +280,32 @@ pub(crate) fn probe_linked(
     backing_fmt: Option<&str>,
     data: Option<&str>,
 ) -> Result<(), CliError> {
+    // qemu-img's words: `Could not open 'IMAGE': ` then, for the backing
+    // file, `Could not open backing file: ` then the file's own error.
     let usable = |full: &Path, what: &str| -> Result<(), CliError> {
-        let meta = std::fs::metadata(full).map_err(|e| {
-            CliError::io(
-                path,
-                format!("cannot open the {what} {}: {e}", full.display()),
-            )
-        })?;
+        let lead = match what {
+            "backing file" => format!("Could not open '{path}': Could not open backing file: "),
+            _ => format!("Could not open '{path}': "),
+        };
+        let os = |e: std::io::Error| {
+            let t = e.to_string();
+            let t = t
+                .split(" (os error ")
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            CliError::usage(format!("{lead}Could not open '{}': {t}", full.display()))
+        };
+        let meta = std::fs::metadata(full).map_err(os)?;
         if meta.is_dir() {
-            return Err(CliError::io(
-                path,
-                format!("the {what} {} is a directory", full.display()),
-            ));
+            return Err(CliError::usage(format!(
+                "{lead}'file' driver requires '{}' to be a regular file",
+                full.display()
+            )));
         }
         // A FIFO, socket or character device would block the open below.
         refuse_dir(&full.to_string_lossy())?;
-        std::fs::File::open(full).map_err(|e| {
-            CliError::io(
-                path,
-                format!("cannot open the {what} {}: {e}", full.display()),
-            )
-        })?;
+        std::fs::File::open(full).map_err(os)?;
         Ok(())
     };
     if let Some(b) = backing {
@@ -319,6 +324,12 @@ pub(crate) fn probe_linked(
             None => detect(&name)?,
         };
         match fmt {
+            Format::Qcow2 if detect(&name)? != Format::Qcow2 => {
+                return Err(CliError::usage(format!(
+                    "Could not open '{path}': Could not open backing file: \
+                     Image is not in qcow2 format"
+                )))
+            }
             Format::Qcow2 => {
                 crate::qcow2::Opening::open(&name)?;
             }

@@ -102,7 +102,9 @@ pub(crate) fn run(
         }
         Output::Human => {
             println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
-            for e in list.iter().filter(|e| e.status.data) {
+            // As qemu-img: data that reads as zero (a hole of a
+            // metadata-preallocated image or of its data file) is left out.
+            for e in list.iter().filter(|e| e.status.data && !e.status.zero) {
                 if let Some(o) = e.status.offset {
                     let file = img
                         .chain

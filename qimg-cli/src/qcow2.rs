@@ -69,7 +69,6 @@ pub(crate) struct Qcow2Source {
     /// of a deep backing chain that `map` never lands on holds one
     /// descriptor less.
     holes: Option<RawFile>,
-    has_data_file: bool,
     /// qemu-img hides host offsets of encrypted images.
     encrypted: bool,
     /// Whether the image looks metadata-preallocated (decided on first
@@ -145,7 +144,6 @@ impl Qcow2Source {
         opening: Opening,
         data_file: Option<(AnyDev, std::fs::File)>,
     ) -> Result<Self, CliError> {
-        let has_data_file = data_file.is_some();
         let img = opening.img;
         let encrypted = img.info().header.crypt_method.is_encrypted();
         let img = img.ignore_backing();
@@ -155,7 +153,6 @@ impl Qcow2Source {
             path: path.to_string(),
             img,
             holes: hole_file.map(RawFile::new),
-            has_data_file,
             encrypted,
             metadata_prealloc: None,
             spare_inputs: Vec::new(),
@@ -205,34 +202,31 @@ impl Qcow2Source {
     }
 
     /// qemu's test for metadata preallocation: far more clusters carry a
-    /// refcount than the filesystem has allocated for the file. Only then
-    /// does qemu-img map consult the file for zeroes in data clusters.
+    /// refcount than the filesystem has allocated for the image file. Only
+    /// then does qemu-img map consult the file holding the data (the image
+    /// file, or the external data file when there is one) for zeroes in
+    /// data clusters: a data file's holes are then reported as zero.
     fn is_metadata_prealloc(&mut self) -> Result<bool, DevError> {
         if let Some(v) = self.metadata_prealloc {
             return Ok(v);
         }
-        let v = if self.has_data_file {
-            false
-        } else {
-            let cs = self.img.info().cluster_size();
-            let file_len = self.holes()?.size()?;
-            let real =
-                crate::file::allocated_bytes(&self.path).map_err(|e| DevError(e.to_string()))? / cs;
-            let threshold = (real * 10 / 9).max(real + 2);
-            let clusters = file_len.div_ceil(cs);
-            let mut counted = 0u64;
-            let mut found = false;
-            for c in 0..clusters {
-                if self.img.refcount(c).map_err(|e| self.err(e))? > 0 {
-                    counted += 1;
-                    if counted > threshold {
-                        found = true;
-                        break;
-                    }
+        let cs = self.img.info().cluster_size();
+        let file_len = crate::file::file_length(&self.path).map_err(|e| DevError(e.to_string()))?;
+        let real =
+            crate::file::allocated_bytes(&self.path).map_err(|e| DevError(e.to_string()))? / cs;
+        let threshold = (real * 10 / 9).max(real + 2);
+        let clusters = file_len.div_ceil(cs);
+        let mut counted = 0u64;
+        let mut v = false;
+        for c in 0..clusters {
+            if self.img.refcount(c).map_err(|e| self.err(e))? > 0 {
+                counted += 1;
+                if counted > threshold {
+                    v = true;
+                    break;
                 }
             }
-            found
-        };
+        }
         self.metadata_prealloc = Some(v);
         Ok(v)
     }

@@ -156,6 +156,8 @@ fn convert_with_the_source_as_backing_keeps_the_source() {
             "qcow2",
             "-B",
             name,
+            "-F",
+            "qcow2",
             "base.qcow2",
             "new.qcow2",
         ]));
