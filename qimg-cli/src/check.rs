@@ -373,7 +373,9 @@ pub(crate) struct CheckCmd {
     /// plaintext, so checking needs no key.
     #[command(flatten)]
     secrets: crate::args::SecretArgs,
-    /// The image file.
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
+    /// The image file (or option list, with --image-opts).
     filename: String,
 }
 
@@ -381,12 +383,13 @@ impl CheckCmd {
     /// Runs `qimg check`; returns qemu-img's exit code.
     pub(crate) fn run(self) -> Result<u8, CliError> {
         crate::lock::set_force_share(self.force_share);
+        let spec = self.image_opts.spec(&self.filename, self.format)?;
         run(&CheckArgs {
-            format: self.format,
+            format: Some(spec.resolve(None)?),
             repair: self.repair,
             json: self.output == crate::args::Output::Json,
             quiet: self.quiet,
-            filename: &self.filename,
+            filename: &spec.path,
         })
     }
 }

@@ -58,6 +58,8 @@ pub(crate) struct CompareCmd {
     force_share: bool,
     #[command(flatten)]
     secrets: SecretArgs,
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
     /// The first image.
     file1: String,
     /// The second image.
@@ -93,12 +95,17 @@ impl Side {
         a: &CompareCmd,
         s: &Secrets,
     ) -> Result<Self, CliError> {
+        let spec = a
+            .image_opts
+            .spec(path, format)
+            .map_err(|e| with_code(e, EXIT_OPEN))?;
         let o = image::open(
-            path,
+            &spec.path,
             &OpenOptions {
-                format,
+                format: spec.format,
                 ..OpenOptions::from_args(&a.secrets)
-            },
+            }
+            .with_spec(&spec),
             s,
         )
         .map_err(|e| with_code(e, EXIT_OPEN))?;

@@ -69,6 +69,12 @@ pub(crate) struct ConvertCmd {
     force_share: bool,
     #[command(flatten)]
     secrets: SecretArgs,
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
+    /// The destination is QEMU's option list (`driver=qcow2,file.filename=PATH,
+    /// encrypt.key-secret=ID`; with -n: an existing image).
+    #[arg(long = "target-image-opts")]
+    target_image_opts: bool,
     /// Source image.
     source: String,
     /// Destination image.
@@ -94,10 +100,28 @@ impl ConvertCmd {
             out_of_order: _,
             force_share,
             secrets,
+            image_opts,
+            target_image_opts,
             source,
             destination,
         } = self;
         crate::lock::set_force_share(force_share);
+        let src_spec = image_opts.spec(&source, format)?;
+        // The destination as an option set: -n only, its driver is the
+        // output format and its key secret unlocks it.
+        let (output_format, destination, target_key_secret) =
+            if target_image_opts || destination.starts_with(crate::image_spec::JSON_PREFIX) {
+                if target_image_opts && !no_create {
+                    return Err(CliError::usage(
+                        "--target-image-opts requires use of -n flag".into(),
+                    ));
+                }
+                let t = crate::image_spec::ImageSpec::from_arg(&destination, target_image_opts, None)?;
+                let f = t.resolve(None)?;
+                (f, t.path.clone(), t.key_secret.clone())
+            } else {
+                (output_format, destination, None)
+            };
         convert_cmd(ConvertArgs {
             progress: progress && !quiet,
             workers: workers.map_or_else(crate::parallel::default_workers, usize::from),
@@ -113,7 +137,9 @@ impl ConvertCmd {
             target_is_zero,
             secrets,
             source,
+            src_spec,
             destination,
+            target_key_secret,
         })
     }
 }
@@ -132,7 +158,11 @@ struct ConvertArgs {
     target_is_zero: bool,
     secrets: SecretArgs,
     source: String,
+    /// What `source` names (a path, `--image-opts` or `json:`).
+    src_spec: crate::image_spec::ImageSpec,
     destination: String,
+    /// The destination's key secret from `--target-image-opts`.
+    target_key_secret: Option<String>,
 }
 
 fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
@@ -140,12 +170,13 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
     crate::lock::creating_for(&format!("error while converting {}: ", a.output_format));
     let secrets = Secrets::parse(&a.secrets.object)?;
     let mut src = image::open(
-        &a.source,
+        &a.src_spec.path,
         &OpenOptions {
             format: a.format,
             snapshot: a.snapshot.clone(),
             ..OpenOptions::from_args(&a.secrets)
-        },
+        }
+        .with_spec(&a.src_spec),
         &secrets,
     )?;
     crate::lock::refuse_self_overwrite(
@@ -210,14 +241,18 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         Format::Qcow2 => {
             return convert_to_qcow2(&a, src.dev.as_mut(), len, &opts, &secrets);
         }
-        Format::Luks => {
-            if a.no_create {
-                return Err(CliError::usage(
-                    "-n with -O luks is not supported: qimg creates the LUKS volume".into(),
-                ));
-            }
-            crate::luks::create_for_convert(&a.destination, &opts, &secrets, len)?
+        Format::Luks if a.no_create => {
+            // An existing volume: unlocked with `key-secret` from
+            // --target-image-opts, else the only secret given.
+            opts.reject_unused("luks")
+                .map_err(|e| CliError::usage(e.to_string()))?;
+            let keys = crate::luks_common::KeySource {
+                key_file: None,
+                key_secret: a.target_key_secret.clone(),
+            };
+            crate::luks::open_payload(&a.destination, None, &keys, &secrets, true)?
         }
+        Format::Luks => crate::luks::create_for_convert(&a.destination, &opts, &secrets, len)?,
     };
     // A new LUKS payload reads as noise, not zeroes: write every sector.
     let dst_zeroed = a.output_format != Format::Luks;
@@ -267,7 +302,10 @@ fn convert_to_qcow2(
         // secret given, else a prompt.
         let keys = crate::luks_common::KeySource {
             key_file: None,
-            key_secret: opts.get("encrypt.key-secret").map(str::to_string),
+            key_secret: opts
+                .get("encrypt.key-secret")
+                .map(str::to_string)
+                .or_else(|| a.target_key_secret.clone()),
         };
         opts.reject_unused("qcow2")
             .map_err(|e| CliError::usage(e.to_string()))?;

@@ -17,6 +17,7 @@ mod format;
 mod human;
 mod image;
 mod image_info;
+mod image_spec;
 mod info;
 mod keys;
 mod keys2;
