@@ -510,10 +510,9 @@ impl Json<'_> {
             Some(b'}' | b']' | b',' | b':') => Err("expecting value".into()),
             Some(c) if c == b'-' || c.is_ascii_digit() => {
                 let start = self.at;
-                while self
-                    .peek()
-                    .is_some_and(|c| c.is_ascii_digit() || matches!(c, b'-' | b'+' | b'.' | b'e' | b'E'))
-                {
+                while self.peek().is_some_and(|c| {
+                    c.is_ascii_digit() || matches!(c, b'-' | b'+' | b'.' | b'e' | b'E')
+                }) {
                     self.at += 1;
                 }
                 let text = String::from_utf8_lossy(&self.s[start..self.at]).into_owned();
@@ -710,12 +709,10 @@ fn build(flat: &[(String, Val)], text: Option<&str>) -> Result<ImageSpec, String
             }
             "file.driver" => match driver(&string(key, v)?)? {
                 Driver::File => {}
-                Driver::Format(f) => {
-                    return Err(format!(
-                        "qimg does not implement '{}' as the protocol layer (file.driver=file only)",
-                        f.name()
-                    ))
-                }
+                Driver::Format(f) => return Err(format!(
+                    "qimg does not implement '{}' as the protocol layer (file.driver=file only)",
+                    f.name()
+                )),
             },
             "file.filename" => {
                 spec.path = string(key, v)?;
@@ -862,10 +859,16 @@ mod tests {
         assert_eq!(b.format, None, "a backing spec without driver is probed");
         assert_eq!(b.key_secret.as_deref(), Some("s1"));
         let l = opts("driver=luks,key-secret=k,file.filename=v").unwrap();
-        assert_eq!((l.format, l.key_secret.as_deref()), (Some(Format::Luks), Some("k")));
+        assert_eq!(
+            (l.format, l.key_secret.as_deref()),
+            (Some(Format::Luks), Some("k"))
+        );
         assert!(l.check_format(Format::Luks).is_ok());
         let e = s.check_format(Format::Raw).unwrap_err().msg;
-        assert!(e.contains("Block format 'raw' does not support the option 'encrypt.key-secret'"), "{e}");
+        assert!(
+            e.contains("Block format 'raw' does not support the option 'encrypt.key-secret'"),
+            "{e}"
+        );
         let f = opts("driver=file,filename=x.img").unwrap();
         assert_eq!((f.path.as_str(), f.format), ("x.img", Some(Format::Raw)));
         let p = opts("file.filename=probe.img").unwrap();
@@ -890,17 +893,34 @@ mod tests {
         let b = json(r#"json:{"driver":"qcow2","file.filename":"a.qcow2","encrypt.key-secret":"s0","backing.driver":"raw","backing.file.filename":"b\u0022c.raw"}"#).unwrap();
         assert_eq!(a.path, "a.qcow2");
         assert_eq!(a.key_secret.as_deref(), Some("s0"));
-        let Backing::Spec(bs) = &a.backing else { panic!() };
-        assert_eq!((bs.path.as_str(), bs.format), ("b\"c.raw", Some(Format::Raw)));
-        assert_eq!((a.path.clone(), a.key_secret.clone(), a.backing.clone()), (b.path, b.key_secret, b.backing));
+        let Backing::Spec(bs) = &a.backing else {
+            panic!()
+        };
+        assert_eq!(
+            (bs.path.as_str(), bs.format),
+            ("b\"c.raw", Some(Format::Raw))
+        );
+        assert_eq!(
+            (a.path.clone(), a.key_secret.clone(), a.backing.clone()),
+            (b.path, b.key_secret, b.backing)
+        );
         let n = json(r#"json:{"driver":"qcow2","file":{"filename":"o"},"backing":null}"#).unwrap();
         assert_eq!(n.backing, Backing::Without);
         // A plain name is a path, and -f names the driver of a json: spec without one.
         assert_eq!(json("x,y.qcow2").unwrap().path, "x,y.qcow2");
-        let f = ImageSpec::from_arg(r#"json:{"file":{"filename":"o"}}"#, false, Some(Format::Raw)).unwrap();
+        let f = ImageSpec::from_arg(
+            r#"json:{"file":{"filename":"o"}}"#,
+            false,
+            Some(Format::Raw),
+        )
+        .unwrap();
         assert_eq!(f.format, Some(Format::Raw));
         let ws = json(" json:{}");
-        assert_eq!(ws.unwrap().path, " json:{}", "only a leading json: is a spec");
+        assert_eq!(
+            ws.unwrap().path,
+            " json:{}",
+            "only a leading json: is a spec"
+        );
     }
 
     #[test]
@@ -934,11 +954,14 @@ mod tests {
             (r#"json:{"driver":"qcow2","file":{"filename":"o"},"backing":"b"}"#, false, "Could not open backing file: Cannot find device='b' nor node-name='b'"),
         ];
         for (arg, image_opts, want) in cases {
-            let got = ImageSpec::from_arg(arg, *image_opts, None).map(|_| ()).unwrap_err();
+            let got = ImageSpec::from_arg(arg, *image_opts, None)
+                .map(|_| ())
+                .unwrap_err();
             assert!(got.msg.contains(want), "{arg}: {} (wanted {want})", got.msg);
             assert_eq!(got.code, 1, "{arg}");
         }
-        let e = ImageSpec::from_arg("driver=qcow2,file.filename=a", true, Some(Format::Qcow2)).unwrap_err();
+        let e = ImageSpec::from_arg("driver=qcow2,file.filename=a", true, Some(Format::Qcow2))
+            .unwrap_err();
         assert_eq!(e.msg, "--image-opts and --format are mutually exclusive");
     }
 
@@ -946,7 +969,13 @@ mod tests {
     fn json_depth_and_odd_bytes_never_panic() {
         let deep = format!("json:{}{}", "{\"a\":".repeat(200), "}".repeat(200));
         assert!(json(&deep).unwrap_err().contains("too deeply nested"));
-        for s in ["json:{\"a\":\"\\u12\"}", "json:{\"a\":\"\\ud800\\u0041\"}", "json:{\"\\", "json:{\"a\":-}", "json:{\"a\":[1,}"] {
+        for s in [
+            "json:{\"a\":\"\\u12\"}",
+            "json:{\"a\":\"\\ud800\\u0041\"}",
+            "json:{\"\\",
+            "json:{\"a\":-}",
+            "json:{\"a\":[1,}",
+        ] {
             assert!(json(s).is_err(), "{s}");
         }
     }
@@ -954,9 +983,17 @@ mod tests {
     #[test]
     fn encryption_format_is_checked_against_the_header() {
         let s = opts("driver=qcow2,file.filename=e,encrypt.format=aes").unwrap();
-        assert!(s.check_encryption(2).unwrap_err().msg.ends_with("Header reported 'luks' encryption format but options specify 'aes'"));
+        assert!(s
+            .check_encryption(2)
+            .unwrap_err()
+            .msg
+            .ends_with("Header reported 'luks' encryption format but options specify 'aes'"));
         assert!(s.check_encryption(1).is_ok());
-        assert!(s.check_encryption(0).unwrap_err().msg.contains("No encryption in image header, but options specified format 'aes'"));
+        assert!(s
+            .check_encryption(0)
+            .unwrap_err()
+            .msg
+            .contains("No encryption in image header, but options specified format 'aes'"));
         assert!(ImageSpec::path("x", None).check_encryption(2).is_ok());
     }
 }

@@ -301,8 +301,11 @@ pub(crate) fn amend(a: &AmendArgs<'_>) -> Result<u8, CliError> {
     let secrets = Secrets::parse(&a.secrets.object)?;
     let spec = crate::image_spec::ImageSpec::from_arg(a.filename, a.image_opts, a.format)?;
     spec.refuse_backing_keys()?;
-    let (mut path, mut format, mut key_secret) =
-        (spec.path.clone(), Some(spec.resolve(a.secrets.header.as_deref())?), spec.key_secret.clone());
+    let (mut path, mut format, mut key_secret) = (
+        spec.path.clone(),
+        Some(spec.resolve(a.secrets.header.as_deref())?),
+        spec.key_secret.clone(),
+    );
     // A raw LUKS volume with a detached header: the key slots are there.
     if let Some(h) = &a.secrets.header {
         path.clone_from(h);

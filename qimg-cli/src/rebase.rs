@@ -42,6 +42,8 @@ pub(crate) struct RebaseCmd {
     quiet: bool,
     #[command(flatten)]
     secrets: SecretArgs,
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
     /// The image.
     filename: String,
 }
@@ -49,8 +51,10 @@ pub(crate) struct RebaseCmd {
 impl RebaseCmd {
     /// Runs `qimg rebase`.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
-        let path = self.filename.as_str();
-        qcow2_only(path, self.format)?;
+        let spec = self.image_opts.spec(&self.filename, self.format)?;
+        let path = spec.path.as_str();
+        qcow2_only(path, spec.format)?;
+        spec.check_format(Format::Qcow2)?;
         crate::lock::will_write(path);
         let new = (!self.backing.is_empty()).then_some(self.backing.as_str());
         let fail = |why: String| {
@@ -82,7 +86,7 @@ impl RebaseCmd {
             crate::chain_lock::refuse_backing_loop(path, &full, fmt)?;
         }
         if !self.unsafe_ {
-            self.keep_content(path, new, new_fmt)?;
+            self.keep_content(&spec, new, new_fmt)?;
         }
         let mut w = open_metadata_writer(path)?;
         w.set_backing(new, new_fmt)
@@ -95,12 +99,21 @@ impl RebaseCmd {
     /// whose content differs between the old chain and the new backing.
     fn keep_content(
         &self,
-        path: &str,
+        spec: &crate::image_spec::ImageSpec,
         new: Option<&str>,
         fmt: Option<&str>,
     ) -> Result<(), CliError> {
+        let path = spec.path.as_str();
         let secrets = Secrets::parse(&self.secrets.object)?;
-        let mut old = open_qcow2(path, &self.secrets, &secrets)?;
+        let mut old = image::open(
+            path,
+            &OpenOptions {
+                format: Some(Format::Qcow2),
+                ..OpenOptions::from_args(&self.secrets)
+            }
+            .with_spec(spec),
+            &secrets,
+        )?;
         let mut new_view: Option<(String, Box<dyn Source>, u64)> = match new {
             Some(b) => {
                 let full = image::resolve_backing(path, b)
@@ -185,23 +198,6 @@ pub(crate) fn qcow2_only(path: &str, format: Option<Format>) -> Result<(), CliEr
         ));
     }
     Ok(())
-}
-
-/// Opens the qcow2 image `path` for reading, through its backing chain,
-/// with the key options of `args` and `secrets`.
-pub(crate) fn open_qcow2(
-    path: &str,
-    args: &SecretArgs,
-    secrets: &Secrets,
-) -> Result<image::Opened, CliError> {
-    image::open(
-        path,
-        &OpenOptions {
-            format: Some(Format::Qcow2),
-            ..OpenOptions::from_args(args)
-        },
-        secrets,
-    )
 }
 
 /// Opens the qcow2 image `path` for metadata changes only (backing file
