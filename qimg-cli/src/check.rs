@@ -385,7 +385,7 @@ impl CheckCmd {
         crate::lock::set_force_share(self.force_share);
         let spec = self.image_opts.spec(&self.filename, self.format)?;
         run(&CheckArgs {
-            format: Some(spec.resolve(None)?),
+            format: Some(spec.resolve_for_io(None)?),
             repair: self.repair,
             json: self.output == crate::args::Output::Json,
             quiet: self.quiet,

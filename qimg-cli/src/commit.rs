@@ -50,7 +50,7 @@ impl CommitCmd {
         let spec = self.image_opts.spec(&self.filename, self.format)?;
         let path = spec.path.as_str();
         qcow2_only(path, spec.format)?;
-        spec.check_format(Format::Qcow2)?;
+        spec.check_opened(Format::Qcow2, path)?;
         crate::lock::will_write(path);
         let args = self.secrets.with_spec(&spec);
         let info = image::info(path, Some(Format::Qcow2), &args)?;

@@ -186,7 +186,7 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
     refuse_dir(path)?;
     let format = resolve(path, opts.format, opts.header.as_deref())?;
     if let Some(spec) = &opts.spec {
-        spec.check_format(format)?;
+        spec.check_opened(format, path)?;
     }
     if opts.snapshot.is_some() && format != Format::Qcow2 {
         return Err(CliError::usage(format!(

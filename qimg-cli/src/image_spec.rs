@@ -156,6 +156,9 @@ pub(crate) struct ImageSpec {
     pub(crate) data_file: Option<String>,
     /// Keys that only some formats accept: checked by [`Self::check_format`].
     only: Vec<(String, Only)>,
+    /// `encrypt.*` keys the encryption layer does not take: refused only
+    /// when the image is encrypted (qemu-img reads them only then).
+    encrypt_unknown: Vec<String>,
 }
 
 impl ImageSpec {
@@ -170,6 +173,7 @@ impl ImageSpec {
             backing: Backing::AsWritten,
             data_file: None,
             only: Vec::new(),
+            encrypt_unknown: Vec::new(),
         }
     }
 
@@ -235,6 +239,49 @@ impl ImageSpec {
         Ok(format)
     }
 
+    /// For a verb that reads or writes the guest data: [`Self::resolve`]
+    /// plus the checks qemu-img's open of the format makes first (see
+    /// [`Self::check_opened`]).
+    pub(crate) fn resolve_for_io(&self, header: Option<&str>) -> Result<Format, CliError> {
+        self.check_exists(&self.path)?;
+        let format = crate::format::resolve(&self.path, self.format, header)?;
+        self.check_opened(format, &self.path)?;
+        Ok(format)
+    }
+
+    /// The checks on the file `path` in `format` that qemu-img makes when
+    /// it opens an image for its data, in its order: an encrypted image
+    /// without its own key option fails before unknown options are
+    /// reported; then unknown options; then `encrypt.format` against the
+    /// header.
+    pub(crate) fn check_opened(&self, format: Format, path: &str) -> Result<(), CliError> {
+        if self.text.is_none() {
+            return Ok(());
+        }
+        let crypt = match format {
+            Format::Qcow2 => qcow2_crypt_method(path),
+            Format::Luks => Some(2),
+            Format::Raw => None,
+        };
+        if let Err(e) = self.check_format(format) {
+            let own = match format {
+                Format::Qcow2 => "encrypt.key-secret",
+                _ => "key-secret",
+            };
+            let has_own = self.only.iter().any(|(k, _)| k == own);
+            if crypt.is_some_and(|c| c != 0) && !has_own {
+                return Err(self.error(&format!("Parameter '{own}' is required for cipher")));
+            }
+            return Err(e);
+        }
+        if format == Format::Qcow2 {
+            if let Some(c) = crypt {
+                self.check_encryption(c)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Refuses what the spec says that `format` does not take, with
     /// qemu-img's message (`format` is the driver given or probed).
     pub(crate) fn check_format(&self, format: Format) -> Result<(), CliError> {
@@ -281,8 +328,15 @@ impl ImageSpec {
     }
 
     /// The encryption a qcow2 header reports (`crypt_method`: 0 none, 1
-    /// aes, 2 luks), checked against `encrypt.format` as qemu-img checks it.
+    /// aes, 2 luks), checked against the `encrypt.*` keys as qemu-img
+    /// checks them: unknown ones when it is encrypted, then
+    /// `encrypt.format`.
     pub(crate) fn check_encryption(&self, crypt_method: u32) -> Result<(), CliError> {
+        if crypt_method != 0 {
+            if let Some(k) = self.encrypt_unknown.first() {
+                return Err(self.error(&format!("Parameter '{k}' is unexpected")));
+            }
+        }
         let Some(want) = self.encrypt_format.as_deref() else {
             return Ok(());
         };
@@ -301,6 +355,15 @@ impl ImageSpec {
             Some(_) => Ok(()),
         }
     }
+}
+
+/// The `crypt_method` field of the qcow2 header of `path` (big-endian
+/// at byte 32), `None` when it cannot be read (the open reports that).
+fn qcow2_crypt_method(path: &str) -> Option<u32> {
+    use std::io::Read;
+    let mut head = [0u8; 36];
+    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    Some(u32::from_be_bytes([head[32], head[33], head[34], head[35]]))
 }
 
 /// The C library's text for an I/O error, without Rust's ` (os error N)`.
@@ -459,6 +522,7 @@ impl Json<'_> {
                     match self.peek() {
                         None => return Err("premature EOI".into()),
                         Some(b'"') => {}
+                        Some(b'}') => return Err("expecting value".into()),
                         Some(_) => return Err("key is not a string in object".into()),
                     }
                     let key = self.string()?;
@@ -709,10 +773,12 @@ fn build(flat: &[(String, Val)], text: Option<&str>) -> Result<ImageSpec, String
             }
             "file.driver" => match driver(&string(key, v)?)? {
                 Driver::File => {}
-                Driver::Format(f) => return Err(format!(
+                Driver::Format(f) => {
+                    return Err(format!(
                     "qimg does not implement '{}' as the protocol layer (file.driver=file only)",
                     f.name()
-                )),
+                ))
+                }
             },
             "file.filename" => {
                 spec.path = string(key, v)?;
@@ -761,11 +827,9 @@ fn build(flat: &[(String, Val)], text: Option<&str>) -> Result<ImageSpec, String
                 return Err(unsupported("protocol", "file", inner));
             }
             _ if key.starts_with("encrypt.") => {
-                let inner = &key["encrypt.".len()..];
-                if QEMU_UNIMPLEMENTED.contains(&inner) || inner == "iter-time" {
-                    return Err(unsupported("format", "qcow2", key));
-                }
-                return Err(format!("Parameter '{inner}' is unexpected"));
+                spec.encrypt_unknown
+                    .push(key["encrypt.".len()..].to_string());
+                spec.only.push((k.clone(), Only::Qcow2));
             }
             _ => return Err(unsupported("format", fmt_name(&drv), key)),
         }
@@ -938,7 +1002,6 @@ mod tests {
             ("driver=qcow2,file=a.qcow2", true, "Cannot find device='a.qcow2' nor node-name='a.qcow2'"),
             ("driver=qcow2,file.filename=a,novalue", true, "does not support the option 'value'"),
             ("driver=qcow2,file.filename=a,=x", true, "does not support the option ''"),
-            ("driver=qcow2,file.filename=e,encrypt.bogus=1", true, "Parameter 'bogus' is unexpected"),
             ("driver=vmdk,file.filename=a", true, "qimg does not implement the driver 'vmdk'"),
             ("driver=qcow2,file.filename=a,l2-cache-size=1M", true, "qimg does not implement the option 'l2-cache-size'"),
             ("driver=qcow2,file.filename=o,backing.driver=qcow2,backing.file.filename=b,backing.bogus=1", true, "Could not open backing file: Block format 'qcow2' does not support the option 'bogus'"),
@@ -995,5 +1058,10 @@ mod tests {
             .msg
             .contains("No encryption in image header, but options specified format 'aes'"));
         assert!(ImageSpec::path("x", None).check_encryption(2).is_ok());
+        let u = opts("driver=qcow2,file.filename=e,encrypt.bogus=1").unwrap();
+        assert!(u.check_encryption(0).is_ok(), "read only when encrypted");
+        let e = u.check_encryption(2).unwrap_err().msg;
+        assert!(e.ends_with("Parameter 'bogus' is unexpected"), "{e}");
+        assert!(u.check_format(Format::Luks).is_err());
     }
 }

@@ -90,7 +90,7 @@ impl InfoCmd {
         let spec = self.image_opts.spec(&self.filename, self.format)?;
         spec.refuse_backing_keys()?;
         let format = spec.resolve(self.secrets.header.as_deref())?;
-        if format == Format::Qcow2 && spec.encrypt_format.is_some() {
+        if format == Format::Qcow2 && spec.text.is_some() {
             let img = crate::qcow2::Opening::open(&spec.path)?.img;
             spec.check_encryption(img.info().header.crypt_method)?;
         }

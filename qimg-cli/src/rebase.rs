@@ -54,7 +54,7 @@ impl RebaseCmd {
         let spec = self.image_opts.spec(&self.filename, self.format)?;
         let path = spec.path.as_str();
         qcow2_only(path, spec.format)?;
-        spec.check_format(Format::Qcow2)?;
+        spec.check_opened(Format::Qcow2, path)?;
         crate::lock::will_write(path);
         let new = (!self.backing.is_empty()).then_some(self.backing.as_str());
         let fail = |why: String| {

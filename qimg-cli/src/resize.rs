@@ -93,7 +93,7 @@ impl ResizeCmd {
     /// Runs `qimg resize`.
     pub(crate) fn run(self) -> Result<u8, CliError> {
         let spec = self.image_opts.spec(&self.filename, self.format)?;
-        let format = spec.resolve(None)?;
+        let format = spec.resolve_for_io(None)?;
         run(
             &spec.path,
             Some(format),
