@@ -202,6 +202,16 @@ fn errors_match_qemu_img() {
         "--image-opts".into(),
         "driver=qcow2,file.filename=a.qcow2".into(),
     ]);
+    // -f with --image-opts, on every verb that reads a source.
+    for c in [
+        "compare -f qcow2 --image-opts driver=qcow2,file.filename=a.qcow2 driver=qcow2,file.filename=a.qcow2",
+        "convert -f qcow2 --image-opts driver=qcow2,file.filename=a.qcow2 x.raw",
+        "dd -f qcow2 --image-opts if=driver=qcow2,file.filename=a.qcow2 of=x.raw",
+        "measure -O qcow2 -f qcow2 --image-opts driver=qcow2,file.filename=a.qcow2",
+        "compare --image-opts driver=qcow2,file.filename=a.qcow2 driver=qcow2,file.filename=a.qcow2,bogus=1",
+    ] {
+        cases.push(c.split(' ').map(String::from).collect());
+    }
     cases.push(vec![
         "convert".into(),
         "--target-image-opts".into(),
