@@ -467,6 +467,10 @@ fn next_layer(
     written: Option<BackingName>,
     spec: Option<ImageSpec>,
 ) -> Result<Option<(String, Format, Option<ImageSpec>)>, CliError> {
+    // Errors about a file the option set names are worded as qemu-img's.
+    let parent = spec
+        .as_ref()
+        .map(|s| ImageSpec::path(&s.path, s.format).named(s));
     let chosen = spec.map_or(Backing::AsWritten, |s| s.backing);
     let (name, bfmt) = match (chosen, written) {
         (Backing::Without, _) => return Ok(None),
@@ -483,6 +487,13 @@ fn next_layer(
                     ));
                 };
                 b.path = resolve_backing(cur, name).to_string_lossy().into_owned();
+            }
+            if let (Err(e), Some(p)) = (std::fs::metadata(&b.path), &parent) {
+                return Err(p.error(&format!(
+                    "Could not open backing file: Could not open '{}': {}",
+                    b.path,
+                    crate::image_spec::strerror(&e)
+                )));
             }
             let f = match b.format {
                 Some(f) => f,
@@ -576,11 +587,15 @@ fn open_qcow2_layer(
             ctx.files
                 .borrow_mut()
                 .push(full.to_string_lossy().into_owned());
-            let file = std::fs::File::open(&full).map_err(|e| {
-                CliError::io(
+            let file = std::fs::File::open(&full).map_err(|e| match (spec, &given_data) {
+                (Some(s), Some(g)) => s.error(&format!(
+                    "Could not open '{g}': {}",
+                    crate::image_spec::strerror(&e)
+                )),
+                _ => CliError::io(
                     path,
                     format!("cannot open the data file {}: {e}", full.display()),
-                )
+                ),
             })?;
             crate::lock::lock(&file, &full.to_string_lossy(), crate::lock::Access::Read)?;
             let holes = file

@@ -177,6 +177,13 @@ impl ImageSpec {
         }
     }
 
+    /// This spec, named in messages as `other` is (a light copy for
+    /// wording errors about a file `other` names).
+    pub(crate) fn named(mut self, other: &Self) -> Self {
+        self.text.clone_from(&other.text);
+        self
+    }
+
     /// What a verb's image argument means: with `--image-opts` an option
     /// list (`-f` is then refused, as qemu-img refuses it), else a
     /// `json:{...}` pseudo-filename, else a path in format `format`.

@@ -526,3 +526,65 @@ fn writing_verbs_take_option_sets() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(std::fs::read(d.join("a.qcow2")).unwrap(), before);
 }
+
+/// `data-file.*` keys open another external data file than the one the
+/// image names; a missing one (or backing file) fails as in qemu-img.
+#[test]
+fn data_file_keys_choose_the_data_file() {
+    let Some(q) = Qemu::find() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    images(&q, d);
+    let img = |args: &[&str]| {
+        run_ok(Command::new(&q.img).current_dir(d).args(args));
+    };
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=d.raw",
+        "dq.qcow2",
+        "1M",
+    ]);
+    // (qemu-io run in `d`: it finds the data file from there.)
+    run_ok(Command::new(&q.io).current_dir(d).args([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x66 0 128k",
+        "dq.qcow2",
+    ]));
+    std::fs::copy(d.join("d.raw"), d.join("d2.raw")).unwrap();
+    q.io(&d.join("d2.raw"), "raw", &["write -P 0x77 0 4k"]);
+    for spec in [
+        "driver=qcow2,file.filename=dq.qcow2,data-file.filename=d2.raw",
+        "driver=qcow2,file.filename=dq.qcow2,data-file.driver=file,data-file.filename=d2.raw",
+        "driver=qcow2,file.filename=dq.qcow2,data-file.driver=raw,data-file.file.filename=d2.raw",
+        "driver=qcow2,file.filename=dq.qcow2,data-file.filename=nope.raw",
+        "driver=qcow2,file.filename=o.qcow2,backing.file.filename=nope.qcow2",
+    ] {
+        same(&q, d, &["map", "--output=json", "--image-opts", spec]);
+        same(
+            &q,
+            d,
+            &[
+                "compare",
+                "--image-opts",
+                spec,
+                "driver=qcow2,file.filename=dq.qcow2",
+            ],
+        );
+    }
+    let spec = "driver=qcow2,file.filename=dq.qcow2,data-file.filename=d2.raw";
+    run_ok(
+        qimg()
+            .current_dir(d)
+            .args(["convert", "-O", "raw", "--image-opts", spec, "ours.raw"]),
+    );
+    let ours = std::fs::read(d.join("ours.raw")).unwrap();
+    assert_eq!((ours[0], ours[4096]), (0x77, 0x66), "read from d2.raw");
+    img(&["convert", "-O", "raw", "--image-opts", spec, "theirs.raw"]);
+    assert_eq!(ours, std::fs::read(d.join("theirs.raw")).unwrap());
+}
