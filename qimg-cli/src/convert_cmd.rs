@@ -18,9 +18,10 @@ pub(crate) struct ConvertCmd {
     /// Source format; detected from the file when absent.
     #[arg(short = 'f', long = "format", value_enum)]
     format: Option<Format>,
-    /// Destination format.
-    #[arg(short = 'O', value_enum, default_value = "raw")]
-    output_format: Format,
+    /// Destination format (raw when absent; refused with
+    /// --target-image-opts, whose driver names it).
+    #[arg(short = 'O', value_enum)]
+    output_format: Option<Format>,
     /// Destination options (`-o key=value,...`).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -109,20 +110,23 @@ impl ConvertCmd {
         let src_spec = image_opts.spec(&source, format)?;
         // The destination as an option set: -n only, its driver is the
         // output format and its key secret unlocks it.
-        let (output_format, destination, target_key_secret) = if target_image_opts
-            || destination.starts_with(crate::image_spec::JSON_PREFIX)
-        {
-            if target_image_opts && !no_create {
-                return Err(CliError::usage(
-                    "--target-image-opts requires use of -n flag".into(),
-                ));
-            }
-            let t = crate::image_spec::ImageSpec::from_arg(&destination, target_image_opts, None)?;
-            let f = t.resolve(None)?;
-            (f, t.path.clone(), t.key_secret.clone())
-        } else {
-            (output_format, destination, None)
-        };
+        let (output_format, destination, target_key_secret) =
+            if target_image_opts || destination.starts_with(crate::image_spec::JSON_PREFIX) {
+                if target_image_opts && !no_create {
+                    return Err(CliError::usage(
+                        "--target-image-opts requires use of -n flag".into(),
+                    ));
+                }
+                let t = crate::image_spec::ImageSpec::from_arg(
+                    &destination,
+                    target_image_opts,
+                    output_format,
+                )?;
+                let f = t.resolve(None)?;
+                (f, t.path.clone(), t.key_secret.clone())
+            } else {
+                (output_format.unwrap_or(Format::Raw), destination, None)
+            };
         convert_cmd(ConvertArgs {
             progress: progress && !quiet,
             workers: workers.map_or_else(crate::parallel::default_workers, usize::from),

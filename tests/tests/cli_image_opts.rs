@@ -209,6 +209,7 @@ fn errors_match_qemu_img() {
         "dd -f qcow2 --image-opts if=driver=qcow2,file.filename=a.qcow2 of=x.raw",
         "measure -O qcow2 -f qcow2 --image-opts driver=qcow2,file.filename=a.qcow2",
         "compare --image-opts driver=qcow2,file.filename=a.qcow2 driver=qcow2,file.filename=a.qcow2,bogus=1",
+        "convert -O raw -n --target-image-opts a.qcow2 driver=raw,file.filename=a.qcow2",
     ] {
         cases.push(c.split(' ').map(String::from).collect());
     }
