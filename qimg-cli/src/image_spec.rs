@@ -868,21 +868,18 @@ fn build(flat: &[(String, Val)], text: Option<&str>) -> Result<ImageSpec, String
 /// one (`data-file.driver=raw,data-file.file.filename=X`).
 fn data_file(flat: &[(String, Val)]) -> Result<String, String> {
     let mut path = None;
-    let mut drv = None;
     for (k, v) in flat {
         match k.as_str() {
-            "driver" => {
-                drv = Some(match driver(&string(k, v)?)? {
-                    Driver::File => "file",
-                    Driver::Format(Format::Raw) => "raw",
-                    Driver::Format(f) => {
-                        return Err(format!(
-                            "qimg does not implement a {} external data file (raw only)",
-                            f.name()
-                        ))
-                    }
-                })
-            }
+            // The driver only has to be one that reads the file as it is.
+            "driver" => match driver(&string(k, v)?)? {
+                Driver::File | Driver::Format(Format::Raw) => {}
+                Driver::Format(f) => {
+                    return Err(format!(
+                        "qimg does not implement a {} external data file (raw only)",
+                        f.name()
+                    ))
+                }
+            },
             "filename" | "file.filename" => path = Some(string(k, v)?),
             "file.driver" if string(k, v)? == "file" => {}
             other => {
@@ -894,7 +891,6 @@ fn data_file(flat: &[(String, Val)]) -> Result<String, String> {
             }
         }
     }
-    let _ = drv;
     path.ok_or_else(|| "A block device must be specified for \"data-file\"".into())
 }
 
