@@ -9,7 +9,7 @@ use crate::args::SecretArgs;
 use crate::format::Format;
 use crate::keyslots::{KdfChoice, KeySlots};
 use crate::luks_common::KeySource;
-use crate::opts::{split_list, OptionMap};
+use crate::opts::OptionMap;
 use crate::secret::{Secret, Secrets};
 use crate::CliError;
 
@@ -75,17 +75,15 @@ struct Request {
 
 /// `qimg amend` of the encryption options: adds or erases key slots as
 /// qemu-img amend does.
-pub(crate) fn encryption(
-    a: &AmendCmd,
-    filename: &str,
-    options: &[String],
-) -> Result<u8, CliError> {
+pub(crate) fn encryption(a: &AmendCmd, filename: &str, options: &[String]) -> Result<u8, CliError> {
     let secrets = Secrets::parse(&a.secrets.object)?;
-    let (mut path, mut format, mut key_secret) = if a.image_opts {
-        image_opts(filename)?
-    } else {
-        (filename.to_string(), a.format, None)
-    };
+    let spec = crate::image_spec::ImageSpec::from_arg(filename, a.image_opts, a.format)?;
+    spec.refuse_backing_keys()?;
+    let (mut path, mut format, mut key_secret) = (
+        spec.path.clone(),
+        Some(spec.resolve(a.secrets.header.as_deref())?),
+        spec.key_secret.clone(),
+    );
     // A raw LUKS volume with a detached header: the key slots are there.
     if let Some(h) = &a.secrets.header {
         path.clone_from(h);
@@ -288,37 +286,6 @@ fn parse_slot(s: &str, count: u8) -> Result<u8, CliError> {
     })
 }
 
-/// `--image-opts`: `driver=qcow2|luks,file.filename=PATH[,encrypt.key-secret=ID|key-secret=ID]`.
-fn image_opts(s: &str) -> Result<(String, Option<Format>, Option<String>), CliError> {
-    let list = split_list(s).map_err(|e| CliError::usage(format!("--image-opts: {e}")))?;
-    let (mut path, mut format, mut key) = (None, None, None);
-    for (k, v) in list {
-        match k.as_str() {
-            "file.filename" | "filename" => path = Some(v),
-            "file.driver" if v == "file" => {}
-            "driver" => {
-                format = Some(match Format::parse(&v) {
-                    Some(f @ (Format::Qcow2 | Format::Luks)) => f,
-                    _ => {
-                        return Err(CliError::usage(format!(
-                            "--image-opts: driver '{v}' has no key slots (qcow2 or luks)"
-                        )))
-                    }
-                });
-            }
-            "encrypt.key-secret" | "key-secret" => key = Some(v),
-            _ => {
-                return Err(CliError::usage(format!(
-                    "--image-opts: option '{k}' is not supported"
-                )))
-            }
-        }
-    }
-    let path =
-        path.ok_or_else(|| CliError::usage("--image-opts: file.filename=PATH is missing".into()))?;
-    Ok((path, format, key))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,19 +304,5 @@ mod tests {
             .unwrap_err()
             .msg
             .contains("expects a number"));
-    }
-
-    #[test]
-    fn image_opts_name_file_driver_and_secret() {
-        let (p, f, k) =
-            image_opts("driver=qcow2,file.filename=/x/a.qcow2,encrypt.key-secret=s0").unwrap();
-        assert_eq!(p, "/x/a.qcow2");
-        assert_eq!(f, Some(Format::Qcow2));
-        assert_eq!(k.as_deref(), Some("s0"));
-        let (_, f, k) = image_opts("driver=luks,key-secret=k,file.filename=v").unwrap();
-        assert_eq!((f, k.as_deref()), (Some(Format::Luks), Some("k")));
-        assert!(image_opts("driver=raw,file.filename=v").is_err());
-        assert!(image_opts("driver=qcow2").is_err());
-        assert!(image_opts("driver=qcow2,file.filename=v,cache=none").is_err());
     }
 }

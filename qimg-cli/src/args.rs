@@ -1,11 +1,15 @@
 //! Argument groups shared by the verbs: secrets (`--object`,
-//! `--key-file`, `--key-secret`, `--header`) and `--output`. Verbs import
+//! `--key-file`, `--key-secret`, `--header`), `--image-opts` and
+//! `--output`. Verbs import
 //! these; this module imports no verb. (`-f` and `-O` take a
 //! [`crate::format::Format`].)
 
 use clap::{Args, ValueEnum};
 
+use crate::format::Format;
+use crate::image_spec::ImageSpec;
 use crate::secret::ObjectArg;
+use crate::CliError;
 
 /// `--output human|json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -35,4 +39,34 @@ pub(crate) struct SecretArgs {
     /// A detached LUKS header for a LUKS source.
     #[arg(long = "header", value_name = "PATH")]
     pub(crate) header: Option<String>,
+}
+
+/// `--image-opts`: the image argument is QEMU's option list
+/// (`driver=qcow2,file.filename=PATH,encrypt.key-secret=ID,...`).
+#[derive(Debug, Args, Default, Clone, Copy)]
+pub(crate) struct ImageOptsArg {
+    /// The image argument is QEMU's option list
+    /// (`driver=qcow2,file.filename=PATH,encrypt.key-secret=ID,backing.file.filename=...`);
+    /// without it, a `json:{...}` argument is one too.
+    #[arg(long = "image-opts")]
+    pub(crate) image_opts: bool,
+}
+
+impl ImageOptsArg {
+    /// What the image argument `arg` names, given `-f` `format`.
+    pub(crate) fn spec(self, arg: &str, format: Option<Format>) -> Result<ImageSpec, CliError> {
+        ImageSpec::from_arg(arg, self.image_opts, format)
+    }
+}
+
+impl SecretArgs {
+    /// These secret options with the key secret `spec` names, which
+    /// replaces `--key-secret`.
+    pub(crate) fn with_spec(&self, spec: &ImageSpec) -> Self {
+        let mut out = self.clone();
+        if spec.key_secret.is_some() {
+            out.key_secret.clone_from(&spec.key_secret);
+        }
+        out
+    }
 }

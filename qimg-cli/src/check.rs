@@ -379,7 +379,9 @@ pub(crate) struct CheckCmd {
     /// plaintext, so checking needs no key.
     #[command(flatten)]
     secrets: crate::args::SecretArgs,
-    /// The image file.
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
+    /// The image file (or option list, with --image-opts).
     filename: String,
 }
 
@@ -388,13 +390,14 @@ impl CheckCmd {
     pub(crate) fn run(self) -> Result<u8, CliError> {
         crate::lock::set_force_share(self.force_share);
         let cache = crate::cache::CacheMode::source(self.cache.as_deref())?;
+        let spec = self.image_opts.spec(&self.filename, self.format)?;
         run(&CheckArgs {
             cache,
-            format: self.format,
+            format: Some(spec.resolve_for_io(None)?),
             repair: self.repair,
             json: self.output == crate::args::Output::Json,
             quiet: self.quiet,
-            filename: &self.filename,
+            filename: &spec.path,
         })
     }
 }

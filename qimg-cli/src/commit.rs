@@ -12,14 +12,13 @@
 use std::sync::mpsc;
 
 use luks_core::io::BlockIo;
-use qcow_core::Qcow2Writer;
 
 use crate::args::SecretArgs;
 use crate::cache::CacheMode;
 use crate::dev::{erased, AnyDev, Source};
 use crate::format::Format;
 use crate::image;
-use crate::rebase::{open_metadata_writer, open_qcow2, qcow2_only};
+use crate::rebase::{open_metadata_writer, qcow2_only};
 use crate::secret::Secrets;
 use crate::CliError;
 
@@ -44,6 +43,8 @@ pub(crate) struct CommitCmd {
     cache: Option<String>,
     #[command(flatten)]
     secrets: SecretArgs,
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
     /// The image to commit into its backing file.
     filename: String,
 }
@@ -51,19 +52,32 @@ pub(crate) struct CommitCmd {
 impl CommitCmd {
     /// Runs `qimg commit`.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
-        let path = self.filename.as_str();
+        let spec = self.image_opts.spec(&self.filename, self.format)?;
+        let path = spec.path.as_str();
         let cache = CacheMode::target(self.cache.as_deref(), CacheMode::Writeback)?;
-        qcow2_only(path, self.format)?;
+        qcow2_only(path, spec.format)?;
+        spec.check_opened(Format::Qcow2, path)?;
         crate::lock::will_write(path);
-        let info = image::info(path, Some(Format::Qcow2), &self.secrets)?;
-        let Some(base) = info.full_backing_filename.clone() else {
+        let args = self.secrets.with_spec(&spec);
+        let info = image::info(path, Some(Format::Qcow2), &args)?;
+        // `backing.*` keys name the backing file (and its key secret).
+        let bspec = match &spec.backing {
+            crate::image_spec::Backing::Spec(b) => Some(b.as_ref()),
+            _ => None,
+        };
+        let given = bspec.filter(|b| !b.path.is_empty()).map(|b| b.path.clone());
+        let Some(base) = given.or(info.full_backing_filename.clone()) else {
             return Err(CliError::io(
                 path,
                 "Image does not have a backing file".into(),
             ));
         };
         // A backing_fmt other than raw is read as qcow2.
-        let base_fmt = match info.backing_format.as_deref().map(Format::parse) {
+        let base_fmt = match bspec
+            .and_then(|b| b.format.map(|f| f.name()))
+            .or(info.backing_format.as_deref())
+            .map(Format::parse)
+        {
             Some(Some(Format::Raw)) => Format::Raw,
             Some(_) => Format::Qcow2,
             None => crate::format::detect(&base)?,
@@ -80,9 +94,26 @@ impl CommitCmd {
             ));
         }
         let secrets = Secrets::parse(&self.secrets.object)?;
-        let mut top = open_qcow2(path, &self.secrets, &secrets, cache)?;
+        let mut top = image::open(
+            path,
+            &image::OpenOptions {
+                format: Some(Format::Qcow2),
+                cache,
+                ..image::OpenOptions::from_args(&args)
+            }
+            .with_spec(&spec),
+            &secrets,
+        )?;
         let size = top.virtual_size;
-        let (mut dst, cluster) = open_base(&base, base_fmt, size, cache)?;
+        // An encrypted backing file is unlocked with its own key secret
+        // (`backing.encrypt.key-secret`), else the image's key options.
+        let base_keys = crate::luks_common::KeySource {
+            key_file: args.key_file.clone(),
+            key_secret: bspec
+                .and_then(|b| b.key_secret.clone())
+                .or(args.key_secret.clone()),
+        };
+        let (mut dst, cluster) = open_base(&base, base_fmt, size, cache, (&base_keys, &secrets))?;
         let ranges = copy_allocated(top.dev.as_mut(), &mut dst, size, cluster, path, &base)?;
         dst.flush()
             .map_err(|e| CliError::io(&base, e.to_string()))?;
@@ -116,18 +147,23 @@ fn open_base(
     fmt: Format,
     size: u64,
     cache: CacheMode,
+    keys: (&crate::luks_common::KeySource, &Secrets),
 ) -> Result<(AnyDev, u64), CliError> {
     let io = |e: &dyn std::fmt::Display| CliError::io(base, e.to_string());
-    let mut file = crate::file::open_file_cached(base, true, cache)?;
     match fmt {
         Format::Raw => {
+            let mut file = crate::file::open_file_cached(base, true, cache)?;
             if file.size().map_err(|e| io(&e))? < size {
                 file.set_size(size).map_err(|e| io(&e))?;
             }
             Ok((erased(file), 512))
         }
         Format::Qcow2 => {
-            let mut w = Qcow2Writer::open(file).map_err(|e| io(&e))?;
+            let mut w = crate::create::open_qcow2_writer_keyed(base, Some(keys))?;
+            cache.apply(w.device(), base)?;
+            if let Some(data) = w.data_file_device() {
+                cache.apply(data, base)?;
+            }
             if w.virtual_size() < size {
                 w.resize(size).map_err(|e| io(&e))?;
             }

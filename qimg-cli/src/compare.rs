@@ -62,6 +62,8 @@ pub(crate) struct CompareCmd {
     cache: Option<String>,
     #[command(flatten)]
     secrets: SecretArgs,
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
     /// The first image.
     file1: String,
     /// The second image.
@@ -98,13 +100,18 @@ impl Side {
         s: &Secrets,
         cache: crate::cache::CacheMode,
     ) -> Result<Self, CliError> {
+        let spec = a
+            .image_opts
+            .spec(path, format)
+            .map_err(|e| with_code(e, EXIT_OPEN))?;
         let o = image::open(
-            path,
+            &spec.path,
             &OpenOptions {
-                format,
+                format: spec.format,
                 cache,
                 ..OpenOptions::from_args(&a.secrets)
-            },
+            }
+            .with_spec(&spec),
             s,
         )
         .map_err(|e| with_code(e, EXIT_OPEN))?;

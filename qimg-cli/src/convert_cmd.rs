@@ -17,9 +17,10 @@ pub(crate) struct ConvertCmd {
     /// Source format; detected from the file when absent.
     #[arg(short = 'f', long = "format", value_enum)]
     format: Option<Format>,
-    /// Destination format.
-    #[arg(short = 'O', value_enum, default_value = "raw")]
-    output_format: Format,
+    /// Destination format (raw when absent; refused with
+    /// --target-image-opts, whose driver names it).
+    #[arg(short = 'O', value_enum)]
+    output_format: Option<Format>,
     /// Destination options (`-o key=value,...`).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -78,6 +79,12 @@ pub(crate) struct ConvertCmd {
     source_cache: Option<String>,
     #[command(flatten)]
     secrets: SecretArgs,
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
+    /// The destination is QEMU's option list (`driver=qcow2,file.filename=PATH,
+    /// encrypt.key-secret=ID`; with -n: an existing image).
+    #[arg(long = "target-image-opts")]
+    target_image_opts: bool,
     /// Source image (absent with `-o help`).
     #[arg(required_unless_present = "options")]
     source: Option<String>,
@@ -108,18 +115,41 @@ impl ConvertCmd {
             cache,
             source_cache,
             secrets,
+            image_opts,
+            target_image_opts,
             source,
             destination,
         } = self;
         if crate::opts_help::asked(&options) {
             let with_target = destination.is_some();
-            let text = crate::opts_help::create_help(output_format, with_target);
+            let text =
+                crate::opts_help::create_help(output_format.unwrap_or(Format::Raw), with_target);
             return crate::opts_help::print(&text);
         }
         let (Some(source), Some(destination)) = (source, destination) else {
             return Err(CliError::usage("Expecting two image file names".into()));
         };
         crate::lock::set_force_share(force_share);
+        let src_spec = image_opts.spec(&source, format)?;
+        // The destination as an option set: -n only, its driver is the
+        // output format and its key secret unlocks it.
+        let (output_format, destination, target_key_secret) =
+            if target_image_opts || destination.starts_with(crate::image_spec::JSON_PREFIX) {
+                if target_image_opts && !no_create {
+                    return Err(CliError::usage(
+                        "--target-image-opts requires use of -n flag".into(),
+                    ));
+                }
+                let t = crate::image_spec::ImageSpec::from_arg(
+                    &destination,
+                    target_image_opts,
+                    output_format,
+                )?;
+                let f = t.resolve(None)?;
+                (f, t.path.clone(), t.key_secret.clone())
+            } else {
+                (output_format.unwrap_or(Format::Raw), destination, None)
+            };
         convert_cmd(ConvertArgs {
             cache: CacheMode::target(cache.as_deref(), CacheMode::Unsafe)?,
             source_cache: CacheMode::source(source_cache.as_deref())?,
@@ -138,7 +168,9 @@ impl ConvertCmd {
             target_is_zero,
             secrets,
             source,
+            src_spec,
             destination,
+            target_key_secret,
         })
     }
 }
@@ -162,7 +194,11 @@ struct ConvertArgs {
     target_is_zero: bool,
     secrets: SecretArgs,
     source: String,
+    /// What `source` names (a path, `--image-opts` or `json:`).
+    src_spec: crate::image_spec::ImageSpec,
     destination: String,
+    /// The destination's key secret from `--target-image-opts`.
+    target_key_secret: Option<String>,
 }
 
 fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
@@ -170,13 +206,14 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
     crate::lock::creating_for(&format!("error while converting {}: ", a.output_format));
     let secrets = Secrets::parse(&a.secrets.object)?;
     let mut src = image::open(
-        &a.source,
+        &a.src_spec.path,
         &OpenOptions {
             format: a.format,
             snapshot: a.snapshot.clone(),
             cache: a.source_cache,
             ..OpenOptions::from_args(&a.secrets)
-        },
+        }
+        .with_spec(&a.src_spec),
         &secrets,
     )?;
     crate::lock::refuse_self_overwrite(
@@ -243,16 +280,20 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         Format::Qcow2 => {
             return convert_to_qcow2(&a, src.dev.as_mut(), len, &opts, &secrets);
         }
+        Format::Luks if a.no_create => {
+            // An existing volume: unlocked with `key-secret` from
+            // --target-image-opts, else the only secret given.
+            opts.reject_unused("luks")
+                .map_err(|e| CliError::usage(e.to_string()))?;
+            let keys = crate::luks_common::KeySource {
+                key_file: None,
+                key_secret: a.target_key_secret.clone(),
+            };
+            crate::luks::open_payload(&a.destination, None, &keys, &secrets, true, a.cache)?
+        }
         Format::Luks => {
-            if a.no_create {
-                return Err(CliError::usage(
-                    "-n with -O luks is not supported: qimg creates the LUKS volume".into(),
-                ));
-            }
-            {
-                crate::cache::refuse_before_create(&a.destination, a.cache)?;
-                crate::luks::create_for_convert(&a.destination, &opts, &secrets, len, a.cache)?
-            }
+            crate::cache::refuse_before_create(&a.destination, a.cache)?;
+            crate::luks::create_for_convert(&a.destination, &opts, &secrets, len, a.cache)?
         }
     };
     // A new LUKS payload reads as noise, not zeroes: write every sector.
@@ -304,7 +345,10 @@ fn convert_to_qcow2(
         // secret given, else a prompt.
         let keys = crate::luks_common::KeySource {
             key_file: None,
-            key_secret: opts.get("encrypt.key-secret").map(str::to_string),
+            key_secret: opts
+                .get("encrypt.key-secret")
+                .map(str::to_string)
+                .or_else(|| a.target_key_secret.clone()),
         };
         opts.reject_unused("qcow2")
             .map_err(|e| CliError::usage(e.to_string()))?;

@@ -40,6 +40,8 @@ pub(crate) struct DdCmd {
     force_share: bool,
     #[command(flatten)]
     secrets: SecretArgs,
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
     /// `if=INPUT`, `of=OUTPUT` (both required), `bs=BYTES` (block size,
     /// default 512, with k/M/G suffixes), `count=BLOCKS` (copy only the
     /// first BLOCKS blocks of the input), `skip=BLOCKS` (start that many
@@ -113,12 +115,14 @@ impl DdCmd {
     pub(crate) fn run(&self) -> Result<u8, CliError> {
         let ops = parse_operands(&self.operands)?;
         let secrets = Secrets::parse(&self.secrets.object)?;
+        let spec = self.image_opts.spec(&ops.input, self.format)?;
         let mut src = image::open(
-            &ops.input,
+            &spec.path,
             &OpenOptions {
-                format: self.format,
+                format: spec.format,
                 ..OpenOptions::from_args(&self.secrets)
-            },
+            }
+            .with_spec(&spec),
             &secrets,
         )?;
         let in_size = src.virtual_size.next_multiple_of(SECTOR);

@@ -10,6 +10,7 @@ use crate::dev::erased;
 use crate::dev::Source;
 use crate::file::{refuse_dir, sector_length};
 use crate::format::{detect, resolve, Format};
+use crate::image_spec::{Backing, ImageSpec};
 use crate::rawfile::RawFile;
 use crate::secret::Secrets;
 use crate::CliError;
@@ -45,6 +46,9 @@ pub(crate) struct OpenOptions {
     pub(crate) key_secret: Option<String>,
     /// `-T`: the cache mode of every file of the image.
     pub(crate) cache: crate::cache::CacheMode,
+    /// The option set the image was named with (`--image-opts`, `json:`):
+    /// its backing and data file choices and checks.
+    pub(crate) spec: Option<ImageSpec>,
 }
 
 impl OpenOptions {
@@ -56,6 +60,21 @@ impl OpenOptions {
             key_secret: a.key_secret.clone(),
             ..Self::default()
         }
+    }
+
+    /// These options with what `spec` says: its driver and key secret
+    /// replace `-f` and `--key-secret`, and its backing and data file
+    /// choices go with it, so an option set opens the image a path with
+    /// the same flags would.
+    pub(crate) fn with_spec(mut self, spec: &ImageSpec) -> Self {
+        if spec.format.is_some() {
+            self.format = spec.format;
+        }
+        if spec.key_secret.is_some() {
+            self.key_secret.clone_from(&spec.key_secret);
+        }
+        self.spec = Some(spec.clone());
+        self
     }
 }
 
@@ -163,8 +182,14 @@ pub(crate) struct Opened {
 
 /// Opens `path` read-only.
 pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<Opened, CliError> {
+    if let Some(spec) = &opts.spec {
+        spec.check_exists(path)?;
+    }
     refuse_dir(path)?;
     let format = resolve(path, opts.format, opts.header.as_deref())?;
+    if let Some(spec) = &opts.spec {
+        spec.check_opened(format, path)?;
+    }
     if opts.snapshot.is_some() && format != Format::Qcow2 {
         return Err(CliError::usage(format!(
             "{path}: -l needs a qcow2 image; this one is {format}"
@@ -199,7 +224,14 @@ pub(crate) fn open(path: &str, opts: &OpenOptions, secrets: &Secrets) -> Result<
                 files: std::cell::RefCell::new(Vec::new()),
                 cache: opts.cache,
             };
-            let mut src = open_qcow2(path, opts.snapshot.as_deref(), &ctx, &mut seen, &mut chain)?;
+            let mut src = open_qcow2(
+                path,
+                opts.snapshot.as_deref(),
+                &ctx,
+                opts.spec.as_ref(),
+                &mut seen,
+                &mut chain,
+            )?;
             let virtual_size = src.size().map_err(|e| CliError::usage(e.to_string()))?;
             Ok(Opened {
                 chain,
@@ -309,7 +341,10 @@ pub(crate) fn probe_linked(
         Ok(())
     };
     if let Some(b) = backing {
-        let full = resolve_backing(path, b);
+        let full = match ImageSpec::json(b)? {
+            Some(spec) => PathBuf::from(spec.path),
+            None => resolve_backing(path, b),
+        };
         usable(&full, "backing file")?;
         let name = full.to_string_lossy().into_owned();
         let fmt = match backing_fmt {
@@ -375,27 +410,48 @@ fn guard_chain(
 /// Opens a qcow2 image and its backing chain, one layer after another (a
 /// loop, not a recursion: a chain of [`MAX_CHAIN_DEPTH`] layers needs no
 /// more stack than one of two).
+///
+/// `spec` is the top image's option set: its `backing.*` keys choose and
+/// unlock the backing file, and a `json:` backing name written in an
+/// image is read as the option set it is.
 fn open_qcow2(
     path: &str,
     snapshot: Option<&str>,
     ctx: &Ctx<'_>,
+    spec: Option<&ImageSpec>,
     seen: &mut std::collections::BTreeSet<PathBuf>,
     chain: &mut Vec<String>,
 ) -> Result<Box<dyn Source>, CliError> {
     let mut layers = Vec::new();
-    let mut next = Some((path.to_string(), Format::Qcow2));
+    let mut next = Some((path.to_string(), Format::Qcow2, spec.cloned()));
     let mut snapshot = snapshot;
-    while let Some((cur, fmt)) = next.take() {
+    while let Some((cur, fmt, spec)) = next.take() {
         match fmt {
             Format::Qcow2 => {
-                let (layer, backing) = open_qcow2_layer(&cur, snapshot.take(), ctx, seen, chain)?;
+                // A backing spec with its own secret unlocks its layer
+                // with it; other layers take the top image's key options.
+                let keys = match spec.as_ref().and_then(|s| s.key_secret.clone()) {
+                    Some(id) if chain.is_empty() => crate::luks_common::KeySource {
+                        key_secret: Some(id),
+                        ..ctx.keys.clone()
+                    },
+                    Some(id) => crate::luks_common::KeySource {
+                        key_file: None,
+                        key_secret: Some(id),
+                    },
+                    None => ctx.keys.clone(),
+                };
+                let (layer, backing) = open_qcow2_layer(
+                    &cur,
+                    snapshot.take(),
+                    ctx,
+                    &keys,
+                    spec.as_ref(),
+                    seen,
+                    chain,
+                )?;
                 layers.push(Layer::Qcow2(Box::new(layer)));
-                if let Some((name, bfmt)) = backing {
-                    let full = resolve_backing(&cur, &name);
-                    let full = full.to_string_lossy().into_owned();
-                    let f = backing_fmt_of(&full, bfmt.as_deref())?;
-                    next = Some((full, f));
-                }
+                next = next_layer(&cur, backing, spec)?;
             }
             Format::Raw => {
                 guard_chain(&cur, seen, chain)?;
@@ -426,6 +482,66 @@ fn open_qcow2(
 /// The backing file an image names: (name as written, `backing_fmt`).
 type BackingName = (String, Option<String>);
 
+/// The layer below the qcow2 image `cur`: what its option set `spec` says
+/// (no backing file, or another one), else the backing file it names (a
+/// `json:` name is an option set, its file names relative to the working
+/// directory as in qemu-img; other names are relative to `cur`).
+fn next_layer(
+    cur: &str,
+    written: Option<BackingName>,
+    spec: Option<ImageSpec>,
+) -> Result<Option<(String, Format, Option<ImageSpec>)>, CliError> {
+    // Errors about a file the option set names are worded as qemu-img's.
+    let parent = spec
+        .as_ref()
+        .map(|s| ImageSpec::path(&s.path, s.format).named(s));
+    let chosen = spec.map_or(Backing::AsWritten, |s| s.backing);
+    let (name, bfmt) = match (chosen, written) {
+        (Backing::Without, _) => return Ok(None),
+        (Backing::Spec(b), written) => {
+            let mut b = *b;
+            if b.path.is_empty() {
+                // Only keys for the backing file: it is the one named.
+                let Some((name, _)) = &written else {
+                    return Err(CliError::io(
+                        cur,
+                        "Could not open backing file: the image has no backing file \
+                         and the options name none (backing.file.filename)"
+                            .into(),
+                    ));
+                };
+                b.path = resolve_backing(cur, name).to_string_lossy().into_owned();
+            }
+            if let (Err(e), Some(p)) = (std::fs::metadata(&b.path), &parent) {
+                return Err(p.error(&format!(
+                    "Could not open backing file: Could not open '{}': {}",
+                    b.path,
+                    crate::image_spec::strerror(&e)
+                )));
+            }
+            let f = match b.format {
+                Some(f) => f,
+                None => backing_fmt_of(&b.path, written.and_then(|w| w.1).as_deref())?,
+            };
+            b.check_format(f)?;
+            return Ok(Some((b.path.clone(), f, Some(b))));
+        }
+        (Backing::AsWritten, None) => return Ok(None),
+        (Backing::AsWritten, Some(w)) => w,
+    };
+    if let Some(js) = ImageSpec::json(&name)? {
+        let f = match js.format {
+            Some(f) => f,
+            None => backing_fmt_of(&js.path, bfmt.as_deref())?,
+        };
+        js.check_format(f)?;
+        return Ok(Some((js.path.clone(), f, Some(js))));
+    }
+    let full = resolve_backing(cur, &name).to_string_lossy().into_owned();
+    let f = backing_fmt_of(&full, bfmt.as_deref())?;
+    Ok(Some((full, f, None)))
+}
+
 /// Opens one qcow2 layer of a chain (the top one with `snapshot`
 /// selected), with its data file but no backing device: [`Chain`] reads
 /// through the layers.
@@ -433,6 +549,8 @@ fn open_qcow2_layer(
     path: &str,
     snapshot: Option<&str>,
     ctx: &Ctx<'_>,
+    keys: &crate::luks_common::KeySource,
+    spec: Option<&ImageSpec>,
     seen: &mut std::collections::BTreeSet<PathBuf>,
     chain: &mut Vec<String>,
 ) -> Result<(crate::qcow2::Qcow2Source, Option<BackingName>), CliError> {
@@ -441,12 +559,18 @@ fn open_qcow2_layer(
     ctx.files.borrow_mut().push(path.to_string());
     let depth = chain.len().saturating_sub(1);
     let opening = crate::qcow2::Opening::open_in_mode(path, layer_cache_bytes(depth), ctx.cache)?;
-    let mut opening = crate::qcow2::unlock(path, opening, &ctx.keys, ctx.secrets)?;
+    if let Some(spec) = spec {
+        spec.check_encryption(opening.img.info().header.crypt_method)?;
+    }
+    let mut opening = crate::qcow2::unlock(path, opening, keys, ctx.secrets)?;
     let info = opening.img.info();
     let backing_name = info.backing_file().map(str::to_string);
     let backing_fmt = info.backing_format().map(str::to_string);
-    let data_name = info.data_file().map(str::to_string);
-    if info.data_file_name_missing() {
+    // `data-file.*` names the data file instead of the header (relative
+    // to the working directory, as any file an option set names).
+    let given_data = spec.and_then(|s| s.data_file.clone());
+    let data_name = given_data.clone().or(info.data_file().map(str::to_string));
+    if given_data.is_none() && info.data_file_name_missing() {
         return Err(CliError::io(
             path,
             "'data-file' is required for this image (external data file bit set, \
@@ -479,16 +603,25 @@ fn open_qcow2_layer(
     }
     let data = match data_name {
         Some(d) => {
-            let full = resolve_backing(path, &d);
+            let full = match &given_data {
+                Some(g) => PathBuf::from(g),
+                None => resolve_backing(path, &d),
+            };
             refuse_dir(&full.to_string_lossy())?;
             ctx.files
                 .borrow_mut()
                 .push(full.to_string_lossy().into_owned());
             let file = ctx.cache.open(&full.to_string_lossy(), false, |e| {
-                CliError::io(
-                    path,
-                    format!("cannot open the data file {}: {e}", full.display()),
-                )
+                match (spec, &given_data) {
+                    (Some(s), Some(g)) => s.error(&format!(
+                        "Could not open '{g}': {}",
+                        crate::image_spec::strerror(&e)
+                    )),
+                    _ => CliError::io(
+                        path,
+                        format!("cannot open the data file {}: {e}", full.display()),
+                    ),
+                }
             })?;
             crate::lock::lock(
                 file.file(),
@@ -650,9 +783,12 @@ impl Source for Chain {
 
 /// Resolves a backing file name relative to the image that names it, as
 /// QEMU does.
+///
+/// A `json:` name is an option set, not a path: it is kept whole, as
+/// qemu-img shows it (`full-backing-filename`).
 pub(crate) fn resolve_backing(image: &str, backing: &str) -> PathBuf {
     let b = Path::new(backing);
-    if b.is_absolute() {
+    if b.is_absolute() || backing.starts_with(crate::image_spec::JSON_PREFIX) {
         return b.to_path_buf();
     }
     match Path::new(image).parent() {
@@ -667,6 +803,10 @@ pub(crate) fn info(
     format: Option<Format>,
     args: &SecretArgs,
 ) -> Result<crate::image_info::ImageInfo, CliError> {
+    if let Some(spec) = ImageSpec::json(path)? {
+        // A `json:` name (given, or a backing file's) shows as its file.
+        return info(&spec.path, spec.format.or(format), args);
+    }
     refuse_dir(path)?;
     let format = resolve(path, format, args.header.as_deref())?;
     match format {

@@ -75,7 +75,9 @@ pub(crate) struct InfoCmd {
     force_share: bool,
     #[command(flatten)]
     secrets: SecretArgs,
-    /// The image file.
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
+    /// The image file (or option list, with --image-opts).
     filename: String,
 }
 
@@ -84,9 +86,17 @@ impl InfoCmd {
     pub(crate) fn run(self) -> Result<u8, CliError> {
         crate::lock::set_force_share(self.force_share);
         crate::lock::set_reads_without_io(true);
+        // qemu-img's info opens no backing file, so takes no backing keys.
+        let spec = self.image_opts.spec(&self.filename, self.format)?;
+        spec.refuse_backing_keys()?;
+        let format = spec.resolve(self.secrets.header.as_deref())?;
+        if format == Format::Qcow2 && spec.text.is_some() {
+            let img = crate::qcow2::Opening::open(&spec.path)?.img;
+            spec.check_encryption(img.info().header.crypt_method)?;
+        }
         run(
-            &self.filename,
-            self.format,
+            &spec.path,
+            Some(format),
             self.output,
             self.backing_chain,
             &self.secrets,

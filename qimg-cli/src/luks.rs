@@ -37,7 +37,7 @@ pub(crate) fn open(
 
 /// [`open`]'s payload as a plain device (one that can move to a writer
 /// thread).
-fn open_payload(
+pub(crate) fn open_payload(
     path: &str,
     header: Option<&str>,
     keys: &KeySource,

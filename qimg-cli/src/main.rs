@@ -20,6 +20,7 @@ mod format;
 mod human;
 mod image;
 mod image_info;
+mod image_spec;
 mod info;
 mod keyslots;
 mod lock;

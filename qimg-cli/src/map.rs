@@ -2,7 +2,6 @@
 
 use crate::args::{Output, SecretArgs};
 use crate::dev::BlockStatus;
-use crate::format::Format;
 use crate::image::{self, OpenOptions};
 use crate::secret::Secrets;
 use crate::CliError;
@@ -80,18 +79,19 @@ fn alt_hex(v: u64) -> String {
 
 /// Runs `qimg map`.
 pub(crate) fn run(
-    filename: &str,
-    format: Option<Format>,
+    spec: &crate::image_spec::ImageSpec,
     output: Output,
     args: &SecretArgs,
 ) -> Result<u8, CliError> {
+    let filename = spec.path.as_str();
     let secrets = Secrets::parse(&args.object)?;
     let mut img = image::open(
         filename,
         &OpenOptions {
-            format,
+            format: spec.format,
             ..OpenOptions::from_args(args)
-        },
+        }
+        .with_spec(spec),
         &secrets,
     )?;
     let list = entries(img.dev.as_mut(), img.virtual_size)?;
@@ -138,7 +138,9 @@ pub(crate) struct MapCmd {
     force_share: bool,
     #[command(flatten)]
     secrets: SecretArgs,
-    /// The image file.
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
+    /// The image file (or option list, with --image-opts).
     filename: String,
 }
 
@@ -146,7 +148,8 @@ impl MapCmd {
     /// Runs `qimg map`.
     pub(crate) fn run(self) -> Result<u8, CliError> {
         crate::lock::set_force_share(self.force_share);
-        run(&self.filename, self.format, self.output, &self.secrets)
+        let spec = self.image_opts.spec(&self.filename, self.format)?;
+        run(&spec, self.output, &self.secrets)
     }
 }
 

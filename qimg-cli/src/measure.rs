@@ -54,6 +54,8 @@ pub(crate) struct MeasureCmd {
     force_share: bool,
     #[command(flatten)]
     secrets: SecretArgs,
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
     /// The image whose copy is measured.
     filename: Option<String>,
 }
@@ -158,16 +160,19 @@ impl MeasureCmd {
     }
 
     /// Opens FILE and collects its size, data ranges and bitmaps.
-    fn scan(&self, path: &str) -> Result<SourceFacts, CliError> {
+    fn scan(&self, arg: &str) -> Result<SourceFacts, CliError> {
         let secrets = Secrets::parse(&self.secrets.object)?;
-        let format = crate::format::resolve(path, self.format, self.secrets.header.as_deref())?;
+        let spec = self.image_opts.spec(arg, self.format)?;
+        let path = spec.path.as_str();
+        let format = spec.resolve(self.secrets.header.as_deref())?;
         let mut src = image::open(
             path,
             &OpenOptions {
                 format: Some(format),
                 snapshot: self.snapshot.clone(),
                 ..OpenOptions::from_args(&self.secrets)
-            },
+            }
+            .with_spec(&spec),
             &secrets,
         )?;
         let size = src.virtual_size.next_multiple_of(SECTOR);

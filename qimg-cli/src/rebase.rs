@@ -50,6 +50,8 @@ pub(crate) struct RebaseCmd {
     backing_cache: Option<String>,
     #[command(flatten)]
     secrets: SecretArgs,
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
     /// The image.
     filename: String,
 }
@@ -57,10 +59,12 @@ pub(crate) struct RebaseCmd {
 impl RebaseCmd {
     /// Runs `qimg rebase`.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
-        let path = self.filename.as_str();
+        let spec = self.image_opts.spec(&self.filename, self.format)?;
+        let path = spec.path.as_str();
         let cache = CacheMode::target(self.cache.as_deref(), CacheMode::Writeback)?;
         let backing_cache = CacheMode::source(self.backing_cache.as_deref())?;
-        qcow2_only(path, self.format)?;
+        qcow2_only(path, spec.format)?;
+        spec.check_opened(Format::Qcow2, path)?;
         crate::lock::will_write(path);
         let new = (!self.backing.is_empty()).then_some(self.backing.as_str());
         let fail = |why: String| {
@@ -92,7 +96,7 @@ impl RebaseCmd {
             crate::chain_lock::refuse_backing_loop(path, &full, fmt)?;
         }
         if !self.unsafe_ {
-            self.keep_content(path, new, new_fmt, cache, backing_cache)?;
+            self.keep_content(&spec, new, new_fmt, cache, backing_cache)?;
         }
         let mut w = open_metadata_writer(path, cache)?;
         w.set_backing(new, new_fmt)
@@ -105,14 +109,24 @@ impl RebaseCmd {
     /// whose content differs between the old chain and the new backing.
     fn keep_content(
         &self,
-        path: &str,
+        spec: &crate::image_spec::ImageSpec,
         new: Option<&str>,
         fmt: Option<&str>,
         cache: CacheMode,
         backing_cache: CacheMode,
     ) -> Result<(), CliError> {
+        let path = spec.path.as_str();
         let secrets = Secrets::parse(&self.secrets.object)?;
-        let mut old = open_qcow2(path, &self.secrets, &secrets, cache)?;
+        let mut old = image::open(
+            path,
+            &OpenOptions {
+                format: Some(Format::Qcow2),
+                cache,
+                ..OpenOptions::from_args(&self.secrets)
+            }
+            .with_spec(spec),
+            &secrets,
+        )?;
         let mut new_view: Option<(String, Box<dyn Source>, u64)> = match new {
             Some(b) => {
                 let full = image::resolve_backing(path, b)
@@ -198,25 +212,6 @@ pub(crate) fn qcow2_only(path: &str, format: Option<Format>) -> Result<(), CliEr
         ));
     }
     Ok(())
-}
-
-/// Opens the qcow2 image `path` for reading, through its backing chain,
-/// with the key options of `args` and `secrets`, in cache mode `cache`.
-pub(crate) fn open_qcow2(
-    path: &str,
-    args: &SecretArgs,
-    secrets: &Secrets,
-    cache: CacheMode,
-) -> Result<image::Opened, CliError> {
-    image::open(
-        path,
-        &OpenOptions {
-            format: Some(Format::Qcow2),
-            cache,
-            ..OpenOptions::from_args(args)
-        },
-        secrets,
-    )
 }
 
 /// Opens the qcow2 image `path` for metadata changes only (backing file

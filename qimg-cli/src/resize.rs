@@ -80,7 +80,9 @@ pub(crate) struct ResizeCmd {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
-    /// The image.
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
+    /// The image (or option list, with --image-opts).
     filename: String,
     /// New size, or `+SIZE` / `-SIZE` relative to the current one.
     #[arg(allow_hyphen_values = true)]
@@ -90,9 +92,11 @@ pub(crate) struct ResizeCmd {
 impl ResizeCmd {
     /// Runs `qimg resize`.
     pub(crate) fn run(self) -> Result<u8, CliError> {
+        let spec = self.image_opts.spec(&self.filename, self.format)?;
+        let format = spec.resolve_for_io(None)?;
         run(
-            &self.filename,
-            self.format,
+            &spec.path,
+            Some(format),
             self.shrink,
             self.quiet,
             &self.size,

@@ -40,7 +40,9 @@ pub(crate) struct SnapshotCmd {
     /// Secrets for a LUKS volume (`-l` opens it to list its none).
     #[command(flatten)]
     secrets: crate::args::SecretArgs,
-    /// The image.
+    #[command(flatten)]
+    image_opts: crate::args::ImageOptsArg,
+    /// The image (or option list, with --image-opts).
     filename: String,
 }
 
@@ -48,8 +50,11 @@ impl SnapshotCmd {
     /// Runs `qimg snapshot`.
     pub(crate) fn run(&self) -> Result<u8, CliError> {
         crate::lock::set_force_share(self.force_share);
-        let path = self.filename.as_str();
-        let format = crate::format::resolve(path, self.format, None)?;
+        // qemu-img's snapshot opens no backing file: no backing keys.
+        let spec = self.image_opts.spec(&self.filename, self.format)?;
+        spec.refuse_backing_keys()?;
+        let path = spec.path.as_str();
+        let format = spec.resolve(None)?;
         // qemu-img lists a raw image's (absent) snapshots as nothing at
         // all and exits 0; creating, applying or deleting fails.
         if self.list && format == crate::format::Format::Raw {
@@ -61,7 +66,7 @@ impl SnapshotCmd {
         if self.list && format == crate::format::Format::Luks {
             // (An unreadable header is not LUKS2 here: the open below
             // reports it.)
-            if self.format.is_none() && crate::format::luks_version(path).ok().flatten() == Some(2)
+            if spec.format.is_none() && crate::format::luks_version(path).ok().flatten() == Some(2)
             {
                 return Ok(0);
             }
@@ -71,7 +76,7 @@ impl SnapshotCmd {
                 let secrets = crate::secret::Secrets::parse(&self.secrets.object)?;
                 let opts = crate::image::OpenOptions {
                     format: Some(format),
-                    ..crate::image::OpenOptions::from_args(&self.secrets)
+                    ..crate::image::OpenOptions::from_args(&self.secrets.with_spec(&spec))
                 };
                 crate::image::open(path, &opts, &secrets)?;
                 return Ok(0);

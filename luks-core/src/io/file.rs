@@ -526,7 +526,9 @@ impl FileDevice {
             write_all(&self.file, start, b).map_err(|e| fail(FileOp::Write, e))?;
             let end = pos.saturating_add(want as u64);
             if let Some(size) = before {
-                if self.file.metadata().is_ok_and(|m| m.is_file()) && size < start.saturating_add(span as u64) {
+                if self.file.metadata().is_ok_and(|m| m.is_file())
+                    && size < start.saturating_add(span as u64)
+                {
                     self.file
                         .set_len(size.max(end))
                         .map_err(|e| Self::err(FileOp::Length, end, 0, e))?;
