@@ -489,6 +489,9 @@ fn luks_src(q: &Qemu, d: &Path) {
         &img,
         SIZE,
     );
+    // A new LUKS payload decrypts to noise: write the zeroes too, so the
+    // whole guest content is the model's.
+    q.io_encrypted(&s, "luks", &img, &["write -P 0 0 8M"]);
     q.io_encrypted(&s, "luks", &img, PATTERN);
 }
 
