@@ -29,7 +29,11 @@ pub(crate) struct AmendCmd {
     /// (`driver=qcow2,file.filename=PATH,encrypt.key-secret=ID`).
     #[arg(long = "image-opts")]
     pub(crate) image_opts: bool,
-    /// Quiet (accepted for compatibility).
+    /// Show progress: qemu-img's `    (NN.NN/100%)` lines on standard
+    /// output when it is not a terminal, else a bar (`-q` wins).
+    #[arg(short = 'p')]
+    pub(crate) progress: bool,
+    /// Quiet: no progress.
     #[arg(short = 'q')]
     pub(crate) quiet: bool,
     #[command(flatten)]
@@ -52,7 +56,12 @@ impl AmendCmd {
             return crate::opts_help::print(&crate::opts_help::amend_help(format)?);
         }
         let filename = self.filename.as_deref().ok_or_else(missing)?;
-        encryption(&self, filename, &self.options)
+        // qemu-img prints 0% before the driver amends and 100% after it,
+        // whether it succeeded or not, then ends the line.
+        let bar = crate::progress::Bar::new(self.progress && !self.quiet, 0);
+        let done = encryption(&self, filename, &self.options);
+        bar.finish();
+        done
     }
 }
 
@@ -75,11 +84,7 @@ struct Request {
 
 /// `qimg amend` of the encryption options: adds or erases key slots as
 /// qemu-img amend does.
-pub(crate) fn encryption(
-    a: &AmendCmd,
-    filename: &str,
-    options: &[String],
-) -> Result<u8, CliError> {
+pub(crate) fn encryption(a: &AmendCmd, filename: &str, options: &[String]) -> Result<u8, CliError> {
     let secrets = Secrets::parse(&a.secrets.object)?;
     let (mut path, mut format, mut key_secret) = if a.image_opts {
         image_opts(filename)?
