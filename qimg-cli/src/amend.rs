@@ -6,6 +6,7 @@
 //! messages are kept, over slots 0..=31).
 
 use crate::args::SecretArgs;
+use crate::cache::CacheMode;
 use crate::format::Format;
 use crate::keyslots::{KdfChoice, KeySlots};
 use crate::luks_common::KeySource;
@@ -36,6 +37,10 @@ pub(crate) struct AmendCmd {
     /// Quiet: no progress.
     #[arg(short = 'q')]
     pub(crate) quiet: bool,
+    /// Cache mode of the image (none, directsync, writethrough,
+    /// writeback: the default, unsafe).
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
+    pub(crate) cache: Option<String>,
     #[command(flatten)]
     pub(crate) secrets: SecretArgs,
     /// The image (absent with `-f FMT -o help`).
@@ -56,12 +61,21 @@ impl AmendCmd {
             return crate::opts_help::print(&crate::opts_help::amend_help(format)?);
         }
         let filename = self.filename.as_deref().ok_or_else(missing)?;
+        self.cache_mode()?;
         // qemu-img prints 0% before the driver amends and 100% after it,
         // whether it succeeded or not, then ends the line.
         let bar = crate::progress::Bar::new(self.progress && !self.quiet, 0);
         let done = encryption(&self, filename, &self.options);
         bar.finish();
         done
+    }
+}
+
+impl AmendCmd {
+    /// `-t`: the cache mode the image is written in (qemu-img's message for
+    /// an unknown one).
+    pub(crate) fn cache_mode(&self) -> Result<CacheMode, CliError> {
+        CacheMode::target(self.cache.as_deref(), CacheMode::Writeback)
     }
 }
 
@@ -113,7 +127,7 @@ pub(crate) fn encryption(a: &AmendCmd, filename: &str, options: &[String]) -> Re
     if format == Format::Luks {
         crate::lock::lock_for_luks_amend(&path)?;
     }
-    let mut t = crate::keyslots::open(&path, Some(format), true)?;
+    let mut t = crate::keyslots::open_cached(&path, Some(format), true, a.cache_mode()?)?;
     let p = if t.in_qcow2() { "encrypt." } else { "" };
     let get = |k: &str| opts.get(&format!("{p}{k}")).map(str::to_string);
     if opts.get(&format!("{p}format")).is_some() {

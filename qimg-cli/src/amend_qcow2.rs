@@ -207,8 +207,11 @@ pub(crate) fn run(
         key_secret,
     };
     let encrypted = info.header.crypt_method.is_encrypted();
-    let mut w =
-        crate::create::open_qcow2_writer_keyed(path, encrypted.then_some((&keys, &secrets)))?;
+    let mut w = crate::create::open_qcow2_writer_cached(
+        path,
+        encrypted.then_some((&keys, &secrets)),
+        a.cache_mode()?,
+    )?;
     let o = AmendOptions {
         version: p.version,
         lazy_refcounts: p.lazy,

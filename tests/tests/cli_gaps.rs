@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use qimg_tests::qemu::Qemu;
-use qimg_tests::qimg_bin;
+use qimg_tests::{qimg_bin, run_ok};
 
 fn out(cmd: &mut Command) -> Output {
     cmd.output()
@@ -167,5 +167,208 @@ fn amend_p_prints_qemu_img_progress_lines() {
             .args(["amend", "-q", "-p", "-o", "lazy_refcounts=off"])
             .arg(&img));
         assert!(o.status.success() && o.stdout.is_empty(), "{name}: {o:?}");
+    }
+}
+
+const MODES: [&str; 6] = [
+    "none",
+    "off",
+    "directsync",
+    "writethrough",
+    "writeback",
+    "unsafe",
+];
+
+/// `amend -t MODE` of qcow2 options on twin images in /tmp: qemu-img and
+/// qimg succeed or fail alike in every mode, and the results are
+/// check-clean and equal.
+#[test]
+fn amend_t_cache_modes_on_qcow2_options() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let imgs: Vec<PathBuf> = tools(&q)
+        .iter()
+        .map(|(name, _)| {
+            let img = dir.path().join(format!("{name}.qcow2"));
+            q.create(&img, "qcow2", "", "64M");
+            q.io(
+                &img,
+                "qcow2",
+                &["write -P 1 0 3M", "write -c -P 3 8M 64k", "write -z 20M 1M"],
+            );
+            img
+        })
+        .collect();
+    let steps = [
+        "lazy_refcounts=on",
+        "compat=0.10",
+        "compat=1.1",
+        "refcount_bits=64",
+        "size=96M",
+        "refcount_bits=16,lazy_refcounts=off",
+    ];
+    for (i, opts) in steps.iter().enumerate() {
+        let mode = MODES[i % MODES.len()];
+        let codes: Vec<Option<i32>> = tools(&q)
+            .iter()
+            .zip(&imgs)
+            .map(|((name, bin), img)| {
+                let o = out(Command::new(bin)
+                    .args(["amend", "-t", mode, "-o", opts])
+                    .arg(img));
+                assert!(o.stdout.is_empty(), "{name}: {o:?}");
+                if o.status.success() {
+                    assert!(o.stderr.is_empty(), "{name}: {o:?}");
+                    q.assert_clean(img, &format!("{name} amend -t {mode} -o {opts}"));
+                }
+                o.status.code()
+            })
+            .collect();
+        assert_eq!(codes[0], codes[1], "amend -t {mode} -o {opts}");
+        // /tmp is a disk filesystem: O_DIRECT works there.
+        assert_eq!(codes[0], Some(0), "amend -t {mode} -o {opts}");
+    }
+    let cmp = out(Command::new(&q.img).arg("compare").args(&imgs));
+    assert_eq!(cmp.status.code(), Some(0), "{}", text(&cmp.stdout));
+    let infos: Vec<serde_json::Value> = imgs
+        .iter()
+        .map(|p| q.info(p)["format-specific"].clone())
+        .collect();
+    assert_eq!(infos[0], infos[1]);
+}
+
+/// `amend -t BOGUS`: qemu-img's message and exit code 1, and the file
+/// stays byte-identical (qcow2 options and key slots alike).
+#[test]
+fn amend_t_unknown_mode_is_refused_as_qemu_img_refuses_it() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    q.create(&img, "qcow2", "", "16M");
+    q.io(&img, "qcow2", &["write -P 1 0 1M"]);
+    let before = std::fs::read(&img).unwrap();
+    for (name, bin) in tools(&q) {
+        for (mode, opts) in [
+            ("bogus", "compat=0.10"),
+            ("NONE", "lazy_refcounts=on"),
+            ("", "compat=0.10"),
+            ("writeback", "encrypt.state=active,encrypt.new-secret=s1"),
+        ] {
+            let o = out(Command::new(&bin)
+                .args(["amend", "-t", mode, "-o", opts])
+                .arg(&img));
+            assert_eq!(o.status.code(), Some(1), "{name} -t {mode:?}: {o:?}");
+            let err = text(&o.stderr);
+            if mode != "writeback" {
+                let want = format!("Invalid cache option: {mode}\n");
+                assert!(
+                    err.lines().count() == 1 && err.ends_with(&want),
+                    "{name} -t {mode:?}: {err:?}"
+                );
+            }
+            assert_eq!(std::fs::read(&img).unwrap(), before, "{name} -t {mode:?}");
+        }
+    }
+}
+
+/// `amend -t MODE` of key slots: a new passphrase added by qimg to a
+/// raw LUKS1 volume and to an encrypted qcow2 image opens them (judged
+/// by cryptsetup and qemu-img), the same as qemu-img's own amend.
+#[test]
+fn amend_t_cache_modes_on_key_slots() {
+    let Some(q) = Qemu::find() else { return };
+    let Some(cs) = qimg_tests::cryptsetup::Cryptsetup::find() else {
+        return;
+    };
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let s0 = "secret,id=s0,data=abc";
+    let s1 = "secret,id=s1,data=def";
+    let key1 = dir.path().join("key1");
+    std::fs::write(&key1, b"def").unwrap();
+    for ((name, bin), mode) in tools(&q)
+        .into_iter()
+        .flat_map(|t| [(t.clone(), "none"), (t, "directsync")])
+    {
+        // Raw LUKS1 (qemu-img's own format).
+        let vol = dir.path().join(format!("{name}-{mode}.luks"));
+        run_ok(
+            Command::new(&q.img)
+                .args(["create", "-q", "-f", "luks", "--object", s0])
+                .args(["-o", "key-secret=s0,iter-time=10"])
+                .arg(&vol)
+                .arg("16M"),
+        );
+        let o = out(Command::new(&bin)
+            .args(["amend", "-t", mode, "--object", s0, "--object", s1])
+            .args(["-o", "state=active,new-secret=s1,iter-time=10"])
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=luks,file.filename={},key-secret=s0",
+                vol.display()
+            )));
+        assert!(o.status.success(), "{name} -t {mode}: {o:?}");
+        assert!(
+            cs.opens(&vol, None, &key1, Some(1)),
+            "{name} -t {mode}: the new key does not open slot 1"
+        );
+        // LUKS in qcow2.
+        let img = dir.path().join(format!("{name}-{mode}.qcow2"));
+        q.create_encrypted(
+            &img,
+            s0,
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            &[],
+            "16M",
+        );
+        q.io_encrypted(s0, "qcow2", &img, &["write -P 5 0 1M"]);
+        let o = out(Command::new(&bin)
+            .args(["amend", "-t", mode, "--object", s0, "--object", s1])
+            .args([
+                "-o",
+                "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10",
+            ])
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=qcow2,file.filename={},encrypt.key-secret=s0",
+                img.display()
+            )));
+        assert!(o.status.success(), "{name} -t {mode}: {o:?}");
+        q.assert_check_clean(
+            &["--object", s1, "--image-opts"],
+            format!(
+                "driver=qcow2,file.filename={},encrypt.key-secret=s1",
+                img.display()
+            ),
+            &format!("{name} amend -t {mode}"),
+        );
+    }
+}
+
+/// qemu-img 10.0.2 has no `-p` on `check` and `resize`: both refuse it
+/// with exit code 1 and leave the image as it was.
+#[test]
+fn check_and_resize_have_no_p() {
+    let Some(q) = Qemu::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    q.create(&img, "qcow2", "", "16M");
+    let before = std::fs::read(&img).unwrap();
+    for (name, bin) in tools(&q) {
+        for args in [&["check", "-p"][..], &["resize", "-p"][..]] {
+            let mut c = Command::new(&bin);
+            c.args(args).arg(&img);
+            if args[0] == "resize" {
+                c.arg("+1M");
+            }
+            let o = out(&mut c);
+            assert_eq!(o.status.code(), Some(1), "{name} {args:?}: {o:?}");
+            assert!(o.stdout.is_empty(), "{name} {args:?}: {o:?}");
+            assert!(
+                text(&o.stderr).contains("-p") || text(&o.stderr).contains("'p'"),
+                "{name} {args:?}: {}",
+                text(&o.stderr)
+            );
+            assert_eq!(std::fs::read(&img).unwrap(), before, "{name} {args:?}");
+        }
     }
 }
