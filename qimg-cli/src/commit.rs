@@ -31,7 +31,8 @@ pub(crate) struct CommitCmd {
     /// Keep the image's content after committing (do not empty it).
     #[arg(short = 'd')]
     keep: bool,
-    /// Show progress (accepted for compatibility).
+    /// Show progress: qemu-img's `    (NN.NN/100%)` lines on standard
+    /// output when it is not a terminal, else a bar (`-q` wins).
     #[arg(short = 'p')]
     progress: bool,
     /// Quiet: no "Image committed." line.
@@ -114,7 +115,15 @@ impl CommitCmd {
                 .or(args.key_secret.clone()),
         };
         let (mut dst, cluster) = open_base(&base, base_fmt, size, cache, (&base_keys, &secrets))?;
-        let ranges = copy_allocated(top.dev.as_mut(), &mut dst, size, cluster, path, &base)?;
+        let bar = crate::progress::Bar::new(self.progress && !self.quiet, size);
+        let to = Copy {
+            size,
+            cluster,
+            path,
+            base: &base,
+            bar: &bar,
+        };
+        let ranges = copy_allocated(top.dev.as_mut(), &mut dst, &to)?;
         dst.flush()
             .map_err(|e| CliError::io(&base, e.to_string()))?;
         drop(dst);
@@ -133,6 +142,8 @@ impl CommitCmd {
                 .map_err(|e| CliError::io(path, e.to_string()))?;
             w.close().map_err(|e| CliError::io(path, e.to_string()))?;
         }
+        // As qemu-img: the progress ends after the image was emptied.
+        bar.finish();
         if !self.quiet {
             println!("Image committed.");
         }
@@ -177,17 +188,35 @@ fn open_base(
     }
 }
 
+/// What [`copy_allocated`] copies and where it reports.
+struct Copy<'a> {
+    /// The guest size.
+    size: u64,
+    /// The backing file's write granularity.
+    cluster: u64,
+    /// The image committed (named in its errors).
+    path: &'a str,
+    /// The backing file (named in its errors).
+    base: &'a str,
+    /// Progress over the guest size.
+    bar: &'a crate::progress::Bar,
+}
+
 /// Writes every `cluster`-sized piece of `dst` that overlaps a range the
 /// top image allocates itself, with the content `top` shows there;
 /// returns the top's allocated ranges.
 fn copy_allocated(
     top: &mut dyn Source,
     dst: &mut AnyDev,
-    size: u64,
-    cluster: u64,
-    path: &str,
-    base: &str,
+    to: &Copy<'_>,
 ) -> Result<Vec<(u64, u64)>, CliError> {
+    let Copy {
+        size,
+        cluster,
+        path,
+        base,
+        bar,
+    } = *to;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let mut off = 0u64;
     while off < size {
@@ -261,6 +290,7 @@ fn copy_allocated(
             if work.send((c, nu, buf)).is_err() {
                 break;
             }
+            bar.set(c + n);
         }
         drop(work);
         let wrote = writer

@@ -3,7 +3,7 @@
 use luks_core::io::{BlockIo, FileDevice};
 
 use crate::args::SecretArgs;
-use crate::file::open_file;
+use crate::file::open_file_cached;
 use crate::format::Format;
 use crate::opts::{parse_size, OptionMap};
 use crate::CliError;
@@ -400,7 +400,17 @@ pub(crate) fn open_qcow2_writer_keyed(
     path: &str,
     keys: Option<(&crate::luks_common::KeySource, &crate::secret::Secrets)>,
 ) -> Result<qcow_core::Qcow2Writer<FileDevice>, CliError> {
-    let mut dev = open_file(path, true)?;
+    open_qcow2_writer_cached(path, keys, crate::cache::CacheMode::Writeback)
+}
+
+/// [`open_qcow2_writer_keyed`] with the image and its data file in cache
+/// mode `cache` (`amend -t`).
+pub(crate) fn open_qcow2_writer_cached(
+    path: &str,
+    keys: Option<(&crate::luks_common::KeySource, &crate::secret::Secrets)>,
+    cache: crate::cache::CacheMode,
+) -> Result<qcow_core::Qcow2Writer<FileDevice>, CliError> {
+    let mut dev = open_file_cached(path, true, cache)?;
     let info = {
         let mut cache = vec![0u8; 64 * 1024];
         qcow_core::Qcow2::open(&mut dev, &mut cache)
@@ -427,12 +437,13 @@ pub(crate) fn open_qcow2_writer_keyed(
     let name = name
         .ok_or_else(|| CliError::io(path, "the image needs a data file but names none".into()))?;
     let full = crate::image::resolve_backing(path, &name);
-    let data = FileDevice::open_rw(&full).map_err(|e| {
+    let mut data = FileDevice::open_rw(&full).map_err(|e| {
         CliError::io(
             path,
             format!("cannot open the data file {}: {e}", full.display()),
         )
     })?;
+    cache.apply(&mut data, &full.to_string_lossy())?;
     let data = crate::lock::lock_dev(data, &full.to_string_lossy(), crate::lock::Access::Write)?;
     w.with_data_file(data)
         .map_err(|e| CliError::io(path, e.to_string()))

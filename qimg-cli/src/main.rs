@@ -2,7 +2,6 @@
 //! qemu-img's verbs, options, JSON keys and exit codes.
 
 mod amend;
-mod amend_qcow2;
 mod args;
 mod cache;
 mod chain_lock;

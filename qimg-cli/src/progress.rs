@@ -1,4 +1,5 @@
-//! `convert -p`: progress in qemu-img's form or as a bar.
+//! `-p` (`convert`, `commit`, `rebase`, `amend`): progress in qemu-img's
+//! form or as a bar.
 //!
 //! When standard output is not a terminal (a pipe or file, as when an
 //! orchestrator runs qimg), the lines are qemu-img's, on standard output:

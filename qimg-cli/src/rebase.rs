@@ -35,7 +35,8 @@ pub(crate) struct RebaseCmd {
     /// Format of the new backing file (required with a backing file).
     #[arg(short = 'F', value_name = "FMT")]
     backing_fmt: Option<String>,
-    /// Show progress (accepted for compatibility).
+    /// Show progress: qemu-img's `    (NN.NN/100%)` lines on standard
+    /// output when it is not a terminal, else a bar (`-q` wins).
     #[arg(short = 'p')]
     progress: bool,
     /// Quiet.
@@ -95,18 +96,23 @@ impl RebaseCmd {
             }
             crate::chain_lock::refuse_backing_loop(path, &full, fmt)?;
         }
-        if !self.unsafe_ {
-            self.keep_content(&spec, new, new_fmt, cache, backing_cache)?;
-        }
+        let show = self.progress && !self.quiet;
+        let bar = if self.unsafe_ {
+            crate::progress::Bar::new(show, 0)
+        } else {
+            self.keep_content(&spec, new, new_fmt, cache, backing_cache, show)?
+        };
         let mut w = open_metadata_writer(path, cache)?;
         w.set_backing(new, new_fmt)
             .map_err(|e| fail(e.to_string()))?;
         w.close().map_err(|e| CliError::io(path, e.to_string()))?;
+        bar.finish();
         Ok(0)
     }
 
     /// Safe mode: writes into the image every cluster it does not allocate
     /// whose content differs between the old chain and the new backing.
+    /// Returns the progress display (`show`: `-p`), not yet finished.
     fn keep_content(
         &self,
         spec: &crate::image_spec::ImageSpec,
@@ -114,7 +120,8 @@ impl RebaseCmd {
         fmt: Option<&str>,
         cache: CacheMode,
         backing_cache: CacheMode,
-    ) -> Result<(), CliError> {
+        show: bool,
+    ) -> Result<crate::progress::Bar, CliError> {
         let path = spec.path.as_str();
         let secrets = Secrets::parse(&self.secrets.object)?;
         let mut old = image::open(
@@ -161,8 +168,10 @@ impl RebaseCmd {
         let cs = w.header().cluster_size();
         let cs_usize = usize::try_from(cs).unwrap_or(0);
         let (mut a, mut b) = (vec![0u8; cs_usize], vec![0u8; cs_usize]);
+        let bar = crate::progress::Bar::new(show, size);
         let mut off = 0u64;
         while off < size {
+            bar.set(off);
             let n = cs.min(size - off);
             let nu = usize::try_from(n).unwrap_or(0);
             let st = old
@@ -197,7 +206,7 @@ impl RebaseCmd {
             off += n;
         }
         w.close().map_err(|e| CliError::io(path, e.to_string()))?;
-        Ok(())
+        Ok(bar)
     }
 }
 

@@ -8,6 +8,7 @@ use luks_core::luks1::{self, HeaderRepr, VolumeKey, KEY_SLOTS};
 use luks_core::luks2::write::KdfParams;
 
 use super::{unlock_error, usize_of, KdfChoice, KeySlots};
+use crate::cache::CacheMode;
 use crate::luks_common::OsRng;
 use crate::CliError;
 
@@ -29,14 +30,20 @@ pub(super) struct Luks1Slots {
 
 impl Luks1Slots {
     /// The header of a raw LUKS1 volume or detached header file.
-    pub(super) fn open_raw(path: &str, writable: bool) -> Result<Self, CliError> {
-        let dev = raw_window(path, writable)?;
+    /// `cache`: `amend -t`.
+    pub(super) fn open_raw(path: &str, writable: bool, cache: CacheMode) -> Result<Self, CliError> {
+        let dev = raw_window_cached(path, writable, cache)?;
         Self::read(path, dev, false)
     }
 
     /// The LUKS1 header in the crypto region of the qcow2 image `path`.
-    pub(super) fn open_qcow2(path: &str, writable: bool) -> Result<Self, CliError> {
-        let dev = qcow2_window(path, writable)?;
+    /// `cache`: `amend -t`.
+    pub(super) fn open_qcow2(
+        path: &str,
+        writable: bool,
+        cache: CacheMode,
+    ) -> Result<Self, CliError> {
+        let dev = qcow2_window_cached(path, writable, cache)?;
         Self::read(path, dev, true)
     }
 
@@ -217,16 +224,30 @@ pub(super) fn parse_raw_header(bytes: &[u8]) -> Option<HeaderRepr> {
 
 /// The whole file `path` as a header device.
 pub(super) fn raw_window(path: &str, writable: bool) -> Result<HeaderDev, CliError> {
+    raw_window_cached(path, writable, CacheMode::Writeback)
+}
+
+/// [`raw_window`] with the file opened in cache mode `cache`.
+fn raw_window_cached(path: &str, writable: bool, cache: CacheMode) -> Result<HeaderDev, CliError> {
     let len = crate::file::file_length(path)?;
-    let file = crate::file::open_file(path, writable)?;
+    let file = crate::file::open_file_cached(path, writable, cache)?;
     Ok(Window::new(file, 0, len))
 }
 
 /// The LUKS region of the encrypted qcow2 image `path` as a header
 /// device, after [`check_region`].
 pub(super) fn qcow2_window(path: &str, writable: bool) -> Result<HeaderDev, CliError> {
+    qcow2_window_cached(path, writable, CacheMode::Writeback)
+}
+
+/// [`qcow2_window`] with the file opened in cache mode `cache`.
+fn qcow2_window_cached(
+    path: &str,
+    writable: bool,
+    cache: CacheMode,
+) -> Result<HeaderDev, CliError> {
     let (offset, len) = qcow2_region(path)?;
-    let file = crate::file::open_file(path, writable)?;
+    let file = crate::file::open_file_cached(path, writable, cache)?;
     Ok(Window::new(file, offset, len))
 }
 

@@ -32,14 +32,19 @@ impl Luks2Slots {
     /// requirements we do not know is refused, and so is a file that ends
     /// before its header area or payload offset (key slots written there
     /// would extend a truncated copy).
-    pub(super) fn open(path: &str, writable: bool) -> Result<Self, CliError> {
+    /// `cache`: `amend -t`.
+    pub(super) fn open(
+        path: &str,
+        writable: bool,
+        cache: crate::cache::CacheMode,
+    ) -> Result<Self, CliError> {
         let (h, json) = crate::luks2::read_header(path)?;
         if writable {
             luks2::check_requirements::<std::convert::Infallible>(&h.meta)
                 .map_err(|e| CliError::io(path, e.to_string()))?;
             crate::luks2::check_length(path, &h)?;
         }
-        let dev = crate::file::open_file(path, writable)?;
+        let dev = crate::file::open_file_cached(path, writable, cache)?;
         Ok(Self {
             path: path.to_string(),
             dev,

@@ -16,6 +16,7 @@ mod luks2;
 use luks_core::luks1::VolumeKey;
 use luks_core::luks2::write::KdfParams;
 
+use crate::cache::CacheMode;
 use crate::format::Format;
 use crate::CliError;
 
@@ -126,12 +127,26 @@ pub(crate) fn open(
     format: Option<Format>,
     writable: bool,
 ) -> Result<Box<dyn KeySlots>, CliError> {
+    open_cached(path, format, writable, CacheMode::Writeback)
+}
+
+/// [`open`] with the file in cache mode `cache` (`amend -t`).
+pub(crate) fn open_cached(
+    path: &str,
+    format: Option<Format>,
+    writable: bool,
+    cache: CacheMode,
+) -> Result<Box<dyn KeySlots>, CliError> {
     match crate::format::resolve(path, format, None)? {
         Format::Luks if crate::format::luks_version(path)? == Some(2) => {
-            Ok(Box::new(luks2::Luks2Slots::open(path, writable)?))
+            Ok(Box::new(luks2::Luks2Slots::open(path, writable, cache)?))
         }
-        Format::Luks => Ok(Box::new(luks1::Luks1Slots::open_raw(path, writable)?)),
-        Format::Qcow2 => Ok(Box::new(luks1::Luks1Slots::open_qcow2(path, writable)?)),
+        Format::Luks => Ok(Box::new(luks1::Luks1Slots::open_raw(
+            path, writable, cache,
+        )?)),
+        Format::Qcow2 => Ok(Box::new(luks1::Luks1Slots::open_qcow2(
+            path, writable, cache,
+        )?)),
         Format::Raw => Err(not_encrypted(path)),
     }
 }

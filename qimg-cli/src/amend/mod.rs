@@ -3,9 +3,13 @@
 //! `encrypt.iter-time` for qcow2; the same names without `encrypt.` for a
 //! raw LUKS volume), over any [`KeySlots`]: LUKS1 (raw, detached or inside
 //! qcow2) and LUKS2 (qemu-img itself has no LUKS2; its semantics and
-//! messages are kept, over slots 0..=31).
+//! messages are kept, over slots 0..=31). The qcow2 options (`compat`,
+//! `lazy_refcounts`, `refcount_bits`, `data_file`, ...) are in [`qcow2`].
+
+mod qcow2;
 
 use crate::args::SecretArgs;
+use crate::cache::CacheMode;
 use crate::format::Format;
 use crate::keyslots::{KdfChoice, KeySlots};
 use crate::luks_common::KeySource;
@@ -29,9 +33,17 @@ pub(crate) struct AmendCmd {
     /// (`driver=qcow2,file.filename=PATH,encrypt.key-secret=ID`).
     #[arg(long = "image-opts")]
     pub(crate) image_opts: bool,
-    /// Quiet (accepted for compatibility).
+    /// Show progress: qemu-img's `    (NN.NN/100%)` lines on standard
+    /// output when it is not a terminal, else a bar (`-q` wins).
+    #[arg(short = 'p')]
+    pub(crate) progress: bool,
+    /// Quiet: no progress.
     #[arg(short = 'q')]
     pub(crate) quiet: bool,
+    /// Cache mode of the image (none, directsync, writethrough,
+    /// writeback: the default, unsafe).
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
+    pub(crate) cache: Option<String>,
     #[command(flatten)]
     pub(crate) secrets: SecretArgs,
     /// The image (absent with `-f FMT -o help`).
@@ -52,7 +64,21 @@ impl AmendCmd {
             return crate::opts_help::print(&crate::opts_help::amend_help(format)?);
         }
         let filename = self.filename.as_deref().ok_or_else(missing)?;
-        encryption(&self, filename, &self.options)
+        self.cache_mode()?;
+        // qemu-img prints 0% before the driver amends and 100% after it,
+        // whether it succeeded or not, then ends the line.
+        let bar = crate::progress::Bar::new(self.progress && !self.quiet, 0);
+        let done = encryption(&self, filename, &self.options);
+        bar.finish();
+        done
+    }
+}
+
+impl AmendCmd {
+    /// `-t`: the cache mode the image is written in (qemu-img's message for
+    /// an unknown one).
+    pub(crate) fn cache_mode(&self) -> Result<CacheMode, CliError> {
+        CacheMode::target(self.cache.as_deref(), CacheMode::Writeback)
     }
 }
 
@@ -100,13 +126,13 @@ pub(crate) fn encryption(a: &AmendCmd, filename: &str, options: &[String]) -> Re
     if format == Format::Qcow2 {
         crate::chain_lock::lock_backing_chain(&path)?;
     }
-    if format == Format::Qcow2 && crate::amend_qcow2::wants(options) {
-        return crate::amend_qcow2::run(a, filename, &path, key_secret.as_deref());
+    if format == Format::Qcow2 && qcow2::wants(options) {
+        return qcow2::run(a, filename, &path, key_secret.as_deref());
     }
     if format == Format::Luks {
         crate::lock::lock_for_luks_amend(&path)?;
     }
-    let mut t = crate::keyslots::open(&path, Some(format), true)?;
+    let mut t = crate::keyslots::open_cached(&path, Some(format), true, a.cache_mode()?)?;
     let p = if t.in_qcow2() { "encrypt." } else { "" };
     let get = |k: &str| opts.get(&format!("{p}{k}")).map(str::to_string);
     if opts.get(&format!("{p}format")).is_some() {

@@ -11,7 +11,7 @@
 //! Mixed with key slot options (`encrypt.state`, ...), the qcow2 options
 //! are applied first, then the key slots.
 
-use crate::amend::AmendCmd;
+use super::AmendCmd;
 use crate::luks_common::KeySource;
 use crate::opts::{split_list, OptionMap};
 use crate::secret::Secrets;
@@ -207,8 +207,11 @@ pub(crate) fn run(
         key_secret,
     };
     let encrypted = info.header.crypt_method.is_encrypted();
-    let mut w =
-        crate::create::open_qcow2_writer_keyed(path, encrypted.then_some((&keys, &secrets)))?;
+    let mut w = crate::create::open_qcow2_writer_cached(
+        path,
+        encrypted.then_some((&keys, &secrets)),
+        a.cache_mode()?,
+    )?;
     let o = AmendOptions {
         version: p.version,
         lazy_refcounts: p.lazy,
@@ -236,7 +239,7 @@ pub(crate) fn run(
     {
         rest.push(k.clone());
     }
-    crate::amend::encryption(a, filename, &rest)
+    super::encryption(a, filename, &rest)
 }
 
 #[cfg(test)]
