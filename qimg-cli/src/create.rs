@@ -477,7 +477,7 @@ pub(crate) fn open_new_backing(
     }
     std::fs::File::open(full)
         .map_err(|e| hint(format!("Could not open '{full}': {}", os_text(&e))))?;
-    let detected = crate::format::detect(full)?;
+    let detected = crate::format::detect_backing(full)?;
     match fmt {
         None => Ok(detected),
         Some(name) => match Format::parse(name) {
@@ -536,7 +536,10 @@ pub(crate) fn create_qcow2(
                 ));
             };
             let fmt = Format::parse(fmt).unwrap_or(detected);
-            if size.is_none() {
+            if size.is_none() && crate::file::is_char_device(&full) {
+                // A character device is a 0-byte raw image, as in QEMU.
+                size = Some(0);
+            } else if size.is_none() {
                 size = Some(
                     crate::image::info(&full, Some(fmt), &crate::args::SecretArgs::default())?
                         .virtual_size,
