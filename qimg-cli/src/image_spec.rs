@@ -88,7 +88,6 @@ const QEMU_UNIMPLEMENTED: &[&str] = &[
     "pass-discard-request",
     "pass-discard-snapshot",
     "pass-discard-other",
-    "discard-no-unref",
     "overlap-check",
     "cache-size",
     "l2-cache-size",
@@ -815,6 +814,22 @@ fn build(flat: &[(String, Val)], text: Option<&str>) -> Result<ImageSpec, String
                 spec.key_secret = Some(string(key, v)?);
                 spec.only.push((k.clone(), Only::Luks));
             }
+            // qcow2's `discard-no-unref` (Proxmox's convert target): on a
+            // discard, keep the host cluster allocated. qimg's writers
+            // never discard through an option set's image: zero writes
+            // (convert -n) already keep this image's own clusters
+            // allocated, so the option is accepted, checked, and changes
+            // nothing.
+            "discard-no-unref" => {
+                let b = string(key, v)?;
+                if !matches!(
+                    b.as_str(),
+                    "on" | "yes" | "true" | "y" | "off" | "no" | "false" | "n"
+                ) {
+                    return Err(format!("Parameter '{key}' expects 'on' or 'off'"));
+                }
+                spec.only.push((k.clone(), Only::Qcow2));
+            }
             "backing" => match v {
                 Val::Null => spec.backing = Backing::Without,
                 Val::Str(s) if s.is_empty() => spec.backing = Backing::Without,
@@ -993,6 +1008,24 @@ mod tests {
     }
 
     #[test]
+    fn discard_no_unref_is_a_qcow2_option() {
+        for v in ["on", "true", "yes", "off", "false", "no"] {
+            let arg = format!("driver=qcow2,discard-no-unref={v},file.filename=o");
+            let spec = ImageSpec::from_arg(&arg, true, None).unwrap();
+            assert_eq!(spec.path, "o");
+            spec.check_format(Format::Qcow2).unwrap();
+        }
+        let raw = ImageSpec::from_arg("discard-no-unref=on,file.filename=o", true, None).unwrap();
+        let e = raw.check_format(Format::Raw).unwrap_err();
+        assert!(
+            e.msg
+                .contains("Block format 'raw' does not support the option 'discard-no-unref'"),
+            "{}",
+            e.msg
+        );
+    }
+
+    #[test]
     fn errors_have_qemu_img_wording() {
         let cases: &[(&str, bool, &str)] = &[
             ("driver=qcow2,file.filename=a,bogus=1", true, "Could not open 'driver=qcow2,file.filename=a,bogus=1': Block format 'qcow2' does not support the option 'bogus'"),
@@ -1009,6 +1042,8 @@ mod tests {
             ("driver=qcow2,file.filename=a,=x", true, "does not support the option ''"),
             ("driver=vmdk,file.filename=a", true, "qimg does not implement the driver 'vmdk'"),
             ("driver=qcow2,file.filename=a,l2-cache-size=1M", true, "qimg does not implement the option 'l2-cache-size'"),
+            ("driver=qcow2,file.filename=a,discard-no-unref=1", true, "Parameter 'discard-no-unref' expects 'on' or 'off'"),
+            ("driver=qcow2,file.filename=a,file.discard-no-unref=on", true, "Block protocol 'file' doesn't support the option 'discard-no-unref'"),
             ("driver=qcow2,file.filename=o,backing.driver=qcow2,backing.file.filename=b,backing.bogus=1", true, "Could not open backing file: Block format 'qcow2' does not support the option 'bogus'"),
             (r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"a.qcow2"}"#, false, "Could not parse the JSON options: JSON parse error, premature EOI"),
             (r#"json:{"driver":"qcow2","file":{"filename":"o"}}x"#, false, "Could not parse the JSON options: Expecting at most one JSON value"),
