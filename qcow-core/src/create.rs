@@ -250,11 +250,9 @@ fn validate<E>(o: &CreateOptions<'_>) -> Result<(ClusterSize, u32), CreateError<
         return Err(CreateError::DataFilePreallocation);
     }
     if let Some(len) = o.luks_region_len {
-        if !o.v3 {
-            return Err(CreateError::Encryption(
-                "LUKS encryption needs compatibility level 1.1 (version=v3)",
-            ));
-        }
+        // A version 2 image carries the LUKS header region in the same
+        // crypto header extension as version 3 (qemu-img 10 writes it for
+        // `compat=0.10,encrypt.format=luks`, as libvirt asks).
         if o.data_file.is_some() {
             return Err(CreateError::Encryption(
                 "an external data file cannot be encrypted by qcow-core",
@@ -631,5 +629,51 @@ mod measure_tests {
             measure::<()>(&o),
             Err(CreateError::ClusterSize(1000))
         ));
+    }
+}
+
+#[cfg(test)]
+mod v2_luks_tests {
+    use super::*;
+
+    /// `compat=0.10,encrypt.format=luks` (libvirt's qcow2-luks line): a
+    /// version 2 header whose extensions carry the backing format and the
+    /// LUKS region, the region right after the L1 table. The expected
+    /// bytes are those qemu-img 10.0.2 writes for
+    /// `create -f qcow2 -b /dev/null -o backing_fmt=raw,encrypt.format=luks,compat=0.10 IMG 5242880K`.
+    #[test]
+    fn version_2_luks_header_is_qemu_imgs() {
+        let o = CreateOptions {
+            size: 5 << 30,
+            v3: false,
+            backing_file: Some("/dev/null"),
+            backing_fmt: Some("raw"),
+            luks_region_len: Some(0x1f_9000),
+            ..CreateOptions::default()
+        };
+        let w = create(luks_core::io::VecDevice::new(), &o).unwrap();
+        let dev = w.into_device();
+        let mut want = [0u8; 0x88];
+        let words: [(usize, &[u8]); 9] = [
+            (
+                0x00,
+                b"QFI\xfb\0\0\0\x02\0\0\0\0\0\0\0\x78\0\0\0\x09\0\0\0\x10\0\0\0\x01\x40\0\0\0",
+            ),
+            (
+                0x20,
+                b"\0\0\0\x02\0\0\0\x0a\0\0\0\0\0\x03\0\0\0\0\0\0\0\x01\0\0",
+            ),
+            (0x38, b"\0\0\0\x01"),
+            (0x48, b"\xe2\x79\x2a\xca\0\0\0\x03raw\0"),
+            (0x58, b"\x05\x37\xbe\x77\0\0\0\x10"),
+            (0x60, b"\0\0\0\0\0\x04\0\0"),
+            (0x68, b"\0\0\0\0\0\x1f\x90\0"),
+            (0x70, b"\0\0\0\0\0\0\0\0"),
+            (0x78, b"/dev/null"),
+        ];
+        for (at, bytes) in words {
+            want[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        assert_eq!(&dev.as_slice()[..0x88], &want[..]);
     }
 }

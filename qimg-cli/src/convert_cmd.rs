@@ -67,6 +67,12 @@ pub(crate) struct ConvertCmd {
     /// layout stays the same with or without it.
     #[arg(short = 'W')]
     out_of_order: bool,
+    /// Rate limit in bytes per second (qemu-img's `-r`; k, M, G, T, P, E
+    /// suffixes; 0 is no limit): the copy waits before each chunk until
+    /// the bytes done so far, divided by the time since the start, are
+    /// within the rate.
+    #[arg(short = 'r', value_name = "RATE", allow_hyphen_values = true)]
+    rate_limit: Option<String>,
     /// Read the source without taking QEMU's shared locks.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -111,6 +117,7 @@ impl ConvertCmd {
             progress,
             workers,
             out_of_order: _,
+            rate_limit,
             force_share,
             cache,
             source_cache,
@@ -120,6 +127,8 @@ impl ConvertCmd {
             source,
             destination,
         } = self;
+        // qemu-img checks -r as it reads its options, before anything else.
+        let rate_limit = rate_limit.as_deref().map(parse_rate).transpose()?;
         if crate::opts_help::asked(&options) {
             let with_target = destination.is_some();
             let text =
@@ -154,6 +163,7 @@ impl ConvertCmd {
             cache: CacheMode::target(cache.as_deref(), CacheMode::Unsafe)?,
             source_cache: CacheMode::source(source_cache.as_deref())?,
             progress: progress && !quiet,
+            rate_limit: rate_limit.unwrap_or(0),
             workers: workers.map_or_else(crate::parallel::default_workers, usize::from),
             compress,
             backing,
@@ -181,6 +191,8 @@ struct ConvertArgs {
     /// `-T`.
     source_cache: CacheMode,
     progress: bool,
+    /// `-r`: bytes per second, 0 for no limit.
+    rate_limit: u64,
     workers: usize,
     compress: bool,
     backing: Option<String>,
@@ -305,8 +317,10 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         keep_unallocated: false,
     };
     let bar = crate::progress::Bar::new(a.progress, len);
+    let mut throttle = Throttle::new(a.rate_limit, len);
     convert::copy(src.dev.as_mut(), &mut dst, len, copy_opts, &mut |done| {
-        bar.set(done)
+        bar.set(done);
+        throttle.wait(done);
     })
     .map_err(|e| copy_err(&a, e))?;
     bar.finish();
@@ -435,8 +449,10 @@ fn convert_to_qcow2(
             keep_unallocated: true,
         };
         let bar = crate::progress::Bar::new(a.progress, len);
+        let mut throttle = Throttle::new(a.rate_limit, len);
         convert::copy(&mut top, &mut dev, len, copy_opts, &mut |done| {
-            bar.set(done)
+            bar.set(done);
+            throttle.wait(done);
         })
         .map_err(|e| copy_err(a, e))?;
         dev.flush().map_err(|e| CliError::io(dst, e.to_string()))?;
@@ -484,6 +500,7 @@ fn convert_to_qcow2(
         &mut *top.inner
     };
     let bar = crate::progress::Bar::new(a.progress, len);
+    let mut throttle = Throttle::new(a.rate_limit, len);
     if a.compress {
         let ctype = w.header().compression_type;
         convert::copy_clusters(
@@ -499,7 +516,10 @@ fn convert_to_qcow2(
                 }
                 Ok(())
             },
-            &mut |done| bar.set(done),
+            &mut |done| {
+                bar.set(done);
+                throttle.wait(done);
+            },
         )
         .map_err(|e| copy_err(a, e))?;
         w.close().map_err(io_dst)?;
@@ -511,8 +531,11 @@ fn convert_to_qcow2(
             pipelined: crate::parallel::pipelined(),
             keep_unallocated: false,
         };
-        convert::copy(src, &mut dev, len, copy_opts, &mut |done| bar.set(done))
-            .map_err(|e| copy_err(a, e))?;
+        convert::copy(src, &mut dev, len, copy_opts, &mut |done| {
+            bar.set(done);
+            throttle.wait(done);
+        })
+        .map_err(|e| copy_err(a, e))?;
         dev.flush().map_err(|e| CliError::io(dst, e.to_string()))?;
     }
     bar.finish();
@@ -624,5 +647,151 @@ fn copy_err(a: &ConvertArgs, e: convert::CopyError) -> CliError {
     match e {
         convert::CopyError::Read(e) => CliError::io(&a.source, e.to_string()),
         convert::CopyError::Write(e) => CliError::io(&a.destination, e.to_string()),
+    }
+}
+
+/// `-r RATE` as qemu-img reads it: bytes per second, decimal or `0x` hex,
+/// an optional one-letter suffix (`b`, `k`, `M`, `G`, `T`, `P`, `E`, any
+/// case; a fraction needs one), at most `i64::MAX`; with qemu-img's errors.
+fn parse_rate(v: &str) -> Result<u64, CliError> {
+    let invalid = || CliError::usage(format!("Invalid rate limit specified: '{v}'."));
+    let range = || {
+        CliError::usage(format!(
+            "Invalid rate limit specified. Must be between 0 and {}.",
+            i64::MAX
+        ))
+    };
+    let t = v.trim_start();
+    let (negative, t) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t),
+    };
+    let value: u128 = if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid());
+        }
+        u128::from_str_radix(hex, 16).map_err(|_| range())?
+    } else {
+        let (num, shift) = match t.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => {
+                let shift = match c.to_ascii_lowercase() {
+                    'b' => 0,
+                    'k' => 10,
+                    'm' => 20,
+                    'g' => 30,
+                    't' => 40,
+                    'p' => 50,
+                    'e' => 60,
+                    _ => return Err(invalid()),
+                };
+                (&t[..i], Some(shift))
+            }
+            _ => (t, None),
+        };
+        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+        let digits = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+        if int.is_empty() || !digits(int) || !digits(frac) || (num.contains('.') && shift.is_none())
+        {
+            return Err(invalid());
+        }
+        let shift = shift.unwrap_or(0);
+        let int: u128 = int.parse().map_err(|_| range())?;
+        let frac_v: u128 = if frac.is_empty() {
+            0
+        } else {
+            frac.get(..18)
+                .unwrap_or(frac)
+                .parse()
+                .map_err(|_| invalid())?
+        };
+        let scale = 10u128.pow(u32::try_from(frac.len().min(18)).unwrap_or(18));
+        int.checked_shl(shift)
+            .filter(|w| w >> shift == int)
+            .ok_or_else(range)?
+            .checked_add((frac_v << shift) / scale)
+            .ok_or_else(range)?
+    };
+    if negative {
+        return Err(range());
+    }
+    u64::try_from(value)
+        .ok()
+        .filter(|&n| i64::try_from(n).is_ok())
+        .ok_or_else(range)
+}
+
+/// `-r`: holds the copy back so that the bytes done, over the time since
+/// the copy began, stay within the rate. It waits before the next chunk,
+/// never after the last one (as qemu-img's limit delays the next request).
+struct Throttle {
+    /// Bytes per second; 0 for no limit.
+    rate: u64,
+    /// The guest length: at it, the copy is done and nothing waits.
+    len: u64,
+    /// When the copy began.
+    start: std::time::Instant,
+}
+
+impl Throttle {
+    /// A limit of `rate` bytes per second (0: none) on a copy of `len` bytes.
+    fn new(rate: u64, len: u64) -> Self {
+        Self {
+            rate,
+            len,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// After `done` bytes: sleeps until `done / rate` seconds after the
+    /// start.
+    fn wait(&mut self, done: u64) {
+        if self.rate == 0 || done >= self.len {
+            return;
+        }
+        // u64 bytes over a u64 rate: whole seconds fit in u64, and the
+        // remainder's nanoseconds are below 10^9.
+        let secs = done / self.rate;
+        let nanos = u128::from(done % self.rate) * 1_000_000_000 / u128::from(self.rate);
+        let due = std::time::Duration::from_secs(secs)
+            + std::time::Duration::from_nanos(u64::try_from(nanos).unwrap_or(0));
+        if let Some(left) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(left);
+        }
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates_as_qemu_img_reads_them() {
+        for (v, want) in [
+            ("0", 0),
+            ("100K", 102_400),
+            ("102400K", 104_857_600),
+            ("1.5k", 1536),
+            ("5b", 5),
+            (" 5", 5),
+            ("0x10", 16),
+            ("1T", 1 << 40),
+            ("1E", 1 << 60),
+        ] {
+            assert_eq!(parse_rate(v).unwrap(), want, "{v}");
+        }
+        for v in ["abc", "10x", "1.5", "", "1KiB", "0x"] {
+            let e = parse_rate(v).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("Invalid rate limit specified: '{v}'.")),
+                "{v}: {e}"
+            );
+        }
+        for v in ["-5", "-0", "8E", "9E", "99999999999999999999"] {
+            let e = parse_rate(v).unwrap_err().to_string();
+            assert!(
+                e.contains("Must be between 0 and 9223372036854775807"),
+                "{v}: {e}"
+            );
+        }
     }
 }

@@ -362,7 +362,8 @@ impl Qcow2Create {
             if self.compression_type == 1 { "zstd" } else { "zlib" },
         );
         if let Some(b) = &self.backing_file {
-            s.push_str(&format!(" backing_file={b}"));
+            // qemu-img prints string options with commas doubled.
+            s.push_str(&format!(" backing_file={}", b.replace(',', ",,")));
         }
         if let Some(f) = &self.backing_fmt {
             s.push_str(&format!(" backing_fmt={f}"));
@@ -488,7 +489,7 @@ pub(crate) fn open_new_backing(
     }
     std::fs::File::open(full)
         .map_err(|e| hint(format!("Could not open '{full}': {}", os_text(&e))))?;
-    let detected = crate::format::detect(full)?;
+    let detected = crate::format::detect_backing(full)?;
     match fmt {
         None => Ok(detected),
         Some(name) => match Format::parse(name) {
@@ -527,8 +528,16 @@ pub(crate) fn create_qcow2(
         // qemu-img create reads the backing file with force-share: a
         // running VM's image can be a backing file.
         crate::lock::set_force_share(true);
-        let full = crate::image::resolve_backing(filename, b);
-        let full = full.to_string_lossy().into_owned();
+        // A `json:{...}` name (Cinder's encrypted snapshots) is written
+        // verbatim into the header, as qemu-img writes it; its file is the
+        // one checked and sized here.
+        let spec = crate::image_spec::ImageSpec::json(b)?;
+        let full = match &spec {
+            Some(s) => s.path.clone(),
+            None => crate::image::resolve_backing(filename, b)
+                .to_string_lossy()
+                .into_owned(),
+        };
         if backing.unsafe_backing {
             if c.backing_fmt.is_none() {
                 return Err(CliError::io(
@@ -538,6 +547,9 @@ pub(crate) fn create_qcow2(
             }
         } else {
             let detected = open_new_backing(filename, &full, c.backing_fmt.as_deref())?;
+            if let Some(s) = &spec {
+                s.check_format(detected)?;
+            }
             let Some(fmt) = c.backing_fmt.as_deref() else {
                 return Err(CliError::io(
                     filename,
@@ -547,7 +559,10 @@ pub(crate) fn create_qcow2(
                 ));
             };
             let fmt = Format::parse(fmt).unwrap_or(detected);
-            if size.is_none() {
+            if size.is_none() && crate::file::is_char_device(&full) {
+                // A character device is a 0-byte raw image, as in QEMU.
+                size = Some(0);
+            } else if size.is_none() {
                 size = Some(
                     crate::image::info(&full, Some(fmt), &crate::args::SecretArgs::default())?
                         .virtual_size,

@@ -50,6 +50,35 @@ pub(crate) fn refuse_dir(path: &str) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Whether `path` is a character device such as `/dev/null`. QEMU opens
+/// one with its `host_device` driver: a raw image as long as the device's
+/// end (0 bytes for `/dev/null` and `/dev/zero`), which libvirt names as a
+/// placeholder backing file. qimg accepts one only where qemu-img reads a
+/// raw backing file (see [`refuse_dir_backing`]), never as an image it
+/// writes, and never reads its bytes to detect a format (QEMU probes a
+/// 0-byte image as raw without reading).
+pub(crate) fn is_char_device(path: &str) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
+}
+
+/// [`refuse_dir`] for a backing file that is read only: a character device
+/// passes (see [`is_char_device`]); a directory, FIFO or socket does not.
+pub(crate) fn refuse_dir_backing(path: &str) -> Result<(), CliError> {
+    if is_char_device(path) {
+        return Ok(());
+    }
+    refuse_dir(path)
+}
+
 /// Opens the existing file `path`, for writing when `writable`; the error
 /// names the file ("cannot open" or "cannot open for writing").
 pub(crate) fn open_file(path: &str, writable: bool) -> Result<FileDevice, CliError> {

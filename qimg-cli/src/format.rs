@@ -73,6 +73,15 @@ pub(crate) fn detect(path: &str) -> Result<Format, CliError> {
     })
 }
 
+/// [`detect`] for a backing file: a character device (`/dev/null`) is raw
+/// without being read (see [`crate::file::is_char_device`]).
+pub(crate) fn detect_backing(path: &str) -> Result<Format, CliError> {
+    if crate::file::is_char_device(path) {
+        return Ok(Format::Raw);
+    }
+    detect(path)
+}
+
 /// The LUKS header version of `path` (1 or 2), or `None` if it is not a
 /// LUKS header (or is shorter than the 8 bytes that say). The one place
 /// that decides whether a LUKS volume or header is handled as LUKS1 or

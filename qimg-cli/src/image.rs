@@ -300,7 +300,7 @@ fn backing_fmt_of(path: &str, format: Option<&str>) -> Result<Format, CliError> 
                 format!("backing file format '{name}' is not supported (qcow2 or raw)"),
             )
         }),
-        None => detect(path),
+        None => crate::format::detect_backing(path),
     }
 }
 
@@ -338,8 +338,9 @@ pub(crate) fn probe_linked(
                 full.display()
             )));
         }
-        // A FIFO, socket or character device would block the open below.
-        refuse_dir(&full.to_string_lossy())?;
+        // A FIFO or socket would block the open below; a character device
+        // is a 0-byte raw backing file, as QEMU's host_device.
+        crate::file::refuse_dir_backing(&full.to_string_lossy())?;
         std::fs::File::open(full).map_err(os)?;
         Ok(())
     };
@@ -359,10 +360,10 @@ pub(crate) fn probe_linked(
                     ),
                 )
             })?,
-            None => detect(&name)?,
+            None => crate::format::detect_backing(&name)?,
         };
         match fmt {
-            Format::Qcow2 if detect(&name)? != Format::Qcow2 => {
+            Format::Qcow2 if crate::format::detect_backing(&name)? != Format::Qcow2 => {
                 return Err(CliError::usage(format!(
                     "Could not open '{path}': Could not open backing file: \
                      Image is not in qcow2 format"
@@ -458,7 +459,7 @@ fn open_qcow2(
             }
             Format::Raw => {
                 guard_chain(&cur, seen, chain)?;
-                refuse_dir(&cur)?;
+                crate::file::refuse_dir_backing(&cur)?;
                 ctx.files.borrow_mut().push(cur.clone());
                 let file = ctx.cache.open(&cur, false, |e| {
                     CliError::io(&cur, format!("cannot open the backing file: {e}"))

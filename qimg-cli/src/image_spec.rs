@@ -88,7 +88,6 @@ const QEMU_UNIMPLEMENTED: &[&str] = &[
     "pass-discard-request",
     "pass-discard-snapshot",
     "pass-discard-other",
-    "discard-no-unref",
     "overlap-check",
     "cache-size",
     "l2-cache-size",
@@ -531,6 +530,22 @@ fn build(flat: &[(String, Val)], text: Option<&str>) -> Result<ImageSpec, String
             "key-secret" => {
                 spec.key_secret = Some(string(key, v)?);
                 spec.only.push((k.clone(), Only::Luks));
+            }
+            // qcow2's `discard-no-unref` (Proxmox's convert target): on a
+            // discard, keep the host cluster allocated. qimg's writers
+            // never discard through an option set's image: zero writes
+            // (convert -n) already keep this image's own clusters
+            // allocated, so the option is accepted, checked, and changes
+            // nothing.
+            "discard-no-unref" => {
+                let b = string(key, v)?;
+                if !matches!(
+                    b.as_str(),
+                    "on" | "yes" | "true" | "y" | "off" | "no" | "false" | "n"
+                ) {
+                    return Err(format!("Parameter '{key}' expects 'on' or 'off'"));
+                }
+                spec.only.push((k.clone(), Only::Qcow2));
             }
             "backing" => match v {
                 Val::Null => spec.backing = Backing::Without,

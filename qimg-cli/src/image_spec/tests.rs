@@ -95,6 +95,24 @@ fn json_nesting_and_dotted_keys_mean_the_same() {
 }
 
 #[test]
+fn discard_no_unref_is_a_qcow2_option() {
+    for v in ["on", "true", "yes", "off", "false", "no"] {
+        let arg = format!("driver=qcow2,discard-no-unref={v},file.filename=o");
+        let spec = ImageSpec::from_arg(&arg, true, None).unwrap();
+        assert_eq!(spec.path, "o");
+        spec.check_format(Format::Qcow2).unwrap();
+    }
+    let raw = ImageSpec::from_arg("discard-no-unref=on,file.filename=o", true, None).unwrap();
+    let e = raw.check_format(Format::Raw).unwrap_err();
+    assert!(
+        e.msg
+            .contains("Block format 'raw' does not support the option 'discard-no-unref'"),
+        "{}",
+        e.msg
+    );
+}
+
+#[test]
 fn errors_have_qemu_img_wording() {
     let cases: &[(&str, bool, &str)] = &[
         ("driver=qcow2,file.filename=a,bogus=1", true, "Could not open 'driver=qcow2,file.filename=a,bogus=1': Block format 'qcow2' does not support the option 'bogus'"),
@@ -111,6 +129,8 @@ fn errors_have_qemu_img_wording() {
         ("driver=qcow2,file.filename=a,=x", true, "does not support the option ''"),
         ("driver=vmdk,file.filename=a", true, "qimg does not implement the driver 'vmdk'"),
         ("driver=qcow2,file.filename=a,l2-cache-size=1M", true, "qimg does not implement the option 'l2-cache-size'"),
+        ("driver=qcow2,file.filename=a,discard-no-unref=1", true, "Parameter 'discard-no-unref' expects 'on' or 'off'"),
+        ("driver=qcow2,file.filename=a,file.discard-no-unref=on", true, "Block protocol 'file' doesn't support the option 'discard-no-unref'"),
         ("driver=qcow2,file.filename=o,backing.driver=qcow2,backing.file.filename=b,backing.bogus=1", true, "Could not open backing file: Block format 'qcow2' does not support the option 'bogus'"),
         (r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"a.qcow2"}"#, false, "Could not parse the JSON options: JSON parse error, premature EOI"),
         (r#"json:{"driver":"qcow2","file":{"filename":"o"}}x"#, false, "Could not parse the JSON options: Expecting at most one JSON value"),
