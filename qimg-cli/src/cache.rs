@@ -186,15 +186,6 @@ pub(crate) fn refuse_before_create(path: &str, mode: CacheMode) -> Result<(), Cl
     Ok(())
 }
 
-/// Puts a file just created by a verb into `mode` ([`CacheMode::apply`]).
-pub(crate) fn apply_after_create(
-    dev: &mut FileDevice,
-    path: &str,
-    mode: CacheMode,
-) -> Result<(), CliError> {
-    mode.apply(dev, path)
-}
-
 /// qemu-img's error for a filesystem that refuses `O_DIRECT` (tmpfs before
 /// Linux 6.6, ramfs): it fails the open, before any I/O.
 pub(crate) fn no_direct(path: &str) -> CliError {

@@ -170,11 +170,7 @@ fn open_base(
             Ok((erased(file), 512))
         }
         Format::Qcow2 => {
-            let mut w = crate::create::open_qcow2_writer_keyed(base, Some(keys))?;
-            cache.apply(w.device(), base)?;
-            if let Some(data) = w.data_file_device() {
-                cache.apply(data, base)?;
-            }
+            let mut w = crate::create::open_qcow2_writer_cached(base, Some(keys), cache)?;
             if w.virtual_size() < size {
                 w.resize(size).map_err(|e| io(&e))?;
             }

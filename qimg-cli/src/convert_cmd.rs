@@ -276,7 +276,7 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
             } else {
                 crate::cache::refuse_before_create(&a.destination, a.cache)?;
                 let mut file = crate::lock::create_locked(&a.destination)?;
-                crate::cache::apply_after_create(&mut file, &a.destination, a.cache)?;
+                a.cache.apply(&mut file, &a.destination)?;
                 file
             };
             let mut dev = erased(file);
@@ -366,9 +366,7 @@ fn convert_to_qcow2(
         };
         opts.reject_unused("qcow2")
             .map_err(|e| CliError::usage(e.to_string()))?;
-        let mut w = crate::create::open_qcow2_writer_keyed(dst, Some((&keys, secrets)))?;
-        a.cache.apply(w.device(), dst)?;
-        w
+        crate::create::open_qcow2_writer_cached(dst, Some((&keys, secrets)), a.cache)?
     } else {
         let c = crate::create::Qcow2Create::parse(
             opts,
@@ -392,17 +390,16 @@ fn convert_to_qcow2(
             }
             let full = image::resolve_backing(dst, b);
             std::fs::File::open(&full).map_err(|e| {
-                let text = e.to_string();
-                let text = text.split(" (os error ").next().unwrap_or_default();
                 CliError::usage(format!(
-                    "Could not open '{dst}': Could not open backing file: Could not open '{}': {text}",
-                    full.display()
+                    "Could not open '{dst}': Could not open backing file: Could not open '{}': {}",
+                    full.display(),
+                    crate::os_text(&e)
                 ))
             })?;
         }
         crate::cache::refuse_before_create(dst, a.cache)?;
         let mut w = c.create(dst, len, secrets)?;
-        crate::cache::apply_after_create(w.device(), dst, a.cache)?;
+        a.cache.apply(w.device(), dst)?;
         w
     };
     if let Some(data) = w.data_file_device() {

@@ -433,11 +433,10 @@ pub(crate) fn open_qcow2_writer_cached(
     if !w.header().has_data_file() {
         return Ok(w);
     }
-    let opening = crate::qcow2::Opening::open(path)?;
-    let name = opening.img.info().data_file().map(str::to_string);
-    let name = name
+    let name = info
+        .data_file()
         .ok_or_else(|| CliError::io(path, "the image needs a data file but names none".into()))?;
-    let full = crate::image::resolve_backing(path, &name);
+    let full = crate::image::resolve_backing(path, name);
     let mut data = FileDevice::open_rw(&full).map_err(|e| {
         CliError::io(
             path,
@@ -460,16 +459,6 @@ pub(crate) struct BackingArgs<'a> {
     pub(crate) unsafe_backing: bool,
 }
 
-/// The C library's text for an I/O error (what QEMU prints), without
-/// Rust's " (os error N)".
-fn os_text(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error ") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    }
-}
-
 /// Opens the backing file `full` of the new image as qemu-img's create
 /// does: it must exist and be in `fmt` (any format qimg reads when `fmt`
 /// is `None`). Returns its detected format. Errors are qemu-img's, with
@@ -481,14 +470,14 @@ pub(crate) fn open_new_backing(
 ) -> Result<Format, CliError> {
     let hint = |m: String| CliError::io(filename, format!("{m}\nCould not open backing image."));
     let meta = std::fs::metadata(full)
-        .map_err(|e| hint(format!("Could not open '{full}': {}", os_text(&e))))?;
+        .map_err(|e| hint(format!("Could not open '{full}': {}", crate::os_text(&e))))?;
     if meta.is_dir() {
         return Err(hint(format!(
             "'file' driver requires '{full}' to be a regular file"
         )));
     }
     std::fs::File::open(full)
-        .map_err(|e| hint(format!("Could not open '{full}': {}", os_text(&e))))?;
+        .map_err(|e| hint(format!("Could not open '{full}': {}", crate::os_text(&e))))?;
     let detected = crate::format::detect_backing(full)?;
     match fmt {
         None => Ok(detected),

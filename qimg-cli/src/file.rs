@@ -93,19 +93,16 @@ pub(crate) fn open_file_cached(
     cache: CacheMode,
 ) -> Result<FileDevice, CliError> {
     use crate::lock::{lock_dev, Access};
-    if writable {
-        cache
-            .open(path, true, |e| {
-                CliError::io(path, format!("cannot open for writing: {e}"))
-            })
-            .and_then(|d| lock_dev(d, path, Access::Write))
+    let (access, failed) = if writable {
+        (Access::Write, "cannot open for writing")
     } else {
-        cache
-            .open(path, false, |e| {
-                CliError::io(path, format!("cannot open: {e}"))
-            })
-            .and_then(|d| lock_dev(d, path, Access::Read))
-    }
+        (Access::Read, "cannot open")
+    };
+    cache
+        .open(path, writable, |e| {
+            CliError::io(path, format!("{failed}: {e}"))
+        })
+        .and_then(|d| lock_dev(d, path, access))
 }
 
 /// Bytes a file occupies on disk (qemu-img's "disk size"/"actual-size").

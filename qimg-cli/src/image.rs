@@ -323,13 +323,11 @@ pub(crate) fn probe_linked(
             _ => format!("Could not open '{path}': "),
         };
         let os = |e: std::io::Error| {
-            let t = e.to_string();
-            let t = t
-                .split(" (os error ")
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            CliError::usage(format!("{lead}Could not open '{}': {t}", full.display()))
+            CliError::usage(format!(
+                "{lead}Could not open '{}': {}",
+                full.display(),
+                crate::os_text(&e)
+            ))
         };
         let meta = std::fs::metadata(full).map_err(os)?;
         if meta.is_dir() {
@@ -520,7 +518,7 @@ fn next_layer(
                 return Err(p.error(&format!(
                     "Could not open backing file: Could not open '{}': {}",
                     b.path,
-                    crate::image_spec::strerror(&e)
+                    crate::os_text(&e)
                 )));
             }
             let f = match b.format {
@@ -617,10 +615,9 @@ fn open_qcow2_layer(
                 .push(full.to_string_lossy().into_owned());
             let file = ctx.cache.open(&full.to_string_lossy(), false, |e| {
                 match (spec, &given_data) {
-                    (Some(s), Some(g)) => s.error(&format!(
-                        "Could not open '{g}': {}",
-                        crate::image_spec::strerror(&e)
-                    )),
+                    (Some(s), Some(g)) => {
+                        s.error(&format!("Could not open '{g}': {}", crate::os_text(&e)))
+                    }
                     _ => CliError::io(
                         path,
                         format!("cannot open the data file {}: {e}", full.display()),

@@ -231,7 +231,7 @@ impl ImageSpec {
         }
         match std::fs::metadata(path) {
             Ok(_) => Ok(()),
-            Err(e) => Err(self.error(&format!("Could not open '{path}': {}", strerror(&e)))),
+            Err(e) => Err(self.error(&format!("Could not open '{path}': {}", crate::os_text(&e)))),
         }
     }
 
@@ -372,15 +372,6 @@ fn qcow2_crypt_method(path: &str) -> Option<qcow_core::CryptMethod> {
     let mut head = [0u8; 36];
     std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
     qcow_core::CryptMethod::from_raw(u32::from_be_bytes([head[32], head[33], head[34], head[35]]))
-}
-
-/// The C library's text for an I/O error, without Rust's ` (os error N)`.
-pub(crate) fn strerror(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
 }
 
 /// qemu-img's wrapper around every open failure.

@@ -229,14 +229,9 @@ fn on_setlk_error(e: nix::errno::Errno, byte: i64) -> Result<(), LockError> {
     }
 }
 
-/// The C library's text for `e` (what QEMU prints), without Rust's
-/// " (os error N)".
+/// The C library's text for `e` (what QEMU prints).
 fn strerror(e: nix::errno::Errno) -> String {
-    let text = std::io::Error::from_raw_os_error(e as i32).to_string();
-    match text.find(" (os error ") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    }
+    crate::os_text(&std::io::Error::from_raw_os_error(e as i32))
 }
 
 /// Takes QEMU's locks on `file` (opened from `path`) for `access`, or

@@ -75,6 +75,16 @@ impl fmt::Display for CliError {
     }
 }
 
+/// The C library's text for an I/O error (what QEMU prints), without
+/// Rust's " (os error N)".
+pub fn os_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
 /// JSON with qemu-img's four-space indentation.
 pub fn pretty_json(v: &serde_json::Value) -> String {
     use serde::Serialize;
