@@ -657,21 +657,25 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path) -> Result<(), String> {
 /// Prints the Done-when targets, each met or not met.
 fn summary(res: &[Result_], qimg_setup: f64) {
     let mark = |ok: bool| if ok { "met" } else { "NOT MET" };
+    // A target met when no row offends, else listing the rows that do.
+    let every = |target: &str, offenders: Vec<String>| {
+        println!(
+            "  [{}] {target}{}",
+            mark(offenders.is_empty()),
+            if offenders.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", offenders.join(", "))
+            }
+        );
+    };
     println!("\nDone-when targets (printed, not asserted):");
     let slow: Vec<String> = res
         .iter()
         .filter(|r| r.secs[1] > r.secs[0])
         .map(|r| format!("{} {:.2}x", r.name, r.secs[1] / r.secs[0].max(1e-9)))
         .collect();
-    println!(
-        "  [{}] every row <= 1.0x qemu-img{}",
-        mark(slow.is_empty()),
-        if slow.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", slow.join(", "))
-        }
-    );
+    every("every row <= 1.0x qemu-img", slow);
     let far: Vec<String> = res
         .iter()
         .filter(|r| r.streaming)
@@ -679,15 +683,7 @@ fn summary(res: &[Result_], qimg_setup: f64) {
         .filter(|(_, x)| *x > 1.25)
         .map(|(r, x)| format!("{} {x:.2}x", r.name))
         .collect();
-    println!(
-        "  [{}] streaming converts <= 1.25x the cp floor{}",
-        mark(far.is_empty()),
-        if far.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", far.join(", "))
-        }
-    );
+    every("streaming converts <= 1.25x the cp floor", far);
     let find = |n: &str| res.iter().find(|r| r.name == n);
     if let (Some(w), Some(r)) = (
         find("convert raw->LUKS qcow2"),
@@ -722,15 +718,7 @@ fn summary(res: &[Result_], qimg_setup: f64) {
             )
         })
         .collect();
-    println!(
-        "  [{}] peak RSS <= qemu-img on every row{}",
-        mark(fat.is_empty()),
-        if fat.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", fat.join(", "))
-        }
-    );
+    every("peak RSS <= qemu-img on every row", fat);
     println!("  (XTS at 512-byte sectors vs the round ceiling: see the XTS table above)");
 }
 
