@@ -346,7 +346,7 @@ impl Geometry {
             cluster_size: spc * bps,
             fat_offset: (reserved + active * fat_size) * bps64,
             fat_bytes: fat_need,
-            data_offset: (meta) * bps64,
+            data_offset: meta * bps64,
             clusters: clusters32,
             root,
         })
