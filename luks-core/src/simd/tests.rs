@@ -459,7 +459,7 @@ fn batched_equals_per_sector_equals_portable() {
     // backend's one-call (batched) result equals the same backend called
     // sector by sector, and equals the portable backend's.
     let bs = backends();
-    let mut rng = Rng(0x5eed_0f_0badc0de);
+    let mut rng = Rng(0x005e_ed0f_0bad_c0de);
     let mut checked = 0;
     for trial in 0..160 {
         let key_len = if trial % 2 == 0 { 32 } else { 64 };
