@@ -13,6 +13,14 @@
 //! Multiplying by `x^k` with a per-lane `k < 64` is the same with 64-bit
 //! variable shifts. Each kernel keeps `R` tweak vectors for `R` registers
 //! of data in flight and steps them all by `x^(blocks in flight)`.
+//!
+//! On `zmm` registers the carry-less multiply is costly (on AMD Zen 4 it
+//! holds the AES pipes for about two rounds), so the VAES-512 kernel
+//! avoids it where it can: its `x^32` step reduces with shifts and XORs
+//! (the overflow is below 2^32, so `out * 0x87` is
+//! `out ^ out << 1 ^ out << 2 ^ out << 7`), and a sector's first tweaks
+//! reduce three registers' overflows with one multiply
+//! ([`mul_bytes123_zmm`]).
 
 // The workspace denies `unsafe_code`; this file is part of the one vetted
 // module (`luks-core/src/simd`) because `core::arch` intrinsics behind
