@@ -27,8 +27,9 @@
 //!
 //! The hardware kernels are fused: tweaks are generated in vector
 //! registers (a multiply by `x^k` in GF(2^128) is a byte or bit shift plus
-//! a carry-less multiply of the overflow by `0x87`), XORed in, and the
-//! tweak is folded into the last round key.
+//! the overflow times `0x87`, carry-less: one `pclmulqdq`, or shifts and
+//! XORs where the wide multiply is slow), XORed in, and the tweak is
+//! folded into the last round key.
 //!
 //! # Why this module may contain `unsafe`
 //!
