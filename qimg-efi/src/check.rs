@@ -31,8 +31,12 @@ pub fn checks(child: Handle, checks: &[Check]) -> Result<(), String> {
     if checks.is_empty() {
         return Ok(());
     }
-    let mut proto = ffi::open_shared::<BlockIO>(child)
-        .map_err(|e| format!("opening the installed Block I/O protocol failed: {:?}", e.status()))?;
+    let mut proto = ffi::open_shared::<BlockIO>(child).map_err(|e| {
+        format!(
+            "opening the installed Block I/O protocol failed: {:?}",
+            e.status()
+        )
+    })?;
     let media_id = proto.media().media_id();
     let last = proto.media().last_block();
     let mut buf = vec![0u8; CHUNK];
@@ -54,7 +58,12 @@ pub fn checks(child: Handle, checks: &[Check]) -> Result<(), String> {
             let n = left.min((CHUNK / BLOCK) as u64);
             let bytes = &mut buf[..n as usize * BLOCK];
             proto.read_blocks(media_id, lba, bytes).map_err(|e| {
-                format!("check lba={} count={}: ReadBlocks at block {lba} failed: {:?}", c.lba, c.count, e.status())
+                format!(
+                    "check lba={} count={}: ReadBlocks at block {lba} failed: {:?}",
+                    c.lba,
+                    c.count,
+                    e.status()
+                )
             })?;
             h.update(&*bytes);
             lba += n;
@@ -64,12 +73,18 @@ pub fn checks(child: Handle, checks: &[Check]) -> Result<(), String> {
         if got == c.sha256 {
             println!("QIMG-CHECK lba={} count={} ok", c.lba, c.count);
         } else {
-            println!("QIMG-CHECK lba={} count={} MISMATCH sha256={got}", c.lba, c.count);
+            println!(
+                "QIMG-CHECK lba={} count={} MISMATCH sha256={got}",
+                c.lba, c.count
+            );
             failed += 1;
         }
     }
     if failed > 0 {
-        return Err(format!("{failed} of {} check= ranges read different data", checks.len()));
+        return Err(format!(
+            "{failed} of {} check= ranges read different data",
+            checks.len()
+        ));
     }
     Ok(())
 }
@@ -86,8 +101,12 @@ fn ticks_per_ms() -> u64 {
 /// Reads `mib` MiB (or the whole device if smaller) in [`CHUNK`] requests
 /// and prints the speed.
 pub fn speed(child: Handle, mib: u64) -> Result<(), String> {
-    let mut proto = ffi::open_shared::<BlockIO>(child)
-        .map_err(|e| format!("opening the installed Block I/O protocol failed: {:?}", e.status()))?;
+    let mut proto = ffi::open_shared::<BlockIO>(child).map_err(|e| {
+        format!(
+            "opening the installed Block I/O protocol failed: {:?}",
+            e.status()
+        )
+    })?;
     let media_id = proto.media().media_id();
     let blocks = proto.media().last_block() + 1;
     let total = (mib << 20).min(blocks * BLOCK as u64);
@@ -103,12 +122,21 @@ pub fn speed(child: Handle, mib: u64) -> Result<(), String> {
         }
         proto
             .read_blocks(media_id, done / BLOCK as u64, &mut buf[..n])
-            .map_err(|e| format!("speed test: ReadBlocks at byte {done} failed: {:?}", e.status()))?;
+            .map_err(|e| {
+                format!(
+                    "speed test: ReadBlocks at byte {done} failed: {:?}",
+                    e.status()
+                )
+            })?;
         done += n as u64;
     }
     let ms = (ffi::rdtsc().saturating_sub(t0) / per_ms).max(1);
     // MiB/s with one decimal, in integers.
     let tenths = done.saturating_mul(10_000) / (ms << 20);
-    println!("QIMG-SPEED bytes={done} ms={ms} mib-per-s={}.{}", tenths / 10, tenths % 10);
+    println!(
+        "QIMG-SPEED bytes={done} ms={ms} mib-per-s={}.{}",
+        tenths / 10,
+        tenths % 10
+    );
     Ok(())
 }

@@ -70,7 +70,9 @@ fn path_value(key: &str, v: &str) -> Result<String, String> {
     if v.starts_with('\\') || v.starts_with('/') {
         Ok(v.replace('/', "\\"))
     } else {
-        Err(format!("{key}= needs an absolute path starting with '\\', got `{v}`"))
+        Err(format!(
+            "{key}= needs an absolute path starting with '\\', got `{v}`"
+        ))
     }
 }
 
@@ -126,7 +128,9 @@ impl Config {
             }
         }
         if c.header.is_some() && c.image == Image::Scan {
-            return Err(format!("{PATH}: header= needs image=\\path (a file), not image=scan"));
+            return Err(format!(
+                "{PATH}: header= needs image=\\path (a file), not image=scan"
+            ));
         }
         Ok(c)
     }

@@ -95,7 +95,7 @@ impl BlockIo for Disk {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         let bs = u64::from(self.block);
-        if offset % bs != 0 || buf.len() as u64 % bs != 0 {
+        if !offset.is_multiple_of(bs) || !(buf.len() as u64).is_multiple_of(bs) {
             return Err(self.err("unaligned read", offset, uefi::Status::INVALID_PARAMETER));
         }
         if buf.is_empty() {

@@ -80,7 +80,12 @@ struct Installed {
 /// the new handle. `size` is the image's virtual size (the tail past the
 /// last whole block is not reachable); `io_align` the alignment the
 /// reader's own device needs of buffers (1 for none).
-pub fn install(reader: Box<dyn Reader>, size: u64, io_align: u32, path: Vec<u8>) -> uefi::Result<Handle> {
+pub fn install(
+    reader: Box<dyn Reader>,
+    size: u64,
+    io_align: u32,
+    path: Vec<u8>,
+) -> uefi::Result<Handle> {
     let blocks = size / BLOCK as u64;
     let dev = Box::leak(Box::new(Installed {
         proto: BlockIoProtocol {
@@ -181,7 +186,7 @@ extern "efiapi" fn read_blocks(
     if size == 0 {
         return Status::SUCCESS;
     }
-    if size % BLOCK != 0 {
+    if !size.is_multiple_of(BLOCK) {
         return Status::BAD_BUFFER_SIZE;
     }
     let count = (size / BLOCK) as u64;
@@ -189,7 +194,7 @@ extern "efiapi" fn read_blocks(
         Some(last) if last <= media.last_block => {}
         _ => return Status::INVALID_PARAMETER,
     }
-    if (buffer as usize) % (media.io_align.max(1) as usize) != 0 {
+    if !(buffer as usize).is_multiple_of(media.io_align.max(1) as usize) {
         return Status::INVALID_PARAMETER;
     }
     // SAFETY: the caller gives a writable buffer of `size` bytes at

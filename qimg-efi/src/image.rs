@@ -175,12 +175,16 @@ where
 
 /// A parsed and unlocked LUKS header.
 enum Unlocked {
-    V1(HeaderRepr, VolumeKey),
+    V1(Box<HeaderRepr>, VolumeKey),
     V2(Box<Luks2Header>, VolumeKey),
 }
 
 /// Reads the LUKS header on `hdr` and unlocks a key slot.
-fn unlock_luks<H>(hdr: &mut H, name: &str, secrets: &Secrets) -> Result<(Unlocked, &'static str), Failure>
+fn unlock_luks<H>(
+    hdr: &mut H,
+    name: &str,
+    secrets: &Secrets,
+) -> Result<(Unlocked, &'static str), Failure>
 where
     H: BlockIo,
     H::Error: Display + core::fmt::Debug,
@@ -191,7 +195,8 @@ where
     if luks2::version(&head) == Some(2) {
         let h = {
             let mut json = vec![0u8; LUKS2_JSON];
-            luks2::read_header(hdr, &mut json).map_err(|e| Failure::Error(format!("{name}: {e}")))?
+            luks2::read_header(hdr, &mut json)
+                .map_err(|e| Failure::Error(format!("{name}: {e}")))?
         };
         let blocks = h
             .meta
@@ -206,30 +211,42 @@ where
             )));
         }
         let mut mem = Vec::new();
-        mem.try_reserve_exact(blocks)
-            .map_err(|_| Failure::Error(format!("{name}: the firmware has no {blocks} KiB for Argon2")))?;
+        mem.try_reserve_exact(blocks).map_err(|_| {
+            Failure::Error(format!(
+                "{name}: the firmware has no {blocks} KiB for Argon2"
+            ))
+        })?;
         mem.resize(blocks, Argon2Block::new());
-        let key = with_passphrase(secrets, name, |pass| match luks2::unlock(hdr, &h, pass, None, &mut mem) {
-            Ok((k, _)) => Ok(Some(k)),
-            Err(luks_core::Error::WrongPassphrase) => Ok(None),
-            Err(e) => Err(Failure::Error(format!("{name}: {e}"))),
+        let key = with_passphrase(secrets, name, |pass| {
+            match luks2::unlock(hdr, &h, pass, None, &mut mem) {
+                Ok((k, _)) => Ok(Some(k)),
+                Err(luks_core::Error::WrongPassphrase) => Ok(None),
+                Err(e) => Err(Failure::Error(format!("{name}: {e}"))),
+            }
         })?;
         drop(mem);
         Ok((Unlocked::V2(Box::new(h), key), "luks2"))
     } else {
         let h = luks1::read_header(hdr).map_err(|e| Failure::Error(format!("{name}: {e}")))?;
-        let key = with_passphrase(secrets, name, |pass| match luks1::unlock(hdr, &h, pass, None) {
-            Ok((k, _)) => Ok(Some(k)),
-            Err(luks_core::Error::WrongPassphrase) => Ok(None),
-            Err(e) => Err(Failure::Error(format!("{name}: {e}"))),
+        let key = with_passphrase(secrets, name, |pass| {
+            match luks1::unlock(hdr, &h, pass, None) {
+                Ok((k, _)) => Ok(Some(k)),
+                Err(luks_core::Error::WrongPassphrase) => Ok(None),
+                Err(e) => Err(Failure::Error(format!("{name}: {e}"))),
+            }
         })?;
-        Ok((Unlocked::V1(h, key), "luks1"))
+        Ok((Unlocked::V1(Box::new(h), key), "luks1"))
     }
 }
 
 /// Opens a raw LUKS volume: the header on `header` (a detached header
 /// file) or on `data` itself.
-pub fn open_luks<D, H>(mut data: D, header: Option<H>, name: &str, secrets: &Secrets) -> Result<Opened, Failure>
+pub fn open_luks<D, H>(
+    mut data: D,
+    header: Option<H>,
+    name: &str,
+    secrets: &Secrets,
+) -> Result<Opened, Failure>
 where
     D: BlockIo + 'static,
     D::Error: Display + core::fmt::Debug,
@@ -246,7 +263,9 @@ where
     }
     .map_err(|e| Failure::Error(format!("{name}: {e}")))?;
     drop(unlocked);
-    let size = vol.size().map_err(|e| Failure::Error(format!("{name}: {e}")))?;
+    let size = vol
+        .size()
+        .map_err(|e| Failure::Error(format!("{name}: {e}")))?;
     Ok(Opened {
         reader: Box::new(Layer(vol)),
         kind,

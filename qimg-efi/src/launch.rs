@@ -6,11 +6,11 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use uefi::boot::{self, LoadImageSource, SearchType};
-use uefi::proto::BootPolicy;
 use uefi::proto::device_path::text::{AllowShortcuts, DisplayOnly};
 use uefi::proto::device_path::DevicePath;
 use uefi::proto::loaded_image::LoadedImage;
 use uefi::proto::media::fs::SimpleFileSystem;
+use uefi::proto::BootPolicy;
 use uefi::{println, CString16, Handle, Identify, Status};
 
 use crate::{ffi, path};
@@ -18,7 +18,8 @@ use crate::{ffi, path};
 /// The file system handles below `child` (its path is a prefix of
 /// theirs), in firmware order.
 fn file_systems(child_path: &[u8]) -> Vec<(Handle, Vec<u8>)> {
-    let Ok(handles) = boot::locate_handle_buffer(SearchType::ByProtocol(&SimpleFileSystem::GUID)) else {
+    let Ok(handles) = boot::locate_handle_buffer(SearchType::ByProtocol(&SimpleFileSystem::GUID))
+    else {
         return Vec::new();
     };
     handles
@@ -45,10 +46,20 @@ fn has_file(fs: Handle, file: &str) -> bool {
 pub fn boot_loader(child_path: &[u8], file: &str, options: Option<&str>) -> Result<Status, String> {
     let systems = file_systems(child_path);
     if systems.is_empty() {
-        return Err("the firmware found no file system on the image's disk (no FAT partition or volume)".to_string());
+        return Err(
+            "the firmware found no file system on the image's disk (no FAT partition or volume)"
+                .to_string(),
+        );
     }
-    let Some((index, (_, fs_path))) = systems.iter().enumerate().find(|(_, (h, _))| has_file(*h, file)) else {
-        return Err(format!("none of the image's {} file system(s) holds {file}", systems.len()));
+    let Some((index, (_, fs_path))) = systems
+        .iter()
+        .enumerate()
+        .find(|(_, (h, _))| has_file(*h, file))
+    else {
+        return Err(format!(
+            "none of the image's {} file system(s) holds {file}",
+            systems.len()
+        ));
     };
     let body = fs_path.clone();
     let full = path::with_file(&body, file);
@@ -57,7 +68,10 @@ pub fn boot_loader(child_path: &[u8], file: &str, options: Option<&str>) -> Resu
     let fs_dp_bytes = path::whole(&body);
     let label = <&DevicePath>::try_from(fs_dp_bytes.as_slice())
         .ok()
-        .and_then(|d| d.to_string16(DisplayOnly(false), AllowShortcuts(false)).ok())
+        .and_then(|d| {
+            d.to_string16(DisplayOnly(false), AllowShortcuts(false))
+                .ok()
+        })
         .map_or_else(|| format!("file system {index}"), |t| t.to_string());
     let image = boot::load_image(
         boot::image_handle(),

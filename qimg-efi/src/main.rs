@@ -87,14 +87,20 @@ fn main() -> Status {
 fn boot_device() -> Result<Handle, Stop> {
     let li = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle())
         .map_err(|e| Stop::Error(format!("LoadedImage of qimg-efi: {:?}", e.status())))?;
-    li.device()
-        .ok_or_else(|| Stop::Error("qimg-efi was not loaded from a device (no LoadedImage.DeviceHandle)".to_string()))
+    li.device().ok_or_else(|| {
+        Stop::Error(
+            "qimg-efi was not loaded from a device (no LoadedImage.DeviceHandle)".to_string(),
+        )
+    })
 }
 
 /// The boot volume's file system, opened shared.
 fn boot_fs(esp: Handle) -> Result<uefi::fs::FileSystem, Stop> {
     let proto = ffi::open_shared::<SimpleFileSystem>(esp).map_err(|e| {
-        Stop::Error(format!("the boot volume has no Simple File System protocol: {:?}", e.status()))
+        Stop::Error(format!(
+            "the boot volume has no Simple File System protocol: {:?}",
+            e.status()
+        ))
     })?;
     Ok(uefi::fs::FileSystem::new(proto))
 }
@@ -120,8 +126,13 @@ fn run() -> Result<Status, Stop> {
     let cfg = match read_file(&mut fs, config::PATH)? {
         None => Config::default(),
         Some(bytes) => {
-            let text = core::str::from_utf8(&bytes)
-                .map_err(|e| Stop::Error(format!("{}: not UTF-8 text at byte {}", config::PATH, e.valid_up_to())))?;
+            let text = core::str::from_utf8(&bytes).map_err(|e| {
+                Stop::Error(format!(
+                    "{}: not UTF-8 text at byte {}",
+                    config::PATH,
+                    e.valid_up_to()
+                ))
+            })?;
             Config::parse(text).map_err(Stop::Error)?
         }
     };
@@ -129,11 +140,16 @@ fn run() -> Result<Status, Stop> {
     let secrets = match &cfg.passphrase_file {
         None => Secrets::Prompt,
         Some(p) => Secrets::File(secret::strip_line_end(
-            read_file(&mut fs, p)?.ok_or_else(|| Stop::Error(format!("{p}: passphrase file not found")))?,
+            read_file(&mut fs, p)?
+                .ok_or_else(|| Stop::Error(format!("{p}: passphrase file not found")))?,
         )),
     };
     let image = match &cfg.image {
-        Image::Default if fs.try_exists(ucs2(config::DEFAULT_IMAGE)?.as_ref()).unwrap_or(false) => {
+        Image::Default
+            if fs
+                .try_exists(ucs2(config::DEFAULT_IMAGE)?.as_ref())
+                .unwrap_or(false) =>
+        {
             Image::File(config::DEFAULT_IMAGE.to_string())
         }
         Image::Default => Image::Scan,
@@ -142,7 +158,7 @@ fn run() -> Result<Status, Stop> {
     drop(fs);
 
     print_budget();
-    let (opened, source, source_path, align) = match &image {
+    let src = match &image {
         Image::File(p) => {
             return Err(Stop::Error(format!(
                 "{p}: image files on the boot volume need the FAT reader (fat.rs), not in this build; use image=scan"
@@ -151,10 +167,22 @@ fn run() -> Result<Status, Stop> {
         _ => open_scanned(esp, &secrets)?,
     };
     println!(
-        "QIMG-IMAGE source={source} kind={} layers={} size={}",
-        opened.kind, opened.layers, opened.size
+        "QIMG-IMAGE source={} kind={} layers={} size={}",
+        src.name, src.opened.kind, src.opened.layers, src.opened.size
     );
-    install_and_boot(opened, source_path.as_deref(), align, &cfg)
+    install_and_boot(src, &cfg)
+}
+
+/// An opened image and where it came from.
+struct Source {
+    /// The unlocked image.
+    opened: Opened,
+    /// `file:\path` or `blockio:N`.
+    name: String,
+    /// The source device's path (without End), if it has one.
+    path: Option<Vec<u8>>,
+    /// The buffer alignment the source device needs (0 or 1: none).
+    align: u32,
 }
 
 fn print_budget() {
@@ -174,11 +202,14 @@ fn print_budget() {
 
 /// `image=scan`: the first Block I/O device (not the boot device) whose
 /// first block is a qcow2 or LUKS header, opened and unlocked.
-/// Returns the image, its name, the source's device path and the buffer
-/// alignment the source device needs.
-fn open_scanned(esp: Handle, secrets: &Secrets) -> Result<(Opened, String, Option<Vec<u8>>, u32), Stop> {
-    let handles = boot::locate_handle_buffer(SearchType::ByProtocol(&BlockIO::GUID))
-        .map_err(|e| Stop::Error(format!("image=scan: no Block I/O devices: {:?}", e.status())))?;
+fn open_scanned(esp: Handle, secrets: &Secrets) -> Result<Source, Stop> {
+    let handles =
+        boot::locate_handle_buffer(SearchType::ByProtocol(&BlockIO::GUID)).map_err(|e| {
+            Stop::Error(format!(
+                "image=scan: no Block I/O devices: {:?}",
+                e.status()
+            ))
+        })?;
     for (i, &h) in handles.iter().enumerate() {
         if h == esp {
             continue;
@@ -197,9 +228,16 @@ fn open_scanned(esp: Handle, secrets: &Secrets) -> Result<(Opened, String, Optio
         let align = disk.io_align();
         let opened = match kind {
             Kind::Qcow2 => image::open_qcow2(disk, &name, secrets)?,
-            Kind::Luks1 | Kind::Luks2 => image::open_luks::<Disk, Disk>(disk, None, &name, secrets)?,
+            Kind::Luks1 | Kind::Luks2 => {
+                image::open_luks::<Disk, Disk>(disk, None, &name, secrets)?
+            }
         };
-        return Ok((opened, name, path::of_handle(h), align));
+        return Ok(Source {
+            opened,
+            name,
+            path: path::of_handle(h),
+            align,
+        });
     }
     Err(Stop::Error(
         "image=scan: no Block I/O device (other than the boot volume) starts with a qcow2 or LUKS header".to_string(),
@@ -208,11 +246,16 @@ fn open_scanned(esp: Handle, secrets: &Secrets) -> Result<(Opened, String, Optio
 
 /// Installs the opened image as a Block I/O device, connects the
 /// firmware's drivers, runs the checks and boots the loader.
-fn install_and_boot(opened: Opened, source_path: Option<&[u8]>, align: u32, cfg: &Config) -> Result<Status, Stop> {
-    let child_path = path::child(source_path);
-    let size = opened.size;
-    let child = ffi::install(opened.reader, size, align, path::whole(&child_path))
-        .map_err(|e| Stop::Error(format!("installing the image's Block I/O device failed: {:?}", e.status())))?;
+fn install_and_boot(src: Source, cfg: &Config) -> Result<Status, Stop> {
+    let child_path = path::child(src.path.as_deref());
+    let size = src.opened.size;
+    let child = ffi::install(src.opened.reader, size, src.align, path::whole(&child_path))
+        .map_err(|e| {
+            Stop::Error(format!(
+                "installing the image's Block I/O device failed: {:?}",
+                e.status()
+            ))
+        })?;
     println!("QIMG-DEVICE blocks={} block-size=512 read-only", size / 512);
     // Not every image holds something a driver binds to; a missing driver
     // shows below as "no file system".

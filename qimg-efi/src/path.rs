@@ -2,8 +2,8 @@
 
 use alloc::vec::Vec;
 
-use uefi::{guid, Guid, Handle};
 use uefi::proto::device_path::DevicePath;
+use uefi::{guid, Guid, Handle};
 
 use crate::ffi;
 
