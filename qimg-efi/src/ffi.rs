@@ -10,6 +10,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::ffi::c_void;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use uefi::boot::{self, OpenProtocolAttributes, OpenProtocolParams, ScopedProtocol};
 use uefi::proto::device_path::DevicePath;
@@ -21,6 +22,15 @@ use uefi_raw::protocol::block::{BlockIoMedia, BlockIoProtocol, Lba};
 use uefi_raw::Boolean;
 
 use crate::image::Reader;
+
+/// Set once any ReadBlocks of the installed device failed.
+static READ_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a ReadBlocks of the installed device has failed (after a
+/// QIMG-ERROR the program boots nothing).
+pub fn read_failed() -> bool {
+    READ_FAILED.load(Ordering::Relaxed)
+}
 
 /// Block size of the installed device.
 pub const BLOCK: usize = 512;
@@ -237,6 +247,7 @@ extern "efiapi" fn read_blocks(
     match reader.read(lba * BLOCK as u64, buf) {
         Ok(()) => Status::SUCCESS,
         Err(e) => {
+            READ_FAILED.store(true, Ordering::Relaxed);
             if !dev.reported.replace(true) {
                 println!("QIMG-ERROR reading block {lba} (+{count}) of the image: {e}");
             }

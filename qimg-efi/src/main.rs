@@ -282,5 +282,10 @@ fn connect_and_boot(child: Handle, child_path: &[u8], cfg: &Config) -> Result<St
     if let Some(mib) = cfg.speed_mib {
         check::speed(child, mib).map_err(Stop::Error)?;
     }
+    if ffi::read_failed() {
+        return Err(Stop::Error(
+            "a read of the image failed (QIMG-ERROR above)".to_string(),
+        ));
+    }
     launch::boot_loader(child_path, &cfg.boot, cfg.options.as_deref()).map_err(Stop::Error)
 }
