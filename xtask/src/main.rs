@@ -13,6 +13,7 @@ mod kdf;
 mod sizes;
 mod sparse;
 mod uefi;
+mod uefi_boot;
 
 /// The one module allowed to contain `unsafe` (runtime-dispatched SIMD).
 const VETTED_UNSAFE: &str = "luks-core/src/simd";
@@ -44,7 +45,8 @@ fn main() -> ExitCode {
         Some("imports") => imports::check(),
         Some("man") => man(),
         Some("uefi") => uefi::build().map(|p| println!("{}", p.display())),
-        Some("uefi-test") => uefi::test(),
+        Some("uefi-test") => uefi::test().and_then(|()| uefi_boot::test(&[])),
+        Some("uefi-boot") => uefi_boot::test(&args[1..]),
         Some("bench-compare") => bench_compare_opts(&args).and_then(|o| bench::compare(&o)),
         Some("bench-commit") => {
             let mib = args
@@ -103,7 +105,8 @@ fn print_help() {
          imports       fail on an import cycle between qimg-cli's modules, printing it\n  \
          man           write qimg(1) and a page per verb to target/man/\n  \
          uefi          build the UEFI reader (tests/uefi-reader)\n  \
-         uefi-test     boot OVMF with test images and check what the reader reads\n  \
+         uefi-test     boot OVMF with test images and check what the reader reads, then the qimg-efi boot scenarios\n  \
+         uefi-boot [SCENARIO..]  only the qimg-efi boot scenarios (docs/uefi-boot.md), or the ones named\n  \
          bench-compare [--mib N] [--runs R] [--dir D] [--quick|--smoke]  XTS and PBKDF2 vs OpenSSL; every data-moving verb vs qemu-img (median wall time, peak RSS, cp floor, outputs cross-checked; default 1024 MiB, 3 runs, /dev/shm; --quick 128 MiB 1 run; --smoke 8 MiB, debug qimg, no XTS, timings not judged)\n  \
          bench-commit [--mib N] [--runs R] [--quick]  qemu-img vs qimg commit of an N MiB overlay (default 800), R alternating rounds (default 3; --quick: 64 MiB, 1 round): median ratio, du, results compared\n  \
          kdf-compare [--bin PATH]  qimg's PBKDF2/Argon2 costs beside cryptsetup's and qemu-img's at iter-time 1000/2000\n  \
@@ -178,6 +181,7 @@ fn ci() -> Result<(), String> {
     test()?;
     doc()?;
     uefi::test()?;
+    uefi_boot::test(&[])?;
     // The benchmark harness must not rot: run it tiny, judge no timing.
     eprintln!("xtask: == bench-compare --smoke");
     bench::compare(&bench_compare_opts(&["--smoke".to_string()])?)?;
