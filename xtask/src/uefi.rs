@@ -39,6 +39,24 @@ pub(crate) fn build() -> Result<PathBuf, String> {
     }
 }
 
+/// Builds the UEFI boot program `qimg-efi`; returns the path of the
+/// `.efi` file.
+pub(crate) fn build_boot() -> Result<PathBuf, String> {
+    let dir = root().join("qimg-efi");
+    run(
+        "build the UEFI boot program",
+        cargo()
+            .current_dir(&dir)
+            .args(["build", "--release", "--target", "x86_64-unknown-uefi"]),
+    )?;
+    let efi = dir.join("target/x86_64-unknown-uefi/release/qimg-efi.efi");
+    if efi.is_file() {
+        Ok(efi)
+    } else {
+        Err(format!("{} was not built", efi.display()))
+    }
+}
+
 /// One image the firmware must read.
 struct TestImage {
     /// File name inside the work folder.

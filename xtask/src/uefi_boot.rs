@@ -83,7 +83,7 @@ struct Plan {
 struct Ctx {
     qimg: PathBuf,
     marker: PathBuf,
-    /// qimg-efi, or why it could not be built.
+    /// qimg-efi (`uefi::build_boot`), or why it could not be built.
     qimg_efi: Result<PathBuf, String>,
     /// `target/uefi-test`: logs here, each scenario's files in a subfolder.
     out: PathBuf,
@@ -116,7 +116,7 @@ pub(crate) fn test(only: &[String]) -> Result<(), String> {
     let ctx = Ctx {
         qimg: root().join("target").join("release").join("qimg"),
         marker: build_efi("tests/uefi-marker", "uefi-marker")?,
-        qimg_efi: build_efi("qimg-efi", "qimg-efi"),
+        qimg_efi: crate::uefi::build_boot(),
         out,
         deps: root().join("target").join("uefi-deps"),
     };
