@@ -34,6 +34,8 @@ const INNER_MIB: u64 = 32;
 const CHECKS: usize = 16;
 /// Most blocks one `check=` reads.
 const MAX_CHECK_BLOCKS: u64 = 64;
+/// Problems listed per failed scenario (the rest are counted).
+const MAX_REPORTED: usize = 6;
 /// `speed-mib=` of every qimg-efi scenario.
 const SPEED_MIB: u64 = 16;
 /// The `qimg` secret object with the passphrase (id `s0`).
@@ -206,10 +208,17 @@ fn scenario(ctx: &Ctx, name: &str) -> Result<(), String> {
     }
     if missing.is_empty() {
         let _ = std::fs::remove_dir_all(&work);
-        Ok(())
-    } else {
-        Err(missing.join("; "))
+        return Ok(());
     }
+    // What went wrong first (unwanted lines such as QIMG-ERROR), then the
+    // first few missing lines; the whole list is in the log.
+    missing.sort_by_key(|m| !m.starts_with("unwanted"));
+    let more = missing.len().saturating_sub(MAX_REPORTED);
+    missing.truncate(MAX_REPORTED);
+    if more > 0 {
+        missing.push(format!("and {more} more missing lines"));
+    }
+    Err(missing.join("; "))
 }
 
 /// The QEMU command line for `machine` (without `-serial`).
@@ -232,12 +241,12 @@ fn qemu(machine: &Machine, work: &Path) -> Result<Command, String> {
                         "if=none,id=d{i},format=raw,readonly=on,file={}",
                         d.display()
                     ))
-                    .arg("-device");
-                if i == 0 {
-                    cmd.arg(format!("virtio-blk-pci,drive=d{i},bootindex=0"));
-                } else {
-                    cmd.arg(format!("virtio-blk-pci,drive=d{i}"));
-                }
+                    .arg("-device")
+                    // No bootindex: with a boot order from QEMU, OVMF
+                    // connects only the devices it names, and `image=scan`
+                    // must see the others. The first disk is the first
+                    // bootable one (the others hold no ESP).
+                    .arg(format!("virtio-blk-pci,drive=d{i}"));
             }
         }
         Machine::Kernel { kernel, initrd } => {
