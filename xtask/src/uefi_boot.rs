@@ -649,16 +649,35 @@ fn compressed_backing(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
         "qimg convert v2 -> v2.qcow2",
         &["convert", "-f", "raw", "-O", "qcow2", "v2.raw", "v2.qcow2"],
     )?;
+    // An empty overlay reading as v2, rebased (safe mode) onto base.qcow2:
+    // rebase copies in exactly the clusters where v2 and base differ, so
+    // the overlay keeps only what changed. (Rebasing the standalone
+    // v2.qcow2 would keep every cluster it holds.)
     qimg(
         ctx,
         work,
-        "qimg rebase v2.qcow2 onto base.qcow2",
-        &["rebase", "-b", "base.qcow2", "-F", "qcow2", "v2.qcow2"],
+        "qimg create delta.qcow2 over v2.qcow2",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "v2.qcow2",
+            "-F",
+            "qcow2",
+            "delta.qcow2",
+        ],
     )?;
     qimg(
         ctx,
         work,
-        "qimg convert -c -B base.qcow2 v2.qcow2 -> system.qcow2",
+        "qimg rebase delta.qcow2 onto base.qcow2",
+        &["rebase", "-b", "base.qcow2", "-F", "qcow2", "delta.qcow2"],
+    )?;
+    qimg(
+        ctx,
+        work,
+        "qimg convert -c -B base.qcow2 delta.qcow2 -> system.qcow2",
         &[
             "convert",
             "-c",
@@ -668,7 +687,7 @@ fn compressed_backing(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
             "base.qcow2",
             "-F",
             "qcow2",
-            "v2.qcow2",
+            "delta.qcow2",
             "system.qcow2",
         ],
     )?;
