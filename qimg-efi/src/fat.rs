@@ -1014,7 +1014,7 @@ impl<D: BlockIo> BlockIo for FatFile<D> {
             problem,
         };
         let ss = u64::from(FILE_SECTOR);
-        if offset % ss != 0 || buf.len() as u64 % ss != 0 {
+        if !offset.is_multiple_of(ss) || !(len as u64).is_multiple_of(ss) {
             return Err(bad("not whole 512-byte sectors"));
         }
         let end = match offset.checked_add(buf.len() as u64) {

@@ -16,6 +16,7 @@ use luks_core::io::BlockIo;
 use luks_core::luks1::{self, HeaderRepr, VolumeKey};
 use luks_core::luks2::{self, Argon2Block, Luks2Header};
 use luks_core::LuksVolume;
+use qcow_core::error::LayerError;
 use qcow_core::{CryptMethod, Qcow2};
 use uefi::println;
 
@@ -41,7 +42,8 @@ pub trait Reader {
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
 }
 
-struct Layer<T>(T);
+/// Any sector device whose errors print, as a [`Reader`].
+pub struct Layer<T>(pub T);
 
 impl<T: BlockIo> Reader for Layer<T>
 where
@@ -103,7 +105,9 @@ pub fn probe(head: &[u8]) -> Option<Kind> {
     }
 }
 
-fn leaked(len: usize) -> &'static mut [u8] {
+/// A zeroed buffer that lives for the rest of boot (a reader's fixed
+/// working memory, allocated once).
+pub fn leaked(len: usize) -> &'static mut [u8] {
     Box::leak(vec![0u8; len].into_boxed_slice())
 }
 
@@ -145,16 +149,32 @@ where
     }
     if img.info().data_file().is_some() {
         return Err(Failure::Error(format!(
-            "{name}: qcow2 header extension at byte 72+: external data files are not supported by qimg-efi"
+            "{name}: qcow2 header extension: external data files are not supported by qimg-efi"
         )));
     }
+    unlock_qcow2(img, 1, name, secrets)
+}
+
+/// Unlocks an opened qcow2 image (backing files attached) if it is
+/// encrypted, asking for passphrases as needed.
+pub fn unlock_qcow2<D, B>(
+    mut img: Qcow2<D, &'static mut [u8], B>,
+    layers: usize,
+    name: &str,
+    secrets: &Secrets,
+) -> Result<Opened, Failure>
+where
+    D: BlockIo + 'static,
+    D::Error: Display + core::fmt::Debug,
+    B: BlockIo + 'static,
+    B::Error: LayerError<D::Error>,
+{
     let kind = match img.info().header.crypt_method {
         CryptMethod::None => "qcow2",
         CryptMethod::Luks => "qcow2-luks",
         CryptMethod::Aes => "qcow2-aes",
     };
     let size = img.virtual_size();
-    let mut img = img;
     let key = if kind == "qcow2" {
         None
     } else {
@@ -168,7 +188,7 @@ where
     Ok(Opened {
         reader: Box::new(Layer(img)),
         kind,
-        layers: 1,
+        layers,
         size,
     })
 }

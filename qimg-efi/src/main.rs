@@ -20,8 +20,13 @@ extern crate alloc;
 mod check;
 mod config;
 mod disk;
+// The FAT reader's whole interface (shared with its host tests); the
+// program uses part of it.
+#[allow(dead_code)]
+mod fat;
 #[allow(unsafe_code)]
 mod ffi;
+mod filesrc;
 mod image;
 mod launch;
 mod path;
@@ -44,10 +49,8 @@ use disk::Disk;
 use image::{Failure, Kind, Opened};
 use secret::Secrets;
 
-/// Most backing files below the image.
-const MAX_BACKING_DEPTH: usize = 8;
-/// File extents one open file may hold (16 bytes each).
-const MAX_EXTENTS: usize = 4096;
+use fat::MAX_EXTENTS;
+use filesrc::MAX_BACKING_DEPTH;
 
 /// Why the program stopped without booting.
 enum Stop {
@@ -160,9 +163,14 @@ fn run() -> Result<Status, Stop> {
     print_budget();
     let src = match &image {
         Image::File(p) => {
-            return Err(Stop::Error(format!(
-                "{p}: image files on the boot volume need the FAT reader (fat.rs), not in this build; use image=scan"
-            )))
+            let vol = filesrc::Volume::mount(esp)?;
+            let opened = filesrc::open(&vol, p, cfg.header.as_deref(), &secrets)?;
+            Source {
+                opened,
+                name: format!("file:{p}"),
+                path: path::of_handle(esp),
+                align: vol.align,
+            }
         }
         _ => open_scanned(esp, &secrets)?,
     };
