@@ -179,6 +179,8 @@ fn run(what: &str, cmd: &mut Command) -> Result<(), String> {
 }
 
 fn ci() -> Result<(), String> {
+    // .ci/run must stay under 30 minutes on 2 cores: print where time goes.
+    let started = std::time::Instant::now();
     fmt_check()?;
     unsafe_audit()?;
     imports::check()?;
@@ -186,12 +188,19 @@ fn ci() -> Result<(), String> {
     nostd()?;
     test()?;
     doc()?;
+    let t = std::time::Instant::now();
     uefi::test()?;
+    let reader = t.elapsed().as_secs();
     uefi_boot::test(&[])?;
+    let boots = t.elapsed().as_secs() - reader;
+    eprintln!("xtask: uefi-test took {reader}s (reader) + {boots}s (boot scenarios)");
     // The benchmark harness must not rot: run it tiny, judge no timing.
     eprintln!("xtask: == bench-compare --smoke");
     bench::compare(&bench_compare_opts(&["--smoke".to_string()])?)?;
-    eprintln!("xtask: ci passed");
+    eprintln!(
+        "xtask: ci passed in {}s (budget: 1800s for all of .ci/run on 2 cores)",
+        started.elapsed().as_secs()
+    );
     Ok(())
 }
 

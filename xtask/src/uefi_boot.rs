@@ -659,6 +659,7 @@ fn compressed_backing(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
         "qimg create delta.qcow2 over v2.qcow2",
         &[
             "create",
+            "-q",
             "-f",
             "qcow2",
             "-b",
