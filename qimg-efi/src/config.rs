@@ -143,7 +143,7 @@ impl Config {
             Image::File(p) => p.clone(),
         };
         format!(
-            "image={} header={} passphrase={} boot={} options={:?} checks={} speed-mib={}",
+            "image={} header={} passphrase={} boot={} options=\"{}\" checks={} speed-mib={}",
             image,
             self.header.as_deref().unwrap_or("none"),
             self.passphrase_file.as_deref().unwrap_or("prompt"),

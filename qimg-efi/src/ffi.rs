@@ -10,6 +10,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::ffi::c_void;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use uefi::boot::{self, OpenProtocolAttributes, OpenProtocolParams, ScopedProtocol};
 use uefi::proto::device_path::DevicePath;
@@ -21,6 +22,15 @@ use uefi_raw::protocol::block::{BlockIoMedia, BlockIoProtocol, Lba};
 use uefi_raw::Boolean;
 
 use crate::image::Reader;
+
+/// Set once any ReadBlocks of the installed device failed.
+static READ_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a ReadBlocks of the installed device has failed (after a
+/// QIMG-ERROR the program boots nothing).
+pub fn read_failed() -> bool {
+    READ_FAILED.load(Ordering::Relaxed)
+}
 
 /// Block size of the installed device.
 pub const BLOCK: usize = 512;
@@ -134,6 +144,36 @@ pub fn install(
     Ok(child)
 }
 
+/// Takes the installed device away again after a failure (so nothing
+/// boots from it): disconnects the drivers bound to `child`, then
+/// uninstalls its Block I/O and Device Path protocols. The leaked memory
+/// stays allocated (the firmware may still hold the pointers). Errors are
+/// reported, not fatal: the program is failing already.
+pub fn remove(child: Handle) {
+    let _ = boot::disconnect_controller(child, None, None);
+    let Ok(bio) = open_shared::<BlockIO>(child) else {
+        return;
+    };
+    let proto = core::ptr::from_ref::<BlockIO>(&bio).cast::<c_void>();
+    drop(bio);
+    // SAFETY: `proto` is the interface `install` put on `child` (opened
+    // through the firmware, which returns that very pointer); its memory is
+    // leaked, so no reference to it dangles after the uninstall.
+    if let Err(e) = unsafe { boot::uninstall_protocol_interface(child, &BlockIO::GUID, proto) } {
+        println!(
+            "QIMG-ERROR removing the image's Block I/O device failed: {:?}",
+            e.status()
+        );
+        return;
+    }
+    if let Ok(dp) = open_shared::<DevicePath>(child) {
+        let p = dp.as_ffi_ptr().cast::<c_void>();
+        drop(dp);
+        // SAFETY: as above, for the leaked device path bytes.
+        let _ = unsafe { boot::uninstall_protocol_interface(child, &DevicePath::GUID, p) };
+    }
+}
+
 /// Recovers the installed device from the `this` pointer the firmware
 /// passes to a Block I/O function.
 fn device<'a>(this: *const BlockIoProtocol) -> Option<&'a Installed> {
@@ -207,6 +247,7 @@ extern "efiapi" fn read_blocks(
     match reader.read(lba * BLOCK as u64, buf) {
         Ok(()) => Status::SUCCESS,
         Err(e) => {
+            READ_FAILED.store(true, Ordering::Relaxed);
             if !dev.reported.replace(true) {
                 println!("QIMG-ERROR reading block {lba} (+{count}) of the image: {e}");
             }

@@ -324,7 +324,7 @@ pub fn open(
 ) -> Result<Opened, Failure> {
     let mut file = vol.open(path)?;
     vol.cross_check(path, &mut file)?;
-    let name = format!("file:{path}");
+    let name = path.to_string();
     if let Some(h) = header {
         let mut hdr = vol.open(h)?;
         vol.cross_check(h, &mut hdr)?;

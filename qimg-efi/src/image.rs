@@ -119,8 +119,11 @@ fn with_passphrase<T>(
     mut attempt: impl FnMut(&[u8]) -> Result<Option<T>, Failure>,
 ) -> Result<T, Failure> {
     let mut n = 1;
-    while let Some(pass) = secrets.get(name, n).map_err(Failure::Error)? {
-        if let Some(t) = attempt(&pass)? {
+    while let Some(mut pass) = secrets.get(name, n).map_err(Failure::Error)? {
+        let result = attempt(&pass);
+        pass.fill(0);
+        core::hint::black_box(&pass);
+        if let Some(t) = result? {
             return Ok(t);
         }
         println!("QIMG-WRONG-PASSPHRASE try={n}/{TRIES}: no key slot of {name} opens with this passphrase");

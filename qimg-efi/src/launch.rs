@@ -87,6 +87,12 @@ pub fn boot_loader(child_path: &[u8], file: &str, options: Option<&str>) -> Resu
         let ucs2: Vec<u16> = opts.encode_utf16().chain(core::iter::once(0)).collect();
         ffi::set_load_options(&mut li, Vec::leak(ucs2));
     }
+    if ffi::read_failed() {
+        let _ = boot::unload_image(image);
+        return Err(format!(
+            "{file}: a read of the image failed (QIMG-ERROR above); not starting the loader"
+        ));
+    }
     println!("QIMG-BOOT {file} from {label}");
     match boot::start_image(image) {
         Ok(()) => {

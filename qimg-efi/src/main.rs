@@ -265,6 +265,16 @@ fn install_and_boot(src: Source, cfg: &Config) -> Result<Status, Stop> {
             ))
         })?;
     println!("QIMG-DEVICE blocks={} block-size=512 read-only", size / 512);
+    let result = connect_and_boot(child, &child_path, cfg);
+    if result.is_err() {
+        ffi::remove(child);
+    }
+    result
+}
+
+/// Connects the firmware's drivers to the installed device, runs the
+/// checks and boots the loader.
+fn connect_and_boot(child: Handle, child_path: &[u8], cfg: &Config) -> Result<Status, Stop> {
     // Not every image holds something a driver binds to; a missing driver
     // shows below as "no file system".
     let _ = boot::connect_controller(child, &[], None, true);
@@ -272,5 +282,10 @@ fn install_and_boot(src: Source, cfg: &Config) -> Result<Status, Stop> {
     if let Some(mib) = cfg.speed_mib {
         check::speed(child, mib).map_err(Stop::Error)?;
     }
-    launch::boot_loader(&child_path, &cfg.boot, cfg.options.as_deref()).map_err(Stop::Error)
+    if ffi::read_failed() {
+        return Err(Stop::Error(
+            "a read of the image failed (QIMG-ERROR above)".to_string(),
+        ));
+    }
+    launch::boot_loader(child_path, &cfg.boot, cfg.options.as_deref()).map_err(Stop::Error)
 }

@@ -43,6 +43,18 @@ pub fn strip_line_end(mut p: Vec<u8>) -> Vec<u8> {
 
 /// Reads one passphrase from the console without echo.
 fn prompt(name: &str) -> Result<Vec<u8>, String> {
+    // The boot manager's 5-minute watchdog would reset the machine while
+    // the user types; it is off during the prompt and re-armed after.
+    let _ = boot::set_watchdog_timer(0, 0x10000, None);
+    let typed = read_line(name);
+    let _ = boot::set_watchdog_timer(WATCHDOG_SECONDS, 0x10000, None);
+    typed
+}
+
+/// The watchdog the boot manager arms before starting a boot option.
+const WATCHDOG_SECONDS: usize = 300;
+
+fn read_line(name: &str) -> Result<Vec<u8>, String> {
     print!("Passphrase for {name}: ");
     let mut typed: Vec<u8> = Vec::new();
     let backspace = Char16::try_from('\u{8}').ok();
