@@ -34,7 +34,8 @@ const INNER_MIB: u64 = 32;
 const CHECKS: usize = 16;
 /// Most blocks one `check=` reads.
 const MAX_CHECK_BLOCKS: u64 = 64;
-/// Problems listed per failed scenario (the rest are counted).
+/// Problems a failed scenario lists in the final summary (the rest are
+/// counted; all are printed with the scenario).
 const MAX_REPORTED: usize = 6;
 /// `speed-mib=` of every qimg-efi scenario.
 const SPEED_MIB: u64 = 16;
@@ -137,10 +138,17 @@ pub(crate) fn test(only: &[String]) -> Result<(), String> {
             }
             Err(why) => {
                 println!(
-                    "  {name}: FAILED ({:.1}s): {why}",
-                    t.elapsed().as_secs_f64()
+                    "  {name}: FAILED ({:.1}s):\n      {}",
+                    t.elapsed().as_secs_f64(),
+                    why.replace('\n', "\n      ")
                 );
-                failures.push(format!("{name}: {why}"));
+                // The summary: the first few problems (all are above).
+                let lines: Vec<&str> = why.lines().collect();
+                let mut short = lines[..lines.len().min(MAX_REPORTED)].join("; ");
+                if lines.len() > MAX_REPORTED {
+                    short.push_str(&format!("; and {} more", lines.len() - MAX_REPORTED));
+                }
+                failures.push(format!("{name}: {short}"));
             }
         }
     }
@@ -211,14 +219,9 @@ fn scenario(ctx: &Ctx, name: &str) -> Result<(), String> {
         return Ok(());
     }
     // What went wrong first (unwanted lines such as QIMG-ERROR), then the
-    // first few missing lines; the whole list is in the log.
+    // missing lines, one per line.
     missing.sort_by_key(|m| !m.starts_with("unwanted"));
-    let more = missing.len().saturating_sub(MAX_REPORTED);
-    missing.truncate(MAX_REPORTED);
-    if more > 0 {
-        missing.push(format!("and {more} more missing lines"));
-    }
-    Err(missing.join("; "))
+    Err(missing.join("\n"))
 }
 
 /// The QEMU command line for `machine` (without `-serial`).
