@@ -67,10 +67,7 @@ pub fn set_load_options(image: &mut LoadedImage, options: &'static [u16]) {
 /// The CPU's time-stamp counter.
 pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no memory effects; every x86_64 CPU has it.
-    #[allow(unused_unsafe)]
-    unsafe {
-        core::arch::x86_64::_rdtsc()
-    }
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 /// The installed device: the Block I/O protocol first (its address is the
@@ -124,6 +121,10 @@ pub fn install(
         reported: Cell::new(false),
     }));
     dev.proto.media = &dev.media;
+    // From here on only shared references exist: the firmware may call
+    // ReadBlocks (which reads `dev` through `this`) as soon as the
+    // protocol is installed.
+    let dev: &'static Installed = dev;
     let path: &'static [u8] = Vec::leak(path);
     // SAFETY: the Device Path GUID matches the bytes installed (a whole
     // device path ending in the End node, checked by the caller), which
