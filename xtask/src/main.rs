@@ -13,6 +13,7 @@ mod kdf;
 mod sizes;
 mod sparse;
 mod uefi;
+mod uefi_boot;
 
 /// The one module allowed to contain `unsafe` (runtime-dispatched SIMD).
 const VETTED_UNSAFE: &str = "luks-core/src/simd";
@@ -48,7 +49,8 @@ fn main() -> ExitCode {
         Some("imports") => imports::check(),
         Some("man") => man(),
         Some("uefi") => uefi::build().map(|p| println!("{}", p.display())),
-        Some("uefi-test") => uefi::test(),
+        Some("uefi-test") => uefi::test().and_then(|()| uefi_boot::test(&[])),
+        Some("uefi-boot") => uefi_boot::test(&args[1..]),
         Some("efi") => uefi::build_boot().map(|p| println!("{}", p.display())),
         Some("bench-compare") => bench_compare_opts(&args).and_then(|o| bench::compare(&o)),
         Some("bench-commit") => {
@@ -109,7 +111,8 @@ fn print_help() {
          man           write qimg(1) and a page per verb to target/man/\n  \
          uefi          build the UEFI reader (tests/uefi-reader)\n  \
          efi           build the UEFI boot program (qimg-efi); prints the .efi path\n  \
-         uefi-test     boot OVMF with test images and check what the reader reads\n  \
+         uefi-test     boot OVMF with test images and check what the reader reads, then the qimg-efi boot scenarios\n  \
+         uefi-boot [SCENARIO..]  only the qimg-efi boot scenarios (docs/uefi-boot.md), or the ones named\n  \
          bench-compare [--mib N] [--runs R] [--dir D] [--quick|--smoke]  XTS and PBKDF2 vs OpenSSL; every data-moving verb vs qemu-img (median wall time, peak RSS, cp floor, outputs cross-checked; default 1024 MiB, 3 runs, /dev/shm; --quick 128 MiB 1 run; --smoke 8 MiB, debug qimg, no XTS, timings not judged)\n  \
          bench-commit [--mib N] [--runs R] [--quick]  qemu-img vs qimg commit of an N MiB overlay (default 800), R alternating rounds (default 3; --quick: 64 MiB, 1 round): median ratio, du, results compared\n  \
          kdf-compare [--bin PATH]  qimg's PBKDF2/Argon2 costs beside cryptsetup's and qemu-img's at iter-time 1000/2000\n  \
@@ -176,6 +179,8 @@ fn run(what: &str, cmd: &mut Command) -> Result<(), String> {
 }
 
 fn ci() -> Result<(), String> {
+    // .ci/run must stay under 30 minutes on 2 cores: print where time goes.
+    let started = std::time::Instant::now();
     fmt_check()?;
     unsafe_audit()?;
     imports::check()?;
@@ -183,11 +188,19 @@ fn ci() -> Result<(), String> {
     nostd()?;
     test()?;
     doc()?;
+    let t = std::time::Instant::now();
     uefi::test()?;
+    let reader = t.elapsed().as_secs();
+    uefi_boot::test(&[])?;
+    let boots = t.elapsed().as_secs() - reader;
+    eprintln!("xtask: uefi-test took {reader}s (reader) + {boots}s (boot scenarios)");
     // The benchmark harness must not rot: run it tiny, judge no timing.
     eprintln!("xtask: == bench-compare --smoke");
     bench::compare(&bench_compare_opts(&["--smoke".to_string()])?)?;
-    eprintln!("xtask: ci passed");
+    eprintln!(
+        "xtask: ci passed in {}s (budget: 1800s for all of .ci/run on 2 cores)",
+        started.elapsed().as_secs()
+    );
     Ok(())
 }
 
