@@ -248,7 +248,7 @@ fn open_backing(
         let size = file.file.len();
         return Ok(Layer {
             erased: Erased {
-                reader: Box::new(image::Layer(file)),
+                reader: Box::new(image::Layer::new(file)),
                 size,
             },
             layers: 1,
@@ -310,7 +310,7 @@ fn open_qcow2_layer(
     let (img, layers) = open_qcow2_chain(vol, path, file, depth)?;
     let size = img.virtual_size();
     let crypt = img.info().header.crypt_method;
-    Ok((Box::new(image::Layer(img)), size, layers, crypt))
+    Ok((Box::new(image::Layer::new(img)), size, layers, crypt))
 }
 
 /// Opens the image file `path` (with `header`, a detached LUKS header

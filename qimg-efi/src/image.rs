@@ -42,15 +42,36 @@ pub trait Reader {
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
 }
 
-/// Any sector device whose errors print, as a [`Reader`].
-pub struct Layer<T>(pub T);
+/// Largest sector a device under the reader may have (LUKS2 allows 4 KiB).
+pub const MAX_SECTOR: usize = 4096;
+
+/// Any sector device whose errors print, as a [`Reader`]. The firmware
+/// asks for 512-byte blocks; a device with larger sectors (a LUKS2 volume
+/// with 4 KiB sectors) is read through a one-sector bounce buffer.
+pub struct Layer<T> {
+    dev: T,
+    bounce: Box<[u8]>,
+}
+
+impl<T: BlockIo> Layer<T> {
+    /// Wraps `dev`, with a bounce buffer of one of its sectors.
+    pub fn new(dev: T) -> Self {
+        let sector = (dev.sector_size() as usize).clamp(512, MAX_SECTOR);
+        Self {
+            dev,
+            bounce: vec![0u8; sector].into_boxed_slice(),
+        }
+    }
+}
 
 impl<T: BlockIo> Reader for Layer<T>
 where
     T::Error: Display,
 {
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
-        self.0.read_at(offset, buf).map_err(|e| format!("{e}"))
+        let len = buf.len();
+        luks_core::io::read_bytes(&mut self.dev, offset, buf, &mut self.bounce)
+            .map_err(|e| format!("request of {len} bytes at offset {offset}: {e}"))
     }
 }
 
@@ -189,7 +210,7 @@ where
     };
     let img = img.with_decryptor_opt(key);
     Ok(Opened {
-        reader: Box::new(Layer(img)),
+        reader: Box::new(Layer::new(img)),
         kind,
         layers,
         size,
@@ -290,7 +311,7 @@ where
         .size()
         .map_err(|e| Failure::Error(format!("{name}: {e}")))?;
     Ok(Opened {
-        reader: Box::new(Layer(vol)),
+        reader: Box::new(Layer::new(vol)),
         kind,
         layers: 1,
         size,

@@ -197,20 +197,34 @@ fn print_budget() {
     let layers = MAX_BACKING_DEPTH + 1;
     let extents = MAX_EXTENTS * 16;
     let per_layer = image::PER_LAYER + extents;
-    let total = per_layer * layers + extents + check::CHUNK;
+    let total = per_layer * layers + extents + check::CHUNK + image::MAX_SECTOR;
     println!(
-        "QIMG-BUDGET bytes={total} (per layer {per_layer} = L2 cache {} + compressed in {} + compressed out {} + extent list {extents}; up to {layers} layers; detached header extent list {extents}; check/speed buffer {}; LUKS2 JSON {} and Argon2 memory are freed after unlock)",
+        "QIMG-BUDGET bytes={total} (per layer {per_layer} = L2 cache {} + compressed in {} + compressed out {} + extent list {extents}; up to {layers} layers; detached header extent list {extents}; check/speed buffer {}; sector bounce {}; LUKS2 JSON {} and Argon2 memory are freed after unlock)",
         image::CACHE,
         image::COMPRESSED_IN,
         image::MAX_COMPRESSED_CLUSTER,
         check::CHUNK,
+        image::MAX_SECTOR,
         image::LUKS2_JSON,
     );
+}
+
+/// Connects every controller's drivers, as a firmware's "connect all"
+/// does: a boot order that names one disk leaves the others without Block
+/// I/O, and the image may be on one of them. Failures (handles no driver
+/// takes) are expected and ignored.
+fn connect_all() {
+    if let Ok(all) = boot::locate_handle_buffer(SearchType::AllHandles) {
+        for &h in all.iter() {
+            let _ = boot::connect_controller(h, &[], None, true);
+        }
+    }
 }
 
 /// `image=scan`: the first Block I/O device (not the boot device) whose
 /// first block is a qcow2 or LUKS header, opened and unlocked.
 fn open_scanned(esp: Handle, secrets: &Secrets) -> Result<Source, Stop> {
+    connect_all();
     let handles =
         boot::locate_handle_buffer(SearchType::ByProtocol(&BlockIO::GUID)).map_err(|e| {
             Stop::Error(format!(
