@@ -51,6 +51,7 @@ pub(crate) const SCENARIOS: &[&str] = &[
     "luks-qcow2-file",
     "luks2-disk",
     "compressed-backing",
+    "luks1-detached",
     "linux",
     "typed-passphrase",
     "wrong-passphrase",
@@ -179,6 +180,7 @@ fn scenario(ctx: &Ctx, name: &str) -> Result<(), String> {
         "luks-qcow2-file" => luks_qcow2_file(ctx, &work, Some(PASSPHRASE), "luks-qcow2"),
         "luks2-disk" => luks2_disk(ctx, &work),
         "compressed-backing" => compressed_backing(ctx, &work),
+        "luks1-detached" => luks1_detached(ctx, &work),
         "linux" => linux(ctx, &work),
         "typed-passphrase" => luks_qcow2_file(ctx, &work, None, "typed")
             .map(|p| typed(p, &[WRONG, PASSPHRASE], "typed")),
@@ -708,6 +710,70 @@ fn compressed_backing(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
     let mut expect = efi_expect(&checks);
     expect.push(Expect::Line("QIMG-IMAGE source=file:".into()));
     expect.push(Expect::Line("QIMG-INNER-MARKER backing-v2".into()));
+    Ok(Plan {
+        machine: Machine::Ovmf(vec![outer]),
+        typed: vec![],
+        expect,
+    })
+}
+
+/// Scenario `luks1-detached`: a raw LUKS1 volume whose header lives in a
+/// file of its own (`hdr.img`, as `cryptsetup --header` keeps it) beside
+/// the data file (`data.img`, its header area zeroed), both on the stick.
+fn luks1_detached(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
+    make_inner(ctx, &work.join("inner.raw"), "luks1-detached", vec![])?;
+    let s = secret();
+    qimg(
+        ctx,
+        work,
+        "qimg convert inner.raw -> LUKS1",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "luks",
+            "--object",
+            &s,
+            "-o",
+            "key-secret=s0,iter-time=10",
+            "inner.raw",
+            "system.luks",
+        ],
+    )?;
+    let raw = to_raw(ctx, work, "system.luks", true)?;
+    let path = work.join("system.luks");
+    let mut volume = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !volume.starts_with(b"LUKS\xba\xbe\x00\x01") || volume.len() < 108 {
+        return Err("system.luks is not a LUKS1 volume".into());
+    }
+    // The LUKS1 header's payload offset: big-endian sectors at byte 104.
+    let sectors = u32::from_be_bytes([volume[104], volume[105], volume[106], volume[107]]);
+    let payload = usize::try_from(sectors)
+        .ok()
+        .and_then(|n| n.checked_mul(512))
+        .filter(|&n| n > 0 && n < volume.len())
+        .ok_or_else(|| format!("system.luks: payload offset of {sectors} sectors"))?;
+    let header = volume[..payload].to_vec();
+    volume[..payload].fill(0);
+    for (name, bytes) in [("hdr.img", &header), ("data.img", &volume)] {
+        let p = work.join(name);
+        std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    let checks = checks(&raw, "luks1-detached")?;
+    let cfg = config(
+        "\\images\\data.img",
+        true,
+        &checks,
+        &["header=\\images\\hdr.img".to_string()],
+    );
+    let outer = make_outer(ctx, work, &cfg, Some(PASSPHRASE), &["data.img", "hdr.img"])?;
+    let mut expect = efi_expect(&checks);
+    expect.push(Expect::Line("QIMG-IMAGE source=file:".into()));
+    expect.push(Expect::Line(
+        "QIMG-IMAGE source=file:\\images\\data.img kind=luks1".into(),
+    ));
+    expect.push(Expect::Line("QIMG-INNER-MARKER luks1-detached".into()));
     Ok(Plan {
         machine: Machine::Ovmf(vec![outer]),
         typed: vec![],
