@@ -34,6 +34,9 @@ const MAX_CHAIN: usize = 128;
 const NICE_MATCH: usize = 128;
 /// Matches shorter than this are checked against the next position.
 const LAZY_MATCH: usize = 16;
+/// A match at least this long searches only a quarter of the chain for a
+/// longer one at the next position (zlib level 6's `good_length`).
+const GOOD_MATCH: usize = 8;
 /// Tokens per Huffman block.
 const BLOCK_TOKENS: usize = 32768;
 const NONE: u32 = u32::MAX;
@@ -196,8 +199,16 @@ impl Chains {
     /// The longest match for position `i` that is longer than `better`
     /// (0 when none is): `(length, distance)`. Candidates are visited
     /// newest first and the first of the longest wins; the search stops
-    /// after [`MAX_CHAIN`] links, at [`NICE_MATCH`], or past the window.
-    fn find(&self, data: &[u8], i: usize, better: usize) -> (usize, usize) {
+    /// after [`MAX_CHAIN`] links (a quarter of them when `better` is at
+    /// least [`GOOD_MATCH`]), at [`NICE_MATCH`], or past the window.
+    /// Positions below `i` must be in the chains; `i` joins them here when
+    /// it is next in line, so its hash is computed once.
+    fn find(&mut self, data: &[u8], i: usize, better: usize) -> (usize, usize) {
+        let chain_limit = if better >= GOOD_MATCH {
+            MAX_CHAIN / 4
+        } else {
+            MAX_CHAIN
+        };
         let n = data.len();
         if i + MIN_MATCH > n {
             return (0, 0);
@@ -207,9 +218,15 @@ impl Chains {
             return (0, 0);
         }
         let mut best = (better, 0usize);
-        let mut j = self.head[hash(data, i)];
+        let h = hash(data, i);
+        let mut j = self.head[h];
+        if self.inserted == i && i < NONE as usize {
+            self.prev[i % RING] = j;
+            self.head[h] = i as u32;
+            self.inserted += 1;
+        }
         let mut chain = 0;
-        while j != NONE && chain < MAX_CHAIN {
+        while j != NONE && chain < chain_limit {
             let ju = j as usize;
             let dist = i - ju;
             if dist > WINDOW {
