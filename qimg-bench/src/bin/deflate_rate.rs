@@ -216,3 +216,26 @@ fn main() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_encoder_keeps_the_window_and_qemus_rule() {
+        let encoders: [Encoder; 3] = [qimg, flate2_zlib_rs, zlib_rs_qemu];
+        let random = qimg_bench::fixed_bytes(CLUSTER, 3);
+        let text = text(CLUSTER);
+        let mut out = vec![0u8; CLUSTER - 1];
+        for f in encoders {
+            // Nothing fits a random cluster in cluster - 1 bytes.
+            assert_eq!(f(&random, &mut out), None);
+            for c in [&text, &vec![0u8; CLUSTER]] {
+                let n = f(c, &mut out).unwrap();
+                assert!(n < CLUSTER / 2);
+                assert!(inflates_to(&out[..n], c));
+                assert!(!inflates_to(&out[..n], &random));
+            }
+        }
+    }
+}
