@@ -34,6 +34,9 @@ const MAX_CHAIN: usize = 128;
 const NICE_MATCH: usize = 128;
 /// Matches shorter than this are checked against the next position.
 const LAZY_MATCH: usize = 16;
+/// A match at least this long searches only a quarter of the chain for a
+/// longer one at the next position (zlib level 6's `good_length`).
+const GOOD_MATCH: usize = 8;
 /// Tokens per Huffman block.
 const BLOCK_TOKENS: usize = 32768;
 const NONE: u32 = u32::MAX;
@@ -62,6 +65,10 @@ const CL_ORDER: [usize; 19] = [
     16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15,
 ];
 
+/// Positions kept in the hash chain ring: twice the window, so a link is
+/// never overwritten while its position can still be reached.
+const RING: usize = 2 * WINDOW;
+
 /// A literal (`dist == 0`, `len` = the byte) or a match.
 #[derive(Clone, Copy)]
 struct Token {
@@ -69,29 +76,74 @@ struct Token {
     dist: u16,
 }
 
-fn len_code(len: u16) -> usize {
-    if len >= 258 {
-        return 28;
+/// Length code (0..=28, i.e. symbol 257 + code) of each match length.
+const LEN_CODE: [u8; MAX_MATCH + 1] = {
+    let mut t = [0u8; MAX_MATCH + 1];
+    let mut c = 0;
+    while c < 29 {
+        let lo = LEN_BASE[c] as usize;
+        let hi = if c == 28 {
+            MAX_MATCH
+        } else {
+            lo + (1 << LEN_EXTRA[c]) - 1
+        };
+        let mut l = lo;
+        while l <= hi && l <= MAX_MATCH {
+            t[l] = c as u8;
+            l += 1;
+        }
+        c += 1;
     }
-    LEN_BASE.iter().rposition(|&b| b <= len).unwrap_or(0)
+    // 258 has its own code (28), not 227's last extra value.
+    t[MAX_MATCH] = 28;
+    t
+};
+
+/// Distance code of each distance up to [`WINDOW`].
+const DIST_CODE: [u8; WINDOW + 1] = {
+    let mut t = [0u8; WINDOW + 1];
+    let mut c = 0;
+    while c < 30 {
+        let lo = DIST_BASE[c] as usize;
+        let mut d = lo;
+        while d < lo + (1 << DIST_EXTRA[c]) && d <= WINDOW {
+            t[d] = c as u8;
+            d += 1;
+        }
+        c += 1;
+    }
+    t
+};
+
+fn len_code(len: u16) -> usize {
+    usize::from(LEN_CODE[usize::from(len).min(MAX_MATCH)])
 }
 
 fn dist_code(dist: u16) -> usize {
-    DIST_BASE.iter().rposition(|&b| b <= dist).unwrap_or(0)
+    usize::from(DIST_CODE[usize::from(dist).min(WINDOW)])
 }
 
-/// Compresses `data` into one raw deflate stream.
-pub(crate) fn deflate(data: &[u8]) -> Vec<u8> {
-    let tokens = lz77(data);
+/// Compresses `data` into one raw deflate stream; `None` as soon as the
+/// stream is known to need more than `limit` bytes (after each block, and
+/// before writing one whose exact size would pass it).
+pub(crate) fn deflate(data: &[u8], limit: usize) -> Option<Vec<u8>> {
     let mut w = BitWriter::default();
-    let mut blocks = tokens.chunks(BLOCK_TOKENS).peekable();
-    if blocks.peek().is_none() {
-        write_block(&mut w, &[], true);
+    let mut block: Vec<Token> = Vec::with_capacity(BLOCK_TOKENS.min(data.len() + 1));
+    let complete = lz77(data, |t| {
+        if block.len() == BLOCK_TOKENS {
+            if !write_block(&mut w, &block, false, limit) {
+                return false;
+            }
+            block.clear();
+        }
+        block.push(t);
+        true
+    });
+    if !complete || !write_block(&mut w, &block, true, limit) {
+        return None;
     }
-    while let Some(b) = blocks.next() {
-        write_block(&mut w, b, blocks.peek().is_none());
-    }
-    w.finish()
+    let out = w.finish();
+    (out.len() <= limit).then_some(out)
 }
 
 fn hash(d: &[u8], i: usize) -> usize {
@@ -99,88 +151,155 @@ fn hash(d: &[u8], i: usize) -> usize {
     (v.wrapping_mul(0x9E37_79B1) >> (32 - HASH_BITS)) as usize
 }
 
-/// Lazy LZ77 over hash chains, distances at most [`WINDOW`].
-fn lz77(data: &[u8]) -> Vec<Token> {
-    let n = data.len();
-    let mut head = vec![NONE; 1 << HASH_BITS];
-    let mut prev = vec![NONE; n];
-    let mut inserted = 0usize;
-    let mut out = Vec::with_capacity(n / 4);
-    let mut insert_upto = |p: usize, head: &mut Vec<u32>, prev: &mut Vec<u32>| {
-        while inserted < p {
-            if inserted + MIN_MATCH <= n && inserted < NONE as usize {
-                let h = hash(data, inserted);
-                prev[inserted] = head[h];
-                head[h] = inserted as u32;
-            }
-            inserted += 1;
+/// How many leading bytes of `data[a..]` and `data[b..]` agree, up to `max`
+/// (both ranges lie inside `data`), eight bytes at a time.
+fn common(data: &[u8], a: usize, b: usize, max: usize) -> usize {
+    let (x, y) = (&data[a..a + max], &data[b..b + max]);
+    let mut k = 0;
+    for (p, q) in x.chunks_exact(8).zip(y.chunks_exact(8)) {
+        let d = u64::from_le_bytes(p.try_into().unwrap_or([0; 8]))
+            ^ u64::from_le_bytes(q.try_into().unwrap_or([0; 8]));
+        if d != 0 {
+            return k + (d.trailing_zeros() / 8) as usize;
         }
-    };
-    let find = |i: usize, head: &[u32], prev: &[u32]| -> (usize, usize) {
+        k += 8;
+    }
+    k + x[k..]
+        .iter()
+        .zip(&y[k..])
+        .take_while(|(p, q)| p == q)
+        .count()
+}
+
+/// Hash chains over the input: `head` holds each hash's newest position,
+/// `prev` (a ring of [`RING`] links) the one before each position.
+struct Chains {
+    head: Vec<u32>,
+    prev: Vec<u32>,
+    /// Positions below this one are in the chains.
+    inserted: usize,
+}
+
+impl Chains {
+    /// Enters every position below `p` that starts a whole 3-byte string.
+    fn insert_upto(&mut self, data: &[u8], p: usize) {
+        let last = p
+            .min(data.len().saturating_sub(MIN_MATCH - 1))
+            .min(NONE as usize);
+        while self.inserted < last {
+            let i = self.inserted;
+            let h = hash(data, i);
+            self.prev[i % RING] = self.head[h];
+            self.head[h] = i as u32;
+            self.inserted += 1;
+        }
+        self.inserted = self.inserted.max(p);
+    }
+
+    /// The longest match for position `i` that is longer than `better`
+    /// (0 when none is): `(length, distance)`. Candidates are visited
+    /// newest first and the first of the longest wins; the search stops
+    /// after [`MAX_CHAIN`] links (a quarter of them when `better` is at
+    /// least [`GOOD_MATCH`]), at [`NICE_MATCH`], or past the window.
+    /// Positions below `i` must be in the chains; `i` joins them here when
+    /// it is next in line, so its hash is computed once.
+    fn find(&mut self, data: &[u8], i: usize, better: usize) -> (usize, usize) {
+        let chain_limit = if better >= GOOD_MATCH {
+            MAX_CHAIN / 4
+        } else {
+            MAX_CHAIN
+        };
+        let n = data.len();
         if i + MIN_MATCH > n {
             return (0, 0);
         }
         let max = (n - i).min(MAX_MATCH);
-        let mut best = (0usize, 0usize);
-        let mut j = head[hash(data, i)];
+        if better >= max {
+            return (0, 0);
+        }
+        let mut best = (better, 0usize);
+        let h = hash(data, i);
+        let mut j = self.head[h];
+        if self.inserted == i && i < NONE as usize {
+            self.prev[i % RING] = j;
+            self.head[h] = i as u32;
+            self.inserted += 1;
+        }
         let mut chain = 0;
-        while j != NONE && chain < MAX_CHAIN {
+        while j != NONE && chain < chain_limit {
             let ju = j as usize;
-            if ju < i {
-                let dist = i - ju;
-                if dist > WINDOW {
-                    break;
-                }
-                if data[ju + best.0.min(max - 1)] == data[i + best.0.min(max - 1)] {
-                    let l = data[ju..ju + max]
-                        .iter()
-                        .zip(&data[i..i + max])
-                        .take_while(|(a, b)| a == b)
-                        .count();
-                    if l > best.0 {
-                        best = (l, dist);
-                        if l >= max || l >= NICE_MATCH {
-                            break;
-                        }
+            let dist = i - ju;
+            if dist > WINDOW {
+                break;
+            }
+            // A longer match must agree at the current best length.
+            if data[ju + best.0] == data[i + best.0] {
+                let l = common(data, ju, i, max);
+                if l > best.0 {
+                    best = (l, dist);
+                    if l >= max || l >= NICE_MATCH {
+                        break;
                     }
                 }
             }
-            j = prev[ju];
+            j = self.prev[ju % RING];
             chain += 1;
         }
-        best
+        if best.1 == 0 {
+            (0, 0)
+        } else {
+            best
+        }
+    }
+}
+
+/// Lazy LZ77 over hash chains, distances at most [`WINDOW`]: hands each
+/// token to `emit`, and stops early (returning false) when `emit` does.
+fn lz77(data: &[u8], mut emit: impl FnMut(Token) -> bool) -> bool {
+    let n = data.len();
+    let mut c = Chains {
+        head: vec![NONE; 1 << HASH_BITS],
+        prev: vec![NONE; RING],
+        inserted: 0,
+    };
+    let literal = |b: u8| Token {
+        len: u16::from(b),
+        dist: 0,
     };
     let mut i = 0usize;
+    // The match already found at `i` by the previous lazy step.
+    let mut ahead: Option<(usize, usize)> = None;
     while i < n {
-        insert_upto(i, &mut head, &mut prev);
-        let (l, d) = find(i, &head, &prev);
+        c.insert_upto(data, i);
+        let (l, d) = ahead.take().unwrap_or_else(|| c.find(data, i, 0));
         if l < MIN_MATCH {
-            out.push(Token {
-                len: u16::from(data[i]),
-                dist: 0,
-            });
+            if !emit(literal(data[i])) {
+                return false;
+            }
             i += 1;
             continue;
         }
         if l < LAZY_MATCH && i + 1 < n {
-            insert_upto(i + 1, &mut head, &mut prev);
-            let (l2, _) = find(i + 1, &head, &prev);
-            if l2 > l {
-                out.push(Token {
-                    len: u16::from(data[i]),
-                    dist: 0,
-                });
+            c.insert_upto(data, i + 1);
+            let next = c.find(data, i + 1, l);
+            if next.0 > l {
+                if !emit(literal(data[i])) {
+                    return false;
+                }
+                ahead = Some(next);
                 i += 1;
                 continue;
             }
         }
-        out.push(Token {
+        if !emit(Token {
             len: l as u16,
             dist: d as u16,
-        });
+        }) {
+            return false;
+        }
         i += l;
     }
-    out
+    true
 }
 
 /// Huffman code lengths for `freqs`, none longer than `limit`.
@@ -276,15 +395,21 @@ impl BitWriter {
     fn bits(&mut self, v: u32, n: u8) {
         self.acc |= u64::from(v) << self.n;
         self.n += u32::from(n);
-        while self.n >= 8 {
-            self.out.push(self.acc as u8);
-            self.acc >>= 8;
-            self.n -= 8;
+        if self.n >= 32 {
+            self.out.extend_from_slice(&(self.acc as u32).to_le_bytes());
+            self.acc >>= 32;
+            self.n -= 32;
         }
     }
+    /// Bits written so far.
+    fn bit_len(&self) -> u64 {
+        self.out.len() as u64 * 8 + u64::from(self.n)
+    }
     fn finish(mut self) -> Vec<u8> {
-        if self.n > 0 {
+        while self.n > 0 {
             self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.n = self.n.saturating_sub(8);
         }
         self.out
     }
@@ -318,9 +443,12 @@ fn rle(lens: &[u8]) -> Vec<(u8, u8)> {
     out
 }
 
-fn write_block(w: &mut BitWriter, tokens: &[Token], last: bool) {
-    let mut lf = vec![0u32; 286];
-    let mut df = vec![0u32; 30];
+/// Writes one dynamic Huffman block of `tokens` (the final one if `last`),
+/// unless the stream would then need more than `limit` bytes: false, and
+/// nothing written, in that case.
+fn write_block(w: &mut BitWriter, tokens: &[Token], last: bool, limit: usize) -> bool {
+    let mut lf = [0u32; 286];
+    let mut df = [0u32; 30];
     for t in tokens {
         if t.dist == 0 {
             lf[usize::from(t.len)] += 1;
@@ -330,7 +458,8 @@ fn write_block(w: &mut BitWriter, tokens: &[Token], last: bool) {
         }
     }
     lf[256] += 1;
-    if df.iter().all(|&x| x == 0) {
+    let matches = df.iter().any(|&x| x != 0);
+    if !matches {
         // One distance code must exist (a single code of length 1 is fine).
         df[0] = 1;
     }
@@ -345,16 +474,46 @@ fn write_block(w: &mut BitWriter, tokens: &[Token], last: bool) {
     seq.extend_from_slice(&ll[..hlit]);
     seq.extend_from_slice(&dl[..hdist]);
     let runs = rle(&seq);
-    let mut cf = vec![0u32; 19];
+    let mut cf = [0u32; 19];
     for &(s, _) in &runs {
         cf[usize::from(s)] += 1;
     }
     let cl = code_lengths(&cf, 7);
-    let cc = canonical(&cl);
     let hclen = CL_ORDER
         .iter()
         .rposition(|&s| cl[s] != 0)
         .map_or(4, |p| (p + 1).max(4));
+    // The block's exact size in bits, before writing any of it.
+    let extra = |s: u8| match s {
+        16 => 2,
+        17 => 3,
+        18 => 7,
+        _ => 0,
+    };
+    let mut bits = 3 + 5 + 5 + 4 + 3 * hclen as u64;
+    bits += cf
+        .iter()
+        .zip(&cl)
+        .map(|(&f, &l)| u64::from(f) * u64::from(l))
+        .sum::<u64>();
+    bits += runs.iter().map(|&(s, _)| extra(s)).sum::<u64>();
+    bits += lf
+        .iter()
+        .zip(&ll)
+        .map(|(&f, &l)| u64::from(f) * u64::from(l))
+        .sum::<u64>();
+    bits += (0..29)
+        .map(|c| u64::from(lf[257 + c]) * u64::from(LEN_EXTRA[c]))
+        .sum::<u64>();
+    if matches {
+        bits += (0..30)
+            .map(|d| u64::from(df[d]) * (u64::from(dl[d]) + u64::from(DIST_EXTRA[d])))
+            .sum::<u64>();
+    }
+    if (w.bit_len() + bits).div_ceil(8) > limit as u64 {
+        return false;
+    }
+    let cc = canonical(&cl);
     w.bits(u32::from(last), 1);
     w.bits(2, 2);
     w.bits((hlit - 257) as u32, 5);
@@ -366,12 +525,7 @@ fn write_block(w: &mut BitWriter, tokens: &[Token], last: bool) {
     for &(s, x) in &runs {
         let su = usize::from(s);
         w.bits(u32::from(cc[su]), cl[su]);
-        match s {
-            16 => w.bits(u32::from(x), 2),
-            17 => w.bits(u32::from(x), 3),
-            18 => w.bits(u32::from(x), 7),
-            _ => {}
-        }
+        w.bits(u32::from(x), extra(s) as u8);
     }
     let lc = canonical(&ll);
     let dc = canonical(&dl);
@@ -389,6 +543,7 @@ fn write_block(w: &mut BitWriter, tokens: &[Token], last: bool) {
         }
     }
     w.bits(u32::from(lc[256]), ll[256]);
+    true
 }
 
 #[cfg(test)]
@@ -418,7 +573,12 @@ mod tests {
     fn tokens_rebuild_the_input_within_the_window() {
         for data in inputs() {
             let mut out: Vec<u8> = Vec::new();
-            for t in lz77(&data) {
+            let mut tokens = Vec::new();
+            assert!(lz77(&data, |t| {
+                tokens.push(t);
+                true
+            }));
+            for t in tokens {
                 if t.dist == 0 {
                     out.push(t.len as u8);
                 } else {
@@ -437,14 +597,50 @@ mod tests {
     #[test]
     fn streams_inflate_back() {
         for data in inputs() {
-            let c = deflate(&data);
+            let c = deflate(&data, usize::MAX).unwrap();
             let mut out = vec![0u8; data.len()];
             crate::decompress::inflate_raw(&c, &mut out).unwrap();
             assert!(out == data, "{} bytes", data.len());
         }
         // Repeats within the window compress; repeats beyond it cannot.
         let ins = inputs();
-        assert!(deflate(&ins[5]).len() < 6000);
-        assert!(deflate(&ins[4]).len() > 60000);
+        assert!(deflate(&ins[5], usize::MAX).unwrap().len() < 6000);
+        assert!(deflate(&ins[4], usize::MAX).unwrap().len() > 60000);
+    }
+
+    #[test]
+    fn the_limit_is_exact() {
+        // A stream of exactly `limit` bytes is kept; one byte less of room
+        // gives up, whether the last block or an earlier one passes it.
+        for data in inputs() {
+            let full = deflate(&data, usize::MAX).unwrap();
+            assert_eq!(deflate(&data, full.len()).as_ref(), Some(&full));
+            if !full.is_empty() {
+                assert_eq!(deflate(&data, full.len() - 1), None, "{} bytes", data.len());
+            }
+        }
+        // Random bytes never fit in a cluster minus one byte (QEMU's rule).
+        let random = &inputs()[3];
+        assert_eq!(deflate(random, random.len() - 1), None);
+        // Gives up early: 2 MiB of text cannot fit in 100 bytes.
+        assert_eq!(deflate(&inputs()[6], 100), None);
+    }
+
+    #[test]
+    fn code_tables_match_the_rfc_ranges() {
+        for len in 3u16..=258 {
+            let want = if len == 258 {
+                28
+            } else {
+                LEN_BASE.iter().rposition(|&b| b <= len).unwrap()
+            };
+            assert_eq!(len_code(len), want, "length {len}");
+            let c = len_code(len);
+            assert!(len - LEN_BASE[c] < 1 << LEN_EXTRA[c] || (c == 28 && len == 258));
+        }
+        for dist in 1u16..=4096 {
+            let want = DIST_BASE.iter().rposition(|&b| b <= dist).unwrap();
+            assert_eq!(dist_code(dist), want, "distance {dist}");
+        }
     }
 }
