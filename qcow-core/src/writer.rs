@@ -3,7 +3,9 @@
 //!
 //! Metadata caches are write-through: every change to an L2 table, a
 //! refcount block, the refcount table or the L1 table reaches the device
-//! at once, and the device is flushed between dependent steps, so the image
+//! within the operation that makes it (a large write gathers its refcount
+//! changes into one write per block, and its L2 entries into one write per
+//! table), and the device is flushed between dependent steps, so the image
 //! on disk is consistent after every device write (a crash may leak
 //! clusters, never corrupt). See "qcow2 write ordering" in ARCHITECTURE.md.
 //!
@@ -78,6 +80,10 @@ pub struct Qcow2Writer<D: BlockIo, B = NoDevice<<D as BlockIo>::Error>> {
     reftable: Vec<u64>,
     l2_cache: BTreeMap<u64, Vec<u64>>,
     rb_cache: BTreeMap<u64, Vec<u8>>,
+    /// Refcount blocks changed in `rb_cache` but not yet written: block
+    /// offset -> (first, last) changed byte. Kept in the cache until
+    /// [`write_pending_refcounts`](Self::write_pending_refcounts) writes them.
+    rb_pending: BTreeMap<u64, (usize, usize)>,
     /// No cluster below this index is free.
     free_hint: u64,
     /// Bytes the device holds (tracked, so reads past the end read zero).
@@ -181,6 +187,7 @@ impl<D: BlockIo> Qcow2Writer<D> {
             reftable: Vec::new(),
             l2_cache: BTreeMap::new(),
             rb_cache: BTreeMap::new(),
+            rb_pending: BTreeMap::new(),
             free_hint: 0,
             file_len,
             barriers: true,
@@ -239,6 +246,7 @@ where
             reftable: self.reftable,
             l2_cache: self.l2_cache,
             rb_cache: self.rb_cache,
+            rb_pending: self.rb_pending,
             free_hint: self.free_hint,
             file_len: self.file_len,
             barriers: self.barriers,
@@ -507,6 +515,7 @@ where
             reftable,
             l2_cache: BTreeMap::new(),
             rb_cache: BTreeMap::new(),
+            rb_pending: BTreeMap::new(),
             free_hint: 0,
             file_len,
             barriers: true,
