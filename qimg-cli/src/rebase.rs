@@ -164,6 +164,10 @@ impl RebaseCmd {
         let mut w = Qcow2Writer::open(dev).map_err(|e| {
             CliError::io(path, format!("{e}; `qimg rebase -u` changes only the name"))
         })?;
+        // Closed once at the end: runs of fresh clusters keep their L2
+        // entries until then (refcounts and data flushed first).
+        w.defer_fresh_entries(true)
+            .map_err(|e| CliError::io(path, e.to_string()))?;
         let size = old.virtual_size;
         let cs = w.header().cluster_size();
         // Chunks of whole clusters: each run of clusters the image does not

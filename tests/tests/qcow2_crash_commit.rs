@@ -6,7 +6,10 @@
 //! without the unflushed mutations rolled back, the base must pass
 //! `qemu-img check` (leaks allowed, no corruption), and read back every
 //! batch whose write returned before the cut, the batch in flight old or
-//! new byte by byte, and the rest as before the commit.
+//! new byte by byte, and the rest as before the commit. The same run with
+//! the L2 entries deferred to the next flush (`defer_fresh_entries`, as
+//! `qimg commit` writes), flushed every few batches: every batch before
+//! the last flush that returned reads back, the later ones old or new.
 //!
 //! 512-byte clusters with 64-bit refcounts: an L2 table maps 64 clusters
 //! and a refcount block covers 64, so batches cross L2 tables, install
@@ -27,12 +30,13 @@ const SIZE: u64 = 4 << 20;
 const CLUSTER: u64 = 512;
 
 /// One step of the commit: a run of data clusters, a run of zero
-/// clusters, or the final flush.
-#[derive(Clone, Copy, Debug)]
+/// clusters, a flush, or turning on deferred L2 entries.
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Step {
     Data { off: u64, len: u64, seed: u8 },
     Zero { off: u64, len: u64 },
     Flush,
+    Defer,
 }
 
 fn pattern(len: u64, seed: u8) -> Vec<u8> {
@@ -44,8 +48,12 @@ fn pattern(len: u64, seed: u8) -> Vec<u8> {
 /// The commit's writes: batches of 48 clusters from 96 KiB to 608 KiB, each
 /// split as `write_runs` splits them (data runs, and a zero run in every
 /// third batch), over a base that already holds data in some clusters.
-fn steps() -> Vec<Step> {
+/// `deferred`: with the L2 entries deferred, and a flush every 4 batches.
+fn steps(deferred: bool) -> Vec<Step> {
     let mut v = Vec::new();
+    if deferred {
+        v.push(Step::Defer);
+    }
     let batch = 48 * CLUSTER;
     let mut off = 96 << 10;
     let mut seed = 1u8;
@@ -73,6 +81,9 @@ fn steps() -> Vec<Step> {
             });
         }
         off += batch;
+        if deferred && seed.is_multiple_of(4) {
+            v.push(Step::Flush);
+        }
         seed += 1;
     }
     v.push(Step::Flush);
@@ -91,7 +102,7 @@ fn apply(model: &mut [u8], s: Step) -> std::ops::Range<usize> {
             model[r.clone()].fill(0);
             r
         }
-        Step::Flush => 0..0,
+        Step::Flush | Step::Defer => 0..0,
     }
 }
 
@@ -124,10 +135,24 @@ fn base_image() -> (Vec<u8>, Vec<u8>) {
     (w.close().unwrap().into_vec(), model)
 }
 
+/// Checks the guest content `img` holds after a run that completed `done`
+/// of `steps`: every step up to the last completed flush (every completed
+/// step when `deferred` is off: each write flushes) is there; the bytes
+/// of the later steps and of the one in flight are old or new (the steps
+/// touch disjoint ranges).
 fn validate(img: &[u8], start: &[u8], steps: &[Step], done: usize, what: &str) {
     let got = read_guest(img, SIZE, None).unwrap();
+    let deferred = steps.first() == Some(&Step::Defer);
+    let durable = if deferred {
+        steps[..done]
+            .iter()
+            .rposition(|&s| s == Step::Flush)
+            .map_or(0, |i| i + 1)
+    } else {
+        done
+    };
     let mut before = start.to_vec();
-    for &s in &steps[..done] {
+    for &s in &steps[..durable] {
         apply(&mut before, s);
     }
     if done == steps.len() {
@@ -135,12 +160,17 @@ fn validate(img: &[u8], start: &[u8], steps: &[Step], done: usize, what: &str) {
         return;
     }
     let mut after = before.clone();
-    let touched = apply(&mut after, steps[done]);
+    let mut touched = vec![false; before.len()];
+    for &s in &steps[durable..=done] {
+        for i in apply(&mut after, s) {
+            touched[i] = true;
+        }
+    }
     for (i, (&g, &b)) in got.iter().zip(&before).enumerate() {
-        if g != b && !(touched.contains(&i) && g == after[i]) {
+        if g != b && !(touched[i] && g == after[i]) {
             panic!(
-                "{what}: byte {i} is {g:#x}, expected {b:#x} (step {done} in flight: {:?})",
-                steps[done]
+                "{what}: byte {i} is {g:#x}, expected {b:#x} (steps {durable}..={done} \
+                 may be partly there)"
             );
         }
     }
@@ -156,14 +186,24 @@ fn run(
         Step::Data { off, len, seed } => w.write(off, &pattern(len, seed)),
         Step::Zero { off, len } => w.write_zeroes(off, len),
         Step::Flush => w.flush(),
+        Step::Defer => w.defer_fresh_entries(true),
     })
 }
 
 #[test]
 fn power_cut_at_any_write_of_a_batched_commit_leaves_a_consistent_base() {
+    cut_everywhere(false);
+}
+
+#[test]
+fn power_cut_at_any_write_of_a_deferred_commit_leaves_a_consistent_base() {
+    cut_everywhere(true);
+}
+
+fn cut_everywhere(deferred: bool) {
     let q = Qemu::find();
     let (base, start) = base_image();
-    let steps = steps();
+    let steps = steps(deferred);
     let uncut = run(&base, &steps, None, false);
     let n = uncut.mutations;
     assert_eq!(uncut.done, steps.len());
@@ -182,7 +222,7 @@ fn power_cut_at_any_write_of_a_batched_commit_leaves_a_consistent_base() {
         q.assert_clean(&p, "uncut run");
     }
     eprintln!(
-        "commit crash test: {} steps, {n} device mutations",
+        "commit crash test (deferred {deferred}): {} steps, {n} device mutations",
         steps.len()
     );
     let checks = AtomicU64::new(0);
@@ -193,7 +233,9 @@ fn power_cut_at_any_write_of_a_batched_commit_leaves_a_consistent_base() {
                 let dir = tmpfs_tempdir();
                 let p = dir.path().join("crash.qcow2");
                 for k in 0..n {
-                    let what = format!("cut at {k}/{n}, drop_unflushed {drop_unflushed}");
+                    let what = format!(
+                        "deferred {deferred}, cut at {k}/{n}, drop_unflushed {drop_unflushed}"
+                    );
                     let cut = run(base, steps, Some(k), drop_unflushed);
                     assert!(cut.done < steps.len(), "{what}: the cut must stop the run");
                     validate(&cut.image, start, steps, cut.done, &what);
@@ -207,7 +249,7 @@ fn power_cut_at_any_write_of_a_batched_commit_leaves_a_consistent_base() {
         }
     });
     eprintln!(
-        "commit crash test: {} cut points, {} qemu-img checks",
+        "commit crash test (deferred {deferred}): {} cut points, {} qemu-img checks",
         2 * n,
         checks.into_inner()
     );

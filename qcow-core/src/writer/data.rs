@@ -212,6 +212,10 @@ where
             self.write_data(targets[i], gi, &data[a..b])?;
             i = j;
         }
+        if self.defer && self.barriers {
+            // Kept back: `settle` flushes before writing them.
+            return self.set_fresh_entries(g, &targets);
+        }
         // Refcounts and data durable before any entry names the clusters.
         self.barrier()?;
         self.set_fresh_entries(g, &targets)?;
@@ -260,6 +264,11 @@ where
                 last = last.max(x.saturating_add(w).saturating_sub(1));
                 i = i.saturating_add(1);
             }
+            if self.defer && self.barriers {
+                let r = self.l2_pending.entry(l2off).or_insert((first, last));
+                *r = (r.0.min(first), r.1.max(last));
+                continue;
+            }
             let t = self.l2_cache.remove(&l2off).unwrap_or_default();
             let r = self.write_words(l2off, &t, first, last, Structure::L2Table);
             self.l2_cache.insert(l2off, t);
@@ -285,6 +294,9 @@ where
                 return self.write_sectors(host, base, o, data);
             }
         }
+        // The paths below write an L2 entry, maybe into a table holding
+        // deferred entries: those go first.
+        self.settle()?;
         // Otherwise: the whole cluster as it reads now, merged with `data`.
         let mut cluster = if data.len() as u64 == cs {
             data.to_vec()
@@ -455,6 +467,7 @@ where
     /// bits, and the rest (parts of subclusters, v2) by writing zeroes.
     pub fn write_zeroes(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
         self.check_writable(g, len)?;
+        self.settle()?;
         let cs = self.cs();
         let mut at = g;
         let end = g.saturating_add(len);
