@@ -3,7 +3,9 @@
 //!
 //! Metadata caches are write-through: every change to an L2 table, a
 //! refcount block, the refcount table or the L1 table reaches the device
-//! at once, and the device is flushed between dependent steps, so the image
+//! within the operation that makes it (a large write gathers its refcount
+//! changes into one write per block, and its L2 entries into one write per
+//! table), and the device is flushed between dependent steps, so the image
 //! on disk is consistent after every device write (a crash may leak
 //! clusters, never corrupt). See "qcow2 write ordering" in ARCHITECTURE.md.
 //!
@@ -78,6 +80,16 @@ pub struct Qcow2Writer<D: BlockIo, B = NoDevice<<D as BlockIo>::Error>> {
     reftable: Vec<u64>,
     l2_cache: BTreeMap<u64, Vec<u64>>,
     rb_cache: BTreeMap<u64, Vec<u8>>,
+    /// Refcount blocks changed in `rb_cache` but not yet written: block
+    /// offset -> (first, last) changed byte. Kept in the cache until
+    /// [`write_pending_refcounts`](Self::write_pending_refcounts) writes them.
+    rb_pending: BTreeMap<u64, (usize, usize)>,
+    /// Keep the L2 entries of runs of fresh clusters in the cache until
+    /// the next flush (see [`defer_fresh_entries`](Self::defer_fresh_entries)).
+    defer: bool,
+    /// L2 tables holding deferred entries: table offset -> (first, last)
+    /// changed word. Kept in the cache until [`settle`](Self::settle).
+    l2_pending: BTreeMap<u64, (usize, usize)>,
     /// No cluster below this index is free.
     free_hint: u64,
     /// Bytes the device holds (tracked, so reads past the end read zero).
@@ -181,6 +193,9 @@ impl<D: BlockIo> Qcow2Writer<D> {
             reftable: Vec::new(),
             l2_cache: BTreeMap::new(),
             rb_cache: BTreeMap::new(),
+            rb_pending: BTreeMap::new(),
+            defer: false,
+            l2_pending: BTreeMap::new(),
             free_hint: 0,
             file_len,
             barriers: true,
@@ -239,6 +254,9 @@ where
             reftable: self.reftable,
             l2_cache: self.l2_cache,
             rb_cache: self.rb_cache,
+            rb_pending: self.rb_pending,
+            defer: self.defer,
+            l2_pending: self.l2_pending,
             free_hint: self.free_hint,
             file_len: self.file_len,
             barriers: self.barriers,
@@ -277,6 +295,46 @@ where
     /// [`close`](Self::close) always flush.
     pub fn set_write_barriers(&mut self, on: bool) {
         self.barriers = on;
+    }
+
+    /// Defers the L2 entries of large writes to the next flush (off by
+    /// default). A write of whole fresh clusters then writes their
+    /// refcounts and data without a flush and keeps their L2 entries in
+    /// memory; [`flush`](Self::flush), [`close`](Self::close), any other
+    /// operation (zero writes, discards, a write needing a single cluster,
+    /// ...) and turning this off first flush the device (refcounts and
+    /// data durable), then write the entries (one write per table), so no
+    /// entry ever reaches the device before its cluster's refcount and
+    /// data. As with any write-back cache, writes not yet flushed are lost
+    /// in a crash (their clusters leak); the writer must be flushed or
+    /// closed before it is dropped ([`into_device`](Self::into_device)
+    /// drops them, as a crash would). For a caller that writes a long run
+    /// and flushes once at the end (`commit`, `rebase`): a run then costs
+    /// no flush at all. Ignored while write barriers are off.
+    pub fn defer_fresh_entries(&mut self, on: bool) -> Result<(), Error<D::Error>> {
+        if !on {
+            self.settle()?;
+        }
+        self.defer = on;
+        Ok(())
+    }
+
+    /// Writes the L2 entries [`defer_fresh_entries`](Self::defer_fresh_entries)
+    /// kept back, after a flush that makes the refcounts and data of their
+    /// clusters durable (the entries themselves are not flushed).
+    pub(super) fn settle(&mut self) -> Result<(), Error<D::Error>> {
+        if self.l2_pending.is_empty() {
+            return Ok(());
+        }
+        self.flush_dev()?;
+        let pending = core::mem::take(&mut self.l2_pending);
+        for (off, (first, last)) in pending {
+            let t = self.l2_cache.remove(&off).unwrap_or_default();
+            let r = self.write_words(off, &t, first, last, Structure::L2Table);
+            self.l2_cache.insert(off, t);
+            r?;
+        }
+        Ok(())
     }
 
     /// Attaches the data key of a LUKS-encrypted image (after `create`
@@ -319,6 +377,7 @@ where
 
     /// Flushes and gives back the device.
     pub fn close(mut self) -> Result<D, Error<D::Error>> {
+        self.settle()?;
         self.barrier()?;
         Ok(self.dev)
     }
@@ -487,6 +546,7 @@ where
 
     /// Flushes the device.
     pub fn flush(&mut self) -> Result<(), Error<D::Error>> {
+        self.settle()?;
         self.flush_dev()
     }
 
@@ -507,6 +567,9 @@ where
             reftable,
             l2_cache: BTreeMap::new(),
             rb_cache: BTreeMap::new(),
+            rb_pending: BTreeMap::new(),
+            defer: false,
+            l2_pending: BTreeMap::new(),
             free_hint: 0,
             file_len,
             barriers: true,
@@ -608,7 +671,7 @@ where
         self.write(offset, buf)
     }
     fn flush(&mut self) -> Result<(), Self::Error> {
-        self.flush_dev()
+        Qcow2Writer::flush(self)
     }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), Self::Error> {
         Qcow2Writer::write_zeroes(self, offset, len)

@@ -174,6 +174,10 @@ fn open_base(
             if w.virtual_size() < size {
                 w.resize(size).map_err(|e| io(&e))?;
             }
+            // The commit flushes once at the end: runs of fresh clusters
+            // keep their L2 entries until then (refcounts and data are
+            // flushed before the entries are written).
+            w.defer_fresh_entries(true).map_err(|e| io(&e))?;
             let cs = w.header().cluster_size();
             Ok((erased(w), cs))
         }

@@ -164,50 +164,196 @@ impl RebaseCmd {
         let mut w = Qcow2Writer::open(dev).map_err(|e| {
             CliError::io(path, format!("{e}; `qimg rebase -u` changes only the name"))
         })?;
+        // Closed once at the end: runs of fresh clusters keep their L2
+        // entries until then (refcounts and data flushed first).
+        w.defer_fresh_entries(true)
+            .map_err(|e| CliError::io(path, e.to_string()))?;
         let size = old.virtual_size;
         let cs = w.header().cluster_size();
-        let cs_usize = usize::try_from(cs).unwrap_or(0);
-        let (mut a, mut b) = (vec![0u8; cs_usize], vec![0u8; cs_usize]);
+        // Chunks of whole clusters: each run of clusters the image does not
+        // own is read once from the old chain and once from the new
+        // backing, and each run of clusters that differ is written with
+        // one `write` (whose fresh clusters share two flushes).
+        let chunk = (CHUNK / cs).max(1) * cs;
+        let piece = (PIECE / cs).max(1) * cs;
+        let (mut a, mut b) = (vec![0u8; to_usize(chunk)], vec![0u8; to_usize(piece)]);
+        let mut diff: Vec<bool> = Vec::new();
         let bar = crate::progress::Bar::new(show, size);
+        let mut status = Status::default();
         let mut off = 0u64;
         while off < size {
             bar.set(off);
-            let n = cs.min(size - off);
-            let nu = usize::try_from(n).unwrap_or(0);
-            let st = old
-                .dev
-                .block_status(off, n)
-                .map_err(|e| CliError::io(path, e.to_string()))?;
-            let own = st.depth == 0 && st.present && st.len >= n;
-            if !own {
-                old.dev
-                    .read_at(off, &mut a[..nu])
-                    .map_err(|e| CliError::io(path, e.to_string()))?;
-                b[..nu].fill(0);
-                if let Some((name, dev, bsize)) = new_view.as_mut() {
-                    if off < *bsize {
-                        // Whole sectors; past the new backing's end is zero.
-                        let m = usize::try_from((*bsize - off).min(n).next_multiple_of(512))
-                            .unwrap_or(nu)
-                            .min(nu);
-                        dev.read_at(off, &mut b[..m])
-                            .map_err(|e| CliError::io(name, e.to_string()))?;
-                        if (*bsize - off) < n {
-                            let keep = usize::try_from(*bsize - off).unwrap_or(nu);
-                            b[keep..nu].fill(0);
-                        }
+            let end = (off + chunk).min(size);
+            let mut c = off;
+            while c < end {
+                // The run of clusters from `c` the image does not own, and
+                // whether the old chain reads all of it as zero.
+                let (mut e, mut old_zero) = (c, true);
+                while e < end {
+                    let n = cs.min(size - e);
+                    let (own, zero) = status
+                        .of(old.dev.as_mut(), e, n, end)
+                        .map_err(|err| CliError::io(path, err.to_string()))?;
+                    if own {
+                        break;
                     }
+                    old_zero &= zero;
+                    e += n;
                 }
-                if a[..nu] != b[..nu] {
-                    w.write(off, &a[..nu])
-                        .map_err(|e| CliError::io(path, e.to_string()))?;
+                if e > c {
+                    let (i, j) = (to_usize(c - off), to_usize(e - off));
+                    if old_zero {
+                        a[i..j].fill(0);
+                    } else {
+                        old.dev
+                            .read_at(c, &mut a[i..j])
+                            .map_err(|err| CliError::io(path, err.to_string()))?;
+                    }
+                    // The new backing, a piece at a time, against it.
+                    diff.clear();
+                    let mut p = c;
+                    while p < e {
+                        let q = (p + piece).min(e);
+                        let bb = &mut b[..to_usize(q - p)];
+                        let new_zero = read_new(new_view.as_mut(), p, bb)?;
+                        let aa = &a[to_usize(p - off)..to_usize(q - off)];
+                        for (x, y) in aa.chunks(to_usize(cs)).zip(bb.chunks(to_usize(cs))) {
+                            diff.push(!(old_zero && new_zero) && x != y);
+                        }
+                        p = q;
+                    }
+                    write_differing(&mut w, path, c, cs, &a[i..j], &diff)?;
                 }
+                // Skip the owned cluster that ended the run.
+                c = if e < end { e + cs.min(size - e) } else { e };
             }
-            off += n;
+            off = end;
         }
         w.close().map_err(|e| CliError::io(path, e.to_string()))?;
         Ok(bar)
     }
+}
+
+/// Guest bytes of the old chain read per step of a safe rebase: big
+/// enough that a run of differing clusters is written in few `write`
+/// calls (each with its own two flushes), small enough to keep the peak
+/// memory below qemu-img's.
+const CHUNK: u64 = 4 << 20;
+
+/// Guest bytes of the new backing file read at a time to compare.
+const PIECE: u64 = 512 << 10;
+
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// The last block status of the old chain, reused for the clusters it
+/// covers whole (one query per run, not per cluster).
+#[derive(Default)]
+struct Status {
+    /// `[start, end)` of the run, and whether the image owns it and
+    /// whether it reads as zero.
+    run: Option<(u64, u64, bool, bool)>,
+}
+
+impl Status {
+    /// Whether the image itself allocates the whole cluster `[at, at +
+    /// n)`, and whether the cluster reads as zero; a cluster two runs
+    /// share is neither. `limit`: the end of the current step.
+    fn of(
+        &mut self,
+        old: &mut dyn Source,
+        at: u64,
+        n: u64,
+        limit: u64,
+    ) -> Result<(bool, bool), crate::dev::DevError> {
+        let inside = |r: &(u64, u64, bool, bool)| r.0 <= at && at < r.1;
+        if !self.run.as_ref().is_some_and(inside) {
+            let st = old.block_status(at, limit.saturating_sub(at).max(n))?;
+            let own = st.depth == 0 && st.present;
+            let zero = st.zero || !st.present;
+            self.run = Some((at, at + st.len.max(1), own, zero));
+        }
+        match self.run {
+            Some((_, end, own, zero)) if at + n <= end => Ok((own, zero)),
+            _ => {
+                // The cluster straddles two runs: read it.
+                self.run = None;
+                Ok((false, false))
+            }
+        }
+    }
+}
+
+/// Reads `buf.len()` bytes at `off` of the new backing file (`None`: no
+/// backing file, all zero); past its end reads as zero. What its block
+/// status reports as zero is not read. Returns whether all of it is zero
+/// by that status (or absent).
+fn read_new(
+    new: Option<&mut (String, Box<dyn Source>, u64)>,
+    off: u64,
+    buf: &mut [u8],
+) -> Result<bool, CliError> {
+    let Some((name, dev, bsize)) = new else {
+        buf.fill(0);
+        return Ok(true);
+    };
+    let len = buf.len() as u64;
+    let in_file = bsize.saturating_sub(off).min(len);
+    buf[to_usize(in_file)..].fill(0);
+    let mut all_zero = true;
+    let mut x = 0u64;
+    while x < in_file {
+        let st = dev
+            .block_status(off + x, in_file - x)
+            .map_err(|e| CliError::io(name.as_str(), e.to_string()))?;
+        let n = st.len.clamp(1, in_file - x);
+        let (i, j) = (to_usize(x), to_usize(x + n));
+        if st.zero {
+            buf[i..j].fill(0);
+        } else {
+            all_zero = false;
+            // Whole sectors (the last may pass the file's end: zero there).
+            let m = to_usize((x + n).next_multiple_of(512).min(len));
+            dev.read_at(off + x, &mut buf[i..m])
+                .map_err(|e| CliError::io(name.as_str(), e.to_string()))?;
+            if x + n < in_file || in_file < len {
+                buf[j..m].fill(0);
+            }
+        }
+        x += n;
+    }
+    Ok(all_zero)
+}
+
+/// Writes into the image at `at` (cluster-aligned) the clusters of
+/// `old` (the old chain's content) that `diff` marks (one flag per
+/// cluster): each run of consecutive marked clusters in one write.
+fn write_differing(
+    w: &mut Qcow2Writer<FileDevice>,
+    path: &str,
+    at: u64,
+    cs: u64,
+    old: &[u8],
+    diff: &[bool],
+) -> Result<(), CliError> {
+    let csu = to_usize(cs).max(1);
+    let mut k = 0usize;
+    while k < diff.len() {
+        if !diff[k] {
+            k += 1;
+            continue;
+        }
+        let mut l = k + 1;
+        while l < diff.len() && diff[l] {
+            l += 1;
+        }
+        let (i, j) = ((k * csu).min(old.len()), (l * csu).min(old.len()));
+        w.write(at + i as u64, &old[i..j])
+            .map_err(|e| CliError::io(path, e.to_string()))?;
+        k = l;
+    }
+    Ok(())
 }
 
 /// Refuses `path` unless it is a qcow2 image (`format`, or detected):

@@ -201,6 +201,7 @@ where
     /// clusters (no backing file) or zero-filled data clusters (with one,
     /// which must then be attached so partial clusters can be copied).
     pub fn amend(&mut self, o: &AmendOptions<'_>) -> Result<(), AmendError<D::Error>> {
+        self.settle()?;
         let refuse = |r| Err(AmendError::Refused(r));
         let old_version = self.hdr.version;
         let version = o.version.unwrap_or(old_version);

@@ -27,6 +27,7 @@ where
         file: Option<&str>,
         fmt: Option<&str>,
     ) -> Result<(), Error<D::Error>> {
+        self.settle()?;
         let cs = usize::try_from(self.cs()).unwrap_or(0);
         let too_long = |value: usize, max: usize| Error::Limit {
             structure: Structure::BackingFileName,

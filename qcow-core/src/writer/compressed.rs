@@ -65,6 +65,7 @@ where
     ) -> Result<(), Error<D::Error>> {
         let cs = self.cs();
         let g = self.whole_cluster(cluster_index, data)?;
+        self.settle()?;
         // Compressed clusters are never encrypted (QEMU refuses both).
         if self.hdr.has_data_file() || self.hdr.crypt_method.is_encrypted() {
             return Err(Error::Unsupported(Unsupported::Writing));

@@ -187,18 +187,19 @@ where
         Ok(k)
     }
 
-    /// Writes whole clusters that [`Self::fresh_run`] found unallocated:
-    /// their clusters allocated one by one (as single-cluster writes would,
-    /// refcounts durable first), then the data in contiguous host runs,
-    /// then the L2 entries.
+    /// Writes whole clusters that [`Self::fresh_run`] found unallocated,
+    /// with two flushes for the whole run however long it is: the
+    /// clusters are allocated (the ones single-cluster writes would get;
+    /// one refcount write per refcount block) and the data written in
+    /// contiguous host runs, then one flush makes refcounts and data
+    /// durable, then the L2 entries are set (one write per L2 table) and
+    /// flushed. No L2 entry reaches the device before the refcount and
+    /// the data of its cluster are durable: a crash leaks, never corrupts.
     pub(super) fn write_fresh_run(&mut self, g: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
         let cs = self.cs();
         let csu = usize::try_from(cs).unwrap_or(usize::MAX);
         let k = data.len().checked_div(csu).unwrap_or(0);
-        let mut targets = Vec::with_capacity(k);
-        for _ in 0..k {
-            targets.push(self.alloc_clusters(1)?.get());
-        }
+        let targets = self.alloc_each(k)?;
         // Data before the L2 entries that point at it.
         let mut i = 0usize;
         while i < k {
@@ -211,13 +212,69 @@ where
             self.write_data(targets[i], gi, &data[a..b])?;
             i = j;
         }
-        self.barrier()?;
-        let bm_new = if self.extended() { ALL_ALLOCATED } else { 0 };
-        for (i, t) in targets.iter().enumerate() {
-            let gi = g.saturating_add((i as u64).saturating_mul(cs));
-            self.set_entry(gi, t | COPIED, bm_new)?;
+        if self.defer && self.barriers {
+            // Kept back: `settle` flushes before writing them.
+            return self.set_fresh_entries(g, &targets);
         }
+        // Refcounts and data durable before any entry names the clusters.
+        self.barrier()?;
+        self.set_fresh_entries(g, &targets)?;
         self.barrier()
+    }
+
+    /// Points the L2 entries of the whole clusters from `g` on at
+    /// `targets` (COPIED, all subclusters allocated): the tables exist and
+    /// are this image's own ([`Self::fresh_run`]); each table's changed
+    /// entries go out in one write (not flushed).
+    fn set_fresh_entries(&mut self, g: u64, targets: &[u64]) -> Result<(), Error<D::Error>> {
+        let cs = self.cs();
+        let w = self.l2_words();
+        let bm_new = if self.extended() { ALL_ALLOCATED } else { 0 };
+        let geo = self.l2g();
+        let split = |at: u64| {
+            let slot = geo.locate(GuestOffset::new(at));
+            (
+                slot.l1_index,
+                usize::try_from(slot.l2_index).unwrap_or(usize::MAX),
+            )
+        };
+        let mut i = 0usize;
+        while i < targets.len() {
+            let gi = g.saturating_add((i as u64).saturating_mul(cs));
+            let l2off = self.ensure_l2(gi)?;
+            let (l1i, _) = split(gi);
+            let t = self.l2_table(l2off)?;
+            let (mut first, mut last) = (usize::MAX, 0usize);
+            while let Some(&h) = targets.get(i) {
+                let at = g.saturating_add((i as u64).saturating_mul(cs));
+                let (li, l2i) = split(at);
+                if li != l1i {
+                    break;
+                }
+                let x = l2i.saturating_mul(w);
+                if let Some(e) = t.get_mut(x) {
+                    *e = h | COPIED;
+                }
+                if w == 2 {
+                    if let Some(e) = t.get_mut(x.saturating_add(1)) {
+                        *e = bm_new;
+                    }
+                }
+                first = first.min(x);
+                last = last.max(x.saturating_add(w).saturating_sub(1));
+                i = i.saturating_add(1);
+            }
+            if self.defer && self.barriers {
+                let r = self.l2_pending.entry(l2off).or_insert((first, last));
+                *r = (r.0.min(first), r.1.max(last));
+                continue;
+            }
+            let t = self.l2_cache.remove(&l2off).unwrap_or_default();
+            let r = self.write_words(l2off, &t, first, last, Structure::L2Table);
+            self.l2_cache.insert(l2off, t);
+            r?;
+        }
+        Ok(())
     }
 
     /// Writes inside one cluster.
@@ -237,6 +294,9 @@ where
                 return self.write_sectors(host, base, o, data);
             }
         }
+        // The paths below write an L2 entry, maybe into a table holding
+        // deferred entries: those go first.
+        self.settle()?;
         // Otherwise: the whole cluster as it reads now, merged with `data`.
         let mut cluster = if data.len() as u64 == cs {
             data.to_vec()
@@ -407,6 +467,7 @@ where
     /// bits, and the rest (parts of subclusters, v2) by writing zeroes.
     pub fn write_zeroes(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
         self.check_writable(g, len)?;
+        self.settle()?;
         let cs = self.cs();
         let mut at = g;
         let end = g.saturating_add(len);

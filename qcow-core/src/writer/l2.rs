@@ -11,7 +11,9 @@ where
     pub(super) fn l2_table(&mut self, off: u64) -> Result<&mut Vec<u64>, Error<D::Error>> {
         if !self.l2_cache.contains_key(&off) {
             if self.l2_cache.len() >= MAX_CACHED_TABLES {
-                self.l2_cache.clear();
+                // Tables holding deferred entries stay.
+                let pending = &self.l2_pending;
+                self.l2_cache.retain(|off, _| pending.contains_key(off));
             }
             let n = usize::try_from(self.cs() >> 3).unwrap_or(0);
             let t = self.read_u64s(off, n, Structure::L2Table)?;
@@ -186,6 +188,7 @@ where
     /// are zeroed instead.
     pub fn discard(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
         self.check_writable(g, len)?;
+        self.settle()?;
         let cs = self.cs();
         let (mut at, end) = self.whole_clusters(g, len);
         while at < end {
@@ -219,6 +222,7 @@ where
     /// first change, cluster by cluster as before.
     pub fn unmap(&mut self, g: u64, len: u64) -> Result<(), Error<D::Error>> {
         self.check_range(g, len)?;
+        self.settle()?;
         let (at, end) = self.whole_clusters(g, len);
         self.unmap_clusters(at, end)
     }
@@ -339,6 +343,7 @@ where
     /// snapshot shares, and images with an external data file, are left
     /// as they are.
     pub fn drop_empty_tables(&mut self) -> Result<(), Error<D::Error>> {
+        self.settle()?;
         if self.df() {
             return Ok(());
         }
@@ -383,6 +388,7 @@ where
     /// not 0), as `qemu-img commit` leaves an emptied image. Every
     /// refcount is durable at this point, so nothing referenced is cut.
     pub fn truncate_unused(&mut self) -> Result<(), Error<D::Error>> {
+        self.settle()?;
         self.barrier()?;
         let end = self.highest_used()?.saturating_add(1) << self.cb();
         if end < self.file_len {

@@ -10,7 +10,10 @@ where
     pub(super) fn refblock(&mut self, off: u64) -> Result<&mut Vec<u8>, Error<D::Error>> {
         if !self.rb_cache.contains_key(&off) {
             if self.rb_cache.len() >= MAX_CACHED_TABLES {
-                self.rb_cache.clear();
+                // Write-through blocks are free to drop; blocks with
+                // changes not yet written stay.
+                let pending = &self.rb_pending;
+                self.rb_cache.retain(|off, _| pending.contains_key(off));
             }
             let mut b = vec![0u8; usize::try_from(self.cs()).unwrap_or(0)];
             self.read_dev(off, &mut b, Structure::RefcountBlock)?;
@@ -283,6 +286,87 @@ where
                 .host_offset(self.rcg().cluster_size())
                 .ok_or_else(|| overflow(Structure::RefcountBlock, c));
         }
+    }
+
+    /// Allocates `k` single clusters with refcount 1, the ones `k` calls
+    /// of `alloc_clusters(1)` would hand out, in that order, but with one
+    /// write per changed refcount block instead of one write and one flush
+    /// per cluster. The refcounts are written, not flushed: the caller
+    /// flushes before anything references the clusters (a crash before
+    /// that leaks them, never more). A new refcount block needed on the
+    /// way is still installed with its own ordering (written and flushed
+    /// before the table names it).
+    pub(super) fn alloc_each(&mut self, k: usize) -> Result<Vec<u64>, Error<D::Error>> {
+        let mut out = Vec::with_capacity(k);
+        let r = (|| {
+            while out.len() < k {
+                let c = self.find_free(1)?;
+                if !self.has_block(c) {
+                    self.ensure_block(c)?;
+                    continue;
+                }
+                // `ensure_block` may have put a new block on `c`.
+                if self.refcount(c)? != 0 {
+                    continue;
+                }
+                self.set_refcount_pending(c, 1)?;
+                let h = ClusterIndex::new(c)
+                    .host_offset(self.rcg().cluster_size())
+                    .ok_or_else(|| overflow(Structure::RefcountBlock, c))?;
+                out.push(h.get());
+            }
+            Ok(())
+        })();
+        // Written even after an error: the cache already holds them.
+        let w = self.write_pending_refcounts();
+        r?;
+        w?;
+        Ok(out)
+    }
+
+    /// Sets the refcount of `c` (whose block must exist) in the cached
+    /// block only, remembering the change for
+    /// [`write_pending_refcounts`](Self::write_pending_refcounts).
+    fn set_refcount_pending(&mut self, c: u64, v: u64) -> Result<(), Error<D::Error>> {
+        let g = self.rcg();
+        let slot = g.locate(ClusterIndex::new(c));
+        let ti = usize::try_from(slot.table_index).unwrap_or(usize::MAX);
+        let off = self
+            .reftable
+            .get(ti)
+            .map(|&e| entry::reftable_block_offset(e))
+            .filter(|&o| o != 0)
+            .ok_or_else(|| overflow(Structure::RefcountTable, self.hdr.refcount_table_offset))?;
+        let b = self.refblock(off)?;
+        if !g.set(b, slot.index, v) {
+            return Err(overflow(Structure::RefcountBlock, off));
+        }
+        let byte = usize::try_from(g.entry_bytes(slot.index).0).unwrap_or(0);
+        let r = self.rb_pending.entry(off).or_insert((byte, byte));
+        *r = (r.0.min(byte), r.1.max(byte));
+        Ok(())
+    }
+
+    /// Writes every refcount block change [`set_refcount_pending`] left in
+    /// the cache: the sectors from each block's first changed entry to its
+    /// last, one write per block (not flushed).
+    fn write_pending_refcounts(&mut self) -> Result<(), Error<D::Error>> {
+        let pending = core::mem::take(&mut self.rb_pending);
+        for (off, (lo, hi)) in pending {
+            let b = self
+                .rb_cache
+                .get(&off)
+                .ok_or_else(|| overflow(Structure::RefcountBlock, off))?;
+            let s = lo & !(SECTOR_BYTES - 1);
+            let e = (hi | (SECTOR_BYTES - 1)).saturating_add(1).min(b.len());
+            let chunk: Vec<u8> = b.get(s..e).unwrap_or(&[]).to_vec();
+            self.write_dev(
+                off.saturating_add(s as u64),
+                &chunk,
+                Structure::RefcountBlock,
+            )?;
+        }
+        Ok(())
     }
 
     /// Drops one reference to each cluster of `[off, off + len)`.

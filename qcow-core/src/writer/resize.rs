@@ -19,6 +19,7 @@ where
     /// is resized to the new size first, as QEMU does; with
     /// `data_file_raw` the new clusters are then mapped 1:1.
     pub fn resize(&mut self, new_size: u64) -> Result<(), ResizeError<D::Error>> {
+        self.settle()?;
         let cs = self.cs();
         if !new_size.is_multiple_of(512) {
             return Err(ResizeError::Unaligned(new_size));

@@ -195,6 +195,7 @@ where
         &mut self,
         s: &NewSnapshot<'_>,
     ) -> Result<SnapshotEntry, Error<D::Error>> {
+        self.settle()?;
         if self.hdr.refcount_order == 0 {
             return Err(Error::Unsupported(Unsupported::SnapshotRefcountWidth));
         }
@@ -283,6 +284,7 @@ where
     /// virtual size the snapshot was taken at. The snapshot stays; what
     /// only the old active state referenced is freed.
     pub fn apply_snapshot(&mut self, key: &str) -> Result<(), Error<D::Error>> {
+        self.settle()?;
         let list = self.snapshots()?;
         let sn = list
             .get(Self::find(&list, key)?)
@@ -348,6 +350,7 @@ where
 
     /// Deletes the snapshot at table index `index` (of [`Self::snapshots`]).
     pub fn delete_snapshot_at(&mut self, index: usize) -> Result<(), Error<D::Error>> {
+        self.settle()?;
         let mut list = self.snapshots()?;
         if index >= list.len() {
             return Err(Error::NoSuchSnapshot);

@@ -213,6 +213,71 @@ fn large_writes_lay_out_clusters_as_cluster_by_cluster_writes() {
 }
 
 #[test]
+fn a_large_write_flushes_twice_not_per_cluster() {
+    // 512-byte clusters, 16-bit refcounts: an L2 table maps 64 clusters,
+    // a refcount block covers 256. One cluster in each of 4 tables first
+    // (the tables exist), then the 4 x 63 clusters around them in one go.
+    let mut w = create(VecDevice::new(), &opts(512, 16, 1 << 20)).unwrap();
+    for t in 0..4u64 {
+        w.write(t * 64 * 512, &[0xa5; 512]).unwrap();
+    }
+    let data: Vec<u8> = (0..255 * 512u32).map(|i| (i % 251) as u8 | 1).collect();
+    let before = w.device().flush_count();
+    w.write(512, &data).unwrap();
+    let flushes = w.device().flush_count() - before;
+    // Two per run of fresh clusters (refcounts and data, then the L2
+    // entries): 4 runs, one per table; a new refcount block adds two.
+    assert!(flushes <= 4 * 2 + 2, "{flushes} flushes for 252 clusters");
+    check_refcounts(&mut w);
+    let mut back = vec![0u8; data.len()];
+    w.read(512, &mut back).unwrap();
+    assert!(back == data, "content");
+    // What reached the device is consistent on its own.
+    let dev = w.close().unwrap();
+    let mut w = Qcow2Writer::open(dev).unwrap();
+    check_refcounts(&mut w);
+    w.read(512, &mut back).unwrap();
+    assert!(back == data, "content after reopening");
+}
+
+#[test]
+fn deferred_entries_wait_for_the_flush_and_other_writes_settle_them() {
+    let mut w = create(VecDevice::new(), &opts(512, 16, 1 << 20)).unwrap();
+    for t in 0..4u64 {
+        w.write(t * 64 * 512, &[0xa5; 512]).unwrap();
+    }
+    w.defer_fresh_entries(true).unwrap();
+    let data: Vec<u8> = (0..255 * 512u32).map(|i| (i % 251) as u8 | 1).collect();
+    let before = w.device().flush_count();
+    w.write(512, &data).unwrap();
+    // Only the installation of a new refcount block flushes.
+    let during = w.device().flush_count() - before;
+    assert!(during <= 2, "{during} flushes while deferring");
+    // The writer reads its own deferred entries...
+    let mut back = vec![0u8; data.len()];
+    w.read(512, &mut back).unwrap();
+    assert!(back == data, "content through the writer");
+    // ...which are not on the device yet (what a crash now leaves: the
+    // clusters leak, the image reads as before).
+    let img = w.device().as_slice().to_vec();
+    let mut r = Qcow2Writer::open(VecDevice::from_vec(img)).unwrap();
+    r.read(512, &mut back[..512]).unwrap();
+    assert_eq!(back[..512], [0u8; 512], "entry deferred");
+    // A zero write elsewhere settles them first (flush, then the entries).
+    w.write_zeroes(300 * 512, 512).unwrap();
+    let img = w.device().as_slice().to_vec();
+    let mut r = Qcow2Writer::open(VecDevice::from_vec(img)).unwrap();
+    check_refcounts(&mut r);
+    r.read(512, &mut back).unwrap();
+    assert!(back == data, "content after settling");
+    w.flush().unwrap();
+    let mut w = Qcow2Writer::open(w.close().unwrap()).unwrap();
+    check_refcounts(&mut w);
+    w.read(512, &mut back).unwrap();
+    assert!(back == data, "content after reopening");
+}
+
+#[test]
 fn unmap_flushes_per_l2_table_and_truncate_gives_space_back() {
     // 512-byte clusters: an L2 table maps 64 clusters, so 300 clusters
     // span 5 tables (the last partly).
