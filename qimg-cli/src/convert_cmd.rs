@@ -406,6 +406,13 @@ fn convert_to_qcow2(
         // The data file is the image's other file: the same mode.
         a.cache.apply(data, dst)?;
     }
+    // `-t none`: the writer's refcount and L2 updates, a few bytes each,
+    // are merged in memory per block until the final flush (as QEMU's
+    // metadata caches do), instead of a synchronous read and write of the
+    // block for each cluster. Nothing without O_DIRECT.
+    w.device()
+        .set_block_cache(true)
+        .map_err(|e| CliError::io(dst, e.to_string()))?;
     w.set_write_barriers(false);
     let workers = crate::parallel::workers();
     let cipher_workers = crate::parallel::cipher_workers();
