@@ -353,6 +353,8 @@ fn convert_to_qcow2(
             "Compression can't be used with an external data file".into(),
         ));
     }
+    // A new encrypted image's LUKS header, written while the copy runs.
+    let mut header = None;
     let mut w = if a.no_create {
         // An encrypted destination's passphrase: `-o encrypt.key-secret=ID`
         // (qemu-img takes it in --target-image-opts), else the only
@@ -398,9 +400,15 @@ fn convert_to_qcow2(
             })?;
         }
         crate::cache::refuse_before_create(dst, a.cache)?;
-        let mut w = c.create(dst, len, secrets)?;
+        let (mut w, pending) = c.create_for_copy(dst, len, secrets)?;
+        header = pending;
         a.cache.apply(w.device(), dst)?;
         w
+    };
+    // Before the final flush: the header must be on the medium too.
+    let mut header_done = || match header.take() {
+        Some(h) => h.finish(),
+        None => Ok(()),
     };
     if let Some(data) = w.data_file_device() {
         // The data file is the image's other file: the same mode.
@@ -459,6 +467,7 @@ fn convert_to_qcow2(
             throttle.wait(done);
         })
         .map_err(|e| copy_err(a, e))?;
+        header_done()?;
         dev.flush().map_err(|e| CliError::io(dst, e.to_string()))?;
         bar.finish();
         return Ok(0);
@@ -526,6 +535,7 @@ fn convert_to_qcow2(
             },
         )
         .map_err(|e| copy_err(a, e))?;
+        header_done()?;
         w.close().map_err(io_dst)?;
     } else {
         let mut dev: AnyDev = erased(w);
@@ -540,6 +550,7 @@ fn convert_to_qcow2(
             throttle.wait(done);
         })
         .map_err(|e| copy_err(a, e))?;
+        header_done()?;
         dev.flush().map_err(|e| CliError::io(dst, e.to_string()))?;
     }
     bar.finish();

@@ -193,6 +193,7 @@ pub(crate) fn format_volume<D: BlockIo + ?Sized>(
     payload_sectors: Option<u32>,
     what: &str,
     reader: luks1::Pbkdf2Reader,
+    volume_key: Option<&[u8]>,
 ) -> Result<(HeaderRepr, luks1::VolumeKey), CliError> {
     let hash = luks_core::hash::HashAlg::from_name(&o.hash)
         .map_err(|e| CliError::usage(format!("hash-alg '{}': {e}", o.hash)))?;
@@ -226,7 +227,7 @@ pub(crate) fn format_volume<D: BlockIo + ?Sized>(
         // payload that starts inside the last one: round up to 8 sectors.
         payload_offset: Some(payload_sectors.unwrap_or(end.next_multiple_of(8))),
     };
-    luks1::format(dev, &params, None, passphrase, &mut OsRng)
+    luks1::format(dev, &params, volume_key, passphrase, &mut OsRng)
         .map_err(|e| CliError::io(what, e.to_string()))
 }
 
@@ -259,6 +260,7 @@ pub(crate) fn create(
         None,
         path,
         luks1::Pbkdf2Reader::Cryptsetup,
+        None,
     )?;
     let total = u64::from(hdr.payload_offset) * 512 + size;
     dev.set_size(total)

@@ -200,8 +200,8 @@ impl BlockCache {
             let from = b.max(offset);
             let to = (b + a).min(end);
             // Both below `buf.len()` and `align`: `from >= offset`, `from >= b`.
-            let (d, s) = ((from - offset) as usize, (from - b) as usize);
-            let n = (to - from) as usize;
+            let small = |v: u64| usize::try_from(v).unwrap_or(0);
+            let (d, s, n) = (small(from - offset), small(from - b), small(to - from));
             buf[d..d + n].copy_from_slice(&self.slot(i)[s..s + n]);
         }
     }
@@ -225,7 +225,7 @@ impl BlockCache {
         let a = self.align as u64;
         let block = offset - offset % a;
         // Below `a`.
-        let skip = (offset - block) as usize;
+        let skip = usize::try_from(offset - block).unwrap_or(0);
         if skip + buf.len() > self.align {
             return Ok(false);
         }
@@ -312,7 +312,8 @@ pub struct FileDevice {
     sector_size: u32,
     sync: SyncPolicy,
     direct: Option<Bounce>,
-    cache: Option<BlockCache>,
+    /// Boxed: most devices have none, and it is a few hundred bytes.
+    cache: Option<std::boxed::Box<BlockCache>>,
 }
 
 impl FileDevice {
@@ -369,7 +370,7 @@ impl FileDevice {
                     .file
                     .try_clone()
                     .map_err(|e| Self::err(FileOp::Write, 0, 0, e))?;
-                self.cache = Some(BlockCache::new(file, b.align));
+                self.cache = Some(std::boxed::Box::new(BlockCache::new(file, b.align)));
             }
             (false, _, Some(c)) => {
                 c.write_back()?;
