@@ -264,6 +264,8 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
             "the source image or a file of its backing chain",
         )?;
     }
+    // A new LUKS volume's header, written while the copy runs.
+    let mut header = None;
     let mut dst: AnyDev = match a.output_format {
         Format::Raw => {
             opts.reject_unused("raw")
@@ -305,7 +307,10 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
         }
         Format::Luks => {
             crate::cache::refuse_before_create(&a.destination, a.cache)?;
-            crate::luks::create_for_convert(&a.destination, &opts, &secrets, len, a.cache)?
+            let (dev, pending) =
+                crate::luks::create_for_convert(&a.destination, &opts, &secrets, len, a.cache)?;
+            header = pending;
+            dev
         }
     };
     // A new LUKS payload reads as noise, not zeroes: write every sector.
@@ -324,6 +329,9 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
     })
     .map_err(|e| copy_err(&a, e))?;
     bar.finish();
+    if let Some(h) = header {
+        h.finish()?;
+    }
     if !a.no_create {
         dst.set_size(len)
             .map_err(|e| CliError::io(&a.destination, e.to_string()))?;

@@ -447,36 +447,45 @@ impl PendingHeader {
             .open(path)
             .map_err(|err| io(crate::os_text(&err)))?;
         let (path, e) = (path.to_string(), e.clone());
+        let pending = Self::spawn(&path.clone(), move || -> Result<(), CliError> {
+            let mut dev = FileDevice::new(file);
+            let mut region = luks_core::io::Window::new(&mut dev, off, len);
+            let (hdr, _) = crate::luks::format_volume(
+                &mut region,
+                &e,
+                &pass,
+                Some(sectors),
+                &path,
+                luks_core::luks1::Pbkdf2Reader::Qemu,
+                Some(&vk),
+            )?;
+            // The data was encrypted with a cipher made from the
+            // options; the header must name that very cipher.
+            if hdr.cipher_name.as_str() != e.cipher || hdr.cipher_mode.as_str() != mode {
+                return Err(CliError::io(
+                    &path,
+                    format!(
+                        "the LUKS header names {}-{}, the data was encrypted with {}-{mode}",
+                        hdr.cipher_name, hdr.cipher_mode, e.cipher
+                    ),
+                ));
+            }
+            dev.flush()
+                .map_err(|err| CliError::io(&path, err.to_string()))
+        })?;
+        Ok((cipher, pending))
+    }
+
+    /// Runs `write_header` (for the image at `path`) on a thread of its own.
+    pub(crate) fn spawn(
+        path: &str,
+        write_header: impl FnOnce() -> Result<(), CliError> + Send + 'static,
+    ) -> Result<Self, CliError> {
         let job = std::thread::Builder::new()
             .name("qimg-luks-header".into())
-            .spawn(move || -> Result<(), CliError> {
-                let mut dev = FileDevice::new(file);
-                let mut region = luks_core::io::Window::new(&mut dev, off, len);
-                let (hdr, _) = crate::luks::format_volume(
-                    &mut region,
-                    &e,
-                    &pass,
-                    Some(sectors),
-                    &path,
-                    luks_core::luks1::Pbkdf2Reader::Qemu,
-                    Some(&vk),
-                )?;
-                // The data was encrypted with a cipher made from the
-                // options; the header must name that very cipher.
-                if hdr.cipher_name.as_str() != e.cipher || hdr.cipher_mode.as_str() != mode {
-                    return Err(CliError::io(
-                        &path,
-                        format!(
-                            "the LUKS header names {}-{}, the data was encrypted with {}-{mode}",
-                            hdr.cipher_name, hdr.cipher_mode, e.cipher
-                        ),
-                    ));
-                }
-                dev.flush()
-                    .map_err(|err| CliError::io(&path, err.to_string()))
-            })
-            .map_err(|err| io(format!("cannot start a thread: {err}")))?;
-        Ok((cipher, Self { job: Some(job) }))
+            .spawn(write_header)
+            .map_err(|err| CliError::io(path, format!("cannot start a thread: {err}")))?;
+        Ok(Self { job: Some(job) })
     }
 
     /// Waits until the header is written and durable; its error if not.
