@@ -9,6 +9,47 @@ use crate::dev::{AnyDev, DevError, Source};
 /// How much is read and written at once.
 pub(crate) const CHUNK: usize = 2 << 20;
 
+/// The memory alignment of the copy's buffers: an `O_DIRECT` destination
+/// (`-t none`) takes a transfer straight from memory only when its address
+/// is a multiple of the logical block size (4096 at most,
+/// [`crate::cache::DIRECT_ALIGN`]); anything else goes through the
+/// device's bounce buffer, one copy and one megabyte at a time.
+const BUF_ALIGN: usize = 4096;
+
+/// A zeroed buffer of [`CHUNK`] bytes that starts on a [`BUF_ALIGN`]
+/// boundary in memory: a `Vec` over-allocated by one alignment unit and
+/// used from its first aligned byte (a large `Vec` from the allocator
+/// starts 16 bytes into its page). Any offset in it that is a multiple of
+/// 4096 is aligned too, so the copy's writes, which start at multiples of
+/// the sparse granularity or of the cluster size, reach an `O_DIRECT`
+/// file without a bounce.
+pub(crate) struct ChunkBuf {
+    raw: Vec<u8>,
+    start: usize,
+}
+
+impl ChunkBuf {
+    /// A new zeroed, aligned buffer.
+    pub(crate) fn new() -> Self {
+        let raw = vec![0u8; CHUNK + BUF_ALIGN];
+        let start = (BUF_ALIGN - raw.as_ptr().addr() % BUF_ALIGN) % BUF_ALIGN;
+        Self { raw, start }
+    }
+}
+
+impl std::ops::Deref for ChunkBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.raw[self.start..self.start + CHUNK]
+    }
+}
+
+impl std::ops::DerefMut for ChunkBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + CHUNK]
+    }
+}
+
 /// Options of the copy.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CopyOptions {
@@ -55,10 +96,10 @@ const BUFFERS: usize = 3;
 /// destination.
 enum Step {
     /// `buf[..len]` goes to `off`, leaving out runs of zeroes.
-    Data { off: u64, buf: Vec<u8>, len: usize },
+    Data { off: u64, buf: ChunkBuf, len: usize },
     /// `len` bytes at `off` that read as zero and must be written as
     /// zero-filled data (`-S 0`).
-    Fill { off: u64, buf: Vec<u8>, len: usize },
+    Fill { off: u64, buf: ChunkBuf, len: usize },
     /// `len` bytes at `off` read as zero: zeroed in the destination unless
     /// it reads as zero already.
     Zero { off: u64, len: u64 },
@@ -73,7 +114,7 @@ impl Step {
         self,
         dst: &mut AnyDev,
         opts: CopyOptions,
-    ) -> (Result<u64, DevError>, Option<Vec<u8>>) {
+    ) -> (Result<u64, DevError>, Option<ChunkBuf>) {
         match self {
             Step::Data { off, buf, len } => (write_sparse(dst, off, &buf[..len], opts), Some(buf)),
             Step::Fill { off, buf, len } => (
@@ -122,8 +163,8 @@ fn next_step(
     off: u64,
     len: u64,
     opts: CopyOptions,
-    mut buf: Vec<u8>,
-) -> Result<(Step, u64, Option<Vec<u8>>), CopyError> {
+    mut buf: ChunkBuf,
+) -> Result<(Step, u64, Option<ChunkBuf>), CopyError> {
     let align = u64::from(dst.sector.max(src.sector_size())).max(1);
     // Ask about everything left: a range that reads as zero is skipped in
     // one step however large (a sparse 4 TiB image has few steps, not one
@@ -214,11 +255,11 @@ pub(crate) fn copy(
 ) -> Result<u64, CopyError> {
     let geometry = Geometry::of(dst);
     if !opts.pipelined {
-        let mut spare = Some(vec![0u8; CHUNK]);
+        let mut spare = Some(ChunkBuf::new());
         let mut off = 0u64;
         let mut written = 0u64;
         while off < len {
-            let buf = spare.take().unwrap_or_else(|| vec![0u8; CHUNK]);
+            let buf = spare.take().unwrap_or_else(ChunkBuf::new);
             let (step, n, unused) = next_step(src, geometry, off, len, opts, buf)?;
             let (r, back) = step.apply(dst, opts);
             written += r.map_err(CopyError::Write)?;
@@ -230,7 +271,7 @@ pub(crate) fn copy(
     }
     std::thread::scope(|s| {
         let (to_writer, steps) = std::sync::mpsc::sync_channel::<Step>(1);
-        let (give_back, returned) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (give_back, returned) = std::sync::mpsc::channel::<ChunkBuf>();
         let writer = s.spawn(move || -> Result<u64, DevError> {
             let mut written = 0u64;
             for step in steps {
@@ -246,13 +287,13 @@ pub(crate) fn copy(
         let mut made = 0usize;
         let mut off = 0u64;
         let mut failed = None;
-        let mut spare: Option<Vec<u8>> = None;
+        let mut spare: Option<ChunkBuf> = None;
         while off < len {
             let buf = match spare.take().or_else(|| returned.try_recv().ok()) {
                 Some(b) => b,
                 None if made < BUFFERS => {
                     made += 1;
-                    vec![0u8; CHUNK]
+                    ChunkBuf::new()
                 }
                 None => match returned.recv() {
                     Ok(b) => b,
@@ -422,6 +463,20 @@ mod tests {
             }
             Ok(st)
         }
+    }
+
+    #[test]
+    fn chunk_buffers_are_aligned_zeroed_and_whole() {
+        // Several live at once, as in a pipelined copy: each one aligned.
+        let bufs: Vec<ChunkBuf> = (0..BUFFERS + 2).map(|_| ChunkBuf::new()).collect();
+        for b in &bufs {
+            assert_eq!(b.len(), CHUNK);
+            assert_eq!(b.as_ptr().addr() % BUF_ALIGN, 0);
+            assert!(b.iter().all(|&x| x == 0));
+        }
+        let mut b = ChunkBuf::new();
+        b[CHUNK - 1] = 7;
+        assert_eq!(b.last(), Some(&7));
     }
 
     #[test]

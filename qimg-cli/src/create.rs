@@ -247,6 +247,33 @@ impl Qcow2Create {
         size: u64,
         secrets: &crate::secret::Secrets,
     ) -> Result<qcow_core::Qcow2Writer<FileDevice>, CliError> {
+        let (w, pending) = self.create_with(path, size, secrets, false)?;
+        debug_assert!(pending.is_none());
+        Ok(w)
+    }
+
+    /// As [`Self::create`], for `convert`: an encrypted image's LUKS header
+    /// (the PBKDF2 benchmark, at least 500 ms of CPU whatever `iter-time`
+    /// is, then the key slot) is written on a thread of its own while the
+    /// copy runs, the writer encrypting with the volume key from the
+    /// start. The caller waits for the [`PendingHeader`] before its final
+    /// flush.
+    pub(crate) fn create_for_copy(
+        &self,
+        path: &str,
+        size: u64,
+        secrets: &crate::secret::Secrets,
+    ) -> Result<(qcow_core::Qcow2Writer<FileDevice>, Option<PendingHeader>), CliError> {
+        self.create_with(path, size, secrets, true)
+    }
+
+    fn create_with(
+        &self,
+        path: &str,
+        size: u64,
+        secrets: &crate::secret::Secrets,
+        defer_header: bool,
+    ) -> Result<(qcow_core::Qcow2Writer<FileDevice>, Option<PendingHeader>), CliError> {
         // The passphrase first: a missing secret must not leave a file.
         let luks = match &self.encrypt {
             Some(e) => {
@@ -285,12 +312,19 @@ impl Qcow2Create {
             None => w,
         };
         let Some((e, pass, sectors)) = luks else {
-            return Ok(w);
+            return Ok((w, None));
         };
         let mut w = w;
         let (off, len) = w
             .crypto_region()
             .ok_or_else(|| CliError::io(path, "no LUKS region was reserved".into()))?;
+        if defer_header {
+            let (cipher, pending) = PendingHeader::start(path, e, pass, sectors, (off, len))?;
+            let w = w
+                .with_key(qcow_core::crypto::ImageKey::Luks(cipher))
+                .map_err(|e| CliError::io(path, e.to_string()))?;
+            return Ok((w, Some(pending)));
+        }
         // Offsets inside the region are relative to it.
         let mut region = luks_core::io::Window::new(w.device(), off, len);
         let (hdr, vk) = crate::luks::format_volume(
@@ -300,12 +334,15 @@ impl Qcow2Create {
             Some(sectors),
             path,
             luks_core::luks1::Pbkdf2Reader::Qemu,
+            None,
         )?;
         let cipher = luks_core::luks1::data_cipher::<std::convert::Infallible>(&hdr, &vk)
             .map_err(|e| CliError::io(path, e.to_string()))?;
         w.flush().map_err(|e| CliError::io(path, e.to_string()))?;
-        w.with_key(qcow_core::crypto::ImageKey::Luks(cipher))
-            .map_err(|e| CliError::io(path, e.to_string()))
+        let w = w
+            .with_key(qcow_core::crypto::ImageKey::Luks(cipher))
+            .map_err(|e| CliError::io(path, e.to_string()))?;
+        Ok((w, None))
     }
 
     /// The core's options for an image of `size` bytes, with a LUKS
@@ -374,6 +411,98 @@ impl Qcow2Create {
             self.refcount_bits
         ));
         s
+    }
+}
+
+/// The LUKS header of a new encrypted qcow2 image being calibrated and
+/// written on a thread of its own ([`Qcow2Create::create_for_copy`]). The
+/// volume key is drawn first, so data can be encrypted with it at once;
+/// the header, written through a second handle to the file into the
+/// region `create` reserved (which no data write touches), seals that key
+/// in key slot 0. Dropping it waits for the thread.
+pub(crate) struct PendingHeader {
+    job: Option<std::thread::JoinHandle<Result<(), CliError>>>,
+}
+
+impl PendingHeader {
+    /// Draws the volume key, starts the header's thread, and returns the
+    /// data cipher.
+    fn start(
+        path: &str,
+        e: &crate::luks_common::CreateOptions,
+        pass: crate::opts::Secret,
+        sectors: u32,
+        (off, len): (u64, u64),
+    ) -> Result<(luks_core::cipher::SectorCipher, Self), CliError> {
+        let io = |m: String| CliError::io(path, m);
+        let kb = usize::try_from(e.key_bytes()).unwrap_or(usize::MAX);
+        let mut vk = zeroize::Zeroizing::new(vec![0u8; kb]);
+        getrandom::fill(&mut vk).map_err(|err| io(format!("no random volume key: {err}")))?;
+        let mode = e.mode_spec();
+        let cipher = luks_core::cipher::SectorCipher::new(&e.cipher, &mode, &vk, 512)
+            .map_err(|err| io(err.to_string()))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|err| io(crate::os_text(&err)))?;
+        let (path, e) = (path.to_string(), e.clone());
+        let pending = Self::spawn(&path.clone(), move || -> Result<(), CliError> {
+            let mut dev = FileDevice::new(file);
+            let mut region = luks_core::io::Window::new(&mut dev, off, len);
+            let (hdr, _) = crate::luks::format_volume(
+                &mut region,
+                &e,
+                &pass,
+                Some(sectors),
+                &path,
+                luks_core::luks1::Pbkdf2Reader::Qemu,
+                Some(&vk),
+            )?;
+            // The data was encrypted with a cipher made from the
+            // options; the header must name that very cipher.
+            if hdr.cipher_name.as_str() != e.cipher || hdr.cipher_mode.as_str() != mode {
+                return Err(CliError::io(
+                    &path,
+                    format!(
+                        "the LUKS header names {}-{}, the data was encrypted with {}-{mode}",
+                        hdr.cipher_name, hdr.cipher_mode, e.cipher
+                    ),
+                ));
+            }
+            dev.flush()
+                .map_err(|err| CliError::io(&path, err.to_string()))
+        })?;
+        Ok((cipher, pending))
+    }
+
+    /// Runs `write_header` (for the image at `path`) on a thread of its own.
+    pub(crate) fn spawn(
+        path: &str,
+        write_header: impl FnOnce() -> Result<(), CliError> + Send + 'static,
+    ) -> Result<Self, CliError> {
+        let job = std::thread::Builder::new()
+            .name("qimg-luks-header".into())
+            .spawn(write_header)
+            .map_err(|err| CliError::io(path, format!("cannot start a thread: {err}")))?;
+        Ok(Self { job: Some(job) })
+    }
+
+    /// Waits until the header is written and durable; its error if not.
+    pub(crate) fn finish(mut self) -> Result<(), CliError> {
+        match self.job.take().map(std::thread::JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+impl Drop for PendingHeader {
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            let _ = job.join();
+        }
     }
 }
 

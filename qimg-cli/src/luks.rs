@@ -193,6 +193,7 @@ pub(crate) fn format_volume<D: BlockIo + ?Sized>(
     payload_sectors: Option<u32>,
     what: &str,
     reader: luks1::Pbkdf2Reader,
+    volume_key: Option<&[u8]>,
 ) -> Result<(HeaderRepr, luks1::VolumeKey), CliError> {
     let hash = luks_core::hash::HashAlg::from_name(&o.hash)
         .map_err(|e| CliError::usage(format!("hash-alg '{}': {e}", o.hash)))?;
@@ -226,7 +227,7 @@ pub(crate) fn format_volume<D: BlockIo + ?Sized>(
         // payload that starts inside the last one: round up to 8 sectors.
         payload_offset: Some(payload_sectors.unwrap_or(end.next_multiple_of(8))),
     };
-    luks1::format(dev, &params, None, passphrase, &mut OsRng)
+    luks1::format(dev, &params, volume_key, passphrase, &mut OsRng)
         .map_err(|e| CliError::io(what, e.to_string()))
 }
 
@@ -259,6 +260,7 @@ pub(crate) fn create(
         None,
         path,
         luks1::Pbkdf2Reader::Cryptsetup,
+        None,
     )?;
     let total = u64::from(hdr.payload_offset) * 512 + size;
     dev.set_size(total)
@@ -274,20 +276,104 @@ pub(crate) fn create_for_convert(
     secrets: &Secrets,
     size: u64,
     cache: CacheMode,
-) -> Result<AnyDev, CliError> {
+) -> Result<(AnyDev, Option<crate::create::PendingHeader>), CliError> {
     if opts.get("detached-header").is_some() {
         return Err(CliError::usage(
             "detached-header is for `qimg create` only: convert writes the payload into the volume"
                 .into(),
         ));
     }
-    create(path, opts, secrets, None, size)?;
+    if opts.get("luks-version").unwrap_or("1") != "1" {
+        create(path, opts, secrets, None, size)?;
+        let o = CreateOptions::parse(opts, "")?;
+        let keys = KeySource {
+            key_file: None,
+            key_secret: o.key_secret,
+        };
+        return Ok((open_payload(path, None, &keys, secrets, true, cache)?, None));
+    }
+    // LUKS1: the volume key is drawn first and the payload written with it
+    // at once, while the header (the PBKDF2 benchmark, at least 500 ms of
+    // CPU whatever iter-time is, then key slot 0 sealing that key) is
+    // formatted on a thread of its own, through a second handle, into the
+    // area before the payload; the payload is not opened by unlocking the
+    // new header again.
     let o = CreateOptions::parse(opts, "")?;
+    opts.reject_unused("luks")
+        .map_err(|e| CliError::usage(e.to_string()))?;
     let keys = KeySource {
         key_file: None,
-        key_secret: o.key_secret,
+        key_secret: o.key_secret.clone(),
     };
-    open_payload(path, None, &keys, secrets, true, cache)
+    let pass = keys.resolve(path, secrets, true)?;
+    let io = |m: String| CliError::io(path, m);
+    let key_bytes = o.key_bytes();
+    let (_, end) = luks1::key_slot_layout(key_bytes)
+        .ok_or_else(|| CliError::usage(format!("a {key_bytes}-byte key is too large for LUKS1")))?;
+    // Where format_volume puts the payload when not told.
+    let payload_sectors = end.next_multiple_of(8);
+    let payload = u64::from(payload_sectors) * 512;
+    let mut vk = zeroize::Zeroizing::new(vec![0u8; usize::try_from(key_bytes).unwrap_or(0)]);
+    getrandom::fill(&mut vk).map_err(|e| io(format!("no random volume key: {e}")))?;
+    let mode = o.mode_spec();
+    let cipher = || {
+        luks_core::cipher::SectorCipher::new(&o.cipher, &mode, &vk, 512)
+            .map_err(|e| CliError::usage(format!("cipher {}-{mode}: {e}", o.cipher)))
+    };
+    // Refuse a cipher the header could not name before creating the file.
+    cipher()?;
+    let mut dev = crate::lock::create_locked(path)?;
+    dev.set_size(payload + size)
+        .map_err(|e| io(e.to_string()))?;
+    // The header's handle takes no lock: the payload's handles below hold
+    // them (as the created file's handle did until here).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| io(crate::os_text(&e)))?;
+    drop(dev);
+    let (hpath, ho, hmode, hvk) = (path.to_string(), o.clone(), mode.clone(), vk.clone());
+    let pending = crate::create::PendingHeader::spawn(path, move || -> Result<(), CliError> {
+        let mut dev = luks_core::io::FileDevice::new(file);
+        let (hdr, _) = format_volume(
+            &mut dev,
+            &ho,
+            &pass,
+            None,
+            &hpath,
+            luks1::Pbkdf2Reader::Cryptsetup,
+            Some(&hvk),
+        )?;
+        // The payload was written where, and with the cipher, the options
+        // say; the header must say the same.
+        if hdr.payload_offset != payload_sectors
+            || hdr.cipher_name.as_str() != ho.cipher
+            || hdr.cipher_mode.as_str() != hmode
+        {
+            return Err(CliError::io(
+                &hpath,
+                format!(
+                    "the LUKS header names {}-{} at sector {}, the payload was written with \
+                     {}-{hmode} at sector {payload_sectors}",
+                    hdr.cipher_name, hdr.cipher_mode, hdr.payload_offset, ho.cipher
+                ),
+            ));
+        }
+        dev.flush().map_err(|e| CliError::io(&hpath, e.to_string()))
+    })?;
+    // One volume (own file handle, own cipher) per `-m` worker.
+    let mut vols = Vec::new();
+    for _ in 0..crate::parallel::cipher_workers() {
+        let data = open_payload_file(path, true, cache)?;
+        vols.push(LuksVolume::new(data, cipher()?, payload, 0).map_err(|e| io(e.to_string()))?);
+    }
+    let dev = if vols.len() == 1 {
+        erased(vols.remove(0))
+    } else {
+        erased(crate::parallel::Striped::new(vols))
+    };
+    Ok((dev, Some(pending)))
 }
 
 #[cfg(test)]

@@ -80,6 +80,7 @@ impl rand_core::TryRng for OsRng {
 impl rand_core::TryCryptoRng for OsRng {}
 
 /// LUKS creation options, with qemu-img's names and defaults.
+#[derive(Clone)]
 pub(crate) struct CreateOptions {
     /// `cipher-alg` split: cipher name and key bits (`aes`, 256).
     pub(crate) cipher: String,

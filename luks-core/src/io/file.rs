@@ -124,6 +124,176 @@ impl fmt::Debug for Bounce {
     }
 }
 
+/// How many blocks a direct-mode [`FileDevice`] with
+/// [`FileDevice::set_block_cache`] holds in memory before it writes them
+/// all out: a qcow2 writer's refcount and L2 updates of one pass touch a
+/// handful of blocks (one 4 KiB block holds 512 L2 entries), so a few
+/// dozen absorb a whole copy.
+const CACHED_BLOCKS: usize = 32;
+
+/// Blocks of an `O_DIRECT` file that writes smaller than a block changed,
+/// kept in aligned memory until they are written out: on
+/// [`BlockIo::flush`], when all slots are taken, before a request that the
+/// bounce path handles overlaps one, and when the device is dropped. Reads
+/// see them. This is what the page cache does for a file without
+/// `O_DIRECT`, and what QEMU's qcow2 metadata caches do under
+/// `cache=none`.
+struct BlockCache {
+    /// The same open file (a duplicated descriptor), so that the blocks
+    /// still held when the device is dropped or gives back its file are
+    /// written out.
+    file: File,
+    mem: Vec<u8>,
+    start: usize,
+    align: usize,
+    /// The file offset of the block each slot holds, if any.
+    slots: [Option<u64>; CACHED_BLOCKS],
+}
+
+// `align` is a power of two of at most a few KiB and `i < CACHED_BLOCKS`,
+// so every index into `mem` is below its length and no sum overflows; file
+// offsets are block starts of requests that succeeded, far below `u64::MAX`.
+#[allow(clippy::arithmetic_side_effects)]
+impl BlockCache {
+    fn new(file: File, align: usize) -> Self {
+        let mem = vec![0u8; CACHED_BLOCKS * align + align];
+        let start = (align - mem.as_ptr().addr() % align) % align;
+        Self {
+            file,
+            mem,
+            start,
+            align,
+            slots: [None; CACHED_BLOCKS],
+        }
+    }
+
+    fn slot(&self, i: usize) -> &[u8] {
+        let at = self.start + i * self.align;
+        &self.mem[at..at + self.align]
+    }
+
+    fn slot_mut(&mut self, i: usize) -> &mut [u8] {
+        let at = self.start + i * self.align;
+        &mut self.mem[at..at + self.align]
+    }
+
+    /// Whether a held block overlaps `[offset, offset + len)`.
+    fn overlaps(&self, offset: u64, len: usize) -> bool {
+        let end = offset.saturating_add(len as u64);
+        let a = self.align as u64;
+        self.slots
+            .iter()
+            .flatten()
+            .any(|&b| b < end && b + a > offset)
+    }
+
+    /// Copies the held blocks' bytes over the part of `buf` (read from the
+    /// file at `offset`) they cover.
+    fn overlay(&self, offset: u64, buf: &mut [u8]) {
+        let end = offset.saturating_add(buf.len() as u64);
+        let a = self.align as u64;
+        for (i, b) in self.slots.iter().enumerate() {
+            let Some(b) = *b else { continue };
+            if b >= end || b + a <= offset {
+                continue;
+            }
+            let from = b.max(offset);
+            let to = (b + a).min(end);
+            // Both below `buf.len()` and `align`: `from >= offset`, `from >= b`.
+            let small = |v: u64| usize::try_from(v).unwrap_or(0);
+            let (d, s, n) = (small(from - offset), small(from - b), small(to - from));
+            buf[d..d + n].copy_from_slice(&self.slot(i)[s..s + n]);
+        }
+    }
+
+    /// Forgets the held blocks inside `[offset, offset + len)`, which an
+    /// aligned write is replacing whole.
+    fn forget(&mut self, offset: u64, len: usize) {
+        let end = offset.saturating_add(len as u64);
+        let a = self.align as u64;
+        for b in &mut self.slots {
+            if b.is_some_and(|b| b >= offset && b + a <= end) {
+                *b = None;
+            }
+        }
+    }
+
+    /// Merges `buf`, a write inside one block that lies wholly inside the
+    /// file, into the held copy of that block (read from the file first);
+    /// `false` when the write is not of that kind and must go to the file.
+    fn absorb(&mut self, offset: u64, buf: &[u8]) -> Result<bool, FileError> {
+        let a = self.align as u64;
+        let block = offset - offset % a;
+        // Below `a`.
+        let skip = usize::try_from(offset - block).unwrap_or(0);
+        if skip + buf.len() > self.align {
+            return Ok(false);
+        }
+        let i = match self.slots.iter().position(|&b| b == Some(block)) {
+            Some(i) => i,
+            None => {
+                // A block the file does not wholly hold yet: the write
+                // must set the file's length, so it goes through now.
+                let size = self
+                    .file
+                    .metadata()
+                    .map_err(|e| FileDevice::err(FileOp::Length, 0, 0, e))?
+                    .len();
+                if block.saturating_add(a) > size {
+                    return Ok(false);
+                }
+                let i = match self.slots.iter().position(Option::is_none) {
+                    Some(i) => i,
+                    None => {
+                        self.write_back()?;
+                        0
+                    }
+                };
+                let (align, at) = (self.align, self.start + i * self.align);
+                read_all(&self.file, block, &mut self.mem[at..at + align], align)
+                    .map_err(|e| FileDevice::err(FileOp::Read, offset, buf.len(), e.source))?;
+                self.slots[i] = Some(block);
+                i
+            }
+        };
+        self.slot_mut(i)[skip..skip + buf.len()].copy_from_slice(buf);
+        Ok(true)
+    }
+
+    /// Writes every held block to the file, in file order; a block whose
+    /// write fails stays held, and the error is returned.
+    fn write_back(&mut self) -> Result<(), FileError> {
+        loop {
+            let next = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| b.map(|b| (b, i)))
+                .min();
+            let Some((b, i)) = next else { return Ok(()) };
+            write_all(&self.file, b, self.slot(i))?;
+            self.slots[i] = None;
+        }
+    }
+}
+
+impl Drop for BlockCache {
+    /// Blocks still held reach the file, as the page cache's would; an
+    /// error here has no one to go to (a caller that needs to know flushes
+    /// first).
+    fn drop(&mut self) {
+        let _ = self.write_back();
+    }
+}
+
+impl fmt::Debug for BlockCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlockCache")
+            .field("held", &self.slots.iter().flatten().count())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A device over a regular file (or a block device node).
 ///
 /// Reports a 512-byte sector by default but serves any byte range, as a
@@ -142,6 +312,8 @@ pub struct FileDevice {
     sector_size: u32,
     sync: SyncPolicy,
     direct: Option<Bounce>,
+    /// Boxed: most devices have none, and it is a few hundred bytes.
+    cache: Option<std::boxed::Box<BlockCache>>,
 }
 
 impl FileDevice {
@@ -152,6 +324,7 @@ impl FileDevice {
             sector_size: 512,
             sync: SyncPolicy::OnFlush,
             direct: None,
+            cache: None,
         }
     }
 
@@ -176,6 +349,36 @@ impl FileDevice {
         }
         self.direct = Some(Bounce::new(align as usize));
         Some(())
+    }
+
+    /// In direct mode, holds the blocks that writes smaller than a block
+    /// change in memory (up to [`CACHED_BLOCKS`] of them), so that the many
+    /// small writes a qcow2 writer makes to one refcount or L2 block cost
+    /// one read and one write of the block instead of one each. Held blocks
+    /// are written out on [`BlockIo::flush`] (whatever the
+    /// [`SyncPolicy`]), before any request the device sends to the file
+    /// would read them, and when the device is dropped; reads see them.
+    /// Writes stay synchronous under [`SyncPolicy::EachWrite`] (no block is
+    /// held then), and a block not yet wholly inside the file is written at
+    /// once. Does nothing without direct mode; `false` writes the held
+    /// blocks out and stops holding any. Fails if the file's descriptor
+    /// cannot be duplicated, or when writing out fails.
+    pub fn set_block_cache(&mut self, on: bool) -> Result<(), FileError> {
+        match (on, self.direct.as_ref(), self.cache.as_mut()) {
+            (true, Some(b), None) => {
+                let file = self
+                    .file
+                    .try_clone()
+                    .map_err(|e| Self::err(FileOp::Write, 0, 0, e))?;
+                self.cache = Some(std::boxed::Box::new(BlockCache::new(file, b.align)));
+            }
+            (false, _, Some(c)) => {
+                c.write_back()?;
+                self.cache = None;
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Whether transfers bypass the page cache ([`FileDevice::set_direct`]).
@@ -295,32 +498,10 @@ impl BlockIo for FileDevice {
             .map_err(|e| Self::err(FileOp::Length, 0, 0, e))
     }
 
-    // In the direct branch every `usize` sum is bounded by `buf.len()` or by
-    // the bounce buffer's length (`skip < a`, `want <= DIRECT_BOUNCE - skip`,
-    // `span <= DIRECT_BOUNCE`); `pos - skip` cannot underflow (`skip` is
-    // `pos % a`).
-    #[allow(clippy::arithmetic_side_effects)]
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), FileError> {
-        let Some(bounce) = self.direct.as_mut() else {
-            return read_all(&self.file, offset, buf, 1);
-        };
-        if bounce.aligned(offset, buf) {
-            return read_all(&self.file, offset, buf, bounce.align);
-        }
-        let a = bounce.align;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset.saturating_add(done as u64);
-            // Below `a`, a usize.
-            let skip = usize::try_from(pos % a as u64).unwrap_or(0);
-            let start = pos - skip as u64;
-            let want = (buf.len() - done).min(DIRECT_BOUNCE - skip);
-            let span = (skip + want).next_multiple_of(a);
-            let b = &mut bounce.buf[bounce.start..bounce.start + span];
-            read_all(&self.file, start, b, a)
-                .map_err(|e| Self::err(FileOp::Read, offset, buf.len(), e.source))?;
-            buf[done..done + want].copy_from_slice(&b[skip..skip + want]);
-            done += want;
+        self.read_file(offset, buf)?;
+        if let Some(c) = &self.cache {
+            c.overlay(offset, buf);
         }
         Ok(())
     }
@@ -332,7 +513,7 @@ impl BlockIo for FileDevice {
 
     fn flush(&mut self) -> Result<(), FileError> {
         if self.sync == SyncPolicy::Never {
-            return Ok(());
+            return self.write_back();
         }
         self.sync_now()
     }
@@ -367,6 +548,9 @@ impl BlockIo for FileDevice {
     /// is given back) where the filesystem can; elsewhere does nothing, as
     /// discard is advisory.
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), FileError> {
+        // A held block written out after the hole was punched would fill
+        // it again.
+        self.write_back()?;
         #[cfg(target_os = "linux")]
         {
             use nix::fcntl::{fallocate, FallocateFlags};
@@ -398,6 +582,8 @@ impl BlockIo for FileDevice {
     }
 
     fn set_size(&mut self, size: u64) -> Result<bool, FileError> {
+        // A held block written out after a cut would grow the file again.
+        self.write_back()?;
         self.file
             .set_len(size)
             .map_err(|e| Self::err(FileOp::Length, size, 0, e))?;
@@ -456,8 +642,40 @@ fn write_all(f: &File, offset: u64, buf: &[u8]) -> Result<(), FileError> {
 }
 
 impl FileDevice {
+    // In the direct branch every `usize` sum is bounded by `buf.len()` or by
+    // the bounce buffer's length (`skip < a`, `want <= DIRECT_BOUNCE - skip`,
+    // `span <= DIRECT_BOUNCE`); `pos - skip` cannot underflow (`skip` is
+    // `pos % a`).
+    /// Reads from the file itself, without the held blocks.
+    #[allow(clippy::arithmetic_side_effects)]
+    fn read_file(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), FileError> {
+        let Some(bounce) = self.direct.as_mut() else {
+            return read_all(&self.file, offset, buf, 1);
+        };
+        if bounce.aligned(offset, buf) {
+            return read_all(&self.file, offset, buf, bounce.align);
+        }
+        let a = bounce.align;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset.saturating_add(done as u64);
+            // Below `a`, a usize.
+            let skip = usize::try_from(pos % a as u64).unwrap_or(0);
+            let start = pos - skip as u64;
+            let want = (buf.len() - done).min(DIRECT_BOUNCE - skip);
+            let span = (skip + want).next_multiple_of(a);
+            let b = &mut bounce.buf[bounce.start..bounce.start + span];
+            read_all(&self.file, start, b, a)
+                .map_err(|e| Self::err(FileOp::Read, offset, buf.len(), e.source))?;
+            buf[done..done + want].copy_from_slice(&b[skip..skip + want]);
+            done += want;
+        }
+        Ok(())
+    }
+
     /// `fdatasync`, except on devices that cannot be synced.
     fn sync_now(&mut self) -> Result<(), FileError> {
+        self.write_back()?;
         match self.file.sync_data() {
             // Character devices such as /dev/null cannot be synced; there
             // is nothing to make durable.
@@ -468,6 +686,14 @@ impl FileDevice {
                 Ok(())
             }
             r => r.map_err(|e| Self::err(FileOp::Flush, 0, 0, e)),
+        }
+    }
+
+    /// Writes the blocks [`FileDevice::set_block_cache`] holds to the file.
+    fn write_back(&mut self) -> Result<(), FileError> {
+        match self.cache.as_mut() {
+            Some(c) => c.write_back(),
+            None => Ok(()),
         }
     }
 
@@ -491,7 +717,20 @@ impl FileDevice {
             return write_all(&self.file, offset, buf);
         };
         if bounce.aligned(offset, buf) {
+            if let Some(c) = self.cache.as_mut() {
+                c.forget(offset, buf.len());
+            }
             return write_all(&self.file, offset, buf);
+        }
+        if let Some(c) = self.cache.as_mut() {
+            if self.sync != SyncPolicy::EachWrite && c.absorb(offset, buf)? {
+                return Ok(());
+            }
+            // The partial blocks below are read from the file: it must
+            // hold what was written to them.
+            if c.overlaps(offset, buf.len()) {
+                c.write_back()?;
+            }
         }
         let a = bounce.align;
         let fail = |op, e: FileError| Self::err(op, offset, buf.len(), e.source);

@@ -290,6 +290,20 @@ mod with_std {
     #[cfg(target_os = "linux")]
     #[test]
     fn direct_device_matches_a_plain_file() {
+        direct_model(false);
+    }
+
+    /// The same with [`FileDevice::set_block_cache`]: small writes held in
+    /// memory are seen by reads, merged with the writes that follow, and
+    /// reach the file on flush, before a cut or a hole, and on drop.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn direct_device_with_block_cache_matches_a_plain_file() {
+        direct_model(true);
+    }
+
+    #[cfg(target_os = "linux")]
+    fn direct_model(cache: bool) {
         use std::vec;
         use std::vec::Vec;
         let tmp = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();
@@ -304,6 +318,7 @@ mod with_std {
             return;
         }
         assert!(d.is_direct());
+        d.set_block_cache(cache).unwrap();
         let flags = nix::fcntl::fcntl(d.file(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
         assert_ne!(flags & nix::fcntl::OFlag::O_DIRECT.bits(), 0);
         let mut rng = Lcg(7);
@@ -314,6 +329,9 @@ mod with_std {
             let big = rng.next(8) == 0;
             let len = if big {
                 rng.next(3 << 20) as usize + 1
+            } else if rng.next(3) == 0 {
+                // Inside one block, mostly: what the block cache holds.
+                rng.next(64) as usize + 1
             } else {
                 rng.next(9000) as usize + 1
             };
@@ -351,6 +369,25 @@ mod with_std {
         d.write_zeroes(5, 9000).unwrap();
         model[5..9005].fill(0);
         d.flush().unwrap();
+        assert!(std::fs::read(tmp.path()).unwrap() == model);
+        // A cut through a held block, then a hole over one: the file ends
+        // as the model does, and the hole reads as zero.
+        d.write_at(4100, b"held").unwrap();
+        model[4100..4104].copy_from_slice(b"held");
+        d.set_size(4102).unwrap();
+        model.truncate(4102);
+        assert!(std::fs::read(tmp.path()).unwrap() == model);
+        d.set_size(3 << 20).unwrap();
+        model.resize(3 << 20, 0);
+        d.write_at(8200, b"gone").unwrap();
+        d.discard(8192, 4096).unwrap();
+        let mut back = [1u8; 8];
+        d.read_at(8198, &mut back).unwrap();
+        assert_eq!(back, [0; 8]);
+        // Writes held at the end reach the file when the device is dropped.
+        d.write_at(70_000, b"last").unwrap();
+        model[70_000..70_004].copy_from_slice(b"last");
+        drop(d);
         assert!(std::fs::read(tmp.path()).unwrap() == model);
     }
 
