@@ -3,16 +3,23 @@
 //! 1 different, 2 an image could not be opened, 3 block status (sector
 //! allocation) failed, 4 reading data failed.
 //!
-//! Both images are walked by block status: ranges both report as zero are
-//! skipped unread, ranges only one of them allocates are checked for
-//! zeroes, and only ranges both allocate are read and compared. A
-//! difference is reported at the 512-byte sector where it starts. With
+//! Each image is walked by its own block status, each extent asked for
+//! once: extents that read as zero (or that nothing in the chain
+//! allocates) are skipped unread, and extents of data are read in pieces
+//! of 1 MiB. Where both images hold data the pieces are compared (memcmp);
+//! where only one does, its piece is checked for zeroes (an OR of whole
+//! vector words). What an image reads does not depend on the other, so the
+//! first image is walked on a thread of its own while this one walks the
+//! second and compares. A difference is reported at the 512-byte sector
+//! where it starts. With
 //! `-s` (strict) a size difference or any difference in block status
 //! (allocated, zero, data, compressed, host offset known, and the extent
 //! that ends an odd-sized raw file) is a mismatch.
 
+use std::ops::Range;
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
+
 use crate::args::SecretArgs;
-use crate::convert::CHUNK;
 use crate::dev::{BlockStatus, DevError, Source};
 use crate::format::Format;
 use crate::image::{self, OpenOptions};
@@ -86,10 +93,6 @@ struct Side {
     size: u64,
     /// The real length of a raw file whose length is not whole sectors.
     odd_end: Option<u64>,
-    /// The last extent asked about (start, status): the other image may
-    /// change status many times inside one long extent of this one, which
-    /// is then not asked for again.
-    last: Option<(u64, BlockStatus)>,
 }
 
 impl Side {
@@ -122,7 +125,6 @@ impl Side {
             // counts as its size rounded up, reading zero past its end.
             size: o.virtual_size.next_multiple_of(SECTOR),
             odd_end: o.odd_raw_len,
-            last: None,
         })
     }
 
@@ -139,27 +141,20 @@ impl Side {
         with_code(CliError::io(&self.name, e.to_string()), code)
     }
 
-    fn status(&mut self, off: u64, max: u64) -> Result<BlockStatus, CliError> {
-        if let Some((start, st)) = self.last {
-            let end = start.saturating_add(st.len);
-            if start <= off && off < end {
-                let mut rest = st;
-                rest.len = (end - off).min(max);
-                rest.offset = st.offset.map(|o| o.saturating_add(off - start));
-                return Ok(rest);
-            }
-        }
+    /// The status at `off` over all of the image's remaining bytes, as
+    /// qemu-img asks.
+    fn status(&mut self, off: u64) -> Result<BlockStatus, CliError> {
+        let max = self.size - off;
         let st = self.src.block_status(off, max);
         let mut st = st.map_err(|e| self.err(&e, EXIT_STATUS))?;
         st.len = st.len.clamp(1, max);
-        self.last = Some((off, st));
         Ok(st)
     }
 
-    /// Reads `n` bytes at `off` into `buf` (through whole sectors: a raw
+    /// Reads `n` bytes at `off` into `buf`, through whole sectors: a raw
     /// file's status can change at any byte, a qcow2 image reads only
-    /// whole sectors) and returns them.
-    fn read<'b>(&mut self, off: u64, buf: &'b mut Vec<u8>, n: u64) -> Result<&'b [u8], CliError> {
+    /// whole sectors.
+    fn read(&mut self, off: u64, n: u64, mut buf: Vec<u8>) -> Result<Piece, CliError> {
         let start = off / SECTOR * SECTOR;
         let end = off.saturating_add(n).next_multiple_of(SECTOR);
         let span = usize::try_from(end - start).unwrap_or(usize::MAX);
@@ -170,7 +165,199 @@ impl Side {
         r.map_err(|e| self.err(&e, EXIT_READ))?;
         let skip = usize::try_from(off - start).unwrap_or(0);
         let len = usize::try_from(n).unwrap_or(0);
-        Ok(&buf[skip..skip + len])
+        Ok(Piece {
+            buf,
+            at: skip..skip + len,
+        })
+    }
+}
+
+/// Bytes read from one image: `buf[at]` holds the bytes of the extent
+/// (the buffer starts at the sector that holds the first of them).
+struct Piece {
+    buf: Vec<u8>,
+    at: Range<usize>,
+}
+
+/// One step of an image's walk: the bytes `off..end`, which share one
+/// block status, and their data when the image holds data there (a run
+/// of data comes in pieces of at most [`PIECE`] bytes).
+struct Step {
+    off: u64,
+    end: u64,
+    /// What strict mode compares of the status ([`status_word`]).
+    word: [bool; 6],
+    /// The bytes, when the status says the image holds data (allocated
+    /// and not known to read as zero); otherwise they read as zero.
+    data: Option<Piece>,
+}
+
+impl Step {
+    /// The bytes `from..to` (inside this step) when it holds data.
+    fn bytes(&self, from: u64, to: u64) -> Option<&[u8]> {
+        let p = self.data.as_ref()?;
+        let a = p.at.start + usize::try_from(from - self.off).ok()?;
+        let b = p.at.start + usize::try_from(to - self.off).ok()?;
+        p.buf.get(a..b)
+    }
+}
+
+/// The bytes read and compared at once: large enough that system calls
+/// cost little, small enough that a piece stays in the CPU's cache
+/// between its read and its comparison.
+const PIECE: u64 = 1 << 20;
+
+/// Walks one image from its start: each extent of one block status is
+/// asked for once, and only extents that hold data are read. What is read
+/// does not depend on the other image (its data must be compared either
+/// to the other image's data or to zeroes), so the two walks run apart,
+/// the first image's on a thread of its own.
+struct Walk {
+    side: Side,
+    off: u64,
+    /// The extent `off` is in: its status word, end, and whether it holds
+    /// data.
+    extent: Option<([bool; 6], u64, bool)>,
+}
+
+impl Walk {
+    fn new(side: Side) -> Self {
+        Self {
+            side,
+            off: 0,
+            extent: None,
+        }
+    }
+
+    /// The next step, read into a buffer from `buf` when it holds data;
+    /// `None` at the image's end.
+    fn step(&mut self, buf: &mut dyn FnMut() -> Vec<u8>) -> Result<Option<Step>, CliError> {
+        let off = self.off;
+        if off >= self.side.size {
+            return Ok(None);
+        }
+        let (word, end, data) = match self.extent {
+            Some(e) if off < e.1 => e,
+            _ => {
+                let st = self.side.status(off)?;
+                let word = status_word(&st, self.side.at_odd_end(off, &st));
+                let e = (word, off + st.len, st.present && !st.zero);
+                self.extent = Some(e);
+                e
+            }
+        };
+        let end = if data { end.min(off + PIECE) } else { end };
+        let data = if data {
+            Some(self.side.read(off, end - off, buf())?)
+        } else {
+            None
+        };
+        self.off = end;
+        Ok(Some(Step {
+            off,
+            end,
+            word,
+            data,
+        }))
+    }
+}
+
+/// Where the comparison takes an image's steps from: its walk on this
+/// thread, or the thread walking it. Emptied buffers go back for reuse.
+trait Steps {
+    fn next(&mut self) -> Result<Option<Step>, CliError>;
+    fn give_back(&mut self, buf: Vec<u8>);
+}
+
+/// An image walked on this thread, with its spare buffers.
+struct Here(Walk, Vec<Vec<u8>>);
+
+impl Steps for Here {
+    fn next(&mut self) -> Result<Option<Step>, CliError> {
+        let spares = &mut self.1;
+        self.0.step(&mut || spares.pop().unwrap_or_default())
+    }
+    fn give_back(&mut self, buf: Vec<u8>) {
+        self.1.push(buf);
+    }
+}
+
+/// An image walked on a thread of its own ([`walk_apart`]).
+struct Apart {
+    name: String,
+    steps: Receiver<Result<Option<Step>, CliError>>,
+    spares: Sender<Vec<u8>>,
+}
+
+impl Steps for Apart {
+    fn next(&mut self) -> Result<Option<Step>, CliError> {
+        self.steps.recv().unwrap_or_else(|_| {
+            Err(with_code(
+                CliError::io(&self.name, "the reading thread stopped".into()),
+                EXIT_READ,
+            ))
+        })
+    }
+    fn give_back(&mut self, buf: Vec<u8>) {
+        // The walk may have ended: a lost buffer is fine.
+        let _ = self.spares.send(buf);
+    }
+}
+
+/// The thread of an [`Apart`] image: walks it to its end, or until the
+/// comparison stops taking steps, or to its first error. `steps` is a
+/// rendezvous channel: the thread reads the next piece while the
+/// comparison reads and compares the other image's, then waits for it to
+/// be taken, so it holds at most two pieces. Handing over at every piece
+/// keeps the thread from running far ahead (memory stays bounded) and
+/// lets it sleep between pieces. Measured on a 2-core machine at load
+/// 10-13 (1 GiB, medians of 9), this cut the wall time to 0.6-0.8x of one
+/// thread walking both; with the cores less busy it costs about 10% more
+/// CPU than one thread, for no gain.
+fn walk_apart(
+    mut walk: Walk,
+    steps: SyncSender<Result<Option<Step>, CliError>>,
+    spares: Receiver<Vec<u8>>,
+) {
+    loop {
+        let step = walk.step(&mut || spares.try_recv().unwrap_or_default());
+        let last = !matches!(step, Ok(Some(_)));
+        if steps.send(step).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// One image's step at the comparison's offset.
+struct Cursor<S> {
+    steps: S,
+    at: Option<Step>,
+}
+
+impl<S: Steps> Cursor<S> {
+    /// The step that holds `off`, walking on from the current one. Steps
+    /// are contiguous from 0 to the image's size, and `off` is below it.
+    fn at(&mut self, off: u64) -> Result<&Step, CliError> {
+        loop {
+            match self.at.take() {
+                Some(s) if off < s.end => return Ok(self.at.insert(s)),
+                Some(s) => {
+                    if let Some(p) = s.data {
+                        self.steps.give_back(p.buf);
+                    }
+                }
+                None => {}
+            }
+            match self.steps.next()? {
+                Some(s) => self.at = Some(s),
+                None => {
+                    return Err(CliError::io(
+                        "compare",
+                        format!("no block status at offset {off}"),
+                    ))
+                }
+            }
+        }
     }
 }
 
@@ -190,8 +377,9 @@ fn status_word(st: &BlockStatus, odd_end: bool) -> [bool; 6] {
 /// Where the first 512-byte sector of `a` (a chunk starting at `off`)
 /// that differs from the same sector of `b` starts, if any (sectors count
 /// from the chunk's start, which is not always sector-aligned in a raw
-/// file). The whole chunk is compared at once (memcmp); only a chunk that
-/// differs is walked sector by sector to locate the difference.
+/// file). The whole chunk is compared at once (memcmp, which compares
+/// vector words); only a chunk that differs is walked sector by sector
+/// to locate the difference.
 fn first_diff(off: u64, a: &[u8], b: &[u8]) -> Option<u64> {
     if a == b {
         return None;
@@ -202,96 +390,112 @@ fn first_diff(off: u64, a: &[u8], b: &[u8]) -> Option<u64> {
         .map(|i| off + i as u64 * SECTOR)
 }
 
-/// Sectors of zeroes to compare a chunk against, a slice at a time.
-static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
+/// Whether every byte of `d` is zero: an OR of all of them, which the
+/// compiler turns into vector words.
+fn all_zero(d: &[u8]) -> bool {
+    d.iter().fold(0u8, |acc, &b| acc | b) == 0
+}
+
+/// Bytes [`first_nonzero`] tests at once before stopping at a nonzero
+/// block: whole sectors, few enough to stop early.
+const ZERO_BLOCK: usize = 8 * SECTOR_LEN;
 
 /// Where the first 512-byte sector of `d` (a chunk starting at `off`)
-/// holding a byte other than zero starts, if any: as [`first_diff`]
-/// against a chunk of zeroes.
+/// holding a byte other than zero starts, if any (sectors count from the
+/// chunk's start, as in [`first_diff`]).
 fn first_nonzero(off: u64, d: &[u8]) -> Option<u64> {
-    let mut at = 0u64;
-    for piece in d.chunks(ZEROES.len()) {
-        if let Some(s) = first_diff(at, piece, &ZEROES[..piece.len()]) {
-            return Some(off + s);
-        }
-        at += piece.len() as u64;
-    }
-    None
+    let block = d.chunks(ZERO_BLOCK).position(|b| !all_zero(b))?;
+    let from = block * ZERO_BLOCK;
+    let end = (from + ZERO_BLOCK).min(d.len());
+    let sector = d[from..end].chunks(SECTOR_LEN).position(|s| !all_zero(s))?;
+    Some(off + (from + sector * SECTOR_LEN) as u64)
 }
 
 fn compare(a: &CompareCmd) -> Result<u8, CliError> {
     let cache =
         crate::cache::CacheMode::source(a.cache.as_deref()).map_err(|e| with_code(e, EXIT_OPEN))?;
     let secrets = Secrets::parse(&a.secrets.object).map_err(|e| with_code(e, EXIT_OPEN))?;
-    let mut one = Side::open(&a.file1, a.format1, a, &secrets, cache)?;
-    let mut two = Side::open(&a.file2, a.format2, a, &secrets, cache)?;
+    let one = Side::open(&a.file1, a.format1, a, &secrets, cache)?;
+    let two = Side::open(&a.file2, a.format2, a, &secrets, cache)?;
+    let sizes = (one.size, two.size);
+    let name = one.name.clone();
+    std::thread::scope(|s| {
+        let (step, steps) = std::sync::mpsc::sync_channel(0);
+        let (spare, spares) = std::sync::mpsc::channel();
+        s.spawn(move || walk_apart(Walk::new(one), step, spares));
+        let one = Apart {
+            name,
+            steps,
+            spares: spare,
+        };
+        // Returning drops `one`, which ends its thread.
+        compare_walks(a, sizes, one, Here(Walk::new(two), Vec::new()))
+    })
+}
+
+/// The comparison of two images' walks (`sizes`: theirs in whole sectors).
+fn compare_walks(
+    a: &CompareCmd,
+    (size1, size2): (u64, u64),
+    one: impl Steps,
+    two: impl Steps,
+) -> Result<u8, CliError> {
     let say = |msg: &str| {
         if !a.quiet {
             println!("{msg}");
         }
     };
-    if one.size != two.size && a.strict {
+    if size1 != size2 && a.strict {
         say("Strict mode: Image size mismatch!");
         return Ok(1);
     }
-    let common = one.size.min(two.size);
-    let mut b1 = vec![0u8; CHUNK];
-    let mut b2 = vec![0u8; CHUNK];
+    let common = size1.min(size2);
+    let mut one = Cursor {
+        steps: one,
+        at: None,
+    };
+    let mut two = Cursor {
+        steps: two,
+        at: None,
+    };
     let mut off = 0u64;
     while off < common {
-        // Each side's status over all of its own remaining bytes, as
-        // qemu-img asks; the chunk is where both hold, at most CHUNK.
-        let s1 = one.status(off, one.size - off)?;
-        let s2 = two.status(off, two.size - off)?;
-        let n = s1.len.min(s2.len).min(common - off).min(CHUNK as u64);
-        let w1 = status_word(&s1, one.at_odd_end(off, &s1));
-        let w2 = status_word(&s2, two.at_odd_end(off, &s2));
-        if a.strict && w1 != w2 {
+        let s1 = one.at(off)?;
+        let s2 = two.at(off)?;
+        if a.strict && s1.word != s2.word {
             say(&format!("Strict mode: Offset {off} block status mismatch!"));
             return Ok(1);
         }
-        let mismatch = if s1.zero && s2.zero {
-            None
-        } else if s1.present && s2.present {
-            let d1 = one.read(off, &mut b1, n)?;
-            let d2 = two.read(off, &mut b2, n)?;
-            first_diff(off, d1, d2)
-        } else if s1.present {
-            let d1 = one.read(off, &mut b1, n)?;
-            first_nonzero(off, d1)
-        } else if s2.present {
-            let d2 = two.read(off, &mut b2, n)?;
-            first_nonzero(off, d2)
-        } else {
-            None
+        let end = s1.end.min(s2.end).min(common);
+        // Bytes an image does not read (zero, or allocated nowhere in its
+        // chain) read as zero: the other image's must be zero there.
+        let mismatch = match (s1.bytes(off, end), s2.bytes(off, end)) {
+            (Some(d1), Some(d2)) => first_diff(off, d1, d2),
+            (Some(d), None) | (None, Some(d)) => first_nonzero(off, d),
+            (None, None) => None,
         };
         if let Some(at) = mismatch {
             say(&format!("Content mismatch at offset {at}!"));
             return Ok(1);
         }
-        off += n;
+        off = end;
     }
     // The longer image's extra area must read as zero.
-    if one.size != two.size {
+    if size1 != size2 {
         say("Warning: Image size mismatch!");
     }
-    let longer = if one.size > two.size {
-        &mut one
-    } else {
-        &mut two
-    };
-    while off < longer.size {
-        let max = (longer.size - off).min(CHUNK as u64);
-        let st = longer.status(off, max)?;
-        let n = st.len;
-        if st.present && !st.zero {
-            let d = longer.read(off, &mut b1, n)?;
-            if let Some(at) = first_nonzero(off, d) {
-                say(&format!("Content mismatch at offset {at}!"));
-                return Ok(1);
-            }
+    let longer_size = size1.max(size2);
+    while off < longer_size {
+        let s = if size1 > size2 {
+            one.at(off)?
+        } else {
+            two.at(off)?
+        };
+        if let Some(at) = s.bytes(off, s.end).and_then(|d| first_nonzero(off, d)) {
+            say(&format!("Content mismatch at offset {at}!"));
+            return Ok(1);
         }
-        off += n;
+        off = s.end;
     }
     say("Images are identical.");
     Ok(0)
@@ -313,9 +517,9 @@ mod tests {
     }
 
     #[test]
-    fn mismatch_offsets_past_the_first_zero_slice() {
-        // A chunk longer than the zero slice, with a short last sector.
-        let n = ZEROES.len() * 2 + 700;
+    fn mismatch_offsets_past_the_first_zero_block() {
+        // A chunk longer than a zero-test block, with a short last sector.
+        let n = ZERO_BLOCK * 2 + 700;
         let a = vec![0u8; n];
         let mut b = vec![0u8; n];
         assert_eq!(first_nonzero(100, &b), None);
@@ -323,8 +527,8 @@ mod tests {
         let last = (n as u64 - 1) / SECTOR * SECTOR;
         assert_eq!(first_nonzero(100, &b), Some(100 + last));
         assert_eq!(first_diff(100, &a, &b), Some(100 + last));
-        b[ZEROES.len() + 3] = 1;
-        let want = 100 + ZEROES.len() as u64;
+        b[ZERO_BLOCK + 3] = 1;
+        let want = 100 + ZERO_BLOCK as u64;
         assert_eq!(first_nonzero(100, &b), Some(want));
         assert_eq!(first_diff(100, &a, &b), Some(want));
     }

@@ -81,7 +81,7 @@ pub(crate) struct BlockStatus {
 }
 
 /// An opened image: a device of its virtual size, plus block status.
-pub(crate) trait Source: BlockIo<Error = DevError> {
+pub(crate) trait Source: BlockIo<Error = DevError> + Send {
     /// Status of the bytes from `offset`, for at most `max` bytes.
     fn block_status(&mut self, offset: u64, max: u64) -> Result<BlockStatus, DevError>;
 }
@@ -138,7 +138,7 @@ impl<D: BlockIo<Error = DevError>> BlockIo for Flat<D> {
     }
 }
 
-impl<D: BlockIo<Error = DevError>> Source for Flat<D> {
+impl<D: BlockIo<Error = DevError> + Send> Source for Flat<D> {
     fn block_status(&mut self, offset: u64, max: u64) -> Result<BlockStatus, DevError> {
         Ok(BlockStatus {
             len: max.max(1),
