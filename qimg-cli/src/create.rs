@@ -5,6 +5,7 @@ use luks_core::io::{BlockIo, FileDevice};
 use crate::args::SecretArgs;
 use crate::file::open_file_cached;
 use crate::format::Format;
+use crate::header_job::PendingHeader;
 use crate::opts::{parse_size, OptionMap};
 use crate::CliError;
 
@@ -319,7 +320,7 @@ impl Qcow2Create {
             .crypto_region()
             .ok_or_else(|| CliError::io(path, "no LUKS region was reserved".into()))?;
         if defer_header {
-            let (cipher, pending) = PendingHeader::start(path, e, pass, sectors, (off, len))?;
+            let (cipher, pending) = start_luks_header(path, e, pass, sectors, (off, len))?;
             let w = w
                 .with_key(qcow_core::crypto::ImageKey::Luks(cipher))
                 .map_err(|e| CliError::io(path, e.to_string()))?;
@@ -414,96 +415,55 @@ impl Qcow2Create {
     }
 }
 
-/// The LUKS header of a new encrypted qcow2 image being calibrated and
-/// written on a thread of its own ([`Qcow2Create::create_for_copy`]). The
-/// volume key is drawn first, so data can be encrypted with it at once;
-/// the header, written through a second handle to the file into the
-/// region `create` reserved (which no data write touches), seals that key
-/// in key slot 0. Dropping it waits for the thread.
-pub(crate) struct PendingHeader {
-    job: Option<std::thread::JoinHandle<Result<(), CliError>>>,
-}
-
-impl PendingHeader {
-    /// Draws the volume key, starts the header's thread, and returns the
-    /// data cipher.
-    fn start(
-        path: &str,
-        e: &crate::luks_common::CreateOptions,
-        pass: crate::opts::Secret,
-        sectors: u32,
-        (off, len): (u64, u64),
-    ) -> Result<(luks_core::cipher::SectorCipher, Self), CliError> {
-        let io = |m: String| CliError::io(path, m);
-        let kb = usize::try_from(e.key_bytes()).unwrap_or(usize::MAX);
-        let mut vk = zeroize::Zeroizing::new(vec![0u8; kb]);
-        getrandom::fill(&mut vk).map_err(|err| io(format!("no random volume key: {err}")))?;
-        let mode = e.mode_spec();
-        let cipher = luks_core::cipher::SectorCipher::new(&e.cipher, &mode, &vk, 512)
-            .map_err(|err| io(err.to_string()))?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|err| io(crate::os_text(&err)))?;
-        let (path, e) = (path.to_string(), e.clone());
-        let pending = Self::spawn(&path.clone(), move || -> Result<(), CliError> {
-            let mut dev = FileDevice::new(file);
-            let mut region = luks_core::io::Window::new(&mut dev, off, len);
-            let (hdr, _) = crate::luks::format_volume(
-                &mut region,
-                &e,
-                &pass,
-                Some(sectors),
+/// Draws the volume key of a new LUKS qcow2 image, starts its header's
+/// thread ([`PendingHeader`]), and returns the data cipher.
+fn start_luks_header(
+    path: &str,
+    e: &crate::luks_common::CreateOptions,
+    pass: crate::opts::Secret,
+    sectors: u32,
+    (off, len): (u64, u64),
+) -> Result<(luks_core::cipher::SectorCipher, PendingHeader), CliError> {
+    let io = |m: String| CliError::io(path, m);
+    let kb = usize::try_from(e.key_bytes()).unwrap_or(usize::MAX);
+    let mut vk = zeroize::Zeroizing::new(vec![0u8; kb]);
+    getrandom::fill(&mut vk).map_err(|err| io(format!("no random volume key: {err}")))?;
+    let mode = e.mode_spec();
+    let cipher = luks_core::cipher::SectorCipher::new(&e.cipher, &mode, &vk, 512)
+        .map_err(|err| io(err.to_string()))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|err| io(crate::os_text(&err)))?;
+    let (path, e) = (path.to_string(), e.clone());
+    let pending = PendingHeader::spawn(&path.clone(), move || -> Result<(), CliError> {
+        let mut dev = FileDevice::new(file);
+        let mut region = luks_core::io::Window::new(&mut dev, off, len);
+        let (hdr, _) = crate::luks::format_volume(
+            &mut region,
+            &e,
+            &pass,
+            Some(sectors),
+            &path,
+            luks_core::luks1::Pbkdf2Reader::Qemu,
+            Some(&vk),
+        )?;
+        // The data was encrypted with a cipher made from the
+        // options; the header must name that very cipher.
+        if hdr.cipher_name.as_str() != e.cipher || hdr.cipher_mode.as_str() != mode {
+            return Err(CliError::io(
                 &path,
-                luks_core::luks1::Pbkdf2Reader::Qemu,
-                Some(&vk),
-            )?;
-            // The data was encrypted with a cipher made from the
-            // options; the header must name that very cipher.
-            if hdr.cipher_name.as_str() != e.cipher || hdr.cipher_mode.as_str() != mode {
-                return Err(CliError::io(
-                    &path,
-                    format!(
-                        "the LUKS header names {}-{}, the data was encrypted with {}-{mode}",
-                        hdr.cipher_name, hdr.cipher_mode, e.cipher
-                    ),
-                ));
-            }
-            dev.flush()
-                .map_err(|err| CliError::io(&path, err.to_string()))
-        })?;
-        Ok((cipher, pending))
-    }
-
-    /// Runs `write_header` (for the image at `path`) on a thread of its own.
-    pub(crate) fn spawn(
-        path: &str,
-        write_header: impl FnOnce() -> Result<(), CliError> + Send + 'static,
-    ) -> Result<Self, CliError> {
-        let job = std::thread::Builder::new()
-            .name("qimg-luks-header".into())
-            .spawn(write_header)
-            .map_err(|err| CliError::io(path, format!("cannot start a thread: {err}")))?;
-        Ok(Self { job: Some(job) })
-    }
-
-    /// Waits until the header is written and durable; its error if not.
-    pub(crate) fn finish(mut self) -> Result<(), CliError> {
-        match self.job.take().map(std::thread::JoinHandle::join) {
-            None | Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e))) => Err(e),
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
+                format!(
+                    "the LUKS header names {}-{}, the data was encrypted with {}-{mode}",
+                    hdr.cipher_name, hdr.cipher_mode, e.cipher
+                ),
+            ));
         }
-    }
-}
-
-impl Drop for PendingHeader {
-    fn drop(&mut self) {
-        if let Some(job) = self.job.take() {
-            let _ = job.join();
-        }
-    }
+        dev.flush()
+            .map_err(|err| CliError::io(&path, err.to_string()))
+    })?;
+    Ok((cipher, pending))
 }
 
 /// Sectors of the LUKS header region qemu-img reserves inside a qcow2

@@ -276,7 +276,7 @@ pub(crate) fn create_for_convert(
     secrets: &Secrets,
     size: u64,
     cache: CacheMode,
-) -> Result<(AnyDev, Option<crate::create::PendingHeader>), CliError> {
+) -> Result<(AnyDev, Option<crate::header_job::PendingHeader>), CliError> {
     if opts.get("detached-header").is_some() {
         return Err(CliError::usage(
             "detached-header is for `qimg create` only: convert writes the payload into the volume"
@@ -334,34 +334,35 @@ pub(crate) fn create_for_convert(
         .map_err(|e| io(crate::os_text(&e)))?;
     drop(dev);
     let (hpath, ho, hmode, hvk) = (path.to_string(), o.clone(), mode.clone(), vk.clone());
-    let pending = crate::create::PendingHeader::spawn(path, move || -> Result<(), CliError> {
-        let mut dev = luks_core::io::FileDevice::new(file);
-        let (hdr, _) = format_volume(
-            &mut dev,
-            &ho,
-            &pass,
-            None,
-            &hpath,
-            luks1::Pbkdf2Reader::Cryptsetup,
-            Some(&hvk),
-        )?;
-        // The payload was written where, and with the cipher, the options
-        // say; the header must say the same.
-        if hdr.payload_offset != payload_sectors
-            || hdr.cipher_name.as_str() != ho.cipher
-            || hdr.cipher_mode.as_str() != hmode
-        {
-            return Err(CliError::io(
+    let pending =
+        crate::header_job::PendingHeader::spawn(path, move || -> Result<(), CliError> {
+            let mut dev = luks_core::io::FileDevice::new(file);
+            let (hdr, _) = format_volume(
+                &mut dev,
+                &ho,
+                &pass,
+                None,
                 &hpath,
-                format!(
-                    "the LUKS header names {}-{} at sector {}, the payload was written with \
+                luks1::Pbkdf2Reader::Cryptsetup,
+                Some(&hvk),
+            )?;
+            // The payload was written where, and with the cipher, the options
+            // say; the header must say the same.
+            if hdr.payload_offset != payload_sectors
+                || hdr.cipher_name.as_str() != ho.cipher
+                || hdr.cipher_mode.as_str() != hmode
+            {
+                return Err(CliError::io(
+                    &hpath,
+                    format!(
+                        "the LUKS header names {}-{} at sector {}, the payload was written with \
                      {}-{hmode} at sector {payload_sectors}",
-                    hdr.cipher_name, hdr.cipher_mode, hdr.payload_offset, ho.cipher
-                ),
-            ));
-        }
-        dev.flush().map_err(|e| CliError::io(&hpath, e.to_string()))
-    })?;
+                        hdr.cipher_name, hdr.cipher_mode, hdr.payload_offset, ho.cipher
+                    ),
+                ));
+            }
+            dev.flush().map_err(|e| CliError::io(&hpath, e.to_string()))
+        })?;
     // One volume (own file handle, own cipher) per `-m` worker.
     let mut vols = Vec::new();
     for _ in 0..crate::parallel::cipher_workers() {

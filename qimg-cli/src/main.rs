@@ -16,6 +16,7 @@ mod dd;
 mod dev;
 mod file;
 mod format;
+mod header_job;
 mod human;
 mod image;
 mod image_info;
