@@ -352,7 +352,7 @@ impl FileDevice {
     }
 
     /// In direct mode, holds the blocks that writes smaller than a block
-    /// change in memory (up to [`CACHED_BLOCKS`] of them), so that the many
+    /// change in memory (up to 32 of them), so that the many
     /// small writes a qcow2 writer makes to one refcount or L2 block cost
     /// one read and one write of the block instead of one each. Held blocks
     /// are written out on [`BlockIo::flush`] (whatever the
