@@ -41,9 +41,10 @@ where
             .ok_or_else(|| overflow(Structure::RefcountBlock, off))
     }
 
-    /// Sets the refcount of `c`, whose block must exist. Writes the sector
-    /// of the block holding it (not flushed).
-    pub(super) fn set_refcount_existing(&mut self, c: u64, v: u64) -> Result<(), Error<D::Error>> {
+    /// Sets the refcount of `c` (whose block must exist) in the cached
+    /// refcount block; returns the block's offset and the entry's index in
+    /// it. Nothing is written.
+    fn set_in_cached_block(&mut self, c: u64, v: u64) -> Result<(u64, u64), Error<D::Error>> {
         let g = self.rcg();
         let slot = g.locate(ClusterIndex::new(c));
         let ti = usize::try_from(slot.table_index).unwrap_or(usize::MAX);
@@ -57,8 +58,17 @@ where
         if !g.set(b, slot.index, v) {
             return Err(overflow(Structure::RefcountBlock, off));
         }
+        Ok((off, slot.index))
+    }
+
+    /// Sets the refcount of `c`, whose block must exist. Writes the sector
+    /// of the block holding it (not flushed).
+    pub(super) fn set_refcount_existing(&mut self, c: u64, v: u64) -> Result<(), Error<D::Error>> {
+        let (off, index) = self.set_in_cached_block(c, v)?;
+        let g = self.rcg();
+        let b = self.refblock(off)?;
         // The sector of the block holding the entry.
-        let sec = g.entry_sector(slot.index);
+        let sec = g.entry_sector(index);
         let s = usize::try_from(sec).unwrap_or(0);
         let e = s.saturating_add(SECTOR_BYTES).min(b.len());
         let chunk: Vec<u8> = b.get(s..e).unwrap_or(&[]).to_vec();
@@ -328,20 +338,8 @@ where
     /// block only, remembering the change for
     /// [`write_pending_refcounts`](Self::write_pending_refcounts).
     fn set_refcount_pending(&mut self, c: u64, v: u64) -> Result<(), Error<D::Error>> {
-        let g = self.rcg();
-        let slot = g.locate(ClusterIndex::new(c));
-        let ti = usize::try_from(slot.table_index).unwrap_or(usize::MAX);
-        let off = self
-            .reftable
-            .get(ti)
-            .map(|&e| entry::reftable_block_offset(e))
-            .filter(|&o| o != 0)
-            .ok_or_else(|| overflow(Structure::RefcountTable, self.hdr.refcount_table_offset))?;
-        let b = self.refblock(off)?;
-        if !g.set(b, slot.index, v) {
-            return Err(overflow(Structure::RefcountBlock, off));
-        }
-        let byte = usize::try_from(g.entry_bytes(slot.index).0).unwrap_or(0);
+        let (off, index) = self.set_in_cached_block(c, v)?;
+        let byte = usize::try_from(self.rcg().entry_bytes(index).0).unwrap_or(0);
         let r = self.rb_pending.entry(off).or_insert((byte, byte));
         *r = (r.0.min(byte), r.1.max(byte));
         Ok(())
