@@ -254,8 +254,8 @@ impl Qcow2Create {
     }
 
     /// As [`Self::create`], for `convert`: an encrypted image's LUKS header
-    /// (the PBKDF2 benchmark, at least 500 ms of CPU whatever `iter-time`
-    /// is, then the key slot) is written on a thread of its own while the
+    /// (the PBKDF2 benchmark, 50-500 ms of CPU by `iter-time`, then the
+    /// key slot) is written on a thread of its own while the
     /// copy runs, the writer encrypting with the volume key from the
     /// start. The caller waits for the [`PendingHeader`] before its final
     /// flush.

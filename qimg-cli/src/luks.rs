@@ -200,20 +200,25 @@ pub(crate) fn format_volume<D: BlockIo + ?Sized>(
     let key_bytes = o.key_bytes();
     let (_, end) = luks1::key_slot_layout(key_bytes)
         .ok_or_else(|| CliError::usage(format!("a {key_bytes}-byte key is too large for LUKS1")))?;
-    // One benchmark, as cryptsetup and QEMU run, of the PBKDF2 of whoever
-    // will open the volume; then each count is scaled from it.
-    let speed = luks1::Pbkdf2Speed::measure(hash, reader, cpu_clock());
+    // cryptsetup: 125 ms whatever iter-time is, counted (as its slot) for
+    // a derivation of the key's length. QEMU: an eighth of iter-time,
+    // counted for the 20-byte digest.
+    let digest_ms = match reader {
+        luks1::Pbkdf2Reader::Cryptsetup => luks1::DIGEST_MS,
+        luks1::Pbkdf2Reader::Qemu => o.iter_time_ms / 8,
+    };
+    // One benchmark of the PBKDF2 of whoever will open the volume, as
+    // cryptsetup and QEMU run, sized to the longest derivation it is for;
+    // then each count is scaled from it.
+    let longest = o.iter_time_ms.max(digest_ms);
+    let speed = luks1::Pbkdf2Speed::measure_for(hash, reader, longest, cpu_clock());
     let kb = usize::try_from(key_bytes).unwrap_or(usize::MAX);
     let iterations = speed.iterations(kb, o.iter_time_ms);
     let digest_iterations = match reader {
-        // cryptsetup: 125 ms whatever iter-time is, counted (as its slot)
-        // for a derivation of the key's length.
-        luks1::Pbkdf2Reader::Cryptsetup => speed.iterations(kb, luks1::DIGEST_MS),
-        // QEMU: an eighth of iter-time, counted for the 20-byte digest.
-        luks1::Pbkdf2Reader::Qemu => speed.iterations(
-            luks_core::luks1::header::field::MK_DIGEST.len(),
-            o.iter_time_ms / 8,
-        ),
+        luks1::Pbkdf2Reader::Cryptsetup => speed.iterations(kb, digest_ms),
+        luks1::Pbkdf2Reader::Qemu => {
+            speed.iterations(luks_core::luks1::header::field::MK_DIGEST.len(), digest_ms)
+        }
     };
     let mode = o.mode_spec();
     let params = luks1::FormatParams {
@@ -293,8 +298,8 @@ pub(crate) fn create_for_convert(
         return Ok((open_payload(path, None, &keys, secrets, true, cache)?, None));
     }
     // LUKS1: the volume key is drawn first and the payload written with it
-    // at once, while the header (the PBKDF2 benchmark, at least 500 ms of
-    // CPU whatever iter-time is, then key slot 0 sealing that key) is
+    // at once, while the header (the PBKDF2 benchmark, 50-500 ms of CPU by
+    // iter-time, then key slot 0 sealing that key) is
     // formatted on a thread of its own, through a second handle, into the
     // area before the payload; the payload is not opened by unlocking the
     // new header again.

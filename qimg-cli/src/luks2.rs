@@ -497,13 +497,16 @@ pub(crate) fn create(
     let elapsed_since =
         |t: std::time::Instant| move || u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
     // One PBKDF2 benchmark (cryptsetup's PBKDF2 speed) for the slot and the
-    // digest, run when first needed.
+    // digest, run when first needed, its sample sized to the longer of the
+    // two derivations.
+    let longest = o.iter_time_ms.max(luks_core::luks1::DIGEST_MS);
     let mut measured = None;
     let mut speed = || {
         *measured.get_or_insert_with(|| {
-            luks_core::luks1::Pbkdf2Speed::measure(
+            luks_core::luks1::Pbkdf2Speed::measure_for(
                 hash,
                 luks_core::luks1::Pbkdf2Reader::Cryptsetup,
+                longest,
                 crate::luks_common::cpu_clock(),
             )
         })

@@ -117,25 +117,76 @@ pub struct Pbkdf2Speed {
 /// cryptsetup's floor for PBKDF2 iterations (slots and digests).
 pub const MIN_PBKDF2_ITERATIONS: u32 = 1000;
 
+/// cryptsetup's and QEMU's PBKDF2 benchmark sample, in milliseconds of CPU:
+/// [`Pbkdf2Speed::measure`] grows its sample until it takes longer.
+const SAMPLE_MS: u64 = 500;
+
+/// The shortest sample [`Pbkdf2Speed::measure_for`] takes, in milliseconds
+/// of CPU: long enough that a 1 ms clock step moves the speed by 2%.
+pub const MIN_SAMPLE_MS: u64 = 50;
+
 impl Pbkdf2Speed {
     /// Benchmarks qimg's PBKDF2 with `hash` as cryptsetup does (8-byte
     /// password, 32-byte salt, a sample starting at 2^15 iterations and
-    /// grown 16x/8x/4x/2x while it takes at most 62/125/250/500 ms, until
-    /// it takes over 500 ms; at most 10 steps), then scales the speed to
-    /// `reader`'s ([`Pbkdf2Reader::speed_ratio_percent`]).
+    /// grown until it takes over 500 ms; at most 10 steps), then scales the
+    /// speed to `reader`'s ([`Pbkdf2Reader::speed_ratio_percent`]).
+    /// [`Pbkdf2Speed::measure_for`] sizes the sample to the derivations it
+    /// is for instead.
     ///
     /// `elapsed_ms` is a clock the caller provides (milliseconds since any
     /// fixed point). cryptsetup and QEMU both read the CPU time used
     /// (`getrusage`), so a loaded machine does not shrink the count; a CPU
     /// time clock here does the same. A clock that never advances stops
     /// the sample growing at 2^24 iterations.
-    pub fn measure(
+    pub fn measure(hash: HashAlg, reader: Pbkdf2Reader, elapsed_ms: impl FnMut() -> u64) -> Self {
+        Self::sample(hash, reader, SAMPLE_MS, elapsed_ms)
+    }
+
+    /// [`Pbkdf2Speed::measure`] with a sample sized for derivations of at
+    /// most `longest_ms`: a quarter of it, at least [`MIN_SAMPLE_MS`] and at
+    /// most cryptsetup's 500 ms.
+    ///
+    /// cryptsetup and QEMU sample for 500 ms (about a second of CPU with
+    /// the growth steps) whatever the `iter-time`, so a volume asked to
+    /// open in 10 ms costs a second to create. The sample only has to make
+    /// the clock's 1 ms step small beside it: at 50 ms the speed is within
+    /// 2%, which a derivation of a quarter of a second cannot show. From
+    /// an `iter-time` of 2000 ms (both programs' default) up, the sample
+    /// is cryptsetup's.
+    ///
+    /// ```
+    /// use luks_core::hash::HashAlg;
+    /// use luks_core::luks1::{Pbkdf2Reader, Pbkdf2Speed};
+    /// // A clock that says every sample took 60 ms: one sample is enough
+    /// // for a 10 ms iter-time.
+    /// let mut t = 0;
+    /// let mut calls = 0;
+    /// let speed = Pbkdf2Speed::measure_for(HashAlg::Sha256, Pbkdf2Reader::Qemu, 10, || {
+    ///     calls += 1;
+    ///     t += 60;
+    ///     t
+    /// });
+    /// assert_eq!(calls, 2, "one sample: a reading before and after");
+    /// assert!(speed.per_second > 0);
+    /// ```
+    pub fn measure_for(
         hash: HashAlg,
         reader: Pbkdf2Reader,
+        longest_ms: u32,
+        elapsed_ms: impl FnMut() -> u64,
+    ) -> Self {
+        let ms = u64::from(longest_ms / 4).clamp(MIN_SAMPLE_MS, SAMPLE_MS);
+        Self::sample(hash, reader, ms, elapsed_ms)
+    }
+
+    /// Grows a PBKDF2 sample from 2^15 iterations until it takes over
+    /// `sample_ms` on `elapsed_ms`, then scales its speed to `reader`'s.
+    fn sample(
+        hash: HashAlg,
+        reader: Pbkdf2Reader,
+        sample_ms: u64,
         mut elapsed_ms: impl FnMut() -> u64,
     ) -> Self {
-        /// cryptsetup's sample: long enough to scale from.
-        const SAMPLE_MS: u64 = 500;
         /// cryptsetup's limit on how often the sample grows.
         const MAX_STEPS: u32 = 10;
         /// Stop growing the sample here even if the clock says it took no
@@ -151,15 +202,15 @@ impl Pbkdf2Speed {
             hash.pbkdf2(b"foobarfo", b"0123456789abcdef0123456789abcdef", iters, out);
             let ms = elapsed_ms().saturating_sub(t0);
             steps = steps.saturating_add(1);
-            if ms > SAMPLE_MS || steps >= MAX_STEPS || iters >= MAX_SAMPLE_ITERS {
+            if ms > sample_ms || steps >= MAX_STEPS || iters >= MAX_SAMPLE_ITERS {
                 break (iters, ms);
             }
-            let grow = match ms {
-                0..=62 => 16,
-                63..=125 => 8,
-                126..=250 => 4,
-                _ => 2,
-            };
+            // Aim a quarter past the sample length, so that the next
+            // sample is usually the last: 2x at least, 16x at most (a
+            // sample that took no measurable time).
+            let aim = sample_ms.saturating_add(sample_ms / 4);
+            let grow = aim.div_ceil(ms.max(1)).clamp(2, 16);
+            let grow = u32::try_from(grow).unwrap_or(16);
             iters = iters.saturating_mul(grow).min(MAX_SAMPLE_ITERS);
         };
         let sample = u64::from(iters).saturating_mul(1000);
@@ -190,7 +241,7 @@ impl Pbkdf2Speed {
 }
 
 /// PBKDF2 iterations that take `reader` about `target_ms` with `hash`
-/// when deriving `out_len` bytes: [`Pbkdf2Speed::measure`] then
+/// when deriving `out_len` bytes: [`Pbkdf2Speed::measure_for`] then
 /// [`Pbkdf2Speed::iterations`].
 pub fn calibrate_iterations(
     hash: HashAlg,
@@ -199,5 +250,5 @@ pub fn calibrate_iterations(
     reader: Pbkdf2Reader,
     elapsed_ms: impl FnMut() -> u64,
 ) -> u32 {
-    Pbkdf2Speed::measure(hash, reader, elapsed_ms).iterations(out_len, target_ms)
+    Pbkdf2Speed::measure_for(hash, reader, target_ms, elapsed_ms).iterations(out_len, target_ms)
 }

@@ -25,7 +25,7 @@ pub use format::{format, key_slot_layout, FormatParams};
 pub use header::{Dump, Header, HeaderRepr, KeySlotRepr, HEADER_LEN, KEY_SLOTS, STRIPES};
 pub use iterations::{
     calibrate_iterations, Pbkdf2Reader, Pbkdf2Speed, DIGEST_MS, MAX_PBKDF2_ITERATIONS,
-    MIN_PBKDF2_ITERATIONS,
+    MIN_PBKDF2_ITERATIONS, MIN_SAMPLE_MS,
 };
 pub use slots::{add_key, change_key, remove_key, replace_key, unlock};
 

@@ -624,3 +624,32 @@ fn uuid_field_that_is_not_text_opens_and_round_trips() {
     let r = HeaderRepr::parse(&Header::new_checked(&m[..]).unwrap()).unwrap();
     assert_eq!(r.uuid.as_str(), "a".repeat(39));
 }
+
+#[test]
+fn calibration_sample_follows_the_iter_time() {
+    // Each sample "takes" the next gap: 6 ms, then 100 ms, then 900 ms.
+    let clock = || {
+        let times = [0u64, 6, 6, 106, 106, 1006];
+        let mut i = 0;
+        move || {
+            let t = times[i.min(5)];
+            i += 1;
+            t
+        }
+    };
+    // A 10 ms iter-time: a 50 ms sample, so 100 ms ends it. The 6 ms
+    // sample grew 11x (aiming at 62 ms).
+    let short = Pbkdf2Speed::measure_for(HashAlg::Sha256, Pbkdf2Reader::Qemu, 10, clock());
+    let pct = u64::from(Pbkdf2Reader::Qemu.speed_ratio_percent(HashAlg::Sha256));
+    assert_eq!(short.per_second, (1u64 << 15) * 11 * 1000 / 100 * 100 / pct);
+    // 2000 ms (the default) and up: cryptsetup's 500 ms sample, as
+    // `measure` takes; 100 ms is not enough. The 6 ms sample grew 16x (the
+    // most), the 100 ms one 7x (aiming at 625 ms).
+    let long = Pbkdf2Speed::measure_for(HashAlg::Sha256, Pbkdf2Reader::Qemu, 2000, clock());
+    assert_eq!(
+        long,
+        Pbkdf2Speed::measure(HashAlg::Sha256, Pbkdf2Reader::Qemu, clock())
+    );
+    let grown = (1u64 << 15) * 16 * 7;
+    assert_eq!(long.per_second, grown * 1000 / 900 * 100 / pct);
+}
