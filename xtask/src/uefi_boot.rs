@@ -11,7 +11,7 @@
 //! Serial logs: `target/uefi-test/<scenario>.log`.
 
 mod disk;
-mod serial;
+pub(crate) mod serial;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use crate::{cargo, root, run};
 use disk::Content;
+use serial::{BootLog, Until};
 
 /// Firmware code image (Debian `ovmf`).
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -57,10 +58,18 @@ pub(crate) const SCENARIOS: &[&str] = &[
     "wrong-passphrase",
 ];
 
-/// How a scenario boots.
-enum Machine {
+/// How a scenario (or the reader test in `uefi.rs`) boots.
+pub(crate) enum Machine {
     /// OVMF from the disks (the first is the boot disk).
     Ovmf(Vec<PathBuf>),
+    /// OVMF from a host folder QEMU shows as a FAT disk (vvfat, on the
+    /// default controller), with `disks` beside it.
+    OvmfFolder {
+        /// The folder (an EFI system partition's files).
+        esp: PathBuf,
+        /// Raw disks after it.
+        disks: Vec<PathBuf>,
+    },
     /// No firmware: `-kernel`/`-initrd`, console on the serial port.
     Kernel { kernel: PathBuf, initrd: PathBuf },
 }
@@ -87,7 +96,7 @@ struct Plan {
 struct Ctx {
     qimg: PathBuf,
     marker: PathBuf,
-    /// qimg-efi (`uefi::build_boot`), or why it could not be built.
+    /// qimg-efi, or why it could not be built.
     qimg_efi: Result<PathBuf, String>,
     /// `target/uefi-test`: logs here, each scenario's files in a subfolder.
     out: PathBuf,
@@ -95,8 +104,8 @@ struct Ctx {
     deps: PathBuf,
 }
 
-/// Runs the boot scenarios named in `only` (all when empty).
-pub(crate) fn test(only: &[String]) -> Result<(), String> {
+/// Fails unless the OVMF firmware files are installed.
+pub(crate) fn require_ovmf() -> Result<(), String> {
     for f in [OVMF_CODE, OVMF_VARS] {
         if !Path::new(f).is_file() {
             return Err(format!(
@@ -104,6 +113,21 @@ pub(crate) fn test(only: &[String]) -> Result<(), String> {
             ));
         }
     }
+    Ok(())
+}
+
+/// Builds the release `qimg`; returns its path.
+pub(crate) fn build_qimg() -> Result<PathBuf, String> {
+    run(
+        "build qimg",
+        cargo().args(["build", "--release", "-p", "qimg-cli", "--bin", "qimg"]),
+    )?;
+    Ok(root().join("target").join("release").join("qimg"))
+}
+
+/// Runs the boot scenarios named in `only` (all when empty).
+pub(crate) fn test(only: &[String]) -> Result<(), String> {
+    require_ovmf()?;
     if let Some(bad) = only.iter().find(|n| !SCENARIOS.contains(&n.as_str())) {
         return Err(format!(
             "no boot scenario `{bad}`; there are: {}",
@@ -111,16 +135,13 @@ pub(crate) fn test(only: &[String]) -> Result<(), String> {
         ));
     }
     let started = Instant::now();
-    run(
-        "build qimg",
-        cargo().args(["build", "--release", "-p", "qimg-cli", "--bin", "qimg"]),
-    )?;
+    let qimg = build_qimg()?;
     let out = root().join("target").join("uefi-test");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let ctx = Ctx {
-        qimg: root().join("target").join("release").join("qimg"),
+        qimg,
         marker: build_efi("tests/uefi-marker", "uefi-marker")?,
-        qimg_efi: crate::uefi::build_boot(),
+        qimg_efi: build_efi("qimg-efi", "qimg-efi"),
         out,
         deps: root().join("target").join("uefi-deps"),
     };
@@ -188,8 +209,13 @@ fn scenario(ctx: &Ctx, name: &str) -> Result<(), String> {
         other => Err(format!("no boot scenario `{other}`")),
     }?;
     let log = ctx.out.join(format!("{name}.log"));
-    let cmd = qemu(&plan.machine, &work)?;
-    let boot = serial::boot(cmd, &plan.typed, &log)?;
+    let boot = boot(
+        &plan.machine,
+        &work,
+        &plan.typed,
+        &log,
+        Until::ExitOrFailure,
+    )?;
     println!(
         "    (boot took {:.1}s; serial log {})",
         boot.seconds,
@@ -226,6 +252,18 @@ fn scenario(ctx: &Ctx, name: &str) -> Result<(), String> {
     Err(missing.join("\n"))
 }
 
+/// Boots `machine` (its variable store in `work`), typing `typed` at the
+/// passphrase prompts, until `until`; the serial output is kept in `log`.
+pub(crate) fn boot(
+    machine: &Machine,
+    work: &Path,
+    typed: &[String],
+    log: &Path,
+    until: Until,
+) -> Result<BootLog, String> {
+    serial::boot(qemu(machine, work)?, typed, log, until)
+}
+
 /// The QEMU command line for `machine` (without `-serial`).
 fn qemu(machine: &Machine, work: &Path) -> Result<Command, String> {
     let mut cmd = Command::new("qemu-system-x86_64");
@@ -233,13 +271,17 @@ fn qemu(machine: &Machine, work: &Path) -> Result<Command, String> {
         .args(["-nic", "none", "-display", "none", "-monitor", "none"])
         .arg("-no-reboot");
     match machine {
-        Machine::Ovmf(disks) => {
+        Machine::Ovmf(disks) | Machine::OvmfFolder { disks, .. } => {
             let vars = work.join("vars.fd");
             std::fs::copy(OVMF_VARS, &vars).map_err(|e| format!("{}: {e}", vars.display()))?;
             cmd.arg("-drive")
                 .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
                 .arg("-drive")
                 .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+            if let Machine::OvmfFolder { esp, .. } = machine {
+                cmd.arg("-drive")
+                    .arg(format!("format=raw,file=fat:rw:{}", esp.display()));
+            }
             for (i, d) in disks.iter().enumerate() {
                 cmd.arg("-drive")
                     .arg(format!(
@@ -265,8 +307,9 @@ fn qemu(machine: &Machine, work: &Path) -> Result<Command, String> {
     Ok(cmd)
 }
 
-/// Builds a UEFI program (its own cargo workspace under `dir`).
-fn build_efi(dir: &str, name: &str) -> Result<PathBuf, String> {
+/// Builds a UEFI program (its own cargo workspace under `dir`, relative to
+/// the root); returns the path of `name.efi`.
+pub(crate) fn build_efi(dir: &str, name: &str) -> Result<PathBuf, String> {
     let dir = root().join(dir);
     if !dir.join("Cargo.toml").is_file() {
         return Err(format!("{} does not exist", dir.display()));
@@ -391,7 +434,7 @@ fn checks(raw: &Path, seed: &str) -> Result<Vec<(u64, u64, String)>, String> {
 
 /// SHA-256 of `bytes` in hex (coreutils' `sha256sum`; xtask has no
 /// dependencies).
-fn sha256(bytes: &[u8]) -> Result<String, String> {
+pub(crate) fn sha256(bytes: &[u8]) -> Result<String, String> {
     use std::io::Write;
     let mut child = Command::new("sha256sum")
         .stdin(std::process::Stdio::piped())
