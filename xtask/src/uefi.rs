@@ -43,7 +43,7 @@ fn args(list: &[&str]) -> Vec<String> {
 
 fn images() -> Vec<TestImage> {
     let secret = format!("secret,id=s0,data={PASSPHRASE}");
-    vec![
+    let mut images = vec![
         TestImage {
             name: "plain.qcow2",
             create: args(&[
@@ -73,57 +73,19 @@ fn images() -> Vec<TestImage> {
             read_args: vec![],
             seed: 2,
         },
-        TestImage {
-            name: "encrypted.qcow2",
-            create: args(&[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "--object",
-                &secret,
-                "-o",
-                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-                "source.raw",
-                "encrypted.qcow2",
-            ]),
-            read_args: args(&["--object", &secret]),
-            seed: 3,
-        },
-        TestImage {
-            name: "volume.luks",
-            create: args(&[
-                "convert",
-                "-O",
-                "luks",
-                "--object",
-                &secret,
-                "-o",
-                "key-secret=s0,iter-time=10",
-                "source.raw",
-                "volume.luks",
-            ]),
-            read_args: args(&["--object", &secret]),
-            seed: 4,
-        },
-        TestImage {
-            name: "volume2.luks",
-            create: args(&[
-                "convert",
-                "-O",
-                "luks",
-                "--object",
-                &secret,
-                "-o",
-                "luks-version=2,key-secret=s0,iter-time=10,pbkdf=argon2id,pbkdf-memory=16384,pbkdf-parallel=1,pbkdf-iterations=4,sector-size=4096",
-                "source.raw",
-                "volume2.luks",
-            ]),
-            read_args: args(&["--object", &secret]),
-            seed: 5,
-        },
-    ]
+    ];
+    let encrypted = [
+        ("encrypted.qcow2", &uefi_boot::LUKS_QCOW2, 3),
+        ("volume.luks", &uefi_boot::LUKS1, 4),
+        ("volume2.luks", &uefi_boot::LUKS2, 5),
+    ];
+    images.extend(encrypted.map(|(name, enc, seed)| TestImage {
+        name,
+        create: enc.convert_args(&secret, "source.raw", name),
+        read_args: args(&["--object", &secret]),
+        seed,
+    }));
+    images
 }
 
 /// Runs the firmware test.

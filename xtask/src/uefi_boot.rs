@@ -45,6 +45,59 @@ fn secret() -> String {
     format!("secret,id=s0,data={PASSPHRASE}")
 }
 
+/// An encrypted image format made by `qimg convert -O format -o options`
+/// with the secret `s0`; cheap key derivation (the firmware unlocks it
+/// under TCG). The reader test in `uefi.rs` makes the same three.
+pub(crate) struct Encryption {
+    /// Named in progress lines.
+    what: &'static str,
+    /// `-O`.
+    format: &'static str,
+    /// `-o`.
+    options: &'static str,
+}
+
+/// LUKS1 inside a qcow2 image.
+pub(crate) const LUKS_QCOW2: Encryption = Encryption {
+    what: "LUKS qcow2",
+    format: "qcow2",
+    options: "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+};
+/// A raw LUKS1 volume.
+pub(crate) const LUKS1: Encryption = Encryption {
+    what: "LUKS1",
+    format: "luks",
+    options: "key-secret=s0,iter-time=10",
+};
+/// A raw LUKS2 volume: Argon2id (16 MiB) and 4 KiB sectors.
+pub(crate) const LUKS2: Encryption = Encryption {
+    what: "LUKS2",
+    format: "luks",
+    options: "luks-version=2,key-secret=s0,iter-time=10,pbkdf=argon2id,pbkdf-memory=16384,pbkdf-parallel=1,pbkdf-iterations=4,sector-size=4096",
+};
+
+impl Encryption {
+    /// `qimg` arguments converting the raw file `src` to `dst` in this
+    /// format; `secret` is the `--object` that defines `s0`.
+    pub(crate) fn convert_args(&self, secret: &str, src: &str, dst: &str) -> Vec<String> {
+        [
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            self.format,
+            "--object",
+            secret,
+            "-o",
+            self.options,
+            src,
+            dst,
+        ]
+        .map(str::to_string)
+        .to_vec()
+    }
+}
+
 /// The names of every scenario, in the order they run.
 pub(crate) const SCENARIOS: &[&str] = &[
     "inner-disk",
@@ -380,7 +433,12 @@ fn linux_direct(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
 }
 
 /// Runs `qimg` in `work`.
-fn qimg(ctx: &Ctx, work: &Path, what: &str, args: &[&str]) -> Result<(), String> {
+fn qimg<S: AsRef<std::ffi::OsStr>>(
+    ctx: &Ctx,
+    work: &Path,
+    what: &str,
+    args: &[S],
+) -> Result<(), String> {
     run(what, Command::new(&ctx.qimg).current_dir(work).args(args))
 }
 
@@ -540,33 +598,25 @@ fn make_outer(
     Ok(outer)
 }
 
-/// `inner.raw` with `marker` -> an encrypted qcow2 `system.qcow2`.
-fn luks_qcow2(
+/// `inner.raw` (`make_inner` with `marker` and `extra`) converted to `enc`
+/// as `image`; returns `qimg convert -O raw` of `image`, the content the
+/// firmware must read.
+fn encrypted_inner(
     ctx: &Ctx,
     work: &Path,
     marker: &str,
     extra: Vec<(&str, Content)>,
-) -> Result<(), String> {
+    enc: &Encryption,
+    image: &str,
+) -> Result<PathBuf, String> {
     make_inner(ctx, &work.join("inner.raw"), marker, extra)?;
-    let s = secret();
     qimg(
         ctx,
         work,
-        "qimg convert inner.raw -> LUKS qcow2",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "--object",
-            &s,
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-            "inner.raw",
-            "system.qcow2",
-        ],
-    )
+        &format!("qimg convert inner.raw -> {}", enc.what),
+        &enc.convert_args(&secret(), "inner.raw", image),
+    )?;
+    to_raw(ctx, work, image, true)
 }
 
 /// Scenario `luks-qcow2-file` (passphrase from the file) and the base of
@@ -582,8 +632,7 @@ fn luks_qcow2_file(
     } else {
         "typed"
     };
-    luks_qcow2(ctx, work, marker, vec![])?;
-    let raw = to_raw(ctx, work, "system.qcow2", true)?;
+    let raw = encrypted_inner(ctx, work, marker, vec![], &LUKS_QCOW2, "system.qcow2")?;
     let checks = checks(&raw, work.to_string_lossy().as_ref())?;
     let cfg = config("\\images\\system.qcow2", passphrase.is_some(), &checks, &[]);
     let outer = make_outer(ctx, work, &cfg, passphrase, &["system.qcow2"])?;
@@ -632,27 +681,7 @@ fn wrong(mut plan: Plan, marker: &str) -> Plan {
 /// Scenario `luks2-disk`: a raw LUKS2 (Argon2id) volume on its own disk,
 /// found by `image=scan`.
 fn luks2_disk(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
-    make_inner(ctx, &work.join("inner.raw"), "luks2", vec![])?;
-    let s = secret();
-    qimg(
-        ctx,
-        work,
-        "qimg convert inner.raw -> LUKS2",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "luks",
-            "--object",
-            &s,
-            "-o",
-            "luks-version=2,key-secret=s0,iter-time=10,pbkdf=argon2id,pbkdf-memory=16384,pbkdf-parallel=1,pbkdf-iterations=4,sector-size=4096",
-            "inner.raw",
-            "system.luks",
-        ],
-    )?;
-    let raw = to_raw(ctx, work, "system.luks", true)?;
+    let raw = encrypted_inner(ctx, work, "luks2", vec![], &LUKS2, "system.luks")?;
     let checks = checks(&raw, "luks2-disk")?;
     let cfg = config("scan", true, &checks, &[]);
     let outer = make_outer(ctx, work, &cfg, Some(PASSPHRASE), &[])?;
@@ -764,27 +793,7 @@ fn compressed_backing(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
 /// file of its own (`hdr.img`, as `cryptsetup --header` keeps it) beside
 /// the data file (`data.img`, its header area zeroed), both on the stick.
 fn luks1_detached(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
-    make_inner(ctx, &work.join("inner.raw"), "luks1-detached", vec![])?;
-    let s = secret();
-    qimg(
-        ctx,
-        work,
-        "qimg convert inner.raw -> LUKS1",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "luks",
-            "--object",
-            &s,
-            "-o",
-            "key-secret=s0,iter-time=10",
-            "inner.raw",
-            "system.luks",
-        ],
-    )?;
-    let raw = to_raw(ctx, work, "system.luks", true)?;
+    let raw = encrypted_inner(ctx, work, "luks1-detached", vec![], &LUKS1, "system.luks")?;
     let path = work.join("system.luks");
     let mut volume = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     if !volume.starts_with(b"LUKS\xba\xbe\x00\x01") || volume.len() < 108 {
@@ -873,7 +882,7 @@ fn assert_compressed_with_backing(work: &Path) -> Result<(), String> {
 /// FAT with an initrd and a command line.
 fn linux(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
     let (kernel, initrd) = kernel_and_initrd(ctx, work)?;
-    luks_qcow2(
+    let raw = encrypted_inner(
         ctx,
         work,
         "linux",
@@ -881,8 +890,9 @@ fn linux(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
             ("vmlinuz", Content::File(kernel)),
             ("initrd.img", Content::File(initrd)),
         ],
+        &LUKS_QCOW2,
+        "system.qcow2",
     )?;
-    let raw = to_raw(ctx, work, "system.qcow2", true)?;
     let checks = checks(&raw, "linux")?;
     let cfg = config(
         "\\images\\system.qcow2",
