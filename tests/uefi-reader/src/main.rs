@@ -15,8 +15,13 @@
 
 extern crate alloc;
 
+// qimg-efi's Block I/O device: one source, built by both programs. The
+// reader has no use for its buffer alignment (`io_align`).
+#[allow(dead_code)]
+#[path = "../../../qimg-efi/src/disk.rs"]
 mod disk;
 
+use alloc::format;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -92,15 +97,16 @@ fn main() -> Status {
         }
     };
     let mut index = 0usize;
-    for &handle in handles.iter() {
+    for (i, &handle) in handles.iter().enumerate() {
         let Ok(proto) = boot::open_protocol_exclusive::<BlockIO>(handle) else {
             continue;
         };
-        let media = proto.media();
-        if media.is_logical_partition() || !media.is_media_present() {
+        if proto.media().is_logical_partition() {
             continue;
         }
-        let mut disk = Disk::new(proto);
+        let Some(mut disk) = Disk::new(proto, format!("blockio:{i}")) else {
+            continue;
+        };
         let mut head = [0u8; 512];
         if luks_core::io::read_bytes(&mut disk, 0, &mut head, &mut bufs.chunk).is_err() {
             continue;
