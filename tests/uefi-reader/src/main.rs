@@ -154,6 +154,9 @@ fn main() -> Status {
 /// allowed on the functions that return it.)
 struct Msg(heapless::String<256>);
 
+/// What reading one disk gives: its kind, size and SHA-256, or the error.
+type DiskRead = Result<(&'static str, u64, Hex), Msg>;
+
 impl Msg {
     fn of(e: impl core::fmt::Display) -> Self {
         use core::fmt::Write;
@@ -169,11 +172,7 @@ impl Msg {
 /// Opens a qcow2 image once, unlocks it in place if encrypted, and hashes
 /// its disk. The buffers are lent to the reader for this one disk.
 #[allow(clippy::result_large_err)]
-fn read_qcow2(
-    disk: &mut Disk,
-    pass: &[u8],
-    bufs: &mut Buffers,
-) -> Result<(&'static str, u64, Hex), Msg> {
+fn read_qcow2(disk: &mut Disk, pass: &[u8], bufs: &mut Buffers) -> DiskRead {
     let img = Qcow2::open(&mut *disk, &mut bufs.cache[..])
         .map_err(Msg::of)?
         .with_compression_buffers(&mut bufs.cin[..], &mut bufs.cout[..]);
@@ -194,11 +193,7 @@ fn read_qcow2(
 
 /// Unlocks a raw LUKS volume and hashes its payload.
 #[allow(clippy::result_large_err)]
-fn read_luks(
-    disk: &mut Disk,
-    pass: &[u8],
-    chunk: &mut [u8],
-) -> Result<(&'static str, u64, Hex), Msg> {
+fn read_luks(disk: &mut Disk, pass: &[u8], chunk: &mut [u8]) -> DiskRead {
     let hdr = luks1::read_header(&mut *disk).map_err(Msg::of)?;
     let (key, slot) = luks1::unlock(&mut *disk, &hdr, pass, None).map_err(Msg::of)?;
     println!("QIMG-UNLOCK luks key slot {}", slot);
@@ -211,11 +206,7 @@ fn read_luks(
 /// the Argon2 memory (as much as the key slots ask, up to
 /// [`MAX_ARGON2_KIB`]) come from the firmware's pool, handed to the core.
 #[allow(clippy::result_large_err)]
-fn read_luks2(
-    disk: &mut Disk,
-    pass: &[u8],
-    chunk: &mut [u8],
-) -> Result<(&'static str, u64, Hex), Msg> {
+fn read_luks2(disk: &mut Disk, pass: &[u8], chunk: &mut [u8]) -> DiskRead {
     let mut json = vec![0u8; LUKS2_JSON];
     let h = luks2::read_header(&mut *disk, &mut json).map_err(Msg::of)?;
     drop(json);
