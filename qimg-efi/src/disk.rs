@@ -1,6 +1,11 @@
 //! A firmware Block I/O device (a whole disk or a partition) as a qimg
-//! sector device, opened shared (GET_PROTOCOL) so the drivers bound to it
-//! stay connected.
+//! sector device, read-only.
+//!
+//! Safe code only, and the one source of this device: qimg-efi opens the
+//! protocol shared (`ffi::open_shared`, GET_PROTOCOL, so the drivers bound
+//! to it stay connected); the firmware reader test
+//! (`tests/uefi-reader`) includes this file by `#[path]` and opens it
+//! exclusively.
 
 use alloc::string::String;
 use core::fmt;
@@ -8,9 +13,6 @@ use core::fmt;
 use luks_core::io::BlockIo;
 use uefi::boot::ScopedProtocol;
 use uefi::proto::media::block::BlockIO;
-use uefi::Handle;
-
-use crate::ffi;
 
 /// A firmware block device, read-only.
 pub struct Disk {
@@ -42,10 +44,9 @@ impl fmt::Display for DiskError {
 }
 
 impl Disk {
-    /// Opens the Block I/O protocol of `handle` shared; `name` names the
-    /// device in messages. `None` if it has no Block I/O or no media.
-    pub fn open(handle: Handle, name: String) -> Option<Self> {
-        let proto = ffi::open_shared::<BlockIO>(handle).ok()?;
+    /// Takes an opened Block I/O protocol; `name` names the device in
+    /// messages. `None` if it has no media (or a block size of 0).
+    pub fn new(proto: ScopedProtocol<BlockIO>, name: String) -> Option<Self> {
         let media = proto.media();
         if !media.is_media_present() || media.block_size() == 0 {
             return None;

@@ -14,6 +14,7 @@ use core::fmt;
 
 use luks_core::io::BlockIo;
 use qcow_core::{CryptMethod, Qcow2};
+use uefi::proto::media::block::BlockIO;
 use uefi::proto::media::file::{File, FileAttribute, FileMode};
 use uefi::proto::media::fs::SimpleFileSystem;
 use uefi::{CString16, Handle};
@@ -139,9 +140,12 @@ impl Volume {
     /// Mounts the FAT file system of the boot partition `esp` (its Block
     /// I/O opened shared, so the firmware's FAT driver stays connected).
     pub fn mount(esp: Handle) -> Result<Self, Failure> {
-        let disk = Disk::open(esp, "boot volume".to_string()).ok_or_else(|| {
-            Failure::Error("the boot volume has no Block I/O protocol with media".to_string())
-        })?;
+        let opened = ffi::open_shared::<BlockIO>(esp).ok();
+        let disk = opened
+            .and_then(|p| Disk::new(p, "boot volume".to_string()))
+            .ok_or_else(|| {
+                Failure::Error("the boot volume has no Block I/O protocol with media".to_string())
+            })?;
         let align = disk.io_align();
         let fat = FatVolume::mount(Shared(Rc::new(RefCell::new(disk))))
             .map_err(|e| Failure::Error(format!("boot volume: {e}")))?;

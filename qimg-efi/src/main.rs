@@ -237,7 +237,8 @@ fn open_scanned(esp: Handle, secrets: &Secrets) -> Result<Source, Stop> {
             continue;
         }
         let name = format!("blockio:{i}");
-        let Some(mut disk) = Disk::open(h, name.clone()) else {
+        let opened = ffi::open_shared::<BlockIO>(h).ok();
+        let Some(mut disk) = opened.and_then(|p| Disk::new(p, name.clone())) else {
             continue;
         };
         let mut head = alloc::vec![0u8; disk.sector_size() as usize];

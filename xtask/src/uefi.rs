@@ -4,57 +4,24 @@
 //! `qimg convert -O raw` of the same image.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use crate::{cargo, root, run};
+use crate::uefi_boot::serial::Until;
+use crate::uefi_boot::{self, Machine};
+use crate::{root, run};
 
-/// Firmware code image (Debian `ovmf`).
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-/// Firmware variable store template.
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
-/// How long one boot may take before it counts as hung.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// The passphrase the test images are made with.
 const PASSPHRASE: &str = "firmware-test-passphrase";
 
 /// Builds the UEFI application; returns the path of the `.efi` file.
 pub(crate) fn build() -> Result<PathBuf, String> {
-    let dir = root().join("tests").join("uefi-reader");
-    run(
-        "build the UEFI reader",
-        cargo()
-            .current_dir(&dir)
-            .args(["build", "--release", "--target", "x86_64-unknown-uefi"]),
-    )?;
-    let efi = dir
-        .join("target")
-        .join("x86_64-unknown-uefi")
-        .join("release")
-        .join("uefi-reader.efi");
-    if efi.is_file() {
-        Ok(efi)
-    } else {
-        Err(format!("{} was not built", efi.display()))
-    }
+    uefi_boot::build_efi("tests/uefi-reader", "uefi-reader")
 }
 
 /// Builds the UEFI boot program `qimg-efi`; returns the path of the
 /// `.efi` file.
 pub(crate) fn build_boot() -> Result<PathBuf, String> {
-    let dir = root().join("qimg-efi");
-    run(
-        "build the UEFI boot program",
-        cargo()
-            .current_dir(&dir)
-            .args(["build", "--release", "--target", "x86_64-unknown-uefi"]),
-    )?;
-    let efi = dir.join("target/x86_64-unknown-uefi/release/qimg-efi.efi");
-    if efi.is_file() {
-        Ok(efi)
-    } else {
-        Err(format!("{} was not built", efi.display()))
-    }
+    uefi_boot::build_efi("qimg-efi", "qimg-efi")
 }
 
 /// One image the firmware must read.
@@ -76,7 +43,7 @@ fn args(list: &[&str]) -> Vec<String> {
 
 fn images() -> Vec<TestImage> {
     let secret = format!("secret,id=s0,data={PASSPHRASE}");
-    vec![
+    let mut images = vec![
         TestImage {
             name: "plain.qcow2",
             create: args(&[
@@ -106,74 +73,26 @@ fn images() -> Vec<TestImage> {
             read_args: vec![],
             seed: 2,
         },
-        TestImage {
-            name: "encrypted.qcow2",
-            create: args(&[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "--object",
-                &secret,
-                "-o",
-                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-                "source.raw",
-                "encrypted.qcow2",
-            ]),
-            read_args: args(&["--object", &secret]),
-            seed: 3,
-        },
-        TestImage {
-            name: "volume.luks",
-            create: args(&[
-                "convert",
-                "-O",
-                "luks",
-                "--object",
-                &secret,
-                "-o",
-                "key-secret=s0,iter-time=10",
-                "source.raw",
-                "volume.luks",
-            ]),
-            read_args: args(&["--object", &secret]),
-            seed: 4,
-        },
-        TestImage {
-            name: "volume2.luks",
-            create: args(&[
-                "convert",
-                "-O",
-                "luks",
-                "--object",
-                &secret,
-                "-o",
-                "luks-version=2,key-secret=s0,iter-time=10,pbkdf=argon2id,pbkdf-memory=16384,pbkdf-parallel=1,pbkdf-iterations=4,sector-size=4096",
-                "source.raw",
-                "volume2.luks",
-            ]),
-            read_args: args(&["--object", &secret]),
-            seed: 5,
-        },
-    ]
+    ];
+    let encrypted = [
+        ("encrypted.qcow2", &uefi_boot::LUKS_QCOW2, 3),
+        ("volume.luks", &uefi_boot::LUKS1, 4),
+        ("volume2.luks", &uefi_boot::LUKS2, 5),
+    ];
+    images.extend(encrypted.map(|(name, enc, seed)| TestImage {
+        name,
+        create: enc.convert_args(&secret, "source.raw", name),
+        read_args: args(&["--object", &secret]),
+        seed,
+    }));
+    images
 }
 
 /// Runs the firmware test.
 pub(crate) fn test() -> Result<(), String> {
-    for f in [OVMF_CODE, OVMF_VARS] {
-        if !Path::new(f).is_file() {
-            return Err(format!(
-                "{f} is missing: install Debian's `ovmf` (.ci/run does)"
-            ));
-        }
-    }
+    uefi_boot::require_ovmf()?;
     let efi = build()?;
-    run(
-        "build qimg",
-        cargo().args(["build", "--release", "-p", "qimg-cli", "--bin", "qimg"]),
-    )?;
-    let qimg = root().join("target").join("release").join("qimg");
+    let qimg = uefi_boot::build_qimg()?;
     let work = root().join("target").join("uefi-test");
     let _ = std::fs::remove_dir_all(&work);
     let esp = work.join("esp");
@@ -187,7 +106,6 @@ pub(crate) fn test() -> Result<(), String> {
         "read=all\npassphrase=\\qimg\\passphrase\n",
     )
     .map_err(|e| e.to_string())?;
-    std::fs::copy(OVMF_VARS, work.join("vars.fd")).map_err(|e| e.to_string())?;
 
     let mut expected = Vec::new();
     for img in images() {
@@ -206,8 +124,9 @@ pub(crate) fn test() -> Result<(), String> {
                 .arg(img.name)
                 .arg(&raw),
         )?;
-        let size = std::fs::metadata(&raw).map_err(|e| e.to_string())?.len();
-        let hash = sha256sum(&raw)?;
+        let bytes = std::fs::read(&raw).map_err(|e| format!("{}: {e}", raw.display()))?;
+        let size = bytes.len() as u64;
+        let hash = uefi_boot::sha256(&bytes)?;
         // Block devices are whole sectors: pad the image file.
         let path = work.join(img.name);
         let len = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
@@ -220,15 +139,17 @@ pub(crate) fn test() -> Result<(), String> {
         expected.push((img.name, size, hash));
     }
 
-    let serial = boot(
-        &work,
-        &esp,
-        &expected.iter().map(|e| work.join(e.0)).collect::<Vec<_>>(),
-    )?;
-    let results: Vec<&str> = serial.lines().filter(|l| l.starts_with("QIMG-")).collect();
-    for l in &results {
-        println!("  {l}");
-    }
+    let machine = Machine::OvmfFolder {
+        esp,
+        disks: expected.iter().map(|e| work.join(e.0)).collect(),
+    };
+    eprintln!("xtask: == boot OVMF with {} disks", expected.len());
+    // The reader prints its QIMG- lines (shown as they arrive), goes on
+    // after a failed disk, and shuts the machine down.
+    let log = work.join("serial.log");
+    let boot = uefi_boot::boot(&machine, &work, &[], &log, Until::Exit)?;
+    eprintln!("xtask: boot took {:.1}s", boot.seconds);
+    let results = boot.qimg_lines();
     let budget = results
         .iter()
         .find_map(|l| l.strip_prefix("QIMG-BUDGET "))
@@ -269,70 +190,4 @@ fn write_source(path: &Path, seed: u64) -> Result<(), String> {
         }
     }
     std::fs::write(path, &data).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// Boots OVMF with the ESP folder and the disks; returns the serial output.
-fn boot(work: &Path, esp: &Path, disks: &[PathBuf]) -> Result<String, String> {
-    let log = work.join("serial.log");
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-machine", "q35", "-accel", "tcg", "-m", "512", "-display", "none",
-    ])
-    .args(["-no-reboot", "-monitor", "none"])
-    .arg("-serial")
-    .arg(format!("file:{}", log.display()))
-    .arg("-drive")
-    .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
-    .arg("-drive")
-    .arg(format!(
-        "if=pflash,format=raw,file={}",
-        work.join("vars.fd").display()
-    ))
-    .arg("-drive")
-    .arg(format!("format=raw,file=fat:rw:{}", esp.display()));
-    for (i, d) in disks.iter().enumerate() {
-        cmd.arg("-drive")
-            .arg(format!(
-                "if=none,id=d{i},format=raw,readonly=on,file={}",
-                d.display()
-            ))
-            .arg("-device")
-            .arg(format!("virtio-blk-pci,drive=d{i}"));
-    }
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-    eprintln!("xtask: == boot OVMF with {} disks", disks.len());
-    let started = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start qemu-system-x86_64 (install qemu-system-x86): {e}"))?;
-    loop {
-        match child.try_wait().map_err(|e| e.to_string())? {
-            Some(_) => break,
-            None if started.elapsed() > BOOT_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(format!(
-                    "firmware boot hung for {}s; serial so far:\n{text}",
-                    BOOT_TIMEOUT.as_secs()
-                ));
-            }
-            None => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-    eprintln!("xtask: boot took {:.1}s", started.elapsed().as_secs_f64());
-    let bytes = std::fs::read(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-    Ok(String::from_utf8_lossy(&bytes).replace('\r', ""))
-}
-
-pub(crate) fn sha256sum(path: &Path) -> Result<String, String> {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .map_err(|e| format!("sha256sum: {e}"))?;
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .map(str::to_string)
-        .ok_or_else(|| format!("sha256sum printed nothing for {}", path.display()))
 }

@@ -11,7 +11,7 @@
 //! Serial logs: `target/uefi-test/<scenario>.log`.
 
 mod disk;
-mod serial;
+pub(crate) mod serial;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use crate::{cargo, root, run};
 use disk::Content;
+use serial::{BootLog, Until};
 
 /// Firmware code image (Debian `ovmf`).
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -44,6 +45,59 @@ fn secret() -> String {
     format!("secret,id=s0,data={PASSPHRASE}")
 }
 
+/// An encrypted image format made by `qimg convert -O format -o options`
+/// with the secret `s0`; cheap key derivation (the firmware unlocks it
+/// under TCG). The reader test in `uefi.rs` makes the same three.
+pub(crate) struct Encryption {
+    /// Named in progress lines.
+    what: &'static str,
+    /// `-O`.
+    format: &'static str,
+    /// `-o`.
+    options: &'static str,
+}
+
+/// LUKS1 inside a qcow2 image.
+pub(crate) const LUKS_QCOW2: Encryption = Encryption {
+    what: "LUKS qcow2",
+    format: "qcow2",
+    options: "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+};
+/// A raw LUKS1 volume.
+pub(crate) const LUKS1: Encryption = Encryption {
+    what: "LUKS1",
+    format: "luks",
+    options: "key-secret=s0,iter-time=10",
+};
+/// A raw LUKS2 volume: Argon2id (16 MiB) and 4 KiB sectors.
+pub(crate) const LUKS2: Encryption = Encryption {
+    what: "LUKS2",
+    format: "luks",
+    options: "luks-version=2,key-secret=s0,iter-time=10,pbkdf=argon2id,pbkdf-memory=16384,pbkdf-parallel=1,pbkdf-iterations=4,sector-size=4096",
+};
+
+impl Encryption {
+    /// `qimg` arguments converting the raw file `src` to `dst` in this
+    /// format; `secret` is the `--object` that defines `s0`.
+    pub(crate) fn convert_args(&self, secret: &str, src: &str, dst: &str) -> Vec<String> {
+        [
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            self.format,
+            "--object",
+            secret,
+            "-o",
+            self.options,
+            src,
+            dst,
+        ]
+        .map(str::to_string)
+        .to_vec()
+    }
+}
+
 /// The names of every scenario, in the order they run.
 pub(crate) const SCENARIOS: &[&str] = &[
     "inner-disk",
@@ -57,10 +111,18 @@ pub(crate) const SCENARIOS: &[&str] = &[
     "wrong-passphrase",
 ];
 
-/// How a scenario boots.
-enum Machine {
+/// How a scenario (or the reader test in `uefi.rs`) boots.
+pub(crate) enum Machine {
     /// OVMF from the disks (the first is the boot disk).
     Ovmf(Vec<PathBuf>),
+    /// OVMF from a host folder QEMU shows as a FAT disk (vvfat, on the
+    /// default controller), with `disks` beside it.
+    OvmfFolder {
+        /// The folder (an EFI system partition's files).
+        esp: PathBuf,
+        /// Raw disks after it.
+        disks: Vec<PathBuf>,
+    },
     /// No firmware: `-kernel`/`-initrd`, console on the serial port.
     Kernel { kernel: PathBuf, initrd: PathBuf },
 }
@@ -87,7 +149,7 @@ struct Plan {
 struct Ctx {
     qimg: PathBuf,
     marker: PathBuf,
-    /// qimg-efi (`uefi::build_boot`), or why it could not be built.
+    /// qimg-efi, or why it could not be built.
     qimg_efi: Result<PathBuf, String>,
     /// `target/uefi-test`: logs here, each scenario's files in a subfolder.
     out: PathBuf,
@@ -95,8 +157,8 @@ struct Ctx {
     deps: PathBuf,
 }
 
-/// Runs the boot scenarios named in `only` (all when empty).
-pub(crate) fn test(only: &[String]) -> Result<(), String> {
+/// Fails unless the OVMF firmware files are installed.
+pub(crate) fn require_ovmf() -> Result<(), String> {
     for f in [OVMF_CODE, OVMF_VARS] {
         if !Path::new(f).is_file() {
             return Err(format!(
@@ -104,6 +166,21 @@ pub(crate) fn test(only: &[String]) -> Result<(), String> {
             ));
         }
     }
+    Ok(())
+}
+
+/// Builds the release `qimg`; returns its path.
+pub(crate) fn build_qimg() -> Result<PathBuf, String> {
+    run(
+        "build qimg",
+        cargo().args(["build", "--release", "-p", "qimg-cli", "--bin", "qimg"]),
+    )?;
+    Ok(root().join("target").join("release").join("qimg"))
+}
+
+/// Runs the boot scenarios named in `only` (all when empty).
+pub(crate) fn test(only: &[String]) -> Result<(), String> {
+    require_ovmf()?;
     if let Some(bad) = only.iter().find(|n| !SCENARIOS.contains(&n.as_str())) {
         return Err(format!(
             "no boot scenario `{bad}`; there are: {}",
@@ -111,16 +188,13 @@ pub(crate) fn test(only: &[String]) -> Result<(), String> {
         ));
     }
     let started = Instant::now();
-    run(
-        "build qimg",
-        cargo().args(["build", "--release", "-p", "qimg-cli", "--bin", "qimg"]),
-    )?;
+    let qimg = build_qimg()?;
     let out = root().join("target").join("uefi-test");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let ctx = Ctx {
-        qimg: root().join("target").join("release").join("qimg"),
+        qimg,
         marker: build_efi("tests/uefi-marker", "uefi-marker")?,
-        qimg_efi: crate::uefi::build_boot(),
+        qimg_efi: build_efi("qimg-efi", "qimg-efi"),
         out,
         deps: root().join("target").join("uefi-deps"),
     };
@@ -188,8 +262,13 @@ fn scenario(ctx: &Ctx, name: &str) -> Result<(), String> {
         other => Err(format!("no boot scenario `{other}`")),
     }?;
     let log = ctx.out.join(format!("{name}.log"));
-    let cmd = qemu(&plan.machine, &work)?;
-    let boot = serial::boot(cmd, &plan.typed, &log)?;
+    let boot = boot(
+        &plan.machine,
+        &work,
+        &plan.typed,
+        &log,
+        Until::ExitOrFailure,
+    )?;
     println!(
         "    (boot took {:.1}s; serial log {})",
         boot.seconds,
@@ -226,6 +305,18 @@ fn scenario(ctx: &Ctx, name: &str) -> Result<(), String> {
     Err(missing.join("\n"))
 }
 
+/// Boots `machine` (its variable store in `work`), typing `typed` at the
+/// passphrase prompts, until `until`; the serial output is kept in `log`.
+pub(crate) fn boot(
+    machine: &Machine,
+    work: &Path,
+    typed: &[String],
+    log: &Path,
+    until: Until,
+) -> Result<BootLog, String> {
+    serial::boot(qemu(machine, work)?, typed, log, until)
+}
+
 /// The QEMU command line for `machine` (without `-serial`).
 fn qemu(machine: &Machine, work: &Path) -> Result<Command, String> {
     let mut cmd = Command::new("qemu-system-x86_64");
@@ -233,13 +324,17 @@ fn qemu(machine: &Machine, work: &Path) -> Result<Command, String> {
         .args(["-nic", "none", "-display", "none", "-monitor", "none"])
         .arg("-no-reboot");
     match machine {
-        Machine::Ovmf(disks) => {
+        Machine::Ovmf(disks) | Machine::OvmfFolder { disks, .. } => {
             let vars = work.join("vars.fd");
             std::fs::copy(OVMF_VARS, &vars).map_err(|e| format!("{}: {e}", vars.display()))?;
             cmd.arg("-drive")
                 .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
                 .arg("-drive")
                 .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+            if let Machine::OvmfFolder { esp, .. } = machine {
+                cmd.arg("-drive")
+                    .arg(format!("format=raw,file=fat:rw:{}", esp.display()));
+            }
             for (i, d) in disks.iter().enumerate() {
                 cmd.arg("-drive")
                     .arg(format!(
@@ -265,8 +360,9 @@ fn qemu(machine: &Machine, work: &Path) -> Result<Command, String> {
     Ok(cmd)
 }
 
-/// Builds a UEFI program (its own cargo workspace under `dir`).
-fn build_efi(dir: &str, name: &str) -> Result<PathBuf, String> {
+/// Builds a UEFI program (its own cargo workspace under `dir`, relative to
+/// the root); returns the path of `name.efi`.
+pub(crate) fn build_efi(dir: &str, name: &str) -> Result<PathBuf, String> {
     let dir = root().join(dir);
     if !dir.join("Cargo.toml").is_file() {
         return Err(format!("{} does not exist", dir.display()));
@@ -337,7 +433,12 @@ fn linux_direct(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
 }
 
 /// Runs `qimg` in `work`.
-fn qimg(ctx: &Ctx, work: &Path, what: &str, args: &[&str]) -> Result<(), String> {
+fn qimg<S: AsRef<std::ffi::OsStr>>(
+    ctx: &Ctx,
+    work: &Path,
+    what: &str,
+    args: &[S],
+) -> Result<(), String> {
     run(what, Command::new(&ctx.qimg).current_dir(work).args(args))
 }
 
@@ -391,7 +492,7 @@ fn checks(raw: &Path, seed: &str) -> Result<Vec<(u64, u64, String)>, String> {
 
 /// SHA-256 of `bytes` in hex (coreutils' `sha256sum`; xtask has no
 /// dependencies).
-fn sha256(bytes: &[u8]) -> Result<String, String> {
+pub(crate) fn sha256(bytes: &[u8]) -> Result<String, String> {
     use std::io::Write;
     let mut child = Command::new("sha256sum")
         .stdin(std::process::Stdio::piped())
@@ -497,33 +598,25 @@ fn make_outer(
     Ok(outer)
 }
 
-/// `inner.raw` with `marker` -> an encrypted qcow2 `system.qcow2`.
-fn luks_qcow2(
+/// `inner.raw` (`make_inner` with `marker` and `extra`) converted to `enc`
+/// as `image`; returns `qimg convert -O raw` of `image`, the content the
+/// firmware must read.
+fn encrypted_inner(
     ctx: &Ctx,
     work: &Path,
     marker: &str,
     extra: Vec<(&str, Content)>,
-) -> Result<(), String> {
+    enc: &Encryption,
+    image: &str,
+) -> Result<PathBuf, String> {
     make_inner(ctx, &work.join("inner.raw"), marker, extra)?;
-    let s = secret();
     qimg(
         ctx,
         work,
-        "qimg convert inner.raw -> LUKS qcow2",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "--object",
-            &s,
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-            "inner.raw",
-            "system.qcow2",
-        ],
-    )
+        &format!("qimg convert inner.raw -> {}", enc.what),
+        &enc.convert_args(&secret(), "inner.raw", image),
+    )?;
+    to_raw(ctx, work, image, true)
 }
 
 /// Scenario `luks-qcow2-file` (passphrase from the file) and the base of
@@ -539,8 +632,7 @@ fn luks_qcow2_file(
     } else {
         "typed"
     };
-    luks_qcow2(ctx, work, marker, vec![])?;
-    let raw = to_raw(ctx, work, "system.qcow2", true)?;
+    let raw = encrypted_inner(ctx, work, marker, vec![], &LUKS_QCOW2, "system.qcow2")?;
     let checks = checks(&raw, work.to_string_lossy().as_ref())?;
     let cfg = config("\\images\\system.qcow2", passphrase.is_some(), &checks, &[]);
     let outer = make_outer(ctx, work, &cfg, passphrase, &["system.qcow2"])?;
@@ -589,27 +681,7 @@ fn wrong(mut plan: Plan, marker: &str) -> Plan {
 /// Scenario `luks2-disk`: a raw LUKS2 (Argon2id) volume on its own disk,
 /// found by `image=scan`.
 fn luks2_disk(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
-    make_inner(ctx, &work.join("inner.raw"), "luks2", vec![])?;
-    let s = secret();
-    qimg(
-        ctx,
-        work,
-        "qimg convert inner.raw -> LUKS2",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "luks",
-            "--object",
-            &s,
-            "-o",
-            "luks-version=2,key-secret=s0,iter-time=10,pbkdf=argon2id,pbkdf-memory=16384,pbkdf-parallel=1,pbkdf-iterations=4,sector-size=4096",
-            "inner.raw",
-            "system.luks",
-        ],
-    )?;
-    let raw = to_raw(ctx, work, "system.luks", true)?;
+    let raw = encrypted_inner(ctx, work, "luks2", vec![], &LUKS2, "system.luks")?;
     let checks = checks(&raw, "luks2-disk")?;
     let cfg = config("scan", true, &checks, &[]);
     let outer = make_outer(ctx, work, &cfg, Some(PASSPHRASE), &[])?;
@@ -721,27 +793,7 @@ fn compressed_backing(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
 /// file of its own (`hdr.img`, as `cryptsetup --header` keeps it) beside
 /// the data file (`data.img`, its header area zeroed), both on the stick.
 fn luks1_detached(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
-    make_inner(ctx, &work.join("inner.raw"), "luks1-detached", vec![])?;
-    let s = secret();
-    qimg(
-        ctx,
-        work,
-        "qimg convert inner.raw -> LUKS1",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "luks",
-            "--object",
-            &s,
-            "-o",
-            "key-secret=s0,iter-time=10",
-            "inner.raw",
-            "system.luks",
-        ],
-    )?;
-    let raw = to_raw(ctx, work, "system.luks", true)?;
+    let raw = encrypted_inner(ctx, work, "luks1-detached", vec![], &LUKS1, "system.luks")?;
     let path = work.join("system.luks");
     let mut volume = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     if !volume.starts_with(b"LUKS\xba\xbe\x00\x01") || volume.len() < 108 {
@@ -830,7 +882,7 @@ fn assert_compressed_with_backing(work: &Path) -> Result<(), String> {
 /// FAT with an initrd and a command line.
 fn linux(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
     let (kernel, initrd) = kernel_and_initrd(ctx, work)?;
-    luks_qcow2(
+    let raw = encrypted_inner(
         ctx,
         work,
         "linux",
@@ -838,8 +890,9 @@ fn linux(ctx: &Ctx, work: &Path) -> Result<Plan, String> {
             ("vmlinuz", Content::File(kernel)),
             ("initrd.img", Content::File(initrd)),
         ],
+        &LUKS_QCOW2,
+        "system.qcow2",
     )?;
-    let raw = to_raw(ctx, work, "system.qcow2", true)?;
     let checks = checks(&raw, "linux")?;
     let cfg = config(
         "\\images\\system.qcow2",

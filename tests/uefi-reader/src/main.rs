@@ -15,8 +15,13 @@
 
 extern crate alloc;
 
+// qimg-efi's Block I/O device: one source, built by both programs. The
+// reader has no use for its buffer alignment (`io_align`).
+#[allow(dead_code)]
+#[path = "../../../qimg-efi/src/disk.rs"]
 mod disk;
 
+use alloc::format;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -64,7 +69,10 @@ struct Buffers {
 fn main() -> Status {
     println!("QIMG-START uefi-reader");
     let config = read_esp_file(cstr16!("\\qimg\\config.txt"));
-    let config = config.as_deref().and_then(|c| core::str::from_utf8(c).ok()).unwrap_or("");
+    let config = config
+        .as_deref()
+        .and_then(|c| core::str::from_utf8(c).ok())
+        .unwrap_or("");
     let wanted: Vec<&str> = config
         .lines()
         .filter_map(|l| l.strip_prefix("read="))
@@ -72,7 +80,11 @@ fn main() -> Status {
         .map(str::trim)
         .collect();
     let pass = read_esp_file(cstr16!("\\qimg\\passphrase")).unwrap_or_default();
-    println!("QIMG-CONFIG read={:?} passphrase-bytes={}", wanted, pass.len());
+    println!(
+        "QIMG-CONFIG read={:?} passphrase-bytes={}",
+        wanted,
+        pass.len()
+    );
     println!(
         "QIMG-BUDGET bytes={} (read chunk {}, L2 cache {}, compressed in {}, compressed out {})",
         BUDGET, CHUNK, CACHE, COMPRESSED_IN, MAX_COMPRESSED_CLUSTER
@@ -92,15 +104,16 @@ fn main() -> Status {
         }
     };
     let mut index = 0usize;
-    for &handle in handles.iter() {
+    for (i, &handle) in handles.iter().enumerate() {
         let Ok(proto) = boot::open_protocol_exclusive::<BlockIO>(handle) else {
             continue;
         };
-        let media = proto.media();
-        if media.is_logical_partition() || !media.is_media_present() {
+        if proto.media().is_logical_partition() {
             continue;
         }
-        let mut disk = Disk::new(proto);
+        let Some(mut disk) = Disk::new(proto, format!("blockio:{i}")) else {
+            continue;
+        };
         let mut head = [0u8; 512];
         if luks_core::io::read_bytes(&mut disk, 0, &mut head, &mut bufs.chunk).is_err() {
             continue;
@@ -136,8 +149,13 @@ fn main() -> Status {
     shutdown();
 }
 
-/// A short error text without allocation beyond one line.
+/// A short error text without allocation beyond one line. (256 bytes on
+/// the stack, returned once per disk: clippy's `result_large_err` is
+/// allowed on the functions that return it.)
 struct Msg(heapless::String<256>);
+
+/// What reading one disk gives: its kind, size and SHA-256, or the error.
+type DiskRead = Result<(&'static str, u64, Hex), Msg>;
 
 impl Msg {
     fn of(e: impl core::fmt::Display) -> Self {
@@ -153,12 +171,15 @@ impl Msg {
 
 /// Opens a qcow2 image once, unlocks it in place if encrypted, and hashes
 /// its disk. The buffers are lent to the reader for this one disk.
-fn read_qcow2(disk: &mut Disk, pass: &[u8], bufs: &mut Buffers) -> Result<(&'static str, u64, Hex), Msg> {
+#[allow(clippy::result_large_err)]
+fn read_qcow2(disk: &mut Disk, pass: &[u8], bufs: &mut Buffers) -> DiskRead {
     let img = Qcow2::open(&mut *disk, &mut bufs.cache[..])
         .map_err(Msg::of)?
         .with_compression_buffers(&mut bufs.cin[..], &mut bufs.cout[..]);
     if img.info().backing_file().is_some() {
-        return Err(Msg::of("images with a backing file are not read by the firmware reader"));
+        return Err(Msg::of(
+            "images with a backing file are not read by the firmware reader",
+        ));
     }
     let what = match img.info().header.crypt_method {
         CryptMethod::Luks => "qcow2-luks",
@@ -171,7 +192,8 @@ fn read_qcow2(disk: &mut Disk, pass: &[u8], bufs: &mut Buffers) -> Result<(&'sta
 }
 
 /// Unlocks a raw LUKS volume and hashes its payload.
-fn read_luks(disk: &mut Disk, pass: &[u8], chunk: &mut [u8]) -> Result<(&'static str, u64, Hex), Msg> {
+#[allow(clippy::result_large_err)]
+fn read_luks(disk: &mut Disk, pass: &[u8], chunk: &mut [u8]) -> DiskRead {
     let hdr = luks1::read_header(&mut *disk).map_err(Msg::of)?;
     let (key, slot) = luks1::unlock(&mut *disk, &hdr, pass, None).map_err(Msg::of)?;
     println!("QIMG-UNLOCK luks key slot {}", slot);
@@ -183,7 +205,8 @@ fn read_luks(disk: &mut Disk, pass: &[u8], chunk: &mut [u8]) -> Result<(&'static
 /// Unlocks a raw LUKS2 volume and hashes its payload. The JSON text and
 /// the Argon2 memory (as much as the key slots ask, up to
 /// [`MAX_ARGON2_KIB`]) come from the firmware's pool, handed to the core.
-fn read_luks2(disk: &mut Disk, pass: &[u8], chunk: &mut [u8]) -> Result<(&'static str, u64, Hex), Msg> {
+#[allow(clippy::result_large_err)]
+fn read_luks2(disk: &mut Disk, pass: &[u8], chunk: &mut [u8]) -> DiskRead {
     let mut json = vec![0u8; LUKS2_JSON];
     let h = luks2::read_header(&mut *disk, &mut json).map_err(Msg::of)?;
     drop(json);

@@ -1,6 +1,7 @@
 //! The serial harness: runs QEMU with `-serial stdio`, reads its output on
 //! a thread, answers passphrase prompts by typing, and stops on QEMU's exit,
-//! a per-boot timeout, or a few seconds after the program reported failure.
+//! a per-boot timeout, or (when asked) a few seconds after the program
+//! reported failure.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -19,17 +20,28 @@ const KEY_GAP: Duration = Duration::from_millis(30);
 /// The prompt text that makes the harness type the next passphrase.
 const PROMPT: &str = "Passphrase for";
 
+/// When a boot ends, besides QEMU's exit and the timeout.
+#[derive(Clone, Copy)]
+pub(crate) enum Until {
+    /// Only then: the program shuts the machine down itself and goes on
+    /// after a `QIMG-ERROR` (the firmware reader, disk after disk).
+    Exit,
+    /// Also [`AFTER_FAIL`] after `QIMG-FAIL`/`QIMG-ERROR`: qimg-efi then
+    /// leaves the firmware to its next boot option.
+    ExitOrFailure,
+}
+
 /// What one boot printed.
-pub(super) struct BootLog {
+pub(crate) struct BootLog {
     /// The serial output, escape sequences and carriage returns removed.
-    pub(super) text: String,
+    pub(crate) text: String,
     /// Seconds the boot took.
-    pub(super) seconds: f64,
+    pub(crate) seconds: f64,
 }
 
 impl BootLog {
     /// The lines that hold a `QIMG-` marker, from the marker on.
-    pub(super) fn qimg_lines(&self) -> Vec<&str> {
+    pub(crate) fn qimg_lines(&self) -> Vec<&str> {
         self.text
             .lines()
             .filter_map(|l| l.find("QIMG-").map(|i| &l[i..]))
@@ -38,9 +50,14 @@ impl BootLog {
 }
 
 /// Boots `cmd` (a `qemu-system-x86_64` command without a `-serial` option),
-/// typing one of `typed` (then Enter) at each passphrase prompt; keeps the
-/// whole serial log in `log`.
-pub(super) fn boot(mut cmd: Command, typed: &[String], log: &Path) -> Result<BootLog, String> {
+/// typing one of `typed` (then Enter) at each passphrase prompt, until
+/// `until`; keeps the whole serial log in `log`.
+pub(super) fn boot(
+    mut cmd: Command,
+    typed: &[String],
+    log: &Path,
+    until: Until,
+) -> Result<BootLog, String> {
     cmd.args(["-serial", "stdio"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -105,7 +122,10 @@ pub(super) fn boot(mut cmd: Command, typed: &[String], log: &Path) -> Result<Boo
                 None => println!("    (a passphrase prompt with nothing left to type)"),
             }
         }
-        if stop_at.is_none() && (text.contains("QIMG-FAIL") || text.contains("QIMG-ERROR")) {
+        if matches!(until, Until::ExitOrFailure)
+            && stop_at.is_none()
+            && (text.contains("QIMG-FAIL") || text.contains("QIMG-ERROR"))
+        {
             stop_at = Some(Instant::now() + AFTER_FAIL);
         }
         if stop_at.is_some_and(|t| Instant::now() >= t) {
