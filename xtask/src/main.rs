@@ -204,11 +204,24 @@ fn ci() -> Result<(), String> {
     Ok(())
 }
 
+/// The UEFI programs: each its own cargo workspace, built for
+/// `x86_64-unknown-uefi`, outside `--workspace`.
+const UEFI_CRATES: [&str; 3] = ["qimg-efi", "tests/uefi-reader", "tests/uefi-marker"];
+
 fn fmt_check() -> Result<(), String> {
     run(
         "rustfmt check",
         cargo().args(["fmt", "--all", "--", "--check"]),
-    )
+    )?;
+    for dir in UEFI_CRATES {
+        run(
+            &format!("rustfmt check ({dir})"),
+            cargo()
+                .current_dir(root().join(dir))
+                .args(["fmt", "--all", "--", "--check"]),
+        )?;
+    }
+    Ok(())
 }
 
 fn clippy() -> Result<(), String> {
@@ -222,7 +235,22 @@ fn clippy() -> Result<(), String> {
             "-D",
             "warnings",
         ]),
-    )
+    )?;
+    for dir in UEFI_CRATES {
+        run(
+            &format!("clippy ({dir})"),
+            cargo().current_dir(root().join(dir)).args([
+                "clippy",
+                "--release",
+                "--target",
+                "x86_64-unknown-uefi",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        )?;
+    }
+    Ok(())
 }
 
 fn test() -> Result<(), String> {
