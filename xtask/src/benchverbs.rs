@@ -9,8 +9,9 @@
 //! - Each row runs both tools `runs` times, alternating which goes first,
 //!   each under `/usr/bin/time -f %M` (peak RSS); wall time is measured
 //!   around it. The median is printed. Streaming convert rows also time
-//!   `cp --sparse=always` of the raw source (the copy floor) in the same
-//!   rotation.
+//!   `cp` of the raw source (the copy floor) in the same rotation:
+//!   `--sparse=always`, or `--sparse=never` where the output format holds
+//!   no holes (raw LUKS). The first row runs one untimed round first.
 //! - Every timed output is checked against the other tool's (and, for
 //!   converts, against the source, decrypting with each tool for encrypted
 //!   outputs). A failed check is an error; a missed target is only printed.
@@ -97,11 +98,25 @@ type ArgsFn = Box<dyn Fn(&Ctx, Tool, &Path) -> Vec<OsString>>;
 type PrepFn = Box<dyn Fn(&Ctx, Tool, &Path) -> Result<(), String>>;
 type CheckFn = Box<dyn Fn(&Ctx, [&Path; 2], [&str; 2]) -> Result<String, String>>;
 
+/// Which copy floor a row is judged against.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Floor {
+    /// Not a streaming convert: no floor.
+    None,
+    /// `cp --sparse=always` of the raw source: the output keeps the
+    /// source's holes.
+    Sparse,
+    /// `cp --sparse=never` of the raw source: the output format cannot
+    /// hold a hole (a raw LUKS volume stores the ciphertext of zeros), so
+    /// the least any tool writes is every byte.
+    Dense,
+}
+
 /// One table row.
 struct Row {
     name: &'static str,
-    /// A convert whose speed is judged against the copy floor.
-    streaming: bool,
+    /// The copy floor of a streaming convert, judged against it.
+    floor: Floor,
     /// Output file suffix (each tool writes `out-<tool>.<ext>`).
     ext: &'static str,
     args: ArgsFn,
@@ -524,6 +539,11 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path) -> Result<(), String> {
     let mut results = Vec::new();
     // `QIMG_BENCH_ONLY=WORD`: only the rows whose name contains WORD.
     let only = std::env::var("QIMG_BENCH_ONLY").unwrap_or_default();
+    // The first row gets one untimed round before its timed ones: on a
+    // fresh machine the first writes of a run's size into the work folder
+    // were 4x slower for every tool (the floor's `cp` included) than the
+    // same writes later, which said nothing about the first row's verb.
+    let mut warm_up = true;
     for row in rows()
         .into_iter()
         .filter(|r| r.name.contains(only.as_str()))
@@ -538,9 +558,10 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path) -> Result<(), String> {
         let mut secs: [Vec<f64>; 3] = Default::default();
         let mut rss = [0u64; 2];
         let mut stdout = [String::new(), String::new()];
-        for r in 0..o.runs {
+        let untimed = usize::from(std::mem::take(&mut warm_up));
+        for r in 0..o.runs + untimed {
             let mut order = vec![Tool::Qemu, Tool::Qimg];
-            if row.streaming {
+            if row.floor != Floor::None {
                 order.push(Tool::Floor);
             }
             let n = order.len();
@@ -549,11 +570,12 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path) -> Result<(), String> {
                 let s = match t {
                     Tool::Floor => {
                         remove(&floor_out)?;
-                        let a = vec![
-                            OsString::from("--sparse=always"),
-                            p(&ctx.src),
-                            p(&floor_out),
-                        ];
+                        let sparse = if row.floor == Floor::Dense {
+                            "--sparse=never"
+                        } else {
+                            "--sparse=always"
+                        };
+                        let a = vec![OsString::from(sparse), p(&ctx.src), p(&floor_out)];
                         timed(&cp, &a, &rss_file)?
                     }
                     _ => {
@@ -568,6 +590,9 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path) -> Result<(), String> {
                             .map_err(|e| format!("{}: {e}", row.name))?
                     }
                 };
+                if r < untimed {
+                    continue;
+                }
                 let i = match t {
                     Tool::Qemu => 0,
                     Tool::Qimg => 1,
@@ -586,7 +611,7 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path) -> Result<(), String> {
         let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let res = Result_ {
             name: row.name,
-            streaming: row.streaming,
+            streaming: row.floor != Floor::None,
             secs: [median(&mut secs[0]), median(&mut secs[1])],
             rss_kib: rss,
             floor: (!secs[2].is_empty()).then(|| median(&mut secs[2])),

@@ -9,7 +9,7 @@ pub(super) fn rows() -> Vec<Row> {
     let mut v = vec![
         Row {
             name: "convert qcow2->raw",
-            streaming: true,
+            floor: Floor::Sparse,
             ext: "raw",
             args: Box::new(|c, _, o| {
                 let mut a = os(&["convert", "-f", "qcow2", "-O", "raw"]);
@@ -21,7 +21,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert LUKS qcow2->raw",
-            streaming: true,
+            floor: Floor::Sparse,
             ext: "raw",
             args: Box::new(|c, t, o| {
                 let mut a = os(&["convert", "-O", "raw", "--object", &c.secret]);
@@ -41,7 +41,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert compressed qcow2->raw",
-            streaming: true,
+            floor: Floor::Sparse,
             ext: "raw",
             args: Box::new(|c, _, o| {
                 let mut a = os(&["convert", "-f", "qcow2", "-O", "raw"]);
@@ -53,7 +53,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert raw->qcow2",
-            streaming: true,
+            floor: Floor::Sparse,
             ext: "qcow2",
             args: Box::new(|c, _, o| {
                 let mut a = os(&["convert", "-f", "raw", "-O", "qcow2"]);
@@ -65,7 +65,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert raw->LUKS qcow2",
-            streaming: true,
+            floor: Floor::Sparse,
             ext: "qcow2",
             args: Box::new(|c, _, o| {
                 let mut a = os(&[
@@ -87,7 +87,8 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert raw->raw LUKS",
-            streaming: true,
+            // Ciphertext of zeros is not zero: the volume holds every byte.
+            floor: Floor::Dense,
             ext: "luks",
             args: Box::new(|c, _, o| {
                 let mut a = os(&[
@@ -109,7 +110,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert raw LUKS->raw",
-            streaming: true,
+            floor: Floor::Sparse,
             ext: "raw",
             args: Box::new(|c, t, o| {
                 let mut a = os(&["convert", "-O", "raw", "--object", &c.secret]);
@@ -126,7 +127,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert raw->qcow2 -c",
-            streaming: false,
+            floor: Floor::None,
             ext: "qcow2",
             args: Box::new(|c, _, o| {
                 let mut a = os(&["convert", "-c", "-f", "raw", "-O", "qcow2"]);
@@ -138,7 +139,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "compare qcow2 vs raw",
-            streaming: false,
+            floor: Floor::None,
             ext: "",
             args: Box::new(|c, _, _| {
                 let mut a = os(&["compare", "-f", "qcow2", "-F", "raw"]);
@@ -150,7 +151,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "commit",
-            streaming: false,
+            floor: Floor::None,
             ext: "qcow2",
             args: Box::new(|_, _, o| {
                 let mut a = os(&["commit", "-q"]);
@@ -173,7 +174,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "rebase (safe) onto zeros",
-            streaming: false,
+            floor: Floor::None,
             ext: "qcow2",
             args: Box::new(|c, _, o| {
                 let mut a = os(&["rebase", "-q", "-f", "qcow2", "-F", "raw", "-b"]);
@@ -194,7 +195,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "check compressed qcow2",
-            streaming: false,
+            floor: Floor::None,
             ext: "",
             args: Box::new(|c, _, _| {
                 let mut a = os(&["check", "-f", "qcow2"]);
@@ -206,7 +207,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "map --output=json qcow2",
-            streaming: false,
+            floor: Floor::None,
             ext: "",
             args: Box::new(|c, _, _| {
                 let mut a = os(&["map", "--output=json", "-f", "qcow2"]);
@@ -218,7 +219,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "dd qcow2->raw bs=1M",
-            streaming: false,
+            floor: Floor::None,
             ext: "raw",
             args: Box::new(|c, _, o| {
                 let mut a = os(&["dd", "-f", "qcow2", "-O", "raw", "bs=1M"]);
@@ -246,7 +247,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "measure -O qcow2 raw",
-            streaming: false,
+            floor: Floor::None,
             ext: "",
             args: Box::new(|c, _, _| {
                 let mut a = os(&["measure", "-O", "qcow2", "-f", "raw"]);
