@@ -8,6 +8,11 @@
 //! table), and the device is flushed between dependent steps, so the image
 //! on disk is consistent after every device write (a crash may leak
 //! clusters, never corrupt). See "qcow2 write ordering" in ARCHITECTURE.md.
+//! The exceptions are opt-in: deferred entries
+//! ([`Qcow2Writer::defer_fresh_entries`]) and writing without barriers
+//! ([`Qcow2Writer::set_write_barriers`]) keep the metadata of runs of
+//! fresh clusters in memory until the next flush, and write it in the
+//! same order then (refcounts, then entries).
 //!
 //! The device must accept byte-granular requests (files, `VecDevice`):
 //! table entries are written as whole 512-byte sectors, guest data at its
@@ -46,6 +51,10 @@ const SECTOR_BYTES: usize = 512;
 /// L2 tables kept in memory before the cache is dropped (write-through, so
 /// dropping is free).
 const MAX_CACHED_TABLES: usize = 512;
+/// Bytes of L2 tables and refcount blocks holding changes kept back for
+/// [`Qcow2Writer::settle`] before it runs early: 128 tables of 64 KiB, each
+/// covering 512 MiB of guest, so a sequential copy settles every 64 GiB.
+const MAX_KEPT_BACK: usize = 8 << 20;
 /// All 32 subclusters allocated (extended L2 bitmap, low half).
 const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// All 32 subclusters read as zero (extended L2 bitmap, high half).
@@ -291,8 +300,12 @@ where
     /// Turns the flushes between dependent metadata steps on (the default)
     /// or off. Off is for writing a new image that is thrown away on
     /// failure anyway (`convert`): much faster on real disks, but a crash
-    /// may then leave the image corrupt. [`flush`](Self::flush) and
-    /// [`close`](Self::close) always flush.
+    /// may then leave the image corrupt. Off also keeps the refcounts and
+    /// L2 entries of runs of fresh clusters in memory until the next
+    /// flush (bounded, see [`defer_fresh_entries`](Self::defer_fresh_entries)),
+    /// as qemu-img's metadata caches do: a copy into a new image then
+    /// writes its data and, at the end, each changed table once.
+    /// [`flush`](Self::flush) and [`close`](Self::close) always flush.
     pub fn set_write_barriers(&mut self, on: bool) {
         self.barriers = on;
     }
@@ -310,7 +323,9 @@ where
     /// closed before it is dropped ([`into_device`](Self::into_device)
     /// drops them, as a crash would). For a caller that writes a long run
     /// and flushes once at the end (`commit`, `rebase`): a run then costs
-    /// no flush at all. Ignored while write barriers are off.
+    /// no flush at all. Without write barriers the entries are always
+    /// kept back, and their clusters' refcounts with them (written first
+    /// when they settle); no flush then comes between the two.
     pub fn defer_fresh_entries(&mut self, on: bool) -> Result<(), Error<D::Error>> {
         if !on {
             self.settle()?;
@@ -319,14 +334,41 @@ where
         Ok(())
     }
 
-    /// Writes the L2 entries [`defer_fresh_entries`](Self::defer_fresh_entries)
-    /// kept back, after a flush that makes the refcounts and data of their
-    /// clusters durable (the entries themselves are not flushed).
+    /// Whether the L2 entries of runs of fresh clusters are kept in memory
+    /// until [`settle`](Self::settle): with deferred entries, and always
+    /// without write barriers (their refcounts then wait too).
+    pub(super) fn keep_back(&self) -> bool {
+        self.defer || !self.barriers
+    }
+
+    /// Settles early once the tables and blocks kept back would hold more
+    /// than [`MAX_KEPT_BACK`] bytes, so memory stays bounded whatever the
+    /// image size (a long sequential copy settles every few GiB).
+    pub(super) fn bound_kept_back(&mut self) -> Result<(), Error<D::Error>> {
+        let held = self
+            .l2_pending
+            .len()
+            .saturating_add(self.rb_pending.len())
+            .saturating_mul(usize::try_from(self.cs()).unwrap_or(usize::MAX));
+        if held > MAX_KEPT_BACK {
+            self.settle()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the refcounts and L2 entries kept back (see
+    /// [`keep_back`](Self::keep_back)): the refcounts first, then, after a
+    /// flush that makes the refcounts and data of their clusters durable
+    /// (skipped without barriers), the entries (not flushed).
     pub(super) fn settle(&mut self) -> Result<(), Error<D::Error>> {
+        if self.l2_pending.is_empty() && self.rb_pending.is_empty() {
+            return Ok(());
+        }
+        self.write_pending_refcounts()?;
         if self.l2_pending.is_empty() {
             return Ok(());
         }
-        self.flush_dev()?;
+        self.barrier()?;
         let pending = core::mem::take(&mut self.l2_pending);
         for (off, (first, last)) in pending {
             let t = self.l2_cache.remove(&off).unwrap_or_default();

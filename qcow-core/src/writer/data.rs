@@ -195,6 +195,11 @@ where
     /// durable, then the L2 entries are set (one write per L2 table) and
     /// flushed. No L2 entry reaches the device before the refcount and
     /// the data of its cluster are durable: a crash leaks, never corrupts.
+    ///
+    /// With deferred entries or without barriers ([`Self::keep_back`])
+    /// the entries (and, without barriers, the refcounts too) stay in
+    /// memory for [`Self::settle`] instead, which writes the refcounts
+    /// before the entries.
     pub(super) fn write_fresh_run(&mut self, g: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
         let cs = self.cs();
         let csu = usize::try_from(cs).unwrap_or(usize::MAX);
@@ -212,9 +217,11 @@ where
             self.write_data(targets[i], gi, &data[a..b])?;
             i = j;
         }
-        if self.defer && self.barriers {
-            // Kept back: `settle` flushes before writing them.
-            return self.set_fresh_entries(g, &targets);
+        if self.keep_back() {
+            // Kept back: `settle` writes them after the refcounts (and,
+            // with barriers on, a flush).
+            self.set_fresh_entries(g, &targets)?;
+            return self.bound_kept_back();
         }
         // Refcounts and data durable before any entry names the clusters.
         self.barrier()?;
@@ -264,7 +271,7 @@ where
                 last = last.max(x.saturating_add(w).saturating_sub(1));
                 i = i.saturating_add(1);
             }
-            if self.defer && self.barriers {
+            if self.keep_back() {
                 let r = self.l2_pending.entry(l2off).or_insert((first, last));
                 *r = (r.0.min(first), r.1.max(last));
                 continue;

@@ -303,9 +303,13 @@ where
     /// write per changed refcount block instead of one write and one flush
     /// per cluster. The refcounts are written, not flushed: the caller
     /// flushes before anything references the clusters (a crash before
-    /// that leaks them, never more). A new refcount block needed on the
-    /// way is still installed with its own ordering (written and flushed
-    /// before the table names it).
+    /// that leaks them, never more). Without write barriers they are not
+    /// even written: they stay in the cached blocks until
+    /// [`settle`](Self::settle) writes them, before the L2 entries that
+    /// name the clusters (a fresh image's metadata reaches the file at the
+    /// final flush, as qemu-img's caches leave it). A new refcount block
+    /// needed on the way is still installed with its own ordering (written
+    /// and flushed before the table names it).
     pub(super) fn alloc_each(&mut self, k: usize) -> Result<Vec<u64>, Error<D::Error>> {
         let mut out = Vec::with_capacity(k);
         let r = (|| {
@@ -328,7 +332,12 @@ where
             Ok(())
         })();
         // Written even after an error: the cache already holds them.
-        let w = self.write_pending_refcounts();
+        // Without barriers they wait for `settle`.
+        let w = if self.barriers {
+            self.write_pending_refcounts()
+        } else {
+            Ok(())
+        };
         r?;
         w?;
         Ok(out)
@@ -348,7 +357,7 @@ where
     /// Writes every refcount block change [`set_refcount_pending`] left in
     /// the cache: the sectors from each block's first changed entry to its
     /// last, one write per block (not flushed).
-    fn write_pending_refcounts(&mut self) -> Result<(), Error<D::Error>> {
+    pub(super) fn write_pending_refcounts(&mut self) -> Result<(), Error<D::Error>> {
         let pending = core::mem::take(&mut self.rb_pending);
         for (off, (lo, hi)) in pending {
             let b = self
