@@ -8,7 +8,8 @@
 //!   tools so the KDF does not dominate.
 //! - Each row runs both tools `runs` times, alternating which goes first,
 //!   each under `/usr/bin/time -f %M` (peak RSS); wall time is measured
-//!   around it. The median is printed. Streaming convert rows also time
+//!   around it. The median is printed, and every run's time, in the
+//!   order they ran, on stderr. Streaming convert rows also time
 //!   `cp` of the raw source (the copy floor) in the same rotation:
 //!   `--sparse=always`, or `--sparse=never` where the output format holds
 //!   no holes (raw LUKS). The first row runs one untimed round first.
@@ -556,6 +557,7 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path) -> Result<(), String> {
             }
         };
         let mut secs: [Vec<f64>; 3] = Default::default();
+        let mut samples = Vec::new();
         let mut rss = [0u64; 2];
         let mut stdout = [String::new(), String::new()];
         let untimed = usize::from(std::mem::take(&mut warm_up));
@@ -590,6 +592,12 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path) -> Result<(), String> {
                             .map_err(|e| format!("{}: {e}", row.name))?
                     }
                 };
+                samples.push(format!(
+                    "{}{} {:.3}",
+                    if r < untimed { "untimed " } else { "" },
+                    t.label(),
+                    s.secs
+                ));
                 if r < untimed {
                     continue;
                 }
@@ -605,6 +613,9 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path) -> Result<(), String> {
                 }
             }
         }
+        // Every run in the order it ran (on stderr, so the table stays
+        // one line per row): an outlier shows which run and tool it hit.
+        eprintln!("xtask: {}: {}", row.name, samples.join(", "));
         let (qo, mo) = (out(Tool::Qemu), out(Tool::Qimg));
         let checked = (row.check)(&ctx, [&qo, &mo], [&stdout[0], &stdout[1]])
             .map_err(|e| format!("OUTPUT CHECK FAILED, {}: {e}", row.name))?;
