@@ -108,6 +108,17 @@ enum Step {
 }
 
 impl Step {
+    /// Whether applying the step changes nothing: a zero range of a
+    /// destination that reads as zero already, or a range its backing file
+    /// provides.
+    fn is_noop(&self, opts: CopyOptions) -> bool {
+        match self {
+            Step::Skip => true,
+            Step::Zero { .. } => opts.target_is_zero,
+            Step::Data { .. } | Step::Fill { .. } => false,
+        }
+    }
+
     /// Applies the step to `dst`, returning the bytes written as data and
     /// the buffer for reuse.
     fn apply(
@@ -309,6 +320,15 @@ pub(crate) fn copy(
                 }
             };
             spare = unused;
+            // Only steps with work go to the writer: every hand-over can
+            // wake it, and on a loaded machine a wake-up may wait for a
+            // time slice (the source's holes were half of the hand-overs
+            // of a raw->qcow2 convert).
+            if step.is_noop(opts) {
+                off += n;
+                progress(off);
+                continue;
+            }
             if to_writer.send(step).is_err() {
                 break;
             }
