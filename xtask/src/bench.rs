@@ -126,7 +126,13 @@ pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
             .find_map(|l| field(l, "gbps"))
             .and_then(|v| v.parse::<f64>().ok())
     };
-    println!("\nAES-256-XTS, 64 KiB batches (same run)");
+    // xts-rate prints `clock=cpu` (rates per second of its thread's CPU
+    // time, as `openssl speed` counts by default) unless run with --wall.
+    let clock = rates
+        .lines()
+        .find_map(|l| field(l, "clock"))
+        .unwrap_or("wall");
+    println!("\nAES-256-XTS, 64 KiB batches (same run, {clock} time)");
     println!(
         "{:<10} {:>6} {:>9} {:>10} {:>10} {:>10}",
         "backend", "sector", "GB/s", "x aes bulk", "x openssl", "of ceiling"

@@ -274,6 +274,24 @@ fn multi_batch_calls_match_xts_mode() {
 }
 
 #[test]
+fn streamed_group_counts_match_xts_mode() {
+    // Sectors of whole 512-byte groups run as one stream of groups with
+    // the next group loaded, and its tweaks stepped or derived from the
+    // next sector's T0, during the current group's rounds: cover 1, 2, 3,
+    // 4, 8 and 16 groups per sector, single sectors, partial and odd
+    // batches and more than one batch, both directions (inside
+    // `cross_check`), IV steps 1 and 8.
+    let mut n = 0;
+    for batches in [1..=3, 31..=33] {
+        n += cross_check(&[512, 1024, 1536, 2048], batches.clone(), 1);
+        n += cross_check(&[1536, 4096], batches, 8);
+    }
+    n += cross_check(&[8192], 1..=3, 1);
+    n += cross_check(&[8192], 33..=33, 16);
+    println!("{n} cross-checks against xts-mode");
+}
+
+#[test]
 fn split_calls_equal_one_call() {
     // A buffer encrypted in one call equals the same buffer encrypted in
     // pieces at the matching sector numbers, whatever the piece sizes
@@ -454,7 +472,8 @@ impl Rng {
 #[test]
 fn batched_equals_per_sector_equals_portable() {
     // Property: for random AES-128/256 XTS keys, sector counts 1..=40,
-    // sector sizes (the LUKS ones and odd multiples of 16), IVs near the
+    // sector sizes (the LUKS ones, multiples of 512 up to 4096 and odd
+    // multiples of 16), IVs near the
     // u64 wrap and elsewhere, IV steps 1 and 8, and both directions, every
     // backend's one-call (batched) result equals the same backend called
     // sector by sector, and equals the portable backend's.
@@ -466,10 +485,11 @@ fn batched_equals_per_sector_equals_portable() {
         let key = bytes(key_len, rng.next());
         let portable = XtsEngine::with_backend(&key, Backend::Portable).unwrap();
         let n = 1 + rng.below(40) as usize;
-        let ss = match rng.below(4) {
+        let ss = match rng.below(5) {
             0 => 512,
             1 => 4096,
             2 => 1024,
+            3 => 512 * (1 + rng.below(8) as usize),
             _ => 16 * (1 + rng.below(70) as usize),
         };
         let start = match rng.below(3) {

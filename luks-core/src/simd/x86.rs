@@ -898,11 +898,17 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             unsafe { _mm512_storeu_si512(t0s.as_mut_ptr().add(g).cast(), x) };
             g += 4;
         }
-        // Phase 2: the sectors.
-        // Each sector's first eight tweak registers are derived one sector
-        // ahead, so a sector's rounds never wait on its tweak arithmetic:
-        // that chain (load, broadcast, shifts, carry-less multiplies) runs
-        // while the previous sector is in the AES pipes.
+        // Phase 2: the sectors; as one stream of 32-block groups when
+        // sectors are whole groups (every LUKS sector size).
+        if nb.is_multiple_of(GROUP_ZMM) {
+            stream_zmm::<NR, ENC>(&rk, &t0s, batch, nb / GROUP_ZMM);
+            continue;
+        }
+        // Other sizes sector by sector. Each sector's first eight tweak
+        // registers are derived one sector ahead, so a sector's rounds
+        // never wait on its tweak arithmetic: that chain (load, broadcast,
+        // shifts, carry-less multiplies) runs while the previous sector is
+        // in the AES pipes.
         let mut next = first_tweaks_zmm(&t0s[0]);
         for (i, sector) in batch.chunks_exact_mut(ss).enumerate() {
             let p = sector.as_mut_ptr();
@@ -964,6 +970,129 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
     // Only the entries written hold key-dependent values; word-sized
     // volatile writes keep this cheap for single-sector calls.
     t0s[..used].zeroize();
+}
+
+/// Blocks in one group of [`stream_zmm`]: eight `zmm` registers.
+const GROUP_ZMM: usize = 32;
+/// Bytes in one group of [`stream_zmm`].
+const GROUP_BYTES: usize = GROUP_ZMM * 16;
+
+/// Phase 2 of [`kernel_zmm`] when each sector is `gps` whole groups of 32
+/// blocks: the batch runs as one stream of groups, so the AES pipes do not
+/// drain between groups or at sector boundaries.
+///
+/// While group `g` is in its rounds, the kernel
+/// * steps the tweaks of group `g + 1` (`x^32` each, two registers after
+///   each of the first four rounds, so these shifts spread among the AES
+///   instructions instead of arriving as one block ahead of them), or, at
+///   a sector boundary, derives the next sector's first tweaks from its
+///   `T0`;
+/// * at round `NR / 2`, loads group `g + 1` and XORs in its tweaks and the
+///   first round key, so its first round is ready the moment the pipes
+///   free up.
+///
+/// Measured on AMD Zen 4 (thread CPU time, AES-256, share of the round
+/// ceiling, 64 KiB calls): the sector-by-sector loop ran 4 KiB sectors at
+/// 82% and 512-byte sectors at 79%; this stream runs them at 91% and 85%.
+/// In a scratch copy, the early load alone took 4 KiB sectors from 81% to
+/// 85% and 512-byte ones from 75% to 81%; spreading the `x^32` steps over
+/// the rounds then took 4 KiB sectors to 90%.
+///
+/// `t0s[..n]` holds the `T0` of the batch's `n` sectors, and `batch` is
+/// `n * gps` groups (`n <= BATCH`, `gps >= 1`).
+// Index arithmetic, bounded by what it indexes: `g + 1 < groups` and
+// `groups * 512 == batch.len()` bound every group offset; `s < n <=
+// BATCH` indexes `t0s` (a new sector starts only while groups remain);
+// `i < 4` gives `2 * i + 1 < 8`.
+#[allow(clippy::arithmetic_side_effects)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
+fn stream_zmm<const NR: usize, const ENC: bool>(
+    rk: &[__m512i; 15],
+    t0s: &[u128; BATCH],
+    batch: &mut [u8],
+    gps: usize,
+) {
+    // Round at which the next group is loaded: late enough that its
+    // registers are not live through the whole group, early enough that
+    // its loads are done before the pipes need it.
+    // At least 5 for both key sizes (the tweak steps follow rounds 1..=4).
+    let half = NR / 2;
+    let groups = batch.len() / GROUP_BYTES;
+    let p = batch.as_mut_ptr();
+    let mut tw = first_tweaks_zmm(&t0s[0]);
+    let mut x = [_mm512_setzero_si512(); 8];
+    for (r, v) in x.iter_mut().enumerate() {
+        // SAFETY: group 0 (512 bytes) lies inside `batch`, which holds at
+        // least one group; loadu is unaligned.
+        let d = unsafe { _mm512_loadu_si512(p.add(64 * r).cast()) };
+        *v = _mm512_ternarylogic_epi64::<0x96>(d, tw[r], rk[0]);
+    }
+    // Group `g` is group `q` of sector `s`.
+    let mut q = 0;
+    let mut s = 0;
+    for g in 0..groups {
+        let more = g + 1 < groups;
+        q += 1;
+        let new_sector = q == gps;
+        let mut next = tw;
+        if new_sector {
+            q = 0;
+            s += 1;
+            if more {
+                next = first_tweaks_zmm(&t0s[s]);
+            }
+        }
+        // Two versions of rounds 1..half, so that neither carries a branch
+        // per round (one with a branch per round compiled to a rolled loop
+        // with the tweaks in memory: 4 KiB sectors ran at 88%).
+        if new_sector {
+            for k in &rk[1..half] {
+                for v in x.iter_mut() {
+                    *v = round_zmm::<ENC>(*v, *k);
+                }
+            }
+        } else {
+            for (i, k) in rk[1..5].iter().enumerate() {
+                for v in x.iter_mut() {
+                    *v = round_zmm::<ENC>(*v, *k);
+                }
+                next[2 * i] = mul_x32_zmm(next[2 * i]);
+                next[2 * i + 1] = mul_x32_zmm(next[2 * i + 1]);
+            }
+            for k in &rk[5..half] {
+                for v in x.iter_mut() {
+                    *v = round_zmm::<ENC>(*v, *k);
+                }
+            }
+        }
+        let mut xn = [_mm512_setzero_si512(); 8];
+        if more {
+            // SAFETY: g + 1 < groups, so group g + 1 (512 bytes from
+            // 512 * (g + 1)) lies inside `batch`.
+            let pn = unsafe { p.add(GROUP_BYTES * (g + 1)) };
+            for (r, v) in xn.iter_mut().enumerate() {
+                // SAFETY: inside group g + 1 (see above); loadu is
+                // unaligned.
+                let d = unsafe { _mm512_loadu_si512(pn.add(64 * r).cast()) };
+                *v = _mm512_ternarylogic_epi64::<0x96>(d, next[r], rk[0]);
+            }
+        }
+        for k in &rk[half..NR] {
+            for v in x.iter_mut() {
+                *v = round_zmm::<ENC>(*v, *k);
+            }
+        }
+        // SAFETY: g < groups, so group g lies inside `batch`.
+        let pc = unsafe { p.add(GROUP_BYTES * g) };
+        for r in 0..8 {
+            let y = last_zmm::<ENC>(x[r], _mm512_xor_si512(rk[NR], tw[r]));
+            // SAFETY: inside group g (see above); storeu is unaligned.
+            unsafe { _mm512_storeu_si512(pc.add(64 * r).cast(), y) };
+        }
+        x = xn;
+        tw = next;
+    }
 }
 
 // ---------------------------------------------------------------------
