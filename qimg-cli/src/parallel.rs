@@ -16,6 +16,8 @@
 //!
 //! - [`ParallelEncrypt`]: the qcow2 writer's encryption hook for
 //!   encrypted qcow2 destinations; the same pieces, encrypted.
+//! - [`ParallelSeal`]: a raw LUKS destination's cipher, encrypting each
+//!   chunk on the copy's reading side before the writing thread gets it.
 //!
 //! `convert -c` compresses a window of clusters the same way
 //! ([`compress_all`]): each thread compresses a consecutive run, and the
@@ -29,11 +31,15 @@
 //! were measured to queue behind their parent on its core.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use luks_core::io::BlockIo;
+use luks_core::PayloadCipher;
 use qcow_core::crypto::{ImageKey, SectorCrypt};
 use qcow_core::{Decryptor, GuestOffset, HostOffset};
+
+use crate::convert::Seal;
+use crate::dev::DevError;
 
 /// Requests shorter than this stay on one thread: below it, starting a
 /// thread costs more than the cipher work it would take over.
@@ -326,6 +332,43 @@ impl SectorCrypt for ParallelEncrypt {
             })
             .collect();
         run_all(tasks).into_iter().all(|ok| ok)
+    }
+}
+
+/// A raw LUKS destination's cipher on the copy's reading side
+/// ([`crate::convert::copy_sealed`]): each chunk is encrypted there, in
+/// pieces on the cipher workers when it is large and there are several,
+/// while the writing thread writes the chunk before it.
+pub(crate) struct ParallelSeal {
+    payload: Arc<PayloadCipher>,
+    workers: usize,
+}
+
+impl ParallelSeal {
+    /// Encrypts with `payload` on `workers` threads.
+    pub(crate) fn new(payload: Arc<PayloadCipher>, workers: usize) -> Self {
+        Self {
+            payload,
+            workers: workers.max(1),
+        }
+    }
+}
+
+impl Seal for ParallelSeal {
+    fn seal(&self, off: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        let p = &*self.payload;
+        let one =
+            |at: u64, piece: &mut [u8]| p.encrypt(at, piece).map_err(|e| DevError(e.to_string()));
+        // Whole sectors per piece: `split_mut` cuts at multiples of UNIT
+        // (4096, a multiple of every LUKS sector size).
+        if buf.len() < MIN_SPLIT || self.workers == 1 {
+            return one(off, buf);
+        }
+        let tasks: Vec<_> = split_mut(buf, self.workers)
+            .into_iter()
+            .map(|(at, piece)| move || one(off + at as u64, piece))
+            .collect();
+        run_all(tasks).into_iter().collect()
     }
 }
 
