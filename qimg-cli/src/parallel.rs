@@ -1,6 +1,7 @@
 //! `convert -m N`: N threads. From two up, `convert`'s copy is pipelined
 //! (see [`crate::convert::copy`]): one thread writes the destination while
-//! another reads (and decrypts) the next chunk, so the cipher work of one
+//! another reads (and decrypts, or encrypts for a raw LUKS destination) the
+//! next chunk, so the cipher work of one
 //! large request is spread over the N - 1 threads left
 //! ([`cipher_workers`]). Output never depends on N: each thread handles a
 //! disjoint, sector-aligned piece of the same request with the same key and
@@ -63,9 +64,10 @@ pub(crate) fn workers() -> usize {
 
 /// The threads that share one request's cipher work. With `-m N` for N of
 /// 2 or more the copy is pipelined ([`crate::convert::copy`]): one thread
-/// writes while the others read and decrypt (or, into an encrypted
-/// destination, one reads while the others encrypt and write), so N - 1
-/// threads are left for the cipher.
+/// writes while the others read and decrypt (into a raw LUKS destination:
+/// read and encrypt, [`ParallelSeal`]; into an encrypted qcow2 image, the
+/// writing thread encrypts, [`ParallelEncrypt`]), so N - 1 threads are
+/// left for the cipher.
 pub(crate) fn cipher_workers() -> usize {
     workers().saturating_sub(1).max(1)
 }
