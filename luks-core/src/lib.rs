@@ -131,7 +131,7 @@ pub use io::BlockIo;
 pub use luks1::VolumeKey;
 pub use probe::{probe, LuksVersion};
 #[cfg(feature = "luks1")]
-pub use volume::LuksVolume;
+pub use volume::{LuksVolume, PayloadCipher};
 
 /// The longest passphrase accepted anywhere (cryptsetup's key file limit
 /// is 8 MiB; the KDF itself takes any length, this only bounds buffers a

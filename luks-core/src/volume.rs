@@ -25,18 +25,98 @@ extern crate alloc;
 /// its end, IV of volume sector `n` = `iv_offset + n`.
 pub struct LuksVolume<D: BlockIo> {
     dev: D,
+    payload: PayloadCipher,
+}
+
+impl<D: BlockIo> fmt::Debug for LuksVolume<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LuksVolume")
+            .field("payload_offset", &self.payload.payload_offset)
+            .field("size", &self.payload.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The cipher half of an unlocked volume ([`LuksVolume::into_parts`]):
+/// where the payload lies on the device, its size, and the sector cipher
+/// with the volume's IVs. It encrypts and decrypts payload sectors in place
+/// through `&self`, so one thread can encrypt the next request while
+/// another writes the last one to the device (at
+/// [`Self::device_offset`]); the bytes are exactly those
+/// [`LuksVolume::write_at`] would write.
+pub struct PayloadCipher {
     cipher: SectorCipher,
     payload_offset: u64,
     size: u64,
     iv_offset: u64,
 }
 
-impl<D: BlockIo> fmt::Debug for LuksVolume<D> {
+impl fmt::Debug for PayloadCipher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LuksVolume")
+        f.debug_struct("PayloadCipher")
             .field("payload_offset", &self.payload_offset)
             .field("size", &self.size)
             .finish_non_exhaustive()
+    }
+}
+
+impl PayloadCipher {
+    /// The payload's sector size (the cipher's).
+    pub fn sector_size(&self) -> u32 {
+        self.cipher.sector_size()
+    }
+
+    /// The payload's size in bytes (whole sectors).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The device offset of payload offset 0.
+    pub fn payload_offset(&self) -> u64 {
+        self.payload_offset
+    }
+
+    /// Checks that `len` bytes at payload offset `offset` are whole
+    /// sectors inside the payload, and returns their device offset.
+    pub fn device_offset(&self, offset: u64, len: usize) -> Result<u64, PureError> {
+        let len64 = len as u64;
+        let ss = u64::from(self.cipher.sector_size());
+        if !offset.is_multiple_of(ss) || !len64.is_multiple_of(ss) {
+            return Err(Error::BadParameter(BadParameter::Unaligned {
+                offset,
+                len: len64,
+            }));
+        }
+        let out = || {
+            Error::BadParameter(BadParameter::OutOfRange {
+                offset,
+                len: len64,
+                size: self.size,
+            })
+        };
+        match offset.checked_add(len64) {
+            Some(end) if end <= self.size => {}
+            _ => return Err(out()),
+        }
+        self.payload_offset.checked_add(offset).ok_or_else(out)
+    }
+
+    /// Encrypts `buf` in place: whole sectors bound for payload offset
+    /// `offset` (checked as [`Self::device_offset`]).
+    pub fn encrypt(&self, offset: u64, buf: &mut [u8]) -> Result<(), PureError> {
+        self.device_offset(offset, buf.len())?;
+        self.cipher.encrypt_sectors(self.iv(offset), buf)
+    }
+
+    /// Decrypts `buf` in place: whole sectors read from payload offset
+    /// `offset` (checked as [`Self::device_offset`]).
+    pub fn decrypt(&self, offset: u64, buf: &mut [u8]) -> Result<(), PureError> {
+        self.device_offset(offset, buf.len())?;
+        self.cipher.decrypt_sectors(self.iv(offset), buf)
+    }
+
+    fn iv(&self, offset: u64) -> u64 {
+        self.iv_offset.wrapping_add(offset / 512)
     }
 }
 
@@ -78,17 +158,19 @@ impl<D: BlockIo> LuksVolume<D> {
         let size = size.saturating_sub(size.checked_rem(ss).unwrap_or(0));
         Ok(Self {
             dev,
-            cipher,
-            payload_offset,
-            size,
-            iv_offset,
+            payload: PayloadCipher {
+                cipher,
+                payload_offset,
+                size,
+                iv_offset,
+            },
         })
     }
 
     /// Limits the volume to `len` bytes (a LUKS2 segment with a fixed
     /// size); a device shorter than that keeps its own size.
     pub fn with_len(mut self, len: u64) -> Self {
-        self.size = self.size.min(len);
+        self.payload.size = self.payload.size.min(len);
         self
     }
 
@@ -170,36 +252,15 @@ impl<D: BlockIo> LuksVolume<D> {
         &mut self.dev
     }
 
-    fn check(&self, offset: u64, len: usize) -> Result<u64, Error<D::Error>> {
-        let len64 = len as u64;
-        let ss = u64::from(self.cipher.sector_size());
-        if !offset.is_multiple_of(ss) || !len64.is_multiple_of(ss) {
-            return Err(Error::BadParameter(BadParameter::Unaligned {
-                offset,
-                len: len64,
-            }));
-        }
-        match offset.checked_add(len64) {
-            Some(end) if end <= self.size => {}
-            _ => {
-                return Err(Error::BadParameter(BadParameter::OutOfRange {
-                    offset,
-                    len: len64,
-                    size: self.size,
-                }))
-            }
-        }
-        self.payload_offset
-            .checked_add(offset)
-            .ok_or(Error::BadParameter(BadParameter::OutOfRange {
-                offset,
-                len: len64,
-                size: self.size,
-            }))
+    /// The device and the cipher half, apart: see [`PayloadCipher`].
+    pub fn into_parts(self) -> (D, PayloadCipher) {
+        (self.dev, self.payload)
     }
 
-    fn iv(&self, offset: u64) -> u64 {
-        self.iv_offset.wrapping_add(offset / 512)
+    fn check(&self, offset: u64, len: usize) -> Result<u64, Error<D::Error>> {
+        self.payload
+            .device_offset(offset, len)
+            .map_err(PureError::widen)
     }
 }
 
@@ -207,11 +268,11 @@ impl<D: BlockIo> BlockIo for LuksVolume<D> {
     type Error = Error<D::Error>;
 
     fn sector_size(&self) -> u32 {
-        self.cipher.sector_size()
+        self.payload.sector_size()
     }
 
     fn size(&mut self) -> Result<u64, Self::Error> {
-        Ok(self.size)
+        Ok(self.payload.size)
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
@@ -221,8 +282,9 @@ impl<D: BlockIo> BlockIo for LuksVolume<D> {
             structure: Structure::Payload,
             offset: at,
         })?;
-        self.cipher
-            .decrypt_sectors(self.iv(offset), buf)
+        self.payload
+            .cipher
+            .decrypt_sectors(self.payload.iv(offset), buf)
             .map_err(PureError::widen)
     }
 
@@ -246,10 +308,11 @@ impl<D: BlockIo> BlockIo for LuksVolume<D> {
             let off = offset.saturating_add(done as u64);
             let chunk = &mut scratch[..n];
             chunk.copy_from_slice(&buf[done..done.saturating_add(n)]);
-            self.cipher
-                .encrypt_sectors(self.iv(off), chunk)
+            self.payload
+                .cipher
+                .encrypt_sectors(self.payload.iv(off), chunk)
                 .map_err(PureError::widen)?;
-            let at = self.payload_offset.saturating_add(off);
+            let at = self.payload.payload_offset.saturating_add(off);
             self.dev.write_at(at, chunk).map_err(|source| Error::Io {
                 source,
                 structure: Structure::Payload,

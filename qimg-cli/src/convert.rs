@@ -88,6 +88,13 @@ pub(crate) enum CopyError {
     Write(DevError),
 }
 
+/// Encrypts a destination's data on the copy's reading side, before the
+/// writing side gets it (a raw LUKS destination: [`copy_sealed`]).
+pub(crate) trait Seal: Sync {
+    /// Encrypts `buf`, whole destination sectors bound for `off`, in place.
+    fn seal(&self, off: u64, buf: &mut [u8]) -> Result<(), DevError>;
+}
+
 /// Chunks in flight in a pipelined copy: one being read, one queued, one
 /// being written. Memory stays at `BUFFERS * CHUNK` whatever the size.
 const BUFFERS: usize = 3;
@@ -168,9 +175,15 @@ impl Geometry {
 /// Reads the source from `off` (at most [`CHUNK`] bytes) into `buf` and
 /// says what to do with it; returns the step, the bytes it covers and the
 /// buffer when the step does not use it.
+///
+/// With `seal`, every byte of the destination is written, each chunk
+/// encrypted here first: data whole (its zero runs too), and a range that
+/// reads as zero as a chunk of zeroes (never read from the source), unless
+/// the destination's plaintext is known to read as zero already.
 fn next_step(
     src: &mut dyn Source,
     dst: Geometry,
+    seal: Option<&dyn Seal>,
     off: u64,
     len: u64,
     opts: CopyOptions,
@@ -181,7 +194,9 @@ fn next_step(
     // one step however large (a sparse 4 TiB image has few steps, not one
     // per chunk); only data is cut to what one buffer holds.
     let st = src.block_status(off, len - off).map_err(CopyError::Read)?;
-    let max = if st.data || opts.sparse_size == 0 {
+    // Zeroes written as encrypted data take a buffer too.
+    let zeroes_as_data = seal.is_some() && !opts.target_is_zero;
+    let max = if st.data || opts.sparse_size == 0 || zeroes_as_data {
         (len - off).min(CHUNK as u64)
     } else {
         len - off
@@ -220,17 +235,26 @@ fn next_step(
         n
     };
     let padded_usize = usize::try_from(padded).unwrap_or(CHUNK).min(CHUNK);
+    let seal_err = |e: DevError| CopyError::Write(e);
     Ok(match st.data {
         false if opts.keep_unallocated && !st.present => (Step::Skip, n, Some(buf)),
         // `-S 0` turns sparse detection off, as in qemu-img: even a
         // range the source leaves unallocated is written as data, so
         // the destination ends up fully allocated.
-        false if opts.sparse_size == 0 => {
-            buf[..n_usize].fill(0);
+        false if opts.sparse_size == 0 || zeroes_as_data => {
+            let fill = if seal.is_some() {
+                padded_usize
+            } else {
+                n_usize
+            };
+            buf[..fill].fill(0);
+            if let Some(seal) = seal {
+                seal.seal(off, &mut buf[..fill]).map_err(seal_err)?;
+            }
             let step = Step::Fill {
                 off,
                 buf,
-                len: n_usize,
+                len: fill,
             };
             (step, n, None)
         }
@@ -240,10 +264,20 @@ fn next_step(
             src.read_at(off, &mut chunk[..n_usize])
                 .map_err(CopyError::Read)?;
             chunk[n_usize..].fill(0);
-            let step = Step::Data {
-                off,
-                buf,
-                len: padded_usize,
+            let step = match seal {
+                Some(seal) => {
+                    seal.seal(off, chunk).map_err(seal_err)?;
+                    Step::Fill {
+                        off,
+                        buf,
+                        len: padded_usize,
+                    }
+                }
+                None => Step::Data {
+                    off,
+                    buf,
+                    len: padded_usize,
+                },
             };
             (step, n, None)
         }
@@ -264,6 +298,35 @@ pub(crate) fn copy(
     opts: CopyOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, CopyError> {
+    copy_with(src, dst, None, len, opts, progress)
+}
+
+/// [`copy`] into an encrypted destination whose `dst` takes ciphertext:
+/// the reading side encrypts each chunk with `seal` (in pieces on the `-m`
+/// cipher workers when there are several) and, pipelined, hands it to the
+/// writing thread, so encryption overlaps the writes as decryption does
+/// when reading. Ranges that read as zero are not read: a buffer of zeroes
+/// is encrypted instead (every sector of a new volume must be written,
+/// each with its own tweak). Returns the bytes written.
+pub(crate) fn copy_sealed(
+    src: &mut dyn Source,
+    dst: &mut AnyDev,
+    seal: &dyn Seal,
+    len: u64,
+    opts: CopyOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, CopyError> {
+    copy_with(src, dst, Some(seal), len, opts, progress)
+}
+
+fn copy_with(
+    src: &mut dyn Source,
+    dst: &mut AnyDev,
+    seal: Option<&dyn Seal>,
+    len: u64,
+    opts: CopyOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, CopyError> {
     let geometry = Geometry::of(dst);
     if !opts.pipelined {
         let mut spare = Some(ChunkBuf::new());
@@ -271,7 +334,7 @@ pub(crate) fn copy(
         let mut written = 0u64;
         while off < len {
             let buf = spare.take().unwrap_or_else(ChunkBuf::new);
-            let (step, n, unused) = next_step(src, geometry, off, len, opts, buf)?;
+            let (step, n, unused) = next_step(src, geometry, seal, off, len, opts, buf)?;
             let (r, back) = step.apply(dst, opts);
             written += r.map_err(CopyError::Write)?;
             spare = back.or(unused);
@@ -312,7 +375,7 @@ pub(crate) fn copy(
                     Err(_) => break,
                 },
             };
-            let (step, n, unused) = match next_step(src, geometry, off, len, opts, buf) {
+            let (step, n, unused) = match next_step(src, geometry, seal, off, len, opts, buf) {
                 Ok(v) => v,
                 Err(e) => {
                     failed = Some(e);

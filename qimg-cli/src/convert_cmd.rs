@@ -266,6 +266,9 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
     }
     // A new LUKS volume's header, written while the copy runs.
     let mut header = None;
+    // A LUKS destination's cipher: the copy encrypts on its reading side
+    // and writes ciphertext to `dst`.
+    let mut seal = None;
     let mut dst: AnyDev = match a.output_format {
         Format::Raw => {
             opts.reject_unused("raw")
@@ -303,13 +306,19 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
                 key_file: None,
                 key_secret: a.target_key_secret.clone(),
             };
-            crate::luks::open_payload(&a.destination, None, &keys, &secrets, true, a.cache)?
+            let vol =
+                crate::luks::open_volume(&a.destination, None, &keys, &secrets, true, a.cache)?;
+            let (dev, s) = crate::luks::sealed(vol);
+            seal = Some(s);
+            dev
         }
         Format::Luks => {
             crate::cache::refuse_before_create(&a.destination, a.cache)?;
-            let (dev, pending) =
+            let (vol, pending) =
                 crate::luks::create_for_convert(&a.destination, &opts, &secrets, len, a.cache)?;
             header = pending;
+            let (dev, s) = crate::luks::sealed(vol);
+            seal = Some(s);
             dev
         }
     };
@@ -323,10 +332,14 @@ fn convert_cmd(a: ConvertArgs) -> Result<u8, CliError> {
     };
     let bar = crate::progress::Bar::new(a.progress, len);
     let mut throttle = Throttle::new(a.rate_limit, len);
-    convert::copy(src.dev.as_mut(), &mut dst, len, copy_opts, &mut |done| {
+    let mut tick = |done| {
         bar.set(done);
         throttle.wait(done);
-    })
+    };
+    match &seal {
+        Some(s) => convert::copy_sealed(src.dev.as_mut(), &mut dst, s, len, copy_opts, &mut tick),
+        None => convert::copy(src.dev.as_mut(), &mut dst, len, copy_opts, &mut tick),
+    }
     .map_err(|e| copy_err(&a, e))?;
     bar.finish();
     if let Some(h) = header {

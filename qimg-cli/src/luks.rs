@@ -1,9 +1,11 @@
 //! LUKS volumes in the CLI: unlocking raw volumes (with an optional
 //! detached header), `info` and `luks dump` fields, and formatting.
 
-use luks_core::io::BlockIo;
+use std::sync::Arc;
+
+use luks_core::io::{BlockIo, FileDevice};
 use luks_core::luks1::{self, HeaderRepr};
-use luks_core::LuksVolume;
+use luks_core::{LuksVolume, PayloadCipher};
 use serde_json::{json, Map, Value};
 
 use crate::cache::CacheMode;
@@ -49,26 +51,140 @@ pub(crate) fn open_payload(
     if crate::format::luks_version(hdr_path)? == Some(2) {
         return crate::luks2::open_payload(path, header, keys, secrets, writable, cache);
     }
-    let mut hdr_dev = crate::file::open_file(hdr_path, false)?;
-    let hdr =
-        luks1::read_header(&mut hdr_dev).map_err(|e| CliError::io(hdr_path, e.to_string()))?;
-    let pass = keys.resolve(path, secrets, false)?;
-    let (key, _slot) = luks1::unlock(&mut hdr_dev, &hdr, &pass, None)
-        .map_err(|e| CliError::io(hdr_path, format!("{e}")))?;
+    let (hdr, key) = unlock1(path, header, keys, secrets)?;
     // One volume (own file handle, own cipher) per `-m` worker.
     let mut vols = Vec::new();
     for _ in 0..crate::parallel::cipher_workers() {
-        let data = open_payload_file(path, writable, cache)?;
-        vols.push(
-            LuksVolume::open_luks1(data, &hdr, &key)
-                .map_err(|e| CliError::io(path, e.to_string()))?,
-        );
+        vols.push(open_volume1(path, &hdr, &key, writable, cache)?);
     }
     Ok(if vols.len() == 1 {
         erased(vols.remove(0))
     } else {
         erased(crate::parallel::Striped::new(vols))
     })
+}
+
+/// One unlocked volume (LUKS1 or LUKS2) over its own handle to `path`:
+/// [`open_payload`] before it is erased, for `convert -n` to split a
+/// destination into its file and its cipher ([`sealed`]).
+pub(crate) fn open_volume(
+    path: &str,
+    header: Option<&str>,
+    keys: &KeySource,
+    secrets: &Secrets,
+    writable: bool,
+    cache: CacheMode,
+) -> Result<LuksVolume<FileDevice>, CliError> {
+    if crate::format::luks_version(header.unwrap_or(path))? == Some(2) {
+        return crate::luks2::open_volume(path, header, keys, secrets, writable, cache);
+    }
+    let (hdr, key) = unlock1(path, header, keys, secrets)?;
+    open_volume1(path, &hdr, &key, writable, cache)
+}
+
+/// Reads the LUKS1 header of `path` (or the detached `header`) and
+/// unlocks it.
+fn unlock1(
+    path: &str,
+    header: Option<&str>,
+    keys: &KeySource,
+    secrets: &Secrets,
+) -> Result<(HeaderRepr, luks1::VolumeKey), CliError> {
+    let hdr_path = header.unwrap_or(path);
+    let mut hdr_dev = crate::file::open_file(hdr_path, false)?;
+    let hdr =
+        luks1::read_header(&mut hdr_dev).map_err(|e| CliError::io(hdr_path, e.to_string()))?;
+    let pass = keys.resolve(path, secrets, false)?;
+    let (key, _slot) = luks1::unlock(&mut hdr_dev, &hdr, &pass, None)
+        .map_err(|e| CliError::io(hdr_path, format!("{e}")))?;
+    Ok((hdr, key))
+}
+
+/// The payload of `path` under an unlocked LUKS1 header, over a handle of
+/// its own.
+fn open_volume1(
+    path: &str,
+    hdr: &HeaderRepr,
+    key: &luks1::VolumeKey,
+    writable: bool,
+    cache: CacheMode,
+) -> Result<LuksVolume<FileDevice>, CliError> {
+    let data = open_payload_file(path, writable, cache)?;
+    LuksVolume::open_luks1(data, hdr, key).map_err(|e| CliError::io(path, e.to_string()))
+}
+
+/// A raw LUKS destination of `convert`, split in two: the ciphertext
+/// device the copy's writing thread writes (already encrypted sectors, at
+/// payload offsets) and the cipher its reading thread encrypts each chunk
+/// with first ([`crate::parallel::ParallelSeal`], on the `-m` cipher
+/// workers), so encryption overlaps the writes. The file gets exactly the
+/// bytes writing through the volume would give.
+pub(crate) fn sealed<D>(vol: LuksVolume<D>) -> (AnyDev, crate::parallel::ParallelSeal)
+where
+    D: BlockIo + Send + 'static,
+    D::Error: std::fmt::Display,
+{
+    let (dev, payload) = vol.into_parts();
+    let payload = Arc::new(payload);
+    let seal =
+        crate::parallel::ParallelSeal::new(Arc::clone(&payload), crate::parallel::cipher_workers());
+    (erased(Ciphertext { dev, payload }), seal)
+}
+
+/// The ciphertext of a raw LUKS volume's payload: payload offsets and
+/// sizes (whole sectors, checked as the volume checks them), bytes as they
+/// lie in the file. Writes take sectors already encrypted (by [`sealed`]'s
+/// cipher); reads give them back as stored.
+struct Ciphertext<D> {
+    dev: D,
+    payload: Arc<PayloadCipher>,
+}
+
+impl<D: BlockIo> Ciphertext<D> {
+    /// The device offset of a request, or the volume's error for it.
+    fn at(&self, offset: u64, len: usize) -> Result<u64, luks_core::Error<D::Error>> {
+        self.payload
+            .device_offset(offset, len)
+            .map_err(luks_core::error::PureError::widen)
+    }
+}
+
+fn payload_io<E>(source: E, offset: u64) -> luks_core::Error<E> {
+    luks_core::Error::Io {
+        source,
+        structure: luks_core::Structure::Payload,
+        offset,
+    }
+}
+
+impl<D: BlockIo> BlockIo for Ciphertext<D> {
+    type Error = luks_core::Error<D::Error>;
+
+    fn sector_size(&self) -> u32 {
+        self.payload.sector_size()
+    }
+
+    fn size(&mut self) -> Result<u64, Self::Error> {
+        Ok(self.payload.size())
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        let at = self.at(offset, buf.len())?;
+        self.dev.read_at(at, buf).map_err(|e| payload_io(e, at))
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Self::Error> {
+        let at = self.at(offset, buf.len())?;
+        self.dev.write_at(at, buf).map_err(|e| payload_io(e, at))
+    }
+
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        self.dev.flush().map_err(|source| luks_core::Error::Io {
+            source,
+            structure: luks_core::Structure::Device,
+            offset: 0,
+        })
+    }
 }
 
 /// Splits a LUKS1 cipher mode (`xts-plain64`, `cbc-essiv:sha256`) into
@@ -274,14 +390,21 @@ pub(crate) fn create(
     Ok(())
 }
 
-/// Creates a LUKS volume for `convert -O luks` and opens it for writing.
+/// Creates a LUKS volume for `convert -O luks` and opens it for writing
+/// (one volume: `convert` splits it with [`sealed`]).
 pub(crate) fn create_for_convert(
     path: &str,
     opts: &OptionMap,
     secrets: &Secrets,
     size: u64,
     cache: CacheMode,
-) -> Result<(AnyDev, Option<crate::header_job::PendingHeader>), CliError> {
+) -> Result<
+    (
+        LuksVolume<FileDevice>,
+        Option<crate::header_job::PendingHeader>,
+    ),
+    CliError,
+> {
     if opts.get("detached-header").is_some() {
         return Err(CliError::usage(
             "detached-header is for `qimg create` only: convert writes the payload into the volume"
@@ -295,7 +418,7 @@ pub(crate) fn create_for_convert(
             key_file: None,
             key_secret: o.key_secret,
         };
-        return Ok((open_payload(path, None, &keys, secrets, true, cache)?, None));
+        return Ok((open_volume(path, None, &keys, secrets, true, cache)?, None));
     }
     // LUKS1: the volume key is drawn first and the payload written with it
     // at once, while the header (the PBKDF2 benchmark, 50-500 ms of CPU by
@@ -368,23 +491,164 @@ pub(crate) fn create_for_convert(
             }
             dev.flush().map_err(|e| CliError::io(&hpath, e.to_string()))
         })?;
-    // One volume (own file handle, own cipher) per `-m` worker.
-    let mut vols = Vec::new();
-    for _ in 0..crate::parallel::cipher_workers() {
-        let data = open_payload_file(path, true, cache)?;
-        vols.push(LuksVolume::new(data, cipher()?, payload, 0).map_err(|e| io(e.to_string()))?);
-    }
-    let dev = if vols.len() == 1 {
-        erased(vols.remove(0))
-    } else {
-        erased(crate::parallel::Striped::new(vols))
-    };
-    Ok((dev, Some(pending)))
+    let data = open_payload_file(path, true, cache)?;
+    let vol = LuksVolume::new(data, cipher()?, payload, 0).map_err(|e| io(e.to_string()))?;
+    Ok((vol, Some(pending)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::convert::{copy, copy_sealed, CopyOptions, CHUNK};
+    use crate::dev::{BlockStatus, DevError, Flat};
+    use luks_core::cipher::SectorCipher;
+    use luks_core::io::VecDevice;
+
+    /// A source of `data` that reports `holes` (start, len) as reading
+    /// as zero, so the copy does not read them.
+    struct Holey(Flat<AnyDev>, Vec<(u64, u64)>);
+
+    impl BlockIo for Holey {
+        type Error = DevError;
+        fn sector_size(&self) -> u32 {
+            512
+        }
+        fn size(&mut self) -> Result<u64, DevError> {
+            self.0.size()
+        }
+        fn read_at(&mut self, o: u64, b: &mut [u8]) -> Result<(), DevError> {
+            let end = o + b.len() as u64;
+            if self.1.iter().any(|&(s, l)| o < s + l && s < end) {
+                return Err(DevError(format!("read of a hole at {o}")));
+            }
+            self.0.read_at(o, b)
+        }
+        fn write_at(&mut self, _: u64, _: &[u8]) -> Result<(), DevError> {
+            Err(DevError("read-only".into()))
+        }
+        fn flush(&mut self) -> Result<(), DevError> {
+            Ok(())
+        }
+    }
+
+    impl Source for Holey {
+        fn block_status(&mut self, o: u64, m: u64) -> Result<BlockStatus, DevError> {
+            let mut st = self.0.block_status(o, m)?;
+            for &(s, l) in &self.1 {
+                if o >= s && o < s + l {
+                    st.len = (s + l - o).min(m);
+                    st.data = false;
+                    st.zero = true;
+                    return Ok(st);
+                }
+                if o < s {
+                    st.len = st.len.min(s - o);
+                }
+            }
+            Ok(st)
+        }
+    }
+
+    /// A volume over `noise` bytes with its payload at 4096, sector size
+    /// `ss`.
+    fn volume(noise: &[u8], ss: u32) -> LuksVolume<VecDevice> {
+        let key: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37)).collect();
+        let c = SectorCipher::new("aes", "xts-plain64", &key, ss).unwrap();
+        LuksVolume::new(VecDevice::from_vec(noise.to_vec()), c, 4096, 0).unwrap()
+    }
+
+    /// The sealed copy (encrypting on the reading side, writing
+    /// ciphertext) leaves the file byte for byte as writing the plaintext
+    /// through the volume does: zero ranges encrypted without a read,
+    /// data with its zero runs, whatever the pipelining and workers.
+    #[test]
+    fn sealed_copy_writes_what_the_volume_writes() {
+        let len = 5 * CHUNK + 3 * 4096;
+        let mut data = vec![0u8; len];
+        for (i, b) in data.iter_mut().enumerate() {
+            if (i / 4096) % 3 != 0 {
+                *b = u8::try_from(i % 253).unwrap() | 1;
+            }
+        }
+        // A hole of 2 chunks and a bit, and one small one.
+        let holes = vec![
+            (CHUNK as u64, 2 * CHUNK as u64 + 8192),
+            (4 * CHUNK as u64, 4096),
+        ];
+        for &(s, l) in &holes {
+            let (s, e) = (usize::try_from(s).unwrap(), usize::try_from(s + l).unwrap());
+            data[s..e].fill(0);
+        }
+        let noise = vec![0xa5u8; 4096 + len];
+        for ss in [512u32, 4096] {
+            let mut want = volume(&noise, ss);
+            want.write_at(0, &data).unwrap();
+            let want = want.into_inner().into_vec();
+            for pipelined in [false, true] {
+                for workers in [1usize, 2, 3] {
+                    let (dev, payload) = volume(&noise, ss).into_parts();
+                    let payload = Arc::new(payload);
+                    let seal = crate::parallel::ParallelSeal::new(Arc::clone(&payload), workers);
+                    let mut dst: AnyDev = erased(Ciphertext { dev, payload });
+                    let mut src = Holey(
+                        Flat::at_offsets(erased(VecDevice::from_vec(data.clone()))),
+                        holes.clone(),
+                    );
+                    let opts = CopyOptions {
+                        target_is_zero: false,
+                        pipelined,
+                        ..CopyOptions::default()
+                    };
+                    let written =
+                        copy_sealed(&mut src, &mut dst, &seal, len as u64, opts, &mut |_| {})
+                            .unwrap();
+                    assert_eq!(written, len as u64, "every byte is written");
+                    let mut got = vec![0u8; noise.len()];
+                    let mut whole = dst;
+                    // Read the ciphertext back through the device (payload
+                    // offsets) and compare with the volume's file.
+                    whole.read_at(0, &mut got[4096..]).unwrap();
+                    assert!(
+                        got[4096..] == want[4096..],
+                        "ss {ss} pipelined {pipelined} workers {workers}"
+                    );
+                }
+            }
+            // The plain copy into the volume agrees with both.
+            let mut vol: AnyDev = erased(volume(&noise, ss));
+            let mut src = Flat::at_offsets(erased(VecDevice::from_vec(data.clone())));
+            let opts = CopyOptions {
+                target_is_zero: false,
+                ..CopyOptions::default()
+            };
+            copy(&mut src, &mut vol, len as u64, opts, &mut |_| {}).unwrap();
+            let mut plain = vec![0u8; len];
+            vol.read_at(0, &mut plain).unwrap();
+            assert!(plain == data);
+        }
+    }
+
+    /// Requests the volume would refuse are refused by the ciphertext
+    /// device and its cipher alike, naming the same problem.
+    #[test]
+    fn sealed_parts_check_as_the_volume_does() {
+        let noise = vec![0u8; 4096 + 65536];
+        let (dev, payload) = volume(&noise, 4096).into_parts();
+        assert_eq!(payload.size(), 65536);
+        assert_eq!(payload.payload_offset(), 4096);
+        let payload = Arc::new(payload);
+        let seal = crate::parallel::ParallelSeal::new(Arc::clone(&payload), 2);
+        let mut dst: AnyDev = erased(Ciphertext { dev, payload });
+        let mut vol = volume(&noise, 4096);
+        for (off, n) in [(512u64, 4096usize), (0, 512), (61440, 8192)] {
+            let want = vol.write_at(off, &vec![1u8; n]).unwrap_err().to_string();
+            let got = dst.write_at(off, &vec![1u8; n]).unwrap_err().to_string();
+            assert_eq!(got, want, "{off} {n}");
+            let mut buf = vec![1u8; n];
+            let sealed = crate::convert::Seal::seal(&seal, off, &mut buf).unwrap_err();
+            assert_eq!(sealed.to_string(), want, "{off} {n}");
+        }
+    }
 
     #[test]
     fn modes_split_like_qemu() {

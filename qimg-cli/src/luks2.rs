@@ -62,6 +62,19 @@ pub(crate) fn open_payload(
     writable: bool,
     cache: crate::cache::CacheMode,
 ) -> Result<AnyDev, CliError> {
+    open_volume(path, header, keys, secrets, writable, cache).map(erased)
+}
+
+/// [`open_payload`]'s volume, not yet erased (`convert` splits a
+/// destination's into its file and its cipher).
+pub(crate) fn open_volume(
+    path: &str,
+    header: Option<&str>,
+    keys: &KeySource,
+    secrets: &Secrets,
+    writable: bool,
+    cache: crate::cache::CacheMode,
+) -> Result<LuksVolume<luks_core::io::FileDevice>, CliError> {
     let hdr_path = header.unwrap_or(path);
     let (h, _) = read_header(hdr_path)?;
     luks2::check_requirements::<std::convert::Infallible>(&h.meta)
@@ -76,9 +89,7 @@ pub(crate) fn open_payload(
         .map_err(|e| CliError::io(hdr_path, e.to_string()))?;
     drop(mem);
     let data = crate::luks_common::open_payload_file(path, writable, cache)?;
-    let vol =
-        LuksVolume::open_luks2(data, &h, &key).map_err(|e| CliError::io(path, e.to_string()))?;
-    Ok(erased(vol))
+    LuksVolume::open_luks2(data, &h, &key).map_err(|e| CliError::io(path, e.to_string()))
 }
 
 fn kdf_json(k: Option<&Kdf>) -> Value {

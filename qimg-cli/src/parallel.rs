@@ -1,6 +1,7 @@
 //! `convert -m N`: N threads. From two up, `convert`'s copy is pipelined
 //! (see [`crate::convert::copy`]): one thread writes the destination while
-//! another reads (and decrypts) the next chunk, so the cipher work of one
+//! another reads (and decrypts, or encrypts for a raw LUKS destination) the
+//! next chunk, so the cipher work of one
 //! large request is spread over the N - 1 threads left
 //! ([`cipher_workers`]). Output never depends on N: each thread handles a
 //! disjoint, sector-aligned piece of the same request with the same key and
@@ -16,6 +17,8 @@
 //!
 //! - [`ParallelEncrypt`]: the qcow2 writer's encryption hook for
 //!   encrypted qcow2 destinations; the same pieces, encrypted.
+//! - [`ParallelSeal`]: a raw LUKS destination's cipher, encrypting each
+//!   chunk on the copy's reading side before the writing thread gets it.
 //!
 //! `convert -c` compresses a window of clusters the same way
 //! ([`compress_all`]): each thread compresses a consecutive run, and the
@@ -29,11 +32,15 @@
 //! were measured to queue behind their parent on its core.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use luks_core::io::BlockIo;
+use luks_core::PayloadCipher;
 use qcow_core::crypto::{ImageKey, SectorCrypt};
 use qcow_core::{Decryptor, GuestOffset, HostOffset};
+
+use crate::convert::Seal;
+use crate::dev::DevError;
 
 /// Requests shorter than this stay on one thread: below it, starting a
 /// thread costs more than the cipher work it would take over.
@@ -57,9 +64,10 @@ pub(crate) fn workers() -> usize {
 
 /// The threads that share one request's cipher work. With `-m N` for N of
 /// 2 or more the copy is pipelined ([`crate::convert::copy`]): one thread
-/// writes while the others read and decrypt (or, into an encrypted
-/// destination, one reads while the others encrypt and write), so N - 1
-/// threads are left for the cipher.
+/// writes while the others read and decrypt (into a raw LUKS destination:
+/// read and encrypt, [`ParallelSeal`]; into an encrypted qcow2 image, the
+/// writing thread encrypts, [`ParallelEncrypt`]), so N - 1 threads are
+/// left for the cipher.
 pub(crate) fn cipher_workers() -> usize {
     workers().saturating_sub(1).max(1)
 }
@@ -326,6 +334,43 @@ impl SectorCrypt for ParallelEncrypt {
             })
             .collect();
         run_all(tasks).into_iter().all(|ok| ok)
+    }
+}
+
+/// A raw LUKS destination's cipher on the copy's reading side
+/// ([`crate::convert::copy_sealed`]): each chunk is encrypted there, in
+/// pieces on the cipher workers when it is large and there are several,
+/// while the writing thread writes the chunk before it.
+pub(crate) struct ParallelSeal {
+    payload: Arc<PayloadCipher>,
+    workers: usize,
+}
+
+impl ParallelSeal {
+    /// Encrypts with `payload` on `workers` threads.
+    pub(crate) fn new(payload: Arc<PayloadCipher>, workers: usize) -> Self {
+        Self {
+            payload,
+            workers: workers.max(1),
+        }
+    }
+}
+
+impl Seal for ParallelSeal {
+    fn seal(&self, off: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        let p = &*self.payload;
+        let one =
+            |at: u64, piece: &mut [u8]| p.encrypt(at, piece).map_err(|e| DevError(e.to_string()));
+        // Whole sectors per piece: `split_mut` cuts at multiples of UNIT
+        // (4096, a multiple of every LUKS sector size).
+        if buf.len() < MIN_SPLIT || self.workers == 1 {
+            return one(off, buf);
+        }
+        let tasks: Vec<_> = split_mut(buf, self.workers)
+            .into_iter()
+            .map(|(at, piece)| move || one(off + at as u64, piece))
+            .collect();
+        run_all(tasks).into_iter().collect()
     }
 }
 
