@@ -205,13 +205,9 @@ impl Pbkdf2Speed {
             if ms > sample_ms || steps >= MAX_STEPS || iters >= MAX_SAMPLE_ITERS {
                 break (iters, ms);
             }
-            // Aim a quarter past the sample length, so that the next
-            // sample is usually the last: 2x at least, 16x at most (a
-            // sample that took no measurable time).
-            let aim = sample_ms.saturating_add(sample_ms / 4);
-            let grow = aim.div_ceil(ms.max(1)).clamp(2, 16);
-            let grow = u32::try_from(grow).unwrap_or(16);
-            iters = iters.saturating_mul(grow).min(MAX_SAMPLE_ITERS);
+            iters = iters
+                .saturating_mul(growth(sample_ms, ms))
+                .min(MAX_SAMPLE_ITERS);
         };
         let sample = u64::from(iters).saturating_mul(1000);
         let ours = sample.checked_div(ms).unwrap_or(sample);
@@ -238,6 +234,20 @@ impl Pbkdf2Speed {
             .unwrap_or(u32::MAX)
             .clamp(MIN_PBKDF2_ITERATIONS, MAX_PBKDF2_ITERATIONS)
     }
+}
+
+/// How many times longer the next PBKDF2 sample runs after one that took
+/// `ms` fell short of `sample_ms`: aiming half past the sample length, so
+/// that a reading a clock step long (the clock ticks in whole
+/// milliseconds) or a core running faster the second time still makes the
+/// next sample the last; 2x at least, 16x at most (a sample that took no
+/// measurable time). Aiming a quarter past, the second sample of a 10 ms
+/// iter-time landed under 50 ms often enough that calibration took 80-98
+/// ms of CPU on some runs and 177-199 ms on others.
+pub(crate) fn growth(sample_ms: u64, ms: u64) -> u32 {
+    let aim = sample_ms.saturating_add(sample_ms / 2);
+    let grow = aim.div_ceil(ms.max(1)).clamp(2, 16);
+    u32::try_from(grow).unwrap_or(16)
 }
 
 /// PBKDF2 iterations that take `reader` about `target_ms` with `hash`
