@@ -122,8 +122,9 @@ pub const MIN_PBKDF2_ITERATIONS: u32 = 1000;
 const SAMPLE_MS: u64 = 500;
 
 /// The shortest sample [`Pbkdf2Speed::measure_for`] takes, in milliseconds
-/// of CPU: long enough that a 1 ms clock step moves the speed by 2%.
-pub const MIN_SAMPLE_MS: u64 = 50;
+/// of CPU: long enough that a 1 ms clock step moves the speed by 5%, half
+/// a millisecond of a 10 ms derivation.
+pub const MIN_SAMPLE_MS: u64 = 20;
 
 impl Pbkdf2Speed {
     /// Benchmarks qimg's PBKDF2 with `hash` as cryptsetup does (8-byte
@@ -149,8 +150,9 @@ impl Pbkdf2Speed {
     /// cryptsetup and QEMU sample for 500 ms (about a second of CPU with
     /// the growth steps) whatever the `iter-time`, so a volume asked to
     /// open in 10 ms costs a second to create. The sample only has to make
-    /// the clock's 1 ms step small beside it: at 50 ms the speed is within
-    /// 2%, which a derivation of a quarter of a second cannot show. From
+    /// the clock's 1 ms step small beside it: a sample a quarter as long as
+    /// the derivation is within 1 ms in 4 ms, and at [`MIN_SAMPLE_MS`] the
+    /// speed is within 5%, half a millisecond of a 10 ms derivation. From
     /// an `iter-time` of 2000 ms (both programs' default) up, the sample
     /// is cryptsetup's.
     ///
@@ -242,7 +244,7 @@ impl Pbkdf2Speed {
 /// milliseconds) or a core running faster the second time still makes the
 /// next sample the last; 2x at least, 16x at most (a sample that took no
 /// measurable time). Aiming a quarter past, the second sample of a 10 ms
-/// iter-time landed under 50 ms often enough that calibration took 80-98
+/// iter-time (then a 50 ms sample) landed under 50 ms often enough that calibration took 80-98
 /// ms of CPU on some runs and 177-199 ms on others.
 pub(crate) fn growth(sample_ms: u64, ms: u64) -> u32 {
     let aim = sample_ms.saturating_add(sample_ms / 2);

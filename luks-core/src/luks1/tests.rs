@@ -637,11 +637,11 @@ fn calibration_sample_follows_the_iter_time() {
             t
         }
     };
-    // A 10 ms iter-time: a 50 ms sample, so 100 ms ends it. The 6 ms
-    // sample grew 13x (aiming at 75 ms).
+    // A 10 ms iter-time: the shortest sample (20 ms), so 100 ms ends it.
+    // The 6 ms sample grew 5x (aiming at 30 ms).
     let short = Pbkdf2Speed::measure_for(HashAlg::Sha256, Pbkdf2Reader::Qemu, 10, clock());
     let pct = u64::from(Pbkdf2Reader::Qemu.speed_ratio_percent(HashAlg::Sha256));
-    assert_eq!(short.per_second, (1u64 << 15) * 13 * 1000 / 100 * 100 / pct);
+    assert_eq!(short.per_second, (1u64 << 15) * 5 * 1000 / 100 * 100 / pct);
     // 2000 ms (the default) and up: cryptsetup's 500 ms sample, as
     // `measure` takes; 100 ms is not enough. The 6 ms sample grew 16x (the
     // most), the 100 ms one 8x (aiming at 750 ms).
@@ -659,11 +659,13 @@ fn a_grown_calibration_sample_is_the_last() {
     // A sample that read `ms` may have taken a clock step less, and the
     // grown one may run 15% faster per iteration (a warmer core, a quieter
     // machine). Grown by `growth`, it must still pass the sample length, so
-    // calibration costs two samples, not three (first samples so short
-    // that the 16x cap binds may take a third). Aiming a quarter past the
-    // length, a 5 ms reading grew 13x: 44 ms at worst.
-    for sample_ms in [MIN_SAMPLE_MS, 125, 500] {
-        for ms in 2..=sample_ms {
+    // calibration costs two samples, not three (first samples under 5 ms,
+    // where a clock step is a fifth or more, or so short that the 16x cap
+    // binds may take a third; 2^15 SHA-256 iterations take about 10 ms).
+    // Aiming a quarter past the length of a 50 ms sample, a 5 ms reading
+    // grew 13x: 44 ms at worst.
+    for sample_ms in [MIN_SAMPLE_MS, 50, 125, 500] {
+        for ms in 5..=sample_ms {
             let grow = super::iterations::growth(sample_ms, ms);
             if grow == 16 {
                 continue;
