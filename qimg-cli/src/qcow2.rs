@@ -1,7 +1,7 @@
 //! qcow2 images in the CLI: opening with a backing chain and external data
 //! file, block status in qemu-img's terms, and `info` fields.
 
-use qcow_core::image::MapKind;
+use qcow_core::image::{CompressedSpan, MapKind};
 use qcow_core::{HostOffset, Qcow2};
 use serde_json::{json, Map, Value};
 
@@ -75,9 +75,11 @@ pub(crate) struct Qcow2Source {
     /// use), in which case qemu-img asks the file which data clusters are
     /// holes and reports them as zero.
     metadata_prealloc: Option<bool>,
-    /// Input buffers of [`Self::read_decoding_in_parallel`], kept between
-    /// requests (at most one request's worth).
-    spare_inputs: Vec<Vec<u8>>,
+    /// The stored streams of one request's compressed clusters
+    /// ([`Self::read_decoding_in_parallel`]), kept between requests.
+    input: Vec<u8>,
+    /// One zlib decoder per decoding thread, kept between requests.
+    decoders: Vec<qcow_core::decompress::Decoder>,
 }
 
 /// What the CLI needs to know to finish opening an image.
@@ -155,7 +157,8 @@ impl Qcow2Source {
             holes: hole_file.map(RawFile::new),
             encrypted,
             metadata_prealloc: None,
-            spare_inputs: Vec::new(),
+            input: Vec::new(),
+            decoders: Vec::new(),
         })
     }
 
@@ -245,7 +248,7 @@ impl BlockIo for Qcow2Source {
         let cs = self.img.info().cluster_size();
         // Encrypted images hold no compressed clusters (qemu-img refuses to
         // make them): their reads skip the walk.
-        if workers > 1 && !self.encrypted && buf.len() as u64 >= 2 * cs {
+        if !self.encrypted && buf.len() as u64 >= 2 * cs {
             return self.read_decoding_in_parallel(offset, buf, workers);
         }
         let r = self.img.read(offset, buf);
@@ -260,13 +263,15 @@ impl BlockIo for Qcow2Source {
 }
 
 impl Qcow2Source {
-    /// Reads `buf` at guest `offset` like [`Qcow2::read`], except that the
-    /// whole compressed clusters of this image in the range are decoded on
-    /// `workers` threads: their stored bytes are read here, in guest order,
-    /// then decoded into their places in `buf` at once. Everything else
-    /// (data, zeroes, backing, partial clusters) is read as usual. A
-    /// cluster that fails to decode is read again the usual way, so the
-    /// error is the reader's own.
+    /// Reads `buf` at guest `offset` like [`Qcow2::read`], except for the
+    /// whole compressed clusters of this image in the range: their stored
+    /// bytes are read here, neighbouring clusters' in one read (qemu-img
+    /// packs them back to back), then decoded into their places in `buf`
+    /// at once, on `workers` threads, with zlib-rs
+    /// ([`qcow_core::decompress::Decoder`]). Everything else (data, zeroes,
+    /// backing, partial clusters) is read as usual. A cluster that fails to
+    /// decode is read again the usual way, so the error is the reader's
+    /// own.
     fn read_decoding_in_parallel(
         &mut self,
         offset: u64,
@@ -277,8 +282,9 @@ impl Qcow2Source {
         let ctype = self.img.info().header.compression_type;
         let cs_usize = usize::try_from(cs).map_err(|e| self.err(e))?;
         let end = offset.saturating_add(buf.len() as u64);
-        // (place in `buf`, stored stream) of each whole compressed cluster.
-        let mut jobs: Vec<(usize, Vec<u8>)> = Vec::new();
+        // (place in `buf`, where its stored bytes lie) of each whole
+        // compressed cluster.
+        let mut spans: Vec<(usize, CompressedSpan)> = Vec::new();
         // Where the range read the usual way (in one call) starts.
         let mut plain_from = 0usize;
         let mut g = offset;
@@ -294,14 +300,8 @@ impl Qcow2Source {
                         r.map_err(|e| self.err(e))?;
                     }
                     plain_from = at + cs_usize;
-                    let mut input = self.spare_inputs.pop().unwrap_or_default();
-                    input.resize(cs_usize + 512, 0);
-                    let r = self.img.compressed_input(d, &mut input);
-                    let stream = r.map_err(|e| self.err(e))?;
-                    // Keep just the stream, at the front of the buffer.
-                    input.copy_within(stream.clone(), 0);
-                    input.truncate(stream.len());
-                    jobs.push((at, input));
+                    let span = self.img.compressed_span(d, cs_usize + 512);
+                    spans.push((at, span.map_err(|e| self.err(e))?));
                 }
                 _ => {}
             }
@@ -312,14 +312,44 @@ impl Qcow2Source {
             let r = self.img.read(from, &mut buf[plain_from..]);
             r.map_err(|e| self.err(e))?;
         }
-        let failed = decode_all(ctype, cs_usize, buf, &jobs, workers);
+        if spans.is_empty() {
+            return Ok(());
+        }
+        // The host runs to read: each span joins the run before it when it
+        // starts inside it or at most READ_GAP bytes past its end.
+        let (runs, placed) = host_runs(spans.iter().map(|(_, s)| s));
+        let mut bases = Vec::with_capacity(runs.len());
+        let mut total = 0usize;
+        for r in &runs {
+            bases.push(total);
+            total += r.len;
+        }
+        let mut input = std::mem::take(&mut self.input);
+        input.resize(total, 0);
+        for (r, &base) in runs.iter().zip(&bases) {
+            if let Err(e) = self.img.read_host(r.at, &mut input[base..base + r.len]) {
+                self.input = input;
+                return Err(self.err(e));
+            }
+        }
+        let jobs: Vec<(usize, std::ops::Range<usize>)> = spans
+            .iter()
+            .zip(placed)
+            .map(|((at, s), (run, within))| {
+                let from = bases[run] + within;
+                (*at, from + s.skip..from + s.len)
+            })
+            .collect();
+        let workers = workers.clamp(1, jobs.len());
+        self.decoders.resize_with(workers, Default::default);
+        let failed = decode_all(ctype, cs_usize, buf, &input, &jobs, &mut self.decoders);
+        self.input = input;
         for at in failed {
             let r = self
                 .img
                 .read(offset + at as u64, &mut buf[at..at + cs_usize]);
             r.map_err(|e| self.err(e))?;
         }
-        self.spare_inputs.extend(jobs.into_iter().map(|(_, b)| b));
         Ok(())
     }
 
@@ -510,16 +540,75 @@ pub(crate) fn snapshots(img: &mut Reader, path: &str) -> Result<Vec<SnapshotInfo
     Ok(out)
 }
 
+/// Bytes between two compressed clusters' stored streams that are read
+/// (and thrown away) to read both in one call rather than two.
+const READ_GAP: u64 = 4096;
+
+/// One read of the stored bytes of several compressed clusters.
+#[derive(Debug, PartialEq, Eq)]
+struct HostRun {
+    at: u64,
+    len: usize,
+}
+
+impl HostRun {
+    fn end(&self) -> u64 {
+        self.at + self.len as u64
+    }
+}
+
+/// The end of a span's bytes in the file.
+trait SpanEnd {
+    fn end(&self) -> u64;
+}
+
+impl SpanEnd for CompressedSpan {
+    fn end(&self) -> u64 {
+        self.at + self.len as u64
+    }
+}
+
+/// Groups `spans`, in order, into host reads: a span joins the read before
+/// it when it starts inside it or at most [`READ_GAP`] bytes past its end
+/// (and not before its start). Returns the reads and, for each span, its
+/// read and where in that read it starts.
+fn host_runs<'a>(
+    spans: impl Iterator<Item = &'a CompressedSpan>,
+) -> (Vec<HostRun>, Vec<(usize, usize)>) {
+    let mut runs: Vec<HostRun> = Vec::new();
+    let mut placed = Vec::new();
+    for s in spans {
+        match runs.last_mut() {
+            Some(r) if s.at >= r.at && s.at <= r.end().saturating_add(READ_GAP) => {
+                let end = r.end().max(s.end());
+                r.len = usize::try_from(end - r.at).unwrap_or(usize::MAX);
+                let within = usize::try_from(s.at - r.at).unwrap_or(usize::MAX);
+                placed.push((runs.len() - 1, within));
+            }
+            _ => {
+                runs.push(HostRun {
+                    at: s.at,
+                    len: s.len,
+                });
+                placed.push((runs.len() - 1, 0));
+            }
+        }
+    }
+    (runs, placed)
+}
+
 /// Decodes each `(at, stream)` of `jobs` (in increasing `at`, a cluster of
-/// `cs` bytes apart at least) into `buf[at..at + cs]`, on up to `workers`
-/// threads, each a consecutive run of the jobs. Returns the places whose
-/// stream failed to decode.
+/// `cs` bytes apart at least; `stream` a range of `input`) into
+/// `buf[at..at + cs]`, on one thread per decoder in `decoders`, each a
+/// consecutive run of the jobs. Returns the places whose stream failed to
+/// decode.
 fn decode_all(
     ctype: u8,
     cs: usize,
     buf: &mut [u8],
-    jobs: &[(usize, Vec<u8>)],
-    workers: usize,
+    input: &[u8],
+    jobs: &[(usize, std::ops::Range<usize>)],
+    decoders: &mut [qcow_core::decompress::Decoder],
 ) -> Vec<usize> {
     // The output slices, disjoint, in job order.
     let mut outs: Vec<&mut [u8]> = Vec::with_capacity(jobs.len());
@@ -532,27 +621,33 @@ fn decode_all(
         rest = tail;
         base = at + cs;
     }
-    let decode = |job: &(usize, Vec<u8>), out: &mut [u8]| {
-        qcow_core::decompress::decompress(ctype, &job.1, out)
-            .err()
-            .map(|_| job.0)
+    let decode = |dec: &mut qcow_core::decompress::Decoder,
+                  job: &(usize, std::ops::Range<usize>),
+                  out: &mut [u8]| {
+        let stream = input.get(job.1.clone()).unwrap_or_default();
+        dec.decompress(ctype, stream, out).err().map(|_| job.0)
     };
-    let per = jobs.len().div_ceil(workers.max(1)).max(1);
+    let workers = decoders.len();
     if jobs.len() < 2 || workers < 2 {
+        let Some(dec) = decoders.first_mut() else {
+            return jobs.iter().map(|j| j.0).collect();
+        };
         return jobs
             .iter()
             .zip(outs)
-            .filter_map(|(j, o)| decode(j, o))
+            .filter_map(|(j, o)| decode(dec, j, o))
             .collect();
     }
+    let per = jobs.len().div_ceil(workers).max(1);
     let tasks: Vec<_> = jobs
         .chunks(per)
         .zip(outs.chunks_mut(per))
-        .map(|(js, os)| {
+        .zip(decoders.iter_mut())
+        .map(|((js, os), dec)| {
             move || {
                 js.iter()
                     .zip(os.iter_mut())
-                    .filter_map(|(j, o)| decode(j, o))
+                    .filter_map(|(j, o)| decode(dec, j, o))
                     .collect::<Vec<_>>()
             }
         })
@@ -561,4 +656,54 @@ fn decode_all(
         .into_iter()
         .flatten()
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(at: u64, len: usize) -> CompressedSpan {
+        CompressedSpan { at, len, skip: 0 }
+    }
+
+    #[test]
+    fn neighbouring_spans_share_one_read() {
+        // Back to back and overlapping in a sector (qemu-img's packing),
+        // then a gap within READ_GAP, then one too far, then one behind.
+        let spans = [
+            span(0x10000, 0x4200),
+            span(0x14000, 0x3000),
+            span(0x17000 + READ_GAP, 0x200),
+            span(0x40000, 0x1000),
+            span(0x20000, 0x1000),
+        ];
+        let (runs, placed) = host_runs(spans.iter());
+        let gap = usize::try_from(READ_GAP).unwrap();
+        assert_eq!(
+            placed,
+            [(0, 0), (0, 0x4000), (0, 0x7000 + gap), (1, 0), (2, 0)]
+        );
+        assert_eq!(
+            runs,
+            [
+                HostRun {
+                    at: 0x10000,
+                    len: 0x7200 + gap
+                },
+                HostRun {
+                    at: 0x40000,
+                    len: 0x1000
+                },
+                HostRun {
+                    at: 0x20000,
+                    len: 0x1000
+                },
+            ]
+        );
+        // Every span lies inside its run.
+        for (s, (r, within)) in spans.iter().zip(placed) {
+            assert_eq!(runs[r].at + within as u64, s.at);
+            assert!(s.end() <= runs[r].end());
+        }
+    }
 }
