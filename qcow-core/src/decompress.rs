@@ -2,18 +2,23 @@
 //!
 //! "zlib" clusters are raw deflate (no zlib header). [`decompress`] decodes
 //! them with `miniz_oxide`'s allocation-free core: the reader's path, which
-//! never allocates. With `alloc`, a [`Decoder`] decodes them with zlib-rs,
-//! whose state (about 7 KiB, allocated once per `Decoder` and reset between
-//! clusters) buys 1.4x miniz_oxide's speed on text clusters
-//! (`qimg-bench`'s `inflate-rate`, thread CPU time): what the CLI's bulk
-//! decoding of whole clusters uses. A cluster is decoded in one call, so a
+//! never allocates. With `alloc`, a [`Decoder`] decodes them with
+//! zune-inflate (pure safe Rust; it returns a fresh `Vec`, copied into the
+//! cluster), 2x miniz_oxide's speed on text clusters (`qimg-bench`'s
+//! `inflate-rate`, thread CPU time: 1150 against 555 MiB/s, zlib-rs 780),
+//! and gives any stream that does not make exactly one cluster to zlib-rs
+//! (state allocated once per `Decoder`, reset between clusters), which
+//! decides as zlib, QEMU's library, does. The CLI decodes whole clusters
+//! with a `Decoder`. A cluster is decoded in one call, so a
 //! distance may reach back to the start of the cluster whatever the window
 //! size (as with QEMU's one `inflate` call with window bits 12), and
 //! success, as in qemu-img, means the output cluster is filled: trailing
 //! bytes after it are ignored. The two give the same bytes; they differ
-//! only on a damaged stream that breaks (ends inside a symbol) just as the
-//! cluster is full, which zlib, and so QEMU, accepts and miniz_oxide,
-//! reading on, refuses.
+//! only on damaged streams, where the `Decoder` decides as zlib: mostly a
+//! stream that breaks (ends inside a symbol) just as the cluster is full,
+//! which zlib, and so QEMU, accepts and miniz_oxide, reading on, refuses
+//! (109 of 110 disagreements in 300,000 randomly damaged streams; the
+//! other one miniz_oxide accepted and zlib refuses).
 //!
 //! zstd clusters are ordinary zstd frames; no allocation-free pure-Rust
 //! zstd decoder exists (ruzstd, the pure-Rust one, keeps its window in a
@@ -68,9 +73,10 @@ pub fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> 
     }
 }
 
-/// A reusable cluster decoder (`alloc`): zlib clusters through zlib-rs,
-/// whose state is allocated on first use and reset between clusters; zstd
-/// as [`decompress`]. Gives the same results as [`decompress`].
+/// A reusable cluster decoder (`alloc`): zlib clusters through
+/// zune-inflate, and through zlib-rs (whose state is allocated on first use
+/// and reset between clusters) when zune-inflate does not make exactly the
+/// cluster; zstd as [`decompress`]. Gives the same bytes as [`decompress`].
 #[cfg(feature = "alloc")]
 #[derive(Default)]
 pub struct Decoder {
@@ -103,6 +109,19 @@ impl Decoder {
     /// [`inflate_raw`].
     pub fn inflate_raw(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
         use zlib_rs::{Inflate, InflateFlush};
+        // The fast path: a whole stream that gives exactly the cluster.
+        // Anything else (a stream going on past the cluster, one cut
+        // short, damage) is left to zlib-rs, which decides as zlib does.
+        let opts = zune_inflate::DeflateOptions::default()
+            .set_limit(out.len())
+            .set_size_hint(out.len());
+        if let Ok(v) = zune_inflate::DeflateDecoder::new_with_options(input, opts).decode_deflate()
+        {
+            if v.len() == out.len() {
+                out.copy_from_slice(&v);
+                return Ok(());
+            }
+        }
         let z = match &mut self.zlib {
             Some(z) => {
                 // Raw deflate (no zlib header).
@@ -219,11 +238,10 @@ mod tests {
         );
     }
 
-    /// Every way of cutting, extending and damaging a stream gets the same
-    /// bytes from [`Decoder`] (one kept across all of them, as the CLI
-    /// keeps it) and [`decompress`] when both succeed, and the same verdict
-    /// except for streams that break only once the cluster is full, which
-    /// zlib, and so QEMU, accepts.
+    /// Every way of cutting, extending and damaging a stream gets from
+    /// [`Decoder`] (one kept across all of them, as the CLI keeps it)
+    /// zlib-rs's verdict and bytes, and the same bytes as [`decompress`]
+    /// when both succeed.
     #[cfg(feature = "alloc")]
     #[allow(clippy::arithmetic_side_effects, clippy::cast_possible_truncation)] // test fixture
     #[test]
@@ -270,14 +288,22 @@ mod tests {
                     b.fill(2);
                     let x = dec.decompress(COMPRESSION_ZLIB, v, &mut a[..size]);
                     let y = decompress(COMPRESSION_ZLIB, v, &mut b[..size]);
+                    // The verdict is zlib's (zlib-rs alone).
+                    let mut z = zlib_rs::Inflate::new(false, 15);
+                    let mut c = alloc::vec![0u8; size];
+                    let r = z.decompress(v, &mut c, zlib_rs::InflateFlush::Finish);
+                    let zlib_ok = r.is_ok() && z.total_out() == size as u64;
+                    assert_eq!(
+                        x.is_ok(),
+                        zlib_ok,
+                        "stream of {} bytes into {size}",
+                        v.len()
+                    );
+                    if x.is_ok() {
+                        assert!(a[..size] == c[..]);
+                    }
                     if x.is_ok() != y.is_ok() {
-                        // Only where the stream breaks once the cluster is
-                        // full: zlib (QEMU) stops there content, miniz_oxide
-                        // reads on and refuses. The stream cannot fill more.
-                        assert!(x.is_ok() && y.is_err(), "stream of {} bytes", v.len());
-                        let mut more = alloc::vec![0u8; size + 512];
-                        assert!(dec.decompress(COMPRESSION_ZLIB, v, &mut more).is_err());
-                        refused_by_miniz += 1;
+                        refused_by_miniz += usize::from(y.is_err());
                     }
                     if x.is_ok() {
                         assert!(a[..size] == b[..size]);
@@ -285,8 +311,12 @@ mod tests {
                 }
             }
         }
-        // The damaged streams above that only zlib accepts (2 of 108).
-        assert!(refused_by_miniz <= 4, "{refused_by_miniz}");
+        // Damaged streams that zlib accepts and miniz_oxide refuses (2 of
+        // the 108 here: the stream breaks just as the cluster is full).
+        assert!(
+            refused_by_miniz > 0 && refused_by_miniz <= 4,
+            "{refused_by_miniz}"
+        );
         assert_eq!(
             dec.decompress(9, &ours, &mut a),
             Err(DecompressError::UnknownType(9))

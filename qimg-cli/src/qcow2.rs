@@ -267,8 +267,8 @@ impl Qcow2Source {
     /// whole compressed clusters of this image in the range: their stored
     /// bytes are read here, neighbouring clusters' in one read (qemu-img
     /// packs them back to back), then decoded into their places in `buf`
-    /// at once, on `workers` threads, with zlib-rs
-    /// ([`qcow_core::decompress::Decoder`]). Everything else (data, zeroes,
+    /// at once, on `workers` threads, with
+    /// [`qcow_core::decompress::Decoder`] (zune-inflate, then zlib-rs). Everything else (data, zeroes,
     /// backing, partial clusters) is read as usual. A cluster that fails to
     /// decode is read again the usual way, so the error is the reader's
     /// own.
@@ -625,7 +625,19 @@ fn decode_all(
                   job: &(usize, std::ops::Range<usize>),
                   out: &mut [u8]| {
         let stream = input.get(job.1.clone()).unwrap_or_default();
-        dec.decompress(ctype, stream, out).err().map(|_| job.0)
+        // A decoder crate's panic on a hostile stream is a failed cluster,
+        // read again (and refused) by the reader's own decoder.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            dec.decompress(ctype, stream, out)
+        }));
+        match r {
+            Ok(Ok(())) => None,
+            Ok(Err(_)) => Some(job.0),
+            Err(_) => {
+                *dec = qcow_core::decompress::Decoder::new();
+                Some(job.0)
+            }
+        }
     };
     let workers = decoders.len();
     if jobs.len() < 2 || workers < 2 {

@@ -8,6 +8,9 @@
 //!
 //! - `qimg`: [`qcow_core::decompress::decompress`] (miniz_oxide's
 //!   allocation-free core), what the reader decodes with;
+//! - `qimg-decoder`: [`qcow_core::decompress::Decoder`], what the CLI
+//!   decodes whole clusters with (zune-inflate, zlib-rs when that fails);
+//! - `zune`: zune-inflate alone, a fresh `Vec` per cluster copied out;
 //! - `flate2-zlib-rs`: one flate2 `Decompress` over zlib-rs (window bits
 //!   12), reset between clusters;
 //! - `zlib-rs-slice`: `zlib_rs::decompress_slice`, a fresh state
@@ -76,6 +79,22 @@ impl Decoder for QimgDecoder {
         self.0
             .decompress(qcow_core::header::COMPRESSION_ZLIB, stream, out)
             .is_ok()
+    }
+}
+
+struct Zune;
+impl Decoder for Zune {
+    fn decode(&mut self, stream: &[u8], out: &mut [u8]) -> bool {
+        let o = zune_inflate::DeflateOptions::default()
+            .set_limit(out.len())
+            .set_size_hint(out.len());
+        match zune_inflate::DeflateDecoder::new_with_options(stream, o).decode_deflate() {
+            Ok(v) if v.len() == out.len() => {
+                out.copy_from_slice(&v);
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -195,6 +214,7 @@ fn main() {
             ("zlib-rs-slice-w12", Box::new(ZlibRsSlice(12))),
             ("zlib-rs-slice-w9", Box::new(ZlibRsSlice(9))),
             ("qimg-decoder", Box::new(QimgDecoder::default())),
+            ("zune", Box::new(Zune)),
         ];
         for (dec, mut d) in decoders {
             for (c, s) in &pairs {
