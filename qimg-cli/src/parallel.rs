@@ -351,8 +351,8 @@ pub(crate) fn compress_window(workers: usize, cluster: u64) -> usize {
 
 /// Compresses every cluster of `batch` for `compression_type` (as
 /// [`qcow_core::compress::compress`]), on up to `workers` threads, each
-/// taking a consecutive run; results come back in `batch` order, so the
-/// writer stores them exactly as one thread would.
+/// taking the next cluster as it frees up; results come back in `batch`
+/// order, so the writer stores them exactly as one thread would.
 pub(crate) fn compress_all(
     compression_type: u8,
     batch: &[(u64, Vec<u8>)],
@@ -366,8 +366,11 @@ pub(crate) fn compress_all(
     if workers <= 1 || batch.len() < 2 {
         return one(batch);
     }
-    let per = batch.len().div_ceil(workers);
-    let tasks: Vec<_> = batch.chunks(per).map(|run| move || one(run)).collect();
+    // One task per cluster, handed out as the threads free up (a cluster
+    // is a millisecond or more of work): a thread the machine's other load
+    // holds up, or a run of slow clusters, does not keep the other waiting
+    // at the end of the window as one consecutive half each did.
+    let tasks: Vec<_> = batch.chunks(1).map(|run| move || one(run)).collect();
     run_all(tasks).into_iter().flatten().collect()
 }
 

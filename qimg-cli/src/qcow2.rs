@@ -78,8 +78,6 @@ pub(crate) struct Qcow2Source {
     /// The stored streams of one request's compressed clusters
     /// ([`Self::read_decoding_in_parallel`]), kept between requests.
     input: Vec<u8>,
-    /// One zlib decoder per decoding thread, kept between requests.
-    decoders: Vec<qcow_core::decompress::Decoder>,
 }
 
 /// What the CLI needs to know to finish opening an image.
@@ -158,7 +156,6 @@ impl Qcow2Source {
             encrypted,
             metadata_prealloc: None,
             input: Vec::new(),
-            decoders: Vec::new(),
         })
     }
 
@@ -340,9 +337,7 @@ impl Qcow2Source {
                 (*at, from + s.skip..from + s.len)
             })
             .collect();
-        let workers = workers.clamp(1, jobs.len());
-        self.decoders.resize_with(workers, Default::default);
-        let failed = decode_all(ctype, cs_usize, buf, &input, &jobs, &mut self.decoders);
+        let failed = decode_all(ctype, cs_usize, buf, &input, &jobs, workers);
         self.input = input;
         for at in failed {
             let r = self
@@ -597,18 +592,23 @@ fn host_runs<'a>(
     (runs, placed)
 }
 
+/// Clusters per decoding task: a task is about 0.1 ms of work, so the
+/// threads share a request's clusters as they free up (a thread held up by
+/// the machine's other load does not keep the other waiting) at a cost of
+/// microseconds.
+const DECODE_TASK: usize = 2;
+
 /// Decodes each `(at, stream)` of `jobs` (in increasing `at`, a cluster of
 /// `cs` bytes apart at least; `stream` a range of `input`) into
-/// `buf[at..at + cs]`, on one thread per decoder in `decoders`, each a
-/// consecutive run of the jobs. Returns the places whose stream failed to
-/// decode.
+/// `buf[at..at + cs]`, on up to `workers` threads taking [`DECODE_TASK`]
+/// clusters at a time. Returns the places whose stream failed to decode.
 fn decode_all(
     ctype: u8,
     cs: usize,
     buf: &mut [u8],
     input: &[u8],
     jobs: &[(usize, std::ops::Range<usize>)],
-    decoders: &mut [qcow_core::decompress::Decoder],
+    workers: usize,
 ) -> Vec<usize> {
     // The output slices, disjoint, in job order.
     let mut outs: Vec<&mut [u8]> = Vec::with_capacity(jobs.len());
@@ -621,48 +621,35 @@ fn decode_all(
         rest = tail;
         base = at + cs;
     }
-    let decode = |dec: &mut qcow_core::decompress::Decoder,
-                  job: &(usize, std::ops::Range<usize>),
-                  out: &mut [u8]| {
-        let stream = input.get(job.1.clone()).unwrap_or_default();
-        // A decoder crate's panic on a hostile stream is a failed cluster,
-        // read again (and refused) by the reader's own decoder.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            dec.decompress(ctype, stream, out)
-        }));
-        match r {
-            Ok(Ok(())) => None,
-            Ok(Err(_)) => Some(job.0),
-            Err(_) => {
-                *dec = qcow_core::decompress::Decoder::new();
-                Some(job.0)
+    // A decoder allocates nothing until a stream needs zlib-rs.
+    let run = |js: &[(usize, std::ops::Range<usize>)], os: &mut [&mut [u8]]| {
+        let mut dec = qcow_core::decompress::Decoder::new();
+        let mut failed = Vec::new();
+        for (job, out) in js.iter().zip(os.iter_mut()) {
+            let stream = input.get(job.1.clone()).unwrap_or_default();
+            // A decoder crate's panic on a hostile stream is a failed
+            // cluster, read again (and refused) by the reader's own decoder.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                dec.decompress(ctype, stream, out)
+            }));
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => failed.push(job.0),
+                Err(_) => {
+                    dec = qcow_core::decompress::Decoder::new();
+                    failed.push(job.0);
+                }
             }
         }
+        failed
     };
-    let workers = decoders.len();
-    if jobs.len() < 2 || workers < 2 {
-        let Some(dec) = decoders.first_mut() else {
-            return jobs.iter().map(|j| j.0).collect();
-        };
-        return jobs
-            .iter()
-            .zip(outs)
-            .filter_map(|(j, o)| decode(dec, j, o))
-            .collect();
+    if jobs.len() <= DECODE_TASK || workers < 2 {
+        return run(jobs, &mut outs);
     }
-    let per = jobs.len().div_ceil(workers).max(1);
     let tasks: Vec<_> = jobs
-        .chunks(per)
-        .zip(outs.chunks_mut(per))
-        .zip(decoders.iter_mut())
-        .map(|((js, os), dec)| {
-            move || {
-                js.iter()
-                    .zip(os.iter_mut())
-                    .filter_map(|(j, o)| decode(dec, j, o))
-                    .collect::<Vec<_>>()
-            }
-        })
+        .chunks(DECODE_TASK)
+        .zip(outs.chunks_mut(DECODE_TASK))
+        .map(|(js, os)| move || run(js, os))
         .collect();
     crate::parallel::run_all(tasks)
         .into_iter()
@@ -676,6 +663,45 @@ mod tests {
 
     fn span(at: u64, len: usize) -> CompressedSpan {
         CompressedSpan { at, len, skip: 0 }
+    }
+
+    #[test]
+    fn decode_all_fills_each_place_and_names_the_failures() {
+        let cs = 4096usize;
+        let zlib = qcow_core::header::COMPRESSION_ZLIB;
+        let clusters: Vec<Vec<u8>> = (0..7u8)
+            .map(|k| {
+                (0..cs)
+                    .map(|i| b"qcow2 cluster text "[(i * usize::from(k + 1)) % 19])
+                    .collect()
+            })
+            .collect();
+        // Streams back to back in one input; the fourth is garbage.
+        let mut input = Vec::new();
+        let mut jobs = Vec::new();
+        for (k, c) in clusters.iter().enumerate() {
+            let stream = if k == 3 {
+                vec![0xff; 64]
+            } else {
+                qcow_core::compress::compress(zlib, c).unwrap()
+            };
+            // Every other cluster place is left alone (a plain cluster).
+            jobs.push((2 * k * cs, input.len()..input.len() + stream.len()));
+            input.extend_from_slice(&stream);
+        }
+        for workers in [1, 2, 3] {
+            let mut buf = vec![0x5a; 14 * cs];
+            let failed = decode_all(zlib, cs, &mut buf, &input, &jobs, workers);
+            assert_eq!(failed, [6 * cs], "{workers} workers");
+            for (k, c) in clusters.iter().enumerate() {
+                if k != 3 {
+                    assert!(buf[2 * k * cs..(2 * k + 1) * cs] == c[..], "cluster {k}");
+                }
+                assert!(buf[(2 * k + 1) * cs..(2 * k + 2) * cs]
+                    .iter()
+                    .all(|&b| b == 0x5a));
+            }
+        }
     }
 
     #[test]
