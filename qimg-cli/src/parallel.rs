@@ -17,8 +17,8 @@
 //! - [`ParallelEncrypt`]: the qcow2 writer's encryption hook for
 //!   encrypted qcow2 destinations; the same pieces, encrypted.
 //!
-//! `convert -c` compresses a window of clusters the same way
-//! ([`compress_all`]): each thread compresses a consecutive run, and the
+//! `convert -c` compresses a window of clusters on the same threads
+//! ([`compress_all`]): each takes the next cluster as it frees up, and the
 //! writer stores the results in guest order, so the file layout is the one
 //! thread's.
 //!

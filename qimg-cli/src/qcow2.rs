@@ -265,10 +265,10 @@ impl Qcow2Source {
     /// bytes are read here, neighbouring clusters' in one read (qemu-img
     /// packs them back to back), then decoded into their places in `buf`
     /// at once, on `workers` threads, with
-    /// [`qcow_core::decompress::Decoder`] (zune-inflate, then zlib-rs). Everything else (data, zeroes,
-    /// backing, partial clusters) is read as usual. A cluster that fails to
-    /// decode is read again the usual way, so the error is the reader's
-    /// own.
+    /// [`qcow_core::decompress::Decoder`] (zune-inflate, then zlib-rs).
+    /// Everything else (data, zeroes, backing, partial clusters) is read as
+    /// usual. A cluster that fails to decode is read again the usual way,
+    /// so the error is the reader's own.
     fn read_decoding_in_parallel(
         &mut self,
         offset: u64,
