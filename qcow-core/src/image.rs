@@ -34,6 +34,7 @@ use crate::BlockIo;
 mod open;
 mod read;
 mod snapshots;
+pub use read::CompressedSpan;
 
 // The checker's and the writer's way in to the reader's parsing.
 #[cfg(feature = "alloc")]

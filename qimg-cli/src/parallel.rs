@@ -20,8 +20,8 @@
 //! - [`ParallelSeal`]: a raw LUKS destination's cipher, encrypting each
 //!   chunk on the copy's reading side before the writing thread gets it.
 //!
-//! `convert -c` compresses a window of clusters the same way
-//! ([`compress_all`]): each thread compresses a consecutive run, and the
+//! `convert -c` compresses a window of clusters on the same threads
+//! ([`compress_all`]): each takes the next cluster as it frees up, and the
 //! writer stores the results in guest order, so the file layout is the one
 //! thread's.
 //!
@@ -375,7 +375,14 @@ impl Seal for ParallelSeal {
 }
 
 /// Bytes of uncompressed clusters each compression worker gets per window.
-const COMPRESS_PER_WORKER: u64 = 2 << 20;
+/// The window's clusters (and their compressed copies) are most of
+/// `convert -c`'s memory: measured on 256 MiB of the `bench-compare` source
+/// with `-m 2` (/usr/bin/time -v), peak RSS was 11.0 MB at 2 MiB per worker,
+/// 9.1 MB at 1 MiB, 7.8 MB at 512 KiB and 7.2 MB at 256 KiB (qemu-img's:
+/// 10.8-11.9 MB), at the same CPU time (2.5 s user), since a window of 8
+/// clusters a worker still takes milliseconds against microseconds to hand
+/// it out.
+const COMPRESS_PER_WORKER: u64 = 512 << 10;
 
 /// How many clusters `convert -c` reads before compressing them: about
 /// [`COMPRESS_PER_WORKER`] bytes per worker (at least two clusters each), so
@@ -389,8 +396,8 @@ pub(crate) fn compress_window(workers: usize, cluster: u64) -> usize {
 
 /// Compresses every cluster of `batch` for `compression_type` (as
 /// [`qcow_core::compress::compress`]), on up to `workers` threads, each
-/// taking a consecutive run; results come back in `batch` order, so the
-/// writer stores them exactly as one thread would.
+/// taking the next cluster as it frees up; results come back in `batch`
+/// order, so the writer stores them exactly as one thread would.
 pub(crate) fn compress_all(
     compression_type: u8,
     batch: &[(u64, Vec<u8>)],
@@ -404,8 +411,11 @@ pub(crate) fn compress_all(
     if workers <= 1 || batch.len() < 2 {
         return one(batch);
     }
-    let per = batch.len().div_ceil(workers);
-    let tasks: Vec<_> = batch.chunks(per).map(|run| move || one(run)).collect();
+    // One task per cluster, handed out as the threads free up (a cluster
+    // is a millisecond or more of work): a thread the machine's other load
+    // holds up, or a run of slow clusters, does not keep the other waiting
+    // at the end of the window as one consecutive half each did.
+    let tasks: Vec<_> = batch.chunks(1).map(|run| move || one(run)).collect();
     run_all(tasks).into_iter().flatten().collect()
 }
 
@@ -494,7 +504,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(compress_window(1, 65536), 32);
+        assert_eq!(compress_window(1, 65536), 8);
         assert_eq!(compress_window(2, 2 << 20), 4);
     }
 

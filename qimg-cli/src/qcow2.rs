@@ -1,7 +1,7 @@
 //! qcow2 images in the CLI: opening with a backing chain and external data
 //! file, block status in qemu-img's terms, and `info` fields.
 
-use qcow_core::image::MapKind;
+use qcow_core::image::{CompressedSpan, MapKind};
 use qcow_core::{HostOffset, Qcow2};
 use serde_json::{json, Map, Value};
 
@@ -75,9 +75,9 @@ pub(crate) struct Qcow2Source {
     /// use), in which case qemu-img asks the file which data clusters are
     /// holes and reports them as zero.
     metadata_prealloc: Option<bool>,
-    /// Input buffers of [`Self::read_decoding_in_parallel`], kept between
-    /// requests (at most one request's worth).
-    spare_inputs: Vec<Vec<u8>>,
+    /// The stored streams of one request's compressed clusters
+    /// ([`Self::read_decoding_in_parallel`]), kept between requests.
+    input: Vec<u8>,
 }
 
 /// What the CLI needs to know to finish opening an image.
@@ -155,7 +155,7 @@ impl Qcow2Source {
             holes: hole_file.map(RawFile::new),
             encrypted,
             metadata_prealloc: None,
-            spare_inputs: Vec::new(),
+            input: Vec::new(),
         })
     }
 
@@ -245,7 +245,7 @@ impl BlockIo for Qcow2Source {
         let cs = self.img.info().cluster_size();
         // Encrypted images hold no compressed clusters (qemu-img refuses to
         // make them): their reads skip the walk.
-        if workers > 1 && !self.encrypted && buf.len() as u64 >= 2 * cs {
+        if !self.encrypted && buf.len() as u64 >= 2 * cs {
             return self.read_decoding_in_parallel(offset, buf, workers);
         }
         let r = self.img.read(offset, buf);
@@ -260,13 +260,15 @@ impl BlockIo for Qcow2Source {
 }
 
 impl Qcow2Source {
-    /// Reads `buf` at guest `offset` like [`Qcow2::read`], except that the
-    /// whole compressed clusters of this image in the range are decoded on
-    /// `workers` threads: their stored bytes are read here, in guest order,
-    /// then decoded into their places in `buf` at once. Everything else
-    /// (data, zeroes, backing, partial clusters) is read as usual. A
-    /// cluster that fails to decode is read again the usual way, so the
-    /// error is the reader's own.
+    /// Reads `buf` at guest `offset` like [`Qcow2::read`], except for the
+    /// whole compressed clusters of this image in the range: their stored
+    /// bytes are read here, neighbouring clusters' in one read (qemu-img
+    /// packs them back to back), then decoded into their places in `buf`
+    /// at once, on `workers` threads, with
+    /// [`qcow_core::decompress::Decoder`] (zune-inflate, then zlib-rs).
+    /// Everything else (data, zeroes, backing, partial clusters) is read as
+    /// usual. A cluster that fails to decode is read again the usual way,
+    /// so the error is the reader's own.
     fn read_decoding_in_parallel(
         &mut self,
         offset: u64,
@@ -277,8 +279,9 @@ impl Qcow2Source {
         let ctype = self.img.info().header.compression_type;
         let cs_usize = usize::try_from(cs).map_err(|e| self.err(e))?;
         let end = offset.saturating_add(buf.len() as u64);
-        // (place in `buf`, stored stream) of each whole compressed cluster.
-        let mut jobs: Vec<(usize, Vec<u8>)> = Vec::new();
+        // (place in `buf`, where its stored bytes lie) of each whole
+        // compressed cluster.
+        let mut spans: Vec<(usize, CompressedSpan)> = Vec::new();
         // Where the range read the usual way (in one call) starts.
         let mut plain_from = 0usize;
         let mut g = offset;
@@ -294,14 +297,8 @@ impl Qcow2Source {
                         r.map_err(|e| self.err(e))?;
                     }
                     plain_from = at + cs_usize;
-                    let mut input = self.spare_inputs.pop().unwrap_or_default();
-                    input.resize(cs_usize + 512, 0);
-                    let r = self.img.compressed_input(d, &mut input);
-                    let stream = r.map_err(|e| self.err(e))?;
-                    // Keep just the stream, at the front of the buffer.
-                    input.copy_within(stream.clone(), 0);
-                    input.truncate(stream.len());
-                    jobs.push((at, input));
+                    let span = self.img.compressed_span(d, cs_usize + 512);
+                    spans.push((at, span.map_err(|e| self.err(e))?));
                 }
                 _ => {}
             }
@@ -312,14 +309,42 @@ impl Qcow2Source {
             let r = self.img.read(from, &mut buf[plain_from..]);
             r.map_err(|e| self.err(e))?;
         }
-        let failed = decode_all(ctype, cs_usize, buf, &jobs, workers);
+        if spans.is_empty() {
+            return Ok(());
+        }
+        // The host runs to read: each span joins the run before it when it
+        // starts inside it or at most READ_GAP bytes past its end.
+        let (runs, placed) = host_runs(spans.iter().map(|(_, s)| s));
+        let mut bases = Vec::with_capacity(runs.len());
+        let mut total = 0usize;
+        for r in &runs {
+            bases.push(total);
+            total += r.len;
+        }
+        let mut input = std::mem::take(&mut self.input);
+        input.resize(total, 0);
+        for (r, &base) in runs.iter().zip(&bases) {
+            if let Err(e) = self.img.read_host(r.at, &mut input[base..base + r.len]) {
+                self.input = input;
+                return Err(self.err(e));
+            }
+        }
+        let jobs: Vec<(usize, std::ops::Range<usize>)> = spans
+            .iter()
+            .zip(placed)
+            .map(|((at, s), (run, within))| {
+                let from = bases[run] + within;
+                (*at, from + s.skip..from + s.len)
+            })
+            .collect();
+        let failed = decode_all(ctype, cs_usize, buf, &input, &jobs, workers);
+        self.input = input;
         for at in failed {
             let r = self
                 .img
                 .read(offset + at as u64, &mut buf[at..at + cs_usize]);
             r.map_err(|e| self.err(e))?;
         }
-        self.spare_inputs.extend(jobs.into_iter().map(|(_, b)| b));
         Ok(())
     }
 
@@ -510,15 +535,79 @@ pub(crate) fn snapshots(img: &mut Reader, path: &str) -> Result<Vec<SnapshotInfo
     Ok(out)
 }
 
+/// Bytes between two compressed clusters' stored streams that are read
+/// (and thrown away) to read both in one call rather than two.
+const READ_GAP: u64 = 4096;
+
+/// One read of the stored bytes of several compressed clusters.
+#[derive(Debug, PartialEq, Eq)]
+struct HostRun {
+    at: u64,
+    len: usize,
+}
+
+impl HostRun {
+    fn end(&self) -> u64 {
+        self.at + self.len as u64
+    }
+}
+
+/// The end of a span's bytes in the file.
+trait SpanEnd {
+    fn end(&self) -> u64;
+}
+
+impl SpanEnd for CompressedSpan {
+    fn end(&self) -> u64 {
+        self.at + self.len as u64
+    }
+}
+
+/// Groups `spans`, in order, into host reads: a span joins the read before
+/// it when it starts inside it or at most [`READ_GAP`] bytes past its end
+/// (and not before its start). Returns the reads and, for each span, its
+/// read and where in that read it starts.
+fn host_runs<'a>(
+    spans: impl Iterator<Item = &'a CompressedSpan>,
+) -> (Vec<HostRun>, Vec<(usize, usize)>) {
+    let mut runs: Vec<HostRun> = Vec::new();
+    let mut placed = Vec::new();
+    for s in spans {
+        match runs.last_mut() {
+            Some(r) if s.at >= r.at && s.at <= r.end().saturating_add(READ_GAP) => {
+                let end = r.end().max(s.end());
+                r.len = usize::try_from(end - r.at).unwrap_or(usize::MAX);
+                let within = usize::try_from(s.at - r.at).unwrap_or(usize::MAX);
+                placed.push((runs.len() - 1, within));
+            }
+            _ => {
+                runs.push(HostRun {
+                    at: s.at,
+                    len: s.len,
+                });
+                placed.push((runs.len() - 1, 0));
+            }
+        }
+    }
+    (runs, placed)
+}
+
+/// Clusters per decoding task: a task is about 0.1 ms of work, so the
+/// threads share a request's clusters as they free up (a thread held up by
+/// the machine's other load does not keep the other waiting) at a cost of
+/// microseconds.
+const DECODE_TASK: usize = 2;
+
 /// Decodes each `(at, stream)` of `jobs` (in increasing `at`, a cluster of
-/// `cs` bytes apart at least) into `buf[at..at + cs]`, on up to `workers`
-/// threads, each a consecutive run of the jobs. Returns the places whose
-/// stream failed to decode.
+/// `cs` bytes apart at least; `stream` a range of `input`) into
+/// `buf[at..at + cs]`, on up to `workers` threads taking [`DECODE_TASK`]
+/// clusters at a time. Returns the places whose stream failed to decode.
 fn decode_all(
     ctype: u8,
     cs: usize,
     buf: &mut [u8],
-    jobs: &[(usize, Vec<u8>)],
+    input: &[u8],
+    jobs: &[(usize, std::ops::Range<usize>)],
     workers: usize,
 ) -> Vec<usize> {
     // The output slices, disjoint, in job order.
@@ -532,33 +621,127 @@ fn decode_all(
         rest = tail;
         base = at + cs;
     }
-    let decode = |job: &(usize, Vec<u8>), out: &mut [u8]| {
-        qcow_core::decompress::decompress(ctype, &job.1, out)
-            .err()
-            .map(|_| job.0)
+    // A decoder allocates nothing until a stream needs zlib-rs.
+    let run = |js: &[(usize, std::ops::Range<usize>)], os: &mut [&mut [u8]]| {
+        let mut dec = qcow_core::decompress::Decoder::new();
+        let mut failed = Vec::new();
+        for (job, out) in js.iter().zip(os.iter_mut()) {
+            let stream = input.get(job.1.clone()).unwrap_or_default();
+            // A decoder crate's panic on a hostile stream is a failed
+            // cluster, read again (and refused) by the reader's own decoder.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                dec.decompress(ctype, stream, out)
+            }));
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => failed.push(job.0),
+                Err(_) => {
+                    dec = qcow_core::decompress::Decoder::new();
+                    failed.push(job.0);
+                }
+            }
+        }
+        failed
     };
-    let per = jobs.len().div_ceil(workers.max(1)).max(1);
-    if jobs.len() < 2 || workers < 2 {
-        return jobs
-            .iter()
-            .zip(outs)
-            .filter_map(|(j, o)| decode(j, o))
-            .collect();
+    if jobs.len() <= DECODE_TASK || workers < 2 {
+        return run(jobs, &mut outs);
     }
     let tasks: Vec<_> = jobs
-        .chunks(per)
-        .zip(outs.chunks_mut(per))
-        .map(|(js, os)| {
-            move || {
-                js.iter()
-                    .zip(os.iter_mut())
-                    .filter_map(|(j, o)| decode(j, o))
-                    .collect::<Vec<_>>()
-            }
-        })
+        .chunks(DECODE_TASK)
+        .zip(outs.chunks_mut(DECODE_TASK))
+        .map(|(js, os)| move || run(js, os))
         .collect();
     crate::parallel::run_all(tasks)
         .into_iter()
         .flatten()
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(at: u64, len: usize) -> CompressedSpan {
+        CompressedSpan { at, len, skip: 0 }
+    }
+
+    #[test]
+    fn decode_all_fills_each_place_and_names_the_failures() {
+        let cs = 4096usize;
+        let zlib = qcow_core::header::COMPRESSION_ZLIB;
+        let clusters: Vec<Vec<u8>> = (0..7u8)
+            .map(|k| {
+                (0..cs)
+                    .map(|i| b"qcow2 cluster text "[(i * usize::from(k + 1)) % 19])
+                    .collect()
+            })
+            .collect();
+        // Streams back to back in one input; the fourth is garbage.
+        let mut input = Vec::new();
+        let mut jobs = Vec::new();
+        for (k, c) in clusters.iter().enumerate() {
+            let stream = if k == 3 {
+                vec![0xff; 64]
+            } else {
+                qcow_core::compress::compress(zlib, c).unwrap()
+            };
+            // Every other cluster place is left alone (a plain cluster).
+            jobs.push((2 * k * cs, input.len()..input.len() + stream.len()));
+            input.extend_from_slice(&stream);
+        }
+        for workers in [1, 2, 3] {
+            let mut buf = vec![0x5a; 14 * cs];
+            let failed = decode_all(zlib, cs, &mut buf, &input, &jobs, workers);
+            assert_eq!(failed, [6 * cs], "{workers} workers");
+            for (k, c) in clusters.iter().enumerate() {
+                if k != 3 {
+                    assert!(buf[2 * k * cs..(2 * k + 1) * cs] == c[..], "cluster {k}");
+                }
+                assert!(buf[(2 * k + 1) * cs..(2 * k + 2) * cs]
+                    .iter()
+                    .all(|&b| b == 0x5a));
+            }
+        }
+    }
+
+    #[test]
+    fn neighbouring_spans_share_one_read() {
+        // Back to back and overlapping in a sector (qemu-img's packing),
+        // then a gap within READ_GAP, then one too far, then one behind.
+        let spans = [
+            span(0x10000, 0x4200),
+            span(0x14000, 0x3000),
+            span(0x17000 + READ_GAP, 0x200),
+            span(0x40000, 0x1000),
+            span(0x20000, 0x1000),
+        ];
+        let (runs, placed) = host_runs(spans.iter());
+        let gap = usize::try_from(READ_GAP).unwrap();
+        assert_eq!(
+            placed,
+            [(0, 0), (0, 0x4000), (0, 0x7000 + gap), (1, 0), (2, 0)]
+        );
+        assert_eq!(
+            runs,
+            [
+                HostRun {
+                    at: 0x10000,
+                    len: 0x7200 + gap
+                },
+                HostRun {
+                    at: 0x40000,
+                    len: 0x1000
+                },
+                HostRun {
+                    at: 0x20000,
+                    len: 0x1000
+                },
+            ]
+        );
+        // Every span lies inside its run.
+        for (s, (r, within)) in spans.iter().zip(placed) {
+            assert_eq!(runs[r].at + within as u64, s.at);
+            assert!(s.end() <= runs[r].end());
+        }
+    }
 }

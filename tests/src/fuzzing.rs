@@ -188,7 +188,8 @@ fn read_some<D: luks_core::io::BlockIo, S: AsMut<[u8]>>(q: &mut Qcow2<D, S>) {
 }
 
 /// Compressed cluster decoding: the first byte picks the compression type
-/// and the cluster size, the rest is the compressed stream.
+/// and the cluster size, the rest is the compressed stream; the reader's
+/// decoder and the CLI's must give the same bytes where both succeed.
 pub fn qcow2_compressed(data: &[u8]) {
     let Some((&sel, input)) = data.split_first() else {
         return;
@@ -196,7 +197,13 @@ pub fn qcow2_compressed(data: &[u8]) {
     let ty = sel & 1;
     let cluster = 512usize << (sel >> 1 & 7);
     let mut out = vec![0u8; cluster];
-    let _ = qcow_core::decompress::decompress(ty, input, &mut out);
+    let miniz = qcow_core::decompress::decompress(ty, input, &mut out);
+    // The CLI's decoder (zlib-rs): where both succeed, the same bytes.
+    let mut again = vec![0u8; cluster];
+    let zlib = qcow_core::decompress::Decoder::new().decompress(ty, input, &mut again);
+    if miniz.is_ok() && zlib.is_ok() {
+        assert!(out == again, "the two zlib decoders disagree");
+    }
 }
 
 /// LUKS1 header parsing, the luksDump rendering, and an unlock attempt with

@@ -4,6 +4,46 @@
 
 use super::*;
 
+/// Where the stored bytes of the compressed cluster `d` lie, for an input
+/// buffer of `cap` bytes: reading `len` bytes at the sector-aligned host
+/// offset `at` gets them (as many sectors as fit, and none past the end of
+/// a file of `file_size` bytes), and the stream from `d.host` on is
+/// `skip..len` of what was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompressedSpan {
+    /// Sector-aligned host offset of the first byte to read.
+    pub at: u64,
+    /// Bytes to read (a whole number of sectors).
+    pub len: usize,
+    /// Where the stream starts in what was read (`d.host - at`).
+    pub skip: usize,
+}
+
+impl CompressedSpan {
+    /// The span of `d` for an input buffer of `cap` bytes in a file of
+    /// `file_size` bytes; an error when no byte of the stream is there.
+    pub fn of<E>(d: CompressedDescriptor, file_size: u64, cap: usize) -> Result<Self, Error<E>> {
+        let aligned = d.host & !(SECTOR - 1);
+        let skip = (d.host % SECTOR) as usize;
+        let total = d.sectors.saturating_mul(SECTOR);
+        let in_file = round_up_sector(file_size.saturating_sub(aligned));
+        let cap = (cap & !511) as u64;
+        let n = usize::try_from(total.min(cap).min(in_file)).unwrap_or(0);
+        if n <= skip {
+            return Err(Error::corrupt(
+                Structure::CompressedCluster,
+                d.host,
+                Problem::OutOfRange(d.host),
+            ));
+        }
+        Ok(Self {
+            at: aligned,
+            len: n,
+            skip,
+        })
+    }
+}
+
 /// Reads the sectors holding the compressed cluster `d` into `cin` (as many
 /// as fit, and no further than the file's end) and returns where the stream
 /// from `d.host` on lies in it.
@@ -13,22 +53,10 @@ pub(super) fn compressed_input<D: BlockIo>(
     d: CompressedDescriptor,
     cin: &mut [u8],
 ) -> Result<core::ops::Range<usize>, Error<D::Error>> {
-    let aligned = d.host & !(SECTOR - 1);
-    let skip = (d.host % SECTOR) as usize;
-    let total = d.sectors.saturating_mul(SECTOR);
-    let in_file = round_up_sector(file_size.saturating_sub(aligned));
-    let cap = (cin.len() & !511) as u64;
-    let n = usize::try_from(total.min(cap).min(in_file)).unwrap_or(0);
-    if n <= skip {
-        return Err(Error::corrupt(
-            Structure::CompressedCluster,
-            d.host,
-            Problem::OutOfRange(d.host),
-        ));
-    }
-    dev.read_at(aligned, &mut cin[..n])
-        .map_err(io(Structure::CompressedCluster, aligned))?;
-    Ok(skip..n)
+    let span = CompressedSpan::of(d, file_size, cin.len())?;
+    dev.read_at(span.at, &mut cin[..span.len])
+        .map_err(io(Structure::CompressedCluster, span.at))?;
+    Ok(span.skip..span.len)
 }
 
 impl<D, S, B, F, K> Qcow2<D, S, B, F, K>
@@ -308,6 +336,29 @@ where
         input: &mut [u8],
     ) -> Result<core::ops::Range<usize>, Error<D::Error>> {
         compressed_input(&mut self.dev, self.st.file_size, d, input)
+    }
+
+    /// Where the stored bytes of the compressed cluster `d` lie for an
+    /// input buffer of `cap` bytes (a cluster plus 512 bytes, as
+    /// [`Self::compressed_input`] wants): for callers that read the streams
+    /// of several neighbouring clusters at once (one read through
+    /// [`Self::read_host`]) and decode them with
+    /// [`crate::decompress::decompress`].
+    pub fn compressed_span(
+        &self,
+        d: CompressedDescriptor,
+        cap: usize,
+    ) -> Result<CompressedSpan, Error<D::Error>> {
+        CompressedSpan::of(d, self.st.file_size, cap)
+    }
+
+    /// Reads `buf.len()` bytes of the image file at host offset `host`, as
+    /// the stored bytes of compressed clusters (spans of
+    /// [`Self::compressed_span`], or several neighbouring ones together).
+    pub fn read_host(&mut self, host: u64, buf: &mut [u8]) -> Result<(), Error<D::Error>> {
+        self.dev
+            .read_at(host, buf)
+            .map_err(io(Structure::CompressedCluster, host))
     }
 
     pub(super) fn read_compressed(
