@@ -12,9 +12,10 @@
 //! * [`Backend::Portable`]: the `aes` crate's bulk block API (itself
 //!   runtime-dispatched), with the tweaks computed in plain Rust. No
 //!   `unsafe`; the only backend off x86-64.
-//! * [`Backend::AesNi`]: AES-NI + PCLMULQDQ, 8 blocks in flight.
+//! * [`Backend::AesNi`]: AES-NI + PCLMULQDQ, 8 blocks in flight (16 on
+//!   CPUs that also have AVX-512VL, whose 32 registers hold them).
 //! * [`Backend::Vaes256`]: AVX2 + VAES + VPCLMULQDQ, 2 blocks per `ymm`,
-//!   16 blocks in flight.
+//!   16 blocks in flight (32 with AVX-512VL).
 //! * [`Backend::Vaes512`]: AVX-512F + VAES + VPCLMULQDQ, 4 blocks per
 //!   `zmm`, 32 blocks in flight.
 //!
