@@ -712,6 +712,9 @@ where
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Self::Error> {
         self.write(offset, buf)
     }
+    fn write_at_consuming(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        self.write_consuming(offset, buf)
+    }
     fn flush(&mut self) -> Result<(), Self::Error> {
         Qcow2Writer::flush(self)
     }
