@@ -726,6 +726,10 @@ where
     }
 }
 
+/// The host runs [`Qcow2Writer::stage_fresh`] leaves to its caller, each
+/// `(host offset, offset in the caller's buffer, length)`.
+pub type StagedRuns = Vec<(u64, usize, usize)>;
+
 pub mod amend;
 mod backing;
 mod compressed;

@@ -4,6 +4,8 @@
 
 use luks_core::io::BlockIo as _;
 
+use qcow_core::StagedRuns;
+
 use crate::dev::{AnyDev, DevError, Source};
 
 /// How much is read and written at once.
@@ -429,12 +431,7 @@ pub(crate) trait StagingDest: luks_core::io::BlockIo<Error = DevError> {
     /// cluster with `write_at_consuming`) and the runs to write, each
     /// `(file offset, offset in data, length)`, encrypted in `data`
     /// (`qcow_core::Qcow2Writer::stage_fresh`).
-    #[allow(clippy::type_complexity)]
-    fn stage(
-        &mut self,
-        off: u64,
-        data: &mut [u8],
-    ) -> Result<(usize, Vec<(u64, usize, usize)>), DevError>;
+    fn stage(&mut self, off: u64, data: &mut [u8]) -> Result<(usize, StagedRuns), DevError>;
 }
 
 /// A chunk whose runs the writing thread writes to the file, then gives
@@ -442,7 +439,7 @@ pub(crate) trait StagingDest: luks_core::io::BlockIo<Error = DevError> {
 struct StagedChunk {
     buf: ChunkBuf,
     /// `(file offset, offset in buf, length)`.
-    runs: Vec<(u64, usize, usize)>,
+    runs: StagedRuns,
 }
 
 /// [`copy`] (pipelined) into a [`StagingDest`]: the reading thread reads
@@ -558,13 +555,12 @@ pub(crate) fn copy_staged(
 /// [`write_sparse`] into a [`StagingDest`]: each piece's fresh runs are
 /// staged (returned as `(file offset, offset in data, length)`), the rest
 /// written here. Returns the bytes written or staged, and the runs.
-#[allow(clippy::type_complexity)]
 fn stage_sparse(
     dst: &mut dyn StagingDest,
     off: u64,
     data: &mut [u8],
     opts: CopyOptions,
-) -> Result<(u64, Vec<(u64, usize, usize)>), DevError> {
+) -> Result<(u64, StagedRuns), DevError> {
     let mut runs = Vec::new();
     let mut piece = |dst: &mut dyn StagingDest, s: usize, e: usize, data: &mut [u8]| {
         let cs = dst.cluster_size().max(1);

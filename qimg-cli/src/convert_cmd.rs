@@ -603,6 +603,24 @@ fn convert_to_qcow2(
     Ok(0)
 }
 
+impl convert::StagingDest
+    for crate::dev::Erased<qcow_core::Qcow2Writer<luks_core::io::FileDevice>>
+{
+    fn cluster_size(&self) -> u64 {
+        self.0.header().cluster_size()
+    }
+
+    fn stage(
+        &mut self,
+        off: u64,
+        data: &mut [u8],
+    ) -> Result<(usize, qcow_core::StagedRuns), crate::dev::DevError> {
+        self.0
+            .stage_fresh(off, data)
+            .map_err(|e| crate::dev::DevError(e.to_string()))
+    }
+}
+
 /// The source as `convert -B` copies it, as qemu-img does: what its top
 /// layer holds (allocated there, or reading as zero because it has no
 /// backing file under that range; every byte of a raw or LUKS source),
@@ -854,23 +872,5 @@ mod rate_tests {
                 "{v}: {e}"
             );
         }
-    }
-}
-
-impl convert::StagingDest
-    for crate::dev::Erased<qcow_core::Qcow2Writer<luks_core::io::FileDevice>>
-{
-    fn cluster_size(&self) -> u64 {
-        self.0.header().cluster_size()
-    }
-
-    fn stage(
-        &mut self,
-        off: u64,
-        data: &mut [u8],
-    ) -> Result<(usize, Vec<(u64, usize, usize)>), crate::dev::DevError> {
-        self.0
-            .stage_fresh(off, data)
-            .map_err(|e| crate::dev::DevError(e.to_string()))
     }
 }

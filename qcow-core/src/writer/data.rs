@@ -199,7 +199,7 @@ where
         &mut self,
         g: u64,
         data: &mut [u8],
-    ) -> Result<(usize, Vec<(u64, usize, usize)>), Error<D::Error>> {
+    ) -> Result<(usize, StagedRuns), Error<D::Error>> {
         self.check_writable(g, data.len() as u64)?;
         let cs = self.cs();
         let csu = usize::try_from(cs).unwrap_or(usize::MAX);
