@@ -121,4 +121,4 @@ pub use luks_core::io::BlockIo;
 pub use probe::{probe, Qcow2Version};
 pub use units::{ClusterIndex, ClusterSize, GuestOffset, HostOffset};
 #[cfg(feature = "alloc")]
-pub use writer::{Qcow2Writer, ResizeError};
+pub use writer::{Qcow2Writer, ResizeError, StagedRuns};

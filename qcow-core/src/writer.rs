@@ -712,6 +712,9 @@ where
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Self::Error> {
         self.write(offset, buf)
     }
+    fn write_at_consuming(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        self.write_consuming(offset, buf)
+    }
     fn flush(&mut self) -> Result<(), Self::Error> {
         Qcow2Writer::flush(self)
     }
@@ -722,6 +725,10 @@ where
         Qcow2Writer::discard(self, offset, len)
     }
 }
+
+/// The host runs [`Qcow2Writer::stage_fresh`] leaves to its caller, each
+/// `(host offset, offset in the caller's buffer, length)`.
+pub type StagedRuns = Vec<(u64, usize, usize)>;
 
 pub mod amend;
 mod backing;

@@ -4,6 +4,8 @@
 
 use luks_core::io::BlockIo as _;
 
+use qcow_core::StagedRuns;
+
 use crate::dev::{AnyDev, DevError, Source};
 
 /// How much is read and written at once.
@@ -134,9 +136,14 @@ impl Step {
         opts: CopyOptions,
     ) -> (Result<u64, DevError>, Option<ChunkBuf>) {
         match self {
-            Step::Data { off, buf, len } => (write_sparse(dst, off, &buf[..len], opts), Some(buf)),
-            Step::Fill { off, buf, len } => (
-                dst.write_at(off, &buf[..len]).map(|()| len as u64),
+            // The buffer's bytes are not needed once written: an
+            // encrypting destination may encrypt them in place.
+            Step::Data { off, mut buf, len } => {
+                (write_sparse(dst, off, &mut buf[..len], opts), Some(buf))
+            }
+            Step::Fill { off, mut buf, len } => (
+                dst.write_at_consuming(off, &mut buf[..len])
+                    .map(|()| len as u64),
                 Some(buf),
             ),
             Step::Zero { off, len } => {
@@ -410,6 +417,204 @@ fn copy_with(
     })
 }
 
+/// A destination whose fresh clusters the copy's reading thread prepares
+/// (allocates and encrypts) and whose data bytes the writing thread writes
+/// through its own handle to the file ([`copy_staged`]): a new encrypted
+/// qcow2 image, whose sector IVs are host offsets known only once the
+/// clusters are allocated.
+pub(crate) trait StagingDest: luks_core::io::BlockIo<Error = DevError> {
+    /// The destination's cluster size.
+    fn cluster_size(&self) -> u64;
+
+    /// Stages the run of fresh clusters `data` starts with, at guest
+    /// offset `off`: returns the bytes taken (0: none, write the next
+    /// cluster with `write_at_consuming`) and the runs to write, each
+    /// `(file offset, offset in data, length)`, encrypted in `data`
+    /// (`qcow_core::Qcow2Writer::stage_fresh`).
+    fn stage(&mut self, off: u64, data: &mut [u8]) -> Result<(usize, StagedRuns), DevError>;
+}
+
+/// A chunk whose runs the writing thread writes to the file, then gives
+/// the buffer back.
+struct StagedChunk {
+    buf: ChunkBuf,
+    /// `(file offset, offset in buf, length)`.
+    runs: StagedRuns,
+}
+
+/// [`copy`] (pipelined) into a [`StagingDest`]: the reading thread reads
+/// each chunk, leaves out zero runs as [`write_sparse`] does, allocates
+/// and encrypts the fresh clusters in the chunk's own buffer (no copy),
+/// and hands the buffer with its file runs to the writing thread, which
+/// only writes them to `file` (a handle to the destination's file). The
+/// rest (the first cluster under a new L2 table, partial clusters) is
+/// written through `dst` on the reading thread. Memory stays at
+/// [`BUFFERS`] chunks. The caller flushes `dst` afterwards, which makes
+/// the writing thread's bytes durable too (same file). Returns the bytes
+/// written as data.
+pub(crate) fn copy_staged(
+    src: &mut dyn Source,
+    dst: &mut dyn StagingDest,
+    file: &std::fs::File,
+    len: u64,
+    opts: CopyOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, CopyError> {
+    use std::os::unix::fs::FileExt as _;
+    let geometry = Geometry {
+        sector: dst.sector_size(),
+        size: dst.size().ok(),
+    };
+    std::thread::scope(|s| {
+        let (to_writer, jobs) = std::sync::mpsc::sync_channel::<StagedChunk>(1);
+        let (give_back, returned) = std::sync::mpsc::channel::<ChunkBuf>();
+        let writer = s.spawn(move || -> Result<(), DevError> {
+            for job in jobs {
+                for &(at, o, n) in &job.runs {
+                    file.write_all_at(&job.buf[o..o + n], at)
+                        .map_err(|e| DevError(format!("write at {at}: {e}")))?;
+                }
+                // The reader may have finished; a lost buffer is fine.
+                let _ = give_back.send(job.buf);
+            }
+            Ok(())
+        });
+        let mut made = 0usize;
+        let mut off = 0u64;
+        let mut written = 0u64;
+        let mut failed = None;
+        let mut spare: Option<ChunkBuf> = None;
+        while off < len {
+            let buf = match spare.take().or_else(|| returned.try_recv().ok()) {
+                Some(b) => b,
+                None if made < BUFFERS => {
+                    made += 1;
+                    ChunkBuf::new()
+                }
+                None => match returned.recv() {
+                    Ok(b) => b,
+                    // The writer stopped (an error): its result says why.
+                    Err(_) => break,
+                },
+            };
+            let (step, n, unused) = match next_step(src, geometry, None, off, len, opts, buf) {
+                Ok(v) => v,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            spare = unused;
+            let staged = match step {
+                Step::Data { off, mut buf, len } => stage_sparse(dst, off, &mut buf[..len], opts)
+                    .map(|(w, runs)| (w, Some(buf), runs)),
+                Step::Fill { off, mut buf, len } => {
+                    let o = CopyOptions {
+                        sparse_size: 0,
+                        ..opts
+                    };
+                    stage_sparse(dst, off, &mut buf[..len], o).map(|(w, runs)| (w, Some(buf), runs))
+                }
+                Step::Zero { off, len } if !opts.target_is_zero => {
+                    dst.write_zeroes(off, len).map(|()| (0, None, Vec::new()))
+                }
+                Step::Zero { .. } | Step::Skip => Ok((0, None, Vec::new())),
+            };
+            match staged {
+                Ok((w, buf, runs)) => {
+                    written += w;
+                    match buf {
+                        Some(buf) if !runs.is_empty() => {
+                            if to_writer.send(StagedChunk { buf, runs }).is_err() {
+                                break;
+                            }
+                        }
+                        b => spare = spare.or(b),
+                    }
+                }
+                Err(e) => {
+                    failed = Some(CopyError::Write(e));
+                    break;
+                }
+            }
+            off += n;
+            progress(off);
+        }
+        drop(to_writer);
+        match writer.join() {
+            Ok(r) => r.map_err(CopyError::Write)?,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(written),
+        }
+    })
+}
+
+/// [`write_sparse`] into a [`StagingDest`]: each piece's fresh runs are
+/// staged (returned as `(file offset, offset in data, length)`), the rest
+/// written here. Returns the bytes written or staged, and the runs.
+fn stage_sparse(
+    dst: &mut dyn StagingDest,
+    off: u64,
+    data: &mut [u8],
+    opts: CopyOptions,
+) -> Result<(u64, StagedRuns), DevError> {
+    let mut runs = Vec::new();
+    let mut piece = |dst: &mut dyn StagingDest, s: usize, e: usize, data: &mut [u8]| {
+        let cs = dst.cluster_size().max(1);
+        let mut at = s;
+        while at < e {
+            let g = off + at as u64;
+            let (took, rs) = dst.stage(g, &mut data[at..e])?;
+            if took == 0 {
+                let n = usize::try_from(cs - g % cs)
+                    .unwrap_or(usize::MAX)
+                    .min(e - at);
+                dst.write_at_consuming(g, &mut data[at..at + n])?;
+                at += n;
+            } else {
+                runs.extend(rs.into_iter().map(|(h, o, n)| (h, at + o, n)));
+                at += took;
+            }
+        }
+        Ok::<(), DevError>(())
+    };
+    if opts.sparse_size == 0 {
+        piece(dst, 0, data.len(), data)?;
+        return Ok((data.len() as u64, runs));
+    }
+    let gran = usize::try_from(opts.sparse_size)
+        .unwrap_or(data.len())
+        .max(1);
+    let mut written = 0u64;
+    let mut run_start: Option<usize> = None;
+    let mut pos = 0usize;
+    while pos < data.len() {
+        let end = (pos + gran).min(data.len());
+        let zero = data[pos..end].iter().all(|&b| b == 0);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(pos),
+            (true, Some(s)) => {
+                piece(dst, s, pos, data)?;
+                written += (pos - s) as u64;
+                run_start = None;
+            }
+            _ => {}
+        }
+        if zero && !opts.target_is_zero {
+            dst.write_zeroes(off + pos as u64, (end - pos) as u64)?;
+        }
+        pos = end;
+    }
+    if let Some(s) = run_start {
+        piece(dst, s, data.len(), data)?;
+        written += (data.len() - s) as u64;
+    }
+    Ok((written, runs))
+}
+
 /// Receives a window of clusters in guest order: each one's index and its
 /// (zero-padded) bytes.
 pub(crate) type ClusterWriter<'a> = dyn FnMut(&[(u64, Vec<u8>)]) -> Result<(), DevError> + 'a;
@@ -467,15 +672,19 @@ pub(crate) fn copy_clusters(
 }
 
 /// Writes `data` at `off`, leaving out aligned runs of zeroes of at least
-/// `sparse_size` bytes. Returns the bytes written.
+/// `sparse_size` bytes. Returns the bytes written. Written bytes may be
+/// left changed in `data` ([`BlockIo::write_at_consuming`]): each byte is
+/// looked at before the piece holding it is written, never after.
+///
+/// [`BlockIo::write_at_consuming`]: luks_core::io::BlockIo::write_at_consuming
 fn write_sparse(
     dst: &mut AnyDev,
     off: u64,
-    data: &[u8],
+    data: &mut [u8],
     opts: CopyOptions,
 ) -> Result<u64, DevError> {
     if opts.sparse_size == 0 {
-        dst.write_at(off, data)?;
+        dst.write_at_consuming(off, data)?;
         return Ok(data.len() as u64);
     }
     let gran = usize::try_from(opts.sparse_size)
@@ -490,7 +699,7 @@ fn write_sparse(
         match (zero, run_start) {
             (false, None) => run_start = Some(pos),
             (true, Some(s)) => {
-                dst.write_at(off + s as u64, &data[s..pos])?;
+                dst.write_at_consuming(off + s as u64, &mut data[s..pos])?;
                 written += (pos - s) as u64;
                 run_start = None;
             }
@@ -502,7 +711,7 @@ fn write_sparse(
         pos = end;
     }
     if let Some(s) = run_start {
-        dst.write_at(off + s as u64, &data[s..])?;
+        dst.write_at_consuming(off + s as u64, &mut data[s..])?;
         written += (data.len() - s) as u64;
     }
     Ok(written)

@@ -559,23 +559,66 @@ fn convert_to_qcow2(
         header_done()?;
         w.close().map_err(io_dst)?;
     } else {
-        let mut dev: AnyDev = erased(w);
         let copy_opts = CopyOptions {
             sparse_size: a.sparse_size,
             target_is_zero: !a.no_create || a.target_is_zero || backed,
             pipelined: crate::parallel::pipelined(),
             keep_unallocated: false,
         };
-        convert::copy(src, &mut dev, len, copy_opts, &mut |done| {
+        // A new encrypted image: its fresh clusters are allocated and
+        // encrypted on the reading thread, and the writing thread only
+        // writes their bytes (through a second handle to the file). Not
+        // with O_DIRECT (a metadata block's read-modify-write may cover
+        // data clusters of small cluster sizes) nor with a sync per write.
+        let staged_file = if copy_opts.pipelined
+            && !a.no_create
+            && w.header().crypt_method.is_encrypted()
+            && !w.header().has_data_file()
+            && !w.device().is_direct()
+            && w.device().sync_policy() != luks_core::io::SyncPolicy::EachWrite
+        {
+            w.device().file().try_clone().ok()
+        } else {
+            None
+        };
+        let mut tick = |done| {
             bar.set(done);
             throttle.wait(done);
-        })
-        .map_err(|e| copy_err(a, e))?;
-        header_done()?;
-        dev.flush().map_err(|e| CliError::io(dst, e.to_string()))?;
+        };
+        if let Some(file) = staged_file {
+            let mut dev = crate::dev::Erased(w);
+            convert::copy_staged(src, &mut dev, &file, len, copy_opts, &mut tick)
+                .map_err(|e| copy_err(a, e))?;
+            header_done()?;
+            luks_core::io::BlockIo::flush(&mut dev)
+                .map_err(|e| CliError::io(dst, e.to_string()))?;
+        } else {
+            let mut dev: AnyDev = erased(w);
+            convert::copy(src, &mut dev, len, copy_opts, &mut tick).map_err(|e| copy_err(a, e))?;
+            header_done()?;
+            dev.flush().map_err(|e| CliError::io(dst, e.to_string()))?;
+        }
     }
     bar.finish();
     Ok(0)
+}
+
+impl convert::StagingDest
+    for crate::dev::Erased<qcow_core::Qcow2Writer<luks_core::io::FileDevice>>
+{
+    fn cluster_size(&self) -> u64 {
+        self.0.header().cluster_size()
+    }
+
+    fn stage(
+        &mut self,
+        off: u64,
+        data: &mut [u8],
+    ) -> Result<(usize, qcow_core::StagedRuns), crate::dev::DevError> {
+        self.0
+            .stage_fresh(off, data)
+            .map_err(|e| crate::dev::DevError(e.to_string()))
+    }
 }
 
 /// The source as `convert -B` copies it, as qemu-img does: what its top

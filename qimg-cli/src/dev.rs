@@ -37,6 +37,9 @@ impl<D: BlockIo> BlockIo for Erased<D> {
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DevError> {
         self.0.write_at(offset, buf).map_err(erase)
     }
+    fn write_at_consuming(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        self.0.write_at_consuming(offset, buf).map_err(erase)
+    }
     fn flush(&mut self) -> Result<(), DevError> {
         self.0.flush().map_err(erase)
     }

@@ -76,6 +76,15 @@ pub trait BlockIo {
     /// can grow (a file); others return an error.
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Self::Error>;
 
+    /// Writes `buf` at `offset` as [`Self::write_at`] does, but may leave
+    /// any bytes in `buf` afterwards: a caller that no longer needs its
+    /// buffer lets an encrypting layer encrypt in place instead of into a
+    /// copy. The default calls [`Self::write_at`] and leaves `buf` as it
+    /// was.
+    fn write_at_consuming(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        self.write_at(offset, buf)
+    }
+
     /// Makes every completed write durable.
     fn flush(&mut self) -> Result<(), Self::Error>;
 
@@ -128,6 +137,13 @@ macro_rules! forward_block_io {
             }
             fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Self::Error> {
                 (**self).write_at(offset, buf)
+            }
+            fn write_at_consuming(
+                &mut self,
+                offset: u64,
+                buf: &mut [u8],
+            ) -> Result<(), Self::Error> {
+                (**self).write_at_consuming(offset, buf)
             }
             fn flush(&mut self) -> Result<(), Self::Error> {
                 (**self).flush()

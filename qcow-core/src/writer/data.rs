@@ -132,34 +132,119 @@ where
     /// encryption, per run), with the same clusters allocated as cluster by
     /// cluster.
     pub fn write(&mut self, g: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
-        self.check_writable(g, data.len() as u64)?;
+        self.write_payload(g, Payload::Shared(data))
+    }
+
+    /// [`Self::write`], leaving any bytes in `data` afterwards: on an
+    /// encrypted image, runs of fresh clusters are encrypted in `data`
+    /// itself instead of in a copy. The image bytes are those
+    /// [`Self::write`] writes.
+    pub fn write_consuming(&mut self, g: u64, data: &mut [u8]) -> Result<(), Error<D::Error>> {
+        self.write_payload(g, Payload::Scratch(data))
+    }
+
+    fn write_payload(&mut self, g: u64, mut data: Payload<'_>) -> Result<(), Error<D::Error>> {
+        let total = data.len();
+        self.check_writable(g, total as u64)?;
         let cs = self.cs();
         let csu = usize::try_from(cs).unwrap_or(usize::MAX);
         let mut done = 0usize;
-        while done < data.len() {
+        while done < total {
             let at = g.saturating_add(done as u64);
             let o = at & cs.wrapping_sub(1);
             let n = usize::try_from(cs.saturating_sub(o))
                 .unwrap_or(usize::MAX)
-                .min(data.len().saturating_sub(done));
+                .min(total.saturating_sub(done));
             if o == 0 && n == csu {
-                let whole = data
-                    .len()
-                    .saturating_sub(done)
-                    .checked_div(csu)
-                    .unwrap_or(0);
+                let whole = total.saturating_sub(done).checked_div(csu).unwrap_or(0);
                 let k = self.fresh_run(at, whole)?;
                 if k > 1 {
                     let len = k.saturating_mul(csu);
-                    self.write_fresh_run(at, &data[done..done.saturating_add(len)])?;
+                    self.write_fresh_run(at, data.part(done, done.saturating_add(len)))?;
                     done = done.saturating_add(len);
                     continue;
                 }
             }
-            self.write_in_cluster(at, &data[done..done.saturating_add(n)])?;
+            let piece = data.part(done, done.saturating_add(n));
+            self.write_in_cluster(at, piece.bytes())?;
             done = done.saturating_add(n);
         }
         Ok(())
+    }
+
+    /// Prepares whole fresh clusters for a caller that writes their data
+    /// itself (on another thread, through its own handle to the image
+    /// file), for an image written without barriers
+    /// ([`set_write_barriers`](Self::set_write_barriers)`(false)`) and
+    /// with no external data file.
+    ///
+    /// When the whole clusters from `g` (cluster-aligned) that `data`
+    /// covers start with a run [`write`](Self::write) would allocate at
+    /// once (two or more clusters unallocated under existing L2 tables),
+    /// allocates that run exactly as `write` does, encrypts its bytes in
+    /// `data` in place for their host offsets (on encrypted images), and
+    /// records its refcounts and L2 entries as `write` keeps them back.
+    /// Returns the bytes of `data` taken (0: nothing was staged, write the
+    /// next cluster with [`write`](Self::write)) and the host runs: `(host
+    /// offset, offset in data, length)`.
+    ///
+    /// The caller must write each run's bytes of `data` at its host
+    /// offset before the next [`flush`](Self::flush) or
+    /// [`close`](Self::close), and must not read or write those guest
+    /// clusters through this writer before that: the image then holds
+    /// the bytes `write` would have written. Without barriers a crash may
+    /// leave the image corrupt anyway; with barriers on (or a data file)
+    /// nothing is staged.
+    pub fn stage_fresh(
+        &mut self,
+        g: u64,
+        data: &mut [u8],
+    ) -> Result<(usize, StagedRuns), Error<D::Error>> {
+        self.check_writable(g, data.len() as u64)?;
+        let cs = self.cs();
+        let csu = usize::try_from(cs).unwrap_or(usize::MAX);
+        if self.barriers || self.df() || g & cs.wrapping_sub(1) != 0 {
+            return Ok((0, Vec::new()));
+        }
+        let whole = data.len().checked_div(csu).unwrap_or(0);
+        let k = self.fresh_run(g, whole)?;
+        if k < 2 {
+            return Ok((0, Vec::new()));
+        }
+        let targets = self.alloc_each(k)?;
+        let mut runs = Vec::new();
+        let mut i = 0usize;
+        while i < k {
+            let mut j = i.saturating_add(1);
+            while j < k && targets[j] == targets[j.saturating_sub(1)].saturating_add(cs) {
+                j = j.saturating_add(1);
+            }
+            let (a, b) = (i.saturating_mul(csu), j.saturating_mul(csu));
+            let host = targets[i];
+            if let Some(key) = self.key.as_ref() {
+                let (hg, gg) = (
+                    HostOffset::new(host),
+                    GuestOffset::new(g.saturating_add(a as u64)),
+                );
+                let buf = &mut data[a..b];
+                let ok = match self.crypt.as_ref() {
+                    Some(c) => c.encrypt(key, hg, gg, buf),
+                    None => key.encrypt(hg, gg, buf),
+                };
+                if !ok {
+                    return Err(Error::Decrypt { host_offset: host });
+                }
+            }
+            // The caller writes the run: the file reaches its end.
+            self.file_len = self
+                .file_len
+                .max(host.saturating_add(b.saturating_sub(a) as u64));
+            runs.push((host, a, b.saturating_sub(a)));
+            i = j;
+        }
+        self.set_fresh_entries(g, &targets)?;
+        self.bound_kept_back()?;
+        Ok((k.saturating_mul(csu), runs))
     }
 
     /// How many of the (at most `max`) whole clusters from `g` on are
@@ -200,7 +285,11 @@ where
     /// the entries (and, without barriers, the refcounts too) stay in
     /// memory for [`Self::settle`] instead, which writes the refcounts
     /// before the entries.
-    pub(super) fn write_fresh_run(&mut self, g: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
+    pub(super) fn write_fresh_run(
+        &mut self,
+        g: u64,
+        mut data: Payload<'_>,
+    ) -> Result<(), Error<D::Error>> {
         let cs = self.cs();
         let csu = usize::try_from(cs).unwrap_or(usize::MAX);
         let k = data.len().checked_div(csu).unwrap_or(0);
@@ -214,7 +303,10 @@ where
             }
             let (a, b) = (i.saturating_mul(csu), j.saturating_mul(csu));
             let gi = g.saturating_add(a as u64);
-            self.write_data(targets[i], gi, &data[a..b])?;
+            match data.part(a, b) {
+                Payload::Shared(d) => self.write_data(targets[i], gi, d)?,
+                Payload::Scratch(d) => self.write_data_in_place(targets[i], gi, d)?,
+            }
             i = j;
         }
         if self.keep_back() {
@@ -392,22 +484,36 @@ where
         g: u64,
         data: &[u8],
     ) -> Result<(), Error<D::Error>> {
-        let enc;
-        let data = match self.key.as_ref() {
-            None => data,
-            Some(k) => {
-                let mut buf = data.to_vec();
-                let ok = match self.crypt.as_ref() {
-                    Some(c) => c.encrypt(k, HostOffset::new(host), GuestOffset::new(g), &mut buf),
-                    None => k.encrypt(HostOffset::new(host), GuestOffset::new(g), &mut buf),
-                };
-                if !ok {
-                    return Err(Error::Decrypt { host_offset: host });
-                }
-                enc = buf;
-                &enc
+        if self.key.is_none() {
+            return self.write_host(host, data);
+        }
+        let mut buf = data.to_vec();
+        self.write_data_in_place(host, g, &mut buf)
+    }
+
+    /// [`Self::write_data`] of `data`, encrypted in `data` itself on
+    /// encrypted images.
+    pub(super) fn write_data_in_place(
+        &mut self,
+        host: u64,
+        g: u64,
+        data: &mut [u8],
+    ) -> Result<(), Error<D::Error>> {
+        if let Some(k) = self.key.as_ref() {
+            let ok = match self.crypt.as_ref() {
+                Some(c) => c.encrypt(k, HostOffset::new(host), GuestOffset::new(g), data),
+                None => k.encrypt(HostOffset::new(host), GuestOffset::new(g), data),
+            };
+            if !ok {
+                return Err(Error::Decrypt { host_offset: host });
             }
-        };
+        }
+        self.write_host(host, data)
+    }
+
+    /// Writes bytes as they go to the medium at host offset `host`: into
+    /// the data file when the image has one.
+    fn write_host(&mut self, host: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
         if self.df() {
             self.write_datafile(host, data)
         } else {
@@ -606,5 +712,35 @@ where
             }
         }
         self.flush_dev()
+    }
+}
+
+/// Guest bytes handed to a write: borrowed, or the caller's scratch
+/// buffer that an encrypted image's fresh clusters are encrypted in.
+pub(super) enum Payload<'a> {
+    /// Left as they are.
+    Shared(&'a [u8]),
+    /// May be overwritten.
+    Scratch(&'a mut [u8]),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Shared(d) => d,
+            Payload::Scratch(d) => d,
+        }
+    }
+
+    /// Bytes `a..b` (callers keep `a <= b <= len`).
+    fn part(&mut self, a: usize, b: usize) -> Payload<'_> {
+        match self {
+            Payload::Shared(d) => Payload::Shared(&d[a..b]),
+            Payload::Scratch(d) => Payload::Scratch(&mut d[a..b]),
+        }
     }
 }
