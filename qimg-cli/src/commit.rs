@@ -319,7 +319,7 @@ fn write_runs(dst: &mut AnyDev, at: u64, data: &[u8], cluster: u64) -> Result<()
     let cu = usize::try_from(cluster).unwrap_or(usize::MAX).max(1);
     let mut i = 0usize;
     while i < data.len() {
-        let zero = |k: usize| data[k..(k + cu).min(data.len())].iter().all(|&b| b == 0);
+        let zero = |k: usize| crate::convert::is_zero(&data[k..(k + cu).min(data.len())]);
         let z = zero(i);
         let mut j = (i + cu).min(data.len());
         while j < data.len() && zero(j) == z {

@@ -593,7 +593,7 @@ fn stage_sparse(
     let mut pos = 0usize;
     while pos < data.len() {
         let end = (pos + gran).min(data.len());
-        let zero = data[pos..end].iter().all(|&b| b == 0);
+        let zero = is_zero(&data[pos..end]);
         match (zero, run_start) {
             (false, None) => run_start = Some(pos),
             (true, Some(s)) => {
@@ -677,6 +677,22 @@ pub(crate) fn copy_clusters(
 /// looked at before the piece holding it is written, never after.
 ///
 /// [`BlockIo::write_at_consuming`]: luks_core::io::BlockIo::write_at_consuming
+/// Bytes [`is_zero`] ORs together before it looks at the result.
+const ZERO_BLOCK: usize = 128;
+
+/// Whether every byte of `d` is zero: an OR of each 128-byte block (which
+/// the compiler turns into a few vector instructions), stopping at the
+/// first block that holds data. A plain early-exit loop over the bytes
+/// does not vectorise: scanning the decrypted zeroes of a raw LUKS volume
+/// that way took a quarter of a convert's CPU time.
+pub(crate) fn is_zero(d: &[u8]) -> bool {
+    let mut blocks = d.chunks_exact(ZERO_BLOCK);
+    let whole = blocks.by_ref().all(|b| {
+        <&[u8; ZERO_BLOCK]>::try_from(b).is_ok_and(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0)
+    });
+    whole && blocks.remainder().iter().all(|&b| b == 0)
+}
+
 fn write_sparse(
     dst: &mut AnyDev,
     off: u64,
@@ -695,7 +711,7 @@ fn write_sparse(
     let mut pos = 0usize;
     while pos < data.len() {
         let end = (pos + gran).min(data.len());
-        let zero = data[pos..end].iter().all(|&b| b == 0);
+        let zero = is_zero(&data[pos..end]);
         match (zero, run_start) {
             (false, None) => run_start = Some(pos),
             (true, Some(s)) => {
@@ -720,6 +736,21 @@ fn write_sparse(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn is_zero_finds_a_byte_anywhere() {
+        for len in [0usize, 1, 127, 128, 129, 4096, 4097] {
+            let mut d = vec![0u8; len];
+            assert!(is_zero(&d), "{len} zero bytes");
+            for at in [0, len / 2, len.saturating_sub(1)] {
+                if at < len {
+                    d[at] = 0x80;
+                    assert!(!is_zero(&d), "{len} bytes, data at {at}");
+                    d[at] = 0;
+                }
+            }
+        }
+    }
     use crate::dev::{erased, BlockStatus, Flat};
     use luks_core::io::{BlockIo, VecDevice};
 
