@@ -26,11 +26,13 @@
 //! cannot lower the 128-bit vector types for them; those builds get
 //! [`Backend::Portable`] only, and [`Backend::is_available`] says so.
 //!
-//! The hardware kernels are fused: tweaks are generated in vector
-//! registers (a multiply by `x^k` in GF(2^128) is a byte or bit shift plus
-//! the overflow times `0x87`, carry-less: one `pclmulqdq`, or shifts and
-//! XORs where the wide multiply is slow), XORed in, and the tweak is
-//! folded into the last round key.
+//! The hardware kernels are fused: tweaks are generated beside the rounds
+//! (in vector registers a multiply by `x^k` in GF(2^128) is a byte or bit
+//! shift plus the overflow times `0x87`, carry-less: one `pclmulqdq`, or
+//! shifts and XORs where the wide multiply is slow; the AES-NI stream on
+//! CPUs with AVX-512VL steps them by `x` in general-purpose registers
+//! instead, leaving the vector ports to `aesenc`), XORed in, and the tweak
+//! is folded into the last round key.
 //!
 //! # Why this module may contain `unsafe`
 //!

@@ -281,17 +281,25 @@ fn matches_xts_mode_luks_sector_sizes() {
 
 #[test]
 fn multi_batch_calls_match_xts_mode() {
-    // The hardware kernels compute first tweaks in batches of 32 sectors
-    // (the VAES-512 one in a single interleaved pass for a full batch, the
-    // others 8 or 16 sectors at a time) and then run the sectors back to
-    // back: cover counts just below, at and above one, two and three
-    // batches, odd counts, both LUKS sector sizes, both directions (inside
+    // The hardware kernels compute first tweaks in batches of 64 sectors
+    // (the VAES-512 one 32 at a time in one interleaved pass, the others 8
+    // or 16 at a time) and then run the sectors back to back: cover counts
+    // just below, at and above one, two and three batches and the 32-sector
+    // passes, odd counts, both LUKS sector sizes, both directions (inside
     // `cross_check`) and starting IVs that are not batch aligned or wrap.
     let mut n = 0;
-    for batches in [7..=9, 15..=17, 31..=33, 63..=65, 95..=97] {
+    for batches in [
+        7..=9,
+        15..=17,
+        31..=33,
+        63..=65,
+        95..=97,
+        127..=129,
+        191..=193,
+    ] {
         n += cross_check(&[512], batches.clone(), 1);
     }
-    for batches in [31..=33, 63..=65] {
+    for batches in [31..=33, 63..=65, 127..=129] {
         n += cross_check(&[4096], batches.clone(), 1);
         n += cross_check(&[4096], batches, 8);
     }
@@ -300,15 +308,17 @@ fn multi_batch_calls_match_xts_mode() {
 
 #[test]
 fn streamed_group_counts_match_xts_mode() {
-    // Sectors of whole 512-byte groups run as one stream of groups with
-    // the next group loaded, and its tweaks stepped or derived from the
-    // next sector's T0, during the current group's rounds: cover 1, 2, 3,
-    // 4, 8 and 16 groups per sector, single sectors, partial and odd
-    // batches and more than one batch, both directions (inside
-    // `cross_check`), IV steps 1 and 8.
+    // Sectors of whole groups (256 bytes for AES-NI, 512 for VAES) run as
+    // one stream of groups with the next group loaded, and its tweaks
+    // stepped or derived from the next sector's T0, during the current
+    // group's rounds (AES-NI: its tweaks written two groups ahead by an
+    // integer chain that restarts at each sector): cover 1, 2, 3, 4, 8,
+    // 16 and 32 groups per sector, single sectors, partial and odd batches
+    // and more than one batch, both directions (inside `cross_check`), IV
+    // steps 1 and 8.
     let mut n = 0;
-    for batches in [1..=3, 31..=33] {
-        n += cross_check(&[512, 1024, 1536, 2048], batches.clone(), 1);
+    for batches in [1..=3, 31..=33, 63..=65] {
+        n += cross_check(&[256, 512, 768, 1024, 1536, 2048], batches.clone(), 1);
         n += cross_check(&[1536, 4096], batches, 8);
     }
     n += cross_check(&[8192], 1..=3, 1);

@@ -3,8 +3,10 @@
 //!
 //! Written from the instruction definitions (Intel's AES-NI white paper and
 //! the SDM): key expansion with `aeskeygenassist`, decryption round keys
-//! with `aesimc` (the equivalent inverse cipher), XTS tweaks kept in vector
-//! registers.
+//! with `aesimc` (the equivalent inverse cipher), XTS tweaks computed in
+//! vector registers, except in the AES-NI stream for CPUs with AVX-512VL
+//! ([`stream_xmm16`]), where a chain in general-purpose registers writes
+//! them to memory ahead of the rounds.
 //!
 //! Tweak arithmetic. A tweak is a 128-bit little-endian integer; block `j`
 //! of a sector uses `T0 * x^j` in GF(2^128) mod `x^128 + x^7 + x^2 + x + 1`.
@@ -68,11 +70,14 @@ pub(super) fn available(backend: Backend) -> bool {
     }
 }
 
-/// Sectors whose first tweaks are computed together.
-const BATCH: usize = 32;
-// The VAES-512 kernel computes a full batch of first tweaks in exactly
-// eight `zmm` registers (four per register).
-const _: () = assert!(BATCH == 32);
+/// Sectors whose first tweaks are computed together. 64 rather than 32
+/// halves the per-batch costs (the `T0` pass starting, the stream
+/// draining, the AES-NI tweak chain's first two groups): AES-NI 512-byte
+/// sectors went from 85-86% to 86-88% of the round ceiling on AMD Zen 4.
+const BATCH: usize = 64;
+// The VAES-512 kernel computes first tweaks 32 at a time, in exactly eight
+// `zmm` registers (four per register).
+const _: () = assert!(BATCH.is_multiple_of(32));
 
 /// Expanded keys for the hardware backends. Invariant: a value exists only
 /// if `available(backend)` was true when it was built, and `backend` is
@@ -521,54 +526,120 @@ const GROUP_XMM: usize = 16;
 /// Bytes in one group of [`stream_xmm16`].
 const GROUP_XMM_BYTES: usize = GROUP_XMM * 16;
 /// Registers of the next group that [`stream_xmm16`] loads during the
-/// current group's rounds.
-const EARLY_XMM: usize = 8;
+/// current group's rounds (after round [`EARLY_AT_XMM`]).
+const EARLY_XMM: usize = 2;
+/// The round of the current group after which [`stream_xmm16`] loads the
+/// next group's first [`EARLY_XMM`] registers.
+const EARLY_AT_XMM: usize = 4;
+/// 64-bit words of tweaks per group of [`stream_xmm16`].
+const RING_GROUP: usize = 2 * GROUP_XMM;
 
-/// Multiplies the tweak by `x^16`, the reduction as shifts and XORs.
-#[inline]
-#[target_feature(enable = "avx512f,avx512vl,sse2")]
-fn mul_x16_xmm(v: __m128i) -> __m128i {
-    let lo = _mm_slli_si128::<2>(v);
-    let out = _mm_srli_si128::<14>(v);
-    let t = _mm_ternarylogic_epi64::<0x96>(lo, out, _mm_slli_epi64::<1>(out));
-    _mm_ternarylogic_epi64::<0x96>(t, _mm_slli_epi64::<2>(out), _mm_slli_epi64::<7>(out))
+/// The tweaks of three groups of [`stream_xmm16`] as little-endian 64-bit
+/// word pairs: the current group's, the next one's and the one the integer
+/// chain is writing. Aligned so that no tweak straddles a cache line.
+#[repr(C, align(64))]
+struct TweakRing([u64; 3 * RING_GROUP]);
+
+/// The XTS tweak chain of [`stream_xmm16`], stepped in general-purpose
+/// registers (`T * x` is a 128-bit shift and a conditional XOR of `0x87`),
+/// so that its arithmetic takes the integer ports instead of the vector
+/// ports the AES instructions need.
+struct TweakChain<'a> {
+    /// Low and high 64 bits of the next tweak.
+    lo: u64,
+    hi: u64,
+    /// The chain's position: group `q` of sector `s` of the batch.
+    q: usize,
+    s: usize,
+    /// Groups per sector (at least 1).
+    gps: usize,
+    t0s: &'a [u128; BATCH],
 }
 
-/// The tweaks of a sector's first 16 blocks from its `T0`.
-#[inline]
-#[target_feature(enable = "pclmulqdq,sse2")]
-fn first_tweaks_xmm16(t0: &u128) -> [__m128i; 16] {
-    let lo = first_tweaks_xmm(t0);
-    let mut tw = [_mm_setzero_si128(); 16];
-    let (a, b) = tw.split_at_mut(8);
-    for ((t, u), v) in a.iter_mut().zip(b.iter_mut()).zip(lo) {
-        *t = v;
-        *u = mul_x8_xmm(v);
+impl TweakChain<'_> {
+    /// Moves the chain to its next group: at a sector's first group it
+    /// restarts from that sector's `T0` (a branch-free select; past the
+    /// batch's last sector it restarts from an entry whose tweaks are
+    /// written to the ring but never used).
+    // The casts take the low and high halves of a `u128`.
+    #[allow(clippy::cast_possible_truncation, clippy::arithmetic_side_effects)]
+    #[inline(always)]
+    fn begin_group(&mut self) {
+        let t = self.t0s[self.s.min(BATCH - 1)];
+        let m = u64::from(self.q == 0).wrapping_neg();
+        self.lo = (self.lo & !m) | (t as u64 & m);
+        self.hi = (self.hi & !m) | ((t >> 64) as u64 & m);
+        // `q < gps` and `s <= groups + 2`: neither overflows.
+        self.q += 1;
+        if self.q == self.gps {
+            self.q = 0;
+            self.s += 1;
+        }
     }
-    tw
+
+    /// Writes the chain's next `n` tweaks to `out` as word pairs.
+    ///
+    /// # Safety
+    /// `out` is valid for `2 * n` aligned `u64` writes.
+    // `2 * i + 1 < 2 * n`, within the caller's bound.
+    #[allow(clippy::arithmetic_side_effects)]
+    #[inline(always)]
+    unsafe fn emit(&mut self, out: *mut u64, n: usize) {
+        for i in 0..n {
+            // SAFETY: `2 * i + 1 < 2 * n`, so both words lie in what the
+            // caller guarantees writable.
+            unsafe {
+                out.add(2 * i).write(self.lo);
+                out.add(2 * i + 1).write(self.hi);
+            }
+            let carry = ((self.hi as i64) >> 63) as u64 & 0x87;
+            self.hi = (self.hi << 1) | (self.lo >> 63);
+            self.lo = (self.lo << 1) ^ carry;
+        }
+    }
 }
 
 /// Phase 2 of [`kernel_xmm`] on CPUs with AVX-512VL (32 `xmm` registers)
-/// when each sector is `gps` whole groups of 16 blocks: as
-/// [`stream_ymm16`], on sixteen `xmm` registers (16 blocks in flight
-/// instead of 8), the tweaks stepped by `x^16`.
+/// when each sector is `gps` whole groups of 16 blocks: the batch runs as
+/// one stream of groups of sixteen `xmm` registers (16 blocks in flight
+/// instead of 8).
+///
+/// The tweaks come from memory, written by a [`TweakChain`] two groups
+/// ahead: during group `g`'s rounds 1..=8 the chain writes group `g + 2`'s
+/// sixteen tweaks, two after each round, into a three-group
+/// [`TweakRing`]. Two groups (some 500 instructions) separate those
+/// integer stores from the vector loads that read them, so the loads find
+/// the words in the cache rather than waiting on store forwarding, which
+/// cannot merge two 64-bit stores into one 128-bit load. The `whitening`
+/// `vpternlogq` and the last round's key XOR read the tweak as a memory
+/// operand. After round 4 the kernel loads and whitens the first two
+/// registers of group `g + 1`, so the pipes do not drain between groups.
+/// The round keys are read from memory each round (15 keys, 16 data
+/// registers and the early ones do not fit in 32 registers).
 ///
 /// CPUs with AES-NI but no AVX-512 keep the sector-by-sector loop of
-/// [`kernel_xmm`]. Measured on AMD Zen 4 (thread CPU time, AES-256, 64 KiB
-/// calls, share of the round ceiling): 4 KiB sectors 75% -> 81-82%,
-/// 512-byte ones 72% -> 79%. The same stream with the steps four per
-/// round after rounds 1..=4 and the early load at round `NR / 2` was
-/// slower than the loop (74% / 67%).
+/// [`kernel_xmm`].
+///
+/// Measured on AMD Zen 4 (thread CPU time, AES-256, 64 KiB calls, share of
+/// the round ceiling): the stream with tweaks stepped by `x^16` in vector
+/// registers ran 4 KiB sectors at 81% and 512-byte ones at 78%; this one
+/// runs them at 90-91% and 86-87%. The vector shifts of that step
+/// competed with `aesenc` for the vector ports. Tried and slower: eight
+/// early registers (86% / 82%) or none (90% / 85%), the round keys held in
+/// registers (84% / 81%), four tweaks after each of rounds 1..=4 (82% /
+/// 78%), and the same integer chain in the VAES-256 and VAES-512 streams
+/// (69-70%: two or four tweaks per register make the integer work there
+/// outgrow what the core issues beside the AES instructions).
 ///
 /// `t0s[..n]` holds the `T0` of the batch's `n` sectors, and `batch` is
 /// `n * gps` groups (`n <= BATCH`, `gps >= 1`).
 // Index arithmetic, bounded by what it indexes: `g + 1 < groups` and
-// `groups * 256 == batch.len()` bound every group offset; `s <= n <=
-// BATCH`, and `t0s[s]` is read only while groups remain (so `s < n`);
-// `i < 4` gives `2 * i + 1 < 8` and `10 + 2 * i <= 16`.
+// `groups * 256 == batch.len()` bound every group offset; ring offsets are
+// `cur`, `next`, `fill` (each `0`, `32` or `64`) plus `2 * r + 1 < 32` or
+// `4 * i + 3 < 32` (`i < 8`), inside the 96-word ring.
 #[allow(clippy::arithmetic_side_effects)]
 #[inline]
-#[target_feature(enable = "avx512f,avx512vl,aes,pclmulqdq,sse2")]
+#[target_feature(enable = "avx512f,avx512vl,aes,sse2")]
 fn stream_xmm16<const NR: usize, const ENC: bool>(
     rk: &[__m128i; 15],
     t0s: &[u128; BATCH],
@@ -577,47 +648,73 @@ fn stream_xmm16<const NR: usize, const ENC: bool>(
 ) {
     let groups = batch.len() / GROUP_XMM_BYTES;
     let p = batch.as_mut_ptr();
-    let mut tw = first_tweaks_xmm16(&t0s[0]);
-    let mut x = [_mm_setzero_si128(); 16];
-    for r in 0..EARLY_XMM {
-        // SAFETY: group 0 (256 bytes) lies inside `batch`, which holds at
-        // least one group; loadu is unaligned.
-        let d = unsafe { _mm_loadu_si128(p.add(16 * r).cast()) };
-        x[r] = _mm_ternarylogic_epi64::<0x96>(d, tw[r], rk[0]);
+    let mut ring = TweakRing([0; 3 * RING_GROUP]);
+    let tw = ring.0.as_mut_ptr();
+    // The keys through an opaque pointer: read at each use, so they take
+    // no registers across the rounds.
+    let kp = core::hint::black_box(rk.as_ptr());
+    // SAFETY: `i <= NR <= 14` at every call, inside `rk`.
+    let key = |i: usize| unsafe { _mm_loadu_si128(kp.add(i)) };
+    let mut chain = TweakChain {
+        lo: 0,
+        hi: 0,
+        q: 0,
+        s: 0,
+        gps,
+        t0s,
+    };
+    for h in 0..2 {
+        chain.begin_group();
+        // SAFETY: group slot `h < 3` of the ring, 32 words.
+        unsafe { chain.emit(tw.add(RING_GROUP * h), GROUP_XMM) };
     }
-    let mut q = 0;
-    let mut s = 0;
+    // Ring offsets (in words) of the current group's tweaks, the next
+    // group's, and the group the chain fills.
+    let (mut cur, mut next, mut fill) = (0, RING_GROUP, 2 * RING_GROUP);
+    let mut x = [_mm_setzero_si128(); 16];
+    for (r, v) in x.iter_mut().enumerate().take(EARLY_XMM) {
+        // SAFETY: group 0 (256 bytes) lies inside `batch`, which holds at
+        // least one group; tweak `r` of group 0 is in ring slot 0; loadu
+        // is unaligned.
+        let (d, t) = unsafe {
+            (
+                _mm_loadu_si128(p.add(16 * r).cast()),
+                _mm_loadu_si128(tw.add(2 * r).cast()),
+            )
+        };
+        *v = _mm_ternarylogic_epi64::<0x96>(d, t, key(0));
+    }
     for g in 0..groups {
         let more = g + 1 < groups;
-        // SAFETY: g < groups, so group g lies inside `batch`.
-        let pc = unsafe { p.add(GROUP_XMM_BYTES * g) };
-        for r in EARLY_XMM..16 {
-            // SAFETY: inside group g (see above); loadu is unaligned.
-            let d = unsafe { _mm_loadu_si128(pc.add(16 * r).cast()) };
-            x[r] = _mm_ternarylogic_epi64::<0x96>(d, tw[r], rk[0]);
+        chain.begin_group();
+        // SAFETY: g < groups, so group g lies inside `batch`; the ring
+        // offsets are inside the ring (see above).
+        let (pc, tc, tn, tf) = unsafe {
+            (
+                p.add(GROUP_XMM_BYTES * g),
+                tw.add(cur),
+                tw.add(next),
+                tw.add(fill),
+            )
+        };
+        for (r, v) in x.iter_mut().enumerate().skip(EARLY_XMM) {
+            // SAFETY: block r of group g and its tweak (see above); loadu
+            // is unaligned.
+            let (d, t) = unsafe {
+                (
+                    _mm_loadu_si128(pc.add(16 * r).cast()),
+                    _mm_loadu_si128(tc.add(2 * r).cast()),
+                )
+            };
+            *v = _mm_ternarylogic_epi64::<0x96>(d, t, key(0));
         }
-        q += 1;
-        let new_sector = q == gps;
-        let mut next = tw;
-        if new_sector {
-            q = 0;
-            s += 1;
-            let t0 = &t0s[if more { s } else { 0 }];
-            let lo = first_tweaks_xmm(t0);
-            next[..8].copy_from_slice(&lo);
-        }
-        core::hint::black_box(&mut next);
-        // Rounds 1..=4, the tweaks of the next group's first eight
-        // registers stepped two per round (a new sector's are ready).
-        for (i, k) in rk[1..5].iter().enumerate() {
+        for i in 0..EARLY_AT_XMM {
+            let k = key(1 + i);
             for v in x.iter_mut() {
-                *v = round_xmm::<ENC>(*v, *k);
+                *v = round_xmm::<ENC>(*v, k);
             }
-            if !new_sector {
-                for t in &mut next[2 * i..2 * i + 2] {
-                    *t = mul_x16_xmm(*t);
-                }
-            }
+            // SAFETY: tweaks 2i, 2i + 1 of the filled slot.
+            unsafe { chain.emit(tf.add(4 * i), 2) };
         }
         let mut xn = [_mm_setzero_si128(); EARLY_XMM];
         if more {
@@ -625,38 +722,44 @@ fn stream_xmm16<const NR: usize, const ENC: bool>(
             // 256 * (g + 1)) lies inside `batch`.
             let pn = unsafe { p.add(GROUP_XMM_BYTES * (g + 1)) };
             for (r, v) in xn.iter_mut().enumerate() {
-                // SAFETY: inside group g + 1 (see above); loadu is
-                // unaligned.
-                let d = unsafe { _mm_loadu_si128(pn.add(16 * r).cast()) };
-                *v = _mm_ternarylogic_epi64::<0x96>(d, next[r], rk[0]);
-            }
-        }
-        // Rounds 5..=8, the other eight registers' tweaks.
-        for (i, k) in rk[5..9].iter().enumerate() {
-            for v in x.iter_mut() {
-                *v = round_xmm::<ENC>(*v, *k);
-            }
-            for r in 8 + 2 * i..10 + 2 * i {
-                next[r] = if new_sector {
-                    mul_x8_xmm(next[r - 8])
-                } else {
-                    mul_x16_xmm(next[r])
+                // SAFETY: block r of group g + 1 and its tweak in the next
+                // slot; loadu is unaligned.
+                let (d, t) = unsafe {
+                    (
+                        _mm_loadu_si128(pn.add(16 * r).cast()),
+                        _mm_loadu_si128(tn.add(2 * r).cast()),
+                    )
                 };
+                *v = _mm_ternarylogic_epi64::<0x96>(d, t, key(0));
             }
         }
-        for k in &rk[9..NR] {
+        for i in EARLY_AT_XMM..8 {
+            let k = key(1 + i);
             for v in x.iter_mut() {
-                *v = round_xmm::<ENC>(*v, *k);
+                *v = round_xmm::<ENC>(*v, k);
+            }
+            // SAFETY: tweaks 2i, 2i + 1 of the filled slot.
+            unsafe { chain.emit(tf.add(4 * i), 2) };
+        }
+        for i in 9..NR {
+            let k = key(i);
+            for v in x.iter_mut() {
+                *v = round_xmm::<ENC>(*v, k);
             }
         }
-        for r in 0..16 {
-            let y = last_xmm::<ENC>(x[r], _mm_xor_si128(rk[NR], tw[r]));
-            // SAFETY: inside group g (see above); storeu is unaligned.
-            unsafe { _mm_storeu_si128(pc.add(16 * r).cast(), y) };
+        for (r, v) in x.iter().enumerate() {
+            // SAFETY: tweak r of group g and block r of group g (see
+            // above); loadu and storeu are unaligned.
+            unsafe {
+                let t = _mm_loadu_si128(tc.add(2 * r).cast());
+                let y = last_xmm::<ENC>(*v, _mm_xor_si128(key(NR), t));
+                _mm_storeu_si128(pc.add(16 * r).cast(), y);
+            }
         }
         x[..EARLY_XMM].copy_from_slice(&xn);
-        tw = next;
+        (cur, next, fill) = (next, fill, cur);
     }
+    ring.0.zeroize();
 }
 
 // ---------------------------------------------------------------------
@@ -1176,14 +1279,15 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
         used = used.max(n.next_multiple_of(4).min(BATCH));
         fill_ivs(&mut ivs, n, iv, a.step);
         iv = advance(iv, n, a.step);
-        // Phase 1: T0s, four sectors per register; a full batch (eight
-        // registers) interleaved round by round, so the tweak encryptions
-        // run at AES throughput instead of as eight latency-bound chains.
+        // Phase 1: T0s, four sectors per register; 32 sectors (eight
+        // registers) interleaved round by round while that many remain, so
+        // the tweak encryptions run at AES throughput instead of as eight
+        // latency-bound chains.
         let mut g = 0;
-        if n == BATCH {
+        while g + 32 <= n {
             let mut x = [_mm512_setzero_si512(); 8];
             for (r, v) in x.iter_mut().enumerate() {
-                let i = &ivs[4 * r..4 * r + 4];
+                let i = &ivs[g + 4 * r..g + 4 * r + 4];
                 *v = _mm512_xor_si512(
                     _mm512_set_epi64(
                         0,
@@ -1205,11 +1309,11 @@ fn kernel_zmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             }
             for (r, v) in x.iter().enumerate() {
                 let y = _mm512_aesenclast_epi128(*v, rk2[NR]);
-                // SAFETY: 4r + 4 <= 32 == BATCH, so the 64 bytes lie
-                // inside `t0s`.
-                unsafe { _mm512_storeu_si512(t0s.as_mut_ptr().add(4 * r).cast(), y) };
+                // SAFETY: g + 4r + 4 <= g + 32 <= n <= BATCH, so the 64
+                // bytes lie inside `t0s`.
+                unsafe { _mm512_storeu_si512(t0s.as_mut_ptr().add(g + 4 * r).cast(), y) };
             }
-            g = BATCH;
+            g += 32;
         }
         while g < n {
             let mut x = _mm512_set_epi64(
