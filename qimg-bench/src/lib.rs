@@ -22,6 +22,64 @@ pub fn fixed_bytes(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// The words of [`word_text`].
+const WORDS: &[&str] = &[
+    "the",
+    "image",
+    "cluster",
+    "qcow2",
+    "refcount",
+    "table",
+    "backing",
+    "file",
+    "guest",
+    "offset",
+    "header",
+    "snapshot",
+    "encrypted",
+    "volume",
+    "sector",
+    "block",
+    "data",
+    "zero",
+    "write",
+    "read",
+    "and",
+    "of",
+    "to",
+    "a",
+    "in",
+    "is",
+    "that",
+    "for",
+    "on",
+    "with",
+];
+
+/// Text like the text stripes `cargo xtask bench-compare` writes:
+/// deterministic pseudo-random words from a small list, lines of about 72
+/// columns, `len` bytes.
+pub fn word_text(len: usize) -> Vec<u8> {
+    let seeds = fixed_bytes(len, 0x9e37_79b9_7f4a_7c15);
+    let mut out = Vec::with_capacity(len + 16);
+    let mut col = 0;
+    let mut k = 0;
+    while out.len() < len {
+        let w = WORDS[usize::from(seeds[k % seeds.len()]) % WORDS.len()];
+        k += 1;
+        out.extend_from_slice(w.as_bytes());
+        col += w.len() + 1;
+        if col > 72 {
+            out.push(b'\n');
+            col = 0;
+        } else {
+            out.push(b' ');
+        }
+    }
+    out.truncate(len);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -29,5 +87,16 @@ mod tests {
         assert_eq!(super::fixed_bytes(13, 7), super::fixed_bytes(13, 7));
         assert_ne!(super::fixed_bytes(64, 7), super::fixed_bytes(64, 8));
         assert_eq!(super::fixed_bytes(13, 7).len(), 13);
+    }
+
+    #[test]
+    fn word_text_is_deterministic_sized_lines_of_words() {
+        let t = super::word_text(4096);
+        assert_eq!(t, super::word_text(4096));
+        assert_eq!(t.len(), 4096);
+        assert!(t.split(|&b| b == b'\n').all(|l| l.len() <= 90));
+        assert!(t
+            .split(|&b| b == b' ' || b == b'\n')
+            .all(|w| w.is_empty() || super::WORDS.iter().any(|x| x.as_bytes().starts_with(w))));
     }
 }

@@ -85,66 +85,10 @@ fn inflates_to(stream: &[u8], want: &[u8]) -> bool {
     ok && d.total_out() == want.len() as u64 && out == want
 }
 
-const WORDS: &[&str] = &[
-    "the",
-    "image",
-    "cluster",
-    "qcow2",
-    "refcount",
-    "table",
-    "backing",
-    "file",
-    "guest",
-    "offset",
-    "header",
-    "snapshot",
-    "encrypted",
-    "volume",
-    "sector",
-    "block",
-    "data",
-    "zero",
-    "write",
-    "read",
-    "and",
-    "of",
-    "to",
-    "a",
-    "in",
-    "is",
-    "that",
-    "for",
-    "on",
-    "with",
-];
-
-/// Text as `bench-compare` writes it: random words from a small list,
-/// lines of about 72 columns.
-fn text(len: usize) -> Vec<u8> {
-    let seeds = qimg_bench::fixed_bytes(len, 0x9e37_79b9_7f4a_7c15);
-    let mut out = Vec::with_capacity(len + 16);
-    let mut col = 0;
-    let mut k = 0;
-    while out.len() < len {
-        let w = WORDS[usize::from(seeds[k % seeds.len()]) % WORDS.len()];
-        k += 1;
-        out.extend_from_slice(w.as_bytes());
-        col += w.len() + 1;
-        if col > 72 {
-            out.push(b'\n');
-            col = 0;
-        } else {
-            out.push(b' ');
-        }
-    }
-    out.truncate(len);
-    out
-}
-
 fn main() {
     let mut sources: Vec<(String, Vec<u8>)> = vec![
         ("random".into(), qimg_bench::fixed_bytes(SOURCE, 7)),
-        ("text".into(), text(SOURCE)),
+        ("text".into(), qimg_bench::word_text(SOURCE)),
         ("zeros".into(), vec![0u8; SOURCE]),
     ];
     for path in std::env::args().skip(1) {
@@ -225,7 +169,7 @@ mod tests {
     fn every_encoder_keeps_the_window_and_qemus_rule() {
         let encoders: [Encoder; 3] = [qimg, flate2_zlib_rs, zlib_rs_qemu];
         let random = qimg_bench::fixed_bytes(CLUSTER, 3);
-        let text = text(CLUSTER);
+        let text = qimg_bench::word_text(CLUSTER);
         let mut out = vec![0u8; CLUSTER - 1];
         for f in encoders {
             // Nothing fits a random cluster in cluster - 1 bytes.

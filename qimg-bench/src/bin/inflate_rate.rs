@@ -119,64 +119,8 @@ impl Decoder for ZlibRsSlice {
     }
 }
 
-const WORDS: &[&str] = &[
-    "the",
-    "image",
-    "cluster",
-    "qcow2",
-    "refcount",
-    "table",
-    "backing",
-    "file",
-    "guest",
-    "offset",
-    "header",
-    "snapshot",
-    "encrypted",
-    "volume",
-    "sector",
-    "block",
-    "data",
-    "zero",
-    "write",
-    "read",
-    "and",
-    "of",
-    "to",
-    "a",
-    "in",
-    "is",
-    "that",
-    "for",
-    "on",
-    "with",
-];
-
-/// Text as `bench-compare` writes it: random words from a small list,
-/// lines of about 72 columns.
-fn text(len: usize) -> Vec<u8> {
-    let seeds = qimg_bench::fixed_bytes(len, 0x9e37_79b9_7f4a_7c15);
-    let mut out = Vec::with_capacity(len + 16);
-    let mut col = 0;
-    let mut k = 0;
-    while out.len() < len {
-        let w = WORDS[usize::from(seeds[k % seeds.len()]) % WORDS.len()];
-        k += 1;
-        out.extend_from_slice(w.as_bytes());
-        col += w.len() + 1;
-        if col > 72 {
-            out.push(b'\n');
-            col = 0;
-        } else {
-            out.push(b' ');
-        }
-    }
-    out.truncate(len);
-    out
-}
-
 fn main() {
-    let mut sources: Vec<(String, Vec<u8>)> = vec![("text".into(), text(SOURCE))];
+    let mut sources: Vec<(String, Vec<u8>)> = vec![("text".into(), qimg_bench::word_text(SOURCE))];
     for path in std::env::args().skip(1) {
         match std::fs::read(&path) {
             Ok(mut d) => {
