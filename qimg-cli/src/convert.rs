@@ -326,6 +326,40 @@ pub(crate) fn copy_sealed(
     copy_with(src, dst, Some(seal), len, opts, progress)
 }
 
+/// The chunk buffers of a pipelined copy: at most [`BUFFERS`] are made,
+/// and the writing thread gives each back through `returned` when done.
+struct Buffers {
+    made: usize,
+    /// A buffer the reading side got back unused.
+    spare: Option<ChunkBuf>,
+    returned: std::sync::mpsc::Receiver<ChunkBuf>,
+}
+
+impl Buffers {
+    fn new(returned: std::sync::mpsc::Receiver<ChunkBuf>) -> Self {
+        Self {
+            made: 0,
+            spare: None,
+            returned,
+        }
+    }
+
+    /// A buffer for the next chunk: the spare one, one given back, a new
+    /// one while fewer than [`BUFFERS`] exist, else the next one given
+    /// back. `None` when the writer has stopped (an error: its result says
+    /// why).
+    fn take(&mut self) -> Option<ChunkBuf> {
+        if let Some(b) = self.spare.take().or_else(|| self.returned.try_recv().ok()) {
+            return Some(b);
+        }
+        if self.made < BUFFERS {
+            self.made += 1;
+            return Some(ChunkBuf::new());
+        }
+        self.returned.recv().ok()
+    }
+}
+
 fn copy_with(
     src: &mut dyn Source,
     dst: &mut AnyDev,
@@ -365,22 +399,12 @@ fn copy_with(
             }
             Ok(written)
         });
-        let mut made = 0usize;
+        let mut buffers = Buffers::new(returned);
         let mut off = 0u64;
         let mut failed = None;
-        let mut spare: Option<ChunkBuf> = None;
         while off < len {
-            let buf = match spare.take().or_else(|| returned.try_recv().ok()) {
-                Some(b) => b,
-                None if made < BUFFERS => {
-                    made += 1;
-                    ChunkBuf::new()
-                }
-                None => match returned.recv() {
-                    Ok(b) => b,
-                    // The writer stopped (an error): its result says why.
-                    Err(_) => break,
-                },
+            let Some(buf) = buffers.take() else {
+                break;
             };
             let (step, n, unused) = match next_step(src, geometry, seal, off, len, opts, buf) {
                 Ok(v) => v,
@@ -389,7 +413,7 @@ fn copy_with(
                     break;
                 }
             };
-            spare = unused;
+            buffers.spare = unused;
             // Only steps with work go to the writer: every hand-over can
             // wake it, and on a loaded machine a wake-up may wait for a
             // time slice (the source's holes were half of the hand-overs
@@ -479,23 +503,13 @@ pub(crate) fn copy_staged(
             }
             Ok(())
         });
-        let mut made = 0usize;
+        let mut buffers = Buffers::new(returned);
         let mut off = 0u64;
         let mut written = 0u64;
         let mut failed = None;
-        let mut spare: Option<ChunkBuf> = None;
         while off < len {
-            let buf = match spare.take().or_else(|| returned.try_recv().ok()) {
-                Some(b) => b,
-                None if made < BUFFERS => {
-                    made += 1;
-                    ChunkBuf::new()
-                }
-                None => match returned.recv() {
-                    Ok(b) => b,
-                    // The writer stopped (an error): its result says why.
-                    Err(_) => break,
-                },
+            let Some(buf) = buffers.take() else {
+                break;
             };
             let (step, n, unused) = match next_step(src, geometry, None, off, len, opts, buf) {
                 Ok(v) => v,
@@ -504,7 +518,7 @@ pub(crate) fn copy_staged(
                     break;
                 }
             };
-            spare = unused;
+            buffers.spare = unused;
             let staged = match step {
                 Step::Data { off, mut buf, len } => stage_sparse(dst, off, &mut buf[..len], opts)
                     .map(|(w, runs)| (w, Some(buf), runs)),
@@ -529,7 +543,7 @@ pub(crate) fn copy_staged(
                                 break;
                             }
                         }
-                        b => spare = spare.or(b),
+                        b => buffers.spare = buffers.spare.take().or(b),
                     }
                 }
                 Err(e) => {
@@ -562,7 +576,7 @@ fn stage_sparse(
     opts: CopyOptions,
 ) -> Result<(u64, StagedRuns), DevError> {
     let mut runs = Vec::new();
-    let mut piece = |dst: &mut dyn StagingDest, s: usize, e: usize, data: &mut [u8]| {
+    let written = sparse_runs(dst, off, data, opts, |dst, s, e, data| {
         let cs = dst.cluster_size().max(1);
         let mut at = s;
         while at < e {
@@ -579,39 +593,8 @@ fn stage_sparse(
                 at += took;
             }
         }
-        Ok::<(), DevError>(())
-    };
-    if opts.sparse_size == 0 {
-        piece(dst, 0, data.len(), data)?;
-        return Ok((data.len() as u64, runs));
-    }
-    let gran = usize::try_from(opts.sparse_size)
-        .unwrap_or(data.len())
-        .max(1);
-    let mut written = 0u64;
-    let mut run_start: Option<usize> = None;
-    let mut pos = 0usize;
-    while pos < data.len() {
-        let end = (pos + gran).min(data.len());
-        let zero = is_zero(&data[pos..end]);
-        match (zero, run_start) {
-            (false, None) => run_start = Some(pos),
-            (true, Some(s)) => {
-                piece(dst, s, pos, data)?;
-                written += (pos - s) as u64;
-                run_start = None;
-            }
-            _ => {}
-        }
-        if zero && !opts.target_is_zero {
-            dst.write_zeroes(off + pos as u64, (end - pos) as u64)?;
-        }
-        pos = end;
-    }
-    if let Some(s) = run_start {
-        piece(dst, s, data.len(), data)?;
-        written += (data.len() - s) as u64;
-    }
+        Ok(())
+    })?;
     Ok((written, runs))
 }
 
@@ -699,8 +682,25 @@ fn write_sparse(
     data: &mut [u8],
     opts: CopyOptions,
 ) -> Result<u64, DevError> {
+    sparse_runs(&mut **dst, off, data, opts, |dst, s, e, data| {
+        dst.write_at_consuming(off + s as u64, &mut data[s..e])
+    })
+}
+
+/// Walks `data` (at guest offset `off` of `dst`) in `opts.sparse_size`
+/// pieces: each run of pieces holding data goes to `run` as `(start,
+/// end)` in `data`, and zero pieces are written as zeroes unless the
+/// target already reads as zero. With `sparse_size` 0 all of `data` is one
+/// run. Returns the bytes handed to `run`.
+fn sparse_runs<D: luks_core::io::BlockIo<Error = DevError> + ?Sized>(
+    dst: &mut D,
+    off: u64,
+    data: &mut [u8],
+    opts: CopyOptions,
+    mut run: impl FnMut(&mut D, usize, usize, &mut [u8]) -> Result<(), DevError>,
+) -> Result<u64, DevError> {
     if opts.sparse_size == 0 {
-        dst.write_at_consuming(off, data)?;
+        run(dst, 0, data.len(), data)?;
         return Ok(data.len() as u64);
     }
     let gran = usize::try_from(opts.sparse_size)
@@ -715,7 +715,7 @@ fn write_sparse(
         match (zero, run_start) {
             (false, None) => run_start = Some(pos),
             (true, Some(s)) => {
-                dst.write_at_consuming(off + s as u64, &mut data[s..pos])?;
+                run(dst, s, pos, data)?;
                 written += (pos - s) as u64;
                 run_start = None;
             }
@@ -727,8 +727,9 @@ fn write_sparse(
         pos = end;
     }
     if let Some(s) = run_start {
-        dst.write_at_consuming(off + s as u64, &mut data[s..])?;
-        written += (data.len() - s) as u64;
+        let e = data.len();
+        run(dst, s, e, data)?;
+        written += (e - s) as u64;
     }
     Ok(written)
 }
