@@ -213,34 +213,15 @@ where
         }
         let targets = self.alloc_each(k)?;
         let mut runs = Vec::new();
-        let mut i = 0usize;
-        while i < k {
-            let mut j = i.saturating_add(1);
-            while j < k && targets[j] == targets[j.saturating_sub(1)].saturating_add(cs) {
-                j = j.saturating_add(1);
-            }
+        for (i, j) in host_runs(&targets, cs) {
             let (a, b) = (i.saturating_mul(csu), j.saturating_mul(csu));
             let host = targets[i];
-            if let Some(key) = self.key.as_ref() {
-                let (hg, gg) = (
-                    HostOffset::new(host),
-                    GuestOffset::new(g.saturating_add(a as u64)),
-                );
-                let buf = &mut data[a..b];
-                let ok = match self.crypt.as_ref() {
-                    Some(c) => c.encrypt(key, hg, gg, buf),
-                    None => key.encrypt(hg, gg, buf),
-                };
-                if !ok {
-                    return Err(Error::Decrypt { host_offset: host });
-                }
-            }
+            self.encrypt_in_place(host, g.saturating_add(a as u64), &mut data[a..b])?;
             // The caller writes the run: the file reaches its end.
             self.file_len = self
                 .file_len
                 .max(host.saturating_add(b.saturating_sub(a) as u64));
             runs.push((host, a, b.saturating_sub(a)));
-            i = j;
         }
         self.set_fresh_entries(g, &targets)?;
         self.bound_kept_back()?;
@@ -295,19 +276,13 @@ where
         let k = data.len().checked_div(csu).unwrap_or(0);
         let targets = self.alloc_each(k)?;
         // Data before the L2 entries that point at it.
-        let mut i = 0usize;
-        while i < k {
-            let mut j = i.saturating_add(1);
-            while j < k && targets[j] == targets[j.saturating_sub(1)].saturating_add(cs) {
-                j = j.saturating_add(1);
-            }
+        for (i, j) in host_runs(&targets, cs) {
             let (a, b) = (i.saturating_mul(csu), j.saturating_mul(csu));
             let gi = g.saturating_add(a as u64);
             match data.part(a, b) {
                 Payload::Shared(d) => self.write_data(targets[i], gi, d)?,
                 Payload::Scratch(d) => self.write_data_in_place(targets[i], gi, d)?,
             }
-            i = j;
         }
         if self.keep_back() {
             // Kept back: `settle` writes them after the refcounts (and,
@@ -499,6 +474,13 @@ where
         g: u64,
         data: &mut [u8],
     ) -> Result<(), Error<D::Error>> {
+        self.encrypt_in_place(host, g, data)?;
+        self.write_host(host, data)
+    }
+
+    /// Encrypts `data` (guest offset `g`) in place for host offset `host`
+    /// on encrypted images; leaves it as it is on plain ones.
+    fn encrypt_in_place(&self, host: u64, g: u64, data: &mut [u8]) -> Result<(), Error<D::Error>> {
         if let Some(k) = self.key.as_ref() {
             let ok = match self.crypt.as_ref() {
                 Some(c) => c.encrypt(k, HostOffset::new(host), GuestOffset::new(g), data),
@@ -508,7 +490,7 @@ where
                 return Err(Error::Decrypt { host_offset: host });
             }
         }
-        self.write_host(host, data)
+        Ok(())
     }
 
     /// Writes bytes as they go to the medium at host offset `host`: into
@@ -743,4 +725,23 @@ impl Payload<'_> {
             Payload::Scratch(d) => Payload::Scratch(&mut d[a..b]),
         }
     }
+}
+
+/// The runs of consecutive host clusters in `targets` (guest cluster `i`
+/// of a run at host offset `targets[i]`, clusters of `cs` bytes): each run
+/// as the index range `(i, j)`, in order.
+fn host_runs(targets: &[u64], cs: u64) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut i = 0usize;
+    core::iter::from_fn(move || {
+        if i >= targets.len() {
+            return None;
+        }
+        let mut j = i.saturating_add(1);
+        while j < targets.len() && targets[j] == targets[j.saturating_sub(1)].saturating_add(cs) {
+            j = j.saturating_add(1);
+        }
+        let run = (i, j);
+        i = j;
+        Some(run)
+    })
 }
