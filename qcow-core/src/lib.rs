@@ -106,6 +106,8 @@ pub mod limits;
 mod probe;
 pub mod snapshot;
 pub mod table;
+#[cfg(all(test, feature = "alloc"))]
+mod test_luks;
 pub mod units;
 #[cfg(feature = "alloc")]
 pub mod writer;

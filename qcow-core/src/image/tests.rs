@@ -238,55 +238,16 @@ fn compressed_clusters_read_whole_and_in_parts() {
     }
 }
 
-/// A deterministic random source for formatting LUKS1 in tests.
-#[cfg(feature = "alloc")]
-struct CountingRng(u64);
-
-#[cfg(feature = "alloc")]
-impl rand_core::TryRng for CountingRng {
-    type Error = core::convert::Infallible;
-    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
-        Ok(self.try_next_u64()? as u32)
-    }
-    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        Ok(self.0 >> 11)
-    }
-    fn try_fill_bytes(&mut self, b: &mut [u8]) -> Result<(), Self::Error> {
-        for x in b {
-            *x = self.try_next_u64()? as u8;
-        }
-        Ok(())
-    }
-}
-
-#[cfg(feature = "alloc")]
-impl rand_core::TryCryptoRng for CountingRng {}
-
 /// A LUKS-encrypted 1 MiB image whose first sector holds 0xcd bytes.
 #[cfg(feature = "alloc")]
 fn encrypted_image(passphrase: &[u8]) -> luks_core::io::VecDevice {
-    use luks_core::luks1;
     let opts = crate::create::CreateOptions {
         size: 1 << 20,
         luks_region_len: Some(2 << 20),
         ..crate::create::CreateOptions::default()
     };
-    let mut w = crate::create::create(luks_core::io::VecDevice::new(), &opts).unwrap();
-    let (off, len) = w.crypto_region().unwrap();
-    let params = luks1::FormatParams {
-        iterations: 1000,
-        payload_offset: Some((len / 512) as u32),
-        ..luks1::FormatParams::default()
-    };
-    let mut region = luks_core::io::Window::new(w.device(), off, len);
-    let (hdr, key) =
-        luks1::format(&mut region, &params, None, passphrase, &mut CountingRng(7)).unwrap();
-    let cipher = luks1::data_cipher::<core::convert::Infallible>(&hdr, &key).unwrap();
-    let mut w = w.with_key(crate::crypto::ImageKey::Luks(cipher)).unwrap();
+    let w = crate::create::create(luks_core::io::VecDevice::new(), &opts).unwrap();
+    let mut w = crate::test_luks::with_luks1(w, passphrase);
     w.write(0, &[0xcd; 512]).unwrap();
     w.close().unwrap()
 }

@@ -528,50 +528,14 @@ fn drop_empty_tables_frees_only_all_zero_owned_tables() {
     assert_eq!(w.device().1, 0);
 }
 
-/// A deterministic random source for the LUKS header of test images.
-struct StepRng(u64);
-
-impl rand_core::TryRng for StepRng {
-    type Error = core::convert::Infallible;
-    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
-        Ok(self.try_next_u64()? as u32)
-    }
-    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        Ok(self.0)
-    }
-    fn try_fill_bytes(&mut self, b: &mut [u8]) -> Result<(), Self::Error> {
-        for x in b {
-            *x = self.try_next_u64()? as u8;
-        }
-        Ok(())
-    }
-}
-
-impl rand_core::TryCryptoRng for StepRng {}
-
 /// A new LUKS-encrypted image of `size` bytes with `cs`-byte clusters,
 /// the same volume key every time.
 fn encrypted_writer(cs: u64, size: u64) -> Qcow2Writer<VecDevice> {
-    use luks_core::luks1;
     let o = CreateOptions {
         luks_region_len: Some(2 << 20),
         ..opts(cs, 16, size)
     };
-    let mut w = create(VecDevice::new(), &o).unwrap();
-    let (off, len) = w.crypto_region().unwrap();
-    let params = luks1::FormatParams {
-        iterations: 1000,
-        payload_offset: Some((len / 512) as u32),
-        ..luks1::FormatParams::default()
-    };
-    let mut region = luks_core::io::Window::new(w.device(), off, len);
-    let (hdr, key) =
-        luks1::format(&mut region, &params, None, b"pw", &mut StepRng(0x9e37_79b9)).unwrap();
-    let cipher = luks1::data_cipher::<core::convert::Infallible>(&hdr, &key).unwrap();
-    w.with_key(crate::crypto::ImageKey::Luks(cipher)).unwrap()
+    crate::test_luks::with_luks1(create(VecDevice::new(), &o).unwrap(), b"pw")
 }
 
 /// What the staged copy does with one piece: stage the fresh runs (their
