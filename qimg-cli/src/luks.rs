@@ -49,7 +49,7 @@ pub(crate) fn open_payload(
 ) -> Result<AnyDev, CliError> {
     let hdr_path = header.unwrap_or(path);
     if crate::format::luks_version(hdr_path)? == Some(2) {
-        return crate::luks2::open_payload(path, header, keys, secrets, writable, cache);
+        return crate::luks2::open_volume(path, header, keys, secrets, writable, cache).map(erased);
     }
     let (hdr, key) = unlock1(path, header, keys, secrets)?;
     // One volume (own file handle, own cipher) per `-m` worker.

@@ -10,7 +10,6 @@ use luks_core::luks2::{self, Argon2Block, Kdf, Luks2Header};
 use luks_core::{HashAlg, LuksVolume};
 use serde_json::{json, Map, Value};
 
-use crate::dev::{erased, AnyDev};
 use crate::luks_common::{CreateOptions, KeySource, OsRng};
 use crate::opts::OptionMap;
 use crate::secret::Secrets;
@@ -53,20 +52,9 @@ pub(crate) fn memory(path: &str, h: &Luks2Header) -> Result<Vec<Argon2Block>, Cl
     Ok(mem)
 }
 
-/// Unlocks a raw LUKS2 volume and returns its payload.
-pub(crate) fn open_payload(
-    path: &str,
-    header: Option<&str>,
-    keys: &KeySource,
-    secrets: &Secrets,
-    writable: bool,
-    cache: crate::cache::CacheMode,
-) -> Result<AnyDev, CliError> {
-    open_volume(path, header, keys, secrets, writable, cache).map(erased)
-}
-
-/// [`open_payload`]'s volume, not yet erased (`convert` splits a
-/// destination's into its file and its cipher).
+/// Unlocks a raw LUKS2 volume (`header` names a detached header) over its
+/// own handle to `path`, for [`crate::luks::open_payload`] and
+/// [`crate::luks::open_volume`].
 pub(crate) fn open_volume(
     path: &str,
     header: Option<&str>,
