@@ -80,6 +80,50 @@ pub fn word_text(len: usize) -> Vec<u8> {
     out
 }
 
+/// This thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`): rates per second
+/// of it hold on a machine busy with other work.
+pub fn thread_cpu_time() -> std::time::Duration {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(std::time::Duration::ZERO, Into::into)
+}
+
+/// The best rate, in MiB per second of this thread's CPU time, over
+/// `rounds` rounds of at least `round` each; `pass` does one pass of the
+/// work and returns the bytes it processed.
+pub fn best_mib_s(
+    rounds: usize,
+    round: std::time::Duration,
+    mut pass: impl FnMut() -> usize,
+) -> f64 {
+    let mut best = 0f64;
+    for _ in 0..rounds {
+        let start = thread_cpu_time();
+        let mut bytes = 0usize;
+        while thread_cpu_time() - start < round {
+            bytes += pass();
+        }
+        let took = (thread_cpu_time() - start).as_secs_f64();
+        best = best.max(bytes as f64 / (1 << 20) as f64 / took);
+    }
+    best
+}
+
+/// Deflates `data` into `out` as QEMU's qcow2 driver does (zlib's default
+/// level, raw deflate with a 4 KiB window), through zlib-rs: the stream's
+/// length, or `None` when it does not fit in `out`.
+pub fn qemu_deflate(data: &[u8], out: &mut [u8]) -> Option<usize> {
+    let config = zlib_rs::DeflateConfig {
+        // Z_DEFAULT_COMPRESSION, as QEMU asks for.
+        level: -1,
+        method: zlib_rs::Method::Deflated,
+        window_bits: -12,
+        mem_level: 9,
+        strategy: zlib_rs::Strategy::Default,
+    };
+    let (s, rc) = zlib_rs::compress_slice(out, data, config);
+    (rc == zlib_rs::ReturnCode::Ok).then_some(s.len())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

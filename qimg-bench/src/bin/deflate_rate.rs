@@ -25,8 +25,6 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use nix::time::{clock_gettime, ClockId};
-
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 /// qcow2's default cluster size.
@@ -37,11 +35,6 @@ const SOURCE: usize = 16 << 20;
 const ROUNDS: usize = 3;
 /// Shortest round.
 const ROUND: Duration = Duration::from_millis(200);
-
-/// This thread's CPU time.
-fn cpu() -> Duration {
-    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
-}
 
 /// One encoder: fills `out` (`cluster - 1` bytes) and returns the stream's
 /// length, or `None` when it does not fit (the cluster is stored as is).
@@ -59,19 +52,6 @@ fn flate2_zlib_rs(data: &[u8], out: &mut [u8]) -> Option<usize> {
         Ok(Status::StreamEnd) => usize::try_from(c.total_out()).ok(),
         _ => None,
     }
-}
-
-fn zlib_rs_qemu(data: &[u8], out: &mut [u8]) -> Option<usize> {
-    let config = zlib_rs::DeflateConfig {
-        // Z_DEFAULT_COMPRESSION, as QEMU asks for.
-        level: -1,
-        method: zlib_rs::Method::Deflated,
-        window_bits: -12,
-        mem_level: 9,
-        strategy: zlib_rs::Strategy::Default,
-    };
-    let (s, rc) = zlib_rs::compress_slice(out, data, config);
-    (rc == zlib_rs::ReturnCode::Ok).then_some(s.len())
 }
 
 /// Inflates `stream` with a 4 KiB window; true when it gives `want`.
@@ -117,7 +97,7 @@ fn main() {
     let encoders: [(&str, Encoder); 3] = [
         ("qimg", qimg),
         ("flate2-zlib-rs", flate2_zlib_rs),
-        ("zlib-rs-qemu", zlib_rs_qemu),
+        ("zlib-rs-qemu", qimg_bench::qemu_deflate),
     ];
     let mut out = vec![0u8; CLUSTER - 1];
     for (name, data) in &sources {
@@ -142,18 +122,12 @@ fn main() {
                     None => stored += c.len(),
                 }
             }
-            let mut best = 0f64;
-            for _ in 0..ROUNDS {
-                let start = cpu();
-                let mut bytes = 0usize;
-                while cpu() - start < ROUND {
-                    for c in data.chunks(CLUSTER) {
-                        black_box(f(black_box(c), &mut out));
-                    }
-                    bytes += data.len();
+            let best = qimg_bench::best_mib_s(ROUNDS, ROUND, || {
+                for c in data.chunks(CLUSTER) {
+                    black_box(f(black_box(c), &mut out));
                 }
-                best = best.max(bytes as f64 / (1 << 20) as f64 / (cpu() - start).as_secs_f64());
-            }
+                data.len()
+            });
             println!(
                 "deflate source={name} encoder={enc} mib_s={best:.1} stored={stored} compressed={packed} of={of}"
             );
@@ -167,7 +141,7 @@ mod tests {
 
     #[test]
     fn every_encoder_keeps_the_window_and_qemus_rule() {
-        let encoders: [Encoder; 3] = [qimg, flate2_zlib_rs, zlib_rs_qemu];
+        let encoders: [Encoder; 3] = [qimg, flate2_zlib_rs, qimg_bench::qemu_deflate];
         let random = qimg_bench::fixed_bytes(CLUSTER, 3);
         let text = qimg_bench::word_text(CLUSTER);
         let mut out = vec![0u8; CLUSTER - 1];

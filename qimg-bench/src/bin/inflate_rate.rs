@@ -26,7 +26,6 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use flate2::{Decompress, FlushDecompress, Status};
-use nix::time::{clock_gettime, ClockId};
 
 /// qcow2's default cluster size.
 const CLUSTER: usize = 64 * 1024;
@@ -37,27 +36,12 @@ const ROUNDS: usize = 5;
 /// Shortest round.
 const ROUND: Duration = Duration::from_millis(300);
 
-/// This thread's CPU time.
-fn cpu() -> Duration {
-    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
-}
-
 /// A stream as qemu-img writes it, or `None` when it does not fit.
 fn qemu_stream(data: &[u8]) -> Option<Vec<u8>> {
     let mut out = vec![0u8; data.len() - 1];
-    let config = zlib_rs::DeflateConfig {
-        level: -1,
-        method: zlib_rs::Method::Deflated,
-        window_bits: -12,
-        mem_level: 9,
-        strategy: zlib_rs::Strategy::Default,
-    };
-    let (s, rc) = zlib_rs::compress_slice(&mut out, data, config);
-    let n = s.len();
-    (rc == zlib_rs::ReturnCode::Ok).then(|| {
-        out.truncate(n);
-        out
-    })
+    let n = qimg_bench::qemu_deflate(data, &mut out)?;
+    out.truncate(n);
+    Some(out)
 }
 
 /// One decoder: fills `out` from `stream`; false on failure.
@@ -168,18 +152,12 @@ fn main() {
                     std::process::exit(1);
                 }
             }
-            let mut best = 0f64;
-            for _ in 0..ROUNDS {
-                let start = cpu();
-                let mut bytes = 0usize;
-                while cpu() - start < ROUND {
-                    for (_, s) in &pairs {
-                        black_box(d.decode(black_box(s), &mut out));
-                    }
-                    bytes += pairs.len() * CLUSTER;
+            let best = qimg_bench::best_mib_s(ROUNDS, ROUND, || {
+                for (_, s) in &pairs {
+                    black_box(d.decode(black_box(s), &mut out));
                 }
-                best = best.max(bytes as f64 / (1 << 20) as f64 / (cpu() - start).as_secs_f64());
-            }
+                pairs.len() * CLUSTER
+            });
             println!(
                 "inflate source={name} decoder={dec} mib_s={best:.1} clusters={} stream_bytes={stream_bytes}",
                 pairs.len()
