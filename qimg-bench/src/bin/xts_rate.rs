@@ -146,7 +146,7 @@ fn main() {
     }];
     let mut unavailable = Vec::new();
     for backend in Backend::ALL {
-        if XtsEngine::with_backend(&key, backend).is_none() {
+        if !backend.is_available() {
             unavailable.push(backend);
             continue;
         }
