@@ -126,6 +126,14 @@ pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
             .find_map(|l| field(l, "gbps"))
             .and_then(|v| v.parse::<f64>().ok())
     };
+    // The kernels' data path without tweak arithmetic, per backend.
+    let datapath = |backend: &str| {
+        rates
+            .lines()
+            .filter(|l| l.starts_with("datapath ") && field(l, "backend") == Some(backend))
+            .find_map(|l| field(l, "gbps"))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
     // xts-rate prints `clock=cpu` (rates per second of its thread's CPU
     // time, as `openssl speed` counts by default) unless run with --wall.
     let clock = rates
@@ -134,16 +142,16 @@ pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
         .unwrap_or("wall");
     println!("\nAES-256-XTS, 64 KiB batches (same run, {clock} time)");
     println!(
-        "{:<10} {:>6} {:>9} {:>10} {:>10} {:>10}",
-        "backend", "sector", "GB/s", "x aes bulk", "x openssl", "of ceiling"
+        "{:<10} {:>6} {:>9} {:>10} {:>10} {:>10} {:>12}",
+        "backend", "sector", "GB/s", "x aes bulk", "x openssl", "of ceiling", "of data path"
     );
     println!(
-        "{:<10} {:>6} {:>9.2} {:>10} {:>10} {:>10}",
-        "aes bulk", "-", bulk, "1.00", "-", "-"
+        "{:<10} {:>6} {:>9.2} {:>10} {:>10} {:>10} {:>12}",
+        "aes bulk", "-", bulk, "1.00", "-", "-", "-"
     );
     println!(
-        "{:<10} {:>6} {:>9.2} {:>10} {:>10} {:>10}",
-        "openssl", "4096", ossl, "-", "1.00", "-"
+        "{:<10} {:>6} {:>9.2} {:>10} {:>10} {:>10} {:>12}",
+        "openssl", "4096", ossl, "-", "1.00", "-", "-"
     );
     for l in rates
         .lines()
@@ -156,8 +164,9 @@ pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
         };
         let g: f64 = g.parse().map_err(|_| format!("bad line: {l}"))?;
         let of = ceiling(b).map_or("-".to_string(), |c| format!("{:.0}%", 100.0 * g / c));
+        let ofd = datapath(b).map_or("-".to_string(), |d| format!("{:.0}%", 100.0 * g / d));
         println!(
-            "{b:<10} {s:>6} {g:>9.2} {:>10.2} {:>10.2} {of:>10}",
+            "{b:<10} {s:>6} {g:>9.2} {:>10.2} {:>10.2} {of:>10} {ofd:>12}",
             g / bulk,
             g / ossl
         );
@@ -169,6 +178,16 @@ pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
             println!(
                 "ceiling {b:<8} {c:>9.2} GB/s (AES-256 rounds alone) = {:.2}x openssl",
                 c / ossl
+            );
+        }
+    }
+    // What the kernels' shapes allow: their loads, whitening, rounds and
+    // stores without tweak arithmetic (`Backend::datapath_probe`).
+    for b in ["vaes512", "vaes256", "aesni"] {
+        if let (Some(d), Some(c)) = (datapath(b), ceiling(b)) {
+            println!(
+                "data path {b:<8} {d:>7.2} GB/s (the kernel without its tweak arithmetic) = {:.0}% of ceiling",
+                100.0 * d / c
             );
         }
     }

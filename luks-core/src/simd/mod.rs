@@ -133,6 +133,43 @@ impl Backend {
         }
     }
 
+    /// A benchmark aid: this backend's streaming kernel with the tweak
+    /// arithmetic taken out. Block `i` of `buf` (whose length must be a
+    /// non-zero multiple of 512) becomes 14 `aesenc` rounds of `block ^ tweak ^
+    /// key 0` under fixed round keys `1..=14`, the last XORed with the
+    /// tweak; the tweaks are 32 fixed values read from memory (block `i`
+    /// takes tweak `i % 32`). The loads, whitening, rounds, last-round XOR,
+    /// stores and group shape are the kernel's, so timing it gives the most
+    /// an XTS kernel of that shape can do on this core whatever its tweaks
+    /// cost. The output is not XTS (its reference is in this module's
+    /// tests). Returns `false`, leaving `buf` as it was, for
+    /// [`Backend::Portable`], a backend this CPU lacks, a length that is not
+    /// a non-zero multiple of 512, and the AES-NI and VAES-256 shapes on
+    /// CPUs without AVX-512VL (whose streams need its 32 registers).
+    ///
+    /// ```
+    /// use luks_core::simd::Backend;
+    ///
+    /// let mut buf = vec![0u8; 1024];
+    /// // The portable backend has no streaming kernel to time.
+    /// assert!(!Backend::Portable.datapath_probe(&mut buf));
+    /// assert!(buf.iter().all(|&b| b == 0));
+    /// if Backend::Vaes512.datapath_probe(&mut buf) {
+    ///     assert!(buf.iter().any(|&b| b != 0));
+    /// }
+    /// ```
+    pub fn datapath_probe(self, buf: &mut [u8]) -> bool {
+        #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+        {
+            x86::datapath_probe(self, buf)
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+        {
+            let _ = buf;
+            false
+        }
+    }
+
     /// A short lower-case name, e.g. for benchmark labels.
     pub fn name(self) -> &'static str {
         match self {

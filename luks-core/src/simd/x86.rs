@@ -996,6 +996,17 @@ fn mul_x32_ymm(v: __m256i) -> __m256i {
     _mm256_ternarylogic_epi64::<0x96>(t, _mm256_slli_epi64::<2>(out), _mm256_slli_epi64::<7>(out))
 }
 
+/// Multiplies each lane by `x^16`, the reduction as shifts and XORs (as
+/// [`mul_x32_ymm`]).
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2")]
+fn mul_x16_ymm(v: __m256i) -> __m256i {
+    let lo = _mm256_bslli_epi128::<2>(v);
+    let out = _mm256_bsrli_epi128::<14>(v);
+    let t = _mm256_ternarylogic_epi64::<0x96>(lo, out, _mm256_slli_epi64::<1>(out));
+    _mm256_ternarylogic_epi64::<0x96>(t, _mm256_slli_epi64::<2>(out), _mm256_slli_epi64::<7>(out))
+}
+
 /// The tweaks of a sector's first 32 blocks from its `T0`: register `r`
 /// holds `T0 * x^(2r, 2r+1)`.
 #[inline]
@@ -1020,23 +1031,33 @@ fn first_tweaks_ymm16(t0: &u128) -> [__m256i; 16] {
 /// * steps group `g + 1`'s tweaks by `x^32` (shifts and `vpternlogq`), two
 ///   registers after each of rounds 1..=8, or at a sector boundary takes
 ///   the next sector's first eight registers from its `T0` before the
-///   rounds and the other eight (`x^16` further) during rounds 5..=8;
+///   rounds and the other eight (`x^16` further, by shifts) during rounds
+///   5..=8;
 /// * after round 4 loads and whitens the first eight registers of group
 ///   `g + 1`, so the pipes do not drain between groups; the other eight
 ///   are loaded when group `g + 1` starts, while those eight run.
 ///
-/// The tweaks live in memory (16 data registers, 8 early ones and the
-/// round keys take the registers); they are read by `vpternlogq` and the
-/// last round's key XOR.
+/// The tweaks live in memory, two slots of sixteen registers swapped by
+/// offset, and are read by `vpternlogq` and the last round's key XOR; the
+/// round keys are read from memory each round. The 32 registers hold the
+/// 16 data registers, the 8 early ones and the tweak arithmetic.
 ///
 /// Measured on AMD Zen 4 (thread CPU time, AES-256, 64 KiB calls, share
-/// of the round ceiling): 4 KiB sectors 74% -> 78-79%, 512-byte ones 72%
-/// -> 74%. With every tweak operation removed (wrong output) the same
-/// loop ran at 92% / 86%: the tweak arithmetic is the remaining cost.
-/// Tried and slower: all sixteen next registers loaded at round `NR / 2`
-/// (the data registers spilled: 4 KiB at 69%), no early load (74%), the
-/// steps four per round after rounds 1..=4 (76%), the next sector's first
-/// tweaks spread over rounds 1..=3 (512 B at 69-72%).
+/// of the round ceiling): 4 KiB sectors 74% -> 78-79% with the stream,
+/// then 84% (the tweak slots instead of arrays copied each group: +2.5%;
+/// keys from memory: +2.5%); 512-byte ones 72% -> 74% -> 78% (the slots
+/// +2.5%, the `x^16` by shifts instead of `vpclmulqdq` +1.5%). The same
+/// shape with no tweak arithmetic (`Backend::datapath_probe`) runs at
+/// 92%: the tweak arithmetic, twice the instructions per block of the
+/// `zmm` kernel's, is the remaining cost. Tried and slower: all sixteen
+/// next registers loaded at round `NR / 2` (the data registers spilled:
+/// 4 KiB at 69%), no early load (74%), the steps four per round after
+/// rounds 1..=4 (76%), the next sector's first tweaks spread over rounds
+/// 1..=3 (512 B at 69-72%), or over rounds 1..=4 with the steps there too
+/// (-5%); the tweak arithmetic at `zmm` width, its `ymm` halves read from
+/// memory (-11%, also from a three-slot ring: -1.5% / +2%); the `x^8`
+/// products of a sector's first tweaks by shifts (512 B -2%); the
+/// tweaks from the AES-NI stream's integer chain (a scratch copy: 70%).
 ///
 /// `t0s[..n]` holds the `T0` of the batch's `n` sectors, and `batch` is
 /// `n * gps` groups (`n <= BATCH`, `gps >= 1`).
@@ -1055,45 +1076,64 @@ fn stream_ymm16<const NR: usize, const ENC: bool>(
 ) {
     let groups = batch.len() / GROUP_YMM_BYTES;
     let p = batch.as_mut_ptr();
-    let mut tw = first_tweaks_ymm16(&t0s[0]);
+    // The keys through an opaque pointer: read at each use, so they take
+    // no registers across the rounds.
+    let kp = core::hint::black_box(rk.as_ptr());
+    // SAFETY: `i <= NR <= 14` at every call, inside `rk`.
+    let key = |i: usize| unsafe { kp.add(i).read() };
+    // The tweaks of the current group and the next one: two slots of
+    // sixteen registers in memory, swapped by offset (no copies between
+    // groups).
+    let mut ring = [_mm256_setzero_si256(); 2 * 16];
+    let rp = core::hint::black_box(ring.as_mut_ptr());
+    for (j, t) in first_tweaks_ymm16(&t0s[0]).into_iter().enumerate() {
+        // SAFETY: entry j < 16 of the 32-entry ring.
+        unsafe { rp.add(j).write(t) };
+    }
+    let (mut cur, mut nxt) = (0, 16);
     let mut x = [_mm256_setzero_si256(); 16];
-    for r in 0..EARLY_YMM {
+    for (r, v) in x.iter_mut().enumerate().take(EARLY_YMM) {
         // SAFETY: group 0 (512 bytes) lies inside `batch`, which holds at
-        // least one group; loadu is unaligned.
-        let d = unsafe { _mm256_loadu_si256(p.add(32 * r).cast()) };
-        x[r] = _mm256_ternarylogic_epi64::<0x96>(d, tw[r], rk[0]);
+        // least one group; loadu is unaligned; ring entry r < 16.
+        let (d, t) = unsafe { (_mm256_loadu_si256(p.add(32 * r).cast()), rp.add(r).read()) };
+        *v = _mm256_ternarylogic_epi64::<0x96>(d, t, key(0));
     }
     let mut q = 0;
     let mut s = 0;
     for g in 0..groups {
         let more = g + 1 < groups;
-        // SAFETY: g < groups, so group g lies inside `batch`.
-        let pc = unsafe { p.add(GROUP_YMM_BYTES * g) };
-        for r in EARLY_YMM..16 {
-            // SAFETY: inside group g (see above); loadu is unaligned.
-            let d = unsafe { _mm256_loadu_si256(pc.add(32 * r).cast()) };
-            x[r] = _mm256_ternarylogic_epi64::<0x96>(d, tw[r], rk[0]);
+        // SAFETY: g < groups, so group g lies inside `batch`; `cur` and
+        // `nxt` are 0 and 16, so each slot of sixteen lies in the ring.
+        let (pc, tc, tn) = unsafe { (p.add(GROUP_YMM_BYTES * g), rp.add(cur), rp.add(nxt)) };
+        for (r, v) in x.iter_mut().enumerate().skip(EARLY_YMM) {
+            // SAFETY: inside group g (see above), entry r < 16 of slot
+            // `cur`; loadu is unaligned.
+            let (d, t) = unsafe { (_mm256_loadu_si256(pc.add(32 * r).cast()), tc.add(r).read()) };
+            *v = _mm256_ternarylogic_epi64::<0x96>(d, t, key(0));
         }
         q += 1;
         let new_sector = q == gps;
-        let mut next = tw;
         if new_sector {
             q = 0;
             s += 1;
-            let t0 = &t0s[if more { s } else { 0 }];
-            let lo = first_tweaks_ymm(t0);
-            next[..8].copy_from_slice(&lo);
+            // Past the last group the tweaks are computed and not used.
+            let lo = first_tweaks_ymm(&t0s[if more { s } else { 0 }]);
+            for (j, t) in lo.into_iter().enumerate() {
+                // SAFETY: entry j < 8 of slot `nxt`.
+                unsafe { tn.add(j).write(t) };
+            }
         }
-        core::hint::black_box(&mut next);
         // Rounds 1..=4, the tweaks of the next group's first eight
         // registers stepped two per round (a new sector's are ready).
-        for (i, k) in rk[1..5].iter().enumerate() {
+        for i in 0..4 {
+            let k = key(1 + i);
             for v in x.iter_mut() {
-                *v = round_ymm::<ENC>(*v, *k);
+                *v = round_ymm::<ENC>(*v, k);
             }
             if !new_sector {
-                for t in &mut next[2 * i..2 * i + 2] {
-                    *t = mul_x32_ymm(*t);
+                for j in 2 * i..2 * i + 2 {
+                    // SAFETY: entry j < 8 of both slots.
+                    unsafe { tn.add(j).write(mul_x32_ymm(tc.add(j).read())) };
                 }
             }
         }
@@ -1103,38 +1143,49 @@ fn stream_ymm16<const NR: usize, const ENC: bool>(
             // 512 * (g + 1)) lies inside `batch`.
             let pn = unsafe { p.add(GROUP_YMM_BYTES * (g + 1)) };
             for (r, v) in xn.iter_mut().enumerate() {
-                // SAFETY: inside group g + 1 (see above); loadu is
-                // unaligned.
-                let d = unsafe { _mm256_loadu_si256(pn.add(32 * r).cast()) };
-                *v = _mm256_ternarylogic_epi64::<0x96>(d, next[r], rk[0]);
+                // SAFETY: inside group g + 1 (see above), entry r < 8 of
+                // slot `nxt`; loadu is unaligned.
+                let (d, t) =
+                    unsafe { (_mm256_loadu_si256(pn.add(32 * r).cast()), tn.add(r).read()) };
+                *v = _mm256_ternarylogic_epi64::<0x96>(d, t, key(0));
             }
         }
         // Rounds 5..=8, the other eight registers' tweaks.
-        for (i, k) in rk[5..9].iter().enumerate() {
+        for i in 0..4 {
+            let k = key(5 + i);
             for v in x.iter_mut() {
-                *v = round_ymm::<ENC>(*v, *k);
+                *v = round_ymm::<ENC>(*v, k);
             }
-            for r in 8 + 2 * i..10 + 2 * i {
-                next[r] = if new_sector {
-                    mul_bytes_ymm::<2>(next[r - 8])
-                } else {
-                    mul_x32_ymm(next[r])
-                };
+            for j in 8 + 2 * i..10 + 2 * i {
+                // SAFETY: entries j and j - 8 below 16 of both slots.
+                unsafe {
+                    let t = if new_sector {
+                        mul_x16_ymm(tn.add(j - 8).read())
+                    } else {
+                        mul_x32_ymm(tc.add(j).read())
+                    };
+                    tn.add(j).write(t);
+                }
             }
         }
-        for k in &rk[9..NR] {
+        for i in 9..NR {
+            let k = key(i);
             for v in x.iter_mut() {
-                *v = round_ymm::<ENC>(*v, *k);
+                *v = round_ymm::<ENC>(*v, k);
             }
         }
-        for r in 0..16 {
-            let y = last_ymm::<ENC>(x[r], _mm256_xor_si256(rk[NR], tw[r]));
-            // SAFETY: inside group g (see above); storeu is unaligned.
-            unsafe { _mm256_storeu_si256(pc.add(32 * r).cast(), y) };
+        for (r, v) in x.iter().enumerate() {
+            // SAFETY: entry r < 16 of slot `cur`, block r of group g (see
+            // above); storeu is unaligned.
+            unsafe {
+                let y = last_ymm::<ENC>(*v, _mm256_xor_si256(key(NR), tc.add(r).read()));
+                _mm256_storeu_si256(pc.add(32 * r).cast(), y);
+            }
         }
         x[..EARLY_YMM].copy_from_slice(&xn);
-        tw = next;
+        (cur, nxt) = (nxt, cur);
     }
+    ring.zeroize();
 }
 
 /// Registers of the next group that [`stream_ymm16`] loads during the
@@ -1609,3 +1660,227 @@ probe!(
     _mm512_aesenc_epi128,
     _mm512_castsi512_si128
 );
+
+// ---------------------------------------------------------------------
+// Data-path probe (for benchmarks): the streaming kernels' loads,
+// whitening, 14 rounds, last-round tweak XOR and stores, in their group
+// shapes, with fixed keys and tweaks read from memory and no tweak
+// arithmetic, so the only limits are the ones every XTS kernel of that
+// shape pays.
+
+/// Blocks of distinct tweaks in [`datapath_probe`]: block `i` of the
+/// buffer uses tweak `i % PROBE_TWEAKS`.
+pub(super) const PROBE_TWEAKS: usize = 32;
+
+/// Round key `i` of the data-path probe: bytes `16 * i + j` (mod 256).
+// Byte patterns: the arithmetic wraps and the casts keep the low byte.
+#[allow(clippy::arithmetic_side_effects, clippy::cast_possible_truncation)]
+pub(super) fn probe_key(i: usize) -> [u8; 16] {
+    core::array::from_fn(|j| (16 * i + j) as u8)
+}
+
+/// Tweak `t` of the data-path probe: bytes `(7 * t + j) ^ 0xa5` (mod 256).
+// As `probe_key`.
+#[allow(clippy::arithmetic_side_effects, clippy::cast_possible_truncation)]
+pub(super) fn probe_tweak(t: usize) -> [u8; 16] {
+    core::array::from_fn(|j| (7 * t + j) as u8 ^ 0xa5)
+}
+
+/// Runs `backend`'s data path over `buf` (a non-zero multiple of 512 bytes) in
+/// place: block `i` becomes 14 AES rounds (all `aesenc`) of
+/// `block ^ tweak ^ key 0` under keys `1..=14`, the last one XORed with the
+/// tweak. `false` for the portable backend, one this CPU lacks, another
+/// length, and the AES-NI and VAES-256 shapes on CPUs without AVX-512VL
+/// (their 32 registers hold those streams).
+pub(super) fn datapath_probe(backend: Backend, buf: &mut [u8]) -> bool {
+    if backend == Backend::Portable
+        || !available(backend)
+        || buf.is_empty()
+        || !buf.len().is_multiple_of(512)
+    {
+        return false;
+    }
+    let wide = cpu_wide::get();
+    let mut keys = [[0u8; 16]; 15];
+    for (i, k) in keys.iter_mut().enumerate() {
+        *k = probe_key(i);
+    }
+    let mut tw = [[0u8; 16]; PROBE_TWEAKS];
+    for (t, v) in tw.iter_mut().enumerate() {
+        *v = probe_tweak(t);
+    }
+    // SAFETY: `available(backend)` (and, for the `xmm` and `ymm` shapes,
+    // AVX-512F and AVX-512VL: `wide`) were checked above; each probe's
+    // `#[target_feature]` set is a subset of those. The buffer is a
+    // non-zero multiple of 512 bytes, as each probe requires.
+    unsafe {
+        match backend {
+            Backend::Vaes512 => probe_path_zmm(buf, &keys, &tw),
+            Backend::Vaes256 if wide => probe_path_ymm(buf, &keys, &tw),
+            Backend::AesNi if wide => probe_path_xmm(buf, &keys, &tw),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// [`datapath_probe`] in [`stream_zmm`]'s shape.
+// Index arithmetic: `g + 1 < groups` bounds every group offset
+// (`groups * 512 == buf.len()`); `r < 8` blocks of 64 bytes per group.
+#[allow(clippy::arithmetic_side_effects)]
+#[target_feature(enable = "avx512f,vaes,sse2")]
+fn probe_path_zmm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_TWEAKS]) {
+    let rk: [__m512i; 15] = core::array::from_fn(|i| _mm512_broadcast_i32x4(load_key(&keys[i])));
+    let tp = core::hint::black_box(tw.as_ptr().cast::<__m512i>());
+    // SAFETY (helper): r < 8 registers of four 16-byte tweaks, inside the
+    // 32 tweaks.
+    let t = |r: usize| unsafe { _mm512_loadu_si512(tp.add(r)) };
+    let groups = buf.len() / 512;
+    let p = buf.as_mut_ptr();
+    let mut x = [_mm512_setzero_si512(); 8];
+    for (r, v) in x.iter_mut().enumerate() {
+        // SAFETY: group 0 lies inside `buf` (at least 512 bytes).
+        let d = unsafe { _mm512_loadu_si512(p.add(64 * r).cast()) };
+        *v = _mm512_ternarylogic_epi64::<0x96>(d, t(r), rk[0]);
+    }
+    for g in 0..groups {
+        for k in &rk[1..7] {
+            for v in x.iter_mut() {
+                *v = _mm512_aesenc_epi128(*v, *k);
+            }
+        }
+        let mut xn = [_mm512_setzero_si512(); 8];
+        if g + 1 < groups {
+            for (r, v) in xn.iter_mut().enumerate() {
+                // SAFETY: group g + 1 lies inside `buf`.
+                let d = unsafe { _mm512_loadu_si512(p.add(512 * (g + 1) + 64 * r).cast()) };
+                *v = _mm512_ternarylogic_epi64::<0x96>(d, t(r), rk[0]);
+            }
+        }
+        for k in &rk[7..14] {
+            for v in x.iter_mut() {
+                *v = _mm512_aesenc_epi128(*v, *k);
+            }
+        }
+        for (r, v) in x.iter().enumerate() {
+            let y = _mm512_aesenc_epi128(*v, _mm512_xor_si512(rk[14], t(r)));
+            // SAFETY: group g lies inside `buf`.
+            unsafe { _mm512_storeu_si512(p.add(512 * g + 64 * r).cast(), y) };
+        }
+        x = xn;
+    }
+}
+
+/// [`datapath_probe`] in [`stream_ymm16`]'s shape.
+// Index arithmetic as in `probe_path_zmm`, `r < 16` blocks of 32 bytes.
+#[allow(clippy::arithmetic_side_effects)]
+#[target_feature(enable = "avx512f,avx512vl,avx2,vaes,sse2")]
+fn probe_path_ymm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_TWEAKS]) {
+    let rk: [__m256i; 15] =
+        core::array::from_fn(|i| _mm256_broadcastsi128_si256(load_key(&keys[i])));
+    // As the kernel: keys read from memory at each use.
+    let kp = core::hint::black_box(rk.as_ptr());
+    // SAFETY: i <= 14 at every call, inside `rk`.
+    let key = |i: usize| unsafe { kp.add(i).read() };
+    let tp = core::hint::black_box(tw.as_ptr().cast::<__m256i>());
+    // SAFETY (helper): r < 16 registers of two tweaks, inside the 32.
+    let t = |r: usize| unsafe { _mm256_loadu_si256(tp.add(r)) };
+    let groups = buf.len() / 512;
+    let p = buf.as_mut_ptr();
+    let mut x = [_mm256_setzero_si256(); 16];
+    for (r, v) in x.iter_mut().enumerate().take(EARLY_YMM) {
+        // SAFETY: group 0 lies inside `buf` (at least 512 bytes).
+        let d = unsafe { _mm256_loadu_si256(p.add(32 * r).cast()) };
+        *v = _mm256_ternarylogic_epi64::<0x96>(d, t(r), key(0));
+    }
+    for g in 0..groups {
+        for (r, v) in x.iter_mut().enumerate().skip(EARLY_YMM) {
+            // SAFETY: group g lies inside `buf`.
+            let d = unsafe { _mm256_loadu_si256(p.add(512 * g + 32 * r).cast()) };
+            *v = _mm256_ternarylogic_epi64::<0x96>(d, t(r), key(0));
+        }
+        for i in 1..5 {
+            let k = key(i);
+            for v in x.iter_mut() {
+                *v = _mm256_aesenc_epi128(*v, k);
+            }
+        }
+        let mut xn = [_mm256_setzero_si256(); EARLY_YMM];
+        if g + 1 < groups {
+            for (r, v) in xn.iter_mut().enumerate() {
+                // SAFETY: group g + 1 lies inside `buf`.
+                let d = unsafe { _mm256_loadu_si256(p.add(512 * (g + 1) + 32 * r).cast()) };
+                *v = _mm256_ternarylogic_epi64::<0x96>(d, t(r), key(0));
+            }
+        }
+        for i in 5..14 {
+            let k = key(i);
+            for v in x.iter_mut() {
+                *v = _mm256_aesenc_epi128(*v, k);
+            }
+        }
+        for (r, v) in x.iter().enumerate() {
+            let y = _mm256_aesenc_epi128(*v, _mm256_xor_si256(key(14), t(r)));
+            // SAFETY: group g lies inside `buf`.
+            unsafe { _mm256_storeu_si256(p.add(512 * g + 32 * r).cast(), y) };
+        }
+        x[..EARLY_YMM].copy_from_slice(&xn);
+    }
+}
+
+/// [`datapath_probe`] in [`stream_xmm16`]'s shape (groups of 16 blocks,
+/// keys read from memory at each use).
+// Index arithmetic: groups of 256 bytes (`groups * 256 == buf.len()`),
+// `r < 16` blocks; tweak `16 * (g % 2) + r < 32`.
+#[allow(clippy::arithmetic_side_effects)]
+#[target_feature(enable = "avx512f,avx512vl,aes,sse2")]
+fn probe_path_xmm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_TWEAKS]) {
+    let kp = core::hint::black_box(keys.as_ptr());
+    // SAFETY (helper): i <= 14 at every call, inside `keys`.
+    let key = |i: usize| unsafe { _mm_loadu_si128(kp.add(i).cast()) };
+    let tp = core::hint::black_box(tw.as_ptr());
+    // SAFETY (helper): callers pass i < 32, inside the tweaks.
+    let t = |i: usize| unsafe { _mm_loadu_si128(tp.add(i).cast()) };
+    let groups = buf.len() / 256;
+    let p = buf.as_mut_ptr();
+    let mut x = [_mm_setzero_si128(); 16];
+    for (r, v) in x.iter_mut().enumerate().take(EARLY_XMM) {
+        // SAFETY: group 0 lies inside `buf` (at least 512 bytes).
+        let d = unsafe { _mm_loadu_si128(p.add(16 * r).cast()) };
+        *v = _mm_ternarylogic_epi64::<0x96>(d, t(r), key(0));
+    }
+    for g in 0..groups {
+        let tg = 16 * (g % 2);
+        for (r, v) in x.iter_mut().enumerate().skip(EARLY_XMM) {
+            // SAFETY: group g lies inside `buf`.
+            let d = unsafe { _mm_loadu_si128(p.add(256 * g + 16 * r).cast()) };
+            *v = _mm_ternarylogic_epi64::<0x96>(d, t(tg + r), key(0));
+        }
+        for i in 1..=EARLY_AT_XMM {
+            let k = key(i);
+            for v in x.iter_mut() {
+                *v = _mm_aesenc_si128(*v, k);
+            }
+        }
+        let mut xn = [_mm_setzero_si128(); EARLY_XMM];
+        if g + 1 < groups {
+            for (r, v) in xn.iter_mut().enumerate() {
+                // SAFETY: group g + 1 lies inside `buf`.
+                let d = unsafe { _mm_loadu_si128(p.add(256 * (g + 1) + 16 * r).cast()) };
+                *v = _mm_ternarylogic_epi64::<0x96>(d, t(16 - tg + r), key(0));
+            }
+        }
+        for i in EARLY_AT_XMM + 1..14 {
+            let k = key(i);
+            for v in x.iter_mut() {
+                *v = _mm_aesenc_si128(*v, k);
+            }
+        }
+        for (r, v) in x.iter().enumerate() {
+            let y = _mm_aesenc_si128(*v, _mm_xor_si128(key(14), t(tg + r)));
+            // SAFETY: group g lies inside `buf`.
+            unsafe { _mm_storeu_si128(p.add(256 * g + 16 * r).cast(), y) };
+        }
+        x[..EARLY_XMM].copy_from_slice(&xn);
+    }
+}

@@ -9,9 +9,14 @@
 //! most AES rounds per second the core retires at that register width,
 //! turned into the AES-256 rate no code using those registers can pass.
 //!
+//! And it times [`Backend::datapath_probe`]: each streaming kernel's loads,
+//! whitening, rounds and stores without its tweak arithmetic, the most a
+//! kernel of that shape can do here.
+//!
 //! Output lines: `aes-bulk gbps=..`, `xts backend=.. sector=.. gbps=..`,
-//! `ceiling backend=.. gbps=..`, `pbkdf2 hash=.. iters_per_s=..`, after a
-//! first line `clock=cpu` or `clock=wall`.
+//! `ceiling backend=.. gbps=..`, `datapath backend=.. gbps=..`,
+//! `pbkdf2 hash=.. iters_per_s=..`, after a first line `clock=cpu` or
+//! `clock=wall`.
 //!
 //! Clock: by default every rate is per second of this thread's CPU time
 //! (`CLOCK_THREAD_CPUTIME_ID`), so the XTS rates and the round ceiling are
@@ -189,6 +194,23 @@ fn main() {
                 if let Some(p) = backend.round_probe(black_box(iters)) {
                     black_box(p.fold);
                 }
+            }),
+        });
+    }
+    // The kernels' data path alone (`Backend::datapath_probe`): loads,
+    // whitening, rounds and stores in the kernels' shapes, no tweak
+    // arithmetic.
+    for backend in Backend::ALL {
+        let mut buf = qimg_bench::fixed_bytes(BATCH, 7);
+        if !backend.datapath_probe(&mut buf) {
+            continue;
+        }
+        figures.push(Figure {
+            label: format!("datapath backend={}", backend.name()),
+            bytes: BATCH as f64,
+            group: GROUP,
+            call: Box::new(move || {
+                black_box(backend.datapath_probe(black_box(&mut buf)));
             }),
         });
     }
