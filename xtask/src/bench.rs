@@ -181,8 +181,9 @@ pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
             );
         }
     }
-    // What the kernels' shapes allow: their loads, whitening, rounds and
-    // stores without tweak arithmetic (`Backend::datapath_probe`).
+    // The kernels' shapes without their tweak arithmetic: loads,
+    // whitening, rounds and stores (`Backend::datapath_probe`); the gap to
+    // the XTS rows is what the tweaks cost.
     for b in ["vaes512", "vaes256", "aesni"] {
         if let (Some(d), Some(c)) = (datapath(b), ceiling(b)) {
             println!(

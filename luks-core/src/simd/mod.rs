@@ -139,10 +139,11 @@ impl Backend {
     /// key 0` under fixed round keys `1..=14`, the last XORed with the
     /// tweak; the tweaks are 32 fixed values read from memory (block `i`
     /// takes tweak `i % 32`). The loads, whitening, rounds, last-round XOR,
-    /// stores and group shape are the kernel's, so timing it gives the most
-    /// an XTS kernel of that shape can do on this core whatever its tweaks
-    /// cost. The output is not XTS (its reference is in this module's
-    /// tests). Returns `false`, leaving `buf` as it was, for
+    /// stores and group shape are the kernel's, so timing it beside the
+    /// engine shows what the tweak arithmetic costs. A reference, not a
+    /// hard bound: the compiler schedules the probe and the kernel apart
+    /// (on AMD Zen 4 the AES-NI kernel outruns its probe). The output is
+    /// not XTS (its reference is in this module's tests). Returns `false`, leaving `buf` as it was, for
     /// [`Backend::Portable`], a backend this CPU lacks, a length that is not
     /// a non-zero multiple of 512, and the AES-NI and VAES-256 shapes on
     /// CPUs without AVX-512VL (whose streams need its 32 registers).

@@ -10,8 +10,8 @@
 //! turned into the AES-256 rate no code using those registers can pass.
 //!
 //! And it times [`Backend::datapath_probe`]: each streaming kernel's loads,
-//! whitening, rounds and stores without its tweak arithmetic, the most a
-//! kernel of that shape can do here.
+//! whitening, rounds and stores without its tweak arithmetic, so the gap
+//! to the engine's rate is what the tweaks cost.
 //!
 //! Output lines: `aes-bulk gbps=..`, `xts backend=.. sector=.. gbps=..`,
 //! `ceiling backend=.. gbps=..`, `datapath backend=.. gbps=..`,
