@@ -118,22 +118,21 @@ pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
         .ok_or("xts-rate printed no pbkdf2 line")?;
     let ossl_pbkdf2 = openssl_pbkdf2()?;
 
+    // The rate of xts-rate's `{kind} backend=.. gbps=..` line.
+    let rate = |kind: &str, backend: &str| {
+        rates
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(kind).is_some_and(|r| r.starts_with(' '))
+                    && field(l, "backend") == Some(backend)
+            })
+            .find_map(|l| field(l, "gbps"))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
     // The core's ceiling per register width (AES rounds only).
-    let ceiling = |backend: &str| {
-        rates
-            .lines()
-            .filter(|l| l.starts_with("ceiling ") && field(l, "backend") == Some(backend))
-            .find_map(|l| field(l, "gbps"))
-            .and_then(|v| v.parse::<f64>().ok())
-    };
+    let ceiling = |backend: &str| rate("ceiling", backend);
     // The kernels' data path without tweak arithmetic, per backend.
-    let datapath = |backend: &str| {
-        rates
-            .lines()
-            .filter(|l| l.starts_with("datapath ") && field(l, "backend") == Some(backend))
-            .find_map(|l| field(l, "gbps"))
-            .and_then(|v| v.parse::<f64>().ok())
-    };
+    let datapath = |backend: &str| rate("datapath", backend);
     // xts-rate prints `clock=cpu` (rates per second of its thread's CPU
     // time, as `openssl speed` counts by default) unless run with --wall.
     let clock = rates
