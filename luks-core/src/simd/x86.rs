@@ -985,26 +985,32 @@ const GROUP_YMM: usize = 32;
 /// Bytes in one group of [`stream_ymm16`].
 const GROUP_YMM_BYTES: usize = GROUP_YMM * 16;
 
-/// Multiplies each lane by `x^32`, the reduction as shifts and XORs (as
-/// [`mul_x32_zmm`]).
+/// Multiplies each lane by `x^(8 * B)`, `B` whole bytes (`C = 16 - B`,
+/// the bytes kept: the intrinsics take each shift as its own constant),
+/// the reduction as shifts and XORs (as [`mul_x32_zmm`]). The bits shifted
+/// out (`out < 2^32` for `B <= 4`) times `0x87` are `out << {0, 1, 2, 7}`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2")]
-fn mul_x32_ymm(v: __m256i) -> __m256i {
-    let lo = _mm256_bslli_epi128::<4>(v);
-    let out = _mm256_bsrli_epi128::<12>(v);
+fn mul_bytes_shift_ymm<const B: i32, const C: i32>(v: __m256i) -> __m256i {
+    const { assert!(B + C == 16 && B >= 1 && B <= 4) };
+    let lo = _mm256_bslli_epi128::<B>(v);
+    let out = _mm256_bsrli_epi128::<C>(v);
     let t = _mm256_ternarylogic_epi64::<0x96>(lo, out, _mm256_slli_epi64::<1>(out));
     _mm256_ternarylogic_epi64::<0x96>(t, _mm256_slli_epi64::<2>(out), _mm256_slli_epi64::<7>(out))
 }
 
-/// Multiplies each lane by `x^16`, the reduction as shifts and XORs (as
-/// [`mul_x32_ymm`]).
+/// Multiplies each lane by `x^32`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx2")]
+fn mul_x32_ymm(v: __m256i) -> __m256i {
+    mul_bytes_shift_ymm::<4, 12>(v)
+}
+
+/// Multiplies each lane by `x^16`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx2")]
 fn mul_x16_ymm(v: __m256i) -> __m256i {
-    let lo = _mm256_bslli_epi128::<2>(v);
-    let out = _mm256_bsrli_epi128::<14>(v);
-    let t = _mm256_ternarylogic_epi64::<0x96>(lo, out, _mm256_slli_epi64::<1>(out));
-    _mm256_ternarylogic_epi64::<0x96>(t, _mm256_slli_epi64::<2>(out), _mm256_slli_epi64::<7>(out))
+    mul_bytes_shift_ymm::<2, 14>(v)
 }
 
 /// The tweaks of a sector's first 32 blocks from its `T0`: register `r`
