@@ -569,18 +569,18 @@ fn batched_equals_per_sector_equals_portable() {
 #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
 #[test]
 fn datapath_probe_matches_software_rounds() {
-    use super::x86::{probe_key, probe_tweak, PROBE_TWEAKS};
+    use super::x86::{PROBE_KEYS, PROBE_TWEAKS, PROBE_TWEAK_VALUES};
     let len = 4 * 512;
     let input: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
     let mut want = input.clone();
     for (i, block) in want.chunks_exact_mut(16).enumerate() {
-        let t = probe_tweak(i % PROBE_TWEAKS);
+        let t = PROBE_TWEAK_VALUES[i % PROBE_TWEAKS];
         let mut b = aes::Block::default();
         for j in 0..16 {
-            b[j] = block[j] ^ t[j] ^ probe_key(0)[j];
+            b[j] = block[j] ^ t[j] ^ PROBE_KEYS[0][j];
         }
-        for r in 1..=14 {
-            let mut k = probe_key(r);
+        for (r, key) in PROBE_KEYS.iter().enumerate().skip(1) {
+            let mut k = *key;
             if r == 14 {
                 for j in 0..16 {
                     k[j] ^= t[j];

@@ -1054,7 +1054,7 @@ fn first_tweaks_ymm16(t0: &u128) -> [__m256i; 16] {
 /// keys from memory: +2.5%); 512-byte ones 72% -> 74% -> 78% (the slots
 /// +2.5%, the `x^16` by shifts instead of `vpclmulqdq` +1.5%). The same
 /// shape with no tweak arithmetic (`Backend::datapath_probe`) runs at
-/// 92%: the tweak arithmetic, twice the instructions per block of the
+/// 93%: the tweak arithmetic, twice the instructions per block of the
 /// `zmm` kernel's, is the remaining cost. Tried and slower: all sixteen
 /// next registers loaded at round `NR / 2` (the data registers spilled:
 /// 4 KiB at 69%), no early load (74%), the steps four per round after
@@ -1671,25 +1671,36 @@ probe!(
 // Data-path probe (for benchmarks): the streaming kernels' loads,
 // whitening, 14 rounds, last-round tweak XOR and stores, in their group
 // shapes, with fixed keys and tweaks read from memory and no tweak
-// arithmetic, so the only limits are the ones every XTS kernel of that
-// shape pays.
+// arithmetic, so that timing it beside the engine shows what the tweak
+// arithmetic costs.
 
 /// Blocks of distinct tweaks in [`datapath_probe`]: block `i` of the
 /// buffer uses tweak `i % PROBE_TWEAKS`.
 pub(super) const PROBE_TWEAKS: usize = 32;
 
-/// Round key `i` of the data-path probe: bytes `16 * i + j` (mod 256).
-// Byte patterns: the arithmetic wraps and the casts keep the low byte.
-#[allow(clippy::arithmetic_side_effects, clippy::cast_possible_truncation)]
-pub(super) fn probe_key(i: usize) -> [u8; 16] {
-    core::array::from_fn(|j| (16 * i + j) as u8)
-}
+/// The data-path probe's round keys: key `i` holds bytes `16 * i + j`.
+pub(super) const PROBE_KEYS: [[u8; 16]; 15] = probe_bytes(16, 0);
 
-/// Tweak `t` of the data-path probe: bytes `(7 * t + j) ^ 0xa5` (mod 256).
-// As `probe_key`.
+/// The data-path probe's tweaks: tweak `t` holds bytes `(7 * t + j) ^ 0xa5`.
+pub(super) const PROBE_TWEAK_VALUES: [[u8; 16]; PROBE_TWEAKS] = probe_bytes(7, 0xa5);
+
+/// Row `i` of the result holds bytes `(step * i + j) ^ mask` (mod 256);
+/// built at compile time, so the probe does no setup per call.
+// Byte patterns: the arithmetic wraps and the casts keep the low byte;
+// `i < N` and `j < 16` index the array.
 #[allow(clippy::arithmetic_side_effects, clippy::cast_possible_truncation)]
-pub(super) fn probe_tweak(t: usize) -> [u8; 16] {
-    core::array::from_fn(|j| (7 * t + j) as u8 ^ 0xa5)
+const fn probe_bytes<const N: usize>(step: usize, mask: u8) -> [[u8; 16]; N] {
+    let mut out = [[0u8; 16]; N];
+    let mut i = 0;
+    while i < N {
+        let mut j = 0;
+        while j < 16 {
+            out[i][j] = (step * i + j) as u8 ^ mask;
+            j += 1;
+        }
+        i += 1;
+    }
+    out
 }
 
 /// Runs `backend`'s data path over `buf` (a non-zero multiple of 512 bytes) in
@@ -1707,23 +1718,16 @@ pub(super) fn datapath_probe(backend: Backend, buf: &mut [u8]) -> bool {
         return false;
     }
     let wide = cpu_wide::get();
-    let mut keys = [[0u8; 16]; 15];
-    for (i, k) in keys.iter_mut().enumerate() {
-        *k = probe_key(i);
-    }
-    let mut tw = [[0u8; 16]; PROBE_TWEAKS];
-    for (t, v) in tw.iter_mut().enumerate() {
-        *v = probe_tweak(t);
-    }
+    let (keys, tw) = (&PROBE_KEYS, &PROBE_TWEAK_VALUES);
     // SAFETY: `available(backend)` (and, for the `xmm` and `ymm` shapes,
     // AVX-512F and AVX-512VL: `wide`) were checked above; each probe's
     // `#[target_feature]` set is a subset of those. The buffer is a
     // non-zero multiple of 512 bytes, as each probe requires.
     unsafe {
         match backend {
-            Backend::Vaes512 => probe_path_zmm(buf, &keys, &tw),
-            Backend::Vaes256 if wide => probe_path_ymm(buf, &keys, &tw),
-            Backend::AesNi if wide => probe_path_xmm(buf, &keys, &tw),
+            Backend::Vaes512 => probe_path_zmm(buf, keys, tw),
+            Backend::Vaes256 if wide => probe_path_ymm(buf, keys, tw),
+            Backend::AesNi if wide => probe_path_xmm(buf, keys, tw),
             _ => return false,
         }
     }
