@@ -165,6 +165,11 @@ pub(crate) fn write_material<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
     // Key material in the clear: wiped on every exit path.
     let mut buf = Zeroizing::new([0u8; CHUNK]);
     let mut stripe = Zeroizing::new([0u8; MAX_KEY_BYTES]);
+    // Random bytes for the stripes, drawn a chunk at a time: one `rng`
+    // call per chunk instead of one per stripe (4,000 stripes made 4,000
+    // `getrandom` system calls per key slot). `pool[used..]` is unused.
+    let mut pool = Zeroizing::new([0u8; CHUNK]);
+    let mut used = CHUNK;
     let mut fill = 0usize;
     let mut pending = 0usize; // bytes of `stripe` not yet copied into buf
     let mut done = 0u64;
@@ -179,7 +184,16 @@ pub(crate) fn write_material<D: BlockIo + ?Sized, R: TryCryptoRng + ?Sized>(
                     break;
                 }
                 rng_ok &= af.next_stripe(vk.as_bytes(), &mut stripe[..kb], |b| {
-                    rng.try_fill_bytes(b).is_ok()
+                    if CHUNK.saturating_sub(used) < b.len() {
+                        if rng.try_fill_bytes(&mut pool[..]).is_err() {
+                            return false;
+                        }
+                        used = 0;
+                    }
+                    let end = used.saturating_add(b.len());
+                    b.copy_from_slice(&pool[used..end]);
+                    used = end;
+                    true
                 });
                 pending = kb;
             }

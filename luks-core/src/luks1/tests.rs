@@ -678,3 +678,61 @@ fn a_grown_calibration_sample_is_the_last() {
         }
     }
 }
+
+/// [`TestRng`] that counts its calls and fails every call from `fail_at`
+/// on.
+struct CountingRng {
+    inner: TestRng,
+    calls: usize,
+    fail_at: usize,
+}
+
+impl rand_core::TryRng for CountingRng {
+    type Error = core::fmt::Error;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(self.try_next_u64()? as u32)
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut b = [0u8; 8];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        self.calls = self.calls.saturating_add(1);
+        if self.calls >= self.fail_at {
+            return Err(core::fmt::Error);
+        }
+        let Ok(()) = self.inner.try_fill_bytes(dst);
+        Ok(())
+    }
+}
+impl rand_core::TryCryptoRng for CountingRng {}
+
+#[test]
+fn stripes_draw_random_bytes_a_chunk_at_a_time() {
+    let mut rng = CountingRng {
+        inner: TestRng(5),
+        calls: 0,
+        fail_at: usize::MAX,
+    };
+    let mut dev = VecDevice::new();
+    let (mut hdr, vk) = format(&mut dev, &small(), None, b"pass", &mut rng).unwrap();
+    // 4,000 stripes of a 64-byte key are 62.5 chunks of random bytes: one
+    // call per chunk, plus the volume key, salts and the UUID (before
+    // this, one call per stripe).
+    assert_eq!(hdr.key_slots[0].stripes, 4000);
+    assert!(rng.calls < 80, "{} rng calls", rng.calls);
+    let (k, _) = unlock(&mut dev, &hdr, b"pass", None).unwrap();
+    assert_eq!(k.as_bytes(), vk.as_bytes());
+
+    // The RNG failing while the stripes are drawn is an error, not a key
+    // slot with predictable stripes, and the header stays as it was.
+    let on_disk = read_header(&mut dev).unwrap();
+    rng.fail_at = rng.calls.saturating_add(3);
+    assert!(matches!(
+        add_key(&mut dev, &mut hdr, &vk, b"second", 10, None, &mut rng),
+        Err(Error::Rng)
+    ));
+    assert_eq!(read_header(&mut dev).unwrap(), on_disk);
+    assert!(unlock(&mut dev, &on_disk, b"pass", None).is_ok());
+}
