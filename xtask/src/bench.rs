@@ -85,7 +85,7 @@ fn openssl_pbkdf2() -> Result<f64, String> {
 pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
     if o.smoke {
         // CI's run: the verb rows at a tiny size, no XTS/PBKDF2 table.
-        return crate::benchverbs::run_verbs(o);
+        return crate::benchverbs::run_verbs(o, &[]);
     }
     run(
         "build qimg and xts-rate (release)",
@@ -198,7 +198,48 @@ pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
         ours_pbkdf2 / ossl_pbkdf2
     );
 
-    crate::benchverbs::run_verbs(o)
+    let best = rates
+        .lines()
+        .find_map(|l| l.strip_prefix("best ").and_then(|l| field(l, "backend")));
+    let xts_rate = |b: &str, s: u32| {
+        let s = s.to_string();
+        rates
+            .lines()
+            .filter(|l| {
+                l.starts_with("xts ")
+                    && field(l, "backend") == Some(b)
+                    && field(l, "sector") == Some(s.as_str())
+            })
+            .find_map(|l| field(l, "gbps"))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let xts = xts_targets(best, xts_rate, ceiling);
+    crate::benchverbs::run_verbs(o, &xts)
+}
+
+/// The XTS target, one line per hardware backend this CPU has: at
+/// least 90% of the round ceiling at 4 KiB sectors and 85% at 512 B.
+/// `rate(backend, sector)` and `ceiling(backend)` are xts-rate's figures;
+/// `best` is the backend the engine picks here.
+fn xts_targets(
+    best: Option<&str>,
+    rate: impl Fn(&str, u32) -> Option<f64>,
+    ceiling: impl Fn(&str) -> Option<f64>,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    for b in ["vaes512", "vaes256", "aesni"] {
+        let (Some(big), Some(small), Some(c)) = (rate(b, 4096), rate(b, 512), ceiling(b)) else {
+            continue;
+        };
+        let (big, small) = (100.0 * big / c, 100.0 * small / c);
+        let ok = big >= 90.0 && small >= 85.0;
+        lines.push(format!(
+            "  [{}] XTS {b}{} >= 90% / 85% of the round ceiling at 4 KiB / 512 B: {big:.0}% / {small:.0}%",
+            if ok { "met" } else { "NOT MET" },
+            if best == Some(b) { " (the backend used on this CPU)" } else { "" },
+        ));
+    }
+    lines
 }
 
 /// `cargo xtask check-mem`: the peak resident memory of the qcow2 check on
@@ -450,4 +491,35 @@ pub(crate) fn commit_results_agree(
     stdout_of(Command::new("qemu-img").arg("check").arg("-q").arg(mt))
         .map_err(|e| format!("qemu-img check of qimg's overlay: {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::xts_targets;
+
+    #[test]
+    fn xts_targets_judge_both_sector_sizes_and_name_the_backend_in_use() {
+        let rate = |b: &str, s: u32| match (b, s) {
+            ("vaes512", 4096) => Some(15.2),
+            ("vaes512", 512) => Some(14.3),
+            ("vaes256", 4096) => Some(15.2),
+            ("vaes256", 512) => Some(12.9),
+            _ => None,
+        };
+        let ceiling = |b: &str| (b != "aesni").then_some(16.8);
+        let lines = xts_targets(Some("vaes512"), rate, ceiling);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with("  [met] XTS vaes512 (the backend used on this CPU)")
+                && lines[0].ends_with("90% / 85%"),
+            "{}",
+            lines[0]
+        );
+        // 4 KiB met, 512 B at 77%: not met.
+        assert!(
+            lines[1].starts_with("  [NOT MET] XTS vaes256 >=") && lines[1].ends_with("90% / 77%"),
+            "{}",
+            lines[1]
+        );
+    }
 }

@@ -113,7 +113,7 @@ fn print_help() {
          efi           build the UEFI boot program (qimg-efi); prints the .efi path\n  \
          uefi-test     boot OVMF with test images and check what the reader reads, then the qimg-efi boot scenarios\n  \
          uefi-boot [SCENARIO..]  only the qimg-efi boot scenarios (docs/uefi-boot.md), or the ones named\n  \
-         bench-compare [--mib N] [--runs R] [--dir D] [--quick|--smoke]  XTS and PBKDF2 vs OpenSSL; every data-moving verb vs qemu-img (median wall time, peak RSS, cp floor, outputs cross-checked; default 1024 MiB, 3 runs, /dev/shm; --quick 128 MiB 1 run; --smoke 8 MiB, debug qimg, no XTS, timings not judged)\n  \
+         bench-compare [--mib N] [--runs R] [--dir D] [--quick|--smoke]  XTS and PBKDF2 vs OpenSSL; every data-moving verb vs qemu-img (median wall time, peak RSS, cp floor, outputs cross-checked; default 1024 MiB, 5 runs, /dev/shm; --quick 128 MiB 1 run; --smoke 8 MiB, debug qimg, no XTS, timings not judged)\n  \
          bench-commit [--mib N] [--runs R] [--quick]  qemu-img vs qimg commit of an N MiB overlay (default 800), R alternating rounds (default 3; --quick: 64 MiB, 1 round): median ratio, du, results compared\n  \
          kdf-compare [--bin PATH]  qimg's PBKDF2/Argon2 costs beside cryptsetup's and qemu-img's at iter-time 1000/2000\n  \
          fuzz [--time S] [--target NAME]  run every cargo-fuzz target (nightly) S seconds, seeding corpora from real images\n  \
@@ -136,7 +136,7 @@ fn bench_compare_opts(args: &[String]) -> Result<benchverbs::Opts, String> {
     let (mib, runs) = match (smoke, quick) {
         (true, _) => (8, 1),
         (false, true) => (128, 1),
-        (false, false) => (value("--mib", 1024)?, value("--runs", 3)?.max(1)),
+        (false, false) => (value("--mib", 1024)?, value("--runs", 5)?.max(1)),
     };
     let dir = match args.iter().position(|a| a == "--dir") {
         Some(i) => PathBuf::from(args.get(i + 1).ok_or("--dir needs a folder")?),

@@ -16,7 +16,8 @@
 //! Output lines: `aes-bulk gbps=..`, `xts backend=.. sector=.. gbps=..`,
 //! `ceiling backend=.. gbps=..`, `datapath backend=.. gbps=..`,
 //! `pbkdf2 hash=.. iters_per_s=..`, after a first line `clock=cpu` or
-//! `clock=wall`.
+//! `clock=wall` and a second `best backend=..` (the backend the engine
+//! picks on this CPU, [`Backend::best`]).
 //!
 //! Clock: by default every rate is per second of this thread's CPU time
 //! (`CLOCK_THREAD_CPUTIME_ID`), so the XTS rates and the round ceiling are
@@ -129,6 +130,7 @@ fn main() {
             Clock::Wall => "wall",
         }
     );
+    println!("best backend={}", Backend::best().name());
     let key = qimg_bench::fixed_bytes(64, 42);
     let buf = qimg_bench::fixed_bytes(BATCH, 7);
 
