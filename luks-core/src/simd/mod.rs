@@ -12,8 +12,7 @@
 //! * [`Backend::Portable`]: the `aes` crate's bulk block API (itself
 //!   runtime-dispatched), with the tweaks computed in plain Rust. No
 //!   `unsafe`; the only backend off x86-64.
-//! * [`Backend::AesNi`]: AES-NI + PCLMULQDQ, 8 blocks in flight (16 on
-//!   CPUs that also have AVX-512VL, whose 32 registers hold them).
+//! * [`Backend::AesNi`]: AES-NI + PCLMULQDQ, 8 blocks in flight.
 //! * [`Backend::Vaes256`]: AVX2 + VAES + VPCLMULQDQ, 2 blocks per `ymm`,
 //!   16 blocks in flight (32 with AVX-512VL).
 //! * [`Backend::Vaes512`]: AVX-512F + VAES + VPCLMULQDQ, 4 blocks per
@@ -29,10 +28,10 @@
 //! The hardware kernels are fused: tweaks are generated beside the rounds
 //! (in vector registers a multiply by `x^k` in GF(2^128) is a byte or bit
 //! shift plus the overflow times `0x87`, carry-less: one `pclmulqdq`, or
-//! shifts and XORs where the wide multiply is slow; the AES-NI stream on
-//! CPUs with AVX-512VL steps them by `x` in general-purpose registers
-//! instead, leaving the vector ports to `aesenc`), XORed in, and the tweak
-//! is folded into the last round key.
+//! shifts and XORs where the wide multiply is slow; the AES-NI stream
+//! steps them by `x` in general-purpose registers instead, leaving the
+//! vector ports to `aesenc`), XORed in, and the tweak is folded into the
+//! last round key.
 //!
 //! # Why this module may contain `unsafe`
 //!
@@ -145,8 +144,8 @@ impl Backend {
     /// (on AMD Zen 4 the AES-NI kernel outruns its probe). The output is
     /// not XTS (its reference is in this module's tests). Returns `false`, leaving `buf` as it was, for
     /// [`Backend::Portable`], a backend this CPU lacks, a length that is not
-    /// a non-zero multiple of 512, and the AES-NI and VAES-256 shapes on
-    /// CPUs without AVX-512VL (whose streams need its 32 registers).
+    /// a non-zero multiple of 512, and the VAES-256 shape on CPUs without
+    /// AVX-512VL (whose stream needs its 32 registers).
     ///
     /// ```
     /// use luks_core::simd::Backend;

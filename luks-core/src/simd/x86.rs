@@ -4,9 +4,9 @@
 //! Written from the instruction definitions (Intel's AES-NI white paper and
 //! the SDM): key expansion with `aeskeygenassist`, decryption round keys
 //! with `aesimc` (the equivalent inverse cipher), XTS tweaks computed in
-//! vector registers, except in the AES-NI stream for CPUs with AVX-512VL
-//! ([`stream_xmm16`]), where a chain in general-purpose registers writes
-//! them to memory ahead of the rounds.
+//! vector registers, except in the AES-NI stream ([`stream_xmm`]), where a
+//! chain in general-purpose registers writes them to memory ahead of the
+//! rounds.
 //!
 //! Tweak arithmetic. A tweak is a 128-bit little-endian integer; block `j`
 //! of a sector uses `T0 * x^j` in GF(2^128) mod `x^128 + x^7 + x^2 + x + 1`.
@@ -91,7 +91,7 @@ pub(super) struct HwXts {
     enc2: [[u8; 16]; 15],
     size: KeySize,
     backend: Backend,
-    /// Whether the kernels may use AVX-512VL's 32 registers at `xmm` and
+    /// Whether the VAES-256 kernel may use AVX-512VL's 32 registers at
     /// `ymm` width (the CPU has AVX-512F and AVX-512VL).
     pub(super) wide: bool,
 }
@@ -448,13 +448,10 @@ fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             }
             store_u128(_mm_aesenclast_si128(x, rk2[NR]), t);
         }
-        // Phase 2: the sectors; with 32 registers (AVX-512VL) as one
-        // stream of 16-block groups when sectors are whole groups.
-        if a.wide && nb.is_multiple_of(GROUP_XMM) {
-            // SAFETY: `a.wide` is set only when the CPU has AVX-512F and
-            // AVX-512VL besides the AES-NI features this kernel runs with
-            // (`HwXts::new`); the data preconditions are this kernel's.
-            unsafe { stream_xmm16::<NR, ENC>(&rk, &t0s, batch, nb / GROUP_XMM) };
+        // Phase 2: the sectors; as one stream of 8-block groups when
+        // sectors are whole groups (every LUKS sector size).
+        if nb.is_multiple_of(GROUP_XMM) {
+            stream_xmm::<NR, ENC>(&rk, &t0s, batch, nb / GROUP_XMM);
             continue;
         }
         // Other sizes sector by sector.
@@ -521,26 +518,20 @@ fn kernel_xmm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
     t0s[..used].zeroize();
 }
 
-/// Blocks in one group of [`stream_xmm16`]: sixteen `xmm` registers.
-const GROUP_XMM: usize = 16;
-/// Bytes in one group of [`stream_xmm16`].
+/// Blocks in one group of [`stream_xmm`]: eight `xmm` registers.
+const GROUP_XMM: usize = 8;
+/// Bytes in one group of [`stream_xmm`].
 const GROUP_XMM_BYTES: usize = GROUP_XMM * 16;
-/// Registers of the next group that [`stream_xmm16`] loads during the
-/// current group's rounds (after round [`EARLY_AT_XMM`]).
-const EARLY_XMM: usize = 2;
-/// The round of the current group after which [`stream_xmm16`] loads the
-/// next group's first [`EARLY_XMM`] registers.
-const EARLY_AT_XMM: usize = 4;
-/// 64-bit words of tweaks per group of [`stream_xmm16`].
+/// 64-bit words of tweaks per group of [`stream_xmm`].
 const RING_GROUP: usize = 2 * GROUP_XMM;
 
-/// The tweaks of three groups of [`stream_xmm16`] as little-endian 64-bit
+/// The tweaks of three groups of [`stream_xmm`] as little-endian 64-bit
 /// word pairs: the current group's, the next one's and the one the integer
 /// chain is writing. Aligned so that no tweak straddles a cache line.
 #[repr(C, align(64))]
 struct TweakRing([u64; 3 * RING_GROUP]);
 
-/// The XTS tweak chain of [`stream_xmm16`], stepped in general-purpose
+/// The XTS tweak chain of [`stream_xmm`], stepped in general-purpose
 /// registers (`T * x` is a 128-bit shift and a conditional XOR of `0x87`),
 /// so that its arithmetic takes the integer ports instead of the vector
 /// ports the AES instructions need.
@@ -602,48 +593,55 @@ impl TweakChain<'_> {
     }
 }
 
-/// Phase 2 of [`kernel_xmm`] on CPUs with AVX-512VL (32 `xmm` registers)
-/// when each sector is `gps` whole groups of 16 blocks: the batch runs as
-/// one stream of groups of sixteen `xmm` registers (16 blocks in flight
-/// instead of 8).
+/// Phase 2 of [`kernel_xmm`] when each sector is `gps` whole groups of 8
+/// blocks (every LUKS sector size): the batch runs as one stream of
+/// groups, eight blocks in eight registers.
 ///
 /// The tweaks come from memory, written by a [`TweakChain`] two groups
-/// ahead: during group `g`'s rounds 1..=8 the chain writes group `g + 2`'s
-/// sixteen tweaks, two after each round, into a three-group
-/// [`TweakRing`]. Two groups (some 500 instructions) separate those
-/// integer stores from the vector loads that read them, so the loads find
-/// the words in the cache rather than waiting on store forwarding, which
-/// cannot merge two 64-bit stores into one 128-bit load. The `whitening`
-/// `vpternlogq` and the last round's key XOR read the tweak as a memory
-/// operand. After round 4 the kernel loads and whitens the first two
-/// registers of group `g + 1`, so the pipes do not drain between groups.
-/// The round keys are read from memory each round (15 keys, 16 data
-/// registers and the early ones do not fit in 32 registers).
+/// ahead: during group `g`'s rounds 1..=4 the chain writes group `g + 2`'s
+/// eight tweaks, two after each round, into a three-group [`TweakRing`].
+/// Two groups (some 250 instructions) separate those integer stores from
+/// the vector loads that read them, so the loads find the words in the
+/// cache rather than waiting on store forwarding, which cannot merge two
+/// 64-bit stores into one 128-bit load. The whitening XORs and the last
+/// round's key XOR read the tweak from memory; so do the rounds their
+/// keys. Nothing is loaded ahead of its group: the core's out-of-order
+/// window already overlaps one group's last rounds with the next one's
+/// first.
 ///
-/// CPUs with AES-NI but no AVX-512 keep the sector-by-sector loop of
-/// [`kernel_xmm`].
+/// It needs only SSE2 and AES-NI, so every AES-NI CPU runs it: eight data
+/// registers and the whitening temporaries fit in sixteen.
 ///
 /// Measured on AMD Zen 4 (thread CPU time, AES-256, 64 KiB calls, share of
-/// the round ceiling): the stream with tweaks stepped by `x^16` in vector
-/// registers ran 4 KiB sectors at 81% and 512-byte ones at 78%; this one
-/// runs them at 90-91% and 86-87%. The vector shifts of that step
-/// competed with `aesenc` for the vector ports. Tried and slower: eight
-/// early registers (86% / 82%) or none (90% / 85%), the round keys held in
-/// registers (84% / 81%), four tweaks after each of rounds 1..=4 (82% /
-/// 78%), and the same integer chain in the VAES-256 and VAES-512 streams
-/// (69-70%: two or four tweaks per register make the integer work there
-/// outgrow what the core issues beside the AES instructions).
+/// the round ceiling, A/B in one process, best of 31 alternating rounds):
+/// 4 KiB sectors 94%, 512-byte ones 90-91%. It replaced two loops:
+/// * on CPUs with AVX-512VL, a stream of sixteen registers (the same
+///   chain; whitening by `vpternlogq`, two registers of the next group
+///   loaded after round 4): 92% / 88%, 3% slower;
+/// * on the others, sector by sector, groups of eight with tweaks stepped
+///   by `x^8` (`pclmulqdq`) in registers: 74% / 70% (this stream: +27%
+///   and +29%, with AVX-512VL turned off).
+///
+/// Tried and slower: two or four registers of the next group loaded
+/// after round 4 (79% / 77% and 89% / 84% on 16 registers), the sixteen-
+/// register stream with tweaks stepped by `x^16` in vector registers (81%
+/// / 78%: the vector shifts competed with `aesenc` for the vector ports),
+/// the round keys held in registers there (84% / 81%), and the integer
+/// chain in the VAES-256 and VAES-512 streams (69-70%: two or four tweaks
+/// per register make the integer work there outgrow what the core issues
+/// beside the AES instructions). Compiled with AVX (VEX encodings) it ran
+/// as fast as with SSE2 only.
 ///
 /// `t0s[..n]` holds the `T0` of the batch's `n` sectors, and `batch` is
 /// `n * gps` groups (`n <= BATCH`, `gps >= 1`).
-// Index arithmetic, bounded by what it indexes: `g + 1 < groups` and
-// `groups * 256 == batch.len()` bound every group offset; ring offsets are
-// `cur`, `next`, `fill` (each `0`, `32` or `64`) plus `2 * r + 1 < 32` or
-// `4 * i + 3 < 32` (`i < 8`), inside the 96-word ring.
+// Index arithmetic, bounded by what it indexes: `g < groups` and
+// `groups * 128 == batch.len()` bound every group offset; ring offsets are
+// `cur` and `fill` (each `0`, `16` or `32`) plus `2 * r + 1 < 16` or
+// `4 * i + 3 < 16` (`i < 4`), inside the 48-word ring.
 #[allow(clippy::arithmetic_side_effects)]
 #[inline]
-#[target_feature(enable = "avx512f,avx512vl,aes,sse2")]
-fn stream_xmm16<const NR: usize, const ENC: bool>(
+#[target_feature(enable = "aes,sse2")]
+fn stream_xmm<const NR: usize, const ENC: bool>(
     rk: &[__m128i; 15],
     t0s: &[u128; BATCH],
     batch: &mut [u8],
@@ -668,39 +666,19 @@ fn stream_xmm16<const NR: usize, const ENC: bool>(
     };
     for h in 0..2 {
         chain.begin_group();
-        // SAFETY: group slot `h < 3` of the ring, 32 words.
+        // SAFETY: group slot `h < 3` of the ring, 16 words.
         unsafe { chain.emit(tw.add(RING_GROUP * h), GROUP_XMM) };
     }
     // Ring offsets (in words) of the current group's tweaks, the next
     // group's, and the group the chain fills.
     let (mut cur, mut next, mut fill) = (0, RING_GROUP, 2 * RING_GROUP);
-    let mut x = [_mm_setzero_si128(); 16];
-    for (r, v) in x.iter_mut().enumerate().take(EARLY_XMM) {
-        // SAFETY: group 0 (256 bytes) lies inside `batch`, which holds at
-        // least one group; tweak `r` of group 0 is in ring slot 0; loadu
-        // is unaligned.
-        let (d, t) = unsafe {
-            (
-                _mm_loadu_si128(p.add(16 * r).cast()),
-                _mm_loadu_si128(tw.add(2 * r).cast()),
-            )
-        };
-        *v = _mm_ternarylogic_epi64::<0x96>(d, t, key(0));
-    }
     for g in 0..groups {
-        let more = g + 1 < groups;
         chain.begin_group();
         // SAFETY: g < groups, so group g lies inside `batch`; the ring
         // offsets are inside the ring (see above).
-        let (pc, tc, tn, tf) = unsafe {
-            (
-                p.add(GROUP_XMM_BYTES * g),
-                tw.add(cur),
-                tw.add(next),
-                tw.add(fill),
-            )
-        };
-        for (r, v) in x.iter_mut().enumerate().skip(EARLY_XMM) {
+        let (pc, tc, tf) = unsafe { (p.add(GROUP_XMM_BYTES * g), tw.add(cur), tw.add(fill)) };
+        let mut x = [_mm_setzero_si128(); GROUP_XMM];
+        for (r, v) in x.iter_mut().enumerate() {
             // SAFETY: block r of group g and its tweak (see above); loadu
             // is unaligned.
             let (d, t) = unsafe {
@@ -709,9 +687,9 @@ fn stream_xmm16<const NR: usize, const ENC: bool>(
                     _mm_loadu_si128(tc.add(2 * r).cast()),
                 )
             };
-            *v = _mm_ternarylogic_epi64::<0x96>(d, t, key(0));
+            *v = _mm_xor_si128(_mm_xor_si128(d, t), key(0));
         }
-        for i in 0..EARLY_AT_XMM {
+        for i in 0..GROUP_XMM / 2 {
             let k = key(1 + i);
             for v in x.iter_mut() {
                 *v = round_xmm::<ENC>(*v, k);
@@ -719,32 +697,7 @@ fn stream_xmm16<const NR: usize, const ENC: bool>(
             // SAFETY: tweaks 2i, 2i + 1 of the filled slot.
             unsafe { chain.emit(tf.add(4 * i), 2) };
         }
-        let mut xn = [_mm_setzero_si128(); EARLY_XMM];
-        if more {
-            // SAFETY: g + 1 < groups, so group g + 1 (256 bytes from
-            // 256 * (g + 1)) lies inside `batch`.
-            let pn = unsafe { p.add(GROUP_XMM_BYTES * (g + 1)) };
-            for (r, v) in xn.iter_mut().enumerate() {
-                // SAFETY: block r of group g + 1 and its tweak in the next
-                // slot; loadu is unaligned.
-                let (d, t) = unsafe {
-                    (
-                        _mm_loadu_si128(pn.add(16 * r).cast()),
-                        _mm_loadu_si128(tn.add(2 * r).cast()),
-                    )
-                };
-                *v = _mm_ternarylogic_epi64::<0x96>(d, t, key(0));
-            }
-        }
-        for i in EARLY_AT_XMM..8 {
-            let k = key(1 + i);
-            for v in x.iter_mut() {
-                *v = round_xmm::<ENC>(*v, k);
-            }
-            // SAFETY: tweaks 2i, 2i + 1 of the filled slot.
-            unsafe { chain.emit(tf.add(4 * i), 2) };
-        }
-        for i in 9..NR {
+        for i in GROUP_XMM / 2 + 1..NR {
             let k = key(i);
             for v in x.iter_mut() {
                 *v = round_xmm::<ENC>(*v, k);
@@ -759,7 +712,6 @@ fn stream_xmm16<const NR: usize, const ENC: bool>(
                 _mm_storeu_si128(pc.add(16 * r).cast(), y);
             }
         }
-        x[..EARLY_XMM].copy_from_slice(&xn);
         (cur, next, fill) = (next, fill, cur);
     }
     ring.0.zeroize();
@@ -1707,8 +1659,8 @@ const fn probe_bytes<const N: usize>(step: usize, mask: u8) -> [[u8; 16]; N] {
 /// place: block `i` becomes 14 AES rounds (all `aesenc`) of
 /// `block ^ tweak ^ key 0` under keys `1..=14`, the last one XORed with the
 /// tweak. `false` for the portable backend, one this CPU lacks, another
-/// length, and the AES-NI and VAES-256 shapes on CPUs without AVX-512VL
-/// (their 32 registers hold those streams).
+/// length, and the VAES-256 shape on CPUs without AVX-512VL (its 32
+/// registers hold that stream).
 pub(super) fn datapath_probe(backend: Backend, buf: &mut [u8]) -> bool {
     if backend == Backend::Portable
         || !available(backend)
@@ -1719,15 +1671,15 @@ pub(super) fn datapath_probe(backend: Backend, buf: &mut [u8]) -> bool {
     }
     let wide = cpu_wide::get();
     let (keys, tw) = (&PROBE_KEYS, &PROBE_TWEAK_VALUES);
-    // SAFETY: `available(backend)` (and, for the `xmm` and `ymm` shapes,
-    // AVX-512F and AVX-512VL: `wide`) were checked above; each probe's
+    // SAFETY: `available(backend)` (and, for the `ymm` shape, AVX-512F
+    // and AVX-512VL: `wide`) were checked above; each probe's
     // `#[target_feature]` set is a subset of those. The buffer is a
     // non-zero multiple of 512 bytes, as each probe requires.
     unsafe {
         match backend {
             Backend::Vaes512 => probe_path_zmm(buf, keys, tw),
             Backend::Vaes256 if wide => probe_path_ymm(buf, keys, tw),
-            Backend::AesNi if wide => probe_path_xmm(buf, keys, tw),
+            Backend::AesNi => probe_path_xmm(buf, keys, tw),
             _ => return false,
         }
     }
@@ -1838,12 +1790,12 @@ fn probe_path_ymm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_T
     }
 }
 
-/// [`datapath_probe`] in [`stream_xmm16`]'s shape (groups of 16 blocks,
-/// keys read from memory at each use).
-// Index arithmetic: groups of 256 bytes (`groups * 256 == buf.len()`),
-// `r < 16` blocks; tweak `16 * (g % 2) + r < 32`.
+/// [`datapath_probe`] in [`stream_xmm`]'s shape (groups of 8 blocks,
+/// tweaks and keys read from memory at each use).
+// Index arithmetic: groups of 128 bytes (`groups * 128 == buf.len()`),
+// `r < 8` blocks; tweak `8 * (g % 4) + r < 32`.
 #[allow(clippy::arithmetic_side_effects)]
-#[target_feature(enable = "avx512f,avx512vl,aes,sse2")]
+#[target_feature(enable = "aes,sse2")]
 fn probe_path_xmm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_TWEAKS]) {
     let kp = core::hint::black_box(keys.as_ptr());
     // SAFETY (helper): i <= 14 at every call, inside `keys`.
@@ -1851,36 +1803,23 @@ fn probe_path_xmm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_T
     let tp = core::hint::black_box(tw.as_ptr());
     // SAFETY (helper): callers pass i < 32, inside the tweaks.
     let t = |i: usize| unsafe { _mm_loadu_si128(tp.add(i).cast()) };
-    let groups = buf.len() / 256;
+    let groups = buf.len() / 128;
     let p = buf.as_mut_ptr();
-    let mut x = [_mm_setzero_si128(); 16];
-    for (r, v) in x.iter_mut().enumerate().take(EARLY_XMM) {
-        // SAFETY: group 0 lies inside `buf` (at least 512 bytes).
-        let d = unsafe { _mm_loadu_si128(p.add(16 * r).cast()) };
-        *v = _mm_ternarylogic_epi64::<0x96>(d, t(r), key(0));
-    }
     for g in 0..groups {
-        let tg = 16 * (g % 2);
-        for (r, v) in x.iter_mut().enumerate().skip(EARLY_XMM) {
+        let tg = 8 * (g % 4);
+        let mut x = [_mm_setzero_si128(); 8];
+        for (r, v) in x.iter_mut().enumerate() {
             // SAFETY: group g lies inside `buf`.
-            let d = unsafe { _mm_loadu_si128(p.add(256 * g + 16 * r).cast()) };
-            *v = _mm_ternarylogic_epi64::<0x96>(d, t(tg + r), key(0));
+            let d = unsafe { _mm_loadu_si128(p.add(128 * g + 16 * r).cast()) };
+            *v = _mm_xor_si128(_mm_xor_si128(d, t(tg + r)), key(0));
         }
-        for i in 1..=EARLY_AT_XMM {
+        for i in 1..=GROUP_XMM / 2 {
             let k = key(i);
             for v in x.iter_mut() {
                 *v = _mm_aesenc_si128(*v, k);
             }
         }
-        let mut xn = [_mm_setzero_si128(); EARLY_XMM];
-        if g + 1 < groups {
-            for (r, v) in xn.iter_mut().enumerate() {
-                // SAFETY: group g + 1 lies inside `buf`.
-                let d = unsafe { _mm_loadu_si128(p.add(256 * (g + 1) + 16 * r).cast()) };
-                *v = _mm_ternarylogic_epi64::<0x96>(d, t(16 - tg + r), key(0));
-            }
-        }
-        for i in EARLY_AT_XMM + 1..14 {
+        for i in GROUP_XMM / 2 + 1..14 {
             let k = key(i);
             for v in x.iter_mut() {
                 *v = _mm_aesenc_si128(*v, k);
@@ -1889,8 +1828,7 @@ fn probe_path_xmm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_T
         for (r, v) in x.iter().enumerate() {
             let y = _mm_aesenc_si128(*v, _mm_xor_si128(key(14), t(tg + r)));
             // SAFETY: group g lies inside `buf`.
-            unsafe { _mm_storeu_si128(p.add(256 * g + 16 * r).cast(), y) };
+            unsafe { _mm_storeu_si128(p.add(128 * g + 16 * r).cast(), y) };
         }
-        x[..EARLY_XMM].copy_from_slice(&xn);
     }
 }
