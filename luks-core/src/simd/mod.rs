@@ -14,7 +14,7 @@
 //!   `unsafe`; the only backend off x86-64.
 //! * [`Backend::AesNi`]: AES-NI + PCLMULQDQ, 8 blocks in flight.
 //! * [`Backend::Vaes256`]: AVX2 + VAES + VPCLMULQDQ, 2 blocks per `ymm`,
-//!   16 blocks in flight (32 with AVX-512VL).
+//!   16 blocks in flight.
 //! * [`Backend::Vaes512`]: AVX-512F + VAES + VPCLMULQDQ, 4 blocks per
 //!   `zmm`, 32 blocks in flight.
 //!
@@ -144,8 +144,7 @@ impl Backend {
     /// (on AMD Zen 4 the AES-NI kernel outruns its probe). The output is
     /// not XTS (its reference is in this module's tests). Returns `false`, leaving `buf` as it was, for
     /// [`Backend::Portable`], a backend this CPU lacks, a length that is not
-    /// a non-zero multiple of 512, and the VAES-256 shape on CPUs without
-    /// AVX-512VL (whose stream needs its 32 registers).
+    /// a non-zero multiple of 512.
     ///
     /// ```
     /// use luks_core::simd::Backend;

@@ -40,32 +40,17 @@ fn backends() -> Vec<Backend> {
     v
 }
 
-/// Engines on every available backend; where the CPU has AVX-512VL (whose
-/// 32 registers some kernels then use), each hardware backend also again
-/// with those kernels turned off, as CPUs without AVX-512 run it.
+/// Engines on every available backend.
 fn engines(key: &[u8]) -> Vec<XtsEngine> {
-    let mut v = Vec::new();
-    for b in backends() {
-        v.push(XtsEngine::with_backend(key, b).unwrap());
-        let mut narrow = XtsEngine::with_backend(key, b).unwrap();
-        #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-        if let super::Inner::Hw(h) = &mut narrow.inner {
-            if h.wide {
-                h.wide = false;
-                v.push(narrow);
-            }
-        }
-    }
-    v
+    backends()
+        .into_iter()
+        .map(|b| XtsEngine::with_backend(key, b).unwrap())
+        .collect()
 }
 
-/// A backend's name, and whether the engine may use 32 registers.
+/// A backend's name.
 fn label(e: &XtsEngine) -> String {
-    match &e.inner {
-        #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-        super::Inner::Hw(h) if !h.wide => std::format!("{} (16 registers)", e.backend()),
-        _ => e.backend().to_string(),
-    }
+    e.backend().to_string()
 }
 
 /// Deterministic xorshift bytes.

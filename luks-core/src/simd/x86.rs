@@ -58,8 +58,6 @@ cpufeatures::new!(
     "vpclmulqdq"
 );
 
-cpufeatures::new!(cpu_wide, "avx512f", "avx512vl");
-
 /// Whether the CPU has every feature the hardware `backend` uses.
 pub(super) fn available(backend: Backend) -> bool {
     match backend {
@@ -91,9 +89,6 @@ pub(super) struct HwXts {
     enc2: [[u8; 16]; 15],
     size: KeySize,
     backend: Backend,
-    /// Whether the VAES-256 kernel may use AVX-512VL's 32 registers at
-    /// `ymm` width (the CPU has AVX-512F and AVX-512VL).
-    pub(super) wide: bool,
 }
 
 impl Drop for HwXts {
@@ -122,7 +117,6 @@ impl HwXts {
             enc2: [[0; 16]; 15],
             size,
             backend,
-            wide: cpu_wide::get(),
         };
         // SAFETY: every hardware backend requires "aes" and "sse2", and
         // `available(backend)` was checked just above. The key slices have
@@ -155,7 +149,6 @@ impl HwXts {
             sector_size,
             iv,
             step,
-            wide: self.wide,
         };
         macro_rules! go {
             ($f:ident) => {
@@ -190,9 +183,6 @@ struct Args<'a> {
     sector_size: usize,
     iv: u64,
     step: u64,
-    /// The CPU has AVX-512F and AVX-512VL (32 vector registers at every
-    /// width), and the engine may use them.
-    wide: bool,
 }
 
 // ---------------------------------------------------------------------
@@ -853,15 +843,10 @@ fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
             unsafe { _mm256_storeu_si256(t0s.as_mut_ptr().add(g).cast(), x) };
             g += 2;
         }
-        // Phase 2: the sectors; with 32 registers (AVX-512VL) as one
-        // stream of 32-block groups when sectors are whole groups (every
-        // LUKS sector size).
-        if a.wide && nb.is_multiple_of(GROUP_YMM) {
-            // SAFETY: `a.wide` is set only when the CPU has AVX-512F and
-            // AVX-512VL besides the VAES-256 features this kernel runs
-            // with (`HwXts::new`); the data preconditions are this
-            // kernel's.
-            unsafe { stream_ymm16::<NR, ENC>(&rk, &t0s, batch, nb / GROUP_YMM) };
+        // Phase 2: the sectors; as one stream of 16-block groups when
+        // sectors are whole groups (every LUKS sector size).
+        if nb.is_multiple_of(GROUP_YMM) {
+            stream_ymm::<NR, ENC>(&rk, &t0s, batch, nb / GROUP_YMM);
             continue;
         }
         // Other sizes sector by sector. First tweaks derived one sector
@@ -932,101 +917,51 @@ fn kernel_ymm<const NR: usize, const ENC: bool>(a: &Args<'_>, data: &mut [u8]) {
     t0s[..used].zeroize();
 }
 
-/// Blocks in one group of [`stream_ymm16`]: sixteen `ymm` registers.
-const GROUP_YMM: usize = 32;
-/// Bytes in one group of [`stream_ymm16`].
+/// Blocks in one group of [`stream_ymm`]: eight `ymm` registers.
+const GROUP_YMM: usize = 16;
+/// Bytes in one group of [`stream_ymm`].
 const GROUP_YMM_BYTES: usize = GROUP_YMM * 16;
 
-/// Multiplies each lane by `x^(8 * B)`, `B` whole bytes (`C = 16 - B`,
-/// the bytes kept: the intrinsics take each shift as its own constant),
-/// the reduction as shifts and XORs (as [`mul_x32_zmm`]). The bits shifted
-/// out (`out < 2^32` for `B <= 4`) times `0x87` are `out << {0, 1, 2, 7}`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512vl,avx2")]
-fn mul_bytes_shift_ymm<const B: i32, const C: i32>(v: __m256i) -> __m256i {
-    const { assert!(B + C == 16 && B >= 1 && B <= 4) };
-    let lo = _mm256_bslli_epi128::<B>(v);
-    let out = _mm256_bsrli_epi128::<C>(v);
-    let t = _mm256_ternarylogic_epi64::<0x96>(lo, out, _mm256_slli_epi64::<1>(out));
-    _mm256_ternarylogic_epi64::<0x96>(t, _mm256_slli_epi64::<2>(out), _mm256_slli_epi64::<7>(out))
-}
-
-/// Multiplies each lane by `x^32`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512vl,avx2")]
-fn mul_x32_ymm(v: __m256i) -> __m256i {
-    mul_bytes_shift_ymm::<4, 12>(v)
-}
-
-/// Multiplies each lane by `x^16`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512vl,avx2")]
-fn mul_x16_ymm(v: __m256i) -> __m256i {
-    mul_bytes_shift_ymm::<2, 14>(v)
-}
-
-/// The tweaks of a sector's first 32 blocks from its `T0`: register `r`
-/// holds `T0 * x^(2r, 2r+1)`.
-#[inline]
-#[target_feature(enable = "avx2,vpclmulqdq,sse2")]
-fn first_tweaks_ymm16(t0: &u128) -> [__m256i; 16] {
-    let lo = first_tweaks_ymm(t0);
-    let mut tw = [_mm256_setzero_si256(); 16];
-    let (a, b) = tw.split_at_mut(8);
-    for ((t, u), v) in a.iter_mut().zip(b.iter_mut()).zip(lo) {
-        *t = v;
-        *u = mul_bytes_ymm::<2>(v);
-    }
-    tw
-}
-
-/// Phase 2 of [`kernel_ymm`] on CPUs with AVX-512VL (32 `ymm` registers)
-/// when each sector is `gps` whole groups of 32 blocks: the batch runs as
-/// one stream of groups of sixteen `ymm` registers (32 blocks in flight,
-/// twice the eight registers that fit beside the tweaks in 16).
+/// Phase 2 of [`kernel_ymm`] when each sector is `gps` whole groups of 16
+/// blocks (every LUKS sector size): the batch runs as one stream of
+/// groups of eight `ymm` registers, on AVX2 (16 registers).
 ///
-/// During group `g`'s rounds the kernel
-/// * steps group `g + 1`'s tweaks by `x^32` (shifts and `vpternlogq`), two
-///   registers after each of rounds 1..=8, or at a sector boundary takes
-///   the next sector's first eight registers from its `T0` before the
-///   rounds and the other eight (`x^16` further, by shifts) during rounds
-///   5..=8;
-/// * after round 4 loads and whitens the first eight registers of group
-///   `g + 1`, so the pipes do not drain between groups; the other eight
-///   are loaded when group `g + 1` starts, while those eight run.
+/// The tweaks live in memory, two slots of eight registers swapped by
+/// offset: during group `g`'s rounds 1..=8 the kernel steps group
+/// `g + 1`'s (`x^16` each, one after each round) or, at a sector
+/// boundary, derives the next sector's first tweaks from its `T0` (one
+/// register after each round). The whitening and the last round's key
+/// XOR read the tweaks from memory, the rounds read their keys from
+/// memory; nothing is loaded ahead of its group (the core's out-of-order
+/// window overlaps the groups).
 ///
-/// The tweaks live in memory, two slots of sixteen registers swapped by
-/// offset, and are read by `vpternlogq` and the last round's key XOR; the
-/// round keys are read from memory each round. The 32 registers hold the
-/// 16 data registers, the 8 early ones and the tweak arithmetic.
+/// Measured on AMD Zen 4 (A/B in one process, AES-256, 64 KiB calls,
+/// best of 31 alternating rounds, share of the round ceiling, 4 KiB /
+/// 512-byte sectors): 82% / 79%. It replaced two loops:
+/// * without AVX-512, sector by sector with the tweaks in registers: 74%
+///   / 73% (this stream: +9%, +7%);
+/// * with AVX-512VL, a stream of sixteen registers (32 blocks in flight,
+///   eight of the next group loaded after round 4, steps by shifts and
+///   `vpternlogq`): the same speed (0.99 / 1.00-1.02 of it), so one
+///   stream now serves both.
 ///
-/// Measured on AMD Zen 4 (thread CPU time, AES-256, 64 KiB calls, share
-/// of the round ceiling): 4 KiB sectors 74% -> 78-79% with the stream,
-/// then 84% (the tweak slots instead of arrays copied each group: +2.5%;
-/// keys from memory: +2.5%); 512-byte ones 72% -> 74% -> 78% (the slots
-/// +2.5%, the `x^16` by shifts instead of `vpclmulqdq` +1.5%). The same
-/// shape with no tweak arithmetic (`Backend::datapath_probe`) runs at
-/// 93%: the tweak arithmetic, twice the instructions per block of the
-/// `zmm` kernel's, is the remaining cost. Tried and slower: all sixteen
-/// next registers loaded at round `NR / 2` (the data registers spilled:
-/// 4 KiB at 69%), no early load (74%), the steps four per round after
-/// rounds 1..=4 (76%), the next sector's first tweaks spread over rounds
-/// 1..=3 (512 B at 69-72%), or over rounds 1..=4 with the steps there too
-/// (-5%); the tweak arithmetic at `zmm` width, its `ymm` halves read from
-/// memory (-11%, also from a three-slot ring: -1.5% / +2%); the `x^8`
-/// products of a sector's first tweaks by shifts (512 B -2%); the
-/// tweaks from the AES-NI stream's integer chain (a scratch copy: 70%).
+/// Tried and slower: the steps two per round after rounds 1..=4 (+5% /
+/// +2% instead of +9% / +7%), a new sector's first tweaks all before the
+/// rounds (512 B 4% slower), the AES-NI stream's integer tweak chain
+/// (-13%: sixteen tweaks a group outgrow what the core issues beside the
+/// AES instructions), and AVX-512VL's 32 registers and `vpternlogq` for
+/// this same code (no faster).
 ///
 /// `t0s[..n]` holds the `T0` of the batch's `n` sectors, and `batch` is
 /// `n * gps` groups (`n <= BATCH`, `gps >= 1`).
-// Index arithmetic, bounded by what it indexes: `g + 1 < groups` and
-// `groups * 512 == batch.len()` bound every group offset; `s <= n <=
+// Index arithmetic, bounded by what it indexes: `g < groups` and
+// `groups * 256 == batch.len()` bound every group offset; `s <= n <=
 // BATCH`, and `t0s[s]` is read only while groups remain (so `s < n`);
-// `i < 4` gives `2 * i + 1 < 8` and `10 + 2 * i <= 16`.
+// `i < 8` indexes a slot of eight (`i - 4` only for `i >= 4`).
 #[allow(clippy::arithmetic_side_effects)]
 #[inline]
-#[target_feature(enable = "avx512f,avx512vl,avx2,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
-fn stream_ymm16<const NR: usize, const ENC: bool>(
+#[target_feature(enable = "avx2,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
+fn stream_ymm<const NR: usize, const ENC: bool>(
     rk: &[__m256i; 15],
     t0s: &[u128; BATCH],
     batch: &mut [u8],
@@ -1039,90 +974,54 @@ fn stream_ymm16<const NR: usize, const ENC: bool>(
     let kp = core::hint::black_box(rk.as_ptr());
     // SAFETY: `i <= NR <= 14` at every call, inside `rk`.
     let key = |i: usize| unsafe { kp.add(i).read() };
-    // The tweaks of the current group and the next one: two slots of
-    // sixteen registers in memory, swapped by offset (no copies between
-    // groups).
-    let mut ring = [_mm256_setzero_si256(); 2 * 16];
+    let mut ring = [_mm256_setzero_si256(); 2 * 8];
     let rp = core::hint::black_box(ring.as_mut_ptr());
-    for (j, t) in first_tweaks_ymm16(&t0s[0]).into_iter().enumerate() {
-        // SAFETY: entry j < 16 of the 32-entry ring.
+    for (j, t) in first_tweaks_ymm(&t0s[0]).into_iter().enumerate() {
+        // SAFETY: entry j < 8 of the 16-entry ring.
         unsafe { rp.add(j).write(t) };
     }
-    let (mut cur, mut nxt) = (0, 16);
-    let mut x = [_mm256_setzero_si256(); 16];
-    for (r, v) in x.iter_mut().enumerate().take(EARLY_YMM) {
-        // SAFETY: group 0 (512 bytes) lies inside `batch`, which holds at
-        // least one group; loadu is unaligned; ring entry r < 16.
-        let (d, t) = unsafe { (_mm256_loadu_si256(p.add(32 * r).cast()), rp.add(r).read()) };
-        *v = _mm256_ternarylogic_epi64::<0x96>(d, t, key(0));
-    }
+    let (mut cur, mut nxt) = (0, 8);
     let mut q = 0;
     let mut s = 0;
     for g in 0..groups {
         let more = g + 1 < groups;
         // SAFETY: g < groups, so group g lies inside `batch`; `cur` and
-        // `nxt` are 0 and 16, so each slot of sixteen lies in the ring.
+        // `nxt` are 0 and 8, so each slot of eight lies in the ring.
         let (pc, tc, tn) = unsafe { (p.add(GROUP_YMM_BYTES * g), rp.add(cur), rp.add(nxt)) };
-        for (r, v) in x.iter_mut().enumerate().skip(EARLY_YMM) {
-            // SAFETY: inside group g (see above), entry r < 16 of slot
+        let mut x = [_mm256_setzero_si256(); 8];
+        for (r, v) in x.iter_mut().enumerate() {
+            // SAFETY: inside group g (see above), entry r < 8 of slot
             // `cur`; loadu is unaligned.
             let (d, t) = unsafe { (_mm256_loadu_si256(pc.add(32 * r).cast()), tc.add(r).read()) };
-            *v = _mm256_ternarylogic_epi64::<0x96>(d, t, key(0));
+            *v = _mm256_xor_si256(_mm256_xor_si256(d, t), key(0));
         }
         q += 1;
         let new_sector = q == gps;
+        // A new sector's `T0`, in both lanes (past the last group the
+        // tweaks are computed and not used).
+        let mut b = _mm256_setzero_si256();
         if new_sector {
             q = 0;
             s += 1;
-            // Past the last group the tweaks are computed and not used.
-            let lo = first_tweaks_ymm(&t0s[if more { s } else { 0 }]);
-            for (j, t) in lo.into_iter().enumerate() {
-                // SAFETY: entry j < 8 of slot `nxt`.
-                unsafe { tn.add(j).write(t) };
-            }
+            b = _mm256_broadcastsi128_si256(load_u128(&t0s[if more { s } else { 0 }]));
         }
-        // Rounds 1..=4, the tweaks of the next group's first eight
-        // registers stepped two per round (a new sector's are ready).
-        for i in 0..4 {
+        for i in 0..8 {
             let k = key(1 + i);
             for v in x.iter_mut() {
                 *v = round_ymm::<ENC>(*v, k);
             }
-            if !new_sector {
-                for j in 2 * i..2 * i + 2 {
-                    // SAFETY: entry j < 8 of both slots.
-                    unsafe { tn.add(j).write(mul_x32_ymm(tc.add(j).read())) };
-                }
-            }
-        }
-        let mut xn = [_mm256_setzero_si256(); EARLY_YMM];
-        if more {
-            // SAFETY: g + 1 < groups, so group g + 1 (512 bytes from
-            // 512 * (g + 1)) lies inside `batch`.
-            let pn = unsafe { p.add(GROUP_YMM_BYTES * (g + 1)) };
-            for (r, v) in xn.iter_mut().enumerate() {
-                // SAFETY: inside group g + 1 (see above), entry r < 8 of
-                // slot `nxt`; loadu is unaligned.
-                let (d, t) =
-                    unsafe { (_mm256_loadu_si256(pn.add(32 * r).cast()), tn.add(r).read()) };
-                *v = _mm256_ternarylogic_epi64::<0x96>(d, t, key(0));
-            }
-        }
-        // Rounds 5..=8, the other eight registers' tweaks.
-        for i in 0..4 {
-            let k = key(5 + i);
-            for v in x.iter_mut() {
-                *v = round_ymm::<ENC>(*v, k);
-            }
-            for j in 8 + 2 * i..10 + 2 * i {
-                // SAFETY: entries j and j - 8 below 16 of both slots.
-                unsafe {
-                    let t = if new_sector {
-                        mul_x16_ymm(tn.add(j - 8).read())
-                    } else {
-                        mul_x32_ymm(tc.add(j).read())
-                    };
-                    tn.add(j).write(t);
+            // SAFETY: entries i, i + 4 < 8 of both slots.
+            unsafe {
+                if !new_sector {
+                    tn.add(i).write(mul_bytes_ymm::<2>(tc.add(i).read()));
+                } else if i < 4 {
+                    // `T0 * x^(2i, 2i+1)`.
+                    let e = 2 * i as i64;
+                    tn.add(i)
+                        .write(mul_var_ymm(b, _mm256_set_epi64x(e + 1, e + 1, e, e)));
+                } else {
+                    // 8 blocks on: `T0 * x^(2i, 2i+1)` for i in 4..8.
+                    tn.add(i).write(mul_bytes_ymm::<1>(tn.add(i - 4).read()));
                 }
             }
         }
@@ -1133,22 +1032,17 @@ fn stream_ymm16<const NR: usize, const ENC: bool>(
             }
         }
         for (r, v) in x.iter().enumerate() {
-            // SAFETY: entry r < 16 of slot `cur`, block r of group g (see
-            // above); storeu is unaligned.
+            // SAFETY: entry r < 8 of slot `cur`, block pair r of group g
+            // (see above); storeu is unaligned.
             unsafe {
                 let y = last_ymm::<ENC>(*v, _mm256_xor_si256(key(NR), tc.add(r).read()));
                 _mm256_storeu_si256(pc.add(32 * r).cast(), y);
             }
         }
-        x[..EARLY_YMM].copy_from_slice(&xn);
         (cur, nxt) = (nxt, cur);
     }
     ring.zeroize();
 }
-
-/// Registers of the next group that [`stream_ymm16`] loads during the
-/// current group's rounds.
-const EARLY_YMM: usize = 8;
 
 // ---------------------------------------------------------------------
 // VAES-512 kernel: 8 zmm = 32 blocks in flight, tweaks stepped by x^32.
@@ -1658,9 +1552,8 @@ const fn probe_bytes<const N: usize>(step: usize, mask: u8) -> [[u8; 16]; N] {
 /// Runs `backend`'s data path over `buf` (a non-zero multiple of 512 bytes) in
 /// place: block `i` becomes 14 AES rounds (all `aesenc`) of
 /// `block ^ tweak ^ key 0` under keys `1..=14`, the last one XORed with the
-/// tweak. `false` for the portable backend, one this CPU lacks, another
-/// length, and the VAES-256 shape on CPUs without AVX-512VL (its 32
-/// registers hold that stream).
+/// tweak. `false` for the portable backend, one this CPU lacks, or
+/// another length.
 pub(super) fn datapath_probe(backend: Backend, buf: &mut [u8]) -> bool {
     if backend == Backend::Portable
         || !available(backend)
@@ -1669,16 +1562,14 @@ pub(super) fn datapath_probe(backend: Backend, buf: &mut [u8]) -> bool {
     {
         return false;
     }
-    let wide = cpu_wide::get();
     let (keys, tw) = (&PROBE_KEYS, &PROBE_TWEAK_VALUES);
-    // SAFETY: `available(backend)` (and, for the `ymm` shape, AVX-512F
-    // and AVX-512VL: `wide`) were checked above; each probe's
-    // `#[target_feature]` set is a subset of those. The buffer is a
+    // SAFETY: `available(backend)` was checked above; each probe's
+    // `#[target_feature]` set is a subset of that backend's features. The buffer is a
     // non-zero multiple of 512 bytes, as each probe requires.
     unsafe {
         match backend {
             Backend::Vaes512 => probe_path_zmm(buf, keys, tw),
-            Backend::Vaes256 if wide => probe_path_ymm(buf, keys, tw),
+            Backend::Vaes256 => probe_path_ymm(buf, keys, tw),
             Backend::AesNi => probe_path_xmm(buf, keys, tw),
             _ => return false,
         }
@@ -1733,10 +1624,12 @@ fn probe_path_zmm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_T
     }
 }
 
-/// [`datapath_probe`] in [`stream_ymm16`]'s shape.
-// Index arithmetic as in `probe_path_zmm`, `r < 16` blocks of 32 bytes.
+/// [`datapath_probe`] in [`stream_ymm`]'s shape (groups of 8 registers,
+/// tweaks and keys read from memory at each use).
+// Index arithmetic: groups of 256 bytes (`groups * 256 == buf.len()`),
+// `r < 8` registers of two blocks; tweak pair `8 * (g % 2) + r < 16`.
 #[allow(clippy::arithmetic_side_effects)]
-#[target_feature(enable = "avx512f,avx512vl,avx2,vaes,sse2")]
+#[target_feature(enable = "avx2,vaes,sse2")]
 fn probe_path_ymm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_TWEAKS]) {
     let rk: [__m256i; 15] =
         core::array::from_fn(|i| _mm256_broadcastsi128_si256(load_key(&keys[i])));
@@ -1747,46 +1640,33 @@ fn probe_path_ymm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_T
     let tp = core::hint::black_box(tw.as_ptr().cast::<__m256i>());
     // SAFETY (helper): r < 16 registers of two tweaks, inside the 32.
     let t = |r: usize| unsafe { _mm256_loadu_si256(tp.add(r)) };
-    let groups = buf.len() / 512;
+    let groups = buf.len() / 256;
     let p = buf.as_mut_ptr();
-    let mut x = [_mm256_setzero_si256(); 16];
-    for (r, v) in x.iter_mut().enumerate().take(EARLY_YMM) {
-        // SAFETY: group 0 lies inside `buf` (at least 512 bytes).
-        let d = unsafe { _mm256_loadu_si256(p.add(32 * r).cast()) };
-        *v = _mm256_ternarylogic_epi64::<0x96>(d, t(r), key(0));
-    }
     for g in 0..groups {
-        for (r, v) in x.iter_mut().enumerate().skip(EARLY_YMM) {
+        let tg = 8 * (g % 2);
+        let mut x = [_mm256_setzero_si256(); 8];
+        for (r, v) in x.iter_mut().enumerate() {
             // SAFETY: group g lies inside `buf`.
-            let d = unsafe { _mm256_loadu_si256(p.add(512 * g + 32 * r).cast()) };
-            *v = _mm256_ternarylogic_epi64::<0x96>(d, t(r), key(0));
+            let d = unsafe { _mm256_loadu_si256(p.add(256 * g + 32 * r).cast()) };
+            *v = _mm256_xor_si256(_mm256_xor_si256(d, t(tg + r)), key(0));
         }
-        for i in 1..5 {
+        for i in 1..=8 {
             let k = key(i);
             for v in x.iter_mut() {
                 *v = _mm256_aesenc_epi128(*v, k);
             }
         }
-        let mut xn = [_mm256_setzero_si256(); EARLY_YMM];
-        if g + 1 < groups {
-            for (r, v) in xn.iter_mut().enumerate() {
-                // SAFETY: group g + 1 lies inside `buf`.
-                let d = unsafe { _mm256_loadu_si256(p.add(512 * (g + 1) + 32 * r).cast()) };
-                *v = _mm256_ternarylogic_epi64::<0x96>(d, t(r), key(0));
-            }
-        }
-        for i in 5..14 {
+        for i in 9..14 {
             let k = key(i);
             for v in x.iter_mut() {
                 *v = _mm256_aesenc_epi128(*v, k);
             }
         }
         for (r, v) in x.iter().enumerate() {
-            let y = _mm256_aesenc_epi128(*v, _mm256_xor_si256(key(14), t(r)));
+            let y = _mm256_aesenc_epi128(*v, _mm256_xor_si256(key(14), t(tg + r)));
             // SAFETY: group g lies inside `buf`.
-            unsafe { _mm256_storeu_si256(p.add(512 * g + 32 * r).cast(), y) };
+            unsafe { _mm256_storeu_si256(p.add(256 * g + 32 * r).cast(), y) };
         }
-        x[..EARLY_YMM].copy_from_slice(&xn);
     }
 }
 
