@@ -1322,32 +1322,39 @@ const GROUP_ZMM: usize = 32;
 const GROUP_BYTES: usize = GROUP_ZMM * 16;
 
 /// Phase 2 of [`kernel_zmm`] when each sector is `gps` whole groups of 32
-/// blocks: the batch runs as one stream of groups, so the AES pipes do not
-/// drain between groups or at sector boundaries.
+/// blocks (every LUKS sector size): the batch runs as one stream of
+/// groups of eight `zmm` registers, so the AES pipes do not drain at
+/// sector boundaries.
 ///
-/// While group `g` is in its rounds, the kernel
-/// * steps the tweaks of group `g + 1` (`x^32` each, two registers after
-///   each of the first four rounds, so these shifts spread among the AES
-///   instructions instead of arriving as one block ahead of them), or, at
-///   a sector boundary, derives the next sector's first tweaks from its
-///   `T0`;
-/// * at round `NR / 2`, loads group `g + 1` and XORs in its tweaks and the
-///   first round key, so its first round is ready the moment the pipes
-///   free up.
+/// The tweaks live in memory, two slots of eight registers swapped by
+/// offset: during group `g`'s rounds 1..=8 the kernel steps group
+/// `g + 1`'s (`x^32` each by shifts, one register after each round) or, at
+/// a sector boundary, derives the next sector's first tweaks from its `T0`
+/// after round 2. The whitening and the last round's key XOR read the
+/// tweaks from memory; the round keys stay in registers. Nothing is
+/// loaded ahead of its group: the core's out-of-order window overlaps
+/// one group's last rounds with the next one's first.
 ///
-/// Measured on AMD Zen 4 (thread CPU time, AES-256, share of the round
-/// ceiling, 64 KiB calls): the sector-by-sector loop ran 4 KiB sectors at
-/// 82% and 512-byte sectors at 79%; this stream runs them at 91% and 85%.
-/// In a scratch copy, the early load alone took 4 KiB sectors from 81% to
-/// 85% and 512-byte ones from 75% to 81%; spreading the `x^32` steps over
-/// the rounds then took 4 KiB sectors to 90%.
+/// Measured on AMD Zen 4 (A/B in one process, AES-256, 64 KiB calls, best
+/// of 31-41 alternating rounds, share of the round ceiling): 4 KiB sectors
+/// 94%, 512-byte ones 87%. The stream it replaced (tweaks in registers,
+/// the next group loaded and whitened at round `NR / 2`, two steps after
+/// each of rounds 1..=4, a new sector's first tweaks before the rounds)
+/// ran them at 92% and 87%: this one is 2.2-2.7% faster at 4 KiB and the
+/// same at 512 B. Tried in this shape: a new sector's first tweaks before
+/// round 1 (512 B 2% slower), spread over rounds 1..=4 (6% slower), after
+/// round 4 (1.5% slower) or round 7 (the same); the round keys read from
+/// memory (4 KiB 1% slower). Earlier, in the stream it replaced: the early
+/// load had taken 4 KiB sectors from 81% to 85%; a hand-written `asm!`
+/// stream (tweak slots, keys in registers, loads early or late) ran 4 KiB
+/// sectors at 87-89%, below the compiled one.
 ///
 /// `t0s[..n]` holds the `T0` of the batch's `n` sectors, and `batch` is
 /// `n * gps` groups (`n <= BATCH`, `gps >= 1`).
-// Index arithmetic, bounded by what it indexes: `g + 1 < groups` and
-// `groups * 512 == batch.len()` bound every group offset; `s < n <=
-// BATCH` indexes `t0s` (a new sector starts only while groups remain);
-// `i < 4` gives `2 * i + 1 < 8`.
+// Index arithmetic, bounded by what it indexes: `g < groups` and
+// `groups * 512 == batch.len()` bound every group offset; `s <= n <=
+// BATCH`, and `t0s[s]` is read only while groups remain (so `s < n`);
+// `i < 8` and `r < 8` index a slot of eight; `i, 9 <= NR` index `rk`.
 #[allow(clippy::arithmetic_side_effects)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
@@ -1357,86 +1364,74 @@ fn stream_zmm<const NR: usize, const ENC: bool>(
     batch: &mut [u8],
     gps: usize,
 ) {
-    // Round at which the next group is loaded: late enough that its
-    // registers are not live through the whole group, early enough that
-    // its loads are done before the pipes need it.
-    // At least 5 for both key sizes (the tweak steps follow rounds 1..=4).
-    let half = NR / 2;
     let groups = batch.len() / GROUP_BYTES;
     let p = batch.as_mut_ptr();
-    let mut tw = first_tweaks_zmm(&t0s[0]);
-    let mut x = [_mm512_setzero_si512(); 8];
-    for (r, v) in x.iter_mut().enumerate() {
-        // SAFETY: group 0 (512 bytes) lies inside `batch`, which holds at
-        // least one group; loadu is unaligned.
-        let d = unsafe { _mm512_loadu_si512(p.add(64 * r).cast()) };
-        *v = _mm512_ternarylogic_epi64::<0x96>(d, tw[r], rk[0]);
+    // The tweaks of the current group and the next one: two slots of
+    // eight registers, read and written through an opaque pointer so that
+    // they stay in memory.
+    let mut ring = [_mm512_setzero_si512(); 2 * 8];
+    let rp = core::hint::black_box(ring.as_mut_ptr());
+    for (j, t) in first_tweaks_zmm(&t0s[0]).into_iter().enumerate() {
+        // SAFETY: entry j < 8 of the 16-entry ring.
+        unsafe { rp.add(j).write(t) };
     }
-    // Group `g` is group `q` of sector `s`.
+    let (mut cur, mut nxt) = (0, 8);
+    // Group `g` is group `q` of sector `s`, counted from 1 after the
+    // increment below.
     let mut q = 0;
     let mut s = 0;
     for g in 0..groups {
         let more = g + 1 < groups;
+        // SAFETY: g < groups, so group g lies inside `batch`; `cur` and
+        // `nxt` are 0 and 8, so each slot of eight lies in the ring.
+        let (pc, tc, tn) = unsafe { (p.add(GROUP_BYTES * g), rp.add(cur), rp.add(nxt)) };
+        let mut x = [_mm512_setzero_si512(); 8];
+        for (r, v) in x.iter_mut().enumerate() {
+            // SAFETY: inside group g (see above), entry r < 8 of slot
+            // `cur`; loadu is unaligned.
+            let (d, t) = unsafe { (_mm512_loadu_si512(pc.add(64 * r).cast()), tc.add(r).read()) };
+            *v = _mm512_ternarylogic_epi64::<0x96>(d, t, rk[0]);
+        }
         q += 1;
+        // Group g + 1 starts a sector.
         let new_sector = q == gps;
-        let mut next = tw;
         if new_sector {
             q = 0;
             s += 1;
-            if more {
-                next = first_tweaks_zmm(&t0s[s]);
-            }
         }
-        // Two versions of rounds 1..half, so that neither carries a branch
-        // per round (one with a branch per round compiled to a rolled loop
-        // with the tweaks in memory: 4 KiB sectors ran at 88%).
-        if new_sector {
-            for k in &rk[1..half] {
-                for v in x.iter_mut() {
-                    *v = round_zmm::<ENC>(*v, *k);
-                }
+        for i in 0..8 {
+            let k = rk[1 + i];
+            for v in x.iter_mut() {
+                *v = round_zmm::<ENC>(*v, k);
             }
-        } else {
-            for (i, k) in rk[1..5].iter().enumerate() {
-                for v in x.iter_mut() {
-                    *v = round_zmm::<ENC>(*v, *k);
-                }
-                next[2 * i] = mul_x32_zmm(next[2 * i]);
-                next[2 * i + 1] = mul_x32_zmm(next[2 * i + 1]);
-            }
-            for k in &rk[5..half] {
-                for v in x.iter_mut() {
-                    *v = round_zmm::<ENC>(*v, *k);
+            if !new_sector {
+                // SAFETY: entry i < 8 of both slots.
+                unsafe { tn.add(i).write(mul_x32_zmm(tc.add(i).read())) };
+            } else if i == 1 {
+                // Past the last group the tweaks are computed and not used.
+                let first = first_tweaks_zmm(&t0s[if more { s } else { 0 }]);
+                for (j, t) in first.into_iter().enumerate() {
+                    // SAFETY: entry j < 8 of slot `nxt`.
+                    unsafe { tn.add(j).write(t) };
                 }
             }
         }
-        let mut xn = [_mm512_setzero_si512(); 8];
-        if more {
-            // SAFETY: g + 1 < groups, so group g + 1 (512 bytes from
-            // 512 * (g + 1)) lies inside `batch`.
-            let pn = unsafe { p.add(GROUP_BYTES * (g + 1)) };
-            for (r, v) in xn.iter_mut().enumerate() {
-                // SAFETY: inside group g + 1 (see above); loadu is
-                // unaligned.
-                let d = unsafe { _mm512_loadu_si512(pn.add(64 * r).cast()) };
-                *v = _mm512_ternarylogic_epi64::<0x96>(d, next[r], rk[0]);
-            }
-        }
-        for k in &rk[half..NR] {
+        for k in &rk[9..NR] {
             for v in x.iter_mut() {
                 *v = round_zmm::<ENC>(*v, *k);
             }
         }
-        // SAFETY: g < groups, so group g lies inside `batch`.
-        let pc = unsafe { p.add(GROUP_BYTES * g) };
-        for r in 0..8 {
-            let y = last_zmm::<ENC>(x[r], _mm512_xor_si512(rk[NR], tw[r]));
-            // SAFETY: inside group g (see above); storeu is unaligned.
-            unsafe { _mm512_storeu_si512(pc.add(64 * r).cast(), y) };
+        for (r, v) in x.iter().enumerate() {
+            // SAFETY: entry r < 8 of slot `cur`, register r of group g
+            // (see above); storeu is unaligned.
+            unsafe {
+                let y = last_zmm::<ENC>(*v, _mm512_xor_si512(rk[NR], tc.add(r).read()));
+                _mm512_storeu_si512(pc.add(64 * r).cast(), y);
+            }
         }
-        x = xn;
-        tw = next;
+        (cur, nxt) = (nxt, cur);
     }
+    ring.zeroize();
 }
 
 // ---------------------------------------------------------------------
@@ -1577,9 +1572,10 @@ pub(super) fn datapath_probe(backend: Backend, buf: &mut [u8]) -> bool {
     true
 }
 
-/// [`datapath_probe`] in [`stream_zmm`]'s shape.
-// Index arithmetic: `g + 1 < groups` bounds every group offset
-// (`groups * 512 == buf.len()`); `r < 8` blocks of 64 bytes per group.
+/// [`datapath_probe`] in [`stream_zmm`]'s shape (groups of 8 registers,
+/// tweaks read from memory, keys in registers).
+// Index arithmetic: `g < groups` bounds every group offset (`groups * 512
+// == buf.len()`); `r < 8` registers of 64 bytes per group.
 #[allow(clippy::arithmetic_side_effects)]
 #[target_feature(enable = "avx512f,vaes,sse2")]
 fn probe_path_zmm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_TWEAKS]) {
@@ -1590,27 +1586,14 @@ fn probe_path_zmm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_T
     let t = |r: usize| unsafe { _mm512_loadu_si512(tp.add(r)) };
     let groups = buf.len() / 512;
     let p = buf.as_mut_ptr();
-    let mut x = [_mm512_setzero_si512(); 8];
-    for (r, v) in x.iter_mut().enumerate() {
-        // SAFETY: group 0 lies inside `buf` (at least 512 bytes).
-        let d = unsafe { _mm512_loadu_si512(p.add(64 * r).cast()) };
-        *v = _mm512_ternarylogic_epi64::<0x96>(d, t(r), rk[0]);
-    }
     for g in 0..groups {
-        for k in &rk[1..7] {
-            for v in x.iter_mut() {
-                *v = _mm512_aesenc_epi128(*v, *k);
-            }
+        let mut x = [_mm512_setzero_si512(); 8];
+        for (r, v) in x.iter_mut().enumerate() {
+            // SAFETY: group g lies inside `buf`.
+            let d = unsafe { _mm512_loadu_si512(p.add(512 * g + 64 * r).cast()) };
+            *v = _mm512_ternarylogic_epi64::<0x96>(d, t(r), rk[0]);
         }
-        let mut xn = [_mm512_setzero_si512(); 8];
-        if g + 1 < groups {
-            for (r, v) in xn.iter_mut().enumerate() {
-                // SAFETY: group g + 1 lies inside `buf`.
-                let d = unsafe { _mm512_loadu_si512(p.add(512 * (g + 1) + 64 * r).cast()) };
-                *v = _mm512_ternarylogic_epi64::<0x96>(d, t(r), rk[0]);
-            }
-        }
-        for k in &rk[7..14] {
+        for k in &rk[1..14] {
             for v in x.iter_mut() {
                 *v = _mm512_aesenc_epi128(*v, *k);
             }
@@ -1620,7 +1603,6 @@ fn probe_path_zmm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_T
             // SAFETY: group g lies inside `buf`.
             unsafe { _mm512_storeu_si512(p.add(512 * g + 64 * r).cast(), y) };
         }
-        x = xn;
     }
 }
 
