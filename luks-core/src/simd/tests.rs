@@ -12,7 +12,6 @@
 use super::{Backend, XtsEngine, XtsError};
 use aes::{Aes128, Aes256};
 use cipher::{BlockCipherDecrypt, BlockCipherEncrypt, BlockSizeUser, KeyInit};
-use std::string::{String, ToString};
 use std::vec::Vec;
 use xts_mode::{get_tweak_default, Xts128};
 
@@ -46,11 +45,6 @@ fn engines(key: &[u8]) -> Vec<XtsEngine> {
         .into_iter()
         .map(|b| XtsEngine::with_backend(key, b).unwrap())
         .collect()
-}
-
-/// A backend's name.
-fn label(e: &XtsEngine) -> String {
-    e.backend().to_string()
 }
 
 /// Deterministic xorshift bytes.
@@ -240,14 +234,14 @@ fn cross_check(sizes: &[usize], batches: core::ops::RangeInclusive<usize>, step:
                         assert!(
                             buf == want,
                             "{} encrypt key {key_len} ss {ss} n {n} start {start:#x}",
-                            label(e)
+                            e.backend()
                         );
                         e.decrypt_sectors_with_step(&mut buf, ss, start, step)
                             .unwrap();
                         assert!(
                             buf == pt,
                             "{} decrypt key {key_len} ss {ss} n {n} start {start:#x}",
-                            label(e)
+                            e.backend()
                         );
                         checked += 1;
                     }
@@ -530,7 +524,7 @@ fn batched_equals_per_sector_equals_portable() {
             let mut want = data.clone();
             run(&portable, &mut want, start);
             for e in &engines {
-                let b = label(e);
+                let b = e.backend();
                 let mut batched = data.clone();
                 run(e, &mut batched, start);
                 let mut single = data.clone();
