@@ -1632,6 +1632,9 @@ fn probe_path_ymm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_T
             let d = unsafe { _mm256_loadu_si256(p.add(256 * g + 32 * r).cast()) };
             *v = _mm256_xor_si256(_mm256_xor_si256(d, t(tg + r)), key(0));
         }
+        // Rounds in two loops, as the kernel has them: one loop over all
+        // thirteen compiled to a rolled loop that ran at 68% of the ceiling
+        // instead of 92% (AMD Zen 4).
         for i in 1..=8 {
             let k = key(i);
             for v in x.iter_mut() {
@@ -1675,6 +1678,8 @@ fn probe_path_xmm(buf: &mut [u8], keys: &[[u8; 16]; 15], tw: &[[u8; 16]; PROBE_T
             let d = unsafe { _mm_loadu_si128(p.add(128 * g + 16 * r).cast()) };
             *v = _mm_xor_si128(_mm_xor_si128(d, t(tg + r)), key(0));
         }
+        // Rounds in two loops, as the kernel has them: one loop over all
+        // thirteen ran at 61-64% of the ceiling instead of 81% (AMD Zen 4).
         for i in 1..=GROUP_XMM / 2 {
             let k = key(i);
             for v in x.iter_mut() {
