@@ -152,6 +152,8 @@ pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
         "{:<10} {:>6} {:>9.2} {:>10} {:>10} {:>10} {:>12}",
         "openssl", "4096", ossl, "-", "1.00", "-", "-"
     );
+    // Each XTS line's backend, sector size and rate, for the verdict below.
+    let mut xts_rows: Vec<(&str, &str, f64)> = Vec::new();
     for l in rates
         .lines()
         .filter(|l| l.starts_with("xts ") && !l.contains("unavailable"))
@@ -162,6 +164,7 @@ pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
             continue;
         };
         let g: f64 = g.parse().map_err(|_| format!("bad line: {l}"))?;
+        xts_rows.push((b, s, g));
         let of = ceiling(b).map_or("-".to_string(), |c| format!("{:.0}%", 100.0 * g / c));
         let ofd = datapath(b).map_or("-".to_string(), |d| format!("{:.0}%", 100.0 * g / d));
         println!(
@@ -203,15 +206,10 @@ pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
         .find_map(|l| l.strip_prefix("best ").and_then(|l| field(l, "backend")));
     let xts_rate = |b: &str, s: u32| {
         let s = s.to_string();
-        rates
-            .lines()
-            .filter(|l| {
-                l.starts_with("xts ")
-                    && field(l, "backend") == Some(b)
-                    && field(l, "sector") == Some(s.as_str())
-            })
-            .find_map(|l| field(l, "gbps"))
-            .and_then(|v| v.parse::<f64>().ok())
+        xts_rows
+            .iter()
+            .find(|&&(rb, rs, _)| rb == b && rs == s)
+            .map(|&(_, _, g)| g)
     };
     let xts = xts_targets(best, xts_rate, ceiling);
     crate::benchverbs::run_verbs(o, &xts)
