@@ -142,9 +142,9 @@ impl Backend {
     /// engine shows what the tweak arithmetic costs. A reference, not a
     /// hard bound: the compiler schedules the probe and the kernel apart
     /// (on AMD Zen 4 the AES-NI kernel outruns its probe). The output is
-    /// not XTS (its reference is in this module's tests). Returns `false`, leaving `buf` as it was, for
-    /// [`Backend::Portable`], a backend this CPU lacks, a length that is not
-    /// a non-zero multiple of 512.
+    /// not XTS (its reference is in this module's tests). Returns `false`,
+    /// leaving `buf` as it was, for [`Backend::Portable`], a backend this
+    /// CPU lacks, or a length that is not a non-zero multiple of 512.
     ///
     /// ```
     /// use luks_core::simd::Backend;
