@@ -219,6 +219,12 @@ pub(crate) fn compare(o: &crate::benchverbs::Opts) -> Result<(), String> {
 /// least 90% of the round ceiling at 4 KiB sectors and 85% at 512 B.
 /// `rate(backend, sector)` and `ceiling(backend)` are xts-rate's figures;
 /// `best` is the backend the engine picks here.
+///
+/// Judged: AES-NI, and the VAES backend the engine uses on this CPU (the
+/// issue's "VAES", whose baseline it measured as VAES-512 on this
+/// machine). The other VAES width, which this CPU has but never runs
+/// (VAES-256 beside VAES-512), is printed as `[info]`: its figure here
+/// says little about the CPUs that do run it.
 fn xts_targets(
     best: Option<&str>,
     rate: impl Fn(&str, u32) -> Option<f64>,
@@ -231,10 +237,22 @@ fn xts_targets(
         };
         let (big, small) = (100.0 * big / c, 100.0 * small / c);
         let ok = big >= 90.0 && small >= 85.0;
+        let used = best == Some(b);
+        let judged = used || b == "aesni";
         lines.push(format!(
             "  [{}] XTS {b}{} >= 90% / 85% of the round ceiling at 4 KiB / 512 B: {big:.1}% / {small:.1}%",
-            if ok { "met" } else { "NOT MET" },
-            if best == Some(b) { " (the backend used on this CPU)" } else { "" },
+            match (judged, ok) {
+                (false, _) => "info",
+                (true, true) => "met",
+                (true, false) => "NOT MET",
+            },
+            if used {
+                " (the backend used on this CPU)"
+            } else if judged {
+                ""
+            } else {
+                " (not used on this CPU, not judged)"
+            },
         ));
     }
     lines
@@ -502,23 +520,39 @@ mod tests {
             ("vaes512", 512) => Some(14.3),
             ("vaes256", 4096) => Some(15.2),
             ("vaes256", 512) => Some(14.27),
+            ("aesni", 4096) => Some(7.6),
+            ("aesni", 512) => Some(7.1),
             _ => None,
         };
-        let ceiling = |b: &str| (b != "aesni").then_some(16.8);
+        let ceiling = |b: &str| Some(if b == "aesni" { 8.4 } else { 16.8 });
         let lines = xts_targets(Some("vaes512"), rate, ceiling);
-        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines.len(), 3, "{lines:?}");
         assert!(
             lines[0].starts_with("  [met] XTS vaes512 (the backend used on this CPU)")
                 && lines[0].ends_with("90.5% / 85.1%"),
             "{}",
             lines[0]
         );
-        // 4 KiB met, 512 B at 84.94%: not met, and not printed as 85%.
+        // 4 KiB met, 512 B at 84.94%: not printed as 85%; the width this
+        // CPU does not use is not judged.
         assert!(
-            lines[1].starts_with("  [NOT MET] XTS vaes256 >=")
+            lines[1].starts_with("  [info] XTS vaes256 (not used on this CPU, not judged) >=")
                 && lines[1].ends_with("90.5% / 84.9%"),
             "{}",
             lines[1]
+        );
+        // AES-NI is judged whichever backend is used: 512 B at 84.5%.
+        assert!(
+            lines[2].starts_with("  [NOT MET] XTS aesni >=") && lines[2].ends_with("90.5% / 84.5%"),
+            "{}",
+            lines[2]
+        );
+        // On a CPU whose engine uses VAES-256, that width is the judged one.
+        let lines = xts_targets(Some("vaes256"), rate, ceiling);
+        assert!(
+            lines[0].starts_with("  [info] XTS vaes512")
+                && lines[1].starts_with("  [NOT MET] XTS vaes256 (the backend used"),
+            "{lines:?}"
         );
     }
 }

@@ -16,6 +16,15 @@
 //! - Every timed output is checked against the other tool's (and, for
 //!   converts, against the source, decrypting with each tool for encrypted
 //!   outputs). A failed check is an error; a missed target is only printed.
+//! - The targets are judged on the medians. Under a missed timing target
+//!   the summary also judges it on each tool's fastest run. On the 2-vCPU
+//!   VM this was written on, single runs of every tool (`cp` included) hit
+//!   slow spells 2-5x long, all of it system time in the kernel's copy
+//!   into fresh tmpfs pages (`copy_folio_from_iter_atomic`, 76% of a slow
+//!   run's samples against 23% of a normal one) with no reclaim or
+//!   compaction counted: the host backing guest pages. In some runs they
+//!   hit most of a row's runs, so a median cannot tell a spell from a slow
+//!   path; the fastest run can, as noise only adds time.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -423,6 +432,45 @@ struct Result_ {
     rss_kib: [u64; 2],
     floor: Option<f64>,
     sizes: [u64; 2],
+    /// Each tool's fastest run (qemu-img, qimg), and the floor's.
+    fastest: ([f64; 2], Option<f64>),
+}
+
+/// A row's times, qemu-img's and qimg's, and the floor's if it has one.
+type Times = ([f64; 2], Option<f64>);
+
+/// Which of a row's times a verdict reads: the medians (the verdict) or
+/// each tool's fastest run (printed beside a missed target).
+fn medians(r: &Result_) -> Times {
+    (r.secs, r.floor)
+}
+
+/// See [`medians`].
+fn fastest(r: &Result_) -> Times {
+    r.fastest
+}
+
+/// The rows slower than qemu-img, as `name ratio`.
+fn slower_rows(res: &[Result_], pick: fn(&Result_) -> Times) -> Vec<String> {
+    res.iter()
+        .filter_map(|r| {
+            let ([q, m], _) = pick(r);
+            (m > q).then(|| format!("{} {:.2}x", r.name, m / q.max(1e-9)))
+        })
+        .collect()
+}
+
+/// The streaming rows more than 1.25x their copy floor, as `name ratio`.
+fn far_from_floor(res: &[Result_], pick: fn(&Result_) -> Times) -> Vec<String> {
+    res.iter()
+        .filter(|r| r.streaming)
+        .filter_map(|r| {
+            let ([_, m], floor) = pick(r);
+            floor.map(|f| (r.name, m / f.max(1e-9)))
+        })
+        .filter(|(_, x)| *x > 1.25)
+        .map(|(n, x)| format!("{n} {x:.2}x"))
+        .collect()
 }
 
 /// Builds qimg, prepares the inputs, times every row and prints the table
@@ -627,6 +675,8 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path, xts: &[String]) -> Result<(), St
             rss_kib: rss,
             floor: (!secs[2].is_empty()).then(|| median(&mut secs[2])),
             sizes: [size(&qo), size(&mo)],
+            // `median` sorted each list: its first entry is the fastest.
+            fastest: ([secs[0][0], secs[1][0]], secs[2].first().copied()),
         };
         let mib = |k: u64| format!("{:.1}M", k as f64 / 1024.0);
         let (fl, xf) = match res.floor {
@@ -707,20 +757,31 @@ fn summary(res: &[Result_], qimg_setup: f64, xts: &[String]) {
         );
     };
     println!("\nDone-when targets (printed, not asserted):");
-    let slow: Vec<String> = res
-        .iter()
-        .filter(|r| r.secs[1] > r.secs[0])
-        .map(|r| format!("{} {:.2}x", r.name, r.secs[1] / r.secs[0].max(1e-9)))
-        .collect();
+    // Under a missed timing target, the same target on each tool's fastest
+    // run: on a host whose slow spells hit single runs (see the module
+    // doc), it tells a spell from a slow path.
+    let spells = |offenders: Vec<String>| {
+        println!(
+            "      on each tool's fastest run: {}",
+            if offenders.is_empty() {
+                "met".to_string()
+            } else {
+                format!("NOT MET: {}", offenders.join(", "))
+            }
+        );
+    };
+    let slow = slower_rows(res, medians);
+    let missed = !slow.is_empty();
     every("every row <= 1.0x qemu-img", slow);
-    let far: Vec<String> = res
-        .iter()
-        .filter(|r| r.streaming)
-        .filter_map(|r| r.floor.map(|f| (r, r.secs[1] / f.max(1e-9))))
-        .filter(|(_, x)| *x > 1.25)
-        .map(|(r, x)| format!("{} {x:.2}x", r.name))
-        .collect();
+    if missed {
+        spells(slower_rows(res, fastest));
+    }
+    let far = far_from_floor(res, medians);
+    let missed = !far.is_empty();
     every("streaming converts <= 1.25x the cp floor", far);
+    if missed {
+        spells(far_from_floor(res, fastest));
+    }
     let find = |n: &str| res.iter().find(|r| r.name == n);
     if let (Some(w), Some(r)) = (
         find("convert raw->LUKS qcow2"),
@@ -732,6 +793,14 @@ fn summary(res: &[Result_], qimg_setup: f64, xts: &[String]) {
             "  [{}] raw->LUKS qcow2 <= 1.25x LUKS qcow2->raw (qimg): {x:.2}x ({net:.2}x net of setup)",
             mark(x <= 1.25)
         );
+        if x > 1.25 {
+            let y = w.fastest.0[1] / r.fastest.0[1].max(1e-9);
+            spells(if y > 1.25 {
+                vec![format!("{y:.2}x")]
+            } else {
+                Vec::new()
+            });
+        }
     }
     if let Some(c) = find("convert raw->qcow2 -c") {
         let x = c.sizes[1] as f64 / (c.sizes[0].max(1)) as f64;
@@ -763,7 +832,36 @@ fn summary(res: &[Result_], qimg_setup: f64, xts: &[String]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_same_text, make_source, same_bytes};
+    use super::{
+        check_same_text, far_from_floor, fastest, make_source, medians, same_bytes, slower_rows,
+        Result_,
+    };
+
+    /// A row slow in its median but not in its fastest run is listed
+    /// under the medians only; the floor target reads the floor's times.
+    #[test]
+    fn timing_targets_read_medians_or_fastest_runs() {
+        let row = |name, streaming, secs, floor, fastest| Result_ {
+            name,
+            streaming,
+            secs,
+            rss_kib: [0; 2],
+            floor,
+            sizes: [0; 2],
+            fastest,
+        };
+        let res = [
+            // A spell: median 1.5x qemu-img, fastest run 0.9x.
+            row("a", true, [0.2, 0.3], Some(0.2), ([0.2, 0.18], Some(0.2))),
+            // Slow in every run.
+            row("b", false, [0.2, 0.4], None, ([0.2, 0.35], None)),
+            row("c", true, [0.4, 0.3], Some(0.3), ([0.4, 0.3], Some(0.3))),
+        ];
+        assert_eq!(slower_rows(&res, medians), ["a 1.50x", "b 2.00x"]);
+        assert_eq!(slower_rows(&res, fastest), ["b 1.75x"]);
+        assert_eq!(far_from_floor(&res, medians), ["a 1.50x"]);
+        assert!(far_from_floor(&res, fastest).is_empty());
+    }
 
     #[test]
     fn source_is_a_quarter_random_a_quarter_text_half_zeros() {
