@@ -6,7 +6,7 @@
 //! Each image is walked by its own block status, each extent asked for
 //! once: extents that read as zero (or that nothing in the chain
 //! allocates) are skipped unread, and extents of data are read in pieces
-//! of 1 MiB. Where both images hold data the pieces are compared (memcmp);
+//! of 512 KiB. Where both images hold data the pieces are compared (memcmp);
 //! where only one does, its piece is checked for zeroes (an OR of whole
 //! vector words). What an image reads does not depend on the other, so the
 //! first image is walked on a thread of its own while this one walks the
@@ -204,8 +204,13 @@ impl Step {
 
 /// The bytes read and compared at once: large enough that system calls
 /// cost little, small enough that a piece stays in the CPU's cache
-/// between its read and its comparison.
-const PIECE: u64 = 1 << 20;
+/// between its read and its comparison. Two-thirds of a compare's time is
+/// the kernel's copy into these buffers (`_copy_to_iter`, perf), and two
+/// pieces of 512 KiB fit a core's 1 MiB L2 where two of 1 MiB did not:
+/// measured on AMD Zen 4 (1 GiB qcow2 against its raw source in /dev/shm,
+/// 30 alternating runs), medians 0.175 s against 0.18 s and fastest runs
+/// 0.15 s against 0.17 s; 256 KiB pieces were no faster than 1 MiB ones.
+const PIECE: u64 = 512 << 10;
 
 /// Walks one image from its start: each extent of one block status is
 /// asked for once, and only extents that hold data are read. What is read
