@@ -4,8 +4,9 @@
 //! - The source: N MiB laid out in 4 MiB stripes of 1 MiB random bytes,
 //!   1 MiB of text and a 2 MiB hole (1/4 random, 1/4 text, 1/2 zeros).
 //!   qemu-img makes the qcow2, LUKS qcow2, compressed qcow2 and raw LUKS
-//!   inputs from it once, untimed; LUKS images use iter-time=10 for both
-//!   tools so the KDF does not dominate.
+//!   inputs from it, untimed, each before the first row that reads it and
+//!   removed after the last ([`Input`]); LUKS images use iter-time=10 for
+//!   both tools so the KDF does not dominate.
 //! - Each row runs both tools `runs` times, alternating which goes first,
 //!   each under `/usr/bin/time -f %M` (peak RSS); wall time is measured
 //!   around it. The median is printed, and every run's time, in the
@@ -122,9 +123,97 @@ enum Floor {
     Dense,
 }
 
+/// An input qemu-img makes from the source, untimed: before the first row
+/// that reads it, and removed after the last one. Kept only while rows
+/// need it: on the VM this was written on, 6 GB more in /dev/shm took the
+/// share of runs hit by a slow spell from 1 in 90 to 14 in 90 (all three
+/// tools alike), so the work folder holds no more than the rows at hand
+/// use.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Input {
+    /// The source as a qcow2 image.
+    Plain,
+    /// The source as a LUKS-encrypted qcow2 image.
+    Enc,
+    /// The source as a compressed qcow2 image.
+    Comp,
+    /// The source as a raw LUKS volume.
+    Luks,
+}
+
+impl Input {
+    const ALL: [Input; 4] = [Input::Plain, Input::Enc, Input::Comp, Input::Luks];
+
+    fn path(self, c: &Ctx) -> &Path {
+        match self {
+            Input::Plain => &c.plain,
+            Input::Enc => &c.enc,
+            Input::Comp => &c.comp,
+            Input::Luks => &c.luks,
+        }
+    }
+
+    /// Makes this input from the source with qemu-img.
+    fn make(self, c: &Ctx) -> Result<(), String> {
+        let mut a = match self {
+            Input::Plain => os(&["convert", "-f", "raw", "-O", "qcow2"]),
+            Input::Comp => os(&["convert", "-c", "-f", "raw", "-O", "qcow2"]),
+            Input::Enc => os(&[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "--object",
+                &c.secret,
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            ]),
+            Input::Luks => os(&[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "luks",
+                "--object",
+                &c.secret,
+                "-o",
+                "key-secret=s0,iter-time=10",
+            ]),
+        };
+        a.extend([p(&c.src), p(self.path(c))]);
+        stdout_of(Command::new("qemu-img").args(a)).map(drop)
+    }
+}
+
+/// The inputs to make before `rows[i]` (those it reads first), and those
+/// to remove after it (those it reads last).
+fn inputs_around(rows: &[Row], i: usize) -> (Vec<Input>, Vec<Input>) {
+    let before: Vec<Input> = rows[..i].iter().flat_map(|r| r.inputs).copied().collect();
+    let after: Vec<Input> = rows[i + 1..]
+        .iter()
+        .flat_map(|r| r.inputs)
+        .copied()
+        .collect();
+    let here = rows[i].inputs;
+    let make = here
+        .iter()
+        .filter(|x| !before.contains(x))
+        .copied()
+        .collect();
+    // Removed after its last row, which is this one.
+    let drop = Input::ALL
+        .into_iter()
+        .filter(|x| here.contains(x) && !after.contains(x))
+        .collect();
+    (make, drop)
+}
+
 /// One table row.
 struct Row {
     name: &'static str,
+    /// The inputs its commands or its check read besides the source.
+    inputs: &'static [Input],
     /// The copy floor of a streaming convert, judged against it.
     floor: Floor,
     /// Output file suffix (each tool writes `out-<tool>.<ext>`).
@@ -523,39 +612,6 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path, xts: &[String]) -> Result<(), St
     File::create(&ctx.zero)
         .and_then(|f| f.set_len(bytes))
         .map_err(|e| format!("{}: {e}", ctx.zero.display()))?;
-    let q = |args: Vec<OsString>| stdout_of(Command::new("qemu-img").args(args)).map(drop);
-    let mut a = os(&["convert", "-f", "raw", "-O", "qcow2"]);
-    a.extend([p(&ctx.src), p(&ctx.plain)]);
-    q(a)?;
-    let mut a = os(&["convert", "-c", "-f", "raw", "-O", "qcow2"]);
-    a.extend([p(&ctx.src), p(&ctx.comp)]);
-    q(a)?;
-    let mut a = os(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "--object",
-        &ctx.secret,
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-    ]);
-    a.extend([p(&ctx.src), p(&ctx.enc)]);
-    q(a)?;
-    let mut a = os(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "luks",
-        "--object",
-        &ctx.secret,
-        "-o",
-        "key-secret=s0,iter-time=10",
-    ]);
-    a.extend([p(&ctx.src), p(&ctx.luks)]);
-    q(a)?;
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
@@ -593,10 +649,15 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path, xts: &[String]) -> Result<(), St
     // were 4x slower for every tool (the floor's `cp` included) than the
     // same writes later, which said nothing about the first row's verb.
     let mut warm_up = true;
-    for row in rows()
+    let rows: Vec<Row> = rows()
         .into_iter()
         .filter(|r| r.name.contains(only.as_str()))
-    {
+        .collect();
+    for (i, row) in rows.iter().enumerate() {
+        let (make, done) = inputs_around(&rows, i);
+        for x in make {
+            x.make(&ctx)?;
+        }
         let out = |t: Tool| {
             if row.ext.is_empty() {
                 work.join("none")
@@ -626,7 +687,11 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path, xts: &[String]) -> Result<(), St
                             "--sparse=always"
                         };
                         let a = vec![OsString::from(sparse), p(&ctx.src), p(&floor_out)];
-                        timed(&cp, &a, &rss_file)?
+                        let s = timed(&cp, &a, &rss_file)?;
+                        // Nothing reads the copy: it leaves the work
+                        // folder before the next run.
+                        remove(&floor_out)?;
+                        s
                     }
                     _ => {
                         let dst = out(t);
@@ -728,6 +793,9 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path, xts: &[String]) -> Result<(), St
             &mo.with_extension("base"),
         ] {
             remove(f)?;
+        }
+        for x in done {
+            remove(x.path(&ctx))?;
         }
         results.push(res);
     }
@@ -833,9 +901,42 @@ fn summary(res: &[Result_], qimg_setup: f64, xts: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::{
-        check_same_text, far_from_floor, fastest, make_source, medians, same_bytes, slower_rows,
-        Result_,
+        check_same_text, far_from_floor, fastest, inputs_around, make_source, medians, same_bytes,
+        slower_rows, Floor, Input, Result_, Row,
     };
+
+    /// Each input is made before the first row that reads it and removed
+    /// after the last; rows that read none change nothing.
+    #[test]
+    fn inputs_live_from_their_first_row_to_their_last() {
+        let row = |inputs: &'static [Input]| Row {
+            name: "",
+            inputs,
+            floor: Floor::None,
+            ext: "",
+            args: Box::new(|_, _, _| Vec::new()),
+            prep: Box::new(|_, _, _| Ok(())),
+            check: Box::new(|_, _, _| Ok(String::new())),
+        };
+        let rows = [
+            row(&[Input::Plain]),
+            row(&[Input::Enc, Input::Comp]),
+            row(&[]),
+            row(&[Input::Comp, Input::Plain]),
+            row(&[Input::Luks]),
+        ];
+        let got: Vec<_> = (0..rows.len()).map(|i| inputs_around(&rows, i)).collect();
+        assert_eq!(
+            got,
+            [
+                (vec![Input::Plain], vec![]),
+                (vec![Input::Enc, Input::Comp], vec![Input::Enc]),
+                (vec![], vec![]),
+                (vec![], vec![Input::Plain, Input::Comp]),
+                (vec![Input::Luks], vec![Input::Luks]),
+            ]
+        );
+    }
 
     /// A row slow in its median but not in its fastest run is listed
     /// under the medians only; the floor target reads the floor's times.

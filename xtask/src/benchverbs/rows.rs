@@ -9,6 +9,7 @@ pub(super) fn rows() -> Vec<Row> {
     let mut v = vec![
         Row {
             name: "convert qcow2->raw",
+            inputs: &[Input::Plain],
             floor: Floor::Sparse,
             ext: "raw",
             args: Box::new(|c, _, o| {
@@ -21,6 +22,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert LUKS qcow2->raw",
+            inputs: &[Input::Enc],
             floor: Floor::Sparse,
             ext: "raw",
             args: Box::new(|c, t, o| {
@@ -41,6 +43,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert compressed qcow2->raw",
+            inputs: &[Input::Comp],
             floor: Floor::Sparse,
             ext: "raw",
             args: Box::new(|c, _, o| {
@@ -53,6 +56,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert raw->qcow2",
+            inputs: &[],
             floor: Floor::Sparse,
             ext: "qcow2",
             args: Box::new(|c, _, o| {
@@ -65,6 +69,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert raw->LUKS qcow2",
+            inputs: &[],
             floor: Floor::Sparse,
             ext: "qcow2",
             args: Box::new(|c, _, o| {
@@ -87,6 +92,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert raw->raw LUKS",
+            inputs: &[],
             // Ciphertext of zeros is not zero: the volume holds every byte.
             floor: Floor::Dense,
             ext: "luks",
@@ -110,6 +116,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert raw LUKS->raw",
+            inputs: &[Input::Luks],
             floor: Floor::Sparse,
             ext: "raw",
             args: Box::new(|c, t, o| {
@@ -127,6 +134,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "convert raw->qcow2 -c",
+            inputs: &[],
             floor: Floor::None,
             ext: "qcow2",
             args: Box::new(|c, _, o| {
@@ -139,6 +147,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "compare qcow2 vs raw",
+            inputs: &[Input::Plain],
             floor: Floor::None,
             ext: "",
             args: Box::new(|c, _, _| {
@@ -151,6 +160,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "commit",
+            inputs: &[],
             floor: Floor::None,
             ext: "qcow2",
             args: Box::new(|_, _, o| {
@@ -174,6 +184,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "rebase (safe) onto zeros",
+            inputs: &[],
             floor: Floor::None,
             ext: "qcow2",
             args: Box::new(|c, _, o| {
@@ -195,6 +206,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "check compressed qcow2",
+            inputs: &[Input::Comp],
             floor: Floor::None,
             ext: "",
             args: Box::new(|c, _, _| {
@@ -207,6 +219,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "map --output=json qcow2",
+            inputs: &[Input::Plain],
             floor: Floor::None,
             ext: "",
             args: Box::new(|c, _, _| {
@@ -219,6 +232,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "dd qcow2->raw bs=1M",
+            inputs: &[Input::Plain],
             floor: Floor::None,
             ext: "raw",
             args: Box::new(|c, _, o| {
@@ -247,6 +261,7 @@ pub(super) fn rows() -> Vec<Row> {
         },
         Row {
             name: "measure -O qcow2 raw",
+            inputs: &[],
             floor: Floor::None,
             ext: "",
             args: Box::new(|c, _, _| {
