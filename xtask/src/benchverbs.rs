@@ -23,9 +23,11 @@
 //!   slow spells 2-5x long, all of it system time in the kernel's copy
 //!   into fresh tmpfs pages (`copy_folio_from_iter_atomic`, 76% of a slow
 //!   run's samples against 23% of a normal one) with no reclaim or
-//!   compaction counted: the host backing guest pages. In some runs they
-//!   hit most of a row's runs, so a median cannot tell a spell from a slow
-//!   path; the fastest run can, as noise only adds time.
+//!   compaction counted in the guest: most likely the host backing its
+//!   pages, and more memory in use made them more frequent ([`Input`]).
+//!   Some runs had them in most of a row's runs, so a median cannot tell
+//!   a spell from a slow path; the fastest run can, as noise only adds
+//!   time.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -522,7 +524,7 @@ struct Result_ {
     floor: Option<f64>,
     sizes: [u64; 2],
     /// Each tool's fastest run (qemu-img, qimg), and the floor's.
-    fastest: ([f64; 2], Option<f64>),
+    fastest: Times,
 }
 
 /// A row's times, qemu-img's and qimg's, and the floor's if it has one.
