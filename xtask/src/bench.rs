@@ -236,23 +236,20 @@ fn xts_targets(
             continue;
         };
         let (big, small) = (100.0 * big / c, 100.0 * small / c);
-        let ok = big >= 90.0 && small >= 85.0;
-        let used = best == Some(b);
-        let judged = used || b == "aesni";
+        let verdict = if big >= 90.0 && small >= 85.0 {
+            "met"
+        } else {
+            "NOT MET"
+        };
+        let (mark, which) = if best == Some(b) {
+            (verdict, " (the backend used on this CPU)")
+        } else if b == "aesni" {
+            (verdict, "")
+        } else {
+            ("info", " (not used on this CPU, not judged)")
+        };
         lines.push(format!(
-            "  [{}] XTS {b}{} >= 90% / 85% of the round ceiling at 4 KiB / 512 B: {big:.1}% / {small:.1}%",
-            match (judged, ok) {
-                (false, _) => "info",
-                (true, true) => "met",
-                (true, false) => "NOT MET",
-            },
-            if used {
-                " (the backend used on this CPU)"
-            } else if judged {
-                ""
-            } else {
-                " (not used on this CPU, not judged)"
-            },
+            "  [{mark}] XTS {b}{which} >= 90% / 85% of the round ceiling at 4 KiB / 512 B: {big:.1}% / {small:.1}%"
         ));
     }
     lines

@@ -155,8 +155,10 @@ impl Input {
         }
     }
 
-    /// Makes this input from the source with qemu-img.
-    fn make(self, c: &Ctx) -> Result<(), String> {
+    /// The `convert` command line (qemu-img's and qimg's alike) that makes
+    /// this input from the source at `out`: the bench makes each input with
+    /// qemu-img, and the `convert raw->..` rows time these same commands.
+    fn convert_args(self, c: &Ctx, out: &Path) -> Vec<OsString> {
         let mut a = match self {
             Input::Plain => os(&["convert", "-f", "raw", "-O", "qcow2"]),
             Input::Comp => os(&["convert", "-c", "-f", "raw", "-O", "qcow2"]),
@@ -183,7 +185,13 @@ impl Input {
                 "key-secret=s0,iter-time=10",
             ]),
         };
-        a.extend([p(&c.src), p(self.path(c))]);
+        a.extend([p(&c.src), p(out)]);
+        a
+    }
+
+    /// Makes this input from the source with qemu-img.
+    fn make(self, c: &Ctx) -> Result<(), String> {
+        let a = self.convert_args(c, self.path(c));
         stdout_of(Command::new("qemu-img").args(a)).map(drop)
     }
 }
@@ -530,8 +538,11 @@ struct Result_ {
 /// A row's times, qemu-img's and qimg's, and the floor's if it has one.
 type Times = ([f64; 2], Option<f64>);
 
-/// Which of a row's times a verdict reads: the medians (the verdict) or
-/// each tool's fastest run (printed beside a missed target).
+/// Which of a row's times a verdict reads: [`medians`] or [`fastest`].
+type Pick = fn(&Result_) -> Times;
+
+/// The medians (what the verdict reads); [`fastest`]: each tool's fastest
+/// run (printed beside a missed target).
 fn medians(r: &Result_) -> Times {
     (r.secs, r.floor)
 }
@@ -542,7 +553,7 @@ fn fastest(r: &Result_) -> Times {
 }
 
 /// The rows slower than qemu-img, as `name ratio`.
-fn slower_rows(res: &[Result_], pick: fn(&Result_) -> Times) -> Vec<String> {
+fn slower_rows(res: &[Result_], pick: Pick) -> Vec<String> {
     res.iter()
         .filter_map(|r| {
             let ([q, m], _) = pick(r);
@@ -552,7 +563,7 @@ fn slower_rows(res: &[Result_], pick: fn(&Result_) -> Times) -> Vec<String> {
 }
 
 /// The streaming rows more than 1.25x their copy floor, as `name ratio`.
-fn far_from_floor(res: &[Result_], pick: fn(&Result_) -> Times) -> Vec<String> {
+fn far_from_floor(res: &[Result_], pick: Pick) -> Vec<String> {
     res.iter()
         .filter(|r| r.streaming)
         .filter_map(|r| {
@@ -682,7 +693,6 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path, xts: &[String]) -> Result<(), St
             for t in order {
                 let s = match t {
                     Tool::Floor => {
-                        remove(&floor_out)?;
                         let sparse = if row.floor == Floor::Dense {
                             "--sparse=never"
                         } else {
@@ -801,7 +811,6 @@ fn run_in(o: &Opts, qimg: PathBuf, work: &Path, xts: &[String]) -> Result<(), St
         }
         results.push(res);
     }
-    remove(&floor_out)?;
     if o.smoke {
         println!("smoke run: every output checked; timings not judged");
         return Ok(());
@@ -840,18 +849,18 @@ fn summary(res: &[Result_], qimg_setup: f64, xts: &[String]) {
             }
         );
     };
-    let slow = slower_rows(res, medians);
-    let missed = !slow.is_empty();
-    every("every row <= 1.0x qemu-img", slow);
-    if missed {
-        spells(slower_rows(res, fastest));
-    }
-    let far = far_from_floor(res, medians);
-    let missed = !far.is_empty();
-    every("streaming converts <= 1.25x the cp floor", far);
-    if missed {
-        spells(far_from_floor(res, fastest));
-    }
+    // A target judged on every row: on the medians, and if missed, again
+    // on the fastest runs.
+    let per_row = |target: &str, offenders: fn(&[Result_], Pick) -> Vec<String>| {
+        let on_medians = offenders(res, medians);
+        let missed = !on_medians.is_empty();
+        every(target, on_medians);
+        if missed {
+            spells(offenders(res, fastest));
+        }
+    };
+    per_row("every row <= 1.0x qemu-img", slower_rows);
+    per_row("streaming converts <= 1.25x the cp floor", far_from_floor);
     let find = |n: &str| res.iter().find(|r| r.name == n);
     if let (Some(w), Some(r)) = (
         find("convert raw->LUKS qcow2"),

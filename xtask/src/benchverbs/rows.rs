@@ -59,11 +59,7 @@ pub(super) fn rows() -> Vec<Row> {
             inputs: &[],
             floor: Floor::Sparse,
             ext: "qcow2",
-            args: Box::new(|c, _, o| {
-                let mut a = os(&["convert", "-f", "raw", "-O", "qcow2"]);
-                a.extend([p(&c.src), p(o)]);
-                a
-            }),
+            args: Box::new(|c, _, o| Input::Plain.convert_args(c, o)),
             prep: Box::new(rm),
             check: Box::new(|c, o, _| check_qcow2(c, o)),
         },
@@ -72,21 +68,7 @@ pub(super) fn rows() -> Vec<Row> {
             inputs: &[],
             floor: Floor::Sparse,
             ext: "qcow2",
-            args: Box::new(|c, _, o| {
-                let mut a = os(&[
-                    "convert",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "qcow2",
-                    "--object",
-                    &c.secret,
-                    "-o",
-                    "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-                ]);
-                a.extend([p(&c.src), p(o)]);
-                a
-            }),
+            args: Box::new(|c, _, o| Input::Enc.convert_args(c, o)),
             prep: Box::new(rm),
             check: Box::new(|c, o, _| check_encrypted(c, o, "qcow2", "encrypt.key-secret")),
         },
@@ -96,21 +78,7 @@ pub(super) fn rows() -> Vec<Row> {
             // Ciphertext of zeros is not zero: the volume holds every byte.
             floor: Floor::Dense,
             ext: "luks",
-            args: Box::new(|c, _, o| {
-                let mut a = os(&[
-                    "convert",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "luks",
-                    "--object",
-                    &c.secret,
-                    "-o",
-                    "key-secret=s0,iter-time=10",
-                ]);
-                a.extend([p(&c.src), p(o)]);
-                a
-            }),
+            args: Box::new(|c, _, o| Input::Luks.convert_args(c, o)),
             prep: Box::new(rm),
             check: Box::new(|c, o, _| check_encrypted(c, o, "luks", "key-secret")),
         },
@@ -137,11 +105,7 @@ pub(super) fn rows() -> Vec<Row> {
             inputs: &[],
             floor: Floor::None,
             ext: "qcow2",
-            args: Box::new(|c, _, o| {
-                let mut a = os(&["convert", "-c", "-f", "raw", "-O", "qcow2"]);
-                a.extend([p(&c.src), p(o)]);
-                a
-            }),
+            args: Box::new(|c, _, o| Input::Comp.convert_args(c, o)),
             prep: Box::new(rm),
             check: Box::new(|c, o, _| check_qcow2(c, o)),
         },
